@@ -1,0 +1,1 @@
+//! Node configuration (TOML): schema, defaults and validation with file:line errors.

@@ -1,0 +1,1 @@
+//! SIP federation edge: codec, validation, framing, transactions, dialogs.
