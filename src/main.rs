@@ -1,1 +1,118 @@
-fn main() {}
+//! The `legate` command line: the admin contract (`check`, `translate`, `mappings show`,
+//! `sip check`) and the gateway itself (`run`). Output formats here are relied on by tooling:
+//! change them only with the README.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "legate", version, about = "SIP/XMPP federation gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a configuration file and mapping directory; one `file:line:col: message` per problem.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        mappings: Option<PathBuf>,
+    },
+    /// Translate one presence state from one system to another; prints one JSON object.
+    Translate {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Source state token (e.g. `busy`); or use --availability / --activity for raw wire values.
+        #[arg(required_unless_present_any = ["availability", "activity"])]
+        state: Option<String>,
+        /// The user's status text / note.
+        #[arg(long)]
+        note: Option<String>,
+        /// Raw msrtc availability number (Lync/OCS), read through the source system's decode rules.
+        #[arg(long, conflicts_with = "state")]
+        availability: Option<u32>,
+        /// Raw activity token (msrtc or RPID), read through the source system's decode rules.
+        #[arg(long, conflicts_with = "state")]
+        activity: Option<String>,
+        #[arg(long)]
+        mappings: Option<PathBuf>,
+    },
+    /// Inspect the availability mapping tables.
+    Mappings {
+        #[command(subcommand)]
+        cmd: MappingsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum MappingsCmd {
+    /// Show the tables (or, with --from and --to, the effective mapping of every source state).
+    Show {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(long)]
+        mappings: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
+        Cmd::Translate {
+            from,
+            to,
+            state,
+            note,
+            availability,
+            activity,
+            mappings,
+        } => {
+            let raw = cli::RawInput {
+                availability,
+                activity,
+            };
+            cli::translate(
+                &from,
+                &to,
+                state.as_deref(),
+                note.as_deref(),
+                raw,
+                mappings.as_deref(),
+            )
+        }
+        Cmd::Mappings {
+            cmd:
+                MappingsCmd::Show {
+                    from,
+                    to,
+                    format,
+                    mappings,
+                },
+        } => cli::mappings_show(
+            from.as_deref(),
+            to.as_deref(),
+            matches!(format, Format::Json),
+            mappings.as_deref(),
+        ),
+    }
+}

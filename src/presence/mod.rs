@@ -7,4 +7,5 @@
 //! - `map`: systems, states, tables; loading, validation and translation.
 
 pub mod codec;
+pub mod map;
 pub mod wire;

@@ -1,0 +1,286 @@
+//! Implementations of the admin subcommands. Everything prints to stdout/stderr and returns
+//! an exit code; the library does the work.
+
+use anyhow::Result;
+use legate::diag::Diagnostics;
+use legate::presence::map::{self, Facts, MappingSet, SystemId};
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+fn load_mappings(dir: Option<&Path>) -> Result<MappingSet, Diagnostics> {
+    match dir {
+        Some(d) => map::load_dir(d),
+        None => map::embedded(),
+    }
+}
+
+fn print_diags(d: &Diagnostics) {
+    let mut err = std::io::stderr().lock();
+    for x in &d.0 {
+        let _ = writeln!(err, "{x}");
+    }
+}
+
+pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
+    let mut problems = Diagnostics::default();
+    if let Err(d) = load_mappings(mappings) {
+        problems.0.extend(d.0);
+    }
+    let _ = config;
+    if problems.0.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        print_diags(&problems);
+        ExitCode::from(1)
+    }
+}
+
+pub struct RawInput {
+    pub availability: Option<u32>,
+    pub activity: Option<String>,
+}
+
+fn system_or_exit(set: &MappingSet, name: &str, role: &str) -> Result<SystemId, ExitCode> {
+    set.system_id(name).ok_or_else(|| {
+        eprintln!(
+            "legate translate: unknown {role} system `{name}`; valid systems: {}",
+            set.system_names().collect::<Vec<_>>().join(", ")
+        );
+        ExitCode::from(2)
+    })
+}
+
+pub fn translate(
+    from: &str,
+    to: &str,
+    state: Option<&str>,
+    note: Option<&str>,
+    raw: RawInput,
+    mappings: Option<&Path>,
+) -> Result<ExitCode> {
+    let set = match load_mappings(mappings) {
+        Ok(s) => s,
+        Err(d) => {
+            print_diags(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let (fid, tid) = match (
+        system_or_exit(&set, from, "source"),
+        system_or_exit(&set, to, "target"),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(c), _) | (_, Err(c)) => return Ok(c),
+    };
+    let fsys = set.system(fid);
+    let mut decode_step = None;
+    let acts: Vec<String> = raw.activity.iter().cloned().collect();
+    let (sid, input, user_note) = match state {
+        Some(s) => match fsys.state_id(s) {
+            Some(id) => (id, s.to_string(), note),
+            None => {
+                eprintln!(
+                    "legate translate: unknown state `{s}` of system `{from}`; valid states: {}",
+                    fsys.state_names().collect::<Vec<_>>().join(", ")
+                );
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => {
+            let facts = Facts {
+                availability: raw.availability,
+                activities: &acts,
+                note,
+                ..Facts::default()
+            };
+            let d = set.decode(fid, &facts);
+            let mut input = Vec::new();
+            if let Some(a) = raw.availability {
+                input.push(format!("availability={a}"));
+            }
+            if let Some(a) = &raw.activity {
+                input.push(format!("activity={a}"));
+            }
+            let input = input.join(" ");
+            decode_step = Some(format!(
+                "{}:{input} -> {} (decode rule {} in {})",
+                fsys.name,
+                fsys.state(d.state).name,
+                d.rule + 1,
+                fsys.file
+            ));
+            (d.state, input, d.note)
+        }
+    };
+    let t = set.translate(fid, tid, sid, user_note);
+    let mut path = set.describe_path(fid, tid, sid, &t);
+    if let Some(step) = decode_step {
+        path.insert(0, step);
+    }
+    let out = json!({
+        "from": from,
+        "to": to,
+        "input": input,
+        "state": set.system(tid).state(t.state).name,
+        "note": t.note.as_deref(),
+        "path": path,
+    });
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cell_text(state: &str, note: Option<&str>) -> String {
+    match note {
+        Some(n) => format!("{state} (note \"{n}\")"),
+        None => state.to_string(),
+    }
+}
+
+fn aligned(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, s)| format!("{s:<w$}", w = widths.get(c).copied().unwrap_or(0)))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub fn mappings_show(
+    from: Option<&str>,
+    to: Option<&str>,
+    json_out: bool,
+    mappings: Option<&Path>,
+) -> Result<ExitCode> {
+    let set = match load_mappings(mappings) {
+        Ok(s) => s,
+        Err(d) => {
+            print_diags(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    for (n, role) in [(from, "source"), (to, "target")] {
+        if let Some(n) = n {
+            if let Err(c) = system_or_exit(&set, n, role) {
+                return Ok(c);
+            }
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let (Some(f), Some(t)) = (from, to) {
+        // The effective mapping for the pair, whichever route each state takes.
+        let (fid, tid) = match (set.system_id(f), set.system_id(t)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return Ok(ExitCode::from(2)),
+        };
+        let fsys = set.system(fid);
+        let tsys = set.system(tid);
+        let mut rows = vec![vec![f.to_string(), t.to_string(), "via".to_string()]];
+        let mut jrows = Vec::new();
+        let mut entries: Vec<(map::StateId, Option<&str>, map::Translation)> = Vec::new();
+        for (sid, _) in fsys.state_ids() {
+            entries.push((sid, None, set.translate(fid, tid, sid, None)));
+        }
+        for (sid, note) in set.pair_note_rows(fid, tid) {
+            entries.push((sid, Some(note), set.translate(fid, tid, sid, Some(note))));
+        }
+        for (sid, note, tr) in &entries {
+            let (sid, note) = (*sid, *note);
+            let input = &fsys.state(sid).name;
+            let path = set.describe_path(fid, tid, sid, tr);
+            let via = path
+                .get(1)
+                .cloned()
+                .filter(|_| path.len() > 2)
+                .unwrap_or_else(|| "identity".into());
+            rows.push(vec![
+                cell_text(input, note),
+                cell_text(&tsys.state(tr.state).name, tr.note.as_deref()),
+                via,
+            ]);
+            jrows.push(json!({"input": input, "input_note": note, "state": tsys.state(tr.state).name, "note": tr.note.as_deref(), "path": path}));
+        }
+        if json_out {
+            writeln!(stdout, "{}", json!({"from": f, "to": t, "rows": jrows}))?;
+        } else {
+            writeln!(stdout, "{} -> {}\n", fsys.name, tsys.name)?;
+            write!(stdout, "{}", aligned(&rows))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut jtables = Vec::new();
+    for tb in &set.tables {
+        let fname = &set.system(tb.from).name;
+        if from.is_some_and(|f| f != fname) {
+            continue;
+        }
+        let tnames: Vec<&str> = tb
+            .to
+            .iter()
+            .map(|id| set.system(*id).name.as_str())
+            .collect();
+        if to.is_some_and(|t| !tnames.contains(&t)) {
+            continue;
+        }
+        let mut rows = vec![std::iter::once(fname.clone())
+            .chain(tnames.iter().map(|s| s.to_string()))
+            .collect::<Vec<_>>()];
+        let mut jrows = Vec::new();
+        let fsys = set.system(tb.from);
+        for r in &tb.rows {
+            let mut line = vec![cell_text(
+                &fsys.state(r.from).name,
+                r.from_note_display.as_deref(),
+            )];
+            let mut cells = serde_json::Map::new();
+            for (c, tid) in r.cells.iter().zip(&tb.to) {
+                let tsys = set.system(*tid);
+                line.push(cell_text(&tsys.state(c.state).name, c.note.as_deref()));
+                cells.insert(
+                    tsys.name.clone(),
+                    json!({"state": tsys.state(c.state).name, "note": c.note.as_deref()}),
+                );
+            }
+            rows.push(line);
+            jrows.push(json!({"from": fsys.state(r.from).name, "from_note": r.from_note_display, "to": cells, "line": r.line}));
+        }
+        if json_out {
+            jtables.push(json!({"title": tb.title, "file": tb.file, "from": fname, "to": tnames, "fallback": if tb.fallback {Some("canonical")} else {None}, "rows": jrows}));
+        } else {
+            writeln!(stdout, "{}  [{}]", tb.title, tb.file)?;
+            write!(stdout, "{}", aligned(&rows))?;
+            if tb.fallback {
+                writeln!(
+                    stdout,
+                    "(other {fname} states: through the canonical model)"
+                )?;
+            }
+            writeln!(stdout)?;
+        }
+    }
+    if json_out {
+        writeln!(stdout, "{}", json!({"tables": jtables}))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
