@@ -22,6 +22,13 @@ pub struct SystemId(pub(crate) u16);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StateId(pub(crate) u16);
 
+impl StateId {
+    /// Position of the state in its system's file.
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
 /// One source file of a mapping set, as text.
 #[derive(Debug, Clone)]
 pub struct SourceFile {
@@ -318,9 +325,13 @@ impl Builder {
         let mut systems: Vec<System> = Vec::new();
         let mut sys_index: HashMap<String, SystemId> = HashMap::new();
         let mut parsed: Vec<(&SourceFile, SystemFile)> = Vec::new();
+        // Systems whose file does not parse: tables naming them are skipped rather than
+        // reported again as "unknown system" (one mistake, one message).
+        let mut broken: Vec<String> = Vec::new();
         for f in &system_files {
-            if let Some(s) = self.parse::<SystemFile>(f) {
-                parsed.push((f, s));
+            match self.parse::<SystemFile>(f) {
+                Some(s) => parsed.push((f, s)),
+                None => broken.push(broken_system_name(f)),
             }
         }
         for (f, s) in &parsed {
@@ -411,7 +422,7 @@ impl Builder {
             }
             let decode = self.decode_rules(&cx, &systems[usize::from(id.0)], s);
             let from_canonical =
-                self.from_canonical(&cx, &systems[usize::from(id.0)], &canonical, s);
+                self.canonical_cells(&cx, &systems[usize::from(id.0)], &canonical, s);
             let sys = &mut systems[usize::from(id.0)];
             sys.decode = decode;
             sys.from_canonical = from_canonical;
@@ -425,6 +436,12 @@ impl Builder {
                 continue;
             };
             let cx = Ctx { file: f };
+            let names_broken = std::iter::once(&t.from)
+                .chain(t.to.get_ref())
+                .any(|n| broken.contains(n.get_ref()));
+            if names_broken {
+                continue;
+            }
             if let Some(table) = self.table(&cx, &systems, &sys_index, &t, &mut pair_owner) {
                 tables.push(table);
             }
@@ -556,7 +573,7 @@ impl Builder {
         }
     }
 
-    fn from_canonical(
+    fn canonical_cells(
         &mut self,
         cx: &Ctx,
         sys: &System,
@@ -803,6 +820,20 @@ impl Builder {
             rows,
         })
     }
+}
+
+/// The name a system file that failed to parse was meant to define: its `name` if the file is
+/// at least TOML, else the file stem.
+fn broken_system_name(f: &SourceFile) -> String {
+    toml::from_str::<toml::Table>(&f.text)
+        .ok()
+        .and_then(|t| t.get("name").and_then(|v| v.as_str()).map(str::to_string))
+        .unwrap_or_else(|| {
+            Path::new(&f.rel)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
 }
 
 fn valid_token(s: &str) -> bool {
