@@ -27,7 +27,11 @@ fn parse(src: &str) -> Result<Config, Diagnostics> {
 fn errors(src: &str) -> Vec<(usize, usize, String)> {
     match parse(src) {
         Ok(_) => panic!("expected errors, the config loaded:\n{src}"),
-        Err(d) => d.0.into_iter().map(|d| (d.line, d.col, d.message)).collect(),
+        Err(d) => {
+            d.0.into_iter()
+                .map(|d| (d.line, d.col, d.message))
+                .collect()
+        }
     }
 }
 
@@ -67,10 +71,17 @@ fn every_broken_file_reports_exactly_its_expected_diagnostics() {
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
     files.sort();
-    assert!(files.len() >= 15, "bad configs missing in {}", dir.display());
+    assert!(
+        files.len() >= 15,
+        "bad configs missing in {}",
+        dir.display()
+    );
     let mut failures = Vec::new();
     for path in &files {
-        let src = std::fs::read_to_string(path).unwrap_or_default();
+        let src = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
         let want = expectations(&src);
         assert!(!want.is_empty(), "{} has no # expect line", path.display());
         let got = match config::load_file(path, BUILTIN_SYSTEMS) {
@@ -203,16 +214,109 @@ fn example_file_loads_cleanly_with_every_section() {
 fn every_key_of_the_example_is_documented_by_a_comment() {
     // A key line must follow a comment line (or a key documented just above in the same
     // block), so no setting appears in the example without an explanation.
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("legate.example.toml"))
-        .unwrap_or_default();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("legate.example.toml");
+    let src = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
     let mut prev_comment_or_key = false;
     for (i, line) in src.lines().enumerate() {
         let t = line.trim();
         let is_key = !t.is_empty() && !t.starts_with('#') && !t.starts_with('[') && t.contains('=');
         if is_key && !prev_comment_or_key {
-            panic!("legate.example.toml:{}: `{t}` has no comment above it", i + 1);
+            panic!(
+                "legate.example.toml:{}: `{t}` has no comment above it",
+                i + 1
+            );
         }
         prev_comment_or_key = t.starts_with('#') || (is_key && prev_comment_or_key);
+    }
+}
+
+#[test]
+fn the_example_shows_every_key_of_the_schema() {
+    // Keep in step with src/config/schema.rs: a key missing from the example is undocumented.
+    const KEYS: &[&str] = &[
+        "routing_node",
+        "[node]",
+        "id",
+        "data_dir",
+        "admin_listen",
+        "[[local_domain]]",
+        "cert",
+        "key",
+        "[listeners]",
+        "sip_tls",
+        "sip_tcp",
+        "xmpp_s2s",
+        "xmpp_s2s_direct_tls",
+        "[tls]",
+        "trust_bundle",
+        "min_version",
+        "[[sip.federated_domain]]",
+        "system",
+        "route",
+        "tolerate_no_client_auth_eku",
+        "presence_format",
+        "[xmpp.federation]",
+        "mode",
+        "dialback_secret",
+        "[[xmpp.federation.domain]]",
+        "tls",
+        "auth",
+        "deny",
+        "[[home_node]]",
+        "addresses",
+        "srv",
+        "component_secret",
+        "component_secret_file",
+        "users",
+        "default_system",
+        "[[chat_node]]",
+        "alias",
+        "home_node",
+        "[limits]",
+        "sip_max_message_bytes",
+        "sip_max_header_bytes",
+        "xmpp_max_stanza_bytes",
+        "max_connections_per_listener",
+        "max_connections_per_peer",
+        "handshake_timeout_secs",
+        "idle_timeout_secs",
+        "im_session_idle_secs",
+        "max_subscriptions_per_user",
+        "outbound_queue_per_domain",
+        "[cluster]",
+        "name",
+        "primary",
+        "tls_verify",
+        "store",
+        "etcd_endpoints",
+        "[[cluster.peers]]",
+        "address",
+        "federation",
+        "[cluster.address_map]",
+        "[intercluster]",
+        "sync_interval_mins",
+        "auto_recovery",
+        "[[intercluster.peer]]",
+        "[mappings]",
+        "dir",
+        "reload",
+    ];
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("legate.example.toml");
+    let src = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    let lines: Vec<&str> = src.lines().map(str::trim).collect();
+    for k in KEYS {
+        let present = if k.starts_with('[') {
+            lines.contains(k)
+        } else {
+            lines.iter().any(|l| l.starts_with(&format!("{k} =")))
+        };
+        assert!(present, "legate.example.toml does not show `{k}`");
     }
 }
 
@@ -325,8 +429,7 @@ component_secret = "0123456789abcdef"
 users = ["Alice@example.com"]
 default_system = "jabber8"
 "#;
-    let cfg = match config::from_toml(src, Path::new("/etc/legate/legate.toml"), BUILTIN_SYSTEMS)
-    {
+    let cfg = match config::from_toml(src, Path::new("/etc/legate/legate.toml"), BUILTIN_SYSTEMS) {
         Ok(c) => c,
         Err(d) => panic!("{d}"),
     };
@@ -348,7 +451,10 @@ default_system = "jabber8"
             false
         )
     );
-    assert_eq!((x[1].tls, x[1].auth), (TlsPolicy::Optional, S2sAuth::DialbackOnly));
+    assert_eq!(
+        (x[1].tls, x[1].auth),
+        (TlsPolicy::Optional, S2sAuth::DialbackOnly)
+    );
     let h0 = &cfg.home_nodes[0];
     assert_eq!(h0.endpoint, HomeEndpoint::Srv(dom("hn1.example.com")));
     // Relative paths are resolved against the config file's directory.

@@ -1001,7 +1001,11 @@ fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
     let mut map_seen: Seen<Domain> = Seen::new();
     let mut address_map = Vec::new();
     // In file order, so "already mapped" points at the later line whatever the key's case.
-    let mut entries: Vec<_> = c.map(|c| c.address_map.iter()).into_iter().flatten().collect();
+    let mut entries: Vec<_> = c
+        .map(|c| c.address_map.iter())
+        .into_iter()
+        .flatten()
+        .collect();
     entries.sort_by_key(|(k, _)| k.span().start);
     for (k, v) in entries {
         let ip = match v.get_ref().parse::<IpAddr>() {
