@@ -52,7 +52,7 @@ xmpp_s2s_direct_tls = "off"
 "#;
 
 /// The whole validated configuration of one node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub node: NodeConfig,
     /// Never empty; names are unique.
@@ -268,7 +268,7 @@ impl Config {
     }
 
     /// Things worth an admin's attention that do not stop the node (the run-time alarm list
-    /// starts from these). Empty for the embedded default.
+    /// starts from these). The embedded default has one: it declares no home node.
     pub fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
         if !self.cluster.peers.is_empty() {
@@ -354,5 +354,45 @@ pub fn embedded_default() -> Config {
     ) {
         Ok(cfg) => cfg,
         Err(diags) => panic!("the embedded default configuration is invalid:\n{diags}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_validates() {
+        let cfg = from_toml(
+            DEFAULT_TOML,
+            Path::new("<embedded default>"),
+            BUILTIN_SYSTEMS,
+        );
+        assert!(cfg.is_ok(), "{cfg:?}");
+        assert_eq!(cfg.ok(), Some(embedded_default()));
+    }
+
+    #[test]
+    fn empty_file_is_refused_for_lack_of_a_local_domain() {
+        let err = from_toml("", Path::new("e.toml"), BUILTIN_SYSTEMS);
+        let msgs: Vec<String> = err
+            .err()
+            .map(|d| d.0.into_iter().map(|d| d.message).collect())
+            .unwrap_or_default();
+        assert_eq!(msgs.len(), 1);
+        assert!(msgs[0].contains("no [[local_domain]]"));
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_positioned() {
+        let err = from_toml(
+            "[node]
+id = \"gw1\n",
+            Path::new("s.toml"),
+            BUILTIN_SYSTEMS,
+        );
+        let d = err.err().map(|d| d.0).unwrap_or_default();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 2);
     }
 }

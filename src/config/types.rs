@@ -112,6 +112,11 @@ impl NodeId {
         Ok(Self(raw.to_string()))
     }
 
+    /// The default id of a node that does not set one (a single node needs no name).
+    pub fn local() -> Self {
+        Self("local".to_string())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

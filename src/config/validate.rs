@@ -223,6 +223,28 @@ impl Ck<'_> {
     }
 }
 
+/// Names that other entries refer to (home nodes, peer clusters): they appear in logs, status
+/// output and metric labels, so they are kept to a plain token.
+/// Returns the name and whether it was valid.
+fn name_token(ck: &mut Ck<'_>, s: &S<String>, what: &str) -> (String, bool) {
+    let v = s.get_ref();
+    let bad = v.is_empty()
+        || v.len() > 253
+        || !v.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        });
+    if bad {
+        ck.err(
+            s.span(),
+            format!(
+                "{what} `{v}` must be 1 to 253 characters of lowercase letters, digits, `-`, `_` \
+                 and `.`"
+            ),
+        );
+    }
+    (v.clone(), !bad)
+}
+
 /// Keeps the first span of each key and reports later duplicates against it.
 struct Seen<K> {
     first: HashMap<K, Range<usize>>,
@@ -264,13 +286,9 @@ pub(crate) fn validate(
         diags: Vec::new(),
     };
 
-    let node = node(&mut ck, &raw);
-    let (listeners, mut listen_spans) = listeners(&mut ck, &raw);
-    if let Some(admin) = &raw.node.as_ref().and_then(|n| n.admin_listen.clone()) {
-        if let Some(a) = node.as_ref().map(|n| n.admin_listen) {
-            listen_spans.insert(0, ("node.admin_listen", a, admin.span()));
-        }
-    }
+    let mut listen_spans = ListenSpans::new();
+    let node = node(&mut ck, &raw, &mut listen_spans);
+    let listeners = listeners(&mut ck, &raw, &mut listen_spans);
     check_listener_overlap(&mut ck, &listen_spans);
 
     let (local_domains, locals) = local_domains(&mut ck, &raw);
@@ -297,14 +315,6 @@ pub(crate) fn validate(
         ck.diags.sort_by_key(|d| (d.line, d.col));
         return Err(Diagnostics(ck.diags));
     }
-    let Some(node) = node else {
-        return Err(Diagnostics(vec![Diagnostic::new(
-            file,
-            0,
-            0,
-            "internal: [node] invalid without a diagnostic",
-        )]));
-    };
     Ok(Config {
         node,
         local_domains,
@@ -322,57 +332,61 @@ pub(crate) fn validate(
     })
 }
 
-fn node(ck: &mut Ck<'_>, raw: &RawConfig) -> Option<NodeConfig> {
+/// Placeholders replace invalid values so checking can go on; they never escape (see module
+/// doc).
+fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig {
     let n = raw.node.as_ref();
-    let mut ok = true;
     let id = match n.and_then(|n| n.id.as_ref()) {
-        None => NodeId::parse("local").ok(),
-        Some(s) => match NodeId::parse(s.get_ref()) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                ck.err(s.span(), e);
-                None
-            }
-        },
-    };
-    let data_dir = match n.and_then(|n| n.data_dir.as_ref()) {
-        None => Some(PathBuf::from("/var/lib/legate")),
-        Some(s) => ck.path(s, "node.data_dir"),
-    };
-    let admin_listen = match n.and_then(|n| n.admin_listen.as_ref()) {
-        None => Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
-        Some(s) => ck.listen(s, "node.admin_listen", false),
-    };
-    ok &= id.is_some() && data_dir.is_some() && admin_listen.is_some();
-    match (id, data_dir, admin_listen) {
-        (Some(id), Some(data_dir), Some(admin_listen)) if ok => Some(NodeConfig {
-            id,
-            data_dir,
-            admin_listen,
+        None => NodeId::local(),
+        Some(s) => NodeId::parse(s.get_ref()).unwrap_or_else(|e| {
+            ck.err(s.span(), e);
+            NodeId::local()
         }),
-        _ => None,
+    };
+    let default_dir = PathBuf::from("/var/lib/legate");
+    let data_dir = match n.and_then(|n| n.data_dir.as_ref()) {
+        None => default_dir,
+        Some(s) => ck.path(s, "node.data_dir").unwrap_or(default_dir),
+    };
+    let default_admin = SocketAddr::from(([127, 0, 0, 1], 9090));
+    let admin_listen = match n.and_then(|n| n.admin_listen.as_ref()) {
+        None => {
+            spans.push(("node.admin_listen", default_admin, None));
+            default_admin
+        }
+        Some(s) => {
+            let a = ck.listen(s, "node.admin_listen", false);
+            if let Some(a) = a {
+                spans.push(("node.admin_listen", a, Some(s.span())));
+            }
+            a.unwrap_or(default_admin)
+        }
+    };
+    NodeConfig {
+        id,
+        data_dir,
+        admin_listen,
     }
 }
 
-type ListenSpans = Vec<(&'static str, SocketAddr, Range<usize>)>;
+/// Every enabled listening socket: config key, address, and the span of the written value
+/// (`None` for a default that was not written, which still occupies its port).
+type ListenSpans = Vec<(&'static str, SocketAddr, Option<Range<usize>>)>;
 
-fn listeners(ck: &mut Ck<'_>, raw: &RawConfig) -> (Listeners, ListenSpans) {
+fn listeners(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> Listeners {
     let l = raw.listeners.as_ref();
-    let mut spans = ListenSpans::new();
     let mut one =
         |ck: &mut Ck<'_>, v: Option<&S<String>>, key: &'static str, default: Option<SocketAddr>| {
-            match v {
-                None => default,
-                Some(s) => {
-                    let a = ck.listen(s, key, true);
-                    if let Some(a) = a {
-                        spans.push((key, a, s.span()));
-                    }
-                    a
-                }
+            let (addr, span) = match v {
+                None => (default, None),
+                Some(s) => (ck.listen(s, key, true), Some(s.span())),
+            };
+            if let Some(a) = addr {
+                spans.push((key, a, span));
             }
+            addr
         };
-    let listeners = Listeners {
+    Listeners {
         sip_tls: one(
             ck,
             l.and_then(|l| l.sip_tls.as_ref()),
@@ -397,19 +411,7 @@ fn listeners(ck: &mut Ck<'_>, raw: &RawConfig) -> (Listeners, ListenSpans) {
             "listeners.xmpp_s2s_direct_tls",
             None,
         ),
-    };
-    // Defaults that were not written still occupy their port: record them without a span so a
-    // written listener that collides with a default is reported at the written one.
-    let written: Vec<&str> = spans.iter().map(|(k, _, _)| *k).collect();
-    for (key, addr) in [
-        ("listeners.sip_tls", listeners.sip_tls),
-        ("listeners.xmpp_s2s", listeners.xmpp_s2s),
-    ] {
-        if let (Some(a), false) = (addr, written.contains(&key)) {
-            spans.push((key, a, usize::MAX..usize::MAX));
-        }
     }
-    (listeners, spans)
 }
 
 /// Two sockets collide when they share a port and either address is the same or one of them
@@ -424,19 +426,15 @@ fn check_listener_overlap(ck: &mut Ck<'_>, spans: &ListenSpans) {
             if !clash {
                 continue;
             }
-            // Point at a written value; name the other one by line when it was written too.
-            let (at, other_key, other_span, addr, other_addr) = if s2.start != usize::MAX {
-                (s2, k1, s1, a2, a1)
-            } else {
-                (s1, k2, s2, a1, a2)
+            // Point at the later written value; name the other one by line, or as a default.
+            let (at, addr, other_key, other_addr, other_span) = match (s1, s2) {
+                (_, Some(s2)) => (s2, a2, k1, a1, s1),
+                (Some(s1), None) => (s1, a1, k2, a2, s2),
+                (None, None) => continue, // the defaults never clash with each other
             };
-            if at.start == usize::MAX {
-                continue; // two defaults never clash
-            }
-            let where_other = if other_span.start == usize::MAX {
-                "(its default)".to_string()
-            } else {
-                format!("(line {})", ck.line(other_span))
+            let where_other = match other_span {
+                Some(s) => format!("(line {})", ck.line(s)),
+                None => "(its default)".to_string(),
             };
             ck.err(
                 at.clone(),
@@ -664,17 +662,15 @@ fn home_nodes(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> Vec<Ho
     let mut users_seen: Seen<LocalUser> = Seen::new();
     let mut out = Vec::new();
     for h in &raw.home_node {
-        let name = h.name.get_ref().trim().to_string();
-        if name.is_empty() {
-            ck.err(h.name.span(), "home_node.name is empty");
-        } else if let Some(first) = names.dup(name.clone(), &h.name.span()) {
+        let (name, name_ok) = name_token(ck, &h.name, "home_node.name");
+        if let Some(first) = names.dup(name.clone(), &h.name.span()) {
             let line = ck.line(&first);
             ck.err(
                 h.name.span(),
                 format!("home node `{name}` is already declared at line {line}"),
             );
         }
-        let endpoint = home_endpoint(ck, h);
+        let endpoint = home_endpoint(ck, h, name_ok);
         let secret = match (&h.component_secret, &h.component_secret_file) {
             (Some(_), Some(f)) => {
                 ck.err(
@@ -746,7 +742,9 @@ fn home_nodes(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> Vec<Ho
     out
 }
 
-fn home_endpoint(ck: &mut Ck<'_>, h: &RawHomeNode) -> Option<HomeEndpoint> {
+/// `name_ok`: the name already passed `name_token`; when it did not, a second complaint about
+/// the same name (that SRV needs a domain) would only repeat the first.
+fn home_endpoint(ck: &mut Ck<'_>, h: &RawHomeNode, name_ok: bool) -> Option<HomeEndpoint> {
     let srv = h.srv.as_ref().is_some_and(|s| *s.get_ref());
     match (&h.addresses, srv) {
         (Some(_), true) => {
@@ -771,6 +769,7 @@ fn home_endpoint(ck: &mut Ck<'_>, h: &RawHomeNode) -> Option<HomeEndpoint> {
         }
         (None, true) => match Domain::parse(h.name.get_ref()) {
             Ok(d) => Some(HomeEndpoint::Srv(d)),
+            Err(_) if !name_ok => None,
             Err(e) => {
                 ck.err(
                     h.name.span(),
@@ -877,6 +876,7 @@ fn chat_nodes(
 
 fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
     let l = raw.limits.as_ref();
+    let before = ck.diags.len();
     macro_rules! get {
         ($f:ident) => {
             ck.limit(l.and_then(|l| l.$f.as_ref()), stringify!($f))
@@ -895,6 +895,11 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         max_subscriptions_per_user: get!(max_subscriptions_per_user) as usize,
         outbound_queue_per_domain: get!(outbound_queue_per_domain) as usize,
     };
+    // A value already refused for its range was replaced by its default; comparing that
+    // default with the other limit would only add a confusing second error.
+    if ck.diags.len() > before {
+        return limits;
+    }
     if limits.sip_max_header_bytes > limits.sip_max_message_bytes {
         if let Some(v) = l.and_then(|l| {
             l.sip_max_header_bytes
@@ -1122,10 +1127,8 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
                 ),
             );
         }
-        let name = p.name.get_ref().trim().to_string();
-        if name.is_empty() {
-            ck.err(p.name.span(), "intercluster.peer.name is empty");
-        } else if let Some(first) = names.dup(name.clone(), &p.name.span()) {
+        let (name, _) = name_token(ck, &p.name, "intercluster.peer.name");
+        if let Some(first) = names.dup(name.clone(), &p.name.span()) {
             let line = ck.line(&first);
             ck.err(
                 p.name.span(),
