@@ -487,6 +487,29 @@ system = "teams"
     assert!(parse(src).is_err());
     let systems = [("teams", config::SystemKind::SipFederation)];
     assert!(config::from_toml(src, Path::new("t.toml"), &systems).is_ok());
+    // An omitted system takes the default, which must exist in the caller's list as well.
+    let src = "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\n";
+    let errs = match config::from_toml(src, Path::new("t.toml"), &systems) {
+        Ok(_) => panic!("default system `lync` accepted though not loaded"),
+        Err(d) => d.0,
+    };
+    assert_eq!((errs[0].line, errs[0].col), (4, 8));
+    assert!(errs[0].message.contains("default `lync`") && errs[0].message.contains("teams"));
+}
+
+#[test]
+fn too_many_peer_clusters_are_refused() {
+    let mut src = String::from("[[local_domain]]\nname = \"example.com\"\n");
+    for i in 1..=30 {
+        src.push_str(&format!(
+            "[[intercluster.peer]]\nname = \"c{i}\"\naddress = \"10.1.0.{i}:7401\"\n"
+        ));
+    }
+    let errs = errors(&src);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    // The 30th peer's name: 2 header lines, then 3 lines per peer.
+    assert_eq!((errs[0].0, errs[0].1), (2 + 29 * 3 + 2, 8));
+    assert!(errs[0].2.contains("at most 30 clusters"));
 }
 
 #[test]

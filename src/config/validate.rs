@@ -155,32 +155,53 @@ impl Ck<'_> {
         })
     }
 
-    /// Checks a mapping-system name against the known list and the place it is used in.
-    fn system(&mut self, s: Option<&S<String>>, want: SystemKind, default: &str) -> String {
-        let Some(s) = s else {
-            return default.to_string();
-        };
-        let name = s.get_ref().as_str();
+    /// Checks a mapping-system name against the known list and the place it is used in. An
+    /// omitted name takes `default`, which is checked too (against the entry's `name` span):
+    /// a caller's mapping directory may not provide it.
+    fn system(
+        &mut self,
+        s: Option<&S<String>>,
+        want: SystemKind,
+        default: &str,
+        entry: Range<usize>,
+    ) -> String {
         let valid: Vec<&str> = self
             .systems
             .iter()
             .filter(|(_, k)| *k == want)
             .map(|(n, _)| *n)
             .collect();
+        let list = if valid.is_empty() {
+            "(no such system is loaded)".to_string()
+        } else {
+            valid.join(", ")
+        };
+        let Some(s) = s else {
+            if !valid.contains(&default) {
+                self.err(
+                    entry,
+                    format!(
+                        "no system is given and the default `{default}` is not a loaded mapping \
+                         system; set system to one of: {list}"
+                    ),
+                );
+            }
+            return default.to_string();
+        };
+        let name = s.get_ref().as_str();
         match self.systems.iter().find(|(n, _)| *n == name) {
             Some((_, kind)) if *kind == want => {}
             Some((_, kind)) => self.err(
                 s.span(),
                 format!(
-                    "system `{name}` is {}, not {}; use one of: {}",
+                    "system `{name}` is {}, not {}; use one of: {list}",
                     kind.describe(),
                     want.describe(),
-                    valid.join(", ")
                 ),
             ),
             None => self.err(
                 s.span(),
-                format!("unknown system `{name}`; use one of: {}", valid.join(", ")),
+                format!("unknown system `{name}`; use one of: {list}"),
             ),
         }
         name.to_string()
@@ -452,7 +473,7 @@ fn local_domains(ck: &mut Ck<'_>, raw: &RawConfig) -> (Vec<LocalDomain>, Seen<Do
     let mut out = Vec::new();
     if raw.local_domain.is_empty() {
         ck.err_file(
-            "no [[local_domain]] is declared; add at least one, e.g.\n[[local_domain]]\nname = \"example.com\"",
+            "no [[local_domain]] is declared; add at least one: [[local_domain]] with name = \"<your domain>\"",
         );
     }
     for d in &raw.local_domain {
@@ -547,6 +568,7 @@ fn sip(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> (SipConfig, S
             d.system.as_ref(),
             SystemKind::SipFederation,
             DEFAULT_SIP_SYSTEM,
+            d.name.span(),
         );
         let route = d.route.as_ref().and_then(|r| ck.host_port(r));
         let Some(name) = ck.domain(&d.name) else {
@@ -592,6 +614,7 @@ fn xmpp(
             d.system.as_ref(),
             SystemKind::XmppFederation,
             DEFAULT_XMPP_SYSTEM,
+            d.name.span(),
         );
         let tls = d.tls.as_ref().map_or(TlsPolicy::Required, |t| *t.get_ref());
         let auth = d
@@ -728,6 +751,7 @@ fn home_nodes(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> Vec<Ho
             h.default_system.as_ref(),
             SystemKind::Local,
             DEFAULT_HOME_SYSTEM,
+            h.name.span(),
         );
         if let (Some(endpoint), Some(component_secret)) = (endpoint, secret) {
             out.push(HomeNode {
