@@ -246,6 +246,7 @@ impl Ck<'_> {
 
 /// Names that other entries refer to (home nodes, peer clusters): they appear in logs, status
 /// output and metric labels, so they are kept to a plain token.
+///
 /// Returns the name and whether it was valid.
 fn name_token(ck: &mut Ck<'_>, s: &S<String>, what: &str) -> (String, bool) {
     let v = s.get_ref();
@@ -490,7 +491,7 @@ fn local_domains(ck: &mut Ck<'_>, raw: &RawConfig) -> (Vec<LocalDomain>, Seen<Do
             let line = ck.line(&first);
             ck.err(
                 d.name.span(),
-                format!("local domain `{name}` is already declared at line {line}"),
+                format!("local domain `{name}` is already declared at line {line}; remove one of the two"),
             );
             continue;
         }
@@ -579,7 +580,7 @@ fn sip(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> (SipConfig, S
             let line = ck.line(&first);
             ck.err(
                 d.name.span(),
-                format!("SIP federated domain `{name}` is already declared at line {line}"),
+                format!("SIP federated domain `{name}` is already declared at line {line}; remove one of the two"),
             );
             continue;
         }
@@ -637,7 +638,7 @@ fn xmpp(
             let line = ck.line(&first);
             ck.err(
                 d.name.span(),
-                format!("XMPP federation domain `{name}` is already declared at line {line}"),
+                format!("XMPP federation domain `{name}` is already declared at line {line}; remove one of the two"),
             );
             continue;
         }
@@ -690,7 +691,9 @@ fn home_nodes(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> Vec<Ho
             let line = ck.line(&first);
             ck.err(
                 h.name.span(),
-                format!("home node `{name}` is already declared at line {line}"),
+                format!(
+                    "home node `{name}` is already declared at line {line}; remove one of the two"
+                ),
             );
         }
         let endpoint = home_endpoint(ck, h, name_ok);
@@ -873,7 +876,7 @@ fn chat_nodes(
             let line = ck.line(&first);
             ck.err(
                 c.alias.span(),
-                format!("chat node alias `{alias}` is already declared at line {line}"),
+                format!("chat node alias `{alias}` is already declared at line {line}; remove one of the two"),
             );
             continue;
         }
@@ -992,7 +995,7 @@ fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
                 let line = ck.line(&first);
                 ck.err(
                     p.name.span(),
-                    format!("cluster peer `{id}` is already declared at line {line}"),
+                    format!("cluster peer `{id}` is already declared at line {line}; remove one of the two"),
                 );
             }
         }
@@ -1002,7 +1005,7 @@ fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
                 let line = ck.line(&first);
                 ck.err(
                     p.address.span(),
-                    format!("cluster peer address {a} is already used at line {line}"),
+                    format!("cluster peer address {a} is already used at line {line}; remove one of the two"),
                 );
             }
         }
@@ -1057,7 +1060,7 @@ fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
             let line = ck.line(&first);
             ck.err(
                 k.span(),
-                format!("cluster.address_map: `{fqdn}` is already mapped at line {line}"),
+                format!("cluster.address_map: `{fqdn}` is already mapped at line {line}; remove one of the two"),
             );
             continue;
         }
@@ -1156,7 +1159,7 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
             let line = ck.line(&first);
             ck.err(
                 p.name.span(),
-                format!("intercluster peer `{name}` is already declared at line {line}"),
+                format!("intercluster peer `{name}` is already declared at line {line}; remove one of the two"),
             );
         }
         if let Some(address) = ck.host_port(&p.address) {
