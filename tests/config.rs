@@ -383,6 +383,49 @@ name = "foreign.example.com"
 }
 
 #[test]
+fn xmpp_federation_policy_follows_the_mode_exactly() {
+    let base = r#"[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "lync-partner.com"
+[[xmpp.federation.domain]]
+name = "jabber.org"
+[[xmpp.federation.domain]]
+name = "spam.example"
+deny = true
+"#;
+    let closed = match parse(base) {
+        Ok(c) => c,
+        Err(d) => panic!("{d}"),
+    };
+    let open = match parse(&format!("{base}[xmpp.federation]\nmode = \"deny_list\"\n")) {
+        Ok(c) => c,
+        Err(d) => panic!("{d}"),
+    };
+    let cases = [
+        // domain, allowed in allow_list mode, allowed in deny_list mode
+        ("jabber.org", true, true),
+        ("sub.jabber.org", false, true), // never inherits the parent's entry
+        ("spam.example", false, false),
+        ("other.org", false, true),
+        ("lync-partner.com", false, false), // SIP federated: never over XMPP
+        ("example.com", false, false),      // ours
+    ];
+    for (d, in_closed, in_open) in cases {
+        assert_eq!(
+            closed.xmpp_federation_allowed(&dom(d)),
+            in_closed,
+            "{d} (allow_list)"
+        );
+        assert_eq!(
+            open.xmpp_federation_allowed(&dom(d)),
+            in_open,
+            "{d} (deny_list)"
+        );
+    }
+}
+
+#[test]
 fn domains_normalise_case_and_trailing_dot() {
     assert_eq!(dom("Example.COM."), dom("example.com"));
     assert_eq!(dom("Example.COM.").as_str(), "example.com");

@@ -263,6 +263,21 @@ impl Config {
         self.xmpp.federation.domains.iter().find(|f| &f.name == d)
     }
 
+    /// What `[xmpp.federation]` means for `d`, in one place so the policy layer and the admin
+    /// docs cannot drift: a local domain or a SIP federated domain is never reached over XMPP
+    /// (requirements §1, also in open federation); otherwise `allow_list` needs an entry without
+    /// `deny`, and `deny_list` refuses only entries with `deny = true`. Exact match only.
+    pub fn xmpp_federation_allowed(&self, d: &Domain) -> bool {
+        if self.is_local_domain(d) || self.sip_federated(d).is_some() {
+            return false;
+        }
+        let entry = self.xmpp_domain(d);
+        match self.xmpp.federation.mode {
+            FederationMode::AllowList => entry.is_some_and(|e| !e.deny),
+            FederationMode::DenyList => !entry.is_some_and(|e| e.deny),
+        }
+    }
+
     pub fn home_node(&self, name: &str) -> Option<&HomeNode> {
         self.home_nodes.iter().find(|h| h.name == name)
     }

@@ -425,6 +425,19 @@ mod tests {
         assert!(LocalUser::parse("a:b@example.com").is_err());
     }
 
+    proptest::proptest! {
+        /// Normalisation is idempotent and case/trailing-dot variants of a name are one domain.
+        #[test]
+        fn domain_normalisation_is_stable(raw in "[a-zA-Z0-9]([a-zA-Z0-9-]{0,10}[a-zA-Z0-9])?(\\.[a-zA-Z]{1,8}){1,3}\\.?") {
+            if let Ok(d) = Domain::parse(&raw) {
+                proptest::prop_assert_eq!(Domain::parse(d.as_str()), Ok(d.clone()));
+                proptest::prop_assert_eq!(Domain::parse(&raw.to_uppercase()), Ok(d.clone()));
+                let dotted = format!("{}.", d.as_str());
+                proptest::prop_assert_eq!(Domain::parse(&dotted), Ok(d));
+            }
+        }
+    }
+
     #[test]
     fn secret_debug_is_redacted() {
         let s = Secret::Inline("hunter2".into());
