@@ -1197,6 +1197,32 @@ mod tests {
         }
     }
 
+    fn listener_errors(sip_tls: &str, sip_tcp: &str) -> usize {
+        let src = format!(
+            "[[local_domain]]\nname = \"example.com\"\n[listeners]\nsip_tls = \"{sip_tls}\"\n\
+             sip_tcp = \"{sip_tcp}\"\n"
+        );
+        match super::super::from_toml(&src, Path::new("l.toml"), super::super::BUILTIN_SYSTEMS) {
+            Ok(_) => 0,
+            Err(d) => d.0.len(),
+        }
+    }
+
+    #[test]
+    fn listener_overlap_rules() {
+        // A wildcard covers every address of its port, IPv6 wildcard included (dual stack).
+        assert_eq!(listener_errors("[::]:5061", "127.0.0.1:5061"), 1);
+        assert_eq!(listener_errors("0.0.0.0:5061", "10.0.0.1:5061"), 1);
+        assert_eq!(listener_errors("10.0.0.1:5061", "10.0.0.1:5061"), 1);
+        // Distinct specific addresses on one port, or distinct ports, are fine.
+        assert_eq!(listener_errors("10.0.0.1:5061", "10.0.0.2:5061"), 0);
+        assert_eq!(listener_errors("0.0.0.0:5061", "0.0.0.0:5060"), 0);
+        // Port 0 is "any free port": never a clash (test harnesses use it everywhere).
+        assert_eq!(listener_errors("127.0.0.1:0", "127.0.0.1:0"), 0);
+        // "off" frees the port.
+        assert_eq!(listener_errors("off", "0.0.0.0:5061"), 0);
+    }
+
     #[test]
     fn defaults_are_inside_their_ranges() {
         for r in LIMIT_RANGES {
