@@ -13,16 +13,36 @@ fn translate(c: &mut Criterion) {
     let mut g = c.benchmark_group("translate");
     g.throughput(Throughput::Elements(1));
     g.bench_function("lync busy -> xmpp (table row, no user text)", |b| {
-        b.iter(|| set.translate(black_box(lync), black_box(xmpp), black_box(busy), None).state)
+        b.iter(|| {
+            set.translate(black_box(lync), black_box(xmpp), black_box(busy), None)
+                .state
+        })
     });
     let sametime = set.system_id("sametime").expect("sametime");
-    let meeting = set.system(sametime).state_id("in_a_meeting").expect("state");
-    g.bench_function("sametime in_a_meeting -> lync (canonical, user text)", |b| {
-        b.iter(|| set.translate(black_box(sametime), black_box(lync), black_box(meeting), Some("Weekly sync")).state)
-    });
+    let meeting = set
+        .system(sametime)
+        .state_id("in_a_meeting")
+        .expect("state");
+    g.bench_function(
+        "sametime in_a_meeting -> lync (canonical, user text)",
+        |b| {
+            b.iter(|| {
+                set.translate(
+                    black_box(sametime),
+                    black_box(lync),
+                    black_box(meeting),
+                    Some("Weekly sync"),
+                )
+                .state
+            })
+        },
+    );
     g.bench_function("lync decode availability 6500 + translate", |b| {
         b.iter(|| {
-            let facts = Facts { availability: Some(black_box(6500)), ..Facts::default() };
+            let facts = Facts {
+                availability: Some(black_box(6500)),
+                ..Facts::default()
+            };
             let d = set.decode(lync, &facts);
             set.translate(lync, xmpp, d.state, d.note).state
         })

@@ -2,6 +2,7 @@
 //! an exit code; the library does the work.
 
 use anyhow::Result;
+use legate::config;
 use legate::diag::Diagnostics;
 use legate::presence::map::{self, Facts, MappingSet, SystemId};
 use serde_json::json;
@@ -25,10 +26,42 @@ fn print_diags(d: &Diagnostics) {
 
 pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
     let mut problems = Diagnostics::default();
-    if let Err(d) = load_mappings(mappings) {
-        problems.0.extend(d.0);
+    // The mapping directory: --mappings, else the one the configuration names, else embedded.
+    let mut set = None;
+    if let Some(dir) = mappings {
+        match map::load_dir(dir) {
+            Ok(s) => set = Some(s),
+            Err(d) => problems.0.extend(d.0),
+        }
     }
-    let _ = config;
+    if let Some(path) = config {
+        // Validate the configuration against the systems of the mapping set it will run with;
+        // when that set is broken, against the shipped systems, so config errors still show.
+        let fallback = map::embedded().ok();
+        let systems = set
+            .as_ref()
+            .or(fallback.as_ref())
+            .map(config::systems_from_mappings)
+            .unwrap_or_default();
+        match config::load_file(path, &systems) {
+            Ok(cfg) => {
+                if let (None, Some(dir)) = (mappings, cfg.mappings.dir.as_deref()) {
+                    if let Err(d) = map::load_dir(dir) {
+                        problems.0.extend(d.0);
+                    }
+                }
+                for note in cfg.notes() {
+                    eprintln!("note: {}: {note}", path.display());
+                }
+            }
+            Err(d) => problems.0.extend(d.0),
+        }
+    }
+    if mappings.is_none() && config.is_none() {
+        if let Err(d) = map::embedded() {
+            problems.0.extend(d.0);
+        }
+    }
     if problems.0.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -326,6 +326,23 @@ impl Config {
     }
 }
 
+/// The systems a configuration may name, and where each may be used, read from a mapping set
+/// (its `protocol` and `role`), so that a system an admin adds to `mappings/` is usable here.
+pub fn systems_from_mappings(set: &crate::presence::map::MappingSet) -> Vec<(&str, SystemKind)> {
+    use crate::presence::map::{Protocol, Role};
+    set.systems
+        .iter()
+        .map(|s| {
+            let kind = match (s.protocol, s.role) {
+                (Protocol::Sip, _) => SystemKind::SipFederation,
+                (Protocol::Xmpp, Role::Federated) => SystemKind::XmppFederation,
+                (Protocol::Xmpp, Role::Local) => SystemKind::Local,
+            };
+            (s.name.as_str(), kind)
+        })
+        .collect()
+}
+
 /// Parses and validates `src` (the text of `file`, used only to name it in diagnostics).
 ///
 /// `known_systems` lists the mapping systems the loaded availability tables provide, each with

@@ -13,7 +13,7 @@ pub mod spec;
 pub mod translate;
 
 pub use set::{MappingSet, SourceFile, StateId, SystemId, Via};
-pub use spec::Protocol;
+pub use spec::{Protocol, Role};
 pub use translate::{Decoded, Facts, Translation};
 
 use crate::diag::Diagnostics;

@@ -3,7 +3,7 @@
 //! loads. Building reports every problem of every file at once, each at `file:line:col`.
 
 use super::spec::{
-    BasicSpec, CanonicalFile, EmitSpec, Fallback, MatchSpec, NotePolicy, Protocol, ShowSpec,
+    BasicSpec, CanonicalFile, EmitSpec, Fallback, MatchSpec, NotePolicy, Protocol, Role, ShowSpec,
     StateRefSpec, SystemFile, TableFile,
 };
 use crate::diag::{Diagnostic, Diagnostics};
@@ -75,6 +75,7 @@ pub struct System {
     pub name: String,
     pub description: String,
     pub protocol: Protocol,
+    pub role: Role,
     pub states: Vec<StateDef>,
     pub decode: Vec<DecodeRule>,
     /// Indexed by canonical state.
@@ -353,6 +354,13 @@ impl Builder {
                 continue;
             }
             let protocol = *s.protocol.get_ref();
+            let role = *s.role.get_ref();
+            if protocol == Protocol::Sip && role == Role::Local {
+                self.diags.push(cx.diag(
+                    s.role.span(),
+                    "a sip system must be federated: the enterprise's home nodes speak XMPP",
+                ));
+            }
             let mut states = Vec::new();
             let mut by_name = HashMap::new();
             for st in &s.state {
@@ -405,6 +413,7 @@ impl Builder {
                 name,
                 description: s.description.clone(),
                 protocol,
+                role,
                 states,
                 decode: Vec::new(),
                 from_canonical: Vec::new(),

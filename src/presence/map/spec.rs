@@ -31,6 +31,14 @@ impl Protocol {
     }
 }
 
+/// Where a system's users are: on the enterprise's home nodes, or in a foreign domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Local,
+    Federated,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SystemFile {
@@ -38,6 +46,7 @@ pub struct SystemFile {
     #[serde(default)]
     pub description: String,
     pub protocol: Spanned<Protocol>,
+    pub role: Spanned<Role>,
     #[serde(default)]
     pub state: Vec<StateSpec>,
     #[serde(default)]

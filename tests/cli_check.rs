@@ -1,0 +1,86 @@
+//! `legate check --config FILE`: the configuration is checked against the systems of the
+//! mapping set it will run with, and problems come out as `file:line:col: message`.
+
+use legate::config::{self, BUILTIN_SYSTEMS};
+use legate::presence::map;
+use std::process::Command;
+
+fn check(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_legate"))
+        .arg("check")
+        .args(args)
+        .output()
+        .expect("run legate");
+    (
+        out.status.code(),
+        String::from_utf8(out.stderr).expect("utf-8"),
+    )
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let (code, err) = check(&[
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/legate.example.toml"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn a_domain_federated_over_sip_and_xmpp_is_refused_with_its_position() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/config/bad/sip_xmpp_overlap.toml"
+    );
+    let (code, err) = check(&["--config", file]);
+    assert_eq!(code, Some(1));
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:11:8: domain `partner.com`")),
+        "{err}"
+    );
+    assert!(lines[0].contains("never both"), "{err}");
+}
+
+#[test]
+fn config_and_mapping_problems_are_reported_together() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let maps = tmp.path().join("mappings");
+    std::fs::create_dir_all(maps.join("systems")).expect("mkdir");
+    std::fs::create_dir_all(maps.join("tables")).expect("mkdir");
+    std::fs::write(
+        maps.join("canonical.toml"),
+        "states = [\"available\", \"available\"]\n",
+    )
+    .expect("write");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/config/bad/unknown_system.toml"
+    );
+    let (code, err) = check(&[
+        "--config",
+        file,
+        "--mappings",
+        maps.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("canonical.toml:1:24: duplicate canonical state `available`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unknown_system.toml:7:10: unknown system `skype`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn builtin_system_kinds_agree_with_the_shipped_mapping_files() {
+    let set = map::embedded().expect("defaults");
+    let mut from_files = config::systems_from_mappings(&set);
+    from_files.sort_by_key(|(n, _)| *n);
+    let mut builtin = BUILTIN_SYSTEMS.to_vec();
+    builtin.sort_by_key(|(n, _)| *n);
+    assert_eq!(from_files, builtin);
+}
