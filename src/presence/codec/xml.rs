@@ -148,6 +148,26 @@ pub(crate) fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
 }
 
+/// Namespaces in XML 1.0 §3 `NCName`, exact for ASCII and permissive above it (every
+/// non-ASCII character is accepted as a name character): quick-xml does not check names, and
+/// decoders copy some names (RPID activities) into values that encoders write back as names.
+pub(crate) fn is_ncname(s: &str) -> bool {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() || c == '_' || !c.is_ascii() => {}
+        _ => return false,
+    }
+    chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || !c.is_ascii())
+}
+
+/// `NCName` or `NCName:NCName`.
+fn is_qname(s: &str) -> bool {
+    match s.split_once(':') {
+        Some((prefix, local)) => is_ncname(prefix) && is_ncname(local),
+        None => is_ncname(s),
+    }
+}
+
 /// The checks that come before any parsing, cheapest first: size, UTF-8, then one byte pass for
 /// characters XML 1.0 §2.2 forbids (C0 controls other than TAB/LF/CR, U+FFFE, U+FFFF), so
 /// quick-xml — which does not check `Char` — never hands such text to a decoder.
@@ -355,6 +375,9 @@ impl<'x> XmlIn<'x> {
                 limit: MAX_PRESENCE_DEPTH,
             });
         }
+        if !is_qname(elem.name().0) {
+            return Err(not_well_formed("element name is not a QName"));
+        }
         self.check_attributes(elem)
     }
 
@@ -364,6 +387,9 @@ impl<'x> XmlIn<'x> {
         for attr in elem.attributes() {
             // Duplicate names, missing quotes, missing `=`.
             let attr = attr.map_err(|e| not_well_formed(e.to_string()))?;
+            if !is_qname(attr.key.0) {
+                return Err(not_well_formed("attribute name is not a QName"));
+            }
             if let Some(prefix) = attr.key.prefix() {
                 let prefix = prefix.into_inner();
                 if prefix != "xmlns" && prefix != "xml" {
@@ -619,6 +645,10 @@ mod tests {
             "<a p:b='1'/>",
             "<a b='1' b='2'/>",
             "<a b='<'/>",
+            "<a\"b/>",
+            "<1a/>",
+            "<a:b:c xmlns:a='u'/>",
+            "<a b:='1'/>",
             "<a>&#0;</a>",
             "<a>&#xFFFE;</a>",
             "<a>\u{1}</a>",
