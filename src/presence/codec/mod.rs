@@ -52,7 +52,9 @@ pub enum CodecError {
     #[error("not well-formed XML: {0}")]
     NotWellFormed(String),
     /// Well-formed XML that is not a valid document of the expected kind (wrong root, bad
-    /// `<priority/>`, unknown `<show/>` value, missing `entity`, ...).
+    /// `<priority/>`, unknown `<show/>` value, missing `entity`, ...). Only given once the whole
+    /// input was read and found well-formed and free of restricted constructs: a hostile
+    /// document always gets one of the variants above, never this one.
     #[error("invalid presence document: {0}")]
     Invalid(String),
 }

@@ -59,7 +59,10 @@ fn offer(best: &mut Option<Instance>, availability: u32, activity: &Option<Strin
 
 /// Decodes one msrtc category document or category value (see the module docs).
 pub fn decode_msrtc(xml: &[u8]) -> Result<MsrtcPresence, CodecError> {
-    let mut r = XmlIn::new(xml, Dialect::Document)?;
+    xml::decode_with(xml, Dialect::Document, msrtc_from)
+}
+
+fn msrtc_from(r: &mut XmlIn<'_>) -> Result<MsrtcPresence, CodecError> {
     let (ns, root) = r.root()?;
     let mut acc = Acc::default();
     match (ns, xml::local(&root)) {
@@ -67,7 +70,7 @@ pub fn decode_msrtc(xml: &[u8]) -> Result<MsrtcPresence, CodecError> {
             match r.next()? {
                 Node::Start { ns, elem } => {
                     if ns == Ns::MsCategories && xml::local(&elem) == "category" {
-                        category(&mut r, &mut acc)?;
+                        category(r, &mut acc)?;
                     } else {
                         r.skip()?;
                     }
@@ -77,8 +80,8 @@ pub fn decode_msrtc(xml: &[u8]) -> Result<MsrtcPresence, CodecError> {
                 Node::Eof => return Err(xml::not_well_formed("truncated document")),
             }
         },
-        (Ns::MsCategories, "category") => category(&mut r, &mut acc)?,
-        _ => value(&mut r, &mut acc, ns, &root, true)?,
+        (Ns::MsCategories, "category") => category(r, &mut acc)?,
+        _ => value(r, &mut acc, ns, &root, true)?,
     }
     r.finish()?;
 

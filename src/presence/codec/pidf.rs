@@ -49,7 +49,10 @@ enum Level {
 
 /// Decodes one PIDF document (see the module docs for the rules).
 pub fn decode_pidf(xml: &[u8]) -> Result<PidfPresence, CodecError> {
-    let mut r = XmlIn::new(xml, Dialect::Document)?;
+    xml::decode_with(xml, Dialect::Document, pidf_from)
+}
+
+fn pidf_from(r: &mut XmlIn<'_>) -> Result<PidfPresence, CodecError> {
     let (ns, root) = r.root()?;
     if ns != Ns::Pidf || xml::local(&root) != "presence" {
         return Err(CodecError::Invalid(
@@ -61,7 +64,7 @@ pub fn decode_pidf(xml: &[u8]) -> Result<PidfPresence, CodecError> {
         .ok_or_else(|| CodecError::Invalid("<presence/> without entity".into()))?
         .into_owned();
     let mut acc = Acc::default();
-    container(&mut r, &mut acc, Level::Presence)?;
+    container(r, &mut acc, Level::Presence)?;
     r.finish()?;
     let basic = if acc.any_open {
         Some(Basic::Open)

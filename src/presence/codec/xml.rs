@@ -468,6 +468,18 @@ impl<'x> XmlIn<'x> {
         }
     }
 
+    /// Reads to the end of the input from wherever we are, still vetting every node. Decoders
+    /// call it before answering [`CodecError::Invalid`], so that answer is only ever given for a
+    /// complete, well-formed, non-hostile document: a hostile one always gets the specific
+    /// refusal, whichever part of it the decoder looked at first.
+    pub(crate) fn drain(&mut self) -> Result<(), CodecError> {
+        loop {
+            if let Node::Eof = self.next()? {
+                return Ok(());
+            }
+        }
+    }
+
     /// The value of the unprefixed attribute `name` (attribute-value normalised, XML 1.0
     /// §3.3.3, predefined entities and character references resolved).
     pub(crate) fn attr<'e>(
@@ -512,6 +524,23 @@ impl<'x> XmlIn<'x> {
             }
         }
         Ok(None)
+    }
+}
+
+/// Runs `decode` over a fresh guard; an `Invalid` answer is only passed on once the rest of the
+/// input has been vetted (see [`XmlIn::drain`]).
+pub(crate) fn decode_with<'x, T>(
+    xml: &'x [u8],
+    dialect: Dialect,
+    decode: impl FnOnce(&mut XmlIn<'x>) -> Result<T, CodecError>,
+) -> Result<T, CodecError> {
+    let mut r = XmlIn::new(xml, dialect)?;
+    match decode(&mut r) {
+        Err(CodecError::Invalid(msg)) => {
+            r.drain()?;
+            Err(CodecError::Invalid(msg))
+        }
+        other => other,
     }
 }
 

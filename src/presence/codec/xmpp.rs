@@ -90,7 +90,10 @@ pub fn decode_presence_full(xml: &[u8]) -> Result<(XmppPresence, PresenceAttrs),
 /// (no trimming: whitespace is the sender's). For non-broadcast kinds the children are still
 /// vetted but not returned.
 pub fn decode_presence_kind(xml: &[u8]) -> Result<(PresenceKind, PresenceAttrs), CodecError> {
-    let mut r = XmlIn::new(xml, Dialect::Stanza)?;
+    xml::decode_with(xml, Dialect::Stanza, kind_from)
+}
+
+fn kind_from(r: &mut XmlIn<'_>) -> Result<(PresenceKind, PresenceAttrs), CodecError> {
     let (root_ns, root) = r.root()?;
     if xml::local(&root) != "presence"
         || !matches!(root_ns, Ns::Unbound | Ns::JabberClient | Ns::JabberServer)
