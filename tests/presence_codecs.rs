@@ -41,7 +41,12 @@ fn index(name: &str) -> Vec<Vec<String>> {
     let listed: BTreeSet<String> = rows.iter().map(|r| r[0].clone()).collect();
     let present: BTreeSet<String> = std::fs::read_dir(&dir)
         .expect("vector folder")
-        .map(|e| e.expect("dir entry").file_name().into_string().expect("utf-8 name"))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .into_string()
+                .expect("utf-8 name")
+        })
         .filter(|n| n != "index.tsv")
         .collect();
     assert_eq!(listed, present, "{name}: index.tsv and folder disagree");
@@ -69,7 +74,10 @@ fn kind_round_trip(kind: &PresenceKind, attrs: &PresenceAttrs) {
     encode_presence_kind(kind, attrs, &mut out);
     let (k2, a2) = decode_presence_kind(&out).expect("own output decodes");
     assert_eq!(&k2, kind);
-    assert_eq!((&a2.from, &a2.to, &a2.id), (&attrs.from, &attrs.to, &attrs.id));
+    assert_eq!(
+        (&a2.from, &a2.to, &a2.id),
+        (&attrs.from, &attrs.to, &attrs.id)
+    );
 }
 
 /// Lync availability ranges (`docs/schema/parsing-lync-published-category-instances.md`, as
@@ -155,10 +163,22 @@ fn real_traces_vectors() {
     msrtc_round_trip(&got);
 
     // "reference only (not parseable)": every decoder refuses it, none panics.
-    let txt = read("real-traces", "ocs2007-reskit-public-im-subscribe-fragment.txt");
-    assert!(matches!(decode_msrtc(&txt), Err(CodecError::NotWellFormed(_))));
-    assert!(matches!(decode_pidf(&txt), Err(CodecError::NotWellFormed(_))));
-    assert!(matches!(decode_presence(&txt), Err(CodecError::NotWellFormed(_))));
+    let txt = read(
+        "real-traces",
+        "ocs2007-reskit-public-im-subscribe-fragment.txt",
+    );
+    assert!(matches!(
+        decode_msrtc(&txt),
+        Err(CodecError::NotWellFormed(_))
+    ));
+    assert!(matches!(
+        decode_pidf(&txt),
+        Err(CodecError::NotWellFormed(_))
+    ));
+    assert!(matches!(
+        decode_presence(&txt),
+        Err(CodecError::NotWellFormed(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +202,9 @@ fn pidf_rfc3863_vectors() {
         let file = &row[0];
         let want = match file.as_str() {
             // §4.2.2: identical semantics, prefixed or default namespace.
-            "4.2.2-prefixed-impp.xml" | "4.2.2-default-ns.xml" => pidf(Basic::Open, &[], None, None),
+            "4.2.2-prefixed-impp.xml" | "4.2.2-default-ns.xml" => {
+                pidf(Basic::Open, &[], None, None)
+            }
             // §4.2.4: <local:location> ignored.
             "4.2.4-status-extension-location.xml" => pidf(Basic::Open, &[], None, None),
             // §4.3.1: two open tuples; the presentity note (no xml:lang) beats the en/fr
@@ -196,7 +218,8 @@ fn pidf_rfc3863_vectors() {
             }
             other => panic!("no expectation for {other}"),
         };
-        let got = decode_pidf(&read("pidf-rfc3863", file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got =
+            decode_pidf(&read("pidf-rfc3863", file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(got, want, "{file}");
         pidf_round_trip(&got);
     }
@@ -211,7 +234,12 @@ fn rpid_rfc4480_vector() {
     // the presentity-level note, not dm:note "PC"/"Scoring 120"; three open tuples.
     assert_eq!(
         got,
-        pidf(Basic::Open, &["away"], None, Some("I'll be in Tokyo next week"))
+        pidf(
+            Basic::Open,
+            &["away"],
+            None,
+            Some("I'll be in Tokyo next week")
+        )
     );
     pidf_round_trip(&got);
 }
@@ -289,27 +317,57 @@ fn sip_xmpp_rfc8048_vectors() {
             pidf_round_trip(&got);
         } else if file.ends_with(".xml") {
             let (kind, want_attrs) = match file {
-                "ex01-F1-xmpp-subscribe.xml" => (PresenceKind::Subscribe, attrs(j, Some(r), Some("subscribe"))),
-                "ex05-F14-xmpp-subscribed.xml" => (PresenceKind::Subscribed, attrs(r, Some(j), Some("subscribed"))),
+                "ex01-F1-xmpp-subscribe.xml" => (
+                    PresenceKind::Subscribe,
+                    attrs(j, Some(r), Some("subscribe")),
+                ),
+                "ex05-F14-xmpp-subscribed.xml" => (
+                    PresenceKind::Subscribed,
+                    attrs(r, Some(j), Some("subscribed")),
+                ),
                 "ex06-F15-xmpp-presence-from-sip.xml" => (
                     available.clone(),
                     attrs("romeo@example.net/dr4hcr0st3lup4c", Some(j), None),
                 ),
-                "ex07-F16-xmpp-unsubscribe.xml" => (PresenceKind::Unsubscribe, attrs(j, Some(r), Some("unsubscribe"))),
-                "ex09-F21-xmpp-unsubscribed.xml" => (PresenceKind::Unsubscribed, attrs(r, Some(j), Some("unsubscribed"))),
-                "ex12-F28-xmpp-subscribe.xml" => (PresenceKind::Subscribe, attrs(r, Some(j), Some("subscribe"))),
-                "ex13-F31-xmpp-subscribed.xml" => (PresenceKind::Subscribed, attrs(j, Some(r), Some("subscribed"))),
-                "ex15-xmpp-unsubscribed-reject.xml" => (PresenceKind::Unsubscribed, attrs(j, Some(r), Some("unsubscribed"))),
+                "ex07-F16-xmpp-unsubscribe.xml" => (
+                    PresenceKind::Unsubscribe,
+                    attrs(j, Some(r), Some("unsubscribe")),
+                ),
+                "ex09-F21-xmpp-unsubscribed.xml" => (
+                    PresenceKind::Unsubscribed,
+                    attrs(r, Some(j), Some("unsubscribed")),
+                ),
+                "ex12-F28-xmpp-subscribe.xml" => (
+                    PresenceKind::Subscribe,
+                    attrs(r, Some(j), Some("subscribe")),
+                ),
+                "ex13-F31-xmpp-subscribed.xml" => (
+                    PresenceKind::Subscribed,
+                    attrs(j, Some(r), Some("subscribed")),
+                ),
+                "ex15-xmpp-unsubscribed-reject.xml" => (
+                    PresenceKind::Unsubscribed,
+                    attrs(j, Some(r), Some("unsubscribed")),
+                ),
                 "ex18-xmpp-presence-available.xml" => (
                     available.clone(),
                     attrs("juliet@example.com/yn0cl4bnw0yr3vym", None, None),
                 ),
                 "ex21-xmpp-presence-unavailable.xml" => (
                     unavailable.clone(),
-                    attrs(r, Some("juliet@example.com/yn0cl4bnw0yr3vym"), Some("unavailable")),
+                    attrs(
+                        r,
+                        Some("juliet@example.com/yn0cl4bnw0yr3vym"),
+                        Some("unavailable"),
+                    ),
                 ),
-                "ex22-xmpp-presence-probe.xml" => (PresenceKind::Probe, attrs("juliet@example.com/chamber", Some(r), Some("probe"))),
-                "ex25-xmpp-presence-probe.xml" => (PresenceKind::Probe, attrs(r, Some(j), Some("probe"))),
+                "ex22-xmpp-presence-probe.xml" => (
+                    PresenceKind::Probe,
+                    attrs("juliet@example.com/chamber", Some(r), Some("probe")),
+                ),
+                "ex25-xmpp-presence-probe.xml" => {
+                    (PresenceKind::Probe, attrs(r, Some(j), Some("probe")))
+                }
                 other => panic!("no expectation for {other}"),
             };
             let got = decode_presence_kind(&bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -317,9 +375,15 @@ fn sip_xmpp_rfc8048_vectors() {
             // The broadcast-only entry points agree, and refuse the rest.
             match &kind {
                 PresenceKind::Broadcast(p) => {
-                    assert_eq!(decode_presence_full(&bytes), Ok((p.clone(), want_attrs.clone())));
+                    assert_eq!(
+                        decode_presence_full(&bytes),
+                        Ok((p.clone(), want_attrs.clone()))
+                    );
                 }
-                _ => assert!(matches!(decode_presence(&bytes), Err(CodecError::Invalid(_))), "{file}"),
+                _ => assert!(
+                    matches!(decode_presence(&bytes), Err(CodecError::Invalid(_))),
+                    "{file}"
+                ),
             }
             kind_round_trip(&kind, &want_attrs);
         } else if file.ends_with(".sip") {
@@ -330,8 +394,8 @@ fn sip_xmpp_rfc8048_vectors() {
             match header(&head, "Content-Type") {
                 Some("application/pidf+xml") => {
                     let stem = file.split(".").next().expect("stem");
-                    let want = decode_pidf(&read(dir, &format!("{stem}.body.pidf.xml")))
-                        .expect("LF body");
+                    let want =
+                        decode_pidf(&read(dir, &format!("{stem}.body.pidf.xml"))).expect("LF body");
                     // CRLF line ends decode to the same facts as the LF extraction.
                     assert_eq!(decode_pidf(body).as_ref(), Ok(&want), "{file}");
                     if file.contains(".clfix.") {
@@ -367,14 +431,22 @@ fn sip_xmpp_rfc8048_vectors() {
 /// when the cut splits a character): a truncated document is never half-read.
 #[test]
 fn truncated_vectors_are_refused() {
-    for dir in ["ms-lync-categories", "pidf-rfc3863", "rpid-rfc4480", "sip-xmpp-rfc8048", "real-traces"] {
+    for dir in [
+        "ms-lync-categories",
+        "pidf-rfc3863",
+        "rpid-rfc4480",
+        "sip-xmpp-rfc8048",
+        "real-traces",
+    ] {
         for row in index(dir) {
             let file = &row[0];
             if !file.ends_with(".xml") {
                 continue;
             }
             let bytes = read(dir, file);
-            let text = std::str::from_utf8(&bytes).expect("utf-8 vector").trim_end();
+            let text = std::str::from_utf8(&bytes)
+                .expect("utf-8 vector")
+                .trim_end();
             // Cuts through the file's own decoder (every byte for files up to 512 bytes, ~512
             // evenly spread cuts for larger ones), every 7th of those through the other two: the
             // guard they share is the same, and the debug-build cost is quadratic.
@@ -392,7 +464,8 @@ fn truncated_vectors_are_refused() {
                     }
                     let result = decode(prefix);
                     // XMPP refuses the SfB trace's leading comment before it sees the cut.
-                    let comment = codec == "xmpp" && result == Err(CodecError::Restricted("comment"));
+                    let comment =
+                        codec == "xmpp" && result == Err(CodecError::Restricted("comment"));
                     assert!(
                         comment
                             || matches!(
@@ -420,7 +493,12 @@ const DECODERS: [(&str, Decoder); 3] = [
 
 fn refused_by_all(xml: &[u8], want: &CodecError) {
     for (name, decode) in DECODERS {
-        assert_eq!(decode(xml).as_ref(), Err(want), "{name}: {}", String::from_utf8_lossy(&xml[..xml.len().min(120)]));
+        assert_eq!(
+            decode(xml).as_ref(),
+            Err(want),
+            "{name}: {}",
+            String::from_utf8_lossy(&xml[..xml.len().min(120)])
+        );
     }
 }
 
@@ -436,7 +514,10 @@ const BILLION_LAUGHS: &str = r#"<?xml version="1.0"?>
 
 #[test]
 fn dtd_and_entities_are_refused_never_expanded() {
-    refused_by_all(BILLION_LAUGHS.as_bytes(), &CodecError::Restricted("entity declaration"));
+    refused_by_all(
+        BILLION_LAUGHS.as_bytes(),
+        &CodecError::Restricted("entity declaration"),
+    );
     // External entity (XXE).
     refused_by_all(
         br#"<!DOCTYPE presence [<!ENTITY xxe SYSTEM "file:///etc/passwd">]><presence>&xxe;</presence>"#,
@@ -447,9 +528,15 @@ fn dtd_and_entities_are_refused_never_expanded() {
         br#"<!DOCTYPE presence SYSTEM "http://evil.example/p.dtd"><presence/>"#,
         &CodecError::Restricted("DTD"),
     );
-    refused_by_all(b"<!DOCTYPE presence [ <!ELEMENT presence ANY>", &CodecError::Restricted("DTD"));
+    refused_by_all(
+        b"<!DOCTYPE presence [ <!ELEMENT presence ANY>",
+        &CodecError::Restricted("DTD"),
+    );
     // An entity declaration outside any DOCTYPE.
-    refused_by_all(b"<!ENTITY x 'y'><presence/>", &CodecError::Restricted("entity declaration"));
+    refused_by_all(
+        b"<!ENTITY x 'y'><presence/>",
+        &CodecError::Restricted("entity declaration"),
+    );
     // Undeclared entity references, in text and attribute values, in ignored parts too.
     for xml in [
         &b"<presence><status>&custom;</status></presence>"[..],
@@ -467,10 +554,19 @@ fn processing_instructions_and_comments() {
         b"<?xml-stylesheet href='x.xsl'?><presence/>",
         &CodecError::Restricted("processing instruction"),
     );
-    refused_by_all(b"<presence><?php echo 1 ?></presence>", &CodecError::Restricted("processing instruction"));
+    refused_by_all(
+        b"<presence><?php echo 1 ?></presence>",
+        &CodecError::Restricted("processing instruction"),
+    );
     // RFC 6120 §11.1: no comments in XMPP; SIP bodies may carry them (the SfB trace does).
-    assert_eq!(decode_presence(b"<presence><!-- x --></presence>"), Err(CodecError::Restricted("comment")));
-    assert!(decode_pidf(b"<!-- x --><presence xmlns='urn:ietf:params:xml:ns:pidf' entity='e'/>").is_ok());
+    assert_eq!(
+        decode_presence(b"<presence><!-- x --></presence>"),
+        Err(CodecError::Restricted("comment"))
+    );
+    assert!(
+        decode_pidf(b"<!-- x --><presence xmlns='urn:ietf:params:xml:ns:pidf' entity='e'/>")
+            .is_ok()
+    );
 }
 
 #[test]
@@ -479,7 +575,12 @@ fn limits() {
     let mut big = b"<presence><status>".to_vec();
     big.resize(100 * 1024, b'a');
     big.extend_from_slice(b"</status></presence>");
-    refused_by_all(&big, &CodecError::TooLarge { limit: MAX_PRESENCE_DOC });
+    refused_by_all(
+        &big,
+        &CodecError::TooLarge {
+            limit: MAX_PRESENCE_DOC,
+        },
+    );
     // Exactly at the limit is parsed.
     let mut at = b"<presence><status>".to_vec();
     let tail = b"</status></presence>";
@@ -494,21 +595,37 @@ fn limits() {
         "<x xmlns='urn:x'>".repeat(100),
         "</x>".repeat(100)
     );
-    refused_by_all(deep.as_bytes(), &CodecError::TooDeep { limit: MAX_PRESENCE_DEPTH });
+    refused_by_all(
+        deep.as_bytes(),
+        &CodecError::TooDeep {
+            limit: MAX_PRESENCE_DEPTH,
+        },
+    );
 
     // Namespace-binding flood: quick-xml caps bindings; we surface it as not well-formed.
-    let decls: String = (0..300).map(|i| format!(" xmlns:p{i}='urn:p{i}'")).collect();
+    let decls: String = (0..300)
+        .map(|i| format!(" xmlns:p{i}='urn:p{i}'"))
+        .collect();
     let flood = format!("<presence{decls}/>");
     for (name, decode) in DECODERS {
-        assert!(matches!(decode(flood.as_bytes()), Err(CodecError::NotWellFormed(_))), "{name}");
+        assert!(
+            matches!(decode(flood.as_bytes()), Err(CodecError::NotWellFormed(_))),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn encoding_errors() {
-    refused_by_all(b"<presence><status>\xC3\x28</status></presence>", &CodecError::InvalidUtf8 { valid_up_to: 18 });
+    refused_by_all(
+        b"<presence><status>\xC3\x28</status></presence>",
+        &CodecError::InvalidUtf8 { valid_up_to: 18 },
+    );
     // UTF-16 with BOM is not UTF-8.
-    let utf16: Vec<u8> = "\u{FEFF}<presence/>".encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let utf16: Vec<u8> = "\u{FEFF}<presence/>"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
     refused_by_all(&utf16, &CodecError::InvalidUtf8 { valid_up_to: 0 });
     for xml in [
         &b"<presence><status>\x01</status></presence>"[..],
@@ -537,8 +654,14 @@ fn wrong_document_kinds_are_invalid() {
         "how-to-enable-custom-privacy-settings-00-categories-aggregateState.xml",
     );
     let xmpp = read("sip-xmpp-rfc8048", "ex21-xmpp-presence-unavailable.xml");
-    assert!(matches!(decode_presence(&pidf), Err(CodecError::Invalid(_))));
-    assert!(matches!(decode_presence(&msrtc), Err(CodecError::Invalid(_))));
+    assert!(matches!(
+        decode_presence(&pidf),
+        Err(CodecError::Invalid(_))
+    ));
+    assert!(matches!(
+        decode_presence(&msrtc),
+        Err(CodecError::Invalid(_))
+    ));
     assert!(matches!(decode_pidf(&xmpp), Err(CodecError::Invalid(_))));
     assert!(matches!(decode_pidf(&msrtc), Err(CodecError::Invalid(_))));
     assert!(matches!(decode_msrtc(&xmpp), Err(CodecError::Invalid(_))));
@@ -563,23 +686,47 @@ fn is_xml_char(c: char) -> bool {
 
 /// What an encoder makes of a string that XML cannot carry.
 fn sanitised(s: &str) -> String {
-    s.chars().map(|c| if is_xml_char(c) { c } else { '\u{FFFD}' }).collect()
+    s.chars()
+        .map(|c| if is_xml_char(c) { c } else { '\u{FFFD}' })
+        .collect()
 }
 
 fn show() -> impl Strategy<Value = Option<Show>> {
-    prop::option::of(prop_oneof![Just(Show::Chat), Just(Show::Away), Just(Show::Xa), Just(Show::Dnd)])
+    prop::option::of(prop_oneof![
+        Just(Show::Chat),
+        Just(Show::Away),
+        Just(Show::Xa),
+        Just(Show::Dnd)
+    ])
 }
 
 fn xmpp_presence() -> impl Strategy<Value = XmppPresence> {
-    (any::<bool>(), show(), prop::option::of(xml_text()), any::<Option<i8>>()).prop_map(
-        |(unavailable, show, status, priority)| XmppPresence { unavailable, show, status, priority },
+    (
+        any::<bool>(),
+        show(),
+        prop::option::of(xml_text()),
+        any::<Option<i8>>(),
     )
+        .prop_map(|(unavailable, show, status, priority)| XmppPresence {
+            unavailable,
+            show,
+            status,
+            priority,
+        })
 }
 
 fn presence_attrs() -> impl Strategy<Value = PresenceAttrs> {
-    (prop::option::of(xml_text()), prop::option::of(xml_text()), prop::option::of(xml_text())).prop_map(
-        |(from, to, id)| PresenceAttrs { from, to, id, type_: None },
+    (
+        prop::option::of(xml_text()),
+        prop::option::of(xml_text()),
+        prop::option::of(xml_text()),
     )
+        .prop_map(|(from, to, id)| PresenceAttrs {
+            from,
+            to,
+            id,
+            type_: None,
+        })
 }
 
 fn activity() -> impl Strategy<Value = String> {
@@ -598,12 +745,26 @@ fn pidf_presence() -> impl Strategy<Value = PidfPresence> {
         show(),
         prop::option::of(xml_text()),
     )
-        .prop_map(|(entity, basic, activities, show, note)| PidfPresence { entity, basic, activities, show, note })
+        .prop_map(|(entity, basic, activities, show, note)| PidfPresence {
+            entity,
+            basic,
+            activities,
+            show,
+            note,
+        })
 }
 
 fn msrtc_presence() -> impl Strategy<Value = MsrtcPresence> {
-    (any::<Option<u32>>(), prop::option::of(xml_text()), prop::option::of(xml_text()))
-        .prop_map(|(availability, activity, note)| MsrtcPresence { availability, activity, note })
+    (
+        any::<Option<u32>>(),
+        prop::option::of(xml_text()),
+        prop::option::of(xml_text()),
+    )
+        .prop_map(|(availability, activity, note)| MsrtcPresence {
+            availability,
+            activity,
+            note,
+        })
 }
 
 proptest! {

@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
         if fits(&out) {
             let (kind2, attrs2) = decode_presence_kind(&out).expect("re-decode xmpp kind");
             assert_eq!(kind, kind2);
-            assert_eq!((&attrs.from, &attrs.to, &attrs.id), (&attrs2.from, &attrs2.to, &attrs2.id));
+            assert_eq!(
+                (&attrs.from, &attrs.to, &attrs.id),
+                (&attrs2.from, &attrs2.to, &attrs2.id)
+            );
         }
     }
 

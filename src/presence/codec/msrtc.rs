@@ -85,10 +85,7 @@ fn msrtc_from(r: &mut XmlIn<'_>) -> Result<MsrtcPresence, CodecError> {
     }
     r.finish()?;
 
-    let chosen = acc
-        .best_aggregate
-        .or(acc.best_state)
-        .or(acc.best_legacy);
+    let chosen = acc.best_aggregate.or(acc.best_state).or(acc.best_legacy);
     let (availability, activity) = match chosen {
         Some(i) => (Some(i.availability), i.activity),
         None => (

@@ -315,7 +315,10 @@ mod tests {
         };
         assert_eq!(
             rt(&p).map(|p| p.activities),
-            Ok(vec!["other:not a name".to_string(), "other:note".to_string()])
+            Ok(vec![
+                "other:not a name".to_string(),
+                "other:note".to_string()
+            ])
         );
     }
 }

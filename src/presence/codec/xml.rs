@@ -96,7 +96,10 @@ pub(crate) enum Dialect {
 #[derive(Debug)]
 pub(crate) enum Node<'x> {
     /// A start tag (an empty-element tag is reported as `Start` then `End`).
-    Start { ns: Ns, elem: BytesStart<'x> },
+    Start {
+        ns: Ns,
+        elem: BytesStart<'x>,
+    },
     End,
     /// Character data (text or CDATA, line ends normalised per XML 1.0 §2.11, or one of the
     /// five predefined entities).
@@ -289,7 +292,10 @@ impl<'x> XmlIn<'x> {
                         return Ok(Node::Text(text.xml10_content()));
                     }
                     // XML 1.0 §2.8: only Misc (whitespace, comments, PIs) around the root.
-                    if !text.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+                    if !text
+                        .bytes()
+                        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                    {
                         return Err(not_well_formed("text outside the root element"));
                     }
                 }
@@ -552,9 +558,7 @@ pub(crate) fn local<'e>(elem: &'e BytesStart<'_>) -> &'e str {
 /// `xml:lang` present on this element (the `xml` prefix is fixed by Namespaces in XML §3, so
 /// the literal name is exact).
 pub(crate) fn has_xml_lang(elem: &BytesStart<'_>) -> bool {
-    elem.attributes()
-        .flatten()
-        .any(|a| a.key.0 == "xml:lang")
+    elem.attributes().flatten().any(|a| a.key.0 == "xml:lang")
 }
 
 /// Escapes `s` as character data. All five predefined entities are used, CR is written as
@@ -623,7 +627,10 @@ mod tests {
     #[test]
     fn predefined_and_numeric_references_resolve() {
         assert_eq!(
-            collect("<a>&lt;&gt;&amp;&quot;&apos;&#65;&#x42;</a>", Dialect::Stanza),
+            collect(
+                "<a>&lt;&gt;&amp;&quot;&apos;&#65;&#x42;</a>",
+                Dialect::Stanza
+            ),
             Ok("<>&\"'AB".to_string())
         );
     }
@@ -734,10 +741,17 @@ mod tests {
 
     #[test]
     fn encoding_declaration() {
-        assert!(collect("<?xml version='1.0' encoding='UTF-8'?><a/>", Dialect::Stanza).is_ok());
+        assert!(collect(
+            "<?xml version='1.0' encoding='UTF-8'?><a/>",
+            Dialect::Stanza
+        )
+        .is_ok());
         assert!(collect("\u{FEFF}<?xml version='1.0'?><a/>", Dialect::Stanza).is_ok());
         assert!(matches!(
-            collect("<?xml version='1.0' encoding='ISO-8859-1'?><a/>", Dialect::Stanza),
+            collect(
+                "<?xml version='1.0' encoding='ISO-8859-1'?><a/>",
+                Dialect::Stanza
+            ),
             Err(CodecError::Invalid(_))
         ));
     }

@@ -183,7 +183,15 @@ fn kind_from(r: &mut XmlIn<'_>) -> Result<(PresenceKind, PresenceAttrs), CodecEr
 /// in the order show, status, priority; text and attributes are escaped with all five
 /// predefined entities.
 pub fn encode_presence(p: &XmppPresence, attrs: &PresenceAttrs, out: &mut Vec<u8>) {
-    write_open(out, attrs, if p.unavailable { Some("unavailable") } else { None });
+    write_open(
+        out,
+        attrs,
+        if p.unavailable {
+            Some("unavailable")
+        } else {
+            None
+        },
+    );
     if p.show.is_none() && p.status.is_none() && p.priority.is_none() {
         out.extend_from_slice(b"/>");
         return;
@@ -324,13 +332,11 @@ mod tests {
             );
         }
         assert_eq!(
-            decode_presence(b"<presence><priority>127</priority></presence>")
-                .map(|p| p.priority),
+            decode_presence(b"<presence><priority>127</priority></presence>").map(|p| p.priority),
             Ok(Some(127))
         );
         assert_eq!(
-            decode_presence(b"<presence><priority>-128</priority></presence>")
-                .map(|p| p.priority),
+            decode_presence(b"<presence><priority>-128</priority></presence>").map(|p| p.priority),
             Ok(Some(-128))
         );
     }
