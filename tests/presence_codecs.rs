@@ -812,3 +812,140 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A poor man's fuzzer: the fuzz target's round trip over mutated vectors, so the property is
+// exercised in every `cargo test` run, not only when someone runs cargo-fuzz.
+
+fn xml_vectors() -> &'static [Vec<u8>] {
+    static VECTORS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    VECTORS.get_or_init(|| {
+        let mut all = Vec::new();
+        for dir in [
+            "ms-lync-categories",
+            "pidf-rfc3863",
+            "rpid-rfc4480",
+            "sip-xmpp-rfc8048",
+            "real-traces",
+        ] {
+            for row in index(dir) {
+                if row[0].ends_with(".xml") {
+                    all.push(read(dir, &row[0]));
+                }
+            }
+        }
+        all
+    })
+}
+
+/// The body of `fuzz/fuzz_targets/presence_codecs.rs`.
+fn round_trip_all(data: &[u8]) -> Result<(), TestCaseError> {
+    let fits = |out: &[u8]| out.len() <= MAX_PRESENCE_DOC;
+    if let Ok((kind, attrs)) = decode_presence_kind(data) {
+        let mut out = Vec::new();
+        encode_presence_kind(&kind, &attrs, &mut out);
+        if fits(&out) {
+            let (kind2, attrs2) =
+                decode_presence_kind(&out).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&kind, &kind2);
+            prop_assert_eq!(
+                (&attrs.from, &attrs.to, &attrs.id),
+                (&attrs2.from, &attrs2.to, &attrs2.id)
+            );
+        }
+        if let PresenceKind::Broadcast(p) = kind {
+            let mut out = Vec::new();
+            encode_presence(&p, &attrs, &mut out);
+            prop_assert_eq!(decode_presence_full(&out), Ok((p, attrs)));
+        }
+    }
+    if let Ok(p) = decode_pidf(data) {
+        let mut out = Vec::new();
+        encode_pidf(&p, &mut out);
+        if fits(&out) {
+            prop_assert_eq!(decode_pidf(&out), Ok(p));
+        }
+    }
+    if let Ok(p) = decode_msrtc(data) {
+        let mut out = Vec::new();
+        encode_msrtc(&p, &mut out);
+        if fits(&out) {
+            prop_assert_eq!(decode_msrtc(&out), Ok(p));
+        }
+    }
+    Ok(())
+}
+
+const SNIPPETS: &[&str] = &[
+    "<",
+    ">",
+    "&",
+    "'",
+    "\"",
+    "/",
+    "\r",
+    "\n",
+    "\t",
+    " ",
+    "&amp;",
+    "&#13;",
+    "&#x1F600;",
+    "&lt;",
+    "<![CDATA[<&>]]>",
+    "<!-- c -->",
+    "xml:lang='en' ",
+    "<show>away</show>",
+    "<status>s</status>",
+    "<priority>-3</priority>",
+    "<rpid:other>golf</rpid:other>",
+    "<rpid:busy/>",
+    "<note>n</note>",
+    "<availability>6500</availability>",
+    "<activity token='a&amp;b'/>",
+    "é",
+    "😀",
+];
+
+#[derive(Debug, Clone)]
+enum Edit {
+    Delete(prop::sample::Index),
+    Insert(prop::sample::Index, &'static str),
+    Byte(prop::sample::Index, u8),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        any::<prop::sample::Index>().prop_map(Edit::Delete),
+        (any::<prop::sample::Index>(), prop::sample::select(SNIPPETS))
+            .prop_map(|(i, s)| Edit::Insert(i, s)),
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Byte(i, b)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn mutated_vectors_round_trip(pick in any::<prop::sample::Index>(), edits in prop::collection::vec(edit(), 0..4)) {
+        let vectors = xml_vectors();
+        let mut doc = pick.get(vectors).clone();
+        for e in edits {
+            match e {
+                Edit::Delete(i) if !doc.is_empty() => {
+                    doc.remove(i.index(doc.len()));
+                }
+                Edit::Delete(_) => {}
+                Edit::Insert(i, s) => {
+                    let at = i.index(doc.len() + 1);
+                    doc.splice(at..at, s.bytes());
+                }
+                Edit::Byte(i, b) if !doc.is_empty() => {
+                    let at = i.index(doc.len());
+                    doc[at] = b;
+                }
+                Edit::Byte(..) => {}
+            }
+        }
+        round_trip_all(&doc)?;
+    }
+}

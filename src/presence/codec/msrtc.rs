@@ -248,7 +248,7 @@ pub fn encode_msrtc(p: &MsrtcPresence, out: &mut Vec<u8>) {
         );
         if let Some(availability) = p.availability {
             out.extend_from_slice(b"<availability>");
-            out.extend_from_slice(availability.to_string().as_bytes());
+            xml::push_int(out, i64::from(availability));
             out.extend_from_slice(b"</availability>");
         }
         if let Some(token) = &p.activity {

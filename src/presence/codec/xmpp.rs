@@ -209,7 +209,7 @@ pub fn encode_presence(p: &XmppPresence, attrs: &PresenceAttrs, out: &mut Vec<u8
     }
     if let Some(priority) = p.priority {
         out.extend_from_slice(b"<priority>");
-        out.extend_from_slice(priority.to_string().as_bytes());
+        xml::push_int(out, i64::from(priority));
         out.extend_from_slice(b"</priority>");
     }
     out.extend_from_slice(b"</presence>");
