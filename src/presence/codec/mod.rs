@@ -39,7 +39,8 @@ pub enum CodecError {
     /// Elements nest deeper than [`MAX_PRESENCE_DEPTH`].
     #[error("presence document nests deeper than {limit} elements")]
     TooDeep { limit: usize },
-    /// The input is not UTF-8 (RFC 6120 §11.6, RFC 3863 §4 both require UTF-8 here).
+    /// The input is not UTF-8. XMPP requires it (RFC 6120 §11.6); RFC 3863 §4 also allows
+    /// UTF-16 PIDF, which we do not accept (no federation peer we target sends it).
     #[error("presence document is not UTF-8 (valid up to byte {valid_up_to})")]
     InvalidUtf8 { valid_up_to: usize },
     /// A construct we refuse rather than process (RFC 6120 §11.1 restricted XML): DTD/DOCTYPE,

@@ -1,5 +1,5 @@
 //! msrtc codec: Microsoft `application/msrtc-event-categories+xml` bodies (Lync / Skype for
-//! Business enhanced presence, [MS-PRES] §2.2.2) ⇄ [`MsrtcPresence`]. It reads the `state`,
+//! Business enhanced presence, [MS-PRES] category schemas) ⇄ [`MsrtcPresence`]. It reads the `state`,
 //! `note` and `legacyInterop` categories and ignores every other category (device, services,
 //! contactCard, calendarData, routing, ...). It reports the availability *number* and activity
 //! token it selected; what 6500 means for an XMPP watcher is the mapping tables' business.
@@ -15,7 +15,7 @@
 //! Selection when several instances exist (a subscriber usually receives several containers'
 //! copies, and a self-subscription every machine/user/calendar/phone state):
 //! 1. among `xsi:type="aggregateState"` instances carrying `<availability>`: the highest — the
-//!    server's own aggregation is authoritative ([MS-PRES] §3.7.5.1);
+//!    server's own aggregation is authoritative ([MS-PRES] aggregation);
 //! 2. otherwise among all `state` instances carrying `<availability>`: the highest. Higher Lync
 //!    numbers are *less* available (3500 available … 18000 offline), so this is the
 //!    conservative reading and mirrors how the server aggregates (most restrictive wins);
@@ -152,7 +152,7 @@ fn parse_availability(s: &str) -> Result<u32, CodecError> {
         .map_err(|_| CodecError::Invalid("availability is not an unsigned integer".into()))
 }
 
-/// `<state xsi:type="...">` ([MS-PRES] §2.2.2.5): `<availability>` and `<activity token>`.
+/// `<state xsi:type="...">` ([MS-PRES] state schema): `<availability>` and `<activity token>`.
 fn state(
     r: &mut XmlIn<'_>,
     acc: &mut Acc,
@@ -207,7 +207,7 @@ fn state(
     Ok(())
 }
 
-/// `<note>` ([MS-PRES] §2.2.2.3): the first `<body type="personal">`.
+/// `<note>` ([MS-PRES] note schema): the first `<body type="personal">`.
 fn note(r: &mut XmlIn<'_>, acc: &mut Acc) -> Result<(), CodecError> {
     loop {
         let (ns, child) = match r.next()? {

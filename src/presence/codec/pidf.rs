@@ -11,7 +11,7 @@
 //! - `basic`: open when any tuple's `<status><basic>` is open, closed when some are closed and
 //!   none open, `None` when no tuple has one (RFC 8048 §4.3); a value other than
 //!   `open`/`closed` is [`CodecError::Invalid`] (RFC 3863 §4.1.4);
-//! - `activities`: the RPID `<activities>` children of `<dm:person>` (RFC 4480 §3.2) or of a
+//! - `activities`: the RPID `<activities>` children of `<dm:person>` (RFC 4480 §3) or of a
 //!   tuple / its `<status>` (older RPID placement), all of them in document order, as local
 //!   names; `<rpid:other>TEXT</rpid:other>` becomes `other:TEXT`; `<rpid:note>` is not an
 //!   activity; children in other namespaces are extensions and are skipped;
@@ -132,7 +132,7 @@ fn container(r: &mut XmlIn<'_>, acc: &mut Acc, level: Level) -> Result<(), Codec
     }
 }
 
-/// RFC 4480 §3.2 `<activities>`: `note*` then activity elements.
+/// RFC 4480 `<activities>`: `note*` then activity elements.
 fn activities(r: &mut XmlIn<'_>, acc: &mut Acc) -> Result<(), CodecError> {
     loop {
         let (ns, elem) = match r.next()? {
@@ -161,7 +161,7 @@ const ACTIVITY_OTHER: &str = "other:";
 
 /// Writes `p` as a PIDF document in the RFC 8048 §4.3 shape: one tuple whose `<status>` has
 /// `<basic>` (when known) and the `{jabber:client}show` (when set), the note as a tuple `<note>`,
-/// and a `<dm:person>` with RPID `<activities>` when there are any (RFC 4480 §3.2).
+/// and a `<dm:person>` with RPID `<activities>` when there are any (RFC 4480; RFC 4479 `<person>`).
 ///
 /// An activity is written as an empty `<rpid:NAME/>` element; `other:TEXT` as
 /// `<rpid:other>TEXT</rpid:other>`; a string that cannot be an element name (or is `note`) as

@@ -25,9 +25,9 @@ use super::{CodecError, MAX_PRESENCE_DEPTH, MAX_PRESENCE_DOC};
 pub(crate) mod uri {
     /// RFC 3863 §4.
     pub const PIDF: &str = "urn:ietf:params:xml:ns:pidf";
-    /// RFC 4480 §6.
+    /// RFC 4480.
     pub const RPID: &str = "urn:ietf:params:xml:ns:pidf:rpid";
-    /// RFC 4479 §4 (data model: `<dm:person>`, `<dm:device>`).
+    /// RFC 4479 (data model: `<dm:person>`, `<dm:device>`).
     pub const DATA_MODEL: &str = "urn:ietf:params:xml:ns:pidf:data-model";
     /// RFC 6120 §4.8.3 content namespaces; RFC 8048 §4.3 embeds `<show/>` in `jabber:client`.
     pub const JABBER_CLIENT: &str = "jabber:client";
