@@ -1,8 +1,9 @@
 //! msrtc codec: Microsoft `application/msrtc-event-categories+xml` bodies (Lync / Skype for
-//! Business enhanced presence, [MS-PRES] category schemas) ⇄ [`MsrtcPresence`]. It reads the `state`,
-//! `note` and `legacyInterop` categories and ignores every other category (device, services,
-//! contactCard, calendarData, routing, ...). It reports the availability *number* and activity
-//! token it selected; what 6500 means for an XMPP watcher is the mapping tables' business.
+//! Business enhanced presence, [MS-PRES] category schemas) ⇄ [`MsrtcPresence`]. It reads the
+//! `state`, `note` and `legacyInterop` categories and ignores every other category (device,
+//! services, contactCard, calendarData, routing, ...). It reports the availability *number* and
+//! activity token it selected; what 6500 means for an XMPP watcher is the mapping tables'
+//! business.
 //!
 //! Accepted documents: a `<categories>` document (namespace
 //! `http://schemas.microsoft.com/2006/09/sip/categories`), or a single `<category>` from it, or
