@@ -329,6 +329,27 @@ mod tests {
     }
 
     #[test]
+    fn aggregate_without_availability_does_not_hide_other_states() {
+        let xml = doc(&format!(
+            "{}{}{}",
+            state("aggregateState", "<activity token='in-a-meeting'/>"),
+            state(
+                "machineState",
+                "<availability>3500</availability><activity token='first'/>"
+            ),
+            state(
+                "userState",
+                "<availability>3500</availability><activity token='second'/>"
+            )
+        ));
+        // Rule 2, and a tie keeps the first instance in document order.
+        assert_eq!(
+            decode_msrtc(xml.as_bytes()).map(|p| (p.availability, p.activity)),
+            Ok((Some(3500), Some("first".into())))
+        );
+    }
+
+    #[test]
     fn state_without_availability_is_not_offline() {
         let xml = doc(&state(
             "calendarState",
