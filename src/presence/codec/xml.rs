@@ -569,10 +569,12 @@ pub(crate) fn local<'e>(elem: &'e BytesStart<'_>) -> &'e str {
     elem.local_name().into_inner()
 }
 
-/// `xml:lang` present on this element (the `xml` prefix is fixed by Namespaces in XML §3, so
-/// the literal name is exact).
+/// A non-empty `xml:lang` on this element (the `xml` prefix is fixed by Namespaces in XML §3, so
+/// the literal name is exact; `xml:lang=""` means "no language", XML 1.0 §2.12).
 pub(crate) fn has_xml_lang(elem: &BytesStart<'_>) -> bool {
-    elem.attributes().flatten().any(|a| a.key.0 == "xml:lang")
+    elem.attributes()
+        .flatten()
+        .any(|a| a.key.0 == "xml:lang" && !a.value.is_empty())
 }
 
 /// Writes a decimal integer without going through a `String` (encoders sit on the hot path).

@@ -280,6 +280,14 @@ mod tests {
     }
 
     #[test]
+    fn empty_xml_lang_counts_as_no_language() {
+        let p = decode_presence(
+            b"<presence><status xml:lang='en'>a</status><status xml:lang=''>b</status></presence>",
+        );
+        assert_eq!(p.map(|p| p.status), Ok(Some("b".into())));
+    }
+
+    #[test]
     fn status_with_lang_only_is_kept() {
         let p = decode_presence(b"<presence><status xml:lang='de'>a</status><status xml:lang='en'>b</status></presence>");
         assert_eq!(p.map(|p| p.status), Ok(Some("a".into())));
