@@ -7,5 +7,6 @@
 //! - `map`: systems, states, tables; loading, validation and translation.
 
 pub mod codec;
+pub mod convert;
 pub mod map;
 pub mod wire;
