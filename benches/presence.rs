@@ -52,14 +52,15 @@ fn translate(c: &mut Criterion) {
 
 criterion_group!(benches, translate);
 
-
 fn conversions(c: &mut Criterion) {
     use legate::presence::codec::xmpp::{encode_presence, PresenceAttrs};
     use legate::presence::convert::{sip_to_xmpp, SipBodyKind};
     let set = map::embedded().expect("defaults");
     let lync = set.system_id("lync").expect("lync");
     let xmpp = set.system_id("xmpp").expect("xmpp");
-    let pidf = include_bytes!("../tests/data/presence/sip-xmpp-rfc8048/ex04-F10-sip-notify-pidf.body.pidf.xml");
+    let pidf = include_bytes!(
+        "../tests/data/presence/sip-xmpp-rfc8048/ex04-F10-sip-notify-pidf.body.pidf.xml"
+    );
     let msrtc =
         include_bytes!("../tests/data/presence/real-traces/sfb2016-roaming-categories-fragment-tieto-sipe-issue119.xml");
     let attrs = PresenceAttrs {
@@ -71,13 +72,23 @@ fn conversions(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let mut out = Vec::with_capacity(512);
     for (name, kind, body) in [
-        ("PIDF (RFC 8048 ex.4, 284 B) -> map -> XMPP presence bytes", SipBodyKind::Pidf, &pidf[..]),
-        ("msrtc (SfB trace, 1.5 KB) -> map -> XMPP presence bytes", SipBodyKind::Msrtc, &msrtc[..]),
+        (
+            "PIDF (RFC 8048 ex.4, 284 B) -> map -> XMPP presence bytes",
+            SipBodyKind::Pidf,
+            &pidf[..],
+        ),
+        (
+            "msrtc (SfB trace, 1.5 KB) -> map -> XMPP presence bytes",
+            SipBodyKind::Msrtc,
+            &msrtc[..],
+        ),
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                let p = sip_to_xmpp(&set, lync, xmpp, kind, black_box(body)).expect("valid").expect("has state");
+                let p = sip_to_xmpp(&set, lync, xmpp, kind, black_box(body))
+                    .expect("valid")
+                    .expect("has state");
                 encode_presence(&p, &attrs, &mut out);
                 out.len()
             })

@@ -82,8 +82,13 @@ pub fn xmpp_to_sip(
     let d = set.decode(xmpp, &Facts::from_xmpp(presence));
     let t = set.translate(xmpp, sip, d.state, d.note);
     match kind {
-        SipBodyKind::Pidf => codec::pidf::encode_pidf(&set.encode_pidf(sip, t.state, t.note.as_deref(), entity), out),
-        SipBodyKind::Msrtc => codec::msrtc::encode_msrtc(&set.encode_msrtc(sip, t.state, t.note.as_deref()), out),
+        SipBodyKind::Pidf => codec::pidf::encode_pidf(
+            &set.encode_pidf(sip, t.state, t.note.as_deref(), entity),
+            out,
+        ),
+        SipBodyKind::Msrtc => {
+            codec::msrtc::encode_msrtc(&set.encode_msrtc(sip, t.state, t.note.as_deref()), out)
+        }
     }
 }
 
@@ -94,7 +99,10 @@ mod tests {
     use crate::presence::wire::Show;
 
     fn ids(set: &MappingSet) -> (SystemId, SystemId) {
-        (set.system_id("lync").expect("lync"), set.system_id("xmpp").expect("xmpp"))
+        (
+            set.system_id("lync").expect("lync"),
+            set.system_id("xmpp").expect("xmpp"),
+        )
     }
 
     #[test]
@@ -102,7 +110,9 @@ mod tests {
         let set = map::embedded().expect("defaults");
         let (lync, xmpp) = ids(&set);
         let body = br#"<categories xmlns="http://schemas.microsoft.com/2006/09/sip/categories"><category name="state"><state xsi:type="aggregateState" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns="http://schemas.microsoft.com/2006/09/sip/state"><availability>6500</availability><activity token="on-the-phone"/></state></category></categories>"#;
-        let p = sip_to_xmpp(&set, lync, xmpp, SipBodyKind::Msrtc, body).expect("ok").expect("some");
+        let p = sip_to_xmpp(&set, lync, xmpp, SipBodyKind::Msrtc, body)
+            .expect("ok")
+            .expect("some");
         assert_eq!(p.show, Some(Show::Away));
         assert_eq!(p.status.as_deref(), Some("In a call"));
         assert!(!p.unavailable);
@@ -113,21 +123,44 @@ mod tests {
         let set = map::embedded().expect("defaults");
         let (lync, xmpp) = ids(&set);
         let body = br#"<categories xmlns="http://schemas.microsoft.com/2006/09/sip/categories"><category name="note"><note xmlns="http://schemas.microsoft.com/2006/09/sip/note"><body type="personal">hi</body></note></category></categories>"#;
-        assert_eq!(sip_to_xmpp(&set, lync, xmpp, SipBodyKind::Msrtc, body).expect("ok"), None);
+        assert_eq!(
+            sip_to_xmpp(&set, lync, xmpp, SipBodyKind::Msrtc, body).expect("ok"),
+            None
+        );
     }
 
     #[test]
     fn xmpp_dnd_goes_to_lync_as_busy_both_formats() {
         let set = map::embedded().expect("defaults");
         let (lync, xmpp) = ids(&set);
-        let p = XmppPresence { show: Some(Show::Dnd), status: Some("Writing".into()), ..Default::default() };
+        let p = XmppPresence {
+            show: Some(Show::Dnd),
+            status: Some("Writing".into()),
+            ..Default::default()
+        };
         let mut out = Vec::new();
-        xmpp_to_sip(&set, xmpp, lync, &p, SipBodyKind::Msrtc, "sip:alice@example.com", &mut out);
+        xmpp_to_sip(
+            &set,
+            xmpp,
+            lync,
+            &p,
+            SipBodyKind::Msrtc,
+            "sip:alice@example.com",
+            &mut out,
+        );
         let m = codec::msrtc::decode_msrtc(&out).expect("own output decodes");
         assert_eq!(m.availability, Some(6500));
         assert_eq!(m.note.as_deref(), Some("Writing"));
         out.clear();
-        xmpp_to_sip(&set, xmpp, lync, &p, SipBodyKind::Pidf, "pres:alice@example.com", &mut out);
+        xmpp_to_sip(
+            &set,
+            xmpp,
+            lync,
+            &p,
+            SipBodyKind::Pidf,
+            "pres:alice@example.com",
+            &mut out,
+        );
         let d = codec::pidf::decode_pidf(&out).expect("own output decodes");
         assert_eq!(d.basic, Some(crate::presence::wire::Basic::Open));
         assert_eq!(d.activities, ["busy"]);
@@ -135,8 +168,14 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(SipBodyKind::from_content_type("Application/PIDF+XML; charset=utf-8"), Some(SipBodyKind::Pidf));
-        assert_eq!(SipBodyKind::from_content_type("application/msrtc-event-categories+xml"), Some(SipBodyKind::Msrtc));
+        assert_eq!(
+            SipBodyKind::from_content_type("Application/PIDF+XML; charset=utf-8"),
+            Some(SipBodyKind::Pidf)
+        );
+        assert_eq!(
+            SipBodyKind::from_content_type("application/msrtc-event-categories+xml"),
+            Some(SipBodyKind::Msrtc)
+        );
         assert_eq!(SipBodyKind::from_content_type("text/plain"), None);
     }
 }
