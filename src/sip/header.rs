@@ -799,6 +799,60 @@ pub fn parse_token_list(value: &str, allow_empty: bool) -> DecodeResult<Vec<&str
     }
 }
 
+/// Lync's `ms-text-format` header (MS-SIPRE §2.2.1): a media type whose `ms-body` parameter
+/// carries the first instant message, base64-encoded. Base64 uses `/` and `=`, which RFC 3261
+/// `token` does not allow, so parameter values here run to the next `;` and are returned raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsTextFormat<'a> {
+    /// Type (`text`).
+    pub mtype: &'a str,
+    /// Subtype (`plain`, `html`, `rtf`).
+    pub subtype: &'a str,
+    /// Raw parameters, byte-exact.
+    pub params: &'a str,
+}
+
+impl<'a> MsTextFormat<'a> {
+    /// A parameter by case-insensitive name, raw (quotes kept).
+    pub fn param(&self, name: &str) -> Option<&'a str> {
+        self.params
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.split_once('='))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
+    /// The base64 `ms-body`, as sent.
+    pub fn ms_body(&self) -> Option<&'a str> {
+        self.param("ms-body")
+    }
+}
+
+/// Decodes `ms-text-format`.
+pub fn parse_ms_text_format(value: &str) -> DecodeResult<MsTextFormat<'_>> {
+    let v = value.trim();
+    let (mt, params) = match v.find(';') {
+        Some(i) => (v.get(..i).unwrap_or(""), v.get(i..).unwrap_or("")),
+        None => (v, ""),
+    };
+    let (t, st) = mt.split_once('/').ok_or("expected '/' in media type")?;
+    let (t, st) = (t.trim(), st.trim());
+    if !is_token(t) || !is_token(st) {
+        return Err("invalid media type");
+    }
+    for p in params.split(';').skip(1) {
+        let (n, val) = p.split_once('=').ok_or("parameter without value")?;
+        if !is_token(n.trim()) || val.trim().is_empty() || val.bytes().any(|c| c < b' ') {
+            return Err("invalid parameter");
+        }
+    }
+    Ok(MsTextFormat {
+        mtype: t,
+        subtype: st,
+        params,
+    })
+}
+
 /// Date: `rfc1123-date` in GMT only (RFC 3261 §20.17; RFC 4475 §3.1.2.12).
 pub fn parse_date(value: &str) -> DecodeResult<()> {
     let v = value.trim_matches([' ', '\t']);

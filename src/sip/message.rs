@@ -332,6 +332,13 @@ impl SipMessage {
         Ok(out)
     }
 
+    /// Lync `ms-text-format` (first IM of an IM-session INVITE), if present.
+    pub fn ms_text_format(&self) -> DecodeResult<Option<header::MsTextFormat<'_>>> {
+        self.header_value_by_raw_name("ms-text-format")
+            .map(header::parse_ms_text_format)
+            .transpose()
+    }
+
     /// The body bytes (never converted to text).
     pub fn body(&self) -> &[u8] {
         match &self.body_own {
