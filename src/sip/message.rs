@@ -494,4 +494,46 @@ impl SipMessage {
         *self = super::parse::parse_exact(Bytes::from(v))?;
         Ok(())
     }
+
+    /// Builds a response to this request (RFC 3261 §8.2.6.2): Via lines, From, Call-ID and
+    /// CSeq copied byte-exact, To copied with `to_tag` added when it has none (never on 100,
+    /// §8.2.6.2), `Content-Length: 0`. Used for 100 Trying and for stateless 4xx answers.
+    pub fn build_response(
+        &self,
+        code: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+    ) -> Result<SipMessage, SipParseError> {
+        if !(100..=699).contains(&code) || reason.bytes().any(|c| c < b' ') {
+            return Err(SipParseError::BadStatusCode);
+        }
+        let mut v = Vec::with_capacity(self.encoded_len() / 2 + 64);
+        v.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
+        for h in &self.headers {
+            let line = h.line_span.get(self.field_bytes(h));
+            match h.name {
+                HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
+                    v.extend_from_slice(line)
+                }
+                HeaderName::To => {
+                    let view = self.view(h);
+                    let has_tag = header::parse_name_addr(view.value)
+                        .map(|n| n.tag().is_some())
+                        .unwrap_or(true);
+                    match to_tag {
+                        Some(tag) if code > 100 && !has_tag => {
+                            v.extend_from_slice(
+                                format!("{}: {};tag={tag}\r\n", view.raw_name, view.value)
+                                    .as_bytes(),
+                            );
+                        }
+                        _ => v.extend_from_slice(line),
+                    }
+                }
+                _ => {}
+            }
+        }
+        v.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        super::parse::parse_exact(Bytes::from(v))
+    }
 }
