@@ -176,3 +176,55 @@ fn selected_fields() {
     let m = check_datagram(&read("rfc5118", "mult-ip-in-sdp.dat"));
     assert_eq!(m.map(|m| m.body().len()), Ok(181));
 }
+
+/// The same vectors over a stream: the framer must agree with the datagram verdict wherever
+/// the message extent is known, and close the connection where it is not.
+#[test]
+fn vectors_over_a_stream() {
+    use legate::sip::{Frame, Framer, FramingError};
+    let mut mismatches = Vec::new();
+    for folder in ["rfc4475", "rfc5118"] {
+        for (file, _) in index(folder) {
+            let raw = read(folder, &file);
+            let mut f = Framer::default();
+            f.push(&raw);
+            let first = f.next();
+            let datagram = check_datagram(&raw);
+            let special = match file.as_str() {
+                "mcl01.dat" => Some(Err(FramingError::ConflictingContentLength)),
+                "ncl.dat" => Some(Err(FramingError::BadContentLength("negative"))),
+                "inv2543.dat" => Some(Err(FramingError::MissingContentLength)),
+                // Content-Length past the data: on a stream the framer waits for more.
+                "clerr.dat" | "ipv6-in-sdp.dat" => Some(Ok(None)),
+                _ => None,
+            };
+            if let Some(want) = special {
+                if first != want {
+                    mismatches.push(format!("{file}: {first:?}"));
+                }
+                continue;
+            }
+            let ok = match (&first, &datagram) {
+                (Ok(Some(Frame::Message(m))), Ok(d)) => m.to_bytes() == d.to_bytes(),
+                (Ok(Some(Frame::Bad { status, .. })), Err(r)) => *status == r.status,
+                _ => false,
+            };
+            if !ok {
+                mismatches.push(format!(
+                    "{file}: stream {first:?} vs datagram {:?}",
+                    datagram.err()
+                ));
+            }
+            if file == "dblreq.dat" {
+                // On a stream the trailing INVITE is the next message (RFC 4475 §3.1.1.8).
+                let second = f.next();
+                let is_invite =
+                    matches!(&second, Ok(Some(Frame::Message(m))) if m.method() == Some("INVITE"));
+                if !is_invite {
+                    mismatches.push(format!("dblreq second: {second:?}"));
+                }
+            }
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}

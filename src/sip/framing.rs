@@ -81,6 +81,10 @@ pub struct Framer {
     max_header: usize,
     max_message: usize,
     failed: bool,
+    /// Bytes of `buf` already searched for CRLFCRLF (so a slow peer costs O(n), not O(n²)).
+    scanned: usize,
+    /// Total length of the message at the front of `buf`, once its header section was read.
+    pending: Option<usize>,
 }
 
 impl Default for Framer {
@@ -97,6 +101,8 @@ impl Framer {
             max_header: max_header_bytes,
             max_message: max_message_bytes,
             failed: false,
+            scanned: 0,
+            pending: None,
         }
     }
 
@@ -122,12 +128,16 @@ impl Framer {
         if self.failed {
             return Err(FramingError::Failed);
         }
+        if let Some(total) = self.pending {
+            return Ok(self.take(total));
+        }
         // CRLFs before a start line (RFC 3261 §7.5) are keep-alives: CRLFCRLF is a ping, a lone
         // CRLF is a pong and is ignored (RFC 5626 §4.4.1).
         loop {
             let b = &self.buf[..];
             if b.starts_with(b"\r\n\r\n") {
                 self.buf.advance(4);
+                self.scanned = 0;
                 return Ok(Some(Frame::KeepAlive));
             }
             if b"\r\n\r\n".starts_with(b) && !b.is_empty() {
@@ -136,6 +146,7 @@ impl Framer {
             }
             if b.starts_with(b"\r\n") {
                 self.buf.advance(2);
+                self.scanned = 0;
                 continue;
             }
             break;
@@ -144,16 +155,24 @@ impl Framer {
             return Ok(None);
         }
         let window = self.buf.len().min(self.max_header.saturating_add(4));
-        let Some(blank) = memmem::find(&self.buf[..window], b"\r\n\r\n") else {
+        // Resume the search 3 bytes back: a CRLFCRLF may straddle two pushes.
+        let from = self.scanned.saturating_sub(3).min(window);
+        let found = self
+            .buf
+            .get(from..window)
+            .and_then(|w| memmem::find(w, b"\r\n\r\n"))
+            .map(|i| i + from);
+        let Some(blank) = found else {
             if self.buf.len() >= self.max_header.saturating_add(4) {
                 return self.fatal(FramingError::HeaderTooLarge {
                     limit: self.max_header,
                 });
             }
+            self.scanned = window;
             return Ok(None);
         };
         let head_len = blank + 4;
-        let cl = match scan_content_length(&self.buf[..blank + 2]) {
+        let cl = match scan_content_length(self.buf.get(..blank + 2).unwrap_or(&[])) {
             Ok(Some(n)) => n,
             Ok(None) => return self.fatal(FramingError::MissingContentLength),
             Err(SipParseError::ConflictingContentLength) => {
@@ -171,11 +190,19 @@ impl Framer {
                 limit: self.max_message,
             });
         }
+        self.pending = Some(total);
+        Ok(self.take(total))
+    }
+
+    /// Cuts the message of `total` bytes off the front once it is all there.
+    fn take(&mut self, total: usize) -> Option<Frame> {
         if self.buf.len() < total {
-            return Ok(None);
+            return None;
         }
+        self.pending = None;
+        self.scanned = 0;
         let frame = self.buf.split_to(total).freeze();
-        Ok(Some(match parse_exact(frame.clone()) {
+        Some(match parse_exact(frame.clone()) {
             Ok(m) => match validate(&m) {
                 Ok(()) => Frame::Message(Box::new(m)),
                 Err(r) => Frame::Bad {
@@ -192,7 +219,7 @@ impl Framer {
                     bytes: frame,
                 }
             }
-        }))
+        })
     }
 }
 
@@ -211,23 +238,26 @@ fn scan_content_length(head: &[u8]) -> Result<Option<usize>, SipParseError> {
         // Logical line: physical lines joined while the next one starts with SP/HTAB.
         let mut end;
         loop {
-            let nl = memchr(b'\n', &head[pos..]).map_or(head.len(), |i| pos + i);
+            let rest = head.get(pos..).unwrap_or(&[]);
+            let nl = memchr(b'\n', rest).map_or(head.len(), |i| pos + i);
             end = nl;
             pos = nl + 1;
-            if pos < head.len() && matches!(head[pos], b' ' | b'\t') {
+            if matches!(head.get(pos), Some(b' ' | b'\t')) {
                 continue;
             }
             break;
         }
-        let line = &head[start..end.min(head.len())];
+        let line = head.get(start..end).unwrap_or(&[]);
         let Some(colon) = memchr(b':', line) else {
             continue;
         };
-        let name = line[..colon].trim_ascii_end();
+        let name = line.get(..colon).unwrap_or(&[]).trim_ascii_end();
         if HeaderName::classify(name) != HeaderName::ContentLength {
             continue;
         }
-        let value: Vec<u8> = line[colon + 1..]
+        let value: Vec<u8> = line
+            .get(colon + 1..)
+            .unwrap_or(&[])
             .iter()
             .copied()
             .filter(|&c| c != b'\r' && c != b'\n')

@@ -491,7 +491,7 @@ impl SipMessage {
         }
         v.extend_from_slice(b"\r\n");
         v.extend_from_slice(self.body());
-        *self = super::parse::parse_exact(Bytes::from(v))?;
+        *self = super::parse::parse_bytes(Bytes::from(v), super::parse::BodyMode::Datagram)?;
         Ok(())
     }
 
