@@ -228,3 +228,38 @@ fn vectors_over_a_stream() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
+
+/// `legate sip check` logic over every vector: one JSON line per file, verdicts as indexed.
+#[test]
+fn sip_check_json_over_vectors() {
+    let mut files = Vec::new();
+    let mut expected = Vec::new();
+    for folder in ["rfc4475", "rfc5118"] {
+        for (file, exp) in index(folder) {
+            files.push(data_dir().join(folder).join(&file));
+            let ok = exp != "invalid" && file != "ipv6-in-sdp.dat";
+            expected.push((file, ok));
+        }
+    }
+    let mut out = Vec::new();
+    let all_ok = legate::sip::check::check_files(&files, &mut out);
+    assert!(matches!(all_ok, Ok(false)));
+    let text = String::from_utf8(out).unwrap_or_default();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), files.len());
+    for (line, (file, ok)) in lines.iter().zip(&expected) {
+        eprintln!("{line}");
+        assert!(line["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with(file.as_str())));
+        assert_eq!(line["verdict"], if *ok { "ok" } else { "bad" }, "{file}");
+        if *ok {
+            assert!(line["status"].is_null() && line["reason"].is_null());
+        } else {
+            assert!(line["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        }
+    }
+}

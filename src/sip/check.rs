@@ -78,9 +78,11 @@ fn method_of_bad(raw: &[u8]) -> Option<String> {
     if let Some(m) = raw_method(raw) {
         return Some(m.to_owned());
     }
+    // A response: the CSeq method, read leniently (its number may be what was wrong).
     let m = super::parse::parse_datagram(raw).ok()?;
-    let c = m.cseq().ok()?;
-    Some(c.method.to_owned())
+    let cseq = m.header(super::header::HeaderName::CSeq)?;
+    let last = cseq.value.split_ascii_whitespace().last()?;
+    super::header::is_token(last).then(|| last.to_owned())
 }
 
 /// `--print`: writes the message exactly as Legate re-serializes it after parsing (raw bytes),

@@ -256,10 +256,13 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine, SipParseError> {
             "more than one SP between Request-Line elements",
         ));
     }
-    if let Some(extra) = extra {
-        return Err(if version.is_empty() && extra.iter().all(|&c| c == b' ') {
-            SipParseError::BadStartLine("trailing white space in Request-Line")
-        } else if version.is_empty() {
+    if line.last() == Some(&b' ') {
+        return Err(SipParseError::BadStartLine(
+            "trailing white space in Request-Line",
+        ));
+    }
+    if extra.is_some() {
+        return Err(if version.is_empty() {
             SipParseError::BadStartLine("more than one SP between Request-Line elements")
         } else {
             SipParseError::BadRequestUri("white space in Request-URI")

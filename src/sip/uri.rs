@@ -375,6 +375,19 @@ fn parse_sip<'a>(
         None => (None, None, rest),
     };
     let hb = hostpart.as_bytes();
+    if hb.first() != Some(&b'[') {
+        let end = hb
+            .iter()
+            .position(|&c| matches!(c, b';' | b'?'))
+            .unwrap_or(hb.len());
+        if hb
+            .get(..end)
+            .is_some_and(|h| h.iter().filter(|&&c| c == b':').count() > 1)
+        {
+            // RFC 5118 §4.2: an IPv6 address must be bracketed in a SIP URI.
+            return Err("IPv6 address in URI must be enclosed in []");
+        }
+    }
     // host
     let host_end;
     let host = if hb.first() == Some(&b'[') {
