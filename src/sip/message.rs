@@ -537,3 +537,62 @@ impl SipMessage {
         super::parse::parse_exact(Bytes::from(v))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::parse::parse_datagram;
+
+    const REQ: &[u8] = b"INVITE sip:a@contoso.com SIP/2.0\r\n\
+Via: SIP/2.0/TLS e.fabrikam.com:5061;branch=z9hG4bK1, SIP/2.0/TLS p.fabrikam.com;branch=z9hG4bK0\r\n\
+From: <sip:b@fabrikam.com>;tag=f\r\n\
+To: \"A\" <sip:a@contoso.com>\r\n\
+Call-ID: c\r\n\
+CSeq: 1 INVITE\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: 3\r\n\r\nv=0";
+
+    fn parsed() -> SipMessage {
+        match parse_datagram(REQ) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn response_copies_byte_exact_and_adds_tag() {
+        let m = parsed();
+        let r = m.build_response(486, "Busy Here", Some("t1"));
+        let Ok(r) = r else { panic!("{r:?}") };
+        let text = String::from_utf8_lossy(&r.to_bytes()).into_owned();
+        assert!(text.starts_with("SIP/2.0 486 Busy Here\r\nVia: SIP/2.0/TLS e.fabrikam.com:5061;branch=z9hG4bK1, SIP/2.0/TLS p.fabrikam.com;branch=z9hG4bK0\r\n"));
+        assert!(text.contains("To: \"A\" <sip:a@contoso.com>;tag=t1\r\n"));
+        assert!(text.ends_with("CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"));
+        let trying = m.build_response(100, "Trying", Some("t1"));
+        assert_eq!(
+            trying.map(|t| t.to().map(|t| t.tag().is_none())),
+            Ok(Ok(true))
+        );
+        assert!(m.build_response(99, "x", None).is_err());
+    }
+
+    #[test]
+    fn body_and_request_uri_edits() {
+        let mut m = parsed();
+        assert!(m.set_body(Bytes::from_static(b"v=0\r\no=-\r\n")).is_ok());
+        assert_eq!(m.content_length(), Ok(Some(10)));
+        let again = parse_datagram(&m.to_bytes());
+        assert_eq!(again.map(|a| a.body().len()), Ok(10));
+        assert!(m
+            .set_request_uri("sip:a@contoso.com;opaque=user:epid:x;gruu")
+            .is_ok());
+        assert_eq!(
+            m.request_uri_str(),
+            Some("sip:a@contoso.com;opaque=user:epid:x;gruu")
+        );
+        assert!(m.set_request_uri("sip:a@b?x=y").is_err());
+        assert!(m.insert_header(0, "Bad Name", "x").is_err());
+        assert!(m.push_header("X-Ok", "line\r\nbreak").is_err());
+        assert!(m.remove_header(99).is_none());
+    }
+}
