@@ -409,12 +409,45 @@ fn parse_via_one<'a>(c: &mut Cur<'a>) -> DecodeResult<Via<'a>> {
     })
 }
 
+/// Range and form checks on the Via parameters RFC 3261 §20.42 defines (validation only; the
+/// routing fast path does not pay for them).
+fn check_via_params(v: &Via<'_>) -> DecodeResult<()> {
+    for (name, value) in v.params() {
+        if name.eq_ignore_ascii_case("ttl") {
+            let t = parse_u32(value.ok_or("ttl without value")?)?;
+            if t > 255 {
+                return Err("ttl out of range");
+            }
+        } else if name.eq_ignore_ascii_case("rport") {
+            if let Some(p) = value {
+                p.parse::<u16>().map_err(|_| "invalid rport")?;
+            }
+        } else if name.eq_ignore_ascii_case("received") {
+            // IPv4address / IPv6address; RFC 5118 §4.5: tolerate a bracketed IPv6 reference.
+            let r = value.ok_or("received without value")?;
+            let ok = r.parse::<std::net::IpAddr>().is_ok()
+                || (r.starts_with('[') && parse_ipv6_ref(r).is_ok());
+            if !ok {
+                return Err("received is not an IP address");
+            }
+        } else if name.eq_ignore_ascii_case("maddr") {
+            let m = value.ok_or("maddr without value")?;
+            if !m.starts_with('[') {
+                parse_host_name(m)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decodes every Via value of one header line (`Via: a, b`).
 pub fn parse_via_list(value: &str) -> DecodeResult<Vec<Via<'_>>> {
     let mut c = Cur::new(value);
     let mut out = Vec::new();
     loop {
-        out.push(parse_via_one(&mut c)?);
+        let v = parse_via_one(&mut c)?;
+        check_via_params(&v)?;
+        out.push(v);
         if !c.list_sep()? {
             return Ok(out);
         }
@@ -567,8 +600,28 @@ pub fn parse_contact(value: &str) -> DecodeResult<Contact<'_>> {
         if let Some(e) = na.params().get("expires") {
             parse_u32(e.ok_or("expires parameter without value")?)?;
         }
+        if let Some(q) = na.params().get("q") {
+            check_qvalue(q.ok_or("q parameter without value")?)?;
+        }
     }
     Ok(Contact::List(list))
+}
+
+/// qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] ) (RFC 3261 §25.1).
+fn check_qvalue(q: &str) -> DecodeResult<()> {
+    let (int, frac) = q.split_once('.').unwrap_or((q, ""));
+    let ok = frac.len() <= 3
+        && frac.bytes().all(|c| c.is_ascii_digit())
+        && match int {
+            "0" => true,
+            "1" => frac.bytes().all(|c| c == b'0'),
+            _ => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err("q value out of range")
+    }
 }
 
 /// CSeq (RFC 3261 §20.16).
@@ -962,6 +1015,11 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].branch(), Some("390skdjuw"));
         assert!(parse_via_list("SIP/2.0/UDP 192.0.2.15;;,;,,").is_err());
+        assert!(parse_via_list("SIP/2.0/UDP h;branch=z9hG4bK1;ttl=256").is_err());
+        assert!(parse_via_list("SIP/2.0/UDP h;branch=z9hG4bK1;received=host.example").is_err());
+        assert!(parse_via_list("SIP/2.0/UDP h;rport;received=[2001:db8::9:255]").is_ok());
+        assert!(parse_contact("<sip:a@b>;q=1.5").is_err());
+        assert!(parse_contact("<sip:a@b>;q=0.333").is_ok());
         let v = parse_via_first(
             "SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255];branch=z9hG4bKas3-111",
         );
