@@ -92,6 +92,22 @@ pub fn check_bytes(raw: bytes::Bytes, mode: BodyMode) -> Result<SipMessage, Reje
     Ok(m)
 }
 
+/// Best-effort answer to a refused request (RFC 3261 §8.2.6 / §16.3): when the bytes still
+/// parse far enough to copy Via, From, To, Call-ID and CSeq, a `status reason` response with a
+/// To tag; `None` when no response can be addressed (the caller just logs and drops).
+pub fn answer_refused(raw: &[u8], status: u16, reason: &str, to_tag: &str) -> Option<bytes::Bytes> {
+    let m = parse_datagram(raw).ok()?;
+    if !m.is_request() || m.method() == Some("ACK") {
+        return None;
+    }
+    m.header(HeaderName::Via)?;
+    // Reason phrases come from our own reasons; keep them to one printable line.
+    let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
+    m.build_response(status, &reason, Some(to_tag))
+        .ok()
+        .map(|r| r.to_bytes())
+}
+
 /// Headers that may appear at most once (RFC 3261 §7.3.1: only comma-list headers repeat).
 fn single_instance(n: HeaderName) -> bool {
     matches!(
@@ -205,4 +221,25 @@ pub fn validate(msg: &SipMessage) -> Result<(), Reject> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_requests_get_an_addressed_answer() {
+        let raw = b"OPTIONS sip:a@b.example SIP/2.0\r\nVia: SIP/2.0/TLS h.example;branch=z9hG4bK1\r\nTo: <sip:a@b.example>\r\nFrom: <sip:c@d.example>;tag=1\r\nCall-ID: 1\r\nCSeq: 1e3 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+        let r = check_datagram(raw);
+        let Err(r) = r else { panic!("must be refused") };
+        assert_eq!(r.status, Some(400));
+        let answer = answer_refused(raw, 400, &r.reason, "lg1").unwrap_or_default();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("SIP/2.0 400 Malformed CSeq header: "),
+            "{text}"
+        );
+        assert!(text.contains("To: <sip:a@b.example>;tag=lg1\r\n"));
+        assert!(answer_refused(b"garbage", 400, "x", "t").is_none());
+    }
 }
