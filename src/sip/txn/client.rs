@@ -1,5 +1,5 @@
-//! Client transactions: INVITE (RFC 3261 §17.1.1, Figure 5) and non-INVITE (§17.1.2,
-//! Figure 6).
+//! Client transactions: INVITE (RFC 3261 §17.1.1, Figure 5, with the RFC 6026 Accepted state)
+//! and non-INVITE (§17.1.2, Figure 6).
 //!
 //! The machine owns the serialized request for retransmission and builds the ACK for a
 //! non-2xx final response itself (§17.1.1.3); ACK for 2xx belongs to the dialog layer. It never
@@ -35,6 +35,10 @@ enum State {
     },
     /// A final response arrived (non-2xx for INVITE): absorb retransmissions until D/K.
     Completed {
+        until: Instant,
+    },
+    /// INVITE got a 2xx (RFC 6026 §8.4): further 2xx go up until Timer M.
+    Accepted {
         until: Instant,
     },
     Terminated,
@@ -115,6 +119,7 @@ impl ClientTransaction {
             State::Trying { .. } => "Trying",
             State::Proceeding { .. } => "Proceeding",
             State::Completed { .. } => "Completed",
+            State::Accepted { .. } => "Accepted",
             State::Terminated => "Terminated",
         }
     }
@@ -144,7 +149,7 @@ impl ClientTransaction {
                 retransmit,
                 timeout,
             } => min_deadline(retransmit.map(|r| r.at), *timeout),
-            State::Completed { until } => Some(*until),
+            State::Completed { until } | State::Accepted { until } => Some(*until),
             State::Terminated => None,
         }
     }
@@ -199,9 +204,12 @@ impl ClientTransaction {
                     };
                     self.events.push_back(TuEvent::Response(Box::new(resp)));
                 } else if code < 300 {
-                    // §17.1.1.2: 2xx goes up and the transaction ends; the TU ACKs.
+                    // RFC 6026 §8.4: 2xx goes up, the TU ACKs, and the transaction waits in
+                    // Accepted for Timer M so retransmitted and forked 2xx still reach the TU.
                     self.events.push_back(TuEvent::Response(Box::new(resp)));
-                    self.terminate();
+                    self.state = State::Accepted {
+                        until: now + self.timers.timer_l_m(),
+                    };
                 } else {
                     let ack = self.build_ack(&resp);
                     if let Some(a) = &ack {
@@ -211,6 +219,9 @@ impl ClientTransaction {
                     self.events.push_back(TuEvent::Response(Box::new(resp)));
                     self.complete(now, self.timers.timer_d());
                 }
+            }
+            (Kind::Invite, State::Accepted { .. }) if (200..300).contains(&code) => {
+                self.events.push_back(TuEvent::Response(Box::new(resp)));
             }
             // Retransmitted final response: re-send the ACK, tell nobody (§17.1.1.2).
             (Kind::Invite, State::Completed { .. }) if code >= 300 => {
@@ -289,7 +300,7 @@ impl ClientTransaction {
                     }
                 }
             }
-            State::Completed { until } => {
+            State::Completed { until } | State::Accepted { until } => {
                 if *until <= now {
                     self.terminate();
                 }

@@ -11,6 +11,10 @@
 //! 32 s, and D, I, J, K are zero, so Completed/Confirmed are left at once. Unreliable values
 //! are implemented too (for tests and an optional UDP listener).
 //!
+//! INVITE machines include the RFC 6026 "Accepted" state (it updates RFC 3261 §17): after a
+//! 2xx the transaction lingers for Timer L/M = 64·T1 so 2xx retransmissions and forked 2xx
+//! reach the TU (client) and INVITE retransmissions are absorbed while ACKs go up (server).
+//!
 //! Matching (§17.1.3, §17.2.3) is by [`TxnKey`]: branch + sent-by + method, ACK and CANCEL
 //! handled as the RFC says (an ACK matches the INVITE transaction; CANCEL is its own). RFC 2543
 //! matching (no `z9hG4bK` branch) is not supported: such requests get no key and the caller
@@ -79,6 +83,10 @@ impl Timers {
             self.t4
         }
     }
+    /// Timer L and M: 64·T1 on any transport (RFC 6026 §8.4, §8.7).
+    pub fn timer_l_m(&self) -> Duration {
+        self.t1 * 64
+    }
     /// Timer J: 64·T1 unreliable, 0 reliable (§17.2.2).
     pub fn timer_j(&self) -> Duration {
         if self.reliable {
@@ -109,6 +117,9 @@ pub enum Kind {
 pub enum TuEvent {
     /// A response to pass up (client transactions; retransmissions are absorbed).
     Response(Box<SipMessage>),
+    /// A request to pass up: an ACK that matched an INVITE server transaction in Accepted
+    /// (RFC 6026 §8.7).
+    Request(Box<SipMessage>),
     /// Timer B/F/H fired: no (final response | ACK) in time.
     Timeout,
     /// The transport reported a failure (§17.1.4, §17.2.4).
@@ -336,12 +347,22 @@ Content-Length: 0\r\n\r\n"
         let t0 = Instant::now();
         let (mut t, r) = client("INVITE", Timers::reliable(), t0);
         t.handle(Event::Message(resp(&r, 200)), t0 + S(1));
-        assert!(t.is_terminated());
+        // RFC 6026: Accepted for Timer M; every 2xx (retransmitted or forked) goes up.
+        assert_eq!(t.state_name(), "Accepted");
+        assert_eq!(t.poll_timeout(), Some(t0 + S(1) + S(32)));
+        t.handle(Event::Message(resp(&r, 200)), t0 + S(2));
         assert_eq!(
             drain_tx(&mut t).len(),
             1,
             "no ACK for 2xx from the transaction"
         );
+        let ups = drain_ev(&mut t)
+            .into_iter()
+            .filter(|e| matches!(e, TuEvent::Response(_)))
+            .count();
+        assert_eq!(ups, 2);
+        t.handle(Event::Timer, t0 + S(33));
+        assert!(t.is_terminated());
 
         let (mut t, _) = client("INVITE", Timers::reliable(), t0);
         t.handle(Event::Timer, t0 + S(31));
@@ -478,6 +499,32 @@ Content-Length: 0\r\n\r\n"
         t.handle(Event::Message(Box::new(ack)), t0 + S(6));
         assert!(t.is_terminated());
         assert_eq!(drain_sev(&mut t), vec![TuEvent::Terminated]);
+    }
+
+    #[test]
+    fn invite_server_accepted_rfc6026() {
+        let t0 = Instant::now();
+        let (mut t, r) = server("INVITE", Timers::reliable(), t0);
+        drain_stx(&mut t);
+        t.handle(Event::TuResponse(resp(&r, 200)), t0 + S(1));
+        assert_eq!(drain_stx(&mut t).len(), 1);
+        assert_eq!(t.state_name(), "Accepted");
+        assert_eq!(t.poll_timeout(), Some(t0 + S(33)), "Timer L = 64*T1");
+        // Retransmitted INVITE absorbed (the TU retransmits 2xx itself, §13.3.1.4).
+        t.handle(Event::Message(Box::new(r.clone())), t0 + S(2));
+        assert!(drain_stx(&mut t).is_empty());
+        // The TU's 2xx retransmission is sent.
+        t.handle(Event::TuResponse(resp(&r, 200)), t0 + S(3));
+        assert_eq!(drain_stx(&mut t).len(), 1);
+        // A matching ACK goes up.
+        let ack = req("ACK", "z9hG4bKs1", "[2001:db8::9]:5061");
+        t.handle(Event::Message(Box::new(ack)), t0 + S(4));
+        assert!(matches!(
+            drain_sev(&mut t).as_slice(),
+            [TuEvent::Request(_)]
+        ));
+        t.handle(Event::Timer, t0 + S(33));
+        assert!(t.is_terminated());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Server transactions: INVITE (RFC 3261 §17.2.1, Figure 7) and non-INVITE (§17.2.2,
-//! Figure 8).
+//! Server transactions: INVITE (RFC 3261 §17.2.1, Figure 7, with the RFC 6026 Accepted state)
+//! and non-INVITE (§17.2.2, Figure 8).
 //!
 //! The machine absorbs retransmitted requests by re-sending the last response (§17.2.1,
 //! §17.2.2), absorbs the ACK for a non-2xx final response (Completed → Confirmed), and sends
@@ -29,6 +29,11 @@ enum State {
     },
     /// INVITE: ACK received; Timer I absorbs further ACKs.
     Confirmed {
+        until: Instant,
+    },
+    /// INVITE: 2xx sent (RFC 6026 §8.7): INVITE retransmissions absorbed, ACKs and the TU's
+    /// 2xx retransmissions pass, until Timer L.
+    Accepted {
         until: Instant,
     },
     Terminated,
@@ -100,6 +105,7 @@ impl ServerTransaction {
             State::Proceeding => "Proceeding",
             State::Completed { .. } => "Completed",
             State::Confirmed { .. } => "Confirmed",
+            State::Accepted { .. } => "Accepted",
             State::Terminated => "Terminated",
         }
     }
@@ -122,7 +128,7 @@ impl ServerTransaction {
                 timeout,
                 until,
             } => min_deadline(min_deadline(retransmit.map(|r| r.at), *timeout), *until),
-            State::Confirmed { until } => Some(*until),
+            State::Confirmed { until } | State::Accepted { until } => Some(*until),
             _ => None,
         }
     }
@@ -156,6 +162,13 @@ impl ServerTransaction {
         }
         let is_ack = req.method() == Some("ACK");
         match &self.state {
+            State::Accepted { .. } => {
+                if is_ack {
+                    self.events
+                        .push_back(TuEvent::Request(Box::new(req.clone())));
+                }
+                // INVITE retransmissions are absorbed: the TU retransmits the 2xx.
+            }
             State::Completed { .. } if is_ack && self.kind == Kind::Invite => {
                 // §17.2.1: Completed → Confirmed; Timer G stops, Timer I starts.
                 let i = self.timers.timer_i_k();
@@ -185,8 +198,11 @@ impl ServerTransaction {
                 if code < 200 {
                     self.last_response = Some(bytes);
                 } else if code < 300 {
-                    // §17.2.1: 2xx ends the transaction; the TU retransmits it (§13.3.1.4).
-                    self.terminate();
+                    // RFC 6026 §8.7: Accepted for Timer L; the TU retransmits the 2xx
+                    // (§13.3.1.4) through us.
+                    self.state = State::Accepted {
+                        until: now + self.timers.timer_l_m(),
+                    };
                 } else {
                     self.last_response = Some(bytes);
                     let retransmit =
@@ -215,6 +231,9 @@ impl ServerTransaction {
                         };
                     }
                 }
+            }
+            (Kind::Invite, State::Accepted { .. }) if (200..300).contains(&code) => {
+                self.transmit.push_back(bytes);
             }
             // Responses after the final one are TU bugs; nothing is sent.
             _ => {}
@@ -249,7 +268,9 @@ impl ServerTransaction {
                     }
                 }
             }
-            State::Confirmed { until } if *until <= now => self.terminate(),
+            State::Confirmed { until } | State::Accepted { until } if *until <= now => {
+                self.terminate()
+            }
             _ => {}
         }
     }
