@@ -12,32 +12,59 @@ use super::uri::{parse_host_name, parse_ipv6_ref, parse_uri, Host, Params, Uri, 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum HeaderName {
+    /// `Via`
     Via,
+    /// `From`
     From,
+    /// `To`
     To,
+    /// `Call-ID`
     CallId,
+    /// `CSeq`
     CSeq,
+    /// `Max-Forwards`
     MaxForwards,
+    /// `Contact`
     Contact,
+    /// `Route`
     Route,
+    /// `Record-Route`
     RecordRoute,
+    /// `Content-Length`
     ContentLength,
+    /// `Content-Type`
     ContentType,
+    /// `Content-Encoding`
     ContentEncoding,
+    /// `Expires`
     Expires,
+    /// `Min-Expires`
     MinExpires,
+    /// `Event`
     Event,
+    /// `Subscription-State`
     SubscriptionState,
+    /// `Accept`
     Accept,
+    /// `Date`
     Date,
+    /// `Require`
     Require,
+    /// `Proxy-Require`
     ProxyRequire,
+    /// `Supported`
     Supported,
+    /// `Subject`
     Subject,
+    /// `Refer-To`
     ReferTo,
+    /// `Allow-Events`
     AllowEvents,
+    /// `Retry-After`
     RetryAfter,
+    /// `Warning`
     Warning,
+    /// Any other header (compare by raw name).
     Other,
 }
 
