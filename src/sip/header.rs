@@ -168,12 +168,24 @@ pub type DecodeResult<T> = Result<T, &'static str>;
 
 /// RFC 3261 §25.1 `token` characters.
 pub(crate) fn is_token_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric()
-        || matches!(
-            c,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
+    TOKEN[usize::from(c)]
 }
+
+/// Lookup table for [`is_token_char`] (called for nearly every header byte).
+static TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0usize;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        c += 1;
+    }
+    t
+};
 
 /// `true` if `s` is a non-empty token.
 pub(crate) fn is_token(s: &str) -> bool {

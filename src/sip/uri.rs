@@ -240,28 +240,64 @@ pub(crate) fn find_unquoted(b: &[u8], needle: u8) -> Option<usize> {
     None
 }
 
-fn is_alnum(c: u8) -> bool {
-    c.is_ascii_alphanumeric()
+/// Character classes of RFC 3261 §25.1 as bit flags in one 256-entry table (the URI checks are
+/// on the hot path of every header that carries a URI).
+const UNRESERVED: u8 = 1;
+const USER: u8 = 2;
+const PASSWORD: u8 = 4;
+const PARAM: u8 = 8;
+const HNV: u8 = 16;
+
+const fn class_table() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut c = 0usize;
+    while c < 256 {
+        let b = c as u8;
+        // unreserved = alphanum / mark
+        let unreserved = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
+            );
+        let mut f = 0u8;
+        if unreserved {
+            f = UNRESERVED | USER | PASSWORD | PARAM | HNV;
+        }
+        // user-unreserved, password extras, param-unreserved, hnv-unreserved
+        if matches!(b, b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/') {
+            f |= USER;
+        }
+        if matches!(b, b'&' | b'=' | b'+' | b'$' | b',') {
+            f |= PASSWORD;
+        }
+        if matches!(b, b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$') {
+            f |= PARAM;
+        }
+        if matches!(b, b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$') {
+            f |= HNV;
+        }
+        t[c] = f;
+        c += 1;
+    }
+    t
 }
-/// RFC 3261 §25.1 `unreserved = alphanum / mark`.
-fn is_unreserved(c: u8) -> bool {
-    is_alnum(c)
-        || matches!(
-            c,
-            b'-' | b'_' | b'.' | b'!' | b'~' | b'*' | b'\'' | b'(' | b')'
-        )
+
+static CLASS: [u8; 256] = class_table();
+
+fn has(c: u8, class: u8) -> bool {
+    CLASS[usize::from(c)] & class != 0
 }
 fn is_user_char(c: u8) -> bool {
-    is_unreserved(c) || matches!(c, b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/')
+    has(c, USER)
 }
 fn is_password_char(c: u8) -> bool {
-    is_unreserved(c) || matches!(c, b'&' | b'=' | b'+' | b'$' | b',')
+    has(c, PASSWORD)
 }
 fn is_param_char(c: u8) -> bool {
-    is_unreserved(c) || matches!(c, b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$')
+    has(c, PARAM)
 }
 fn is_hnv_char(c: u8) -> bool {
-    is_unreserved(c) || matches!(c, b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$')
+    has(c, HNV)
 }
 
 /// Checks that `s` only holds characters allowed by `ok` or `%HEX HEX` escapes.
