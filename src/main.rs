@@ -46,6 +46,11 @@ enum Cmd {
         #[arg(long)]
         mappings: Option<PathBuf>,
     },
+    /// SIP diagnostics.
+    Sip {
+        #[command(subcommand)]
+        cmd: SipCmd,
+    },
     /// Inspect the availability mapping tables.
     Mappings {
         #[command(subcommand)]
@@ -68,6 +73,19 @@ enum MappingsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum SipCmd {
+    /// Parse and validate SIP messages as Legate would (each FILE is one datagram). Prints one
+    /// JSON object per file: {"file","verdict","status","reason","method"}; exit 1 if any is bad.
+    /// With --print and one FILE: the message exactly as Legate re-serializes it.
+    Check {
+        #[arg(long)]
+        print: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Text,
@@ -78,6 +96,9 @@ fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
+        Cmd::Sip {
+            cmd: SipCmd::Check { print, files },
+        } => cli::sip_check(print, &files),
         Cmd::Translate {
             from,
             to,

@@ -317,3 +317,30 @@ pub fn mappings_show(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub fn sip_check(print: bool, files: &[std::path::PathBuf]) -> Result<ExitCode> {
+    if print {
+        let [file] = files else {
+            eprintln!("legate sip check --print takes exactly one FILE");
+            return Ok(ExitCode::from(2));
+        };
+        let mut buf = Vec::new();
+        return Ok(match legate::sip::check::print_file(file, &mut buf) {
+            Ok(()) => {
+                std::io::stdout().lock().write_all(&buf)?;
+                ExitCode::SUCCESS
+            }
+            Err(reason) => {
+                eprintln!("{reason}");
+                ExitCode::from(1)
+            }
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    let all_ok = legate::sip::check::check_files(files, &mut out)?;
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
