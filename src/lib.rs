@@ -8,8 +8,12 @@
 //! - `xmpp`: XMPP stream framing, s2s and XEP-0114 component links.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod diag;
+pub mod gateway;
+pub mod metrics;
 pub mod presence;
+pub mod run;
 pub mod sip;
 pub mod xmpp;

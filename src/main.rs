@@ -18,6 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the gateway (without --config: the embedded single-node default).
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        mappings: Option<PathBuf>,
+    },
     /// Validate a configuration file and mapping directory; one `file:line:col: message` per problem.
     Check {
         #[arg(long)]
@@ -95,6 +102,7 @@ enum Format {
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Run { config, mappings } => cli::run(config.as_deref(), mappings),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
         Cmd::Sip {
             cmd: SipCmd::Check { print, files },

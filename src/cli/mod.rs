@@ -344,3 +344,66 @@ pub fn sip_check(print: bool, files: &[std::path::PathBuf]) -> Result<ExitCode> 
         ExitCode::from(1)
     })
 }
+
+pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Validate everything before binding anything.
+    let maps_for_check = match &mappings {
+        Some(d) => map::load_dir(d),
+        None => map::embedded(),
+    };
+    let systems_set = match maps_for_check {
+        Ok(s) => s,
+        Err(d) => {
+            print_diags(&d);
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut cfg = match config_path {
+        Some(p) => match config::load_file(p, &config::systems_from_mappings(&systems_set)) {
+            Ok(c) => c,
+            Err(d) => {
+                print_diags(&d);
+                return Ok(ExitCode::from(1));
+            }
+        },
+        None => config::embedded_default(),
+    };
+    if mappings.is_some() {
+        cfg.mappings.dir = mappings;
+    }
+    for note in cfg.notes() {
+        tracing::warn!("{note}");
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = tx.send(true);
+        });
+        legate::run::run(cfg, rx).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The core's currency: what one edge hands to another, independent of SIP or XMPP wire forms.
+//! Edges decode their protocol into an `Envelope`; the router decides where it goes and
+//! translates presence; the destination edge encodes it. XMPP stanzas the core does not need to
+//! understand (iq, messages with extensions) travel as `Body::Xmpp` between XMPP links only.
+
+use crate::config::Domain;
+use std::fmt;
+use std::sync::Arc;
+
+/// A user address on either side: `local@domain[/resource]` (an XMPP JID, or the user part and
+/// host of a SIP AOR). Domains compare exactly, never by suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    pub local: String,
+    pub domain: Domain,
+    pub resource: Option<String>,
+}
+
+/// Why an address could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address `{input}`: {reason}")]
+pub struct AddressError {
+    pub input: String,
+    pub reason: String,
+}
+
+/// Longest localpart / resource we accept (RFC 7622 §3.3.1 and §3.4.1: 1023 octets).
+const MAX_PART: usize = 1023;
+
+impl Address {
+    /// Parses `local@domain[/resource]`. A bare domain (no `@`) is refused: the core only routes
+    /// between users.
+    pub fn parse(input: &str) -> Result<Self, AddressError> {
+        let err = |reason: &str| AddressError {
+            input: input.chars().take(200).collect(),
+            reason: reason.into(),
+        };
+        let (bare, resource) = match input.split_once('/') {
+            Some((b, r)) if !r.is_empty() && r.len() <= MAX_PART => (b, Some(r.to_string())),
+            Some(_) => return Err(err("empty or oversized resource")),
+            None => (input, None),
+        };
+        let (local, domain) = bare
+            .split_once('@')
+            .ok_or_else(|| err("no `@`: not a user address"))?;
+        if local.is_empty() || local.len() > MAX_PART {
+            return Err(err("empty or oversized localpart"));
+        }
+        // RFC 7622 §3.3.1: these never appear in a localpart.
+        if local.chars().any(|c| {
+            matches!(c, '"' | '&' | '\'' | '/' | ':' | '<' | '>' | '@') || c.is_whitespace()
+        }) {
+            return Err(err("character not allowed in a localpart"));
+        }
+        let domain = Domain::parse(domain).map_err(|e| err(&e))?;
+        Ok(Address {
+            local: local.to_string(),
+            domain,
+            resource,
+        })
+    }
+
+    /// The same address without resource.
+    pub fn bare(&self) -> Address {
+        Address {
+            local: self.local.clone(),
+            domain: self.domain.clone(),
+            resource: None,
+        }
+    }
+
+    pub fn bare_string(&self) -> String {
+        format!("{}@{}", self.local, self.domain)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local, self.domain)?;
+        if let Some(r) = &self.resource {
+            write!(f, "/{r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Availability as a state of a named mapping system (names, not ids, so that an envelope
+/// stays meaningful across a mapping reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceBody {
+    pub system: Arc<str>,
+    pub state: Arc<str>,
+    /// The user's status text.
+    pub note: Option<String>,
+    pub priority: Option<i8>,
+}
+
+/// Subscription management (RFC 6121 §3; SIP SUBSCRIBE/NOTIFY states map onto these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Unsubscribed,
+    Probe,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageBody {
+    pub id: Option<String>,
+    pub text: String,
+    pub thread: Option<String>,
+}
+
+/// Stanza-level error conditions the core produces (RFC 6120 §8.3.3); SIP edges map them to
+/// status codes in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCondition {
+    /// Federation with the domain is not allowed by policy.
+    NotAllowed,
+    /// The sender is not who the link authenticated.
+    Forbidden,
+    /// No such local user / domain.
+    ItemNotFound,
+    /// The remote domain could not be reached.
+    RemoteServerNotFound,
+    RemoteServerTimeout,
+    /// The destination link is down or its queue is full.
+    ServiceUnavailable,
+    ResourceConstraint,
+}
+
+impl ErrorCondition {
+    /// RFC 6120 element name.
+    pub fn xmpp_name(self) -> &'static str {
+        match self {
+            Self::NotAllowed => "not-allowed",
+            Self::Forbidden => "forbidden",
+            Self::ItemNotFound => "item-not-found",
+            Self::RemoteServerNotFound => "remote-server-not-found",
+            Self::RemoteServerTimeout => "remote-server-timeout",
+            Self::ServiceUnavailable => "service-unavailable",
+            Self::ResourceConstraint => "resource-constraint",
+        }
+    }
+
+    /// RFC 6120 error type.
+    pub fn xmpp_type(self) -> &'static str {
+        match self {
+            Self::RemoteServerTimeout | Self::ResourceConstraint => "wait",
+            Self::Forbidden => "auth",
+            _ => "cancel",
+        }
+    }
+
+    /// The SIP final response for a request refused with this condition (RFC 7247 §5 spirit).
+    pub fn sip_status(self) -> (u16, &'static str) {
+        match self {
+            Self::NotAllowed | Self::Forbidden => (403, "Forbidden"),
+            Self::ItemNotFound => (404, "Not Found"),
+            Self::RemoteServerNotFound => (502, "Bad Gateway"),
+            Self::RemoteServerTimeout => (504, "Server Time-out"),
+            Self::ServiceUnavailable | Self::ResourceConstraint => (503, "Service Unavailable"),
+        }
+    }
+
+    /// Bounded metric label.
+    pub fn label(self) -> &'static str {
+        self.xmpp_name()
+    }
+}
+
+/// A stanza the core relays between XMPP links without looking inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppRaw {
+    /// `message`, `presence` or `iq`.
+    pub name: &'static str,
+    /// The element's exact bytes as received (no stream namespace declaration of its own).
+    pub bytes: bytes::Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Availability broadcast; `unavailable` presence is the state `offline` of the system.
+    Presence(PresenceBody),
+    Subscription(Subscription),
+    Message(MessageBody),
+    Xmpp(XmppRaw),
+    /// An error answering a stanza or request with `id` (the id of what failed).
+    Error {
+        id: Option<String>,
+        condition: ErrorCondition,
+        text: String,
+        kind: ErrorOf,
+    },
+}
+
+/// What kind of stanza an error answers (XMPP errors keep the stanza name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorOf {
+    Message,
+    Presence,
+    Iq,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub from: Address,
+    pub to: Address,
+    pub body: Body,
+}
+
+impl Envelope {
+    /// The error sent back to the sender of `self`, or `None` for things never answered with an
+    /// error (errors themselves; RFC 6120 §8.3.1 forbids error loops).
+    pub fn bounce(&self, condition: ErrorCondition, text: impl Into<String>) -> Option<Envelope> {
+        let (id, kind) = match &self.body {
+            Body::Error { .. } => return None,
+            Body::Message(m) => (m.id.clone(), ErrorOf::Message),
+            Body::Presence(_) | Body::Subscription(_) => (None, ErrorOf::Presence),
+            Body::Xmpp(x) => (
+                None,
+                match x.name {
+                    "iq" => ErrorOf::Iq,
+                    "presence" => ErrorOf::Presence,
+                    _ => ErrorOf::Message,
+                },
+            ),
+        };
+        Some(Envelope {
+            from: self.to.clone(),
+            to: self.from.clone(),
+            body: Body::Error {
+                id,
+                condition,
+                text: text.into(),
+                kind,
+            },
+        })
+    }
+
+    /// Bounded metric label of the body kind.
+    pub fn kind_label(&self) -> &'static str {
+        match &self.body {
+            Body::Presence(_) => "presence",
+            Body::Subscription(_) => "subscription",
+            Body::Message(_) => "message",
+            Body::Xmpp(x) => x.name,
+            Body::Error { .. } => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_compare_exactly() {
+        let a = Address::parse("Alice@Example.COM./home").expect("valid");
+        assert_eq!(a.local, "Alice");
+        assert_eq!(a.domain.as_str(), "example.com");
+        assert_eq!(a.resource.as_deref(), Some("home"));
+        assert_eq!(a.bare().to_string(), "Alice@example.com");
+        assert_ne!(
+            Address::parse("a@imp.example.com").expect("valid").domain,
+            Address::parse("a@example.com").expect("valid").domain
+        );
+        for bad in [
+            "example.com",
+            "@example.com",
+            "a b@example.com",
+            "a@",
+            "a@exa mple.com",
+            "a@example.com/",
+        ] {
+            assert!(Address::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_are_never_bounced() {
+        let env = Envelope {
+            from: Address::parse("a@x.test").expect("valid"),
+            to: Address::parse("b@y.test").expect("valid"),
+            body: Body::Message(MessageBody {
+                id: Some("m1".into()),
+                text: "hi".into(),
+                thread: None,
+            }),
+        };
+        let b = env
+            .bounce(ErrorCondition::NotAllowed, "policy")
+            .expect("a message bounces");
+        assert_eq!(b.to, env.from);
+        assert!(
+            matches!(&b.body, Body::Error { id: Some(i), kind: ErrorOf::Message, .. } if i == "m1")
+        );
+        assert_eq!(b.bounce(ErrorCondition::NotAllowed, "again"), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! The interworking core between the SIP edge, the XMPP s2s edge and the component links to
+//! the home nodes.
+//!
+//! - `envelope`: the protocol-neutral unit every edge hands to the core.
+//! - `router`: federation policy, the user → home node directory, presence translation — the
+//!   pure decide stage.
+//! - `hub`: the running switchboard: links register an outbox, `submit` routes and delivers.
+
+pub mod envelope;
+pub mod hub;
+pub mod router;
+
+pub use envelope::{
+    Address, Body, Envelope, ErrorCondition, MessageBody, PresenceBody, Subscription,
+};
+pub use hub::Hub;
+pub use router::{Denied, Directory, Link, Origin, Refusal, Route};

@@ -1,0 +1,532 @@
+//! Routing and federation policy: the *decide* stage. Given where an envelope came from
+//! (which link, authenticated as which domain or home node) and the current configuration,
+//! mapping set and directory, it answers where the envelope goes — with its presence already
+//! translated into the destination's system — or why it goes nowhere. Pure: no I/O, no clock.
+
+use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody};
+use crate::config::{Config, Domain};
+use crate::presence::map::MappingSet;
+use dashmap::DashMap;
+use std::sync::Arc;
+
+/// The link an envelope arrived on, as authenticated by that link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The XEP-0114 link to a home node (by home node name).
+    Component { home_node: Arc<str> },
+    /// An s2s stream authenticated (SASL EXTERNAL or dialback) for `domain`.
+    S2s { domain: Domain },
+    /// A SIP connection whose peer was verified as `domain` (certificate or static route).
+    Sip { domain: Domain },
+}
+
+/// Where an envelope leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Link {
+    Component { home_node: Arc<str> },
+    S2s { domain: Domain },
+    Sip { domain: Domain },
+}
+
+impl Link {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Link::Component { .. } => "component",
+            Link::S2s { .. } => "s2s",
+            Link::Sip { .. } => "sip",
+        }
+    }
+}
+
+impl Origin {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Origin::Component { .. } => "component",
+            Origin::S2s { .. } => "s2s",
+            Origin::Sip { .. } => "sip",
+        }
+    }
+
+    /// The link that reaches back to this origin.
+    pub fn reply_link(&self) -> Link {
+        match self {
+            Origin::Component { home_node } => Link::Component {
+                home_node: home_node.clone(),
+            },
+            Origin::S2s { domain } => Link::S2s {
+                domain: domain.clone(),
+            },
+            Origin::Sip { domain } => Link::Sip {
+                domain: domain.clone(),
+            },
+        }
+    }
+}
+
+/// Why an envelope is not delivered. Every variant has a fixed metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("federation with {0} is not allowed by policy")]
+    DomainNotAllowed(Domain),
+    #[error("sender {from} does not belong to the authenticated {origin} peer")]
+    Spoofed { from: String, origin: &'static str },
+    #[error("{0} is not a local domain")]
+    NotLocal(Domain),
+    #[error("traffic between local users does not cross the gateway")]
+    LocalToLocal,
+    #[error("no home node is known for {0} and no routing node is configured")]
+    NoHomeNode(String),
+    #[error("presence from {system} state {state} cannot be translated: {why}")]
+    Untranslatable {
+        system: String,
+        state: String,
+        why: String,
+    },
+}
+
+impl Denied {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Denied::DomainNotAllowed(_) => "domain_not_allowed",
+            Denied::Spoofed { .. } => "spoofed_sender",
+            Denied::NotLocal(_) => "not_local",
+            Denied::LocalToLocal => "local_to_local",
+            Denied::NoHomeNode(_) => "no_home_node",
+            Denied::Untranslatable { .. } => "untranslatable",
+        }
+    }
+
+    pub fn condition(&self) -> ErrorCondition {
+        match self {
+            Denied::DomainNotAllowed(_) => ErrorCondition::NotAllowed,
+            Denied::Spoofed { .. } => ErrorCondition::Forbidden,
+            Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
+            Denied::LocalToLocal => ErrorCondition::NotAllowed,
+            Denied::Untranslatable { .. } => ErrorCondition::ServiceUnavailable,
+        }
+    }
+}
+
+/// A routing decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub link: Link,
+    pub envelope: Envelope,
+}
+
+/// Which home node hosts which local user: learned from traffic on each component link, plus
+/// the static `users` lists of the configuration, plus the routing node as last resort.
+#[derive(Debug, Default)]
+pub struct Directory {
+    learned: DashMap<String, Arc<str>>,
+}
+
+impl Directory {
+    /// A stanza from `user` arrived on `home_node`'s link: that is where the user lives.
+    pub fn learn(&self, user: &Address, home_node: &Arc<str>) {
+        let key = user.bare_string();
+        if self
+            .learned
+            .get(&key)
+            .is_some_and(|h| Arc::ptr_eq(h.value(), home_node) || **h.value() == **home_node)
+        {
+            return;
+        }
+        self.learned.insert(key, home_node.clone());
+    }
+
+    pub fn lookup(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
+        let key = user.bare_string();
+        if let Some(h) = self.learned.get(&key) {
+            return Some(h.value().clone());
+        }
+        for h in &config.home_nodes {
+            if h.users
+                .iter()
+                .any(|u| u.localpart == user.local && u.domain == user.domain)
+            {
+                return Some(Arc::from(h.name.as_str()));
+            }
+        }
+        if let Some(r) = &config.routing_node {
+            return Some(Arc::from(r.as_str()));
+        }
+        // A single home node needs no directory.
+        match config.home_nodes.as_slice() {
+            [only] => Some(Arc::from(only.name.as_str())),
+            _ => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.learned.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.learned.is_empty()
+    }
+}
+
+/// The mapping system presence is expressed in on a given link.
+pub fn link_system<'c>(config: &'c Config, link: &Link) -> Option<&'c str> {
+    match link {
+        Link::Component { home_node } => config
+            .home_node(home_node)
+            .map(|h| h.default_system.as_str()),
+        Link::S2s { domain } => Some(
+            config
+                .xmpp_domain(domain)
+                .map_or("fed-xmpp", |d| d.system.as_str()),
+        ),
+        Link::Sip { domain } => config.sip_federated(domain).map(|d| d.system.as_str()),
+    }
+}
+
+/// Translates `body` into `target` system through the mapping set.
+pub fn translate_presence(
+    maps: &MappingSet,
+    body: &PresenceBody,
+    target: &str,
+) -> Result<PresenceBody, Denied> {
+    let untranslatable = |why: String| Denied::Untranslatable {
+        system: body.system.to_string(),
+        state: body.state.to_string(),
+        why,
+    };
+    let from = maps
+        .system_id(&body.system)
+        .ok_or_else(|| untranslatable("unknown source system".into()))?;
+    let to = maps
+        .system_id(target)
+        .ok_or_else(|| untranslatable(format!("unknown target system {target}")))?;
+    let state = maps
+        .system(from)
+        .state_id(&body.state)
+        .ok_or_else(|| untranslatable("unknown state".into()))?;
+    let t = maps.translate(from, to, state, body.note.as_deref());
+    Ok(PresenceBody {
+        system: Arc::from(target),
+        state: Arc::from(maps.system(to).state(t.state).name.as_str()),
+        note: t.note.map(|n| n.into_owned()),
+        priority: body.priority,
+    })
+}
+
+/// An envelope the router will not deliver, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub denied: Denied,
+    pub envelope: Box<Envelope>,
+}
+
+fn refuse(denied: Denied, env: Envelope) -> Refusal {
+    Refusal {
+        denied,
+        envelope: Box::new(env),
+    }
+}
+
+/// Decides where `env`, received from `origin`, goes.
+pub fn route(
+    config: &Config,
+    maps: &MappingSet,
+    directory: &Directory,
+    origin: &Origin,
+    mut env: Envelope,
+) -> Result<Route, Refusal> {
+    let link = match origin {
+        Origin::Component { home_node } => {
+            if !config.is_local_domain(&env.from.domain) {
+                let d = Denied::Spoofed {
+                    from: env.from.bare_string(),
+                    origin: "component",
+                };
+                return Err(refuse(d, env));
+            }
+            directory.learn(&env.from, home_node);
+            let d = &env.to.domain;
+            if config.is_local_domain(d) {
+                return Err(refuse(Denied::LocalToLocal, env));
+            }
+            if config.sip_federated(d).is_some() {
+                Link::Sip { domain: d.clone() }
+            } else if config.xmpp_federation_allowed(d) {
+                Link::S2s { domain: d.clone() }
+            } else {
+                return Err(refuse(Denied::DomainNotAllowed(d.clone()), env));
+            }
+        }
+        Origin::S2s { domain } | Origin::Sip { domain } => {
+            if env.from.domain != *domain {
+                let d = Denied::Spoofed {
+                    from: env.from.bare_string(),
+                    origin: origin.label(),
+                };
+                return Err(refuse(d, env));
+            }
+            let allowed = match origin {
+                Origin::Sip { .. } => config.sip_federated(domain).is_some(),
+                _ => config.xmpp_federation_allowed(domain),
+            };
+            if !allowed {
+                return Err(refuse(Denied::DomainNotAllowed(domain.clone()), env));
+            }
+            if !config.is_local_domain(&env.to.domain) {
+                return Err(refuse(Denied::NotLocal(env.to.domain.clone()), env));
+            }
+            match directory.lookup(config, &env.to) {
+                Some(home_node) => Link::Component { home_node },
+                None => return Err(refuse(Denied::NoHomeNode(env.to.bare_string()), env)),
+            }
+        }
+    };
+    if let Body::Presence(p) = &env.body {
+        let target = match link_system(config, &link) {
+            Some(t) => t,
+            None => {
+                let why = "no mapping system for the destination".to_string();
+                let d = Denied::Untranslatable {
+                    system: p.system.to_string(),
+                    state: p.state.to_string(),
+                    why,
+                };
+                return Err(refuse(d, env));
+            }
+        };
+        match translate_presence(maps, p, target) {
+            Ok(t) => env.body = Body::Presence(t),
+            Err(d) => return Err(refuse(d, env)),
+        }
+    }
+    Ok(Route {
+        link,
+        envelope: env,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::gateway::envelope::{MessageBody, Subscription};
+    use crate::presence::map;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+routing_node = "hn1"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[xmpp.federation]
+mode = "allow_list"
+[[xmpp.federation.domain]]
+name = "webex.test"
+system = "webex"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+[[home_node]]
+name = "hn2"
+addresses = ["127.0.0.1:5348"]
+component_secret = "a-long-enough-secret-2"
+users = ["carol@example.com"]
+default_system = "jabber8"
+"#;
+
+    fn setup() -> (Config, MappingSet, Directory) {
+        let cfg = config::from_toml(CONFIG, Path::new("test.toml"), BUILTIN_SYSTEMS)
+            .expect("valid config");
+        (cfg, map::embedded().expect("maps"), Directory::default())
+    }
+
+    fn addr(s: &str) -> Address {
+        Address::parse(s).expect("address")
+    }
+
+    fn presence(system: &str, state: &str, note: Option<&str>) -> Body {
+        Body::Presence(PresenceBody {
+            system: system.into(),
+            state: state.into(),
+            note: note.map(str::to_string),
+            priority: None,
+        })
+    }
+
+    fn env(from: &str, to: &str, body: Body) -> Envelope {
+        Envelope {
+            from: addr(from),
+            to: addr(to),
+            body,
+        }
+    }
+
+    fn dom(s: &str) -> Domain {
+        Domain::parse(s).expect("domain")
+    }
+
+    #[test]
+    fn sip_presence_reaches_the_home_node_translated() {
+        let (cfg, maps, dir) = setup();
+        let origin = Origin::Sip {
+            domain: dom("partner.com"),
+        };
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &origin,
+            env(
+                "bob@partner.com",
+                "alice@example.com",
+                presence("lync", "busy", None),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Component {
+                home_node: "hn1".into()
+            }
+        );
+        assert_eq!(r.envelope.body, presence("xmpp", "away", Some("Busy")));
+
+        // carol is statically on hn2, whose users run Jabber 8: busy stays busy.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &origin,
+            env(
+                "bob@partner.com",
+                "carol@example.com",
+                presence("lync", "busy", None),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Component {
+                home_node: "hn2".into()
+            }
+        );
+        assert_eq!(r.envelope.body, presence("jabber8", "busy", None));
+    }
+
+    #[test]
+    fn local_users_reach_foreign_domains_on_the_right_link_and_are_learned() {
+        let (cfg, maps, dir) = setup();
+        let hn2: Arc<str> = "hn2".into();
+        let origin = Origin::Component {
+            home_node: hn2.clone(),
+        };
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &origin,
+            env(
+                "dave@example.com",
+                "bob@partner.com",
+                presence("jabber8", "busy", None),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Sip {
+                domain: dom("partner.com")
+            }
+        );
+        assert_eq!(r.envelope.body, presence("lync", "busy", None));
+        assert_eq!(dir.lookup(&cfg, &addr("dave@example.com")), Some(hn2));
+
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &origin,
+            env(
+                "dave@example.com",
+                "x@webex.test",
+                Body::Subscription(Subscription::Subscribe),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::S2s {
+                domain: dom("webex.test")
+            }
+        );
+    }
+
+    #[test]
+    fn policy_refusals_say_why() {
+        let (cfg, maps, dir) = setup();
+        let msg = || {
+            Body::Message(MessageBody {
+                id: None,
+                text: "hi".into(),
+                thread: None,
+            })
+        };
+        let comp = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        let cases = [
+            (
+                comp.clone(),
+                env("a@example.com", "z@jabber.test", msg()),
+                "domain_not_allowed",
+            ),
+            (
+                comp.clone(),
+                env("a@evil.test", "z@partner.com", msg()),
+                "spoofed_sender",
+            ),
+            (
+                comp,
+                env("a@example.com", "b@example.com", msg()),
+                "local_to_local",
+            ),
+            (
+                Origin::Sip {
+                    domain: dom("partner.com"),
+                },
+                env("x@other.com", "a@example.com", msg()),
+                "spoofed_sender",
+            ),
+            (
+                Origin::Sip {
+                    domain: dom("stranger.com"),
+                },
+                env("x@stranger.com", "a@example.com", msg()),
+                "domain_not_allowed",
+            ),
+            (
+                Origin::S2s {
+                    domain: dom("partner.com"),
+                },
+                env("x@partner.com", "a@example.com", msg()),
+                "domain_not_allowed",
+            ),
+            (
+                Origin::S2s {
+                    domain: dom("webex.test"),
+                },
+                env("x@webex.test", "a@imp.example.com", msg()),
+                "not_local",
+            ),
+        ];
+        for (origin, e, label) in cases {
+            let d = route(&cfg, &maps, &dir, &origin, e.clone())
+                .expect_err("refused")
+                .denied;
+            assert_eq!(d.label(), label, "{e:?}: {d}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `legate run`: starts one gateway node from a validated configuration. Everything is checked
+//! before any port is bound; then the admin endpoint, the mapping reloader and the edges start,
+//! each as tasks that stop when `shutdown` turns true.
+//!
+//! Each bound listener is announced on stdout as `legate: listening <name> <addr>` (the address
+//! actually bound, so a configuration with port 0 tells a test harness where to connect).
+
+use crate::admin;
+use crate::config::Config;
+use crate::diag::Diagnostics;
+use crate::gateway::Hub;
+use crate::presence::map::MappingStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid mapping files:\n{0}")]
+    Mappings(Diagnostics),
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Edge(String),
+}
+
+/// Announces a bound listener (see the module doc for the format).
+pub fn announce(name: &str, addr: std::net::SocketAddr) {
+    println!("legate: listening {name} {addr}");
+    tracing::info!(listener = name, %addr, "listening");
+}
+
+/// Runs the node until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let started = Instant::now();
+    let maps_dir = config.mappings.dir.clone();
+    let reload = config.mappings.reload;
+    let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
+    let admin_addr = config.node.admin_listen;
+    let hub = Hub::new(config, maps);
+
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: "admin",
+            addr: admin_addr,
+            source,
+        })?;
+    if let Ok(a) = listener.local_addr() {
+        announce("admin", a);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::serve(
+        listener,
+        hub.clone(),
+        started,
+        shutdown.clone(),
+    ));
+    if let (Some(dir), true) = (maps_dir, reload) {
+        tasks.spawn(watch_mappings(hub.clone(), dir, shutdown.clone()));
+    }
+
+    // The edges register their outboxes with the hub and run until shutdown.
+
+    let mut shutdown = shutdown;
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    tracing::info!("shutting down");
+    // Give tasks a bounded time to drain, then drop them.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Polls the mapping directory and swaps in a valid edit; an invalid edit is logged and the
+/// last good set stays in use. Polling (not inotify) because editors save by rename and
+/// network file systems do not deliver events; one `stat` per file every 2 s is cheap.
+async fn watch_mappings(hub: Arc<Hub>, dir: PathBuf, mut shutdown: watch::Receiver<bool>) {
+    let mut last = fingerprint(&dir);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match hub.maps().reload() {
+            Ok(()) => tracing::info!(dir = %dir.display(), "mapping files reloaded"),
+            Err(d) => {
+                tracing::error!(dir = %dir.display(), problems = %d, "mapping edit refused; keeping the last good set")
+            }
+        }
+    }
+}
+
+fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut out = Vec::new();
+    for sub in ["", "systems", "tables"] {
+        let Ok(rd) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let meta = e.metadata().ok();
+            out.push((
+                e.path(),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map_or(0, |m| m.len()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
