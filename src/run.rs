@@ -66,6 +66,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
 
     // The edges register their outboxes with the hub and run until shutdown.
+    let sip = crate::sip::edge::SipEdge::start(hub.clone(), shutdown.clone())
+        .await
+        .map_err(|e| RunError::Edge(e.to_string()))?;
 
     let mut shutdown = shutdown;
     while !*shutdown.borrow() {
@@ -74,6 +77,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         }
     }
     tracing::info!("shutting down");
+    sip.join(Duration::from_secs(5)).await;
     // Give tasks a bounded time to drain, then drop them.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}

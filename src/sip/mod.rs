@@ -1,4 +1,5 @@
-//! SIP federation edge: codec, validation, framing, transactions, dialogs.
+//! SIP federation edge: codec, validation, framing, transactions, dialogs, subscriptions,
+//! IM sessions and the running edge (`edge`).
 //!
 //! The codec layer (`message`, `parse`, `header`, `uri`, `validate`, `framing`, `check`) is
 //! sans-IO: bytes in, messages or verdicts out, no sockets and no clocks. `txn` holds the
@@ -7,10 +8,14 @@
 //! `validate::reject_for_parse_error` and `validate::validate`.
 
 pub mod check;
+pub mod dialog;
+pub mod edge;
 pub mod framing;
 pub mod header;
+pub mod im_session;
 pub mod message;
 pub mod parse;
+pub mod subscription;
 pub mod txn;
 pub mod uri;
 pub mod validate;

@@ -1,0 +1,396 @@
+//! SIP dialogs (RFC 3261 §12) for a user agent: the state both ends share once a SUBSCRIBE or
+//! INVITE succeeded (Call-ID, tags, CSeq counters, remote target, route set), and the
+//! construction of requests inside it with loose and strict routing (§12.2.1.1, §16.12).
+//!
+//! Dialogs are plain values: they own strings copied out of the message that created them and
+//! never look at a socket or a clock. Which connection an in-dialog request leaves on is the
+//! edge's business, not the dialog's.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::header::HeaderName;
+use super::message::SipMessage;
+use super::parse::parse_exact;
+use super::uri::{parse_uri, UriContext};
+use super::SipParseError;
+
+/// Why a dialog could not be created or used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialogError {
+    /// A header a dialog needs did not decode.
+    #[error("cannot build dialog: {0}")]
+    BadHeader(&'static str),
+    /// A tag needed to identify the dialog is missing.
+    #[error("missing {0} tag")]
+    MissingTag(&'static str),
+    /// Building a request produced an unparsable message (a bug or hostile stored state).
+    #[error("cannot build request: {0}")]
+    Build(#[from] SipParseError),
+}
+
+/// The identity of a dialog, from our side: Call-ID, our tag, their tag (§12).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct DialogId {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: String,
+}
+
+impl DialogId {
+    /// The id of the dialog an incoming in-dialog request belongs to: our tag is in To, theirs
+    /// in From (§12.2.2).
+    pub fn of_incoming_request(req: &SipMessage) -> Result<Self, DialogError> {
+        let to = req.to().map_err(DialogError::BadHeader)?;
+        let from = req.from().map_err(DialogError::BadHeader)?;
+        Ok(DialogId {
+            call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
+            local_tag: to.tag().ok_or(DialogError::MissingTag("To"))?.to_owned(),
+            remote_tag: from.tag().ok_or(DialogError::MissingTag("From"))?.to_owned(),
+        })
+    }
+}
+
+/// One dialog's state (§12.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dialog {
+    pub id: DialogId,
+    /// Our URI (From of our requests).
+    pub local_uri: String,
+    /// Their URI (To of our requests).
+    pub remote_uri: String,
+    /// Where in-dialog requests go (their Contact, §12.1.1).
+    pub remote_target: String,
+    /// Route set as URIs (without brackets), in the order our requests carry them.
+    pub route_set: Vec<String>,
+    /// Last CSeq we used.
+    pub local_cseq: u32,
+    /// Last CSeq we accepted from the peer (`None` until they send one, §12.1.2).
+    pub remote_cseq: Option<u32>,
+}
+
+fn bare_uri(value: &str) -> String {
+    value.to_owned()
+}
+
+/// The first Contact URI of a message, if any.
+fn contact_uri(msg: &SipMessage) -> Result<Option<String>, DialogError> {
+    let c = msg.contacts().map_err(DialogError::BadHeader)?;
+    Ok(c.first().map(|n| bare_uri(n.uri.as_str())))
+}
+
+impl Dialog {
+    /// The UAS side of a dialog created by `req` that we answer with `local_tag` (§12.1.1):
+    /// route set = Record-Route in order, remote target = Contact, remote CSeq = the request's.
+    pub fn uas(req: &SipMessage, local_tag: &str) -> Result<Self, DialogError> {
+        let from = req.from().map_err(DialogError::BadHeader)?;
+        let to = req.to().map_err(DialogError::BadHeader)?;
+        let remote_tag = from.tag().ok_or(DialogError::MissingTag("From"))?;
+        let route_set = req
+            .record_routes()
+            .map_err(DialogError::BadHeader)?
+            .iter()
+            .map(|n| bare_uri(n.uri.as_str()))
+            .collect();
+        let remote_target =
+            contact_uri(req)?.unwrap_or_else(|| bare_uri(from.uri.as_str()));
+        Ok(Dialog {
+            id: DialogId {
+                call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
+                local_tag: local_tag.to_owned(),
+                remote_tag: remote_tag.to_owned(),
+            },
+            local_uri: bare_uri(to.uri.as_str()),
+            remote_uri: bare_uri(from.uri.as_str()),
+            remote_target,
+            route_set,
+            local_cseq: 0,
+            remote_cseq: Some(req.cseq().map_err(DialogError::BadHeader)?.seq),
+        })
+    }
+
+    /// The UAC side of a dialog created by a 2xx (or a NOTIFY, RFC 6665 §4.1.2.4) answering our
+    /// request (§12.1.2): route set = Record-Route reversed, remote target = Contact, remote
+    /// tag = To tag of the response (for a NOTIFY: its From tag, passed as `remote_tag`).
+    pub fn uac(
+        call_id: &str,
+        local_tag: &str,
+        local_uri: &str,
+        remote_uri: &str,
+        local_cseq: u32,
+        msg: &SipMessage,
+        remote_tag: &str,
+    ) -> Result<Self, DialogError> {
+        let mut route_set: Vec<String> = msg
+            .record_routes()
+            .map_err(DialogError::BadHeader)?
+            .iter()
+            .map(|n| bare_uri(n.uri.as_str()))
+            .collect();
+        // A 2xx carries Record-Route in the order the request traversed the proxies: the UAC
+        // uses it reversed (§12.1.2). A NOTIFY that creates the dialog (RFC 6665 §4.1.2.4) is
+        // a request we receive: we are its UAS and keep the order (§12.1.1).
+        if !msg.is_request() {
+            route_set.reverse();
+        }
+        let remote_target = contact_uri(msg)?.unwrap_or_else(|| remote_uri.to_owned());
+        let remote_cseq = if msg.is_request() {
+            Some(msg.cseq().map_err(DialogError::BadHeader)?.seq)
+        } else {
+            None
+        };
+        Ok(Dialog {
+            id: DialogId {
+                call_id: call_id.to_owned(),
+                local_tag: local_tag.to_owned(),
+                remote_tag: remote_tag.to_owned(),
+            },
+            local_uri: local_uri.to_owned(),
+            remote_uri: remote_uri.to_owned(),
+            remote_target,
+            route_set,
+            local_cseq,
+            remote_cseq,
+        })
+    }
+
+    /// Checks and records the CSeq of an in-dialog request (§12.2.2): a lower or equal number
+    /// than the last one is out of order (answer 500). An ACK repeats the INVITE's number and
+    /// is not checked.
+    pub fn accept_remote_cseq(&mut self, seq: u32) -> bool {
+        match self.remote_cseq {
+            Some(last) if seq <= last => false,
+            _ => {
+                self.remote_cseq = Some(seq);
+                true
+            }
+        }
+    }
+
+    /// Updates the remote target from a target-refresh request or response (§12.2).
+    pub fn refresh_target(&mut self, msg: &SipMessage) {
+        if let Ok(Some(c)) = contact_uri(msg) {
+            self.remote_target = c;
+        }
+    }
+
+    /// Request-URI and Route values for the next request (§12.2.1.1): with an empty route set,
+    /// the remote target; with a loose router (`lr`) first, the remote target and the whole
+    /// route set; with a strict router, its URI as Request-URI and the rest plus the remote
+    /// target as Route.
+    pub fn request_target(&self) -> (String, Vec<String>) {
+        let Some(first) = self.route_set.first() else {
+            return (self.remote_target.clone(), Vec::new());
+        };
+        let loose = parse_uri(first, UriContext::NameAddr)
+            .ok()
+            .and_then(|u| u.as_sip().map(|s| s.param("lr").is_some()))
+            .unwrap_or(true);
+        if loose {
+            (self.remote_target.clone(), self.route_set.clone())
+        } else {
+            let mut rest: Vec<String> = self.route_set.iter().skip(1).cloned().collect();
+            rest.push(self.remote_target.clone());
+            (first.clone(), rest)
+        }
+    }
+
+    /// Builds the next request in this dialog. `via` is the full Via value (with a fresh
+    /// branch); ACK reuses the INVITE's CSeq (`cseq_override`), everything else increments.
+    pub fn request(&mut self, spec: &InDialog<'_>) -> Result<SipMessage, DialogError> {
+        let seq = match spec.cseq_override {
+            Some(s) => s,
+            None => {
+                self.local_cseq = self.local_cseq.saturating_add(1);
+                self.local_cseq
+            }
+        };
+        let (ruri, routes) = self.request_target();
+        let mut headers: Vec<(&str, String)> = Vec::with_capacity(10 + spec.extra.len());
+        headers.push(("Via", spec.via.to_owned()));
+        headers.push(("Max-Forwards", "70".to_owned()));
+        headers.push((
+            "From",
+            format!("<{}>;tag={}", self.local_uri, self.id.local_tag),
+        ));
+        headers.push((
+            "To",
+            format!("<{}>;tag={}", self.remote_uri, self.id.remote_tag),
+        ));
+        headers.push(("Call-ID", self.id.call_id.clone()));
+        headers.push(("CSeq", format!("{seq} {}", spec.method)));
+        for r in routes {
+            headers.push(("Route", format!("<{r}>")));
+        }
+        if let Some(c) = spec.contact {
+            headers.push(("Contact", format!("<{c}>")));
+        }
+        for (n, v) in spec.extra {
+            headers.push((n, (*v).to_owned()));
+        }
+        build_request(spec.method, &ruri, &headers, spec.body)
+    }
+}
+
+/// What to put in an in-dialog request.
+#[derive(Debug, Clone, Copy)]
+pub struct InDialog<'a> {
+    pub method: &'a str,
+    pub via: &'a str,
+    pub contact: Option<&'a str>,
+    pub extra: &'a [(&'a str, &'a str)],
+    /// `(content type, bytes)`.
+    pub body: Option<(&'a str, &'a [u8])>,
+    pub cseq_override: Option<u32>,
+}
+
+/// Serializes a request from its parts, computes Content-Length and parses it back so the
+/// result is a checked `SipMessage` (the transaction layer wants one).
+pub fn build_request(
+    method: &str,
+    ruri: &str,
+    headers: &[(&str, String)],
+    body: Option<(&str, &[u8])>,
+) -> Result<SipMessage, DialogError> {
+    let mut v = Vec::with_capacity(512 + body.map_or(0, |b| b.1.len()));
+    v.extend_from_slice(method.as_bytes());
+    v.push(b' ');
+    v.extend_from_slice(ruri.as_bytes());
+    v.extend_from_slice(b" SIP/2.0\r\n");
+    for (n, val) in headers {
+        if val.bytes().any(|c| c == b'\r' || c == b'\n') {
+            return Err(DialogError::Build(SipParseError::BadHeaderValue(
+                "line break in header value",
+            )));
+        }
+        v.extend_from_slice(n.as_bytes());
+        v.extend_from_slice(b": ");
+        v.extend_from_slice(val.as_bytes());
+        v.extend_from_slice(b"\r\n");
+    }
+    if let Some((ct, _)) = body {
+        v.extend_from_slice(b"Content-Type: ");
+        v.extend_from_slice(ct.as_bytes());
+        v.extend_from_slice(b"\r\n");
+    }
+    let len = body.map_or(0, |b| b.1.len());
+    v.extend_from_slice(format!("Content-Length: {len}\r\n\r\n").as_bytes());
+    if let Some((_, b)) = body {
+        v.extend_from_slice(b);
+    }
+    Ok(parse_exact(Bytes::from(v))?)
+}
+
+/// Builds a response to `req` with extra header lines and an optional body: `build_response`
+/// (Via/From/To/Call-ID/CSeq copied byte-exact) plus our additions.
+pub fn response_with(
+    req: &SipMessage,
+    code: u16,
+    reason: &str,
+    to_tag: Option<&str>,
+    extra: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+) -> Result<SipMessage, DialogError> {
+    let mut r = req.build_response(code, reason, to_tag)?;
+    let cl = r.header_index(HeaderName::ContentLength).unwrap_or(0);
+    for (i, (n, v)) in extra.iter().enumerate() {
+        r.insert_header(cl + i, n, v)?;
+    }
+    if let Some((ct, b)) = body {
+        let cl = r.header_index(HeaderName::ContentLength).unwrap_or(0);
+        r.insert_header(cl, "Content-Type", ct)?;
+        r.set_body(Bytes::copy_from_slice(b))?;
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::parse::parse_datagram;
+
+    const SUB: &[u8] = b"SUBSCRIBE sip:alice@example.com SIP/2.0\r\n\
+Via: SIP/2.0/TLS edge.partner.com:5061;branch=z9hG4bK77\r\n\
+Record-Route: <sip:edge.partner.com:5061;transport=tls;opaque=state:T:F:Ci.R1;lr;ms-route-sig=aa>\r\n\
+Record-Route: <sip:pool.partner.com;lr>\r\n\
+From: <sip:bob@partner.com>;tag=bt\r\n\
+To: <sip:alice@example.com>\r\n\
+Call-ID: c1\r\n\
+CSeq: 5 SUBSCRIBE\r\n\
+Contact: <sip:bob@partner.com;opaque=user:epid:E1;gruu>\r\n\
+Event: presence\r\n\
+Content-Length: 0\r\n\r\n";
+
+    #[test]
+    fn uas_dialog_keeps_route_set_order_and_gruu_target() {
+        let req = parse_datagram(SUB).expect("parses");
+        let mut d = Dialog::uas(&req, "lt").expect("dialog");
+        assert_eq!(d.id.remote_tag, "bt");
+        assert_eq!(d.remote_target, "sip:bob@partner.com;opaque=user:epid:E1;gruu");
+        assert_eq!(d.route_set.len(), 2);
+        assert!(d.route_set[0].contains("ms-route-sig=aa"));
+        let (ruri, routes) = d.request_target();
+        assert_eq!(ruri, d.remote_target);
+        assert_eq!(routes, d.route_set);
+        assert!(!d.accept_remote_cseq(5));
+        assert!(d.accept_remote_cseq(6));
+        let n = d
+            .request(&InDialog {
+                method: "NOTIFY",
+                via: "SIP/2.0/TCP example.com:5060;branch=z9hG4bKx",
+                contact: Some("sip:alice@example.com"),
+                extra: &[("Event", "presence")],
+                body: Some(("application/pidf+xml", b"<x/>")),
+                cseq_override: None,
+            })
+            .expect("builds");
+        let text = String::from_utf8_lossy(&n.to_bytes()).into_owned();
+        assert!(text.starts_with(
+            "NOTIFY sip:bob@partner.com;opaque=user:epid:E1;gruu SIP/2.0\r\n"
+        ));
+        assert!(text.contains("Route: <sip:edge.partner.com:5061;transport=tls;opaque=state:T:F:Ci.R1;lr;ms-route-sig=aa>\r\nRoute: <sip:pool.partner.com;lr>\r\n"));
+        assert!(text.contains("From: <sip:alice@example.com>;tag=lt\r\n"));
+        assert!(text.contains("CSeq: 1 NOTIFY\r\n"));
+        assert!(text.ends_with("Content-Length: 4\r\n\r\n<x/>"));
+    }
+
+    #[test]
+    fn strict_router_goes_in_the_request_uri() {
+        let req = parse_datagram(SUB).expect("parses");
+        let mut d = Dialog::uas(&req, "lt").expect("dialog");
+        d.route_set = vec!["sip:strict.partner.com".into(), "sip:p2.partner.com;lr".into()];
+        let (ruri, routes) = d.request_target();
+        assert_eq!(ruri, "sip:strict.partner.com");
+        assert_eq!(
+            routes,
+            vec![
+                "sip:p2.partner.com;lr".to_string(),
+                "sip:bob@partner.com;opaque=user:epid:E1;gruu".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn uac_dialog_reverses_record_route() {
+        let resp = parse_datagram(
+            b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP example.com;branch=z9hG4bK1\r\n\
+Record-Route: <sip:a.partner.com;lr>\r\nRecord-Route: <sip:b.partner.com;lr>\r\n\
+From: <sip:alice@example.com>;tag=l\r\nTo: <sip:bob@partner.com>;tag=r\r\nCall-ID: c\r\n\
+CSeq: 1 SUBSCRIBE\r\nContact: <sip:bob@10.0.0.1>\r\nContent-Length: 0\r\n\r\n",
+        )
+        .expect("parses");
+        let d = Dialog::uac(
+            "c",
+            "l",
+            "sip:alice@example.com",
+            "sip:bob@partner.com",
+            1,
+            &resp,
+            "r",
+        )
+        .expect("dialog");
+        assert_eq!(d.route_set, ["sip:b.partner.com;lr", "sip:a.partner.com;lr"]);
+        assert_eq!(d.remote_target, "sip:bob@10.0.0.1");
+        assert_eq!(d.remote_cseq, None);
+    }
+}

@@ -1,0 +1,132 @@
+//! Metrics of the SIP edge. Every label value comes from a fixed set (`method_label`,
+//! `class_label`, refusal reasons as `&'static str` constants), never from a peer's strings.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounterVec, IntGaugeVec};
+
+use crate::metrics;
+
+pub const REQUESTS: &str = "legate_sip_requests_total";
+pub const RESPONSES: &str = "legate_sip_responses_total";
+pub const TRANSACTIONS: &str = "legate_sip_transactions";
+pub const DIALOGS: &str = "legate_sip_dialogs";
+pub const SUBSCRIPTIONS: &str = "legate_sip_subscriptions";
+pub const REFUSALS: &str = "legate_sip_refusals_total";
+pub const CONNECTIONS: &str = "legate_sip_connections";
+pub const CONNECTIONS_REFUSED: &str = "legate_sip_connections_refused_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "legate_sip_tls_handshake_failures_total";
+
+pub static REQUESTS_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        REQUESTS,
+        "SIP requests by direction (in/out) and method",
+        &["direction", "method"],
+    )
+});
+
+pub static RESPONSES_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        RESPONSES,
+        "SIP responses by direction (in/out) and class (1xx..6xx)",
+        &["direction", "class"],
+    )
+});
+
+pub static TXNS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    metrics::gauge_vec(
+        TRANSACTIONS,
+        "Live SIP transactions by side (client/server)",
+        &["side"],
+    )
+});
+
+pub static DIALOGS_G: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    metrics::gauge_vec(
+        DIALOGS,
+        "Live SIP dialogs by use (subscription_in, subscription_out, im)",
+        &["use"],
+    )
+});
+
+pub static SUBS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    metrics::gauge_vec(
+        SUBSCRIPTIONS,
+        "Presence subscriptions by role (notifier: foreign watcher; subscriber: local watcher)",
+        &["role"],
+    )
+});
+
+pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(REFUSALS, "SIP requests refused by the edge, by reason", &["reason"])
+});
+
+pub static CONNS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    metrics::gauge_vec(
+        CONNECTIONS,
+        "Open SIP connections by kind (tcp_in, tls_in, tcp_out, tls_out)",
+        &["kind"],
+    )
+});
+
+pub static CONNS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        CONNECTIONS_REFUSED,
+        "SIP connections refused or closed by a bound, by reason",
+        &["reason"],
+    )
+});
+
+pub static TLS_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        TLS_HANDSHAKE_FAILURES,
+        "Failed TLS handshakes on the SIP listener, by reason",
+        &["reason"],
+    )
+});
+
+/// Bounded method label (issue 6 item 9).
+pub fn method_label(m: &str) -> &'static str {
+    match m {
+        "INVITE" => "INVITE",
+        "ACK" => "ACK",
+        "BYE" => "BYE",
+        "CANCEL" => "CANCEL",
+        "MESSAGE" => "MESSAGE",
+        "SUBSCRIBE" => "SUBSCRIBE",
+        "NOTIFY" => "NOTIFY",
+        "OPTIONS" => "OPTIONS",
+        "INFO" => "INFO",
+        "BENOTIFY" => "BENOTIFY",
+        "SERVICE" => "SERVICE",
+        _ => "other",
+    }
+}
+
+/// Bounded status-class label.
+pub fn class_label(code: u16) -> &'static str {
+    match code / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "6xx",
+    }
+}
+
+pub fn request(direction: &'static str, method: &str) {
+    REQUESTS_TOTAL
+        .with_label_values(&[direction, method_label(method)])
+        .inc();
+}
+
+pub fn response(direction: &'static str, code: u16) {
+    RESPONSES_TOTAL
+        .with_label_values(&[direction, class_label(code)])
+        .inc();
+}
+
+pub fn refused(reason: &'static str) {
+    REFUSED.with_label_values(&[reason]).inc();
+}

@@ -1,0 +1,489 @@
+//! The running SIP federation edge: listeners, connection tasks, the connection table, and
+//! the one task that owns the sans-IO [`core::Core`] and connects it to the gateway hub.
+//!
+//! Layout: `core` decides (transactions, dialogs, subscriptions, IM sessions, policy),
+//! `transport` moves bytes (one task per connection, framing, keep-alives, bounds), this module
+//! wires them: it binds the listeners, keeps the table of open connections (so responses and
+//! in-dialog requests reuse the connection the peer opened, as Lync edges expect), opens
+//! outbound connections to a domain's static route, drives the core's timers, and writes the
+//! notifier subscriptions to `node.data_dir` so a restart loses none (requirements §1).
+//!
+//! **Peer identity.** Over TLS (once `tls.rs` lands) the peer is the federated domain its
+//! verified certificate names. Over plain TCP nothing is verified: a request is accepted from
+//! a connection when its From domain is a configured SIP federated domain *and*, when that
+//! domain has a static `route`, the connection's source address is the route's address. A TCP
+//! peer of a domain without a static route is trusted on its From header alone — that is why
+//! `listeners.sip_tcp` is off by default and meant only for trusted links.
+//!
+//! **State file.** `<data_dir>/sip-subscriptions.json`, written atomically (temp file + rename)
+//! at most once a second when something changed, and at shutdown. Only the notifier side is
+//! kept: a foreign watcher's dialog must still match its refresh after our restart; our own
+//! outbound subscriptions are re-created by the home side's next subscribe.
+
+pub mod core;
+pub mod metrics;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use self::core::{Action, ConnId, Core, LocalIdentity, PeerInfo, PersistedState};
+use self::transport::{ConnLimits, Input, ListenerBounds, Slots};
+use crate::config::{Config, Domain, Host as CfgHost};
+use crate::gateway::hub::Delivery;
+use crate::gateway::{Hub, Link};
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the SIP state file {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running SIP edge.
+pub struct SipEdge {
+    tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SipEdge {
+    /// Binds the SIP listeners of `hub`'s configuration, registers the SIP outbox with the hub
+    /// and starts the tasks; they stop when `shutdown` turns true.
+    pub async fn start(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Result<SipEdge, EdgeError> {
+        let cfg = hub.config();
+        let limits = ConnLimits {
+            max_header: cfg.limits.sip_max_header_bytes,
+            max_message: cfg.limits.sip_max_message_bytes,
+            idle: Duration::from_secs(cfg.limits.idle_timeout_secs),
+        };
+        let mut tasks = Vec::new();
+        let (core_tx, core_rx) = mpsc::channel::<Input>(1024);
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut tcp = None;
+        if let Some(addr) = cfg.listeners.sip_tcp {
+            let l = TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind {
+                what: "sip_tcp",
+                addr,
+                source,
+            })?;
+            let bound = l.local_addr().unwrap_or(addr);
+            crate::run::announce("sip_tcp", bound);
+            tcp = Some(bound);
+            let bounds = ListenerBounds::new(
+                cfg.limits.max_connections_per_listener,
+                cfg.limits.max_connections_per_peer,
+            );
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                bounds,
+                limits,
+                core_tx.clone(),
+                ids.clone(),
+                shutdown.clone(),
+            )));
+        }
+        if let Some(addr) = cfg.listeners.sip_tls {
+            // The TLS module (SNI certificates, mutual TLS, RFC 6125 identity) is not merged
+            // yet: the listener is not started rather than started without authentication.
+            tracing::warn!(%addr, "SIP TLS listener not started: TLS support is not built in yet");
+        }
+        let (host, port) = match (tcp, cfg.local_domains.first()) {
+            (Some(a), Some(d)) => (d.name.to_string(), a.port()),
+            (None, Some(d)) => (d.name.to_string(), 5060),
+            (_, None) => ("legate.invalid".to_string(), 5060),
+        };
+        let me = LocalIdentity {
+            sent_by: format!("{host}:{port}"),
+            transport: "TCP",
+        };
+        let mut core = Core::new(me, Duration::from_secs(cfg.limits.im_session_idle_secs));
+        core.set_route_addrs(resolve_routes(&cfg).await);
+        let state_path = cfg.node.data_dir.join(STATE_FILE);
+        let restored = load_state(&state_path)?;
+        let n = core.restore(&*hub, restored, Instant::now(), SystemTime::now());
+        if n > 0 {
+            tracing::info!(restored = n, "SIP subscriptions restored");
+        }
+        let outbox = hub.register_sip(cfg.limits.outbound_queue_per_domain.max(64));
+        let driver = Driver {
+            hub,
+            core,
+            conns: HashMap::new(),
+            infos: HashMap::new(),
+            by_domain: HashMap::new(),
+            pending: HashMap::new(),
+            core_tx,
+            ids,
+            limits,
+            shutdown: shutdown.clone(),
+            state_path,
+        };
+        tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
+        Ok(SipEdge {
+            tcp,
+            tls: None,
+            tasks,
+        })
+    }
+
+    /// The bound TCP listener address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The bound TLS listener address.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    /// Waits (bounded) for the tasks after shutdown was signalled.
+    pub async fn join(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// The state file's name under `node.data_dir`.
+pub const STATE_FILE: &str = "sip-subscriptions.json";
+
+fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
+    match std::fs::read(path) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                // A damaged file must not stop the node: start empty and say so.
+                tracing::error!(path = %path.display(), error = %e, "SIP state file unreadable; starting without it");
+                Ok(PersistedState::default())
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PersistedState::default()),
+        Err(source) => Err(EdgeError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn save_state(path: &Path, state: &PersistedState) {
+    let Ok(json) = serde_json::to_vec_pretty(state) else {
+        return;
+    };
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = path.with_extension("json.tmp");
+    let r = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::error!(path = %path.display(), error = %e, "cannot write SIP state file");
+    }
+}
+
+/// Static routes given by name are resolved once at start for the TCP source check.
+async fn resolve_routes(cfg: &Config) -> HashMap<Domain, Vec<IpAddr>> {
+    let mut out = HashMap::new();
+    for d in &cfg.sip.federated_domains {
+        let Some(r) = &d.route else { continue };
+        if let CfgHost::Name(n) = &r.host {
+            let q = format!("{n}:{}", r.port);
+            match tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host(q)).await {
+                Ok(Ok(addrs)) => {
+                    out.insert(d.name.clone(), addrs.map(|a| a.ip()).collect());
+                }
+                _ => tracing::warn!(domain = %d.name, route = %r, "static route does not resolve"),
+            }
+        }
+    }
+    out
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    bounds: ListenerBounds,
+    limits: ConnLimits,
+    core: mpsc::Sender<Input>,
+    ids: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let slots = match bounds.admit(remote) {
+            Ok(s) => s,
+            Err(reason) => {
+                metrics::CONNS_REFUSED.with_label_values(&[reason]).inc();
+                tracing::info!(peer = %remote, reason, "connection refused by bound");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let info = PeerInfo {
+            conn: ids.fetch_add(1, Ordering::Relaxed),
+            remote,
+            tls: false,
+            verified: None,
+            outbound_to: None,
+        };
+        tokio::spawn(transport::run_connection(
+            stream,
+            info,
+            "tcp_in",
+            core.clone(),
+            limits,
+            shutdown.clone(),
+            slots,
+        ));
+    }
+}
+
+struct ConnEntry {
+    tx: mpsc::Sender<Bytes>,
+}
+
+struct Driver {
+    hub: Arc<Hub>,
+    core: Core,
+    conns: HashMap<ConnId, ConnEntry>,
+    infos: HashMap<ConnId, PeerInfo>,
+    by_domain: HashMap<Domain, Vec<ConnId>>,
+    /// Bytes waiting for an outbound connection to a domain (present = connecting).
+    pending: HashMap<Domain, Vec<Bytes>>,
+    core_tx: mpsc::Sender<Input>,
+    ids: Arc<AtomicU64>,
+    limits: ConnLimits,
+    shutdown: watch::Receiver<bool>,
+    state_path: PathBuf,
+}
+
+/// Most bytes queued for a domain while its connection is being opened.
+const PENDING_LIMIT: usize = 256;
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut outbox: mpsc::Receiver<Delivery>) {
+        let mut persist = tokio::time::interval(Duration::from_secs(1));
+        persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let deadline = self
+                .core
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(i) => self.on_input(i),
+                    None => break,
+                },
+                d = outbox.recv() => match d {
+                    Some(Delivery { link: Link::Sip { domain }, envelope }) => {
+                        self.core.handle_delivery(&*self.hub, &domain, envelope, Instant::now());
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.core.handle_timeout(&*self.hub, Instant::now());
+                }
+                _ = persist.tick() => {
+                    if self.core.take_dirty() {
+                        self.persist();
+                    }
+                }
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+            self.flush_actions();
+        }
+        self.persist();
+    }
+
+    fn persist(&self) {
+        save_state(
+            &self.state_path,
+            &self.core.snapshot(Instant::now(), SystemTime::now()),
+        );
+    }
+
+    fn on_input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Opened { info, tx } => {
+                let conn = info.conn;
+                self.conns.insert(conn, ConnEntry { tx });
+                if let Some(d) = info.outbound_to.clone().or(info.verified.clone()) {
+                    self.bind(conn, d.clone());
+                    if let Some(q) = self.pending.remove(&d) {
+                        for b in q {
+                            self.send_on(conn, b);
+                        }
+                    }
+                }
+                self.infos.insert(conn, info);
+            }
+            Input::Message { conn, msg } => {
+                let Some(info) = self.infos.get(&conn).cloned() else {
+                    return;
+                };
+                self.core.handle_message(&*self.hub, &info, *msg, now);
+            }
+            Input::Closed { conn } => {
+                self.conns.remove(&conn);
+                self.infos.remove(&conn);
+                for v in self.by_domain.values_mut() {
+                    v.retain(|c| *c != conn);
+                }
+            }
+            Input::ConnectFailed { domain } => {
+                self.pending.remove(&domain);
+                self.core.handle_transport_error(&*self.hub, &domain, now);
+            }
+        }
+    }
+
+    fn bind(&mut self, conn: ConnId, domain: Domain) {
+        let v = self.by_domain.entry(domain).or_default();
+        if !v.contains(&conn) {
+            v.push(conn);
+        }
+    }
+
+    fn send_on(&self, conn: ConnId, bytes: Bytes) -> bool {
+        match self.conns.get(&conn) {
+            Some(c) => c.tx.try_send(bytes).is_ok(),
+            None => false,
+        }
+    }
+
+    fn flush_actions(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::Bind { conn, domain } => {
+                    if self.conns.contains_key(&conn) {
+                        self.bind(conn, domain);
+                    }
+                }
+                Action::Send {
+                    conn,
+                    domain,
+                    bytes,
+                } => {
+                    if let Some(c) = conn {
+                        if self.send_on(c, bytes.clone()) {
+                            continue;
+                        }
+                    }
+                    let Some(d) = domain else {
+                        tracing::debug!("response for a closed connection dropped");
+                        continue;
+                    };
+                    let live = self
+                        .by_domain
+                        .get(&d)
+                        .and_then(|v| v.iter().rev().find(|c| self.conns.contains_key(c)).copied());
+                    if let Some(c) = live {
+                        if self.send_on(c, bytes.clone()) {
+                            continue;
+                        }
+                    }
+                    self.connect(d, bytes);
+                }
+            }
+        }
+    }
+
+    /// Queues `bytes` for `domain` and opens a connection to its static route if none is being
+    /// opened. DNS targets (`_sipfederationtls._tcp`, RFC 3263) come with `dns.rs`.
+    fn connect(&mut self, domain: Domain, bytes: Bytes) {
+        if let Some(q) = self.pending.get_mut(&domain) {
+            if q.len() < PENDING_LIMIT {
+                q.push(bytes);
+            }
+            return;
+        }
+        self.pending.insert(domain.clone(), vec![bytes]);
+        let cfg = self.hub.config();
+        let route = cfg.sip_federated(&domain).and_then(|f| f.route.clone());
+        let core = self.core_tx.clone();
+        let ids = self.ids.clone();
+        let limits = self.limits;
+        let shutdown = self.shutdown.clone();
+        let timeout = Duration::from_secs(cfg.limits.handshake_timeout_secs);
+        tokio::spawn(async move {
+            let Some(route) = route else {
+                tracing::warn!(domain = %domain, "no static route and DNS resolution is not available");
+                let _ = core.send(Input::ConnectFailed { domain }).await;
+                return;
+            };
+            let target = route.to_string();
+            let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.clone())).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(domain = %domain, route = %target, error = %e, "cannot connect");
+                    let _ = core.send(Input::ConnectFailed { domain }).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(domain = %domain, route = %target, "connect timed out");
+                    let _ = core.send(Input::ConnectFailed { domain }).await;
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let remote = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let info = PeerInfo {
+                conn: ids.fetch_add(1, Ordering::Relaxed),
+                remote,
+                tls: false,
+                verified: None,
+                outbound_to: Some(domain),
+            };
+            transport::run_connection(
+                stream,
+                info,
+                "tcp_out",
+                core,
+                limits,
+                shutdown,
+                Slots {
+                    listener: None,
+                    peer: None,
+                },
+            )
+            .await;
+        });
+    }
+}
