@@ -46,7 +46,10 @@ impl DialogId {
         Ok(DialogId {
             call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
             local_tag: to.tag().ok_or(DialogError::MissingTag("To"))?.to_owned(),
-            remote_tag: from.tag().ok_or(DialogError::MissingTag("From"))?.to_owned(),
+            remote_tag: from
+                .tag()
+                .ok_or(DialogError::MissingTag("From"))?
+                .to_owned(),
         })
     }
 }
@@ -92,8 +95,7 @@ impl Dialog {
             .iter()
             .map(|n| bare_uri(n.uri.as_str()))
             .collect();
-        let remote_target =
-            contact_uri(req)?.unwrap_or_else(|| bare_uri(from.uri.as_str()));
+        let remote_target = contact_uri(req)?.unwrap_or_else(|| bare_uri(from.uri.as_str()));
         Ok(Dialog {
             id: DialogId {
                 call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
@@ -326,7 +328,10 @@ Content-Length: 0\r\n\r\n";
         let req = parse_datagram(SUB).expect("parses");
         let mut d = Dialog::uas(&req, "lt").expect("dialog");
         assert_eq!(d.id.remote_tag, "bt");
-        assert_eq!(d.remote_target, "sip:bob@partner.com;opaque=user:epid:E1;gruu");
+        assert_eq!(
+            d.remote_target,
+            "sip:bob@partner.com;opaque=user:epid:E1;gruu"
+        );
         assert_eq!(d.route_set.len(), 2);
         assert!(d.route_set[0].contains("ms-route-sig=aa"));
         let (ruri, routes) = d.request_target();
@@ -345,9 +350,7 @@ Content-Length: 0\r\n\r\n";
             })
             .expect("builds");
         let text = String::from_utf8_lossy(&n.to_bytes()).into_owned();
-        assert!(text.starts_with(
-            "NOTIFY sip:bob@partner.com;opaque=user:epid:E1;gruu SIP/2.0\r\n"
-        ));
+        assert!(text.starts_with("NOTIFY sip:bob@partner.com;opaque=user:epid:E1;gruu SIP/2.0\r\n"));
         assert!(text.contains("Route: <sip:edge.partner.com:5061;transport=tls;opaque=state:T:F:Ci.R1;lr;ms-route-sig=aa>\r\nRoute: <sip:pool.partner.com;lr>\r\n"));
         assert!(text.contains("From: <sip:alice@example.com>;tag=lt\r\n"));
         assert!(text.contains("CSeq: 1 NOTIFY\r\n"));
@@ -358,7 +361,10 @@ Content-Length: 0\r\n\r\n";
     fn strict_router_goes_in_the_request_uri() {
         let req = parse_datagram(SUB).expect("parses");
         let mut d = Dialog::uas(&req, "lt").expect("dialog");
-        d.route_set = vec!["sip:strict.partner.com".into(), "sip:p2.partner.com;lr".into()];
+        d.route_set = vec![
+            "sip:strict.partner.com".into(),
+            "sip:p2.partner.com;lr".into(),
+        ];
         let (ruri, routes) = d.request_target();
         assert_eq!(ruri, "sip:strict.partner.com");
         assert_eq!(
@@ -389,7 +395,10 @@ CSeq: 1 SUBSCRIBE\r\nContact: <sip:bob@10.0.0.1>\r\nContent-Length: 0\r\n\r\n",
             "r",
         )
         .expect("dialog");
-        assert_eq!(d.route_set, ["sip:b.partner.com;lr", "sip:a.partner.com;lr"]);
+        assert_eq!(
+            d.route_set,
+            ["sip:b.partner.com;lr", "sip:a.partner.com;lr"]
+        );
         assert_eq!(d.remote_target, "sip:bob@10.0.0.1");
         assert_eq!(d.remote_cseq, None);
     }

@@ -280,7 +280,9 @@ pub fn encode_body(
         SipBodyKind::Pidf => {
             codec::pidf::encode_pidf(&maps.encode_pidf(sys, state, note, entity), &mut out)
         }
-        SipBodyKind::Msrtc => codec::msrtc::encode_msrtc(&maps.encode_msrtc(sys, state, note), &mut out),
+        SipBodyKind::Msrtc => {
+            codec::msrtc::encode_msrtc(&maps.encode_msrtc(sys, state, note), &mut out)
+        }
     }
     Some(out)
 }
@@ -309,13 +311,25 @@ mod tests {
             "application/msrtc-event-categories+xml, application/xpidf+xml, application/pidf+xml",
         )
         .expect("accept");
-        assert_eq!(negotiate(PresenceFormat::Auto, &lync), Some(SipBodyKind::Msrtc));
+        assert_eq!(
+            negotiate(PresenceFormat::Auto, &lync),
+            Some(SipBodyKind::Msrtc)
+        );
         let pidf = parse_accept("application/pidf+xml").expect("accept");
-        assert_eq!(negotiate(PresenceFormat::Auto, &pidf), Some(SipBodyKind::Pidf));
-        assert_eq!(negotiate(PresenceFormat::Auto, &[]), Some(SipBodyKind::Pidf));
+        assert_eq!(
+            negotiate(PresenceFormat::Auto, &pidf),
+            Some(SipBodyKind::Pidf)
+        );
+        assert_eq!(
+            negotiate(PresenceFormat::Auto, &[]),
+            Some(SipBodyKind::Pidf)
+        );
         let other = parse_accept("text/plain").expect("accept");
         assert_eq!(negotiate(PresenceFormat::Auto, &other), None);
-        assert_eq!(negotiate(PresenceFormat::Msrtc, &other), Some(SipBodyKind::Msrtc));
+        assert_eq!(
+            negotiate(PresenceFormat::Msrtc, &other),
+            Some(SipBodyKind::Msrtc)
+        );
     }
 
     #[test]

@@ -160,6 +160,8 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
     }
 }
 
+/// Most remembered final responses (see `Core::remember`).
+const RECENT_LIMIT: usize = 8192;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
@@ -205,6 +207,9 @@ pub struct Core {
     session_pairs: HashMap<(String, String), u64>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// Final responses of recent non-INVITE server transactions (see `remember`).
+    recent: HashMap<TxnKey, Bytes>,
+    recent_order: VecDeque<(Instant, TxnKey)>,
     actions: VecDeque<Action>,
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
@@ -267,6 +272,8 @@ impl Core {
             session_pairs: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
             actions: VecDeque::new(),
             route_addrs: HashMap::new(),
             next_id: 1,
@@ -426,10 +433,32 @@ impl Core {
             }
         };
         m::response("out", code);
+        if code >= 200 && key.method != "INVITE" {
+            self.remember(key, resp.to_bytes(), now);
+        }
         if let Some(e) = self.server.get_mut(key) {
             e.txn.handle(Event::TuResponse(Box::new(resp)), now);
         }
         self.drain_server(key);
+    }
+
+    /// Over TCP a non-INVITE server transaction ends with its final response (Timer J = 0,
+    /// RFC 3261 §17.2.2). A peer that re-sends the request anyway (after a reconnect, or a
+    /// sloppy stack) must get the same answer and cause nothing twice, so the final response
+    /// is kept for 64·T1, bounded in count.
+    fn remember(&mut self, key: &TxnKey, bytes: Bytes, now: Instant) {
+        let ttl = self.timers.timeout();
+        while let Some((at, k)) = self.recent_order.front() {
+            if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
+                break;
+            }
+            let k = k.clone();
+            self.recent_order.pop_front();
+            self.recent.remove(&k);
+        }
+        if self.recent.insert(key.clone(), bytes).is_none() {
+            self.recent_order.push_back((now, key.clone()));
+        }
     }
 
     fn drain_server(&mut self, key: &TxnKey) {
@@ -525,9 +554,7 @@ impl Core {
             match ev {
                 TuEvent::Response(r) => self.on_client_response(hub, &purpose, &r, conn, now),
                 TuEvent::Timeout => self.on_client_failure(hub, &purpose, &domain, 408, now),
-                TuEvent::TransportError => {
-                    self.on_client_failure(hub, &purpose, &domain, 503, now)
-                }
+                TuEvent::TransportError => self.on_client_failure(hub, &purpose, &domain, 503, now),
                 TuEvent::Terminated => {
                     self.client.remove(key);
                 }
@@ -569,6 +596,14 @@ impl Core {
             // A retransmission: the transaction re-sends its last response (§17.2.1, §17.2.2).
             e.txn.handle(Event::Message(Box::new(req)), now);
             self.drain_server(&key);
+            return;
+        }
+        if let Some(b) = self.recent.get(&key) {
+            self.actions.push_back(Action::Send {
+                conn: Some(peer.conn),
+                domain: None,
+                bytes: b.clone(),
+            });
             return;
         }
         match ServerTransaction::new(&req, self.timers, now) {
@@ -687,7 +722,11 @@ impl Core {
             _ => return Err(refuse(400, "Bad Request-URI", "bad_request_uri")),
         };
         let Some(sip) = ruri.as_sip() else {
-            return Err(refuse(416, "Unsupported URI Scheme", "unsupported_uri_scheme"));
+            return Err(refuse(
+                416,
+                "Unsupported URI Scheme",
+                "unsupported_uri_scheme",
+            ));
         };
         if !in_dialog {
             let host = Domain::parse(sip.host().as_str()).ok();
@@ -711,7 +750,11 @@ impl Core {
             .uri
             .as_sip()
             .and_then(|s| Domain::parse(s.host().as_str()).ok())
-            .ok_or(refuse(403, "Forbidden (Sender Domain Unknown)", "domain_not_federated"))?;
+            .ok_or(refuse(
+                403,
+                "Forbidden (Sender Domain Unknown)",
+                "domain_not_federated",
+            ))?;
         let Some(fed) = cfg.sip_federated(&domain) else {
             return Err(refuse(
                 403,
@@ -772,7 +815,8 @@ impl Core {
         let Ok(vias) = req.vias() else { return false };
         vias.iter().any(|v| {
             v.sent_by().eq_ignore_ascii_case(&self.me.sent_by)
-                && v.branch().is_some_and(|b| b.starts_with(&self.branch_prefix))
+                && v.branch()
+                    .is_some_and(|b| b.starts_with(&self.branch_prefix))
         })
     }
 
@@ -789,7 +833,8 @@ impl Core {
         domain: &Domain,
         now: Instant,
     ) {
-        let is_presence = matches!(req.event(), Ok(Some(e)) if e.value.eq_ignore_ascii_case("presence"));
+        let is_presence =
+            matches!(req.event(), Ok(Some(e)) if e.value.eq_ignore_ascii_case("presence"));
         if !is_presence {
             m::refused("bad_event");
             let tag = random_token(10);
@@ -883,7 +928,11 @@ impl Core {
         let sibling = self
             .notifier_pairs
             .get(&pair)
-            .and_then(|ids| ids.iter().filter_map(|i| self.notifiers.get(i)).find(|n| n.state == NotifierState::Active))
+            .and_then(|ids| {
+                ids.iter()
+                    .filter_map(|i| self.notifiers.get(i))
+                    .find(|n| n.state == NotifierState::Active)
+            })
             .map(|n| n.last.clone());
         let (state, last) = match sibling {
             Some(last) => (NotifierState::Active, last),
@@ -918,7 +967,10 @@ impl Core {
             self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
             return;
         }
-        self.notifier_pairs.entry(pair).or_default().push(id.clone());
+        self.notifier_pairs
+            .entry(pair)
+            .or_default()
+            .push(id.clone());
         self.schedule(
             TimerKey::Notifier(id.clone()),
             now + Duration::from_secs(u64::from(grant)),
@@ -1083,7 +1135,9 @@ impl Core {
         });
         self.dirty = true;
         match req {
-            Ok(r) => self.send_request(r, conn, domain, Purpose::Notify { dialog: id.clone() }, now),
+            Ok(r) => {
+                self.send_request(r, conn, domain, Purpose::Notify { dialog: id.clone() }, now)
+            }
             Err(e) => tracing::error!(error = %e, "cannot build NOTIFY"),
         }
     }
@@ -1101,7 +1155,12 @@ impl Core {
     ) {
         let call_id = req.call_id().unwrap_or("").to_owned();
         let local_tag = req.to().ok().and_then(|t| t.tag()).unwrap_or("").to_owned();
-        let remote_tag = req.from().ok().and_then(|f| f.tag()).unwrap_or("").to_owned();
+        let remote_tag = req
+            .from()
+            .ok()
+            .and_then(|f| f.tag())
+            .unwrap_or("")
+            .to_owned();
         let Some(&sid) = self.subscriber_calls.get(&(call_id, local_tag)) else {
             if let Some(k) = key {
                 m::refused("unknown_dialog");
@@ -1178,7 +1237,8 @@ impl Core {
         let Some(s) = self.subscribers.get(&sid) else {
             return;
         };
-        let (watcher, presentity, dom) = (s.watcher.clone(), s.presentity.clone(), s.domain.clone());
+        let (watcher, presentity, dom) =
+            (s.watcher.clone(), s.presentity.clone(), s.domain.clone());
         let unsubscribing = s.state == SubscriberState::Unsubscribing;
         let approved = matches!(s.state, SubscriberState::Established { approved: true });
         let tell = |body: Body| Envelope {
@@ -1248,7 +1308,13 @@ impl Core {
 
     fn new_subscriber(&mut self, watcher: Address, presentity: Address, domain: Domain) -> u64 {
         let id = self.id();
-        let host = self.me.sent_by.split(':').next().unwrap_or("legate").to_owned();
+        let host = self
+            .me
+            .sent_by
+            .split(':')
+            .next()
+            .unwrap_or("legate")
+            .to_owned();
         let s = Subscriber {
             id,
             watcher: watcher.bare(),
@@ -1264,10 +1330,8 @@ impl Core {
             last: None,
             conn: None,
         };
-        self.subscriber_pairs.insert(
-            (s.watcher.bare_string(), s.presentity.bare_string()),
-            id,
-        );
+        self.subscriber_pairs
+            .insert((s.watcher.bare_string(), s.presentity.bare_string()), id);
         self.subscriber_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), id);
         self.subscribers.insert(id, s);
@@ -1359,7 +1423,13 @@ impl Core {
         domain: &Domain,
         now: Instant,
     ) {
-        let host = self.me.sent_by.split(':').next().unwrap_or("legate").to_owned();
+        let host = self
+            .me
+            .sent_by
+            .split(':')
+            .next()
+            .unwrap_or("legate")
+            .to_owned();
         if req.to().ok().and_then(|t| t.tag()).is_some() {
             // re-INVITE (a session refresh): answer with the same SDP if we know the dialog.
             let known = DialogId::of_incoming_request(req)
@@ -1504,7 +1574,16 @@ impl Core {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 if let Some(d) = &mut s.dialog {
                     if !d.accept_remote_cseq(seq) {
-                        return self.reply(key, req, 500, "CSeq Out Of Order", None, &[], None, now);
+                        return self.reply(
+                            key,
+                            req,
+                            500,
+                            "CSeq Out Of Order",
+                            None,
+                            &[],
+                            None,
+                            now,
+                        );
                     }
                 }
                 s.last_activity = now;
@@ -1600,9 +1679,22 @@ impl Core {
         Some(s)
     }
 
-    fn open_session(&mut self, local: Address, remote: Address, domain: Domain, first: MessageBody, now: Instant) {
+    fn open_session(
+        &mut self,
+        local: Address,
+        remote: Address,
+        domain: Domain,
+        first: MessageBody,
+        now: Instant,
+    ) {
         let sid = self.id();
-        let host = self.me.sent_by.split(':').next().unwrap_or("legate").to_owned();
+        let host = self
+            .me
+            .sent_by
+            .split(':')
+            .next()
+            .unwrap_or("legate")
+            .to_owned();
         let s = ImSession {
             id: sid,
             local: local.bare(),
@@ -1656,7 +1748,8 @@ impl Core {
             return;
         };
         s.last_activity = now;
-        let (conn, domain, from, to) = (s.conn, s.domain.clone(), s.local.clone(), s.remote.clone());
+        let (conn, domain, from, to) =
+            (s.conn, s.domain.clone(), s.local.clone(), s.remote.clone());
         let Some(d) = &mut s.dialog else {
             s.queue.push_back(body);
             return;
@@ -1741,7 +1834,9 @@ impl Core {
                     }
                 }
             }
-            Purpose::Subscribe { id, expires } => self.on_subscribe_response(hub, *id, *expires, resp, code, conn, now),
+            Purpose::Subscribe { id, expires } => {
+                self.on_subscribe_response(hub, *id, *expires, resp, code, conn, now)
+            }
             Purpose::Invite { session } => {
                 let sid = *session;
                 if (200..300).contains(&code) {
@@ -1886,10 +1981,18 @@ impl Core {
             } else if let Some(d) = &mut s.dialog {
                 d.refresh_target(resp);
             }
-            if matches!(s.state, SubscriberState::Subscribing | SubscriberState::Retrying) {
+            if matches!(
+                s.state,
+                SubscriberState::Subscribing | SubscriberState::Retrying
+            ) {
                 s.state = SubscriberState::Established { approved: false };
             }
-            let granted = resp.expires().ok().flatten().unwrap_or(asked).min(asked.max(1));
+            let granted = resp
+                .expires()
+                .ok()
+                .flatten()
+                .unwrap_or(asked)
+                .min(asked.max(1));
             let at = now + refresh_delay(granted.max(1));
             s.next_at = Some(at);
             self.schedule(TimerKey::Subscriber(id), at);
@@ -1978,7 +2081,13 @@ impl Core {
     // ------------------------------------------------------------------ deliveries
 
     /// The core sent `env` toward SIP `domain`.
-    pub fn handle_delivery(&mut self, hub: &dyn HubPort, domain: &Domain, env: Envelope, now: Instant) {
+    pub fn handle_delivery(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        env: Envelope,
+        now: Instant,
+    ) {
         match env.body {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
@@ -2040,7 +2149,10 @@ impl Core {
             Body::Subscription(Subscription::Unsubscribe) => {
                 let pair = (env.from.bare_string(), env.to.bare_string());
                 if let Some(id) = self.subscriber_pairs.get(&pair).copied() {
-                    let has_dialog = self.subscribers.get(&id).is_some_and(|s| s.dialog.is_some());
+                    let has_dialog = self
+                        .subscribers
+                        .get(&id)
+                        .is_some_and(|s| s.dialog.is_some());
                     if has_dialog {
                         if let Some(s) = self.subscribers.get_mut(&id) {
                             s.state = SubscriberState::Unsubscribing;
@@ -2077,7 +2189,10 @@ impl Core {
                 }
             }
             Body::Error { condition, .. } => {
-                tracing::debug!(condition = condition.label(), "error for a SIP peer dropped (requests are answered synchronously)");
+                tracing::debug!(
+                    condition = condition.label(),
+                    "error for a SIP peer dropped (requests are answered synchronously)"
+                );
             }
             Body::Xmpp(_) => {}
         }
@@ -2142,7 +2257,10 @@ impl Core {
                     }
                 }
                 TimerKey::Session(sid) => {
-                    let idle_until = self.sessions.get(&sid).map(|s| s.last_activity + self.im_idle);
+                    let idle_until = self
+                        .sessions
+                        .get(&sid)
+                        .map(|s| s.last_activity + self.im_idle);
                     match idle_until {
                         Some(t) if t <= now => self.close_session(sid, now),
                         Some(t) => self.schedule(TimerKey::Session(sid), t),
@@ -2161,7 +2279,10 @@ impl Core {
             return;
         };
         for b in s.queue.drain(..) {
-            tracing::debug!(len = b.text.len(), "queued message dropped with idle session");
+            tracing::debug!(
+                len = b.text.len(),
+                "queued message dropped with idle session"
+            );
         }
         let Some(d) = &mut s.dialog else { return };
         if let Ok(bye) = d.request(&InDialog {
@@ -2181,7 +2302,9 @@ impl Core {
         let keys: Vec<TxnKey> = self
             .client
             .iter()
-            .filter(|(_, e)| e.domain == *domain && matches!(e.txn.state_name(), "Calling" | "Trying"))
+            .filter(|(_, e)| {
+                e.domain == *domain && matches!(e.txn.state_name(), "Calling" | "Trying")
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
@@ -2197,7 +2320,10 @@ impl Core {
 
     /// The state to write (notifier subscriptions; see `edge` module doc).
     pub fn snapshot(&self, now: Instant, wall: SystemTime) -> PersistedState {
-        let base = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let base = wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let mut notifiers: Vec<PersistedNotifier> = self
             .notifiers
             .values()
@@ -2220,8 +2346,17 @@ impl Core {
 
     /// Reloads notifier subscriptions written before a restart. Expired entries are dropped;
     /// active ones ask the home side for current presence (a Probe) so the next NOTIFY is right.
-    pub fn restore(&mut self, hub: &dyn HubPort, state: PersistedState, now: Instant, wall: SystemTime) -> usize {
-        let base = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    pub fn restore(
+        &mut self,
+        hub: &dyn HubPort,
+        state: PersistedState,
+        now: Instant,
+        wall: SystemTime,
+    ) -> usize {
+        let base = wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let cfg = hub.config();
         let mut n_restored = 0;
         for p in state.notifiers {

@@ -58,7 +58,11 @@ pub static SUBS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 });
 
 pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    metrics::counter_vec(REFUSALS, "SIP requests refused by the edge, by reason", &["reason"])
+    metrics::counter_vec(
+        REFUSALS,
+        "SIP requests refused by the edge, by reason",
+        &["reason"],
+    )
 });
 
 pub static CONNS: LazyLock<IntGaugeVec> = LazyLock::new(|| {

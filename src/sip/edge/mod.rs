@@ -68,7 +68,10 @@ pub struct SipEdge {
 impl SipEdge {
     /// Binds the SIP listeners of `hub`'s configuration, registers the SIP outbox with the hub
     /// and starts the tasks; they stop when `shutdown` turns true.
-    pub async fn start(hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> Result<SipEdge, EdgeError> {
+    pub async fn start(
+        hub: Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<SipEdge, EdgeError> {
         let cfg = hub.config();
         let limits = ConnLimits {
             max_header: cfg.limits.sip_max_header_bytes,
@@ -80,11 +83,13 @@ impl SipEdge {
         let ids = Arc::new(AtomicU64::new(1));
         let mut tcp = None;
         if let Some(addr) = cfg.listeners.sip_tcp {
-            let l = TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind {
-                what: "sip_tcp",
-                addr,
-                source,
-            })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    what: "sip_tcp",
+                    addr,
+                    source,
+                })?;
             let bound = l.local_addr().unwrap_or(addr);
             crate::run::announce("sip_tcp", bound);
             tcp = Some(bound);
@@ -449,7 +454,9 @@ impl Driver {
                 return;
             };
             let target = route.to_string();
-            let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.clone())).await {
+            let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.clone()))
+                .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::warn!(domain = %domain, route = %target, error = %e, "cannot connect");
@@ -463,7 +470,9 @@ impl Driver {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let remote = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let remote = stream
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
             let info = PeerInfo {
                 conn: ids.fetch_add(1, Ordering::Relaxed),
                 remote,

@@ -1,0 +1,917 @@
+//! The SIP federation edge on real sockets (TCP on loopback): a Rust test UA plays a foreign
+//! Lync edge, the test plays the home side through a component outbox on the hub (the core
+//! contract), and sipp runs a scenario against the edge. Every wait is bounded.
+
+mod sip_ua;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use legate::config::{self, BUILTIN_SYSTEMS};
+use legate::gateway::hub::Delivery;
+use legate::gateway::{
+    Address, Body, Envelope, Hub, Link, MessageBody, Origin, PresenceBody, Subscription,
+};
+use legate::presence::map::MappingStore;
+use legate::sip::edge::SipEdge;
+use sip_ua::{body_str, from_tag, hv, to_tag, Ua, WAIT};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+struct Env {
+    hub: Arc<Hub>,
+    addr: SocketAddr,
+    home: mpsc::Receiver<Delivery>,
+    route: TcpListener,
+    stop: watch::Sender<bool>,
+    edge: Option<SipEdge>,
+    dir: tempfile::TempDir,
+}
+
+fn config_text(data: &Path, route_port: u16) -> String {
+    format!(
+        r#"routing_node = "hn1"
+[node]
+id = "t1"
+data_dir = "{}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.com"
+[listeners]
+sip_tls = "off"
+sip_tcp = "127.0.0.1:0"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[limits]
+im_session_idle_secs = 600
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+route = "127.0.0.1:{route_port}"
+[[sip.federated_domain]]
+name = "other.com"
+system = "lync"
+route = "127.0.0.2:5060"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#,
+        data.display()
+    )
+}
+
+async fn start_edge(
+    dir: &Path,
+    route_port: u16,
+) -> Result<(
+    Arc<Hub>,
+    SipEdge,
+    mpsc::Receiver<Delivery>,
+    watch::Sender<bool>,
+)> {
+    let text = config_text(dir, route_port);
+    let cfg = config::from_toml(&text, &dir.join("legate.toml"), BUILTIN_SYSTEMS)
+        .map_err(|d| anyhow::anyhow!("config: {d}"))?;
+    let maps = MappingStore::open(None).map_err(|d| anyhow::anyhow!("maps: {d}"))?;
+    let hub = Hub::new(cfg, maps);
+    let home = hub.register_component("hn1", 256);
+    let (stop, rx) = watch::channel(false);
+    let edge = SipEdge::start(hub.clone(), rx).await?;
+    Ok((hub, edge, home, stop))
+}
+
+async fn setup() -> Result<Env> {
+    let dir = tempfile::tempdir()?;
+    let route = TcpListener::bind("127.0.0.1:0").await?;
+    let port = route.local_addr()?.port();
+    let (hub, edge, home, stop) = start_edge(dir.path(), port).await?;
+    let addr = edge.tcp_addr().context("tcp listener")?;
+    Ok(Env {
+        hub,
+        addr,
+        home,
+        route,
+        stop,
+        edge: Some(edge),
+        dir,
+    })
+}
+
+impl Env {
+    async fn home_next(&mut self) -> Result<Delivery> {
+        tokio::time::timeout(WAIT, self.home.recv())
+            .await
+            .context("home side received nothing")?
+            .context("outbox closed")
+    }
+
+    /// `true` if the home side receives nothing for a short while.
+    async fn home_quiet(&mut self) -> bool {
+        tokio::time::timeout(Duration::from_millis(300), self.home.recv())
+            .await
+            .is_err()
+    }
+
+    fn home_send(&self, from: &str, to: &str, body: Body) -> Result<()> {
+        let env = Envelope {
+            from: Address::parse(from)?,
+            to: Address::parse(to)?,
+            body,
+        };
+        let r = self.hub.submit(
+            &Origin::Component {
+                home_node: "hn1".into(),
+            },
+            env,
+        );
+        match r {
+            legate::gateway::hub::Submitted::Delivered(Link::Sip { .. }) => Ok(()),
+            other => bail!("home submit not delivered to SIP: {other:?}"),
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(e) = self.edge.take() {
+            e.join(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn presence(state: &str) -> Body {
+    Body::Presence(PresenceBody {
+        system: "xmpp".into(),
+        state: state.into(),
+        note: None,
+        priority: None,
+    })
+}
+
+fn subscribe(ua: &mut Ua, call: &str, cseq: u32, to_tag: Option<&str>, expires: u32) -> Vec<u8> {
+    let b = ua.branch();
+    let to = match to_tag {
+        Some(t) => format!("To: <sip:alice@example.com>;tag={t}"),
+        None => "To: <sip:alice@example.com>".into(),
+    };
+    sip_ua::build(
+        &[
+            "SUBSCRIBE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Record-Route: <sip:edge.partner.com:5061;transport=tcp;opaque=state:T:F:Ci.R1;lr;ms-route-sig=aa>",
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobtag",
+            &to,
+            &format!("Call-ID: {call}"),
+            &format!("CSeq: {cseq} SUBSCRIBE"),
+            "Contact: <sip:bob@partner.com;opaque=user:epid:E1;gruu>",
+            "Event: presence",
+            "Accept: application/msrtc-event-categories+xml, application/pidf+xml",
+            "Supported: ms-benotify",
+            &format!("Expires: {expires}"),
+            "Content-Length: {CL}",
+        ],
+        b"",
+    )
+}
+
+#[tokio::test]
+async fn foreign_watcher_subscribes_refreshes_and_unsubscribes() -> Result<()> {
+    let mut env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+    let req = subscribe(&mut ua, "sub-1", 1, None, 86_400);
+    ua.send_raw(&req).await?;
+    let ok = ua.response().await?;
+    assert_eq!(
+        ok.status(),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&ok.to_bytes())
+    );
+    assert_eq!(hv(&ok, "Expires"), "7200", "longest grant is 2 h");
+    let tag = to_tag(&ok);
+    assert!(!tag.is_empty());
+
+    let n1 = ua.request("NOTIFY").await?;
+    assert!(hv(&n1, "Subscription-State").starts_with("pending"));
+    assert_eq!(
+        n1.request_uri_str(),
+        Some("sip:bob@partner.com;opaque=user:epid:E1;gruu"),
+        "in-dialog requests go to the Contact (GRUU)"
+    );
+    assert!(
+        hv(&n1, "Route").contains("ms-route-sig=aa"),
+        "route set from Record-Route"
+    );
+    assert_eq!(n1.call_id().ok(), Some("sub-1"));
+    assert_eq!(from_tag(&n1), tag);
+    ua.respond(&n1, 200, "OK", &[], None).await?;
+
+    let d = env.home_next().await?;
+    assert_eq!(
+        d.link,
+        Link::Component {
+            home_node: "hn1".into()
+        }
+    );
+    assert_eq!(d.envelope.body, Body::Subscription(Subscription::Subscribe));
+    assert_eq!(d.envelope.from.bare_string(), "bob@partner.com");
+    assert_eq!(d.envelope.to.bare_string(), "alice@example.com");
+
+    // The local user approves: active, offline until presence is known.
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Subscribed),
+    )?;
+    let n2 = ua.request("NOTIFY").await?;
+    assert!(hv(&n2, "Subscription-State").starts_with("active;expires="));
+    assert_eq!(
+        hv(&n2, "Content-Type"),
+        "application/msrtc-event-categories+xml"
+    );
+    assert!(body_str(&n2).contains("<availability>18500</availability>"));
+    ua.respond(&n2, 200, "OK", &[], None).await?;
+
+    // Presence from the home side, translated xmpp → lync.
+    env.home_send(
+        "alice@example.com/pc",
+        "bob@partner.com",
+        presence("do_not_disturb"),
+    )?;
+    let n3 = ua.request("NOTIFY").await?;
+    // Table 06 (xmpp → lync) maps do_not_disturb to Busy (6500).
+    assert!(
+        body_str(&n3).contains("<availability>6500</availability>"),
+        "{}",
+        body_str(&n3)
+    );
+    let c2 = n2.cseq().map(|c| c.seq).unwrap_or(0);
+    let c3 = n3.cseq().map(|c| c.seq).unwrap_or(0);
+    assert!(c3 > c2, "NOTIFY CSeq increases");
+    ua.respond(&n3, 200, "OK", &[], None).await?;
+
+    // Retransmission of the initial SUBSCRIBE is absorbed: the same 200 comes back.
+    ua.send_raw(&req).await?;
+    let again = ua.response().await?;
+    assert_eq!(again.status(), Some(200));
+    assert_eq!(to_tag(&again), tag);
+
+    // Refresh in the dialog.
+    let r = subscribe(&mut ua, "sub-1", 2, Some(&tag), 3600);
+    ua.send_raw(&r).await?;
+    let ok = ua.response().await?;
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(hv(&ok, "Expires"), "3600");
+    let n4 = ua.request("NOTIFY").await?;
+    assert!(body_str(&n4).contains("<availability>6500</availability>"));
+    ua.respond(&n4, 200, "OK", &[], None).await?;
+
+    // Unsubscribe.
+    let r = subscribe(&mut ua, "sub-1", 3, Some(&tag), 0);
+    ua.send_raw(&r).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    let n5 = ua.request("NOTIFY").await?;
+    assert_eq!(hv(&n5, "Subscription-State"), "terminated;reason=timeout");
+    ua.respond(&n5, 200, "OK", &[], None).await?;
+    let d = env.home_next().await?;
+    assert_eq!(
+        d.envelope.body,
+        Body::Subscription(Subscription::Unsubscribe)
+    );
+
+    // The dialog is gone now.
+    let r = subscribe(&mut ua, "sub-1", 4, Some(&tag), 3600);
+    ua.send_raw(&r).await?;
+    assert_eq!(ua.response().await?.status(), Some(481));
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn too_brief_subscription_gets_423_and_rejection_terminates() -> Result<()> {
+    let mut env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+    let req = subscribe(&mut ua, "sub-2", 1, None, 30);
+    ua.send_raw(&req).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(423));
+    assert_eq!(hv(&r, "Min-Expires"), "60");
+    assert!(env.home_quiet().await);
+
+    let req = subscribe(&mut ua, "sub-3", 1, None, 3600);
+    ua.send_raw(&req).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    let n = ua.request("NOTIFY").await?;
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    env.home_next().await?;
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Unsubscribed),
+    )?;
+    let n = ua.request("NOTIFY").await?;
+    assert_eq!(hv(&n, "Subscription-State"), "terminated;reason=rejected");
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    env.stop().await;
+    Ok(())
+}
+
+fn invite(ua: &mut Ua, call: &str, first: &str) -> Vec<u8> {
+    use base64::Engine;
+    let b = ua.branch();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(first);
+    let sdp = b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=session\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=message 5061 sip null\r\na=accept-types:text/plain multipart/alternative image/gif text/rtf text/html application/x-ms-ink application/ms-imdn+xml text/x-msmsgsinvite\r\n";
+    sip_ua::build(
+        &[
+            "INVITE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: \"Bob\" <sip:bob@partner.com>;tag=bobim;epid=E1",
+            "To: <sip:alice@example.com>",
+            &format!("Call-ID: {call}"),
+            "CSeq: 1 INVITE",
+            "Contact: <sip:bob@partner.com;opaque=user:epid:E1;gruu>",
+            "Supported: ms-text-format",
+            &format!("ms-text-format: text/plain; charset=UTF-8;ms-body={b64}"),
+            "Content-Type: application/sdp",
+            "Content-Length: {CL}",
+        ],
+        sdp,
+    )
+}
+
+#[tokio::test]
+async fn inbound_im_session_both_directions() -> Result<()> {
+    let mut env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+    let inv = invite(&mut ua, "im-1", "hello alice");
+    ua.send_raw(&inv).await?;
+    let trying = ua.response().await?;
+    assert_eq!(trying.status(), Some(100));
+    let ok = ua.response().await?;
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(hv(&ok, "Content-Type"), "application/sdp");
+    assert!(body_str(&ok).contains("m=message 5061 sip null"));
+    let tag = to_tag(&ok);
+    let b = ua.branch();
+    ua.send(
+        &[
+            "ACK sip:alice@127.0.0.1 SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobim",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+            "Call-ID: im-1",
+            "CSeq: 1 ACK",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    let d = env.home_next().await?;
+    match &d.envelope.body {
+        Body::Message(m) => assert_eq!(m.text, "hello alice"),
+        other => bail!("expected a message, got {other:?}"),
+    }
+    assert_eq!(d.envelope.from.bare_string(), "bob@partner.com");
+
+    // The home side answers: the MESSAGE goes in the same dialog on the same connection.
+    env.home_send(
+        "alice@example.com/pc",
+        "bob@partner.com",
+        Body::Message(MessageBody {
+            id: Some("m1".into()),
+            text: "hi bob".into(),
+            thread: None,
+        }),
+    )?;
+    let m = ua.request("MESSAGE").await?;
+    assert_eq!(m.call_id().ok(), Some("im-1"));
+    assert_eq!(from_tag(&m), tag);
+    assert_eq!(to_tag(&m), "bobim");
+    assert_eq!(
+        m.request_uri_str(),
+        Some("sip:bob@partner.com;opaque=user:epid:E1;gruu")
+    );
+    assert_eq!(body_str(&m), "hi bob");
+    ua.respond(&m, 200, "OK", &[], None).await?;
+
+    // In-dialog MESSAGE from the peer.
+    let b = ua.branch();
+    ua.send(
+        &[
+            "MESSAGE sip:alice@127.0.0.1 SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobim",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+            "Call-ID: im-1",
+            "CSeq: 2 MESSAGE",
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        b"second",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    match env.home_next().await?.envelope.body {
+        Body::Message(m) => assert_eq!(m.text, "second"),
+        other => bail!("expected a message, got {other:?}"),
+    }
+    // Typing indication: acknowledged, not delivered.
+    let b = ua.branch();
+    ua.send(
+        &[
+            "MESSAGE sip:alice@127.0.0.1 SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobim",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+            "Call-ID: im-1",
+            "CSeq: 3 MESSAGE",
+            "Content-Type: application/im-iscomposing+xml",
+            "Content-Length: {CL}",
+        ],
+        b"<isComposing/>",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    assert!(env.home_quiet().await);
+
+    let b = ua.branch();
+    ua.send(
+        &[
+            "BYE sip:alice@127.0.0.1 SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobim",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+            "Call-ID: im-1",
+            "CSeq: 4 BYE",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    env.stop().await;
+    Ok(())
+}
+
+fn pager(ua: &mut Ua, from_domain: &str, to: &str, ct: &str, text: &str) -> Vec<u8> {
+    let b = ua.branch();
+    sip_ua::build(
+        &[
+            &format!("MESSAGE sip:{to} SIP/2.0"),
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@{from_domain}>;tag=p1"),
+            &format!("To: <sip:{to}>"),
+            &format!("Call-ID: pager-{b}"),
+            "CSeq: 1 MESSAGE",
+            &format!("Content-Type: {ct}"),
+            "Content-Length: {CL}",
+        ],
+        text.as_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn pager_mode_and_policy_refusals() -> Result<()> {
+    let mut env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+
+    let m = pager(
+        &mut ua,
+        "partner.com",
+        "alice@example.com",
+        "text/plain",
+        "page",
+    );
+    ua.send_raw(&m).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    match env.home_next().await?.envelope.body {
+        Body::Message(m) => assert_eq!(m.text, "page"),
+        other => bail!("expected a message, got {other:?}"),
+    }
+
+    let m = pager(
+        &mut ua,
+        "partner.com",
+        "alice@example.com",
+        "text/html",
+        "<b>bold</b> &amp; more",
+    );
+    ua.send_raw(&m).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    match env.home_next().await?.envelope.body {
+        Body::Message(m) => assert_eq!(m.text, "bold & more"),
+        other => bail!("expected a message, got {other:?}"),
+    }
+
+    let m = pager(
+        &mut ua,
+        "partner.com",
+        "alice@example.com",
+        "image/png",
+        "x",
+    );
+    ua.send_raw(&m).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(415));
+    assert!(hv(&r, "Accept").contains("text/plain"));
+
+    // Not federated: 403 with a reason, nothing reaches the home side.
+    let m = pager(
+        &mut ua,
+        "evil.com",
+        "alice@example.com",
+        "text/plain",
+        "spam",
+    );
+    ua.send_raw(&m).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(403));
+    assert_eq!(r.reason(), Some("Forbidden (Domain Not Federated)"));
+    let mut sub = subscribe(&mut ua, "evil-sub", 1, None, 3600);
+    let s = String::from_utf8_lossy(&sub).replace("bob@partner.com>;tag", "eve@evil.com>;tag");
+    sub = s.into_bytes();
+    ua.send_raw(&sub).await?;
+    assert_eq!(ua.response().await?.status(), Some(403));
+
+    // Federated, but this connection is not the domain's static route.
+    let m = pager(&mut ua, "other.com", "alice@example.com", "text/plain", "x");
+    ua.send_raw(&m).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(403));
+    assert_eq!(
+        r.reason(),
+        Some("Forbidden (Source Is Not The Domain's Route)")
+    );
+
+    // Not one of our domains.
+    let m = pager(
+        &mut ua,
+        "partner.com",
+        "alice@elsewhere.com",
+        "text/plain",
+        "x",
+    );
+    ua.send_raw(&m).await?;
+    assert_eq!(ua.response().await?.status(), Some(404));
+
+    // Max-Forwards 0.
+    let b = ua.branch();
+    ua.send(
+        &[
+            "OPTIONS sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 0",
+            "From: <sip:bob@partner.com>;tag=o1",
+            "To: <sip:alice@example.com>",
+            "Call-ID: mf0",
+            "CSeq: 1 OPTIONS",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(483));
+    assert!(
+        env.home_quiet().await,
+        "no refused request reached the home side"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_gets_400_and_the_connection_survives_conflicting_length_closes() -> Result<()> {
+    let env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+    // Keep-alive ping → pong.
+    ua.send_raw(b"\r\n\r\n").await?;
+    // A framed request that fails validation (CSeq method differs from the method) → 400 with
+    // the reason, connection kept.
+    ua.send_raw(
+        b"OPTIONS sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKg1\r\nMax-Forwards: 70\r\nFrom: <sip:bob@partner.com>;tag=g\r\nTo: <sip:alice@example.com>\r\nCall-ID: g1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(400));
+    assert!(ua.pongs >= 1, "CRLF pong for the CRLFCRLF ping");
+    let b = ua.branch();
+    ua.send(
+        &[
+            "OPTIONS sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=o2",
+            "To: <sip:alice@example.com>",
+            "Call-ID: opt2",
+            "CSeq: 1 OPTIONS",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(200));
+    assert!(hv(&r, "Allow").contains("SUBSCRIBE"));
+
+    // Conflicting Content-Length: framing is lost, the edge closes.
+    ua.send_raw(
+        b"MESSAGE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nFrom: <sip:bob@partner.com>;tag=c\r\nTo: <sip:alice@example.com>\r\nCall-ID: c1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+    )
+    .await?;
+    assert!(
+        ua.closed().await,
+        "connection closed after conflicting Content-Length"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_user_subscribes_to_foreign_user() -> Result<()> {
+    let mut env = setup().await?;
+    env.home_send(
+        "alice@example.com/pc",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Subscribe),
+    )?;
+    let mut peer = Ua::accept(&env.route).await?;
+    let sub = peer.request("SUBSCRIBE").await?;
+    assert_eq!(sub.request_uri_str(), Some("sip:bob@partner.com"));
+    assert_eq!(hv(&sub, "Event"), "presence");
+    assert_eq!(hv(&sub, "Expires"), "3600");
+    assert!(hv(&sub, "Accept").contains("application/msrtc-event-categories+xml"));
+    peer.respond(
+        &sub,
+        200,
+        "OK",
+        &[
+            ("Expires", "3600"),
+            ("Contact", "<sip:bob@127.0.0.1:5999;transport=tcp>"),
+        ],
+        None,
+    )
+    .await?;
+    let call = sub.call_id().map(str::to_owned).unwrap_or_default();
+    let alice_tag = from_tag(&sub);
+    let notify = |peer: &mut Ua, cseq: u32, state: &str, body: &[u8]| {
+        let b = peer.branch();
+        let ct = if body.is_empty() {
+            String::new()
+        } else {
+            "Content-Type: application/msrtc-event-categories+xml".to_string()
+        };
+        let mut lines = vec![
+            format!("NOTIFY sip:alice@127.0.0.1 SIP/2.0"),
+            format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70".to_string(),
+            "From: <sip:bob@partner.com>;tag=uatag".to_string(),
+            format!("To: <sip:alice@example.com>;tag={alice_tag}"),
+            format!("Call-ID: {call}"),
+            format!("CSeq: {cseq} NOTIFY"),
+            "Event: presence".to_string(),
+            format!("Subscription-State: {state}"),
+            "Contact: <sip:bob@127.0.0.1:5999;transport=tcp>".to_string(),
+        ];
+        if !ct.is_empty() {
+            lines.push(ct);
+        }
+        lines.push("Content-Length: {CL}".to_string());
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        sip_ua::build(&refs, body)
+    };
+    let n = notify(&mut peer, 1, "pending;expires=3600", b"");
+    peer.send_raw(&n).await?;
+    assert_eq!(peer.response().await?.status(), Some(200));
+    assert!(
+        env.home_quiet().await,
+        "pending tells the home side nothing"
+    );
+
+    let body = br#"<categories xmlns="http://schemas.microsoft.com/2006/09/sip/categories"><category name="state"><state xsi:type="aggregateState" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns="http://schemas.microsoft.com/2006/09/sip/state"><availability>3500</availability></state></category></categories>"#;
+    let n = notify(&mut peer, 2, "active;expires=3600", body);
+    peer.send_raw(&n).await?;
+    assert_eq!(peer.response().await?.status(), Some(200));
+    let d = env.home_next().await?;
+    assert_eq!(
+        d.envelope.body,
+        Body::Subscription(Subscription::Subscribed)
+    );
+    assert_eq!(d.envelope.from.bare_string(), "bob@partner.com");
+    assert_eq!(d.envelope.to.bare_string(), "alice@example.com");
+    let d = env.home_next().await?;
+    match &d.envelope.body {
+        Body::Presence(p) => {
+            assert_eq!(&*p.system, "xmpp");
+            assert_eq!(&*p.state, "available");
+        }
+        other => bail!("expected presence, got {other:?}"),
+    }
+
+    // A request that carries a Via we inserted comes back: loop (RFC 5393).
+    let our_via = hv(&sub, "Via").to_owned();
+    let b = peer.branch();
+    peer.send(
+        &[
+            "MESSAGE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            &format!("Via: {our_via}"),
+            "Max-Forwards: 69",
+            "From: <sip:bob@partner.com>;tag=l1",
+            "To: <sip:alice@example.com>",
+            "Call-ID: loop-1",
+            "CSeq: 1 MESSAGE",
+            "Content-Type: text/plain",
+            "Content-Length: {CL}",
+        ],
+        b"loop",
+    )
+    .await?;
+    assert_eq!(peer.response().await?.status(), Some(482));
+
+    // Unsubscribe from the home side: SUBSCRIBE Expires 0 inside the dialog.
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Unsubscribe),
+    )?;
+    let un = peer.request("SUBSCRIBE").await?;
+    assert_eq!(hv(&un, "Expires"), "0");
+    assert_eq!(un.call_id().ok(), Some(call.as_str()));
+    assert_eq!(to_tag(&un), "uatag");
+    assert_eq!(
+        un.request_uri_str(),
+        Some("sip:bob@127.0.0.1:5999;transport=tcp")
+    );
+    peer.respond(&un, 200, "OK", &[("Expires", "0")], None)
+        .await?;
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn outbound_im_session_is_opened_and_reused() -> Result<()> {
+    let mut env = setup().await?;
+    let msg = |t: &str| {
+        Body::Message(MessageBody {
+            id: None,
+            text: t.into(),
+            thread: None,
+        })
+    };
+    env.home_send("alice@example.com/pc", "bob@partner.com", msg("one"))?;
+    env.home_send("alice@example.com/pc", "bob@partner.com", msg("two"))?;
+    let mut peer = Ua::accept(&env.route).await?;
+    let inv = peer.request("INVITE").await?;
+    assert!(body_str(&inv).contains("m=message"));
+    peer.respond(
+        &inv,
+        200,
+        "OK",
+        &[("Contact", "<sip:bob@127.0.0.1:5999;transport=tcp>")],
+        Some(("application/sdp", b"v=0\r\nm=message 5061 sip null\r\n")),
+    )
+    .await?;
+    let ack = peer.request("ACK").await?;
+    assert_eq!(ack.cseq().map(|c| c.seq).ok(), Some(1));
+    for want in ["one", "two"] {
+        let m = peer.request("MESSAGE").await?;
+        assert_eq!(body_str(&m), want);
+        assert_eq!(m.call_id().ok(), inv.call_id().ok());
+        assert_eq!(
+            m.request_uri_str(),
+            Some("sip:bob@127.0.0.1:5999;transport=tcp")
+        );
+        peer.respond(&m, 200, "OK", &[], None).await?;
+    }
+    env.home_send("alice@example.com/pc", "bob@partner.com", msg("three"))?;
+    let m = peer.request("MESSAGE").await?;
+    assert_eq!(body_str(&m), "three");
+    assert_eq!(m.call_id().ok(), inv.call_id().ok(), "session reused");
+    // A failure answer turns into an error for the local sender.
+    peer.respond(&m, 486, "Busy Here", &[], None).await?;
+    let d = env.home_next().await?;
+    assert!(
+        matches!(d.envelope.body, Body::Error { .. }),
+        "{:?}",
+        d.envelope.body
+    );
+    assert_eq!(d.envelope.to.bare_string(), "alice@example.com");
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_restart() -> Result<()> {
+    let mut env = setup().await?;
+    let mut ua = Ua::connect(env.addr).await?;
+    let req = subscribe(&mut ua, "persist-1", 1, None, 3600);
+    ua.send_raw(&req).await?;
+    let ok = ua.response().await?;
+    assert_eq!(ok.status(), Some(200));
+    let tag = to_tag(&ok);
+    let n = ua.request("NOTIFY").await?;
+    let cseq_before = n.cseq().map(|c| c.seq).unwrap_or(0);
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    env.home_next().await?;
+    let dir = env.dir.path().to_owned();
+    let port = env.route.local_addr()?.port();
+    let _ = env.stop.send(true);
+    if let Some(e) = env.edge.take() {
+        e.join(Duration::from_secs(5)).await;
+    }
+    assert!(dir.join(legate::sip::edge::STATE_FILE).exists());
+
+    let (_hub, edge, mut home, stop) = start_edge(&dir, port).await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    // The restored pending subscription is re-announced to the home side.
+    let d = tokio::time::timeout(WAIT, home.recv())
+        .await?
+        .context("closed")?;
+    assert_eq!(d.envelope.body, Body::Subscription(Subscription::Subscribe));
+    let mut ua = Ua::connect(addr).await?;
+    let r = subscribe(&mut ua, "persist-1", 2, Some(&tag), 3600);
+    ua.send_raw(&r).await?;
+    let ok = ua.response().await?;
+    assert_eq!(
+        ok.status(),
+        Some(200),
+        "the refresh matches the restored dialog"
+    );
+    let n = ua.request("NOTIFY").await?;
+    assert!(n.cseq().map(|c| c.seq).unwrap_or(0) > cseq_before);
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    drop(env);
+    Ok(())
+}
+
+/// sipp (Debian `sip-tester`, no TLS) runs a pager MESSAGE scenario and a SUBSCRIBE/NOTIFY
+/// scenario over TCP. Skipped (with a note) when sipp is not installed.
+#[tokio::test]
+async fn sipp_scenarios() -> Result<()> {
+    let sipp = Path::new("/usr/bin/sipp");
+    if !sipp.exists() {
+        eprintln!("sipp not installed; skipping");
+        return Ok(());
+    }
+    let mut env = setup().await?;
+    // Drain the home side so its outbox never fills.
+    let drained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = drained.clone();
+    let mut home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
+    let drain = tokio::spawn(async move {
+        while home.recv().await.is_some() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sipp");
+    for (file, calls) in [("message.xml", 20u32), ("subscribe.xml", 5)] {
+        let out = run_sipp(&data.join(file), env.addr, calls, 50).await?;
+        assert!(
+            out.status.success(),
+            "sipp {file} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(drained.load(std::sync::atomic::Ordering::Relaxed) >= 25);
+    drain.abort();
+    env.stop().await;
+    Ok(())
+}
+
+/// Runs sipp as UAC against `target`, bounded in time; the child is killed on drop.
+async fn run_sipp(
+    scenario: &Path,
+    target: SocketAddr,
+    calls: u32,
+    rate: u32,
+) -> Result<std::process::Output> {
+    let child = tokio::process::Command::new("/usr/bin/sipp")
+        .arg("-sf")
+        .arg(scenario)
+        .args(["-t", "t1", "-i", "127.0.0.1"])
+        .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
+        .args(["-timeout", "20s", "-timeout_error", "-nostdin"])
+        .arg(target.to_string())
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("sipp did not finish in time")??;
+    Ok(out)
+}
