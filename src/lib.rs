@@ -12,4 +12,5 @@ pub mod config;
 pub mod diag;
 pub mod presence;
 pub mod sip;
+pub mod tls;
 pub mod xmpp;
