@@ -288,22 +288,23 @@ impl ServerTls {
         let resolver = Arc::new(SniResolver {
             table: ArcSwap::from_pointee(settings.load_certs()?),
         });
-        let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
-            match &settings.trust_bundle {
-                Some(path) => {
-                    let roots = load_trust_bundle(path)?;
-                    let inner =
-                        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                            .allow_unauthenticated()
-                            .build()?;
-                    Arc::new(verify::EkuTolerantClientVerifier::new(
-                        inner,
-                        roots,
-                        provider.signature_verification_algorithms,
-                    ))
-                }
-                None => WebPkiClientVerifier::no_client_auth(),
-            };
+        let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match &settings
+            .trust_bundle
+        {
+            Some(path) => {
+                let roots = load_trust_bundle(path)?;
+                let inner =
+                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                        .allow_unauthenticated()
+                        .build()?;
+                Arc::new(verify::EkuTolerantClientVerifier::new(
+                    inner,
+                    roots,
+                    provider.signature_verification_algorithms,
+                ))
+            }
+            None => WebPkiClientVerifier::no_client_auth(),
+        };
         let config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(versions(settings.min_version))?
             .with_client_cert_verifier(verifier)
@@ -481,9 +482,8 @@ impl ClientTls {
 pub fn server_name(d: &Domain) -> ServerName<'static> {
     // A `Domain` is a validated hostname, so this conversion does not fail; fall back to an IP
     // literal form never happens, but keep it total without panicking.
-    ServerName::try_from(d.as_str().to_string()).unwrap_or_else(|_| {
-        ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
-    })
+    ServerName::try_from(d.as_str().to_string())
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into()))
 }
 
 /// The verified peer certificate of a finished handshake, `None` when the peer sent none.
@@ -701,7 +701,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for f in TlsFailure::ALL {
             assert!(seen.insert(f.label()));
-            assert!(f.label().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(f
+                .label()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
         }
     }
 
@@ -713,7 +716,9 @@ mod tests {
             TlsFailure::UnknownCa
         );
         assert_eq!(
-            TlsFailure::from_rustls(&E::PeerIncompatible(PeerIncompatible::NoCipherSuitesInCommon)),
+            TlsFailure::from_rustls(&E::PeerIncompatible(
+                PeerIncompatible::NoCipherSuitesInCommon
+            )),
             TlsFailure::NoSharedCipher
         );
         assert_eq!(
@@ -754,15 +759,22 @@ mod tests {
             server_auth_eku: true,
             leaf_der: vec![],
         };
-        assert_eq!(check_peer(Some(&pc), &d, false), Err(PeerDenied::NoClientAuthEku));
+        assert_eq!(
+            check_peer(Some(&pc), &d, false),
+            Err(PeerDenied::NoClientAuthEku)
+        );
         assert_eq!(
             check_peer(Some(&pc), &d, true),
-            Ok(PeerPermit { eku_tolerated: true })
+            Ok(PeerPermit {
+                eku_tolerated: true
+            })
         );
         pc.client_auth_eku = true;
         assert_eq!(
             check_peer(Some(&pc), &d, false),
-            Ok(PeerPermit { eku_tolerated: false })
+            Ok(PeerPermit {
+                eku_tolerated: false
+            })
         );
         assert_eq!(check_peer(None, &d, true), Err(PeerDenied::NoCertificate));
     }

@@ -72,7 +72,10 @@ impl ClientCertVerifier for EkuTolerantClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Ok(v) => Ok(v),
             Err(e) if is_wrong_purpose(&e) => {
                 let cert = ParsedCertificate::try_from(end_entity)?;
