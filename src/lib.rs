@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod diag;
+pub mod dns;
 pub mod presence;
 pub mod sip;
 pub mod tls;
