@@ -307,6 +307,64 @@ async fn missing_client_auth_eku_is_refused_unless_tolerated() {
             })
         );
 
+        // The serverAuth fallback verifies chains with intermediates like the normal path.
+        let chained = f.leaf_with(
+            "ocs-chain",
+            LeafSpec::new(&["ocs.partner.test"])
+                .eku(Eku::ServerOnly)
+                .via_intermediate(),
+        );
+        let client = ClientTls::new(&client_settings(
+            f.ca_path(),
+            Some((&chained.cert, &chained.key)),
+        ))
+        .expect("client tls");
+        let (srv, ok) = mutual(&server, &client, "a.test").await;
+        assert!(ok);
+        let peer = srv.expect("handshake").expect("cert");
+        assert!(!peer.client_auth_eku);
+        assert!(check_peer(Some(&peer), &d, true).is_ok());
+
+        // A serverAuth-only leaf from an unknown CA is still refused during the handshake.
+        let rogue = CertFactory::with_ca_name("Rogue CA");
+        let bad = rogue.leaf_with(
+            "rogue-ocs",
+            LeafSpec::new(&["ocs.partner.test"]).eku(Eku::ServerOnly),
+        );
+        let client = ClientTls::new(&client_settings(f.ca_path(), Some((&bad.cert, &bad.key))))
+            .expect("client tls");
+        let (srv, ok) = mutual(&server, &client, "a.test").await;
+        assert!(!ok);
+        assert_eq!(srv.expect_err("refused").failure, TlsFailure::UnknownCa);
+
+        // A leaf valid for neither TLS purpose is refused during the handshake.
+        let mail = f.leaf_with(
+            "mail",
+            LeafSpec::new(&["mail.partner.test"]).eku(Eku::EmailOnly),
+        );
+        let client = ClientTls::new(&client_settings(f.ca_path(), Some((&mail.cert, &mail.key))))
+            .expect("client tls");
+        let (srv, ok) = mutual(&server, &client, "a.test").await;
+        assert!(!ok);
+        assert_eq!(
+            srv.expect_err("refused").failure,
+            TlsFailure::BadCertificate
+        );
+
+        // A clientAuth-only leaf passes the normal path.
+        let c_only = f.leaf_with(
+            "conly",
+            LeafSpec::new(&["c.partner.test"]).eku(Eku::ClientOnly),
+        );
+        let client = ClientTls::new(&client_settings(
+            f.ca_path(),
+            Some((&c_only.cert, &c_only.key)),
+        ))
+        .expect("client tls");
+        let (srv, _) = mutual(&server, &client, "a.test").await;
+        let peer = srv.expect("handshake").expect("cert");
+        assert!(peer.client_auth_eku && !peer.server_auth_eku);
+
         // No EKU extension at all means any purpose (RFC 5280 §4.2.1.12).
         let any = f.leaf_with("any", LeafSpec::new(&["any.test"]).eku(Eku::Absent));
         let client = ClientTls::new(&client_settings(f.ca_path(), Some((&any.cert, &any.key))))

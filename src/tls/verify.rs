@@ -87,8 +87,16 @@ impl ClientCertVerifier for EkuTolerantClientVerifier {
                     self.algs.all,
                 )
                 .map(|()| ClientCertVerified::assertion())
-                // Neither purpose: report the original (clientAuth) refusal.
-                .map_err(|_| e)
+                // webpki checks the leaf's EKU before building the chain, so the first error
+                // may hide a chain problem (unknown CA, expiry): report the fallback's reason,
+                // unless it is the EKU again (valid for neither purpose).
+                .map_err(|fallback| {
+                    if is_wrong_purpose(&fallback) {
+                        e
+                    } else {
+                        fallback
+                    }
+                })
             }
             Err(e) => Err(e),
         }

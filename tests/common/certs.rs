@@ -22,6 +22,8 @@ pub enum Eku {
     ClientOnly,
     /// No EKU extension at all (any purpose, RFC 5280 §4.2.1.12).
     Absent,
+    /// Only emailProtection: valid for neither TLS purpose.
+    EmailOnly,
 }
 
 /// What to put in a leaf certificate.
@@ -34,6 +36,9 @@ pub struct LeafSpec {
     pub eku: Eku,
     /// Validity ended in 2001.
     pub expired: bool,
+    /// Signed by a fresh intermediate CA (itself signed by the root); the certificate file then
+    /// holds the leaf followed by the intermediate.
+    pub via_intermediate: bool,
 }
 
 impl LeafSpec {
@@ -43,6 +48,7 @@ impl LeafSpec {
             cn: sans.first().map(|s| s.to_string()),
             eku: Eku::Both,
             expired: false,
+            via_intermediate: false,
         }
     }
 
@@ -58,6 +64,11 @@ impl LeafSpec {
 
     pub fn expired(mut self) -> Self {
         self.expired = true;
+        self
+    }
+
+    pub fn via_intermediate(mut self) -> Self {
+        self.via_intermediate = true;
         self
     }
 }
@@ -150,21 +161,52 @@ impl CertFactory {
             Eku::ServerOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
             Eku::ClientOnly => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Eku::Absent => vec![],
+            Eku::EmailOnly => vec![ExtendedKeyUsagePurpose::EmailProtection],
         };
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);
         }
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let (cert, chain_pem) = if spec.via_intermediate {
+            let (sub, sub_pem) = self.intermediate(&format!("{file_stem} Intermediate CA"));
+            let cert = params.signed_by(&key, &sub).expect("sign leaf");
+            let pem = cert.pem() + &sub_pem;
+            (cert, pem)
+        } else {
+            let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+            let pem = cert.pem();
+            (cert, pem)
+        };
         let cert_path = self.dir.path().join(format!("{file_stem}.pem"));
         let key_path = self.dir.path().join(format!("{file_stem}.key"));
-        std::fs::write(&cert_path, cert.pem()).expect("write leaf");
+        std::fs::write(&cert_path, chain_pem).expect("write leaf");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
         Leaf {
             cert: cert_path,
             key: key_path,
             der: cert.der().to_vec(),
         }
+    }
+}
+
+impl CertFactory {
+    /// An intermediate CA signed by the root: its issuer handle and its certificate PEM.
+    fn intermediate(&self, name: &str) -> (Issuer<'static, KeyPair>, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("intermediate key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign intermediate");
+        (Issuer::new(params, key), cert.pem())
     }
 }
 
