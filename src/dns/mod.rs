@@ -329,6 +329,13 @@ impl Resolver {
     /// Addresses of `host`: the cluster address map first, then A/AAAA.
     pub async fn lookup_ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
         let key = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if let Ok(ip) = key
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(vec![ip]);
+        }
         if let Some(ips) = self.address_map.load().get(&key) {
             return Ok(ips.clone());
         }

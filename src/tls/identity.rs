@@ -300,6 +300,36 @@ mod tests {
         assert!(!name_matches("bücher.example", "xn--bcher-kva.example"));
     }
 
+    /// Every truncation of a real certificate is an error, never a panic; the whole parses.
+    #[test]
+    fn truncated_certificates_are_errors() {
+        let Ok(key) = rcgen::KeyPair::generate() else {
+            return;
+        };
+        let Ok(params) = rcgen::CertificateParams::new(vec!["a.example.com".to_string()]) else {
+            return;
+        };
+        let Ok(cert) = params.self_signed(&key) else {
+            return;
+        };
+        let der = cert.der().to_vec();
+        let whole = PeerCert::from_der(&der);
+        assert_eq!(
+            whole.map(|p| p.dns_ids),
+            Ok(vec!["a.example.com".to_string()])
+        );
+        for n in 0..der.len() {
+            assert!(PeerCert::from_der(&der[..n]).is_err(), "prefix {n} parsed");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = PeerCert::from_der(&bytes);
+        }
+    }
+
     #[test]
     fn garbage_der_is_an_error_not_a_panic() {
         for bad in [

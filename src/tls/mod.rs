@@ -480,10 +480,12 @@ impl ClientTls {
 
 /// SNI / reference identity for a domain.
 pub fn server_name(d: &Domain) -> ServerName<'static> {
-    // A `Domain` is a validated hostname, so this conversion does not fail; fall back to an IP
-    // literal form never happens, but keep it total without panicking.
-    ServerName::try_from(d.as_str().to_string())
-        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into()))
+    // A `Domain` is a validated LDH hostname, which rustls always accepts as a DNS name. Should
+    // that ever change, fail closed: the unspecified address matches no certificate, so the
+    // handshake is refused rather than sent without SNI or checked against the wrong name.
+    ServerName::try_from(d.as_str().to_string()).unwrap_or(ServerName::IpAddress(
+        std::net::Ipv4Addr::UNSPECIFIED.into(),
+    ))
 }
 
 /// The verified peer certificate of a finished handshake, `None` when the peer sent none.
