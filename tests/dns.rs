@@ -538,3 +538,32 @@ async fn a_dead_server_fails_with_a_bounded_error() {
 fn a_missing_dnsmasq_fails_loudly() {
     let _ = Dnsmasq::start_with("/nonexistent/sbin/dnsmasq", &[]);
 }
+
+#[tokio::test]
+async fn srv_targets_without_address_are_skipped_and_dual_stack_kept() {
+    tokio::time::timeout(T, async {
+        let dns = Dnsmasq::start(&[
+            "--srv-host=_sipfederationtls._tcp.ghost.test,gone.ghost.test,5061,10,0",
+            "--srv-host=_sipfederationtls._tcp.ghost.test,real.ghost.test,5061,20,0",
+            "--host-record=real.ghost.test,127.0.0.91,::1",
+            "--srv-host=_sipfederationtls._tcp.allgone.test,gone.allgone.test,5061,10,0",
+        ]);
+        let r = dns.resolver();
+        let t = r
+            .sip_targets(&dom("ghost.test"), None)
+            .await
+            .expect("targets");
+        let mut got = addrs(&t);
+        got.sort();
+        assert_eq!(got, vec![sa("127.0.0.91:5061"), sa("[::1]:5061")]);
+        assert!(t.iter().all(|t| t.host == "real.ghost.test"));
+
+        let e = r
+            .sip_targets(&dom("allgone.test"), None)
+            .await
+            .expect_err("no target resolves");
+        assert!(matches!(e, DnsError::NoAddresses { .. }), "{e}");
+    })
+    .await
+    .expect("test timed out");
+}
