@@ -567,3 +567,45 @@ async fn srv_targets_without_address_are_skipped_and_dual_stack_kept() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn sip_services_marked_not_offered() {
+    tokio::time::timeout(T, async {
+        let dns = Dnsmasq::start(&[
+            // Microsoft's "we do not federate": final, no RFC 3263 or address guess.
+            "--srv-host=_sipfederationtls._tcp.nofed.test",
+            "--host-record=nofed.test,127.0.0.95",
+            // No TLS, but TCP offered.
+            "--srv-host=_sips._tcp.tcponly.test",
+            "--srv-host=_sip._tcp.tcponly.test,sip.tcponly.test,5060,0,0",
+            "--host-record=sip.tcponly.test,127.0.0.96",
+            // Nothing offered at all.
+            "--srv-host=_sips._tcp.nosip.test",
+            "--srv-host=_sip._tcp.nosip.test",
+            "--host-record=nosip.test,127.0.0.97",
+        ]);
+        let r = dns.resolver();
+        let e = r
+            .sip_targets(&dom("nofed.test"), None)
+            .await
+            .expect_err("nofed");
+        assert!(matches!(e, DnsError::ServiceNotOffered { .. }), "{e}");
+        assert_eq!(dns.queries("NAPTR", "nofed.test"), 0);
+
+        let t = r
+            .sip_targets(&dom("tcponly.test"), None)
+            .await
+            .expect("tcp");
+        assert_eq!(addrs(&t), vec![sa("127.0.0.96:5060")]);
+        assert_eq!(t[0].transport, Transport::Tcp);
+
+        let e = r
+            .sip_targets(&dom("nosip.test"), None)
+            .await
+            .expect_err("nosip");
+        assert!(matches!(e, DnsError::ServiceNotOffered { .. }), "{e}");
+        assert_eq!(dns.queries("A", "nosip.test"), 0);
+    })
+    .await
+    .expect("test timed out");
+}

@@ -482,8 +482,12 @@ impl Resolver {
     ///    `_sips._tcp` (TLS) then `_sip._tcp` (TCP) SRV;
     /// 4. RFC 3263 §4.2: A/AAAA of the domain on port 5061, TLS.
     ///
-    /// A step that finds nothing falls through to the next; a timeout or server failure stops
-    /// the search (the next steps would time out the same way).
+    /// A step that finds nothing (NXDOMAIN, no records, SRV targets without addresses) falls
+    /// through to the next; a timeout or server failure stops the search (the next steps would
+    /// time out the same way). A `.` SRV target (RFC 2782 "decidedly not available") on
+    /// `_sipfederationtls` ends the search with `ServiceNotOffered`; on an RFC 3263 SRV name it
+    /// skips that transport, and if nothing else is found, also ends with `ServiceNotOffered`
+    /// instead of guessing an address.
     pub async fn sip_targets(
         &self,
         domain: &Domain,
@@ -509,22 +513,28 @@ impl Resolver {
             };
         }
         let d = domain.as_str();
-        let mut first_absent: Option<DnsError> = None;
+        // "Nothing here" moves on to the next step; a `.` SRV target skips that service and is
+        // remembered; anything else (timeout, server failure) ends the search.
+        let mut not_offered: Option<DnsError> = None;
         let mut note = |e: DnsError| -> Result<(), DnsError> {
-            if e.is_absent() {
-                first_absent.get_or_insert(e);
-                Ok(())
-            } else {
-                Err(e)
+            match e {
+                DnsError::ServiceNotOffered { .. } => {
+                    not_offered.get_or_insert(e);
+                    Ok(())
+                }
+                e if e.is_absent() => Ok(()),
+                e => Err(e),
             }
         };
 
+        // A `.` here is Microsoft's "this domain does not federate": final.
         let fed = format!("_sipfederationtls._tcp.{d}");
         match self.srv(&fed).await {
             Ok(recs) => {
                 let recs = recs.into_iter().map(|r| (r, Transport::Tls)).collect();
                 return self.srv_targets(d, recs, TargetSource::Srv).await;
             }
+            Err(e @ DnsError::ServiceNotOffered { .. }) => return Err(e),
             Err(e) => note(e)?,
         }
 
@@ -572,6 +582,10 @@ impl Resolver {
         }
         if !out.is_empty() {
             return Ok(dedup(out));
+        }
+        // The domain said "not offered" for the services we looked up: no address guess.
+        if let Some(e) = not_offered {
+            return Err(e);
         }
 
         self.address_fallback(d, SIPS_PORT, Transport::Tls, TargetSource::AddressFallback)
