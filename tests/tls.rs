@@ -621,3 +621,82 @@ async fn dev_cert_script_output_loads() {
     .await
     .expect("test timed out");
 }
+
+/// The TLS files named in a configuration file (relative to it) build working endpoints.
+#[tokio::test]
+async fn endpoints_from_a_configuration_file() {
+    tokio::time::timeout(T, async {
+        let f = CertFactory::new();
+        f.leaf("node", &["gw1.example.test"]);
+        f.leaf("example", &["example.test"]);
+        f.leaf("imp", &["imp.example.test"]);
+        let toml = r#"
+[node]
+id = "gw1"
+
+[[local_domain]]
+name = "example.test"
+cert = "example.pem"
+key = "example.key"
+
+[[local_domain]]
+name = "imp.example.test"
+cert = "imp.pem"
+key = "imp.key"
+
+[[local_domain]]
+name = "other.example.test"
+
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+
+[tls]
+trust_bundle = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+min_version = "1.2"
+"#;
+        let path = f.dir().join("legate.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let cfg = legate::config::load_file(&path, legate::config::BUILTIN_SYSTEMS)
+            .unwrap_or_else(|d| panic!("config: {d}"));
+        let settings = TlsSettings::from_config(&cfg);
+        assert_eq!(settings.domain_certs.len(), 2);
+        assert_eq!(settings.trust_bundle.as_deref(), Some(f.ca_path()));
+
+        let server = ServerTls::from_config(&cfg).expect("server");
+        assert_eq!(
+            served_names(&server, Some("imp.example.test")).await,
+            vec!["imp.example.test"]
+        );
+        assert_eq!(
+            served_names(&server, Some("other.example.test")).await,
+            vec!["gw1.example.test"]
+        );
+
+        // Outbound as imp.example.test presents that domain's certificate.
+        let client = ClientTls::from_config(&cfg).expect("client");
+        let (l, addr) = listener().await;
+        let srv = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (tcp, _) = l.accept().await.expect("accept");
+                let s = server.accept(tcp, HS).await.expect("handshake");
+                peer_identity(s.get_ref().1).expect("parse")
+            })
+        };
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let local = dom("imp.example.test");
+        let _c = client
+            .connect(tcp, Some(&local), &dom("example.test"), HS)
+            .await
+            .expect("client handshake");
+        let peer = srv.await.expect("task").expect("client cert");
+        assert_eq!(peer.dns_ids, vec!["imp.example.test"]);
+    })
+    .await
+    .expect("test timed out");
+}
