@@ -692,6 +692,27 @@ impl HandshakeError {
             source,
         }
     }
+
+    /// The log line for a failed handshake with `peer` (issue 6 item 3: peer address and
+    /// reason), with the likely cause spelled out where we know it.
+    pub fn log(&self, peer: std::net::SocketAddr) {
+        let hint = match self.failure {
+            TlsFailure::NoSharedCipher | TlsFailure::ProtocolVersion => {
+                "the peer may be an old Windows edge without TLS 1.2 ECDHE-GCM suites,                  which Legate does not support"
+            }
+            TlsFailure::UnknownCa => "the certificate's CA is not in tls.trust_bundle (or ours not in theirs)",
+            TlsFailure::CertExpired => "a certificate is outside its validity period (check clocks too)",
+            TlsFailure::NotTls => "the peer did not speak TLS (plain SIP/XMPP on a TLS port?)",
+            _ => "",
+        };
+        tracing::warn!(
+            %peer,
+            reason = self.failure.label(),
+            error = %self.source,
+            hint,
+            "TLS handshake failed"
+        );
+    }
 }
 
 #[cfg(test)]
