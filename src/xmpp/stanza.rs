@@ -156,12 +156,21 @@ impl Stanza {
 
     /// Stanza-level checks of RFC 6120 before anything is routed:
     /// - a top-level element in the content namespace must be `message`, `presence` or `iq`
-    ///   (§4.9.3.24 `unsupported-stanza-type`); other namespaces (negotiation, dialback) are the
+    ///   (§4.9.3.24 `unsupported-stanza-type`), also when it names a content namespace other
+    ///   than the stream's (the RFC's example is a `jabber:client` `<pubsub/>`); other namespaces (negotiation, dialback) are the
     ///   negotiation machine's business and pass here;
     /// - the `type` attribute must be one RFC 6120 §8.2.3 / RFC 6121 §4.7.1, §5.2.2 define
     ///   (§4.9.3.11 `invalid-xml`, as in the RFC's own example); an `iq` needs `id` and `type`.
     pub fn check_kind(&self) -> Result<StanzaKind, StreamErrorCondition> {
-        if *self.ns != *self.ctx.default_ns {
+        let content = *self.ns == *self.ctx.default_ns
+            || [
+                NS_CLIENT,
+                NS_SERVER,
+                NS_COMPONENT_ACCEPT,
+                NS_COMPONENT_CONNECT,
+            ]
+            .contains(&&*self.ns);
+        if !content {
             return Ok(StanzaKind::Other);
         }
         let ty = self.stanza_type();

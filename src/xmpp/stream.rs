@@ -413,12 +413,16 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
     }
     if st.phase == Phase::Prolog && !st.seen_anything {
         // RFC 6120 §11.6: UTF-8 only. A UTF-16 BOM or NUL-interleaved ASCII is another encoding.
+        // Sniff only once at least two bytes are in.
+        if data.len() < 2 {
+            return Ok(());
+        }
         if data.starts_with(&[0xFF, 0xFE]) || data.starts_with(&[0xFE, 0xFF]) {
             return Err(StreamError::UnsupportedEncoding(
                 "UTF-16 byte order mark".into(),
             ));
         }
-        if data.len() >= 2 && (data[0] == 0 || data[1] == 0) {
+        if data[0] == 0 || data[1] == 0 {
             return Err(StreamError::UnsupportedEncoding(
                 "UTF-16/32 without BOM".into(),
             ));
@@ -426,14 +430,13 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
         if data.len() < 3 && [0xEF, 0xBB, 0xBF].starts_with(data) {
             return Ok(());
         }
+        st.seen_anything = true;
         if data.starts_with(&[0xEF, 0xBB, 0xBF]) {
             // A UTF-8 BOM is tolerated at the very start and skipped.
             st.scan += 3;
-            st.seen_anything = true;
             return fill(buf, st);
         }
     }
-    st.seen_anything = true;
 
     // Finish a stalled construct with a resumable scan before running the parser again.
     if let Some(stall) = st.stall {
@@ -447,6 +450,27 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
     }
 
     let Some(last_gt) = memrchr(b'>', data) else {
+        // Refuse a comment, DTD or PI as soon as it starts rather than when it ends.
+        let lead = data
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(data.len());
+        let rest = &data[lead..];
+        if rest.starts_with(b"<!--")
+            || rest.starts_with(b"<!D")
+            || rest.starts_with(b"<!E")
+            || (rest.starts_with(b"<?") && (st.phase != Phase::Prolog || st.events != 0))
+        {
+            return Err(StreamError::RestrictedXml(
+                "comments, DTDs and processing instructions are not allowed".into(),
+            ));
+        }
+        if st.stanza_start.is_none() && rest.first().is_some_and(|&b| b != b'<') {
+            // Non-whitespace character data outside any element.
+            return Err(StreamError::BadFormat(
+                "character data at stream level".into(),
+            ));
+        }
         return check_pending(buf, st);
     };
     let mut limit = last_gt + 1;
@@ -895,6 +919,9 @@ fn start_element(
             st.limits.max_depth
         )));
     }
+    if !valid_name_start(e.name().0) {
+        return Err(nwf(format!("invalid element name '{}'", e.name().0)));
+    }
     let root = st.names.is_empty();
     if root {
         st.stanza_start = Some(s_abs);
@@ -936,6 +963,16 @@ fn start_element(
         st.names.push(q);
     }
     Ok(())
+}
+
+/// XML 1.0 §2.3 NameStartChar, approximated: quick-xml does not check names at all.
+fn valid_name_start(name: &str) -> bool {
+    match name.chars().next() {
+        Some(c) => {
+            c.is_alphabetic() || c == '_' || c == ':' || (!c.is_ascii() && !c.is_whitespace())
+        }
+        None => false,
+    }
 }
 
 fn finish_stanza(e_abs: usize, st: &mut State) -> Result<(), StreamError> {
@@ -998,7 +1035,10 @@ fn open_stream(
     if local.as_ref() != "stream" {
         return Err(StreamError::BadFormat(format!("root element <{}>", name.0)));
     }
-    if name.prefix().map(|p| p.as_ref().to_owned()).as_deref() != Some("stream") {
+    // The prefix must be "stream" (§4.9.3.2 example); a prefix-free header whose default
+    // namespace is the streams namespace is also accepted, because RFC 6120 §9.2 shows one.
+    let prefix_free = name.prefix().is_none();
+    if !prefix_free && name.prefix().map(|p| p.as_ref() == "stream") != Some(true) {
         return Err(StreamError::BadNamespacePrefix(format!(
             "stream element written as <{}>",
             name.0
@@ -1020,6 +1060,7 @@ fn open_stream(
     }
     // RFC 6120 §4.8.2/§4.8.3: the content namespace must be one we speak.
     let default_ns = match default_ns {
+        Some(d) if prefix_free => d,
         Some(d)
             if [
                 NS_SERVER,
