@@ -102,6 +102,57 @@ impl StreamErrorCondition {
     }
 }
 
+/// A received `<stream:error>` (RFC 6120 §4.9.2), as far as we understand it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedStreamError {
+    /// `None` when the peer sent a condition we do not know (treated as undefined-condition).
+    pub condition: Option<StreamErrorCondition>,
+    pub text: Option<String>,
+}
+
+/// Reads a `<stream:error>` element: the first child in the streams-errors namespace is the
+/// condition, `<text>` the description. Bounded by the framer's stanza cap; never fails.
+pub fn parse_stream_error(stanza: &Stanza) -> ReceivedStreamError {
+    let mut out = ReceivedStreamError {
+        condition: None,
+        text: None,
+    };
+    for child in super::stanza::children(stanza) {
+        if child.ns != NS_STREAMS_ERRORS {
+            continue;
+        }
+        if child.name == "text" {
+            out.text = Some(child.text.trim().to_owned());
+        } else if out.condition.is_none() {
+            out.condition = StreamErrorCondition::from_name(&child.name);
+        }
+    }
+    out
+}
+
+/// Reads the `<error>` child of a stanza (RFC 6120 §8.3.2): type and condition.
+pub fn parse_stanza_error(
+    stanza: &Stanza,
+) -> Option<(Option<StanzaErrorType>, Option<StanzaErrorCondition>)> {
+    let err = super::stanza::children(stanza)
+        .into_iter()
+        .find(|c| c.name == "error")?;
+    let ty = match err.attr_type.as_deref() {
+        Some("auth") => Some(StanzaErrorType::Auth),
+        Some("cancel") => Some(StanzaErrorType::Cancel),
+        Some("continue") => Some(StanzaErrorType::Continue),
+        Some("modify") => Some(StanzaErrorType::Modify),
+        Some("wait") => Some(StanzaErrorType::Wait),
+        _ => None,
+    };
+    let cond = err
+        .children
+        .iter()
+        .find(|(_, ns)| ns == NS_STANZAS_ERRORS)
+        .and_then(|(n, _)| StanzaErrorCondition::from_name(n));
+    Some((ty, cond))
+}
+
 /// Stanza error types (RFC 6120 §8.3.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StanzaErrorType {

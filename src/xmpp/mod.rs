@@ -5,6 +5,8 @@
 //! `component` (XEP-0114 handshake machine), `dialback` (XEP-0185 keys, XEP-0220 elements) and
 //! `s2s_negotiate` (RFC 6120 s2s stream negotiation machine). None of these do I/O.
 
+pub mod component;
+pub mod dialback;
 pub mod error;
 pub mod jid;
 pub mod stanza;

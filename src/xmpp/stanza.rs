@@ -249,3 +249,155 @@ fn push_decl(out: &mut Vec<u8>, prefix: Option<&str>, ns: &str) {
     out.extend_from_slice(quick_xml::escape::escape(ns).as_bytes());
     out.push(b'\'');
 }
+
+/// One child element of a stanza root, as read by [`children`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Child {
+    /// Local name.
+    pub name: String,
+    /// Resolved namespace ("" when unbound).
+    pub ns: String,
+    /// Its `type` attribute, if any (used by `<error type=...>`).
+    pub attr_type: Option<String>,
+    /// Concatenated, unescaped character data directly inside it.
+    pub text: String,
+    /// Its own children: (local name, namespace).
+    pub children: Vec<(String, String)>,
+}
+
+/// Direct children of the stanza root with their text and grandchildren names: enough to read
+/// stream features, SASL/TLS elements, stream and stanza errors and dialback keys. Works on
+/// [`Stanza::standalone`] so header-inherited namespaces resolve. Negotiation elements are
+/// small; on anything unexpected it returns what it read so far.
+pub fn children(stanza: &Stanza) -> Vec<Child> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    use quick_xml::NsReader;
+
+    let bytes = stanza.standalone();
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return Vec::new();
+    };
+    let mut r = NsReader::from_str(text);
+    let mut out: Vec<Child> = Vec::new();
+    let mut depth = 0usize;
+    let ns_of = |res: ResolveResult<'_>| match res {
+        ResolveResult::Bound(n) => n.as_ref().to_owned(),
+        _ => String::new(),
+    };
+    loop {
+        match r.read_resolved_event() {
+            Ok((res, Event::Start(e))) => {
+                depth += 1;
+                let name = e.local_name().as_ref().to_owned();
+                if depth == 2 {
+                    let attr_type = e
+                        .try_get_attribute("type")
+                        .ok()
+                        .flatten()
+                        .map(|a| a.value.into_owned());
+                    out.push(Child {
+                        name,
+                        ns: ns_of(res),
+                        attr_type,
+                        ..Child::default()
+                    });
+                } else if depth == 3 {
+                    let ns = ns_of(res);
+                    if let Some(c) = out.last_mut() {
+                        c.children.push((name, ns));
+                    }
+                }
+            }
+            Ok((res, Event::Empty(e))) => {
+                let name = e.local_name().as_ref().to_owned();
+                if depth == 1 {
+                    let attr_type = e
+                        .try_get_attribute("type")
+                        .ok()
+                        .flatten()
+                        .map(|a| a.value.into_owned());
+                    out.push(Child {
+                        name,
+                        ns: ns_of(res),
+                        attr_type,
+                        ..Child::default()
+                    });
+                } else if depth == 2 {
+                    let ns = ns_of(res);
+                    if let Some(c) = out.last_mut() {
+                        c.children.push((name, ns));
+                    }
+                }
+            }
+            Ok((_, Event::End(_))) => depth = depth.saturating_sub(1),
+            Ok((_, Event::Text(t))) if depth == 2 => {
+                if let Some(c) = out.last_mut() {
+                    c.text.push_str(&t);
+                }
+            }
+            Ok((_, Event::GeneralRef(g))) if depth == 2 => {
+                if let Some(c) = out.last_mut() {
+                    let s = match g.resolve_char_ref() {
+                        Ok(Some(ch)) => ch.to_string(),
+                        _ => match &*g {
+                            "lt" => "<".into(),
+                            "gt" => ">".into(),
+                            "amp" => "&".into(),
+                            "apos" => "'".into(),
+                            "quot" => "\"".into(),
+                            _ => String::new(),
+                        },
+                    };
+                    c.text.push_str(&s);
+                }
+            }
+            Ok((_, Event::CData(t))) if depth == 2 => {
+                if let Some(c) = out.last_mut() {
+                    c.text.push_str(&t);
+                }
+            }
+            Ok((_, Event::Eof)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
+/// Concatenated, unescaped character data directly inside the stanza root (a dialback key, a
+/// SASL payload, a `<handshake>` digest), trimmed.
+pub fn root_text(stanza: &Stanza) -> String {
+    use quick_xml::events::Event;
+    use quick_xml::Reader;
+    let Ok(text) = std::str::from_utf8(stanza.bytes()) else {
+        return String::new();
+    };
+    let mut r = Reader::from_str(text);
+    let mut depth = 0usize;
+    let mut out = String::new();
+    loop {
+        match r.read_event() {
+            Ok(Event::Start(_)) => depth += 1,
+            Ok(Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Event::Text(t)) if depth == 1 => out.push_str(&t),
+            Ok(Event::CData(t)) if depth == 1 => out.push_str(&t),
+            Ok(Event::GeneralRef(g)) if depth == 1 => {
+                if let Ok(Some(ch)) = g.resolve_char_ref() {
+                    out.push(ch);
+                } else {
+                    match &*g {
+                        "lt" => out.push('<'),
+                        "gt" => out.push('>'),
+                        "amp" => out.push('&'),
+                        "apos" => out.push('\''),
+                        "quot" => out.push('"'),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(Event::Eof) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    out.trim().to_owned()
+}
