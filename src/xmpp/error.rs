@@ -148,8 +148,8 @@ pub fn parse_stanza_error(
     let cond = err
         .children
         .iter()
-        .find(|(_, ns)| ns == NS_STANZAS_ERRORS)
-        .and_then(|(n, _)| StanzaErrorCondition::from_name(n));
+        .find(|(_, ns, _)| ns == NS_STANZAS_ERRORS)
+        .and_then(|(n, _, _)| StanzaErrorCondition::from_name(n));
     Some((ty, cond))
 }
 

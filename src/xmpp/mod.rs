@@ -9,5 +9,6 @@ pub mod component;
 pub mod dialback;
 pub mod error;
 pub mod jid;
+pub mod s2s_negotiate;
 pub mod stanza;
 pub mod stream;

@@ -110,6 +110,22 @@ impl Stanza {
             .filter(move |(i, _)| *i < 64 && needed & (1u64 << i) != 0)
             .map(|(_, (p, n))| (&**p, &**n))
     }
+    /// Unescaped value of any attribute of the root element (re-reads the start tag; the common
+    /// ones have cheaper accessors below).
+    pub fn attr(&self, qname: &str) -> Option<String> {
+        let text = std::str::from_utf8(&self.bytes).ok()?;
+        let mut r = quick_xml::Reader::from_str(text);
+        match r.read_event() {
+            Ok(quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e)) => {
+                e.try_get_attribute(qname).ok().flatten().and_then(|a| {
+                    quick_xml::escape::unescape(&a.value)
+                        .ok()
+                        .map(|v| v.into_owned())
+                })
+            }
+            _ => None,
+        }
+    }
     /// Raw (still escaped) attribute values of the root element.
     pub fn to_raw(&self) -> Option<&str> {
         self.to.map(|r| self.str_at(r))
@@ -261,8 +277,8 @@ pub struct Child {
     pub attr_type: Option<String>,
     /// Concatenated, unescaped character data directly inside it.
     pub text: String,
-    /// Its own children: (local name, namespace).
-    pub children: Vec<(String, String)>,
+    /// Its own children: (local name, namespace, their direct text).
+    pub children: Vec<(String, String, String)>,
 }
 
 /// Direct children of the stanza root with their text and grandchildren names: enough to read
@@ -305,7 +321,7 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
                 } else if depth == 3 {
                     let ns = ns_of(res);
                     if let Some(c) = out.last_mut() {
-                        c.children.push((name, ns));
+                        c.children.push((name, ns, String::new()));
                     }
                 }
             }
@@ -326,7 +342,7 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
                 } else if depth == 2 {
                     let ns = ns_of(res);
                     if let Some(c) = out.last_mut() {
-                        c.children.push((name, ns));
+                        c.children.push((name, ns, String::new()));
                     }
                 }
             }
@@ -334,6 +350,11 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
             Ok((_, Event::Text(t))) if depth == 2 => {
                 if let Some(c) = out.last_mut() {
                     c.text.push_str(&t);
+                }
+            }
+            Ok((_, Event::Text(t))) if depth == 3 => {
+                if let Some(g) = out.last_mut().and_then(|c| c.children.last_mut()) {
+                    g.2.push_str(&t);
                 }
             }
             Ok((_, Event::GeneralRef(g))) if depth == 2 => {
@@ -359,6 +380,13 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
             }
             Ok((_, Event::Eof)) | Err(_) => break,
             Ok(_) => {}
+        }
+    }
+    // Indentation between elements is not content.
+    for c in &mut out {
+        c.text = c.text.trim().to_owned();
+        for g in &mut c.children {
+            g.2 = g.2.trim().to_owned();
         }
     }
     out

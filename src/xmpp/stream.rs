@@ -148,12 +148,14 @@ impl StreamHeader {
     pub fn ns_context(&self) -> &Arc<NsContext> {
         &self.ns
     }
-    /// RFC 6120 §4.7.5: a `version` whose major number is above 1 gets `unsupported-version`;
-    /// no `version` means a pre-RFC 3920 peer, which this gateway does not speak either.
+    /// RFC 6120 §4.7.5: a `version` whose major number is above 1 (or that is not a version)
+    /// gets `unsupported-version`. A missing `version` is a pre-RFC 3920 peer (still seen with
+    /// dialback-only servers; the XEP-0220 examples omit it) and is tolerated here; whether to
+    /// talk to it is the caller's policy.
     pub fn check_version(&self) -> Result<(), StreamErrorCondition> {
-        let v = self
-            .version()
-            .ok_or(StreamErrorCondition::UnsupportedVersion)?;
+        let Some(v) = self.version() else {
+            return Ok(());
+        };
         let (major, minor) = v
             .split_once('.')
             .ok_or(StreamErrorCondition::UnsupportedVersion)?;
