@@ -683,3 +683,99 @@ fn stream_header_checks() {
     };
     assert_eq!(h.check_version(), Err(C::UnsupportedVersion));
 }
+
+/// A deterministic stand-in for the fuzz target, run by `cargo test`: mutated streams never
+/// panic, fragmentation never changes the outcome, and framed stanzas re-frame identically.
+#[test]
+fn mutated_streams_fragmentation_and_round_trip() {
+    let base = mixed_stream();
+    let snippets: &[&[u8]] = &[
+        b"<!--",
+        b"-->",
+        b"&xxe;",
+        b"&#0;",
+        b"&amp;",
+        b"<a>",
+        b"</a>",
+        b"</",
+        b"'",
+        b"\"",
+        b">",
+        b"<",
+        b"\xff",
+        b"\xc3",
+        b"]]>",
+        b"<![CDATA[",
+        b"<?pi?>",
+        b"<!DOCTYPE",
+        b"x:",
+        b" xmlns='urn:x'",
+        b"\x01",
+        b"<stream:stream>",
+        b"</stream:stream>",
+        b"/>",
+        b" a='1'",
+    ];
+    let mut rng = StdRng::seed_from_u64(0xF022);
+    for round in 0..3000 {
+        let mut input = base[..base.len().min(3000)].to_vec();
+        for _ in 0..rng.random_range(0..4) {
+            let at = rng.random_range(S2S_HEADER.len().min(input.len())..=input.len());
+            match rng.random_range(0..4) {
+                0 => {
+                    if at < input.len() {
+                        input[at] = rng.random();
+                    }
+                }
+                1 => {
+                    let s = snippets[rng.random_range(0..snippets.len())];
+                    input.splice(at..at, s.iter().copied());
+                }
+                2 => {
+                    let end = (at + rng.random_range(0..20)).min(input.len());
+                    input.drain(at..end);
+                }
+                _ => input.truncate(at),
+            }
+        }
+        let (whole, err) = drive(&input, &[], Limits::default(), &[]);
+        let cut = rng.random_range(0..=input.len());
+        let cuts: Vec<usize> = (0..rng.random_range(1..6))
+            .map(|_| rng.random_range(0..=input.len()))
+            .collect();
+        let mut cuts = cuts;
+        cuts.push(cut);
+        cuts.sort_unstable();
+        let (split, err2) = drive(&input, &cuts, Limits::default(), &[]);
+        let show = |v: &[Seen]| {
+            stanzas(v)
+                .iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect::<Vec<_>>()
+        };
+        if (stanzas(&whole), err.as_ref().map(|e| e.condition()))
+            != (stanzas(&split), err2.as_ref().map(|e| e.condition()))
+        {
+            let (a, b) = (show(&whole), show(&split));
+            let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            let _ = std::fs::write("/tmp/round.bin", &input);
+            panic!(
+                "round {round}: cuts {cuts:?}\nwhole: {} stanzas, {err:?}\nsplit: {} stanzas, {err2:?}\nfirst difference: {:?} vs {:?}\ninput tail: {:?}",
+                a.len(),
+                b.len(),
+                a.get(common),
+                b.get(common),
+                String::from_utf8_lossy(&input[input.len().saturating_sub(400)..])
+            );
+        }
+        if let Some(Seen::Open(_)) = whole.first() {
+            let mut again = S2S_HEADER.as_bytes().to_vec();
+            for s in stanzas(&whole) {
+                again.extend_from_slice(&s);
+            }
+            let (re, re_err) = drive(&again, &[], Limits::default(), &[]);
+            assert!(re_err.is_none(), "round {round}: {re_err:?}");
+            assert_eq!(stanzas(&re), stanzas(&whole), "round {round}");
+        }
+    }
+}

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use memchr::{memchr3, memmem, memrchr};
-use quick_xml::errors::{Error as XmlError, SyntaxError};
+use quick_xml::errors::{Error as XmlError, IllFormedError, SyntaxError};
 use quick_xml::escape::EscapeError;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::{NamespaceError, NamespaceResolver, ResolveResult};
@@ -252,6 +252,10 @@ struct State {
     seen_anything: bool,
     /// Events parsed so far (an XML declaration is only allowed as the first).
     events: usize,
+    /// Absolute offset up to which bytes are known to be valid UTF-8 without control characters.
+    checked: usize,
+    /// First byte that can never be valid, once seen.
+    poison: Option<(usize, StreamError)>,
 }
 
 impl State {
@@ -272,6 +276,8 @@ impl State {
             error: None,
             seen_anything: false,
             events: 0,
+            checked: base,
+            poison: None,
         }
     }
 }
@@ -440,18 +446,33 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
         }
     }
 
+    // Bytes that can never be valid (bad UTF-8, control characters) are located once, as they
+    // arrive; parsing stops before them and the error is raised once everything before the
+    // construct containing them has been queued. Fragmentation cannot change the outcome.
+    let poison = find_poison(data, st);
+    let clean = match &poison {
+        Some((at, _)) => at.saturating_sub(st.scan).min(data.len()),
+        None => data.len(),
+    };
+
     // Finish a stalled construct with a resumable scan before running the parser again.
     if let Some(stall) = st.stall {
-        match scan_stall(data, stall) {
+        match scan_stall(&data[..clean], stall) {
             Ok(()) => st.stall = None,
             Err(s) => {
                 st.stall = Some(s);
+                if let Some((_, e)) = poison {
+                    return Err(e);
+                }
                 return check_pending(buf, st);
             }
         }
     }
 
-    let Some(last_gt) = memrchr(b'>', data) else {
+    let Some(last_gt) = memrchr(b'>', &data[..clean]) else {
+        if let Some((_, e)) = poison {
+            return Err(e);
+        }
         // Refuse a comment, DTD or PI as soon as it starts rather than when it ends.
         let lead = data
             .iter()
@@ -475,40 +496,54 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
         }
         return check_pending(buf, st);
     };
-    let mut limit = last_gt + 1;
-    let mut poison: Option<StreamError> = None;
-    // Locate bytes that can never be valid, and parse only up to the last '>' before them.
-    let (text, bad_at) = match std::str::from_utf8(&data[..limit]) {
-        Ok(t) => (t, None),
-        Err(e) => {
-            let v = e.valid_up_to();
-            poison = Some(nwf("invalid UTF-8"));
-            (std::str::from_utf8(&data[..v]).unwrap_or(""), Some(v))
-        }
-    };
-    let mut text = text;
-    if let Some(i) = first_forbidden(text.as_bytes()) {
-        let c = text.as_bytes().get(i).copied().unwrap_or(0);
-        poison = Some(nwf(format!("character U+{c:04X} is not allowed in XML")));
-        text = text.get(..i).unwrap_or("");
-    }
-    let _ = bad_at;
-    if poison.is_some() {
-        limit = memrchr(b'>', text.as_bytes()).map(|i| i + 1).unwrap_or(0);
-        text = text.get(..limit).unwrap_or("");
-    }
+    // Valid by construction (checked by find_poison, and '>' is a character boundary).
+    let text = std::str::from_utf8(&data[..=last_gt]).map_err(|_| nwf("invalid UTF-8"))?;
 
     let start_abs = st.scan;
-    parse(text, start_abs, buf, st)?;
+    parse(text, data, start_abs, buf, st)?;
 
     if st.phase != Phase::Closed {
-        if let Some(e) = poison {
+        if let Some((_, e)) = poison {
             // Parsing stopped before the offending byte; the events before it are already
             // queued and are delivered before this error.
             return Err(e);
         }
     }
     check_pending(buf, st)
+}
+
+/// First byte in `data` (which starts at `st.scan`) that no XML stream may contain, as an
+/// absolute offset. Only bytes not checked before are looked at.
+fn find_poison(data: &[u8], st: &mut State) -> Option<(usize, StreamError)> {
+    if let Some(p) = &st.poison {
+        return Some(p.clone());
+    }
+    let from = st.checked.saturating_sub(st.scan).min(data.len());
+    let new = &data[from..];
+    let (valid, bad_utf8) = match std::str::from_utf8(new) {
+        Ok(_) => (new.len(), false),
+        // error_len() == None: an incomplete sequence at the end, wait for the rest.
+        Err(e) => (e.valid_up_to(), e.error_len().is_some()),
+    };
+    let found = match first_forbidden(&new[..valid]) {
+        Some(i) => {
+            let c = new[i];
+            Some((i, nwf(format!("character U+{c:04X} is not allowed in XML"))))
+        }
+        None if bad_utf8 => Some((valid, nwf("invalid UTF-8"))),
+        None => None,
+    };
+    match found {
+        Some((i, e)) => {
+            let p = (st.scan + from + i, e);
+            st.poison = Some(p.clone());
+            Some(p)
+        }
+        None => {
+            st.checked = st.scan + from + valid;
+            None
+        }
+    }
 }
 
 /// Enforces the size cap on bytes that do not form a complete element yet.
@@ -590,7 +625,13 @@ fn abs_of(text: &str, sub: &str, abs0: usize) -> usize {
     (sub.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize) + abs0
 }
 
-fn parse(text: &str, abs0: usize, buf: &[u8], st: &mut State) -> Result<(), StreamError> {
+fn parse(
+    text: &str,
+    full: &[u8],
+    abs0: usize,
+    buf: &[u8],
+    st: &mut State,
+) -> Result<(), StreamError> {
     let mut reader = Reader::from_str(text);
     {
         let c = reader.config_mut();
@@ -619,14 +660,43 @@ fn parse(text: &str, abs0: usize, buf: &[u8], st: &mut State) -> Result<(), Stre
                     return Ok(());
                 }
             }
-            Err(e) => return on_parse_error(e, text, pos, st),
+            Err(e) => return on_parse_error(e, text, full, pos, st),
         }
     }
 }
 
 /// Turns a quick-xml error into a stall (construct incomplete) or a stream error.
-fn on_parse_error(e: XmlError, text: &str, pos: usize, st: &mut State) -> Result<(), StreamError> {
+fn on_parse_error(
+    e: XmlError,
+    text: &str,
+    full: &[u8],
+    pos: usize,
+    st: &mut State,
+) -> Result<(), StreamError> {
     let rest = text.as_bytes().get(pos..).unwrap_or(&[]);
+    if let XmlError::IllFormed(IllFormedError::UnclosedReference) = e {
+        // The slice may end at a '>' that is character data inside a reference's would-be name
+        // (`&quo-->t;`): decide on the full buffer whether the reference can still complete.
+        let rest_full = full.get(pos..).unwrap_or(&[]);
+        let amp = memchr::memchr(b'&', rest_full).unwrap_or(0);
+        let after = rest_full.get(amp + 1..).unwrap_or(&[]);
+        let window = &after[..after.len().min(MAX_REF_NAME)];
+        return match window
+            .iter()
+            .position(|&b| matches!(b, b';' | b'<' | b'&') || b.is_ascii_whitespace())
+        {
+            Some(i) if window[i] == b';' => {
+                st.scan += amp;
+                Ok(())
+            }
+            Some(_) => Err(nwf("'&' that does not start a reference")),
+            None if after.len() < MAX_REF_NAME => {
+                st.scan += amp;
+                Ok(())
+            }
+            None => Err(nwf("unterminated reference")),
+        };
+    }
     // Skip text that precedes the construct (it was not returned as an event).
     let lt = memchr::memchr(b'<', rest).unwrap_or(0);
     let construct = &rest[lt..];
@@ -779,6 +849,16 @@ fn check_refs(v: &str) -> Result<(), StreamError> {
     }
 }
 
+/// Longest entity name we wait for before calling a `&` malformed.
+const MAX_REF_NAME: usize = 64;
+
+/// XML 1.0 §2.3 Name, approximated on ASCII (non-ASCII name characters are accepted).
+fn is_xml_name(s: &str) -> bool {
+    valid_name_start(s)
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_' | ':') || !c.is_ascii())
+}
+
 /// XML 1.0 §2.2 Char production.
 fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
@@ -846,6 +926,7 @@ fn handle(
                 Err(e) => Err(nwf(e.to_string())),
                 Ok(None) => match &*r {
                     "lt" | "gt" | "amp" | "apos" | "quot" => Ok(()),
+                    other if !is_xml_name(other) => Err(nwf("malformed reference")),
                     other => Err(StreamError::RestrictedXml(format!(
                         "entity reference &{other};"
                     ))),
