@@ -19,12 +19,12 @@ fn stanza_mix() -> Vec<u8> {
     let mut i = 0u32;
     while s.len() < 1_000_000 {
         match i % 8 {
-            0 | 1 | 2 => s.push_str(&format!(
+            0..=2 => s.push_str(&format!(
                 "<message from='juliet{i}@example.net/balcony' to='romeo@im.example.com' id='msg-{i:08x}' type='chat' xml:lang='en'>\
                  <body>Art thou not Romeo, and a Montague? &amp; message number {i} with some more text to make it realistic.</body>\
                  <active xmlns='http://jabber.org/protocol/chatstates'/><origin-id xmlns='urn:xmpp:sid:0' id='{i:016x}'/></message>"
             )),
-            3 | 4 => s.push_str(&format!(
+            3..=4 => s.push_str(&format!(
                 "<presence from='juliet{i}@example.net/balcony' to='romeo@im.example.com'><show>away</show>\
                  <status>In a meeting until 15:00 &#x2014; call me later</status><priority>5</priority>\
                  <c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='http://gajim.org' ver='QgayPKawpkPSDYmwT/WM94uAlu0='/>\
@@ -65,7 +65,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("xmpp_framing");
     g.throughput(Throughput::Bytes(input.len() as u64));
     for chunk in [16 * 1024, 1500] {
-        g.bench_function(format!("mix_1MB_chunks_{chunk}"), |b| b.iter(|| frame_all(black_box(&input), chunk)));
+        g.bench_function(format!("mix_1MB_chunks_{chunk}"), |b| {
+            b.iter(|| frame_all(black_box(&input), chunk))
+        });
     }
     g.finish();
 }
