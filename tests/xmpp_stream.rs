@@ -779,3 +779,38 @@ fn mutated_streams_fragmentation_and_round_trip() {
         }
     }
 }
+
+/// A slow sender (one byte per push) costs linear time, and whitespace floods are not held.
+#[test]
+fn slow_sender_is_linear_and_keepalives_are_not_buffered() {
+    let mut f = StreamFramer::default();
+    f.push(S2S_HEADER.as_bytes());
+    assert!(matches!(
+        f.next_event(),
+        Ok(Some(StreamEvent::StreamOpen(_)))
+    ));
+    let mut stanza = b"<message to='a@im.example.com' from='b@example.net'><body>".to_vec();
+    stanza.extend(std::iter::repeat_n(b' ', 60_000));
+    stanza.extend((0..60_000).map(|i| if i % 100 == 0 { b'>' } else { b'x' }));
+    stanza.extend_from_slice(b"<x a='>>>>>>'/><![CDATA[>>>>]]></body></message>");
+    let t = std::time::Instant::now();
+    let mut got = None;
+    for b in &stanza {
+        f.push(std::slice::from_ref(b));
+        if let Ok(Some(StreamEvent::Stanza(s))) = f.next_event() {
+            got = Some(s);
+        }
+    }
+    assert_eq!(got.map(|s| s.bytes().len()), Some(stanza.len()));
+    // Quadratic behaviour would take minutes here, even in a debug build.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    for _ in 0..1_000_000 / 64 {
+        f.push(&[b' '; 64]);
+        assert_eq!(f.next_event(), Ok(None));
+    }
+    assert!(f.buffered_len() < 1024, "{}", f.buffered_len());
+}

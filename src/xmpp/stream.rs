@@ -256,6 +256,10 @@ struct State {
     checked: usize,
     /// First byte that can never be valid, once seen.
     poison: Option<(usize, StreamError)>,
+    /// Bytes before this absolute offset have been searched for '>'; `last_gt` is the last
+    /// one found (both keep a slow sender from making every push rescan its pending bytes).
+    gt_from: usize,
+    last_gt: Option<usize>,
 }
 
 impl State {
@@ -278,6 +282,8 @@ impl State {
             events: 0,
             checked: base,
             poison: None,
+            gt_from: base,
+            last_gt: None,
         }
     }
 }
@@ -338,6 +344,14 @@ impl StreamFramer {
     /// is dead: the same error is returned again.
     pub fn next_event(&mut self) -> Result<Option<StreamEvent>, StreamError> {
         if self.st.queue.is_empty() && self.st.error.is_none() {
+            // Drop bytes already consumed between top-level elements (whitespace) so a
+            // keepalive flood cannot grow the buffer.
+            let st = &mut self.st;
+            if st.stanza_start.is_none() && st.stall.is_none() && st.scan > st.base {
+                let n = (st.scan - st.base).min(self.buf.len());
+                let _ = self.buf.split_to(n);
+                st.base += n;
+            }
             if let Err(e) = fill(&self.buf, &mut self.st) {
                 self.st.error = Some(e);
             }
@@ -449,6 +463,24 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
     // Bytes that can never be valid (bad UTF-8, control characters) are located once, as they
     // arrive; parsing stops before them and the error is raised once everything before the
     // construct containing them has been queued. Fragmentation cannot change the outcome.
+    let mut data = data;
+    if st.phase != Phase::Closed && st.stanza_start.is_none() && st.stall.is_none() {
+        // Whitespace between top-level elements (keepalives, RFC 6120 §4.6.1) is consumed here
+        // so it is never rescanned and never held: `next_event` drops it from the buffer.
+        let ws = data
+            .iter()
+            .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .unwrap_or(data.len());
+        if ws > 0 {
+            st.scan += ws;
+            // Whitespace counts as content for "the XML declaration comes first".
+            st.events += 1;
+            data = &data[ws..];
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+    }
     let poison = find_poison(data, st);
     let clean = match &poison {
         Some((at, _)) => at.saturating_sub(st.scan).min(data.len()),
@@ -469,30 +501,33 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
         }
     }
 
-    let Some(last_gt) = memrchr(b'>', &data[..clean]) else {
+    // The last '>' of the clean region, searching only bytes not searched before.
+    let search_from = st.gt_from.saturating_sub(st.scan).min(clean);
+    if let Some(i) = memrchr(b'>', &data[search_from..clean]) {
+        st.last_gt = Some(st.scan + search_from + i);
+    }
+    st.gt_from = st.scan + clean;
+    let Some(last_gt) = st.last_gt.filter(|&g| g >= st.scan).map(|g| g - st.scan) else {
         if let Some((_, e)) = poison {
             return Err(e);
         }
-        // Refuse a comment, DTD or PI as soon as it starts rather than when it ends.
-        let lead = data
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(data.len());
-        let rest = &data[lead..];
-        if rest.starts_with(b"<!--")
-            || rest.starts_with(b"<!D")
-            || rest.starts_with(b"<!E")
-            || (rest.starts_with(b"<?") && (st.phase != Phase::Prolog || st.events != 0))
-        {
-            return Err(StreamError::RestrictedXml(
-                "comments, DTDs and processing instructions are not allowed".into(),
-            ));
-        }
-        if st.stanza_start.is_none() && rest.first().is_some_and(|&b| b != b'<') {
-            // Non-whitespace character data outside any element.
-            return Err(StreamError::BadFormat(
-                "character data at stream level".into(),
-            ));
+        if st.stanza_start.is_none() {
+            // Between elements (leading whitespace was consumed above): refuse a comment, DTD
+            // or PI as soon as it starts rather than when it ends, and character data at once.
+            if data.starts_with(b"<!--")
+                || data.starts_with(b"<!D")
+                || data.starts_with(b"<!E")
+                || (data.starts_with(b"<?") && (st.phase != Phase::Prolog || st.events != 0))
+            {
+                return Err(StreamError::RestrictedXml(
+                    "comments, DTDs and processing instructions are not allowed".into(),
+                ));
+            }
+            if data.first().is_some_and(|&b| b != b'<') {
+                return Err(StreamError::BadFormat(
+                    "character data at stream level".into(),
+                ));
+            }
         }
         return check_pending(buf, st);
     };
