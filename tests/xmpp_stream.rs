@@ -814,3 +814,51 @@ fn slow_sender_is_linear_and_keepalives_are_not_buffered() {
     }
     assert!(f.buffered_len() < 1024, "{}", f.buffered_len());
 }
+
+/// XEP-0114 example exchange, from the vector files, through the framer and the machine.
+#[test]
+fn xep_0114_vectors() {
+    use legate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
+    let t0 = std::time::Instant::now();
+    let mut m = ComponentHandshake::new(ComponentConfig::new("plays.shakespeare.lit", "test"));
+    let a = m.start(t0);
+    let [ComponentAction::SendBytes(ours)] = a.as_slice() else {
+        panic!("{a:?}")
+    };
+    // Our header carries every attribute of example 1.
+    let header_of = |b: &[u8]| {
+        let mut f = StreamFramer::default();
+        f.push(b);
+        match f.next_event() {
+            Ok(Some(StreamEvent::StreamOpen(h))) => h,
+            other => panic!("{other:?}"),
+        }
+    };
+    let want = header_of(&read(
+        "xep-0114/01-component-sends-stream-header-to-server.xml",
+    ));
+    let got = header_of(ours);
+    for (k, v) in want.attrs() {
+        assert_eq!(got.attr(k), Some(v.as_str()), "{k}");
+    }
+    let mut rx = StreamFramer::default();
+    let mut feed = |m: &mut ComponentHandshake, b: &[u8]| {
+        rx.push(b);
+        let mut out = Vec::new();
+        while let Ok(Some(ev)) = rx.next_event() {
+            out.extend(m.handle_event(&ev));
+        }
+        out
+    };
+    let a = feed(
+        &mut m,
+        &read("xep-0114/02-server-replies-with-stream-header-including-streamid.xml"),
+    );
+    let expected = trimmed(&read("xep-0114/03-component-sends-handshake-element.xml"));
+    assert_eq!(a, vec![ComponentAction::SendBytes(expected)]);
+    let a = feed(
+        &mut m,
+        &read("xep-0114/04-server-sends-empty-handshake-element-to-acknowledge-success.xml"),
+    );
+    assert_eq!(a, vec![ComponentAction::Connected]);
+}

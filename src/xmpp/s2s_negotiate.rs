@@ -292,6 +292,29 @@ impl S2sNegotiator {
         }
     }
 
+    /// Closes the stream with a condition the caller decided (federation policy refusing an
+    /// authenticated domain gets `policy-violation` or `not-authorized` with a text saying why,
+    /// shutdown gets `system-shutdown`, ...). Writes our header first if none went out yet.
+    pub fn close_with_error(
+        &mut self,
+        condition: StreamErrorCondition,
+        text: &str,
+    ) -> Vec<S2sAction> {
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
+        self.fail(condition, text)
+    }
+
+    /// Clean close from our side (idle timeout): `</stream:stream>`; the driver then waits for
+    /// the peer's close tag, which comes back as `Closed`, and shuts the connection.
+    pub fn close(&mut self) -> Vec<S2sAction> {
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
+        vec![S2sAction::SendBytes(b"</stream:stream>".to_vec())]
+    }
+
     pub fn handle_framing_error(&mut self, e: &StreamError) -> Vec<S2sAction> {
         if self.phase == Phase::Done {
             return Vec::new();
@@ -1316,6 +1339,20 @@ mod tests {
                 ..
             })
         ));
+        // The caller's federation policy refusing a domain.
+        let mut s = Side::new(S2sConfig::receiving(&["im.example.com"], "s"));
+        s.m.start(s.t0);
+        s.feed(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server' to='im.example.com' from='example.net' version='1.0'>");
+        let a = s.m.close_with_error(
+            StreamErrorCondition::PolicyViolation,
+            "example.net is not on the allow-list",
+        );
+        let out = String::from_utf8_lossy(&sent(&a)).into_owned();
+        assert!(out.contains("<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>example.net is not on the allow-list</text>"), "{out}");
+        assert!(s
+            .m
+            .close_with_error(StreamErrorCondition::Reset, "x")
+            .is_empty());
         // Stanza before authentication (§4.9.3.12 vector, s2s flavour).
         let mut s = Side::new(S2sConfig::receiving(&["im.example.com"], "s"));
         s.m.start(s.t0);

@@ -1212,3 +1212,114 @@ fn open_stream(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HDR: &[u8] = b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+    fn events(input: &[&[u8]]) -> (Vec<StreamEvent>, Option<StreamError>) {
+        let mut f = StreamFramer::default();
+        let mut out = Vec::new();
+        for c in input {
+            f.push(c);
+            loop {
+                match f.next_event() {
+                    Ok(Some(e)) => out.push(e),
+                    Ok(None) => break,
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+        }
+        (out, None)
+    }
+
+    #[test]
+    fn stall_scan_is_quote_aware_and_resumable() {
+        let s = Stall::Tag {
+            quote: None,
+            scanned: 1,
+        };
+        let Err(s) = scan_stall(b"<a x='>", s) else {
+            panic!("'>' inside quotes ends nothing")
+        };
+        assert!(matches!(
+            s,
+            Stall::Tag {
+                quote: Some(b'\''),
+                scanned: 7
+            }
+        ));
+        assert!(scan_stall(b"<a x='>' y=\">\">", s).is_ok());
+        let c = Stall::Until {
+            term: b"]]>",
+            scanned: 9,
+        };
+        let Err(c) = scan_stall(b"<![CDATA[a>b]]", c) else {
+            panic!()
+        };
+        assert!(scan_stall(b"<![CDATA[a>b]]>", c).is_ok());
+    }
+
+    #[test]
+    fn names_and_versions() {
+        assert!(is_xml_name("amp") && is_xml_name("a-b.c_d:e") && is_xml_name("é"));
+        assert!(
+            !is_xml_name("")
+                && !is_xml_name("1a")
+                && !is_xml_name("a b")
+                && !is_xml_name("quo-->t")
+        );
+        let (ev, err) = events(&[HDR]);
+        assert!(err.is_none());
+        let Some(StreamEvent::StreamOpen(h)) = ev.first() else {
+            panic!()
+        };
+        assert_eq!(h.check_version(), Ok(()));
+    }
+
+    #[test]
+    fn events_before_a_bad_byte_are_delivered_first() {
+        let (ev, err) = events(&[HDR, b"<a/><b>x</b>", b"<c>\x80</c>"]);
+        assert_eq!(ev.len(), 3);
+        assert_eq!(
+            err.map(|e| e.condition()),
+            Some(StreamErrorCondition::NotWellFormed)
+        );
+        // The same bytes in one push.
+        let mut all = HDR.to_vec();
+        all.extend_from_slice(b"<a/><b>x</b><c>\x80</c>");
+        let (ev2, err2) = events(&[&all]);
+        assert_eq!(ev2.len(), 3);
+        assert!(err2.is_some());
+    }
+
+    #[test]
+    fn reference_cut_by_the_parse_window_waits() {
+        // The '>' inside "&quo-->t;" is character data; the framer must wait, then refuse
+        // the malformed name.
+        let (_, err) = events(&[HDR, b"<a>&quo-->", b"t;</a>"]);
+        assert_eq!(
+            err.map(|e| e.condition()),
+            Some(StreamErrorCondition::NotWellFormed)
+        );
+        let (ev, err) = events(&[HDR, b"<a>x &amp", b"; y></a>"]);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(ev.len(), 2);
+        let (_, err) = events(&[HDR, b"<a>x & y></a>"]);
+        assert_eq!(
+            err.map(|e| e.condition()),
+            Some(StreamErrorCondition::NotWellFormed)
+        );
+    }
+
+    #[test]
+    fn close_and_after() {
+        let (ev, err) = events(&[HDR, b"<a/></stream:stream><garbage"]);
+        assert!(err.is_none());
+        assert_eq!(ev.last(), Some(&StreamEvent::StreamClose));
+        let (_, err) = events(&[HDR, b"</stream:other>"]);
+        assert!(err.is_some());
+    }
+}
