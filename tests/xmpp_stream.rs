@@ -862,3 +862,91 @@ fn xep_0114_vectors() {
     );
     assert_eq!(a, vec![ComponentAction::Connected]);
 }
+
+fn frame_one(payload: &[u8]) -> legate::xmpp::stanza::Stanza {
+    let mut f = StreamFramer::default();
+    f.push(S2S_HEADER.as_bytes());
+    f.push(payload);
+    let _ = f.next_event();
+    match f.next_event() {
+        Ok(Some(StreamEvent::Stanza(s))) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// RFC 6121 §3.1.2: the user's server bounces a subscription it cannot deliver with
+/// remote-server-not-found (the RFC example uses type='modify').
+#[test]
+fn stanza_error_bounce_matches_rfc6121_example() {
+    use legate::xmpp::error::{
+        parse_stanza_error, stanza_error_bounce, BounceError, StanzaErrorCondition, StanzaErrorType,
+    };
+    use legate::xmpp::stanza::children;
+    let orig = frame_one(&read(
+        "rfc6121-subscription-flow/3.1.2-US-subscribe-stamped.xml",
+    ));
+    let bounce = stanza_error_bounce(
+        &orig,
+        StanzaErrorCondition::RemoteServerNotFound,
+        Some(StanzaErrorType::Modify),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ours = frame_one(&bounce);
+    let want = frame_one(&read(
+        "rfc6121-subscription-flow/3.1.2-US-error-remote-server-not-found.xml",
+    ));
+    assert_eq!(
+        (
+            ours.name(),
+            ours.from(),
+            ours.to(),
+            ours.id(),
+            ours.stanza_type()
+        ),
+        (
+            want.name(),
+            want.from(),
+            want.to(),
+            want.id(),
+            want.stanza_type()
+        )
+    );
+    assert_eq!(children(&ours), children(&want));
+    assert_eq!(
+        parse_stanza_error(&ours),
+        Some((
+            Some(StanzaErrorType::Modify),
+            Some(StanzaErrorCondition::RemoteServerNotFound)
+        ))
+    );
+    // Default type for the condition, text, quoting, and no bounce of an error.
+    let m = frame_one(
+        b"<message from=\"a'b@example.net\" to='c@im.example.com' id='1'><body>x</body></message>",
+    );
+    let b = stanza_error_bounce(
+        &m,
+        StanzaErrorCondition::RemoteServerTimeout,
+        None,
+        Some("peer <slow>"),
+    )
+    .unwrap_or_default();
+    let b = frame_one(&b);
+    assert_eq!(b.to().as_deref(), Some("a'b@example.net"));
+    assert_eq!(
+        parse_stanza_error(&b),
+        Some((
+            Some(StanzaErrorType::Wait),
+            Some(StanzaErrorCondition::RemoteServerTimeout)
+        ))
+    );
+    assert_eq!(
+        stanza_error_bounce(&ours, StanzaErrorCondition::Gone, None, None),
+        Err(BounceError::IsError)
+    );
+    let f = frame_one(b"<stream:features/>");
+    assert!(matches!(
+        stanza_error_bounce(&f, StanzaErrorCondition::Gone, None, None),
+        Err(BounceError::NotAStanza(_))
+    ));
+}
