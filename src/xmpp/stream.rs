@@ -387,7 +387,12 @@ impl StreamFramer {
             Pending::Close { .. } => StreamEvent::StreamClose,
             Pending::Stanza { start, meta, .. } => {
                 let s = rel(start).min(n);
-                let r32 = |r: (usize, usize)| ((r.0 - start) as u32, (r.1 - start) as u32);
+                let r32 = |r: (usize, usize)| {
+                    (
+                        r.0.saturating_sub(start) as u32,
+                        r.1.saturating_sub(start) as u32,
+                    )
+                };
                 let ctx = self.st.ctx.clone().unwrap_or_else(|| {
                     Arc::new(NsContext {
                         default_ns: Arc::from(""),
@@ -532,7 +537,8 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
         return check_pending(buf, st);
     };
     // Valid by construction (checked by find_poison, and '>' is a character boundary).
-    let text = std::str::from_utf8(&data[..=last_gt]).map_err(|_| nwf("invalid UTF-8"))?;
+    let window = data.get(..=last_gt).unwrap_or(&[]);
+    let text = std::str::from_utf8(window).map_err(|_| nwf("invalid UTF-8"))?;
 
     let start_abs = st.scan;
     parse(text, data, start_abs, buf, st)?;
@@ -1003,7 +1009,9 @@ fn handle(
                     Ok(())
                 }
                 Some((a, b)) => {
-                    let open = buf.get(a - st.base..b - st.base).unwrap_or(&[]);
+                    let open = buf
+                        .get(a.saturating_sub(st.base)..b.saturating_sub(st.base))
+                        .unwrap_or(&[]);
                     if open != name.as_bytes() {
                         return Err(nwf(format!(
                             "</{name}> closes <{}>",
@@ -1097,7 +1105,7 @@ fn finish_stanza(e_abs: usize, st: &mut State) -> Result<(), StreamError> {
     let Some(start) = st.stanza_start.take() else {
         return Ok(());
     };
-    if e_abs - start > st.limits.max_stanza_bytes {
+    if e_abs.saturating_sub(start) > st.limits.max_stanza_bytes {
         return Err(StreamError::PolicyViolation(format!(
             "stanza exceeds {} bytes",
             st.limits.max_stanza_bytes
@@ -1120,7 +1128,7 @@ fn open_stream(
     e_abs: usize,
     st: &mut State,
 ) -> Result<(), StreamError> {
-    if e_abs - s_abs > st.limits.max_stanza_bytes {
+    if e_abs.saturating_sub(s_abs) > st.limits.max_stanza_bytes {
         return Err(StreamError::PolicyViolation(
             "stream header too large".into(),
         ));
