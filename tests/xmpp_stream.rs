@@ -950,3 +950,193 @@ fn stanza_error_bounce_matches_rfc6121_example() {
         Err(BounceError::NotAStanza(_))
     ));
 }
+
+mod s2s_pair {
+    //! Our initiating machine against our receiving machine over in-memory pipes.
+    use super::*;
+    use legate::xmpp::dialback::{verify_key, DbType};
+    use legate::xmpp::s2s_negotiate::{AuthMethod, S2sAction, S2sConfig, S2sNegotiator};
+
+    struct End {
+        m: S2sNegotiator,
+        rx: StreamFramer,
+        out: Vec<u8>,
+        log: Vec<S2sAction>,
+        tls_pending: bool,
+    }
+
+    impl End {
+        fn new(cfg: S2sConfig) -> End {
+            End {
+                m: S2sNegotiator::new(cfg),
+                rx: StreamFramer::default(),
+                out: Vec::new(),
+                log: Vec::new(),
+                tls_pending: false,
+            }
+        }
+        fn apply(&mut self, acts: Vec<S2sAction>) {
+            for a in acts {
+                match &a {
+                    S2sAction::SendBytes(b) => self.out.extend_from_slice(b),
+                    S2sAction::ResetFramer => self.rx.reset(),
+                    S2sAction::StartTls => {
+                        assert!(self.rx.take_buffered().is_empty());
+                        self.tls_pending = true;
+                    }
+                    _ => {}
+                }
+                self.log.push(a);
+            }
+        }
+        fn receive(&mut self, bytes: &[u8]) {
+            self.rx.push(bytes);
+            while !self.tls_pending {
+                match self.rx.next_event() {
+                    Ok(Some(ev)) => {
+                        let acts = self.m.handle_event(&ev);
+                        self.apply(acts);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let acts = self.m.handle_framing_error(&e);
+                        self.apply(acts);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves bytes both ways (in small chunks) until nothing moves; completes TLS when both
+    /// sides asked for it.
+    fn pump(a: &mut End, b: &mut End, a_cert: &[&str], b_cert: &[&str]) {
+        for _ in 0..100 {
+            let (x, y) = (std::mem::take(&mut a.out), std::mem::take(&mut b.out));
+            for c in x.chunks(7) {
+                b.receive(c);
+            }
+            for c in y.chunks(5) {
+                a.receive(c);
+            }
+            if a.tls_pending && b.tls_pending {
+                a.tls_pending = false;
+                b.tls_pending = false;
+                let acts =
+                    a.m.handle_tls_established(b_cert.iter().map(|s| s.to_string()).collect());
+                a.apply(acts);
+                let acts =
+                    b.m.handle_tls_established(a_cert.iter().map(|s| s.to_string()).collect());
+                b.apply(acts);
+            }
+            if a.out.is_empty() && b.out.is_empty() {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    fn authenticated(log: &[S2sAction]) -> Vec<(String, AuthMethod)> {
+        log.iter()
+            .filter_map(|a| match a {
+                S2sAction::Authenticated { domain, method } => Some((domain.clone(), *method)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn starttls_and_sasl_external_end_to_end() {
+        let t0 = std::time::Instant::now();
+        let mut i = End::new(S2sConfig::initiating("legate.example", "xmpp.test", "s1"));
+        let mut r = End::new(S2sConfig::receiving(&["xmpp.test"], "s2"));
+        let acts = r.m.start(t0);
+        r.apply(acts);
+        let acts = i.m.start(t0);
+        i.apply(acts);
+        pump(&mut i, &mut r, &["legate.example"], &["xmpp.test"]);
+        assert_eq!(
+            authenticated(&i.log),
+            vec![("xmpp.test".into(), AuthMethod::SaslExternal)]
+        );
+        assert_eq!(
+            authenticated(&r.log),
+            vec![("legate.example".into(), AuthMethod::SaslExternal)]
+        );
+        assert!(i.m.is_tls() && r.m.is_tls());
+        i.out.extend_from_slice(b"<message from='alice@legate.example' to='dave@xmpp.test' id='1'><body>hi</body></message>");
+        pump(&mut i, &mut r, &[], &[]);
+        assert!(
+            matches!(r.log.last(), Some(S2sAction::Deliver(s)) if s.id().as_deref() == Some("1"))
+        );
+        // Clean close both ways.
+        let acts = i.m.close();
+        i.apply(acts);
+        pump(&mut i, &mut r, &[], &[]);
+        assert_eq!(r.log.last(), Some(&S2sAction::Closed));
+        assert_eq!(i.log.last(), Some(&S2sAction::Closed));
+        // One close tag each way.
+        let closes = |log: &[S2sAction]| {
+            log.iter()
+                .filter(
+                    |a| matches!(a, S2sAction::SendBytes(b) if b.ends_with(b"</stream:stream>")),
+                )
+                .count()
+        };
+        assert_eq!((closes(&i.log), closes(&r.log)), (1, 1));
+    }
+
+    #[test]
+    fn dialback_end_to_end_when_no_client_certificate() {
+        let t0 = std::time::Instant::now();
+        let mut cfg = S2sConfig::initiating("legate.example", "xmpp.test", "legate-secret");
+        cfg.have_client_certificate = false;
+        let mut i = End::new(cfg);
+        let mut r = End::new(S2sConfig::receiving(&["xmpp.test"], "other-secret"));
+        let acts = r.m.start(t0);
+        r.apply(acts);
+        let acts = i.m.start(t0);
+        i.apply(acts);
+        pump(&mut i, &mut r, &[], &["xmpp.test"]);
+        let Some(S2sAction::VerifyDialback {
+            originating,
+            receiving,
+            stream_id,
+            key,
+        }) = r.log.last().cloned()
+        else {
+            panic!("{:?}", r.log.last())
+        };
+        assert_eq!(
+            (originating.as_str(), receiving.as_str()),
+            ("legate.example", "xmpp.test")
+        );
+        // The authoritative server (legate.example, same secret) checks the key.
+        assert!(verify_key(
+            "legate-secret",
+            &receiving,
+            &originating,
+            &stream_id,
+            &key
+        ));
+        assert!(!verify_key(
+            "other-secret",
+            &receiving,
+            &originating,
+            &stream_id,
+            &key
+        ));
+        let acts =
+            r.m.handle_dialback_verified(&originating, &receiving, DbType::Valid);
+        r.apply(acts);
+        pump(&mut i, &mut r, &[], &[]);
+        assert_eq!(
+            authenticated(&i.log),
+            vec![("xmpp.test".into(), AuthMethod::Dialback)]
+        );
+        assert_eq!(
+            authenticated(&r.log),
+            vec![("legate.example".into(), AuthMethod::Dialback)]
+        );
+    }
+}

@@ -220,6 +220,8 @@ pub struct S2sNegotiator {
     /// Initiating: the remote declared the dialback namespace on its header.
     peer_header_db: bool,
     dialback_tried: bool,
+    /// We sent our close tag already.
+    closing: bool,
     deadline: Option<Instant>,
     rng: StdRng,
 }
@@ -247,6 +249,7 @@ impl S2sNegotiator {
             pending_dialback: Vec::new(),
             peer_header_db: false,
             dialback_tried: false,
+            closing: false,
             deadline: None,
             rng,
         }
@@ -312,6 +315,10 @@ impl S2sNegotiator {
         if self.phase == Phase::Done {
             return Vec::new();
         }
+        if self.closing {
+            return Vec::new();
+        }
+        self.closing = true;
         vec![S2sAction::SendBytes(b"</stream:stream>".to_vec())]
     }
 
