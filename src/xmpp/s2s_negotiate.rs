@@ -403,6 +403,10 @@ impl S2sNegotiator {
         match ev {
             StreamEvent::StreamClose => {
                 self.phase = Phase::Done;
+                if self.closing {
+                    // We closed first; the peer's close tag completes the exchange (RFC 6120 §4.4).
+                    return vec![S2sAction::Closed];
+                }
                 vec![
                     S2sAction::SendBytes(b"</stream:stream>".to_vec()),
                     S2sAction::Closed,
