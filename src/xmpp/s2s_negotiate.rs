@@ -350,6 +350,9 @@ impl S2sNegotiator {
     }
 
     pub fn handle_tls_failed(&mut self, reason: &str) -> Vec<S2sAction> {
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
         self.phase = Phase::Done;
         // RFC 6120 §5.4.3.2: on TLS failure the TCP connection is just closed.
         vec![S2sAction::Fail {
@@ -365,6 +368,9 @@ impl S2sNegotiator {
         receiving: &str,
         verdict: DbType,
     ) -> Vec<S2sAction> {
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
         let Some(i) = self
             .pending_dialback
             .iter()
@@ -1425,5 +1431,101 @@ mod tests {
                 ..
             })
         ));
+    }
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    //! Operation sequences (style.md §11): random inputs in random order never panic, and a
+    //! machine that has failed or closed stays silent.
+    use super::*;
+    use crate::xmpp::stream::StreamFramer;
+    use rand::seq::IndexedRandom;
+
+    const PIECES: &[&str] = &[
+        "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' from='a.example' to='b.example' id='i1' version='1.0'>",
+        "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>",
+        "<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>EXTERNAL</mechanism></mechanisms><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>",
+        "<stream:features/>",
+        "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+        "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>",
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>",
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>YS5leGFtcGxl</auth>",
+        "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>",
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>",
+        "<db:result from='a.example' to='b.example'>abcdef</db:result>",
+        "<db:result from='b.example' to='a.example' type='valid'/>",
+        "<db:result from='b.example' to='a.example' type='invalid'/>",
+        "<db:verify from='a.example' to='b.example' id='i1'>abcdef</db:verify>",
+        "<db:verify from='b.example' to='a.example' id='i1' type='valid'/>",
+        "<message from='x@a.example' to='y@b.example'><body>x</body></message>",
+        "<iq from='a.example' to='b.example' id='1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>",
+        "<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+        "</stream:stream>",
+        "<bogus xmlns='urn:x'/>",
+    ];
+
+    #[test]
+    fn random_sequences_never_panic_and_terminal_is_silent() {
+        let mut rng = StdRng::seed_from_u64(42);
+        for round in 0..3000 {
+            let mut cfg = if rng.random_bool(0.5) {
+                S2sConfig::initiating("a.example", "b.example", "s")
+            } else {
+                S2sConfig::receiving(&["b.example"], "s")
+            };
+            cfg.id_seed = Some(round);
+            cfg.policy.tls_required = rng.random_bool(0.5);
+            cfg.tls_available = rng.random_bool(0.8);
+            let mut m = S2sNegotiator::new(cfg);
+            let mut rx = StreamFramer::default();
+            let t0 = Instant::now();
+            let mut terminal = false;
+            let mut acts = m.start(t0);
+            for step in 0..rng.random_range(1..25) {
+                for a in &acts {
+                    if terminal {
+                        panic!("round {round} step {step}: action after terminal: {a:?}");
+                    }
+                    match a {
+                        S2sAction::Fail { .. } | S2sAction::Closed => terminal = true,
+                        S2sAction::ResetFramer => rx.reset(),
+                        S2sAction::StartTls => {
+                            rx.take_buffered();
+                        }
+                        _ => {}
+                    }
+                }
+                acts = match rng.random_range(0..10) {
+                    0 => m.handle_tls_established(vec!["a.example".into()]),
+                    1 => m.handle_dialback_verified("a.example", "b.example", DbType::Valid),
+                    2 => m.handle_timeout(t0 + Duration::from_secs(rng.random_range(0..60))),
+                    3 if rng.random_bool(0.2) => m.handle_tls_failed("x"),
+                    _ => {
+                        let p = PIECES.choose(&mut rng).copied().unwrap_or_default();
+                        rx.push(p.as_bytes());
+                        let mut out = Vec::new();
+                        loop {
+                            match rx.next_event() {
+                                Ok(Some(ev)) => out.extend(m.handle_event(&ev)),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    out.extend(m.handle_framing_error(&e));
+                                    break;
+                                }
+                            }
+                            if out
+                                .iter()
+                                .any(|a| matches!(a, S2sAction::StartTls | S2sAction::ResetFramer))
+                            {
+                                break;
+                            }
+                        }
+                        out
+                    }
+                };
+            }
+        }
     }
 }
