@@ -1087,6 +1087,81 @@ mod s2s_pair {
     }
 
     #[test]
+    fn direct_tls_xep_0368_skips_starttls() {
+        let t0 = std::time::Instant::now();
+        let mut i = End::new(S2sConfig::initiating("legate.example", "xmpp.test", "s1"));
+        let mut r = End::new(S2sConfig::receiving(&["xmpp.test"], "s2"));
+        let acts = r.m.start_direct_tls(t0, vec!["legate.example".into()]);
+        r.apply(acts);
+        let acts = i.m.start_direct_tls(t0, vec!["xmpp.test".into()]);
+        i.apply(acts);
+        pump(&mut i, &mut r, &[], &[]);
+        assert!(!i
+            .log
+            .iter()
+            .chain(&r.log)
+            .any(|a| *a == S2sAction::StartTls));
+        assert_eq!(
+            authenticated(&i.log),
+            vec![("xmpp.test".into(), AuthMethod::SaslExternal)]
+        );
+        assert_eq!(
+            authenticated(&r.log),
+            vec![("legate.example".into(), AuthMethod::SaslExternal)]
+        );
+    }
+
+    #[test]
+    fn verify_only_stream_asks_the_authoritative_server() {
+        use legate::xmpp::dialback::{dialback_key, DbKind, Dialback};
+        let t0 = std::time::Instant::now();
+        let mut cfg = S2sConfig::initiating("recv.example", "auth.example", "unused");
+        cfg.verify_only = true;
+        let mut i = End::new(cfg);
+        let mut a = End::new(S2sConfig::receiving(&["auth.example"], "auth-secret"));
+        let acts = a.m.start(t0);
+        a.apply(acts);
+        let good = dialback_key("auth-secret", "recv.example", "auth.example", "ID1");
+        let acts = i.m.queue_verify(Dialback::request(
+            DbKind::Verify,
+            "recv.example",
+            "auth.example",
+            Some("ID1"),
+            &good,
+        ));
+        assert!(acts.is_empty());
+        let acts = i.m.start(t0);
+        i.apply(acts);
+        pump(&mut i, &mut a, &[], &["auth.example"]);
+        let acts = i.m.queue_verify(Dialback::request(
+            DbKind::Verify,
+            "recv.example",
+            "auth.example",
+            Some("ID2"),
+            &good,
+        ));
+        i.apply(acts);
+        pump(&mut i, &mut a, &[], &[]);
+        let answers: Vec<_> = i
+            .log
+            .iter()
+            .filter_map(|x| match x {
+                S2sAction::VerifyAnswer(d) => Some((d.id.clone(), d.ty)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            vec![
+                (Some("ID1".into()), Some(DbType::Valid)),
+                (Some("ID2".into()), Some(DbType::Invalid))
+            ]
+        );
+        assert!(authenticated(&i.log).is_empty() && authenticated(&a.log).is_empty());
+        assert!(i.m.is_tls());
+    }
+
+    #[test]
     fn dialback_end_to_end_when_no_client_certificate() {
         let t0 = std::time::Instant::now();
         let mut cfg = S2sConfig::initiating("legate.example", "xmpp.test", "legate-secret");

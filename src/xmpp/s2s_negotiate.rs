@@ -82,6 +82,10 @@ pub struct S2sConfig {
     pub timeout: Duration,
     /// Seed for stream ids (tests); `None` draws from the OS.
     pub id_seed: Option<u64>,
+    /// Initiating only: this connection exists to ask the authoritative server `<db:verify/>`
+    /// questions (XEP-0220 §2.2). It does STARTTLS if offered but never authenticates; queued
+    /// requests ([`S2sNegotiator::queue_verify`]) go out once the features have arrived.
+    pub verify_only: bool,
 }
 
 impl S2sConfig {
@@ -97,6 +101,7 @@ impl S2sConfig {
             have_client_certificate: true,
             timeout: Duration::from_secs(30),
             id_seed: None,
+            verify_only: false,
         }
     }
     pub fn receiving(local_domains: &[&str], secret: &str) -> Self {
@@ -111,6 +116,7 @@ impl S2sConfig {
             have_client_certificate: false,
             timeout: Duration::from_secs(30),
             id_seed: None,
+            verify_only: false,
         }
     }
 }
@@ -162,6 +168,8 @@ pub enum Phase {
     /// Receiving role: header answered, waiting for the peer's next move.
     Negotiating,
     Established,
+    /// Initiating, verify-only: the stream is open for `<db:verify/>` questions.
+    VerifyReady,
     Done,
 }
 
@@ -222,6 +230,8 @@ pub struct S2sNegotiator {
     dialback_tried: bool,
     /// We sent our close tag already.
     closing: bool,
+    /// Verify-only streams: questions waiting for the stream to be ready.
+    pending_verify: Vec<Dialback>,
     deadline: Option<Instant>,
     rng: StdRng,
 }
@@ -250,6 +260,7 @@ impl S2sNegotiator {
             peer_header_db: false,
             dialback_tried: false,
             closing: false,
+            pending_verify: Vec::new(),
             deadline: None,
             rng,
         }
@@ -268,6 +279,39 @@ impl S2sNegotiator {
         self.tls
     }
 
+    /// Connection is up over XEP-0368 direct TLS (`_xmpps-server`, port 5270): the stream starts
+    /// encrypted, STARTTLS is neither offered nor used. `peer_cert_domains` as in
+    /// [`handle_tls_established`](Self::handle_tls_established).
+    pub fn start_direct_tls(
+        &mut self,
+        now: Instant,
+        peer_cert_domains: Vec<String>,
+    ) -> Vec<S2sAction> {
+        self.tls = true;
+        self.peer_cert_domains = peer_cert_domains
+            .iter()
+            .filter_map(|d| normalise_domain(d).ok())
+            .collect();
+        self.start(now)
+    }
+
+    /// Queues a `<db:verify/>` question for the authoritative server (verify-only streams);
+    /// sent at once if the stream is ready, else when it is. Answers come back as
+    /// [`S2sAction::VerifyAnswer`].
+    pub fn queue_verify(&mut self, request: Dialback) -> Vec<S2sAction> {
+        if self.phase == Phase::Done {
+            return Vec::new();
+        }
+        if self.phase == Phase::VerifyReady {
+            return vec![S2sAction::SendBytes(request.to_xml())];
+        }
+        if self.pending_verify.len() >= MAX_PENDING_DIALBACK {
+            return Vec::new();
+        }
+        self.pending_verify.push(request);
+        Vec::new()
+    }
+
     /// Connection is up. Initiating: sends our header. Receiving: waits for the peer's.
     pub fn start(&mut self, now: Instant) -> Vec<S2sAction> {
         self.deadline = Some(now + self.cfg.timeout);
@@ -280,7 +324,7 @@ impl S2sNegotiator {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Established | Phase::Done | Phase::Idle => None,
+            Phase::Established | Phase::VerifyReady | Phase::Done | Phase::Idle => None,
             _ => self.deadline,
         }
     }
@@ -840,10 +884,12 @@ impl S2sNegotiator {
                 }
                 Err(e) => self.fail(StreamErrorCondition::InvalidXml, &format!("dialback: {e}")),
             },
-            (Phase::Established, NS_DIALBACK, "verify") => match Dialback::parse(s) {
-                Ok(d) if d.ty.is_some() => vec![S2sAction::VerifyAnswer(d)],
-                _ => self.fail(StreamErrorCondition::InvalidXml, "unexpected db:verify"),
-            },
+            (Phase::Established | Phase::VerifyReady, NS_DIALBACK, "verify") => {
+                match Dialback::parse(s) {
+                    Ok(d) if d.ty.is_some() => vec![S2sAction::VerifyAnswer(d)],
+                    _ => self.fail(StreamErrorCondition::InvalidXml, "unexpected db:verify"),
+                }
+            }
             (Phase::Established, _, _) => self.fail(
                 StreamErrorCondition::UnsupportedStanzaType,
                 "stanza on an outbound stream (bidirectional streams not negotiated)",
@@ -890,6 +936,14 @@ impl S2sNegotiator {
                 StreamErrorCondition::UnsupportedFeature,
                 &format!("required feature {u}"),
             );
+        }
+        if self.cfg.verify_only && (self.tls || f.starttls.is_none() || !self.cfg.tls_available) {
+            // XEP-0220 §2.2: the verification stream needs no authentication of its own.
+            self.phase = Phase::VerifyReady;
+            return std::mem::take(&mut self.pending_verify)
+                .into_iter()
+                .map(|d| S2sAction::SendBytes(d.to_xml()))
+                .collect();
         }
         if self.sasl_done {
             // Features of the stream restarted after SASL: we are done (RFC 6120 §6.4.6).
