@@ -263,7 +263,7 @@ fn stanza_view_and_inherited_namespaces() {
     let standalone = String::from_utf8(d.standalone()).unwrap_or_default();
     assert_eq!(
         standalone,
-        "<db:result xmlns:db='jabber:server:dialback' from='example.net' to='im.example.com'>abc</db:result>"
+        "<db:result xmlns='jabber:server' xmlns:db='jabber:server:dialback' from='example.net' to='im.example.com'>abc</db:result>"
     );
     let Ok(Some(StreamEvent::Stanza(feat))) = f.next_event() else {
         panic!("no features")

@@ -160,7 +160,8 @@ impl Stanza {
         let mut out = Vec::with_capacity(self.bytes.len() + 64);
         let cut = self.qname.1 as usize;
         out.extend_from_slice(self.bytes.get(..cut).unwrap_or(&[]));
-        if !self.root_has_default && self.prefix().is_none() {
+        // Declared even on a prefixed root: its unprefixed descendants inherit the default.
+        if !self.root_has_default {
             push_decl(&mut out, None, &self.ctx.default_ns);
         }
         for (p, n) in self.inherited_prefixes() {
