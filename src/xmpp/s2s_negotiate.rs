@@ -587,6 +587,13 @@ impl S2sNegotiator {
                 "this server does not serve that domain",
             );
         };
+        if self.cfg.policy.tls_required && !self.tls && !self.cfg.tls_available {
+            // Nothing could ever be authenticated on this stream: say so instead of stalling.
+            return self.fail(
+                StreamErrorCondition::InternalServerError,
+                "TLS is required but not available for this domain",
+            );
+        }
         let id = self.new_id();
         self.stream_id = Some(id.clone());
         let from = self.peer_from.clone();
