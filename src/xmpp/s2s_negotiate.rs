@@ -86,6 +86,24 @@ pub struct S2sConfig {
     /// questions (XEP-0220 §2.2). It does STARTTLS if offered but never authenticates; queued
     /// requests ([`S2sNegotiator::queue_verify`]) go out once the features have arrived.
     pub verify_only: bool,
+    /// Receiving only: per-peer policy (issue 4 §4). Called with the peer's claimed domain
+    /// when its header arrives and with each domain a `<db:result/>` asks to authenticate; an
+    /// `Err` closes the stream with that condition and text. `None`: `policy` for everyone.
+    pub policy_lookup: Option<PolicyLookup>,
+}
+
+/// Answer of a per-peer policy lookup: the policy, or why the domain is refused
+/// (`policy-violation` / `not-authorized` and a text for the peer).
+pub type PolicyAnswer = Result<S2sPolicy, (StreamErrorCondition, String)>;
+
+/// Per-peer policy lookup; must be cheap and non-blocking (an in-memory table snapshot).
+#[derive(Clone)]
+pub struct PolicyLookup(pub std::sync::Arc<dyn Fn(&str) -> PolicyAnswer + Send + Sync>);
+
+impl std::fmt::Debug for PolicyLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PolicyLookup(..)")
+    }
 }
 
 impl S2sConfig {
@@ -102,6 +120,7 @@ impl S2sConfig {
             timeout: Duration::from_secs(30),
             id_seed: None,
             verify_only: false,
+            policy_lookup: None,
         }
     }
     pub fn receiving(local_domains: &[&str], secret: &str) -> Self {
@@ -117,6 +136,7 @@ impl S2sConfig {
             timeout: Duration::from_secs(30),
             id_seed: None,
             verify_only: false,
+            policy_lookup: None,
         }
     }
 }
@@ -211,6 +231,8 @@ impl Features {
 #[derive(Debug)]
 pub struct S2sNegotiator {
     cfg: S2sConfig,
+    /// Policy in force: `cfg.policy`, or what `policy_lookup` said for this peer.
+    policy: S2sPolicy,
     phase: Phase,
     tls: bool,
     sasl_done: bool,
@@ -246,6 +268,7 @@ impl S2sNegotiator {
             None => StdRng::from_os_rng(),
         };
         S2sNegotiator {
+            policy: cfg.policy,
             cfg,
             phase: Phase::Idle,
             tls: false,
@@ -587,7 +610,14 @@ impl S2sNegotiator {
                 "this server does not serve that domain",
             );
         };
-        if self.cfg.policy.tls_required && !self.tls && !self.cfg.tls_available {
+        if let (Some(lookup), Some(from)) = (self.cfg.policy_lookup.clone(), self.peer_from.clone())
+        {
+            match (lookup.0)(&from) {
+                Ok(p) => self.policy = p,
+                Err((c, text)) => return self.fail(c, &text),
+            }
+        }
+        if self.policy.tls_required && !self.tls && !self.cfg.tls_available {
             // Nothing could ever be authenticated on this stream: say so instead of stalling.
             return self.fail(
                 StreamErrorCondition::InternalServerError,
@@ -609,7 +639,7 @@ impl S2sNegotiator {
 
     fn external_possible(&self) -> bool {
         self.tls
-            && self.cfg.policy.sasl_external_allowed
+            && self.policy.sasl_external_allowed
             && !self.sasl_done
             && self
                 .peer_from
@@ -621,19 +651,19 @@ impl S2sNegotiator {
         let mut f = String::from("<stream:features>");
         if !self.tls && self.cfg.tls_available {
             f.push_str(&format!("<starttls xmlns='{NS_TLS}'>"));
-            if self.cfg.policy.tls_required {
+            if self.policy.tls_required {
                 f.push_str("<required/>");
             }
             f.push_str("</starttls>");
         }
-        let auth_phase = self.tls || !self.cfg.policy.tls_required;
+        let auth_phase = self.tls || !self.policy.tls_required;
         if auth_phase && !self.sasl_done {
             if self.external_possible() {
                 f.push_str(&format!(
                     "<mechanisms xmlns='{NS_SASL}'><mechanism>EXTERNAL</mechanism></mechanisms>"
                 ));
             }
-            if self.cfg.policy.dialback_allowed {
+            if self.policy.dialback_allowed {
                 f.push_str(&format!(
                     "<dialback xmlns='{NS_DIALBACK_FEATURE}'><errors/></dialback>"
                 ));
@@ -676,7 +706,7 @@ impl S2sNegotiator {
                         "stanza before authentication",
                     );
                 }
-                if self.cfg.policy.tls_required && !self.tls {
+                if self.policy.tls_required && !self.tls {
                     return self.fail(StreamErrorCondition::PolicyViolation, "TLS required");
                 }
                 match s.check_kind() {
@@ -787,13 +817,6 @@ impl S2sNegotiator {
                 )]
             }
             DbKind::Result => {
-                if !self.cfg.policy.dialback_allowed || (self.cfg.policy.tls_required && !self.tls)
-                {
-                    return vec![S2sAction::SendBytes(
-                        db.answer(DbType::Error, Some(StanzaErrorCondition::PolicyViolation))
-                            .to_xml(),
-                    )];
-                }
                 let Some(to) = to_local else {
                     return vec![S2sAction::SendBytes(
                         db.answer(DbType::Error, Some(StanzaErrorCondition::ItemNotFound))
@@ -806,6 +829,21 @@ impl S2sNegotiator {
                         "dialback from is not a domain",
                     );
                 };
+                // The domain being authenticated may differ from the header's `from`
+                // (multiplexing, XEP-0220 §4.3): its own policy applies.
+                let policy = match &self.cfg.policy_lookup {
+                    Some(l) => match (l.0)(&from) {
+                        Ok(p) => p,
+                        Err((c, text)) => return self.fail(c, &text),
+                    },
+                    None => self.policy,
+                };
+                if !policy.dialback_allowed || (policy.tls_required && !self.tls) {
+                    return vec![S2sAction::SendBytes(
+                        db.answer(DbType::Error, Some(StanzaErrorCondition::PolicyViolation))
+                            .to_xml(),
+                    )];
+                }
                 if self.pending_dialback.len() >= MAX_PENDING_DIALBACK {
                     return self.fail(
                         StreamErrorCondition::PolicyViolation,
@@ -909,10 +947,10 @@ impl S2sNegotiator {
     }
 
     fn dialback_usable(&self, f: &Features) -> bool {
-        self.cfg.policy.dialback_allowed
+        self.policy.dialback_allowed
             && !self.dialback_tried
             && (f.dialback || self.peer_header_db)
-            && (self.tls || !self.cfg.policy.tls_required)
+            && (self.tls || !self.policy.tls_required)
             && self.stream_id.is_some()
     }
 
@@ -969,7 +1007,7 @@ impl S2sNegotiator {
                     format!("<starttls xmlns='{NS_TLS}'/>").into_bytes(),
                 )];
             }
-            if self.cfg.policy.tls_required {
+            if self.policy.tls_required {
                 return self.fail(
                     StreamErrorCondition::PolicyViolation,
                     "TLS is required and the peer does not offer it",
@@ -977,7 +1015,7 @@ impl S2sNegotiator {
             }
         }
         if self.tls
-            && self.cfg.policy.sasl_external_allowed
+            && self.policy.sasl_external_allowed
             && self.cfg.have_client_certificate
             && f.mechanisms.iter().any(|m| m == "EXTERNAL")
         {
@@ -1417,6 +1455,49 @@ mod tests {
                 ..
             })
         ));
+        // Per-peer policy lookup: refusal at the header, and a domain without dialback.
+        let lookup = PolicyLookup(std::sync::Arc::new(|d: &str| match d {
+            "evil.example" => Err((
+                StreamErrorCondition::PolicyViolation,
+                "evil.example is not federated".to_owned(),
+            )),
+            _ => Ok(S2sPolicy {
+                tls_required: false,
+                sasl_external_allowed: true,
+                dialback_allowed: d != "nodb.example",
+            }),
+        }));
+        let mut cfg = S2sConfig::receiving(&["im.example.com"], "s");
+        cfg.policy_lookup = Some(lookup.clone());
+        let mut s = Side::new(cfg.clone());
+        s.m.start(s.t0);
+        let a = s.feed(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server' to='im.example.com' from='evil.example' version='1.0'>");
+        let out = String::from_utf8_lossy(&sent(&a)).into_owned();
+        assert!(out.contains("<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>evil.example is not federated</text>"), "{out}");
+        let mut s = Side::new(cfg);
+        s.m.start(s.t0);
+        let a = s.feed(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server' xmlns:db='jabber:server:dialback' to='im.example.com' from='ok.example' version='1.0'>");
+        // tls_required false for this peer: dialback offered before TLS.
+        let (_, st) = frame_sent(&sent(&a), false);
+        assert!(Features::parse(&st[0]).dialback);
+        let a = s.feed(b"<db:result from='nodb.example' to='im.example.com'>abcd</db:result>");
+        let d = Dialback::parse(&one_stanza(&sent(&a))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (d.ty, d.error),
+            (
+                Some(DbType::Error),
+                Some(StanzaErrorCondition::PolicyViolation)
+            )
+        );
+        let a = s.feed(b"<db:result from='evil.example' to='im.example.com'>abcd</db:result>");
+        assert!(matches!(
+            a.last(),
+            Some(S2sAction::Fail {
+                condition: Some(StreamErrorCondition::PolicyViolation),
+                ..
+            })
+        ));
+
         // The caller's federation policy refusing a domain.
         let mut s = Side::new(S2sConfig::receiving(&["im.example.com"], "s"));
         s.m.start(s.t0);
