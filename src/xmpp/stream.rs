@@ -12,9 +12,16 @@
 //! our own namespace resolver, element-name stack and depth kept across calls, so each byte is
 //! parsed once however the input is fragmented. A construct that contains a `>` but is not yet
 //! complete (a `>` inside an attribute value or CDATA section) is finished by a small resumable
-//! scan instead of re-parsing. Invalid UTF-8 and characters XML 1.0 forbids are located before
-//! parsing and reported when parsing reaches them, so complete stanzas received before the
-//! offending byte (for example a `<proceed/>` followed by TLS bytes) are still delivered.
+//! scan instead of re-parsing. Invalid UTF-8 and characters XML 1.0 forbids are located as they
+//! arrive and reported once every complete element before them has been handed out, so a
+//! `<proceed/>` followed by TLS bytes is still delivered. Whitespace between elements
+//! (keepalives) is consumed and dropped at once. The outcome (events and error condition) does
+//! not depend on how the input was fragmented; tests check that on every split point.
+//!
+//! Driver contract: after each `push`, call `next_event` until `Ok(None)` (or an error, which
+//! is final: send `error.to_xml()` and close). After `<proceed/>`, stop calling `next_event`,
+//! call [`StreamFramer::take_buffered`] and hand those bytes to TLS; after SASL success call
+//! [`StreamFramer::reset`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -331,9 +338,9 @@ impl StreamFramer {
         self.st = State::new(self.st.limits, 0);
     }
 
-    /// Removes and returns every byte not yet handed out as an event. After `<proceed/>` (RFC
-    /// 6120 §5.4.2.3) these belong to the TLS handshake: give them to the TLS layer, then
-    /// [`reset`](Self::reset).
+    /// Removes and returns every byte not yet handed out as an event, and resets the framer.
+    /// After `<proceed/>` (RFC 6120 §5.4.3.3) these belong to the TLS handshake: give them to
+    /// the TLS layer. Call it right after `<proceed/>` came out of `next_event`.
     pub fn take_buffered(&mut self) -> BytesMut {
         let out = self.buf.split();
         self.st = State::new(self.st.limits, 0);
