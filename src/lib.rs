@@ -4,16 +4,22 @@
 //! - `diag`: `file:line:col` diagnostics for admin-edited files.
 //! - `config`: the node's TOML configuration: schema, defaults, validation.
 //! - `presence`: wire facts, codecs (XMPP presence, PIDF/RPID, msrtc) and the mapping tables.
-//! - `sip`: SIP codec, validation, framing, transactions (federation edge toward Lync/S4B).
+//! - `gateway`: the interworking core: envelopes, routing and federation policy, the hub.
+//! - `sip`: SIP codec, validation, framing, transactions, and the federation edge (Lync/S4B).
 //! - `xmpp`: XMPP stream framing, s2s and XEP-0114 component links.
+//! - `tls`, `dns`: certificates (SNI, mutual TLS, RFC 6125) and target resolution (SRV, RFC
+//!   3263, cluster address map).
+//! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod diag;
+pub mod dns;
 pub mod gateway;
 pub mod metrics;
 pub mod presence;
 pub mod run;
 pub mod sip;
+pub mod tls;
 pub mod xmpp;
