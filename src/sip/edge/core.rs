@@ -45,8 +45,9 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// TLS connection (inbound or outbound).
     pub tls: bool,
-    /// The federated domain the peer's certificate was verified for (TLS only).
-    pub verified: Option<Domain>,
+    /// The federated domains the peer's verified certificate speaks for (TLS only; RFC 6125
+    /// checked by `tls::check_peer` with each domain's EKU policy).
+    pub verified: Vec<Domain>,
     /// Set on connections we opened toward a domain's route.
     pub outbound_to: Option<Domain>,
 }
@@ -762,8 +763,8 @@ impl Core {
                 "domain_not_federated",
             ));
         };
-        if let Some(v) = &peer.verified {
-            if *v != domain {
+        if !peer.verified.is_empty() {
+            if !peer.verified.contains(&domain) {
                 return Err(refuse(
                     403,
                     "Forbidden (Certificate Does Not Match Sender Domain)",
@@ -772,7 +773,7 @@ impl Core {
             }
             return Ok(domain);
         }
-        if peer.tls {
+        if peer.tls && peer.outbound_to.is_none() {
             return Err(refuse(
                 403,
                 "Forbidden (No Verified Certificate)",

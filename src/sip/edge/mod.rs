@@ -51,6 +51,8 @@ pub enum EdgeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("SIP TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot read the SIP state file {path}: {source}")]
     State {
         path: PathBuf,
@@ -106,19 +108,68 @@ impl SipEdge {
                 shutdown.clone(),
             )));
         }
+        let mut tls = None;
+        let mut server_tls = None;
         if let Some(addr) = cfg.listeners.sip_tls {
-            // The TLS module (SNI certificates, mutual TLS, RFC 6125 identity) is not merged
-            // yet: the listener is not started rather than started without authentication.
-            tracing::warn!(%addr, "SIP TLS listener not started: TLS support is not built in yet");
+            let server = crate::tls::ServerTls::from_config(&cfg)?;
+            if !server.requests_client_cert() {
+                tracing::warn!("no tls.trust_bundle: SIP peers cannot be authenticated by certificate and every TLS request will be refused");
+            }
+            let l = TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind {
+                what: "sip_tls",
+                addr,
+                source,
+            })?;
+            let bound = l.local_addr().unwrap_or(addr);
+            crate::run::announce("sip_tls", bound);
+            tls = Some(bound);
+            let bounds = ListenerBounds::new(
+                cfg.limits.max_connections_per_listener,
+                cfg.limits.max_connections_per_peer,
+            );
+            server_tls = Some(server.clone());
+            tasks.push(tokio::spawn(accept_tls_loop(
+                l,
+                server,
+                hub.clone(),
+                bounds,
+                limits,
+                core_tx.clone(),
+                ids.clone(),
+                shutdown.clone(),
+            )));
         }
-        let (host, port) = match (tcp, cfg.local_domains.first()) {
+        // Outbound: TLS whenever the node does TLS federation (the normal case); a TCP-only
+        // node (trusted links) connects over TCP, never sending plaintext to a TLS target by
+        // accident of configuration.
+        let client_tls = match (&server_tls, crate::tls::ClientTls::from_config(&cfg)) {
+            (Some(_), Ok(c)) => Some(c),
+            (Some(_), Err(e)) => {
+                tracing::warn!(error = %e, "no TLS client configuration: outbound SIP connections will fail");
+                None
+            }
+            (None, _) => None,
+        };
+        let resolver = match crate::dns::Resolver::from_config(&cfg) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                tracing::warn!(error = %e, "DNS resolver unavailable: only static routes work");
+                None
+            }
+        };
+        let (host, port) = match (tls.or(tcp), cfg.local_domains.first()) {
             (Some(a), Some(d)) => (d.name.to_string(), a.port()),
-            (None, Some(d)) => (d.name.to_string(), 5060),
-            (_, None) => ("legate.invalid".to_string(), 5060),
+            (None, Some(d)) => (d.name.to_string(), 5061),
+            (_, None) => ("legate.invalid".to_string(), 5061),
+        };
+        let outbound = Outbound {
+            tls: client_tls,
+            resolver,
+            use_tls: server_tls.is_some(),
         };
         let me = LocalIdentity {
             sent_by: format!("{host}:{port}"),
-            transport: "TCP",
+            transport: if outbound.use_tls { "TLS" } else { "TCP" },
         };
         let mut core = Core::new(me, Duration::from_secs(cfg.limits.im_session_idle_secs));
         core.set_route_addrs(resolve_routes(&cfg).await);
@@ -141,13 +192,10 @@ impl SipEdge {
             limits,
             shutdown: shutdown.clone(),
             state_path,
+            outbound: Arc::new(outbound),
         };
         tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
-        Ok(SipEdge {
-            tcp,
-            tls: None,
-            tasks,
-        })
+        Ok(SipEdge { tcp, tls, tasks })
     }
 
     /// The bound TCP listener address.
@@ -257,7 +305,7 @@ async fn accept_loop(
             conn: ids.fetch_add(1, Ordering::Relaxed),
             remote,
             tls: false,
-            verified: None,
+            verified: Vec::new(),
             outbound_to: None,
         };
         tokio::spawn(transport::run_connection(
@@ -270,6 +318,101 @@ async fn accept_loop(
             slots,
         ));
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_tls_loop(
+    listener: TcpListener,
+    server: crate::tls::ServerTls,
+    hub: Arc<Hub>,
+    bounds: ListenerBounds,
+    limits: ConnLimits,
+    core: mpsc::Sender<Input>,
+    ids: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let slots = match bounds.admit(remote) {
+            Ok(s) => s,
+            Err(reason) => {
+                metrics::CONNS_REFUSED.with_label_values(&[reason]).inc();
+                tracing::info!(peer = %remote, reason, "connection refused by bound");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        let core = core.clone();
+        let shutdown = shutdown.clone();
+        let conn = ids.fetch_add(1, Ordering::Relaxed);
+        let hub = hub.clone();
+        // The handshake runs in the connection's own task, bounded by handshake_timeout_secs,
+        // so a slow peer never holds up the accept loop.
+        tokio::spawn(async move {
+            let timeout = Duration::from_secs(hub.config().limits.handshake_timeout_secs);
+            let tls = match server.accept(stream, timeout).await {
+                Ok(t) => t,
+                Err(e) => {
+                    metrics::TLS_FAILURES
+                        .with_label_values(&[e.failure.label()])
+                        .inc();
+                    e.log(remote);
+                    return;
+                }
+            };
+            let verified = verified_domains(&hub.config(), tls.get_ref().1, remote);
+            let info = PeerInfo {
+                conn,
+                remote,
+                tls: true,
+                verified,
+                outbound_to: None,
+            };
+            transport::run_connection(tls, info, "tls_in", core, limits, shutdown, slots).await;
+        });
+    }
+}
+
+/// The configured SIP federated domains the peer's verified certificate speaks for, each
+/// with its own clientAuth-EKU tolerance (`tls::check_peer`).
+fn verified_domains(cfg: &Config, conn: &rustls::CommonState, remote: SocketAddr) -> Vec<Domain> {
+    let cert = match crate::tls::peer_identity(conn) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(peer = %remote, error = %e, "peer certificate unreadable");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    let mut last_denial = None;
+    for d in &cfg.sip.federated_domains {
+        match crate::tls::check_peer(cert.as_ref(), &d.name, d.tolerate_no_client_auth_eku) {
+            Ok(p) => {
+                if p.eku_tolerated {
+                    tracing::info!(peer = %remote, domain = %d.name, "certificate without clientAuth accepted by policy");
+                }
+                out.push(d.name.clone());
+            }
+            Err(e) => last_denial = Some(e),
+        }
+    }
+    if out.is_empty() {
+        let reason = last_denial.as_ref().map_or("no_federated_domain", |e| e.label());
+        metrics::REFUSED.with_label_values(&[reason]).inc();
+        tracing::info!(peer = %remote, reason, "TLS peer speaks for no federated domain");
+    }
+    out
 }
 
 struct ConnEntry {
@@ -289,6 +432,14 @@ struct Driver {
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
     state_path: PathBuf,
+    outbound: Arc<Outbound>,
+}
+
+/// How the driver reaches a domain: DNS targets (or the static route) and TLS.
+struct Outbound {
+    tls: Option<crate::tls::ClientTls>,
+    resolver: Option<Arc<crate::dns::Resolver>>,
+    use_tls: bool,
 }
 
 /// Most bytes queued for a domain while its connection is being opened.
@@ -349,7 +500,10 @@ impl Driver {
             Input::Opened { info, tx } => {
                 let conn = info.conn;
                 self.conns.insert(conn, ConnEntry { tx });
-                if let Some(d) = info.outbound_to.clone().or(info.verified.clone()) {
+                for d in info.verified.clone() {
+                    self.bind(conn, d);
+                }
+                if let Some(d) = info.outbound_to.clone() {
                     self.bind(conn, d.clone());
                     if let Some(q) = self.pending.remove(&d) {
                         for b in q {
@@ -430,8 +584,9 @@ impl Driver {
         }
     }
 
-    /// Queues `bytes` for `domain` and opens a connection to its static route if none is being
-    /// opened. DNS targets (`_sipfederationtls._tcp`, RFC 3263) come with `dns.rs`.
+    /// Queues `bytes` for `domain` and opens a connection to it if none is being opened: the
+    /// static route, else `_sipfederationtls._tcp` / RFC 3263 targets from `dns.rs`, tried in
+    /// order until one connects (and, over TLS, presents a certificate for the domain).
     fn connect(&mut self, domain: Domain, bytes: Bytes) {
         if let Some(q) = self.pending.get_mut(&domain) {
             if q.len() < PENDING_LIMIT {
@@ -442,57 +597,89 @@ impl Driver {
         self.pending.insert(domain.clone(), vec![bytes]);
         let cfg = self.hub.config();
         let route = cfg.sip_federated(&domain).and_then(|f| f.route.clone());
+        let local = cfg.local_domains.first().map(|d| d.name.clone());
         let core = self.core_tx.clone();
         let ids = self.ids.clone();
         let limits = self.limits;
         let shutdown = self.shutdown.clone();
         let timeout = Duration::from_secs(cfg.limits.handshake_timeout_secs);
+        let out = self.outbound.clone();
         tokio::spawn(async move {
-            let Some(route) = route else {
-                tracing::warn!(domain = %domain, "no static route and DNS resolution is not available");
-                let _ = core.send(Input::ConnectFailed { domain }).await;
-                return;
+            let targets: Vec<(SocketAddr, bool)> = match (&out.resolver, &route) {
+                (Some(r), _) => match r.sip_targets(&domain, route.as_ref()).await {
+                    Ok(t) => t
+                        .into_iter()
+                        .map(|t| (t.addr, t.transport == crate::dns::Transport::Tls))
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!(domain = %domain, error = %e, "no SIP target");
+                        Vec::new()
+                    }
+                },
+                (None, Some(r)) => match tokio::net::lookup_host(r.to_string()).await {
+                    Ok(a) => a.map(|a| (a, true)).collect(),
+                    Err(_) => Vec::new(),
+                },
+                (None, None) => Vec::new(),
             };
-            let target = route.to_string();
-            let stream = match tokio::time::timeout(timeout, TcpStream::connect(target.clone()))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!(domain = %domain, route = %target, error = %e, "cannot connect");
-                    let _ = core.send(Input::ConnectFailed { domain }).await;
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(domain = %domain, route = %target, "connect timed out");
-                    let _ = core.send(Input::ConnectFailed { domain }).await;
-                    return;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let remote = stream
-                .peer_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-            let info = PeerInfo {
-                conn: ids.fetch_add(1, Ordering::Relaxed),
-                remote,
-                tls: false,
-                verified: None,
-                outbound_to: Some(domain),
-            };
-            transport::run_connection(
-                stream,
-                info,
-                "tcp_out",
-                core,
-                limits,
-                shutdown,
-                Slots {
+            for (addr, tls_target) in targets {
+                let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::warn!(domain = %domain, %addr, error = %e, "cannot connect");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(domain = %domain, %addr, "connect timed out");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let mut info = PeerInfo {
+                    conn: ids.fetch_add(1, Ordering::Relaxed),
+                    remote: addr,
+                    tls: false,
+                    verified: Vec::new(),
+                    outbound_to: Some(domain.clone()),
+                };
+                let no_slots = || Slots {
                     listener: None,
                     peer: None,
-                },
-            )
-            .await;
+                };
+                if !out.use_tls {
+                    transport::run_connection(stream, info, "tcp_out", core, limits, shutdown, no_slots())
+                        .await;
+                    return;
+                }
+                let Some(client) = &out.tls else {
+                    tracing::warn!(domain = %domain, "no TLS client configuration");
+                    continue;
+                };
+                if !tls_target {
+                    // Never plain TCP from a TLS node (requirements §7: no plaintext fallback).
+                    tracing::info!(domain = %domain, %addr, "TCP-only target skipped");
+                    continue;
+                }
+                // The server certificate is verified against the *domain* (RFC 5922 §7.3),
+                // not the target host.
+                match client.connect(stream, local.as_ref(), &domain, timeout).await {
+                    Ok(s) => {
+                        info.tls = true;
+                        info.verified = vec![domain.clone()];
+                        transport::run_connection(s, info, "tls_out", core, limits, shutdown, no_slots())
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        metrics::TLS_FAILURES
+                            .with_label_values(&[e.failure.label()])
+                            .inc();
+                        e.log(addr);
+                    }
+                }
+            }
+            let _ = core.send(Input::ConnectFailed { domain }).await;
         });
     }
+
 }
