@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use legate::sip::header::HeaderName;
 use legate::sip::{Frame, Framer, SipMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -29,8 +29,12 @@ pub fn build(lines: &[&str], body: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Any byte stream the UA can speak over (TCP, TLS).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct Ua {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Io>,
     framer: Framer,
     requests: VecDeque<SipMessage>,
     responses: VecDeque<SipMessage>,
@@ -38,6 +42,7 @@ pub struct Ua {
     pub pongs: usize,
     /// Bytes of 400 answers etc. are parsed like any response.
     next_branch: u32,
+    salt: u64,
 }
 
 impl Ua {
@@ -48,14 +53,18 @@ impl Ua {
         Ok(Ua::from_stream(stream))
     }
 
-    pub fn from_stream(stream: TcpStream) -> Ua {
+    pub fn from_stream(stream: impl Io + 'static) -> Ua {
         Ua {
-            stream,
+            stream: Box::new(stream),
             framer: Framer::default(),
             requests: VecDeque::new(),
             responses: VecDeque::new(),
             pongs: 0,
             next_branch: 1,
+            salt: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
         }
     }
 
@@ -69,11 +78,12 @@ impl Ua {
 
     pub fn branch(&mut self) -> String {
         self.next_branch += 1;
-        format!("z9hG4bKua{}", self.next_branch)
+        format!("z9hG4bKua{}x{}", self.salt, self.next_branch)
     }
 
     pub async fn send_raw(&mut self, b: &[u8]) -> Result<()> {
         self.stream.write_all(b).await?;
+        self.stream.flush().await?;
         Ok(())
     }
 

@@ -209,8 +209,10 @@ pub struct Core {
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Final responses of recent non-INVITE server transactions (see `remember`).
-    recent: HashMap<TxnKey, Bytes>,
+    recent: HashMap<TxnKey, (IpAddr, Bytes)>,
     recent_order: VecDeque<(Instant, TxnKey)>,
+    /// Peer address of connections that sent us requests (for `recent`).
+    conn_ips: HashMap<ConnId, IpAddr>,
     actions: VecDeque<Action>,
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
@@ -275,11 +277,17 @@ impl Core {
             heap: BinaryHeap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            conn_ips: HashMap::new(),
             actions: VecDeque::new(),
             route_addrs: HashMap::new(),
             next_id: 1,
             dirty: false,
         }
+    }
+
+    /// A connection closed: forget what was kept about it.
+    pub fn handle_conn_closed(&mut self, conn: ConnId) {
+        self.conn_ips.remove(&conn);
     }
 
     /// Addresses a domain's static route resolved to (for the TCP source check).
@@ -435,7 +443,14 @@ impl Core {
         };
         m::response("out", code);
         if code >= 200 && key.method != "INVITE" {
-            self.remember(key, resp.to_bytes(), now);
+            if let Some(ip) = self
+                .server
+                .get(key)
+                .and_then(|e| self.conn_ips.get(&e.conn))
+            {
+                let ip = *ip;
+                self.remember(key, ip, resp.to_bytes(), now);
+            }
         }
         if let Some(e) = self.server.get_mut(key) {
             e.txn.handle(Event::TuResponse(Box::new(resp)), now);
@@ -447,7 +462,7 @@ impl Core {
     /// RFC 3261 §17.2.2). A peer that re-sends the request anyway (after a reconnect, or a
     /// sloppy stack) must get the same answer and cause nothing twice, so the final response
     /// is kept for 64·T1, bounded in count.
-    fn remember(&mut self, key: &TxnKey, bytes: Bytes, now: Instant) {
+    fn remember(&mut self, key: &TxnKey, ip: IpAddr, bytes: Bytes, now: Instant) {
         let ttl = self.timers.timeout();
         while let Some((at, k)) = self.recent_order.front() {
             if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
@@ -457,7 +472,7 @@ impl Core {
             self.recent_order.pop_front();
             self.recent.remove(&k);
         }
-        if self.recent.insert(key.clone(), bytes).is_none() {
+        if self.recent.insert(key.clone(), (ip, bytes)).is_none() {
             self.recent_order.push_back((now, key.clone()));
         }
     }
@@ -566,6 +581,7 @@ impl Core {
 
     fn on_request(&mut self, hub: &dyn HubPort, peer: &PeerInfo, req: SipMessage, now: Instant) {
         let method = req.method().unwrap_or("").to_owned();
+        self.conn_ips.insert(peer.conn, peer.remote.ip());
         m::request("in", &method);
         if method == "ACK" {
             // An ACK for a non-2xx matches the INVITE server transaction (absorbed there); an
@@ -599,7 +615,13 @@ impl Core {
             self.drain_server(&key);
             return;
         }
-        if let Some(b) = self.recent.get(&key) {
+        // Only the same peer address gets a remembered answer: branches are chosen by peers,
+        // and one peer must never read another's response.
+        if let Some((_, b)) = self
+            .recent
+            .get(&key)
+            .filter(|(ip, _)| *ip == peer.remote.ip())
+        {
             self.actions.push_back(Action::Send {
                 conn: Some(peer.conn),
                 domain: None,

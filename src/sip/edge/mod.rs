@@ -115,11 +115,13 @@ impl SipEdge {
             if !server.requests_client_cert() {
                 tracing::warn!("no tls.trust_bundle: SIP peers cannot be authenticated by certificate and every TLS request will be refused");
             }
-            let l = TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind {
-                what: "sip_tls",
-                addr,
-                source,
-            })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    what: "sip_tls",
+                    addr,
+                    source,
+                })?;
             let bound = l.local_addr().unwrap_or(addr);
             crate::run::announce("sip_tls", bound);
             tls = Some(bound);
@@ -408,7 +410,9 @@ fn verified_domains(cfg: &Config, conn: &rustls::CommonState, remote: SocketAddr
         }
     }
     if out.is_empty() {
-        let reason = last_denial.as_ref().map_or("no_federated_domain", |e| e.label());
+        let reason = last_denial
+            .as_ref()
+            .map_or("no_federated_domain", |e| e.label());
         metrics::REFUSED.with_label_values(&[reason]).inc();
         tracing::info!(peer = %remote, reason, "TLS peer speaks for no federated domain");
     }
@@ -520,6 +524,7 @@ impl Driver {
                 self.core.handle_message(&*self.hub, &info, *msg, now);
             }
             Input::Closed { conn } => {
+                self.core.handle_conn_closed(conn);
                 self.conns.remove(&conn);
                 self.infos.remove(&conn);
                 for v in self.by_domain.values_mut() {
@@ -647,8 +652,16 @@ impl Driver {
                     peer: None,
                 };
                 if !out.use_tls {
-                    transport::run_connection(stream, info, "tcp_out", core, limits, shutdown, no_slots())
-                        .await;
+                    transport::run_connection(
+                        stream,
+                        info,
+                        "tcp_out",
+                        core,
+                        limits,
+                        shutdown,
+                        no_slots(),
+                    )
+                    .await;
                     return;
                 }
                 let Some(client) = &out.tls else {
@@ -662,12 +675,23 @@ impl Driver {
                 }
                 // The server certificate is verified against the *domain* (RFC 5922 §7.3),
                 // not the target host.
-                match client.connect(stream, local.as_ref(), &domain, timeout).await {
+                match client
+                    .connect(stream, local.as_ref(), &domain, timeout)
+                    .await
+                {
                     Ok(s) => {
                         info.tls = true;
                         info.verified = vec![domain.clone()];
-                        transport::run_connection(s, info, "tls_out", core, limits, shutdown, no_slots())
-                            .await;
+                        transport::run_connection(
+                            s,
+                            info,
+                            "tls_out",
+                            core,
+                            limits,
+                            shutdown,
+                            no_slots(),
+                        )
+                        .await;
                         return;
                     }
                     Err(e) => {
@@ -681,5 +705,4 @@ impl Driver {
             let _ = core.send(Input::ConnectFailed { domain }).await;
         });
     }
-
 }

@@ -1,0 +1,426 @@
+//! The SIP edge over real mutual TLS on loopback (test CA and leaves from `common::certs`):
+//! a foreign Lync-like edge with a `partner.com` certificate subscribes, receives NOTIFYs,
+//! refreshes, unsubscribes, runs an IM session both ways; a peer whose certificate names
+//! another domain, or that presents none, is refused with 403 and the home side sees nothing;
+//! outbound traffic reaches the partner's static route over TLS.
+
+mod common;
+mod sip_ua;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use common::certs::{CertFactory, Leaf};
+use legate::config::{self, BUILTIN_SYSTEMS};
+use legate::gateway::hub::{Delivery, Submitted};
+use legate::gateway::{
+    Address, Body, Envelope, Hub, Link, MessageBody, Origin, PresenceBody, Subscription,
+};
+use legate::presence::map::MappingStore;
+use legate::sip::edge::SipEdge;
+use rustls::pki_types::ServerName;
+use sip_ua::{body_str, hv, to_tag, Ua, WAIT};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+struct Env {
+    hub: Arc<Hub>,
+    addr: SocketAddr,
+    home: mpsc::Receiver<Delivery>,
+    route: TcpListener,
+    stop: watch::Sender<bool>,
+    edge: Option<SipEdge>,
+    certs: CertFactory,
+    partner: Leaf,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Result<Env> {
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.com"]);
+    let partner = certs.leaf("partner", &["partner.com", "sip.partner.com"]);
+    let dir = tempfile::tempdir()?;
+    let route = TcpListener::bind("127.0.0.1:0").await?;
+    let text = format!(
+        r#"routing_node = "hn1"
+[node]
+id = "t1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.com"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+route = "127.0.0.1:{port}"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#,
+        data = dir.path().display(),
+        cert = ours.cert.display(),
+        key = ours.key.display(),
+        ca = certs.ca_path().display(),
+        port = route.local_addr()?.port(),
+    );
+    let cfg = config::from_toml(&text, &dir.path().join("legate.toml"), BUILTIN_SYSTEMS)
+        .map_err(|d| anyhow!("config: {d}"))?;
+    let maps = MappingStore::open(None).map_err(|d| anyhow!("maps: {d}"))?;
+    let hub = Hub::new(cfg, maps);
+    let home = hub.register_component("hn1", 256);
+    let (stop, rx) = watch::channel(false);
+    let edge = SipEdge::start(hub.clone(), rx).await?;
+    let addr = edge.tls_addr().context("tls listener")?;
+    Ok(Env {
+        hub,
+        addr,
+        home,
+        route,
+        stop,
+        edge: Some(edge),
+        certs,
+        partner,
+        _dir: dir,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS client presenting `leaf` (or no certificate) and trusting the test CA.
+async fn tls_ua(env: &Env, leaf: Option<&Leaf>) -> Result<Ua> {
+    let roots = legate::tls::load_trust_bundle(env.certs.ca_path())?;
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match leaf {
+        Some(l) => b.with_client_auth_cert(
+            legate::tls::load_certs(&l.cert)?,
+            legate::tls::load_private_key(&l.key)?,
+        )?,
+        None => b.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(env.addr).await?;
+    let name = ServerName::try_from("example.com")?;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await??;
+    Ok(Ua::from_stream(s))
+}
+
+/// Accepts the edge's outbound TLS connection on the partner's route, as `partner.com`.
+async fn accept_tls(env: &Env) -> Result<Ua> {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            legate::tls::load_certs(&env.partner.cert)?,
+            legate::tls::load_private_key(&env.partner.key)?,
+        )?;
+    let (tcp, _) = tokio::time::timeout(WAIT, env.route.accept()).await??;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
+    )
+    .await??;
+    Ok(Ua::from_stream(s))
+}
+
+impl Env {
+    async fn home_next(&mut self) -> Result<Delivery> {
+        tokio::time::timeout(WAIT, self.home.recv())
+            .await
+            .context("home side received nothing")?
+            .context("outbox closed")
+    }
+
+    fn home_send(&self, from: &str, to: &str, body: Body) -> Result<()> {
+        let env = Envelope {
+            from: Address::parse(from)?,
+            to: Address::parse(to)?,
+            body,
+        };
+        match self.hub.submit(
+            &Origin::Component {
+                home_node: "hn1".into(),
+            },
+            env,
+        ) {
+            Submitted::Delivered(Link::Sip { .. }) => Ok(()),
+            other => bail!("not delivered to SIP: {other:?}"),
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(e) = self.edge.take() {
+            e.join(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn subscribe(b: &str, cseq: u32, to_tag: Option<&str>, expires: u32) -> Vec<u8> {
+    let to = match to_tag {
+        Some(t) => format!("To: <sip:alice@example.com>;tag={t}"),
+        None => "To: <sip:alice@example.com>".into(),
+    };
+    sip_ua::build(
+        &[
+            "SUBSCRIBE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.com:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=bobtag",
+            &to,
+            "Call-ID: tls-sub-1",
+            &format!("CSeq: {cseq} SUBSCRIBE"),
+            "Contact: <sip:bob@partner.com;opaque=user:epid:E1;gruu>",
+            "Event: presence",
+            "Accept: application/pidf+xml",
+            &format!("Expires: {expires}"),
+            "Content-Length: {CL}",
+        ],
+        b"",
+    )
+}
+
+#[tokio::test]
+async fn presence_and_im_over_mutual_tls() -> Result<()> {
+    let mut env = setup().await?;
+    let partner = env.partner.clone();
+    let mut ua = tls_ua(&env, Some(&partner)).await?;
+
+    // Presence, with PIDF this time (Accept lists only PIDF).
+    let b = ua.branch();
+    ua.send_raw(&subscribe(&b, 1, None, 3600)).await?;
+    let ok = ua.response().await?;
+    assert_eq!(ok.status(), Some(200));
+    let tag = to_tag(&ok);
+    let n = ua.request("NOTIFY").await?;
+    assert!(hv(&n, "Subscription-State").starts_with("pending"));
+    assert!(hv(&n, "Via").starts_with("SIP/2.0/TLS "));
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    let d = env.home_next().await?;
+    assert_eq!(d.envelope.body, Body::Subscription(Subscription::Subscribe));
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Subscribed),
+    )?;
+    let n = ua.request("NOTIFY").await?;
+    assert!(hv(&n, "Subscription-State").starts_with("active"));
+    assert_eq!(hv(&n, "Content-Type"), "application/pidf+xml");
+    assert!(
+        body_str(&n).contains("closed"),
+        "offline until known: {}",
+        body_str(&n)
+    );
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    env.home_send(
+        "alice@example.com/pc",
+        "bob@partner.com",
+        Body::Presence(PresenceBody {
+            system: "xmpp".into(),
+            state: "available".into(),
+            note: Some("at my desk".into()),
+            priority: None,
+        }),
+    )?;
+    let n = ua.request("NOTIFY").await?;
+    let body = body_str(&n);
+    assert!(body.contains("<basic>open</basic>"), "{body}");
+    assert!(body.contains("at my desk"), "{body}");
+    assert!(body.contains("entity=\"sip:alice@example.com\""), "{body}");
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    let b = ua.branch();
+    ua.send_raw(&subscribe(&b, 2, Some(&tag), 3600)).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    let n = ua.request("NOTIFY").await?;
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    let b = ua.branch();
+    ua.send_raw(&subscribe(&b, 3, Some(&tag), 0)).await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    let n = ua.request("NOTIFY").await?;
+    assert!(hv(&n, "Subscription-State").starts_with("terminated"));
+    ua.respond(&n, 200, "OK", &[], None).await?;
+    assert_eq!(
+        env.home_next().await?.envelope.body,
+        Body::Subscription(Subscription::Unsubscribe)
+    );
+
+    // IM session on the same TLS connection.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode("hi over tls");
+    let b = ua.branch();
+    ua.send(
+        &[
+            "INVITE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.com:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=imtag",
+            "To: <sip:alice@example.com>",
+            "Call-ID: tls-im-1",
+            "CSeq: 1 INVITE",
+            "Contact: <sip:bob@partner.com;opaque=user:epid:E1;gruu>",
+            &format!("ms-text-format: text/plain; charset=UTF-8;ms-body={b64}"),
+            "Content-Type: application/sdp",
+            "Content-Length: {CL}",
+        ],
+        b"v=0\r\nm=message 5061 sip null\r\na=accept-types:text/plain\r\n",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(100));
+    let ok = ua.response().await?;
+    assert_eq!(ok.status(), Some(200));
+    let im_tag = to_tag(&ok);
+    let b = ua.branch();
+    ua.send(
+        &[
+            "ACK sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.com:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=imtag",
+            &format!("To: <sip:alice@example.com>;tag={im_tag}"),
+            "Call-ID: tls-im-1",
+            "CSeq: 1 ACK",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    match env.home_next().await?.envelope.body {
+        Body::Message(m) => assert_eq!(m.text, "hi over tls"),
+        other => bail!("expected a message, got {other:?}"),
+    }
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Message(MessageBody {
+            id: None,
+            text: "hello back".into(),
+            thread: None,
+        }),
+    )?;
+    let m = ua.request("MESSAGE").await?;
+    assert_eq!(m.call_id().ok(), Some("tls-im-1"));
+    assert_eq!(body_str(&m), "hello back");
+    ua.respond(&m, 200, "OK", &[], None).await?;
+    let b = ua.branch();
+    ua.send(
+        &[
+            "BYE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.com:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=imtag",
+            &format!("To: <sip:alice@example.com>;tag={im_tag}"),
+            "Call-ID: tls-im-1",
+            "CSeq: 2 BYE",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(ua.response().await?.status(), Some(200));
+    env.stop().await;
+    Ok(())
+}
+
+fn pager(b: &str) -> Vec<u8> {
+    sip_ua::build(
+        &[
+            "MESSAGE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.com:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=p",
+            "To: <sip:alice@example.com>",
+            &format!("Call-ID: {b}"),
+            "CSeq: 1 MESSAGE",
+            "Content-Type: text/plain",
+            "Content-Length: {CL}",
+        ],
+        b"claimed partner",
+    )
+}
+
+#[tokio::test]
+async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<()> {
+    let mut env = setup().await?;
+    // Trusted CA, but the certificate names another (non-federated) domain.
+    let impostor = env.certs.leaf("impostor", &["evil.com"]);
+    let mut ua = tls_ua(&env, Some(&impostor)).await?;
+    let b = ua.branch();
+    ua.send_raw(&pager(&b)).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(403));
+    assert_eq!(r.reason(), Some("Forbidden (No Verified Certificate)"));
+
+    // No client certificate at all.
+    let mut ua = tls_ua(&env, None).await?;
+    let b = ua.branch();
+    ua.send_raw(&pager(&b)).await?;
+    assert_eq!(ua.response().await?.status(), Some(403));
+
+    // The genuine partner gets through.
+    let partner = env.partner.clone();
+    let mut ua = tls_ua(&env, Some(&partner)).await?;
+    let b = ua.branch();
+    ua.send_raw(&pager(&b)).await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(200), "{:?}", r.reason());
+    let d = env.home_next().await?;
+    assert!(matches!(d.envelope.body, Body::Message(_)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), env.home.recv())
+            .await
+            .is_err(),
+        "the refused requests never reached the home side"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
+    let env = setup().await?;
+    env.home_send(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Message(MessageBody {
+            id: None,
+            text: "outbound tls".into(),
+            thread: None,
+        }),
+    )?;
+    let mut peer = accept_tls(&env).await?;
+    let inv = peer.request("INVITE").await?;
+    assert!(hv(&inv, "Via").starts_with("SIP/2.0/TLS "));
+    peer.respond(
+        &inv,
+        200,
+        "OK",
+        &[("Contact", "<sip:bob@sip.partner.com:5061;transport=tls>")],
+        Some(("application/sdp", b"v=0\r\nm=message 5061 sip null\r\n")),
+    )
+    .await?;
+    peer.request("ACK").await?;
+    let m = peer.request("MESSAGE").await?;
+    assert_eq!(body_str(&m), "outbound tls");
+    peer.respond(&m, 200, "OK", &[], None).await?;
+    env.stop().await;
+    Ok(())
+}
