@@ -354,7 +354,9 @@ impl Core {
         self.heap.push(Reverse((at, key)));
     }
 
-    fn update_gauges(&self) {
+    /// Publishes the gauges (the driver calls it once a second; per event it would cost a
+    /// scan of the subscriber table).
+    pub fn update_gauges(&self) {
         m::TXNS
             .with_label_values(&["server"])
             .set(i64::try_from(self.server.len()).unwrap_or(i64::MAX));
@@ -525,7 +527,6 @@ impl Core {
         } else {
             self.on_response(hub, peer, msg, now);
         }
-        self.update_gauges();
     }
 
     fn on_response(&mut self, hub: &dyn HubPort, peer: &PeerInfo, resp: SipMessage, now: Instant) {
@@ -919,6 +920,29 @@ impl Core {
             );
         };
         let pair = (watcher.bare_string(), presentity.bare_string());
+        // Bound: foreign watchers per local user (limits.max_subscriptions_per_user). Counted
+        // on demand: only a new SUBSCRIBE pays for it.
+        let watchers = self
+            .notifier_pairs
+            .iter()
+            .filter(|((_, p), ids)| *p == pair.1 && !ids.is_empty())
+            .count();
+        if !self.notifier_pairs.contains_key(&pair)
+            && watchers >= cfg.limits.max_subscriptions_per_user
+        {
+            m::refused("too_many_subscriptions");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Too Many Watchers)",
+                Some(&tag),
+                &[("Retry-After", "3600")],
+                None,
+                now,
+            );
+        }
         let grant = match decision {
             ExpiresDecision::Grant(g) => g,
             _ => 0,
@@ -2219,7 +2243,6 @@ impl Core {
             }
             Body::Xmpp(_) => {}
         }
-        self.update_gauges();
     }
 
     // ------------------------------------------------------------------ timers
@@ -2292,7 +2315,6 @@ impl Core {
                 }
             }
         }
-        self.update_gauges();
     }
 
     /// Idle session: BYE (Lync closes idle IM sessions after 10 minutes as well).
@@ -2336,7 +2358,6 @@ impl Core {
             }
             self.drain_client(hub, &k, None, now);
         }
-        self.update_gauges();
     }
 
     // ------------------------------------------------------------------ persistence
@@ -2441,7 +2462,6 @@ impl Core {
                 },
             );
         }
-        self.update_gauges();
         n_restored
     }
 }

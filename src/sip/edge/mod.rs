@@ -476,6 +476,7 @@ impl Driver {
                     self.core.handle_timeout(&*self.hub, Instant::now());
                 }
                 _ = persist.tick() => {
+                    self.core.update_gauges();
                     if self.core.take_dirty() {
                         self.persist();
                     }
