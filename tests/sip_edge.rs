@@ -582,6 +582,28 @@ async fn pager_mode_and_policy_refusals() -> Result<()> {
     )
     .await?;
     assert_eq!(ua.response().await?.status(), Some(483));
+
+    // An extension we do not support is required: 420 with Unsupported (RFC 3261 §8.2.2.3).
+    let b = ua.branch();
+    ua.send(
+        &[
+            "SUBSCRIBE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=r1",
+            "To: <sip:alice@example.com>",
+            "Call-ID: req-1",
+            "CSeq: 1 SUBSCRIBE",
+            "Event: presence",
+            "Require: adhoclist, categoryList",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(420));
+    assert_eq!(hv(&r, "Unsupported"), "adhoclist, categoryList");
     assert!(
         env.home_quiet().await,
         "no refused request reached the home side"

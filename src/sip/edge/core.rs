@@ -662,6 +662,31 @@ impl Core {
             conn: peer.conn,
             domain: domain.clone(),
         });
+        // RFC 3261 §8.2.2.3: an extension the request requires and we do not support is
+        // refused with 420 and listed in Unsupported (e.g. Lync's batched `adhoclist`
+        // subscriptions, which this edge does not implement). Never for ACK/CANCEL.
+        let unsupported: Vec<&str> = req
+            .headers_named(HeaderName::Require)
+            .flat_map(|h| h.value.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .collect();
+        if !unsupported.is_empty() && method != "CANCEL" {
+            m::refused("bad_extension");
+            let list = unsupported.join(", ");
+            let tag = random_token(10);
+            self.reply(
+                &key,
+                &req,
+                420,
+                "Bad Extension",
+                Some(&tag),
+                &[("Unsupported", &list)],
+                None,
+                now,
+            );
+            return;
+        }
         match method.as_str() {
             "SUBSCRIBE" => self.on_subscribe(hub, &cfg, peer, &key, &req, &domain, now),
             "NOTIFY" => self.on_notify(hub, peer, Some(&key), &req, &domain, now),
@@ -2465,6 +2490,9 @@ impl Core {
         n_restored
     }
 }
+
+/// Option tags we accept in `Require` (RFC 3261 §20.32).
+const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
 
 /// Methods we answer (RFC 3261 §20.5).
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
