@@ -914,6 +914,78 @@ async fn sipp_scenarios() -> Result<()> {
     Ok(())
 }
 
+/// sipp plays the foreign notifier: the edge connects to it (static route), subscribes for a
+/// local watcher, takes its NOTIFY to the home side and unsubscribes in the dialog.
+#[tokio::test]
+async fn sipp_as_foreign_notifier() -> Result<()> {
+    let sipp = Path::new("/usr/bin/sipp");
+    if !sipp.exists() {
+        eprintln!("sipp not installed; skipping");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    // A free port for sipp's TCP listener (the edge's static route for partner.com).
+    let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sipp/uas_subscribe.xml");
+    let child = tokio::process::Command::new(sipp)
+        .arg("-sf")
+        .arg(&scenario)
+        .args(["-t", "t1", "-i", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-m", "1", "-timeout", "20s", "-timeout_error", "-nostdin"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Let sipp bind its listener before the edge connects.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (hub, edge, mut home, stop) = start_edge(dir.path(), port).await?;
+    let env_send = |body: Body| {
+        hub.submit(
+            &Origin::Component {
+                home_node: "hn1".into(),
+            },
+            Envelope {
+                from: Address::parse("alice@example.com")?,
+                to: Address::parse("bob@partner.com")?,
+                body,
+            },
+        );
+        anyhow::Ok(())
+    };
+    env_send(Body::Subscription(Subscription::Subscribe))?;
+    let d = next(&mut home).await?;
+    assert_eq!(
+        d.envelope.body,
+        Body::Subscription(Subscription::Subscribed)
+    );
+    let d = next(&mut home).await?;
+    match &d.envelope.body {
+        Body::Presence(p) => assert_eq!(&*p.state, "available"),
+        other => bail!("expected presence, got {other:?}"),
+    }
+    env_send(Body::Subscription(Subscription::Unsubscribe))?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("sipp did not finish")??;
+    assert!(
+        out.status.success(),
+        "sipp failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn next(home: &mut mpsc::Receiver<Delivery>) -> Result<Delivery> {
+    tokio::time::timeout(WAIT, home.recv())
+        .await
+        .ok()
+        .flatten()
+        .context("home side received nothing")
+}
+
 /// Runs sipp as UAC against `target`, bounded in time; the child is killed on drop.
 async fn run_sipp(
     scenario: &Path,
