@@ -110,8 +110,20 @@ impl SipEdge {
         }
         let mut tls = None;
         let mut server_tls = None;
-        if let Some(addr) = cfg.listeners.sip_tls {
-            let server = crate::tls::ServerTls::from_config(&cfg)?;
+        let tls_server = match cfg.listeners.sip_tls {
+            None => None,
+            Some(addr) => match crate::tls::ServerTls::from_config(&cfg) {
+                Ok(s) => Some((addr, s)),
+                // The embedded development default enables the TLS listener without any
+                // certificate: say so and run without it rather than refuse to start.
+                Err(crate::tls::TlsError::NoServerCertificate) => {
+                    tracing::error!(%addr, "SIP TLS listener not started: no certificate configured (tls.cert/tls.key or local_domain cert/key)");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some((addr, server)) = tls_server {
             if !server.requests_client_cert() {
                 tracing::warn!("no tls.trust_bundle: SIP peers cannot be authenticated by certificate and every TLS request will be refused");
             }
