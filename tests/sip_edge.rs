@@ -31,7 +31,7 @@ struct Env {
     dir: tempfile::TempDir,
 }
 
-fn config_text(data: &Path, route_port: u16) -> String {
+fn config_text(data: &Path, route_port: u16, limits: &str) -> String {
     format!(
         r#"routing_node = "hn1"
 [node]
@@ -47,6 +47,7 @@ xmpp_s2s = "off"
 xmpp_s2s_direct_tls = "off"
 [limits]
 im_session_idle_secs = 600
+{limits}
 [[sip.federated_domain]]
 name = "partner.com"
 system = "lync"
@@ -74,7 +75,18 @@ async fn start_edge(
     mpsc::Receiver<Delivery>,
     watch::Sender<bool>,
 )> {
-    let text = config_text(dir, route_port);
+    start_edge_with(dir, route_port, "").await
+}
+
+type Started = (
+    Arc<Hub>,
+    SipEdge,
+    mpsc::Receiver<Delivery>,
+    watch::Sender<bool>,
+);
+
+async fn start_edge_with(dir: &Path, route_port: u16, limits: &str) -> Result<Started> {
+    let text = config_text(dir, route_port, limits);
     let cfg = config::from_toml(&text, &dir.join("legate.toml"), BUILTIN_SYSTEMS)
         .map_err(|d| anyhow::anyhow!("config: {d}"))?;
     let maps = MappingStore::open(None).map_err(|d| anyhow::anyhow!("maps: {d}"))?;
@@ -911,6 +923,58 @@ async fn sipp_scenarios() -> Result<()> {
     assert!(drained.load(std::sync::atomic::Ordering::Relaxed) >= 25);
     drain.abort();
     env.stop().await;
+    Ok(())
+}
+
+async fn options_ok(ua: &mut Ua) -> Result<bool> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            "OPTIONS sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.com>;tag=o",
+            "To: <sip:alice@example.com>",
+            &format!("Call-ID: {b}"),
+            "CSeq: 1 OPTIONS",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    Ok(ua.response().await.ok().and_then(|r| r.status()) == Some(200))
+}
+
+#[tokio::test]
+async fn connections_per_peer_are_bounded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "max_connections_per_peer = 2").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let mut a = Ua::connect(addr).await?;
+    let mut b = Ua::connect(addr).await?;
+    assert!(options_ok(&mut a).await?);
+    assert!(options_ok(&mut b).await?);
+    let mut c = Ua::connect(addr).await?;
+    assert!(
+        c.closed().await,
+        "a third connection from the same address is closed"
+    );
+    drop(a);
+    // The slot comes back once the edge sees the close.
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut d = Ua::connect(addr).await?;
+        if options_ok(&mut d).await.unwrap_or(false) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "a slot is free again after a connection closed");
+    assert!(options_ok(&mut b).await?);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
     Ok(())
 }
 

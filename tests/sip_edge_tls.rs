@@ -395,6 +395,34 @@ async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<(
 }
 
 #[tokio::test]
+async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()> {
+    let env = setup().await?;
+    let mut s = TcpStream::connect(env.addr).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"OPTIONS sip:alice@example.com SIP/2.0\r\nContent-Length: 0\r\n\r\n")
+        .await?;
+    let mut buf = [0u8; 256];
+    // The edge answers with a TLS alert at most, then closes.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection closed");
+    let text = legate::metrics::render();
+    assert!(
+        text.contains("legate_sip_tls_handshake_failures_total{reason=\"not_tls\"}"),
+        "{text}"
+    );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
     let env = setup().await?;
     env.home_send(
