@@ -38,6 +38,10 @@ struct Env {
 }
 
 async fn setup() -> Result<Env> {
+    setup_with("").await
+}
+
+async fn setup_with(limits: &str) -> Result<Env> {
     let certs = CertFactory::new();
     let ours = certs.leaf("example", &["example.com"]);
     let partner = certs.leaf("partner", &["partner.com", "sip.partner.com"]);
@@ -60,6 +64,8 @@ xmpp_s2s = "off"
 xmpp_s2s_direct_tls = "off"
 [tls]
 trust_bundle = "{ca}"
+[limits]
+{limits}
 [[sip.federated_domain]]
 name = "partner.com"
 system = "lync"
@@ -418,6 +424,22 @@ async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()
         text.contains("legate_sip_tls_handshake_failures_total{reason=\"not_tls\"}"),
         "{text}"
     );
+    env.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_the_handshake_timeout() -> Result<()> {
+    let env = setup_with("handshake_timeout_secs = 1").await?;
+    let mut s = TcpStream::connect(env.addr).await?;
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    use tokio::io::AsyncReadExt;
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "closed: {r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    assert!(legate::metrics::render()
+        .contains("legate_sip_tls_handshake_failures_total{reason=\"timeout\"}"));
     env.stop().await;
     Ok(())
 }

@@ -106,7 +106,9 @@ pub struct Slots {
 /// Bounded outbound queue per connection.
 const OUT_QUEUE: usize = 512;
 
-/// Runs one connection until it closes. `kind` is the bounded metric label.
+/// Runs one connection until it closes: peer EOF or error, fatal framing error, idle timeout,
+/// shutdown, or the driver dropping the connection's outbound sender (it forgot the
+/// connection). `kind` is the bounded metric label.
 pub async fn run_connection<S>(
     stream: S,
     info: PeerInfo,
@@ -237,6 +239,110 @@ impl ListenerBounds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn info() -> PeerInfo {
+        PeerInfo {
+            conn: 7,
+            remote: "192.0.2.9:5061".parse().expect("addr"),
+            tls: false,
+            verified: Vec::new(),
+            outbound_to: None,
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Input>) -> Input {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(i)) => i,
+            other => panic!("no input: {other:?}"),
+        }
+    }
+
+    /// Keep-alive pong, 400 for a framed bad request, forwarding, then idle close.
+    #[tokio::test]
+    async fn connection_task_pongs_answers_bad_forwards_and_idles_out() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let limits = ConnLimits {
+            max_header: 16 * 1024,
+            max_message: 64 * 1024,
+            idle: Duration::from_millis(300),
+        };
+        let slots = Slots {
+            listener: None,
+            peer: None,
+        };
+        tokio::spawn(run_connection(
+            server,
+            info(),
+            "tcp_in",
+            tx,
+            limits,
+            shutdown,
+            slots,
+        ));
+        // Keep the outbound sender alive: the task closes when the driver drops it.
+        let opened = next(&mut rx).await;
+        assert!(matches!(opened, Input::Opened { .. }));
+        client.write_all(b"\r\n\r\n").await.expect("write");
+        let mut pong = [0u8; 2];
+        client.read_exact(&mut pong).await.expect("pong");
+        assert_eq!(&pong, b"\r\n");
+        client
+            .write_all(b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/TCP x;branch=z9hG4bK1\r\nFrom: <sip:b@partner.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: c\r\nCall-ID: d\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = client.read(&mut buf).await.expect("answer");
+        let text = String::from_utf8_lossy(buf.get(..n).unwrap_or(&[])).into_owned();
+        assert!(text.starts_with("SIP/2.0 400 "), "{text}");
+        client
+            .write_all(b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/TCP x;branch=z9hG4bK2\r\nFrom: <sip:b@partner.com>;tag=1\r\nTo: <sip:a@example.com>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(matches!(
+            next(&mut rx).await,
+            Input::Message { conn: 7, .. }
+        ));
+        // Nothing more: the idle timeout closes the connection.
+        assert!(matches!(next(&mut rx).await, Input::Closed { conn: 7 }));
+        let n = client.read(&mut buf).await.expect("eof");
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn conflicting_content_length_closes() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let limits = ConnLimits {
+            max_header: 16 * 1024,
+            max_message: 64 * 1024,
+            idle: Duration::from_secs(60),
+        };
+        let slots = Slots {
+            listener: None,
+            peer: None,
+        };
+        tokio::spawn(run_connection(
+            server,
+            info(),
+            "tcp_in",
+            tx,
+            limits,
+            shutdown,
+            slots,
+        ));
+        // Keep the outbound sender alive: the task closes when the driver drops it.
+        let opened = next(&mut rx).await;
+        assert!(matches!(opened, Input::Opened { .. }));
+        client
+            .write_all(b"MESSAGE sip:a@example.com SIP/2.0\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
+            .await
+            .expect("write");
+        assert!(matches!(next(&mut rx).await, Input::Closed { conn: 7 }));
+    }
 
     #[test]
     fn per_peer_slots_are_released() {
