@@ -707,17 +707,26 @@ impl Core {
                 )
             }
             "CANCEL" => {
-                // INVITEs are answered at once, so a CANCEL always arrives too late (§9.2).
-                self.reply(
-                    &key,
-                    &req,
-                    481,
-                    "Call/Transaction Does Not Exist",
-                    None,
-                    &[],
-                    None,
-                    now,
-                )
+                // INVITEs are answered at once, so a CANCEL always arrives too late and has no
+                // effect (§9.2); it is still answered 200 when it matches the INVITE.
+                let invite = TxnKey {
+                    method: "INVITE".into(),
+                    ..key.clone()
+                };
+                if self.server.contains_key(&invite) {
+                    self.reply(&key, &req, 200, "OK", None, &[], None, now)
+                } else {
+                    self.reply(
+                        &key,
+                        &req,
+                        481,
+                        "Call/Transaction Does Not Exist",
+                        None,
+                        &[],
+                        None,
+                        now,
+                    )
+                }
             }
             "INFO" => {
                 let known = DialogId::of_incoming_request(&req)
@@ -782,7 +791,9 @@ impl Core {
             if !host.is_some_and(|h| cfg.is_local_domain(&h)) {
                 return Err(refuse(404, "Not Found (Not A Local Domain)", "not_local"));
             }
-            if sip.user().is_none_or(str::is_empty) {
+            // OPTIONS to the domain itself (a peer probing the edge) needs no user.
+            let probe = req.method() == Some("OPTIONS");
+            if !probe && sip.user().is_none_or(str::is_empty) {
                 return Err(refuse(404, "Not Found (No User)", "no_user"));
             }
         }
@@ -1205,7 +1216,8 @@ impl Core {
             body: body.as_deref().map(|b| (ct, b)),
             cseq_override: None,
         });
-        self.dirty = true;
+        // A NOTIFY alone does not mark the state dirty: restored dialogs add
+        // RESTORE_CSEQ_MARGIN to the CSeq instead of persisting every increment.
         match req {
             Ok(r) => {
                 self.send_request(r, conn, domain, Purpose::Notify { dialog: id.clone() }, now)
@@ -2168,13 +2180,16 @@ impl Core {
                     tracing::debug!("presence for a watcher without subscription dropped");
                 }
                 for id in ids {
+                    let mut activated = false;
                     if let Some(n) = self.notifiers.get_mut(&id) {
                         n.last = Some(p.clone());
                         // Presence reaching a pending watcher means the home side lets it see
                         // the user (an XMPP server only sends presence to approved
                         // subscribers); offline presence is how polite blocking looks.
+                        activated = n.state == NotifierState::Pending;
                         n.state = NotifierState::Active;
                     }
+                    self.dirty |= activated;
                     self.send_notify(hub, &id, None, now);
                 }
             }
@@ -2189,6 +2204,7 @@ impl Core {
                         _ => false,
                     };
                     if changed {
+                        self.dirty = true;
                         self.send_notify(hub, &id, None, now);
                     }
                 }
@@ -2916,6 +2932,34 @@ Content-Length: {}\n\n",
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn cancel_after_the_answer_and_options_to_the_domain() {
+        let h = hub();
+        let mut c = core();
+        let t0 = Instant::now();
+        let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+        let inv = format!(
+            "INVITE sip:alice@example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKc1\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:alice@example.com>\nCall-ID: cc1\nCSeq: 1 INVITE\nContent-Type: application/sdp\nContent-Length: {}\n\n",
+            sdp.len()
+        );
+        let mut raw = inv.replace('\n', "\r\n").into_bytes();
+        raw.extend_from_slice(sdp.as_bytes());
+        c.handle_message(&h, &peer(), parse_datagram(&raw).expect("parses"), t0);
+        sent(&mut c);
+        let cancel = |branch: &str| {
+            msg(&format!(
+                "CANCEL sip:alice@example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch={branch}\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:alice@example.com>\nCall-ID: cc1\nCSeq: 1 CANCEL\nContent-Length: 0\n\n"
+            ))
+        };
+        c.handle_message(&h, &peer(), cancel("z9hG4bKc1"), t0);
+        assert_eq!(sent(&mut c)[0].status(), Some(200));
+        c.handle_message(&h, &peer(), cancel("z9hG4bKzz"), t0);
+        assert_eq!(sent(&mut c)[0].status(), Some(481));
+        let opt = msg("OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKo1\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:example.com>\nCall-ID: o1\nCSeq: 1 OPTIONS\nContent-Length: 0\n\n");
+        c.handle_message(&h, &peer(), opt, t0);
+        assert_eq!(sent(&mut c)[0].status(), Some(200));
     }
 
     #[test]

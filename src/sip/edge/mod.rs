@@ -255,7 +255,7 @@ fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
 }
 
 fn save_state(path: &Path, state: &PersistedState) {
-    let Ok(json) = serde_json::to_vec_pretty(state) else {
+    let Ok(json) = serde_json::to_vec(state) else {
         return;
     };
     if let Some(dir) = path.parent() {
@@ -466,6 +466,7 @@ impl Driver {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
+        let mut next_write = Instant::now();
         loop {
             let deadline = self
                 .core
@@ -489,8 +490,12 @@ impl Driver {
                 }
                 _ = persist.tick() => {
                     self.core.update_gauges();
-                    if self.core.take_dirty() {
+                    // At most once a second, and never more than ~5% of the time: a large
+                    // table costs more to write, so it is written less often.
+                    if next_write <= Instant::now() && self.core.take_dirty() {
+                        let t = Instant::now();
                         self.persist();
+                        next_write = t + (t.elapsed() * 20).max(Duration::from_secs(1));
                     }
                 }
                 _ = shutdown.changed() => {
