@@ -119,24 +119,40 @@ default_system = "xmpp"
         let (stop, rx) = tokio::sync::watch::channel(false);
         let edge = SipEdge::start(hub.clone(), rx).await?;
         let addr = edge.tls_addr().context("tls")?;
+        let exe = std::env::current_exe()?;
+        let run_client = |modes: &'static str| {
+            let exe = exe.clone();
+            let (ca, cert, key) = (
+                certs.ca_path().to_owned(),
+                partner.cert.clone(),
+                partner.key.clone(),
+            );
+            async move {
+                let child = tokio::process::Command::new(exe)
+                    .env("LEGATE_LOAD_CLIENT", "1")
+                    .env("LOAD_MODES", modes)
+                    .env("LOAD_ADDR", addr.to_string())
+                    .env("LOAD_CA", ca)
+                    .env("LOAD_CERT", cert)
+                    .env("LOAD_KEY", key)
+                    .kill_on_drop(true)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()?;
+                let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+                    .await
+                    .context("load client did not finish within 300 s")??;
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+                if !out.status.success() {
+                    bail!("load client failed");
+                }
+                anyhow::Ok(())
+            }
+        };
         let (cpu0, _, _) = usage();
         let t0 = Instant::now();
-        let exe = std::env::current_exe()?;
-        let child = tokio::process::Command::new(exe)
-            .env("LEGATE_LOAD_CLIENT", "1")
-            .env("LOAD_ADDR", addr.to_string())
-            .env("LOAD_CA", certs.ca_path())
-            .env("LOAD_CERT", &partner.cert)
-            .env("LOAD_KEY", &partner.key)
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
-            .await
-            .context("load client did not finish within 300 s")??;
+        run_client("pager,session").await?;
         let wall = t0.elapsed().as_secs_f64();
         let (cpu1, rss, hwm) = usage();
-        print!("{}", String::from_utf8_lossy(&out.stdout));
         let n = delivered.load(Ordering::Relaxed);
         println!(
             "edge: {n} messages delivered to the home side in {wall:.2} s wall; edge CPU {:.2} s ({:.0}% of one core on average); RSS {} KiB now, peak {} KiB",
@@ -145,11 +161,23 @@ default_system = "xmpp"
             rss,
             hwm
         );
+        let t1 = Instant::now();
+        run_client("subscribe").await?;
+        let wall = t1.elapsed().as_secs_f64();
+        // Let the state file catch up, then measure what the subscriptions hold.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (cpu2, rss2, hwm2) = usage();
+        let state = std::fs::metadata(dir.path().join(legate::sip::edge::STATE_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        println!(
+            "edge: subscriptions phase {wall:.2} s wall, edge CPU {:.2} s; RSS {rss2} KiB (+{} KiB for the subscriptions), peak {hwm2} KiB; state file {} KiB",
+            cpu2 - cpu1,
+            rss2.saturating_sub(rss),
+            state / 1024
+        );
         let _ = stop.send(true);
         edge.join(Duration::from_secs(5)).await;
-        if !out.status.success() {
-            bail!("load client failed");
-        }
         Ok(())
     })
 }
@@ -175,7 +203,18 @@ fn client_main() -> Result<()> {
             legate::tls::load_private_key(std::path::Path::new(&std::env::var("LOAD_KEY")?))?,
         )?;
         let cfg = Arc::new(cfg);
-        for mode in [Mode::Pager, Mode::Session] {
+        let modes = std::env::var("LOAD_MODES").unwrap_or_else(|_| "pager,session".into());
+        let subs = env_usize("LOAD_SUBSCRIPTIONS", 20_000);
+        for mode in modes.split(',').filter_map(|m| match m {
+            "pager" => Some(Mode::Pager),
+            "session" => Some(Mode::Session),
+            "subscribe" => Some(Mode::Subscribe),
+            _ => None,
+        }) {
+            let total = match mode {
+                Mode::Subscribe => subs,
+                _ => total,
+            };
             let t0 = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..conns {
@@ -190,9 +229,12 @@ fn client_main() -> Result<()> {
                 done += t.await??;
             }
             let dt = t0.elapsed().as_secs_f64();
+            let what = match mode {
+                Mode::Subscribe => "SUBSCRIBE/200 + NOTIFY/200",
+                _ => "MESSAGE/200",
+            };
             println!(
-                "{:?}: {done} MESSAGE/200 over TLS, {conns} connections, window {window}: {dt:.2} s, {:.0} messages/s",
-                mode,
+                "{mode:?}: {done} {what} over TLS, {conns} connections, window {window}: {dt:.2} s, {:.0}/s",
                 done as f64 / dt
             );
         }
@@ -206,6 +248,8 @@ enum Mode {
     Pager,
     /// MESSAGEs inside one IM session (INVITE with `m=message`), like Lync.
     Session,
+    /// New presence subscriptions (each answered 200 plus a NOTIFY we answer); they stay.
+    Subscribe,
 }
 
 struct Conn<S> {
@@ -291,12 +335,15 @@ async fn run_conn(
         );
         conn.s.write_all(ack.as_bytes()).await?;
     }
+    if let Mode::Subscribe = mode {
+        return run_subscribe(conn, c, total, window).await;
+    }
     let mut sent = 0usize;
     let mut ok = 0usize;
     let mut batch = Vec::with_capacity(window * 400);
     while sent < total.min(window) {
         let call_id = match mode {
-            Mode::Pager => format!("{call}-{sent}"),
+            Mode::Pager | Mode::Subscribe => format!("{call}-{sent}"),
             Mode::Session => call.clone(),
         };
         batch.extend_from_slice(&message(c, sent, tag.as_deref(), &call_id, sent + 2));
@@ -311,11 +358,54 @@ async fn run_conn(
         }
         if sent < total {
             let call_id = match mode {
-                Mode::Pager => format!("{call}-{sent}"),
+                Mode::Pager | Mode::Subscribe => format!("{call}-{sent}"),
                 Mode::Session => call.clone(),
             };
             let m = message(c, sent, tag.as_deref(), &call_id, sent + 2);
             conn.s.write_all(&m).await?;
+            sent += 1;
+        }
+    }
+    Ok(ok)
+}
+
+fn subscribe(c: usize, i: usize) -> Vec<u8> {
+    format!(
+        "SUBSCRIBE sip:alice{u}@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKsub{c}x{i}\r\nMax-Forwards: 70\r\nFrom: <sip:bob{c}x{i}@partner.com>;tag=st{i}\r\nTo: <sip:alice{u}@example.com>\r\nCall-ID: sub-{c}-{i}\r\nCSeq: 1 SUBSCRIBE\r\nContact: <sip:bob{c}x{i}@127.0.0.1;transport=tls>\r\nEvent: presence\r\nAccept: application/msrtc-event-categories+xml, application/pidf+xml\r\nExpires: 3600\r\nContent-Length: 0\r\n\r\n",
+        u = i % 100
+    )
+    .into_bytes()
+}
+
+async fn run_subscribe<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    c: usize,
+    total: usize,
+    window: usize,
+) -> Result<usize> {
+    let mut sent = 0usize;
+    let mut ok = 0usize;
+    let mut batch = Vec::new();
+    while sent < total.min(window) {
+        batch.extend_from_slice(&subscribe(c, sent));
+        sent += 1;
+    }
+    conn.s.write_all(&batch).await?;
+    while ok < total {
+        let m = conn.next().await?;
+        if m.is_request() {
+            let r = m
+                .build_response(200, "OK", None)
+                .map_err(|e| anyhow!("{e}"))?;
+            conn.s.write_all(&r.to_bytes()).await?;
+            continue;
+        }
+        match m.status() {
+            Some(200) => ok += 1,
+            other => bail!("SUBSCRIBE answered {other:?} {:?}", m.reason()),
+        }
+        if sent < total {
+            conn.s.write_all(&subscribe(c, sent)).await?;
             sent += 1;
         }
     }
