@@ -2429,6 +2429,56 @@ impl Core {
         }
     }
 
+    /// Writes the same state as [`Core::snapshot`] as JSON into `out` without cloning the
+    /// dialogs (a large table must not double its memory once a second).
+    pub fn write_snapshot(
+        &self,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut impl std::io::Write,
+    ) -> serde_json::Result<()> {
+        #[derive(Serialize)]
+        struct NotifierRef<'a> {
+            dialog: &'a Dialog,
+            watcher: String,
+            presentity: String,
+            domain: &'a str,
+            active: bool,
+            msrtc: bool,
+            expires_unix: u64,
+        }
+        #[derive(Serialize)]
+        struct StateRef<'a> {
+            version: u32,
+            notifiers: Vec<NotifierRef<'a>>,
+        }
+        let base = wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut notifiers: Vec<NotifierRef<'_>> = self
+            .notifiers
+            .values()
+            .map(|n| NotifierRef {
+                dialog: &n.dialog,
+                watcher: n.watcher.bare_string(),
+                presentity: n.presentity.bare_string(),
+                domain: n.domain.as_str(),
+                active: n.state == NotifierState::Active,
+                msrtc: n.format == SipBodyKind::Msrtc,
+                expires_unix: base + n.expires_at.saturating_duration_since(now).as_secs(),
+            })
+            .collect();
+        notifiers.sort_by(|a, b| a.dialog.id.cmp(&b.dialog.id));
+        serde_json::to_writer(
+            out,
+            &StateRef {
+                version: 1,
+                notifiers,
+            },
+        )
+    }
+
     /// Reloads notifier subscriptions written before a restart. Expired entries are dropped;
     /// active ones ask the home side for current presence (a Probe) so the next NOTIFY is right.
     pub fn restore(
@@ -2994,6 +3044,13 @@ Content-Length: {}\n\n",
         assert!(c.take_dirty());
         let snap = c.snapshot(t0, wall);
         let json = serde_json::to_string(&snap).expect("json");
+        let mut streamed = Vec::new();
+        c.write_snapshot(t0, wall, &mut streamed).expect("write");
+        assert_eq!(
+            json.as_bytes(),
+            &streamed[..],
+            "both forms write the same file"
+        );
         let back: PersistedState = serde_json::from_str(&json).expect("back");
         let mut c2 = core();
         assert_eq!(c2.restore(&h, back, t0, wall), 1);

@@ -83,6 +83,20 @@ impl SipEdge {
         let mut tasks = Vec::new();
         let (core_tx, core_rx) = mpsc::channel::<Input>(1024);
         let ids = Arc::new(AtomicU64::new(1));
+        // TLS material is loaded before any port is bound (style practice 6).
+        let tls_server = match cfg.listeners.sip_tls {
+            None => None,
+            Some(addr) => match crate::tls::ServerTls::from_config(&cfg) {
+                Ok(s) => Some((addr, s)),
+                // The embedded development default enables the TLS listener without any
+                // certificate: say so and run without it rather than refuse to start.
+                Err(crate::tls::TlsError::NoServerCertificate) => {
+                    tracing::error!(%addr, "SIP TLS listener not started: no certificate configured (tls.cert/tls.key or local_domain cert/key)");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
         let mut tcp = None;
         if let Some(addr) = cfg.listeners.sip_tcp {
             let l = TcpListener::bind(addr)
@@ -110,19 +124,6 @@ impl SipEdge {
         }
         let mut tls = None;
         let mut server_tls = None;
-        let tls_server = match cfg.listeners.sip_tls {
-            None => None,
-            Some(addr) => match crate::tls::ServerTls::from_config(&cfg) {
-                Ok(s) => Some((addr, s)),
-                // The embedded development default enables the TLS listener without any
-                // certificate: say so and run without it rather than refuse to start.
-                Err(crate::tls::TlsError::NoServerCertificate) => {
-                    tracing::error!(%addr, "SIP TLS listener not started: no certificate configured (tls.cert/tls.key or local_domain cert/key)");
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
         if let Some((addr, server)) = tls_server {
             if !server.requests_client_cert() {
                 tracing::warn!("no tls.trust_bundle: SIP peers cannot be authenticated by certificate and every TLS request will be refused");
@@ -254,15 +255,22 @@ fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
     }
 }
 
-fn save_state(path: &Path, state: &PersistedState) {
-    let Ok(json) = serde_json::to_vec(state) else {
-        return;
-    };
+/// Writes the state file atomically: a temporary file in the same directory, then rename.
+fn save_state(path: &Path, core: &Core) {
+    use std::io::Write;
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     let tmp = path.with_extension("json.tmp");
-    let r = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+    let r = std::fs::File::create(&tmp).and_then(|f| {
+        let mut w = std::io::BufWriter::new(f);
+        core.write_snapshot(Instant::now(), SystemTime::now(), &mut w)
+            .map_err(std::io::Error::other)?;
+        w.flush()?;
+        w.get_ref().sync_all()?;
+        drop(w);
+        std::fs::rename(&tmp, path)
+    });
     if let Err(e) = r {
         tracing::error!(path = %path.display(), error = %e, "cannot write SIP state file");
     }
@@ -510,10 +518,7 @@ impl Driver {
     }
 
     fn persist(&self) {
-        save_state(
-            &self.state_path,
-            &self.core.snapshot(Instant::now(), SystemTime::now()),
-        );
+        save_state(&self.state_path, &self.core);
     }
 
     fn on_input(&mut self, input: Input) {
