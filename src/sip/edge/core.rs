@@ -2229,6 +2229,23 @@ impl Core {
                         }
                     }
                     None => {
+                        // Bound: outbound subscriptions per local user.
+                        let watcher = env.from.bare_string();
+                        let n = self
+                            .subscriber_pairs
+                            .keys()
+                            .filter(|(w, _)| *w == watcher)
+                            .count();
+                        if n >= hub.config().limits.max_subscriptions_per_user {
+                            m::refused("too_many_subscriptions");
+                            if let Some(b) = env.bounce(
+                                ErrorCondition::ResourceConstraint,
+                                "too many presence subscriptions for this user",
+                            ) {
+                                hub.submit(domain, b);
+                            }
+                            return;
+                        }
                         let id = self.new_subscriber(env.from, env.to, domain.clone());
                         self.send_subscribe(id, now);
                     }
