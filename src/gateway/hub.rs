@@ -160,8 +160,7 @@ impl Hub {
                     .inc();
                 DENIED.with_label_values(&[denied.label()]).inc();
                 tracing::info!(from = %env.from, to = %env.to, reason = %denied, "refused");
-                // A spoofed sender is not answered: the answer would go to someone else.
-                if !matches!(denied, Denied::Spoofed { .. }) {
+                if denied.answered() {
                     if let Some(b) = env.bounce(denied.condition(), denied.to_string()) {
                         self.deliver(Delivery {
                             link: origin.reply_link(),

@@ -6,6 +6,7 @@
 //! `s2s_negotiate` (RFC 6120 s2s stream negotiation machine). None of these do I/O.
 
 pub mod component;
+pub mod convert;
 pub mod dialback;
 pub mod error;
 pub mod jid;
