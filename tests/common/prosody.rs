@@ -158,7 +158,12 @@ impl ProsodyConfig {
     /// The config file text for this instance, with paths under `dir`.
     pub fn render(&self, dir: &Path) -> String {
         let p = |name: &str| lua_str(&dir.join(name).to_string_lossy());
-        let mut modules = vec!["roster", "saslauth", "tls", "disco", "ping"];
+        let mut modules = vec!["roster", "saslauth", "disco", "ping"];
+        // mod_tls offers STARTTLS even when no certificate is configured ("SNI will be
+        // required"), and the handshake then fails; so load it only when some host has one.
+        if self.hosts.iter().any(|h| h.cert.is_some()) {
+            modules.push("tls");
+        }
         if self.dialback {
             modules.push("dialback");
         }

@@ -572,7 +572,8 @@ fn stream_header(domain: &str) -> String {
 }
 
 impl XmppClient {
-    /// Connects, negotiates (STARTTLS if configured, SASL PLAIN, bind) and returns the session.
+    /// Connects, negotiates (STARTTLS if configured, SASL PLAIN, bind), fetches the roster and
+    /// returns the session.
     /// Each step is bounded by [`STEP_TIMEOUT`]. Does not send initial presence.
     pub async fn connect(cfg: ClientConfig) -> Result<XmppClient> {
         let label = format!("c2s {}@{}", cfg.username, cfg.domain);
@@ -634,6 +635,17 @@ impl XmppClient {
         }
         let jid = extract_text(&r.raw, "jid")
             .ok_or_else(|| anyhow!("{label}: no <jid> in bind result: {}", r.raw))?;
+        // Fetch the roster: Prosody sends subscription presences (subscribe/subscribed/...) and
+        // roster pushes only to "interested" resources, i.e. those that requested the roster
+        // (RFC 6121 §2.1.6, mod_presence `send_to_interested_resources`).
+        conn.send_raw("<iq type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>")
+            .await?;
+        let r = conn
+            .next_stanza_matching(|s| s.id.as_deref() == Some("roster1"), STEP_TIMEOUT)
+            .await?;
+        if !r.is_type("result") {
+            bail!("{label}: roster get failed: {}", r.raw);
+        }
         Ok(XmppClient {
             conn,
             jid,
@@ -749,9 +761,7 @@ fn extract_text(xml: &str, name: &str) -> Option<String> {
         match reader.read_event().ok()? {
             Event::Start(e) if e.local_name().as_ref() == name => inside = true,
             Event::Text(t) if inside => out.push_str(&t.xml10_content()),
-            Event::End(e) if inside && e.local_name().as_ref() == name => {
-                return Some(out)
-            }
+            Event::End(e) if inside && e.local_name().as_ref() == name => return Some(out),
             Event::Eof => return None,
             _ => {}
         }
