@@ -104,7 +104,7 @@ async fn c2s_two_users_subscribe_presence_and_chat() {
             .next_stanza_matching(
                 |s| {
                     s.name == "presence"
-                        && s.from_bare() == Some("bob@example.test")
+                        && s.sender_bare() == Some("bob@example.test")
                         && s.show.as_deref() == Some("away")
                 },
                 WAIT,
@@ -119,6 +119,16 @@ async fn c2s_two_users_subscribe_presence_and_chat() {
         bob.close().await;
     })
     .await;
+}
+
+/// Panics with the instance's diagnostics unless its log contains `needle`.
+fn assert_log(p: &Prosody, needle: &str) {
+    assert!(
+        p.log().contains(needle),
+        "{needle:?} not in the log of Prosody {}\n{}",
+        p.ip(),
+        p.diagnostics()
+    );
 }
 
 fn dns_for(a: &ProsodyConfig, b: &ProsodyConfig, a_domain: &str, b_domain: &str) -> Dnsmasq {
@@ -174,17 +184,15 @@ async fn s2s_dialback_through_dnsmasq_srv() {
         federate(&example, &xmpp, None).await;
 
         // Both directions authenticated by dialback, peers found through SRV.
-        for (p, peer) in [(&example, "xmpp.test"), (&xmpp, "example.test")] {
-            let log = p.log();
-            assert!(
-                log.contains(&format!("_xmpp-server._tcp.{peer}")),
-                "no SRV lookup for {peer} in log"
-            );
-            assert!(
-                log.contains("dialback"),
-                "no dialback in the log of {}",
-                p.ip()
-            );
+        for (p, me, peer) in [
+            (&example, "example.test", "xmpp.test"),
+            (&xmpp, "xmpp.test", "example.test"),
+        ] {
+            assert_log(p, &format!("Resolve _xmpp-server._tcp.{peer} IN SRV"));
+            assert_log(p, "sent dialback key on outgoing s2s stream");
+            assert_log(p, &format!("asking {peer} if key"));
+            assert_log(p, &format!("Outgoing s2s connection {me}->{peer} complete"));
+            assert_log(p, &format!("Incoming s2s connection {peer}->{me} complete"));
         }
         assert!(dns.log().contains("_xmpp-server._tcp.xmpp.test"));
     })
@@ -271,13 +279,15 @@ async fn s2s_certificates_sasl_external_through_dnsmasq_srv() {
 
         federate(&example, &xmpp, Some(&pki.ca())).await;
 
-        for p in [&example, &xmpp] {
-            let log = p.log();
-            assert!(
-                log.contains("EXTERNAL"),
-                "no SASL EXTERNAL in the log of {}",
-                p.ip()
-            );
+        // Both directions authenticated by certificate (no dialback module loaded at all).
+        for (p, me, peer) in [
+            (&example, "example.test", "xmpp.test"),
+            (&xmpp, "xmpp.test", "example.test"),
+        ] {
+            assert_log(p, &format!("SASL EXTERNAL with {peer} succeeded"));
+            assert_log(p, &format!("Accepting SASL EXTERNAL identity from {peer}"));
+            assert_log(p, &format!("Outgoing s2s connection {me}->{peer} complete"));
+            assert!(!p.log().contains("dialback key"), "dialback used by {me}");
         }
     })
     .await;
@@ -327,7 +337,7 @@ async fn component_xep0114_raw_roundtrip() {
             .await
             .expect("component receives the message");
         assert_eq!(m.to.as_deref(), Some("bob@partner.test"));
-        assert_eq!(m.from_bare(), Some("alice@example.test"));
+        assert_eq!(m.sender_bare(), Some("alice@example.test"));
         assert_eq!(m.body.as_deref(), Some("to the component"));
 
         comp.send_raw(&format!(

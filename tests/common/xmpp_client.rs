@@ -310,7 +310,7 @@ impl Stanza {
     }
 
     /// Bare JID of `from` (resource stripped).
-    pub fn from_bare(&self) -> Option<&str> {
+    pub fn sender_bare(&self) -> Option<&str> {
         self.from
             .as_deref()
             .map(|f| f.split('/').next().unwrap_or(f))
@@ -722,7 +722,7 @@ impl XmppClient {
     /// Next `<message>` with a body from `from_bare`.
     pub async fn expect_message_from(&mut self, from_bare: &str, wait: Duration) -> Result<Stanza> {
         self.next_stanza_matching(
-            |s| s.name == "message" && s.body.is_some() && s.from_bare() == Some(from_bare),
+            |s| s.name == "message" && s.body.is_some() && s.sender_bare() == Some(from_bare),
             wait,
         )
         .await
@@ -738,7 +738,7 @@ impl XmppClient {
         self.next_stanza_matching(
             |s| {
                 s.name == "presence"
-                    && s.from_bare() == Some(from_bare)
+                    && s.sender_bare() == Some(from_bare)
                     && s.type_.as_deref() == type_
             },
             wait,
@@ -817,7 +817,7 @@ mod tests {
         let st = Stanza::parse(m).expect("parse");
         assert_eq!(st.name, "message");
         assert_eq!(st.body.as_deref(), Some("hi & <3"));
-        assert_eq!(st.from_bare(), Some("x@y"));
+        assert_eq!(st.sender_bare(), Some("x@y"));
         assert_eq!(frames[2], Frame::Element("<presence/>".into()));
         assert_eq!(frames[3], Frame::StreamClose);
     }
