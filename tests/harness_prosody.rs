@@ -354,3 +354,126 @@ async fn component_xep0114_raw_roundtrip() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn component_wrong_secret_is_refused() {
+    bounded("component wrong secret", async {
+        let p = start(
+            ProsodyConfig::new(Ipv4Addr::new(127, 0, 0, 4))
+                .host("example.test")
+                .component("partner.test", "s3cret"),
+        );
+        let mut comp = XmlConn::connect(p.component_addr(), "component partner.test")
+            .await
+            .expect("connect component port");
+        comp.send_raw(
+            "<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' to='partner.test'>",
+        )
+        .await
+        .expect("send header");
+        let header = comp.expect_stream_open(WAIT).await.expect("stream header");
+        let id = header_attr(&header, "id").expect("stream id in header");
+        comp.send_raw(&format!("<handshake>{}</handshake>", handshake(&id, "wrong")))
+            .await
+            .expect("send handshake");
+        let err = comp
+            .next_stanza(WAIT)
+            .await
+            .expect_err("a wrong secret must be refused");
+        assert!(format!("{err:#}").contains("not-authorized"), "{err:#}");
+    })
+    .await;
+}
+
+#[test]
+fn prosody_start_failure_surfaces_its_output() {
+    let mut cfg = ProsodyConfig::new(Ipv4Addr::LOCALHOST).host("example.test");
+    cfg.extra_global_lua = "this is not lua at all".to_owned();
+    let err = match Prosody::start(cfg) {
+        Ok(_) => panic!("a broken config must fail to start"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("exited during start-up"), "{err}");
+    assert!(
+        err.contains("this is not lua at all"),
+        "config not shown: {err}"
+    );
+    assert!(
+        err.contains("prosody.cfg.lua"),
+        "Prosody's complaint not shown: {err}"
+    );
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn prosody_and_dnsmasq_are_killed_on_drop() {
+    let p = Prosody::start(ProsodyConfig::new(Ipv4Addr::LOCALHOST).host("example.test"))
+        .expect("starting Prosody");
+    let pid = p.pid().expect("Prosody wrote its pidfile");
+    assert!(alive(pid));
+    let c2s = p.c2s_addr();
+    drop(p);
+    assert!(!alive(pid), "Prosody {pid} still running after drop");
+    assert!(
+        std::net::TcpStream::connect_timeout(&c2s, Duration::from_millis(200)).is_err(),
+        "c2s port still open after drop"
+    );
+
+    let dns = Dnsmasq::start(&[DnsRecord::a("x.test", Ipv4Addr::LOCALHOST)]).expect("dnsmasq");
+    let addr = dns.addr();
+    drop(dns);
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+        "dnsmasq still listening after drop"
+    );
+}
+
+/// A minimal DNS query over UDP; returns (rcode, answer count).
+fn dns_query(server: std::net::SocketAddr, name: &str, qtype: u16) -> (u8, u16) {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.send_to(&q, server).expect("send query");
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).expect("DNS answer within 2 s");
+    assert!(n >= 12 && buf[0] == 0x12 && buf[1] == 0x34, "bad answer");
+    (buf[3] & 0x0f, u16::from_be_bytes([buf[6], buf[7]]))
+}
+
+#[test]
+fn dnsmasq_serves_a_srv_naptr_and_nxdomain_in_test_zone() {
+    let dns = Dnsmasq::start(&[
+        DnsRecord::a("sip.partner.test", Ipv4Addr::new(127, 0, 0, 5)),
+        DnsRecord::srv("_sip._tcp.partner.test", "sip.partner.test", 5060),
+        DnsRecord::Naptr(
+            "partner.test,10,50,\"s\",\"SIP+D2T\",\"\",_sip._tcp.partner.test".to_owned(),
+        ),
+    ])
+    .expect("dnsmasq");
+    const A: u16 = 1;
+    const SRV: u16 = 33;
+    const NAPTR: u16 = 35;
+    assert_eq!(dns_query(dns.addr(), "sip.partner.test", A), (0, 1));
+    assert_eq!(dns_query(dns.addr(), "_sip._tcp.partner.test", SRV), (0, 1));
+    assert_eq!(dns_query(dns.addr(), "partner.test", NAPTR), (0, 1));
+    // Unknown names in test. are answered locally (NXDOMAIN = 3), never forwarded.
+    assert_eq!(dns_query(dns.addr(), "nothing.partner.test", A).0, 3);
+}

@@ -10,12 +10,13 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use super::ports;
+use super::prosody::GuardedChild;
 
 pub const DNSMASQ_BIN: &str = "/usr/sbin/dnsmasq";
 const START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,7 +79,7 @@ impl DnsRecord {
 
 /// A running dnsmasq; killed on drop.
 pub struct Dnsmasq {
-    child: Child,
+    child: GuardedChild,
     port: u16,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -111,8 +112,6 @@ impl Dnsmasq {
             .context("creating dnsmasq temp dir")?;
         let port = ports::free_local_port();
         let log_path = dir.path().join("dnsmasq.log");
-        let log = std::fs::File::create(&log_path).context("creating dnsmasq log")?;
-        let log2 = log.try_clone().context("cloning log handle")?;
         let mut cmd = Command::new(DNSMASQ_BIN);
         cmd.args([
             "--conf-file=/dev/null",
@@ -131,12 +130,7 @@ impl Dnsmasq {
         for r in records {
             cmd.arg(r.to_arg());
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {DNSMASQ_BIN}"))?;
+        let child = GuardedChild::spawn(&cmd, &log_path)?;
         let mut d = Dnsmasq {
             child,
             port,
@@ -146,7 +140,7 @@ impl Dnsmasq {
         let deadline = Instant::now() + START_TIMEOUT;
         let addr = d.addr();
         loop {
-            if let Some(status) = d.child.try_wait().context("polling dnsmasq")? {
+            if let Some(status) = d.child.try_wait()? {
                 bail!(
                     "dnsmasq exited during start-up ({status}); args: {:?}\nlog:\n{}",
                     records.iter().map(DnsRecord::to_arg).collect::<Vec<_>>(),
@@ -196,8 +190,7 @@ impl Dnsmasq {
 
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         if std::thread::panicking() {
             eprintln!("--- dnsmasq on port {} ---\n{}", self.port, self.log());
         }

@@ -270,7 +270,7 @@ fn dm_encode(s: &str) -> String {
 
 /// A running Prosody; killed on drop.
 pub struct Prosody {
-    child: Child,
+    child: GuardedChild,
     config: ProsodyConfig,
     dir: tempfile::TempDir,
     started_in: Duration,
@@ -299,20 +299,14 @@ impl Prosody {
                 write_account(&dir.path().join("data"), &h.domain, user, pw)?;
             }
         }
-        let out = std::fs::File::create(dir.path().join("stdout.log")).context("stdout log")?;
-        let err = out.try_clone().context("cloning log handle")?;
         let t0 = Instant::now();
-        let child = Command::new(PROSODY_BIN)
-            .arg("--config")
+        let mut cmd = Command::new(PROSODY_BIN);
+        cmd.arg("--config")
             .arg(&cfg_path)
             .arg("-F")
             .env("HOME", dir.path())
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .with_context(|| format!("spawning {PROSODY_BIN}"))?;
+            .current_dir(dir.path());
+        let child = GuardedChild::spawn(&cmd, &dir.path().join("stdout.log"))?;
         let mut p = Prosody {
             child,
             config,
@@ -326,7 +320,7 @@ impl Prosody {
         let deadline = t0 + p.config.start_timeout;
         for addr in wanted {
             loop {
-                if let Some(status) = p.child.try_wait().context("polling prosody")? {
+                if let Some(status) = p.child.try_wait()? {
                     bail!(
                         "Prosody exited during start-up ({status})\n{}",
                         p.diagnostics()
@@ -372,6 +366,20 @@ impl Prosody {
     /// How long it took until every listener accepted connections.
     pub fn started_in(&self) -> Duration {
         self.started_in
+    }
+
+    /// Prosody's own PID (from its pidfile), once written.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join("prosody.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills Prosody now (also done on drop).
+    pub fn kill(&mut self) {
+        self.child.kill();
     }
 
     pub fn dir(&self) -> &Path {
@@ -424,10 +432,89 @@ fn write_account(data: &Path, domain: &str, localpart: &str, password: &str) -> 
 
 impl Drop for Prosody {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         if std::thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }
+    }
+}
+
+/// A child process that cannot outlive the test process.
+///
+/// The program runs under `/bin/sh`, which also starts a watchdog reading the pipe on its stdin;
+/// the test holds the write end. When the test drops this (or dies, even by SIGKILL, so the
+/// kernel closes the pipe), the watchdog SIGKILLs the program. Plain `Child::kill` on drop would
+/// leak the server whenever the test binary itself is killed (CI timeouts).
+pub struct GuardedChild {
+    wrapper: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+const GUARD_SCRIPT: &str = r#"exec 3<&0 0</dev/null
+"$@" &
+p=$!
+( cat <&3 >/dev/null; kill -9 "$p" 2>/dev/null ) &
+exec 3<&-
+wait "$p""#;
+
+impl GuardedChild {
+    /// Spawns `cmd` (program, args, env and cwd are taken from it) under the guard, with stdout
+    /// and stderr appended to `log`.
+    pub fn spawn(cmd: &Command, log: &Path) -> Result<GuardedChild> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = out.try_clone().context("cloning log handle")?;
+        let mut sh = Command::new("/bin/sh");
+        sh.arg("-c")
+            .arg(GUARD_SCRIPT)
+            .arg("guard")
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            sh.current_dir(dir);
+        }
+        let mut wrapper = sh
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+        let stdin = wrapper.stdin.take();
+        Ok(GuardedChild { wrapper, stdin })
+    }
+
+    /// `Some(status)` once the program has exited.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        self.wrapper.try_wait().context("polling child")
+    }
+
+    /// Kills the program and waits (≤ 5 s) for it to be gone.
+    pub fn kill(&mut self) {
+        // Closing the pipe makes the watchdog SIGKILL the program; the shell's `wait` returns.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match self.wrapper.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let _ = self.wrapper.kill();
+        let _ = self.wrapper.wait();
+    }
+}
+
+impl Drop for GuardedChild {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
