@@ -8,7 +8,7 @@
 //! The process is killed on drop.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -147,7 +147,11 @@ impl Dnsmasq {
                     d.log()
                 );
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Probe over UDP: a TCP probe makes dnsmasq fork a child that keeps the listening
+            // socket open for a while.
+            if d.query_with_timeout("probe.test", 1, Duration::from_millis(200))
+                .is_ok()
+            {
                 return Ok(d);
             }
             if Instant::now() >= deadline {
@@ -166,6 +170,33 @@ impl Dnsmasq {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// One DNS query over UDP (`qtype`: 1 = A, 33 = SRV, 35 = NAPTR, ...), answered within 2 s.
+    /// Returns (rcode, answer count).
+    pub fn query(&self, name: &str, qtype: u16) -> Result<(u8, u16)> {
+        self.query_with_timeout(name, qtype, Duration::from_secs(2))
+    }
+
+    fn query_with_timeout(&self, name: &str, qtype: u16, wait: Duration) -> Result<(u8, u16)> {
+        let mut q = vec![0x4c, 0x47, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.trim_end_matches('.').split('.') {
+            let len = u8::try_from(label.len()).context("label too long")?;
+            q.push(len);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("udp bind")?;
+        sock.set_read_timeout(Some(wait)).context("udp timeout")?;
+        sock.send_to(&q, self.addr()).context("sending DNS query")?;
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf).context("no DNS answer")?;
+        if n < 12 || buf[..2] != q[..2] {
+            bail!("malformed DNS answer ({n} bytes)");
+        }
+        Ok((buf[3] & 0x0f, u16::from_be_bytes([buf[6], buf[7]])))
     }
 
     /// The forwarder spec libunbound wants: `127.0.0.1@port`.

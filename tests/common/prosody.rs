@@ -443,17 +443,20 @@ impl Drop for Prosody {
 ///
 /// The program runs under `/bin/sh`, which also starts a watchdog reading the pipe on its stdin;
 /// the test holds the write end. When the test drops this (or dies, even by SIGKILL, so the
-/// kernel closes the pipe), the watchdog SIGKILLs the program. Plain `Child::kill` on drop would
+/// kernel closes the pipe), the watchdog SIGKILLs the program's process group. Plain `Child::kill` on drop would
 /// leak the server whenever the test binary itself is killed (CI timeouts).
 pub struct GuardedChild {
     wrapper: Child,
     stdin: Option<std::process::ChildStdin>,
 }
 
+// `setsid` gives the program its own process group (it does not fork here: a background job of
+// a non-interactive shell is never a group leader), so the watchdog also kills anything the
+// program forked (dnsmasq forks a child per TCP connection, which holds the listening socket).
 const GUARD_SCRIPT: &str = r#"exec 3<&0 0</dev/null
-"$@" &
+setsid "$@" &
 p=$!
-( cat <&3 >/dev/null; kill -9 "$p" 2>/dev/null ) &
+( cat <&3 >/dev/null; kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null ) &
 exec 3<&-
 wait "$p""#;
 
