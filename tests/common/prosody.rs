@@ -7,7 +7,8 @@
 //! the system service or /etc/prosody. Users are written as `mod_auth_internal_plain` account files
 //! (no prosodyctl round trip, works before and after start-up).
 //!
-//! When a test panics while a `Prosody` is alive, its log is printed on drop.
+//! When a test panics while a `Prosody` is alive, its config and log are printed on drop; with
+//! `LEGATE_KEEP_PROSODY_DIR=1` the temp dir is kept for inspection.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -20,6 +21,9 @@ use anyhow::{bail, Context, Result};
 use super::ports;
 
 pub const PROSODY_BIN: &str = "/usr/bin/prosody";
+/// Set this environment variable to keep each Prosody's temp dir (config, data, logs) after the
+/// test; the path is printed.
+pub const KEEP_ENV: &str = "LEGATE_KEEP_PROSODY_DIR";
 const TEMPLATE: &str = include_str!("../data/prosody/prosody.cfg.lua.in");
 
 /// PEM certificate chain and key for one host (`ssl = { certificate = ..., key = ... }`).
@@ -339,6 +343,17 @@ impl Prosody {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // mod_posix writes the pidfile while global modules load, in no fixed order relative to
+        // the listeners; wait for it too so that `pid()` is always available.
+        while p.pid().is_none() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "Prosody wrote no pidfile within its start timeout\n{}",
+                    p.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         p.started_in = t0.elapsed();
         Ok(p)
     }
@@ -368,7 +383,7 @@ impl Prosody {
         self.started_in
     }
 
-    /// Prosody's own PID (from its pidfile), once written.
+    /// Prosody's own PID (from its pidfile; always written once `start` returned).
     pub fn pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.dir.path().join("prosody.pid"))
             .ok()?
@@ -433,6 +448,10 @@ fn write_account(data: &Path, domain: &str, localpart: &str, password: &str) -> 
 impl Drop for Prosody {
     fn drop(&mut self) {
         self.child.kill();
+        if std::env::var_os(KEEP_ENV).is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("{KEEP_ENV}: kept {}", self.dir.path().display());
+        }
         if std::thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }
