@@ -521,6 +521,33 @@ impl XmlConn {
 }
 
 // ---------------------------------------------------------------------------------------------
+// XEP-0114 component
+
+/// Connects to a server's component port as `domain` (XEP-0114: `jabber:component:accept`,
+/// handshake = lowercase hex SHA-1(stream id + secret)) and returns the authenticated stream.
+/// Fails with the server's stream error (e.g. `not-authorized`) if the secret is wrong.
+pub async fn connect_component(addr: SocketAddr, domain: &str, secret: &str) -> Result<XmlConn> {
+    use sha1::Digest as _;
+    let mut conn = XmlConn::connect(addr, &format!("component {domain}")).await?;
+    conn.send_raw(&format!(
+        "<stream:stream xmlns='jabber:component:accept' xmlns:stream='{NS_STREAMS}' to='{}'>",
+        esc(domain)
+    ))
+    .await?;
+    let header = conn.expect_stream_open(STEP_TIMEOUT).await?;
+    let id = header_attr(&header, "id")
+        .ok_or_else(|| anyhow!("component {domain}: no stream id in {header}"))?;
+    let digest = hex::encode(sha1::Sha1::digest(format!("{id}{secret}").as_bytes()));
+    conn.send_raw(&format!("<handshake>{digest}</handshake>"))
+        .await?;
+    let ack = conn.next_stanza(STEP_TIMEOUT).await?;
+    if ack.name != "handshake" {
+        bail!("component {domain}: handshake refused: {}", ack.raw);
+    }
+    Ok(conn)
+}
+
+// ---------------------------------------------------------------------------------------------
 // c2s client
 
 /// How to verify the server in STARTTLS.
