@@ -392,7 +392,7 @@ fn prosody_start_failure_surfaces_its_output() {
         "config not shown: {err}"
     );
     assert!(
-        err.contains("prosody.cfg.lua"),
+        err.contains("A problem occurred while reading the config file"),
         "Prosody's complaint not shown: {err}"
     );
 }

@@ -40,6 +40,8 @@ pub struct HostConfig {
     /// (localpart, password)
     pub users: Vec<(String, String)>,
     pub cert: Option<CertPaths>,
+    /// Raw Lua inside this `VirtualHost` section.
+    pub extra_lua: String,
 }
 
 /// A `Component "domain"` entry with `component_secret` (XEP-0114).
@@ -108,6 +110,7 @@ impl ProsodyConfig {
             domain: domain.to_owned(),
             users: Vec::new(),
             cert: None,
+            extra_lua: String::new(),
         });
         self
     }
@@ -201,6 +204,9 @@ impl ProsodyConfig {
                     let _ = write!(hosts, " cafile = {};", lua_str(&ca.to_string_lossy()));
                 }
                 hosts.push_str(" }\n");
+            }
+            if !h.extra_lua.is_empty() {
+                let _ = writeln!(hosts, "{}", h.extra_lua);
             }
         }
         let mut components = String::new();
