@@ -455,3 +455,21 @@ fn dnsmasq_serves_a_srv_naptr_and_nxdomain_in_test_zone() {
     // Unknown names in test. are answered locally (NXDOMAIN = 3), never forwarded.
     assert_eq!(dns.query("nothing.partner.test", A).expect("answer").0, 3);
 }
+
+#[test]
+fn prosody_start_fails_fast_when_a_port_is_taken() {
+    let cfg = ProsodyConfig::new(Ipv4Addr::LOCALHOST).host("example.test");
+    let _squatter =
+        std::net::TcpListener::bind(("127.0.0.1", cfg.s2s_port)).expect("bind the s2s port first");
+    let t0 = std::time::Instant::now();
+    let err = match Prosody::start(cfg) {
+        Ok(_) => panic!("start must fail when the s2s port is taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("could not bind a port"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+}

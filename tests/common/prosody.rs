@@ -11,7 +11,7 @@
 //! `LEGATE_KEEP_PROSODY_DIR=1` the temp dir is kept for inspection.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -288,8 +288,10 @@ pub struct Prosody {
 
 impl Prosody {
     /// Writes the config and accounts, starts `prosody -F`, and waits (bounded by
-    /// `config.start_timeout`) until its c2s, s2s and (if any components) component ports
-    /// accept connections. On failure the error carries Prosody's log.
+    /// `config.start_timeout`) until Prosody logs that its c2s, s2s and (if any components)
+    /// component listeners are active and has written its pidfile (written while global modules
+    /// load, in no fixed order relative to the listeners). On failure the error carries the
+    /// config, Prosody's output and log.
     pub fn start(config: ProsodyConfig) -> Result<Prosody> {
         if !Path::new(PROSODY_BIN).exists() {
             bail!(
@@ -323,38 +325,43 @@ impl Prosody {
             dir,
             started_in: Duration::ZERO,
         };
-        let mut wanted = vec![p.c2s_addr(), p.s2s_addr()];
+        // Ready = Prosody's own "Activated service" line for every listener (a TCP probe would
+        // be fooled by another process holding the port), and a pidfile.
+        let ip = p.config.ip;
+        let mut wanted = vec![
+            format!("Activated service 'c2s' on [{ip}]:{}", p.config.c2s_port),
+            format!("Activated service 's2s' on [{ip}]:{}", p.config.s2s_port),
+        ];
         if !p.config.components.is_empty() {
-            wanted.push(p.component_addr());
+            wanted.push(format!(
+                "Activated service 'component' on [{ip}]:{}",
+                p.config.component_port
+            ));
         }
         let deadline = t0 + p.config.start_timeout;
-        for addr in wanted {
-            loop {
-                if let Some(status) = p.child.try_wait()? {
-                    bail!(
-                        "Prosody exited during start-up ({status})\n{}",
-                        p.diagnostics()
-                    );
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    bail!(
-                        "Prosody did not listen on {addr} within {:?}\n{}",
-                        p.config.start_timeout,
-                        p.diagnostics()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                bail!(
+                    "Prosody exited during start-up ({status})\n{}",
+                    p.diagnostics()
+                );
             }
-        }
-        // mod_posix writes the pidfile while global modules load, in no fixed order relative to
-        // the listeners; wait for it too so that `pid()` is always available.
-        while p.pid().is_none() {
+            let log = p.log();
+            // Prosody keeps running when a port is taken; fail at once instead of waiting.
+            if log.contains("Failed to open server port") {
+                bail!(
+                    "Prosody could not bind a port (taken by another process since it was \
+                     chosen?)\n{}",
+                    p.diagnostics()
+                );
+            }
+            if wanted.iter().all(|w| log.contains(w.as_str())) && p.pid().is_some() {
+                break;
+            }
             if Instant::now() >= deadline {
                 bail!(
-                    "Prosody wrote no pidfile within its start timeout\n{}",
+                    "Prosody not ready within {:?} (waiting for {wanted:?} and a pidfile)\n{}",
+                    p.config.start_timeout,
                     p.diagnostics()
                 );
             }
