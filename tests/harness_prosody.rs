@@ -473,3 +473,42 @@ fn prosody_start_fails_fast_when_a_port_is_taken() {
         t0.elapsed()
     );
 }
+
+#[tokio::test]
+async fn s2s_dialback_over_tls_when_certificates_are_not_trusted() {
+    bounded("s2s dialback over TLS", async {
+        // Certificates from a CA neither side trusts: TLS is still required, SASL EXTERNAL fails
+        // and both fall back to dialback (s2s_secure_auth = false), the common real-world mode.
+        let pki = TestPki::new(&["example.test", "xmpp.test"]);
+        let mk = |ip, domain: &str, user| {
+            let mut c = ProsodyConfig::new(ip)
+                .host(domain)
+                .user(domain, user, "pw")
+                .host_cert(domain, pki.paths(domain));
+            c.s2s_require_encryption = true;
+            c
+        };
+        let ex_cfg = mk(EXAMPLE_IP, "example.test", "alice");
+        let xm_cfg = mk(XMPP_IP, "xmpp.test", "bob");
+        let dns = dns_for(&ex_cfg, &xm_cfg, "example.test", "xmpp.test");
+        let example = start(ex_cfg.dns(dns.unbound_forward()));
+        let xmpp = start(xm_cfg.dns(dns.unbound_forward()));
+
+        federate(&example, &xmpp, Some(&pki.ca())).await;
+
+        for (p, me, peer) in [
+            (&example, "example.test", "xmpp.test"),
+            (&xmpp, "xmpp.test", "example.test"),
+        ] {
+            assert_log(p, "Stream encrypted");
+            assert_log(p, "certificate chain validation result: invalid");
+            assert_log(p, "sent dialback key on outgoing s2s stream");
+            assert_log(p, &format!("Outgoing s2s connection {me}->{peer} complete"));
+            assert!(
+                !p.log().contains("Accepting SASL EXTERNAL identity"),
+                "{me} accepted an untrusted certificate"
+            );
+        }
+    })
+    .await;
+}
