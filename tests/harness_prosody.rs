@@ -1,6 +1,8 @@
 //! Tests of the real-peer harness itself, against real Prosody 0.12 and dnsmasq only (no legate):
 //! c2s between two users on one Prosody; s2s between two Prosodies found through dnsmasq SRV/A
-//! records (dialback, and certificates with SASL EXTERNAL); a raw XEP-0114 component.
+//! records (plaintext dialback, dialback over TLS with untrusted certificates, and trusted
+//! certificates with SASL EXTERNAL); a raw XEP-0114 component; the harness's own failure modes
+//! (broken config, port taken, kill on drop).
 //!
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
