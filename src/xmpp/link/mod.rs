@@ -438,8 +438,15 @@ async fn dispatch(
 ) {
     loop {
         let delivery = tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { return; }
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() {
+                    // Answer what the hub already handed over instead of dropping it.
+                    outbox.close();
+                    while let Ok(d) = outbox.try_recv() {
+                        bounce(&hub, &home_node, &d.envelope, BounceReason::Closed);
+                    }
+                    return;
+                }
                 continue;
             }
             d = outbox.recv() => match d {

@@ -106,9 +106,14 @@ impl Component {
                 break;
             }
         }
-        // Shutdown: whatever still waits is answered rather than dropped in silence.
+        // Shutdown: whatever still waits is answered rather than dropped in silence. Closing the
+        // channel first makes the dispatcher bounce anything it hands over from now on.
         for env in pending.queue.drain() {
             QUEUE_DEPTH.dec();
+            bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
+        }
+        pending.rx.close();
+        while let Ok(env) = pending.rx.try_recv() {
             bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
         }
         self.status
