@@ -16,9 +16,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::dnsmasq::{DnsRecord, Dnsmasq};
 use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use legate::config::{self, Config, Domain, BUILTIN_SYSTEMS};
+use legate::dns::{DnsSettings, Resolver};
 use legate::gateway::envelope::{Address, Body, MessageBody, PresenceBody, Subscription};
 use legate::gateway::hub::{Delivery, Submitted};
 use legate::gateway::{Envelope, Hub, Origin};
@@ -55,6 +57,11 @@ fn home_node(ip: Ipv4Addr) -> Prosody {
 
 fn config_toml(addresses: &[SocketAddr], secret: &str) -> String {
     let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    config_toml_with("hn1", &format!("addresses = [{}]", list.join(", ")), secret)
+}
+
+/// `endpoint` is the home node's `addresses = [...]` or `srv = true` line.
+fn config_toml_with(name: &str, endpoint: &str, secret: &str) -> String {
     format!(
         r#"
 [node]
@@ -74,12 +81,11 @@ mode = "allow_list"
 [[xmpp.federation.domain]]
 name = "xmpp.test"
 [[home_node]]
-name = "hn1"
-addresses = [{}]
+name = "{name}"
+{endpoint}
 component_secret = "{secret}"
 default_system = "xmpp"
-"#,
-        list.join(", ")
+"#
     )
 }
 
@@ -103,6 +109,10 @@ struct Gateway {
 }
 
 fn start_gateway(cfg: Config, fast_retries: bool) -> Gateway {
+    start_gateway_with(cfg, fast_retries, None)
+}
+
+fn start_gateway_with(cfg: Config, fast_retries: bool, resolver: Option<Resolver>) -> Gateway {
     let mut settings = LinkSettings::from_config(&cfg);
     if fast_retries {
         settings.backoff_min = Duration::from_millis(100);
@@ -114,7 +124,7 @@ fn start_gateway(cfg: Config, fast_retries: bool) -> Gateway {
     let s2s = hub.register_s2s(64);
     let (stop, shutdown) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let links = link::spawn(hub.clone(), None, settings, shutdown, &mut tasks);
+    let links = link::spawn(hub.clone(), resolver, settings, shutdown, &mut tasks);
     Gateway {
         hub,
         sip,
@@ -127,9 +137,13 @@ fn start_gateway(cfg: Config, fast_retries: bool) -> Gateway {
 
 impl Gateway {
     fn status(&self, domain: &str) -> ComponentStatus {
+        // One home node per test gateway.
         self.links
             .status
-            .get("hn1", &dom(domain))
+            .snapshot()
+            .into_iter()
+            .find(|(_, d, _)| d.as_str() == domain)
+            .map(|(_, _, s)| s)
             .unwrap_or_default()
     }
 
@@ -366,6 +380,64 @@ async fn fails_over_from_a_refusing_address_to_prosody() {
 }
 
 #[tokio::test]
+async fn fails_over_between_xmpp_component_srv_targets() {
+    bounded("srv failover", async {
+        let p = home_node(Ipv4Addr::new(127, 0, 0, 10));
+        let dead = refused_addr();
+        // RFC 2782 order: priority 0 (refusing) first, then priority 10 (Prosody).
+        let records = [
+            DnsRecord::Srv {
+                owner: "_xmpp-component._tcp.home.test".into(),
+                target: "dead.home.test".into(),
+                port: dead.port(),
+                priority: 0,
+                weight: 5,
+            },
+            DnsRecord::Srv {
+                owner: "_xmpp-component._tcp.home.test".into(),
+                target: "hn.home.test".into(),
+                port: p.component_addr().port(),
+                priority: 10,
+                weight: 5,
+            },
+            DnsRecord::a("dead.home.test", Ipv4Addr::LOCALHOST),
+            DnsRecord::a("hn.home.test", p.ip()),
+        ];
+        let dns = Dnsmasq::start(&records).unwrap_or_else(|e| panic!("dnsmasq: {e:#}"));
+        let resolver = Resolver::new(
+            &DnsSettings {
+                nameservers: Some(vec![dns.addr()]),
+                timeout: Duration::from_secs(2),
+                attempts: 1,
+                ..DnsSettings::default()
+            },
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("resolver: {e}"));
+        let cfg = config::from_toml(
+            &config_toml_with("home.test", "srv = true", SECRET),
+            Path::new("srv.toml"),
+            BUILTIN_SYSTEMS,
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        let gw = start_gateway_with(cfg, false, Some(resolver));
+        for d in ["partner.test", "xmpp.test"] {
+            let s = gw
+                .wait_status(d, "link up on the SRV fallback", |s| s.up)
+                .await;
+            assert_eq!(s.peer, Some(p.component_addr()));
+            assert_eq!(
+                s.last_failure.as_ref().map(|f| f.0),
+                Some("connect"),
+                "{s:?}"
+            );
+        }
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn wrong_secret_is_reported_and_retried_with_backoff() {
     bounded("wrong secret", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 8));
@@ -389,7 +461,6 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
         assert!(legate::metrics::render()
             .contains("legate_component_connects_total{outcome=\"not_authorized\"}"));
         // A delivery meanwhile waits, then is bounced to its sender.
-        let mut gw = gw;
         gw.hub.submit(
             &Origin::Sip {
                 domain: dom("partner.test"),
