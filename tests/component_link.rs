@@ -591,3 +591,87 @@ async fn legate_run_connects_its_components_to_prosody() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn prosody_refusals_are_classified_and_retried() {
+    bounded("conflict and host-unknown", async {
+        let p = home_node(Ipv4Addr::new(127, 0, 0, 11));
+        // Someone else already holds partner.test (Prosody's default `kick_new` policy refuses
+        // the newcomer), and unknown.test is not a component of this home node.
+        let squatter =
+            common::xmpp_client::connect_component(p.component_addr(), "partner.test", SECRET)
+                .await
+                .unwrap_or_else(|e| panic!("raw component: {e:#}"));
+        let toml = config_toml(&[p.component_addr()], SECRET).replace(
+            "[xmpp.federation]",
+            "[[sip.federated_domain]]\nname = \"unknown.test\"\nsystem = \"lync\"\n[xmpp.federation]",
+        );
+        let cfg = config::from_toml(&toml, Path::new("c.toml"), BUILTIN_SYSTEMS)
+            .unwrap_or_else(|d| panic!("{d}"));
+        let gw = start_gateway(cfg, true);
+        gw.wait_status("xmpp.test", "link up", |s| s.up).await;
+        let s = gw
+            .wait_status("partner.test", "conflict", |s| s.failures >= 2)
+            .await;
+        assert_eq!(s.last_failure.as_ref().map(|f| f.0), Some("conflict"), "{s:?}");
+        assert!(!s.up);
+        let s = gw
+            .wait_status("unknown.test", "host-unknown", |s| s.failures >= 1)
+            .await;
+        assert_eq!(
+            s.last_failure.as_ref().map(|f| f.0),
+            Some("host_unknown"),
+            "{s:?}"
+        );
+        // Once the other holder leaves, the retries win the component.
+        drop(squatter);
+        let s = gw
+            .wait_status("partner.test", "link up after the conflict", |s| s.up)
+            .await;
+        assert_eq!(s.connects, 1);
+        gw.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn links_come_back_after_the_home_node_restarts() {
+    bounded("home node restart", async {
+        let p = home_node(Ipv4Addr::new(127, 0, 0, 12));
+        let prosody_cfg = p.config().clone();
+        let gw = start_gateway(config(&[p.component_addr()], SECRET), true);
+        gw.wait_status("partner.test", "link up", |s| s.up).await;
+        drop(p);
+        let s = gw.wait_status("partner.test", "link down", |s| !s.up).await;
+        assert!(s.last_failure.is_some(), "{s:?}");
+        let p = Prosody::start(prosody_cfg).unwrap_or_else(|e| panic!("restart: {e:#}"));
+        gw.wait_status("partner.test", "link up again", |s| s.up && s.connects == 2)
+            .await;
+        gw.wait_status("xmpp.test", "link up again", |s| s.up && s.connects == 2)
+            .await;
+        let mut alice = login(&p, "alice").await;
+        alice.send_presence(None, None).await.expect("presence");
+        gw.hub.submit(
+            &Origin::Sip {
+                domain: dom("partner.test"),
+            },
+            Envelope {
+                from: addr("bob@partner.test"),
+                to: addr("alice@example.test"),
+                body: Body::Message(MessageBody {
+                    id: None,
+                    text: "after the restart".into(),
+                    thread: None,
+                }),
+            },
+        );
+        let m = alice
+            .expect_message_from("bob@partner.test", WAIT)
+            .await
+            .expect("message after the restart");
+        assert_eq!(m.body.as_deref(), Some("after the restart"));
+        alice.close().await;
+        gw.shutdown().await;
+    })
+    .await;
+}

@@ -416,3 +416,87 @@ async fn a_domain_without_component_is_bounced() {
     task.abort();
     gw.stop().await;
 }
+
+fn start_with(addresses: &[SocketAddr], tweak: impl FnOnce(&mut LinkSettings)) -> Gateway {
+    let cfg = config(addresses);
+    let mut s = settings(&cfg);
+    tweak(&mut s);
+    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
+    let hub = Hub::new(cfg, maps);
+    let sip = hub.register_sip(64);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let links = spawn(hub.clone(), None, s, rx, &mut tasks);
+    Gateway {
+        hub,
+        sip,
+        links,
+        stop,
+        tasks,
+    }
+}
+
+#[tokio::test]
+async fn idle_links_send_whitespace_keepalives() {
+    let l = listener().await;
+    let gw = start_with(&[local(&l)], |s| s.keepalive = Duration::from_millis(100));
+    let mut peer = accept(&l, Ok(())).await;
+    gw.wait_status("link up", |s| s.up).await;
+    // The framer drops inter-stanza whitespace, so read the raw bytes.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, peer.sock.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no keepalive"))
+        .unwrap_or(0);
+    assert!(
+        n > 0 && buf[..n].iter().all(|b| *b == b' '),
+        "{:?}",
+        &buf[..n]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_home_node_times_out_the_handshake() {
+    let l = listener().await;
+    let gw = start_with(&[local(&l)], |s| {
+        s.handshake_timeout = Duration::from_millis(300)
+    });
+    let (mut sock, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = gw
+        .wait_status("handshake timeout", |s| s.failures >= 1)
+        .await;
+    assert_eq!(
+        s.last_failure.as_ref().map(|f| f.0),
+        Some("timeout"),
+        "{s:?}"
+    );
+    // We said why before closing (RFC 6120 §4.9.3.4).
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, sock.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("<connection-timeout"), "{got}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_after_the_handshake_ends_the_stream_and_reconnects() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let mut peer = accept(&l, Ok(())).await;
+    gw.wait_status("link up", |s| s.up).await;
+    peer.send("<message></iq>").await;
+    let _again = accept(&l, Ok(())).await;
+    let s = gw
+        .wait_status("second connect", |s| s.up && s.connects == 2)
+        .await;
+    assert_eq!(
+        s.last_failure.as_ref().map(|f| f.0),
+        Some("framing"),
+        "{s:?}"
+    );
+    gw.stop().await;
+}
