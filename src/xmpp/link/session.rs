@@ -75,7 +75,17 @@ impl Component {
             if *shutdown.borrow() {
                 break;
             }
-            match self.targets().await {
+            // A DNS lookup can take seconds; shutdown must not wait for it.
+            let targets = tokio::select! {
+                t = self.targets() => t,
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match targets {
                 Err(e) => self.record_failure(&e, None),
                 Ok(targets) => {
                     for addr in targets {
