@@ -234,6 +234,10 @@ impl LinkError {
                  node, or a stale session it has not noticed yet)"
                     .into(),
             ),
+            "secret_unreadable" => Some(format!(
+                "fix component_secret_file for home node {home_node} (it is read again at every \
+                 attempt)"
+            )),
             "host_unknown" => Some(format!(
                 "declare this domain as a component on home node {home_node} (Prosody: \
                  Component \"<domain>\" with component_secret)"

@@ -85,11 +85,17 @@ impl Component {
                     continue;
                 }
             };
-            match targets {
+            // Read once per round (not per target): a missing file is one problem, not one per
+            // address; read again every round so a fixed file is picked up without a restart.
+            let round = targets.and_then(|t| Ok((t, read_secret(&self.node.component_secret)?)));
+            match round {
                 Err(e) => self.record_failure(&e, None),
-                Ok(targets) => {
+                Ok((targets, secret)) => {
                     for addr in targets {
-                        match self.connect(addr, &mut pending, &mut shutdown).await {
+                        match self
+                            .connect(addr, &secret, &mut pending, &mut shutdown)
+                            .await
+                        {
                             End::Shutdown => break 'rounds,
                             End::Failed(e) => self.record_failure(&e, Some(addr)),
                             End::Dropped { error, lasted } => {
@@ -173,22 +179,30 @@ impl Component {
 
     fn record_failure(&self, e: &LinkError, addr: Option<SocketAddr>) {
         CONNECTS.with_label_values(&[e.label()]).inc();
-        let peer = addr.map(|a| a.to_string()).unwrap_or_default();
-        match e.hint(&self.home_node) {
-            Some(hint) => {
-                tracing::error!(peer, reason = e.label(), error = %e, "component link to home node {} failed: {hint}", self.home_node)
-            }
-            None => {
-                tracing::warn!(peer, reason = e.label(), error = %e, "component link to home node {} failed", self.home_node)
-            }
-        }
         let (label, text) = (e.label(), e.to_string());
+        let mut loud = false;
         self.status.update(&self.home_node, &self.domain, |s| {
+            // A home node that stays down would log a line per target per round: say it when
+            // the reason changes and then at the 2nd, 4th, 8th... failure; the rest is debug.
+            loud = s.last_failure.as_ref().map(|f| f.0) != Some(label)
+                || s.failures.wrapping_add(1).is_power_of_two();
             s.up = false;
             s.failures += 1;
             s.peer = addr.or(s.peer);
             s.last_failure = Some((label, text));
         });
+        let peer = addr.map(|a| a.to_string()).unwrap_or_default();
+        match (loud, e.hint(&self.home_node)) {
+            (true, Some(hint)) => {
+                tracing::error!(peer, reason = label, error = %e, "component link to home node {} failed: {hint}", self.home_node)
+            }
+            (true, None) => {
+                tracing::warn!(peer, reason = label, error = %e, "component link to home node {} failed", self.home_node)
+            }
+            (false, _) => {
+                tracing::debug!(peer, reason = label, error = %e, "component link to home node {} failed again", self.home_node)
+            }
+        }
     }
 
     fn record_drop(&self, e: &LinkError, addr: SocketAddr, lasted: Duration) {
@@ -249,13 +263,10 @@ impl Component {
     async fn connect(
         &self,
         addr: SocketAddr,
+        secret: &str,
         p: &mut Pending,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
-        let secret = match read_secret(&self.node.component_secret) {
-            Ok(s) => s,
-            Err(e) => return End::Failed(e),
-        };
         let timeout = self.settings.handshake_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         // The TCP connect counts against the handshake time; deliveries keep queueing meanwhile.
@@ -280,7 +291,7 @@ impl Component {
         let (mut rd, mut wr) = stream.into_split();
         let mut machine = ComponentHandshake::new(ComponentConfig {
             domain: self.domain.to_string(),
-            secret,
+            secret: secret.to_string(),
             handshake_timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
         });
         let mut framer = StreamFramer::new(self.settings.stream_limits);
