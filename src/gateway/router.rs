@@ -76,6 +76,10 @@ pub enum Denied {
     LocalToLocal,
     #[error("no home node is known for {0} and no routing node is configured")]
     NoHomeNode(String),
+    #[error("{0} stanzas cannot be carried over SIP")]
+    NotForSip(&'static str),
+    #[error("nothing to deliver over SIP (a message without text, such as a chat state)")]
+    NothingToDeliver,
     #[error("presence from {system} state {state} cannot be translated: {why}")]
     Untranslatable {
         system: String,
@@ -93,6 +97,8 @@ impl Denied {
             Denied::LocalToLocal => "local_to_local",
             Denied::NoHomeNode(_) => "no_home_node",
             Denied::Untranslatable { .. } => "untranslatable",
+            Denied::NotForSip(_) => "not_for_sip",
+            Denied::NothingToDeliver => "nothing_to_deliver",
         }
     }
 
@@ -102,8 +108,16 @@ impl Denied {
             Denied::Spoofed { .. } => ErrorCondition::Forbidden,
             Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
             Denied::LocalToLocal => ErrorCondition::NotAllowed,
-            Denied::Untranslatable { .. } => ErrorCondition::ServiceUnavailable,
+            Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
+                ErrorCondition::ServiceUnavailable
+            }
         }
+    }
+
+    /// Whether the sender is told (an error stanza or SIP response). A spoofed sender is not:
+    /// the answer would go to someone else; a chat state is not worth an error.
+    pub fn answered(&self) -> bool {
+        !matches!(self, Denied::Spoofed { .. } | Denied::NothingToDeliver)
     }
 }
 

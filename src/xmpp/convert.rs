@@ -1,0 +1,363 @@
+//! XMPP stanzas ⇄ the core's `Envelope`s, for the component links and s2s streams.
+//!
+//! Presence broadcasts become `Body::Presence` in the sender's mapping system (so the core can
+//! translate them); subscription management becomes `Body::Subscription`; stanza errors become
+//! `Body::Error` when their condition is one the core knows; every other message or iq is
+//! relayed as its exact bytes (`Body::Xmpp`), so XMPP-to-XMPP traffic keeps its extensions.
+//! What presence extensions a broadcast carried (entity caps, avatars) is not translated: a
+//! presence crossing systems is rebuilt from its state and status text.
+
+use crate::gateway::envelope::{
+    Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, PresenceBody, Subscription,
+    XmppRaw,
+};
+use crate::presence::codec::xmpp::{
+    decode_presence_kind, encode_presence, encode_presence_kind, PresenceAttrs, PresenceKind,
+};
+use crate::presence::codec::CodecError;
+use crate::presence::map::{Facts, MappingSet};
+use crate::xmpp::error::{parse_stanza_error, StanzaErrorCondition};
+use crate::xmpp::stanza::{children, Stanza};
+use std::sync::Arc;
+
+/// Why a received stanza cannot become an envelope; each maps to a stanza error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("stanza has no usable `{0}` address")]
+    Address(&'static str),
+    #[error("presence stanza is invalid: {0}")]
+    Presence(#[from] CodecError),
+    #[error("unknown mapping system `{0}` for this link")]
+    System(String),
+    #[error("`{0}` stanzas are not routed")]
+    Unsupported(String),
+}
+
+impl ConvertError {
+    pub fn condition(&self) -> StanzaErrorCondition {
+        match self {
+            ConvertError::Address(_) => StanzaErrorCondition::JidMalformed,
+            ConvertError::Presence(_) => StanzaErrorCondition::BadRequest,
+            ConvertError::System(_) => StanzaErrorCondition::InternalServerError,
+            ConvertError::Unsupported(_) => StanzaErrorCondition::FeatureNotImplemented,
+        }
+    }
+}
+
+fn address(stanza: &Stanza, which: &'static str) -> Result<Address, ConvertError> {
+    let raw = match which {
+        "from" => stanza.from(),
+        _ => stanza.to(),
+    };
+    raw.and_then(|s| Address::parse(&s).ok())
+        .ok_or(ConvertError::Address(which))
+}
+
+fn condition_of(c: StanzaErrorCondition) -> Option<ErrorCondition> {
+    Some(match c {
+        StanzaErrorCondition::NotAllowed => ErrorCondition::NotAllowed,
+        StanzaErrorCondition::Forbidden => ErrorCondition::Forbidden,
+        StanzaErrorCondition::ItemNotFound => ErrorCondition::ItemNotFound,
+        StanzaErrorCondition::RemoteServerNotFound => ErrorCondition::RemoteServerNotFound,
+        StanzaErrorCondition::RemoteServerTimeout => ErrorCondition::RemoteServerTimeout,
+        StanzaErrorCondition::ServiceUnavailable => ErrorCondition::ServiceUnavailable,
+        StanzaErrorCondition::ResourceConstraint => ErrorCondition::ResourceConstraint,
+        _ => return None,
+    })
+}
+
+/// Reads a stanza received from a link whose presence is expressed in mapping system `system`.
+pub fn stanza_to_envelope(
+    stanza: &Stanza,
+    system: &str,
+    maps: &MappingSet,
+) -> Result<Envelope, ConvertError> {
+    let from = address(stanza, "from")?;
+    let to = address(stanza, "to")?;
+    let name = stanza.name();
+    let raw = |name: &'static str| {
+        Body::Xmpp(XmppRaw {
+            name,
+            bytes: stanza.bytes().clone(),
+        })
+    };
+    let body = match name {
+        "presence" => {
+            let (kind, _) = decode_presence_kind(stanza.bytes())?;
+            match kind {
+                PresenceKind::Broadcast(p) => {
+                    let sys = maps
+                        .system_id(system)
+                        .ok_or_else(|| ConvertError::System(system.to_string()))?;
+                    let d = maps.decode(sys, &Facts::from_xmpp(&p));
+                    Body::Presence(PresenceBody {
+                        system: Arc::from(system),
+                        state: Arc::from(maps.system(sys).state(d.state).name.as_str()),
+                        note: d.note.map(str::to_string),
+                        priority: p.priority,
+                    })
+                }
+                PresenceKind::Subscribe => Body::Subscription(Subscription::Subscribe),
+                PresenceKind::Subscribed => Body::Subscription(Subscription::Subscribed),
+                PresenceKind::Unsubscribe => Body::Subscription(Subscription::Unsubscribe),
+                PresenceKind::Unsubscribed => Body::Subscription(Subscription::Unsubscribed),
+                PresenceKind::Probe => Body::Subscription(Subscription::Probe),
+                PresenceKind::Error => {
+                    error_body(stanza, ErrorOf::Presence).unwrap_or_else(|| raw("presence"))
+                }
+            }
+        }
+        "message" if stanza.stanza_type().as_deref() == Some("error") => {
+            error_body(stanza, ErrorOf::Message).unwrap_or_else(|| raw("message"))
+        }
+        "message" => raw("message"),
+        "iq" => raw("iq"),
+        other => return Err(ConvertError::Unsupported(other.chars().take(64).collect())),
+    };
+    Ok(Envelope { from, to, body })
+}
+
+fn error_body(stanza: &Stanza, kind: ErrorOf) -> Option<Body> {
+    let (_, cond) = parse_stanza_error(stanza)?;
+    let condition = condition_of(cond?)?;
+    let text = children(stanza)
+        .into_iter()
+        .find(|c| c.name == "error")
+        .and_then(|e| {
+            e.children
+                .into_iter()
+                .find(|(n, _, _)| n == "text")
+                .map(|(_, _, t)| t)
+        })
+        .unwrap_or_default();
+    Some(Body::Error {
+        id: stanza.id().map(|s| s.into_owned()),
+        condition,
+        text,
+        kind,
+    })
+}
+
+/// The text of a `<message/>` relayed as bytes, for a destination that only carries text (SIP).
+/// `None` when it has no `<body/>` (chat states, receipts: nothing to show).
+pub fn message_text(raw: &XmppRaw) -> Option<MessageBody> {
+    let mut framer = crate::xmpp::stream::StreamFramer::new(crate::xmpp::stream::Limits::default());
+    framer.push(
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>",
+    );
+    framer.push(&raw.bytes);
+    let mut stanza = None;
+    while let Ok(Some(ev)) = framer.next_event() {
+        if let crate::xmpp::stream::StreamEvent::Stanza(s) = ev {
+            stanza = Some(s);
+            break;
+        }
+    }
+    let stanza = stanza?;
+    let kids = children(&stanza);
+    let text = kids.iter().find(|c| c.name == "body")?.text.clone();
+    let thread = kids
+        .iter()
+        .find(|c| c.name == "thread")
+        .map(|c| c.text.clone());
+    Some(MessageBody {
+        id: stanza.id().map(|s| s.into_owned()),
+        text,
+        thread,
+    })
+}
+
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    quick_xml::escape::escape(s)
+}
+
+/// Writes `env` as a stanza for a link whose presence is expressed in mapping system `system`
+/// (presence bodies arrive already translated into it by the router).
+pub fn envelope_to_stanza(
+    env: &Envelope,
+    maps: &MappingSet,
+    out: &mut Vec<u8>,
+) -> Result<(), ConvertError> {
+    let attrs = || PresenceAttrs {
+        from: Some(env.from.to_string()),
+        to: Some(env.to.to_string()),
+        id: None,
+        type_: None,
+    };
+    match &env.body {
+        Body::Presence(p) => {
+            let sys = maps
+                .system_id(&p.system)
+                .ok_or_else(|| ConvertError::System(p.system.to_string()))?;
+            let state = maps
+                .system(sys)
+                .state_id(&p.state)
+                .ok_or_else(|| ConvertError::System(format!("{}:{}", p.system, p.state)))?;
+            let mut x = maps.encode_xmpp(sys, state, p.note.as_deref());
+            x.priority = p.priority;
+            encode_presence(&x, &attrs(), out);
+        }
+        Body::Subscription(s) => {
+            let kind = match s {
+                Subscription::Subscribe => PresenceKind::Subscribe,
+                Subscription::Subscribed => PresenceKind::Subscribed,
+                Subscription::Unsubscribe => PresenceKind::Unsubscribe,
+                Subscription::Unsubscribed => PresenceKind::Unsubscribed,
+                Subscription::Probe => PresenceKind::Probe,
+            };
+            encode_presence_kind(&kind, &attrs(), out);
+        }
+        Body::Message(m) => {
+            out.extend_from_slice(b"<message type='chat' from='");
+            out.extend_from_slice(esc(&env.from.to_string()).as_bytes());
+            out.extend_from_slice(b"' to='");
+            out.extend_from_slice(esc(&env.to.to_string()).as_bytes());
+            if let Some(id) = &m.id {
+                out.extend_from_slice(b"' id='");
+                out.extend_from_slice(esc(id).as_bytes());
+            }
+            out.extend_from_slice(b"'><body>");
+            out.extend_from_slice(esc(&m.text).as_bytes());
+            out.extend_from_slice(b"</body>");
+            if let Some(t) = &m.thread {
+                out.extend_from_slice(b"<thread>");
+                out.extend_from_slice(esc(t).as_bytes());
+                out.extend_from_slice(b"</thread>");
+            }
+            out.extend_from_slice(b"</message>");
+        }
+        Body::Xmpp(raw) => out.extend_from_slice(&raw.bytes),
+        Body::Error {
+            id,
+            condition,
+            text,
+            kind,
+        } => {
+            let name = match kind {
+                ErrorOf::Message => "message",
+                ErrorOf::Presence => "presence",
+                ErrorOf::Iq => "iq",
+            };
+            out.extend_from_slice(format!("<{name} type='error' from='").as_bytes());
+            out.extend_from_slice(esc(&env.from.to_string()).as_bytes());
+            out.extend_from_slice(b"' to='");
+            out.extend_from_slice(esc(&env.to.to_string()).as_bytes());
+            if let Some(id) = id {
+                out.extend_from_slice(b"' id='");
+                out.extend_from_slice(esc(id).as_bytes());
+            }
+            out.extend_from_slice(
+                format!(
+                    "'><error type='{}'><{} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>",
+                    condition.xmpp_type(),
+                    condition.xmpp_name()
+                )
+                .as_bytes(),
+            );
+            if !text.is_empty() {
+                out.extend_from_slice(b"<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>");
+                out.extend_from_slice(esc(text).as_bytes());
+                out.extend_from_slice(b"</text>");
+            }
+            out.extend_from_slice(format!("</error></{name}>").as_bytes());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::map;
+    use crate::xmpp::stream::{Limits, StreamEvent, StreamFramer};
+
+    fn stanzas(header_ns: &str, body: &str) -> Vec<Stanza> {
+        let mut f = StreamFramer::new(Limits::default());
+        f.push(format!("<stream:stream xmlns='{header_ns}' xmlns:stream='http://etherx.jabber.org/streams'>").as_bytes());
+        f.push(body.as_bytes());
+        let mut out = Vec::new();
+        while let Ok(Some(ev)) = f.next_event() {
+            if let StreamEvent::Stanza(s) = ev {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn presence_from_a_component_is_read_in_the_home_system_and_written_back() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:component:accept",
+            "<presence from='alice@example.com/pc' to='bob@partner.com'><show>dnd</show><status>Writing</status></presence>",
+        );
+        let env = stanza_to_envelope(&s[0], "jabber8", &maps).expect("converted");
+        assert_eq!(env.from.to_string(), "alice@example.com/pc");
+        let Body::Presence(p) = &env.body else {
+            panic!("presence expected: {env:?}")
+        };
+        assert_eq!(
+            (&*p.system, &*p.state, p.note.as_deref()),
+            ("jabber8", "do_not_disturb", Some("Writing"))
+        );
+        let mut out = Vec::new();
+        envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+        let back = stanzas("jabber:server", std::str::from_utf8(&out).expect("utf-8"));
+        assert_eq!(
+            stanza_to_envelope(&back[0], "jabber8", &maps).expect("again"),
+            env
+        );
+    }
+
+    #[test]
+    fn subscriptions_messages_and_errors() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<presence type='subscribe' from='a@x.test' to='b@y.test'/>\
+             <message from='a@x.test/r' to='b@y.test' id='m1' type='chat'><body>hi &amp; bye</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>\
+             <message from='a@x.test' to='b@y.test' id='m2' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>down</text></error></message>\
+             <iq from='a@x.test/r' to='b@y.test' id='i1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>",
+        );
+        let envs: Vec<Envelope> = s
+            .iter()
+            .map(|s| stanza_to_envelope(s, "fed-xmpp", &maps).expect("ok"))
+            .collect();
+        assert_eq!(envs[0].body, Body::Subscription(Subscription::Subscribe));
+        let Body::Xmpp(raw) = &envs[1].body else {
+            panic!("raw message")
+        };
+        let m = message_text(raw).expect("has a body");
+        assert_eq!((m.text.as_str(), m.id.as_deref()), ("hi & bye", Some("m1")));
+        assert!(
+            matches!(&envs[2].body, Body::Error { condition: ErrorCondition::RemoteServerNotFound, text, .. } if text == "down")
+        );
+        assert!(matches!(
+            &envs[3].body,
+            Body::Xmpp(XmppRaw { name: "iq", .. })
+        ));
+        let mut out = Vec::new();
+        envelope_to_stanza(&envs[2], &maps, &mut out).expect("encoded");
+        let back = stanzas("jabber:server", std::str::from_utf8(&out).expect("utf-8"));
+        assert_eq!(
+            stanza_to_envelope(&back[0], "fed-xmpp", &maps)
+                .expect("again")
+                .body,
+            envs[2].body
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas("jabber:server", "<message to='b@y.test'><body>x</body></message><message from='server.test' to='b@y.test'/>");
+        assert_eq!(
+            stanza_to_envelope(&s[0], "fed-xmpp", &maps),
+            Err(ConvertError::Address("from"))
+        );
+        assert_eq!(
+            stanza_to_envelope(&s[1], "fed-xmpp", &maps),
+            Err(ConvertError::Address("from"))
+        );
+    }
+}
