@@ -97,6 +97,13 @@ route = "127.0.0.1:5999"
         "{body}"
     );
     assert!(body.contains("legate_sip_responses_total{class=\"2xx\",direction=\"out\"} 1"));
+    let mut s = tokio::net::TcpStream::connect(admin).await?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut status = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut status)).await??;
+    assert!(status.contains("\"sip\""), "{status}");
+    assert!(status.contains(&sip.to_string()), "{status}");
     child.start_kill()?;
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     Ok(())

@@ -27,7 +27,7 @@ pub mod transport;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -195,6 +195,24 @@ impl SipEdge {
             tracing::info!(restored = n, "SIP subscriptions restored");
         }
         let outbox = hub.register_sip(cfg.limits.outbound_queue_per_domain.max(64));
+        let status = Arc::new(EdgeStatus::default());
+        let shown = status.clone();
+        hub.add_status(
+            "sip",
+            Arc::new(move || {
+                let n = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "listeners": {
+                        "tcp": tcp.map(|a| a.to_string()),
+                        "tls": tls.map(|a| a.to_string()),
+                    },
+                    "foreign_watchers": n(&shown.foreign_watchers),
+                    "local_subscriptions": n(&shown.local_subscriptions),
+                    "im_sessions": n(&shown.im_sessions),
+                    "connections": n(&shown.connections),
+                })
+            }),
+        );
         let driver = Driver {
             hub,
             core,
@@ -208,6 +226,7 @@ impl SipEdge {
             shutdown: shutdown.clone(),
             state_path,
             outbound: Arc::new(outbound),
+            status,
         };
         tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
         Ok(SipEdge { tcp, tls, tasks })
@@ -232,6 +251,15 @@ impl SipEdge {
         })
         .await;
     }
+}
+
+/// Counts the admin `/status` document shows (section `sip`), refreshed once a second.
+#[derive(Debug, Default)]
+pub struct EdgeStatus {
+    pub foreign_watchers: AtomicUsize,
+    pub local_subscriptions: AtomicUsize,
+    pub im_sessions: AtomicUsize,
+    pub connections: AtomicUsize,
 }
 
 /// The state file's name under `node.data_dir`.
@@ -457,6 +485,7 @@ struct Driver {
     shutdown: watch::Receiver<bool>,
     state_path: PathBuf,
     outbound: Arc<Outbound>,
+    status: Arc<EdgeStatus>,
 }
 
 /// How the driver reaches a domain: DNS targets (or the static route) and TLS.
@@ -498,6 +527,11 @@ impl Driver {
                 }
                 _ = persist.tick() => {
                     self.core.update_gauges();
+                    let (n, s, x) = self.core.counts();
+                    self.status.foreign_watchers.store(n, Ordering::Relaxed);
+                    self.status.local_subscriptions.store(s, Ordering::Relaxed);
+                    self.status.im_sessions.store(x, Ordering::Relaxed);
+                    self.status.connections.store(self.conns.len(), Ordering::Relaxed);
                     // At most once a second, and never more than ~5% of the time: a large
                     // table costs more to write, so it is written less often.
                     if next_write <= Instant::now() && self.core.take_dirty() {
