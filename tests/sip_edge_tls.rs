@@ -8,6 +8,7 @@ mod common;
 mod sip_ua;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -472,5 +473,108 @@ async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
     assert_eq!(body_str(&m), "outbound tls");
     peer.respond(&m, 200, "OK", &[], None).await?;
     env.stop().await;
+    Ok(())
+}
+
+/// No static route: the edge finds `partner.test` through `_sipfederationtls._tcp` SRV
+/// (dnsmasq on loopback, never real DNS), connects over TLS and checks the certificate names
+/// the domain.
+#[tokio::test]
+async fn outbound_target_found_through_sipfederationtls_srv() -> Result<()> {
+    use common::dnsmasq::{DnsRecord, Dnsmasq};
+    if !Path::new(common::dnsmasq::DNSMASQ_BIN).exists() {
+        eprintln!("dnsmasq not installed; skipping");
+        return Ok(());
+    }
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.com"]);
+    let partner = certs.leaf("partner", &["partner.test"]);
+    let route = TcpListener::bind("127.0.0.1:0").await?;
+    let port = route.local_addr()?.port();
+    let dns = Dnsmasq::start(&[
+        DnsRecord::srv(
+            "_sipfederationtls._tcp.partner.test",
+            "sip.partner.test",
+            port,
+        ),
+        DnsRecord::a("sip.partner.test", std::net::Ipv4Addr::LOCALHOST),
+    ])?;
+    let dir = tempfile::tempdir()?;
+    let text = format!(
+        r#"routing_node = "hn1"
+[node]
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.com"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#,
+        data = dir.path().display(),
+        cert = ours.cert.display(),
+        key = ours.key.display(),
+        ca = certs.ca_path().display(),
+    );
+    let cfg = config::from_toml(&text, &dir.path().join("legate.toml"), BUILTIN_SYSTEMS)
+        .map_err(|d| anyhow!("config: {d}"))?;
+    let hub = Hub::new(cfg, MappingStore::open(None).map_err(|d| anyhow!("{d}"))?);
+    let _home = hub.register_component("hn1", 16);
+    let resolver = legate::dns::Resolver::new(
+        &legate::dns::DnsSettings {
+            nameservers: Some(vec![dns.addr()]),
+            ..Default::default()
+        },
+        &[],
+    )?;
+    let (stop, rx) = watch::channel(false);
+    let edge = SipEdge::start_with(hub.clone(), rx, Some(Arc::new(resolver))).await?;
+    let r = hub.submit(
+        &Origin::Component {
+            home_node: "hn1".into(),
+        },
+        Envelope {
+            from: Address::parse("alice@example.com")?,
+            to: Address::parse("bob@partner.test")?,
+            body: Body::Message(MessageBody {
+                id: None,
+                text: "found you".into(),
+                thread: None,
+            }),
+        },
+    );
+    assert!(matches!(r, Submitted::Delivered(Link::Sip { .. })), "{r:?}");
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            legate::tls::load_certs(&partner.cert)?,
+            legate::tls::load_private_key(&partner.key)?,
+        )?;
+    let (tcp, _) = tokio::time::timeout(WAIT, route.accept()).await??;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
+    )
+    .await??;
+    let mut peer = Ua::from_stream(s);
+    let inv = peer.request("INVITE").await?;
+    assert_eq!(inv.request_uri_str(), Some("sip:bob@partner.test"));
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
     Ok(())
 }

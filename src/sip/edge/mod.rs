@@ -74,6 +74,16 @@ impl SipEdge {
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<SipEdge, EdgeError> {
+        Self::start_with(hub, shutdown, None).await
+    }
+
+    /// [`SipEdge::start`] with a given DNS resolver for outbound targets (tests point one at a
+    /// loopback DNS server); `None` builds one from the configuration (system DNS).
+    pub async fn start_with(
+        hub: Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+        resolver: Option<Arc<crate::dns::Resolver>>,
+    ) -> Result<SipEdge, EdgeError> {
         let cfg = hub.config();
         let limits = ConnLimits {
             max_header: cfg.limits.sip_max_header_bytes,
@@ -165,12 +175,15 @@ impl SipEdge {
             }
             (None, _) => None,
         };
-        let resolver = match crate::dns::Resolver::from_config(&cfg) {
-            Ok(r) => Some(Arc::new(r)),
-            Err(e) => {
-                tracing::warn!(error = %e, "DNS resolver unavailable: only static routes work");
-                None
-            }
+        let resolver = match resolver {
+            Some(r) => Some(r),
+            None => match crate::dns::Resolver::from_config(&cfg) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "DNS resolver unavailable: only static routes work");
+                    None
+                }
+            },
         };
         let (host, port) = match (tls.or(tcp), cfg.local_domains.first()) {
             (Some(a), Some(d)) => (d.name.to_string(), a.port()),
