@@ -1,0 +1,486 @@
+//! Lync-style IM sessions (requirements §1): inbound INVITE/MESSAGE/BYE, pager-mode MESSAGE
+//! (RFC 3428), outbound sessions opened on the first message and reused, idle BYE.
+
+use super::*;
+
+impl Core {
+    pub(super) fn on_invite(
+        &mut self,
+        hub: &dyn HubPort,
+        peer: &PeerInfo,
+        key: &TxnKey,
+        req: &SipMessage,
+        domain: &Domain,
+        now: Instant,
+    ) {
+        let host = self
+            .me
+            .sent_by
+            .split(':')
+            .next()
+            .unwrap_or("legate")
+            .to_owned();
+        if req.to().ok().and_then(|t| t.tag()).is_some() {
+            // re-INVITE (a session refresh): answer with the same SDP if we know the dialog.
+            let known = DialogId::of_incoming_request(req)
+                .ok()
+                .and_then(|id| self.session_dialogs.get(&id).copied());
+            return match known {
+                Some(sid) => {
+                    if let Some(s) = self.sessions.get_mut(&sid) {
+                        s.last_activity = now;
+                        s.conn = Some(peer.conn);
+                    }
+                    let sdp = im_session::sdp(&host, sid);
+                    self.reply(
+                        key,
+                        req,
+                        200,
+                        "OK",
+                        None,
+                        &[],
+                        Some(("application/sdp", &sdp)),
+                        now,
+                    )
+                }
+                None => self.reply(
+                    key,
+                    req,
+                    481,
+                    "Call/Transaction Does Not Exist",
+                    None,
+                    &[],
+                    None,
+                    now,
+                ),
+            };
+        }
+        let is_sdp = matches!(req.content_type(), Ok(Some(ct)) if ct.is("application", "sdp"));
+        if !is_sdp || !im_session::sdp_offers_im(req.body()) {
+            m::refused("not_im_session");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                488,
+                "Not Acceptable Here (IM Sessions Only)",
+                Some(&tag),
+                &[],
+                None,
+                now,
+            );
+        }
+        let (Some(remote), Some(local)) = (
+            req.from().ok().and_then(|f| address_of_uri(&f.uri)),
+            req.request_uri()
+                .and_then(Result::ok)
+                .and_then(|u| address_of_uri(&u)),
+        ) else {
+            return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
+        };
+        if let Some(text) = im_session::first_message(req) {
+            let env = Envelope {
+                from: remote.clone(),
+                to: local.clone(),
+                body: Body::Message(MessageBody {
+                    id: None,
+                    text,
+                    thread: None,
+                }),
+            };
+            if let Some((code, reason)) = status_for_submit(&hub.submit(domain, env)) {
+                let tag = random_token(10);
+                return self.reply(key, req, code, reason, Some(&tag), &[], None, now);
+            }
+        }
+        let tag = random_token(12);
+        let Ok(dialog) = Dialog::uas(req, &tag) else {
+            return self.reply(key, req, 400, "Bad Dialog Headers", None, &[], None, now);
+        };
+        let sid = self.id();
+        let did = dialog.id.clone();
+        let contact = format!("<{}>", self.contact_for(&local));
+        let sdp = im_session::sdp(&host, sid);
+        self.reply(
+            key,
+            req,
+            200,
+            "OK",
+            Some(&tag),
+            &[("Contact", &contact)],
+            Some(("application/sdp", &sdp)),
+            now,
+        );
+        let pair = (local.bare_string(), remote.bare_string());
+        let s = ImSession {
+            id: sid,
+            local: local.bare(),
+            remote: remote.bare(),
+            domain: domain.clone(),
+            state: SessionState::Established,
+            dialog: Some(dialog),
+            call_id: did.call_id.clone(),
+            local_tag: tag,
+            invite_cseq: 0,
+            queue: VecDeque::new(),
+            last_activity: now,
+            conn: Some(peer.conn),
+        };
+        self.sessions.insert(sid, s);
+        self.session_dialogs.insert(did, sid);
+        self.session_pairs.insert(pair, sid);
+        self.schedule(TimerKey::Session(sid), now + self.im_idle);
+    }
+
+    pub(super) fn on_message(
+        &mut self,
+        hub: &dyn HubPort,
+        peer: &PeerInfo,
+        key: &TxnKey,
+        req: &SipMessage,
+        domain: &Domain,
+        now: Instant,
+    ) {
+        let in_dialog = req.to().ok().and_then(|t| t.tag()).is_some();
+        let mut session = None;
+        if in_dialog {
+            let sid = DialogId::of_incoming_request(req)
+                .ok()
+                .and_then(|id| self.session_dialogs.get(&id).copied());
+            let Some(sid) = sid else {
+                m::refused("unknown_dialog");
+                return self.reply(
+                    key,
+                    req,
+                    481,
+                    "Call/Transaction Does Not Exist",
+                    None,
+                    &[],
+                    None,
+                    now,
+                );
+            };
+            let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                if let Some(d) = &mut s.dialog {
+                    if !d.accept_remote_cseq(seq) {
+                        return self.reply(
+                            key,
+                            req,
+                            500,
+                            "CSeq Out Of Order",
+                            None,
+                            &[],
+                            None,
+                            now,
+                        );
+                    }
+                }
+                s.last_activity = now;
+                s.conn = Some(peer.conn);
+                session = Some((s.remote.clone(), s.local.clone()));
+            }
+        }
+        let ct = req.content_type().ok().flatten();
+        let text = match im_session::text_of(ct.as_ref(), req.body()) {
+            Content::Text(t) => t,
+            Content::Ignore => {
+                let tag = (!in_dialog).then(|| random_token(10));
+                return self.reply(key, req, 200, "OK", tag.as_deref(), &[], None, now);
+            }
+            Content::Unsupported => {
+                m::refused("unsupported_media_type");
+                let tag = (!in_dialog).then(|| random_token(10));
+                return self.reply(
+                    key,
+                    req,
+                    415,
+                    "Unsupported Media Type",
+                    tag.as_deref(),
+                    &[("Accept", im_session::ACCEPT_HEADER)],
+                    None,
+                    now,
+                );
+            }
+        };
+        let (from, to) = match session {
+            Some(p) => p,
+            None => match (
+                req.from().ok().and_then(|f| address_of_uri(&f.uri)),
+                req.request_uri()
+                    .and_then(Result::ok)
+                    .and_then(|u| address_of_uri(&u)),
+            ) {
+                (Some(f), Some(t)) => (f, t),
+                _ => return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now),
+            },
+        };
+        let env = Envelope {
+            from,
+            to,
+            body: Body::Message(MessageBody {
+                id: None,
+                text,
+                thread: None,
+            }),
+        };
+        let tag = (!in_dialog).then(|| random_token(10));
+        match status_for_submit(&hub.submit(domain, env)) {
+            None => self.reply(key, req, 200, "OK", tag.as_deref(), &[], None, now),
+            Some((code, reason)) => {
+                self.reply(key, req, code, reason, tag.as_deref(), &[], None, now)
+            }
+        }
+    }
+
+    pub(super) fn on_bye(&mut self, key: &TxnKey, req: &SipMessage, now: Instant) {
+        let sid = DialogId::of_incoming_request(req)
+            .ok()
+            .and_then(|id| self.session_dialogs.get(&id).copied());
+        match sid {
+            Some(sid) => {
+                self.reply(key, req, 200, "OK", None, &[], None, now);
+                self.remove_session(sid);
+            }
+            None => self.reply(
+                key,
+                req,
+                481,
+                "Call/Transaction Does Not Exist",
+                None,
+                &[],
+                None,
+                now,
+            ),
+        }
+    }
+
+    pub(super) fn remove_session(&mut self, sid: u64) -> Option<ImSession> {
+        let s = self.sessions.remove(&sid)?;
+        if let Some(d) = &s.dialog {
+            self.session_dialogs.remove(&d.id);
+        }
+        self.session_calls
+            .remove(&(s.call_id.clone(), s.local_tag.clone()));
+        let pair = (s.local.bare_string(), s.remote.bare_string());
+        if self.session_pairs.get(&pair) == Some(&sid) {
+            self.session_pairs.remove(&pair);
+        }
+        Some(s)
+    }
+
+    pub(super) fn open_session(
+        &mut self,
+        local: Address,
+        remote: Address,
+        domain: Domain,
+        first: MessageBody,
+        now: Instant,
+    ) {
+        let sid = self.id();
+        let host = self
+            .me
+            .sent_by
+            .split(':')
+            .next()
+            .unwrap_or("legate")
+            .to_owned();
+        let s = ImSession {
+            id: sid,
+            local: local.bare(),
+            remote: remote.bare(),
+            domain: domain.clone(),
+            state: SessionState::Inviting,
+            dialog: None,
+            call_id: format!("{}@{host}", random_token(20)),
+            local_tag: random_token(12),
+            invite_cseq: 1,
+            queue: VecDeque::from([first]),
+            last_activity: now,
+            conn: None,
+        };
+        let via = self.via();
+        let contact = self.contact_for(&s.local);
+        let headers: Vec<(&str, String)> = vec![
+            ("Via", via),
+            ("Max-Forwards", "70".into()),
+            (
+                "From",
+                format!("<sip:{}>;tag={}", s.local.bare_string(), s.local_tag),
+            ),
+            ("To", format!("<sip:{}>", s.remote.bare_string())),
+            ("Call-ID", s.call_id.clone()),
+            ("CSeq", "1 INVITE".into()),
+            ("Contact", format!("<{contact}>")),
+            ("Supported", "ms-text-format".into()),
+        ];
+        let sdp = im_session::sdp(&host, sid);
+        let req = build_request(
+            "INVITE",
+            &format!("sip:{}", s.remote.bare_string()),
+            &headers,
+            Some(("application/sdp", &sdp)),
+        );
+        self.session_pairs
+            .insert((s.local.bare_string(), s.remote.bare_string()), sid);
+        self.session_calls
+            .insert((s.call_id.clone(), s.local_tag.clone()), sid);
+        self.sessions.insert(sid, s);
+        match req {
+            Ok(r) => self.send_request(r, None, domain, Purpose::Invite { session: sid }, now),
+            Err(e) => tracing::error!(error = %e, "cannot build INVITE"),
+        }
+    }
+
+    pub(super) fn send_session_message(&mut self, sid: u64, body: MessageBody, now: Instant) {
+        let via = self.via();
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        s.last_activity = now;
+        let (conn, domain, from, to) =
+            (s.conn, s.domain.clone(), s.local.clone(), s.remote.clone());
+        let Some(d) = &mut s.dialog else {
+            s.queue.push_back(body);
+            return;
+        };
+        let req = d.request(&InDialog {
+            method: "MESSAGE",
+            via: &via,
+            contact: None,
+            extra: &[],
+            body: Some(("text/plain;charset=UTF-8", body.text.as_bytes())),
+            cseq_override: None,
+        });
+        match req {
+            Ok(r) => self.send_request(
+                r,
+                conn,
+                domain,
+                Purpose::Message {
+                    session: Some(sid),
+                    from,
+                    to,
+                    body,
+                    retried: false,
+                },
+                now,
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot build MESSAGE"),
+        }
+    }
+
+    pub(super) fn bounce_message(
+        &self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        from: &Address,
+        to: &Address,
+        body: &MessageBody,
+        code: u16,
+    ) {
+        let condition = condition_for_status(code);
+        let env = Envelope {
+            from: to.clone(),
+            to: from.clone(),
+            body: Body::Error {
+                id: body.id.clone(),
+                condition,
+                text: format!("the SIP peer answered {code}"),
+                kind: crate::gateway::envelope::ErrorOf::Message,
+            },
+        };
+        hub.submit(domain, env);
+    }
+
+    pub(super) fn on_invite_ok(
+        &mut self,
+        sid: u64,
+        resp: &SipMessage,
+        conn: Option<ConnId>,
+        now: Instant,
+    ) {
+        let via = self.via();
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(tag) = resp.to().ok().and_then(|t| t.tag()).map(str::to_owned) else {
+            return;
+        };
+        if s.dialog.is_none() {
+            let local_uri = format!("sip:{}", s.local.bare_string());
+            let remote_uri = format!("sip:{}", s.remote.bare_string());
+            match Dialog::uac(
+                &s.call_id,
+                &s.local_tag,
+                &local_uri,
+                &remote_uri,
+                s.invite_cseq,
+                resp,
+                &tag,
+            ) {
+                Ok(d) => s.dialog = Some(d),
+                Err(e) => {
+                    tracing::info!(error = %e, "unusable 2xx to INVITE");
+                    return;
+                }
+            }
+        }
+        if conn.is_some() {
+            s.conn = conn;
+        }
+        s.state = SessionState::Established;
+        s.last_activity = now;
+        let cseq = s.invite_cseq;
+        let (sconn, domain) = (s.conn, s.domain.clone());
+        let Some(d) = &mut s.dialog else { return };
+        let did = d.id.clone();
+        // §13.2.2.4: the ACK for a 2xx is sent by the dialog, outside any transaction.
+        if let Ok(ack) = d.request(&InDialog {
+            method: "ACK",
+            via: &via,
+            contact: None,
+            extra: &[],
+            body: None,
+            cseq_override: Some(cseq),
+        }) {
+            m::request("out", "ACK");
+            self.actions.push_back(Action::Send {
+                conn: sconn,
+                domain: Some(domain),
+                bytes: ack.to_bytes(),
+            });
+        }
+        let queue: Vec<MessageBody> = s.queue.drain(..).collect();
+        self.session_dialogs.insert(did, sid);
+        self.schedule(TimerKey::Session(sid), now + self.im_idle);
+        for b in queue {
+            self.send_session_message(sid, b, now);
+        }
+    }
+
+    /// Idle session: BYE (Lync closes idle IM sessions after 10 minutes as well).
+    pub(super) fn close_session(&mut self, sid: u64, now: Instant) {
+        let via = self.via();
+        let Some(mut s) = self.remove_session(sid) else {
+            return;
+        };
+        for b in s.queue.drain(..) {
+            tracing::debug!(
+                len = b.text.len(),
+                "queued message dropped with idle session"
+            );
+        }
+        let Some(d) = &mut s.dialog else { return };
+        if let Ok(bye) = d.request(&InDialog {
+            method: "BYE",
+            via: &via,
+            contact: None,
+            extra: &[],
+            body: None,
+            cseq_override: None,
+        }) {
+            self.send_request(bye, s.conn, s.domain.clone(), Purpose::Bye, now);
+        }
+    }
+}

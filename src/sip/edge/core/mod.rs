@@ -1,0 +1,1228 @@
+//! The sans-IO SIP user-agent core of the federation edge: transaction tables, dialogs,
+//! presence subscriptions (both roles), IM sessions and the federation policy, driven by
+//! events (a message from a connection, a delivery from the gateway hub, a timer) with time
+//! as a parameter, and producing actions (bytes to send on a connection or toward a domain).
+//!
+//! It talks to the gateway only through [`HubPort`] (submit an envelope, read the current
+//! configuration and mapping set), which is synchronous and never blocks (the hub uses
+//! `try_send`), so a SIP request can be answered from the submit outcome. It must not touch
+//! sockets, spawn tasks or read the clock: the driver in `edge::mod` does that.
+
+mod im;
+mod notifier;
+mod persist;
+mod subscriber;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::metrics as m;
+use crate::config::{Config, Domain, Host as CfgHost};
+use crate::gateway::hub::Submitted;
+use crate::gateway::{
+    Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, Subscription,
+};
+use crate::presence::convert::SipBodyKind;
+use crate::presence::map::MappingSet;
+use crate::sip::dialog::{build_request, response_with, Dialog, DialogId, InDialog};
+use crate::sip::header::{self, HeaderName};
+use crate::sip::im_session::{self, Content, ImSession, SessionState};
+use crate::sip::message::SipMessage;
+use crate::sip::subscription::{
+    self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Notifier, NotifierState,
+    NotifyState, Subscriber, SubscriberState, TerminationReason,
+};
+use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
+
+/// A connection, as numbered by the driver.
+pub type ConnId = u64;
+
+/// What the driver knows about the connection a message arrived on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub conn: ConnId,
+    pub remote: SocketAddr,
+    /// TLS connection (inbound or outbound).
+    pub tls: bool,
+    /// The federated domains the peer's verified certificate speaks for (TLS only; RFC 6125
+    /// checked by `tls::check_peer` with each domain's EKU policy).
+    pub verified: Vec<Domain>,
+    /// Set on connections we opened toward a domain's route.
+    pub outbound_to: Option<Domain>,
+}
+
+/// The edge's window on the gateway core.
+pub trait HubPort {
+    /// Submits an envelope received from `domain` (an `Origin::Sip`).
+    fn submit(&self, domain: &Domain, env: Envelope) -> Submitted;
+    fn config(&self) -> Arc<Config>;
+    fn maps(&self) -> Arc<MappingSet>;
+}
+
+impl HubPort for Hub {
+    fn submit(&self, domain: &Domain, env: Envelope) -> Submitted {
+        Hub::submit(
+            self,
+            &Origin::Sip {
+                domain: domain.clone(),
+            },
+            env,
+        )
+    }
+    fn config(&self) -> Arc<Config> {
+        Hub::config(self)
+    }
+    fn maps(&self) -> Arc<MappingSet> {
+        Hub::maps(self).current()
+    }
+}
+
+/// How we appear in Via and Contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalIdentity {
+    /// `host:port` of our Via sent-by and Contact.
+    pub sent_by: String,
+    /// `TCP` or `TLS` (Via transport).
+    pub transport: &'static str,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `bytes` on `conn` if it is still open, else on a connection to `domain` (opened if
+    /// needed); a response (`domain: None`) whose connection closed is dropped (RFC 3261 §18.2.2
+    /// would retry via the Via address; federation peers reconnect and retransmit instead).
+    Send {
+        conn: Option<ConnId>,
+        domain: Option<Domain>,
+        bytes: Bytes,
+    },
+    /// Requests from `conn` were accepted as coming from `domain`: later requests toward the
+    /// domain may reuse it (Lync edges expect their own connection to be used).
+    Bind { conn: ConnId, domain: Domain },
+}
+
+/// What an outgoing client transaction was for.
+#[derive(Debug, Clone)]
+enum Purpose {
+    Notify {
+        dialog: DialogId,
+    },
+    Subscribe {
+        id: u64,
+        expires: u32,
+    },
+    Invite {
+        session: u64,
+    },
+    Message {
+        session: Option<u64>,
+        from: Address,
+        to: Address,
+        body: MessageBody,
+        retried: bool,
+    },
+    Bye,
+}
+
+struct ClientEntry {
+    txn: ClientTransaction,
+    purpose: Purpose,
+    conn: Option<ConnId>,
+    domain: Domain,
+}
+
+struct ServerEntry {
+    txn: ServerTransaction,
+    conn: ConnId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Notifier(DialogId),
+    Subscriber(u64),
+    Session(u64),
+}
+
+/// A refusal decided by policy: status, reason phrase, metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refuse {
+    pub status: u16,
+    pub reason: &'static str,
+    pub label: &'static str,
+}
+
+const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refuse {
+    Refuse {
+        status,
+        reason,
+        label,
+    }
+}
+
+/// Most remembered final responses (see `Core::remember`).
+const RECENT_LIMIT: usize = 8192;
+/// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
+/// reused after a restart (RFC 3261 §12.2.1.1: CSeq strictly increases).
+const RESTORE_CSEQ_MARGIN: u32 = 1000;
+
+/// The persisted form of a notifier subscription (requirements §1: a restart loses none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedNotifier {
+    pub dialog: Dialog,
+    pub watcher: String,
+    pub presentity: String,
+    pub domain: String,
+    pub active: bool,
+    pub msrtc: bool,
+    /// Expiry as Unix seconds.
+    pub expires_unix: u64,
+}
+
+/// Everything written to the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub version: u32,
+    pub notifiers: Vec<PersistedNotifier>,
+}
+
+/// The SIP user-agent core.
+pub struct Core {
+    me: LocalIdentity,
+    timers: Timers,
+    /// Our branch prefix: `z9hG4bK` + a per-start token; loop detection (RFC 5393) looks for it.
+    branch_prefix: String,
+    im_idle: Duration,
+    server: HashMap<TxnKey, ServerEntry>,
+    client: HashMap<TxnKey, ClientEntry>,
+    notifiers: HashMap<DialogId, Notifier>,
+    notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
+    subscribers: HashMap<u64, Subscriber>,
+    subscriber_pairs: HashMap<(String, String), u64>,
+    subscriber_calls: HashMap<(String, String), u64>,
+    sessions: HashMap<u64, ImSession>,
+    session_dialogs: HashMap<DialogId, u64>,
+    session_pairs: HashMap<(String, String), u64>,
+    session_calls: HashMap<(String, String), u64>,
+    heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// Final responses of recent non-INVITE server transactions (see `remember`).
+    recent: HashMap<TxnKey, (IpAddr, Bytes)>,
+    recent_order: VecDeque<(Instant, TxnKey)>,
+    /// Peer address of connections that sent us requests (for `recent`).
+    conn_ips: HashMap<ConnId, IpAddr>,
+    actions: VecDeque<Action>,
+    route_addrs: HashMap<Domain, Vec<IpAddr>>,
+    next_id: u64,
+    dirty: bool,
+}
+
+fn random_token(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| {
+            let i = rng.random_range(0..ALPHABET.len());
+            char::from(ALPHABET.get(i).copied().unwrap_or(b'x'))
+        })
+        .collect()
+}
+
+/// `user@host` of a SIP URI as a core address (`None` for tel: or a URI without user).
+fn address_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
+    let s = uri.as_sip()?;
+    let user = s.user()?;
+    Address::parse(&format!("{user}@{}", s.host().as_str())).ok()
+}
+
+fn condition_for_status(code: u16) -> ErrorCondition {
+    match code {
+        403 | 603 => ErrorCondition::Forbidden,
+        404 | 410 | 484 | 604 => ErrorCondition::ItemNotFound,
+        408 | 504 => ErrorCondition::RemoteServerTimeout,
+        _ => ErrorCondition::ServiceUnavailable,
+    }
+}
+
+fn status_for_submit(s: &Submitted) -> Option<(u16, &'static str)> {
+    match s {
+        Submitted::Delivered(_) => None,
+        Submitted::Denied(d) => Some(d.condition().sip_status()),
+        Submitted::Unavailable(_) => Some((480, "Temporarily Unavailable")),
+    }
+}
+
+impl Core {
+    /// A core for a node appearing as `me`; `im_idle` is `limits.im_session_idle_secs`.
+    pub fn new(me: LocalIdentity, im_idle: Duration) -> Self {
+        Core {
+            me,
+            timers: Timers::reliable(),
+            branch_prefix: format!("z9hG4bKlg{}.", random_token(6)),
+            im_idle,
+            server: HashMap::new(),
+            client: HashMap::new(),
+            notifiers: HashMap::new(),
+            notifier_pairs: HashMap::new(),
+            subscribers: HashMap::new(),
+            subscriber_pairs: HashMap::new(),
+            subscriber_calls: HashMap::new(),
+            sessions: HashMap::new(),
+            session_dialogs: HashMap::new(),
+            session_pairs: HashMap::new(),
+            session_calls: HashMap::new(),
+            heap: BinaryHeap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            conn_ips: HashMap::new(),
+            actions: VecDeque::new(),
+            route_addrs: HashMap::new(),
+            next_id: 1,
+            dirty: false,
+        }
+    }
+
+    /// A connection closed: forget what was kept about it.
+    pub fn handle_conn_closed(&mut self, conn: ConnId) {
+        self.conn_ips.remove(&conn);
+    }
+
+    /// Addresses a domain's static route resolved to (for the TCP source check).
+    pub fn set_route_addrs(&mut self, addrs: HashMap<Domain, Vec<IpAddr>>) {
+        self.route_addrs = addrs;
+    }
+
+    /// Next action for the driver.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Earliest deadline (may be early: stale heap entries cause a harmless extra wake-up).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self.heap.peek().map(|Reverse((at, _))| *at);
+        for e in self.server.values() {
+            t = min_opt(t, e.txn.poll_timeout());
+        }
+        for e in self.client.values() {
+            t = min_opt(t, e.txn.poll_timeout());
+        }
+        t
+    }
+
+    /// `true` once since the last call if persisted state changed.
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Counts for tests and status: (notifiers, subscribers, sessions).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.notifiers.len(),
+            self.subscribers.len(),
+            self.sessions.len(),
+        )
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn via(&self) -> String {
+        format!(
+            "SIP/2.0/{} {};branch={}{}",
+            self.me.transport,
+            self.me.sent_by,
+            self.branch_prefix,
+            random_token(12)
+        )
+    }
+
+    fn contact_for(&self, user: &Address) -> String {
+        format!(
+            "sip:{}@{};transport={}",
+            user.local,
+            self.me.sent_by,
+            self.me.transport.to_ascii_lowercase()
+        )
+    }
+
+    fn schedule(&mut self, key: TimerKey, at: Instant) {
+        self.heap.push(Reverse((at, key)));
+    }
+
+    /// Publishes the gauges (the driver calls it once a second; per event it would cost a
+    /// scan of the subscriber table).
+    pub fn update_gauges(&self) {
+        m::TXNS
+            .with_label_values(&["server"])
+            .set(i64::try_from(self.server.len()).unwrap_or(i64::MAX));
+        m::TXNS
+            .with_label_values(&["client"])
+            .set(i64::try_from(self.client.len()).unwrap_or(i64::MAX));
+        let n = i64::try_from(self.notifiers.len()).unwrap_or(i64::MAX);
+        let s = i64::try_from(self.subscribers.len()).unwrap_or(i64::MAX);
+        m::SUBS.with_label_values(&["notifier"]).set(n);
+        m::SUBS.with_label_values(&["subscriber"]).set(s);
+        m::DIALOGS_G.with_label_values(&["subscription_in"]).set(n);
+        let sd = self
+            .subscribers
+            .values()
+            .filter(|s| s.dialog.is_some())
+            .count();
+        m::DIALOGS_G
+            .with_label_values(&["subscription_out"])
+            .set(i64::try_from(sd).unwrap_or(i64::MAX));
+        m::DIALOGS_G
+            .with_label_values(&["im"])
+            .set(i64::try_from(self.session_dialogs.len()).unwrap_or(i64::MAX));
+    }
+
+    fn send_request(
+        &mut self,
+        req: SipMessage,
+        conn: Option<ConnId>,
+        domain: Domain,
+        purpose: Purpose,
+        now: Instant,
+    ) {
+        let method = req.method().unwrap_or("").to_owned();
+        match ClientTransaction::new(req, self.timers, now) {
+            Ok(txn) => {
+                m::request("out", &method);
+                let key = txn.key().clone();
+                self.client.insert(
+                    key.clone(),
+                    ClientEntry {
+                        txn,
+                        purpose,
+                        conn,
+                        domain,
+                    },
+                );
+                self.drain_client_transmit(&key);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start client transaction"),
+        }
+    }
+
+    fn drain_client_transmit(&mut self, key: &TxnKey) {
+        if let Some(e) = self.client.get_mut(key) {
+            while let Some(bytes) = e.txn.poll_transmit() {
+                self.actions.push_back(Action::Send {
+                    conn: e.conn,
+                    domain: Some(e.domain.clone()),
+                    bytes,
+                });
+            }
+        }
+    }
+
+    /// Answers a server transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &mut self,
+        key: &TxnKey,
+        req: &SipMessage,
+        code: u16,
+        reason: &str,
+        to_tag: Option<&str>,
+        extra: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+        now: Instant,
+    ) {
+        let resp = match response_with(req, code, reason, to_tag, extra, body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, code, "cannot build response");
+                return;
+            }
+        };
+        m::response("out", code);
+        if code >= 200 && key.method != "INVITE" {
+            if let Some(ip) = self
+                .server
+                .get(key)
+                .and_then(|e| self.conn_ips.get(&e.conn))
+            {
+                let ip = *ip;
+                self.remember(key, ip, resp.to_bytes(), now);
+            }
+        }
+        if let Some(e) = self.server.get_mut(key) {
+            e.txn.handle(Event::TuResponse(Box::new(resp)), now);
+        }
+        self.drain_server(key);
+    }
+
+    /// Over TCP a non-INVITE server transaction ends with its final response (Timer J = 0,
+    /// RFC 3261 §17.2.2). A peer that re-sends the request anyway (after a reconnect, or a
+    /// sloppy stack) must get the same answer and cause nothing twice, so the final response
+    /// is kept for 64·T1, bounded in count.
+    fn remember(&mut self, key: &TxnKey, ip: IpAddr, bytes: Bytes, now: Instant) {
+        let ttl = self.timers.timeout();
+        while let Some((at, k)) = self.recent_order.front() {
+            if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
+                break;
+            }
+            let k = k.clone();
+            self.recent_order.pop_front();
+            self.recent.remove(&k);
+        }
+        if self.recent.insert(key.clone(), (ip, bytes)).is_none() {
+            self.recent_order.push_back((now, key.clone()));
+        }
+    }
+
+    fn drain_server(&mut self, key: &TxnKey) {
+        let mut done = false;
+        if let Some(e) = self.server.get_mut(key) {
+            while let Some(bytes) = e.txn.poll_transmit() {
+                self.actions.push_back(Action::Send {
+                    conn: Some(e.conn),
+                    domain: None,
+                    bytes,
+                });
+            }
+            while let Some(ev) = e.txn.poll_event() {
+                if ev == TuEvent::Terminated {
+                    done = true;
+                }
+            }
+        }
+        if done {
+            self.server.remove(key);
+        }
+    }
+
+    /// A response without a transaction (no RFC 3261 branch, ACK-less cases).
+    fn reply_stateless(&mut self, conn: ConnId, req: &SipMessage, code: u16, reason: &str) {
+        if let Ok(r) = req.build_response(code, reason, Some(&random_token(10))) {
+            m::response("out", code);
+            self.actions.push_back(Action::Send {
+                conn: Some(conn),
+                domain: None,
+                bytes: r.to_bytes(),
+            });
+        }
+    }
+
+    /// A message arrived on a connection.
+    pub fn handle_message(
+        &mut self,
+        hub: &dyn HubPort,
+        peer: &PeerInfo,
+        msg: SipMessage,
+        now: Instant,
+    ) {
+        if msg.is_request() {
+            self.on_request(hub, peer, msg, now);
+        } else {
+            self.on_response(hub, peer, msg, now);
+        }
+    }
+
+    fn on_response(&mut self, hub: &dyn HubPort, peer: &PeerInfo, resp: SipMessage, now: Instant) {
+        if let Some(code) = resp.status() {
+            m::response("in", code);
+        }
+        let Ok(key) = TxnKey::client(&resp) else {
+            return;
+        };
+        let Some(e) = self.client.get_mut(&key) else {
+            // A stray or late response (RFC 3261 §18.1.2: a UA drops it).
+            tracing::debug!("response matches no transaction; dropped");
+            return;
+        };
+        if e.conn.is_none() {
+            // Later requests of this dialog reuse the connection the answer came on.
+            e.conn = Some(peer.conn);
+        }
+        e.txn.handle(Event::Message(Box::new(resp)), now);
+        self.drain_client(hub, &key, Some(peer.conn), now);
+    }
+
+    fn drain_client(
+        &mut self,
+        hub: &dyn HubPort,
+        key: &TxnKey,
+        conn: Option<ConnId>,
+        now: Instant,
+    ) {
+        self.drain_client_transmit(key);
+        let (events, purpose, domain) = match self.client.get_mut(key) {
+            Some(e) => {
+                let mut v = Vec::new();
+                while let Some(ev) = e.txn.poll_event() {
+                    v.push(ev);
+                }
+                (v, e.purpose.clone(), e.domain.clone())
+            }
+            None => return,
+        };
+        for ev in events {
+            match ev {
+                TuEvent::Response(r) => self.on_client_response(hub, &purpose, &r, conn, now),
+                TuEvent::Timeout => self.on_client_failure(hub, &purpose, &domain, 408, now),
+                TuEvent::TransportError => self.on_client_failure(hub, &purpose, &domain, 503, now),
+                TuEvent::Terminated => {
+                    self.client.remove(key);
+                }
+                TuEvent::Request(_) => {}
+            }
+        }
+    }
+
+    fn on_request(&mut self, hub: &dyn HubPort, peer: &PeerInfo, req: SipMessage, now: Instant) {
+        let method = req.method().unwrap_or("").to_owned();
+        self.conn_ips.insert(peer.conn, peer.remote.ip());
+        m::request("in", &method);
+        if method == "ACK" {
+            // An ACK for a non-2xx matches the INVITE server transaction (absorbed there); an
+            // ACK for our 2xx is its own end-to-end request and confirms the session (§13.3.1.4).
+            if let Ok(key) = TxnKey::server(&req) {
+                if let Some(e) = self.server.get_mut(&key) {
+                    e.txn.handle(Event::Message(Box::new(req)), now);
+                    self.drain_server(&key);
+                }
+            }
+            return;
+        }
+        if method == "BENOTIFY" {
+            // Lync's best-effort NOTIFY (MS-SIPRE §3.4): never answered.
+            if let Ok(domain) = self.permit(&hub.config(), peer, &req) {
+                self.on_notify(hub, peer, None, &req, &domain, now);
+            }
+            return;
+        }
+        let key = match TxnKey::server(&req) {
+            Ok(k) => k,
+            Err(_) => {
+                m::refused("no_rfc3261_branch");
+                self.reply_stateless(peer.conn, &req, 400, "Missing RFC 3261 Branch");
+                return;
+            }
+        };
+        if let Some(e) = self.server.get_mut(&key) {
+            // A retransmission: the transaction re-sends its last response (§17.2.1, §17.2.2).
+            e.txn.handle(Event::Message(Box::new(req)), now);
+            self.drain_server(&key);
+            return;
+        }
+        // Only the same peer address gets a remembered answer: branches are chosen by peers,
+        // and one peer must never read another's response.
+        if let Some((_, b)) = self
+            .recent
+            .get(&key)
+            .filter(|(ip, _)| *ip == peer.remote.ip())
+        {
+            self.actions.push_back(Action::Send {
+                conn: Some(peer.conn),
+                domain: None,
+                bytes: b.clone(),
+            });
+            return;
+        }
+        match ServerTransaction::new(&req, self.timers, now) {
+            Ok(txn) => {
+                self.server.insert(
+                    key.clone(),
+                    ServerEntry {
+                        txn,
+                        conn: peer.conn,
+                    },
+                );
+                self.drain_server(&key);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot start server transaction");
+                self.reply_stateless(peer.conn, &req, 400, "Bad Transaction Headers");
+                return;
+            }
+        }
+        let cfg = hub.config();
+        let domain = match self.screen(&cfg, peer, &req) {
+            Ok(d) => d,
+            Err(r) => {
+                m::refused(r.label);
+                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
+                let tag = random_token(10);
+                self.reply(&key, &req, r.status, r.reason, Some(&tag), &[], None, now);
+                return;
+            }
+        };
+        self.actions.push_back(Action::Bind {
+            conn: peer.conn,
+            domain: domain.clone(),
+        });
+        // RFC 3261 §8.2.2.3: an extension the request requires and we do not support is
+        // refused with 420 and listed in Unsupported (e.g. Lync's batched `adhoclist`
+        // subscriptions, which this edge does not implement). Never for ACK/CANCEL.
+        let unsupported: Vec<&str> = req
+            .headers_named(HeaderName::Require)
+            .flat_map(|h| h.value.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .collect();
+        if !unsupported.is_empty() && method != "CANCEL" {
+            m::refused("bad_extension");
+            let list = unsupported.join(", ");
+            let tag = random_token(10);
+            self.reply(
+                &key,
+                &req,
+                420,
+                "Bad Extension",
+                Some(&tag),
+                &[("Unsupported", &list)],
+                None,
+                now,
+            );
+            return;
+        }
+        match method.as_str() {
+            "SUBSCRIBE" => self.on_subscribe(hub, &cfg, peer, &key, &req, &domain, now),
+            "NOTIFY" => self.on_notify(hub, peer, Some(&key), &req, &domain, now),
+            "INVITE" => self.on_invite(hub, peer, &key, &req, &domain, now),
+            "MESSAGE" => self.on_message(hub, peer, &key, &req, &domain, now),
+            "BYE" => self.on_bye(&key, &req, now),
+            "OPTIONS" => {
+                let tag = random_token(10);
+                self.reply(
+                    &key,
+                    &req,
+                    200,
+                    "OK",
+                    Some(&tag),
+                    &[("Allow", ALLOW), ("Accept", im_session::ACCEPT_HEADER)],
+                    None,
+                    now,
+                )
+            }
+            "CANCEL" => {
+                // INVITEs are answered at once, so a CANCEL always arrives too late and has no
+                // effect (§9.2); it is still answered 200 when it matches the INVITE.
+                let invite = TxnKey {
+                    method: "INVITE".into(),
+                    ..key.clone()
+                };
+                if self.server.contains_key(&invite) {
+                    self.reply(&key, &req, 200, "OK", None, &[], None, now)
+                } else {
+                    self.reply(
+                        &key,
+                        &req,
+                        481,
+                        "Call/Transaction Does Not Exist",
+                        None,
+                        &[],
+                        None,
+                        now,
+                    )
+                }
+            }
+            "INFO" => {
+                let known = DialogId::of_incoming_request(&req)
+                    .ok()
+                    .is_some_and(|id| self.session_dialogs.contains_key(&id));
+                if known {
+                    self.reply(&key, &req, 200, "OK", None, &[], None, now)
+                } else {
+                    self.reply(
+                        &key,
+                        &req,
+                        481,
+                        "Call/Transaction Does Not Exist",
+                        None,
+                        &[],
+                        None,
+                        now,
+                    )
+                }
+            }
+            _ => {
+                m::refused("method_not_allowed");
+                let tag = random_token(10);
+                self.reply(
+                    &key,
+                    &req,
+                    405,
+                    "Method Not Allowed",
+                    Some(&tag),
+                    &[("Allow", ALLOW)],
+                    None,
+                    now,
+                )
+            }
+        }
+    }
+
+    /// Federation policy and request screening (issue 6 item 7, RFC 3261 §8.2, RFC 5393).
+    /// Answers the peer's domain or the refusal.
+    fn screen(&self, cfg: &Config, peer: &PeerInfo, req: &SipMessage) -> Result<Domain, Refuse> {
+        let domain = self.permit(cfg, peer, req)?;
+        if let Ok(Some(0)) = req.max_forwards() {
+            return Err(refuse(483, "Too Many Hops", "too_many_hops"));
+        }
+        if self.is_loop(req) {
+            return Err(refuse(482, "Loop Detected", "loop_detected"));
+        }
+        let in_dialog = req.to().ok().and_then(|t| t.tag()).is_some();
+        let ruri = match req.request_uri() {
+            Some(Ok(u)) => u,
+            _ => return Err(refuse(400, "Bad Request-URI", "bad_request_uri")),
+        };
+        let Some(sip) = ruri.as_sip() else {
+            return Err(refuse(
+                416,
+                "Unsupported URI Scheme",
+                "unsupported_uri_scheme",
+            ));
+        };
+        if !in_dialog {
+            let host = Domain::parse(sip.host().as_str()).ok();
+            if !host.is_some_and(|h| cfg.is_local_domain(&h)) {
+                return Err(refuse(404, "Not Found (Not A Local Domain)", "not_local"));
+            }
+            // OPTIONS to the domain itself (a peer probing the edge) needs no user.
+            let probe = req.method() == Some("OPTIONS");
+            if !probe && sip.user().is_none_or(str::is_empty) {
+                return Err(refuse(404, "Not Found (No User)", "no_user"));
+            }
+        }
+        Ok(domain)
+    }
+
+    /// Who is talking: the From domain must be a configured SIP federated domain, and the
+    /// connection must vouch for it (module doc of `edge` describes the TCP trust).
+    fn permit(&self, cfg: &Config, peer: &PeerInfo, req: &SipMessage) -> Result<Domain, Refuse> {
+        let from = req
+            .from()
+            .map_err(|_| refuse(400, "Bad From", "bad_from"))?;
+        let domain = from
+            .uri
+            .as_sip()
+            .and_then(|s| Domain::parse(s.host().as_str()).ok())
+            .ok_or(refuse(
+                403,
+                "Forbidden (Sender Domain Unknown)",
+                "domain_not_federated",
+            ))?;
+        let Some(fed) = cfg.sip_federated(&domain) else {
+            return Err(refuse(
+                403,
+                "Forbidden (Domain Not Federated)",
+                "domain_not_federated",
+            ));
+        };
+        if !peer.verified.is_empty() {
+            if !peer.verified.contains(&domain) {
+                return Err(refuse(
+                    403,
+                    "Forbidden (Certificate Does Not Match Sender Domain)",
+                    "identity_mismatch",
+                ));
+            }
+            return Ok(domain);
+        }
+        if peer.tls && peer.outbound_to.is_none() {
+            return Err(refuse(
+                403,
+                "Forbidden (No Verified Certificate)",
+                "no_certificate",
+            ));
+        }
+        if let Some(o) = &peer.outbound_to {
+            if *o != domain {
+                return Err(refuse(
+                    403,
+                    "Forbidden (Connection Belongs To Another Domain)",
+                    "identity_mismatch",
+                ));
+            }
+            return Ok(domain);
+        }
+        // Plain TCP inbound: only the static route's address may speak for the domain.
+        if let Some(route) = &fed.route {
+            let ok = match &route.host {
+                CfgHost::Ip(ip) => *ip == peer.remote.ip(),
+                CfgHost::Name(_) => self
+                    .route_addrs
+                    .get(&domain)
+                    .is_some_and(|v| v.contains(&peer.remote.ip())),
+            };
+            if !ok {
+                return Err(refuse(
+                    403,
+                    "Forbidden (Source Is Not The Domain's Route)",
+                    "source_not_route",
+                ));
+            }
+        }
+        Ok(domain)
+    }
+
+    /// RFC 5393 §4.2: a request carrying a Via we inserted (our sent-by and our branch prefix)
+    /// came back to us.
+    fn is_loop(&self, req: &SipMessage) -> bool {
+        let Ok(vias) = req.vias() else { return false };
+        vias.iter().any(|v| {
+            v.sent_by().eq_ignore_ascii_case(&self.me.sent_by)
+                && v.branch()
+                    .is_some_and(|b| b.starts_with(&self.branch_prefix))
+        })
+    }
+
+    fn on_client_response(
+        &mut self,
+        hub: &dyn HubPort,
+        purpose: &Purpose,
+        resp: &SipMessage,
+        conn: Option<ConnId>,
+        now: Instant,
+    ) {
+        let code = resp.status().unwrap_or(500);
+        if code < 200 {
+            return;
+        }
+        match purpose {
+            Purpose::Notify { dialog } => {
+                // RFC 6665 §4.2.2: 481 (or any failure but a timeout-like one) to a NOTIFY
+                // ends the subscription; we keep it on 408/5xx so a peer restart loses nothing.
+                if code == 481 || code == 403 || code == 603 {
+                    if let Some(n) = self.notifiers.remove(dialog) {
+                        let pair = (n.watcher.bare_string(), n.presentity.bare_string());
+                        if let Some(v) = self.notifier_pairs.get_mut(&pair) {
+                            v.retain(|d| d != dialog);
+                            if v.is_empty() {
+                                self.notifier_pairs.remove(&pair);
+                            }
+                        }
+                        self.dirty = true;
+                    }
+                }
+            }
+            Purpose::Subscribe { id, expires } => {
+                self.on_subscribe_response(hub, *id, *expires, resp, code, conn, now)
+            }
+            Purpose::Invite { session } => {
+                let sid = *session;
+                if (200..300).contains(&code) {
+                    self.on_invite_ok(sid, resp, conn, now);
+                } else if let Some(s) = self.remove_session(sid) {
+                    for b in &s.queue {
+                        self.bounce_message(hub, &s.domain, &s.local, &s.remote, b, code);
+                    }
+                }
+            }
+            Purpose::Message {
+                session,
+                from,
+                to,
+                body,
+                retried,
+            } => {
+                if (200..300).contains(&code) {
+                    return;
+                }
+                let domain = to.domain.clone();
+                if let (Some(sid), 481 | 408, false) = (session, code, retried) {
+                    // The peer lost the session: open a new one for this message.
+                    self.remove_session(*sid);
+                    self.open_session(from.clone(), to.clone(), domain, body.clone(), now);
+                    return;
+                }
+                self.bounce_message(hub, &domain, from, to, body, code);
+            }
+            Purpose::Bye => {}
+        }
+    }
+
+    fn on_client_failure(
+        &mut self,
+        hub: &dyn HubPort,
+        purpose: &Purpose,
+        domain: &Domain,
+        code: u16,
+        now: Instant,
+    ) {
+        tracing::info!(code, domain = %domain, "client transaction failed");
+        match purpose {
+            Purpose::Subscribe { id, .. } => {
+                if let Some(s) = self.subscribers.get_mut(id) {
+                    if s.state == SubscriberState::Unsubscribing {
+                        self.remove_subscriber(*id);
+                        return;
+                    }
+                    s.state = SubscriberState::Retrying;
+                    s.dialog = None;
+                    s.next_at = Some(now + RETRY_AFTER);
+                    self.schedule(TimerKey::Subscriber(*id), now + RETRY_AFTER);
+                }
+            }
+            Purpose::Invite { session } => {
+                if let Some(s) = self.remove_session(*session) {
+                    for b in &s.queue {
+                        self.bounce_message(hub, &s.domain, &s.local, &s.remote, b, code);
+                    }
+                }
+            }
+            Purpose::Message { from, to, body, .. } => {
+                self.bounce_message(hub, domain, from, to, body, code);
+            }
+            Purpose::Notify { .. } | Purpose::Bye => {}
+        }
+    }
+
+    /// The core sent `env` toward SIP `domain`.
+    pub fn handle_delivery(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        env: Envelope,
+        now: Instant,
+    ) {
+        match env.body {
+            Body::Presence(p) => {
+                let pair = (env.to.bare_string(), env.from.bare_string());
+                let ids = self.notifier_pairs.get(&pair).cloned().unwrap_or_default();
+                if ids.is_empty() {
+                    tracing::debug!("presence for a watcher without subscription dropped");
+                }
+                for id in ids {
+                    let mut activated = false;
+                    if let Some(n) = self.notifiers.get_mut(&id) {
+                        n.last = Some(p.clone());
+                        // Presence reaching a pending watcher means the home side lets it see
+                        // the user (an XMPP server only sends presence to approved
+                        // subscribers); offline presence is how polite blocking looks.
+                        activated = n.state == NotifierState::Pending;
+                        n.state = NotifierState::Active;
+                    }
+                    self.dirty |= activated;
+                    self.send_notify(hub, &id, None, now);
+                }
+            }
+            Body::Subscription(Subscription::Subscribed) => {
+                let pair = (env.to.bare_string(), env.from.bare_string());
+                for id in self.notifier_pairs.get(&pair).cloned().unwrap_or_default() {
+                    let changed = match self.notifiers.get_mut(&id) {
+                        Some(n) if n.state == NotifierState::Pending => {
+                            n.state = NotifierState::Active;
+                            true
+                        }
+                        _ => false,
+                    };
+                    if changed {
+                        self.dirty = true;
+                        self.send_notify(hub, &id, None, now);
+                    }
+                }
+            }
+            Body::Subscription(Subscription::Unsubscribed) => {
+                let pair = (env.to.bare_string(), env.from.bare_string());
+                for id in self.notifier_pairs.get(&pair).cloned().unwrap_or_default() {
+                    self.end_notifier(hub, &id, TerminationReason::Rejected, false, now);
+                }
+            }
+            Body::Subscription(Subscription::Subscribe) => {
+                let pair = (env.from.bare_string(), env.to.bare_string());
+                match self.subscriber_pairs.get(&pair).copied() {
+                    Some(id) => {
+                        // Already subscribed: a refresh makes the peer send a fresh NOTIFY.
+                        let retrying = self
+                            .subscribers
+                            .get(&id)
+                            .is_some_and(|s| s.state == SubscriberState::Retrying);
+                        if !retrying {
+                            self.send_subscribe(id, now);
+                        }
+                    }
+                    None => {
+                        // Bound: outbound subscriptions per local user.
+                        let watcher = env.from.bare_string();
+                        let n = self
+                            .subscriber_pairs
+                            .keys()
+                            .filter(|(w, _)| *w == watcher)
+                            .count();
+                        if n >= hub.config().limits.max_subscriptions_per_user {
+                            m::refused("too_many_subscriptions");
+                            if let Some(b) = env.bounce(
+                                ErrorCondition::ResourceConstraint,
+                                "too many presence subscriptions for this user",
+                            ) {
+                                hub.submit(domain, b);
+                            }
+                            return;
+                        }
+                        let id = self.new_subscriber(env.from, env.to, domain.clone());
+                        self.send_subscribe(id, now);
+                    }
+                }
+            }
+            Body::Subscription(Subscription::Unsubscribe) => {
+                let pair = (env.from.bare_string(), env.to.bare_string());
+                if let Some(id) = self.subscriber_pairs.get(&pair).copied() {
+                    let has_dialog = self
+                        .subscribers
+                        .get(&id)
+                        .is_some_and(|s| s.dialog.is_some());
+                    if has_dialog {
+                        if let Some(s) = self.subscribers.get_mut(&id) {
+                            s.state = SubscriberState::Unsubscribing;
+                        }
+                        self.send_subscribe(id, now);
+                    } else {
+                        self.remove_subscriber(id);
+                    }
+                }
+            }
+            Body::Subscription(Subscription::Probe) => {
+                let pair = (env.from.bare_string(), env.to.bare_string());
+                let last = self
+                    .subscriber_pairs
+                    .get(&pair)
+                    .and_then(|id| self.subscribers.get(id))
+                    .and_then(|s| s.last.clone());
+                if let Some(p) = last {
+                    hub.submit(
+                        domain,
+                        Envelope {
+                            from: env.to,
+                            to: env.from,
+                            body: Body::Presence(p),
+                        },
+                    );
+                }
+            }
+            Body::Message(body) => {
+                let pair = (env.from.bare_string(), env.to.bare_string());
+                match self.session_pairs.get(&pair).copied() {
+                    Some(sid) => self.send_session_message(sid, body, now),
+                    None => self.open_session(env.from, env.to, domain.clone(), body, now),
+                }
+            }
+            Body::Error { condition, .. } => {
+                tracing::debug!(
+                    condition = condition.label(),
+                    "error for a SIP peer dropped (requests are answered synchronously)"
+                );
+            }
+            Body::Xmpp(_) => {}
+        }
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, hub: &dyn HubPort, now: Instant) {
+        let due_server: Vec<TxnKey> = self
+            .server
+            .iter()
+            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due_server {
+            if let Some(e) = self.server.get_mut(&k) {
+                e.txn.handle(Event::Timer, now);
+            }
+            self.drain_server(&k);
+        }
+        let due_client: Vec<TxnKey> = self
+            .client
+            .iter()
+            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due_client {
+            if let Some(e) = self.client.get_mut(&k) {
+                e.txn.handle(Event::Timer, now);
+            }
+            self.drain_client(hub, &k, None, now);
+        }
+        while let Some(Reverse((at, _))) = self.heap.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.heap.pop() else {
+                break;
+            };
+            match key {
+                TimerKey::Notifier(id) => {
+                    let expired = self.notifiers.get(&id).is_some_and(|n| n.expires_at <= now);
+                    if expired {
+                        self.end_notifier(hub, &id, TerminationReason::Timeout, true, now);
+                    }
+                }
+                TimerKey::Subscriber(id) => {
+                    let due = self
+                        .subscribers
+                        .get(&id)
+                        .is_some_and(|s| s.next_at.is_some_and(|t| t <= now));
+                    if due {
+                        if let Some(s) = self.subscribers.get_mut(&id) {
+                            s.next_at = None;
+                            if s.state == SubscriberState::Retrying {
+                                s.state = SubscriberState::Subscribing;
+                            }
+                        }
+                        self.send_subscribe(id, now);
+                    }
+                }
+                TimerKey::Session(sid) => {
+                    let idle_until = self
+                        .sessions
+                        .get(&sid)
+                        .map(|s| s.last_activity + self.im_idle);
+                    match idle_until {
+                        Some(t) if t <= now => self.close_session(sid, now),
+                        Some(t) => self.schedule(TimerKey::Session(sid), t),
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connection toward `domain` could not be opened: fail what waits on it.
+    pub fn handle_transport_error(&mut self, hub: &dyn HubPort, domain: &Domain, now: Instant) {
+        let keys: Vec<TxnKey> = self
+            .client
+            .iter()
+            .filter(|(_, e)| {
+                e.domain == *domain && matches!(e.txn.state_name(), "Calling" | "Trying")
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(e) = self.client.get_mut(&k) {
+                e.txn.handle(Event::TransportError, now);
+            }
+            self.drain_client(hub, &k, None, now);
+        }
+    }
+}
+
+/// Option tags we accept in `Require` (RFC 3261 §20.32).
+const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
+
+/// Methods we answer (RFC 3261 §20.5).
+pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
+
+fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+#[cfg(test)]
+mod tests;

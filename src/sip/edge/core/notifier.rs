@@ -1,0 +1,351 @@
+//! The notifier role (RFC 6665 §4.2, RFC 3856): a foreign watcher subscribes to a local
+//! user. SUBSCRIBE handling (new, refresh, `Expires: 0`), the NOTIFYs and the end of a
+//! subscription. What the home side decides arrives through `handle_delivery`.
+
+use super::*;
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_subscribe(
+        &mut self,
+        hub: &dyn HubPort,
+        cfg: &Config,
+        peer: &PeerInfo,
+        key: &TxnKey,
+        req: &SipMessage,
+        domain: &Domain,
+        now: Instant,
+    ) {
+        let is_presence =
+            matches!(req.event(), Ok(Some(e)) if e.value.eq_ignore_ascii_case("presence"));
+        if !is_presence {
+            m::refused("bad_event");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                489,
+                "Bad Event",
+                Some(&tag),
+                &[("Allow-Events", "presence")],
+                None,
+                now,
+            );
+        }
+        let decision = clamp_expires(req.expires().ok().flatten());
+        let min = subscription::MIN_EXPIRES.to_string();
+        if decision == ExpiresDecision::TooBrief {
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                423,
+                "Interval Too Brief",
+                Some(&tag),
+                &[("Min-Expires", &min)],
+                None,
+                now,
+            );
+        }
+        if req.to().ok().and_then(|t| t.tag()).is_some() {
+            return self.on_resubscribe(hub, peer, key, req, decision, now);
+        }
+        let (Some(watcher), Some(presentity)) = (
+            req.from().ok().and_then(|f| address_of_uri(&f.uri)),
+            req.request_uri()
+                .and_then(Result::ok)
+                .and_then(|u| address_of_uri(&u)),
+        ) else {
+            return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
+        };
+        let format = cfg
+            .sip_federated(domain)
+            .map_or(crate::config::PresenceFormat::Auto, |f| f.presence_format);
+        let accept = req.accept().unwrap_or_default();
+        let Some(kind) = negotiate(format, &accept) else {
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                406,
+                "Not Acceptable",
+                Some(&tag),
+                &[(
+                    "Accept",
+                    "application/pidf+xml, application/msrtc-event-categories+xml",
+                )],
+                None,
+                now,
+            );
+        };
+        let pair = (watcher.bare_string(), presentity.bare_string());
+        // Bound: foreign watchers per local user (limits.max_subscriptions_per_user). Counted
+        // on demand: only a new SUBSCRIBE pays for it.
+        let watchers = self
+            .notifier_pairs
+            .iter()
+            .filter(|((_, p), ids)| *p == pair.1 && !ids.is_empty())
+            .count();
+        if !self.notifier_pairs.contains_key(&pair)
+            && watchers >= cfg.limits.max_subscriptions_per_user
+        {
+            m::refused("too_many_subscriptions");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Too Many Watchers)",
+                Some(&tag),
+                &[("Retry-After", "3600")],
+                None,
+                now,
+            );
+        }
+        let grant = match decision {
+            ExpiresDecision::Grant(g) => g,
+            _ => 0,
+        };
+        // A fetch (Expires 0, RFC 6665 §4.4.3) asks the home side for presence, not consent.
+        let ask = if grant == 0 {
+            Subscription::Probe
+        } else {
+            Subscription::Subscribe
+        };
+        let submitted = hub.submit(
+            domain,
+            Envelope {
+                from: watcher.clone(),
+                to: presentity.clone(),
+                body: Body::Subscription(ask),
+            },
+        );
+        if let Some((code, reason)) = status_for_submit(&submitted) {
+            let tag = random_token(10);
+            return self.reply(key, req, code, reason, Some(&tag), &[], None, now);
+        }
+        let tag = random_token(12);
+        let dialog = match Dialog::uas(req, &tag) {
+            Ok(d) => d,
+            Err(_) => return self.reply(key, req, 400, "Bad Dialog Headers", None, &[], None, now),
+        };
+        // Another dialog of the same pair already approved (Lync re-subscribing after our
+        // 481, or from a second endpoint): the consent is the user's, not the dialog's.
+        let sibling = self
+            .notifier_pairs
+            .get(&pair)
+            .and_then(|ids| {
+                ids.iter()
+                    .filter_map(|i| self.notifiers.get(i))
+                    .find(|n| n.state == NotifierState::Active)
+            })
+            .map(|n| n.last.clone());
+        let (state, last) = match sibling {
+            Some(last) => (NotifierState::Active, last),
+            None => (NotifierState::Pending, None),
+        };
+        let id = dialog.id.clone();
+        let expires_s = grant.to_string();
+        let contact = format!("<{}>", self.contact_for(&presentity));
+        self.reply(
+            key,
+            req,
+            200,
+            "OK",
+            Some(&tag),
+            &[("Expires", &expires_s), ("Contact", &contact)],
+            None,
+            now,
+        );
+        let n = Notifier {
+            dialog,
+            watcher,
+            presentity,
+            domain: domain.clone(),
+            state,
+            format: kind,
+            expires_at: now + Duration::from_secs(u64::from(grant)),
+            last,
+            conn: Some(peer.conn),
+        };
+        self.notifiers.insert(id.clone(), n);
+        if grant == 0 {
+            self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
+            return;
+        }
+        self.notifier_pairs
+            .entry(pair)
+            .or_default()
+            .push(id.clone());
+        self.schedule(
+            TimerKey::Notifier(id.clone()),
+            now + Duration::from_secs(u64::from(grant)),
+        );
+        self.dirty = true;
+        self.send_notify(hub, &id, None, now);
+    }
+
+    pub(super) fn on_resubscribe(
+        &mut self,
+        hub: &dyn HubPort,
+        peer: &PeerInfo,
+        key: &TxnKey,
+        req: &SipMessage,
+        decision: ExpiresDecision,
+        now: Instant,
+    ) {
+        let id = match DialogId::of_incoming_request(req) {
+            Ok(id) if self.notifiers.contains_key(&id) => id,
+            _ => {
+                m::refused("unknown_dialog");
+                return self.reply(
+                    key,
+                    req,
+                    481,
+                    "Subscription Does Not Exist",
+                    None,
+                    &[],
+                    None,
+                    now,
+                );
+            }
+        };
+        let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
+        let contact = match self.notifiers.get(&id) {
+            Some(n) => format!("<{}>", self.contact_for(&n.presentity)),
+            None => return,
+        };
+        let Some(n) = self.notifiers.get_mut(&id) else {
+            return;
+        };
+        if !n.dialog.accept_remote_cseq(seq) {
+            return self.reply(key, req, 500, "CSeq Out Of Order", None, &[], None, now);
+        }
+        n.dialog.refresh_target(req);
+        n.conn = Some(peer.conn);
+        match decision {
+            ExpiresDecision::Grant(g) => {
+                n.expires_at = now + Duration::from_secs(u64::from(g));
+                let gs = g.to_string();
+                self.reply(
+                    key,
+                    req,
+                    200,
+                    "OK",
+                    None,
+                    &[("Expires", &gs), ("Contact", &contact)],
+                    None,
+                    now,
+                );
+                self.schedule(
+                    TimerKey::Notifier(id.clone()),
+                    now + Duration::from_secs(u64::from(g)),
+                );
+                self.dirty = true;
+                // RFC 6665 §4.2.1.2: a refresh is answered with a NOTIFY of the current state.
+                self.send_notify(hub, &id, None, now);
+            }
+            _ => {
+                self.reply(
+                    key,
+                    req,
+                    200,
+                    "OK",
+                    None,
+                    &[("Expires", "0"), ("Contact", &contact)],
+                    None,
+                    now,
+                );
+                self.end_notifier(hub, &id, TerminationReason::Unsubscribed, true, now);
+            }
+        }
+    }
+
+    /// Sends a terminated NOTIFY, forgets the subscription and, when the peer or time ended
+    /// it, tells the home side.
+    pub(super) fn end_notifier(
+        &mut self,
+        hub: &dyn HubPort,
+        id: &DialogId,
+        reason: TerminationReason,
+        tell_home: bool,
+        now: Instant,
+    ) {
+        self.send_notify(hub, id, Some(reason), now);
+        if let Some(n) = self.notifiers.remove(id) {
+            let pair = (n.watcher.bare_string(), n.presentity.bare_string());
+            if let Some(v) = self.notifier_pairs.get_mut(&pair) {
+                v.retain(|d| d != id);
+                if v.is_empty() {
+                    self.notifier_pairs.remove(&pair);
+                }
+            }
+            let others = self.notifier_pairs.contains_key(&pair);
+            if tell_home && !others {
+                hub.submit(
+                    &n.domain,
+                    Envelope {
+                        from: n.watcher,
+                        to: n.presentity,
+                        body: Body::Subscription(Subscription::Unsubscribe),
+                    },
+                );
+            }
+            self.dirty = true;
+        }
+    }
+
+    pub(super) fn send_notify(
+        &mut self,
+        hub: &dyn HubPort,
+        id: &DialogId,
+        terminated: Option<TerminationReason>,
+        now: Instant,
+    ) {
+        let via = self.via();
+        let maps = hub.maps();
+        let cfg = hub.config();
+        let Some(n) = self.notifiers.get(id) else {
+            return;
+        };
+        let contact = self.contact_for(&n.presentity);
+        let state = match terminated {
+            Some(r) => format!("terminated;reason={}", r.token()),
+            None => n.state_header(now),
+        };
+        let system = cfg
+            .sip_federated(&n.domain)
+            .map_or("lync", |f| f.system.as_str());
+        let body = match (terminated, n.state) {
+            (None, NotifierState::Active) => subscription::encode_body(
+                &maps,
+                system,
+                n.last.as_ref(),
+                n.format,
+                &format!("sip:{}", n.presentity.bare_string()),
+            ),
+            _ => None,
+        };
+        let ct = n.format.content_type();
+        let (conn, domain) = (n.conn, n.domain.clone());
+        let Some(n) = self.notifiers.get_mut(id) else {
+            return;
+        };
+        let req = n.dialog.request(&InDialog {
+            method: "NOTIFY",
+            via: &via,
+            contact: Some(&contact),
+            extra: &[("Event", "presence"), ("Subscription-State", &state)],
+            body: body.as_deref().map(|b| (ct, b)),
+            cseq_override: None,
+        });
+        // A NOTIFY alone does not mark the state dirty: restored dialogs add
+        // RESTORE_CSEQ_MARGIN to the CSeq instead of persisting every increment.
+        match req {
+            Ok(r) => {
+                self.send_request(r, conn, domain, Purpose::Notify { dialog: id.clone() }, now)
+            }
+            Err(e) => tracing::error!(error = %e, "cannot build NOTIFY"),
+        }
+    }
+}

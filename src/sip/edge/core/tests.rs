@@ -1,0 +1,508 @@
+//! Machine tests of the core on a simulated clock: time is only ever an argument.
+
+use super::*;
+use crate::config::{self, BUILTIN_SYSTEMS};
+use crate::gateway::Link;
+use crate::presence::map;
+use crate::sip::parse::{parse_datagram, parse_exact};
+use std::cell::RefCell;
+use std::path::Path;
+
+const CONFIG: &str = r#"routing_node = "hn1"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#;
+
+struct FakeHub {
+    cfg: Arc<Config>,
+    maps: Arc<MappingSet>,
+    got: RefCell<Vec<Envelope>>,
+}
+
+impl HubPort for FakeHub {
+    fn submit(&self, _domain: &Domain, env: Envelope) -> Submitted {
+        self.got.borrow_mut().push(env);
+        Submitted::Delivered(Link::Component {
+            home_node: "hn1".into(),
+        })
+    }
+    fn config(&self) -> Arc<Config> {
+        self.cfg.clone()
+    }
+    fn maps(&self) -> Arc<MappingSet> {
+        self.maps.clone()
+    }
+}
+
+fn hub() -> FakeHub {
+    FakeHub {
+        cfg: Arc::new(
+            config::from_toml(CONFIG, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("config"),
+        ),
+        maps: Arc::new(map::embedded().expect("maps")),
+        got: RefCell::new(Vec::new()),
+    }
+}
+
+fn core() -> Core {
+    Core::new(
+        LocalIdentity {
+            sent_by: "example.com:5061".into(),
+            transport: "TLS",
+        },
+        Duration::from_secs(600),
+    )
+}
+
+fn peer() -> PeerInfo {
+    PeerInfo {
+        conn: 1,
+        remote: "192.0.2.1:5061".parse().expect("addr"),
+        tls: true,
+        verified: vec![Domain::parse("partner.com").expect("domain")],
+        outbound_to: None,
+    }
+}
+
+fn dom() -> Domain {
+    Domain::parse("partner.com").expect("domain")
+}
+
+/// Drains the actions into the messages sent.
+fn sent(c: &mut Core) -> Vec<SipMessage> {
+    let mut out = Vec::new();
+    while let Some(a) = c.poll_action() {
+        if let Action::Send { bytes, .. } = a {
+            out.push(parse_exact(bytes).expect("we send valid SIP"));
+        }
+    }
+    out
+}
+
+fn msg(text: &str) -> SipMessage {
+    parse_datagram(text.replace('\n', "\r\n").as_bytes()).expect("test message parses")
+}
+
+fn subscribe_text(expires: u32) -> String {
+    format!(
+        "SUBSCRIBE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKs1\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: c1\n\
+CSeq: 1 SUBSCRIBE\n\
+Contact: <sip:bob@10.0.0.1:5061;transport=tls>\n\
+Event: presence\n\
+Expires: {expires}\n\
+Content-Length: 0\n\n"
+    )
+}
+
+fn env(from: &str, to: &str, body: Body) -> Envelope {
+    Envelope {
+        from: Address::parse(from).expect("addr"),
+        to: Address::parse(to).expect("addr"),
+        body,
+    }
+}
+
+#[test]
+fn notifier_expires_with_timeout_notify() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(60)), t0);
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].status(), Some(200));
+    assert_eq!(out[1].method(), Some("NOTIFY"));
+    assert_eq!(h.got.borrow().len(), 1);
+    assert!(c
+        .poll_timeout()
+        .is_some_and(|t| t <= t0 + Duration::from_secs(60)));
+    c.handle_timeout(&h, t0 + Duration::from_secs(59));
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(&h, t0 + Duration::from_secs(61));
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].header_value_by_raw_name("Subscription-State"),
+        Some("terminated;reason=timeout")
+    );
+    assert_eq!(
+        h.got.borrow().last().map(|e| e.body.clone()),
+        Some(Body::Subscription(Subscription::Unsubscribe))
+    );
+    assert_eq!(c.counts().0, 0);
+}
+
+#[test]
+fn notify_is_answered_481_for_unknown_and_refresh_cseq_must_grow() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let tag = out[0]
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .unwrap_or("")
+        .to_owned();
+    // Same CSeq again inside the dialog: out of order (§12.2.2).
+    let refresh = subscribe_text(3600)
+        .replace(
+            "To: <sip:alice@example.com>",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+        )
+        .replace("z9hG4bKs1", "z9hG4bKs2");
+    c.handle_message(&h, &peer(), msg(&refresh), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(500));
+    let refresh = refresh
+        .replace("CSeq: 1 SUBSCRIBE", "CSeq: 2 SUBSCRIBE")
+        .replace("z9hG4bKs2", "z9hG4bKs3");
+    c.handle_message(&h, &peer(), msg(&refresh), t0);
+    let out = sent(&mut c);
+    assert_eq!(out[0].status(), Some(200));
+    assert_eq!(out[1].method(), Some("NOTIFY"));
+}
+
+#[test]
+fn subscriber_refreshes_before_expiry_and_honours_423() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribe),
+        ),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1);
+    let sub = &out[0];
+    assert_eq!(sub.expires(), Ok(Some(3600)));
+    // 423: retry with Min-Expires.
+    let mut r = sub
+        .build_response(423, "Interval Too Brief", Some("bt"))
+        .expect("resp");
+    r.push_header("Min-Expires", "7200").expect("hdr");
+    c.handle_message(&h, &peer(), r, t0);
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].expires(), Ok(Some(7200)));
+    // 200 with a shorter grant: refresh at 9/10 of it.
+    let mut ok = out[0].build_response(200, "OK", Some("bt")).expect("resp");
+    ok.push_header("Expires", "600").expect("hdr");
+    ok.push_header("Contact", "<sip:bob@10.0.0.1>")
+        .expect("hdr");
+    c.handle_message(&h, &peer(), ok, t0);
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(&h, t0 + Duration::from_secs(539));
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(&h, t0 + Duration::from_secs(540));
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].request_uri_str(), Some("sip:bob@10.0.0.1"));
+    assert_eq!(out[0].to().ok().and_then(|t| t.tag()), Some("bt"));
+    // Nothing was told to the home side yet (no NOTIFY active).
+    assert!(h.got.borrow().is_empty());
+}
+
+#[test]
+fn subscriber_follows_rfc8048_on_notify_states_and_403() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let sub_env = env(
+        "alice@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Subscribe),
+    );
+    c.handle_delivery(&h, &dom(), sub_env.clone(), t0);
+    let sub = sent(&mut c).remove(0);
+    let call = sub.call_id().expect("call-id").to_owned();
+    let tag = sub
+        .from()
+        .ok()
+        .and_then(|f| f.tag())
+        .unwrap_or("")
+        .to_owned();
+    let notify = |cseq: u32, state: &str| {
+        msg(&format!(
+            "NOTIFY sip:alice@example.com:5061 SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKn{cseq}\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=bt\n\
+To: <sip:alice@example.com>;tag={tag}\n\
+Call-ID: {call}\n\
+CSeq: {cseq} NOTIFY\n\
+Event: presence\n\
+Subscription-State: {state}\n\
+Content-Length: 0\n\n"
+        ))
+    };
+    // NOTIFY before the 200 creates the dialog (RFC 6665 §4.1.2.4); pending says nothing.
+    c.handle_message(&h, &peer(), notify(1, "pending"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(200));
+    assert!(h.got.borrow().is_empty());
+    c.handle_message(&h, &peer(), notify(2, "active;expires=3600"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(200));
+    assert_eq!(
+        h.got.borrow().last().map(|e| e.body.clone()),
+        Some(Body::Subscription(Subscription::Subscribed))
+    );
+    c.handle_message(&h, &peer(), notify(3, "terminated;reason=rejected"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(200));
+    assert_eq!(
+        h.got.borrow().last().map(|e| e.body.clone()),
+        Some(Body::Subscription(Subscription::Unsubscribed))
+    );
+    assert_eq!(c.counts().1, 0);
+    // A NOTIFY for a dialog we do not know: 481.
+    c.handle_message(&h, &peer(), notify(4, "active"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(481));
+    // 403 to a new SUBSCRIBE: refused (RFC 8048 §5.2.2).
+    c.handle_delivery(&h, &dom(), sub_env, t0);
+    let sub = sent(&mut c).remove(0);
+    let r = sub
+        .build_response(403, "Forbidden", Some("x"))
+        .expect("resp");
+    c.handle_message(&h, &peer(), r, t0);
+    assert_eq!(
+        h.got.borrow().last().map(|e| e.body.clone()),
+        Some(Body::Subscription(Subscription::Unsubscribed))
+    );
+}
+
+#[test]
+fn idle_session_gets_bye() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+    let inv = format!(
+        "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKi1\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: im1\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:bob@10.0.0.1;transport=tls>\n\
+Content-Type: application/sdp\n\
+Content-Length: {}\n\n",
+        sdp.len()
+    );
+    let mut raw = inv.replace('\n', "\r\n").into_bytes();
+    raw.extend_from_slice(sdp.as_bytes());
+    c.handle_message(&h, &peer(), parse_datagram(&raw).expect("parses"), t0);
+    let out = sent(&mut c);
+    assert_eq!(
+        out.iter()
+            .filter_map(SipMessage::status)
+            .collect::<Vec<_>>(),
+        [100, 200]
+    );
+    assert_eq!(c.counts().2, 1);
+    c.handle_timeout(&h, t0 + Duration::from_secs(599));
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(&h, t0 + Duration::from_secs(601));
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].method(), Some("BYE"));
+    assert_eq!(
+        out[0].request_uri_str(),
+        Some("sip:bob@10.0.0.1;transport=tls")
+    );
+    assert_eq!(c.counts().2, 0);
+}
+
+#[test]
+fn invite_timeout_timer_b_bounces_queued_messages() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Message(MessageBody {
+                id: Some("m1".into()),
+                text: "hello".into(),
+                thread: None,
+            }),
+        ),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out[0].method(), Some("INVITE"));
+    // Timer B = 64·T1 = 32 s.
+    c.handle_timeout(&h, t0 + Duration::from_secs(31));
+    assert!(h.got.borrow().is_empty());
+    c.handle_timeout(&h, t0 + Duration::from_secs(33));
+    let got = h.got.borrow();
+    let Some(Body::Error { id, condition, .. }) = got.last().map(|e| e.body.clone()) else {
+        panic!("expected an error back: {got:?}");
+    };
+    assert_eq!(id.as_deref(), Some("m1"));
+    assert_eq!(condition, ErrorCondition::RemoteServerTimeout);
+    assert_eq!(
+        got.last().map(|e| e.to.bare_string()),
+        Some("alice@example.com".into())
+    );
+}
+
+#[test]
+fn message_timeout_timer_f_on_pager_like_session_message() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    // Build an established inbound session, then send into it and let Timer F fire.
+    let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+    let inv = format!(
+        "INVITE sip:alice@example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKi2\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:alice@example.com>\nCall-ID: im2\nCSeq: 1 INVITE\nContact: <sip:bob@10.0.0.1>\nContent-Type: application/sdp\nContent-Length: {}\n\n",
+        sdp.len()
+    );
+    let mut raw = inv.replace('\n', "\r\n").into_bytes();
+    raw.extend_from_slice(sdp.as_bytes());
+    c.handle_message(&h, &peer(), parse_datagram(&raw).expect("parses"), t0);
+    sent(&mut c);
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Message(MessageBody {
+                id: Some("m2".into()),
+                text: "in session".into(),
+                thread: None,
+            }),
+        ),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out[0].method(), Some("MESSAGE"));
+    assert_eq!(out[0].call_id().ok(), Some("im2"));
+    c.handle_timeout(&h, t0 + Duration::from_secs(33));
+    let got = h.got.borrow();
+    assert!(matches!(
+        got.last().map(|e| &e.body),
+        Some(Body::Error {
+            condition: ErrorCondition::RemoteServerTimeout,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn cancel_after_the_answer_and_options_to_the_domain() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+    let inv = format!(
+        "INVITE sip:alice@example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKc1\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:alice@example.com>\nCall-ID: cc1\nCSeq: 1 INVITE\nContent-Type: application/sdp\nContent-Length: {}\n\n",
+        sdp.len()
+    );
+    let mut raw = inv.replace('\n', "\r\n").into_bytes();
+    raw.extend_from_slice(sdp.as_bytes());
+    c.handle_message(&h, &peer(), parse_datagram(&raw).expect("parses"), t0);
+    sent(&mut c);
+    let cancel = |branch: &str| {
+        msg(&format!(
+            "CANCEL sip:alice@example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch={branch}\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:alice@example.com>\nCall-ID: cc1\nCSeq: 1 CANCEL\nContent-Length: 0\n\n"
+        ))
+    };
+    c.handle_message(&h, &peer(), cancel("z9hG4bKc1"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(200));
+    c.handle_message(&h, &peer(), cancel("z9hG4bKzz"), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(481));
+    let opt = msg("OPTIONS sip:example.com SIP/2.0\nVia: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKo1\nMax-Forwards: 70\nFrom: <sip:bob@partner.com>;tag=b\nTo: <sip:example.com>\nCall-ID: o1\nCSeq: 1 OPTIONS\nContent-Length: 0\n\n");
+    c.handle_message(&h, &peer(), opt, t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(200));
+}
+
+#[test]
+fn loops_and_hops_are_refused() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let ours = c.via();
+    let text = subscribe_text(3600).replace(
+        "Max-Forwards: 70\n",
+        &format!("Via: {ours}\nMax-Forwards: 70\n"),
+    );
+    c.handle_message(&h, &peer(), msg(&text), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(482));
+    let text = subscribe_text(3600)
+        .replace("Max-Forwards: 70", "Max-Forwards: 0")
+        .replace("z9hG4bKs1", "z9hG4bKs9");
+    c.handle_message(&h, &peer(), msg(&text), t0);
+    assert_eq!(sent(&mut c)[0].status(), Some(483));
+    assert!(h.got.borrow().is_empty());
+}
+
+#[test]
+fn persisted_notifiers_restore_with_higher_cseq() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let wall = SystemTime::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let cseq = out[1].cseq().map(|x| x.seq).unwrap_or(0);
+    assert!(c.take_dirty());
+    let snap = c.snapshot(t0, wall);
+    let json = serde_json::to_string(&snap).expect("json");
+    let mut streamed = Vec::new();
+    c.write_snapshot(t0, wall, &mut streamed).expect("write");
+    assert_eq!(
+        json.as_bytes(),
+        &streamed[..],
+        "both forms write the same file"
+    );
+    let back: PersistedState = serde_json::from_str(&json).expect("back");
+    let mut c2 = core();
+    assert_eq!(c2.restore(&h, back, t0, wall), 1);
+    // A pending subscription is re-announced to the home side.
+    assert_eq!(
+        h.got.borrow().last().map(|e| e.body.clone()),
+        Some(Body::Subscription(Subscription::Subscribe))
+    );
+    c2.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribed),
+        ),
+        t0,
+    );
+    let out = sent(&mut c2);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].cseq().map(|x| x.seq).unwrap_or(0) > cseq);
+    // Expired entries are not restored.
+    let snap = c.snapshot(t0, wall);
+    assert_eq!(
+        core().restore(&h, snap, t0, wall + Duration::from_secs(7200)),
+        0
+    );
+}
