@@ -7,6 +7,11 @@
 //! configuration and mapping set), which is synchronous and never blocks (the hub uses
 //! `try_send`), so a SIP request can be answered from the submit outcome. It must not touch
 //! sockets, spawn tasks or read the clock: the driver in `edge::mod` does that.
+//!
+//! Layout: this file holds the tables, the request pipeline (transactions, screening and
+//! federation policy, method dispatch), client-transaction outcomes, deliveries and timers;
+//! `notifier`, `subscriber` and `im` hold the three sub-machines, `persist` the state file
+//! form, `tests` the simulated-clock tests.
 
 mod im;
 mod notifier;
