@@ -15,6 +15,10 @@
 //! peer of a domain without a static route is trusted on its From header alone — that is why
 //! `listeners.sip_tcp` is off by default and meant only for trusted links.
 //!
+//! With neither `listeners.sip_tls` (with a certificate) nor `listeners.sip_tcp` on, the edge
+//! does not start and registers no outbox: SIP federation is off and the hub bounces
+//! SIP-bound traffic at once.
+//!
 //! **State file.** `<data_dir>/sip-subscriptions.json`, written atomically (temp file + rename)
 //! at most once a second when something changed, and at shutdown. Only the notifier side is
 //! kept: a foreign watcher's dialog must still match its refresh after our restart; our own
@@ -107,6 +111,17 @@ impl SipEdge {
                 Err(e) => return Err(e.into()),
             },
         };
+        if tls_server.is_none() && cfg.listeners.sip_tcp.is_none() {
+            // No SIP listener: SIP federation is off on this node. No outbox is registered,
+            // so the hub answers SIP-bound traffic at once with "service unavailable" instead
+            // of this node trying peers that could never answer it.
+            tracing::info!("no SIP listener: the SIP edge is not started");
+            return Ok(SipEdge {
+                tcp: None,
+                tls: None,
+                tasks: Vec::new(),
+            });
+        }
         let mut tcp = None;
         if let Some(addr) = cfg.listeners.sip_tcp {
             let l = TcpListener::bind(addr)
