@@ -147,6 +147,8 @@ impl Core {
         let id = dialog.id.clone();
         let expires_s = grant.to_string();
         let contact = format!("<{}>", self.contact_for(&presentity));
+        // 200, not 202: RFC 6665 §8.3.1 deprecates 202 for SUBSCRIBE (the pending state is told
+        // by the NOTIFY that follows), and Lync edges answer 200 themselves.
         self.reply(
             key,
             req,
