@@ -312,6 +312,16 @@ pub fn route(
             Err(d) => return Err(refuse(d, env)),
         }
     }
+    if matches!(link, Link::Sip { .. }) {
+        // SIP carries text only: a relayed XMPP message becomes its text; anything else stops.
+        if let Body::Xmpp(raw) = &env.body {
+            match (raw.name, crate::xmpp::convert::message_text(raw)) {
+                ("message", Some(m)) => env.body = Body::Message(m),
+                ("message", None) => return Err(refuse(Denied::NothingToDeliver, env)),
+                (name, _) => return Err(refuse(Denied::NotForSip(name), env)),
+            }
+        }
+    }
     Ok(Route {
         link,
         envelope: env,
@@ -476,6 +486,74 @@ default_system = "jabber8"
                 domain: dom("webex.test")
             }
         );
+    }
+
+    #[test]
+    fn relayed_xmpp_messages_reach_sip_as_text_and_other_stanzas_stop() {
+        let (cfg, maps, dir) = setup();
+        let comp = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        let raw = |name: &'static str, xml: &'static str| {
+            Body::Xmpp(crate::gateway::envelope::XmppRaw {
+                name,
+                bytes: bytes::Bytes::from_static(xml.as_bytes()),
+            })
+        };
+        let chat = raw("message", "<message type='chat' to='bob@partner.com' from='a@example.com/pc' id='m1'><body>hi &lt;3</body></message>");
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &comp,
+            env("a@example.com/pc", "bob@partner.com", chat),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.envelope.body,
+            Body::Message(MessageBody {
+                id: Some("m1".into()),
+                text: "hi <3".into(),
+                thread: None
+            })
+        );
+        let typing = raw("message", "<message to='bob@partner.com' from='a@example.com/pc'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>");
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &comp,
+            env("a@example.com/pc", "bob@partner.com", typing),
+        )
+        .expect_err("nothing to send")
+        .denied;
+        assert_eq!(d, Denied::NothingToDeliver);
+        assert!(!d.answered());
+        let iq = raw("iq", "<iq type='get' id='v1' to='bob@partner.com' from='a@example.com/pc'><query xmlns='jabber:iq:version'/></iq>");
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &comp,
+            env("a@example.com/pc", "bob@partner.com", iq),
+        )
+        .expect_err("no iq over SIP")
+        .denied;
+        assert_eq!(d.label(), "not_for_sip");
+        // Toward XMPP federation the stanza stays as it was.
+        let chat = raw(
+            "message",
+            "<message to='x@webex.test' from='a@example.com'><body>hi</body></message>",
+        );
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &comp,
+            env("a@example.com", "x@webex.test", chat.clone()),
+        )
+        .expect("routed");
+        assert_eq!(r.envelope.body, chat);
     }
 
     #[test]

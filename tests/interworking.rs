@@ -1,0 +1,460 @@
+//! The mission path end to end, every hop real: a Lync-like foreign edge (the Rust test UA,
+//! mutual TLS with a `partner.test` certificate) ⇄ the real `legate` binary ⇄ the XEP-0114
+//! component link ⇄ a real Prosody 0.12 home node for `example.test`, where alice is logged in
+//! with an XMPP client.
+//!
+//! Proven here: a Lync watcher subscribes to alice, alice approves in her client, the watcher
+//! gets NOTIFYs whose msrtc bodies are alice's XMPP presence translated through the default
+//! tables; an IM session opened by the Lync side (first message in `ms-text-format`) reaches
+//! alice, and her reply comes back as a MESSAGE inside the same SIP dialog; alice subscribes to
+//! the Lync user and sees his msrtc availability as XMPP presence; a domain not federated gets
+//! 403 and alice receives nothing.
+//!
+//! Needs `/usr/bin/prosody` (`apt-get install prosody`).
+
+mod common;
+mod sip_ua;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use common::certs::{CertFactory, Leaf};
+use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
+use common::xmpp_client::{ClientConfig, XmppClient};
+use rustls::pki_types::ServerName;
+use sip_ua::{body_str, hv, to_tag, Ua};
+use tokio::net::{TcpListener, TcpStream};
+
+const SECRET: &str = "interworking-component-secret-42";
+const WAIT: Duration = Duration::from_secs(10);
+const HOME_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 21);
+
+struct Gateway {
+    _child: GuardedChild,
+    sip: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Legate's log, followed by its metrics: what a failing assertion needs to explain itself.
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let metrics = log
+            .lines()
+            .find_map(|l| l.strip_prefix("legate: listening admin "))
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            .and_then(|a| {
+                use std::io::{Read, Write};
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(
+                    out.lines()
+                        .filter(|l| l.starts_with("legate_"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })
+            .unwrap_or_default();
+        format!("{log}\n--- metrics ---\n{metrics}")
+    }
+}
+
+/// Starts `legate run` with mutual TLS on an ephemeral port, federating with `partner.test`
+/// (outbound SIP goes to `route`) and linked to the home node `prosody`.
+async fn start_legate(
+    certs: &CertFactory,
+    ours: &Leaf,
+    route: SocketAddr,
+    prosody: &Prosody,
+) -> Result<Gateway> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("legate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[node]
+id = "iw1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "{route}"
+presence_format = "msrtc"
+[[home_node]]
+name = "hn1"
+addresses = ["{component}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+"#,
+            data = dir.path().display(),
+            cert = ours.cert.display(),
+            key = ours.key.display(),
+            ca = certs.ca_path().display(),
+            component = prosody.component_addr(),
+        ),
+    )?;
+    let log = dir.path().join("legate.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
+    cmd.arg("run").arg("--config").arg(&cfg).env(
+        "LEGATE_LOG",
+        std::env::var("LEGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut child = GuardedChild::spawn(&cmd, &log)?;
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t0 = tokio::time::Instant::now();
+    let sip = loop {
+        let text = read();
+        let sip = text
+            .lines()
+            .find_map(|l| l.strip_prefix("legate: listening sip_tls "))
+            .and_then(|a| a.trim().parse().ok());
+        // The component link must be up before the Lync side talks, or the first stanzas bounce.
+        if let (Some(a), true) = (sip, text.contains("component partner.test connected")) {
+            break a;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!("legate exited ({st}):\n{}", read());
+        }
+        if t0.elapsed() > WAIT {
+            bail!("legate did not come up:\n{}", read());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    Ok(Gateway {
+        _child: child,
+        sip,
+        log,
+        _dir: dir,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The foreign edge's TLS connection to Legate, presenting `leaf`.
+async fn lync_edge(certs: &CertFactory, leaf: &Leaf, addr: SocketAddr) -> Result<Ua> {
+    let roots = legate::tls::load_trust_bundle(certs.ca_path())?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            legate::tls::load_certs(&leaf.cert)?,
+            legate::tls::load_private_key(&leaf.key)?,
+        )?;
+    let tcp = TcpStream::connect(addr).await?;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("example.test")?, tcp),
+    )
+    .await??;
+    Ok(Ua::from_stream(s))
+}
+
+fn msrtc(availability: u32, activity: Option<&str>) -> String {
+    let act = activity
+        .map(|a| format!("<activity token=\"{a}\"/>"))
+        .unwrap_or_default();
+    format!(
+        "<categories xmlns=\"http://schemas.microsoft.com/2006/09/sip/categories\" uri=\"sip:bob@partner.test\">\
+         <category name=\"state\" instance=\"1\" publishTime=\"2026-12-01T12:00:00Z\" container=\"2\" version=\"1\" expireType=\"static\">\
+         <state xsi:type=\"aggregateState\" xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" xmlns=\"http://schemas.microsoft.com/2006/09/sip/state\">\
+         <availability>{availability}</availability>{act}</state></category></categories>"
+    )
+}
+
+/// Reads NOTIFYs (answering each 200) until one's body satisfies `want`.
+async fn notify_until(ua: &mut Ua, what: &str, want: impl Fn(&str) -> bool) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            bail!("no NOTIFY with {what}");
+        }
+        let n = ua
+            .request("NOTIFY")
+            .await
+            .with_context(|| format!("waiting for a NOTIFY with {what}"))?;
+        ua.respond(&n, 200, "OK", &[], None).await?;
+        let body = body_str(&n);
+        if want(&body) {
+            return Ok(body);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lync_and_xmpp_users_see_each_other_and_chat() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(90), scenario())
+        .await
+        .map_err(|_| anyhow!("scenario timed out"))?
+}
+
+async fn scenario() -> Result<()> {
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.test"]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let stranger = certs.leaf("stranger", &["stranger.test"]);
+    let prosody = Prosody::start(
+        ProsodyConfig::new(HOME_IP)
+            .host("example.test")
+            .user("example.test", "alice", "pw")
+            .component("partner.test", SECRET),
+    )?;
+    let route = TcpListener::bind("127.0.0.1:0").await?;
+    let gw = start_legate(&certs, &ours, route.local_addr()?, &prosody).await?;
+
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("at my desk")).await?;
+
+    // --- A Lync watcher subscribes to alice. ---------------------------------------------------
+    let mut bob = lync_edge(&certs, &partner, gw.sip).await?;
+    let b = bob.branch();
+    bob.send(
+        &[
+            "SUBSCRIBE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=bob1",
+            "To: <sip:alice@example.test>",
+            "Call-ID: iw-sub-1",
+            "CSeq: 1 SUBSCRIBE",
+            "Contact: <sip:bob@partner.test;opaque=user:epid:IW1;gruu>",
+            "Event: presence",
+            "Accept: application/msrtc-event-categories+xml",
+            "Expires: 3600",
+            "Content-Length: {CL}",
+        ],
+        b"",
+    )
+    .await?;
+    let ok = bob.response().await?;
+    assert_eq!(ok.status(), Some(200), "{}", gw.log());
+    let n = bob.request("NOTIFY").await?;
+    assert!(
+        hv(&n, "Subscription-State").starts_with("pending"),
+        "{}",
+        hv(&n, "Subscription-State")
+    );
+    bob.respond(&n, 200, "OK", &[], None).await?;
+
+    // alice's client is asked, through Prosody, and approves.
+    alice
+        .expect_presence_from("bob@partner.test", Some("subscribe"), WAIT)
+        .await
+        .with_context(|| format!("alice got no subscription request:\n{}", gw.log()))?;
+    alice.approve("bob@partner.test").await?;
+
+    // The watcher now sees alice available, with her own text (msrtc 3500 = Lync Available).
+    let body = notify_until(&mut bob, "alice available", |b| b.contains(">3500<")).await?;
+    assert!(body.contains("at my desk"), "{body}");
+
+    // alice goes Do Not Disturb: Table 6 maps XMPP dnd to Lync busy (6500); her text survives.
+    alice
+        .send_presence(Some("dnd"), Some("Writing the report"))
+        .await?;
+    let body = notify_until(&mut bob, "alice busy", |b| b.contains(">6500<")).await?;
+    assert!(body.contains("Writing the report"), "{body}");
+
+    // --- The Lync user opens an IM session; the first message rides in ms-text-format. ------
+    use base64::Engine;
+    let first = base64::engine::general_purpose::STANDARD.encode("Hello Alice, from Lync");
+    let b = bob.branch();
+    bob.send(
+        &[
+            "INVITE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=im1",
+            "To: <sip:alice@example.test>",
+            "Call-ID: iw-im-1",
+            "CSeq: 1 INVITE",
+            "Contact: <sip:bob@partner.test;opaque=user:epid:IW1;gruu>",
+            &format!("ms-text-format: text/plain; charset=UTF-8;ms-body={first}"),
+            "Content-Type: application/sdp",
+            "Content-Length: {CL}",
+        ],
+        b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=session\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=message 5061 sip null\r\na=accept-types:text/plain\r\n",
+    )
+    .await?;
+    let ok = loop {
+        let r = bob.response().await?;
+        if r.status() != Some(100) {
+            break r;
+        }
+    };
+    assert_eq!(ok.status(), Some(200), "{}", gw.log());
+    let im_tag = to_tag(&ok);
+    let b = bob.branch();
+    bob.send(
+        &[
+            "ACK sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=im1",
+            &format!("To: <sip:alice@example.test>;tag={im_tag}"),
+            "Call-ID: iw-im-1",
+            "CSeq: 1 ACK",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| gw.log())?;
+    assert_eq!(m.body.as_deref(), Some("Hello Alice, from Lync"));
+
+    // alice answers in her client: it comes back inside the same SIP dialog.
+    alice
+        .send_message("bob@partner.test", "Hi Bob <3 & welcome")
+        .await?;
+    let m = bob
+        .request("MESSAGE")
+        .await
+        .with_context(|| format!("no MESSAGE back:\n{}", gw.log()))?;
+    assert_eq!(m.call_id().ok(), Some("iw-im-1"));
+    assert_eq!(body_str(&m), "Hi Bob <3 & welcome");
+    bob.respond(&m, 200, "OK", &[], None).await?;
+
+    // A second message from the Lync side inside the dialog.
+    let b = bob.branch();
+    bob.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=im1",
+            &format!("To: <sip:alice@example.test>;tag={im_tag}"),
+            "Call-ID: iw-im-1",
+            "CSeq: 2 MESSAGE",
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        "Ça marche très bien".as_bytes(),
+    )
+    .await?;
+    assert_eq!(bob.response().await?.status(), Some(200));
+    let m = alice.expect_message_from("bob@partner.test", WAIT).await?;
+    assert_eq!(m.body.as_deref(), Some("Ça marche très bien"));
+
+    // --- alice subscribes to the Lync user. Legate reuses the live TLS connection the partner's
+    // edge opened (as Lync edges expect) rather than opening a second one.
+    alice.subscribe("bob@partner.test").await?;
+    let partner_side = &mut bob;
+    let sub = partner_side.request("SUBSCRIBE").await?;
+    assert_eq!(hv(&sub, "Event"), "presence");
+    assert!(sub
+        .to_bytes()
+        .windows(b"bob@partner.test".len())
+        .any(|w| w == b"bob@partner.test"));
+    partner_side
+        .respond(&sub, 200, "OK", &[("Expires", "3600")], None)
+        .await?;
+    // The partner notifies: Lync "Away" (15500) with a personal note.
+    let b = partner_side.branch();
+    let body = msrtc(15500, None);
+    let from_tag = sip_ua::from_tag(&sub);
+    let our_contact = hv(&sub, "Contact")
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    partner_side
+        .send(
+            &[
+                &format!("NOTIFY {our_contact} SIP/2.0"),
+                &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+                "Max-Forwards: 70",
+                "From: <sip:bob@partner.test>;tag=bobnotify",
+                &format!("To: <sip:alice@example.test>;tag={from_tag}"),
+                &format!("Call-ID: {}", sub.call_id().map_err(|e| anyhow!("{e}"))?),
+                "CSeq: 1 NOTIFY",
+                "Event: presence",
+                "Subscription-State: active;expires=3600",
+                "Content-Type: application/msrtc-event-categories+xml",
+                "Content-Length: {CL}",
+            ],
+            body.as_bytes(),
+        )
+        .await?;
+    assert_eq!(
+        partner_side.response().await?.status(),
+        Some(200),
+        "{}",
+        gw.log()
+    );
+    let p = alice
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("bob@partner.test")
+                    && s.type_.is_none()
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| format!("alice sees no presence from bob:\n{}", gw.log()))?;
+    assert_eq!(p.show.as_deref(), Some("away"), "{p:?}");
+
+    // --- A domain that is not federated is refused; alice receives nothing. -------------------
+    let mut intruder = lync_edge(&certs, &stranger, gw.sip).await?;
+    let b = intruder.branch();
+    intruder
+        .send(
+            &[
+                "MESSAGE sip:alice@example.test SIP/2.0",
+                &format!("Via: SIP/2.0/TLS sip.stranger.test:5061;branch={b}"),
+                "Max-Forwards: 70",
+                "From: <sip:eve@stranger.test>;tag=eve",
+                "To: <sip:alice@example.test>",
+                "Call-ID: iw-eve-1",
+                "CSeq: 1 MESSAGE",
+                "Content-Type: text/plain",
+                "Content-Length: {CL}",
+            ],
+            b"let me in",
+        )
+        .await?;
+    assert_eq!(intruder.response().await?.status(), Some(403));
+    let leaked = alice
+        .next_stanza_matching(
+            |s| s.sender_bare() == Some("eve@stranger.test"),
+            Duration::from_millis(800),
+        )
+        .await;
+    assert!(
+        leaked.is_err(),
+        "a refused domain reached alice: {leaked:?}"
+    );
+    drop(route);
+    Ok(())
+}
