@@ -66,6 +66,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
 
     // The edges register their outboxes with the hub and run until shutdown.
+    let s2s = crate::xmpp::s2s::start(
+        hub.clone(),
+        crate::xmpp::s2s::S2sOptions::default(),
+        shutdown.clone(),
+        &mut tasks,
+    )
+    .await
+    .map_err(|e| RunError::Edge(e.to_string()))?;
+    for (name, addr) in s2s.listeners {
+        announce(name, addr);
+    }
 
     let mut shutdown = shutdown;
     while !*shutdown.borrow() {

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod dialback;
 pub mod error;
 pub mod jid;
+pub mod s2s;
 pub mod s2s_negotiate;
 pub mod stanza;
 pub mod stream;
