@@ -258,7 +258,8 @@ impl Conn {
                 {
                     Ok(s) => {
                         self.io = Some(Box::new(s));
-                        self.m.handle_tls_established(vec![remote.as_str().to_string()])
+                        self.m
+                            .handle_tls_established(vec![remote.as_str().to_string()])
                     }
                     Err(e) => self.tls_failed(e.failure),
                 }
@@ -271,7 +272,11 @@ impl Conn {
         TLS_FAILURES
             .with_label_values(&[self.direction, f.label()])
             .inc();
-        tracing::warn!(direction = self.direction, reason = f.label(), "s2s TLS handshake failed");
+        tracing::warn!(
+            direction = self.direction,
+            reason = f.label(),
+            "s2s TLS handshake failed"
+        );
         self.m.handle_tls_failed(f.label())
     }
 

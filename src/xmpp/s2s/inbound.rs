@@ -259,7 +259,9 @@ impl Inbound {
                      certificate does not match that domain"
                 );
                 tracing::info!(peer = %self.addr, domain = %claimed, "s2s refused: {text}");
-                let a = conn.m.close_with_error(StreamErrorCondition::NotAuthorized, &text);
+                let a = conn
+                    .m
+                    .close_with_error(StreamErrorCondition::NotAuthorized, &text);
                 let _ = conn.run(a, ups).await;
             }
         }

@@ -134,7 +134,16 @@ async fn pair_task(
             Ok(conn) => {
                 backoff = BACKOFF_MIN;
                 retry_at = None;
-                established(&shared, conn, &local, &remote, first, &mut rx, &mut shutdown).await;
+                established(
+                    &shared,
+                    conn,
+                    &local,
+                    &remote,
+                    first,
+                    &mut rx,
+                    &mut shutdown,
+                )
+                .await;
             }
             Err(e) => {
                 tracing::warn!(%local, %remote, error = %e, "outbound s2s failed; bouncing queued stanzas");
@@ -337,8 +346,6 @@ async fn write_envelope(shared: &Shared, conn: &mut Conn, remote: &Domain, env: 
         tracing::info!(%remote, error = %e, "envelope cannot be written as a stanza");
         return true;
     }
-    STANZAS
-        .with_label_values(&["out", stanza_kind(env)])
-        .inc();
+    STANZAS.with_label_values(&["out", stanza_kind(env)]).inc();
     conn.send(&out).await.is_ok()
 }
