@@ -1,0 +1,406 @@
+//! XMPP federation through Legate's s2s edge with a real foreign server: Prosody 0.12 serving
+//! `xmpp.test` on 127.0.0.3 ⇄ Legate serving `example.test` on 127.0.0.2, both found through
+//! a loopback dnsmasq (`_xmpp-server._tcp` SRV + A records; Prosody asks `_xmpps-server`
+//! first and gets NXDOMAIN). Every stanza between bob@xmpp.test and alice@example.test crosses
+//! Legate's inbound listener or outbound manager and its hub.
+//!
+//! The home side of `example.test` is played in process: a component outbox registered on
+//! Legate's hub receives what would go to the home node, and the test submits alice's stanzas
+//! as the component origin would. (The variant with a home Prosody behind the XEP-0114 link
+//! needs the component link edge, built separately.)
+//!
+//! Runs once with certificates (SASL EXTERNAL both ways, Prosody without mod_dialback) and
+//! once with dialback (Prosody does not trust our CA, Legate's policy for xmpp.test is
+//! `dialback_only`), and checks that a domain refused by policy gets nothing through.
+//!
+//! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
+
+mod common;
+
+use common::certs::CertFactory;
+use common::dnsmasq::{DnsRecord, Dnsmasq};
+use common::ports;
+use common::prosody::{CertPaths, Prosody, ProsodyConfig};
+use common::xmpp_client::{ClientConfig, TlsOptions, XmppClient};
+use legate::config::{self, BUILTIN_SYSTEMS};
+use legate::dns::{DnsSettings, Resolver};
+use legate::gateway::hub::Delivery;
+use legate::gateway::{Address, Body, Envelope, Hub, Origin, PresenceBody, Subscription};
+use legate::presence::map::MappingStore;
+use legate::xmpp::s2s::{start, S2sOptions};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(15);
+const LEGATE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const FOREIGN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Certificates,
+    Dialback,
+    Refused,
+}
+
+struct Setup {
+    _certs: CertFactory,
+    _dns: Dnsmasq,
+    prosody: Prosody,
+    hub: Arc<Hub>,
+    home: mpsc::Receiver<Delivery>,
+    bob: XmppClient,
+    _tasks: JoinSet<()>,
+    _stop: watch::Sender<bool>,
+}
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).expect("address")
+}
+
+async fn setup(mode: Mode) -> Setup {
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example.test", &["example.test"]);
+    let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+    let legate_port = ports::free_port(IpAddr::V4(LEGATE_IP));
+
+    let mut pc = ProsodyConfig::new(FOREIGN_IP)
+        .host("xmpp.test")
+        .user("xmpp.test", "bob", "pw")
+        .host_cert(
+            "xmpp.test",
+            CertPaths {
+                cert: theirs.cert.clone(),
+                key: theirs.key.clone(),
+            },
+        );
+    match mode {
+        // Certificates only: Prosody trusts our CA, no dialback module.
+        Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
+        // TLS required but our certificate untrusted by Prosody: dialback over TLS.
+        Mode::Dialback => pc.s2s_require_encryption = true,
+    }
+    let dns = Dnsmasq::start(&[
+        DnsRecord::a("example.test", LEGATE_IP),
+        DnsRecord::a("xmpp.test", FOREIGN_IP),
+        DnsRecord::xmpp_server("example.test", "example.test", legate_port),
+        DnsRecord::xmpp_server("xmpp.test", "xmpp.test", pc.s2s_port),
+    ])
+    .expect("dnsmasq");
+
+    let fed = match mode {
+        Mode::Certificates => {
+            "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\nauth = \"external_only\"\n"
+        }
+        Mode::Dialback => {
+            "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\nauth = \"dialback_only\"\n"
+        }
+        Mode::Refused => "[[xmpp.federation.domain]]\nname = \"partner.test\"\nsystem = \"fed-xmpp\"\n",
+    };
+    let toml = format!(
+        r#"routing_node = "hn1"
+[node]
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "off"
+sip_tcp = "off"
+xmpp_s2s = "{LEGATE_IP}:{legate_port}"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[xmpp.federation]
+mode = "allow_list"
+{fed}
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:1"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+[limits]
+handshake_timeout_secs = 10
+"#,
+        cert = ours.cert.display(),
+        key = ours.key.display(),
+        ca = certs.ca_path().display(),
+    );
+    let cfg = config::from_toml(&toml, Path::new("federation-test.toml"), BUILTIN_SYSTEMS)
+        .unwrap_or_else(|d| panic!("config: {d}"));
+    let hub = Hub::new(cfg, MappingStore::open(None).expect("maps"));
+    let home = hub.register_component("hn1", 1000);
+    let resolver = Resolver::new(
+        &DnsSettings {
+            nameservers: Some(vec![dns.addr()]),
+            ..Default::default()
+        },
+        &[],
+    )
+    .expect("resolver");
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let opts = S2sOptions {
+        resolver: Some(Arc::new(resolver)),
+        ..Default::default()
+    };
+    let h = start(hub.clone(), opts, rx, &mut tasks)
+        .await
+        .unwrap_or_else(|e| panic!("legate s2s: {e}"));
+    assert_eq!(
+        h.listeners,
+        vec![(
+            "xmpp_s2s",
+            SocketAddr::new(IpAddr::V4(LEGATE_IP), legate_port)
+        )]
+    );
+
+    let prosody = Prosody::start(pc.dns(dns.unbound_forward())).expect("prosody");
+    let mut cc = ClientConfig::plain(prosody.c2s_addr(), "xmpp.test", "bob", "pw");
+    cc.tls = Some(TlsOptions {
+        ca_pem: certs.ca_pem().as_bytes().to_vec(),
+        server_name: "xmpp.test".into(),
+    });
+    let mut bob = XmppClient::connect(cc).await.expect("bob logs in");
+    bob.send_presence(Some("chat"), Some("at desk"))
+        .await
+        .expect("presence");
+    Setup {
+        _certs: certs,
+        _dns: dns,
+        prosody,
+        hub,
+        home,
+        bob,
+        _tasks: tasks,
+        _stop: stop,
+    }
+}
+
+/// The next delivery to the home side that `pred` accepts (others are skipped).
+async fn home_next(
+    home: &mut mpsc::Receiver<Delivery>,
+    what: &str,
+    pred: impl Fn(&Envelope) -> bool,
+) -> Envelope {
+    let r = tokio::time::timeout(WAIT, async {
+        loop {
+            match home.recv().await {
+                Some(d) if pred(&d.envelope) => return d.envelope,
+                Some(_) => {}
+                None => panic!("home outbox closed"),
+            }
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| panic!("{what} did not reach the home side"))
+}
+
+fn from_home(s: &Setup, body: Body, to: &str) {
+    let r = s.hub.submit(
+        &Origin::Component {
+            home_node: Arc::from("hn1"),
+        },
+        Envelope {
+            from: addr("alice@example.test/desk"),
+            to: addr(to),
+            body,
+        },
+    );
+    assert!(
+        matches!(r, legate::gateway::hub::Submitted::Delivered(_)),
+        "{r:?}"
+    );
+}
+
+fn is_sub(e: &Envelope, s: Subscription) -> bool {
+    matches!(&e.body, Body::Subscription(x) if *x == s)
+}
+
+/// bob and alice subscribe to each other, see presence and chat both ways, all via Legate.
+async fn federate(s: &mut Setup) {
+    let alice_bare = "alice@example.test";
+    // bob → alice: subscribe (Prosody → Legate inbound → hub → home).
+    s.bob.subscribe(alice_bare).await.expect("subscribe");
+    let e = home_next(&mut s.home, "bob's subscribe", |e| {
+        is_sub(e, Subscription::Subscribe)
+    })
+    .await;
+    assert_eq!(e.from.bare_string(), "bob@xmpp.test");
+    // alice approves and is available (home → hub → Legate outbound → Prosody → bob).
+    from_home(
+        s,
+        Body::Subscription(Subscription::Subscribed),
+        "bob@xmpp.test",
+    );
+    from_home(
+        s,
+        Body::Presence(PresenceBody {
+            system: "xmpp".into(),
+            state: "away".into(),
+            note: Some("lunch".into()),
+            priority: None,
+        }),
+        "bob@xmpp.test",
+    );
+    s.bob
+        .expect_presence_from(alice_bare, Some("subscribed"), WAIT)
+        .await
+        .expect("approval reaches bob");
+    let p = s
+        .bob
+        .expect_presence_from(alice_bare, None, WAIT)
+        .await
+        .expect("alice's presence reaches bob");
+    assert_eq!(p.show.as_deref(), Some("away"), "{p:?}");
+    assert_eq!(p.status.as_deref(), Some("lunch"), "{p:?}");
+
+    // alice → bob: subscribe; bob approves; Prosody then sends bob's presence to alice.
+    from_home(
+        s,
+        Body::Subscription(Subscription::Subscribe),
+        "bob@xmpp.test",
+    );
+    s.bob
+        .expect_presence_from(alice_bare, Some("subscribe"), WAIT)
+        .await
+        .expect("alice's request reaches bob");
+    s.bob.approve(alice_bare).await.expect("approve");
+    home_next(&mut s.home, "bob's approval", |e| {
+        is_sub(e, Subscription::Subscribed)
+    })
+    .await;
+    let e = home_next(&mut s.home, "bob's presence", |e| {
+        matches!(e.body, Body::Presence(_))
+    })
+    .await;
+    match &e.body {
+        // Translated from fed-xmpp into the home node's system (`xmpp`).
+        Body::Presence(p) => {
+            assert_eq!(&*p.system, "xmpp", "{p:?}");
+            assert_eq!(p.note.as_deref(), Some("at desk"), "{p:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Chat both ways.
+    s.bob
+        .send_message(alice_bare, "hello alice, via Legate")
+        .await
+        .expect("send");
+    let e = home_next(
+        &mut s.home,
+        "bob's message",
+        |e| matches!(&e.body, Body::Xmpp(x) if x.name == "message"),
+    )
+    .await;
+    match &e.body {
+        Body::Xmpp(x) => assert!(
+            String::from_utf8_lossy(&x.bytes).contains("hello alice, via Legate"),
+            "{x:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    from_home(
+        s,
+        Body::Message(legate::gateway::MessageBody {
+            id: Some("a1".into()),
+            text: "hi bob <&> back".into(),
+            thread: None,
+        }),
+        "bob@xmpp.test",
+    );
+    let m = s
+        .bob
+        .expect_message_from(alice_bare, WAIT)
+        .await
+        .expect("alice's message reaches bob");
+    assert_eq!(m.body.as_deref(), Some("hi bob <&> back"));
+}
+
+fn metric_sum(prefix: &str, must_contain: &[&str]) -> u64 {
+    legate::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with(prefix) && must_contain.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn assert_log(p: &Prosody, needle: &str) {
+    assert!(
+        p.log().contains(needle),
+        "{needle:?} not in Prosody's log\n{}",
+        p.diagnostics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_federates_with_certificates() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut s = setup(Mode::Certificates).await;
+        federate(&mut s).await;
+        // Both directions by SASL EXTERNAL: Prosody accepted our identity and we its.
+        assert_log(&s.prosody, "SASL EXTERNAL with example.test succeeded");
+        assert_log(
+            &s.prosody,
+            "Accepting SASL EXTERNAL identity from example.test",
+        );
+        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
+        assert!(metric_sum("legate_s2s_streams_total", &["external", "outbound"]) >= 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_federates_with_dialback() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut s = setup(Mode::Dialback).await;
+        federate(&mut s).await;
+        assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
+        assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
+        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
+        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) >= 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_domain_gets_nothing_through() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut s = setup(Mode::Refused).await;
+        let before = metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]);
+        s.bob
+            .send_message("alice@example.test", "are you there?")
+            .await
+            .expect("send");
+        s.bob
+            .subscribe("alice@example.test")
+            .await
+            .expect("subscribe");
+        // Prosody reports our refusal, text included, and bounces to bob.
+        let e = s
+            .bob
+            .next_stanza_matching(|st| st.is_type("error"), WAIT)
+            .await
+            .expect("bob gets an error back");
+        assert!(e.raw.contains("example.test"), "{e:?}");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), s.home.recv())
+                .await
+                .is_err(),
+            "a refused domain's stanza reached the home side"
+        );
+        assert_log(&s.prosody, "federation with xmpp.test is not allowed");
+        assert!(metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]) > before);
+    })
+    .await
+    .expect("test timed out");
+}
