@@ -57,6 +57,7 @@ struct Opts<'a> {
     tls: &'a str,
     direct_tls: bool,
     handshake_secs: u64,
+    queue: usize,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -96,7 +97,7 @@ default_system = "xmpp"
 [limits]
 handshake_timeout_secs = {hs}
 idle_timeout_secs = 30
-outbound_queue_per_domain = 100
+outbound_queue_per_domain = {queue}
 "#,
         local = o.local,
         cert = leaf.cert.display(),
@@ -104,11 +105,12 @@ outbound_queue_per_domain = 100
         ca = certs.ca_path().display(),
         direct = if o.direct_tls { "127.0.0.1:0" } else { "off" },
         hs = o.handshake_secs,
+        queue = o.queue,
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
     let hub = Hub::new(cfg, MappingStore::open(None).expect("maps"));
-    let home = hub.register_component("hn1", 1000);
+    let home = hub.register_component("hn1", o.queue.max(1000) * 4);
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let opts = S2sOptions::default();
@@ -252,6 +254,7 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         tls: "required",
         direct_tls: false,
         handshake_secs: 5,
+        queue: 100,
     }
 }
 
@@ -551,4 +554,96 @@ async fn external_only_without_matching_certificate_is_not_authorized() {
             .is_err()
     );
     let _ = &mut b;
+}
+
+/// Throughput of the s2s → component relay: N chat messages submitted on B's hub cross B's
+/// outbound manager, one TLS s2s stream (SASL EXTERNAL), A's inbound listener and A's hub, and
+/// are counted at A's component outbox. Both gateways run in this process on a 2-thread
+/// runtime, so the figure covers both ends of the link. Bounded: N messages, 120 s.
+/// Run: `cargo test --release --test s2s -- --ignored --nocapture relay_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "load run; see the README's performance table"]
+async fn relay_throughput() {
+    const N: usize = 50_000;
+    let certs = CertFactory::new();
+    let mut oa = opts("example.test", "xmpp.test", "external_only");
+    oa.queue = 50_000;
+    let mut a = side(&certs, oa).await;
+    let mut ob = opts("xmpp.test", "example.test", "external_only");
+    ob.queue = 5_000;
+    let b = side(&certs, ob).await;
+    pair(&a, "example.test", &b, "xmpp.test", false);
+    // The component outbox of A must not overflow (the hub never blocks): drain it in a task.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let mut home = std::mem::replace(&mut a.home, mpsc::channel(1).1);
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        let mut bytes = 0usize;
+        while let Some(d) = home.recv().await {
+            if let Body::Xmpp(x) = &d.envelope.body {
+                bytes += x.bytes.len();
+            }
+            n += 1;
+            if n == N {
+                break;
+            }
+        }
+        let _ = done_tx.send((Instant::now(), bytes));
+    });
+    // Warm-up: one message establishes the stream.
+    b.hub.submit(
+        &hn1(),
+        chat("bob@xmpp.test/r", "alice@example.test", "warm-up"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    let mut sent = 1usize;
+    while sent < N {
+        // Submit in bursts below the pair queue bound, yielding so the link drains.
+        for _ in 0..200 {
+            if sent == N {
+                break;
+            }
+            let r = b.hub.submit(
+                &hn1(),
+                chat(
+                    "bob@xmpp.test/r",
+                    "alice@example.test",
+                    &format!("message number {sent} with a body of typical chat length"),
+                ),
+            );
+            assert!(
+                matches!(r, legate::gateway::hub::Submitted::Delivered(_)),
+                "{r:?}"
+            );
+            sent += 1;
+        }
+        tokio::task::yield_now().await;
+        while legate::xmpp::s2s::metrics::QUEUE.get() > 2_000 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    let prog = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            eprintln!(
+                "progress: queue {} in {} out {} bounces {}",
+                legate::xmpp::s2s::metrics::QUEUE.get(),
+                metric("legate_s2s_stanzas_total{direction=\"in\"}"),
+                metric("legate_s2s_stanzas_total{direction=\"out\"}"),
+                metric("legate_s2s_bounces_total"),
+            );
+        }
+    });
+    let (t1, bytes) = tokio::time::timeout(Duration::from_secs(120), done_rx)
+        .await
+        .expect("relay did not finish in 120 s")
+        .expect("counter task");
+    prog.abort();
+    let secs = t1.duration_since(t0).as_secs_f64();
+    println!(
+        "s2s -> component relay: {N} messages in {secs:.2} s = {:.0} msgs/s ({:.1} MB/s of stanza bytes)",
+        (N - 1) as f64 / secs,
+        bytes as f64 / secs / 1e6
+    );
 }

@@ -164,7 +164,9 @@ pub async fn start(
         listeners.push((what, addr));
         tasks.spawn(inbound::serve(shared.clone(), l, direct, shutdown.clone()));
     }
-    let outbox = hub.register_s2s(cfg.limits.outbound_queue_per_domain.max(64));
+    // One outbox for all domains in front of the per-pair queues: the manager only dispatches,
+    // so a few bursts' worth is enough; the per-domain bound is enforced by the pair queues.
+    let outbox = hub.register_s2s(cfg.limits.outbound_queue_per_domain.clamp(1024, 65_536));
     tasks.spawn(outbound::manager(shared, outbox, shutdown));
     Ok(S2sHandle { listeners })
 }

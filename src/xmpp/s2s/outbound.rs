@@ -61,33 +61,50 @@ pub async fn manager(
         }
         pairs.retain(|_, tx| !tx.is_closed());
         let key = (local.clone(), remote.clone());
-        let tx = pairs.entry(key).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(cfg.limits.outbound_queue_per_domain.max(1));
-            tokio::spawn(pair_task(
-                shared.clone(),
-                local.clone(),
-                remote.clone(),
-                rx,
-                shutdown.clone(),
-            ));
-            tx
-        });
-        match tx.try_send(env) {
-            Ok(()) => QUEUE.inc(),
-            Err(mpsc::error::TrySendError::Full(env)) => bounce(
-                &shared,
-                &remote,
-                &env,
-                ErrorCondition::ResourceConstraint,
-                "the queue toward this domain is full",
-            ),
-            Err(mpsc::error::TrySendError::Closed(env)) => bounce(
-                &shared,
-                &remote,
-                &env,
-                ErrorCondition::ServiceUnavailable,
-                "the s2s link toward this domain stopped",
-            ),
+        let mut env = env;
+        // Twice at most: a pair task may have just ended (idle) between `retain` and the send.
+        for attempt in 0..2 {
+            let tx = pairs.entry(key.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(cfg.limits.outbound_queue_per_domain.max(1));
+                tokio::spawn(pair_task(
+                    shared.clone(),
+                    local.clone(),
+                    remote.clone(),
+                    rx,
+                    shutdown.clone(),
+                ));
+                tx
+            });
+            match tx.try_send(env) {
+                Ok(()) => {
+                    QUEUE.inc();
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    bounce(
+                        &shared,
+                        &remote,
+                        &e,
+                        ErrorCondition::ResourceConstraint,
+                        "the queue toward this domain is full",
+                    );
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(e)) => {
+                    pairs.remove(&key);
+                    if attempt == 1 {
+                        bounce(
+                            &shared,
+                            &remote,
+                            &e,
+                            ErrorCondition::ServiceUnavailable,
+                            "the s2s link toward this domain stopped",
+                        );
+                        break;
+                    }
+                    env = e;
+                }
+            }
         }
     }
 }
