@@ -105,14 +105,14 @@ fn dialback_secret(cfg: &Config) -> Result<String, S2sError> {
     }
 }
 
-/// Builds everything from the hub's configuration, then binds the listeners and starts the
-/// accept loops and the outbound manager as tasks in `tasks`, all stopping on `shutdown`.
-pub async fn start(
-    hub: Arc<Hub>,
-    opts: S2sOptions,
-    shutdown: watch::Receiver<bool>,
-    tasks: &mut JoinSet<()>,
-) -> Result<S2sHandle, S2sError> {
+/// Everything the edge needs, built and checked from the configuration before any port is
+/// bound (style.md §6): TLS material, the dialback secret, the resolver.
+pub struct Prepared {
+    shared: Arc<Shared>,
+}
+
+/// Builds the edge's shared state from the hub's configuration; binds nothing.
+pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
     let cfg = hub.config();
     let settings = TlsSettings::from_config(&cfg);
     let have_cert = settings.default_cert.is_some() || !settings.domain_certs.is_empty();
@@ -135,38 +135,66 @@ pub async fn start(
         Some(r) => r,
         None => Arc::new(Resolver::from_config(&cfg)?),
     };
-    let shared = Arc::new(Shared {
-        hub: hub.clone(),
-        server_tls,
-        client_tls,
-        have_client_cert: have_cert,
-        resolver,
-        secret: dialback_secret(&cfg)?,
-        static_targets: opts.static_targets,
-    });
-    let mut bound = Vec::new();
-    for (what, addr, direct) in [
-        ("xmpp_s2s", cfg.listeners.xmpp_s2s, false),
-        (
-            "xmpp_s2s_direct_tls",
-            cfg.listeners.xmpp_s2s_direct_tls,
-            true,
-        ),
-    ] {
-        let Some(addr) = addr else { continue };
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| S2sError::Bind { what, addr, source })?;
-        bound.push((what, l.local_addr().unwrap_or(addr), l, direct));
+    Ok(Prepared {
+        shared: Arc::new(Shared {
+            hub: hub.clone(),
+            server_tls,
+            client_tls,
+            have_client_cert: have_cert,
+            resolver,
+            secret: dialback_secret(&cfg)?,
+            static_targets: opts.static_targets,
+        }),
+    })
+}
+
+impl Prepared {
+    /// Binds the listeners, registers the hub's s2s outbox and starts the accept loops and the
+    /// outbound manager as tasks in `tasks`, all stopping on `shutdown`.
+    pub async fn spawn(
+        self,
+        shutdown: watch::Receiver<bool>,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<S2sHandle, S2sError> {
+        let shared = self.shared;
+        let cfg = shared.hub.config();
+        let mut bound = Vec::new();
+        for (what, addr, direct) in [
+            ("xmpp_s2s", cfg.listeners.xmpp_s2s, false),
+            (
+                "xmpp_s2s_direct_tls",
+                cfg.listeners.xmpp_s2s_direct_tls,
+                true,
+            ),
+        ] {
+            let Some(addr) = addr else { continue };
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| S2sError::Bind { what, addr, source })?;
+            bound.push((what, l.local_addr().unwrap_or(addr), l, direct));
+        }
+        let mut listeners = Vec::new();
+        for (what, addr, l, direct) in bound {
+            listeners.push((what, addr));
+            tasks.spawn(inbound::serve(shared.clone(), l, direct, shutdown.clone()));
+        }
+        // One outbox for all domains in front of the per-pair queues: the manager only
+        // dispatches, so a few bursts' worth is enough; the per-domain bound is enforced by the
+        // pair queues.
+        let outbox = shared
+            .hub
+            .register_s2s(cfg.limits.outbound_queue_per_domain.clamp(1024, 65_536));
+        tasks.spawn(outbound::manager(shared, outbox, shutdown));
+        Ok(S2sHandle { listeners })
     }
-    let mut listeners = Vec::new();
-    for (what, addr, l, direct) in bound {
-        listeners.push((what, addr));
-        tasks.spawn(inbound::serve(shared.clone(), l, direct, shutdown.clone()));
-    }
-    // One outbox for all domains in front of the per-pair queues: the manager only dispatches,
-    // so a few bursts' worth is enough; the per-domain bound is enforced by the pair queues.
-    let outbox = hub.register_s2s(cfg.limits.outbound_queue_per_domain.clamp(1024, 65_536));
-    tasks.spawn(outbound::manager(shared, outbox, shutdown));
-    Ok(S2sHandle { listeners })
+}
+
+/// [`prepare`] then [`Prepared::spawn`].
+pub async fn start(
+    hub: Arc<Hub>,
+    opts: S2sOptions,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> Result<S2sHandle, S2sError> {
+    prepare(hub, opts)?.spawn(shutdown, tasks).await
 }
