@@ -77,6 +77,26 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         announce(name, addr);
     }
 
+    // Component links to the home nodes: outbound only, so nothing is announced; each
+    // connection logs when its handshake completes.
+    let resolver = if crate::xmpp::link::needs_resolver(&hub.config()) {
+        Some(
+            crate::dns::Resolver::from_config(&hub.config()).map_err(|e| {
+                RunError::Edge(format!("cannot set up DNS for the home-node links: {e}"))
+            })?,
+        )
+    } else {
+        None
+    };
+    let settings = crate::xmpp::link::LinkSettings::from_config(&hub.config());
+    crate::xmpp::link::spawn(
+        hub.clone(),
+        resolver,
+        settings,
+        shutdown.clone(),
+        &mut tasks,
+    );
+
     let mut shutdown = shutdown;
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {

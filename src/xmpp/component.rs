@@ -93,8 +93,16 @@ pub enum ComponentAction {
 pub enum ComponentState {
     Idle,
     AwaitHeader,
-    AwaitHandshake { stream_id: String },
-    Connected { stream_id: String },
+    /// The server's header had no stream id. RFC 6120 §4.9.1.2: a server refusing the stream
+    /// sends its header and then `<stream:error>` (Prosody does this for `host-unknown`), so the
+    /// error that follows is the reason to report; anything else is a protocol failure.
+    HeaderWithoutId,
+    AwaitHandshake {
+        stream_id: String,
+    },
+    Connected {
+        stream_id: String,
+    },
     Failed(ComponentFailure),
 }
 
@@ -133,7 +141,9 @@ impl ComponentHandshake {
     /// When the driver should call [`handle_timeout`](Self::handle_timeout).
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            ComponentState::AwaitHeader | ComponentState::AwaitHandshake { .. } => self.deadline,
+            ComponentState::AwaitHeader
+            | ComponentState::HeaderWithoutId
+            | ComponentState::AwaitHandshake { .. } => self.deadline,
             _ => None,
         }
     }
@@ -167,9 +177,8 @@ impl ComponentHandshake {
                     )));
                 }
                 let Some(id) = h.id().filter(|id| !id.is_empty()) else {
-                    return self.fail(ComponentFailure::Protocol(
-                        "server header has no stream id".into(),
-                    ));
+                    self.state = ComponentState::HeaderWithoutId;
+                    return Vec::new();
                 };
                 let id = id.to_owned();
                 let digest = handshake_digest(&id, &self.cfg.secret);
@@ -188,6 +197,9 @@ impl ComponentHandshake {
                     text: e.text,
                 })
             }
+            (ComponentState::HeaderWithoutId, StreamEvent::Stanza(_)) => self.fail(
+                ComponentFailure::Protocol("server header has no stream id".into()),
+            ),
             (ComponentState::AwaitHandshake { stream_id }, StreamEvent::Stanza(s)) => {
                 if s.name() == "handshake" && s.namespace() == NS_COMPONENT_ACCEPT {
                     // XEP-0114 §3: success is an *empty* handshake element.
@@ -330,9 +342,24 @@ mod tests {
         let mut f = StreamFramer::default();
         m.start(t0);
         let a = run(&mut m, &mut f, b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept'>");
+        assert!(a.is_empty(), "{a:?}");
+        let a = run(&mut m, &mut f, b"<handshake/>");
         assert!(matches!(
             a.last(),
             Some(ComponentAction::Fail(ComponentFailure::Protocol(_)))
+        ));
+        // No id because the server refuses the stream: its error is the reason (Prosody's
+        // `host-unknown` for a component it does not declare).
+        let mut m = ComponentHandshake::new(ComponentConfig::new("other.com", "s"));
+        let mut f = StreamFramer::default();
+        m.start(t0);
+        let a = run(&mut m, &mut f, b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept'><stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>");
+        assert!(matches!(
+            a.last(),
+            Some(ComponentAction::Fail(ComponentFailure::StreamError {
+                condition: Some(StreamErrorCondition::HostUnknown),
+                ..
+            }))
         ));
         let mut m = ComponentHandshake::new(ComponentConfig::new("partner.com", "s"));
         m.start(t0);

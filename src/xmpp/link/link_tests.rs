@@ -1,0 +1,502 @@
+//! In-process tests of the running links against a fake XEP-0114 server on real loopback
+//! sockets: handshake and relay both ways, failover, wrong secret with retries, queueing and
+//! bouncing while the home node is down, error answers to unreadable stanzas.
+
+use super::*;
+use crate::gateway::envelope::{Address, Body, MessageBody};
+use crate::gateway::hub::Delivery;
+use crate::presence::map::MappingStore;
+use crate::xmpp::component::handshake_digest;
+use crate::xmpp::stanza::{root_text, Stanza};
+use crate::xmpp::stream::{StreamEvent, StreamFramer};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const SECRET: &str = "0123456789abcdef";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(addresses: &[SocketAddr]) -> Config {
+    let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+    let src = format!(
+        r#"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+[[home_node]]
+name = "hn1"
+addresses = [{}]
+component_secret = "{SECRET}"
+"#,
+        list.join(", ")
+    );
+    crate::config::from_toml(&src, Path::new("t.toml"), crate::config::BUILTIN_SYSTEMS)
+        .unwrap_or_else(|d| panic!("{d}"))
+}
+
+fn settings(cfg: &Config) -> LinkSettings {
+    LinkSettings {
+        handshake_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        queue_timeout: Duration::from_millis(400),
+        ..LinkSettings::from_config(cfg)
+    }
+}
+
+struct Gateway {
+    hub: Arc<Hub>,
+    sip: mpsc::Receiver<Delivery>,
+    links: ComponentLinks,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+fn start(addresses: &[SocketAddr]) -> Gateway {
+    let cfg = config(addresses);
+    let s = settings(&cfg);
+    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
+    let hub = Hub::new(cfg, maps);
+    let sip = hub.register_sip(64);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let links = spawn(hub.clone(), None, s, rx, &mut tasks);
+    Gateway {
+        hub,
+        sip,
+        links,
+        stop,
+        tasks,
+    }
+}
+
+impl Gateway {
+    fn status(&self) -> ComponentStatus {
+        self.links
+            .status
+            .get("hn1", &dom("partner.com"))
+            .unwrap_or_default()
+    }
+
+    async fn wait_status(
+        &self,
+        what: &str,
+        f: impl Fn(&ComponentStatus) -> bool,
+    ) -> ComponentStatus {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return s;
+            }
+            assert!(t0.elapsed() < WAIT, "timed out waiting for {what}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(WAIT, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}
+
+fn dom(s: &str) -> Domain {
+    Domain::parse(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn message(from: &str, to: &str, text: &str) -> Envelope {
+    Envelope {
+        from: addr(from),
+        to: addr(to),
+        body: Body::Message(MessageBody {
+            id: Some("m1".into()),
+            text: text.into(),
+            thread: None,
+        }),
+    }
+}
+
+/// The home node's side of one component connection.
+struct Peer {
+    sock: TcpStream,
+    framer: StreamFramer,
+    domain: String,
+}
+
+impl Peer {
+    async fn next(&mut self) -> StreamEvent {
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.framer.next_event() {
+                    Ok(Some(ev)) => return ev,
+                    Ok(None) => {}
+                    Err(e) => panic!("gateway sent bad XML: {e}"),
+                }
+                let n = self.sock.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return StreamEvent::StreamClose;
+                }
+                self.framer.push(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("nothing from the gateway"))
+    }
+
+    async fn stanza(&mut self) -> Stanza {
+        match self.next().await {
+            StreamEvent::Stanza(s) => s,
+            other => panic!("expected a stanza, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, xml: &str) {
+        self.sock
+            .write_all(xml.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Accepts one component connection and answers its handshake: `Ok` accepts it, `Err(cond)`
+/// refuses it with that stream error.
+async fn accept(listener: &TcpListener, verdict: Result<(), &str>) -> Peer {
+    let (sock, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut p = Peer {
+        sock,
+        framer: StreamFramer::default(),
+        domain: String::new(),
+    };
+    let StreamEvent::StreamOpen(h) = p.next().await else {
+        panic!("no stream header")
+    };
+    assert_eq!(h.default_ns(), "jabber:component:accept");
+    p.domain = h.to().unwrap_or_default().to_string();
+    let domain = p.domain.clone();
+    p.send(&format!("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42' from='{domain}'>")).await;
+    let hs = p.stanza().await;
+    assert_eq!(hs.name(), "handshake");
+    let ok = root_text(&hs) == handshake_digest("id42", SECRET);
+    match verdict {
+        Ok(()) if ok => p.send("<handshake/>").await,
+        Ok(()) => panic!("wrong handshake digest"),
+        Err(cond) => {
+            p.send(&format!("<stream:error><{cond} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>")).await;
+        }
+    }
+    p
+}
+
+async fn next_delivery(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("nothing delivered"))
+        .unwrap_or_else(|| panic!("outbox closed"))
+}
+
+async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn local(l: &TcpListener) -> SocketAddr {
+    l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A loopback port nothing listens on (bound, then closed).
+async fn refused_port() -> SocketAddr {
+    let l = listener().await;
+    let a = local(&l);
+    drop(l);
+    a
+}
+
+#[tokio::test]
+async fn relays_both_ways_after_the_handshake() {
+    let l = listener().await;
+    let mut gw = start(&[local(&l)]);
+    let mut peer = accept(&l, Ok(())).await;
+    assert_eq!(peer.domain, "partner.com");
+    gw.wait_status("link up", |s| s.up).await;
+
+    // Home node → gateway → SIP outbox.
+    peer.send("<message from='alice@example.com/pc' to='bob@partner.com' id='x1' type='chat'><body>hi bob</body></message>").await;
+    let d = next_delivery(&mut gw.sip).await;
+    assert_eq!(d.envelope.from.to_string(), "alice@example.com/pc");
+    assert_eq!(d.envelope.to.to_string(), "bob@partner.com");
+
+    // Foreign side → hub → component link.
+    let sub = gw.hub.submit(
+        &Origin::Sip {
+            domain: dom("partner.com"),
+        },
+        message("bob@partner.com", "alice@example.com", "hello <alice>"),
+    );
+    assert!(
+        matches!(sub, crate::gateway::hub::Submitted::Delivered(_)),
+        "{sub:?}"
+    );
+    let s = peer.stanza().await;
+    assert_eq!(s.name(), "message");
+    assert_eq!(s.from().as_deref(), Some("bob@partner.com"));
+    assert_eq!(s.to().as_deref(), Some("alice@example.com"));
+    assert!(String::from_utf8_lossy(s.bytes()).contains("<body>hello &lt;alice&gt;</body>"));
+
+    // An unreadable stanza is answered on the link, not forwarded.
+    peer.send("<message from='alice@example.com' to='bo b@partner.com' id='bad1'><body>x</body></message>").await;
+    let e = peer.stanza().await;
+    assert_eq!(e.stanza_type().as_deref(), Some("error"));
+    assert_eq!(e.id().as_deref(), Some("bad1"));
+    assert!(String::from_utf8_lossy(e.bytes()).contains("jid-malformed"));
+    // And an iq to the component itself gets service-unavailable.
+    peer.send("<iq from='alice@example.com/pc' to='partner.com' id='q1' type='get'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
+    let e = peer.stanza().await;
+    assert!(String::from_utf8_lossy(e.bytes()).contains("service-unavailable"));
+
+    // Shutdown closes the stream.
+    let _ = gw.stop.send(true);
+    assert_eq!(peer.next().await, StreamEvent::StreamClose);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_address_and_back_after_a_drop() {
+    let dead = refused_port().await;
+    let l = listener().await;
+    let gw = start(&[dead, local(&l)]);
+    let peer = accept(&l, Ok(())).await;
+    let s = gw.wait_status("link up", |s| s.up).await;
+    assert_eq!(s.peer, Some(local(&l)));
+    assert!(s.failures >= 1);
+    assert_eq!(s.last_failure.as_ref().map(|f| f.0), Some("connect"));
+
+    // The home node drops the connection: the gateway reconnects (first address still dead).
+    drop(peer);
+    let _peer = accept(&l, Ok(())).await;
+    gw.wait_status("second connect", |s| s.up && s.connects == 2)
+        .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_secret_is_reported_and_retried_with_backoff() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let t0 = tokio::time::Instant::now();
+    for _ in 0..3 {
+        let _p = accept(&l, Err("not-authorized")).await;
+    }
+    // Three refusals took at least the first two backoff delays (≥ 25 ms + 50 ms).
+    assert!(t0.elapsed() >= Duration::from_millis(75));
+    let s = gw
+        .wait_status("failures recorded", |s| s.failures >= 3)
+        .await;
+    assert!(!s.up);
+    assert_eq!(s.connects, 0);
+    assert_eq!(s.last_failure.as_ref().map(|f| f.0), Some("not_authorized"));
+    assert!(
+        metrics::render().contains("legate_component_connects_total{outcome=\"not_authorized\"}")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_wait_for_the_link_then_bounce_when_it_stays_down() {
+    let l = listener().await;
+    let mut gw = start(&[local(&l)]);
+    // The home node accepts TCP but we hold the handshake: the delivery must wait, then go out.
+    let (sock, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.hub.submit(
+        &Origin::Sip {
+            domain: dom("partner.com"),
+        },
+        message("bob@partner.com", "alice@example.com", "queued"),
+    );
+    gw.wait_status("queued", |s| s.queued == 1).await;
+    drop(sock);
+    // Nobody accepts any more: after the queue timeout the sender gets service-unavailable.
+    drop(l);
+    let d = next_delivery(&mut gw.sip).await;
+    assert_eq!(d.envelope.to.to_string(), "bob@partner.com");
+    assert!(
+        matches!(&d.envelope.body, Body::Error { condition: ErrorCondition::ServiceUnavailable, id: Some(id), .. } if id == "m1"),
+        "{d:?}"
+    );
+    gw.wait_status("queue empty", |s| s.queued == 0).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn queued_deliveries_are_written_once_connected() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let (sock, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.hub.submit(
+        &Origin::Sip {
+            domain: dom("partner.com"),
+        },
+        message("bob@partner.com", "alice@example.com", "early"),
+    );
+    gw.wait_status("queued", |s| s.queued == 1).await;
+    // Answer the handshake on the connection that was held.
+    let mut p = Peer {
+        sock,
+        framer: StreamFramer::default(),
+        domain: String::new(),
+    };
+    let StreamEvent::StreamOpen(_) = p.next().await else {
+        panic!("no header")
+    };
+    p.send("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42'>").await;
+    let _hs = p.stanza().await;
+    p.send("<handshake/>").await;
+    let m = p.stanza().await;
+    assert!(String::from_utf8_lossy(m.bytes()).contains("<body>early</body>"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_domain_without_component_is_bounced() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let (tx, mut rx) = mpsc::channel(4);
+    let mut routes = HashMap::new();
+    routes.insert(dom("partner.com"), tx);
+    let (_stop, shutdown) = watch::channel(false);
+    let (otx, orx) = mpsc::channel(4);
+    let task = tokio::spawn(dispatch(
+        gw.hub.clone(),
+        Arc::from("hn1"),
+        orx,
+        routes,
+        shutdown,
+    ));
+    let ok = message("bob@partner.com", "alice@example.com", "a");
+    let stray = message("eve@other.com", "alice@example.com", "b");
+    for env in [ok.clone(), stray] {
+        let _ = otx
+            .send(Delivery {
+                link: crate::gateway::Link::Component {
+                    home_node: Arc::from("hn1"),
+                },
+                envelope: env,
+            })
+            .await;
+    }
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.ok().flatten();
+    assert_eq!(got, Some(ok));
+    // other.com has no component on this link: counted as bounced (the router then refuses
+    // to send the error anywhere, other.com not being federated).
+    let t0 = tokio::time::Instant::now();
+    while !metrics::render().contains("legate_component_bounced_total{reason=\"no_component\"}") {
+        assert!(t0.elapsed() < WAIT, "no bounce counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    gw.stop().await;
+}
+
+fn start_with(addresses: &[SocketAddr], tweak: impl FnOnce(&mut LinkSettings)) -> Gateway {
+    let cfg = config(addresses);
+    let mut s = settings(&cfg);
+    tweak(&mut s);
+    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
+    let hub = Hub::new(cfg, maps);
+    let sip = hub.register_sip(64);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let links = spawn(hub.clone(), None, s, rx, &mut tasks);
+    Gateway {
+        hub,
+        sip,
+        links,
+        stop,
+        tasks,
+    }
+}
+
+#[tokio::test]
+async fn idle_links_send_whitespace_keepalives() {
+    let l = listener().await;
+    let gw = start_with(&[local(&l)], |s| s.keepalive = Duration::from_millis(100));
+    let mut peer = accept(&l, Ok(())).await;
+    gw.wait_status("link up", |s| s.up).await;
+    // The framer drops inter-stanza whitespace, so read the raw bytes.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, peer.sock.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no keepalive"))
+        .unwrap_or(0);
+    assert!(
+        n > 0 && buf[..n].iter().all(|b| *b == b' '),
+        "{:?}",
+        &buf[..n]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_home_node_times_out_the_handshake() {
+    let l = listener().await;
+    let gw = start_with(&[local(&l)], |s| {
+        s.handshake_timeout = Duration::from_millis(300)
+    });
+    let (mut sock, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = gw
+        .wait_status("handshake timeout", |s| s.failures >= 1)
+        .await;
+    assert_eq!(
+        s.last_failure.as_ref().map(|f| f.0),
+        Some("timeout"),
+        "{s:?}"
+    );
+    // We said why before closing (RFC 6120 §4.9.3.4).
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, sock.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.contains("<connection-timeout"), "{got}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_after_the_handshake_ends_the_stream_and_reconnects() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let mut peer = accept(&l, Ok(())).await;
+    gw.wait_status("link up", |s| s.up).await;
+    peer.send("<message></iq>").await;
+    let _again = accept(&l, Ok(())).await;
+    let s = gw
+        .wait_status("second connect", |s| s.up && s.connects == 2)
+        .await;
+    assert_eq!(
+        s.last_failure.as_ref().map(|f| f.0),
+        Some("framing"),
+        "{s:?}"
+    );
+    gw.stop().await;
+}

@@ -1,0 +1,94 @@
+//! The bounded wait queue of one component link: what the core delivered for a foreign domain
+//! while its component connection is down (connecting, handshaking, backing off). An entry
+//! leaves it by being written once the link is up, or is handed back to be bounced when the
+//! queue is full or the entry waited longer than `max_age` — a sender learns about an outage
+//! within bounded time instead of waiting forever. Pure: time is an argument.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct WaitQueue<T> {
+    items: VecDeque<(Instant, T)>,
+    capacity: usize,
+    max_age: Duration,
+}
+
+impl<T> WaitQueue<T> {
+    pub fn new(capacity: usize, max_age: Duration) -> Self {
+        WaitQueue {
+            items: VecDeque::new(),
+            capacity: capacity.max(1),
+            max_age,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Queues `item`, or gives it back when the queue is full (the caller bounces it).
+    pub fn push(&mut self, now: Instant, item: T) -> Result<(), T> {
+        if self.items.len() >= self.capacity {
+            return Err(item);
+        }
+        self.items.push_back((now, item));
+        Ok(())
+    }
+
+    /// When the oldest entry expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.items.front().map(|(t, _)| *t + self.max_age)
+    }
+
+    /// Removes and returns every entry older than `max_age` at `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Some((t, _)) = self.items.front() {
+            if now < *t + self.max_age {
+                break;
+            }
+            if let Some((_, item)) = self.items.pop_front() {
+                out.push(item);
+            }
+        }
+        out
+    }
+
+    /// Removes the oldest entry (to write it once the link is up).
+    pub fn pop(&mut self) -> Option<T> {
+        self.items.pop_front().map(|(_, item)| item)
+    }
+
+    /// Takes everything (shutdown).
+    pub fn drain(&mut self) -> Vec<T> {
+        self.items.drain(..).map(|(_, item)| item).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_fifo_with_expiry() {
+        let t0 = Instant::now();
+        let mut q = WaitQueue::new(2, Duration::from_secs(30));
+        assert_eq!(q.push(t0, 1), Ok(()));
+        assert_eq!(q.push(t0 + Duration::from_secs(10), 2), Ok(()));
+        assert_eq!(q.push(t0, 3), Err(3));
+        assert_eq!(q.next_expiry(), Some(t0 + Duration::from_secs(30)));
+        assert!(q.expire(t0 + Duration::from_secs(29)).is_empty());
+        assert_eq!(q.expire(t0 + Duration::from_secs(30)), vec![1]);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop(), Some(2));
+        assert!(q.is_empty());
+        assert_eq!(q.next_expiry(), None);
+        q.push(t0, 4).ok();
+        assert_eq!(q.drain(), vec![4]);
+    }
+}

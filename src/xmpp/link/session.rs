@@ -1,0 +1,544 @@
+//! One component connection task: for a (home node, foreign domain) pair, connect to the home
+//! node's targets in order, run the XEP-0114 handshake machine, then relay stanzas both ways
+//! until the stream ends; back off and start over. The task owns the socket, the framer, the
+//! machine, the wait queue and the backoff; it decides nothing about routing (the hub does).
+
+use super::backoff::Backoff;
+use super::queue::WaitQueue;
+use super::{
+    bounce, read_secret, BounceReason, LinkError, LinkSettings, LinkStatus, CONNECTS, DISCONNECTS,
+    LINKS_UP, QUEUE_DEPTH, STANZAS,
+};
+use crate::config::{Domain, HomeEndpoint, HomeNode, Host};
+use crate::dns::{Resolver, Transport};
+use crate::gateway::envelope::Envelope;
+use crate::gateway::{Hub, Origin};
+use crate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
+use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
+use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition};
+use crate::xmpp::stanza::{Stanza, StanzaKind};
+use crate::xmpp::stream::{StreamEvent, StreamFramer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+/// Most deliveries written in one batch (one syscall) before the task looks at reads again.
+const WRITE_BATCH: usize = 64;
+
+pub(crate) struct Component {
+    pub hub: Arc<Hub>,
+    pub home_node: Arc<str>,
+    pub node: HomeNode,
+    pub domain: Domain,
+    pub settings: LinkSettings,
+    pub resolver: Option<Resolver>,
+    pub status: LinkStatus,
+}
+
+/// How one connection ended.
+enum End {
+    /// Before the handshake completed.
+    Failed(LinkError),
+    /// An established stream ended after `lasted`.
+    Dropped {
+        error: LinkError,
+        lasted: Duration,
+    },
+    Shutdown,
+}
+
+/// The per-link state that survives reconnections.
+struct Pending {
+    queue: WaitQueue<Envelope>,
+    rx: mpsc::Receiver<Envelope>,
+    /// The dispatcher is gone: no more deliveries will come.
+    rx_closed: bool,
+}
+
+impl Component {
+    pub(crate) async fn run(
+        self,
+        rx: mpsc::Receiver<Envelope>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut pending = Pending {
+            queue: WaitQueue::new(self.settings.queue_capacity, self.settings.queue_timeout),
+            rx,
+            rx_closed: false,
+        };
+        let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        'rounds: loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            // A DNS lookup can take seconds; shutdown must not wait for it.
+            let targets = tokio::select! {
+                t = self.targets() => t,
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            // Read once per round (not per target): a missing file is one problem, not one per
+            // address; read again every round so a fixed file is picked up without a restart.
+            let round = targets.and_then(|t| Ok((t, read_secret(&self.node.component_secret)?)));
+            match round {
+                Err(e) => self.record_failure(&e, None),
+                Ok((targets, secret)) => {
+                    for addr in targets {
+                        match self
+                            .connect(addr, &secret, &mut pending, &mut shutdown)
+                            .await
+                        {
+                            End::Shutdown => break 'rounds,
+                            End::Failed(e) => self.record_failure(&e, Some(addr)),
+                            End::Dropped { error, lasted } => {
+                                self.record_drop(&error, addr, lasted);
+                                if lasted >= self.settings.stable_after {
+                                    backoff.reset();
+                                }
+                                // Start over from the first (preferred) target after a pause.
+                                break;
+                            }
+                        }
+                        if *shutdown.borrow() {
+                            break 'rounds;
+                        }
+                    }
+                }
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tracing::debug!(
+                delay_ms = delay.as_millis() as u64,
+                "reconnecting after backoff"
+            );
+            if self.wait(delay, &mut pending, &mut shutdown).await {
+                break;
+            }
+        }
+        // Shutdown: whatever still waits is answered rather than dropped in silence. Closing the
+        // channel first makes the dispatcher bounce anything it hands over from now on.
+        for env in pending.queue.drain() {
+            QUEUE_DEPTH.dec();
+            bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
+        }
+        pending.rx.close();
+        while let Ok(env) = pending.rx.try_recv() {
+            bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
+        }
+        self.status
+            .update(&self.home_node, &self.domain, |s| s.queued = 0);
+    }
+
+    fn origin(&self) -> Origin {
+        Origin::Component {
+            home_node: self.home_node.clone(),
+        }
+    }
+
+    /// The addresses to try, in order (RFC 2782 order for SRV).
+    async fn targets(&self) -> Result<Vec<SocketAddr>, LinkError> {
+        let mut out = Vec::new();
+        let mut last_err = None;
+        match &self.node.endpoint {
+            HomeEndpoint::Addresses(list) => {
+                for hp in list {
+                    match (&hp.host, &self.resolver) {
+                        (Host::Ip(ip), _) => out.push(SocketAddr::new(*ip, hp.port)),
+                        (Host::Name(_), None) => last_err = Some(LinkError::NoResolver),
+                        (Host::Name(_), Some(r)) => {
+                            match r.host_port_targets(hp, Transport::Tcp).await {
+                                Ok(ts) => out.extend(ts.into_iter().map(|t| t.addr)),
+                                Err(e) => {
+                                    tracing::warn!(address = %hp, error = %e, "home node address does not resolve; trying the next");
+                                    last_err = Some(e.into());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            HomeEndpoint::Srv(d) => match &self.resolver {
+                Some(r) => out.extend(r.component_targets(d).await?.into_iter().map(|t| t.addr)),
+                None => return Err(LinkError::NoResolver),
+            },
+        }
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| seen.insert(*a));
+        if out.is_empty() {
+            return Err(last_err.unwrap_or(LinkError::NoTargets));
+        }
+        Ok(out)
+    }
+
+    fn record_failure(&self, e: &LinkError, addr: Option<SocketAddr>) {
+        CONNECTS.with_label_values(&[e.label()]).inc();
+        let (label, text) = (e.label(), e.to_string());
+        let mut loud = false;
+        self.status.update(&self.home_node, &self.domain, |s| {
+            // A home node that stays down would log a line per target per round: say it when
+            // the reason changes and then at the 2nd, 4th, 8th... failure; the rest is debug.
+            loud = s.last_failure.as_ref().map(|f| f.0) != Some(label)
+                || s.failures.wrapping_add(1).is_power_of_two();
+            s.up = false;
+            s.failures += 1;
+            s.peer = addr.or(s.peer);
+            s.last_failure = Some((label, text));
+        });
+        let peer = addr.map(|a| a.to_string()).unwrap_or_default();
+        match (loud, e.hint(&self.home_node)) {
+            (true, Some(hint)) => {
+                tracing::error!(peer, reason = label, error = %e, "component link to home node {} failed: {hint}", self.home_node)
+            }
+            (true, None) => {
+                tracing::warn!(peer, reason = label, error = %e, "component link to home node {} failed", self.home_node)
+            }
+            (false, _) => {
+                tracing::debug!(peer, reason = label, error = %e, "component link to home node {} failed again", self.home_node)
+            }
+        }
+    }
+
+    fn record_drop(&self, e: &LinkError, addr: SocketAddr, lasted: Duration) {
+        DISCONNECTS.with_label_values(&[e.label()]).inc();
+        tracing::warn!(peer = %addr, reason = e.label(), error = %e, lasted_s = lasted.as_secs(), "component link to home node {} lost", self.home_node);
+        let (label, text) = (e.label(), e.to_string());
+        self.status.update(&self.home_node, &self.domain, |s| {
+            s.up = false;
+            s.last_failure = Some((label, text));
+        });
+    }
+
+    /// Sleeps `delay` while still taking deliveries into the queue and expiring old ones.
+    /// Returns true on shutdown.
+    async fn wait(
+        &self,
+        delay: Duration,
+        p: &mut Pending,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            let expiry = p.queue.next_expiry().map(to_tokio);
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return false,
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return true; },
+                env = p.rx.recv(), if !p.rx_closed => self.enqueue(p, env),
+                _ = sleep_opt(expiry) => self.expire(p),
+            }
+        }
+    }
+
+    fn enqueue(&self, p: &mut Pending, env: Option<Envelope>) {
+        let Some(env) = env else {
+            p.rx_closed = true;
+            return;
+        };
+        match p.queue.push(now(), env) {
+            Ok(()) => QUEUE_DEPTH.inc(),
+            Err(env) => bounce(&self.hub, &self.home_node, &env, BounceReason::QueueFull),
+        }
+        let n = p.queue.len();
+        self.status
+            .update(&self.home_node, &self.domain, |s| s.queued = n);
+    }
+
+    fn expire(&self, p: &mut Pending) {
+        for env in p.queue.expire(now()) {
+            QUEUE_DEPTH.dec();
+            bounce(&self.hub, &self.home_node, &env, BounceReason::QueueTimeout);
+        }
+        let n = p.queue.len();
+        self.status
+            .update(&self.home_node, &self.domain, |s| s.queued = n);
+    }
+
+    /// One connection to `addr`: TCP connect, handshake, then the relay loop.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        secret: &str,
+        p: &mut Pending,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> End {
+        let timeout = self.settings.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // The TCP connect counts against the handshake time; deliveries keep queueing meanwhile.
+        let stream = {
+            let fut = tokio::time::timeout_at(deadline, TcpStream::connect(addr));
+            tokio::pin!(fut);
+            loop {
+                let expiry = p.queue.next_expiry().map(to_tokio);
+                tokio::select! {
+                    r = &mut fut => break match r {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(source)) => return End::Failed(LinkError::Connect { addr, source }),
+                        Err(_) => return End::Failed(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Timeout)),
+                    },
+                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return End::Shutdown; },
+                    env = p.rx.recv(), if !p.rx_closed => self.enqueue(p, env),
+                    _ = sleep_opt(expiry) => self.expire(p),
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let mut machine = ComponentHandshake::new(ComponentConfig {
+            domain: self.domain.to_string(),
+            secret: secret.to_string(),
+            handshake_timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        });
+        let mut framer = StreamFramer::new(self.settings.stream_limits);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut out: Vec<u8> = Vec::new();
+        let mut connected_at: Option<tokio::time::Instant> = None;
+        let mut keepalive = tokio::time::Instant::now() + self.settings.keepalive;
+
+        // Runs the machine's actions: bytes into `out`, the verdict into the return value.
+        let start = machine.start(now());
+        if let Some(e) = apply(start, &mut out) {
+            return End::Failed(LinkError::Handshake(e));
+        }
+        let end: Result<(), LinkError> = 'conn: loop {
+            if !out.is_empty() {
+                if let Err(e) = self.write(&mut wr, &out).await {
+                    break 'conn Err(e);
+                }
+                out.clear();
+                keepalive = tokio::time::Instant::now() + self.settings.keepalive;
+            }
+            let hs_deadline = machine.poll_timeout().map(to_tokio);
+            let up = connected_at.is_some();
+            let expiry = if up {
+                None
+            } else {
+                p.queue.next_expiry().map(to_tokio)
+            };
+            tokio::select! {
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
+                    // RFC 6120 §4.4: close our stream; the home node answers by closing its own.
+                    let _ = self.write(&mut wr, b"</stream:stream>").await;
+                    let _ = wr.shutdown().await;
+                    if up { self.mark_down(); }
+                    return End::Shutdown;
+                },
+                n = rd.read(&mut buf) => {
+                    let n = match n {
+                        Ok(0) => break 'conn Err(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Closed)),
+                        Ok(n) => n,
+                        Err(e) => break 'conn Err(LinkError::Io(e)),
+                    };
+                    framer.push(buf.get(..n).unwrap_or_default());
+                    loop {
+                        let ev = match framer.next_event() {
+                            Ok(Some(ev)) => ev,
+                            Ok(None) => break,
+                            Err(e) => {
+                                let actions = machine.handle_framing_error(&e);
+                                apply(actions, &mut out);
+                                let _ = self.write(&mut wr, &out).await;
+                                break 'conn Err(LinkError::Framing(e));
+                            }
+                        };
+                        let actions = machine.handle_event(&ev);
+                        if actions.is_empty() {
+                            if let (Some(_), StreamEvent::Stanza(s)) = (connected_at, &ev) {
+                                if let Err(e) = self.inbound(s, &mut out) {
+                                    out.extend_from_slice(&e.to_xml_and_close(None));
+                                    let _ = self.write(&mut wr, &out).await;
+                                    break 'conn Err(LinkError::BadStanza(e));
+                                }
+                            }
+                            continue;
+                        }
+                        let was_up = connected_at.is_some();
+                        let connected = actions.iter().any(|a| matches!(a, ComponentAction::Connected));
+                        if let Some(f) = apply(actions, &mut out) {
+                            let _ = self.write(&mut wr, &out).await;
+                            break 'conn Err(LinkError::Handshake(f));
+                        }
+                        if connected && !was_up {
+                            connected_at = Some(tokio::time::Instant::now());
+                            self.mark_up(addr);
+                            // What waited for the link goes first, in order.
+                            while let Some(env) = p.queue.pop() {
+                                QUEUE_DEPTH.dec();
+                                self.encode(&env, &mut out);
+                            }
+                            self.status.update(&self.home_node, &self.domain, |s| s.queued = 0);
+                        }
+                    }
+                },
+                env = p.rx.recv(), if !p.rx_closed => {
+                    if up {
+                        match env {
+                            Some(env) => {
+                                self.encode(&env, &mut out);
+                                // Batch what is already waiting into the same write.
+                                for _ in 1..WRITE_BATCH {
+                                    match p.rx.try_recv() {
+                                        Ok(env) => self.encode(&env, &mut out),
+                                        Err(_) => break,
+                                    }
+                                }
+                            }
+                            None => p.rx_closed = true,
+                        }
+                    } else {
+                        self.enqueue(p, env);
+                    }
+                },
+                _ = sleep_opt(hs_deadline) => {
+                    let actions = machine.handle_timeout(now());
+                    if let Some(f) = apply(actions, &mut out) {
+                        let _ = self.write(&mut wr, &out).await;
+                        break 'conn Err(LinkError::Handshake(f));
+                    }
+                },
+                _ = sleep_opt(expiry) => self.expire(p),
+                _ = tokio::time::sleep_until(keepalive), if up => {
+                    // RFC 6120 §4.6.1 whitespace keepalive.
+                    out.push(b' ');
+                },
+            }
+        };
+        let Err(error) = end else {
+            return End::Shutdown;
+        };
+        match connected_at {
+            None => End::Failed(error),
+            Some(t) => {
+                self.mark_down();
+                End::Dropped {
+                    error,
+                    lasted: t.elapsed(),
+                }
+            }
+        }
+    }
+
+    async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), LinkError> {
+        match tokio::time::timeout(self.settings.write_timeout, wr.write_all(bytes)).await {
+            Ok(r) => r.map_err(LinkError::Io),
+            Err(_) => Err(LinkError::WriteTimeout),
+        }
+    }
+
+    fn mark_up(&self, addr: SocketAddr) {
+        LINKS_UP.inc();
+        CONNECTS.with_label_values(&["connected"]).inc();
+        tracing::info!(peer = %addr, "component {} connected to home node {}", self.domain, self.home_node);
+        self.status.update(&self.home_node, &self.domain, |s| {
+            s.up = true;
+            s.connects += 1;
+            s.peer = Some(addr);
+        });
+    }
+
+    fn mark_down(&self) {
+        LINKS_UP.dec();
+        self.status
+            .update(&self.home_node, &self.domain, |s| s.up = false);
+    }
+
+    /// Writes a delivery as a stanza into `out`, or bounces it when it cannot be encoded.
+    fn encode(&self, env: &Envelope, out: &mut Vec<u8>) {
+        let maps = self.hub.maps().current();
+        let mark = out.len();
+        match envelope_to_stanza(env, &maps, out) {
+            Ok(()) => STANZAS.with_label_values(&["out", env.kind_label()]).inc(),
+            Err(e) => {
+                out.truncate(mark);
+                tracing::warn!(error = %e, "cannot write delivery as a stanza");
+                bounce(&self.hub, &self.home_node, env, BounceReason::Encode);
+            }
+        }
+    }
+
+    /// A stanza from the home node: to the hub, or an error back when it cannot be read.
+    /// `Err` is a stream-level violation (RFC 6120 §4.9.3) that ends the stream.
+    fn inbound(
+        &self,
+        s: &Stanza,
+        out: &mut Vec<u8>,
+    ) -> Result<(), crate::xmpp::error::StreamErrorCondition> {
+        match s.check_kind()? {
+            StanzaKind::Other => {
+                tracing::debug!(
+                    element = s.qname(),
+                    "ignoring non-stanza element from home node"
+                );
+                return Ok(());
+            }
+            StanzaKind::Message | StanzaKind::Presence | StanzaKind::Iq => {}
+        }
+        // Addressed to the component itself (no localpart): nothing behind it answers.
+        if s.to()
+            .is_some_and(|t| t.eq_ignore_ascii_case(self.domain.as_str()))
+        {
+            STANZAS.with_label_values(&["in", "to_component"]).inc();
+            if s.name() != "presence" {
+                if let Ok(b) =
+                    stanza_error_bounce(s, StanzaErrorCondition::ServiceUnavailable, None, None)
+                {
+                    out.extend_from_slice(&b);
+                }
+            }
+            return Ok(());
+        }
+        let maps = self.hub.maps().current();
+        match stanza_to_envelope(s, &self.node.default_system, &maps) {
+            Ok(env) => {
+                STANZAS.with_label_values(&["in", env.kind_label()]).inc();
+                self.hub.submit(&self.origin(), env);
+            }
+            Err(e) => {
+                STANZAS.with_label_values(&["in", "invalid"]).inc();
+                tracing::info!(error = %e, element = s.name(), "stanza from home node refused");
+                if let Ok(b) = stanza_error_bounce(s, e.condition(), None, Some(&e.to_string())) {
+                    out.extend_from_slice(&b);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends the machine's bytes to `out`; returns the failure if the machine gave up.
+fn apply(
+    actions: Vec<ComponentAction>,
+    out: &mut Vec<u8>,
+) -> Option<crate::xmpp::component::ComponentFailure> {
+    let mut failed = None;
+    for a in actions {
+        match a {
+            ComponentAction::SendBytes(b) => out.extend_from_slice(&b),
+            ComponentAction::Connected => {}
+            ComponentAction::Fail(f) => failed = Some(f),
+        }
+    }
+    failed
+}
+
+/// Now, on tokio's clock (so tests with a paused clock see consistent deadlines).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn to_tokio(i: Instant) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(i)
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
