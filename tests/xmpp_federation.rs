@@ -37,8 +37,17 @@ use tokio::task::JoinSet;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(15);
-const LEGATE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const FOREIGN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// Loopback addresses of our own, one block of three per test (Legate, foreign Prosody, home
+/// Prosody), away from the harness (.2–.4) and component-link (.6–.11) tests.
+fn ips(block: u8) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
+    let b = 20 + 3 * block;
+    (
+        Ipv4Addr::new(127, 0, 0, b),
+        Ipv4Addr::new(127, 0, 0, b + 1),
+        Ipv4Addr::new(127, 0, 0, b + 2),
+    )
+}
+const COMPONENT_SECRET: &str = "component-secret-0123456789";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -52,7 +61,11 @@ struct Setup {
     _dns: Dnsmasq,
     prosody: Prosody,
     hub: Arc<Hub>,
+    /// The in-process home side (`None` when a home Prosody is used).
     home: mpsc::Receiver<Delivery>,
+    /// The home Prosody for `example.test` and alice logged into it, when used.
+    home_prosody: Option<Prosody>,
+    alice: Option<XmppClient>,
     bob: XmppClient,
     _tasks: JoinSet<()>,
     _stop: watch::Sender<bool>,
@@ -62,13 +75,14 @@ fn addr(s: &str) -> Address {
     Address::parse(s).expect("address")
 }
 
-async fn setup(mode: Mode) -> Setup {
+async fn setup(mode: Mode, block: u8, with_home: bool) -> Setup {
+    let (legate_ip, foreign_ip, home_ip) = ips(block);
     let certs = CertFactory::new();
     let ours = certs.leaf("example.test", &["example.test"]);
     let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
-    let legate_port = ports::free_port(IpAddr::V4(LEGATE_IP));
+    let legate_port = ports::free_port(IpAddr::V4(legate_ip));
 
-    let mut pc = ProsodyConfig::new(FOREIGN_IP)
+    let mut pc = ProsodyConfig::new(foreign_ip)
         .host("xmpp.test")
         .user("xmpp.test", "bob", "pw")
         .host_cert(
@@ -85,8 +99,8 @@ async fn setup(mode: Mode) -> Setup {
         Mode::Dialback => pc.s2s_require_encryption = true,
     }
     let dns = Dnsmasq::start(&[
-        DnsRecord::a("example.test", LEGATE_IP),
-        DnsRecord::a("xmpp.test", FOREIGN_IP),
+        DnsRecord::a("example.test", legate_ip),
+        DnsRecord::a("xmpp.test", foreign_ip),
         DnsRecord::xmpp_server("example.test", "example.test", legate_port),
         DnsRecord::xmpp_server("xmpp.test", "xmpp.test", pc.s2s_port),
     ])
@@ -101,6 +115,19 @@ async fn setup(mode: Mode) -> Setup {
         }
         Mode::Refused => "[[xmpp.federation.domain]]\nname = \"partner.test\"\nsystem = \"fed-xmpp\"\n",
     };
+    let home_prosody = with_home.then(|| {
+        Prosody::start(
+            ProsodyConfig::new(home_ip)
+                .host("example.test")
+                .user("example.test", "alice", "pw")
+                .component("xmpp.test", COMPONENT_SECRET),
+        )
+        .expect("home prosody")
+    });
+    let home_addr = home_prosody.as_ref().map_or_else(
+        || "127.0.0.1:1".to_string(),
+        |p| p.component_addr().to_string(),
+    );
     let toml = format!(
         r#"routing_node = "hn1"
 [node]
@@ -112,7 +139,7 @@ key = "{key}"
 [listeners]
 sip_tls = "off"
 sip_tcp = "off"
-xmpp_s2s = "{LEGATE_IP}:{legate_port}"
+xmpp_s2s = "{legate_ip}:{legate_port}"
 xmpp_s2s_direct_tls = "off"
 [tls]
 trust_bundle = "{ca}"
@@ -121,8 +148,8 @@ mode = "allow_list"
 {fed}
 [[home_node]]
 name = "hn1"
-addresses = ["127.0.0.1:1"]
-component_secret = "a-long-enough-secret-1"
+addresses = ["{home_addr}"]
+component_secret = "{COMPONENT_SECRET}"
 default_system = "xmpp"
 [limits]
 handshake_timeout_secs = 10
@@ -134,7 +161,35 @@ handshake_timeout_secs = 10
     let cfg = config::from_toml(&toml, Path::new("federation-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
     let hub = Hub::new(cfg, MappingStore::open(None).expect("maps"));
-    let home = hub.register_component("hn1", 1000);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    // The home side: the real component link to the home Prosody, or an outbox we read.
+    let home = if with_home {
+        let links = legate::xmpp::link::spawn(
+            hub.clone(),
+            None,
+            legate::xmpp::link::LinkSettings::from_config(&hub.config()),
+            rx.clone(),
+            &mut tasks,
+        );
+        if mode != Mode::Refused {
+            let t0 = std::time::Instant::now();
+            while !links
+                .status
+                .get(
+                    "hn1",
+                    &legate::config::Domain::parse("xmpp.test").expect("domain"),
+                )
+                .is_some_and(|s| s.up)
+            {
+                assert!(t0.elapsed() < WAIT, "component link did not come up");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        mpsc::channel(1).1
+    } else {
+        hub.register_component("hn1", 1000)
+    };
     let resolver = Resolver::new(
         &DnsSettings {
             nameservers: Some(vec![dns.addr()]),
@@ -143,8 +198,6 @@ handshake_timeout_secs = 10
         &[],
     )
     .expect("resolver");
-    let (stop, rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     let opts = S2sOptions {
         resolver: Some(Arc::new(resolver)),
         ..Default::default()
@@ -156,7 +209,7 @@ handshake_timeout_secs = 10
         h.listeners,
         vec![(
             "xmpp_s2s",
-            SocketAddr::new(IpAddr::V4(LEGATE_IP), legate_port)
+            SocketAddr::new(IpAddr::V4(legate_ip), legate_port)
         )]
     );
 
@@ -170,12 +223,31 @@ handshake_timeout_secs = 10
     bob.send_presence(Some("chat"), Some("at desk"))
         .await
         .expect("presence");
+    let alice = match &home_prosody {
+        Some(hp) => {
+            let mut a = XmppClient::connect(ClientConfig::plain(
+                hp.c2s_addr(),
+                "example.test",
+                "alice",
+                "pw",
+            ))
+            .await
+            .expect("alice logs in");
+            a.send_presence(None, Some("at home"))
+                .await
+                .expect("presence");
+            Some(a)
+        }
+        None => None,
+    };
     Setup {
         _certs: certs,
         _dns: dns,
         prosody,
         hub,
         home,
+        home_prosody,
+        alice,
         bob,
         _tasks: tasks,
         _stop: stop,
@@ -343,7 +415,7 @@ fn assert_log(p: &Prosody, needle: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_certificates() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let mut s = setup(Mode::Certificates).await;
+        let mut s = setup(Mode::Certificates, 0, false).await;
         federate(&mut s).await;
         // Both directions by SASL EXTERNAL: Prosody accepted our identity and we its.
         assert_log(&s.prosody, "SASL EXTERNAL with example.test succeeded");
@@ -361,7 +433,7 @@ async fn prosody_federates_with_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_dialback() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let mut s = setup(Mode::Dialback).await;
+        let mut s = setup(Mode::Dialback, 1, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
         assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
@@ -375,7 +447,7 @@ async fn prosody_federates_with_dialback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_domain_gets_nothing_through() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let mut s = setup(Mode::Refused).await;
+        let mut s = setup(Mode::Refused, 2, false).await;
         let before = metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]);
         s.bob
             .send_message("alice@example.test", "are you there?")
@@ -400,6 +472,126 @@ async fn refused_domain_gets_nothing_through() {
         );
         assert_log(&s.prosody, "federation with xmpp.test is not allowed");
         assert!(metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]) > before);
+    })
+    .await
+    .expect("test timed out");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole chain: foreign Prosody ⇄ Legate (s2s edge + component link) ⇄ home Prosody.
+
+/// `a` subscribes to `b` and `b` approves; `a` then sees `b`'s presence.
+async fn subscribe_and_approve(a: &mut XmppClient, b: &mut XmppClient) {
+    let (a_jid, b_jid) = (a.bare_jid().to_owned(), b.bare_jid().to_owned());
+    a.subscribe(&b_jid).await.expect("send subscribe");
+    b.expect_presence_from(&a_jid, Some("subscribe"), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{a_jid}'s subscription request reaches {b_jid}: {e:#}"));
+    b.approve(&a_jid).await.expect("send subscribed");
+    a.expect_presence_from(&b_jid, Some("subscribed"), WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{b_jid}'s approval reaches {a_jid}: {e:#}"));
+    a.expect_presence_from(&b_jid, None, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{b_jid}'s presence reaches {a_jid}: {e:#}"));
+}
+
+async fn chat(a: &mut XmppClient, b: &mut XmppClient, body: &str) {
+    let (a_jid, b_jid) = (a.bare_jid().to_owned(), b.bare_jid().to_owned());
+    a.send_message(&b_jid, body).await.expect("send message");
+    let m = b
+        .expect_message_from(&a_jid, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{a_jid}'s message reaches {b_jid}: {e:#}"));
+    assert_eq!(m.body.as_deref(), Some(body));
+}
+
+async fn full_chain(mode: Mode, block: u8) {
+    let mut s = setup(mode, block, true).await;
+    let mut alice = s.alice.take().expect("alice");
+    subscribe_and_approve(&mut s.bob, &mut alice).await;
+    subscribe_and_approve(&mut alice, &mut s.bob).await;
+    // Presence updates keep flowing both ways, translated by the fed-xmpp mapping.
+    alice
+        .send_presence(Some("dnd"), Some("in a meeting"))
+        .await
+        .expect("presence");
+    let p = s
+        .bob
+        .next_stanza_matching(
+            |st| {
+                st.name == "presence"
+                    && st.sender_bare() == Some("alice@example.test")
+                    && st.status.as_deref() == Some("in a meeting")
+            },
+            WAIT,
+        )
+        .await
+        .expect("alice's update reaches bob");
+    assert_eq!(p.show.as_deref(), Some("dnd"), "{p:?}");
+    chat(
+        &mut s.bob,
+        &mut alice,
+        "hello alice <&> 'quoted', via Legate",
+    )
+    .await;
+    chat(&mut alice, &mut s.bob, "hi bob, back through Legate").await;
+    alice.close().await;
+    if let Some(hp) = &s.home_prosody {
+        assert!(
+            hp.log().contains("xmpp.test"),
+            "home Prosody never saw the component\n{}",
+            hp.diagnostics()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_chain_with_certificates() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        full_chain(Mode::Certificates, 3).await;
+        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_chain_with_dialback() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        full_chain(Mode::Dialback, 4).await;
+        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_chain_refused_domain_reaches_no_home_user() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut s = setup(Mode::Refused, 5, true).await;
+        let mut alice = s.alice.take().expect("alice");
+        s.bob
+            .send_message("alice@example.test", "let me in")
+            .await
+            .expect("send");
+        s.bob
+            .subscribe("alice@example.test")
+            .await
+            .expect("subscribe");
+        s.bob
+            .next_stanza_matching(|st| st.is_type("error"), WAIT)
+            .await
+            .expect("bob gets an error back");
+        assert!(
+            alice
+                .next_stanza_matching(|st| st.raw.contains("xmpp.test"), Duration::from_secs(2))
+                .await
+                .is_err(),
+            "alice received something from the refused domain"
+        );
+        assert_log(&s.prosody, "federation with xmpp.test is not allowed");
+        alice.close().await;
     })
     .await
     .expect("test timed out");
