@@ -57,6 +57,8 @@ pub enum ConnError {
     Eof,
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the peer stopped reading (write timed out)")]
+    WriteTimeout,
 }
 
 pub struct Conn {
@@ -132,12 +134,19 @@ impl Conn {
         self.claimed.as_deref()
     }
 
-    /// Writes `bytes` and flushes (TLS needs the flush to emit records).
+    /// Writes `bytes` and flushes (TLS needs the flush to emit records). A peer that stops
+    /// reading would block us forever: a write that does not finish within the handshake
+    /// timeout counts as a dead connection.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         let io = self.io.as_mut().ok_or(ConnError::Eof)?;
-        io.write_all(bytes).await?;
-        io.flush().await?;
-        Ok(())
+        let write = async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        };
+        match tokio::time::timeout(self.handshake_timeout, write).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::WriteTimeout),
+        }
     }
 
     /// Reads once from the socket into the framer. Cancel-safe (used inside `select!`).

@@ -73,8 +73,10 @@ pub static BOUNCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-/// Inbound peers refused by federation policy, by reason (`domain_not_allowed`,
-/// `auth_not_allowed`, `tls_required`).
+/// Inbound peers refused by federation policy, by reason (`domain_not_allowed`: not allowed by
+/// `[xmpp.federation]`; `auth_not_allowed`: EXTERNAL-only domain without a matching
+/// certificate). Plaintext attempts where TLS is required are refused by the negotiator itself
+/// and show as stream errors (`policy-violation`, `not-authorized`).
 pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::counter_vec(
         REFUSED_TOTAL,
