@@ -596,3 +596,312 @@ async fn full_chain_refused_domain_reaches_no_home_user() {
     .await
     .expect("test timed out");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same chain through the real `legate run` binary.
+//
+// The binary resolves with the system configuration (/etc/resolv.conf), and the test domains
+// must never be asked of the machine's real resolver. So the binary runs in its own mount
+// namespace (`unshare -m`, we are root) where /etc/resolv.conf is bind-mounted to a file naming a
+// dnsmasq of ours on port 53 of a loopback address reserved for this test.
+
+/// A dnsmasq on `ip:53` (resolv.conf cannot name a port), killed on drop.
+struct Dns53 {
+    _child: common::prosody::GuardedChild,
+    _dir: tempfile::TempDir,
+}
+
+fn dns_query_ok(server: SocketAddr) -> bool {
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in ["probe", "test"] {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut buf = [0u8; 512];
+    sock.send_to(&q, server).is_ok() && sock.recv(&mut buf).is_ok_and(|n| n >= 12)
+}
+
+fn dns53(ip: Ipv4Addr, records: &[DnsRecord]) -> Dns53 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = std::process::Command::new(common::dnsmasq::DNSMASQ_BIN);
+    cmd.args([
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--keep-in-foreground",
+        "--bind-interfaces",
+        "--pid-file=",
+        "--log-facility=-",
+        "--log-queries",
+        "--local=/test/",
+        "--port=53",
+    ])
+    .arg(format!("--listen-address={ip}"));
+    for r in records {
+        cmd.arg(match r {
+            DnsRecord::A { name, ip } => format!("--host-record={name},{ip}"),
+            DnsRecord::Srv {
+                owner,
+                target,
+                port,
+                priority,
+                weight,
+            } => format!("--srv-host={owner},{target},{port},{priority},{weight}"),
+            DnsRecord::Naptr(v) => format!("--naptr-record={v}"),
+        });
+    }
+    let child = common::prosody::GuardedChild::spawn(&cmd, &dir.path().join("dnsmasq.log"))
+        .expect("dnsmasq on port 53");
+    let t0 = std::time::Instant::now();
+    while !dns_query_ok(SocketAddr::new(IpAddr::V4(ip), 53)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "dnsmasq on {ip}:53 did not answer:\n{}",
+            std::fs::read_to_string(dir.path().join("dnsmasq.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Dns53 {
+        _child: child,
+        _dir: dir,
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("admin connect: {e}"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = String::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
+    out
+}
+
+async fn binary_chain(mode: Mode, block: u8) {
+    let (legate_ip, foreign_ip, home_ip) = ips(block);
+    let dns_ip = Ipv4Addr::new(127, 0, 0, 20 + 3 * block + 3);
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example.test", &["example.test"]);
+    let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+    let legate_port = ports::free_port(IpAddr::V4(legate_ip));
+    let mut pc = ProsodyConfig::new(foreign_ip)
+        .host("xmpp.test")
+        .user("xmpp.test", "bob", "pw")
+        .host_cert(
+            "xmpp.test",
+            CertPaths {
+                cert: theirs.cert.clone(),
+                key: theirs.key.clone(),
+            },
+        );
+    match mode {
+        Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
+        Mode::Dialback => pc.s2s_require_encryption = true,
+    }
+    let _dns = dns53(
+        dns_ip,
+        &[
+            DnsRecord::a("example.test", legate_ip),
+            DnsRecord::a("xmpp.test", foreign_ip),
+            DnsRecord::xmpp_server("example.test", "example.test", legate_port),
+            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", pc.s2s_port),
+        ],
+    );
+    let home = Prosody::start(
+        ProsodyConfig::new(home_ip)
+            .host("example.test")
+            .user("example.test", "alice", "pw")
+            .component("xmpp.test", COMPONENT_SECRET),
+    )
+    .expect("home prosody");
+    let foreign = Prosody::start(pc.dns(format!("{dns_ip}@53"))).expect("foreign prosody");
+
+    let fed = match mode {
+        Mode::Certificates => "name = \"xmpp.test\"\nauth = \"external_only\"",
+        Mode::Dialback => "name = \"xmpp.test\"\nauth = \"dialback_only\"",
+        Mode::Refused => "name = \"partner.test\"",
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg_path = dir.path().join("legate.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            r#"routing_node = "hn1"
+[node]
+admin_listen = "127.0.0.1:0"
+data_dir = "data"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "off"
+sip_tcp = "off"
+xmpp_s2s = "{legate_ip}:{legate_port}"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[xmpp.federation]
+mode = "allow_list"
+[[xmpp.federation.domain]]
+system = "fed-xmpp"
+{fed}
+[[home_node]]
+name = "hn1"
+addresses = ["{home_addr}"]
+component_secret = "{COMPONENT_SECRET}"
+default_system = "xmpp"
+"#,
+            cert = ours.cert.display(),
+            key = ours.key.display(),
+            ca = certs.ca_path().display(),
+            home_addr = home.component_addr(),
+        ),
+    )
+    .expect("write config");
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {dns_ip}\n")).expect("write resolv.conf");
+    let log = dir.path().join("legate.log");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("-m")
+        .arg("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "mount --bind '{}' /etc/resolv.conf && exec '{}' run --config '{}'",
+            resolv.display(),
+            env!("CARGO_BIN_EXE_legate"),
+            cfg_path.display()
+        ))
+        .current_dir(dir.path())
+        .env("LEGATE_LOG", "info");
+    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log).expect("legate run");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t0 = std::time::Instant::now();
+    let admin: SocketAddr = loop {
+        let text = read_log();
+        let s2s = text
+            .lines()
+            .find_map(|l| l.strip_prefix("legate: listening xmpp_s2s "))
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
+        let admin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("legate: listening admin "))
+            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
+        if let (Some(s), Some(a)) = (s2s, admin) {
+            assert_eq!(s, SocketAddr::new(IpAddr::V4(legate_ip), legate_port));
+            break a;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("legate exited ({st}):\n{text}");
+        }
+        assert!(t0.elapsed() < WAIT, "no announcements:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if mode != Mode::Refused {
+        while !read_log().contains("component xmpp.test connected to home node hn1") {
+            assert!(
+                t0.elapsed() < WAIT,
+                "component link not up:\n{}",
+                read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let mut cc = ClientConfig::plain(foreign.c2s_addr(), "xmpp.test", "bob", "pw");
+    cc.tls = Some(TlsOptions {
+        ca_pem: certs.ca_pem().as_bytes().to_vec(),
+        server_name: "xmpp.test".into(),
+    });
+    let mut bob = XmppClient::connect(cc).await.expect("bob logs in");
+    bob.send_presence(Some("chat"), Some("at desk"))
+        .await
+        .expect("presence");
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        home.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await
+    .expect("alice logs in");
+    alice
+        .send_presence(None, Some("at home"))
+        .await
+        .expect("presence");
+
+    let metrics = || http_get(admin, "/metrics");
+    if mode == Mode::Refused {
+        bob.send_message("alice@example.test", "let me in")
+            .await
+            .expect("send");
+        bob.next_stanza_matching(|st| st.is_type("error"), WAIT)
+            .await
+            .expect("bob gets an error back");
+        assert!(
+            alice
+                .next_stanza_matching(|st| st.raw.contains("xmpp.test"), Duration::from_secs(2))
+                .await
+                .is_err(),
+            "alice received something from the refused domain"
+        );
+        assert_log(&foreign, "federation with xmpp.test is not allowed");
+        let m = metrics().await;
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("legate_s2s_refused_total{reason=\"domain_not_allowed\"}")),
+            "{m}"
+        );
+    } else {
+        subscribe_and_approve(&mut bob, &mut alice).await;
+        subscribe_and_approve(&mut alice, &mut bob).await;
+        chat(&mut bob, &mut alice, "hello alice, through legate run").await;
+        chat(&mut alice, &mut bob, "hi bob, through legate run").await;
+        let m = metrics().await;
+        let auth = if mode == Mode::Certificates {
+            "external"
+        } else {
+            "dialback"
+        };
+        for dir in ["inbound", "outbound"] {
+            assert!(
+                m.lines().any(|l| l.starts_with("legate_s2s_streams_total")
+                    && l.contains(&format!("auth=\"{auth}\""))
+                    && l.contains(&format!("direction=\"{dir}\""))),
+                "no {dir} {auth} stream in the metrics:\n{m}"
+            );
+        }
+    }
+    alice.close().await;
+    bob.close().await;
+    drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_run_federates_with_certificates() {
+    tokio::time::timeout(TEST_TIMEOUT, binary_chain(Mode::Certificates, 6))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_run_federates_with_dialback() {
+    tokio::time::timeout(TEST_TIMEOUT, binary_chain(Mode::Dialback, 8))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_run_refuses_a_domain_by_policy() {
+    tokio::time::timeout(TEST_TIMEOUT, binary_chain(Mode::Refused, 10))
+        .await
+        .expect("test timed out");
+}
