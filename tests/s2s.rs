@@ -58,6 +58,7 @@ struct Opts<'a> {
     direct_tls: bool,
     handshake_secs: u64,
     queue: usize,
+    idle_secs: u64,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -96,7 +97,7 @@ component_secret = "a-long-enough-secret-1"
 default_system = "xmpp"
 [limits]
 handshake_timeout_secs = {hs}
-idle_timeout_secs = 30
+idle_timeout_secs = {idle}
 outbound_queue_per_domain = {queue}
 "#,
         local = o.local,
@@ -106,6 +107,7 @@ outbound_queue_per_domain = {queue}
         direct = if o.direct_tls { "127.0.0.1:0" } else { "off" },
         hs = o.handshake_secs,
         queue = o.queue,
+        idle = o.idle_secs,
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
@@ -255,6 +257,7 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         direct_tls: false,
         handshake_secs: 5,
         queue: 100,
+        idle_secs: 30,
     }
 }
 
@@ -406,6 +409,46 @@ async fn unreachable_and_silent_peers_bounce() {
         "{d:?}"
     );
     hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_stream_is_pinged_then_closed_and_reopened() {
+    // idle 10 s: whitespace every 3.3 s, an XEP-0199 ping at 6.7 s, close at 10 s.
+    let certs = CertFactory::new();
+    let mut oa = opts("example.test", "xmpp.test", "external_only");
+    oa.idle_secs = 10;
+    let mut ob = opts("xmpp.test", "example.test", "external_only");
+    ob.idle_secs = 10;
+    let mut a = side(&certs, oa).await;
+    let b = side(&certs, ob).await;
+    pair(&a, "example.test", &b, "xmpp.test", false);
+    let iq_in = || metric("legate_s2s_stanzas_total{direction=\"in\",kind=\"iq\"}");
+    let iq_before = iq_in();
+    b.hub.submit(
+        &hn1(),
+        chat("bob@xmpp.test/r", "alice@example.test", "before"),
+    );
+    assert!(body_text(&recv(&mut a.home).await).contains("before"));
+    // The ping reaches A, A answers it over its own stream to B (streams are one-way), and B
+    // drops the answer: neither home side sees an iq.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(iq_in() >= iq_before + 2, "ping and answer not seen");
+    assert!(
+        a.home.try_recv().is_err(),
+        "the gateway's ping reached the home node"
+    );
+    // B's stream closed at idle; the next stanza opens a new one.
+    let streams = || metric("legate_s2s_streams_total{direction=\"outbound\"}");
+    let before = streams();
+    b.hub.submit(
+        &hn1(),
+        chat("bob@xmpp.test/r", "alice@example.test", "after"),
+    );
+    assert!(body_text(&recv(&mut a.home).await).contains("after"));
+    assert!(
+        streams() > before,
+        "no new outbound stream after the idle close"
+    );
 }
 
 /// Reads until `needle` shows up or the peer closes; returns everything read.

@@ -319,16 +319,53 @@ impl Inbound {
         }
     }
 
+    /// XEP-0199 §4.2: a server-to-server ping addressed to one of our domains is answered by
+    /// the gateway itself, never relayed to a home node. Streams are one-way, so the result
+    /// leaves on our outbound stream toward the peer (raw bytes: a domain is no envelope
+    /// address). Returns whether the stanza was such a ping.
+    fn answer_ping(&self, stanza: &crate::xmpp::stanza::Stanza) -> bool {
+        if stanza.name() != "iq" || stanza.stanza_type().as_deref() != Some("get") {
+            return false;
+        }
+        let (Some(to), Some(from)) = (stanza.to(), stanza.from()) else {
+            return false;
+        };
+        let (Ok(local), Ok(peer)) = (Domain::parse(&to), Domain::parse(&from)) else {
+            return false; // not domain-addressed (a user's ping goes to the home node)
+        };
+        let kids = crate::xmpp::stanza::children(stanza);
+        if !kids
+            .first()
+            .is_some_and(|c| kids.len() == 1 && c.name == "ping" && c.ns == "urn:xmpp:ping")
+        {
+            return false;
+        }
+        let id = stanza.id().map(|i| i.into_owned()).unwrap_or_default();
+        let result = format!(
+            "<iq type='result' id='{}' from='{local}' to='{peer}'/>",
+            quick_xml::escape::escape(&id)
+        );
+        let _ = self
+            .shared
+            .raw_out
+            .try_send((local, peer, result.into_bytes()));
+        true
+    }
+
     fn deliver(&self, stanza: &crate::xmpp::stanza::Stanza) {
         STANZAS
             .with_label_values(&["in", super::metrics::kind(stanza.name())])
             .inc();
         // Answers to our own XEP-0199 pings come back on the peer's stream; they are ours.
         if stanza.name() == "iq"
+            && matches!(stanza.stanza_type().as_deref(), Some("result" | "error"))
             && stanza
                 .id()
                 .is_some_and(|id| id.starts_with(super::outbound::PING_ID_PREFIX))
         {
+            return;
+        }
+        if self.answer_ping(stanza) {
             return;
         }
         let Some(from) = stanza

@@ -65,6 +65,8 @@ pub struct Shared {
     pub secret: String,
     /// Targets that override DNS for a domain (tests; a static route).
     pub static_targets: Arc<DashMap<Domain, Vec<Target>>>,
+    /// Bytes the edge itself sends toward a peer (XEP-0199 answers), via the outbound manager.
+    pub raw_out: tokio::sync::mpsc::Sender<outbound::RawOut>,
 }
 
 impl Shared {
@@ -109,6 +111,7 @@ fn dialback_secret(cfg: &Config) -> Result<String, S2sError> {
 /// bound (style.md §6): TLS material, the dialback secret, the resolver.
 pub struct Prepared {
     shared: Arc<Shared>,
+    raw_rx: tokio::sync::mpsc::Receiver<outbound::RawOut>,
 }
 
 /// Builds the edge's shared state from the hub's configuration; binds nothing.
@@ -135,7 +138,9 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
         Some(r) => r,
         None => Arc::new(Resolver::from_config(&cfg)?),
     };
+    let (raw_out, raw_rx) = tokio::sync::mpsc::channel(256);
     Ok(Prepared {
+        raw_rx,
         shared: Arc::new(Shared {
             hub: hub.clone(),
             server_tls,
@@ -144,6 +149,7 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
             resolver,
             secret: dialback_secret(&cfg)?,
             static_targets: opts.static_targets,
+            raw_out,
         }),
     })
 }
@@ -156,7 +162,7 @@ impl Prepared {
         shutdown: watch::Receiver<bool>,
         tasks: &mut JoinSet<()>,
     ) -> Result<S2sHandle, S2sError> {
-        let shared = self.shared;
+        let Prepared { shared, raw_rx } = self;
         let cfg = shared.hub.config();
         let mut bound = Vec::new();
         for (what, addr, direct) in [
@@ -184,7 +190,7 @@ impl Prepared {
         let outbox = shared
             .hub
             .register_s2s(cfg.limits.outbound_queue_per_domain.clamp(1024, 65_536));
-        tasks.spawn(outbound::manager(shared, outbox, shutdown));
+        tasks.spawn(outbound::manager(shared, outbox, raw_rx, shutdown));
         Ok(S2sHandle { listeners })
     }
 }

@@ -36,24 +36,41 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 type PairKey = (Domain, Domain);
 
+/// What a pair task sends: an envelope from the hub, or bytes the edge itself writes (answers
+/// to XEP-0199 pings, which are addressed to a domain and so are no envelope).
+#[derive(Debug)]
+pub enum Out {
+    Env(Envelope),
+    Raw(Vec<u8>),
+}
+
+/// A raw write request: (local domain, remote domain, bytes).
+pub type RawOut = (Domain, Domain, Vec<u8>);
+
 /// The manager: routes outbox deliveries to pair tasks, starting them as needed.
 pub async fn manager(
     shared: Arc<Shared>,
     mut outbox: mpsc::Receiver<Delivery>,
+    mut raw: mpsc::Receiver<RawOut>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut pairs: HashMap<PairKey, mpsc::Sender<Envelope>> = HashMap::new();
+    let mut pairs: HashMap<PairKey, mpsc::Sender<Out>> = HashMap::new();
     let mut sd = shutdown.clone();
     loop {
-        let d = tokio::select! {
+        let (local, remote, out) = tokio::select! {
             _ = sd.changed() => return,
-            d = outbox.recv() => match d { Some(d) => d, None => return },
+            d = outbox.recv() => match d {
+                Some(Delivery { link: Link::S2s { domain }, envelope }) => {
+                    (envelope.from.domain.clone(), domain, Out::Env(envelope))
+                }
+                Some(_) => continue,
+                None => return,
+            },
+            r = raw.recv() => match r {
+                Some((l, r, b)) => (l, r, Out::Raw(b)),
+                None => continue,
+            },
         };
-        let Link::S2s { domain: remote } = d.link else {
-            continue;
-        };
-        let env = d.envelope;
-        let local = env.from.domain.clone();
         let cfg = shared.hub.config();
         if !cfg.is_local_domain(&local) {
             tracing::warn!(%local, "s2s outbox: sender is not from a local domain; dropped");
@@ -61,7 +78,7 @@ pub async fn manager(
         }
         pairs.retain(|_, tx| !tx.is_closed());
         let key = (local.clone(), remote.clone());
-        let mut env = env;
+        let mut env = out;
         // Twice at most: a pair task may have just ended (idle) between `retain` and the send.
         for attempt in 0..2 {
             let tx = pairs.entry(key.clone()).or_insert_with(|| {
@@ -81,7 +98,7 @@ pub async fn manager(
                     break;
                 }
                 Err(mpsc::error::TrySendError::Full(e)) => {
-                    bounce(
+                    bounce_out(
                         &shared,
                         &remote,
                         &e,
@@ -93,7 +110,7 @@ pub async fn manager(
                 Err(mpsc::error::TrySendError::Closed(e)) => {
                     pairs.remove(&key);
                     if attempt == 1 {
-                        bounce(
+                        bounce_out(
                             &shared,
                             &remote,
                             &e,
@@ -106,6 +123,13 @@ pub async fn manager(
                 }
             }
         }
+    }
+}
+
+/// [`bounce`] for an envelope; raw writes are best effort and just dropped.
+fn bounce_out(shared: &Shared, remote: &Domain, out: &Out, c: ErrorCondition, text: &str) {
+    if let Out::Env(env) = out {
+        bounce(shared, remote, env, c, text);
     }
 }
 
@@ -127,7 +151,7 @@ async fn pair_task(
     shared: Arc<Shared>,
     local: Domain,
     remote: Domain,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<Out>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -143,7 +167,7 @@ async fn pair_task(
         QUEUE.dec();
         if let Some((at, why)) = &retry_at {
             if Instant::now() < *at {
-                bounce(&shared, &remote, &first, why.condition(), &why.to_string());
+                bounce_out(&shared, &remote, &first, why.condition(), &why.to_string());
                 continue;
             }
         }
@@ -164,10 +188,10 @@ async fn pair_task(
             }
             Err(e) => {
                 tracing::warn!(%local, %remote, error = %e, "outbound s2s failed; bouncing queued stanzas");
-                bounce(&shared, &remote, &first, e.condition(), &e.to_string());
-                while let Ok(env) = rx.try_recv() {
+                bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
+                while let Ok(out) = rx.try_recv() {
                     QUEUE.dec();
-                    bounce(&shared, &remote, &env, e.condition(), &e.to_string());
+                    bounce_out(&shared, &remote, &out, e.condition(), &e.to_string());
                 }
                 retry_at = Some((Instant::now() + backoff, e));
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -252,8 +276,8 @@ async fn established(
     mut conn: Conn,
     local: &Domain,
     remote: &Domain,
-    first: Envelope,
-    rx: &mut mpsc::Receiver<Envelope>,
+    first: Out,
+    rx: &mut mpsc::Receiver<Out>,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let cfg = shared.hub.config();
@@ -262,12 +286,14 @@ async fn established(
     let keepalive = (idle / 3).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut last_stanza = Instant::now();
     let mut last_write = Instant::now();
-    let mut ticks = 0u32;
+    // Keepalive ticks since the last stanza: whitespace each tick, an XEP-0199 ping on the
+    // second quiet tick (two thirds into the idle period), close at the idle timeout.
+    let mut quiet_ticks = 0u32;
     let mut pending = Some(first);
     loop {
         if let Some(env) = pending.take() {
-            if !write_envelope(shared, &mut conn, remote, &env).await {
-                bounce(
+            if !write_out(shared, &mut conn, remote, &env).await {
+                bounce_out(
                     shared,
                     remote,
                     &env,
@@ -278,6 +304,7 @@ async fn established(
             }
             last_stanza = Instant::now();
             last_write = last_stanza;
+            quiet_ticks = 0;
         }
         let next_ka = last_write + keepalive;
         let idle_at = last_stanza + idle;
@@ -310,11 +337,12 @@ async fn established(
                     }).await;
                     break;
                 }
-                ticks += 1;
-                // Whitespace keepalive (RFC 6120 §4.6.1); every fourth tick an XEP-0199 ping
-                // (its answer comes back on the peer's stream; a dead peer shows as a
-                // failed write here).
-                let bytes = if ticks % 4 == 0 {
+                quiet_ticks += 1;
+                // Whitespace keepalive (RFC 6120 §4.6.1), and once per quiet period an XEP-0199
+                // ping: its answer comes back on the peer's stream (and is dropped there), a
+                // dead peer shows as a failed or timed-out write here.
+                let bytes = if quiet_ticks == 2 {
+                    STANZAS.with_label_values(&["out", "iq"]).inc();
                     format!(
                         "<iq type='get' id='{PING_ID_PREFIX}{}' from='{}' to='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
                         PING_SEQ.fetch_add(1, Ordering::Relaxed),
@@ -356,7 +384,14 @@ fn stanza_kind(env: &Envelope) -> &'static str {
     }
 }
 
-async fn write_envelope(shared: &Shared, conn: &mut Conn, remote: &Domain, env: &Envelope) -> bool {
+async fn write_out(shared: &Shared, conn: &mut Conn, remote: &Domain, out: &Out) -> bool {
+    let env = match out {
+        Out::Env(e) => e,
+        Out::Raw(b) => {
+            STANZAS.with_label_values(&["out", "iq"]).inc();
+            return conn.send(b).await.is_ok();
+        }
+    };
     let maps = shared.hub.maps().current();
     let mut out = Vec::with_capacity(256);
     if let Err(e) = envelope_to_stanza(env, &maps, &mut out) {
