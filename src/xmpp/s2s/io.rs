@@ -60,3 +60,27 @@ impl AsyncWrite for Rewind {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn prefix_is_read_first_then_the_stream() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut r = Rewind::new(BytesMut::from(&b"\x16\x03\x01"[..]), Box::new(a));
+        b.write_all(b"rest").await.unwrap_or_else(|e| panic!("{e}"));
+        let mut got = vec![0u8; 7];
+        r.read_exact(&mut got)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, b"\x16\x03\x01rest");
+        r.write_all(b"out").await.unwrap_or_else(|e| panic!("{e}"));
+        let mut back = [0u8; 3];
+        b.read_exact(&mut back)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&back, b"out");
+    }
+}

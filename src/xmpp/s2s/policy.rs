@@ -58,3 +58,74 @@ pub fn system_for(cfg: &Config, domain: &Domain) -> String {
     cfg.xmpp_domain(domain)
         .map_or_else(|| "fed-xmpp".to_string(), |e| e.system.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{from_toml, BUILTIN_SYSTEMS};
+    use std::path::Path;
+
+    fn cfg(mode: &str, entries: &str) -> Config {
+        let toml = format!(
+            "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\n\
+             [xmpp.federation]\nmode = \"{mode}\"\n{entries}"
+        );
+        from_toml(&toml, Path::new("t.toml"), BUILTIN_SYSTEMS).unwrap_or_else(|d| panic!("{d}"))
+    }
+
+    const ENTRIES: &str = "[[xmpp.federation.domain]]\nname = \"ext.test\"\nauth = \"external_only\"\n\
+        [[xmpp.federation.domain]]\nname = \"db.test\"\nauth = \"dialback_only\"\ntls = \"optional\"\n\
+        [[xmpp.federation.domain]]\nname = \"evil.test\"\ndeny = true\n";
+
+    #[test]
+    fn allow_list_entries_and_their_auth() {
+        let c = cfg("allow_list", ENTRIES);
+        assert_eq!(
+            policy_for(&c, "ext.test"),
+            Ok(S2sPolicy {
+                tls_required: true,
+                sasl_external_allowed: true,
+                dialback_allowed: false
+            })
+        );
+        assert_eq!(
+            policy_for(&c, "DB.test."),
+            Ok(S2sPolicy {
+                tls_required: false,
+                sasl_external_allowed: false,
+                dialback_allowed: true
+            })
+        );
+        for refused in [
+            "other.test",
+            "evil.test",
+            "sub.ext.test",
+            "example.com",
+            "partner.com",
+        ] {
+            let (c, text) = policy_for(&c, refused).expect_err(refused);
+            assert_eq!(c, StreamErrorCondition::PolicyViolation);
+            assert!(text.contains("not allowed"), "{text}");
+        }
+        let (c, _) = policy_for(&c, "not a domain").expect_err("invalid");
+        assert_eq!(c, StreamErrorCondition::NotAuthorized);
+    }
+
+    #[test]
+    fn deny_list_lets_unlisted_domains_in_with_the_default() {
+        let c = cfg("deny_list", ENTRIES);
+        assert_eq!(policy_for(&c, "anyone.test"), Ok(DEFAULT_POLICY));
+        assert!(policy_for(&c, "evil.test").is_err());
+        assert!(
+            policy_for(&c, "partner.com").is_err(),
+            "SIP domains never over XMPP"
+        );
+        assert_eq!(
+            system_for(
+                &c,
+                &Domain::parse("anyone.test").unwrap_or_else(|e| panic!("{e}"))
+            ),
+            "fed-xmpp"
+        );
+    }
+}
