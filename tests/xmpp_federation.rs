@@ -54,6 +54,9 @@ enum Mode {
     Certificates,
     Dialback,
     Refused,
+    /// Legate allows both methods; Prosody does not trust our CA: Prosody → Legate uses SASL
+    /// EXTERNAL (its certificate is good for us), Legate → Prosody falls back to dialback.
+    Mixed,
 }
 
 struct Setup {
@@ -96,7 +99,7 @@ async fn setup(mode: Mode, block: u8, with_home: bool) -> Setup {
         // Certificates only: Prosody trusts our CA, no dialback module.
         Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
         // TLS required but our certificate untrusted by Prosody: dialback over TLS.
-        Mode::Dialback => pc.s2s_require_encryption = true,
+        Mode::Dialback | Mode::Mixed => pc.s2s_require_encryption = true,
     }
     let dns = Dnsmasq::start(&[
         DnsRecord::a("example.test", legate_ip),
@@ -114,6 +117,7 @@ async fn setup(mode: Mode, block: u8, with_home: bool) -> Setup {
             "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\nauth = \"dialback_only\"\n"
         }
         Mode::Refused => "[[xmpp.federation.domain]]\nname = \"partner.test\"\nsystem = \"fed-xmpp\"\n",
+        Mode::Mixed => "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\n",
     };
     let home_prosody = with_home.then(|| {
         Prosody::start(
@@ -477,6 +481,22 @@ async fn refused_domain_gets_nothing_through() {
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_external_one_way_dialback_the_other() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let before_in = metric_sum("legate_s2s_streams_total", &["external", "inbound"]);
+        let before_out = metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]);
+        let mut s = setup(Mode::Mixed, 12, false).await;
+        federate(&mut s).await;
+        assert_log(&s.prosody, "SASL EXTERNAL with example.test succeeded");
+        assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
+        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) > before_in);
+        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) > before_out);
+    })
+    .await
+    .expect("test timed out");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The whole chain: foreign Prosody ⇄ Legate (s2s edge + component link) ⇄ home Prosody.
 
@@ -704,7 +724,7 @@ async fn binary_chain(mode: Mode, block: u8) {
         );
     match mode {
         Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
-        Mode::Dialback => pc.s2s_require_encryption = true,
+        Mode::Dialback | Mode::Mixed => pc.s2s_require_encryption = true,
     }
     let _dns = dns53(
         dns_ip,
@@ -728,6 +748,7 @@ async fn binary_chain(mode: Mode, block: u8) {
         Mode::Certificates => "name = \"xmpp.test\"\nauth = \"external_only\"",
         Mode::Dialback => "name = \"xmpp.test\"\nauth = \"dialback_only\"",
         Mode::Refused => "name = \"partner.test\"",
+        Mode::Mixed => "name = \"xmpp.test\"",
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg_path = dir.path().join("legate.toml");
