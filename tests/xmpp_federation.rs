@@ -57,6 +57,9 @@ enum Mode {
     /// Legate allows both methods; Prosody does not trust our CA: Prosody → Legate uses SASL
     /// EXTERNAL (its certificate is good for us), Legate → Prosody falls back to dialback.
     Mixed,
+    /// Prosody without TLS at all (plaintext dialback); Legate's policy for xmpp.test says
+    /// `tls = "optional"`.
+    Plain,
 }
 
 struct Setup {
@@ -87,15 +90,18 @@ async fn setup(mode: Mode, block: u8, with_home: bool) -> Setup {
 
     let mut pc = ProsodyConfig::new(foreign_ip)
         .host("xmpp.test")
-        .user("xmpp.test", "bob", "pw")
-        .host_cert(
+        .user("xmpp.test", "bob", "pw");
+    if mode != Mode::Plain {
+        pc = pc.host_cert(
             "xmpp.test",
             CertPaths {
                 cert: theirs.cert.clone(),
                 key: theirs.key.clone(),
             },
         );
+    }
     match mode {
+        Mode::Plain => {}
         // Certificates only: Prosody trusts our CA, no dialback module.
         Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
         // TLS required but our certificate untrusted by Prosody: dialback over TLS.
@@ -118,6 +124,9 @@ async fn setup(mode: Mode, block: u8, with_home: bool) -> Setup {
         }
         Mode::Refused => "[[xmpp.federation.domain]]\nname = \"partner.test\"\nsystem = \"fed-xmpp\"\n",
         Mode::Mixed => "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\n",
+        Mode::Plain => {
+            "[[xmpp.federation.domain]]\nname = \"xmpp.test\"\nsystem = \"fed-xmpp\"\ntls = \"optional\"\n"
+        }
     };
     let home_prosody = with_home.then(|| {
         Prosody::start(
@@ -223,6 +232,9 @@ handshake_timeout_secs = 10
         ca_pem: certs.ca_pem().as_bytes().to_vec(),
         server_name: "xmpp.test".into(),
     });
+    if mode == Mode::Plain {
+        cc.tls = None;
+    }
     let mut bob = XmppClient::connect(cc).await.expect("bob logs in");
     bob.send_presence(Some("chat"), Some("at desk"))
         .await
@@ -497,6 +509,18 @@ async fn prosody_external_one_way_dialback_the_other() {
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prosody_plaintext_dialback_where_policy_allows_it() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut s = setup(Mode::Plain, 13, false).await;
+        federate(&mut s).await;
+        assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
+        assert!(!s.prosody.log().contains("Stream encrypted"));
+    })
+    .await
+    .expect("test timed out");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The whole chain: foreign Prosody ⇄ Legate (s2s edge + component link) ⇄ home Prosody.
 
@@ -724,7 +748,7 @@ async fn binary_chain(mode: Mode, block: u8) {
         );
     match mode {
         Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
-        Mode::Dialback | Mode::Mixed => pc.s2s_require_encryption = true,
+        Mode::Dialback | Mode::Mixed | Mode::Plain => pc.s2s_require_encryption = true,
     }
     let _dns = dns53(
         dns_ip,
@@ -748,7 +772,7 @@ async fn binary_chain(mode: Mode, block: u8) {
         Mode::Certificates => "name = \"xmpp.test\"\nauth = \"external_only\"",
         Mode::Dialback => "name = \"xmpp.test\"\nauth = \"dialback_only\"",
         Mode::Refused => "name = \"partner.test\"",
-        Mode::Mixed => "name = \"xmpp.test\"",
+        Mode::Mixed | Mode::Plain => "name = \"xmpp.test\"",
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg_path = dir.path().join("legate.toml");

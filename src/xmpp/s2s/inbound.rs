@@ -118,7 +118,9 @@ async fn handle(
     let locals: Vec<&str> = cfg.local_domains.iter().map(|d| d.name.as_str()).collect();
     let mut mc = S2sConfig::receiving(&locals, &shared.secret);
     mc.tls_available = shared.server_tls.is_some();
-    mc.timeout = handshake;
+    // The whole negotiation: STARTTLS, then SASL or dialback, whose verification is itself a
+    // connection to the authoritative server bounded by two handshake timeouts (`verify`).
+    mc.timeout = handshake * 3;
     mc.policy_lookup = Some(super::policy::lookup(shared.hub.clone()));
     let tls = shared
         .server_tls

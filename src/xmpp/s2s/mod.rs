@@ -127,8 +127,18 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
     let client_tls = if settings.trust_bundle.is_some() {
         Some(ClientTls::new(&settings)?)
     } else {
+        tracing::warn!(
+            "tls.trust_bundle is not set: outbound s2s cannot verify peers, so it cannot use \
+             TLS; domains whose policy requires TLS (the default) will be unreachable"
+        );
         None
     };
+    if !have_cert && cfg.listeners.xmpp_s2s.is_some() {
+        tracing::warn!(
+            "no certificate for the s2s listener: STARTTLS is not offered, so only domains \
+             with tls = \"optional\" can federate inbound"
+        );
+    }
     if server_tls.is_none() && cfg.listeners.xmpp_s2s_direct_tls.is_some() {
         return Err(S2sError::NeedsCertificate {
             what: "xmpp_s2s_direct_tls",
