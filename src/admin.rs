@@ -62,7 +62,7 @@ pub async fn serve(
 fn status_json(hub: &Hub, started: Instant) -> String {
     let cfg = hub.config();
     let maps = hub.maps().current();
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "node": cfg.node.id.to_string(),
         "uptime_secs": started.elapsed().as_secs(),
         "local_domains": cfg.local_domains.iter().map(|d| d.name.to_string()).collect::<Vec<_>>(),
@@ -72,6 +72,11 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         "directory_users": hub.directory().len(),
         "mapping_systems": maps.system_names().collect::<Vec<_>>(),
         "mapping_tables": maps.tables.len(),
-    })
-    .to_string()
+    });
+    if let Some(obj) = doc.as_object_mut() {
+        for (name, value) in hub.status_sections() {
+            obj.insert(name.to_string(), value);
+        }
+    }
+    doc.to_string()
 }

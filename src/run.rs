@@ -89,12 +89,36 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         None
     };
     let settings = crate::xmpp::link::LinkSettings::from_config(&hub.config());
-    crate::xmpp::link::spawn(
+    let links = crate::xmpp::link::spawn(
         hub.clone(),
         resolver,
         settings,
         shutdown.clone(),
         &mut tasks,
+    );
+    let status = links.status.clone();
+    hub.add_status(
+        "component_links",
+        Arc::new(move || {
+            serde_json::Value::Array(
+                status
+                    .snapshot()
+                    .into_iter()
+                    .map(|(home_node, domain, s)| {
+                        serde_json::json!({
+                            "home_node": home_node,
+                            "domain": domain.to_string(),
+                            "up": s.up,
+                            "peer": s.peer.map(|p| p.to_string()),
+                            "connects": s.connects,
+                            "failures": s.failures,
+                            "last_failure": s.last_failure.map(|(label, text)| format!("{label}: {text}")),
+                            "queued": s.queued,
+                        })
+                    })
+                    .collect(),
+            )
+        }),
     );
 
     let mut shutdown = shutdown;

@@ -65,7 +65,11 @@ pub enum Submitted {
     Unavailable(Link),
 }
 
+/// A function an edge registers to show its state in the admin `/status` document.
+pub type StatusProvider = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 pub struct Hub {
+    status: DashMap<&'static str, StatusProvider>,
     config: ArcSwap<Config>,
     maps: MappingStore,
     directory: Directory,
@@ -75,6 +79,7 @@ pub struct Hub {
 impl Hub {
     pub fn new(config: Config, maps: MappingStore) -> Arc<Self> {
         Arc::new(Hub {
+            status: DashMap::new(),
             config: ArcSwap::from_pointee(config),
             maps,
             directory: Directory::default(),
@@ -92,6 +97,23 @@ impl Hub {
 
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Adds (or replaces) the section `name` of the admin `/status` document.
+    pub fn add_status(&self, name: &'static str, provider: StatusProvider) {
+        self.status.insert(name, provider);
+    }
+
+    /// Every registered status section, rendered now, sorted by name.
+    pub fn status_sections(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let providers: Vec<(&'static str, StatusProvider)> = self
+            .status
+            .iter()
+            .map(|e| (*e.key(), e.value().clone()))
+            .collect();
+        let mut out: Vec<_> = providers.into_iter().map(|(k, f)| (k, f())).collect();
+        out.sort_by_key(|(k, _)| *k);
+        out
     }
 
     /// Registers the outbox of a component link; returns its receiver.
