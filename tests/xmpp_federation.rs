@@ -916,6 +916,12 @@ default_system = "xmpp"
         } else {
             "dialback"
         };
+        let st = http_get(admin, "/status").await;
+        assert!(
+            st.contains("\"remote\":\"xmpp.test\"") && st.contains("\"up\":true"),
+            "/status does not show the outbound stream:\n{st}"
+        );
+        assert!(st.contains(&format!("\"auth\":\"{auth}\"")), "{st}");
         for dir in ["inbound", "outbound"] {
             assert!(
                 m.lines().any(|l| l.starts_with("legate_s2s_streams_total")

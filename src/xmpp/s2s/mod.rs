@@ -67,6 +67,32 @@ pub struct Shared {
     pub static_targets: Arc<DashMap<Domain, Vec<Target>>>,
     /// Bytes the edge itself sends toward a peer (XEP-0199 answers), via the outbound manager.
     pub raw_out: tokio::sync::mpsc::Sender<outbound::RawOut>,
+    /// What `/status` shows about each outbound pair.
+    pub pairs: Arc<DashMap<(Domain, Domain), PairStatus>>,
+}
+
+/// The admin view of one outbound (local, remote) pair.
+#[derive(Debug, Clone, Default)]
+pub struct PairStatus {
+    pub up: bool,
+    /// `external` or `dialback` on the current (or last) stream.
+    pub auth: Option<&'static str>,
+    /// The target of the current (or last) stream.
+    pub target: Option<String>,
+    pub connects: u64,
+    pub failures: u64,
+    pub last_failure: Option<String>,
+}
+
+impl Shared {
+    /// Updates the status of a pair in place.
+    pub fn pair_status(&self, local: &Domain, remote: &Domain, f: impl FnOnce(&mut PairStatus)) {
+        let mut e = self
+            .pairs
+            .entry((local.clone(), remote.clone()))
+            .or_default();
+        f(e.value_mut());
+    }
 }
 
 impl Shared {
@@ -160,6 +186,7 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
             secret: dialback_secret(&cfg)?,
             static_targets: opts.static_targets,
             raw_out,
+            pairs: Arc::new(DashMap::new()),
         }),
     })
 }
@@ -189,6 +216,34 @@ impl Prepared {
                 .map_err(|source| S2sError::Bind { what, addr, source })?;
             bound.push((what, l.local_addr().unwrap_or(addr), l, direct));
         }
+        let pairs = shared.pairs.clone();
+        let listening: Vec<String> = bound
+            .iter()
+            .map(|(w, a, _, _)| format!("{w} {a}"))
+            .collect();
+        shared.hub.add_status(
+            "s2s",
+            Arc::new(move || {
+                let mut out: Vec<serde_json::Value> = pairs
+                    .iter()
+                    .map(|e| {
+                        let ((local, remote), s) = (e.key(), e.value());
+                        serde_json::json!({
+                            "local": local.to_string(),
+                            "remote": remote.to_string(),
+                            "up": s.up,
+                            "auth": s.auth,
+                            "target": s.target,
+                            "connects": s.connects,
+                            "failures": s.failures,
+                            "last_failure": s.last_failure,
+                        })
+                    })
+                    .collect();
+                out.sort_by_key(|v| (v["local"].to_string(), v["remote"].to_string()));
+                serde_json::json!({ "listeners": listening, "outbound": out })
+            }),
+        );
         let mut listeners = Vec::new();
         for (what, addr, l, direct) in bound {
             listeners.push((what, addr));

@@ -172,9 +172,15 @@ async fn pair_task(
             }
         }
         match connect(&shared, &local, &remote).await {
-            Ok(conn) => {
+            Ok((conn, auth, target)) => {
                 backoff = BACKOFF_MIN;
                 retry_at = None;
+                shared.pair_status(&local, &remote, |s| {
+                    s.up = true;
+                    s.auth = Some(auth);
+                    s.target = Some(target);
+                    s.connects += 1;
+                });
                 established(
                     &shared,
                     conn,
@@ -185,8 +191,14 @@ async fn pair_task(
                     &mut shutdown,
                 )
                 .await;
+                shared.pair_status(&local, &remote, |s| s.up = false);
             }
             Err(e) => {
+                shared.pair_status(&local, &remote, |s| {
+                    s.up = false;
+                    s.failures += 1;
+                    s.last_failure = Some(e.to_string());
+                });
                 tracing::warn!(%local, %remote, error = %e, "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
                 while let Ok(out) = rx.try_recv() {
@@ -201,7 +213,12 @@ async fn pair_task(
 }
 
 /// Connects and authenticates, failing over across targets.
-async fn connect(shared: &Shared, local: &Domain, remote: &Domain) -> Result<Conn, DialError> {
+/// Returns the authenticated connection, its auth method label and the target used.
+async fn connect(
+    shared: &Shared,
+    local: &Domain,
+    remote: &Domain,
+) -> Result<(Conn, &'static str, String), DialError> {
     let ts = targets(shared, remote).await?;
     let mut last = DialError::NotFound(format!("{remote}: no targets"));
     for t in &ts {
@@ -229,7 +246,7 @@ async fn connect(shared: &Shared, local: &Domain, remote: &Domain) -> Result<Con
                         };
                         STREAMS.with_label_values(&["outbound", m]).inc();
                         tracing::info!(%local, %remote, auth = m, target = %t, "outbound s2s authenticated");
-                        outcome = Some(Ok(()));
+                        outcome = Some(Ok(m));
                     }
                     Up::Ended { condition, text } => {
                         let msg = format!("{remote}: {text}");
@@ -256,7 +273,7 @@ async fn connect(shared: &Shared, local: &Domain, remote: &Domain) -> Result<Con
             }
         };
         match r {
-            Ok(()) => return Ok(conn),
+            Ok(m) => return Ok((conn, m, t.to_string())),
             Err(e) => {
                 tracing::info!(%remote, target = %t, error = %e, "s2s negotiation failed");
                 conn.shutdown().await;
