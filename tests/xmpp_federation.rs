@@ -38,13 +38,13 @@ use tokio::task::JoinSet;
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(15);
 /// Loopback addresses of our own, one block of three per test (Legate, foreign Prosody, home
-/// Prosody), away from the harness (.2–.4) and component-link (.6–.11) tests.
+/// Prosody) in 127.0.1.0/24, away from every other test's 127.0.0.x.
 fn ips(block: u8) -> (Ipv4Addr, Ipv4Addr, Ipv4Addr) {
     let b = 20 + 3 * block;
     (
-        Ipv4Addr::new(127, 0, 0, b),
-        Ipv4Addr::new(127, 0, 0, b + 1),
-        Ipv4Addr::new(127, 0, 0, b + 2),
+        Ipv4Addr::new(127, 0, 1, b),
+        Ipv4Addr::new(127, 0, 1, b + 1),
+        Ipv4Addr::new(127, 0, 1, b + 2),
     )
 }
 const COMPONENT_SECRET: &str = "component-secret-0123456789";
@@ -731,7 +731,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 
 async fn binary_chain(mode: Mode, block: u8) {
     let (legate_ip, foreign_ip, home_ip) = ips(block);
-    let dns_ip = Ipv4Addr::new(127, 0, 0, 20 + 3 * block + 3);
+    let dns_ip = Ipv4Addr::new(127, 0, 1, 20 + 3 * block + 3);
     let certs = CertFactory::new();
     let ours = certs.leaf("example.test", &["example.test"]);
     let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
