@@ -67,7 +67,9 @@ pub async fn open(
     let _ = sock.set_nodelay(true);
     mc.tls_available = shared.client_tls.is_some();
     mc.have_client_certificate = shared.have_client_cert;
-    mc.timeout = handshake;
+    // STARTTLS, then SASL or dialback (the peer verifying our key calls back to us): each step
+    // is bounded by the handshake timeout, the whole negotiation by three of them.
+    mc.timeout = handshake * 3;
     let tls = match &shared.client_tls {
         Some(t) => TlsSide::Client {
             tls: t.clone(),
