@@ -695,3 +695,71 @@ async fn relay_throughput() {
         bytes as f64 / secs / 1e6
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_dialback_key_is_refused_by_the_authoritative_server() {
+    // A raw client claims xmpp.test with a made-up key; A asks B (the real authoritative server
+    // of xmpp.test, over a verify-only stream) and B says invalid.
+    let certs = CertFactory::new();
+    let mut a = side(&certs, opts("example.test", "xmpp.test", "dialback_only")).await;
+    let b = side(&certs, opts("xmpp.test", "example.test", "dialback_only")).await;
+    pair(&a, "example.test", &b, "xmpp.test", false);
+    let settings = legate::tls::TlsSettings {
+        default_cert: None,
+        domain_certs: vec![],
+        trust_bundle: Some(certs.ca_path().to_path_buf()),
+        min_version: legate::config::TlsVersion::V1_2,
+    };
+    let ct = legate::tls::ClientTls::new(&settings).expect("client tls");
+    const HDR: &[u8] = b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' version='1.0' to='example.test' from='xmpp.test'>";
+    let mut s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    s.write_all(HDR).await.expect("write");
+    read_until(&mut s, "</stream:features>").await;
+    s.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .expect("write");
+    read_until(&mut s, "<proceed").await;
+    let mut t = ct
+        .connect(s, None, &dom("example.test"), Duration::from_secs(5))
+        .await
+        .expect("tls");
+    let mut seen = String::new();
+    let mut read_tls = async |t: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                              needle: &str| {
+        let _ = tokio::time::timeout(T, async {
+            let mut buf = [0u8; 4096];
+            while !seen.contains(needle) {
+                match t.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        })
+        .await;
+        seen.clone()
+    };
+    t.write_all(HDR).await.expect("write");
+    let got = read_tls(&mut t, "</stream:features>").await;
+    assert!(got.contains("urn:xmpp:features:dialback"), "{got}");
+    assert!(!got.contains("EXTERNAL"), "{got}");
+    t.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef0123456789abcdef</db:result>")
+        .await
+        .expect("write");
+    let got = read_tls(&mut t, "type='invalid'").await;
+    assert!(got.contains("type='invalid'"), "{got}");
+    t.write_all(
+        b"<message from='bob@xmpp.test' to='alice@example.test'><body>spoof</body></message>",
+    )
+    .await
+    .expect("write");
+    let got = read_tls(&mut t, "</stream:stream>").await;
+    assert!(got.contains("<not-authorized"), "{got}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.home.recv())
+            .await
+            .is_err(),
+        "a forged dialback got a stanza through"
+    );
+}
