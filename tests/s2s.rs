@@ -59,6 +59,7 @@ struct Opts<'a> {
     handshake_secs: u64,
     queue: usize,
     idle_secs: u64,
+    per_peer: usize,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -98,6 +99,7 @@ default_system = "xmpp"
 [limits]
 handshake_timeout_secs = {hs}
 idle_timeout_secs = {idle}
+max_connections_per_peer = {per_peer}
 outbound_queue_per_domain = {queue}
 "#,
         local = o.local,
@@ -108,6 +110,7 @@ outbound_queue_per_domain = {queue}
         hs = o.handshake_secs,
         queue = o.queue,
         idle = o.idle_secs,
+        per_peer = o.per_peer,
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
@@ -258,6 +261,7 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         handshake_secs: 5,
         queue: 100,
         idle_secs: 30,
+        per_peer: 64,
     }
 }
 
@@ -762,4 +766,97 @@ async fn forged_dialback_key_is_refused_by_the_authoritative_server() {
             .is_err(),
         "a forged dialback got a stanza through"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_fails_over_to_the_next_target() {
+    let certs = CertFactory::new();
+    let mut a = side(&certs, opts("example.test", "xmpp.test", "external_only")).await;
+    let b = side(&certs, opts("xmpp.test", "example.test", "external_only")).await;
+    pair(&a, "example.test", &b, "xmpp.test", false);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closed = l.local_addr().expect("addr");
+    drop(l);
+    let mut ts = target(closed, Transport::Tcp);
+    ts.extend(target(a.s2s, Transport::Tcp));
+    b.targets.insert(dom("example.test"), ts);
+    b.hub.submit(
+        &hn1(),
+        chat("bob@xmpp.test/r", "alice@example.test", "second target"),
+    );
+    assert!(body_text(&recv(&mut a.home).await).contains("second target"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_bounces_with_resource_constraint() {
+    let certs = CertFactory::new();
+    let mut o = opts("xmpp.test", "example.test", "external_or_dialback");
+    o.queue = 1;
+    o.handshake_secs = 1;
+    let mut b = side(&certs, o).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let saddr = silent.local_addr().expect("addr");
+    let hold = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            socks.push(s);
+        }
+    });
+    b.targets
+        .insert(dom("example.test"), target(saddr, Transport::Tcp));
+    for i in 0..3 {
+        b.hub.submit(
+            &hn1(),
+            chat("bob@xmpp.test", "alice@example.test", &format!("m{i}")),
+        );
+        // Let the pair task take the first one out of its queue and start connecting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conditions = Vec::new();
+    for _ in 0..3 {
+        match recv(&mut b.home).await.envelope.body {
+            Body::Error { condition, .. } => conditions.push(condition),
+            other => panic!("expected a bounce, got {other:?}"),
+        }
+    }
+    // The third found the queue (one waiting, one being connected) full at once; the two
+    // others waited for the silent peer and timed out.
+    assert_eq!(
+        conditions,
+        vec![
+            ErrorCondition::ResourceConstraint,
+            ErrorCondition::RemoteServerTimeout,
+            ErrorCondition::RemoteServerTimeout
+        ]
+    );
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_peer_are_bounded() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_only");
+    o.per_peer = 1;
+    let a = side(&certs, o).await;
+    let _first = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    second
+        .write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0' to='example.test' from='xmpp.test'>")
+        .await
+        .ok();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(T, second.read(&mut buf))
+        .await
+        .expect("the second connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the second connection from one address was served");
 }
