@@ -3,11 +3,16 @@
 //! outbox registered on each hub plays the home node. Every stanza crosses B's outbound
 //! manager, TCP + STARTTLS (or direct TLS), A's inbound listener and A's hub, and the other way.
 //!
-//! What is proven: SASL EXTERNAL both ways with certificates from the test CA; dialback both
-//! ways (each side's verify-only stream asking the other's authoritative server); refusal by
+//! What is proven: SASL EXTERNAL both ways with certificates from the test CA, over STARTTLS and
+//! XEP-0368 direct TLS; dialback both ways (each side's verify-only stream asking the other's
+//! authoritative server), and a forged dialback key refused after that question; refusal by
 //! federation policy (stream error with a text, nothing reaches A's home side, B's sender gets
-//! a bounce); bounces with `remote-server-not-found` / `remote-server-timeout` when the peer is
-//! unreachable or silent; raw-bytes checks of what a plaintext peer gets when TLS is required.
+//! a bounce); an EXTERNAL-only domain with a non-matching certificate gets `<not-authorized/>`
+//! saying why; bounces with `remote-server-not-found` / `remote-server-timeout` /
+//! `resource-constraint` (unreachable, silent, full queue); failover across targets;
+//! connections per peer bounded; XEP-0199 ping on a quiet stream, idle close and reopen;
+//! raw-bytes checks of what a plaintext peer gets when TLS is required. `relay_throughput`
+//! (ignored) is the load run behind the README figure.
 
 mod common;
 
