@@ -43,6 +43,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
     let admin_addr = config.node.admin_listen;
     let hub = Hub::new(config, maps);
+    // Edges load their TLS material and secrets before anything binds.
+    let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
+        .map_err(|e| RunError::Edge(e.to_string()))?;
 
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -69,6 +72,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let sip = crate::sip::edge::SipEdge::start(hub.clone(), shutdown.clone())
         .await
         .map_err(|e| RunError::Edge(e.to_string()))?;
+    let s2s = s2s
+        .spawn(shutdown.clone(), &mut tasks)
+        .await
+        .map_err(|e| RunError::Edge(e.to_string()))?;
+    for (name, addr) in s2s.listeners {
+        announce(name, addr);
+    }
 
     // Component links to the home nodes: outbound only, so nothing is announced; each
     // connection logs when its handshake completes.

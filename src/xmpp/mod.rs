@@ -5,7 +5,9 @@
 //! `component` (XEP-0114 handshake machine), `dialback` (XEP-0185 keys, XEP-0220 elements) and
 //! `s2s_negotiate` (RFC 6120 s2s stream negotiation machine). None of these do I/O.
 //! `link` is the running side: the XEP-0114 connection tasks to the home nodes (sockets,
-//! timers, failover), driving the `component` machine and the `convert` functions.
+//! timers, failover), driving the `component` machine and the `convert` functions; `s2s` is
+//! the running federation edge (listeners, outbound manager, dialback verification) driving
+//! `s2s_negotiate`.
 
 pub mod component;
 pub mod convert;
@@ -13,6 +15,7 @@ pub mod dialback;
 pub mod error;
 pub mod jid;
 pub mod link;
+pub mod s2s;
 pub mod s2s_negotiate;
 pub mod stanza;
 pub mod stream;

@@ -1,0 +1,300 @@
+//! The thin driver shared by every s2s connection, inbound, outbound and verify-only: it owns
+//! the transport, the framer and the [`S2sNegotiator`], carries out the machine's I/O actions
+//! (bytes out, STARTTLS, framer reset) and hands everything else — verdicts, stanzas, dialback
+//! questions and answers — to the role's task as [`Up`] events. It decides nothing itself.
+
+use super::io::{BoxIo, Rewind};
+use super::metrics::{OPEN, STREAM_ERRORS, TLS_FAILURES};
+use crate::config::Domain;
+use crate::tls::{matches_domain, peer_identity, ClientTls, ServerTls, TlsFailure};
+use crate::xmpp::dialback::Dialback;
+use crate::xmpp::error::StreamErrorCondition;
+use crate::xmpp::s2s_negotiate::{AuthMethod, S2sAction, S2sNegotiator};
+use crate::xmpp::stanza::Stanza;
+use crate::xmpp::stream::{StreamEvent, StreamFramer};
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What the role's task must act on.
+#[derive(Debug)]
+pub enum Up {
+    Authenticated {
+        domain: String,
+        method: AuthMethod,
+    },
+    Deliver(Stanza),
+    VerifyDialback {
+        originating: String,
+        receiving: String,
+        stream_id: String,
+        key: String,
+    },
+    VerifyAnswer(Dialback),
+    /// The stream is over (error sent or received, TLS failed, or a clean close).
+    Ended {
+        condition: Option<StreamErrorCondition>,
+        text: String,
+    },
+}
+
+/// How this side runs TLS when the machine says `StartTls`.
+#[derive(Clone)]
+pub enum TlsSide {
+    Server(ServerTls),
+    Client {
+        tls: ClientTls,
+        local: Domain,
+        remote: Domain,
+    },
+    /// No TLS configured (the machine was told `tls_available = false`).
+    None,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection closed by the peer")]
+    Eof,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer stopped reading (write timed out)")]
+    WriteTimeout,
+}
+
+pub struct Conn {
+    io: Option<BoxIo>,
+    pub framer: StreamFramer,
+    pub m: S2sNegotiator,
+    tls: TlsSide,
+    handshake_timeout: Duration,
+    direction: &'static str,
+    /// The `from` of the last stream header (the peer's claimed domain, before TLS).
+    claimed: Option<String>,
+    rbuf: BytesBuf,
+    /// Domains the peer's verified certificate speaks for (inbound), set once TLS is up.
+    pub cert_domains: Vec<String>,
+    /// The stream has ended; nothing more is read or written.
+    pub done: bool,
+}
+
+type BytesBuf = bytes::BytesMut;
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        OPEN.with_label_values(&[self.direction]).dec();
+    }
+}
+
+/// Domains a verified peer certificate speaks for: its exact DNS-IDs, plus `claimed` when a
+/// wildcard matches it (RFC 6125 §6.4.3). Verification of the chain is rustls' job.
+pub fn cert_domains(conn: &rustls::CommonState, claimed: Option<&str>) -> Vec<String> {
+    let Ok(Some(cert)) = peer_identity(conn) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = cert
+        .dns_ids
+        .iter()
+        .filter(|d| !d.contains('*'))
+        .cloned()
+        .collect();
+    if let Some(c) = claimed.and_then(|c| Domain::parse(c).ok()) {
+        if matches_domain(&cert, &c) && !out.iter().any(|d| d == c.as_str()) {
+            out.push(c.as_str().to_string());
+        }
+    }
+    out
+}
+
+impl Conn {
+    pub fn new(
+        io: BoxIo,
+        m: S2sNegotiator,
+        tls: TlsSide,
+        limits: crate::xmpp::stream::Limits,
+        handshake_timeout: Duration,
+        direction: &'static str,
+    ) -> Conn {
+        OPEN.with_label_values(&[direction]).inc();
+        Conn {
+            io: Some(io),
+            framer: StreamFramer::new(limits),
+            m,
+            tls,
+            handshake_timeout,
+            direction,
+            claimed: None,
+            rbuf: BytesBuf::with_capacity(16 * 1024),
+            cert_domains: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The `from` of the peer's last stream header.
+    pub fn claimed(&self) -> Option<&str> {
+        self.claimed.as_deref()
+    }
+
+    /// Writes `bytes` and flushes (TLS needs the flush to emit records). A peer that stops
+    /// reading would block us forever: a write that does not finish within the handshake
+    /// timeout counts as a dead connection.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        let io = self.io.as_mut().ok_or(ConnError::Eof)?;
+        let write = async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        };
+        match tokio::time::timeout(self.handshake_timeout, write).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::WriteTimeout),
+        }
+    }
+
+    /// Reads once from the socket into the framer. Cancel-safe (used inside `select!`).
+    pub async fn read(&mut self) -> Result<(), ConnError> {
+        let io = self.io.as_mut().ok_or(ConnError::Eof)?;
+        self.rbuf.clear();
+        let n = io.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Err(ConnError::Eof);
+        }
+        self.framer.push(&self.rbuf);
+        Ok(())
+    }
+
+    /// Feeds every complete event in the framer to the machine and runs its actions.
+    pub async fn pump(&mut self) -> Result<Vec<Up>, ConnError> {
+        let mut ups = Vec::new();
+        while !self.done {
+            let acts = match self.framer.next_event() {
+                Ok(Some(ev)) => {
+                    if let StreamEvent::StreamOpen(h) = &ev {
+                        self.claimed = h.from().map(str::to_owned);
+                    }
+                    self.m.handle_event(&ev)
+                }
+                Ok(None) => break,
+                Err(e) => self.m.handle_framing_error(&e),
+            };
+            self.run(acts, &mut ups).await?;
+        }
+        Ok(ups)
+    }
+
+    /// Carries out `acts` in order; non-I/O actions go to `ups`.
+    pub async fn run(&mut self, acts: Vec<S2sAction>, ups: &mut Vec<Up>) -> Result<(), ConnError> {
+        let mut work: VecDeque<S2sAction> = acts.into();
+        while let Some(a) = work.pop_front() {
+            match a {
+                S2sAction::SendBytes(b) => {
+                    if let Err(e) = self.send(&b).await {
+                        // The peer may hang up right after its own error; report what we know.
+                        self.done = true;
+                        ups.push(Up::Ended {
+                            condition: None,
+                            text: format!("write failed: {e}"),
+                        });
+                        return Ok(());
+                    }
+                }
+                S2sAction::ResetFramer => self.framer.reset(),
+                S2sAction::StartTls => {
+                    let more = self.upgrade().await;
+                    work.extend(more);
+                }
+                S2sAction::Authenticated { domain, method } => {
+                    ups.push(Up::Authenticated { domain, method })
+                }
+                S2sAction::Deliver(s) => ups.push(Up::Deliver(s)),
+                S2sAction::VerifyDialback {
+                    originating,
+                    receiving,
+                    stream_id,
+                    key,
+                } => ups.push(Up::VerifyDialback {
+                    originating,
+                    receiving,
+                    stream_id,
+                    key,
+                }),
+                S2sAction::VerifyAnswer(d) => ups.push(Up::VerifyAnswer(d)),
+                S2sAction::Fail { condition, text } => {
+                    self.done = true;
+                    let side = if text.starts_with("peer sent stream error") {
+                        "received"
+                    } else {
+                        "sent"
+                    };
+                    STREAM_ERRORS
+                        .with_label_values(&[side, condition.map_or("none", |c| c.as_str())])
+                        .inc();
+                    ups.push(Up::Ended { condition, text });
+                }
+                S2sAction::Closed => {
+                    self.done = true;
+                    ups.push(Up::Ended {
+                        condition: None,
+                        text: "stream closed".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// STARTTLS (RFC 6120 §5.4.3.3): bytes the framer already holds belong to TLS; the framer
+    /// starts over on the encrypted stream. Returns the machine's actions for the outcome.
+    async fn upgrade(&mut self) -> Vec<S2sAction> {
+        let prefix = self.framer.take_buffered();
+        self.framer.reset();
+        let Some(plain) = self.io.take() else {
+            return self.m.handle_tls_failed("no transport");
+        };
+        let io = Rewind::new(prefix, plain);
+        match self.tls.clone() {
+            TlsSide::Server(st) => match st.accept(io, self.handshake_timeout).await {
+                Ok(s) => {
+                    let domains = cert_domains(s.get_ref().1, self.claimed.as_deref());
+                    self.cert_domains = domains.clone();
+                    self.io = Some(Box::new(s));
+                    self.m.handle_tls_established(domains)
+                }
+                Err(e) => self.tls_failed(e.failure),
+            },
+            TlsSide::Client { tls, local, remote } => {
+                match tls
+                    .connect(io, Some(&local), &remote, self.handshake_timeout)
+                    .await
+                {
+                    Ok(s) => {
+                        self.io = Some(Box::new(s));
+                        self.m
+                            .handle_tls_established(vec![remote.as_str().to_string()])
+                    }
+                    Err(e) => self.tls_failed(e.failure),
+                }
+            }
+            TlsSide::None => self.m.handle_tls_failed("TLS is not configured"),
+        }
+    }
+
+    fn tls_failed(&mut self, f: TlsFailure) -> Vec<S2sAction> {
+        TLS_FAILURES
+            .with_label_values(&[self.direction, f.label()])
+            .inc();
+        tracing::warn!(
+            direction = self.direction,
+            reason = f.label(),
+            "s2s TLS handshake failed"
+        );
+        self.m.handle_tls_failed(f.label())
+    }
+
+    /// Best-effort shutdown of the transport.
+    pub async fn shutdown(&mut self) {
+        if let Some(io) = self.io.as_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        }
+        self.io = None;
+        self.done = true;
+    }
+}

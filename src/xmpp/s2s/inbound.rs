@@ -1,0 +1,392 @@
+//! Inbound s2s (RFC 6120 §4–§6, XEP-0178, XEP-0220 receiving side, XEP-0368 direct TLS): the
+//! accept loops of `xmpp_s2s` (STARTTLS) and `xmpp_s2s_direct_tls`, and one task per
+//! connection driving a receiving [`S2sNegotiator`].
+//!
+//! Policy enforcement points, in order: (1) the peer's stream header — `policy_lookup` refuses a
+//! domain not allowed by `[xmpp.federation]` with `<policy-violation/>` and a text; (2) after
+//! TLS — a domain whose `auth` is `external_only` and whose certificate does not match gets
+//! `<not-authorized/>` saying so (the machine would otherwise just offer nothing); (3) each
+//! `<db:result/>` — the machine asks the lookup again for the domain being authenticated and
+//! answers `type='error'` when dialback is not allowed for it; (4) after authentication — the
+//! domain is checked against the live configuration once more. Only stanzas from an
+//! authenticated, allowed domain reach the hub.
+
+use super::conn::{cert_domains, Conn, TlsSide, Up};
+use super::metrics::{REFUSED, STANZAS, STREAMS};
+use super::policy::{policy_for, system_for};
+use super::Shared;
+use crate::config::Domain;
+use crate::gateway::Origin;
+use crate::xmpp::convert::stanza_to_envelope;
+use crate::xmpp::dialback::DbType;
+use crate::xmpp::error::StreamErrorCondition;
+use crate::xmpp::s2s_negotiate::{AuthMethod, S2sConfig, S2sNegotiator};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// Counts connections per peer address; the guard gives the slot back on drop.
+#[derive(Default)]
+pub struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
+
+pub struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    ip: IpAddr,
+}
+
+impl PeerCounts {
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accept loop of one listener; `direct_tls` for XEP-0368.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    direct_tls: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = shared.hub.config().limits.clone();
+    // Bounded connections per listener and per peer address (style.md §4).
+    let sem = Arc::new(Semaphore::new(limits.max_connections_per_listener.max(1)));
+    let peers = Arc::new(PeerCounts::default());
+    loop {
+        let (sock, addr) = tokio::select! {
+            _ = shutdown.changed() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "s2s accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, "s2s listener full; connection dropped");
+            continue;
+        };
+        let Some(slot) = peers.take(addr.ip(), limits.max_connections_per_peer.max(1)) else {
+            tracing::warn!(peer = %addr, "too many s2s connections from this address");
+            continue;
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _slot = slot;
+            handle(shared, sock, addr, direct_tls, shutdown).await;
+        });
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    sock: TcpStream,
+    addr: SocketAddr,
+    direct_tls: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = shared.hub.config();
+    let handshake = Duration::from_secs(cfg.limits.handshake_timeout_secs);
+    let idle = Duration::from_secs(cfg.limits.idle_timeout_secs);
+    let locals: Vec<&str> = cfg.local_domains.iter().map(|d| d.name.as_str()).collect();
+    let mut mc = S2sConfig::receiving(&locals, &shared.secret);
+    mc.tls_available = shared.server_tls.is_some();
+    // The whole negotiation: STARTTLS, then SASL or dialback, whose verification is itself a
+    // connection to the authoritative server bounded by two handshake timeouts (`verify`).
+    mc.timeout = handshake * 3;
+    mc.policy_lookup = Some(super::policy::lookup(shared.hub.clone()));
+    let tls = shared
+        .server_tls
+        .clone()
+        .map_or(TlsSide::None, TlsSide::Server);
+    let _ = sock.set_nodelay(true);
+    let limits = shared.stream_limits();
+    let now = Instant::now();
+    let (mut conn, first) = if direct_tls {
+        let Some(st) = shared.server_tls.clone() else {
+            return;
+        };
+        match st.accept(sock, handshake).await {
+            Ok(s) => {
+                let domains = cert_domains(s.get_ref().1, None);
+                let mut c = Conn::new(
+                    Box::new(s),
+                    S2sNegotiator::new(mc),
+                    tls,
+                    limits,
+                    handshake,
+                    "inbound",
+                );
+                c.cert_domains = domains.clone();
+                let a = c.m.start_direct_tls(now, domains);
+                (c, a)
+            }
+            Err(e) => {
+                super::metrics::TLS_FAILURES
+                    .with_label_values(&["inbound", e.failure.label()])
+                    .inc();
+                e.log(addr);
+                return;
+            }
+        }
+    } else {
+        let mut c = Conn::new(
+            Box::new(sock),
+            S2sNegotiator::new(mc),
+            tls,
+            limits,
+            handshake,
+            "inbound",
+        );
+        let a = c.m.start(now);
+        (c, a)
+    };
+    let mut ups = Vec::new();
+    if conn.run(first, &mut ups).await.is_err() {
+        return;
+    }
+    let (vtx, mut vrx) = mpsc::channel::<(String, String, DbType)>(16);
+    let mut st = Inbound {
+        shared: shared.clone(),
+        addr,
+        vtx,
+        checked_tls: false,
+    };
+    let mut last_activity = Instant::now();
+    loop {
+        for u in std::mem::take(&mut ups) {
+            st.on_up(&mut conn, u).await;
+        }
+        if conn.done {
+            break;
+        }
+        st.check_after_tls(&mut conn, &mut ups).await;
+        if conn.done {
+            break;
+        }
+        let deadline = conn
+            .m
+            .poll_timeout()
+            .unwrap_or(last_activity + idle)
+            .min(last_activity + idle);
+        tokio::select! {
+            r = conn.read() => match r {
+                Ok(()) => {
+                    last_activity = Instant::now();
+                    match conn.pump().await {
+                        Ok(u) => ups = u,
+                        Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            },
+            Some((o, r, v)) = vrx.recv() => {
+                let a = conn.m.handle_dialback_verified(&o, &r, v);
+                if conn.run(a, &mut ups).await.is_err() { break; }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                let mut a = conn.m.handle_timeout(now);
+                if a.is_empty() && now >= last_activity + idle {
+                    // RFC 6120 §4.4: idle streams are closed cleanly.
+                    a = conn.m.close();
+                    let _ = conn.run(a, &mut ups).await;
+                    break;
+                }
+                if conn.run(a, &mut ups).await.is_err() { break; }
+            }
+            _ = shutdown.changed() => {
+                let a = conn.m.close_with_error(StreamErrorCondition::SystemShutdown, "the gateway is shutting down");
+                let _ = conn.run(a, &mut ups).await;
+                break;
+            }
+        }
+    }
+    conn.shutdown().await;
+}
+
+struct Inbound {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    vtx: mpsc::Sender<(String, String, DbType)>,
+    checked_tls: bool,
+}
+
+impl Inbound {
+    /// Enforcement point (2) of the module doc: EXTERNAL-only domains need a matching
+    /// certificate; say so instead of offering nothing.
+    async fn check_after_tls(&mut self, conn: &mut Conn, ups: &mut Vec<Up>) {
+        if self.checked_tls || !conn.m.is_tls() || conn.m.stream_id().is_none() {
+            return;
+        }
+        self.checked_tls = true;
+        let Some(claimed) = conn.claimed().map(str::to_owned) else {
+            return;
+        };
+        let cfg = self.shared.hub.config();
+        if let Ok(p) = policy_for(&cfg, &claimed) {
+            let matches = crate::xmpp::jid::normalise_domain(&claimed)
+                .is_ok_and(|c| conn.cert_domains.contains(&c));
+            if !p.dialback_allowed && !matches {
+                REFUSED.with_label_values(&["auth_not_allowed"]).inc();
+                let text = format!(
+                    "{claimed} may only authenticate with SASL EXTERNAL (XEP-0178) and its \
+                     certificate does not match that domain"
+                );
+                tracing::info!(peer = %self.addr, domain = %claimed, "s2s refused: {text}");
+                let a = conn
+                    .m
+                    .close_with_error(StreamErrorCondition::NotAuthorized, &text);
+                let _ = conn.run(a, ups).await;
+            }
+        }
+    }
+
+    async fn on_up(&mut self, conn: &mut Conn, u: Up) {
+        match u {
+            Up::Authenticated { domain, method } => {
+                let cfg = self.shared.hub.config();
+                // Enforcement point (4): the configuration may have changed since the header.
+                if let Err((c, text)) = policy_for(&cfg, &domain) {
+                    let a = conn.m.close_with_error(c, &text);
+                    let mut ups = Vec::new();
+                    let _ = conn.run(a, &mut ups).await;
+                    return;
+                }
+                let m = match method {
+                    AuthMethod::SaslExternal => "external",
+                    AuthMethod::Dialback => "dialback",
+                };
+                STREAMS.with_label_values(&["inbound", m]).inc();
+                tracing::info!(peer = %self.addr, %domain, auth = m, "inbound s2s authenticated");
+            }
+            Up::Deliver(stanza) => self.deliver(&stanza),
+            Up::VerifyDialback {
+                originating,
+                receiving,
+                stream_id,
+                key,
+            } => {
+                // XEP-0220 §2.1.2 step 2: ask the authoritative server over a verify-only stream.
+                let shared = self.shared.clone();
+                let tx = self.vtx.clone();
+                tokio::spawn(async move {
+                    let v = super::verify::verify_dialback(
+                        &shared,
+                        &originating,
+                        &receiving,
+                        &stream_id,
+                        &key,
+                    )
+                    .await;
+                    let _ = tx.send((originating, receiving, v)).await;
+                });
+            }
+            Up::VerifyAnswer(_) => {}
+            Up::Ended { condition, text } => {
+                tracing::info!(
+                    peer = %self.addr,
+                    condition = condition.map_or("none", |c| c.as_str()),
+                    %text,
+                    "inbound s2s stream ended"
+                );
+            }
+        }
+    }
+
+    /// XEP-0199 §4.2: a server-to-server ping addressed to one of our domains is answered by
+    /// the gateway itself, never relayed to a home node. Streams are one-way, so the result
+    /// leaves on our outbound stream toward the peer (raw bytes: a domain is no envelope
+    /// address). Returns whether the stanza was such a ping.
+    fn answer_ping(&self, stanza: &crate::xmpp::stanza::Stanza) -> bool {
+        if stanza.name() != "iq" || stanza.stanza_type().as_deref() != Some("get") {
+            return false;
+        }
+        let (Some(to), Some(from)) = (stanza.to(), stanza.from()) else {
+            return false;
+        };
+        let (Ok(local), Ok(peer)) = (Domain::parse(&to), Domain::parse(&from)) else {
+            return false; // not domain-addressed (a user's ping goes to the home node)
+        };
+        let kids = crate::xmpp::stanza::children(stanza);
+        if !kids
+            .first()
+            .is_some_and(|c| kids.len() == 1 && c.name == "ping" && c.ns == "urn:xmpp:ping")
+        {
+            return false;
+        }
+        let id = stanza.id().map(|i| i.into_owned()).unwrap_or_default();
+        let result = format!(
+            "<iq type='result' id='{}' from='{local}' to='{peer}'/>",
+            quick_xml::escape::escape(&id)
+        );
+        let _ = self
+            .shared
+            .raw_out
+            .try_send((local, peer, result.into_bytes()));
+        true
+    }
+
+    fn deliver(&self, stanza: &crate::xmpp::stanza::Stanza) {
+        STANZAS
+            .with_label_values(&["in", super::metrics::kind(stanza.name())])
+            .inc();
+        // Answers to our own XEP-0199 pings come back on the peer's stream; they are ours.
+        if stanza.name() == "iq"
+            && matches!(stanza.stanza_type().as_deref(), Some("result" | "error"))
+            && stanza
+                .id()
+                .is_some_and(|id| id.starts_with(super::outbound::PING_ID_PREFIX))
+        {
+            return;
+        }
+        if self.answer_ping(stanza) {
+            return;
+        }
+        let Some(from) = stanza
+            .from()
+            .and_then(|f| crate::gateway::Address::parse(&f).ok())
+        else {
+            return;
+        };
+        let domain: Domain = from.domain.clone();
+        let cfg = self.shared.hub.config();
+        let system = system_for(&cfg, &domain);
+        let maps = self.shared.hub.maps().current();
+        match stanza_to_envelope(stanza, &system, &maps) {
+            Ok(env) => {
+                self.shared.hub.submit(&Origin::S2s { domain }, env);
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.addr, error = %e, "inbound stanza not routed");
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Metrics of the s2s edge (issue 4 item 7), defined next to what they measure. Every label
+//! value comes from a fixed set: direction, auth method, stanza kind, RFC 6120 condition names,
+//! `TlsFailure` labels, envelope error conditions. Never a domain or user string.
+
+use crate::metrics;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
+use std::sync::LazyLock;
+
+pub const STREAMS_TOTAL: &str = "legate_s2s_streams_total";
+pub const STREAMS_OPEN: &str = "legate_s2s_streams_open";
+pub const STANZAS_TOTAL: &str = "legate_s2s_stanzas_total";
+pub const STREAM_ERRORS_TOTAL: &str = "legate_s2s_stream_errors_total";
+pub const TLS_FAILURES_TOTAL: &str = "legate_s2s_tls_failures_total";
+pub const QUEUE_DEPTH: &str = "legate_s2s_queue_depth";
+pub const BOUNCES_TOTAL: &str = "legate_s2s_bounces_total";
+pub const REFUSED_TOTAL: &str = "legate_s2s_refused_total";
+
+/// Authenticated streams, by direction (`inbound`/`outbound`) and method
+/// (`external`/`dialback`).
+pub static STREAMS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        STREAMS_TOTAL,
+        "s2s streams authenticated, by direction and auth method",
+        &["direction", "auth"],
+    )
+});
+
+/// Connections currently open, by direction.
+pub static OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    metrics::gauge_vec(
+        STREAMS_OPEN,
+        "s2s connections currently open, by direction",
+        &["direction"],
+    )
+});
+
+/// Stanzas received (`in`) and sent (`out`) by kind (`message`/`presence`/`iq`).
+pub static STANZAS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        STANZAS_TOTAL,
+        "s2s stanzas by direction and kind",
+        &["direction", "kind"],
+    )
+});
+
+/// Streams that ended in an error, by who sent it (`sent`/`received`) and RFC 6120 condition
+/// (`none` when the connection just closed, e.g. a TLS failure).
+pub static STREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        STREAM_ERRORS_TOTAL,
+        "s2s streams ended by an error, by side and condition",
+        &["side", "condition"],
+    )
+});
+
+pub static TLS_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        TLS_FAILURES_TOTAL,
+        "s2s TLS handshake failures by direction and reason",
+        &["direction", "reason"],
+    )
+});
+
+/// Stanzas waiting in the outbound queues, all domains together (per-domain would be unbounded).
+pub static QUEUE: LazyLock<IntGauge> =
+    LazyLock::new(|| metrics::gauge(QUEUE_DEPTH, "stanzas queued for s2s delivery, all domains"));
+
+pub static BOUNCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        BOUNCES_TOTAL,
+        "outbound stanzas bounced back to their sender, by condition",
+        &["condition"],
+    )
+});
+
+/// Inbound peers refused by federation policy, by reason (`domain_not_allowed`: not allowed by
+/// `[xmpp.federation]`; `auth_not_allowed`: EXTERNAL-only domain without a matching
+/// certificate). Plaintext attempts where TLS is required are refused by the negotiator itself
+/// and show as stream errors (`policy-violation`, `not-authorized`).
+pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        REFUSED_TOTAL,
+        "inbound s2s peers refused by federation policy, by reason",
+        &["reason"],
+    )
+});
+
+/// Bounded label of a stanza element name.
+pub fn kind(name: &str) -> &'static str {
+    match name {
+        "message" => "message",
+        "presence" => "presence",
+        "iq" => "iq",
+        _ => "other",
+    }
+}
