@@ -644,77 +644,8 @@ async fn full_chain_refused_domain_reaches_no_home_user() {
 // ---------------------------------------------------------------------------------------------
 // The same chain through the real `legate run` binary.
 //
-// The binary resolves with the system configuration (/etc/resolv.conf), and the test domains
-// must never be asked of the machine's real resolver. So the binary runs in its own mount
-// namespace (`unshare -m`, we are root) where /etc/resolv.conf is bind-mounted to a file naming a
-// dnsmasq of ours on port 53 of a loopback address reserved for this test.
-
-/// A dnsmasq on `ip:53` (resolv.conf cannot name a port), killed on drop.
-struct Dns53 {
-    _child: common::prosody::GuardedChild,
-    _dir: tempfile::TempDir,
-}
-
-fn dns_query_ok(server: SocketAddr) -> bool {
-    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
-        return false;
-    };
-    let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for l in ["probe", "test"] {
-        q.push(l.len() as u8);
-        q.extend_from_slice(l.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let mut buf = [0u8; 512];
-    sock.send_to(&q, server).is_ok() && sock.recv(&mut buf).is_ok_and(|n| n >= 12)
-}
-
-fn dns53(ip: Ipv4Addr, records: &[DnsRecord]) -> Dns53 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = std::process::Command::new(common::dnsmasq::DNSMASQ_BIN);
-    cmd.args([
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--keep-in-foreground",
-        "--bind-interfaces",
-        "--pid-file=",
-        "--log-facility=-",
-        "--log-queries",
-        "--local=/test/",
-        "--port=53",
-    ])
-    .arg(format!("--listen-address={ip}"));
-    for r in records {
-        cmd.arg(match r {
-            DnsRecord::A { name, ip } => format!("--host-record={name},{ip}"),
-            DnsRecord::Srv {
-                owner,
-                target,
-                port,
-                priority,
-                weight,
-            } => format!("--srv-host={owner},{target},{port},{priority},{weight}"),
-            DnsRecord::Naptr(v) => format!("--naptr-record={v}"),
-        });
-    }
-    let child = common::prosody::GuardedChild::spawn(&cmd, &dir.path().join("dnsmasq.log"))
-        .expect("dnsmasq on port 53");
-    let t0 = std::time::Instant::now();
-    while !dns_query_ok(SocketAddr::new(IpAddr::V4(ip), 53)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "dnsmasq on {ip}:53 did not answer:\n{}",
-            std::fs::read_to_string(dir.path().join("dnsmasq.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Dns53 {
-        _child: child,
-        _dir: dir,
-    }
-}
+// The binary is pointed at the test's dnsmasq with `[dns] nameservers`, so the test domains are
+// never asked of the machine's real resolver.
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -731,7 +662,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 
 async fn binary_chain(mode: Mode, block: u8) {
     let (legate_ip, foreign_ip, home_ip) = ips(block);
-    let dns_ip = Ipv4Addr::new(127, 0, 1, 20 + 3 * block + 3);
     let certs = CertFactory::new();
     let ours = certs.leaf("example.test", &["example.test"]);
     let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
@@ -750,15 +680,13 @@ async fn binary_chain(mode: Mode, block: u8) {
         Mode::Certificates | Mode::Refused => pc = pc.secure_s2s(certs.ca_path()),
         Mode::Dialback | Mode::Mixed | Mode::Plain => pc.s2s_require_encryption = true,
     }
-    let _dns = dns53(
-        dns_ip,
-        &[
-            DnsRecord::a("example.test", legate_ip),
-            DnsRecord::a("xmpp.test", foreign_ip),
-            DnsRecord::xmpp_server("example.test", "example.test", legate_port),
-            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", pc.s2s_port),
-        ],
-    );
+    let dns = Dnsmasq::start(&[
+        DnsRecord::a("example.test", legate_ip),
+        DnsRecord::a("xmpp.test", foreign_ip),
+        DnsRecord::xmpp_server("example.test", "example.test", legate_port),
+        DnsRecord::xmpp_server("xmpp.test", "xmpp.test", pc.s2s_port),
+    ])
+    .expect("dnsmasq");
     let home = Prosody::start(
         ProsodyConfig::new(home_ip)
             .host("example.test")
@@ -766,7 +694,7 @@ async fn binary_chain(mode: Mode, block: u8) {
             .component("xmpp.test", COMPONENT_SECRET),
     )
     .expect("home prosody");
-    let foreign = Prosody::start(pc.dns(format!("{dns_ip}@53"))).expect("foreign prosody");
+    let foreign = Prosody::start(pc.dns(dns.unbound_forward())).expect("foreign prosody");
 
     let fed = match mode {
         Mode::Certificates => "name = \"xmpp.test\"\nauth = \"external_only\"",
@@ -804,7 +732,10 @@ name = "hn1"
 addresses = ["{home_addr}"]
 component_secret = "{COMPONENT_SECRET}"
 default_system = "xmpp"
+[dns]
+nameservers = ["{dns_addr}"]
 "#,
+            dns_addr = dns.addr(),
             cert = ours.cert.display(),
             key = ours.key.display(),
             ca = certs.ca_path().display(),
@@ -812,19 +743,11 @@ default_system = "xmpp"
         ),
     )
     .expect("write config");
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {dns_ip}\n")).expect("write resolv.conf");
     let log = dir.path().join("legate.log");
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.arg("-m")
-        .arg("/bin/sh")
-        .arg("-c")
-        .arg(format!(
-            "mount --bind '{}' /etc/resolv.conf && exec '{}' run --config '{}'",
-            resolv.display(),
-            env!("CARGO_BIN_EXE_legate"),
-            cfg_path.display()
-        ))
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&cfg_path)
         .current_dir(dir.path())
         .env("LEGATE_LOG", "info");
     let mut child = common::prosody::GuardedChild::spawn(&cmd, &log).expect("legate run");

@@ -71,6 +71,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub intercluster: InterclusterConfig,
     pub mappings: MappingsConfig,
+    pub dns: DnsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +239,13 @@ pub struct InterclusterConfig {
 pub struct InterclusterPeer {
     pub name: String,
     pub address: HostPort,
+}
+
+/// Which DNS servers resolve SRV/NAPTR/A records for federation and home-node links.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsConfig {
+    /// `None`: the system's resolver configuration (/etc/resolv.conf).
+    pub nameservers: Option<Vec<SocketAddr>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

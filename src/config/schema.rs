@@ -35,6 +35,14 @@ pub(crate) struct RawConfig {
     pub cluster: Option<RawCluster>,
     pub intercluster: Option<RawIntercluster>,
     pub mappings: Option<RawMappings>,
+    pub dns: Option<RawDns>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    #[serde(default)]
+    pub nameservers: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,10 +16,10 @@ use super::types::{
     Secret, StoreKind, SystemKind, TlsPolicy, TlsVersion,
 };
 use super::{
-    ChatNode, ClusterConfig, ClusterPeer, Config, HomeEndpoint, HomeNode, InterclusterConfig,
-    InterclusterPeer, Limits, Listeners, LocalDomain, MappingsConfig, NodeConfig, SipConfig,
-    SipFederatedDomain, Store, TlsConfig, XmppConfig, XmppFederatedDomain, XmppFederation,
-    MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
+    ChatNode, ClusterConfig, ClusterPeer, Config, DnsConfig, HomeEndpoint, HomeNode,
+    InterclusterConfig, InterclusterPeer, Limits, Listeners, LocalDomain, MappingsConfig,
+    NodeConfig, SipConfig, SipFederatedDomain, Store, TlsConfig, XmppConfig, XmppFederatedDomain,
+    XmppFederation, MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
 };
 use crate::diag::{line_col, Diagnostic, Diagnostics};
 
@@ -332,6 +332,8 @@ pub(crate) fn validate(
         reload: raw.mappings.as_ref().and_then(|m| m.reload).unwrap_or(true),
     };
 
+    let dns = dns(&mut ck, &raw);
+
     if !ck.diags.is_empty() {
         // File order, so the admin reads them top to bottom.
         ck.diags.sort_by_key(|d| (d.line, d.col));
@@ -351,7 +353,46 @@ pub(crate) fn validate(
         cluster,
         intercluster,
         mappings,
+        dns,
     })
+}
+
+/// `[dns] nameservers = ["ip:port", ...]`: at most 8, each an address (a name would need a
+/// resolver to be found).
+fn dns(ck: &mut Ck<'_>, raw: &RawConfig) -> DnsConfig {
+    let Some(d) = raw.dns.as_ref() else {
+        return DnsConfig::default();
+    };
+    if d.nameservers.is_empty() {
+        return DnsConfig::default();
+    }
+    let mut out = Vec::new();
+    for (i, s) in d.nameservers.iter().enumerate() {
+        if i == 8 {
+            ck.err(
+                s.span(),
+                "at most 8 DNS nameservers may be listed".to_string(),
+            );
+            break;
+        }
+        let v = s.get_ref().trim();
+        let parsed = v
+            .parse::<SocketAddr>()
+            .or_else(|_| v.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Ok(a) if a.port() != 0 => out.push(a),
+            _ => ck.err(
+                s.span(),
+                format!(
+                    "dns.nameservers entry `{v}` is not an address; expected `ip` or `ip:port` \
+                     such as `10.0.0.53` or `127.0.0.1:5353`"
+                ),
+            ),
+        }
+    }
+    DnsConfig {
+        nameservers: Some(out),
+    }
 }
 
 /// Placeholders replace invalid values so checking can go on; they never escape (see module

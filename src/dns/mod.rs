@@ -311,9 +311,13 @@ impl Resolver {
         })
     }
 
-    /// System DNS plus the configuration's cluster address map.
+    /// The configured `[dns] nameservers` (else the system resolver) plus the cluster address map.
     pub fn from_config(cfg: &Config) -> Result<Self, DnsError> {
-        Self::new(&DnsSettings::default(), &cfg.cluster.address_map)
+        let settings = DnsSettings {
+            nameservers: cfg.dns.nameservers.clone(),
+            ..DnsSettings::default()
+        };
+        Self::new(&settings, &cfg.cluster.address_map)
     }
 
     /// Replaces the cluster address map whole (configuration reload).
