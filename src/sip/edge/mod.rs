@@ -350,14 +350,17 @@ async fn resolve_routes(cfg: &Config) -> HashMap<Domain, Vec<IpAddr>> {
     out
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    bounds: ListenerBounds,
-    limits: ConnLimits,
-    core: mpsc::Sender<Input>,
-    ids: Arc<AtomicU64>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// The next connection the listener's bounds admit (refusals are counted and logged here);
+/// `None` once shutdown is signalled.
+async fn next_admitted(
+    listener: &TcpListener,
+    bounds: &ListenerBounds,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    transport::Slots,
+)> {
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -368,17 +371,31 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return None,
         };
-        let slots = match bounds.admit(remote) {
-            Ok(s) => s,
+        match bounds.admit(remote) {
+            Ok(slots) => {
+                let _ = stream.set_nodelay(true);
+                return Some((stream, remote, slots));
+            }
             Err(reason) => {
                 metrics::CONNS_REFUSED.with_label_values(&[reason]).inc();
                 tracing::info!(peer = %remote, reason, "connection refused by bound");
-                continue;
             }
-        };
-        let _ = stream.set_nodelay(true);
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    bounds: ListenerBounds,
+    limits: ConnLimits,
+    core: mpsc::Sender<Input>,
+    ids: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some((stream, remote, slots)) = next_admitted(&listener, &bounds, &mut shutdown).await
+    {
         let info = PeerInfo {
             conn: ids.fetch_add(1, Ordering::Relaxed),
             remote,
@@ -409,27 +426,8 @@ async fn accept_tls_loop(
     ids: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let slots = match bounds.admit(remote) {
-            Ok(s) => s,
-            Err(reason) => {
-                metrics::CONNS_REFUSED.with_label_values(&[reason]).inc();
-                tracing::info!(peer = %remote, reason, "connection refused by bound");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, remote, slots)) = next_admitted(&listener, &bounds, &mut shutdown).await
+    {
         let server = server.clone();
         let core = core.clone();
         let shutdown = shutdown.clone();
