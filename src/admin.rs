@@ -72,6 +72,7 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         "directory_users": hub.directory().len(),
         "mapping_systems": maps.system_names().collect::<Vec<_>>(),
         "mapping_tables": maps.tables.len(),
+        "mapping_digest": maps.digest,
     });
     if let Some(obj) = doc.as_object_mut() {
         for (name, value) in hub.status_sections() {

@@ -172,6 +172,8 @@ pub struct MappingSet {
     sys_index: HashMap<String, SystemId>,
     /// `routes[from][to]`.
     pub(crate) routes: Vec<Vec<PairRoutes>>,
+    /// SHA-1 (hex) over every source file's path and text: tells an admin which edit is live.
+    pub digest: String,
 }
 
 impl MappingSet {
@@ -466,6 +468,7 @@ impl Builder {
             tables,
             sys_index,
             routes,
+            digest: digest(files),
         })
     }
 
@@ -843,6 +846,20 @@ fn broken_system_name(f: &SourceFile) -> String {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         })
+}
+
+fn digest(files: &[SourceFile]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut sorted: Vec<&SourceFile> = files.iter().collect();
+    sorted.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let mut h = Sha1::new();
+    for f in sorted {
+        h.update(f.rel.as_bytes());
+        h.update([0]);
+        h.update(f.text.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
 }
 
 fn valid_token(s: &str) -> bool {
