@@ -53,8 +53,13 @@ impl Address {
             return Err(err("character not allowed in a localpart"));
         }
         let domain = Domain::parse(domain).map_err(|e| err(&e))?;
+        // Localparts compare case-insensitively on both sides: XMPP servers case-fold them
+        // (RFC 7622 §3.3.1, PRECIS UsernameCaseMapped) and Lync/SfB treat SIP user parts the
+        // same way, so `Bob.Smith@partner.com` and `bob.smith@partner.com` are one watcher.
+        // Folding here keeps every key built from an address (subscriptions, IM sessions, the
+        // directory) consistent with what the home node sends back. Resources stay as sent.
         Ok(Address {
-            local: local.to_string(),
+            local: local.to_lowercase(),
             domain,
             resource,
         })
@@ -257,11 +262,11 @@ mod tests {
 
     #[test]
     fn addresses_parse_and_compare_exactly() {
-        let a = Address::parse("Alice@Example.COM./home").expect("valid");
-        assert_eq!(a.local, "Alice");
+        let a = Address::parse("Alice@Example.COM./Home").expect("valid");
+        assert_eq!(a.local, "alice");
         assert_eq!(a.domain.as_str(), "example.com");
-        assert_eq!(a.resource.as_deref(), Some("home"));
-        assert_eq!(a.bare().to_string(), "Alice@example.com");
+        assert_eq!(a.resource.as_deref(), Some("Home"));
+        assert_eq!(a.bare().to_string(), "alice@example.com");
         assert_ne!(
             Address::parse("a@imp.example.com").expect("valid").domain,
             Address::parse("a@example.com").expect("valid").domain

@@ -3,7 +3,7 @@
 //! mapping set and directory, it answers where the envelope goes — with its presence already
 //! translated into the destination's system — or why it goes nowhere. Pure: no I/O, no clock.
 
-use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody};
+use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody, Subscription};
 use crate::config::{Config, Domain};
 use crate::presence::map::MappingSet;
 use dashmap::DashMap;
@@ -128,6 +128,10 @@ pub struct Route {
     pub envelope: Envelope,
 }
 
+/// Most users the directory learns from traffic (a bound against growth; beyond it, users
+/// are routed through the static lists and the routing node).
+pub const MAX_LEARNED: usize = 1_000_000;
+
 /// Which home node hosts which local user: learned from traffic on each component link, plus
 /// the static `users` lists of the configuration, plus the routing node as last resort.
 #[derive(Debug, Default)]
@@ -139,6 +143,11 @@ impl Directory {
     /// A stanza from `user` arrived on `home_node`'s link: that is where the user lives.
     pub fn learn(&self, user: &Address, home_node: &Arc<str>) {
         let key = user.bare_string();
+        if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(&key) {
+            // Full: new users are still routed through the static lists and the routing
+            // node; only the cache stops growing.
+            return;
+        }
         if self
             .learned
             .get(&key)
@@ -157,7 +166,7 @@ impl Directory {
         for h in &config.home_nodes {
             if h.users
                 .iter()
-                .any(|u| u.localpart == user.local && u.domain == user.domain)
+                .any(|u| u.localpart.to_lowercase() == user.local && u.domain == user.domain)
             {
                 return Some(Arc::from(h.name.as_str()));
             }
@@ -257,7 +266,15 @@ pub fn route(
                 };
                 return Err(refuse(d, env));
             }
-            directory.learn(&env.from, home_node);
+            // Learn only from what a user sends: errors and subscription refusals are the home
+            // node answering for addresses a foreign peer made up, and must not fill the
+            // directory.
+            if !matches!(
+                env.body,
+                Body::Error { .. } | Body::Subscription(Subscription::Unsubscribed)
+            ) {
+                directory.learn(&env.from, home_node);
+            }
             let d = &env.to.domain;
             if config.is_local_domain(d) {
                 return Err(refuse(Denied::LocalToLocal, env));
@@ -554,6 +571,31 @@ default_system = "jabber8"
         )
         .expect("routed");
         assert_eq!(r.envelope.body, chat);
+    }
+
+    #[test]
+    fn the_directory_learns_from_users_not_from_errors_and_folds_case() {
+        let (cfg, maps, dir) = setup();
+        let comp = Origin::Component {
+            home_node: "hn2".into(),
+        };
+        let e = env(
+            "ghost@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Unsubscribed),
+        );
+        route(&cfg, &maps, &dir, &comp, e).expect("routed");
+        assert!(dir.is_empty(), "a refusal taught the directory a user");
+        let e = env(
+            "Dave@example.com/pc",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribe),
+        );
+        route(&cfg, &maps, &dir, &comp, e).expect("routed");
+        assert_eq!(
+            dir.lookup(&cfg, &addr("dave@EXAMPLE.com")),
+            Some(Arc::from("hn2"))
+        );
     }
 
     #[test]
