@@ -17,6 +17,14 @@ fn load_mappings(dir: Option<&Path>) -> Result<MappingSet, Diagnostics> {
     }
 }
 
+/// The mapping set, or exit code 1 after printing its problems (the `check` format).
+fn mappings_or_report(dir: Option<&Path>) -> Result<MappingSet, ExitCode> {
+    load_mappings(dir).map_err(|d| {
+        print_diags(&d);
+        ExitCode::from(1)
+    })
+}
+
 fn print_diags(d: &Diagnostics) {
     let mut err = std::io::stderr().lock();
     for x in &d.0 {
@@ -93,12 +101,9 @@ pub fn translate(
     raw: RawInput,
     mappings: Option<&Path>,
 ) -> Result<ExitCode> {
-    let set = match load_mappings(mappings) {
+    let set = match mappings_or_report(mappings) {
         Ok(s) => s,
-        Err(d) => {
-            print_diags(&d);
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     let (fid, tid) = match (
         system_or_exit(&set, from, "source"),
@@ -206,12 +211,9 @@ pub fn mappings_show(
     json_out: bool,
     mappings: Option<&Path>,
 ) -> Result<ExitCode> {
-    let set = match load_mappings(mappings) {
+    let set = match mappings_or_report(mappings) {
         Ok(s) => s,
-        Err(d) => {
-            print_diags(&d);
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     for (n, role) in [(from, "source"), (to, "target")] {
         if let Some(n) = n {
@@ -354,16 +356,9 @@ pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> 
         .with_writer(std::io::stderr)
         .init();
     // Validate everything before binding anything.
-    let maps_for_check = match &mappings {
-        Some(d) => map::load_dir(d),
-        None => map::embedded(),
-    };
-    let systems_set = match maps_for_check {
+    let systems_set = match mappings_or_report(mappings.as_deref()) {
         Ok(s) => s,
-        Err(d) => {
-            print_diags(&d);
-            return Ok(ExitCode::from(1));
-        }
+        Err(code) => return Ok(code),
     };
     let mut cfg = match config_path {
         Some(p) => match config::load_file(p, &config::systems_from_mappings(&systems_set)) {
