@@ -396,6 +396,19 @@ impl S2sNegotiator {
         self.fail(e.condition(), &e.to_string())
     }
 
+    /// Replaces the domains the peer's certificate speaks for, on a stream already encrypted
+    /// (direct TLS: a wildcard can only be matched once the header names the claimed domain).
+    /// Call before passing the header to [`handle_event`](Self::handle_event).
+    pub fn set_peer_cert_domains(&mut self, peer_cert_domains: Vec<String>) {
+        if !self.tls {
+            return;
+        }
+        self.peer_cert_domains = peer_cert_domains
+            .iter()
+            .filter_map(|d| normalise_domain(d).ok())
+            .collect();
+    }
+
     /// TLS is up. `peer_cert_domains`: the domains the peer's certificate was verified for
     /// (receiving role: the client certificate, possibly none).
     pub fn handle_tls_established(&mut self, peer_cert_domains: Vec<String>) -> Vec<S2sAction> {

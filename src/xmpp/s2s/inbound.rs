@@ -11,7 +11,7 @@
 //! domain is checked against the live configuration once more. Only stanzas from an
 //! authenticated, allowed domain reach the hub.
 
-use super::conn::{cert_domains, Conn, TlsSide, Up};
+use super::conn::{cert_domains_of, Conn, TlsSide, Up};
 use super::metrics::{REFUSED, STANZAS, STREAMS};
 use super::policy::{policy_for, system_for};
 use super::Shared;
@@ -135,7 +135,13 @@ async fn handle(
         };
         match st.accept(sock, handshake).await {
             Ok(s) => {
-                let domains = cert_domains(s.get_ref().1, None);
+                // The header's `from` is not known yet: exact DNS-IDs only for now; `pump`
+                // recomputes with the claimed domain (wildcards) when the header arrives.
+                let cert = crate::tls::peer_identity(s.get_ref().1).ok().flatten();
+                let domains = cert
+                    .as_ref()
+                    .map(|c| cert_domains_of(c, None))
+                    .unwrap_or_default();
                 let mut c = Conn::new(
                     Box::new(s),
                     S2sNegotiator::new(mc),
@@ -145,6 +151,7 @@ async fn handle(
                     "inbound",
                 );
                 c.cert_domains = domains.clone();
+                c.direct_tls_cert = cert;
                 let a = c.m.start_direct_tls(now, domains);
                 (c, a)
             }
