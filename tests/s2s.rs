@@ -956,3 +956,87 @@ async fn direct_tls_wildcard_certificate_allows_sasl_external() {
     assert_eq!(d.envelope.from, addr("bob@xmpp.wild.test/r"));
     assert!(body_text(&d).contains("over a wildcard"), "{d:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_domain_iq_is_answered_and_other_unroutable_stanzas_dropped() {
+    // RFC 6120 §8.2.3: an iq get/set is always answered. One addressed to the gateway's domain
+    // (no user, so no home node) gets an error over A's own stream to the peer; a message to
+    // the bare domain is dropped and counted.
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.direct_tls = true;
+    o.tls = "optional";
+    let mut a = side(&certs, o).await;
+    // The peer's receiving side: a raw plaintext listener that accepts A's dialback as valid.
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    a.targets.insert(
+        dom("xmpp.test"),
+        target(peer.local_addr().expect("addr"), Transport::Tcp),
+    );
+    let receiving = tokio::spawn(async move {
+        let (mut s, _) = peer.accept().await.expect("accept");
+        let got = read_io_until(&mut s, |g| {
+            g.split_once("<stream:stream")
+                .is_some_and(|(_, rest)| rest.contains('>'))
+        })
+        .await;
+        assert!(got.contains("from='example.test'"), "{got}");
+        s.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' version='1.0' from='xmpp.test' to='example.test' id='raw-peer-1'><stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>")
+            .await
+            .expect("write");
+        let got = read_io_until(&mut s, |g| g.contains("</db:result>")).await;
+        assert!(got.contains("<db:result"), "{got}");
+        s.write_all(b"<db:result from='xmpp.test' to='example.test' type='valid'/>")
+            .await
+            .expect("write");
+        read_io_until(&mut s, |g| {
+            g.contains("id='disco1'") && g.contains("id='set1'")
+        })
+        .await
+    });
+
+    let leaf = certs.leaf("xmpp-peer", &["xmpp.test"]);
+    let mut t = raw_direct_tls_external(&certs, &a, &leaf, "xmpp.test").await;
+    let dropped = || metric("legate_s2s_unroutable_total{outcome=\"dropped\"}");
+    let dropped_before = dropped();
+    t.write_all(concat!(
+        "<message from='xmpp.test' to='example.test' id='msg1'><body>to nobody</body></message>",
+        "<iq type='get' id='disco1' from='xmpp.test' to='example.test'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        "<iq type='set' id='set1' from='bob@xmpp.test/r' to='example.test'><x xmlns='urn:example:thing'/></iq>",
+    ).as_bytes())
+    .await
+    .expect("write");
+    let got = tokio::time::timeout(T, receiving)
+        .await
+        .expect("the peer's receiving side got nothing in time")
+        .expect("receiving task");
+    let iq = |id: &str| {
+        got.split("<iq")
+            .find(|x| x.contains(&format!("id='{id}'")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no answer to {id}: {got}"))
+    };
+    let disco = iq("disco1");
+    assert!(disco.contains("type='error'"), "{disco}");
+    assert!(disco.contains("to='xmpp.test'"), "{disco}");
+    assert!(disco.contains("from='example.test'"), "{disco}");
+    assert!(
+        disco.contains("<feature-not-implemented xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{disco}"
+    );
+    let set = iq("set1");
+    assert!(set.contains("type='error'"), "{set}");
+    assert!(set.contains("to='bob@xmpp.test/r'"), "{set}");
+    assert!(
+        set.contains("<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{set}"
+    );
+    assert!(!got.contains("msg1"), "{got}");
+    assert!(dropped() > dropped_before, "the message was not counted");
+    assert!(
+        a.home.try_recv().is_err(),
+        "an unroutable stanza reached the home node"
+    );
+}
