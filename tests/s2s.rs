@@ -865,3 +865,178 @@ async fn connections_per_peer_are_bounded() {
         .unwrap_or(0);
     assert_eq!(n, 0, "the second connection from one address was served");
 }
+
+/// Reads from any stream until `done` holds for what was read, or the peer closes, or `T`.
+async fn read_io_until<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if done(&String::from_utf8_lossy(&out)) {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn s2s_header(from: &str, to: &str) -> String {
+    format!("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' version='1.0' to='{to}' from='{from}'>")
+}
+
+/// A raw peer for `domain` connecting to `a`'s XEP-0368 listener with the certificate `leaf`
+/// and authenticating with SASL EXTERNAL: returns the authenticated stream, or panics with
+/// what the gateway said.
+async fn raw_direct_tls_external(
+    certs: &CertFactory,
+    a: &Side,
+    leaf: &common::certs::Leaf,
+    domain: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let settings = legate::tls::TlsSettings {
+        default_cert: Some((leaf.cert.clone(), leaf.key.clone())),
+        domain_certs: vec![],
+        trust_bundle: Some(certs.ca_path().to_path_buf()),
+        min_version: legate::config::TlsVersion::V1_2,
+    };
+    let ct = legate::tls::ClientTls::new(&settings).expect("client tls");
+    let s = tokio::net::TcpStream::connect(a.direct.expect("direct TLS listener"))
+        .await
+        .expect("connect");
+    let mut t = ct
+        .connect(s, None, &dom("example.test"), Duration::from_secs(5))
+        .await
+        .expect("tls");
+    t.write_all(s2s_header(domain, "example.test").as_bytes())
+        .await
+        .expect("write");
+    let got = read_io_until(&mut t, |g| {
+        g.contains("</stream:features>") || g.contains("</stream:stream>")
+    })
+    .await;
+    assert!(got.contains("<mechanism>EXTERNAL</mechanism>"), "{got}");
+    t.write_all(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+        .await
+        .expect("write");
+    let got = read_io_until(&mut t, |g| g.contains("<success") || g.contains("</")).await;
+    assert!(got.contains("<success"), "{got}");
+    t.write_all(s2s_header(domain, "example.test").as_bytes())
+        .await
+        .expect("write");
+    let got = read_io_until(&mut t, |g| {
+        g.contains("</stream:features>") || g.contains("<stream:features/>")
+    })
+    .await;
+    assert!(!got.contains("<stream:error"), "{got}");
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_wildcard_certificate_allows_sasl_external() {
+    // RFC 6125 §6.4.3: a `*.wild.test` certificate speaks for `xmpp.wild.test`. Over direct
+    // TLS the claimed domain is only known from the header that follows the handshake.
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.wild.test", "external_only");
+    o.direct_tls = true;
+    let mut a = side(&certs, o).await;
+    let leaf = certs.leaf("wild", &["*.wild.test"]);
+    let mut t = raw_direct_tls_external(&certs, &a, &leaf, "xmpp.wild.test").await;
+    t.write_all(b"<message type='chat' from='bob@xmpp.wild.test/r' to='alice@example.test' id='w1'><body>over a wildcard</body></message>")
+        .await
+        .expect("write");
+    let d = recv(&mut a.home).await;
+    assert_eq!(d.envelope.from, addr("bob@xmpp.wild.test/r"));
+    assert!(body_text(&d).contains("over a wildcard"), "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_domain_iq_is_answered_and_other_unroutable_stanzas_dropped() {
+    // RFC 6120 §8.2.3: an iq get/set is always answered. One addressed to the gateway's domain
+    // (no user, so no home node) gets an error over A's own stream to the peer; a message to
+    // the bare domain is dropped and counted.
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.direct_tls = true;
+    o.tls = "optional";
+    let mut a = side(&certs, o).await;
+    // The peer's receiving side: a raw plaintext listener that accepts A's dialback as valid.
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    a.targets.insert(
+        dom("xmpp.test"),
+        target(peer.local_addr().expect("addr"), Transport::Tcp),
+    );
+    let receiving = tokio::spawn(async move {
+        let (mut s, _) = peer.accept().await.expect("accept");
+        let got = read_io_until(&mut s, |g| {
+            g.split_once("<stream:stream")
+                .is_some_and(|(_, rest)| rest.contains('>'))
+        })
+        .await;
+        assert!(got.contains("from='example.test'"), "{got}");
+        s.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' version='1.0' from='xmpp.test' to='example.test' id='raw-peer-1'><stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>")
+            .await
+            .expect("write");
+        let got = read_io_until(&mut s, |g| g.contains("</db:result>")).await;
+        assert!(got.contains("<db:result"), "{got}");
+        s.write_all(b"<db:result from='xmpp.test' to='example.test' type='valid'/>")
+            .await
+            .expect("write");
+        read_io_until(&mut s, |g| {
+            g.contains("id='disco1'") && g.contains("id='set1'")
+        })
+        .await
+    });
+
+    let leaf = certs.leaf("xmpp-peer", &["xmpp.test"]);
+    let mut t = raw_direct_tls_external(&certs, &a, &leaf, "xmpp.test").await;
+    let dropped = || metric("legate_s2s_unroutable_total{outcome=\"dropped\"}");
+    let dropped_before = dropped();
+    t.write_all(concat!(
+        "<message from='xmpp.test' to='example.test' id='msg1'><body>to nobody</body></message>",
+        "<iq type='get' id='disco1' from='xmpp.test' to='example.test'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        "<iq type='set' id='set1' from='bob@xmpp.test/r' to='example.test'><x xmlns='urn:example:thing'/></iq>",
+    ).as_bytes())
+    .await
+    .expect("write");
+    let got = tokio::time::timeout(T, receiving)
+        .await
+        .expect("the peer's receiving side got nothing in time")
+        .expect("receiving task");
+    let iq = |id: &str| {
+        got.split("<iq")
+            .find(|x| x.contains(&format!("id='{id}'")))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no answer to {id}: {got}"))
+    };
+    let disco = iq("disco1");
+    assert!(disco.contains("type='error'"), "{disco}");
+    assert!(disco.contains("to='xmpp.test'"), "{disco}");
+    assert!(disco.contains("from='example.test'"), "{disco}");
+    assert!(
+        disco.contains("<feature-not-implemented xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{disco}"
+    );
+    let set = iq("set1");
+    assert!(set.contains("type='error'"), "{set}");
+    assert!(set.contains("to='bob@xmpp.test/r'"), "{set}");
+    assert!(
+        set.contains("<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{set}"
+    );
+    assert!(!got.contains("msg1"), "{got}");
+    assert!(dropped() > dropped_before, "the message was not counted");
+    assert!(
+        a.home.try_recv().is_err(),
+        "an unroutable stanza reached the home node"
+    );
+}

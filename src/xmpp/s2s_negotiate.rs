@@ -396,6 +396,19 @@ impl S2sNegotiator {
         self.fail(e.condition(), &e.to_string())
     }
 
+    /// Replaces the domains the peer's certificate speaks for, on a stream already encrypted
+    /// (direct TLS: a wildcard can only be matched once the header names the claimed domain).
+    /// Call before passing the header to [`handle_event`](Self::handle_event).
+    pub fn set_peer_cert_domains(&mut self, peer_cert_domains: Vec<String>) {
+        if !self.tls {
+            return;
+        }
+        self.peer_cert_domains = peer_cert_domains
+            .iter()
+            .filter_map(|d| normalise_domain(d).ok())
+            .collect();
+    }
+
     /// TLS is up. `peer_cert_domains`: the domains the peer's certificate was verified for
     /// (receiving role: the client certificate, possibly none).
     pub fn handle_tls_established(&mut self, peer_cert_domains: Vec<String>) -> Vec<S2sAction> {
@@ -983,6 +996,14 @@ impl S2sNegotiator {
             );
         }
         if self.cfg.verify_only && (self.tls || f.starttls.is_none() || !self.cfg.tls_available) {
+            if !self.tls && self.policy.tls_required {
+                // A `<db:verify/>` in plaintext could be answered `valid` by anyone on path:
+                // the domain would pass as authenticated although its policy requires TLS.
+                return self.fail(
+                    StreamErrorCondition::PolicyViolation,
+                    "TLS is required and the authoritative server does not offer it",
+                );
+            }
             // XEP-0220 §2.2: the verification stream needs no authentication of its own.
             self.phase = Phase::VerifyReady;
             return std::mem::take(&mut self.pending_verify)
@@ -1400,6 +1421,67 @@ mod tests {
             Dialback::parse(&one_stanza(&sent(&a))).map(|d| d.ty),
             Ok(Some(DbType::Invalid))
         );
+    }
+
+    #[test]
+    fn verify_only_without_starttls_fails_when_tls_required() {
+        let verify = || {
+            Dialback::request(
+                DbKind::Verify,
+                "montague.example",
+                "capulet.example",
+                Some("417GAF25"),
+                "b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3",
+            )
+        };
+        let header = b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server' xmlns:db='jabber:server:dialback' from='capulet.example' to='montague.example' id='x' version='1.0'>";
+        // Features without <starttls/>: tls_required forbids the plaintext <db:verify/>.
+        for (tls_required, tls_available) in [(true, true), (true, false)] {
+            let mut cfg = S2sConfig::initiating("montague.example", "capulet.example", "s");
+            cfg.verify_only = true;
+            cfg.policy.tls_required = tls_required;
+            cfg.tls_available = tls_available;
+            let mut s = Side::new(cfg);
+            s.m.start(s.t0);
+            assert!(s.m.queue_verify(verify()).is_empty());
+            s.feed(header);
+            let a = s.feed(
+                b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>",
+            );
+            let out = String::from_utf8_lossy(&sent(&a)).into_owned();
+            assert!(!out.contains("db:verify"), "{out}");
+            assert!(out.contains("<policy-violation"), "{out}");
+            assert!(matches!(
+                a.last(),
+                Some(S2sAction::Fail {
+                    condition: Some(StreamErrorCondition::PolicyViolation),
+                    ..
+                })
+            ));
+            // Nothing goes out later either.
+            assert!(s.m.queue_verify(verify()).is_empty());
+        }
+        // STARTTLS offered: negotiated first, the question goes out only over TLS.
+        let mut cfg = S2sConfig::initiating("montague.example", "capulet.example", "s");
+        cfg.verify_only = true;
+        let mut s = Side::new(cfg);
+        s.m.start(s.t0);
+        s.m.queue_verify(verify());
+        s.feed(header);
+        let a = s.feed(b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>");
+        assert!(!String::from_utf8_lossy(&sent(&a)).contains("db:verify"));
+        // Not required: the plaintext question is allowed (XEP-0220 §2.2).
+        let mut cfg = S2sConfig::initiating("montague.example", "capulet.example", "s");
+        cfg.verify_only = true;
+        cfg.policy.tls_required = false;
+        let mut s = Side::new(cfg);
+        s.m.start(s.t0);
+        s.m.queue_verify(verify());
+        s.feed(header);
+        let a = s.feed(
+            b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>",
+        );
+        assert!(String::from_utf8_lossy(&sent(&a)).contains("db:verify"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use super::io::{BoxIo, Rewind};
 use super::metrics::{OPEN, STREAM_ERRORS, TLS_FAILURES};
 use crate::config::Domain;
-use crate::tls::{matches_domain, peer_identity, ClientTls, ServerTls, TlsFailure};
+use crate::tls::{matches_domain, peer_identity, ClientTls, PeerCert, ServerTls, TlsFailure};
 use crate::xmpp::dialback::Dialback;
 use crate::xmpp::error::StreamErrorCondition;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sAction, S2sNegotiator};
@@ -73,6 +73,10 @@ pub struct Conn {
     rbuf: BytesBuf,
     /// Domains the peer's verified certificate speaks for (inbound), set once TLS is up.
     pub cert_domains: Vec<String>,
+    /// Inbound direct TLS (XEP-0368): the peer's verified certificate. The stream header, and
+    /// with it the claimed domain a wildcard may match, only arrives after the handshake, so
+    /// `cert_domains` is recomputed from it at each header, before the machine answers.
+    pub direct_tls_cert: Option<PeerCert>,
     /// The stream has ended; nothing more is read or written.
     pub done: bool,
 }
@@ -88,9 +92,14 @@ impl Drop for Conn {
 /// Domains a verified peer certificate speaks for: its exact DNS-IDs, plus `claimed` when a
 /// wildcard matches it (RFC 6125 §6.4.3). Verification of the chain is rustls' job.
 pub fn cert_domains(conn: &rustls::CommonState, claimed: Option<&str>) -> Vec<String> {
-    let Ok(Some(cert)) = peer_identity(conn) else {
-        return Vec::new();
-    };
+    match peer_identity(conn) {
+        Ok(Some(cert)) => cert_domains_of(&cert, claimed),
+        _ => Vec::new(),
+    }
+}
+
+/// [`cert_domains`] for an already parsed certificate.
+pub fn cert_domains_of(cert: &PeerCert, claimed: Option<&str>) -> Vec<String> {
     let mut out: Vec<String> = cert
         .dns_ids
         .iter()
@@ -98,7 +107,7 @@ pub fn cert_domains(conn: &rustls::CommonState, claimed: Option<&str>) -> Vec<St
         .cloned()
         .collect();
     if let Some(c) = claimed.and_then(|c| Domain::parse(c).ok()) {
-        if matches_domain(&cert, &c) && !out.iter().any(|d| d == c.as_str()) {
+        if matches_domain(cert, &c) && !out.iter().any(|d| d == c.as_str()) {
             out.push(c.as_str().to_string());
         }
     }
@@ -125,6 +134,7 @@ impl Conn {
             claimed: None,
             rbuf: BytesBuf::with_capacity(16 * 1024),
             cert_domains: Vec::new(),
+            direct_tls_cert: None,
             done: false,
         }
     }
@@ -169,6 +179,11 @@ impl Conn {
                 Ok(Some(ev)) => {
                     if let StreamEvent::StreamOpen(h) = &ev {
                         self.claimed = h.from().map(str::to_owned);
+                        if let Some(cert) = &self.direct_tls_cert {
+                            let domains = cert_domains_of(cert, self.claimed.as_deref());
+                            self.cert_domains = domains.clone();
+                            self.m.set_peer_cert_domains(domains);
+                        }
                     }
                     self.m.handle_event(&ev)
                 }

@@ -11,16 +11,18 @@
 //! domain is checked against the live configuration once more. Only stanzas from an
 //! authenticated, allowed domain reach the hub.
 
-use super::conn::{cert_domains, Conn, TlsSide, Up};
-use super::metrics::{REFUSED, STANZAS, STREAMS};
+use super::conn::{cert_domains_of, Conn, TlsSide, Up};
+use super::metrics::{REFUSED, STANZAS, STREAMS, UNROUTABLE};
 use super::policy::{policy_for, system_for};
 use super::Shared;
 use crate::config::Domain;
 use crate::gateway::Origin;
-use crate::xmpp::convert::stanza_to_envelope;
+use crate::xmpp::convert::{stanza_to_envelope, ConvertError};
 use crate::xmpp::dialback::DbType;
-use crate::xmpp::error::StreamErrorCondition;
+use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition, StreamErrorCondition};
+use crate::xmpp::jid::Jid;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sConfig, S2sNegotiator};
+use crate::xmpp::stanza::Stanza;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -135,7 +137,13 @@ async fn handle(
         };
         match st.accept(sock, handshake).await {
             Ok(s) => {
-                let domains = cert_domains(s.get_ref().1, None);
+                // The header's `from` is not known yet: exact DNS-IDs only for now; `pump`
+                // recomputes with the claimed domain (wildcards) when the header arrives.
+                let cert = crate::tls::peer_identity(s.get_ref().1).ok().flatten();
+                let domains = cert
+                    .as_ref()
+                    .map(|c| cert_domains_of(c, None))
+                    .unwrap_or_default();
                 let mut c = Conn::new(
                     Box::new(s),
                     S2sNegotiator::new(mc),
@@ -145,6 +153,7 @@ async fn handle(
                     "inbound",
                 );
                 c.cert_domains = domains.clone();
+                c.direct_tls_cert = cert;
                 let a = c.m.start_direct_tls(now, domains);
                 (c, a)
             }
@@ -374,6 +383,7 @@ impl Inbound {
             .from()
             .and_then(|f| crate::gateway::Address::parse(&f).ok())
         else {
+            self.unroutable(stanza, "`from` is not a user address");
             return;
         };
         let domain: Domain = from.domain.clone();
@@ -384,9 +394,73 @@ impl Inbound {
             Ok(env) => {
                 self.shared.hub.submit(&Origin::S2s { domain }, env);
             }
+            Err(e @ ConvertError::Address(_)) => self.unroutable(stanza, &e.to_string()),
             Err(e) => {
                 tracing::info!(peer = %self.addr, error = %e, "inbound stanza not routed");
             }
         }
+    }
+
+    /// A stanza whose addresses cannot become an envelope (a bare domain: the gateway has no
+    /// home node for it). RFC 6120 §8.2.3: an iq get/set must be answered, so one addressed to
+    /// our domain gets an error reply — `feature-not-implemented` for service discovery,
+    /// `service-unavailable` otherwise — over our stream to the peer (streams are one-way, as
+    /// for [`answer_ping`](Self::answer_ping)). Anything else is dropped and counted.
+    fn unroutable(&self, stanza: &Stanza, why: &str) {
+        if self.answer_unroutable_iq(stanza) {
+            UNROUTABLE.with_label_values(&["answered"]).inc();
+            tracing::debug!(peer = %self.addr, reason = why, "unroutable iq answered with an error");
+            return;
+        }
+        UNROUTABLE.with_label_values(&["dropped"]).inc();
+        tracing::debug!(
+            peer = %self.addr,
+            stanza = stanza.name(),
+            reason = why,
+            "inbound stanza dropped: it cannot be routed"
+        );
+    }
+
+    fn answer_unroutable_iq(&self, stanza: &Stanza) -> bool {
+        if stanza.name() != "iq" || !matches!(stanza.stanza_type().as_deref(), Some("get" | "set"))
+        {
+            return false;
+        }
+        // The negotiator checked both addresses (RFC 6120 §8.1.1.1 / §8.1.2.1): `from` is in an
+        // authenticated domain, `to` in one of ours. The reply goes from that domain to that one.
+        let (Some(from), Some(to)) = (stanza.from(), stanza.to()) else {
+            return false;
+        };
+        let (Ok(from), Ok(to)) = (Jid::parse(&from), Jid::parse(&to)) else {
+            return false;
+        };
+        let (Ok(peer), Ok(local)) = (Domain::parse(from.domain()), Domain::parse(to.domain()))
+        else {
+            return false;
+        };
+        let cfg = self.shared.hub.config();
+        if !cfg
+            .local_domains
+            .iter()
+            .any(|d| d.name.as_str() == local.as_str())
+        {
+            return false;
+        }
+        let kids = crate::xmpp::stanza::children(stanza);
+        let disco = kids.first().is_some_and(|c| {
+            matches!(
+                c.ns.as_str(),
+                "http://jabber.org/protocol/disco#info" | "http://jabber.org/protocol/disco#items"
+            )
+        });
+        let condition = if disco {
+            StanzaErrorCondition::FeatureNotImplemented
+        } else {
+            StanzaErrorCondition::ServiceUnavailable
+        };
+        let Ok(reply) = stanza_error_bounce(stanza, condition, None, None) else {
+            return false;
+        };
+        self.shared.raw_out.try_send((local, peer, reply)).is_ok()
     }
 }

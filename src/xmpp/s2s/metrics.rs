@@ -14,6 +14,7 @@ pub const TLS_FAILURES_TOTAL: &str = "legate_s2s_tls_failures_total";
 pub const QUEUE_DEPTH: &str = "legate_s2s_queue_depth";
 pub const BOUNCES_TOTAL: &str = "legate_s2s_bounces_total";
 pub const REFUSED_TOTAL: &str = "legate_s2s_refused_total";
+pub const UNROUTABLE_TOTAL: &str = "legate_s2s_unroutable_total";
 
 /// Authenticated streams, by direction (`inbound`/`outbound`) and method
 /// (`external`/`dialback`).
@@ -82,6 +83,17 @@ pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         REFUSED_TOTAL,
         "inbound s2s peers refused by federation policy, by reason",
         &["reason"],
+    )
+});
+
+/// Inbound stanzas from an authenticated peer that cannot become an envelope (an address
+/// without a user part, e.g. a bare domain), by outcome: `answered` (an iq get/set got an
+/// error reply, RFC 6120 §8.2.3) or `dropped` (anything else).
+pub static UNROUTABLE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        UNROUTABLE_TOTAL,
+        "inbound s2s stanzas that cannot be routed, by outcome",
+        &["outcome"],
     )
 });
 
