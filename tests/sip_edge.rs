@@ -1073,3 +1073,49 @@ async fn run_sipp(
         .context("sipp did not finish in time")??;
     Ok(out)
 }
+
+/// A peer that floods keep-alives and never reads its pongs: the edge's writes block, the
+/// bounded write (handshake_timeout_secs) fires and the connection is closed, which gives its
+/// per-peer slot back. Before the bound, the task was pinned forever and so was the slot.
+#[tokio::test]
+async fn peer_that_never_reads_is_closed_and_its_slot_released() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) = start_edge_with(
+        dir.path(),
+        5999,
+        "max_connections_per_peer = 1\nhandshake_timeout_secs = 1\nidle_timeout_secs = 600",
+    )
+    .await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    let stream = sock.connect(addr).await?;
+    let (_rd, mut wr) = stream.into_split();
+    // Flood pings; never read. The writer stops on its own once the edge closes.
+    let flood = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let chunk = b"\r\n\r\n".repeat(16 * 1024);
+        for _ in 0..1024 {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The slot is held while the flood runs; it must come back within a bounded time.
+    let mut ok = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(mut d) = Ua::connect(addr).await else {
+            continue;
+        };
+        if options_ok(&mut d).await.unwrap_or(false) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the non-reading peer was closed and its slot released");
+    flood.abort();
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}

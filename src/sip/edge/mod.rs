@@ -93,6 +93,7 @@ impl SipEdge {
             max_header: cfg.limits.sip_max_header_bytes,
             max_message: cfg.limits.sip_max_message_bytes,
             idle: Duration::from_secs(cfg.limits.idle_timeout_secs),
+            write: Duration::from_secs(cfg.limits.handshake_timeout_secs),
         };
         let mut tasks = Vec::new();
         let (core_tx, core_rx) = mpsc::channel::<Input>(1024);
