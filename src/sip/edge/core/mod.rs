@@ -173,6 +173,9 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
 
 /// Most remembered final responses (see `Core::remember`).
 const RECENT_LIMIT: usize = 8192;
+/// Live server transactions at most (`limits` has no key for it); beyond, requests get a
+/// stateless 503. Refusals by policy never create one.
+pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
@@ -328,6 +331,11 @@ impl Core {
     }
 
     /// Counts for tests and status: (notifiers, subscribers, sessions).
+    /// Live (server, client) transactions, for tests and status.
+    pub fn txn_counts(&self) -> (usize, usize) {
+        (self.server.len(), self.client.len())
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         (
             self.notifiers.len(),
@@ -636,6 +644,25 @@ impl Core {
             });
             return;
         }
+        // Policy first: a refusal is answered statelessly (RFC 3261 §8.2: a UAS may answer a
+        // 4xx without a transaction), so a flood of refused requests (no certificate,
+        // unfederated domain) costs no state and no Timer H/J per request. A retransmission
+        // is screened and refused again the same way.
+        let cfg = hub.config();
+        let domain = match self.screen(&cfg, peer, &req) {
+            Ok(d) => d,
+            Err(r) => {
+                m::refused(r.label);
+                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
+                self.reply_stateless(peer.conn, &req, r.status, r.reason);
+                return;
+            }
+        };
+        if self.server.len() >= MAX_SERVER_TRANSACTIONS {
+            m::refused("too_many_transactions");
+            self.reply_stateless(peer.conn, &req, 503, "Service Unavailable (Overloaded)");
+            return;
+        }
         match ServerTransaction::new(&req, self.timers, now) {
             Ok(txn) => {
                 self.server.insert(
@@ -653,17 +680,6 @@ impl Core {
                 return;
             }
         }
-        let cfg = hub.config();
-        let domain = match self.screen(&cfg, peer, &req) {
-            Ok(d) => d,
-            Err(r) => {
-                m::refused(r.label);
-                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
-                let tag = random_token(10);
-                self.reply(&key, &req, r.status, r.reason, Some(&tag), &[], None, now);
-                return;
-            }
-        };
         self.actions.push_back(Action::Bind {
             conn: peer.conn,
             domain: domain.clone(),

@@ -172,7 +172,10 @@ impl Core {
         };
         self.notifiers.insert(id.clone(), n);
         if grant == 0 {
+            // A fetch: the terminated NOTIFY is all it gets; the notifier ends with it (the
+            // NOTIFY's client transaction carries what it needs).
             self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
+            self.notifiers.remove(&id);
             return;
         }
         self.notifier_pairs

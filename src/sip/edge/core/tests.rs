@@ -506,3 +506,89 @@ fn persisted_notifiers_restore_with_higher_cseq() {
         0
     );
 }
+
+/// A fetch (`Expires: 0`) gets its 200 and a terminated NOTIFY, and leaves no notifier.
+#[test]
+fn fetches_leave_no_notifiers() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..100 {
+        let text = subscribe_text(0)
+            .replace("Call-ID: c1", &format!("Call-ID: fetch{i}"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKf{i}"));
+        c.handle_message(&h, &peer(), msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out[0].status(), Some(200));
+        assert_eq!(
+            out[1].header_value_by_raw_name("Subscription-State"),
+            Some("terminated;reason=timeout")
+        );
+    }
+    assert_eq!(c.counts().0, 0);
+}
+
+/// A state file that says an entry expires at u64::MAX does not panic: the entry is kept
+/// with at most the longest grant; one already past is dropped.
+#[test]
+fn restore_clamps_absurd_expiry_and_drops_past() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let wall = SystemTime::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let _ = sent(&mut c);
+    let mut snap = c.snapshot(t0, wall);
+    let mut past = snap.notifiers[0].clone();
+    past.dialog.id.call_id = "past".into();
+    past.expires_unix = 1;
+    snap.notifiers[0].expires_unix = u64::MAX;
+    snap.notifiers.push(past);
+    let mut c2 = core();
+    assert_eq!(c2.restore(&h, snap, t0, wall), 1);
+    assert_eq!(c2.counts().0, 1);
+    let max = Duration::from_secs(u64::from(subscription::MAX_EXPIRES));
+    assert!(c2.poll_timeout().is_some_and(|t| t <= t0 + max));
+    // It ends at the clamped time.
+    c2.handle_timeout(&h, t0 + max + Duration::from_secs(1));
+    assert_eq!(c2.counts().0, 0);
+}
+
+/// Thousands of INVITEs refused by policy (no verified certificate; an unfederated domain)
+/// are answered without creating a server transaction.
+#[test]
+fn refused_invites_leave_no_server_transactions() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let unverified = PeerInfo {
+        verified: Vec::new(),
+        ..peer()
+    };
+    for i in 0..3000 {
+        let from = if i % 2 == 0 {
+            "partner.com"
+        } else {
+            "nowhere.net"
+        };
+        let text = format!(
+            "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKflood{i}\n\
+Max-Forwards: 70\n\
+From: <sip:bob@{from}>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: flood{i}\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:bob@10.0.0.1;transport=tls>\n\
+Content-Length: 0\n\n"
+        );
+        let p = if i % 2 == 0 { &unverified } else { &peer() };
+        c.handle_message(&h, p, msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].status().is_some_and(|s| (400..500).contains(&s)));
+    }
+    assert_eq!(c.txn_counts(), (0, 0));
+    assert_eq!(c.counts(), (0, 0, 0));
+    assert!(h.got.borrow().is_empty());
+}
