@@ -176,6 +176,8 @@ const RECENT_LIMIT: usize = 8192;
 /// Live server transactions at most (`limits` has no key for it); beyond, requests get a
 /// stateless 503. Refusals by policy never create one.
 pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
+/// Notifier dialogs per (foreign watcher, local user) pair; see `on_subscribe`.
+pub(crate) const MAX_DIALOGS_PER_PAIR: usize = 4;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
@@ -213,6 +215,9 @@ pub struct Core {
     client: HashMap<TxnKey, ClientEntry>,
     notifiers: HashMap<DialogId, Notifier>,
     notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
+    /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
+    /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
+    notifier_watchers: HashMap<String, usize>,
     subscribers: HashMap<u64, Subscriber>,
     subscriber_pairs: HashMap<(String, String), u64>,
     subscriber_calls: HashMap<(String, String), u64>,
@@ -280,6 +285,7 @@ impl Core {
             client: HashMap::new(),
             notifiers: HashMap::new(),
             notifier_pairs: HashMap::new(),
+            notifier_watchers: HashMap::new(),
             subscribers: HashMap::new(),
             subscriber_pairs: HashMap::new(),
             subscriber_calls: HashMap::new(),
@@ -370,6 +376,45 @@ impl Core {
 
     fn schedule(&mut self, key: TimerKey, at: Instant) {
         self.heap.push(Reverse((at, key)));
+    }
+
+    /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
+    /// already queued (a refresh storm must not grow the heap).
+    fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
+        let Some(n) = self.notifiers.get_mut(id) else {
+            return;
+        };
+        if n.armed.is_some_and(|a| a <= at) {
+            return;
+        }
+        n.armed = Some(at);
+        self.schedule(TimerKey::Notifier(id.clone()), at);
+    }
+
+    /// Adds dialog `id` to its (watcher, presentity) pair.
+    fn pair_add(&mut self, pair: (String, String), id: DialogId) {
+        let v = self.notifier_pairs.entry(pair.clone()).or_default();
+        if v.is_empty() {
+            *self.notifier_watchers.entry(pair.1).or_default() += 1;
+        }
+        v.push(id);
+    }
+
+    /// Removes dialog `id` from its pair, and the pair once it has none.
+    fn pair_remove(&mut self, pair: &(String, String), id: &DialogId) {
+        let Some(v) = self.notifier_pairs.get_mut(pair) else {
+            return;
+        };
+        v.retain(|d| d != id);
+        if v.is_empty() {
+            self.notifier_pairs.remove(pair);
+            if let Some(c) = self.notifier_watchers.get_mut(&pair.1) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    self.notifier_watchers.remove(&pair.1);
+                }
+            }
+        }
     }
 
     /// Publishes the gauges (the driver calls it once a second; per event it would cost a
@@ -921,12 +966,7 @@ impl Core {
                 if code == 481 || code == 403 || code == 603 {
                     if let Some(n) = self.notifiers.remove(dialog) {
                         let pair = (n.watcher.bare_string(), n.presentity.bare_string());
-                        if let Some(v) = self.notifier_pairs.get_mut(&pair) {
-                            v.retain(|d| d != dialog);
-                            if v.is_empty() {
-                                self.notifier_pairs.remove(&pair);
-                            }
-                        }
+                        self.pair_remove(&pair, dialog);
                         self.dirty = true;
                     }
                 }
@@ -1172,14 +1212,21 @@ impl Core {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, key))) = self.heap.pop() else {
+            let Some(Reverse((at, key))) = self.heap.pop() else {
                 break;
             };
             match key {
                 TimerKey::Notifier(id) => {
-                    let expired = self.notifiers.get(&id).is_some_and(|n| n.expires_at <= now);
-                    if expired {
+                    let Some(n) = self.notifiers.get_mut(&id) else {
+                        continue;
+                    };
+                    if n.expires_at <= now {
                         self.end_notifier(hub, &id, TerminationReason::Timeout, true, now);
+                    } else if n.armed == Some(at) {
+                        // Refreshed since: the one queued timer moves to the new expiry.
+                        n.armed = None;
+                        let e = n.expires_at;
+                        self.arm_notifier(&id, e);
                     }
                 }
                 TimerKey::Subscriber(id) => {

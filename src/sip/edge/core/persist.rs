@@ -142,13 +142,14 @@ impl Core {
                 expires_at,
                 last: None,
                 conn: None,
+                armed: None,
             };
-            self.notifier_pairs
-                .entry((watcher.bare_string(), presentity.bare_string()))
-                .or_default()
-                .push(id.clone());
+            self.pair_add(
+                (watcher.bare_string(), presentity.bare_string()),
+                id.clone(),
+            );
             self.notifiers.insert(id.clone(), n);
-            self.schedule(TimerKey::Notifier(id), expires_at);
+            self.arm_notifier(&id, expires_at);
             n_restored += 1;
             let ask = if active {
                 Subscription::Probe

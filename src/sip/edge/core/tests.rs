@@ -592,3 +592,88 @@ Content-Length: 0\n\n"
     assert_eq!(c.counts(), (0, 0, 0));
     assert!(h.got.borrow().is_empty());
 }
+
+/// New Call-IDs for the same (watcher, user) pair are bounded: beyond MAX_DIALOGS_PER_PAIR
+/// the oldest dialog ends with `deactivated`, and a presence change is sent once per live
+/// dialog only.
+#[test]
+fn dialogs_per_pair_are_bounded_oldest_deactivated() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let text = subscribe_text(3600)
+            .replace("Call-ID: c1", &format!("Call-ID: pair{i}"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKp{i}"));
+        c.handle_message(&h, &peer(), msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out[0].status(), Some(200));
+        if i >= MAX_DIALOGS_PER_PAIR {
+            let ended = out
+                .iter()
+                .find(|m| {
+                    m.header_value_by_raw_name("Subscription-State")
+                        == Some("terminated;reason=deactivated")
+                })
+                .expect("the oldest dialog is deactivated");
+            let oldest = format!("pair{}", i - MAX_DIALOGS_PER_PAIR);
+            assert_eq!(ended.call_id().ok(), Some(oldest.as_str()));
+        }
+    }
+    assert_eq!(c.counts().0, MAX_DIALOGS_PER_PAIR);
+    assert_eq!(c.notifier_watchers.get("alice@example.com"), Some(&1));
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribed),
+        ),
+        t0,
+    );
+    assert_eq!(sent(&mut c).len(), MAX_DIALOGS_PER_PAIR);
+    // Nobody told the home side the watcher went away: it still has live dialogs.
+    assert!(!h
+        .got
+        .borrow()
+        .iter()
+        .any(|e| e.body == Body::Subscription(Subscription::Unsubscribe)));
+}
+
+/// A refresh storm queues no timer per refresh; the subscription still ends at its last
+/// granted expiry.
+#[test]
+fn refresh_storm_does_not_grow_the_timer_heap() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let tag = out[0]
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .unwrap_or("")
+        .to_owned();
+    let base = c.heap.len();
+    let mut last = t0;
+    for i in 2..2002u32 {
+        last = t0 + Duration::from_millis(u64::from(i));
+        let refresh = subscribe_text(3600)
+            .replace(
+                "To: <sip:alice@example.com>",
+                &format!("To: <sip:alice@example.com>;tag={tag}"),
+            )
+            .replace("CSeq: 1 SUBSCRIBE", &format!("CSeq: {i} SUBSCRIBE"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKr{i}"));
+        c.handle_message(&h, &peer(), msg(&refresh), last);
+        assert_eq!(sent(&mut c)[0].status(), Some(200));
+    }
+    assert!(c.heap.len() <= base + 1, "heap grew to {}", c.heap.len());
+    // The first timer fires early, re-arms at the refreshed expiry, which ends it.
+    c.handle_timeout(&h, t0 + Duration::from_secs(3600));
+    assert_eq!(c.counts().0, 1);
+    c.handle_timeout(&h, last + Duration::from_secs(3600));
+    assert_eq!(c.counts().0, 0);
+}
