@@ -178,6 +178,11 @@ const RECENT_LIMIT: usize = 8192;
 pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
 /// Notifier dialogs per (foreign watcher, local user) pair; see `on_subscribe`.
 pub(crate) const MAX_DIALOGS_PER_PAIR: usize = 4;
+/// IM sessions (both directions) per federated domain; beyond, an inbound INVITE gets 503
+/// and a message that would open one is bounced.
+pub(crate) const MAX_SESSIONS_PER_DOMAIN: usize = 1024;
+/// Messages waiting for an outbound session's INVITE to be answered; beyond, bounced.
+pub(crate) const MAX_SESSION_QUEUE: usize = 64;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
@@ -224,6 +229,8 @@ pub struct Core {
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
+    /// Live sessions per federated domain (for `MAX_SESSIONS_PER_DOMAIN`).
+    session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Final responses of recent non-INVITE server transactions (see `remember`).
@@ -292,6 +299,7 @@ impl Core {
             sessions: HashMap::new(),
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
+            session_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             recent: HashMap::new(),
@@ -977,7 +985,7 @@ impl Core {
             Purpose::Invite { session } => {
                 let sid = *session;
                 if (200..300).contains(&code) {
-                    self.on_invite_ok(sid, resp, conn, now);
+                    self.on_invite_ok(hub, sid, resp, conn, now);
                 } else if let Some(s) = self.remove_session(sid) {
                     for b in &s.queue {
                         self.bounce_message(hub, &s.domain, &s.local, &s.remote, b, code);
@@ -998,7 +1006,7 @@ impl Core {
                 if let (Some(sid), 481 | 408, false) = (session, code, retried) {
                     // The peer lost the session: open a new one for this message.
                     self.remove_session(*sid);
-                    self.open_session(from.clone(), to.clone(), domain, body.clone(), now);
+                    self.open_session(hub, from.clone(), to.clone(), domain, body.clone(), now);
                     return;
                 }
                 self.bounce_message(hub, &domain, from, to, body, code);
@@ -1168,8 +1176,8 @@ impl Core {
             Body::Message(body) => {
                 let pair = (env.from.bare_string(), env.to.bare_string());
                 match self.session_pairs.get(&pair).copied() {
-                    Some(sid) => self.send_session_message(sid, body, now),
-                    None => self.open_session(env.from, env.to, domain.clone(), body, now),
+                    Some(sid) => self.send_session_message(hub, sid, body, now),
+                    None => self.open_session(hub, env.from, env.to, domain.clone(), body, now),
                 }
             }
             Body::Error { condition, .. } => {
@@ -1250,7 +1258,7 @@ impl Core {
                         .get(&sid)
                         .map(|s| s.last_activity + self.im_idle);
                     match idle_until {
-                        Some(t) if t <= now => self.close_session(sid, now),
+                        Some(t) if t <= now => self.close_session(hub, sid, now),
                         Some(t) => self.schedule(TimerKey::Session(sid), t),
                         None => {}
                     }

@@ -677,3 +677,170 @@ fn refresh_storm_does_not_grow_the_timer_heap() {
     c.handle_timeout(&h, last + Duration::from_secs(3600));
     assert_eq!(c.counts().0, 0);
 }
+
+fn im_invite(call: &str, from_user: &str, branch: &str) -> SipMessage {
+    let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+    let inv = format!(
+        "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch={branch}\n\
+Max-Forwards: 70\n\
+From: <sip:{from_user}@partner.com>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: {call}\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:{from_user}@10.0.0.1;transport=tls>\n\
+Content-Type: application/sdp\n\
+Content-Length: {}\n\n",
+        sdp.len()
+    );
+    let mut raw = inv.replace('\n', "\r\n").into_bytes();
+    raw.extend_from_slice(sdp.as_bytes());
+    parse_datagram(&raw).expect("parses")
+}
+
+fn text(id: &str) -> Body {
+    Body::Message(MessageBody {
+        id: Some(id.into()),
+        text: "hi".into(),
+        thread: None,
+    })
+}
+
+fn bounced(h: &FakeHub) -> Vec<Option<String>> {
+    h.got
+        .borrow()
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Error { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A new INVITE for a pair that has a session replaces it: the old dialog gets a BYE and
+/// one session remains.
+#[test]
+fn new_invite_for_same_pair_replaces_the_session() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..50 {
+        c.handle_message(
+            &h,
+            &peer(),
+            im_invite(&format!("imr{i}"), "bob", &format!("z9hG4bKir{i}")),
+            t0,
+        );
+        let out = sent(&mut c);
+        assert!(out.iter().any(|m| m.status() == Some(200)));
+        if i > 0 {
+            let bye = out
+                .iter()
+                .find(|m| m.method() == Some("BYE"))
+                .expect("the old session gets a BYE");
+            let old = format!("imr{}", i - 1);
+            assert_eq!(bye.call_id().ok(), Some(old.as_str()));
+        }
+    }
+    assert_eq!(c.counts().2, 1);
+    assert_eq!(c.sessions_of(&dom()), 1);
+}
+
+/// Sessions per domain are bounded: beyond MAX_SESSIONS_PER_DOMAIN an INVITE gets 503 and
+/// a message that would open one is bounced.
+#[test]
+fn sessions_per_domain_are_bounded() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..MAX_SESSIONS_PER_DOMAIN {
+        c.handle_message(
+            &h,
+            &peer(),
+            im_invite(
+                &format!("imd{i}"),
+                &format!("u{i}"),
+                &format!("z9hG4bKid{i}"),
+            ),
+            t0,
+        );
+        let _ = sent(&mut c);
+    }
+    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+    c.handle_message(&h, &peer(), im_invite("imd-x", "late", "z9hG4bKidx"), t0);
+    assert_eq!(
+        sent(&mut c).iter().filter_map(SipMessage::status).last(),
+        Some(503)
+    );
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "new@partner.com", text("m1")),
+        t0,
+    );
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(bounced(&h), [Some("m1".to_owned())]);
+    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+}
+
+/// A 2xx to our INVITE that cannot make a dialog (no To tag) ends the session and bounces
+/// what waited on it; later messages open a new session instead of queueing forever.
+#[test]
+fn unusable_2xx_to_invite_ends_session_and_bounces() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m1")),
+        t0,
+    );
+    let inv = sent(&mut c).remove(0);
+    assert_eq!(inv.method(), Some("INVITE"));
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m2")),
+        t0,
+    );
+    assert!(sent(&mut c).is_empty());
+    let ok = inv.build_response(200, "OK", None).expect("resp");
+    c.handle_message(&h, &peer(), ok, t0);
+    assert_eq!(c.counts().2, 0);
+    assert_eq!(bounced(&h), [Some("m1".to_owned()), Some("m2".to_owned())]);
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m3")),
+        t0,
+    );
+    assert_eq!(sent(&mut c)[0].method(), Some("INVITE"));
+}
+
+/// The queue of a session still inviting is bounded; what does not fit is bounced, and
+/// closing the session bounces what was queued rather than dropping it.
+#[test]
+fn session_queue_is_bounded_and_close_bounces() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..100 {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env(
+                "alice@example.com",
+                "bob@partner.com",
+                text(&format!("q{i}")),
+            ),
+            t0,
+        );
+    }
+    assert_eq!(sent(&mut c).len(), 1, "one INVITE");
+    assert_eq!(bounced(&h).len(), 100 - MAX_SESSION_QUEUE);
+    let sid = *c.sessions.keys().next().expect("session");
+    c.close_session(&h, sid, t0);
+    assert_eq!(bounced(&h).len(), 100);
+    assert_eq!(c.counts().2, 0);
+}
