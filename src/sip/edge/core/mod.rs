@@ -141,15 +141,22 @@ struct ClientEntry {
     purpose: Purpose,
     conn: Option<ConnId>,
     domain: Domain,
+    /// Earliest timer queued for it in the heap (see `arm_client`).
+    armed: Option<Instant>,
 }
 
 struct ServerEntry {
     txn: ServerTransaction,
     conn: ConnId,
+    /// Earliest timer queued for it in the heap (see `arm_server`).
+    armed: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
+    /// A transaction's next deadline: no scan of the transaction tables per event.
+    Server(TxnKey),
+    Client(TxnKey),
     Notifier(DialogId),
     Subscriber(u64),
     Session(u64),
@@ -329,14 +336,40 @@ impl Core {
 
     /// Earliest deadline (may be early: stale heap entries cause a harmless extra wake-up).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = self.heap.peek().map(|Reverse((at, _))| *at);
-        for e in self.server.values() {
-            t = min_opt(t, e.txn.poll_timeout());
+        // Transaction deadlines are in the heap too (`arm_server`/`arm_client`); an entry
+        // made stale by a transaction's progress only wakes the driver early.
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Queues server transaction `key`'s next deadline unless one at or before it is queued
+    /// already (that one re-arms when it fires).
+    fn arm_server(&mut self, key: &TxnKey) {
+        let Some(e) = self.server.get_mut(key) else {
+            return;
+        };
+        let Some(t) = e.txn.poll_timeout() else {
+            return;
+        };
+        if e.armed.is_some_and(|a| a <= t) {
+            return;
         }
-        for e in self.client.values() {
-            t = min_opt(t, e.txn.poll_timeout());
+        e.armed = Some(t);
+        self.schedule(TimerKey::Server(key.clone()), t);
+    }
+
+    /// As `arm_server`, for a client transaction.
+    fn arm_client(&mut self, key: &TxnKey) {
+        let Some(e) = self.client.get_mut(key) else {
+            return;
+        };
+        let Some(t) = e.txn.poll_timeout() else {
+            return;
+        };
+        if e.armed.is_some_and(|a| a <= t) {
+            return;
         }
-        t
+        e.armed = Some(t);
+        self.schedule(TimerKey::Client(key.clone()), t);
     }
 
     /// `true` once since the last call if persisted state changed.
@@ -472,6 +505,7 @@ impl Core {
                         purpose,
                         conn,
                         domain,
+                        armed: None,
                     },
                 );
                 self.drain_client_transmit(&key);
@@ -490,6 +524,7 @@ impl Core {
                 });
             }
         }
+        self.arm_client(key);
     }
 
     /// Answers a server transaction.
@@ -566,6 +601,8 @@ impl Core {
         }
         if done {
             self.server.remove(key);
+        } else {
+            self.arm_server(key);
         }
     }
 
@@ -723,6 +760,7 @@ impl Core {
                     ServerEntry {
                         txn,
                         conn: peer.conn,
+                        armed: None,
                     },
                 );
                 self.drain_server(&key);
@@ -1192,30 +1230,6 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, hub: &dyn HubPort, now: Instant) {
-        let due_server: Vec<TxnKey> = self
-            .server
-            .iter()
-            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due_server {
-            if let Some(e) = self.server.get_mut(&k) {
-                e.txn.handle(Event::Timer, now);
-            }
-            self.drain_server(&k);
-        }
-        let due_client: Vec<TxnKey> = self
-            .client
-            .iter()
-            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due_client {
-            if let Some(e) = self.client.get_mut(&k) {
-                e.txn.handle(Event::Timer, now);
-            }
-            self.drain_client(hub, &k, None, now);
-        }
         while let Some(Reverse((at, _))) = self.heap.peek() {
             if *at > now {
                 break;
@@ -1224,6 +1238,33 @@ impl Core {
                 break;
             };
             match key {
+                TimerKey::Server(k) => {
+                    let Some(e) = self.server.get_mut(&k) else {
+                        continue;
+                    };
+                    if e.armed == Some(at) {
+                        e.armed = None;
+                    }
+                    if e.txn.poll_timeout().is_some_and(|t| t <= now) {
+                        e.txn.handle(Event::Timer, now);
+                    }
+                    // Forwards what the timer produced and re-arms the next deadline.
+                    self.drain_server(&k);
+                }
+                TimerKey::Client(k) => {
+                    let Some(e) = self.client.get_mut(&k) else {
+                        continue;
+                    };
+                    if e.armed == Some(at) {
+                        e.armed = None;
+                    }
+                    if e.txn.poll_timeout().is_some_and(|t| t <= now) {
+                        e.txn.handle(Event::Timer, now);
+                        self.drain_client(hub, &k, None, now);
+                    } else {
+                        self.arm_client(&k);
+                    }
+                }
                 TimerKey::Notifier(id) => {
                     let Some(n) = self.notifiers.get_mut(&id) else {
                         continue;
@@ -1291,14 +1332,6 @@ const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
 
 /// Methods we answer (RFC 3261 §20.5).
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
-
-fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, None) => x,
-        (None, y) => y,
-    }
-}
 
 #[cfg(test)]
 mod tests;
