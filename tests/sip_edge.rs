@@ -1073,3 +1073,84 @@ async fn run_sipp(
         .context("sipp did not finish in time")??;
     Ok(out)
 }
+
+/// A peer that floods requests (keep-alives, or OPTIONS answered through the core's queued
+/// output) and never reads: the edge's writes block, the bounded write
+/// (handshake_timeout_secs) fires and the connection is closed, which gives its per-peer slot
+/// back. Before the bound, the task was pinned forever and so was the slot.
+async fn non_reading_peer_is_closed(flood_unit: fn(u32) -> Vec<u8>, pause: Duration) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) = start_edge_with(
+        dir.path(),
+        5999,
+        "max_connections_per_peer = 1\nhandshake_timeout_secs = 1\nidle_timeout_secs = 600",
+    )
+    .await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(4096)?;
+    let stream = sock.connect(addr).await?;
+    let (_rd, mut wr) = stream.into_split();
+    // Flood; never read. The writer stops on its own once the edge closes.
+    let flood = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for i in 0..200_000u32 {
+            if wr.write_all(&flood_unit(i)).await.is_err() {
+                break;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    });
+    // The slot is held while the flood runs; it must come back within a bounded time.
+    let mut ok = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(mut d) = Ua::connect(addr).await else {
+            continue;
+        };
+        if options_ok(&mut d).await.unwrap_or(false) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the non-reading peer was closed and its slot released");
+    flood.abort();
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn peer_that_never_reads_is_closed_and_its_slot_released() -> Result<()> {
+    non_reading_peer_is_closed(|_| b"\r\n\r\n".repeat(4096), Duration::ZERO).await
+}
+
+#[tokio::test]
+async fn peer_flooding_options_that_never_reads_is_closed() -> Result<()> {
+    // Paced in batches: answers the connection cannot queue are dropped by the driver, so an
+    // unpaced flood yields too few answers to fill the socket buffers.
+    non_reading_peer_is_closed(
+        |i| {
+            (0..50)
+                .map(|j| {
+                    let i = i * 50 + j;
+                    format!(
+                        "OPTIONS sip:alice@example.com SIP/2.0\r\n\
+Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKflood{i}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:bob@partner.com>;tag=o\r\n\
+To: <sip:alice@example.com>\r\n\
+Call-ID: flood{i}\r\n\
+CSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n"
+                    )
+                })
+                .collect::<String>()
+                .into_bytes()
+        },
+        Duration::from_millis(5),
+    )
+    .await
+}

@@ -105,6 +105,9 @@ pub struct Notifier {
     pub last: Option<PresenceBody>,
     /// The connection the SUBSCRIBE came on (reused for NOTIFYs while it is open).
     pub conn: Option<u64>,
+    /// The earliest expiry timer queued for it, if any: a refresh that moves the expiry
+    /// later queues nothing (the queued timer re-arms itself when it fires early).
+    pub armed: Option<Instant>,
 }
 
 impl Notifier {
@@ -134,6 +137,9 @@ pub enum TerminationReason {
     Rejected,
     /// We are shutting the subscription down for good.
     Noresource,
+    /// Ended to make room (too many dialogs for one watcher and user); the watcher may
+    /// subscribe again (RFC 6665 §4.1.3).
+    Deactivated,
 }
 
 impl TerminationReason {
@@ -144,6 +150,7 @@ impl TerminationReason {
             Self::Unsubscribed | Self::Timeout => "timeout",
             Self::Rejected => "rejected",
             Self::Noresource => "noresource",
+            Self::Deactivated => "deactivated",
         }
     }
 }

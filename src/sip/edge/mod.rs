@@ -93,6 +93,7 @@ impl SipEdge {
             max_header: cfg.limits.sip_max_header_bytes,
             max_message: cfg.limits.sip_max_message_bytes,
             idle: Duration::from_secs(cfg.limits.idle_timeout_secs),
+            write: Duration::from_secs(cfg.limits.handshake_timeout_secs),
         };
         let mut tasks = Vec::new();
         let (core_tx, core_rx) = mpsc::channel::<Input>(1024);
@@ -311,20 +312,30 @@ fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
     }
 }
 
-/// Writes the state file atomically: a temporary file in the same directory, then rename.
-fn save_state(path: &Path, core: &Core) {
+/// The state file's content, serialised in memory on the driver (no I/O there).
+fn state_bytes(core: &Core) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    match core.write_snapshot(Instant::now(), SystemTime::now(), &mut v) {
+        Ok(()) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise SIP state");
+            None
+        }
+    }
+}
+
+/// Writes the state file atomically: a temporary file in the same directory, fsync, then
+/// rename. Blocking: run it with `spawn_blocking`, never on the driver.
+fn save_state(path: &Path, bytes: &[u8]) {
     use std::io::Write;
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
     let tmp = path.with_extension("json.tmp");
-    let r = std::fs::File::create(&tmp).and_then(|f| {
-        let mut w = std::io::BufWriter::new(f);
-        core.write_snapshot(Instant::now(), SystemTime::now(), &mut w)
-            .map_err(std::io::Error::other)?;
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        drop(w);
+    let r = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, path)
     });
     if let Err(e) = r {
@@ -530,6 +541,8 @@ impl Driver {
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
         let mut next_write = Instant::now();
+        // The state file write in flight (one at a time, so writes never reorder).
+        let mut writing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let deadline = self
                 .core
@@ -560,9 +573,10 @@ impl Driver {
                     self.status.connections.store(self.conns.len(), Ordering::Relaxed);
                     // At most once a second, and never more than ~5% of the time: a large
                     // table costs more to write, so it is written less often.
-                    if next_write <= Instant::now() && self.core.take_dirty() {
+                    let idle = writing.as_ref().is_none_or(|h| h.is_finished());
+                    if idle && next_write <= Instant::now() && self.core.take_dirty() {
                         let t = Instant::now();
-                        self.persist();
+                        writing = self.persist();
                         next_write = t + (t.elapsed() * 20).max(Duration::from_secs(1));
                     }
                 }
@@ -574,11 +588,21 @@ impl Driver {
             }
             self.flush_actions();
         }
-        self.persist();
+        if let Some(h) = writing.take() {
+            let _ = h.await;
+        }
+        if let Some(h) = self.persist() {
+            let _ = h.await;
+        }
     }
 
-    fn persist(&self) {
-        save_state(&self.state_path, &self.core);
+    /// Serialises the state here and writes it on the blocking pool.
+    fn persist(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let bytes = state_bytes(&self.core)?;
+        let path = self.state_path.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            save_state(&path, &bytes)
+        }))
     }
 
     fn on_input(&mut self, input: Input) {
@@ -704,10 +728,20 @@ impl Driver {
                         Vec::new()
                     }
                 },
-                (None, Some(r)) => match tokio::net::lookup_host(r.to_string()).await {
-                    Ok(a) => a.map(|a| (a, true)).collect(),
-                    Err(_) => Vec::new(),
-                },
+                (None, Some(r)) => {
+                    let q = r.to_string();
+                    match tokio::time::timeout(timeout, tokio::net::lookup_host(q)).await {
+                        Ok(Ok(a)) => a.map(|a| (a, true)).collect(),
+                        Ok(Err(e)) => {
+                            tracing::warn!(domain = %domain, error = %e, "cannot resolve route");
+                            Vec::new()
+                        }
+                        Err(_) => {
+                            tracing::warn!(domain = %domain, "route lookup timed out");
+                            Vec::new()
+                        }
+                    }
+                }
                 (None, None) => Vec::new(),
             };
             for (addr, tls_target) in targets {

@@ -45,6 +45,38 @@ pub struct ConnLimits {
     pub max_header: usize,
     pub max_message: usize,
     pub idle: Duration,
+    /// Bound on each write and on the final shutdown (`limits.handshake_timeout_secs`): a peer
+    /// that stops reading must not pin the task and its slots.
+    pub write: Duration,
+}
+
+/// Why a bounded write did not complete.
+enum WriteFail {
+    Io(std::io::Error),
+    Timeout,
+}
+
+/// One `write_all` bounded by `limit`.
+async fn write_bounded<W>(wr: &mut W, data: &[u8], limit: Duration) -> Result<(), WriteFail>
+where
+    W: AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(limit, wr.write_all(data)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(WriteFail::Io(e)),
+        Err(_) => Err(WriteFail::Timeout),
+    }
+}
+
+/// Logs a failed write and counts a timeout (bounded label `write_timeout`).
+fn write_failed(f: WriteFail) {
+    match f {
+        WriteFail::Io(e) => tracing::debug!(error = %e, "write failed"),
+        WriteFail::Timeout => {
+            tracing::info!("write timed out; closing");
+            m::CONNS_REFUSED.with_label_values(&["write_timeout"]).inc();
+        }
+    }
 }
 
 /// Connections per peer address (style practice 4): a shared count, decremented on drop.
@@ -151,7 +183,8 @@ pub async fn run_connection<S>(
                         match framer.next() {
                             Ok(None) => break,
                             Ok(Some(Frame::KeepAlive)) => {
-                                if wr.write_all(b"\r\n").await.is_err() {
+                                if let Err(f) = write_bounded(&mut wr, b"\r\n", limits.write).await {
+                                    write_failed(f);
                                     break 'conn;
                                 }
                             }
@@ -161,7 +194,8 @@ pub async fn run_connection<S>(
                                 if let Some(s) = status {
                                     if let Some(a) = answer_refused(&bytes, s, &reason, "lgbad") {
                                         m::response("out", s);
-                                        if wr.write_all(&a).await.is_err() {
+                                        if let Err(f) = write_bounded(&mut wr, &a, limits.write).await {
+                                            write_failed(f);
                                             break 'conn;
                                         }
                                     }
@@ -184,8 +218,8 @@ pub async fn run_connection<S>(
                 }
                 out = rx.recv() => {
                     let Some(b) = out else { break };
-                    if let Err(e) = wr.write_all(&b).await {
-                        tracing::debug!(error = %e, "write failed");
+                    if let Err(f) = write_bounded(&mut wr, &b, limits.write).await {
+                        write_failed(f);
                         break;
                     }
                 }
@@ -197,7 +231,9 @@ pub async fn run_connection<S>(
                 _ = shutdown.changed() => break,
             }
         }
-        let _ = wr.shutdown().await;
+        if tokio::time::timeout(limits.write, wr.shutdown()).await.is_err() {
+            m::CONNS_REFUSED.with_label_values(&["write_timeout"]).inc();
+        }
         m::CONNS.with_label_values(&[kind]).dec();
         let _ = core.send(Input::Closed { conn }).await;
         tracing::debug!("connection closed");
@@ -268,6 +304,7 @@ mod tests {
             max_header: 16 * 1024,
             max_message: 64 * 1024,
             idle: Duration::from_millis(300),
+            write: Duration::from_secs(5),
         };
         let slots = Slots {
             listener: None,
@@ -320,6 +357,7 @@ mod tests {
             max_header: 16 * 1024,
             max_message: 64 * 1024,
             idle: Duration::from_secs(60),
+            write: Duration::from_secs(5),
         };
         let slots = Slots {
             listener: None,

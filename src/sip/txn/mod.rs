@@ -160,7 +160,7 @@ pub enum TxnError {
 }
 
 /// Transaction matching key (§17.1.3, §17.2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnKey {
     /// Top Via branch, as sent (compared exactly).
     pub branch: String,

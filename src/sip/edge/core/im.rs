@@ -78,6 +78,24 @@ impl Core {
         ) else {
             return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
         };
+        let pair = (local.bare_string(), remote.bare_string());
+        // A new INVITE for a pair that has a session replaces it (below), so it does not count
+        // against the domain's bound.
+        let replaces = self.session_pairs.get(&pair).copied();
+        if replaces.is_none() && self.sessions_of(domain) >= MAX_SESSIONS_PER_DOMAIN {
+            m::refused("too_many_sessions");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Too Many Sessions)",
+                Some(&tag),
+                &[("Retry-After", "60")],
+                None,
+                now,
+            );
+        }
         if let Some(text) = im_session::first_message(req) {
             let env = Envelope {
                 from: remote.clone(),
@@ -111,7 +129,13 @@ impl Core {
             Some(("application/sdp", &sdp)),
             now,
         );
-        let pair = (local.bare_string(), remote.bare_string());
+        // The pair's previous session is replaced: the peer opened a new one (Lync does after
+        // losing its own), so the old dialog gets a BYE and whatever still waited on it (an
+        // outbound INVITE crossing this one) goes out on the new dialog instead.
+        let carried = match replaces {
+            Some(old) => self.end_session_replaced(old, now),
+            None => VecDeque::new(),
+        };
         let s = ImSession {
             id: sid,
             local: local.bare(),
@@ -126,10 +150,46 @@ impl Core {
             last_activity: now,
             conn: Some(peer.conn),
         };
-        self.sessions.insert(sid, s);
+        self.insert_session(s);
         self.session_dialogs.insert(did, sid);
         self.session_pairs.insert(pair, sid);
         self.schedule(TimerKey::Session(sid), now + self.im_idle);
+        for b in carried {
+            self.send_session_message(hub, sid, b, now);
+        }
+    }
+
+    /// Live sessions toward `domain`.
+    pub(super) fn sessions_of(&self, domain: &Domain) -> usize {
+        self.session_domains.get(domain).copied().unwrap_or(0)
+    }
+
+    fn insert_session(&mut self, s: ImSession) {
+        *self.session_domains.entry(s.domain.clone()).or_default() += 1;
+        self.sessions.insert(s.id, s);
+    }
+
+    /// Ends session `sid` because a new INVITE replaces it: a BYE if it has a dialog; its
+    /// queued messages are returned to go out on the new session.
+    fn end_session_replaced(&mut self, sid: u64, now: Instant) -> VecDeque<MessageBody> {
+        let via = self.via();
+        let Some(mut s) = self.remove_session(sid) else {
+            return VecDeque::new();
+        };
+        let queue = std::mem::take(&mut s.queue);
+        if let Some(d) = &mut s.dialog {
+            if let Ok(bye) = d.request(&InDialog {
+                method: "BYE",
+                via: &via,
+                contact: None,
+                extra: &[],
+                body: None,
+                cseq_override: None,
+            }) {
+                self.send_request(bye, s.conn, s.domain.clone(), Purpose::Bye, now);
+            }
+        }
+        queue
     }
 
     pub(super) fn on_message(
@@ -266,17 +326,29 @@ impl Core {
         if self.session_pairs.get(&pair) == Some(&sid) {
             self.session_pairs.remove(&pair);
         }
+        if let Some(c) = self.session_domains.get_mut(&s.domain) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.session_domains.remove(&s.domain);
+            }
+        }
         Some(s)
     }
 
     pub(super) fn open_session(
         &mut self,
+        hub: &dyn HubPort,
         local: Address,
         remote: Address,
         domain: Domain,
         first: MessageBody,
         now: Instant,
     ) {
+        if self.sessions_of(&domain) >= MAX_SESSIONS_PER_DOMAIN {
+            m::refused("too_many_sessions");
+            self.bounce_message(hub, &domain, &local, &remote, &first, 503);
+            return;
+        }
         let sid = self.id();
         let host = self
             .me
@@ -325,14 +397,20 @@ impl Core {
             .insert((s.local.bare_string(), s.remote.bare_string()), sid);
         self.session_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), sid);
-        self.sessions.insert(sid, s);
+        self.insert_session(s);
         match req {
             Ok(r) => self.send_request(r, None, domain, Purpose::Invite { session: sid }, now),
             Err(e) => tracing::error!(error = %e, "cannot build INVITE"),
         }
     }
 
-    pub(super) fn send_session_message(&mut self, sid: u64, body: MessageBody, now: Instant) {
+    pub(super) fn send_session_message(
+        &mut self,
+        hub: &dyn HubPort,
+        sid: u64,
+        body: MessageBody,
+        now: Instant,
+    ) {
         let via = self.via();
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
@@ -341,7 +419,12 @@ impl Core {
         let (conn, domain, from, to) =
             (s.conn, s.domain.clone(), s.local.clone(), s.remote.clone());
         let Some(d) = &mut s.dialog else {
-            s.queue.push_back(body);
+            if s.queue.len() >= MAX_SESSION_QUEUE {
+                m::refused("session_queue_full");
+                self.bounce_message(hub, &domain, &from, &to, &body, 503);
+            } else {
+                s.queue.push_back(body);
+            }
             return;
         };
         let req = d.request(&InDialog {
@@ -395,6 +478,7 @@ impl Core {
 
     pub(super) fn on_invite_ok(
         &mut self,
+        hub: &dyn HubPort,
         sid: u64,
         resp: &SipMessage,
         conn: Option<ConnId>,
@@ -405,7 +489,8 @@ impl Core {
             return;
         };
         let Some(tag) = resp.to().ok().and_then(|t| t.tag()).map(str::to_owned) else {
-            return;
+            tracing::info!("2xx to INVITE without To tag");
+            return self.fail_session(hub, sid, 502);
         };
         if s.dialog.is_none() {
             let local_uri = format!("sip:{}", s.local.bare_string());
@@ -422,7 +507,7 @@ impl Core {
                 Ok(d) => s.dialog = Some(d),
                 Err(e) => {
                     tracing::info!(error = %e, "unusable 2xx to INVITE");
-                    return;
+                    return self.fail_session(hub, sid, 502);
                 }
             }
         }
@@ -455,21 +540,28 @@ impl Core {
         self.session_dialogs.insert(did, sid);
         self.schedule(TimerKey::Session(sid), now + self.im_idle);
         for b in queue {
-            self.send_session_message(sid, b, now);
+            self.send_session_message(hub, sid, b, now);
+        }
+    }
+
+    /// An outbound session that cannot be used: forgotten, its queued messages bounced.
+    fn fail_session(&mut self, hub: &dyn HubPort, sid: u64, code: u16) {
+        if let Some(s) = self.remove_session(sid) {
+            for b in &s.queue {
+                self.bounce_message(hub, &s.domain, &s.local, &s.remote, b, code);
+            }
         }
     }
 
     /// Idle session: BYE (Lync closes idle IM sessions after 10 minutes as well).
-    pub(super) fn close_session(&mut self, sid: u64, now: Instant) {
+    pub(super) fn close_session(&mut self, hub: &dyn HubPort, sid: u64, now: Instant) {
         let via = self.via();
         let Some(mut s) = self.remove_session(sid) else {
             return;
         };
+        // Whatever still waits is returned to its sender as an error, never dropped silently.
         for b in s.queue.drain(..) {
-            tracing::debug!(
-                len = b.text.len(),
-                "queued message dropped with idle session"
-            );
+            self.bounce_message(hub, &s.domain, &s.local, &s.remote, &b, 503);
         }
         let Some(d) = &mut s.dialog else { return };
         if let Ok(bye) = d.request(&InDialog {

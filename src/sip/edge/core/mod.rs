@@ -141,15 +141,22 @@ struct ClientEntry {
     purpose: Purpose,
     conn: Option<ConnId>,
     domain: Domain,
+    /// Earliest timer queued for it in the heap (see `arm_client`).
+    armed: Option<Instant>,
 }
 
 struct ServerEntry {
     txn: ServerTransaction,
     conn: ConnId,
+    /// Earliest timer queued for it in the heap (see `arm_server`).
+    armed: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
+    /// A transaction's next deadline: no scan of the transaction tables per event.
+    Server(TxnKey),
+    Client(TxnKey),
     Notifier(DialogId),
     Subscriber(u64),
     Session(u64),
@@ -173,6 +180,16 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
 
 /// Most remembered final responses (see `Core::remember`).
 const RECENT_LIMIT: usize = 8192;
+/// Live server transactions at most (`limits` has no key for it); beyond, requests get a
+/// stateless 503. Refusals by policy never create one.
+pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
+/// Notifier dialogs per (foreign watcher, local user) pair; see `on_subscribe`.
+pub(crate) const MAX_DIALOGS_PER_PAIR: usize = 4;
+/// IM sessions (both directions) per federated domain; beyond, an inbound INVITE gets 503
+/// and a message that would open one is bounced.
+pub(crate) const MAX_SESSIONS_PER_DOMAIN: usize = 1024;
+/// Messages waiting for an outbound session's INVITE to be answered; beyond, bounced.
+pub(crate) const MAX_SESSION_QUEUE: usize = 64;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// CSeq margin added to restored dialogs: NOTIFYs sent after the last state write must not be
@@ -210,12 +227,17 @@ pub struct Core {
     client: HashMap<TxnKey, ClientEntry>,
     notifiers: HashMap<DialogId, Notifier>,
     notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
+    /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
+    /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
+    notifier_watchers: HashMap<String, usize>,
     subscribers: HashMap<u64, Subscriber>,
     subscriber_pairs: HashMap<(String, String), u64>,
     subscriber_calls: HashMap<(String, String), u64>,
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
+    /// Live sessions per federated domain (for `MAX_SESSIONS_PER_DOMAIN`).
+    session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Final responses of recent non-INVITE server transactions (see `remember`).
@@ -277,12 +299,14 @@ impl Core {
             client: HashMap::new(),
             notifiers: HashMap::new(),
             notifier_pairs: HashMap::new(),
+            notifier_watchers: HashMap::new(),
             subscribers: HashMap::new(),
             subscriber_pairs: HashMap::new(),
             subscriber_calls: HashMap::new(),
             sessions: HashMap::new(),
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
+            session_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             recent: HashMap::new(),
@@ -312,14 +336,40 @@ impl Core {
 
     /// Earliest deadline (may be early: stale heap entries cause a harmless extra wake-up).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t = self.heap.peek().map(|Reverse((at, _))| *at);
-        for e in self.server.values() {
-            t = min_opt(t, e.txn.poll_timeout());
+        // Transaction deadlines are in the heap too (`arm_server`/`arm_client`); an entry
+        // made stale by a transaction's progress only wakes the driver early.
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Queues server transaction `key`'s next deadline unless one at or before it is queued
+    /// already (that one re-arms when it fires).
+    fn arm_server(&mut self, key: &TxnKey) {
+        let Some(e) = self.server.get_mut(key) else {
+            return;
+        };
+        let Some(t) = e.txn.poll_timeout() else {
+            return;
+        };
+        if e.armed.is_some_and(|a| a <= t) {
+            return;
         }
-        for e in self.client.values() {
-            t = min_opt(t, e.txn.poll_timeout());
+        e.armed = Some(t);
+        self.schedule(TimerKey::Server(key.clone()), t);
+    }
+
+    /// As `arm_server`, for a client transaction.
+    fn arm_client(&mut self, key: &TxnKey) {
+        let Some(e) = self.client.get_mut(key) else {
+            return;
+        };
+        let Some(t) = e.txn.poll_timeout() else {
+            return;
+        };
+        if e.armed.is_some_and(|a| a <= t) {
+            return;
         }
-        t
+        e.armed = Some(t);
+        self.schedule(TimerKey::Client(key.clone()), t);
     }
 
     /// `true` once since the last call if persisted state changed.
@@ -328,6 +378,11 @@ impl Core {
     }
 
     /// Counts for tests and status: (notifiers, subscribers, sessions).
+    /// Live (server, client) transactions, for tests and status.
+    pub fn txn_counts(&self) -> (usize, usize) {
+        (self.server.len(), self.client.len())
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         (
             self.notifiers.len(),
@@ -362,6 +417,45 @@ impl Core {
 
     fn schedule(&mut self, key: TimerKey, at: Instant) {
         self.heap.push(Reverse((at, key)));
+    }
+
+    /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
+    /// already queued (a refresh storm must not grow the heap).
+    fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
+        let Some(n) = self.notifiers.get_mut(id) else {
+            return;
+        };
+        if n.armed.is_some_and(|a| a <= at) {
+            return;
+        }
+        n.armed = Some(at);
+        self.schedule(TimerKey::Notifier(id.clone()), at);
+    }
+
+    /// Adds dialog `id` to its (watcher, presentity) pair.
+    fn pair_add(&mut self, pair: (String, String), id: DialogId) {
+        let v = self.notifier_pairs.entry(pair.clone()).or_default();
+        if v.is_empty() {
+            *self.notifier_watchers.entry(pair.1).or_default() += 1;
+        }
+        v.push(id);
+    }
+
+    /// Removes dialog `id` from its pair, and the pair once it has none.
+    fn pair_remove(&mut self, pair: &(String, String), id: &DialogId) {
+        let Some(v) = self.notifier_pairs.get_mut(pair) else {
+            return;
+        };
+        v.retain(|d| d != id);
+        if v.is_empty() {
+            self.notifier_pairs.remove(pair);
+            if let Some(c) = self.notifier_watchers.get_mut(&pair.1) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    self.notifier_watchers.remove(&pair.1);
+                }
+            }
+        }
     }
 
     /// Publishes the gauges (the driver calls it once a second; per event it would cost a
@@ -411,6 +505,7 @@ impl Core {
                         purpose,
                         conn,
                         domain,
+                        armed: None,
                     },
                 );
                 self.drain_client_transmit(&key);
@@ -429,6 +524,7 @@ impl Core {
                 });
             }
         }
+        self.arm_client(key);
     }
 
     /// Answers a server transaction.
@@ -505,6 +601,8 @@ impl Core {
         }
         if done {
             self.server.remove(key);
+        } else {
+            self.arm_server(key);
         }
     }
 
@@ -636,6 +734,25 @@ impl Core {
             });
             return;
         }
+        // Policy first: a refusal is answered statelessly (RFC 3261 §8.2: a UAS may answer a
+        // 4xx without a transaction), so a flood of refused requests (no certificate,
+        // unfederated domain) costs no state and no Timer H/J per request. A retransmission
+        // is screened and refused again the same way.
+        let cfg = hub.config();
+        let domain = match self.screen(&cfg, peer, &req) {
+            Ok(d) => d,
+            Err(r) => {
+                m::refused(r.label);
+                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
+                self.reply_stateless(peer.conn, &req, r.status, r.reason);
+                return;
+            }
+        };
+        if self.server.len() >= MAX_SERVER_TRANSACTIONS {
+            m::refused("too_many_transactions");
+            self.reply_stateless(peer.conn, &req, 503, "Service Unavailable (Overloaded)");
+            return;
+        }
         match ServerTransaction::new(&req, self.timers, now) {
             Ok(txn) => {
                 self.server.insert(
@@ -643,6 +760,7 @@ impl Core {
                     ServerEntry {
                         txn,
                         conn: peer.conn,
+                        armed: None,
                     },
                 );
                 self.drain_server(&key);
@@ -653,17 +771,6 @@ impl Core {
                 return;
             }
         }
-        let cfg = hub.config();
-        let domain = match self.screen(&cfg, peer, &req) {
-            Ok(d) => d,
-            Err(r) => {
-                m::refused(r.label);
-                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
-                let tag = random_token(10);
-                self.reply(&key, &req, r.status, r.reason, Some(&tag), &[], None, now);
-                return;
-            }
-        };
         self.actions.push_back(Action::Bind {
             conn: peer.conn,
             domain: domain.clone(),
@@ -905,12 +1012,7 @@ impl Core {
                 if code == 481 || code == 403 || code == 603 {
                     if let Some(n) = self.notifiers.remove(dialog) {
                         let pair = (n.watcher.bare_string(), n.presentity.bare_string());
-                        if let Some(v) = self.notifier_pairs.get_mut(&pair) {
-                            v.retain(|d| d != dialog);
-                            if v.is_empty() {
-                                self.notifier_pairs.remove(&pair);
-                            }
-                        }
+                        self.pair_remove(&pair, dialog);
                         self.dirty = true;
                     }
                 }
@@ -921,7 +1023,7 @@ impl Core {
             Purpose::Invite { session } => {
                 let sid = *session;
                 if (200..300).contains(&code) {
-                    self.on_invite_ok(sid, resp, conn, now);
+                    self.on_invite_ok(hub, sid, resp, conn, now);
                 } else if let Some(s) = self.remove_session(sid) {
                     for b in &s.queue {
                         self.bounce_message(hub, &s.domain, &s.local, &s.remote, b, code);
@@ -942,7 +1044,7 @@ impl Core {
                 if let (Some(sid), 481 | 408, false) = (session, code, retried) {
                     // The peer lost the session: open a new one for this message.
                     self.remove_session(*sid);
-                    self.open_session(from.clone(), to.clone(), domain, body.clone(), now);
+                    self.open_session(hub, from.clone(), to.clone(), domain, body.clone(), now);
                     return;
                 }
                 self.bounce_message(hub, &domain, from, to, body, code);
@@ -1112,8 +1214,8 @@ impl Core {
             Body::Message(body) => {
                 let pair = (env.from.bare_string(), env.to.bare_string());
                 match self.session_pairs.get(&pair).copied() {
-                    Some(sid) => self.send_session_message(sid, body, now),
-                    None => self.open_session(env.from, env.to, domain.clone(), body, now),
+                    Some(sid) => self.send_session_message(hub, sid, body, now),
+                    None => self.open_session(hub, env.from, env.to, domain.clone(), body, now),
                 }
             }
             Body::Error { condition, .. } => {
@@ -1128,42 +1230,52 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, hub: &dyn HubPort, now: Instant) {
-        let due_server: Vec<TxnKey> = self
-            .server
-            .iter()
-            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due_server {
-            if let Some(e) = self.server.get_mut(&k) {
-                e.txn.handle(Event::Timer, now);
-            }
-            self.drain_server(&k);
-        }
-        let due_client: Vec<TxnKey> = self
-            .client
-            .iter()
-            .filter(|(_, e)| e.txn.poll_timeout().is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due_client {
-            if let Some(e) = self.client.get_mut(&k) {
-                e.txn.handle(Event::Timer, now);
-            }
-            self.drain_client(hub, &k, None, now);
-        }
         while let Some(Reverse((at, _))) = self.heap.peek() {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, key))) = self.heap.pop() else {
+            let Some(Reverse((at, key))) = self.heap.pop() else {
                 break;
             };
             match key {
+                TimerKey::Server(k) => {
+                    let Some(e) = self.server.get_mut(&k) else {
+                        continue;
+                    };
+                    if e.armed == Some(at) {
+                        e.armed = None;
+                    }
+                    if e.txn.poll_timeout().is_some_and(|t| t <= now) {
+                        e.txn.handle(Event::Timer, now);
+                    }
+                    // Forwards what the timer produced and re-arms the next deadline.
+                    self.drain_server(&k);
+                }
+                TimerKey::Client(k) => {
+                    let Some(e) = self.client.get_mut(&k) else {
+                        continue;
+                    };
+                    if e.armed == Some(at) {
+                        e.armed = None;
+                    }
+                    if e.txn.poll_timeout().is_some_and(|t| t <= now) {
+                        e.txn.handle(Event::Timer, now);
+                        self.drain_client(hub, &k, None, now);
+                    } else {
+                        self.arm_client(&k);
+                    }
+                }
                 TimerKey::Notifier(id) => {
-                    let expired = self.notifiers.get(&id).is_some_and(|n| n.expires_at <= now);
-                    if expired {
+                    let Some(n) = self.notifiers.get_mut(&id) else {
+                        continue;
+                    };
+                    if n.expires_at <= now {
                         self.end_notifier(hub, &id, TerminationReason::Timeout, true, now);
+                    } else if n.armed == Some(at) {
+                        // Refreshed since: the one queued timer moves to the new expiry.
+                        n.armed = None;
+                        let e = n.expires_at;
+                        self.arm_notifier(&id, e);
                     }
                 }
                 TimerKey::Subscriber(id) => {
@@ -1187,7 +1299,7 @@ impl Core {
                         .get(&sid)
                         .map(|s| s.last_activity + self.im_idle);
                     match idle_until {
-                        Some(t) if t <= now => self.close_session(sid, now),
+                        Some(t) if t <= now => self.close_session(hub, sid, now),
                         Some(t) => self.schedule(TimerKey::Session(sid), t),
                         None => {}
                     }
@@ -1220,14 +1332,6 @@ const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
 
 /// Methods we answer (RFC 3261 §20.5).
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
-
-fn min_opt(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, None) => x,
-        (None, y) => y,
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -79,13 +79,9 @@ impl Core {
             );
         };
         let pair = (watcher.bare_string(), presentity.bare_string());
-        // Bound: foreign watchers per local user (limits.max_subscriptions_per_user). Counted
-        // on demand: only a new SUBSCRIBE pays for it.
-        let watchers = self
-            .notifier_pairs
-            .iter()
-            .filter(|((_, p), ids)| *p == pair.1 && !ids.is_empty())
-            .count();
+        // Bound: foreign watchers per local user (limits.max_subscriptions_per_user), counted
+        // by `pair_add`/`pair_remove`.
+        let watchers = self.notifier_watchers.get(&pair.1).copied().unwrap_or(0);
         if !self.notifier_pairs.contains_key(&pair)
             && watchers >= cfg.limits.max_subscriptions_per_user
         {
@@ -169,20 +165,32 @@ impl Core {
             expires_at: now + Duration::from_secs(u64::from(grant)),
             last,
             conn: Some(peer.conn),
+            armed: None,
         };
         self.notifiers.insert(id.clone(), n);
         if grant == 0 {
+            // A fetch: the terminated NOTIFY is all it gets; the notifier ends with it (the
+            // NOTIFY's client transaction carries what it needs).
             self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
+            self.notifiers.remove(&id);
             return;
         }
-        self.notifier_pairs
-            .entry(pair)
-            .or_default()
-            .push(id.clone());
-        self.schedule(
-            TimerKey::Notifier(id.clone()),
-            now + Duration::from_secs(u64::from(grant)),
-        );
+        // Bound: dialogs per (watcher, presentity). Beyond it the oldest dialog ends with
+        // `deactivated`, not the new SUBSCRIBE with a 503: a peer that lost its dialog state
+        // (restart, failover) re-subscribes with a new Call-ID, and the newest dialog is the
+        // one it still knows; its old ones would otherwise live on until they expire while
+        // every presence change is multiplied by them.
+        let oldest = self
+            .notifier_pairs
+            .get(&pair)
+            .filter(|ids| ids.len() >= MAX_DIALOGS_PER_PAIR)
+            .and_then(|ids| ids.first().cloned());
+        if let Some(old) = oldest {
+            m::refused("too_many_dialogs_per_pair");
+            self.end_notifier(hub, &old, TerminationReason::Deactivated, false, now);
+        }
+        self.pair_add(pair, id.clone());
+        self.arm_notifier(&id, now + Duration::from_secs(u64::from(grant)));
         self.dirty = true;
         self.send_notify(hub, &id, None, now);
     }
@@ -239,10 +247,7 @@ impl Core {
                     None,
                     now,
                 );
-                self.schedule(
-                    TimerKey::Notifier(id.clone()),
-                    now + Duration::from_secs(u64::from(g)),
-                );
+                self.arm_notifier(&id, now + Duration::from_secs(u64::from(g)));
                 self.dirty = true;
                 // RFC 6665 §4.2.1.2: a refresh is answered with a NOTIFY of the current state.
                 self.send_notify(hub, &id, None, now);
@@ -276,12 +281,7 @@ impl Core {
         self.send_notify(hub, id, Some(reason), now);
         if let Some(n) = self.notifiers.remove(id) {
             let pair = (n.watcher.bare_string(), n.presentity.bare_string());
-            if let Some(v) = self.notifier_pairs.get_mut(&pair) {
-                v.retain(|d| d != id);
-                if v.is_empty() {
-                    self.notifier_pairs.remove(&pair);
-                }
-            }
+            self.pair_remove(&pair, id);
             let others = self.notifier_pairs.contains_key(&pair);
             if tell_home && !others {
                 hub.submit(

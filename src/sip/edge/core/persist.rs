@@ -104,6 +104,7 @@ impl Core {
                 Address::parse(&p.presentity),
                 Domain::parse(&p.domain),
             ) else {
+                tracing::warn!("state entry with unparsable addresses skipped");
                 continue;
             };
             if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&presentity.domain) {
@@ -112,7 +113,16 @@ impl Core {
             let mut dialog = p.dialog;
             dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
             let id = dialog.id.clone();
-            let expires_at = now + Duration::from_secs(p.expires_unix - base);
+            // A hand-edited or corrupt file may say anything: never more than the longest
+            // grant, and never an overflow.
+            let remaining = p
+                .expires_unix
+                .saturating_sub(base)
+                .min(u64::from(subscription::MAX_EXPIRES));
+            let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
+                tracing::warn!(dialog = %id.call_id, "state entry with unusable expiry skipped");
+                continue;
+            };
             let active = p.active;
             let n = Notifier {
                 dialog,
@@ -132,13 +142,14 @@ impl Core {
                 expires_at,
                 last: None,
                 conn: None,
+                armed: None,
             };
-            self.notifier_pairs
-                .entry((watcher.bare_string(), presentity.bare_string()))
-                .or_default()
-                .push(id.clone());
+            self.pair_add(
+                (watcher.bare_string(), presentity.bare_string()),
+                id.clone(),
+            );
             self.notifiers.insert(id.clone(), n);
-            self.schedule(TimerKey::Notifier(id), expires_at);
+            self.arm_notifier(&id, expires_at);
             n_restored += 1;
             let ask = if active {
                 Subscription::Probe

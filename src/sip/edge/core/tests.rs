@@ -506,3 +506,348 @@ fn persisted_notifiers_restore_with_higher_cseq() {
         0
     );
 }
+
+/// A fetch (`Expires: 0`) gets its 200 and a terminated NOTIFY, and leaves no notifier.
+#[test]
+fn fetches_leave_no_notifiers() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..100 {
+        let text = subscribe_text(0)
+            .replace("Call-ID: c1", &format!("Call-ID: fetch{i}"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKf{i}"));
+        c.handle_message(&h, &peer(), msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out[0].status(), Some(200));
+        assert_eq!(
+            out[1].header_value_by_raw_name("Subscription-State"),
+            Some("terminated;reason=timeout")
+        );
+    }
+    assert_eq!(c.counts().0, 0);
+}
+
+/// A state file that says an entry expires at u64::MAX does not panic: the entry is kept
+/// with at most the longest grant; one already past is dropped.
+#[test]
+fn restore_clamps_absurd_expiry_and_drops_past() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let wall = SystemTime::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let _ = sent(&mut c);
+    let mut snap = c.snapshot(t0, wall);
+    let mut past = snap.notifiers[0].clone();
+    past.dialog.id.call_id = "past".into();
+    past.expires_unix = 1;
+    snap.notifiers[0].expires_unix = u64::MAX;
+    snap.notifiers.push(past);
+    let mut c2 = core();
+    assert_eq!(c2.restore(&h, snap, t0, wall), 1);
+    assert_eq!(c2.counts().0, 1);
+    let max = Duration::from_secs(u64::from(subscription::MAX_EXPIRES));
+    assert!(c2.poll_timeout().is_some_and(|t| t <= t0 + max));
+    // It ends at the clamped time.
+    c2.handle_timeout(&h, t0 + max + Duration::from_secs(1));
+    assert_eq!(c2.counts().0, 0);
+}
+
+/// Thousands of INVITEs refused by policy (no verified certificate; an unfederated domain)
+/// are answered without creating a server transaction.
+#[test]
+fn refused_invites_leave_no_server_transactions() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let unverified = PeerInfo {
+        verified: Vec::new(),
+        ..peer()
+    };
+    for i in 0..3000 {
+        let from = if i % 2 == 0 {
+            "partner.com"
+        } else {
+            "nowhere.net"
+        };
+        let text = format!(
+            "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKflood{i}\n\
+Max-Forwards: 70\n\
+From: <sip:bob@{from}>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: flood{i}\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:bob@10.0.0.1;transport=tls>\n\
+Content-Length: 0\n\n"
+        );
+        let p = if i % 2 == 0 { &unverified } else { &peer() };
+        c.handle_message(&h, p, msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].status().is_some_and(|s| (400..500).contains(&s)));
+    }
+    assert_eq!(c.txn_counts(), (0, 0));
+    assert_eq!(c.counts(), (0, 0, 0));
+    assert!(h.got.borrow().is_empty());
+}
+
+/// New Call-IDs for the same (watcher, user) pair are bounded: beyond MAX_DIALOGS_PER_PAIR
+/// the oldest dialog ends with `deactivated`, and a presence change is sent once per live
+/// dialog only.
+#[test]
+fn dialogs_per_pair_are_bounded_oldest_deactivated() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let text = subscribe_text(3600)
+            .replace("Call-ID: c1", &format!("Call-ID: pair{i}"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKp{i}"));
+        c.handle_message(&h, &peer(), msg(&text), t0);
+        let out = sent(&mut c);
+        assert_eq!(out[0].status(), Some(200));
+        if i >= MAX_DIALOGS_PER_PAIR {
+            let ended = out
+                .iter()
+                .find(|m| {
+                    m.header_value_by_raw_name("Subscription-State")
+                        == Some("terminated;reason=deactivated")
+                })
+                .expect("the oldest dialog is deactivated");
+            let oldest = format!("pair{}", i - MAX_DIALOGS_PER_PAIR);
+            assert_eq!(ended.call_id().ok(), Some(oldest.as_str()));
+        }
+    }
+    assert_eq!(c.counts().0, MAX_DIALOGS_PER_PAIR);
+    assert_eq!(c.notifier_watchers.get("alice@example.com"), Some(&1));
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribed),
+        ),
+        t0,
+    );
+    assert_eq!(sent(&mut c).len(), MAX_DIALOGS_PER_PAIR);
+    // Nobody told the home side the watcher went away: it still has live dialogs.
+    assert!(!h
+        .got
+        .borrow()
+        .iter()
+        .any(|e| e.body == Body::Subscription(Subscription::Unsubscribe)));
+}
+
+/// A refresh storm queues no timer per refresh; the subscription still ends at its last
+/// granted expiry.
+#[test]
+fn refresh_storm_does_not_grow_the_timer_heap() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let tag = out[0]
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .unwrap_or("")
+        .to_owned();
+    let notifier_timers = |c: &Core| {
+        c.heap
+            .iter()
+            .filter(|Reverse((_, k))| matches!(k, TimerKey::Notifier(_)))
+            .count()
+    };
+    let base = notifier_timers(&c);
+    let mut last = t0;
+    for i in 2..2002u32 {
+        last = t0 + Duration::from_millis(u64::from(i));
+        let refresh = subscribe_text(3600)
+            .replace(
+                "To: <sip:alice@example.com>",
+                &format!("To: <sip:alice@example.com>;tag={tag}"),
+            )
+            .replace("CSeq: 1 SUBSCRIBE", &format!("CSeq: {i} SUBSCRIBE"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKr{i}"));
+        c.handle_message(&h, &peer(), msg(&refresh), last);
+        assert_eq!(sent(&mut c)[0].status(), Some(200));
+    }
+    let n = notifier_timers(&c);
+    assert!(n <= base + 1, "expiry timers grew to {n}");
+    // The first timer fires early, re-arms at the refreshed expiry, which ends it.
+    c.handle_timeout(&h, t0 + Duration::from_secs(3600));
+    assert_eq!(c.counts().0, 1);
+    c.handle_timeout(&h, last + Duration::from_secs(3600));
+    assert_eq!(c.counts().0, 0);
+}
+
+fn im_invite(call: &str, from_user: &str, branch: &str) -> SipMessage {
+    let sdp = "v=0\r\nm=message 5061 sip null\r\n";
+    let inv = format!(
+        "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch={branch}\n\
+Max-Forwards: 70\n\
+From: <sip:{from_user}@partner.com>;tag=b\n\
+To: <sip:alice@example.com>\n\
+Call-ID: {call}\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:{from_user}@10.0.0.1;transport=tls>\n\
+Content-Type: application/sdp\n\
+Content-Length: {}\n\n",
+        sdp.len()
+    );
+    let mut raw = inv.replace('\n', "\r\n").into_bytes();
+    raw.extend_from_slice(sdp.as_bytes());
+    parse_datagram(&raw).expect("parses")
+}
+
+fn text(id: &str) -> Body {
+    Body::Message(MessageBody {
+        id: Some(id.into()),
+        text: "hi".into(),
+        thread: None,
+    })
+}
+
+fn bounced(h: &FakeHub) -> Vec<Option<String>> {
+    h.got
+        .borrow()
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Error { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A new INVITE for a pair that has a session replaces it: the old dialog gets a BYE and
+/// one session remains.
+#[test]
+fn new_invite_for_same_pair_replaces_the_session() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..50 {
+        c.handle_message(
+            &h,
+            &peer(),
+            im_invite(&format!("imr{i}"), "bob", &format!("z9hG4bKir{i}")),
+            t0,
+        );
+        let out = sent(&mut c);
+        assert!(out.iter().any(|m| m.status() == Some(200)));
+        if i > 0 {
+            let bye = out
+                .iter()
+                .find(|m| m.method() == Some("BYE"))
+                .expect("the old session gets a BYE");
+            let old = format!("imr{}", i - 1);
+            assert_eq!(bye.call_id().ok(), Some(old.as_str()));
+        }
+    }
+    assert_eq!(c.counts().2, 1);
+    assert_eq!(c.sessions_of(&dom()), 1);
+}
+
+/// Sessions per domain are bounded: beyond MAX_SESSIONS_PER_DOMAIN an INVITE gets 503 and
+/// a message that would open one is bounced.
+#[test]
+fn sessions_per_domain_are_bounded() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..MAX_SESSIONS_PER_DOMAIN {
+        c.handle_message(
+            &h,
+            &peer(),
+            im_invite(
+                &format!("imd{i}"),
+                &format!("u{i}"),
+                &format!("z9hG4bKid{i}"),
+            ),
+            t0,
+        );
+        let _ = sent(&mut c);
+    }
+    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+    c.handle_message(&h, &peer(), im_invite("imd-x", "late", "z9hG4bKidx"), t0);
+    assert_eq!(
+        sent(&mut c).iter().filter_map(SipMessage::status).last(),
+        Some(503)
+    );
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "new@partner.com", text("m1")),
+        t0,
+    );
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(bounced(&h), [Some("m1".to_owned())]);
+    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+}
+
+/// A 2xx to our INVITE that cannot make a dialog (no To tag) ends the session and bounces
+/// what waited on it; later messages open a new session instead of queueing forever.
+#[test]
+fn unusable_2xx_to_invite_ends_session_and_bounces() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m1")),
+        t0,
+    );
+    let inv = sent(&mut c).remove(0);
+    assert_eq!(inv.method(), Some("INVITE"));
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m2")),
+        t0,
+    );
+    assert!(sent(&mut c).is_empty());
+    let ok = inv.build_response(200, "OK", None).expect("resp");
+    c.handle_message(&h, &peer(), ok, t0);
+    assert_eq!(c.counts().2, 0);
+    assert_eq!(bounced(&h), [Some("m1".to_owned()), Some("m2".to_owned())]);
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env("alice@example.com", "bob@partner.com", text("m3")),
+        t0,
+    );
+    assert_eq!(sent(&mut c)[0].method(), Some("INVITE"));
+}
+
+/// The queue of a session still inviting is bounded; what does not fit is bounced, and
+/// closing the session bounces what was queued rather than dropping it.
+#[test]
+fn session_queue_is_bounded_and_close_bounces() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..100 {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env(
+                "alice@example.com",
+                "bob@partner.com",
+                text(&format!("q{i}")),
+            ),
+            t0,
+        );
+    }
+    assert_eq!(sent(&mut c).len(), 1, "one INVITE");
+    assert_eq!(bounced(&h).len(), 100 - MAX_SESSION_QUEUE);
+    let sid = *c.sessions.keys().next().expect("session");
+    c.close_session(&h, sid, t0);
+    assert_eq!(bounced(&h).len(), 100);
+    assert_eq!(c.counts().2, 0);
+}
