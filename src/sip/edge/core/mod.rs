@@ -1230,10 +1230,15 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, hub: &dyn HubPort, now: Instant) {
+        // A machine that re-armed a deadline at or before `now` would otherwise keep this loop
+        // going forever; with a budget the rest waits for the driver's next turn (the deadline
+        // is already due, so that turn comes at once) and the driver's other inputs get a turn.
+        let mut budget = self.heap.len().saturating_mul(2).saturating_add(64);
         while let Some(Reverse((at, _))) = self.heap.peek() {
-            if *at > now {
+            if *at > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             let Some(Reverse((at, key))) = self.heap.pop() else {
                 break;
             };
