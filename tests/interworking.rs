@@ -16,16 +16,14 @@ mod common;
 mod sip_ua;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use common::certs::{CertFactory, Leaf};
 use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
-use rustls::pki_types::ServerName;
 use sip_ua::{body_str, hv, to_tag, Ua};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const SECRET: &str = "interworking-component-secret-42";
 const WAIT: Duration = Duration::from_secs(10);
@@ -148,28 +146,15 @@ default_system = "xmpp"
     })
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The foreign edge's TLS connection to Legate, presenting `leaf`.
 async fn lync_edge(certs: &CertFactory, leaf: &Leaf, addr: SocketAddr) -> Result<Ua> {
-    let roots = legate::tls::load_trust_bundle(certs.ca_path())?;
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            legate::tls::load_certs(&leaf.cert)?,
-            legate::tls::load_private_key(&leaf.key)?,
-        )?;
-    let tcp = TcpStream::connect(addr).await?;
-    let s = tokio::time::timeout(
-        WAIT,
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("example.test")?, tcp),
+    sip_ua::connect_tls(
+        addr,
+        certs.ca_path(),
+        Some((&leaf.cert, &leaf.key)),
+        "example.test",
     )
-    .await??;
-    Ok(Ua::from_stream(s))
+    .await
 }
 
 fn msrtc(availability: u32, activity: Option<&str>) -> String {

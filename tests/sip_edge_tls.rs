@@ -21,7 +21,6 @@ use legate::gateway::{
 };
 use legate::presence::map::MappingStore;
 use legate::sip::edge::SipEdge;
-use rustls::pki_types::ServerName;
 use sip_ua::{body_str, hv, to_tag, Ua, WAIT};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -110,25 +109,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// A TLS client presenting `leaf` (or no certificate) and trusting the test CA.
 async fn tls_ua(env: &Env, leaf: Option<&Leaf>) -> Result<Ua> {
-    let roots = legate::tls::load_trust_bundle(env.certs.ca_path())?;
-    let b = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let cfg = match leaf {
-        Some(l) => b.with_client_auth_cert(
-            legate::tls::load_certs(&l.cert)?,
-            legate::tls::load_private_key(&l.key)?,
-        )?,
-        None => b.with_no_client_auth(),
-    };
-    let tcp = TcpStream::connect(env.addr).await?;
-    let name = ServerName::try_from("example.com")?;
-    let s = tokio::time::timeout(
-        WAIT,
-        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
-    )
-    .await??;
-    Ok(Ua::from_stream(s))
+    let client = leaf.map(|l| (l.cert.as_path(), l.key.as_path()));
+    sip_ua::connect_tls(env.addr, env.certs.ca_path(), client, "example.com").await
 }
 
 /// Accepts the edge's outbound TLS connection on the partner's route, as `partner.com`.

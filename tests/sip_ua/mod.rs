@@ -33,6 +33,40 @@ pub fn build(lines: &[&str], body: &[u8]) -> Vec<u8> {
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// A TLS connection to `addr` as a foreign edge would open it: trusting the PEM CA at `ca`,
+/// presenting `client` (certificate and key PEM paths) if given, asking for `server_name`.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+    server_name: &str,
+) -> Result<Ua> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = legate::tls::load_trust_bundle(ca)?;
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => b.with_client_auth_cert(
+            legate::tls::load_certs(cert)?,
+            legate::tls::load_private_key(key)?,
+        )?,
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .context("connect timeout")??;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timeout")??;
+    Ok(Ua::from_stream(s))
+}
+
 pub struct Ua {
     pub stream: Box<dyn Io>,
     framer: Framer,
