@@ -962,8 +962,17 @@ impl Core {
             }
             return Ok(domain);
         }
-        // Plain TCP inbound: only the static route's address may speak for the domain.
-        if let Some(route) = &fed.route {
+        // Plain TCP inbound: nothing proves who the peer is, so only the address of the
+        // domain's static route may speak for it; a domain without a static route can use TLS
+        // only (a From header alone would let anyone on the network pose as a partner).
+        let Some(route) = &fed.route else {
+            return Err(refuse(
+                403,
+                "Forbidden (TCP Needs A Static Route For This Domain)",
+                "source_not_route",
+            ));
+        };
+        {
             let ok = match &route.host {
                 CfgHost::Ip(ip) => *ip == peer.remote.ip(),
                 CfgHost::Name(_) => self

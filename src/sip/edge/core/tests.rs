@@ -851,3 +851,24 @@ fn session_queue_is_bounded_and_close_bounces() {
     assert_eq!(bounced(&h).len(), 100);
     assert_eq!(c.counts().2, 0);
 }
+
+#[test]
+fn plain_tcp_needs_the_domains_static_route() {
+    // partner.com has no static route in CONFIG: over plain TCP its From header proves nothing.
+    let h = hub();
+    let mut c = core();
+    let tcp = PeerInfo {
+        tls: false,
+        verified: Vec::new(),
+        ..peer()
+    };
+    c.handle_message(&h, &tcp, msg(&subscribe_text(3600)), Instant::now());
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].status(), Some(403));
+    assert_eq!(
+        out[0].reason(),
+        Some("Forbidden (TCP Needs A Static Route For This Domain)")
+    );
+    assert!(h.got.borrow().is_empty(), "nothing reaches the home side");
+}
