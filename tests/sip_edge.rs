@@ -1078,7 +1078,11 @@ async fn run_sipp(
 /// output) and never reads: the edge's writes block, the bounded write
 /// (handshake_timeout_secs) fires and the connection is closed, which gives its per-peer slot
 /// back. Before the bound, the task was pinned forever and so was the slot.
-async fn non_reading_peer_is_closed(flood_unit: fn(u32) -> Vec<u8>, pause: Duration) -> Result<()> {
+async fn non_reading_peer_is_closed(
+    flood_unit: fn(u32) -> Vec<u8>,
+    pause: Duration,
+    within: Duration,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_hub, edge, _home, stop) = start_edge_with(
         dir.path(),
@@ -1105,7 +1109,8 @@ async fn non_reading_peer_is_closed(flood_unit: fn(u32) -> Vec<u8>, pause: Durat
     });
     // The slot is held while the flood runs; it must come back within a bounded time.
     let mut ok = false;
-    for _ in 0..100 {
+    let t0 = tokio::time::Instant::now();
+    while t0.elapsed() < within {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let Ok(mut d) = Ua::connect(addr).await else {
             continue;
@@ -1124,13 +1129,43 @@ async fn non_reading_peer_is_closed(flood_unit: fn(u32) -> Vec<u8>, pause: Durat
 
 #[tokio::test]
 async fn peer_that_never_reads_is_closed_and_its_slot_released() -> Result<()> {
-    non_reading_peer_is_closed(|_| b"\r\n\r\n".repeat(4096), Duration::ZERO).await
+    non_reading_peer_is_closed(
+        |_| b"\r\n\r\n".repeat(4096),
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await
+}
+
+fn options_flood(i: u32) -> Vec<u8> {
+    (0..50)
+        .map(|j| {
+            let i = i * 50 + j;
+            format!(
+                "OPTIONS sip:alice@example.com SIP/2.0\r\n\
+Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKflood{i}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:bob@partner.com>;tag=o\r\n\
+To: <sip:alice@example.com>\r\n\
+Call-ID: flood{i}\r\n\
+CSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n"
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn unpaced_options_flood_from_a_non_reader_fills_its_queue_and_is_closed() -> Result<()> {
+    // As fast as the socket takes it: the answers pile up in the connection's queue, which
+    // is given up when full (before, they were dropped and the connection lived on).
+    non_reading_peer_is_closed(options_flood, Duration::ZERO, Duration::from_secs(8)).await
 }
 
 #[tokio::test]
 async fn peer_flooding_options_that_never_reads_is_closed() -> Result<()> {
-    // Paced in batches: answers the connection cannot queue are dropped by the driver, so an
-    // unpaced flood yields too few answers to fill the socket buffers.
+    // Paced in batches: the answers fill the socket buffers and the write timeout closes it.
     non_reading_peer_is_closed(
         |i| {
             (0..50)
@@ -1151,6 +1186,7 @@ Content-Length: 0\r\n\r\n"
                 .into_bytes()
         },
         Duration::from_millis(5),
+        Duration::from_secs(20),
     )
     .await
 }

@@ -652,11 +652,26 @@ impl Driver {
         }
     }
 
-    fn send_on(&self, conn: ConnId, bytes: Bytes) -> bool {
-        match self.conns.get(&conn) {
-            Some(c) => c.tx.try_send(bytes).is_ok(),
-            None => false,
+    /// Queues `bytes` on `conn`. A full queue means the peer stopped reading: the connection
+    /// is given up (dropping its sender makes its task close it) rather than silently losing
+    /// what it was sent, and the caller falls back to another connection where it can.
+    fn send_on(&mut self, conn: ConnId, bytes: Bytes) -> bool {
+        let full = match self.conns.get(&conn) {
+            Some(c) => match c.tx.try_send(bytes) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+            None => return false,
+        };
+        if full {
+            metrics::CONNS_REFUSED
+                .with_label_values(&["queue_full"])
+                .inc();
+            tracing::warn!(conn, "peer is not reading its answers: connection closed");
+            self.conns.remove(&conn);
         }
+        false
     }
 
     fn flush_actions(&mut self) {
