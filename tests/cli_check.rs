@@ -84,3 +84,46 @@ fn builtin_system_kinds_agree_with_the_shipped_mapping_files() {
     builtin.sort_by_key(|(n, _)| *n);
     assert_eq!(from_files, builtin);
 }
+
+#[test]
+fn a_system_added_in_the_configured_mapping_dir_may_be_named_by_the_configuration() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let maps = tmp.path().join("maps");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+    for sub in ["", "systems", "tables"] {
+        std::fs::create_dir_all(maps.join(sub)).expect("mkdir");
+        for e in std::fs::read_dir(root.join(sub)).expect("read") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_file() {
+                std::fs::copy(e.path(), maps.join(sub).join(e.file_name())).expect("copy");
+            }
+        }
+    }
+    // A new federated SIP system, a copy of lync under another name.
+    let lync = std::fs::read_to_string(maps.join("systems/lync.toml")).expect("read");
+    std::fs::write(
+        maps.join("systems/skype.toml"),
+        lync.replace("name = \"lync\"", "name = \"skype\""),
+    )
+    .expect("write");
+    let cfg = tmp.path().join("legate.toml");
+    std::fs::write(
+        &cfg,
+        "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\n\
+         system = \"skype\"\n[mappings]\ndir = \"maps\"\n",
+    )
+    .expect("write");
+    let (code, err) = check(&["--config", cfg.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{err}");
+
+    // Without the directory, `skype` is unknown.
+    std::fs::write(
+        &cfg,
+        "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\n\
+         system = \"skype\"\n",
+    )
+    .expect("write");
+    let (code, err) = check(&["--config", cfg.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown system `skype`"), "{err}");
+}

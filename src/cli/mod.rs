@@ -35,16 +35,21 @@ fn print_diags(d: &Diagnostics) {
 pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
     let mut problems = Diagnostics::default();
     // The mapping directory: --mappings, else the one the configuration names, else embedded.
+    // The configuration's own `[mappings] dir` is read before the configuration is validated,
+    // because its `system` names are checked against that set.
+    let dir = mappings
+        .map(Path::to_path_buf)
+        .or_else(|| config.and_then(configured_mappings_dir));
     let mut set = None;
-    if let Some(dir) = mappings {
+    if let Some(dir) = &dir {
         match map::load_dir(dir) {
             Ok(s) => set = Some(s),
             Err(d) => problems.0.extend(d.0),
         }
     }
     if let Some(path) = config {
-        // Validate the configuration against the systems of the mapping set it will run with;
-        // when that set is broken, against the shipped systems, so config errors still show.
+        // When that set is broken, the configuration is checked against the shipped systems
+        // so that its own problems still show.
         let fallback = map::embedded().ok();
         let systems = set
             .as_ref()
@@ -53,11 +58,6 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
             .unwrap_or_default();
         match config::load_file(path, &systems) {
             Ok(cfg) => {
-                if let (None, Some(dir)) = (mappings, cfg.mappings.dir.as_deref()) {
-                    if let Err(d) = map::load_dir(dir) {
-                        problems.0.extend(d.0);
-                    }
-                }
                 for note in cfg.notes() {
                     eprintln!("note: {}: {note}", path.display());
                 }
@@ -76,6 +76,19 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
         print_diags(&problems);
         ExitCode::from(1)
     }
+}
+
+/// `[mappings] dir` of a configuration file, resolved against the file's directory, read
+/// leniently (the full validation reports any problem with it).
+fn configured_mappings_dir(config: &Path) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    let dir = table.get("mappings")?.get("dir")?.as_str()?;
+    let dir = Path::new(dir);
+    Some(match config.parent() {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir.to_path_buf(),
+    })
 }
 
 pub struct RawInput {
@@ -356,7 +369,11 @@ pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> 
         .with_writer(std::io::stderr)
         .init();
     // Validate everything before binding anything.
-    let systems_set = match mappings_or_report(mappings.as_deref()) {
+    // The systems the configuration may name come from the set it will run with.
+    let maps_dir = mappings
+        .clone()
+        .or_else(|| config_path.and_then(configured_mappings_dir));
+    let systems_set = match mappings_or_report(maps_dir.as_deref()) {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
