@@ -188,6 +188,7 @@ fn near_empty_file_gets_every_default() {
         ),
         (10, 600, 600, 1_000, 1_000)
     );
+    assert_eq!(l.delivery_timeout_secs, 30);
     assert_eq!(cfg.intercluster.sync_interval_mins, 30);
     assert!(cfg.intercluster.auto_recovery);
     assert!(cfg.mappings.reload && cfg.mappings.dir.is_none());
@@ -292,6 +293,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "im_session_idle_secs",
         "max_subscriptions_per_user",
         "outbound_queue_per_domain",
+        "delivery_timeout_secs",
         "[cluster]",
         "name",
         "primary",

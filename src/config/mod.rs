@@ -193,6 +193,7 @@ pub struct Limits {
     pub im_session_idle_secs: u64,
     pub max_subscriptions_per_user: usize,
     pub outbound_queue_per_domain: usize,
+    pub delivery_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -153,6 +153,7 @@ pub(crate) struct RawLimits {
     pub im_session_idle_secs: Option<S<i64>>,
     pub max_subscriptions_per_user: Option<S<i64>>,
     pub outbound_queue_per_domain: Option<S<i64>>,
+    pub delivery_timeout_secs: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,6 +55,7 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("im_session_idle_secs", 600, 10, 86_400),
     lim("max_subscriptions_per_user", 1_000, 1, 100_000),
     lim("outbound_queue_per_domain", 1_000, 1, 1_000_000),
+    lim("delivery_timeout_secs", 30, 1, 600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 
@@ -962,6 +963,7 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         im_session_idle_secs: get!(im_session_idle_secs) as u64,
         max_subscriptions_per_user: get!(max_subscriptions_per_user) as usize,
         outbound_queue_per_domain: get!(outbound_queue_per_domain) as usize,
+        delivery_timeout_secs: get!(delivery_timeout_secs) as u64,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.

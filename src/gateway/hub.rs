@@ -1,8 +1,19 @@
-//! The running switchboard. Each link (a component connection per home node, the s2s manager,
-//! the SIP edge) registers a bounded outbox; any link calls `submit` with what it received.
-//! `submit` routes with a snapshot of the configuration and mapping set, delivers with
-//! `try_send` (a full or missing outbox never blocks the caller: the sender gets an error
-//! instead), and bounces refusals to where they came from.
+//! The running switchboard. Each link (a component connection per (home node, foreign
+//! domain), the s2s manager, the SIP edge) registers a bounded outbox; any link calls `submit`
+//! or `submit_wait` with what it received. Routing uses a snapshot of the configuration and
+//! mapping set.
+//!
+//! **Backpressure, not loss.** A reader that relays what a peer sent (an s2s stream, a
+//! component link) calls [`Hub::submit_wait`]: when the destination outbox is full it waits for
+//! room, up to `limits.delivery_timeout_secs`, and meanwhile reads nothing more, so TCP flow
+//! control slows the sender. Only a destination that stays full (a link down or stuck past the
+//! deadline) makes the stanza bounce, with `remote-server-timeout`. [`Hub::submit`] never waits:
+//! it is for traffic Legate generates itself (bounces, timers, the SIP core, which answers from
+//! the outcome) and reports a full outbox as `Unavailable`; the SIP driver keeps its core out of
+//! that case by pausing its readers while a component outbox is [`congested`](Hub::congestion).
+//!
+//! A task that drains an outbox must never wait on another outbox (it may `submit`, never
+//! `submit_wait`): waits then always point from readers to writers and cannot form a cycle.
 
 use super::envelope::{Envelope, ErrorCondition};
 use super::router::{self, Denied, Directory, Link, Origin};
@@ -13,6 +24,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use prometheus::IntCounterVec;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// What a link's outbox receives: the envelope and, for multi-domain links, which domain.
@@ -22,23 +34,52 @@ pub struct Delivery {
     pub envelope: Envelope,
 }
 
-/// Outboxes are keyed by link kind; s2s and SIP each have one outbox for all their domains.
+/// Outboxes: one per component connection, i.e. per (home node, foreign domain) — a stalled
+/// component never holds up another — and one each for the s2s and SIP edges.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum OutboxKey {
-    Component(Arc<str>),
+    /// (home node, the foreign domain the component is named after); `None` takes every
+    /// domain of the home node that has no outbox of its own (a test's stand-in home node).
+    Component(Arc<str>, Option<Domain>),
     S2s,
     Sip,
 }
 
-impl From<&Link> for OutboxKey {
-    fn from(l: &Link) -> Self {
-        match l {
-            Link::Component { home_node } => OutboxKey::Component(home_node.clone()),
+impl OutboxKey {
+    /// A component delivery goes to the connection named after the envelope's *sender*
+    /// domain: a component may only send from its own domain (XEP-0114).
+    fn of(d: &Delivery) -> Self {
+        match &d.link {
+            Link::Component { home_node } => {
+                OutboxKey::Component(home_node.clone(), Some(d.envelope.from.domain.clone()))
+            }
             Link::S2s { .. } => OutboxKey::S2s,
             Link::Sip { .. } => OutboxKey::Sip,
         }
     }
 }
+
+/// A component outbox that is nearly full; see [`Hub::congestion`].
+#[derive(Debug, Clone)]
+pub struct Congestion(mpsc::Sender<Delivery>);
+
+impl Congestion {
+    /// Waits until the outbox is at most half full again, or `limit` passed.
+    pub async fn relieved(&self, limit: Duration) {
+        let half = (self.0.max_capacity() / 2).max(1);
+        // The permits are returned at once: this only waits for room, it takes none.
+        let _ = tokio::time::timeout(limit, self.0.reserve_many(half)).await;
+    }
+}
+
+static WAITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        "legate_backpressure_waits_total",
+        "Submissions that found their destination outbox full and waited for room, by \
+         destination link and outcome (delivered after the wait, or timeout)",
+        &["destination", "outcome"],
+    )
+});
 
 static ROUTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::counter_vec(
@@ -61,7 +102,8 @@ static DENIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub enum Submitted {
     Delivered(Link),
     Denied(Denied),
-    /// The destination link is not up or its queue is full.
+    /// The destination link is not registered, its queue is full (`submit`), or it stayed
+    /// full past `limits.delivery_timeout_secs` (`submit_wait`).
     Unavailable(Link),
 }
 
@@ -116,9 +158,23 @@ impl Hub {
         out
     }
 
-    /// Registers the outbox of a component link; returns its receiver.
+    /// Registers the outbox of the component named `domain` on `home_node`; returns its
+    /// receiver.
+    pub fn register_component_domain(
+        &self,
+        home_node: &str,
+        domain: &Domain,
+        capacity: usize,
+    ) -> mpsc::Receiver<Delivery> {
+        self.register(
+            OutboxKey::Component(Arc::from(home_node), Some(domain.clone())),
+            capacity,
+        )
+    }
+
+    /// Registers one outbox for every component of `home_node` that has none of its own.
     pub fn register_component(&self, home_node: &str, capacity: usize) -> mpsc::Receiver<Delivery> {
-        self.register(OutboxKey::Component(Arc::from(home_node)), capacity)
+        self.register(OutboxKey::Component(Arc::from(home_node), None), capacity)
     }
 
     pub fn register_s2s(&self, capacity: usize) -> mpsc::Receiver<Delivery> {
@@ -135,44 +191,100 @@ impl Hub {
         rx
     }
 
-    /// Routes `env` received on `origin` and hands it to the destination link.
+    /// Routes `env` received on `origin` and hands it to the destination link without
+    /// waiting: a full or missing outbox answers the sender with `service-unavailable`.
     pub fn submit(&self, origin: &Origin, env: Envelope) -> Submitted {
+        let kind = env.kind_label();
+        let delivery = match self.route(origin, env, kind) {
+            Ok(d) => d,
+            Err(s) => return s,
+        };
+        let link = delivery.link.clone();
+        match self.try_deliver(delivery) {
+            None => self.delivered(origin, &link, kind),
+            Some(d) => self.unavailable(
+                origin,
+                d,
+                kind,
+                "unavailable",
+                ErrorCondition::ServiceUnavailable,
+            ),
+        }
+    }
+
+    /// [`submit`](Self::submit) for a reader relaying what a peer sent: when the destination
+    /// outbox is full, waits for room up to `limits.delivery_timeout_secs` (the caller reads
+    /// nothing meanwhile, so the peer is slowed by TCP flow control); past that the sender gets
+    /// `remote-server-timeout`. A missing outbox answers at once.
+    pub async fn submit_wait(&self, origin: &Origin, env: Envelope) -> Submitted {
+        let kind = env.kind_label();
+        let delivery = match self.route(origin, env, kind) {
+            Ok(d) => d,
+            Err(s) => return s,
+        };
+        let link = delivery.link.clone();
+        let Some(tx) = self.outbox(&delivery) else {
+            return self.unavailable(
+                origin,
+                delivery,
+                kind,
+                "unavailable",
+                ErrorCondition::ServiceUnavailable,
+            );
+        };
+        let delivery = match tx.try_send(delivery) {
+            Ok(()) => return self.delivered(origin, &link, kind),
+            Err(mpsc::error::TrySendError::Closed(d)) => {
+                return self.unavailable(
+                    origin,
+                    d,
+                    kind,
+                    "unavailable",
+                    ErrorCondition::ServiceUnavailable,
+                )
+            }
+            Err(mpsc::error::TrySendError::Full(d)) => d,
+        };
+        let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
+        match tx.send_timeout(delivery, limit).await {
+            Ok(()) => {
+                WAITS.with_label_values(&[link.label(), "delivered"]).inc();
+                self.delivered(origin, &link, kind)
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(d)) => {
+                WAITS.with_label_values(&[link.label(), "timeout"]).inc();
+                self.unavailable(
+                    origin,
+                    d,
+                    kind,
+                    "timeout",
+                    ErrorCondition::RemoteServerTimeout,
+                )
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(d)) => self.unavailable(
+                origin,
+                d,
+                kind,
+                "unavailable",
+                ErrorCondition::ServiceUnavailable,
+            ),
+        }
+    }
+
+    /// The decide stage: a delivery, or the refusal already counted and answered.
+    fn route(
+        &self,
+        origin: &Origin,
+        env: Envelope,
+        kind: &'static str,
+    ) -> Result<Delivery, Submitted> {
         let config = self.config.load();
         let maps = self.maps.current();
-        let kind = env.kind_label();
         match router::route(&config, &maps, &self.directory, origin, env) {
-            Ok(route) => {
-                let link = route.link.clone();
-                let delivery = Delivery {
-                    link: route.link,
-                    envelope: route.envelope,
-                };
-                if self.deliver(delivery.clone()) {
-                    ROUTED
-                        .with_label_values(&[origin.label(), link.label(), kind, "delivered"])
-                        .inc();
-                    Submitted::Delivered(link)
-                } else {
-                    ROUTED
-                        .with_label_values(&[origin.label(), link.label(), kind, "unavailable"])
-                        .inc();
-                    tracing::warn!(
-                        destination = link.label(),
-                        "destination link unavailable or full"
-                    );
-                    let text = format!("the {} link is unavailable", link.label());
-                    if let Some(b) = delivery
-                        .envelope
-                        .bounce(ErrorCondition::ServiceUnavailable, text)
-                    {
-                        self.deliver(Delivery {
-                            link: origin.reply_link(),
-                            envelope: b,
-                        });
-                    }
-                    Submitted::Unavailable(link)
-                }
-            }
+            Ok(route) => Ok(Delivery {
+                link: route.link,
+                envelope: route.envelope,
+            }),
             Err(router::Refusal {
                 denied,
                 envelope: env,
@@ -190,19 +302,93 @@ impl Hub {
                         });
                     }
                 }
-                Submitted::Denied(denied)
+                Err(Submitted::Denied(denied))
             }
         }
     }
 
-    /// Sends directly to a link (used for bounces and by edges answering on their own link).
-    pub fn deliver(&self, d: Delivery) -> bool {
-        let key = OutboxKey::from(&d.link);
-        let tx = match self.outboxes.get(&key) {
-            Some(tx) => tx.value().clone(),
-            None => return false,
+    fn delivered(&self, origin: &Origin, link: &Link, kind: &'static str) -> Submitted {
+        ROUTED
+            .with_label_values(&[origin.label(), link.label(), kind, "delivered"])
+            .inc();
+        Submitted::Delivered(link.clone())
+    }
+
+    /// Counts an undeliverable envelope and bounces it to its sender with `condition`.
+    fn unavailable(
+        &self,
+        origin: &Origin,
+        d: Delivery,
+        kind: &'static str,
+        outcome: &'static str,
+        condition: ErrorCondition,
+    ) -> Submitted {
+        let link = d.link;
+        ROUTED
+            .with_label_values(&[origin.label(), link.label(), kind, outcome])
+            .inc();
+        tracing::warn!(
+            destination = link.label(),
+            outcome,
+            "destination link unavailable or full"
+        );
+        let text = match condition {
+            ErrorCondition::RemoteServerTimeout => {
+                format!("the {} link did not take the stanza in time", link.label())
+            }
+            _ => format!("the {} link is unavailable", link.label()),
         };
-        tx.try_send(d).is_ok()
+        if let Some(b) = d.envelope.bounce(condition, text) {
+            self.deliver(Delivery {
+                link: origin.reply_link(),
+                envelope: b,
+            });
+        }
+        Submitted::Unavailable(link)
+    }
+
+    fn outbox(&self, d: &Delivery) -> Option<mpsc::Sender<Delivery>> {
+        let key = OutboxKey::of(d);
+        if let Some(tx) = self.outboxes.get(&key) {
+            return Some(tx.value().clone());
+        }
+        match key {
+            OutboxKey::Component(home, Some(_)) => self
+                .outboxes
+                .get(&OutboxKey::Component(home, None))
+                .map(|tx| tx.value().clone()),
+            _ => None,
+        }
+    }
+
+    /// Hands `d` to its outbox without waiting; gives it back when that is not possible.
+    fn try_deliver(&self, d: Delivery) -> Option<Delivery> {
+        let Some(tx) = self.outbox(&d) else {
+            return Some(d);
+        };
+        match tx.try_send(d) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => {
+                Some(d)
+            }
+        }
+    }
+
+    /// Sends directly to a link without waiting (bounces, edges answering on their own link).
+    pub fn deliver(&self, d: Delivery) -> bool {
+        self.try_deliver(d).is_none()
+    }
+
+    /// A component outbox with less than a quarter of its room left, if any. The SIP driver,
+    /// whose core submits without waiting, stops reading its connections until it is
+    /// [`relieved`](Congestion::relieved), so SIP traffic is slowed instead of refused.
+    pub fn congestion(&self) -> Option<Congestion> {
+        self.outboxes.iter().find_map(|e| {
+            let tx = e.value();
+            let congested = matches!(e.key(), OutboxKey::Component(..))
+                && tx.capacity() < tx.max_capacity() / 4;
+            congested.then(|| Congestion(tx.clone()))
+        })
     }
 
     /// The domains the SIP edge may talk to right now.

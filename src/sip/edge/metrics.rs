@@ -17,6 +17,16 @@ pub const CONNECTIONS: &str = "legate_sip_connections";
 pub const CONNECTIONS_REFUSED: &str = "legate_sip_connections_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "legate_sip_tls_handshake_failures_total";
 
+/// Times the driver stopped reading SIP connections because a home node's outbox was nearly
+/// full (backpressure instead of 480 answers).
+pub static BACKPRESSURE_PAUSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        "legate_sip_backpressure_pauses_total",
+        "Times the SIP edge stopped reading its connections until a link had room, by link",
+        &["link"],
+    )
+});
+
 pub static REQUESTS_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::counter_vec(
         REQUESTS,

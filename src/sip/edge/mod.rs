@@ -532,6 +532,15 @@ struct Outbound {
     use_tls: bool,
 }
 
+/// Waits until `c` has room again or `limit_secs` passed (then the core's next submit to it
+/// may be refused with 480, which is an answer, not a loss).
+async fn relieved(c: Option<&crate::gateway::hub::Congestion>, limit_secs: u64) {
+    match c {
+        Some(c) => c.relieved(Duration::from_secs(limit_secs)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Most bytes queued for a domain while its connection is being opened.
 const PENDING_LIMIT: usize = 256;
 
@@ -543,6 +552,11 @@ impl Driver {
         let mut next_write = Instant::now();
         // The state file write in flight (one at a time, so writes never reorder).
         let mut writing: Option<tokio::task::JoinHandle<()>> = None;
+        // A home node's outbox is nearly full: the core submits without waiting, so instead of
+        // letting it answer 480 the driver stops taking requests from the connections until
+        // there is room (their readers then block and TCP slows the partners). Deliveries to
+        // SIP keep flowing meanwhile: the component links may be waiting on them.
+        let mut congested: Option<crate::gateway::hub::Congestion> = None;
         loop {
             let deadline = self
                 .core
@@ -550,10 +564,13 @@ impl Driver {
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                input = rx.recv() => match input {
+                input = rx.recv(), if congested.is_none() => match input {
                     Some(i) => self.on_input(i),
                     None => break,
                 },
+                _ = relieved(congested.as_ref(), self.hub.config().limits.delivery_timeout_secs), if congested.is_some() => {
+                    congested = None;
+                }
                 d = outbox.recv() => match d {
                     Some(Delivery { link: Link::Sip { domain }, envelope }) => {
                         self.core.handle_delivery(&*self.hub, &domain, envelope, Instant::now());
@@ -587,6 +604,14 @@ impl Driver {
                 }
             }
             self.flush_actions();
+            if congested.is_none() {
+                congested = self.hub.congestion();
+                if congested.is_some() {
+                    metrics::BACKPRESSURE_PAUSES
+                        .with_label_values(&["component"])
+                        .inc();
+                }
+            }
         }
         if let Some(h) = writing.take() {
             let _ = h.await;

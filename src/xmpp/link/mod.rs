@@ -8,11 +8,10 @@
 //! is written on the connection named after the envelope's *sender* domain (a component may
 //! only send from its own domain, and Prosody closes the stream of one that does not).
 //!
-//! Shape: per home node, one dispatcher task owns the hub outbox and hands each delivery to the
-//! connection task of its domain over a bounded channel; per (home node, domain), one task owns
-//! the socket, the framer, the handshake machine (`xmpp::component`), the wait queue and the
-//! backoff, and `select!`s over reads, deliveries, timers and shutdown. Failover tries the home
-//! node's addresses (or `_xmpp-component._tcp` SRV targets) in order, then backs off.
+//! Shape: per (home node, domain), one task owns the hub outbox of that component, the socket,
+//! the framer, the handshake machine (`xmpp::component`), the wait queue and the backoff, and
+//! `select!`s over reads, deliveries, timers and shutdown. Failover tries the home node's
+//! addresses (or `_xmpp-component._tcp` SRV targets) in order, then backs off.
 //!
 //! Served domains: every `[[sip.federated_domain]]` plus every `[[xmpp.federation.domain]]`
 //! entry without `deny = true`. Limit: in deny-list (open federation) mode, a domain that is
@@ -20,9 +19,12 @@
 //! home node; list it to serve it. The set of links is fixed at start (a configuration reload
 //! does not add or remove components).
 //!
-//! This module decides nothing about routing or policy (the hub does) and never blocks the
-//! hub: deliveries are handed over with `try_send`, and whatever cannot be written within
-//! bounds is bounced as `service-unavailable`.
+//! This module decides nothing about routing or policy (the hub does). Flow control: a link
+//! takes a delivery from its outbox only when it can write it (up) or hold it (its wait queue
+//! has room), so a slow or absent home node leaves the outbox full and the readers feeding it
+//! wait (`Hub::submit_wait`); what waited `limits.delivery_timeout_secs` for a link that stays
+//! down is bounced with `remote-server-timeout`. What the home node sends is submitted with
+//! `submit_wait` too, so a slow s2s or SIP destination slows the home node's stream.
 
 pub mod backoff;
 pub mod queue;
@@ -38,11 +40,10 @@ use crate::xmpp::error::StreamErrorCondition;
 use crate::xmpp::stream::{Limits as StreamLimits, StreamError};
 use dashmap::DashMap;
 use prometheus::{IntCounterVec, IntGauge};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -112,11 +113,12 @@ pub struct LinkSettings {
     /// A connection that stayed up this long resets the backoff, so a home node that accepts
     /// and then drops the stream at once is not hammered every second.
     pub stable_after: Duration,
-    /// Deliveries held per (home node, domain) while its connection is down
-    /// (`limits.outbound_queue_per_domain`).
+    /// Deliveries held per (home node, domain) while its connection is down, and the size of
+    /// its hub outbox (`limits.outbound_queue_per_domain`).
     pub queue_capacity: usize,
-    /// How long a delivery may wait for the connection before it is bounced (30 s: the sender's
-    /// client shows an error instead of a message lost in silence).
+    /// How long a delivery may wait for the connection before it is bounced with
+    /// `remote-server-timeout` (`limits.delivery_timeout_secs`): the sender's client shows an
+    /// error instead of a message lost in silence.
     pub queue_timeout: Duration,
     /// Framer bounds (`limits.xmpp_max_stanza_bytes`).
     pub stream_limits: StreamLimits,
@@ -133,7 +135,7 @@ impl LinkSettings {
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
             queue_capacity: cfg.limits.outbound_queue_per_domain,
-            queue_timeout: Duration::from_secs(30),
+            queue_timeout: Duration::from_secs(cfg.limits.delivery_timeout_secs),
             stream_limits: StreamLimits {
                 max_stanza_bytes: cfg.limits.xmpp_max_stanza_bytes,
                 ..StreamLimits::default()
@@ -314,9 +316,7 @@ impl LinkStatus {
 /// Why a delivery to a home node was bounced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BounceReason {
-    /// The sender's domain has no component on this home node.
-    NoComponent,
-    QueueFull,
+    /// The link stayed down past `limits.delivery_timeout_secs`.
     QueueTimeout,
     /// The connection task is gone (shutdown).
     Closed,
@@ -327,8 +327,6 @@ pub(crate) enum BounceReason {
 impl BounceReason {
     fn label(self) -> &'static str {
         match self {
-            BounceReason::NoComponent => "no_component",
-            BounceReason::QueueFull => "queue_full",
             BounceReason::QueueTimeout => "queue_timeout",
             BounceReason::Closed => "closed",
             BounceReason::Encode => "encode",
@@ -337,16 +335,23 @@ impl BounceReason {
 
     fn text(self) -> &'static str {
         match self {
-            BounceReason::NoComponent => "the recipient's server has no link for this domain",
-            BounceReason::QueueFull => "the link to the recipient's server is down (queue full)",
             BounceReason::QueueTimeout => "the link to the recipient's server is down",
             BounceReason::Closed => "the gateway is shutting down",
             BounceReason::Encode => "the gateway could not convert this stanza",
         }
     }
+
+    /// RFC 6120 §8.3.3: a link that did not come up in time is a timeout; the rest is
+    /// unavailability.
+    fn condition(self) -> ErrorCondition {
+        match self {
+            BounceReason::QueueTimeout => ErrorCondition::RemoteServerTimeout,
+            BounceReason::Closed | BounceReason::Encode => ErrorCondition::ServiceUnavailable,
+        }
+    }
 }
 
-/// Sends `service-unavailable` back to the sender of `env` (a foreign user) through the hub.
+/// Sends the reason's error back to the sender of `env` (a foreign user) through the hub.
 /// Submitted as if from the component link: the error's sender is the local recipient, which
 /// is what that link speaks for, and the router finds the foreign sender's link (SIP or s2s).
 pub(crate) fn bounce(hub: &Hub, home_node: &Arc<str>, env: &Envelope, reason: BounceReason) {
@@ -359,7 +364,7 @@ pub(crate) fn bounce(hub: &Hub, home_node: &Arc<str>, env: &Envelope, reason: Bo
         reason = reason.label(),
         "delivery to home node bounced"
     );
-    if let Some(b) = env.bounce(ErrorCondition::ServiceUnavailable, reason.text()) {
+    if let Some(b) = env.bounce(reason.condition(), reason.text()) {
         hub.submit(
             &Origin::Component {
                 home_node: home_node.clone(),
@@ -383,9 +388,10 @@ pub fn needs_resolver(cfg: &Config) -> bool {
     })
 }
 
-/// Starts every component link of the hub's configuration: registers each home node's outbox
-/// with the hub and spawns its dispatcher and one task per served domain into `tasks`. All of
-/// them stop when `shutdown` turns true (closing their streams).
+/// Starts every component link of the hub's configuration: registers the outbox of each
+/// (home node, served domain) with the hub and spawns its task into `tasks`. All of them stop
+/// when `shutdown` turns true (closing their streams). Deliveries for a domain that has no
+/// component find no outbox and are answered by the hub at once.
 pub fn spawn(
     hub: Arc<Hub>,
     resolver: Option<Resolver>,
@@ -403,11 +409,8 @@ pub fn spawn(
     }
     for node in &cfg.home_nodes {
         let name: Arc<str> = Arc::from(node.name.as_str());
-        let outbox = hub.register_component(&node.name, settings.queue_capacity);
-        let mut routes = HashMap::new();
         for domain in &domains {
-            let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
-            routes.insert(domain.clone(), tx);
+            let rx = hub.register_component_domain(&node.name, domain, settings.queue_capacity);
             status.update(&node.name, domain, |_| {});
             let link = session::Component {
                 hub: hub.clone(),
@@ -421,57 +424,8 @@ pub fn spawn(
             let span = tracing::info_span!("component", home_node = %name, domain = %domain);
             tasks.spawn(link.run(rx, shutdown.clone()).instrument(span));
         }
-        tasks.spawn(dispatch(
-            hub.clone(),
-            name,
-            outbox,
-            routes,
-            shutdown.clone(),
-        ));
     }
     ComponentLinks { status }
-}
-
-/// Hands each delivery for one home node to the connection of the envelope's sender domain.
-async fn dispatch(
-    hub: Arc<Hub>,
-    home_node: Arc<str>,
-    mut outbox: mpsc::Receiver<crate::gateway::hub::Delivery>,
-    routes: HashMap<Domain, mpsc::Sender<Envelope>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let delivery = tokio::select! {
-            r = shutdown.changed() => {
-                if r.is_err() || *shutdown.borrow() {
-                    // Answer what the hub already handed over instead of dropping it.
-                    outbox.close();
-                    while let Ok(d) = outbox.try_recv() {
-                        bounce(&hub, &home_node, &d.envelope, BounceReason::Closed);
-                    }
-                    return;
-                }
-                continue;
-            }
-            d = outbox.recv() => match d {
-                Some(d) => d,
-                None => return,
-            },
-        };
-        let env = delivery.envelope;
-        match routes.get(&env.from.domain) {
-            Some(tx) => match tx.try_send(env) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(env)) => {
-                    bounce(&hub, &home_node, &env, BounceReason::QueueFull)
-                }
-                Err(mpsc::error::TrySendError::Closed(env)) => {
-                    bounce(&hub, &home_node, &env, BounceReason::Closed)
-                }
-            },
-            None => bounce(&hub, &home_node, &env, BounceReason::NoComponent),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ impl<T> WaitQueue<T> {
         self.items.is_empty()
     }
 
+    pub fn is_full(&self) -> bool {
+        self.items.len() >= self.capacity
+    }
+
     /// Queues `item`, or gives it back when the queue is full (the caller bounces it).
     pub fn push(&mut self, now: Instant, item: T) -> Result<(), T> {
         if self.items.len() >= self.capacity {
@@ -80,6 +84,7 @@ mod tests {
         let mut q = WaitQueue::new(2, Duration::from_secs(30));
         assert_eq!(q.push(t0, 1), Ok(()));
         assert_eq!(q.push(t0 + Duration::from_secs(10), 2), Ok(()));
+        assert!(q.is_full());
         assert_eq!(q.push(t0, 3), Err(3));
         assert_eq!(q.next_expiry(), Some(t0 + Duration::from_secs(30)));
         assert!(q.expire(t0 + Duration::from_secs(29)).is_empty());

@@ -12,6 +12,7 @@ use super::{
 use crate::config::{Domain, HomeEndpoint, HomeNode, Host};
 use crate::dns::{Resolver, Transport};
 use crate::gateway::envelope::Envelope;
+use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Origin};
 use crate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
 use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
@@ -54,15 +55,23 @@ enum End {
 /// The per-link state that survives reconnections.
 struct Pending {
     queue: WaitQueue<Envelope>,
-    rx: mpsc::Receiver<Envelope>,
-    /// The dispatcher is gone: no more deliveries will come.
+    rx: mpsc::Receiver<Delivery>,
+    /// The hub dropped the outbox: no more deliveries will come.
     rx_closed: bool,
+}
+
+impl Pending {
+    /// Whether to take a delivery while the link is down: only while the wait queue has room,
+    /// so a link that stays down leaves its outbox full and the readers feeding it wait.
+    fn can_hold(&self) -> bool {
+        !self.rx_closed && !self.queue.is_full()
+    }
 }
 
 impl Component {
     pub(crate) async fn run(
         self,
-        rx: mpsc::Receiver<Envelope>,
+        rx: mpsc::Receiver<Delivery>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut pending = Pending {
@@ -123,14 +132,19 @@ impl Component {
             }
         }
         // Shutdown: whatever still waits is answered rather than dropped in silence. Closing the
-        // channel first makes the dispatcher bounce anything it hands over from now on.
+        // outbox makes the hub answer anything submitted from now on.
         for env in pending.queue.drain() {
             QUEUE_DEPTH.dec();
             bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
         }
         pending.rx.close();
-        while let Ok(env) = pending.rx.try_recv() {
-            bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
+        while let Ok(d) = pending.rx.try_recv() {
+            bounce(
+                &self.hub,
+                &self.home_node,
+                &d.envelope,
+                BounceReason::Closed,
+            );
         }
         self.status
             .update(&self.home_node, &self.domain, |s| s.queued = 0);
@@ -229,20 +243,20 @@ impl Component {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return false,
                 r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return true; },
-                env = p.rx.recv(), if !p.rx_closed => self.enqueue(p, env),
+                d = p.rx.recv(), if p.can_hold() => self.enqueue(p, d),
                 _ = sleep_opt(expiry) => self.expire(p),
             }
         }
     }
 
-    fn enqueue(&self, p: &mut Pending, env: Option<Envelope>) {
-        let Some(env) = env else {
+    fn enqueue(&self, p: &mut Pending, d: Option<Delivery>) {
+        let Some(d) = d else {
             p.rx_closed = true;
             return;
         };
-        match p.queue.push(now(), env) {
-            Ok(()) => QUEUE_DEPTH.inc(),
-            Err(env) => bounce(&self.hub, &self.home_node, &env, BounceReason::QueueFull),
+        // `can_hold` was checked before the delivery was taken, so there is room.
+        if p.queue.push(now(), d.envelope).is_ok() {
+            QUEUE_DEPTH.inc();
         }
         let n = p.queue.len();
         self.status
@@ -282,7 +296,7 @@ impl Component {
                         Err(_) => return End::Failed(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Timeout)),
                     },
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return End::Shutdown; },
-                    env = p.rx.recv(), if !p.rx_closed => self.enqueue(p, env),
+                    d = p.rx.recv(), if p.can_hold() => self.enqueue(p, d),
                     _ = sleep_opt(expiry) => self.expire(p),
                 }
             }
@@ -349,7 +363,7 @@ impl Component {
                         let actions = machine.handle_event(&ev);
                         if actions.is_empty() {
                             if let (Some(_), StreamEvent::Stanza(s)) = (connected_at, &ev) {
-                                if let Err(e) = self.inbound(s, &mut out) {
+                                if let Err(e) = self.inbound(s, &mut out).await {
                                     out.extend_from_slice(&e.to_xml_and_close(None));
                                     let _ = self.write(&mut wr, &out).await;
                                     break 'conn Err(LinkError::BadStanza(e));
@@ -375,15 +389,17 @@ impl Component {
                         }
                     }
                 },
-                env = p.rx.recv(), if !p.rx_closed => {
+                // Up: taken only when the last write completed (it is awaited above), so a
+                // slow home node leaves the outbox full. Down: only while the queue has room.
+                d = p.rx.recv(), if (up && !p.rx_closed) || p.can_hold() => {
                     if up {
-                        match env {
-                            Some(env) => {
-                                self.encode(&env, &mut out);
+                        match d {
+                            Some(d) => {
+                                self.encode(&d.envelope, &mut out);
                                 // Batch what is already waiting into the same write.
                                 for _ in 1..WRITE_BATCH {
                                     match p.rx.try_recv() {
-                                        Ok(env) => self.encode(&env, &mut out),
+                                        Ok(d) => self.encode(&d.envelope, &mut out),
                                         Err(_) => break,
                                     }
                                 }
@@ -391,7 +407,7 @@ impl Component {
                             None => p.rx_closed = true,
                         }
                     } else {
-                        self.enqueue(p, env);
+                        self.enqueue(p, d);
                     }
                 },
                 _ = sleep_opt(hs_deadline) => {
@@ -462,8 +478,9 @@ impl Component {
     }
 
     /// A stanza from the home node: to the hub, or an error back when it cannot be read.
-    /// `Err` is a stream-level violation (RFC 6120 §4.9.3) that ends the stream.
-    fn inbound(
+    /// `Err` is a stream-level violation (RFC 6120 §4.9.3) that ends the stream. Waits while
+    /// the destination is full (the home node's stream is not read meanwhile).
+    async fn inbound(
         &self,
         s: &Stanza,
         out: &mut Vec<u8>,
@@ -496,7 +513,7 @@ impl Component {
         match stanza_to_envelope(s, &self.node.default_system, &maps) {
             Ok(env) => {
                 STANZAS.with_label_values(&["in", env.kind_label()]).inc();
-                self.hub.submit(&self.origin(), env);
+                self.hub.submit_wait(&self.origin(), env).await;
             }
             Err(e) => {
                 STANZAS.with_label_values(&["in", "invalid"]).inc();

@@ -296,7 +296,7 @@ impl Inbound {
                 STREAMS.with_label_values(&["inbound", m]).inc();
                 tracing::info!(peer = %self.addr, %domain, auth = m, "inbound s2s authenticated");
             }
-            Up::Deliver(stanza) => self.deliver(&stanza),
+            Up::Deliver(stanza) => self.deliver(&stanza).await,
             Up::VerifyDialback {
                 originating,
                 receiving,
@@ -363,7 +363,9 @@ impl Inbound {
         true
     }
 
-    fn deliver(&self, stanza: &crate::xmpp::stanza::Stanza) {
+    /// Hands a stanza to the hub, waiting while its destination is full: this stream is not
+    /// read meanwhile, so TCP flow control slows the peer instead of Legate dropping stanzas.
+    async fn deliver(&self, stanza: &crate::xmpp::stanza::Stanza) {
         STANZAS
             .with_label_values(&["in", super::metrics::kind(stanza.name())])
             .inc();
@@ -392,7 +394,10 @@ impl Inbound {
         let maps = self.shared.hub.maps().current();
         match stanza_to_envelope(stanza, &system, &maps) {
             Ok(env) => {
-                self.shared.hub.submit(&Origin::S2s { domain }, env);
+                self.shared
+                    .hub
+                    .submit_wait(&Origin::S2s { domain }, env)
+                    .await;
             }
             Err(e @ ConvertError::Address(_)) => self.unroutable(stanza, &e.to_string()),
             Err(e) => {

@@ -5,7 +5,10 @@
 //!
 //! A pair task connects on demand: targets in order (failover), STARTTLS or direct TLS, SASL
 //! EXTERNAL with our certificate or dialback with our secret. Stanzas wait in the pair's
-//! bounded channel (`limits.outbound_queue_per_domain`) while it connects. When every target
+//! bounded channel (`limits.outbound_queue_per_domain`) while it connects; when it is full the
+//! manager waits (up to `limits.delivery_timeout_secs`), so a slow peer slows the home node
+//! stream feeding it instead of losing stanzas. Known limit: while the manager waits for one
+//! slow pair, deliveries to other domains wait behind it. When every target
 //! fails, each waiting stanza is bounced to its sender with `remote-server-not-found` or
 //! `remote-server-timeout`, and new ones are bounced at once until the backoff (1 s doubling
 //! to 60 s) has passed. Established streams send whitespace keepalives (RFC 6120 §4.6.1) and
@@ -92,22 +95,27 @@ pub async fn manager(
                 ));
                 tx
             });
-            match tx.try_send(env) {
+            let tx = tx.clone();
+            // A full pair queue (a slow peer) holds the manager, and so the s2s outbox and the
+            // readers feeding it, until there is room: flow control instead of loss. A pair that
+            // takes nothing for `delivery_timeout_secs` is stuck: what waited is bounced.
+            let limit = Duration::from_secs(cfg.limits.delivery_timeout_secs);
+            match tx.send_timeout(env, limit).await {
                 Ok(()) => {
                     QUEUE.inc();
                     break;
                 }
-                Err(mpsc::error::TrySendError::Full(e)) => {
+                Err(mpsc::error::SendTimeoutError::Timeout(e)) => {
                     bounce_out(
                         &shared,
                         &remote,
                         &e,
-                        ErrorCondition::ResourceConstraint,
-                        "the queue toward this domain is full",
+                        ErrorCondition::RemoteServerTimeout,
+                        "the link toward this domain did not take the stanza in time",
                     );
                     break;
                 }
-                Err(mpsc::error::TrySendError::Closed(e)) => {
+                Err(mpsc::error::SendTimeoutError::Closed(e)) => {
                     pairs.remove(&key);
                     if attempt == 1 {
                         bounce_out(
