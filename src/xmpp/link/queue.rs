@@ -1,8 +1,10 @@
 //! The bounded wait queue of one component link: what the core delivered for a foreign domain
 //! while its component connection is down (connecting, handshaking, backing off). An entry
-//! leaves it by being written once the link is up, or is handed back to be bounced when the
-//! queue is full or the entry waited longer than `max_age` — a sender learns about an outage
-//! within bounded time instead of waiting forever. Pure: time is an argument.
+//! leaves it by being written once the link is up, or is handed back to be bounced when it
+//! waited longer than `max_age` — a sender learns about an outage within bounded time instead
+//! of waiting forever. The link stops taking deliveries while it [`is_full`](WaitQueue::is_full)
+//! (the hub's outbox then fills and its readers wait), so `push` refusing is a caller's bug,
+//! not a policy. Pure: time is an argument.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
