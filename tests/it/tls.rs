@@ -2,7 +2,7 @@
 //! choice, requested (not required) client certificates, peer identity and RFC 6125 matching,
 //! the clientAuth-EKU tolerance, and the classification of failed handshakes.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

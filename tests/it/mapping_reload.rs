@@ -3,7 +3,7 @@
 //! in `/status`), an invalid edit is refused with its `file:line:col` problems and the last good
 //! set stays in use.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

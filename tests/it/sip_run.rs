@@ -3,7 +3,7 @@
 //! OPTIONS is answered, and the admin endpoint's `/metrics` shows the SIP metrics. The child is
 //! killed on drop and every wait is bounded.
 
-mod sip_ua;
+use crate::sip_ua;
 
 use std::net::SocketAddr;
 use std::process::Stdio;

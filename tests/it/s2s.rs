@@ -14,7 +14,7 @@
 //! raw-bytes checks of what a plaintext peer gets when TLS is required. `relay_throughput`
 //! (ignored) is the load run behind the README figure.
 
-mod common;
+use crate::common;
 
 use common::certs::CertFactory;
 use dashmap::DashMap;

@@ -24,7 +24,7 @@ pub const PROSODY_BIN: &str = "/usr/bin/prosody";
 /// Set this environment variable to keep each Prosody's temp dir (config, data, logs) after the
 /// test; the path is printed.
 pub const KEEP_ENV: &str = "LEGATE_KEEP_PROSODY_DIR";
-const TEMPLATE: &str = include_str!("../data/prosody/prosody.cfg.lua.in");
+const TEMPLATE: &str = include_str!("../../data/prosody/prosody.cfg.lua.in");
 
 /// PEM certificate chain and key for one host (`ssl = { certificate = ..., key = ... }`).
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 //! another domain, or that presents none, is refused with 403 and the home side sees nothing;
 //! outbound traffic reaches the partner's static route over TLS.
 
-mod common;
-mod sip_ua;
+use crate::common;
+use crate::sip_ua;
 
 use std::net::SocketAddr;
 use std::path::Path;

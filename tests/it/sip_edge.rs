@@ -2,7 +2,7 @@
 //! Lync edge, the test plays the home side through a component outbox on the hub (the core
 //! contract), and sipp runs a scenario against the edge. Every wait is bounded.
 
-mod sip_ua;
+use crate::sip_ua;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -12,8 +12,8 @@
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
-mod common;
-mod sip_ua;
+use crate::common;
+use crate::sip_ua;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -15,7 +15,7 @@
 //!
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
-mod common;
+use crate::common;
 
 use common::certs::CertFactory;
 use common::dnsmasq::{DnsRecord, Dnsmasq};

@@ -9,7 +9,7 @@
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
-mod common;
+use crate::common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
