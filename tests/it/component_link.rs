@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dnsmasq::{DnsRecord, Dnsmasq};
-use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
+use common::legate::{metric_value, Legate};
+use common::prosody::{Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use legate::config::{self, Config, Domain, BUILTIN_SYSTEMS};
 use legate::dns::{DnsSettings, Resolver};
@@ -26,7 +27,6 @@ use legate::gateway::hub::{Delivery, Submitted};
 use legate::gateway::{Envelope, Hub, Origin};
 use legate::presence::map::MappingStore;
 use legate::xmpp::link::{self, ComponentLinks, ComponentStatus, LinkSettings};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -499,19 +499,6 @@ impl Gateway {
     }
 }
 
-/// HTTP GET on the admin endpoint (one request per connection).
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("admin connect: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
-    out
-}
-
 #[tokio::test]
 async fn legate_run_connects_its_components_to_prosody() {
     bounded("legate run", async {
@@ -520,55 +507,21 @@ async fn legate_run_connects_its_components_to_prosody() {
         let cfg_path = dir.path().join("legate.toml");
         std::fs::write(&cfg_path, config_toml(&[p.component_addr()], SECRET))
             .unwrap_or_else(|e| panic!("{e}"));
-        let log = dir.path().join("legate.log");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&cfg_path)
-            .current_dir(dir.path())
-            .env("LEGATE_LOG", "info");
-        let mut child = GuardedChild::spawn(&cmd, &log).unwrap_or_else(|e| panic!("{e:#}"));
-        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let legate = Legate::start(&cfg_path, &["admin"]).unwrap_or_else(|e| panic!("{e:#}"));
 
-        // The admin address from the announcement line.
-        let t0 = tokio::time::Instant::now();
-        let admin: SocketAddr = loop {
-            if let Some(a) = read_log()
-                .lines()
-                .find_map(|l| l.strip_prefix("legate: listening admin "))
-                .and_then(|a| a.trim().parse().ok())
-            {
-                break a;
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("legate exited ({st}):\n{}", read_log());
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "no admin announcement:\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-
-        // Both components connect (metrics and log line).
-        loop {
-            let m = http_get(admin, "/metrics").await;
-            if m.lines().any(|l| l.trim() == "legate_component_links_up 2") {
-                break;
-            }
-            assert!(
-                t0.elapsed() < 2 * WAIT,
-                "links not up:\n{m}\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let text = read_log();
-        assert!(
-            text.contains("component partner.test connected to home node hn1"),
-            "{text}"
-        );
+        // Both components connect (the gauge of the separate process, and its log line).
+        legate
+            .wait_metrics("both component links up", 2 * WAIT, |m| {
+                metric_value(m, "legate_component_links_up") == Some(2.0)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        legate
+            .wait_output("the partner.test link's log line", WAIT, |t| {
+                t.contains("component partner.test connected to home node hn1")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
 
         // alice's message to bob@partner.test crosses Prosody and the link into legate; with no
         // SIP edge to carry it, the hub answers alice with an error through the same link.
@@ -587,7 +540,7 @@ async fn legate_run_connects_its_components_to_prosody() {
             .expect("an answer from bob@partner.test's side");
         assert!(e.is_type("error"), "{}", e.raw);
         alice.close().await;
-        drop(child);
+        drop(legate);
     })
     .await;
 }

@@ -1,17 +1,12 @@
-//! `legate run` starts the SIP edge: the real binary (`CARGO_BIN_EXE_legate`) is started on
-//! port 0, its `legate: listening sip_tcp <addr>` line tells the test where to connect, a SIP
-//! OPTIONS is answered, and the admin endpoint's `/metrics` shows the SIP metrics. The child is
-//! killed on drop and every wait is bounded.
+//! `legate run` starts the SIP edge: the real binary is started on port 0 by the shared harness
+//! (`common::legate`), its `legate: listening sip_tcp <addr>` line tells the test where to
+//! connect, a SIP OPTIONS is answered, and the admin endpoint's `/metrics` shows the SIP metrics.
+//! The child is killed on drop and every wait is bounded.
 
-use crate::sip_ua;
+use anyhow::Result;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
-use std::time::Duration;
-
-use anyhow::{bail, Context, Result};
-use sip_ua::{hv, Ua};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use crate::common::legate::Legate;
+use crate::sip_ua::{hv, Ua};
 
 #[tokio::test]
 async fn legate_run_serves_sip_and_metrics() -> Result<()> {
@@ -36,37 +31,8 @@ system = "lync"
 route = "127.0.0.1:5999"
 "#,
     )?;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-        .arg("run")
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let (mut sip, mut admin) = (None::<SocketAddr>, None::<SocketAddr>);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while sip.is_none() || admin.is_none() {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .context("legate did not announce its listeners")??
-            .context("legate exited")?;
-        let mut f = line.split_whitespace();
-        if let (Some("legate:"), Some("listening"), Some(name), Some(addr)) =
-            (f.next(), f.next(), f.next(), f.next())
-        {
-            match name {
-                "sip_tcp" => sip = Some(addr.parse()?),
-                "admin" => admin = Some(addr.parse()?),
-                _ => {}
-            }
-        }
-    }
-    let (Some(sip), Some(admin)) = (sip, admin) else {
-        bail!("listeners missing");
-    };
+    let legate = Legate::start(&cfg, &["sip_tcp", "admin"])?;
+    let sip = legate.addr("sip_tcp");
     let mut ua = Ua::connect(sip).await?;
     let b = ua.branch();
     ua.send(
@@ -87,24 +53,16 @@ route = "127.0.0.1:5999"
     assert_eq!(r.status(), Some(200));
     assert!(hv(&r, "Allow").contains("MESSAGE"));
 
-    let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
+    // The counters of the separate `legate` process: only this test moved them.
+    let body = legate.metrics().await?;
     assert!(
         body.contains("legate_sip_requests_total{direction=\"in\",method=\"OPTIONS\"} 1"),
         "{body}"
     );
     assert!(body.contains("legate_sip_responses_total{class=\"2xx\",direction=\"out\"} 1"));
-    let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut status = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut status)).await??;
+    let status = legate.http_get("/status").await?;
     assert!(status.contains("\"sip\""), "{status}");
     assert!(status.contains(&sip.to_string()), "{status}");
-    child.start_kill()?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    drop(legate);
     Ok(())
 }

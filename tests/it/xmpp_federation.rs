@@ -19,6 +19,7 @@ use crate::common;
 
 use common::certs::CertFactory;
 use common::dnsmasq::{DnsRecord, Dnsmasq};
+use common::legate::Legate;
 use common::ports;
 use common::prosody::{CertPaths, Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, TlsOptions, XmppClient};
@@ -647,19 +648,6 @@ async fn full_chain_refused_domain_reaches_no_home_user() {
 // The binary is pointed at the test's dnsmasq with `[dns] nameservers`, so the test domains are
 // never asked of the machine's real resolver.
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("admin connect: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
-    out
-}
-
 async fn binary_chain(mode: Mode, block: u8) {
     let (legate_ip, foreign_ip, home_ip) = ips(block);
     let certs = CertFactory::new();
@@ -743,45 +731,18 @@ nameservers = ["{dns_addr}"]
         ),
     )
     .expect("write config");
-    let log = dir.path().join("legate.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&cfg_path)
-        .current_dir(dir.path())
-        .env("LEGATE_LOG", "info");
-    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log).expect("legate run");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let t0 = std::time::Instant::now();
-    let admin: SocketAddr = loop {
-        let text = read_log();
-        let s2s = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening xmpp_s2s "))
-            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
-        let admin = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening admin "))
-            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
-        if let (Some(s), Some(a)) = (s2s, admin) {
-            assert_eq!(s, SocketAddr::new(IpAddr::V4(legate_ip), legate_port));
-            break a;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("legate exited ({st}):\n{text}");
-        }
-        assert!(t0.elapsed() < WAIT, "no announcements:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let legate = Legate::start(&cfg_path, &["xmpp_s2s", "admin"]).expect("legate run");
+    assert_eq!(
+        legate.addr("xmpp_s2s"),
+        SocketAddr::new(IpAddr::V4(legate_ip), legate_port)
+    );
     if mode != Mode::Refused {
-        while !read_log().contains("component xmpp.test connected to home node hn1") {
-            assert!(
-                t0.elapsed() < WAIT,
-                "component link not up:\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        legate
+            .wait_output("the component link to hn1", WAIT, |t| {
+                t.contains("component xmpp.test connected to home node hn1")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     let mut cc = ClientConfig::plain(foreign.c2s_addr(), "xmpp.test", "bob", "pw");
@@ -806,7 +767,8 @@ nameservers = ["{dns_addr}"]
         .await
         .expect("presence");
 
-    let metrics = || http_get(admin, "/metrics");
+    // The counters of the separate `legate` process: no other test can move them.
+    let metrics = || async { legate.metrics().await.expect("GET /metrics") };
     if mode == Mode::Refused {
         bob.send_message("alice@example.test", "let me in")
             .await
@@ -839,7 +801,7 @@ nameservers = ["{dns_addr}"]
         } else {
             "dialback"
         };
-        let st = http_get(admin, "/status").await;
+        let st = legate.http_get("/status").await.expect("GET /status");
         assert!(
             st.contains("\"remote\":\"xmpp.test\"") && st.contains("\"up\":true"),
             "/status does not show the outbound stream:\n{st}"
@@ -856,7 +818,7 @@ nameservers = ["{dns_addr}"]
     }
     alice.close().await;
     bob.close().await;
-    drop(child);
+    drop(legate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -502,6 +502,21 @@ impl GuardedChild {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone().context("cloning log handle")?;
+        Self::spawn_with(cmd, Stdio::from(out), Stdio::from(err))
+    }
+
+    /// Spawns `cmd` under the guard with its stdout and stderr as pipes, returned for the caller
+    /// to read (the `legate` harness reads announcements from them as they arrive).
+    pub fn spawn_piped(
+        cmd: &Command,
+    ) -> Result<(GuardedChild, std::process::ChildStdout, std::process::ChildStderr)> {
+        let mut g = Self::spawn_with(cmd, Stdio::piped(), Stdio::piped())?;
+        let out = g.wrapper.stdout.take().context("child stdout")?;
+        let err = g.wrapper.stderr.take().context("child stderr")?;
+        Ok((g, out, err))
+    }
+
+    fn spawn_with(cmd: &Command, out: Stdio, err: Stdio) -> Result<GuardedChild> {
         let mut sh = Command::new("/bin/sh");
         sh.arg("-c")
             .arg(GUARD_SCRIPT)
@@ -519,8 +534,8 @@ impl GuardedChild {
         }
         let mut wrapper = sh
             .stdin(Stdio::piped())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
         let stdin = wrapper.stdin.take();
