@@ -30,11 +30,7 @@ impl Dnsmasq {
     }
 
     fn start_with(bin: &str, records: &[&str]) -> Self {
-        assert!(
-            Path::new(bin).exists(),
-            "dnsmasq not found at {bin}: these tests need Debian's dnsmasq-base \
-             (apt-get install dnsmasq-base); they do not skip"
-        );
+        crate::common::require_program(bin, "dnsmasq-base");
         let mut last = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -534,7 +530,7 @@ async fn a_dead_server_fails_with_a_bounded_error() {
 }
 
 #[test]
-#[should_panic(expected = "dnsmasq not found")]
+#[should_panic(expected = "install the Debian package `dnsmasq-base`")]
 fn a_missing_dnsmasq_fails_loudly() {
     let _ = Dnsmasq::start_with("/nonexistent/sbin/dnsmasq", &[]);
 }

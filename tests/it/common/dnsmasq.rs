@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -89,11 +89,7 @@ impl Dnsmasq {
     /// Starts dnsmasq with `records` on 127.0.0.1 and a free port; waits (≤ 5 s) until it accepts
     /// TCP connections.
     pub fn start(records: &[DnsRecord]) -> Result<Dnsmasq> {
-        if !Path::new(DNSMASQ_BIN).exists() {
-            bail!(
-                "{DNSMASQ_BIN} not found: install it with `apt-get install prosody dnsmasq-base`"
-            );
-        }
+        super::require_program(DNSMASQ_BIN, "dnsmasq-base");
         let mut last_err = None;
         // One retry in case the port was taken between the probe and dnsmasq's bind.
         for _ in 0..2 {

@@ -4,10 +4,11 @@
 pub mod certs;
 pub mod dnsmasq;
 pub mod legate;
+pub mod metrics;
 pub mod ports;
 pub mod prosody;
+pub mod sipp;
 pub mod xmpp_client;
-pub mod metrics;
 
 use std::path::PathBuf;
 
@@ -32,3 +33,30 @@ pub fn require_program(program: &str, package: &str) -> PathBuf {
     })
 }
 
+
+/// Waits (at most `wait`) until some process listens on TCP `port` of a local address, read from
+/// the kernel's socket table (`/proc/net/tcp*`, state `0A` = LISTEN). For programs that print
+/// nothing when ready (sipp, stunnel); a probe connection instead would be a peer to them.
+pub async fn wait_listening(port: u16, wait: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let needle = format!(":{port:04X} ");
+    loop {
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| {
+                t.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && format!("{} ", f[1]).ends_with(&needle) && f[3] == "0A"
+                })
+            })
+        });
+        if listening {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on TCP port {port} after {wait:?}"
+        );
+        // The kernel has no event for "someone listens now": a bounded poll on the socket table.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -293,11 +293,7 @@ impl Prosody {
     /// load, in no fixed order relative to the listeners). On failure the error carries the
     /// config, Prosody's output and log.
     pub fn start(config: ProsodyConfig) -> Result<Prosody> {
-        if !Path::new(PROSODY_BIN).exists() {
-            bail!(
-                "{PROSODY_BIN} not found: install it with `apt-get install prosody dnsmasq-base`"
-            );
-        }
+        super::require_program(PROSODY_BIN, "prosody");
         let dir = tempfile::Builder::new()
             .prefix("legate-prosody-")
             .tempdir()
