@@ -10,6 +10,7 @@
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
 use crate::common;
+use crate::common::metrics::{self, Family};
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -40,6 +41,14 @@ async fn bounded<F: std::future::Future<Output = ()>>(name: &str, f: F) {
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
         .unwrap_or_else(|_| panic!("{name}: did not finish within {TEST_TIMEOUT:?}"));
+}
+
+/// `legate_component_stanzas_total` for one direction and kind, in this process's registry.
+fn stanzas(direction: &str, kind: &str) -> u64 {
+    metrics::counter(
+        "legate_component_stanzas_total",
+        &[&format!("direction=\"{direction}\""), &format!("kind=\"{kind}\"")],
+    )
 }
 
 fn home_node(ip: Ipv4Addr) -> Prosody {
@@ -217,7 +226,9 @@ async fn login(p: &Prosody, user: &str) -> XmppClient {
 
 #[tokio::test]
 async fn local_user_and_foreign_users_talk_through_the_component_links() {
+    let _component_exclusive = metrics::asserts(Family::Component).await;
     bounded("component links", async {
+        let (in_messages, out_presences) = (stanzas("in", "message"), stanzas("out", "presence"));
         let p = home_node(HOME_IP);
         let mut gw = start_gateway(config(&[p.component_addr()], SECRET), false);
         for d in ["partner.test", "xmpp.test"] {
@@ -330,12 +341,14 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                 .as_deref(),
             Some("hn1")
         );
-        let metrics = legate::metrics::render();
+        // Deltas under the exclusive component lock: this test's own stanzas.
         assert!(
-            metrics.contains("legate_component_stanzas_total{direction=\"in\",kind=\"message\"}")
+            stanzas("in", "message") > in_messages,
+            "alice's message not counted"
         );
         assert!(
-            metrics.contains("legate_component_stanzas_total{direction=\"out\",kind=\"presence\"}")
+            stanzas("out", "presence") > out_presences,
+            "bob's presence not counted"
         );
 
         alice.close().await;
@@ -358,6 +371,7 @@ fn refused_addr() -> SocketAddr {
 
 #[tokio::test]
 async fn fails_over_from_a_refusing_address_to_prosody() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("failover", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 7));
         let dead = refused_addr();
@@ -381,6 +395,7 @@ async fn fails_over_from_a_refusing_address_to_prosody() {
 
 #[tokio::test]
 async fn fails_over_between_xmpp_component_srv_targets() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("srv failover", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 10));
         let dead = refused_addr();
@@ -439,8 +454,13 @@ async fn fails_over_between_xmpp_component_srv_targets() {
 
 #[tokio::test]
 async fn wrong_secret_is_reported_and_retried_with_backoff() {
+    let _component_exclusive = metrics::asserts(Family::Component).await;
     bounded("wrong secret", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 8));
+        let refused_before = metrics::counter(
+            "legate_component_connects_total",
+            &["outcome=\"not_authorized\""],
+        );
         let gw = start_gateway(
             config(&[p.component_addr()], "not-the-secret-0123456789"),
             true,
@@ -458,8 +478,13 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
             Some("not_authorized"),
             "{s:?}"
         );
-        assert!(legate::metrics::render()
-            .contains("legate_component_connects_total{outcome=\"not_authorized\"}"));
+        assert!(
+            metrics::counter(
+                "legate_component_connects_total",
+                &["outcome=\"not_authorized\""]
+            ) >= refused_before + 3,
+            "the three refusals are not counted"
+        );
         // A delivery meanwhile waits, then is bounced to its sender.
         gw.hub.submit(
             &Origin::Sip {
@@ -547,6 +572,7 @@ async fn legate_run_connects_its_components_to_prosody() {
 
 #[tokio::test]
 async fn prosody_refusals_are_classified_and_retried() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("conflict and host-unknown", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 11));
         // Someone else already holds partner.test (Prosody's default `kick_new` policy refuses
@@ -589,6 +615,7 @@ async fn prosody_refusals_are_classified_and_retried() {
 
 #[tokio::test]
 async fn links_come_back_after_the_home_node_restarts() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("home node restart", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 12));
         let prosody_cfg = p.config().clone();

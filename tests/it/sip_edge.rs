@@ -2,6 +2,7 @@
 //! Lync edge, the test plays the home side through a component outbox on the hub (the core
 //! contract), and sipp runs a scenario against the edge. Every wait is bounded.
 
+use crate::common::metrics::{self, Family};
 use crate::common::sipp;
 use crate::sip_ua;
 
@@ -194,6 +195,7 @@ fn subscribe(ua: &mut Ua, call: &str, cseq: u32, to_tag: Option<&str>, expires: 
 
 #[tokio::test]
 async fn foreign_watcher_subscribes_refreshes_and_unsubscribes() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
     let req = subscribe(&mut ua, "sub-1", 1, None, 86_400);
@@ -307,6 +309,7 @@ async fn foreign_watcher_subscribes_refreshes_and_unsubscribes() -> Result<()> {
 
 #[tokio::test]
 async fn too_brief_subscription_gets_423_and_rejection_terminates() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
     let req = subscribe(&mut ua, "sub-2", 1, None, 30);
@@ -360,6 +363,7 @@ fn invite(ua: &mut Ua, call: &str, first: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn inbound_im_session_both_directions() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
     let inv = invite(&mut ua, "im-1", "hello alice");
@@ -496,6 +500,7 @@ fn pager(ua: &mut Ua, from_domain: &str, to: &str, ct: &str, text: &str) -> Vec<
 
 #[tokio::test]
 async fn pager_mode_and_policy_refusals() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
 
@@ -627,6 +632,7 @@ async fn pager_mode_and_policy_refusals() -> Result<()> {
 
 #[tokio::test]
 async fn garbage_gets_400_and_the_connection_survives_conflicting_length_closes() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
     // Keep-alive ping → pong.
@@ -674,6 +680,7 @@ async fn garbage_gets_400_and_the_connection_survives_conflicting_length_closes(
 
 #[tokio::test]
 async fn local_user_subscribes_to_foreign_user() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     env.home_send(
         "alice@example.com/pc",
@@ -796,6 +803,7 @@ async fn local_user_subscribes_to_foreign_user() -> Result<()> {
 
 #[tokio::test]
 async fn outbound_im_session_is_opened_and_reused() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let msg = |t: &str| {
         Body::Message(MessageBody {
@@ -848,6 +856,7 @@ async fn outbound_im_session_is_opened_and_reused() -> Result<()> {
 
 #[tokio::test]
 async fn subscriptions_survive_a_restart() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
     let req = subscribe(&mut ua, "persist-1", 1, None, 3600);
@@ -896,6 +905,7 @@ async fn subscriptions_survive_a_restart() -> Result<()> {
 /// scenario over TCP. Fails, naming the package, when sipp is not installed.
 #[tokio::test]
 async fn sipp_scenarios() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
     let (drain, mut got) = sipp::forward_home(home);
@@ -929,6 +939,7 @@ async fn options_ok(ua: &mut Ua) -> Result<bool> {
 
 #[tokio::test]
 async fn connections_per_peer_are_bounded() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let dir = tempfile::tempdir()?;
     let (_hub, edge, _home, stop) =
         start_edge_with(dir.path(), 5999, "max_connections_per_peer = 2").await?;
@@ -964,6 +975,7 @@ async fn connections_per_peer_are_bounded() -> Result<()> {
 /// local watcher, takes its NOTIFY to the home side and unsubscribes in the dialog.
 #[tokio::test]
 async fn sipp_as_foreign_notifier() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let dir = tempfile::tempdir()?;
     // A free port for sipp's TCP listener (the edge's static route for partner.com).
     let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
@@ -1082,6 +1094,7 @@ async fn non_reading_peer_is_closed(
 
 #[tokio::test]
 async fn peer_that_never_reads_is_closed_and_its_slot_released() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     non_reading_peer_is_closed(
         |_| b"\r\n\r\n".repeat(4096),
         Duration::ZERO,
@@ -1111,6 +1124,7 @@ Content-Length: 0\r\n\r\n"
 
 #[tokio::test]
 async fn unpaced_options_flood_from_a_non_reader_fills_its_queue_and_is_closed() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     // As fast as the socket takes it: the answers pile up in the connection's queue, which
     // is given up when full (before, they were dropped and the connection lived on).
     non_reading_peer_is_closed(options_flood, Duration::ZERO, Duration::from_secs(8)).await
@@ -1118,6 +1132,7 @@ async fn unpaced_options_flood_from_a_non_reader_fills_its_queue_and_is_closed()
 
 #[tokio::test]
 async fn peer_flooding_options_that_never_reads_is_closed() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     // Paced in batches: the answers fill the socket buffers and the write timeout closes it.
     non_reading_peer_is_closed(
         |i| {

@@ -5,6 +5,7 @@
 //! outbound traffic reaches the partner's static route over TLS.
 
 use crate::common;
+use crate::common::metrics::{self, Family};
 use crate::sip_ua;
 use common::sipp;
 
@@ -190,6 +191,7 @@ fn subscribe(b: &str, cseq: u32, to_tag: Option<&str>, expires: u32) -> Vec<u8> 
 
 #[tokio::test]
 async fn presence_and_im_over_mutual_tls() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let partner = env.partner.clone();
     let mut ua = tls_ua(&env, Some(&partner)).await?;
@@ -348,6 +350,7 @@ fn pager(b: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     // Trusted CA, but the certificate names another (non-federated) domain.
     let impostor = env.certs.leaf("impostor", &["evil.com"]);
@@ -383,8 +386,18 @@ async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<(
     Ok(())
 }
 
+/// `legate_sip_tls_handshake_failures_total` for `reason`, in this process's registry.
+fn handshake_failures(reason: &str) -> u64 {
+    metrics::counter(
+        "legate_sip_tls_handshake_failures_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
 #[tokio::test]
 async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()> {
+    let _sip_exclusive = metrics::asserts(Family::Sip).await;
+    let before = handshake_failures("not_tls");
     let env = setup().await?;
     let mut s = TcpStream::connect(env.addr).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -402,17 +415,16 @@ async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()
     })
     .await;
     assert!(closed.is_ok(), "connection closed");
-    let text = legate::metrics::render();
-    assert!(
-        text.contains("legate_sip_tls_handshake_failures_total{reason=\"not_tls\"}"),
-        "{text}"
-    );
+    // A delta under the exclusive SIP lock: this connection's failure, no other test's.
+    assert_eq!(handshake_failures("not_tls"), before + 1);
     env.stop().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn a_silent_peer_is_dropped_after_the_handshake_timeout() -> Result<()> {
+    let _sip_exclusive = metrics::asserts(Family::Sip).await;
+    let before = handshake_failures("timeout");
     let env = setup_with("handshake_timeout_secs = 1").await?;
     let mut s = TcpStream::connect(env.addr).await?;
     let t0 = std::time::Instant::now();
@@ -421,14 +433,14 @@ async fn a_silent_peer_is_dropped_after_the_handshake_timeout() -> Result<()> {
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "closed: {r:?}");
     assert!(t0.elapsed() >= Duration::from_millis(900));
-    assert!(legate::metrics::render()
-        .contains("legate_sip_tls_handshake_failures_total{reason=\"timeout\"}"));
+    assert_eq!(handshake_failures("timeout"), before + 1);
     env.stop().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let env = setup().await?;
     env.home_send(
         "alice@example.com",
@@ -463,6 +475,7 @@ async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
 /// the domain.
 #[tokio::test]
 async fn outbound_target_found_through_sipfederationtls_srv() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     use common::dnsmasq::{DnsRecord, Dnsmasq};
     let certs = CertFactory::new();
     let ours = certs.leaf("example", &["example.com"]);
@@ -562,6 +575,7 @@ default_system = "xmpp"
 /// mutual TLS. Fails, naming the package, when sipp or stunnel4 is missing.
 #[tokio::test]
 async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let stunnel = common::require_program("stunnel4", "stunnel4");
     let mut env = setup().await?;
     let local = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;

@@ -16,6 +16,7 @@
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
 use crate::common;
+use crate::common::metrics::{self, Family};
 
 use common::certs::CertFactory;
 use common::dnsmasq::{DnsRecord, Dnsmasq};
@@ -412,13 +413,13 @@ async fn federate(s: &mut Setup) {
     assert_eq!(m.body.as_deref(), Some("hi bob <&> back"));
 }
 
-fn metric_sum(prefix: &str, must_contain: &[&str]) -> u64 {
-    legate::metrics::render()
-        .lines()
-        .filter(|l| l.starts_with(prefix) && must_contain.iter().all(|m| l.contains(m)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as u64)
-        .sum()
+/// `legate_s2s_streams_total` for one auth and direction, in this process's registry. Tests
+/// read it before and after under the exclusive s2s lock (`common::metrics`).
+fn streams(auth: &str, direction: &str) -> u64 {
+    metrics::counter(
+        "legate_s2s_streams_total",
+        &[&format!("auth=\"{auth}\""), &format!("direction=\"{direction}\"")],
+    )
 }
 
 fn assert_log(p: &Prosody, needle: &str) {
@@ -431,7 +432,9 @@ fn assert_log(p: &Prosody, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_certificates() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let (in_before, out_before) = (streams("external", "inbound"), streams("external", "outbound"));
         let mut s = setup(Mode::Certificates, 0, false).await;
         federate(&mut s).await;
         // Both directions by SASL EXTERNAL: Prosody accepted our identity and we its.
@@ -440,8 +443,8 @@ async fn prosody_federates_with_certificates() {
             &s.prosody,
             "Accepting SASL EXTERNAL identity from example.test",
         );
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "outbound"]) >= 1);
+        assert!(streams("external", "inbound") > in_before);
+        assert!(streams("external", "outbound") > out_before);
     })
     .await
     .expect("test timed out");
@@ -449,13 +452,15 @@ async fn prosody_federates_with_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_dialback() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let (in_before, out_before) = (streams("dialback", "inbound"), streams("dialback", "outbound"));
         let mut s = setup(Mode::Dialback, 1, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
         assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) >= 1);
+        assert!(streams("dialback", "inbound") > in_before);
+        assert!(streams("dialback", "outbound") > out_before);
     })
     .await
     .expect("test timed out");
@@ -463,9 +468,10 @@ async fn prosody_federates_with_dialback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_domain_gets_nothing_through() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Refused, 2, false).await;
-        let before = metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]);
+        let before = metrics::counter("legate_s2s_refused_total", &["reason=\"domain_not_allowed\""]);
         s.bob
             .send_message("alice@example.test", "are you there?")
             .await
@@ -488,7 +494,7 @@ async fn refused_domain_gets_nothing_through() {
             "a refused domain's stanza reached the home side"
         );
         assert_log(&s.prosody, "federation with xmpp.test is not allowed");
-        assert!(metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]) > before);
+        assert!(metrics::counter("legate_s2s_refused_total", &["reason=\"domain_not_allowed\""]) > before);
     })
     .await
     .expect("test timed out");
@@ -496,15 +502,16 @@ async fn refused_domain_gets_nothing_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_external_one_way_dialback_the_other() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let before_in = metric_sum("legate_s2s_streams_total", &["external", "inbound"]);
-        let before_out = metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]);
+        let before_in = streams("external", "inbound");
+        let before_out = streams("dialback", "outbound");
         let mut s = setup(Mode::Mixed, 12, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "SASL EXTERNAL with example.test succeeded");
         assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) > before_in);
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) > before_out);
+        assert!(streams("external", "inbound") > before_in);
+        assert!(streams("dialback", "outbound") > before_out);
     })
     .await
     .expect("test timed out");
@@ -512,6 +519,7 @@ async fn prosody_external_one_way_dialback_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_plaintext_dialback_where_policy_allows_it() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Plain, 13, false).await;
         federate(&mut s).await;
@@ -593,9 +601,12 @@ async fn full_chain(mode: Mode, block: u8) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_with_certificates() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let before = streams("external", "inbound");
         full_chain(Mode::Certificates, 3).await;
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
+        assert!(streams("external", "inbound") > before);
     })
     .await
     .expect("test timed out");
@@ -603,9 +614,12 @@ async fn full_chain_with_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_with_dialback() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let before = streams("dialback", "inbound");
         full_chain(Mode::Dialback, 4).await;
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
+        assert!(streams("dialback", "inbound") > before);
     })
     .await
     .expect("test timed out");
@@ -613,6 +627,8 @@ async fn full_chain_with_dialback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_refused_domain_reaches_no_home_user() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Refused, 5, true).await;
         let mut alice = s.alice.take().expect("alice");

@@ -1,12 +1,18 @@
 //! Counters of the process-wide Prometheus registry, for the in-process tests.
 //!
 //! Every module of the integration binary shares one process, so one registry: a test may only
-//! assert on a change it caused. It reads the counter before and after, while holding the lock
-//! of that metric family; every test that starts an in-process edge of the family holds the
-//! same lock, so no other test moves the counter in between. (Tests of the `legate` binary
-//! scrape that process's own `/metrics` instead, see `common::legate`.)
+//! assert on a change it caused. Each metric family has a lock. Every test that starts an
+//! in-process edge of a family holds it shared (`moves`) for its whole run; a test that asserts
+//! on the family's counters holds it exclusive (`asserts`) and reads each counter before and
+//! after what it does, so the difference is its own. (Tests of the `legate` binary scrape that
+//! process's own `/metrics` instead, see `common::legate`.)
+//!
+//! Take the guard first thing in the test, before its time limit starts (waiting for another
+//! test is not this test's time), and exactly once (a second shared guard behind a queued
+//! exclusive one would wait for itself). A test holding two families takes them in the order
+//! of `Family`.
 
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The metric families tests assert on, one lock each.
 #[derive(Clone, Copy, Debug)]
@@ -19,18 +25,26 @@ pub enum Family {
     Sip,
 }
 
-static S2S: Mutex<()> = Mutex::const_new(());
-static COMPONENT: Mutex<()> = Mutex::const_new(());
-static SIP: Mutex<()> = Mutex::const_new(());
+static S2S: RwLock<()> = RwLock::const_new(());
+static COMPONENT: RwLock<()> = RwLock::const_new(());
+static SIP: RwLock<()> = RwLock::const_new(());
 
-/// Holds `family` exclusive for the caller: take it before the test's time limit starts (the
-/// wait for another test is not this test's time) and keep it until the last assertion.
-pub async fn exclusive(family: Family) -> MutexGuard<'static, ()> {
+fn lock(family: Family) -> &'static RwLock<()> {
     match family {
-        Family::S2s => S2S.lock().await,
-        Family::Component => COMPONENT.lock().await,
-        Family::Sip => SIP.lock().await,
+        Family::S2s => &S2S,
+        Family::Component => &COMPONENT,
+        Family::Sip => &SIP,
     }
+}
+
+/// Held by a test that moves `family`'s counters without asserting on them.
+pub async fn moves(family: Family) -> RwLockReadGuard<'static, ()> {
+    lock(family).read().await
+}
+
+/// Held by a test that asserts on `family`'s counters: no other test of the family runs.
+pub async fn asserts(family: Family) -> RwLockWriteGuard<'static, ()> {
+    lock(family).write().await
 }
 
 /// The sum of every series of counter `name` whose labels include all of `labels` (each
