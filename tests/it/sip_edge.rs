@@ -954,7 +954,8 @@ async fn connections_per_peer_are_bounded() -> Result<()> {
         "a third connection from the same address is closed"
     );
     drop(a);
-    // The slot comes back once the edge sees the close.
+    // The slot comes back once the edge sees the close; nothing announces that, so retry a
+    // new connection (bounded: 50 tries, 20 ms apart) until one is served.
     let mut ok = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(20)).await;
