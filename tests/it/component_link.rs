@@ -47,7 +47,10 @@ async fn bounded<F: std::future::Future<Output = ()>>(name: &str, f: F) {
 fn stanzas(direction: &str, kind: &str) -> u64 {
     metrics::counter(
         "legate_component_stanzas_total",
-        &[&format!("direction=\"{direction}\""), &format!("kind=\"{kind}\"")],
+        &[
+            &format!("direction=\"{direction}\""),
+            &format!("kind=\"{kind}\""),
+        ],
     )
 }
 

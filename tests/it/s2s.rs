@@ -278,7 +278,10 @@ async fn sasl_external_both_ways_over_starttls() {
     let messages_in = || metric("legate_s2s_stanzas_total{direction=\"in\",kind=\"message\"}");
     let (streams_before, messages_before) = (streams(), messages_in());
     both_ways(&mut a, &mut b).await;
-    assert!(streams() >= streams_before + 2, "one inbound stream per side");
+    assert!(
+        streams() >= streams_before + 2,
+        "one inbound stream per side"
+    );
     assert!(messages_in() >= messages_before + 2, "one message each way");
 }
 
@@ -881,7 +884,10 @@ async fn connections_per_peer_are_bounded() {
         .await
         .expect("write");
     let answer = read_io_until(&mut first, |g| g.contains("<stream:stream")).await;
-    assert!(answer.contains("<stream:stream"), "first connection not served: {answer}");
+    assert!(
+        answer.contains("<stream:stream"),
+        "first connection not served: {answer}"
+    );
     let mut second = tokio::net::TcpStream::connect(a.s2s)
         .await
         .expect("connect");

@@ -911,7 +911,13 @@ async fn sipp_scenarios() -> Result<()> {
     let (drain, mut got) = sipp::forward_home(home);
     let (messages, subscriptions) = (20, 5);
     sipp::run_uac(&sipp::scenario("message.xml"), env.addr, messages, 50).await?;
-    sipp::run_uac(&sipp::scenario("subscribe.xml"), env.addr, subscriptions, 50).await?;
+    sipp::run_uac(
+        &sipp::scenario("subscribe.xml"),
+        env.addr,
+        subscriptions,
+        50,
+    )
+    .await?;
     sipp::expect_delivered(&mut got, messages, subscriptions, WAIT).await?;
     drain.abort();
     env.stop().await;

@@ -418,7 +418,10 @@ async fn federate(s: &mut Setup) {
 fn streams(auth: &str, direction: &str) -> u64 {
     metrics::counter(
         "legate_s2s_streams_total",
-        &[&format!("auth=\"{auth}\""), &format!("direction=\"{direction}\"")],
+        &[
+            &format!("auth=\"{auth}\""),
+            &format!("direction=\"{direction}\""),
+        ],
     )
 }
 
@@ -434,7 +437,10 @@ fn assert_log(p: &Prosody, needle: &str) {
 async fn prosody_federates_with_certificates() {
     let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (in_before, out_before) = (streams("external", "inbound"), streams("external", "outbound"));
+        let (in_before, out_before) = (
+            streams("external", "inbound"),
+            streams("external", "outbound"),
+        );
         let mut s = setup(Mode::Certificates, 0, false).await;
         federate(&mut s).await;
         // Both directions by SASL EXTERNAL: Prosody accepted our identity and we its.
@@ -454,7 +460,10 @@ async fn prosody_federates_with_certificates() {
 async fn prosody_federates_with_dialback() {
     let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (in_before, out_before) = (streams("dialback", "inbound"), streams("dialback", "outbound"));
+        let (in_before, out_before) = (
+            streams("dialback", "inbound"),
+            streams("dialback", "outbound"),
+        );
         let mut s = setup(Mode::Dialback, 1, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
@@ -471,7 +480,10 @@ async fn refused_domain_gets_nothing_through() {
     let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Refused, 2, false).await;
-        let before = metrics::counter("legate_s2s_refused_total", &["reason=\"domain_not_allowed\""]);
+        let before = metrics::counter(
+            "legate_s2s_refused_total",
+            &["reason=\"domain_not_allowed\""],
+        );
         s.bob
             .send_message("alice@example.test", "are you there?")
             .await
@@ -494,7 +506,12 @@ async fn refused_domain_gets_nothing_through() {
             "a refused domain's stanza reached the home side"
         );
         assert_log(&s.prosody, "federation with xmpp.test is not allowed");
-        assert!(metrics::counter("legate_s2s_refused_total", &["reason=\"domain_not_allowed\""]) > before);
+        assert!(
+            metrics::counter(
+                "legate_s2s_refused_total",
+                &["reason=\"domain_not_allowed\""]
+            ) > before
+        );
     })
     .await
     .expect("test timed out");

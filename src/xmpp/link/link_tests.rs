@@ -312,7 +312,10 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
     assert!(!s.up);
     assert_eq!(s.connects, 0);
     assert_eq!(s.last_failure.as_ref().map(|f| f.0), Some("not_authorized"));
-    assert!(refused() >= refused_before + 3, "the three refusals are not counted");
+    assert!(
+        refused() >= refused_before + 3,
+        "the three refusals are not counted"
+    );
     gw.stop().await;
 }
 

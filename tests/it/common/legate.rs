@@ -61,10 +61,14 @@ impl Legate {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
-        cmd.arg("run").arg("--config").arg(config).current_dir(dir).env(
-            "LEGATE_LOG",
-            std::env::var("LEGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .current_dir(dir)
+            .env(
+                "LEGATE_LOG",
+                std::env::var("LEGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
         let (child, stdout, stderr) = GuardedChild::spawn_piped(&cmd).context("spawning legate")?;
         let (lines, _) = watch::channel(0);
         let out = Arc::new(Output {
@@ -84,10 +88,7 @@ impl Legate {
         let mut text = legate.out.text.lock().map_err(|_| anyhow!("output lock"))?;
         loop {
             let announced = parse_listeners(&text);
-            if wanted
-                .iter()
-                .all(|w| announced.iter().any(|(n, _)| n == w))
-            {
+            if wanted.iter().all(|w| announced.iter().any(|(n, _)| n == w)) {
                 drop(text);
                 legate.listeners = announced;
                 return Ok(legate);
@@ -159,8 +160,10 @@ impl Legate {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = String::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
             .await
@@ -188,7 +191,10 @@ impl Legate {
                 return Ok(m);
             }
             if tokio::time::Instant::now() >= deadline {
-                bail!("{what}: not seen within {wait:?}\n{m}\n--- output ---\n{}", self.output());
+                bail!(
+                    "{what}: not seen within {wait:?}\n{m}\n--- output ---\n{}",
+                    self.output()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -260,7 +266,8 @@ mod tests {
 
     #[test]
     fn listener_lines_and_metric_values_are_parsed() {
-        let text = "noise\nlegate: listening admin 127.0.0.1:4000\nlegate: listening sip_tcp [::1]:5060\n";
+        let text =
+            "noise\nlegate: listening admin 127.0.0.1:4000\nlegate: listening sip_tcp [::1]:5060\n";
         let l = parse_listeners(text);
         assert_eq!(l.len(), 2);
         assert_eq!(l[1].0, "sip_tcp");

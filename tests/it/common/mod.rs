@@ -33,7 +33,6 @@ pub fn require_program(program: &str, package: &str) -> PathBuf {
     })
 }
 
-
 /// Waits (at most `wait`) until some process listens on TCP `port` of a local address, read from
 /// the kernel's socket table (`/proc/net/tcp*`, state `0A` = LISTEN). For programs that print
 /// nothing when ready (sipp, stunnel); a probe connection instead would be a peer to them.

@@ -505,7 +505,11 @@ impl GuardedChild {
     /// to read (the `legate` harness reads announcements from them as they arrive).
     pub fn spawn_piped(
         cmd: &Command,
-    ) -> Result<(GuardedChild, std::process::ChildStdout, std::process::ChildStderr)> {
+    ) -> Result<(
+        GuardedChild,
+        std::process::ChildStdout,
+        std::process::ChildStderr,
+    )> {
         let mut g = Self::spawn_with(cmd, Stdio::piped(), Stdio::piped())?;
         let out = g.wrapper.stdout.take().context("child stdout")?;
         let err = g.wrapper.stderr.take().context("child stderr")?;

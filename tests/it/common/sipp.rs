@@ -86,7 +86,9 @@ pub async fn expect_delivered(
         let body = tokio::time::timeout_at(deadline, got.recv())
             .await
             .with_context(|| {
-                format!("home side got (messages, subscribes, unsubscribes) = {seen:?}, want {want:?}")
+                format!(
+                    "home side got (messages, subscribes, unsubscribes) = {seen:?}, want {want:?}"
+                )
             })?
             .context("the home side's forwarder stopped")?;
         count(&mut seen, &body);
