@@ -37,6 +37,9 @@ pub enum DnsRecord {
     },
     /// Raw `--naptr-record=` value: `name,order,preference,flags,service,regexp[,replacement]`.
     Naptr(String),
+    /// One dnsmasq option as written on its command line, e.g. `--txt-record=...` (the
+    /// resolver tests in `dns.rs` write their zones this way).
+    Raw(String),
 }
 
 impl DnsRecord {
@@ -73,6 +76,7 @@ impl DnsRecord {
                 weight,
             } => format!("--srv-host={owner},{target},{port},{priority},{weight}"),
             DnsRecord::Naptr(v) => format!("--naptr-record={v}"),
+            DnsRecord::Raw(option) => option.clone(),
         }
     }
 }
