@@ -458,7 +458,7 @@ async fn a_dead_server_fails_with_a_bounded_error() {
 #[should_panic(expected = "install the Debian package `dnsmasq-base`")]
 fn a_missing_dnsmasq_fails_loudly() {
     // What `dnsmasq::Dnsmasq::start` runs first, with a path that cannot exist.
-    let _ = crate::common::require_program("/nonexistent/sbin/dnsmasq", "dnsmasq-base");
+    let _ = crate::common::programs::require_program("/nonexistent/sbin/dnsmasq", "dnsmasq-base");
 }
 
 #[tokio::test]

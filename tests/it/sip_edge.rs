@@ -997,7 +997,7 @@ async fn sipp_as_foreign_notifier() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     // sipp must listen before the edge connects (it does not retry a refused connection).
-    crate::common::wait_listening(port, WAIT).await?;
+    crate::common::programs::wait_listening(port, WAIT).await?;
     let (hub, edge, mut home, stop) = start_edge(dir.path(), port).await?;
     let env_send = |body: Body| {
         hub.submit(

@@ -576,7 +576,7 @@ default_system = "xmpp"
 #[tokio::test]
 async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
     let _sip_shared = metrics::moves(Family::Sip).await;
-    let stunnel = common::require_program("stunnel4", "stunnel4");
+    let stunnel = common::programs::require_program("stunnel4", "stunnel4");
     let mut env = setup().await?;
     let local = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let conf = env.certs.dir().join("stunnel.conf");
@@ -598,7 +598,7 @@ async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
         .spawn()?;
     // stunnel prints nothing on stdout when ready; a probe connection would open a TLS
     // connection to the edge, so watch the socket table instead.
-    common::wait_listening(local.port(), WAIT).await?;
+    common::programs::wait_listening(local.port(), WAIT).await?;
     let home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
     let (drain, mut got) = sipp::forward_home(home);
     let (messages, subscriptions) = (20, 5);

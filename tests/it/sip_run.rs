@@ -1,7 +1,7 @@
-//! `legate run` starts the SIP edge: the real binary is started on port 0 by the shared harness
-//! (`common::legate`), its `legate: listening sip_tcp <addr>` line tells the test where to
-//! connect, a SIP OPTIONS is answered, and the admin endpoint's `/metrics` shows the SIP metrics.
-//! The child is killed on drop and every wait is bounded.
+//! `legate run` starts the SIP edge: the real binary (`CARGO_BIN_EXE_legate`) is started on
+//! port 0, its `legate: listening sip_tcp <addr>` line tells the test where to connect, a SIP
+//! OPTIONS is answered, and the admin endpoint's `/metrics` shows the SIP metrics. The child is
+//! killed on drop and every wait is bounded (all of which `common::legate` does).
 
 use anyhow::Result;
 

@@ -93,7 +93,7 @@ impl Dnsmasq {
     /// Starts dnsmasq with `records` on 127.0.0.1 and a free port; waits (≤ 5 s) until it accepts
     /// TCP connections.
     pub fn start(records: &[DnsRecord]) -> Result<Dnsmasq> {
-        super::require_program(DNSMASQ_BIN, "dnsmasq-base");
+        super::programs::require_program(DNSMASQ_BIN, "dnsmasq-base");
         let mut last_err = None;
         // One retry in case the port was taken between the probe and dnsmasq's bind.
         for _ in 0..2 {

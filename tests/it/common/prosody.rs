@@ -293,7 +293,7 @@ impl Prosody {
     /// load, in no fixed order relative to the listeners). On failure the error carries the
     /// config, Prosody's output and log.
     pub fn start(config: ProsodyConfig) -> Result<Prosody> {
-        super::require_program(PROSODY_BIN, "prosody");
+        super::programs::require_program(PROSODY_BIN, "prosody");
         let dir = tempfile::Builder::new()
             .prefix("legate-prosody-")
             .tempdir()

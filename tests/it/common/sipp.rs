@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 /// The sipp program; fails the test, naming the package, when it is missing.
 pub fn program() -> PathBuf {
-    super::require_program("sipp", "sip-tester")
+    super::programs::require_program("sipp", "sip-tester")
 }
 
 /// The scenario file `name` under `tests/data/sipp`.
