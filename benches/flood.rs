@@ -14,7 +14,7 @@
 //! Run: `cargo bench --bench flood` (env `FLOOD_TOTAL`, default 200 000). Bounded: the run
 //! gives up after 300 s.
 
-#[path = "../tests/common/certs.rs"]
+#[path = "../tests/it/common/certs.rs"]
 mod certs;
 
 use std::io::{BufRead, BufReader};
@@ -118,7 +118,10 @@ default_system = "xmpp"
 
     // Wait until the component link is up (the home node counts handshakes as -1 sentinel).
     let t0 = Instant::now();
-    while !metrics(admin).await?.contains("legate_component_links_up 1") {
+    while !metrics(admin)
+        .await?
+        .contains("legate_component_links_up 1")
+    {
         if t0.elapsed() > Duration::from_secs(30) {
             bail!("the component link did not come up");
         }

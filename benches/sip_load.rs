@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo bench --bench sip_load` (env `LOAD_TOTAL`, `LOAD_CONNS`, `LOAD_WINDOW`).
 
-#[path = "../tests/common/certs.rs"]
+#[path = "../tests/it/common/certs.rs"]
 mod certs;
 
 use std::net::SocketAddr;

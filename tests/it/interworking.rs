@@ -12,15 +12,16 @@
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
-mod common;
-mod sip_ua;
+use crate::common;
+use crate::sip_ua;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use common::certs::{CertFactory, Leaf};
-use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
+use common::legate::Legate;
+use common::prosody::{Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use sip_ua::{body_str, hv, to_tag, Ua};
 use tokio::net::TcpListener;
@@ -30,20 +31,16 @@ const WAIT: Duration = Duration::from_secs(10);
 const HOME_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 21);
 
 struct Gateway {
-    _child: GuardedChild,
+    legate: Legate,
     sip: SocketAddr,
-    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Gateway {
     /// Legate's log, followed by its metrics: what a failing assertion needs to explain itself.
     fn log(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let metrics = log
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening admin "))
-            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+        let log = self.legate.output();
+        let metrics = Some(self.legate.addr("admin"))
             .and_then(|a| {
                 use std::io::{Read, Write};
                 let mut s =
@@ -111,37 +108,17 @@ default_system = "xmpp"
             component = prosody.component_addr(),
         ),
     )?;
-    let log = dir.path().join("legate.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-    cmd.arg("run").arg("--config").arg(&cfg).env(
-        "LEGATE_LOG",
-        std::env::var("LEGATE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-    );
-    let mut child = GuardedChild::spawn(&cmd, &log)?;
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    let t0 = tokio::time::Instant::now();
-    let sip = loop {
-        let text = read();
-        let sip = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening sip_tls "))
-            .and_then(|a| a.trim().parse().ok());
-        // The component link must be up before the Lync side talks, or the first stanzas bounce.
-        if let (Some(a), true) = (sip, text.contains("component partner.test connected")) {
-            break a;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            bail!("legate exited ({st}):\n{}", read());
-        }
-        if t0.elapsed() > WAIT {
-            bail!("legate did not come up:\n{}", read());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let legate = Legate::start(&cfg, &["sip_tls", "admin"])?;
+    // The component link must be up before the Lync side talks, or the first stanzas bounce.
+    legate
+        .wait_output("the partner.test component link", WAIT, |t| {
+            t.contains("component partner.test connected")
+        })
+        .await?;
+    let sip = legate.addr("sip_tls");
     Ok(Gateway {
-        _child: child,
+        legate,
         sip,
-        log,
         _dir: dir,
     })
 }

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,9 @@ pub enum DnsRecord {
     },
     /// Raw `--naptr-record=` value: `name,order,preference,flags,service,regexp[,replacement]`.
     Naptr(String),
+    /// One dnsmasq option as written on its command line, e.g. `--txt-record=...` (the
+    /// resolver tests in `dns.rs` write their zones this way).
+    Raw(String),
 }
 
 impl DnsRecord {
@@ -73,6 +76,7 @@ impl DnsRecord {
                 weight,
             } => format!("--srv-host={owner},{target},{port},{priority},{weight}"),
             DnsRecord::Naptr(v) => format!("--naptr-record={v}"),
+            DnsRecord::Raw(option) => option.clone(),
         }
     }
 }
@@ -89,11 +93,7 @@ impl Dnsmasq {
     /// Starts dnsmasq with `records` on 127.0.0.1 and a free port; waits (≤ 5 s) until it accepts
     /// TCP connections.
     pub fn start(records: &[DnsRecord]) -> Result<Dnsmasq> {
-        if !Path::new(DNSMASQ_BIN).exists() {
-            bail!(
-                "{DNSMASQ_BIN} not found: install it with `apt-get install prosody dnsmasq-base`"
-            );
-        }
+        super::programs::require_program(DNSMASQ_BIN, "dnsmasq-base");
         let mut last_err = None;
         // One retry in case the port was taken between the probe and dnsmasq's bind.
         for _ in 0..2 {

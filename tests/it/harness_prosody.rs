@@ -6,7 +6,7 @@
 //!
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
-mod common;
+use crate::common;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -4,11 +4,12 @@
 //! another domain, or that presents none, is refused with 403 and the home side sees nothing;
 //! outbound traffic reaches the partner's static route over TLS.
 
-mod common;
-mod sip_ua;
+use crate::common;
+use crate::common::metrics::{self, Family};
+use crate::sip_ua;
+use common::sipp;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,6 +191,7 @@ fn subscribe(b: &str, cseq: u32, to_tag: Option<&str>, expires: u32) -> Vec<u8> 
 
 #[tokio::test]
 async fn presence_and_im_over_mutual_tls() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let partner = env.partner.clone();
     let mut ua = tls_ua(&env, Some(&partner)).await?;
@@ -348,6 +350,7 @@ fn pager(b: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     // Trusted CA, but the certificate names another (non-federated) domain.
     let impostor = env.certs.leaf("impostor", &["evil.com"]);
@@ -383,8 +386,18 @@ async fn certificates_that_do_not_speak_for_the_sender_are_refused() -> Result<(
     Ok(())
 }
 
+/// `legate_sip_tls_handshake_failures_total` for `reason`, in this process's registry.
+fn handshake_failures(reason: &str) -> u64 {
+    metrics::counter(
+        "legate_sip_tls_handshake_failures_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
 #[tokio::test]
 async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()> {
+    let _sip_exclusive = metrics::asserts(Family::Sip).await;
+    let before = handshake_failures("not_tls");
     let env = setup().await?;
     let mut s = TcpStream::connect(env.addr).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -402,17 +415,16 @@ async fn plaintext_on_the_tls_port_is_a_counted_handshake_failure() -> Result<()
     })
     .await;
     assert!(closed.is_ok(), "connection closed");
-    let text = legate::metrics::render();
-    assert!(
-        text.contains("legate_sip_tls_handshake_failures_total{reason=\"not_tls\"}"),
-        "{text}"
-    );
+    // A delta under the exclusive SIP lock: this connection's failure, no other test's.
+    assert_eq!(handshake_failures("not_tls"), before + 1);
     env.stop().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn a_silent_peer_is_dropped_after_the_handshake_timeout() -> Result<()> {
+    let _sip_exclusive = metrics::asserts(Family::Sip).await;
+    let before = handshake_failures("timeout");
     let env = setup_with("handshake_timeout_secs = 1").await?;
     let mut s = TcpStream::connect(env.addr).await?;
     let t0 = std::time::Instant::now();
@@ -421,14 +433,14 @@ async fn a_silent_peer_is_dropped_after_the_handshake_timeout() -> Result<()> {
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "closed: {r:?}");
     assert!(t0.elapsed() >= Duration::from_millis(900));
-    assert!(legate::metrics::render()
-        .contains("legate_sip_tls_handshake_failures_total{reason=\"timeout\"}"));
+    assert_eq!(handshake_failures("timeout"), before + 1);
     env.stop().await;
     Ok(())
 }
 
 #[tokio::test]
 async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     let env = setup().await?;
     env.home_send(
         "alice@example.com",
@@ -463,11 +475,8 @@ async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
 /// the domain.
 #[tokio::test]
 async fn outbound_target_found_through_sipfederationtls_srv() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
     use common::dnsmasq::{DnsRecord, Dnsmasq};
-    if !Path::new(common::dnsmasq::DNSMASQ_BIN).exists() {
-        eprintln!("dnsmasq not installed; skipping");
-        return Ok(());
-    }
     let certs = CertFactory::new();
     let ours = certs.leaf("example", &["example.com"]);
     let partner = certs.leaf("partner", &["partner.test"]);
@@ -563,14 +572,11 @@ default_system = "xmpp"
 
 /// sipp (built without TLS) through Debian's stunnel4 in client mode: stunnel presents the
 /// partner's certificate to the edge, so sipp's MESSAGE and SUBSCRIBE scenarios run over real
-/// mutual TLS. Skipped when sipp or stunnel4 is missing.
+/// mutual TLS. Fails, naming the package, when sipp or stunnel4 is missing.
 #[tokio::test]
 async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
-    let (sipp, stunnel) = (Path::new("/usr/bin/sipp"), Path::new("/usr/bin/stunnel4"));
-    if !sipp.exists() || !stunnel.exists() {
-        eprintln!("sipp or stunnel4 not installed; skipping");
-        return Ok(());
-    }
+    let _sip_shared = metrics::moves(Family::Sip).await;
+    let stunnel = common::programs::require_program("stunnel4", "stunnel4");
     let mut env = setup().await?;
     let local = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let conf = env.certs.dir().join("stunnel.conf");
@@ -590,49 +596,16 @@ async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    // Wait until stunnel listens.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(local).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stunnel did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Drain the home side.
-    let mut home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
-    let drain = tokio::spawn(async move {
-        let mut n = 0usize;
-        while home.recv().await.is_some() {
-            n += 1;
-        }
-        n
-    });
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sipp");
-    for (file, calls) in [("message.xml", 20u32), ("subscribe.xml", 5)] {
-        let child = tokio::process::Command::new(sipp)
-            .arg("-sf")
-            .arg(data.join(file))
-            .args(["-t", "t1", "-i", "127.0.0.1"])
-            .args(["-m", &calls.to_string(), "-r", "50"])
-            .args(["-timeout", "20s", "-timeout_error", "-nostdin"])
-            .arg(local.to_string())
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-            .await
-            .context("sipp did not finish")??;
-        assert!(
-            out.status.success(),
-            "sipp {file} over stunnel failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    // stunnel prints nothing on stdout when ready; a probe connection would open a TLS
+    // connection to the edge, so watch the socket table instead.
+    common::programs::wait_listening(local.port(), WAIT).await?;
+    let home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
+    let (drain, mut got) = sipp::forward_home(home);
+    let (messages, subscriptions) = (20, 5);
+    sipp::run_uac(&sipp::scenario("message.xml"), local, messages, 50).await?;
+    sipp::run_uac(&sipp::scenario("subscribe.xml"), local, subscriptions, 50).await?;
+    sipp::expect_delivered(&mut got, messages, subscriptions, WAIT).await?;
+    drain.abort();
     env.stop().await;
-    let n = tokio::time::timeout(WAIT, drain).await??;
-    assert!(n >= 25, "home side received {n}");
     Ok(())
 }

@@ -14,7 +14,8 @@
 //! raw-bytes checks of what a plaintext peer gets when TLS is required. `relay_throughput`
 //! (ignored) is the load run behind the README figure.
 
-mod common;
+use crate::common;
+use crate::common::metrics::{self, Family};
 
 use common::certs::CertFactory;
 use dashmap::DashMap;
@@ -240,20 +241,15 @@ async fn both_ways(a: &mut Side, b: &mut Side) {
     }
 }
 
-fn metric(name_and_labels: &str) -> u64 {
-    let text = legate::metrics::render();
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels.split('{').next().unwrap_or("")))
-        .filter(|l| {
-            name_and_labels
-                .split(['{', '}', ','])
-                .skip(1)
-                .filter(|p| !p.is_empty())
-                .all(|p| l.contains(p))
-        })
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as u64)
-        .sum()
+/// A counter of this process's registry, `name{label="value",...}` (see `common::metrics`).
+fn metric(series: &str) -> u64 {
+    let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+    let labels: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    metrics::counter(name, &labels)
 }
 
 fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
@@ -272,20 +268,26 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_external_both_ways_over_starttls() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     let certs = CertFactory::new();
     let mut a = side(&certs, opts("example.test", "xmpp.test", "external_only")).await;
     let mut b = side(&certs, opts("xmpp.test", "example.test", "external_only")).await;
     pair(&a, "example.test", &b, "xmpp.test", false);
-    let before = metric("legate_s2s_streams_total{auth=\"external\",direction=\"inbound\"}");
+    // Deltas under the exclusive s2s lock: only this test's streams and stanzas count.
+    let streams = || metric("legate_s2s_streams_total{auth=\"external\",direction=\"inbound\"}");
+    let messages_in = || metric("legate_s2s_stanzas_total{direction=\"in\",kind=\"message\"}");
+    let (streams_before, messages_before) = (streams(), messages_in());
     both_ways(&mut a, &mut b).await;
     assert!(
-        metric("legate_s2s_streams_total{auth=\"external\",direction=\"inbound\"}") >= before + 2
+        streams() >= streams_before + 2,
+        "one inbound stream per side"
     );
-    assert!(metric("legate_s2s_stanzas_total{direction=\"in\",kind=\"message\"}") >= 2);
+    assert!(messages_in() >= messages_before + 2, "one message each way");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_external_over_direct_tls() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut oa = opts("example.test", "xmpp.test", "external_only");
     oa.direct_tls = true;
@@ -299,6 +301,7 @@ async fn sasl_external_over_direct_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialback_both_ways() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     let certs = CertFactory::new();
     let mut a = side(&certs, opts("example.test", "xmpp.test", "dialback_only")).await;
     let mut b = side(&certs, opts("xmpp.test", "example.test", "dialback_only")).await;
@@ -312,6 +315,7 @@ async fn dialback_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_domain_gets_nothing_through() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     let certs = CertFactory::new();
     let mut oa = opts("example.test", "xmpp.test", "external_or_dialback");
     oa.auth = None; // xmpp.test is not on A's allow-list
@@ -357,6 +361,7 @@ async fn refused_domain_gets_nothing_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_and_silent_peers_bounce() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut o = opts("xmpp.test", "example.test", "external_or_dialback");
     o.handshake_secs = 1;
@@ -402,7 +407,8 @@ async fn unreachable_and_silent_peers_bounce() {
     });
     b.targets
         .insert(dom("example.test"), target(saddr, Transport::Tcp));
-    // A second local domain is not configured, so wait out the backoff instead (1 s).
+    // A second local domain is not configured, so wait out the backoff instead (1 s): the
+    // sleep is the timer under test, not a synchronisation.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     b.hub
         .submit(&hn1(), chat("bob@xmpp.test", "alice@example.test", "3"));
@@ -422,6 +428,7 @@ async fn unreachable_and_silent_peers_bounce() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_stream_is_pinged_then_closed_and_reopened() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     // idle 10 s: whitespace every 3.3 s, an XEP-0199 ping at 6.7 s, close at 10 s.
     let certs = CertFactory::new();
     let mut oa = opts("example.test", "xmpp.test", "external_only");
@@ -439,7 +446,8 @@ async fn quiet_stream_is_pinged_then_closed_and_reopened() {
     );
     assert!(body_text(&recv(&mut a.home).await).contains("before"));
     // The ping reaches A, A answers it over its own stream to B (streams are one-way), and B
-    // drops the answer: neither home side sees an iq.
+    // drops the answer: neither home side sees an iq. The sleep is the test: it waits out the
+    // 10 s idle timer (ping at 6.7 s, close at 10 s).
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert!(iq_in() >= iq_before + 2, "ping and answer not seen");
     assert!(
@@ -481,6 +489,7 @@ async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_peers_get_specific_stream_errors() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut a = side(
         &certs,
@@ -544,6 +553,7 @@ async fn raw_peers_get_specific_stream_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_only_without_matching_certificate_is_not_authorized() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     // B presents a certificate for another name; A requires EXTERNAL for xmpp.test.
     let certs = CertFactory::new();
     let mut a = side(&certs, opts("example.test", "xmpp.test", "external_only")).await;
@@ -616,6 +626,7 @@ async fn external_only_without_matching_certificate_is_not_authorized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "load run; see the README's performance table"]
 async fn relay_throughput() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     const N: usize = 50_000;
     let certs = CertFactory::new();
     let mut oa = opts("example.test", "xmpp.test", "external_only");
@@ -650,7 +661,12 @@ async fn relay_throughput() {
         &hn1(),
         chat("bob@xmpp.test/r", "alice@example.test", "warm-up"),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The stream is up once the warm-up message arrived (bounded poll on the counter task).
+    let warm = Instant::now();
+    while received.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(warm.elapsed() < T, "the warm-up message did not arrive");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t0 = Instant::now();
     let mut sent = 1usize;
     while sent < N {
@@ -707,6 +723,7 @@ async fn relay_throughput() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_dialback_key_is_refused_by_the_authoritative_server() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     // A raw client claims xmpp.test with a made-up key; A asks B (the real authoritative server
     // of xmpp.test, over a verify-only stream) and B says invalid.
     let certs = CertFactory::new();
@@ -775,6 +792,7 @@ async fn forged_dialback_key_is_refused_by_the_authoritative_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_fails_over_to_the_next_target() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut a = side(&certs, opts("example.test", "xmpp.test", "external_only")).await;
     let b = side(&certs, opts("xmpp.test", "example.test", "external_only")).await;
@@ -796,6 +814,7 @@ async fn outbound_fails_over_to_the_next_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_waits_for_room_instead_of_bouncing() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut o = opts("xmpp.test", "example.test", "external_or_dialback");
     o.queue = 1;
@@ -805,10 +824,12 @@ async fn full_queue_waits_for_room_instead_of_bouncing() {
         .await
         .expect("bind");
     let saddr = silent.local_addr().expect("addr");
+    let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
     let hold = tokio::spawn(async move {
         let mut socks = Vec::new();
         while let Ok((s, _)) = silent.accept().await {
             socks.push(s);
+            let _ = accepted_tx.send(());
         }
     });
     b.targets
@@ -818,8 +839,14 @@ async fn full_queue_waits_for_room_instead_of_bouncing() {
             &hn1(),
             chat("bob@xmpp.test", "alice@example.test", &format!("m{i}")),
         );
-        // Let the pair task take the first one out of its queue and start connecting.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if i == 0 {
+            // The pair task took m0 out of its queue once it connects to the silent peer: only
+            // then do m1 (waiting) and m2 (held by the full queue) find it as this test means.
+            tokio::time::timeout(T, accepted.recv())
+                .await
+                .expect("the pair task connects to the silent peer")
+                .expect("the silent peer's accept loop");
+        }
     }
     let mut conditions = Vec::new();
     for _ in 0..3 {
@@ -837,14 +864,24 @@ async fn full_queue_waits_for_room_instead_of_bouncing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_peer_are_bounded() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     let certs = CertFactory::new();
     let mut o = opts("example.test", "xmpp.test", "external_only");
     o.per_peer = 1;
     let a = side(&certs, o).await;
-    let _first = tokio::net::TcpStream::connect(a.s2s)
+    let mut first = tokio::net::TcpStream::connect(a.s2s)
         .await
         .expect("connect");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The edge answers the first connection's stream header: it has accepted and counted it.
+    first
+        .write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0' to='example.test' from='xmpp.test'>")
+        .await
+        .expect("write");
+    let answer = read_io_until(&mut first, |g| g.contains("<stream:stream")).await;
+    assert!(
+        answer.contains("<stream:stream"),
+        "first connection not served: {answer}"
+    );
     let mut second = tokio::net::TcpStream::connect(a.s2s)
         .await
         .expect("connect");
@@ -935,6 +972,7 @@ async fn raw_direct_tls_external(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_tls_wildcard_certificate_allows_sasl_external() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     // RFC 6125 §6.4.3: a `*.wild.test` certificate speaks for `xmpp.wild.test`. Over direct
     // TLS the claimed domain is only known from the header that follows the handshake.
     let certs = CertFactory::new();
@@ -953,6 +991,7 @@ async fn direct_tls_wildcard_certificate_allows_sasl_external() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bare_domain_iq_is_answered_and_other_unroutable_stanzas_dropped() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     // RFC 6120 §8.2.3: an iq get/set is always answered. One addressed to the gateway's domain
     // (no user, so no home node) gets an error over A's own stream to the peer; a message to
     // the bare domain is dropped and counted.

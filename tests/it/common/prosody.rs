@@ -24,7 +24,7 @@ pub const PROSODY_BIN: &str = "/usr/bin/prosody";
 /// Set this environment variable to keep each Prosody's temp dir (config, data, logs) after the
 /// test; the path is printed.
 pub const KEEP_ENV: &str = "LEGATE_KEEP_PROSODY_DIR";
-const TEMPLATE: &str = include_str!("../data/prosody/prosody.cfg.lua.in");
+const TEMPLATE: &str = include_str!("../../data/prosody/prosody.cfg.lua.in");
 
 /// PEM certificate chain and key for one host (`ssl = { certificate = ..., key = ... }`).
 #[derive(Debug, Clone)]
@@ -293,11 +293,7 @@ impl Prosody {
     /// load, in no fixed order relative to the listeners). On failure the error carries the
     /// config, Prosody's output and log.
     pub fn start(config: ProsodyConfig) -> Result<Prosody> {
-        if !Path::new(PROSODY_BIN).exists() {
-            bail!(
-                "{PROSODY_BIN} not found: install it with `apt-get install prosody dnsmasq-base`"
-            );
-        }
+        super::programs::require_program(PROSODY_BIN, "prosody");
         let dir = tempfile::Builder::new()
             .prefix("legate-prosody-")
             .tempdir()
@@ -502,6 +498,25 @@ impl GuardedChild {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone().context("cloning log handle")?;
+        Self::spawn_with(cmd, Stdio::from(out), Stdio::from(err))
+    }
+
+    /// Spawns `cmd` under the guard with its stdout and stderr as pipes, returned for the caller
+    /// to read (the `legate` harness reads announcements from them as they arrive).
+    pub fn spawn_piped(
+        cmd: &Command,
+    ) -> Result<(
+        GuardedChild,
+        std::process::ChildStdout,
+        std::process::ChildStderr,
+    )> {
+        let mut g = Self::spawn_with(cmd, Stdio::piped(), Stdio::piped())?;
+        let out = g.wrapper.stdout.take().context("child stdout")?;
+        let err = g.wrapper.stderr.take().context("child stderr")?;
+        Ok((g, out, err))
+    }
+
+    fn spawn_with(cmd: &Command, out: Stdio, err: Stdio) -> Result<GuardedChild> {
         let mut sh = Command::new("/bin/sh");
         sh.arg("-c")
             .arg(GUARD_SCRIPT)
@@ -519,8 +534,8 @@ impl GuardedChild {
         }
         let mut wrapper = sh
             .stdin(Stdio::piped())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
         let stdin = wrapper.stdin.take();

@@ -2,89 +2,32 @@
 //! per test on a random port with the records the test needs, killed on drop. Never real DNS.
 //! A missing dnsmasq fails the tests loudly (install `dnsmasq-base`); they never skip.
 
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::common::dnsmasq::{self, DnsRecord};
 use legate::config::{Domain, HostPort};
 use legate::dns::{DnsError, DnsSettings, Resolver, Target, TargetSource, Transport};
 
 const T: Duration = Duration::from_secs(30);
-const DEFAULT_DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
-/// A dnsmasq serving only what the test gives it, authoritative-ish for `.test`: names under
-/// `test` that it does not know get NXDOMAIN (`--local=/test/`), nothing is forwarded.
+/// A dnsmasq serving only what the test gives it (dnsmasq options as written on its command
+/// line), authoritative-ish for `.test`: names under `test` that it does not know get NXDOMAIN
+/// (`--local=/test/`), nothing is forwarded. The shared harness (`common::dnsmasq`) runs it.
 struct Dnsmasq {
-    child: Child,
+    inner: dnsmasq::Dnsmasq,
     addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 impl Dnsmasq {
     fn start(records: &[&str]) -> Self {
-        let bin = std::env::var("LEGATE_DNSMASQ").unwrap_or_else(|_| DEFAULT_DNSMASQ.into());
-        Self::start_with(&bin, records)
-    }
-
-    fn start_with(bin: &str, records: &[&str]) -> Self {
-        assert!(
-            Path::new(bin).exists(),
-            "dnsmasq not found at {bin}: these tests need Debian's dnsmasq-base \
-             (apt-get install dnsmasq-base); they do not skip"
-        );
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let log = dir.path().join("dnsmasq.log");
-            let port = free_port();
-            let mut cmd = Command::new(bin);
-            cmd.arg(format!("--port={port}"))
-                .arg("--listen-address=127.0.0.1")
-                .arg("--bind-interfaces")
-                .arg("--no-resolv")
-                .arg("--no-hosts")
-                .arg("--local=/test/")
-                .arg("--local-ttl=60")
-                .arg("--keep-in-foreground")
-                .arg("--conf-file=/dev/null")
-                .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-                .arg("--log-queries")
-                .arg("--log-facility=-")
-                .args(records)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log file"));
-            let mut child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start dnsmasq at {bin}: {e}"));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let text = read(&log);
-                if text.contains("started, version") {
-                    return Self {
-                        child,
-                        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                        log,
-                        _dir: dir,
-                    };
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    last = format!("dnsmasq exited with {status}: {text}");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    last = format!("dnsmasq did not start within 5 s: {text}");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("could not start dnsmasq: {last}");
+        let records: Vec<DnsRecord> = records
+            .iter()
+            .map(|r| DnsRecord::Raw(r.to_string()))
+            .collect();
+        let inner = dnsmasq::Dnsmasq::start(&records).unwrap_or_else(|e| panic!("{e:#}"));
+        let addr = inner.addr();
+        Self { inner, addr }
     }
 
     fn resolver(&self) -> Resolver {
@@ -104,7 +47,8 @@ impl Dnsmasq {
     /// How many queries of `qtype` for `name` dnsmasq has logged (`query[SRV] name from ...`).
     fn queries(&self, qtype: &str, name: &str) -> usize {
         let needle = format!("query[{qtype}] {name} from");
-        read(&self.log)
+        self.inner
+            .log()
             .lines()
             .filter(|l| l.contains(&needle))
             .count()
@@ -122,29 +66,6 @@ impl Dnsmasq {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        // Only the child we started, by its handle.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read(p: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(p) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
-}
-
-fn free_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    let port = s.local_addr().expect("addr").port();
-    drop(s);
-    port
 }
 
 fn dom(s: &str) -> Domain {
@@ -504,7 +425,7 @@ async fn answers_and_missing_names_are_cached() {
 async fn a_dead_server_fails_with_a_bounded_error() {
     tokio::time::timeout(T, async {
         // Nothing listens on this port.
-        let port = free_port();
+        let port = crate::common::ports::free_local_port();
         let settings = DnsSettings {
             nameservers: Some(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
             timeout: Duration::from_millis(300),
@@ -534,9 +455,10 @@ async fn a_dead_server_fails_with_a_bounded_error() {
 }
 
 #[test]
-#[should_panic(expected = "dnsmasq not found")]
+#[should_panic(expected = "install the Debian package `dnsmasq-base`")]
 fn a_missing_dnsmasq_fails_loudly() {
-    let _ = Dnsmasq::start_with("/nonexistent/sbin/dnsmasq", &[]);
+    // What `dnsmasq::Dnsmasq::start` runs first, with a path that cannot exist.
+    let _ = crate::common::programs::require_program("/nonexistent/sbin/dnsmasq", "dnsmasq-base");
 }
 
 #[tokio::test]

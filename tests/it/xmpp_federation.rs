@@ -15,10 +15,12 @@
 //!
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
-mod common;
+use crate::common;
+use crate::common::metrics::{self, Family};
 
 use common::certs::CertFactory;
 use common::dnsmasq::{DnsRecord, Dnsmasq};
+use common::legate::Legate;
 use common::ports;
 use common::prosody::{CertPaths, Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, TlsOptions, XmppClient};
@@ -411,13 +413,16 @@ async fn federate(s: &mut Setup) {
     assert_eq!(m.body.as_deref(), Some("hi bob <&> back"));
 }
 
-fn metric_sum(prefix: &str, must_contain: &[&str]) -> u64 {
-    legate::metrics::render()
-        .lines()
-        .filter(|l| l.starts_with(prefix) && must_contain.iter().all(|m| l.contains(m)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|v| v as u64)
-        .sum()
+/// `legate_s2s_streams_total` for one auth and direction, in this process's registry. Tests
+/// read it before and after under the exclusive s2s lock (`common::metrics`).
+fn streams(auth: &str, direction: &str) -> u64 {
+    metrics::counter(
+        "legate_s2s_streams_total",
+        &[
+            &format!("auth=\"{auth}\""),
+            &format!("direction=\"{direction}\""),
+        ],
+    )
 }
 
 fn assert_log(p: &Prosody, needle: &str) {
@@ -430,7 +435,12 @@ fn assert_log(p: &Prosody, needle: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_certificates() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let (in_before, out_before) = (
+            streams("external", "inbound"),
+            streams("external", "outbound"),
+        );
         let mut s = setup(Mode::Certificates, 0, false).await;
         federate(&mut s).await;
         // Both directions by SASL EXTERNAL: Prosody accepted our identity and we its.
@@ -439,8 +449,8 @@ async fn prosody_federates_with_certificates() {
             &s.prosody,
             "Accepting SASL EXTERNAL identity from example.test",
         );
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "outbound"]) >= 1);
+        assert!(streams("external", "inbound") > in_before);
+        assert!(streams("external", "outbound") > out_before);
     })
     .await
     .expect("test timed out");
@@ -448,13 +458,18 @@ async fn prosody_federates_with_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_federates_with_dialback() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let (in_before, out_before) = (
+            streams("dialback", "inbound"),
+            streams("dialback", "outbound"),
+        );
         let mut s = setup(Mode::Dialback, 1, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "sent dialback key on outgoing s2s stream");
         assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) >= 1);
+        assert!(streams("dialback", "inbound") > in_before);
+        assert!(streams("dialback", "outbound") > out_before);
     })
     .await
     .expect("test timed out");
@@ -462,9 +477,13 @@ async fn prosody_federates_with_dialback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_domain_gets_nothing_through() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Refused, 2, false).await;
-        let before = metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]);
+        let before = metrics::counter(
+            "legate_s2s_refused_total",
+            &["reason=\"domain_not_allowed\""],
+        );
         s.bob
             .send_message("alice@example.test", "are you there?")
             .await
@@ -487,7 +506,12 @@ async fn refused_domain_gets_nothing_through() {
             "a refused domain's stanza reached the home side"
         );
         assert_log(&s.prosody, "federation with xmpp.test is not allowed");
-        assert!(metric_sum("legate_s2s_refused_total", &["domain_not_allowed"]) > before);
+        assert!(
+            metrics::counter(
+                "legate_s2s_refused_total",
+                &["reason=\"domain_not_allowed\""]
+            ) > before
+        );
     })
     .await
     .expect("test timed out");
@@ -495,15 +519,16 @@ async fn refused_domain_gets_nothing_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_external_one_way_dialback_the_other() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let before_in = metric_sum("legate_s2s_streams_total", &["external", "inbound"]);
-        let before_out = metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]);
+        let before_in = streams("external", "inbound");
+        let before_out = streams("dialback", "outbound");
         let mut s = setup(Mode::Mixed, 12, false).await;
         federate(&mut s).await;
         assert_log(&s.prosody, "SASL EXTERNAL with example.test succeeded");
         assert!(!s.prosody.log().contains("Accepting SASL EXTERNAL identity"));
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) > before_in);
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "outbound"]) > before_out);
+        assert!(streams("external", "inbound") > before_in);
+        assert!(streams("dialback", "outbound") > before_out);
     })
     .await
     .expect("test timed out");
@@ -511,6 +536,7 @@ async fn prosody_external_one_way_dialback_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_plaintext_dialback_where_policy_allows_it() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Plain, 13, false).await;
         federate(&mut s).await;
@@ -592,9 +618,12 @@ async fn full_chain(mode: Mode, block: u8) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_with_certificates() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let before = streams("external", "inbound");
         full_chain(Mode::Certificates, 3).await;
-        assert!(metric_sum("legate_s2s_streams_total", &["external", "inbound"]) >= 1);
+        assert!(streams("external", "inbound") > before);
     })
     .await
     .expect("test timed out");
@@ -602,9 +631,12 @@ async fn full_chain_with_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_with_dialback() {
+    let _s2s_exclusive = metrics::asserts(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
+        let before = streams("dialback", "inbound");
         full_chain(Mode::Dialback, 4).await;
-        assert!(metric_sum("legate_s2s_streams_total", &["dialback", "inbound"]) >= 1);
+        assert!(streams("dialback", "inbound") > before);
     })
     .await
     .expect("test timed out");
@@ -612,6 +644,8 @@ async fn full_chain_with_dialback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_chain_refused_domain_reaches_no_home_user() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
+    let _component_shared = metrics::moves(Family::Component).await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         let mut s = setup(Mode::Refused, 5, true).await;
         let mut alice = s.alice.take().expect("alice");
@@ -646,19 +680,6 @@ async fn full_chain_refused_domain_reaches_no_home_user() {
 //
 // The binary is pointed at the test's dnsmasq with `[dns] nameservers`, so the test domains are
 // never asked of the machine's real resolver.
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("admin connect: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
-    out
-}
 
 async fn binary_chain(mode: Mode, block: u8) {
     let (legate_ip, foreign_ip, home_ip) = ips(block);
@@ -743,45 +764,18 @@ nameservers = ["{dns_addr}"]
         ),
     )
     .expect("write config");
-    let log = dir.path().join("legate.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&cfg_path)
-        .current_dir(dir.path())
-        .env("LEGATE_LOG", "info");
-    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log).expect("legate run");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let t0 = std::time::Instant::now();
-    let admin: SocketAddr = loop {
-        let text = read_log();
-        let s2s = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening xmpp_s2s "))
-            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
-        let admin = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening admin "))
-            .and_then(|a| a.trim().parse::<SocketAddr>().ok());
-        if let (Some(s), Some(a)) = (s2s, admin) {
-            assert_eq!(s, SocketAddr::new(IpAddr::V4(legate_ip), legate_port));
-            break a;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("legate exited ({st}):\n{text}");
-        }
-        assert!(t0.elapsed() < WAIT, "no announcements:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let legate = Legate::start(&cfg_path, &["xmpp_s2s", "admin"]).expect("legate run");
+    assert_eq!(
+        legate.addr("xmpp_s2s"),
+        SocketAddr::new(IpAddr::V4(legate_ip), legate_port)
+    );
     if mode != Mode::Refused {
-        while !read_log().contains("component xmpp.test connected to home node hn1") {
-            assert!(
-                t0.elapsed() < WAIT,
-                "component link not up:\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        legate
+            .wait_output("the component link to hn1", WAIT, |t| {
+                t.contains("component xmpp.test connected to home node hn1")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     let mut cc = ClientConfig::plain(foreign.c2s_addr(), "xmpp.test", "bob", "pw");
@@ -806,7 +800,8 @@ nameservers = ["{dns_addr}"]
         .await
         .expect("presence");
 
-    let metrics = || http_get(admin, "/metrics");
+    // The counters of the separate `legate` process: no other test can move them.
+    let metrics = || async { legate.metrics().await.expect("GET /metrics") };
     if mode == Mode::Refused {
         bob.send_message("alice@example.test", "let me in")
             .await
@@ -839,7 +834,7 @@ nameservers = ["{dns_addr}"]
         } else {
             "dialback"
         };
-        let st = http_get(admin, "/status").await;
+        let st = legate.http_get("/status").await.expect("GET /status");
         assert!(
             st.contains("\"remote\":\"xmpp.test\"") && st.contains("\"up\":true"),
             "/status does not show the outbound stream:\n{st}"
@@ -856,7 +851,7 @@ nameservers = ["{dns_addr}"]
     }
     alice.close().await;
     bob.close().await;
-    drop(child);
+    drop(legate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

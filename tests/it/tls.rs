@@ -2,7 +2,7 @@
 //! choice, requested (not required) client certificates, peer identity and RFC 6125 matching,
 //! the clientAuth-EKU tolerance, and the classification of failed handshakes.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -408,7 +408,10 @@ async fn handshake_failures_are_classified() {
                 let _ = tcp
                     .write_all(b"OPTIONS sip:a.test SIP/2.0\r\nContent-Length: 0\r\n\r\n")
                     .await;
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                // Keep the connection open until the harness aborts this task: the server
+                // must classify what it read, not a hang-up.
+                std::future::pending::<()>().await;
+                drop(tcp);
             })
         })
         .await;
@@ -417,7 +420,9 @@ async fn handshake_failures_are_classified() {
         // Silence until the handshake deadline.
         let fail = server_failure_against(&server, Duration::from_millis(200), |tcp| {
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                // Silent and open until the harness aborts this task, so only the server's
+                // handshake deadline can end it.
+                std::future::pending::<()>().await;
                 drop(tcp);
             })
         })

@@ -9,7 +9,8 @@
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
-mod common;
+use crate::common;
+use crate::common::metrics::{self, Family};
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dnsmasq::{DnsRecord, Dnsmasq};
-use common::prosody::{GuardedChild, Prosody, ProsodyConfig};
+use common::legate::{metric_value, Legate};
+use common::prosody::{Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use legate::config::{self, Config, Domain, BUILTIN_SYSTEMS};
 use legate::dns::{DnsSettings, Resolver};
@@ -26,7 +28,6 @@ use legate::gateway::hub::{Delivery, Submitted};
 use legate::gateway::{Envelope, Hub, Origin};
 use legate::presence::map::MappingStore;
 use legate::xmpp::link::{self, ComponentLinks, ComponentStatus, LinkSettings};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -40,6 +41,17 @@ async fn bounded<F: std::future::Future<Output = ()>>(name: &str, f: F) {
     tokio::time::timeout(TEST_TIMEOUT, f)
         .await
         .unwrap_or_else(|_| panic!("{name}: did not finish within {TEST_TIMEOUT:?}"));
+}
+
+/// `legate_component_stanzas_total` for one direction and kind, in this process's registry.
+fn stanzas(direction: &str, kind: &str) -> u64 {
+    metrics::counter(
+        "legate_component_stanzas_total",
+        &[
+            &format!("direction=\"{direction}\""),
+            &format!("kind=\"{kind}\""),
+        ],
+    )
 }
 
 fn home_node(ip: Ipv4Addr) -> Prosody {
@@ -217,7 +229,9 @@ async fn login(p: &Prosody, user: &str) -> XmppClient {
 
 #[tokio::test]
 async fn local_user_and_foreign_users_talk_through_the_component_links() {
+    let _component_exclusive = metrics::asserts(Family::Component).await;
     bounded("component links", async {
+        let (in_messages, out_presences) = (stanzas("in", "message"), stanzas("out", "presence"));
         let p = home_node(HOME_IP);
         let mut gw = start_gateway(config(&[p.component_addr()], SECRET), false);
         for d in ["partner.test", "xmpp.test"] {
@@ -330,12 +344,14 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                 .as_deref(),
             Some("hn1")
         );
-        let metrics = legate::metrics::render();
+        // Deltas under the exclusive component lock: this test's own stanzas.
         assert!(
-            metrics.contains("legate_component_stanzas_total{direction=\"in\",kind=\"message\"}")
+            stanzas("in", "message") > in_messages,
+            "alice's message not counted"
         );
         assert!(
-            metrics.contains("legate_component_stanzas_total{direction=\"out\",kind=\"presence\"}")
+            stanzas("out", "presence") > out_presences,
+            "bob's presence not counted"
         );
 
         alice.close().await;
@@ -358,6 +374,7 @@ fn refused_addr() -> SocketAddr {
 
 #[tokio::test]
 async fn fails_over_from_a_refusing_address_to_prosody() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("failover", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 7));
         let dead = refused_addr();
@@ -381,6 +398,7 @@ async fn fails_over_from_a_refusing_address_to_prosody() {
 
 #[tokio::test]
 async fn fails_over_between_xmpp_component_srv_targets() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("srv failover", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 10));
         let dead = refused_addr();
@@ -439,8 +457,13 @@ async fn fails_over_between_xmpp_component_srv_targets() {
 
 #[tokio::test]
 async fn wrong_secret_is_reported_and_retried_with_backoff() {
+    let _component_exclusive = metrics::asserts(Family::Component).await;
     bounded("wrong secret", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 8));
+        let refused_before = metrics::counter(
+            "legate_component_connects_total",
+            &["outcome=\"not_authorized\""],
+        );
         let gw = start_gateway(
             config(&[p.component_addr()], "not-the-secret-0123456789"),
             true,
@@ -458,8 +481,13 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
             Some("not_authorized"),
             "{s:?}"
         );
-        assert!(legate::metrics::render()
-            .contains("legate_component_connects_total{outcome=\"not_authorized\"}"));
+        assert!(
+            metrics::counter(
+                "legate_component_connects_total",
+                &["outcome=\"not_authorized\""]
+            ) >= refused_before + 3,
+            "the three refusals are not counted"
+        );
         // A delivery meanwhile waits, then is bounced to its sender.
         gw.hub.submit(
             &Origin::Sip {
@@ -499,19 +527,6 @@ impl Gateway {
     }
 }
 
-/// HTTP GET on the admin endpoint (one request per connection).
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("admin connect: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = String::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
-    out
-}
-
 #[tokio::test]
 async fn legate_run_connects_its_components_to_prosody() {
     bounded("legate run", async {
@@ -520,55 +535,21 @@ async fn legate_run_connects_its_components_to_prosody() {
         let cfg_path = dir.path().join("legate.toml");
         std::fs::write(&cfg_path, config_toml(&[p.component_addr()], SECRET))
             .unwrap_or_else(|e| panic!("{e}"));
-        let log = dir.path().join("legate.log");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&cfg_path)
-            .current_dir(dir.path())
-            .env("LEGATE_LOG", "info");
-        let mut child = GuardedChild::spawn(&cmd, &log).unwrap_or_else(|e| panic!("{e:#}"));
-        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let legate = Legate::start(&cfg_path, &["admin"]).unwrap_or_else(|e| panic!("{e:#}"));
 
-        // The admin address from the announcement line.
-        let t0 = tokio::time::Instant::now();
-        let admin: SocketAddr = loop {
-            if let Some(a) = read_log()
-                .lines()
-                .find_map(|l| l.strip_prefix("legate: listening admin "))
-                .and_then(|a| a.trim().parse().ok())
-            {
-                break a;
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("legate exited ({st}):\n{}", read_log());
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "no admin announcement:\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-
-        // Both components connect (metrics and log line).
-        loop {
-            let m = http_get(admin, "/metrics").await;
-            if m.lines().any(|l| l.trim() == "legate_component_links_up 2") {
-                break;
-            }
-            assert!(
-                t0.elapsed() < 2 * WAIT,
-                "links not up:\n{m}\n{}",
-                read_log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let text = read_log();
-        assert!(
-            text.contains("component partner.test connected to home node hn1"),
-            "{text}"
-        );
+        // Both components connect (the gauge of the separate process, and its log line).
+        legate
+            .wait_metrics("both component links up", 2 * WAIT, |m| {
+                metric_value(m, "legate_component_links_up") == Some(2.0)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        legate
+            .wait_output("the partner.test link's log line", WAIT, |t| {
+                t.contains("component partner.test connected to home node hn1")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
 
         // alice's message to bob@partner.test crosses Prosody and the link into legate; with no
         // SIP edge to carry it, the hub answers alice with an error through the same link.
@@ -587,13 +568,14 @@ async fn legate_run_connects_its_components_to_prosody() {
             .expect("an answer from bob@partner.test's side");
         assert!(e.is_type("error"), "{}", e.raw);
         alice.close().await;
-        drop(child);
+        drop(legate);
     })
     .await;
 }
 
 #[tokio::test]
 async fn prosody_refusals_are_classified_and_retried() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("conflict and host-unknown", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 11));
         // Someone else already holds partner.test (Prosody's default `kick_new` policy refuses
@@ -636,6 +618,7 @@ async fn prosody_refusals_are_classified_and_retried() {
 
 #[tokio::test]
 async fn links_come_back_after_the_home_node_restarts() {
+    let _component_shared = metrics::moves(Family::Component).await;
     bounded("home node restart", async {
         let p = home_node(Ipv4Addr::new(127, 0, 0, 12));
         let prosody_cfg = p.config().clone();

@@ -3,13 +3,13 @@
 //! in `/status`), an invalid edit is refused with its `file:line:col` problems and the last good
 //! set stays in use.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::prosody::GuardedChild;
+use common::legate::Legate;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -75,28 +75,8 @@ fn edits_are_swapped_in_and_broken_edits_keep_the_last_good_set() {
         ),
     )
     .expect("config");
-    let log = dir.path().join("legate.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&cfg)
-        .current_dir(dir.path());
-    let mut child = GuardedChild::spawn(&cmd, &log).expect("legate run");
-    let t0 = std::time::Instant::now();
-    let admin: SocketAddr = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(a) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening admin "))
-        {
-            break a.trim().parse().expect("addr");
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("legate exited ({st}):\n{text}");
-        }
-        assert!(t0.elapsed() < WAIT, "no admin announcement:\n{text}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let legate = Legate::start(&cfg, &["admin"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let admin = legate.addr("admin");
     let first = wait_for(admin, "the reloader reports", |m| m["reloads"] == 0);
     let digest0 = first["mappings"]["digest"]
         .as_str()

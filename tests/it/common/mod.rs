@@ -1,0 +1,12 @@
+//! Shared test support. Each test module uses a subset.
+#![allow(dead_code)]
+
+pub mod certs;
+pub mod dnsmasq;
+pub mod legate;
+pub mod metrics;
+pub mod ports;
+pub mod programs;
+pub mod prosody;
+pub mod sipp;
+pub mod xmpp_client;

@@ -1,0 +1,31 @@
+//! The one integration test binary (hickory-dns arranges its tests the same way): every area is
+//! a module here, so the crate and the shared harness in `common` are compiled and linked once.
+//!
+//! All modules share one process, hence one Prometheus registry: a test that asserts a counter
+//! measures the change it caused while holding that metric family's lock (`common::metrics`),
+//! or scrapes the `/metrics` of the `legate` process it started (`common::legate`).
+
+mod common;
+mod sip_ua;
+
+mod cli_check;
+mod cli_sip_check;
+mod component_link;
+mod config;
+mod dns;
+mod golden_tables;
+mod harness_prosody;
+mod interworking;
+mod mapping_properties;
+mod mapping_reload;
+mod mappings_check;
+mod presence_codecs;
+mod s2s;
+mod sip_edge;
+mod sip_edge_tls;
+mod sip_lync;
+mod sip_run;
+mod sip_vectors;
+mod tls;
+mod xmpp_federation;
+mod xmpp_stream;
