@@ -8,6 +8,15 @@
 //! well-formed stanza — re-framed by Legate's own stream framer and parsed again by quick-xml —
 //! made only of XML `Char`s, and reading it back gives the input with every non-`Char` replaced
 //! by U+FFFD.
+//!
+//! End to end, with the real `legate` binary and a real Prosody 0.12 home node: a SIP pager
+//! MESSAGE whose body holds U+0001 reaches the Prosody user with U+FFFD, and the component
+//! link stays up for the next message (before the fix Prosody closed it with
+//! `not-well-formed` and the message was lost). Needs `/usr/bin/prosody`
+//! (`apt-get install prosody`).
+
+mod common;
+mod sip_ua;
 
 use legate::config::Domain;
 use legate::gateway::envelope::{
@@ -326,4 +335,172 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
         Some("ping\u{FFFD}pong\u{FFFD}")
     );
     frame(xml.as_bytes()).unwrap_or_else(|e| panic!("{e}: {xml:?}"));
+}
+
+// --- End to end: the measured case through `legate run` and Prosody -----------------------------
+
+const SECRET: &str = "gateway-safety-component-secret-42";
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Starts `legate run` (SIP over mutual TLS for `partner.test`, one home node) and waits until
+/// it listens and its component link is up. Returns the child, the SIP address and the log path.
+fn start_legate(
+    dir: &std::path::Path,
+    certs: &common::certs::CertFactory,
+    ours: &common::certs::Leaf,
+    component: std::net::SocketAddr,
+) -> anyhow::Result<(
+    common::prosody::GuardedChild,
+    std::net::SocketAddr,
+    std::path::PathBuf,
+)> {
+    let cfg = dir.join("legate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[node]
+id = "gs1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "127.0.0.1:9"
+[[home_node]]
+name = "hn1"
+addresses = ["{component}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+"#,
+            data = dir.display(),
+            cert = ours.cert.display(),
+            key = ours.key.display(),
+            ca = certs.ca_path().display(),
+        ),
+    )?;
+    let log = dir.join("legate.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
+    cmd.arg("run").arg("--config").arg(&cfg);
+    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log)?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let sip = text
+            .lines()
+            .find_map(|l| l.strip_prefix("legate: listening sip_tls "))
+            .and_then(|a| a.trim().parse().ok());
+        if let (Some(a), true) = (sip, text.contains("component partner.test connected")) {
+            return Ok((child, a, log));
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            anyhow::bail!("legate exited ({st}):\n{text}");
+        }
+        if t0.elapsed() > WAIT {
+            anyhow::bail!("legate did not come up:\n{text}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+async fn pager(ua: &mut sip_ua::Ua, n: u32, body: &str) -> anyhow::Result<Option<u16>> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@partner.test>;tag=pager{n}"),
+            "To: <sip:alice@example.test>",
+            &format!("Call-ID: gs-pager-{n}"),
+            &format!("CSeq: {n} MESSAGE"),
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        body.as_bytes(),
+    )
+    .await?;
+    Ok(ua.response().await?.status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pager_message_with_u_0001_reaches_prosody_and_the_link_stays_up() -> anyhow::Result<()> {
+    use anyhow::Context;
+    use common::certs::CertFactory;
+    use common::prosody::{Prosody, ProsodyConfig};
+    use common::xmpp_client::{ClientConfig, XmppClient};
+
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.test"]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let prosody = Prosody::start(
+        ProsodyConfig::new(std::net::Ipv4Addr::new(127, 0, 0, 41))
+            .host("example.test")
+            .user("example.test", "alice", "pw")
+            .component("partner.test", SECRET),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let (_legate, sip, log) = start_legate(dir.path(), &certs, &ours, prosody.component_addr())?;
+    let why = || {
+        format!(
+            "--- legate ---\n{}\n--- prosody ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            prosody.log()
+        )
+    };
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("here")).await?;
+    let mut bob = sip_ua::connect_tls(
+        sip,
+        certs.ca_path(),
+        Some((&partner.cert, &partner.key)),
+        "example.test",
+    )
+    .await?;
+
+    // The second message proves the link that carried the first is still the one in use:
+    // not closed by Prosody, not reconnected.
+    for (n, sent, received) in [
+        (1, "ping\u{1}pong", "ping\u{FFFD}pong"),
+        (2, "still there?", "still there?"),
+    ] {
+        assert_eq!(pager(&mut bob, n, sent).await?, Some(200), "{}", why());
+        let m = alice
+            .expect_message_from("bob@partner.test", WAIT)
+            .await
+            .with_context(why)?;
+        assert_eq!(m.body.as_deref(), Some(received), "{}", why());
+    }
+    let legate_log = std::fs::read_to_string(&log)?;
+    assert_eq!(
+        legate_log
+            .matches("component partner.test connected")
+            .count(),
+        1,
+        "the component link was re-established:\n{}",
+        why()
+    );
+    assert!(
+        !legate_log.contains("component link to home node hn1 lost"),
+        "{}",
+        why()
+    );
+    assert!(!prosody.log().contains("not-well-formed"), "{}", why());
+    Ok(())
 }
