@@ -35,6 +35,15 @@ impl Address {
             input: input.chars().take(200).collect(),
             reason: reason.into(),
         };
+        // RFC 7622 §3.3.1 and §3.4.1 (PRECIS IdentifierClass and FreeformClass) disallow
+        // control characters and non-characters in every part; a SIP URI can carry them
+        // (percent-decoded), and the address ends up in the `from` of an XMPP stanza.
+        if input
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{FFFE}' | '\u{FFFF}'))
+        {
+            return Err(err("control character or non-character"));
+        }
         let (bare, resource) = match input.split_once('/') {
             Some((b, r)) if !r.is_empty() && r.len() <= MAX_PART => (b, Some(r.to_string())),
             Some(_) => return Err(err("empty or oversized resource")),
@@ -349,6 +358,9 @@ mod tests {
             "a@",
             "a@exa mple.com",
             "a@example.com/",
+            "a\u{1}@example.com",
+            "a@example.com/r\u{0}",
+            "a@example.com/r\u{FFFF}",
         ] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }

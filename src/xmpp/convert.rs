@@ -188,6 +188,23 @@ fn text_element(out: &mut Vec<u8>, name: &str, text: &str) {
     out.push(b'>');
 }
 
+/// Appends a relayed stanza's bytes. They were framed (well-formed, UTF-8, no C0 controls, no
+/// references to non-`Char`s), but the framer lets the literal non-characters U+FFFE and
+/// U+FFFF through, which XML 1.0 §2.2 excludes from `Char` and expat-based home nodes (Prosody)
+/// refuse by closing the stream (RFC 6120 §4.9.3.13). They become U+FFFD in place: in UTF-8 they
+/// are `EF BF BE`/`EF BF BF`, U+FFFD is `EF BF BD`, so one byte changes and nothing else moves.
+fn push_relayed(out: &mut Vec<u8>, raw: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(raw);
+    for at in memchr::memmem::find_iter(raw, b"\xEF\xBF") {
+        if matches!(raw.get(at + 2), Some(0xBE | 0xBF)) {
+            if let Some(b) = out.get_mut(start + at + 2) {
+                *b = 0xBD;
+            }
+        }
+    }
+}
+
 /// Writes `env` as a stanza for a link whose presence is expressed in mapping system `system`
 /// (presence bodies arrive already translated into it by the router).
 pub fn envelope_to_stanza(
@@ -241,7 +258,7 @@ pub fn envelope_to_stanza(
             }
             out.extend_from_slice(b"</message>");
         }
-        Body::Xmpp(raw) => out.extend_from_slice(&raw.bytes),
+        Body::Xmpp(raw) => push_relayed(out, &raw.bytes),
         Body::Error {
             id,
             condition,
@@ -419,6 +436,23 @@ mod tests {
             };
             assert_eq!(read.map(String::as_str), Some(clean), "{text:?}");
         }
+    }
+
+    #[test]
+    fn relayed_stanzas_lose_the_non_characters_the_framer_lets_through() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<message from='a@x.test' to='b@y.test' id='r1'><body>\u{FFFE}x\u{FFFF}\u{FFFD}\u{FF5E}</body></message>",
+        );
+        let env = stanza_to_envelope(&s[0], "fed-xmpp", &maps).expect("converted");
+        let mut out = b"<presence/>".to_vec();
+        envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+        let text = std::str::from_utf8(&out).expect("utf-8");
+        assert_eq!(
+            text,
+            "<presence/><message from='a@x.test' to='b@y.test' id='r1'><body>\u{FFFD}x\u{FFFD}\u{FFFD}\u{FF5E}</body></message>"
+        );
     }
 
     #[test]
