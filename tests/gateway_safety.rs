@@ -337,6 +337,115 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
     frame(xml.as_bytes()).unwrap_or_else(|e| panic!("{e}: {xml:?}"));
 }
 
+// --- A home node may only send as its own users, through the hub -------------------------------
+
+/// `legate_denied_total{reason}` now. Only the test below produces `not_own_user` in this
+/// binary, and it compares before and after, so no other test can satisfy it.
+fn denied_total(reason: &str) -> u64 {
+    legate::metrics::REGISTRY
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "legate_denied_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "reason" && l.value() == reason)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[test]
+fn a_home_node_sending_as_another_nodes_user_is_told_forbidden_and_nothing_leaves() {
+    use legate::config::{self, BUILTIN_SYSTEMS};
+    use legate::gateway::envelope::XmppRaw;
+    use legate::gateway::hub::Submitted;
+    use legate::gateway::{Denied, Hub, Link, Origin};
+    use legate::presence::map::MappingStore;
+
+    let toml = r#"
+routing_node = "hn1"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:1"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+[[home_node]]
+name = "hn2"
+addresses = ["127.0.0.1:2"]
+component_secret = "a-long-enough-secret-2"
+users = ["carol@example.com"]
+default_system = "xmpp"
+"#;
+    let cfg = config::from_toml(toml, std::path::Path::new("safety.toml"), BUILTIN_SYSTEMS)
+        .unwrap_or_else(|d| panic!("config: {d}"));
+    let hub = Hub::new(
+        cfg,
+        MappingStore::open(None).unwrap_or_else(|d| panic!("maps: {d}")),
+    );
+    let mut hn1 = hub.register_component("hn1", 8);
+    let mut hn2 = hub.register_component("hn2", 8);
+    let mut sip = hub.register_sip(8);
+    let before = denied_total("not_own_user");
+
+    // hn1 writes carol (listed on hn2) as the sender of a message to a Lync user.
+    let xml = "<message from='carol@example.com/pc' to='bob@partner.com' id='sp1' type='chat'><body>I am carol</body></message>";
+    let env = Envelope {
+        from: Address::parse("carol@example.com/pc").unwrap_or_else(|e| panic!("{e}")),
+        to: Address::parse("bob@partner.com").unwrap_or_else(|e| panic!("{e}")),
+        body: Body::Xmpp(XmppRaw {
+            name: "message",
+            bytes: bytes::Bytes::from_static(xml.as_bytes()),
+        }),
+    };
+    let origin = Origin::Component {
+        home_node: "hn1".into(),
+    };
+    let outcome = hub.submit(&origin, env.clone());
+    assert!(
+        matches!(&outcome, Submitted::Denied(Denied::NotOwnUser { from, .. }) if from == "carol@example.com"),
+        "{outcome:?}"
+    );
+    assert_eq!(denied_total("not_own_user"), before + 1);
+    // Nothing went toward SIP or to carol's real home node ...
+    assert!(sip.try_recv().is_err(), "a spoofed message left for SIP");
+    assert!(hn2.try_recv().is_err());
+    // ... and hn1 is told, on its own link, with the stanza's id (RFC 6120 §8.3.1).
+    let d = hn1
+        .try_recv()
+        .unwrap_or_else(|e| panic!("no error back to hn1: {e}"));
+    assert_eq!(
+        d.link,
+        Link::Component {
+            home_node: "hn1".into()
+        }
+    );
+    assert_eq!((&d.envelope.from, &d.envelope.to), (&env.to, &env.from));
+    assert!(
+        matches!(&d.envelope.body, Body::Error { id: Some(id), condition: ErrorCondition::Forbidden, kind: ErrorOf::Message, .. } if id == "sp1"),
+        "{:?}",
+        d.envelope.body
+    );
+    // hn2 may send as carol.
+    let outcome = hub.submit(
+        &Origin::Component {
+            home_node: "hn2".into(),
+        },
+        env,
+    );
+    assert!(
+        matches!(outcome, Submitted::Delivered(Link::Sip { .. })),
+        "{outcome:?}"
+    );
+    assert!(sip.try_recv().is_ok());
+}
+
 // --- End to end: the measured case through `legate run` and Prosody -----------------------------
 
 const SECRET: &str = "gateway-safety-component-secret-42";
