@@ -2,6 +2,11 @@
 //! (which link, authenticated as which domain or home node) and the current configuration,
 //! mapping set and directory, it answers where the envelope goes — with its presence already
 //! translated into the destination's system — or why it goes nowhere. Pure: no I/O, no clock.
+//!
+//! Who may send as whom: an s2s or SIP peer only as users of the domain it authenticated; a
+//! home node only as local users it hosts — listed in its `users`, learned from its own user
+//! traffic, or unclaimed in a domain it may host (see [`Directory::admit_sender`]). The only
+//! state it touches is the [`Directory`], which it teaches from user traffic.
 
 use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody};
 use crate::config::{Config, Domain};
@@ -180,9 +185,12 @@ impl Directory {
     /// User traffic from `user` arrived on `home_node`'s link, which may send as that user: that
     /// is where the user lives. Users of the static lists are not stored (the list wins anyway).
     pub fn learn(&self, config: &Config, user: &Address, home_node: &Arc<str>) {
-        if configured_home(config, user).is_some() {
-            return;
+        if configured_home(config, user).is_none() {
+            self.remember(user, home_node);
         }
+    }
+
+    fn remember(&self, user: &Address, home_node: &Arc<str>) {
         let key = user.bare_string();
         if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(&key) {
             // Full: new users are still routed through the static lists and the routing
@@ -225,17 +233,32 @@ impl Directory {
 
     /// Whether `home_node` may send as the local user `from`: a user a `users` list or the
     /// directory places on it, or a user nobody claims in a domain it may host. A user placed
-    /// on another node is refused, so one home node cannot speak for another's users.
+    /// on another node is refused, so one home node cannot speak for another's users. When it
+    /// may and `user_traffic` is set, an unclaimed user is learned as living on `home_node`
+    /// (one pass over the static lists for both decisions: this runs for every stanza a home
+    /// node sends).
     // A user who really moved to another home node is refused there until the learned entry
     // goes (restart), unless the operator lists them; learned entries do not expire today.
-    pub fn may_send_as(&self, config: &Config, home_node: &str, from: &Address) -> bool {
+    pub fn admit_sender(
+        &self,
+        config: &Config,
+        home_node: &Arc<str>,
+        from: &Address,
+        user_traffic: bool,
+    ) -> bool {
         if config.home_node(home_node).is_none() {
             // A link whose node a reload removed speaks for nobody.
             return false;
         }
         match self.known_home(config, from) {
-            Some(h) => *h == *home_node,
-            None => may_host_domain(config, home_node, &from.domain),
+            Some(h) => *h == **home_node,
+            None => {
+                let may = may_host_domain(config, home_node, &from.domain);
+                if may && user_traffic {
+                    self.remember(from, home_node);
+                }
+                may
+            }
         }
     }
 
@@ -324,20 +347,17 @@ pub fn route(
                 };
                 return Err(refuse(d, env));
             }
-            // A home node speaks only for its own users (issue 10): the component secret
-            // authenticates the node, not every address it writes in `from`.
-            if !directory.may_send_as(config, home_node, &env.from) {
+            // A home node speaks only for its own users: the component secret authenticates
+            // the node, not every address it writes in `from`. The directory learns only from
+            // what a user sends: errors, iq results and subscription refusals are the home node
+            // answering for addresses a foreign peer made up, and must not fill it.
+            let user_traffic = env.is_user_traffic();
+            if !directory.admit_sender(config, home_node, &env.from, user_traffic) {
                 let d = Denied::NotOwnUser {
                     from: env.from.bare_string(),
                     home_node: home_node.clone(),
                 };
                 return Err(refuse(d, env));
-            }
-            // Learn only from what a user sends: errors, iq results and subscription refusals
-            // are the home node answering for addresses a foreign peer made up, and must not
-            // fill the directory.
-            if env.is_user_traffic() {
-                directory.learn(config, &env.from, home_node);
             }
             let d = &env.to.domain;
             if config.is_local_domain(d) {
