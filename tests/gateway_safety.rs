@@ -416,7 +416,7 @@ default_system = "xmpp"
     // Nothing went toward SIP or to carol's real home node ...
     assert!(sip.try_recv().is_err(), "a spoofed message left for SIP");
     assert!(hn2.try_recv().is_err());
-    // ... and hn1 is told, on its own link, with the stanza's id (RFC 6120 §8.3.1).
+    // ... and hn1 is told, on its own link, with the stanza's id (RFC 6120 §8.1.3).
     let d = hn1
         .try_recv()
         .unwrap_or_else(|e| panic!("no error back to hn1: {e}"));

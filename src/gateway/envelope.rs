@@ -204,7 +204,7 @@ pub struct StanzaFacts {
 }
 
 impl StanzaFacts {
-    /// A reply, never a request: an error, or an iq `result` (RFC 6120 §8.2.3 item 5, §8.3.1).
+    /// A reply, never a request: an error, or an iq `result` (RFC 6120 §8.2.3, §8.3.1).
     /// Such a stanza is never answered with an error and is not traffic *from a user*: a home
     /// node sends it for any address a foreign peer names, existing or not.
     pub fn is_reply(&self, name: &str) -> bool {
@@ -275,10 +275,10 @@ pub struct Envelope {
 
 impl Envelope {
     /// The error sent back to the sender of `self`, or `None` for things never answered with an
-    /// error. The error keeps the stanza's `id` so the sender can match it (RFC 6120 §8.3.1:
-    /// the error stanza's `id` is the one of the stanza that caused it). Errors and iq results
+    /// error. The error keeps the stanza's `id` so the sender can match it (RFC 6120 §8.1.3:
+    /// an error to a stanza with an `id` carries the same `id`). Errors and iq results
     /// are never answered (RFC 6120 §8.3.1: no error in reply to an error, which would loop
-    /// between two entities; §8.2.3 item 5: no response to an iq `result` or `error`).
+    /// between two entities; §8.2.3: no response to an iq `result` or `error`).
     pub fn bounce(&self, condition: ErrorCondition, text: impl Into<String>) -> Option<Envelope> {
         let (id, kind) = match &self.body {
             Body::Error { .. } => return None,
@@ -317,7 +317,7 @@ impl Envelope {
         match &self.body {
             Body::Error { .. } => false,
             // A home node answers a subscription request to a user it does not have with
-            // `unsubscribed` (RFC 6121 §3.1.3 item 4).
+            // `unsubscribed` (RFC 6121 §3.1.3).
             Body::Subscription(Subscription::Unsubscribed) => false,
             Body::Subscription(_) | Body::Presence(_) | Body::Message(_) => true,
             Body::Xmpp(x) => !x.facts().is_reply(x.name),
@@ -417,7 +417,7 @@ mod tests {
                 "<presence id='p1' type='subscribe'/>",
                 Some(("p1", ErrorOf::Presence)),
             ),
-            // RFC 6120 §8.2.3 item 5 and §8.3.1: replies are never answered.
+            // RFC 6120 §8.2.3 and §8.3.1: replies are never answered.
             ("iq", "<iq id='i3' type='result'/>", None),
             (
                 "iq",
