@@ -14,6 +14,9 @@
 //! link stays up for the next message (before the fix Prosody closed it with
 //! `not-well-formed` and the message was lost). Needs `/usr/bin/prosody`
 //! (`apt-get install prosody`).
+//!
+//! Through the hub: a home node sending as another node's user is answered `<forbidden/>` on
+//! its own link, the denial is counted, and nothing leaves toward the destination.
 
 mod common;
 mod sip_ua;
