@@ -35,6 +35,15 @@ impl Address {
             input: input.chars().take(200).collect(),
             reason: reason.into(),
         };
+        // RFC 7622 §3.3.1 and §3.4.1 (PRECIS IdentifierClass and FreeformClass) disallow
+        // control characters and non-characters in every part; a SIP URI can carry them
+        // (percent-decoded), and the address ends up in the `from` of an XMPP stanza.
+        if input
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '\u{FFFE}' | '\u{FFFF}'))
+        {
+            return Err(err("control character or non-character"));
+        }
         let (bare, resource) = match input.split_once('/') {
             Some((b, r)) if !r.is_empty() && r.len() <= MAX_PART => (b, Some(r.to_string())),
             Some(_) => return Err(err("empty or oversized resource")),
@@ -184,6 +193,55 @@ pub struct XmppRaw {
     pub bytes: bytes::Bytes,
 }
 
+/// The routing facts of a relayed stanza's root element: what the router needs to decide
+/// whether it may be answered with an error and whether it teaches the directory a user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StanzaFacts {
+    /// The `id` attribute, unescaped.
+    pub id: Option<String>,
+    /// The `type` attribute, unescaped (`chat`, `get`, `result`, `error`, `subscribe`...).
+    pub type_: Option<String>,
+}
+
+impl StanzaFacts {
+    /// A reply, never a request: an error, or an iq `result` (RFC 6120 §8.2.3, §8.3.1).
+    /// Such a stanza is never answered with an error and is not traffic *from a user*: a home
+    /// node sends it for any address a foreign peer names, existing or not.
+    pub fn is_reply(&self, name: &str) -> bool {
+        match self.type_.as_deref() {
+            Some("error") => true,
+            Some("result") => name == "iq",
+            _ => false,
+        }
+    }
+}
+
+impl XmppRaw {
+    /// Reads `id` and `type` from the root start tag only (the payload is never parsed). The
+    /// bytes were framed and checked by the stream framer; anything unreadable yields no facts.
+    // TODO(issue 10): carry these as fields filled by `stanza_to_envelope` from the framer's
+    // ranges once every place that builds an `XmppRaw` (tests/s2s.rs) can be changed with it.
+    pub fn facts(&self) -> StanzaFacts {
+        use quick_xml::events::Event;
+        let mut reader = quick_xml::Reader::from_reader(&self.bytes[..]);
+        let start = match reader.read_event() {
+            Ok(Event::Start(e) | Event::Empty(e)) => e,
+            _ => return StanzaFacts::default(),
+        };
+        let value = |name: &str| {
+            start.try_get_attribute(name).ok().flatten().and_then(|a| {
+                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                    .ok()
+                    .map(|v| v.into_owned())
+            })
+        };
+        StanzaFacts {
+            id: value("id"),
+            type_: value("type"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     /// Availability broadcast; `unavailable` presence is the state `offline` of the system.
@@ -217,20 +275,27 @@ pub struct Envelope {
 
 impl Envelope {
     /// The error sent back to the sender of `self`, or `None` for things never answered with an
-    /// error (errors themselves; RFC 6120 §8.3.1 forbids error loops).
+    /// error. The error keeps the stanza's `id` so the sender can match it (RFC 6120 §8.1.3:
+    /// an error to a stanza with an `id` carries the same `id`). Errors and iq results
+    /// are never answered (RFC 6120 §8.3.1: no error in reply to an error, which would loop
+    /// between two entities; §8.2.3: no response to an iq `result` or `error`).
     pub fn bounce(&self, condition: ErrorCondition, text: impl Into<String>) -> Option<Envelope> {
         let (id, kind) = match &self.body {
             Body::Error { .. } => return None,
             Body::Message(m) => (m.id.clone(), ErrorOf::Message),
             Body::Presence(_) | Body::Subscription(_) => (None, ErrorOf::Presence),
-            Body::Xmpp(x) => (
-                None,
-                match x.name {
+            Body::Xmpp(x) => {
+                let facts = x.facts();
+                if facts.is_reply(x.name) {
+                    return None;
+                }
+                let kind = match x.name {
                     "iq" => ErrorOf::Iq,
                     "presence" => ErrorOf::Presence,
                     _ => ErrorOf::Message,
-                },
-            ),
+                };
+                (facts.id, kind)
+            }
         };
         Some(Envelope {
             from: self.to.clone(),
@@ -242,6 +307,21 @@ impl Envelope {
                 kind,
             },
         })
+    }
+
+    /// Whether this is traffic a user sent, as opposed to a reply a server sends for any address
+    /// it is asked about (errors, iq results, refused subscriptions). Only user traffic teaches
+    /// the directory where a user lives: otherwise a foreign peer probing random localparts
+    /// fills it with users that do not exist.
+    pub fn is_user_traffic(&self) -> bool {
+        match &self.body {
+            Body::Error { .. } => false,
+            // A home node answers a subscription request to a user it does not have with
+            // `unsubscribed` (RFC 6121 §3.1.3).
+            Body::Subscription(Subscription::Unsubscribed) => false,
+            Body::Subscription(_) | Body::Presence(_) | Body::Message(_) => true,
+            Body::Xmpp(x) => !x.facts().is_reply(x.name),
+        }
     }
 
     /// Bounded metric label of the body kind.
@@ -278,6 +358,9 @@ mod tests {
             "a@",
             "a@exa mple.com",
             "a@example.com/",
+            "a\u{1}@example.com",
+            "a@example.com/r\u{0}",
+            "a@example.com/r\u{FFFF}",
         ] {
             assert!(Address::parse(bad).is_err(), "{bad}");
         }
@@ -302,5 +385,81 @@ mod tests {
             matches!(&b.body, Body::Error { id: Some(i), kind: ErrorOf::Message, .. } if i == "m1")
         );
         assert_eq!(b.bounce(ErrorCondition::NotAllowed, "again"), None);
+    }
+
+    fn relayed(name: &'static str, xml: &str) -> Envelope {
+        Envelope {
+            from: Address::parse("a@x.test/r").expect("valid"),
+            to: Address::parse("b@y.test").expect("valid"),
+            body: Body::Xmpp(XmppRaw {
+                name,
+                bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
+            }),
+        }
+    }
+
+    #[test]
+    fn bounces_of_relayed_stanzas_keep_the_id_and_never_answer_replies() {
+        let cases = [
+            (
+                "message",
+                "<message id='m&amp;7' type='chat'><body>x</body></message>",
+                Some(("m&7", ErrorOf::Message)),
+            ),
+            (
+                "iq",
+                "<iq id='i1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>",
+                Some(("i1", ErrorOf::Iq)),
+            ),
+            ("iq", "<iq id='i2' type='set'/>", Some(("i2", ErrorOf::Iq))),
+            (
+                "presence",
+                "<presence id='p1' type='subscribe'/>",
+                Some(("p1", ErrorOf::Presence)),
+            ),
+            // RFC 6120 §8.2.3 and §8.3.1: replies are never answered.
+            ("iq", "<iq id='i3' type='result'/>", None),
+            (
+                "iq",
+                "<iq id='i4' type='error'><error type='cancel'/></iq>",
+                None,
+            ),
+            (
+                "message",
+                "<message id='m8' type='error'><error type='cancel'/></message>",
+                None,
+            ),
+            (
+                "presence",
+                "<presence type='error'><error type='cancel'/></presence>",
+                None,
+            ),
+        ];
+        for (name, xml, expected) in cases {
+            let env = relayed(name, xml);
+            let b = env.bounce(ErrorCondition::ServiceUnavailable, "down");
+            match (expected, b) {
+                (None, None) => {}
+                (Some((id, kind)), Some(b)) => {
+                    assert_eq!(
+                        (b.from.clone(), b.to.clone()),
+                        (env.to.clone(), env.from.clone())
+                    );
+                    assert_eq!(
+                        b.body,
+                        Body::Error {
+                            id: Some(id.into()),
+                            condition: ErrorCondition::ServiceUnavailable,
+                            text: "down".into(),
+                            kind
+                        },
+                        "{xml}"
+                    );
+                    assert_eq!(b.bounce(ErrorCondition::ServiceUnavailable, "loop"), None);
+                }
+                (e, b) => panic!("{xml}: expected {e:?}, bounced {b:?}"),
+            }
+            assert_eq!(env.is_user_traffic(), expected.is_some(), "{xml}");
+        }
     }
 }

@@ -2,8 +2,13 @@
 //! (which link, authenticated as which domain or home node) and the current configuration,
 //! mapping set and directory, it answers where the envelope goes — with its presence already
 //! translated into the destination's system — or why it goes nowhere. Pure: no I/O, no clock.
+//!
+//! Who may send as whom: an s2s or SIP peer only as users of the domain it authenticated; a
+//! home node only as local users it hosts — listed in its `users`, learned from its own user
+//! traffic, or unclaimed in a domain it may host (see [`Directory::admit_sender`]). The only
+//! state it touches is the [`Directory`], which it teaches from user traffic.
 
-use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody, Subscription};
+use super::envelope::{Address, Body, Envelope, ErrorCondition, PresenceBody};
 use crate::config::{Config, Domain};
 use crate::presence::map::MappingSet;
 use dashmap::DashMap;
@@ -70,6 +75,10 @@ pub enum Denied {
     DomainNotAllowed(Domain),
     #[error("sender {from} does not belong to the authenticated {origin} peer")]
     Spoofed { from: String, origin: &'static str },
+    /// A home node sent as a local user it does not host (RFC 6120 §8.3.3.4 `<forbidden/>`:
+    /// the link is authenticated, it is not authorised to speak for that user).
+    #[error("{from} is not a user of home node {home_node}")]
+    NotOwnUser { from: String, home_node: Arc<str> },
     #[error("{0} is not a local domain")]
     NotLocal(Domain),
     #[error("traffic between local users does not cross the gateway")]
@@ -93,6 +102,7 @@ impl Denied {
         match self {
             Denied::DomainNotAllowed(_) => "domain_not_allowed",
             Denied::Spoofed { .. } => "spoofed_sender",
+            Denied::NotOwnUser { .. } => "not_own_user",
             Denied::NotLocal(_) => "not_local",
             Denied::LocalToLocal => "local_to_local",
             Denied::NoHomeNode(_) => "no_home_node",
@@ -105,7 +115,10 @@ impl Denied {
     pub fn condition(&self) -> ErrorCondition {
         match self {
             Denied::DomainNotAllowed(_) => ErrorCondition::NotAllowed,
-            Denied::Spoofed { .. } => ErrorCondition::Forbidden,
+            // Forbidden, not not-authorized: RFC 6120 §8.3.3.14 keeps `<not-authorized/>` for
+            // missing or bad credentials (authentication); the component link did authenticate,
+            // it lacks the permission to send as this user (§8.3.3.4, authorisation).
+            Denied::Spoofed { .. } | Denied::NotOwnUser { .. } => ErrorCondition::Forbidden,
             Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
             Denied::LocalToLocal => ErrorCondition::NotAllowed,
             Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
@@ -115,7 +128,9 @@ impl Denied {
     }
 
     /// Whether the sender is told (an error stanza or SIP response). A spoofed sender is not:
-    /// the answer would go to someone else; a chat state is not worth an error.
+    /// the answer would go to someone else; a chat state is not worth an error. A home node
+    /// sending as a local user it does not host is told, on its own link, so its operator sees
+    /// why nothing arrived.
     pub fn answered(&self) -> bool {
         !matches!(self, Denied::Spoofed { .. } | Denied::NothingToDeliver)
     }
@@ -132,16 +147,50 @@ pub struct Route {
 /// are routed through the static lists and the routing node).
 pub const MAX_LEARNED: usize = 1_000_000;
 
-/// Which home node hosts which local user: learned from traffic on each component link, plus
-/// the static `users` lists of the configuration, plus the routing node as last resort.
+/// Which home node hosts which local user: the static `users` lists of the configuration
+/// first (an operator's word outranks anything traffic suggests), then what was learned from
+/// user traffic on each component link, then the routing node as last resort.
 #[derive(Debug, Default)]
 pub struct Directory {
     learned: DashMap<String, Arc<str>>,
 }
 
+/// The home node whose `users` list names `user`, if any.
+fn configured_home<'c>(config: &'c Config, user: &Address) -> Option<&'c str> {
+    config
+        .home_nodes
+        .iter()
+        .find(|h| {
+            h.users
+                .iter()
+                .any(|u| u.localpart == user.local && u.domain == user.domain)
+        })
+        .map(|h| h.name.as_str())
+}
+
+/// Whether `home_node` may host users of `domain` it has not been seen or configured with.
+/// Home nodes do not list their domains in the configuration, so a domain belongs to the nodes
+/// whose `users` lists name it; a domain no list names may live anywhere. The routing node
+/// receives every unknown user's traffic and so may host any local user; with one home node
+/// there is nobody else to speak for.
+fn may_host_domain(config: &Config, home_node: &str, domain: &Domain) -> bool {
+    let lists = |h: &crate::config::HomeNode| h.users.iter().any(|u| u.domain == *domain);
+    config.routing_node.as_deref() == Some(home_node)
+        || config.home_nodes.len() == 1
+        || config.home_node(home_node).is_some_and(lists)
+        || !config.home_nodes.iter().any(lists)
+}
+
 impl Directory {
-    /// A stanza from `user` arrived on `home_node`'s link: that is where the user lives.
-    pub fn learn(&self, user: &Address, home_node: &Arc<str>) {
+    /// User traffic from `user` arrived on `home_node`'s link, which may send as that user: that
+    /// is where the user lives. Users of the static lists are not stored (the list wins anyway).
+    pub fn learn(&self, config: &Config, user: &Address, home_node: &Arc<str>) {
+        if configured_home(config, user).is_none() {
+            self.remember(user, home_node);
+        }
+    }
+
+    fn remember(&self, user: &Address, home_node: &Arc<str>) {
         let key = user.bare_string();
         if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(&key) {
             // Full: new users are still routed through the static lists and the routing
@@ -158,18 +207,19 @@ impl Directory {
         self.learned.insert(key, home_node.clone());
     }
 
-    pub fn lookup(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
-        let key = user.bare_string();
-        if let Some(h) = self.learned.get(&key) {
-            return Some(h.value().clone());
+    /// The home node `user` lives on, if it is known (configured or learned).
+    fn known_home(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
+        if let Some(h) = configured_home(config, user) {
+            return Some(Arc::from(h));
         }
-        for h in &config.home_nodes {
-            if h.users
-                .iter()
-                .any(|u| u.localpart.to_lowercase() == user.local && u.domain == user.domain)
-            {
-                return Some(Arc::from(h.name.as_str()));
-            }
+        self.learned
+            .get(&user.bare_string())
+            .map(|h| h.value().clone())
+    }
+
+    pub fn lookup(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
+        if let Some(h) = self.known_home(config, user) {
+            return Some(h);
         }
         if let Some(r) = &config.routing_node {
             return Some(Arc::from(r.as_str()));
@@ -178,6 +228,37 @@ impl Directory {
         match config.home_nodes.as_slice() {
             [only] => Some(Arc::from(only.name.as_str())),
             _ => None,
+        }
+    }
+
+    /// Whether `home_node` may send as the local user `from`: a user a `users` list or the
+    /// directory places on it, or a user nobody claims in a domain it may host. A user placed
+    /// on another node is refused, so one home node cannot speak for another's users. When it
+    /// may and `user_traffic` is set, an unclaimed user is learned as living on `home_node`
+    /// (one pass over the static lists for both decisions: this runs for every stanza a home
+    /// node sends).
+    // A user who really moved to another home node is refused there until the learned entry
+    // goes (restart), unless the operator lists them; learned entries do not expire today.
+    pub fn admit_sender(
+        &self,
+        config: &Config,
+        home_node: &Arc<str>,
+        from: &Address,
+        user_traffic: bool,
+    ) -> bool {
+        if config.home_node(home_node).is_none() {
+            // A link whose node a reload removed speaks for nobody.
+            return false;
+        }
+        match self.known_home(config, from) {
+            Some(h) => *h == **home_node,
+            None => {
+                let may = may_host_domain(config, home_node, &from.domain);
+                if may && user_traffic {
+                    self.remember(from, home_node);
+                }
+                may
+            }
         }
     }
 
@@ -266,14 +347,17 @@ pub fn route(
                 };
                 return Err(refuse(d, env));
             }
-            // Learn only from what a user sends: errors and subscription refusals are the home
-            // node answering for addresses a foreign peer made up, and must not fill the
-            // directory.
-            if !matches!(
-                env.body,
-                Body::Error { .. } | Body::Subscription(Subscription::Unsubscribed)
-            ) {
-                directory.learn(&env.from, home_node);
+            // A home node speaks only for its own users: the component secret authenticates
+            // the node, not every address it writes in `from`. The directory learns only from
+            // what a user sends: errors, iq results and subscription refusals are the home node
+            // answering for addresses a foreign peer made up, and must not fill it.
+            let user_traffic = env.is_user_traffic();
+            if !directory.admit_sender(config, home_node, &env.from, user_traffic) {
+                let d = Denied::NotOwnUser {
+                    from: env.from.bare_string(),
+                    home_node: home_node.clone(),
+                };
+                return Err(refuse(d, env));
             }
             let d = &env.to.domain;
             if config.is_local_domain(d) {
@@ -357,6 +441,8 @@ mod tests {
 routing_node = "hn1"
 [[local_domain]]
 name = "example.com"
+[[local_domain]]
+name = "other.test"
 [[sip.federated_domain]]
 name = "partner.com"
 system = "lync"
@@ -369,6 +455,7 @@ system = "webex"
 name = "hn1"
 addresses = ["127.0.0.1:5347"]
 component_secret = "a-long-enough-secret-1"
+users = ["erin@other.test"]
 default_system = "xmpp"
 [[home_node]]
 name = "hn2"
@@ -662,5 +749,131 @@ default_system = "jabber8"
                 .denied;
             assert_eq!(d.label(), label, "{e:?}: {d}");
         }
+    }
+
+    fn raw(name: &'static str, xml: &str) -> Body {
+        Body::Xmpp(crate::gateway::envelope::XmppRaw {
+            name,
+            bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn a_home_node_may_only_send_as_its_own_users() {
+        let (cfg, maps, dir) = setup();
+        let hn1 = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        let hn2 = Origin::Component {
+            home_node: "hn2".into(),
+        };
+        let msg = |from: &str| {
+            env(
+                from,
+                "bob@partner.com",
+                raw(
+                    "message",
+                    &format!("<message from='{from}' to='bob@partner.com' id='s1'><body>hi</body></message>"),
+                ),
+            )
+        };
+        // carol is listed on hn2: hn2 may speak for her, hn1 (even the routing node) may not.
+        route(&cfg, &maps, &dir, &hn2, msg("carol@example.com/pc")).expect("hn2's own user");
+        let r = route(&cfg, &maps, &dir, &hn1, msg("carol@example.com/pc"))
+            .expect_err("carol is not on hn1");
+        assert_eq!(
+            r.denied,
+            Denied::NotOwnUser {
+                from: "carol@example.com".into(),
+                home_node: "hn1".into()
+            }
+        );
+        assert_eq!(r.denied.label(), "not_own_user");
+        assert_eq!(r.denied.condition(), ErrorCondition::Forbidden);
+        assert!(r.denied.answered(), "the home node is told why");
+        // other.test's users are listed on hn1 only: hn2 may not send as any of them, known
+        // or not; hn1 may.
+        for user in ["erin@other.test", "zed@other.test"] {
+            let d = route(&cfg, &maps, &dir, &hn2, msg(user))
+                .expect_err("another node's domain")
+                .denied;
+            assert_eq!(d.label(), "not_own_user", "{user}");
+            route(&cfg, &maps, &dir, &hn1, msg(user)).expect("hn1 hosts other.test");
+        }
+        // dave is nobody's yet: hn2 serves example.com (it lists carol), sends as him, and from
+        // then on he is hn2's; hn1 may no longer speak for him.
+        route(&cfg, &maps, &dir, &hn2, msg("dave@example.com")).expect("unclaimed user");
+        assert_eq!(
+            dir.lookup(&cfg, &addr("dave@example.com")),
+            Some(Arc::from("hn2"))
+        );
+        let d = route(&cfg, &maps, &dir, &hn1, msg("dave@example.com"))
+            .expect_err("dave lives on hn2")
+            .denied;
+        assert_eq!(d.label(), "not_own_user");
+        assert_eq!(
+            dir.lookup(&cfg, &addr("dave@example.com")),
+            Some(Arc::from("hn2")),
+            "a refused stanza taught the directory"
+        );
+        // A link whose node is not configured (removed by a reload) speaks for nobody.
+        let gone = Origin::Component {
+            home_node: "hn9".into(),
+        };
+        let d = route(&cfg, &maps, &dir, &gone, msg("frank@example.com"))
+            .expect_err("unknown node")
+            .denied;
+        assert_eq!(d.label(), "not_own_user");
+    }
+
+    #[test]
+    fn the_directory_does_not_learn_from_replies_of_a_home_node() {
+        let (cfg, maps, dir) = setup();
+        let comp = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        // What a home node sends back when a foreign peer probes random localparts.
+        let replies = [
+            raw("iq", "<iq type='error' id='q1' from='ghost1@example.com' to='bob@partner.com'><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"),
+            raw("iq", "<iq type='result' id='q2' from='ghost2@example.com' to='bob@partner.com'/>"),
+            raw("message", "<message type='error' id='q3' from='ghost3@example.com' to='bob@partner.com'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"),
+            raw("presence", "<presence type='error' from='ghost4@example.com' to='bob@partner.com'><error type='cancel'><gone xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"),
+            Body::Subscription(Subscription::Unsubscribed),
+        ];
+        for (i, body) in replies.into_iter().enumerate() {
+            let from = format!("ghost{}@example.com", i + 1);
+            // Relayed toward XMPP federation, where raw stanzas travel unchanged.
+            let _ = route(&cfg, &maps, &dir, &comp, env(&from, "x@webex.test", body));
+        }
+        assert!(dir.is_empty(), "a reply taught the directory a user");
+        // A request is user traffic.
+        let get = raw(
+            "iq",
+            "<iq type='get' id='v1' from='gina@example.com/pc' to='x@webex.test'><ping xmlns='urn:xmpp:ping'/></iq>",
+        );
+        route(
+            &cfg,
+            &maps,
+            &dir,
+            &comp,
+            env("gina@example.com/pc", "x@webex.test", get),
+        )
+        .expect("routed");
+        assert_eq!(dir.len(), 1);
+    }
+
+    #[test]
+    fn configured_users_win_over_learned_entries() {
+        let (cfg, _, dir) = setup();
+        let hn1: Arc<str> = "hn1".into();
+        // Whatever traffic suggests, carol is listed on hn2.
+        dir.learn(&cfg, &addr("carol@example.com"), &hn1);
+        assert_eq!(
+            dir.lookup(&cfg, &addr("Carol@example.com")),
+            Some(Arc::from("hn2"))
+        );
+        assert!(dir.is_empty(), "a listed user was stored as learned");
+        dir.learn(&cfg, &addr("dave@example.com"), &hn1);
+        assert_eq!(dir.lookup(&cfg, &addr("dave@example.com")), Some(hn1));
     }
 }

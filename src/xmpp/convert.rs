@@ -12,7 +12,8 @@ use crate::gateway::envelope::{
     XmppRaw,
 };
 use crate::presence::codec::xmpp::{
-    decode_presence_kind, encode_presence, encode_presence_kind, PresenceAttrs, PresenceKind,
+    decode_presence_kind, encode_presence, encode_presence_kind, write_attr, write_text,
+    PresenceAttrs, PresenceKind,
 };
 use crate::presence::codec::CodecError;
 use crate::presence::map::{Facts, MappingSet};
@@ -167,8 +168,41 @@ pub fn message_text(raw: &XmppRaw) -> Option<MessageBody> {
     })
 }
 
-fn esc(s: &str) -> std::borrow::Cow<'_, str> {
-    quick_xml::escape::escape(s)
+/// Writes ` name='value'` through the one stanza escaper (see [`write_text`]).
+fn attr(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(b' ');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"='");
+    write_attr(out, value);
+    out.push(b'\'');
+}
+
+/// `<name>text</name>` with `text` through the one stanza escaper.
+fn text_element(out: &mut Vec<u8>, name: &str, text: &str) {
+    out.push(b'<');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'>');
+    write_text(out, text);
+    out.extend_from_slice(b"</");
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'>');
+}
+
+/// Appends a relayed stanza's bytes. They were framed (well-formed, UTF-8, no C0 controls, no
+/// references to non-`Char`s), but the framer lets the literal non-characters U+FFFE and
+/// U+FFFF through, which XML 1.0 §2.2 excludes from `Char` and expat-based home nodes (Prosody)
+/// refuse by closing the stream (RFC 6120 §4.9.3.13). They become U+FFFD in place: in UTF-8 they
+/// are `EF BF BE`/`EF BF BF`, U+FFFD is `EF BF BD`, so one byte changes and nothing else moves.
+fn push_relayed(out: &mut Vec<u8>, raw: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(raw);
+    for at in memchr::memmem::find_iter(raw, b"\xEF\xBF") {
+        if matches!(raw.get(at + 2), Some(0xBE | 0xBF)) {
+            if let Some(b) = out.get_mut(start + at + 2) {
+                *b = 0xBD;
+            }
+        }
+    }
 }
 
 /// Writes `env` as a stanza for a link whose presence is expressed in mapping system `system`
@@ -208,25 +242,23 @@ pub fn envelope_to_stanza(
             encode_presence_kind(&kind, &attrs(), out);
         }
         Body::Message(m) => {
-            out.extend_from_slice(b"<message type='chat' from='");
-            out.extend_from_slice(esc(&env.from.to_string()).as_bytes());
-            out.extend_from_slice(b"' to='");
-            out.extend_from_slice(esc(&env.to.to_string()).as_bytes());
+            // Every value below may come from a SIP peer (user parts, Call-ID based ids, the
+            // decoded `ms-body`): all of it goes through the one escaper, which also replaces
+            // characters XML 1.0 cannot carry.
+            out.extend_from_slice(b"<message type='chat'");
+            attr(out, "from", &env.from.to_string());
+            attr(out, "to", &env.to.to_string());
             if let Some(id) = &m.id {
-                out.extend_from_slice(b"' id='");
-                out.extend_from_slice(esc(id).as_bytes());
+                attr(out, "id", id);
             }
-            out.extend_from_slice(b"'><body>");
-            out.extend_from_slice(esc(&m.text).as_bytes());
-            out.extend_from_slice(b"</body>");
+            out.push(b'>');
+            text_element(out, "body", &m.text);
             if let Some(t) = &m.thread {
-                out.extend_from_slice(b"<thread>");
-                out.extend_from_slice(esc(t).as_bytes());
-                out.extend_from_slice(b"</thread>");
+                text_element(out, "thread", t);
             }
             out.extend_from_slice(b"</message>");
         }
-        Body::Xmpp(raw) => out.extend_from_slice(&raw.bytes),
+        Body::Xmpp(raw) => push_relayed(out, &raw.bytes),
         Body::Error {
             id,
             condition,
@@ -238,17 +270,17 @@ pub fn envelope_to_stanza(
                 ErrorOf::Presence => "presence",
                 ErrorOf::Iq => "iq",
             };
-            out.extend_from_slice(format!("<{name} type='error' from='").as_bytes());
-            out.extend_from_slice(esc(&env.from.to_string()).as_bytes());
-            out.extend_from_slice(b"' to='");
-            out.extend_from_slice(esc(&env.to.to_string()).as_bytes());
+            out.push(b'<');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b" type='error'");
+            attr(out, "from", &env.from.to_string());
+            attr(out, "to", &env.to.to_string());
             if let Some(id) = id {
-                out.extend_from_slice(b"' id='");
-                out.extend_from_slice(esc(id).as_bytes());
+                attr(out, "id", id);
             }
             out.extend_from_slice(
                 format!(
-                    "'><error type='{}'><{} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>",
+                    "><error type='{}'><{} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>",
                     condition.xmpp_type(),
                     condition.xmpp_name()
                 )
@@ -256,7 +288,7 @@ pub fn envelope_to_stanza(
             );
             if !text.is_empty() {
                 out.extend_from_slice(b"<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>");
-                out.extend_from_slice(esc(text).as_bytes());
+                write_text(out, text);
                 out.extend_from_slice(b"</text>");
             }
             out.extend_from_slice(format!("</error></{name}>").as_bytes());
@@ -344,6 +376,82 @@ mod tests {
                 .expect("again")
                 .body,
             envs[2].body
+        );
+    }
+
+    /// Issue 10: a SIP pager MESSAGE with U+0001 or U+FFFE in its body was written as-is to the
+    /// component stream and Prosody closed the link with `not-well-formed`.
+    #[test]
+    fn characters_xml_forbids_become_u_fffd_in_messages_and_errors() {
+        let maps = map::embedded().expect("maps");
+        let mut from = Address::parse("bob@partner.com").expect("address");
+        from.resource = Some("desk\u{1}\u{FFFF}".into());
+        let to = Address::parse("alice@example.com").expect("address");
+        let hostile = "a\u{1}b\u{FFFE}c\u{0}d\u{1B}]]><&'\"\re";
+        let clean = "a\u{FFFD}b\u{FFFD}c\u{FFFD}d\u{FFFD}]]><&'\"\re";
+        let message = Envelope {
+            from: from.clone(),
+            to: to.clone(),
+            body: Body::Message(MessageBody {
+                id: Some("id\u{2}".into()),
+                text: hostile.into(),
+                thread: Some(hostile.into()),
+            }),
+        };
+        let error = Envelope {
+            from,
+            to,
+            body: Body::Error {
+                id: Some("id\u{2}".into()),
+                condition: ErrorCondition::ServiceUnavailable,
+                text: hostile.into(),
+                kind: ErrorOf::Message,
+            },
+        };
+        for env in [message, error] {
+            let mut out = Vec::new();
+            envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert!(
+                text.chars().all(|c| c != '\u{FFFE}'
+                    && c != '\u{FFFF}'
+                    && (c >= ' ' || matches!(c, '\t' | '\n'))),
+                "{text:?}"
+            );
+            let back = stanzas("jabber:component:accept", text);
+            assert_eq!(back.len(), 1, "{text:?}");
+            assert_eq!(back[0].id().as_deref(), Some("id\u{FFFD}"));
+            assert_eq!(
+                back[0].from().as_deref(),
+                Some("bob@partner.com/desk\u{FFFD}\u{FFFD}")
+            );
+            let kids = children(&back[0]);
+            let read = match &env.body {
+                Body::Message(_) => kids.iter().find(|c| c.name == "body").map(|c| &c.text),
+                _ => kids
+                    .iter()
+                    .find(|c| c.name == "error")
+                    .and_then(|e| e.children.iter().find(|g| g.0 == "text"))
+                    .map(|g| &g.2),
+            };
+            assert_eq!(read.map(String::as_str), Some(clean), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn relayed_stanzas_lose_the_non_characters_the_framer_lets_through() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<message from='a@x.test' to='b@y.test' id='r1'><body>\u{FFFE}x\u{FFFF}\u{FFFD}\u{FF5E}</body></message>",
+        );
+        let env = stanza_to_envelope(&s[0], "fed-xmpp", &maps).expect("converted");
+        let mut out = b"<presence/>".to_vec();
+        envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+        let text = std::str::from_utf8(&out).expect("utf-8");
+        assert_eq!(
+            text,
+            "<presence/><message from='a@x.test' to='b@y.test' id='r1'><body>\u{FFFD}x\u{FFFD}\u{FFFD}\u{FF5E}</body></message>"
         );
     }
 

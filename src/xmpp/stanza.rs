@@ -358,20 +358,17 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
                     g.2.push_str(&t);
                 }
             }
+            // References are resolved at both depths: an error's `<text/>` (depth 3) carries
+            // `&amp;` and friends as often as a body does.
             Ok((_, Event::GeneralRef(g))) if depth == 2 => {
-                if let Some(c) = out.last_mut() {
-                    let s = match g.resolve_char_ref() {
-                        Ok(Some(ch)) => ch.to_string(),
-                        _ => match &*g {
-                            "lt" => "<".into(),
-                            "gt" => ">".into(),
-                            "amp" => "&".into(),
-                            "apos" => "'".into(),
-                            "quot" => "\"".into(),
-                            _ => String::new(),
-                        },
-                    };
-                    c.text.push_str(&s);
+                if let (Some(c), Some(ch)) = (out.last_mut(), resolve_ref(&g)) {
+                    c.text.push(ch);
+                }
+            }
+            Ok((_, Event::GeneralRef(g))) if depth == 3 => {
+                let g_text = out.last_mut().and_then(|c| c.children.last_mut());
+                if let (Some(t), Some(ch)) = (g_text, resolve_ref(&g)) {
+                    t.2.push(ch);
                 }
             }
             Ok((_, Event::CData(t))) if depth == 2 => {
@@ -411,17 +408,8 @@ pub fn root_text(stanza: &Stanza) -> String {
             Ok(Event::Text(t)) if depth == 1 => out.push_str(&t),
             Ok(Event::CData(t)) if depth == 1 => out.push_str(&t),
             Ok(Event::GeneralRef(g)) if depth == 1 => {
-                if let Ok(Some(ch)) = g.resolve_char_ref() {
+                if let Some(ch) = resolve_ref(&g) {
                     out.push(ch);
-                } else {
-                    match &*g {
-                        "lt" => out.push('<'),
-                        "gt" => out.push('>'),
-                        "amp" => out.push('&'),
-                        "apos" => out.push('\''),
-                        "quot" => out.push('"'),
-                        _ => {}
-                    }
                 }
             }
             Ok(Event::Eof) | Err(_) => break,
@@ -429,4 +417,20 @@ pub fn root_text(stanza: &Stanza) -> String {
         }
     }
     out.trim().to_owned()
+}
+
+/// A character or predefined entity reference (XML 1.0 §4.1, §4.6) as the character it stands
+/// for; `None` for anything else (the framer already refused other entities).
+fn resolve_ref(g: &quick_xml::events::BytesRef<'_>) -> Option<char> {
+    if let Ok(Some(ch)) = g.resolve_char_ref() {
+        return Some(ch);
+    }
+    match &**g {
+        "lt" => Some('<'),
+        "gt" => Some('>'),
+        "amp" => Some('&'),
+        "apos" => Some('\''),
+        "quot" => Some('"'),
+        _ => None,
+    }
 }

@@ -204,7 +204,7 @@ pub fn encode_presence(p: &XmppPresence, attrs: &PresenceAttrs, out: &mut Vec<u8
     }
     if let Some(status) = &p.status {
         out.extend_from_slice(b"<status>");
-        xml::push_text(out, status);
+        write_text(out, status);
         out.extend_from_slice(b"</status>");
     }
     if let Some(priority) = p.priority {
@@ -213,6 +213,24 @@ pub fn encode_presence(p: &XmppPresence, attrs: &PresenceAttrs, out: &mut Vec<u8
         out.extend_from_slice(b"</priority>");
     }
     out.extend_from_slice(b"</presence>");
+}
+
+/// Writes `s` as character data of an XMPP stanza. This is the one escaper for text Legate
+/// writes into stanzas (presence status here, message bodies, threads and error text in
+/// `xmpp::convert`): besides the five predefined entities and CR as `&#13;`, every character
+/// XML 1.0 §2.2 does not allow as `Char` (C0 controls, U+FFFE, U+FFFF) becomes U+FFFD. Text from
+/// a SIP peer may hold any of them, and one of them on a component or s2s stream makes the
+/// receiver close the whole stream with `<not-well-formed/>` (RFC 6120 §4.9.3.13), dropping
+/// every other user's traffic on that link.
+pub fn write_text(out: &mut Vec<u8>, s: &str) {
+    xml::push_text(out, s);
+}
+
+/// Writes `s` as an attribute value (either quote style) of an XMPP stanza: as [`write_text`],
+/// plus TAB, LF and CR as character references so attribute-value normalisation (XML 1.0
+/// §3.3.3) gives them back unchanged.
+pub fn write_attr(out: &mut Vec<u8>, s: &str) {
+    xml::push_attr(out, s);
 }
 
 /// Writes any [`PresenceKind`]; non-broadcast kinds are an empty `<presence type='..'/>`.
@@ -238,7 +256,7 @@ fn write_open(out: &mut Vec<u8>, attrs: &PresenceAttrs, type_: Option<&str>) {
             out.push(b' ');
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"=\"");
-            xml::push_attr(out, value);
+            write_attr(out, value);
             out.push(b'"');
         }
     }
