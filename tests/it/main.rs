@@ -13,6 +13,7 @@ mod cli_sip_check;
 mod component_link;
 mod config;
 mod dns;
+mod gateway_safety;
 mod golden_tables;
 mod harness_prosody;
 mod interworking;

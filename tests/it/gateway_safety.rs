@@ -18,9 +18,7 @@
 //! Through the hub: a home node sending as another node's user is answered `<forbidden/>` on
 //! its own link, the denial is counted, and nothing leaves toward the destination.
 
-mod common;
-mod sip_ua;
-
+use crate::{common, sip_ua};
 use legate::config::Domain;
 use legate::gateway::envelope::{
     Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, PresenceBody, Subscription,
@@ -454,18 +452,14 @@ default_system = "xmpp"
 const SECRET: &str = "gateway-safety-component-secret-42";
 const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Starts `legate run` (SIP over mutual TLS for `partner.test`, one home node) and waits until
-/// it listens and its component link is up. Returns the child, the SIP address and the log path.
-fn start_legate(
+/// Starts `legate run` (SIP over mutual TLS for `partner.test`, one home node) through the
+/// shared harness and waits until its component link is up.
+async fn start_legate(
     dir: &std::path::Path,
     certs: &common::certs::CertFactory,
     ours: &common::certs::Leaf,
     component: std::net::SocketAddr,
-) -> anyhow::Result<(
-    common::prosody::GuardedChild,
-    std::net::SocketAddr,
-    std::path::PathBuf,
-)> {
+) -> anyhow::Result<common::legate::Legate> {
     let cfg = dir.join("legate.toml");
     std::fs::write(
         &cfg,
@@ -501,28 +495,13 @@ default_system = "xmpp"
             ca = certs.ca_path().display(),
         ),
     )?;
-    let log = dir.join("legate.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
-    cmd.arg("run").arg("--config").arg(&cfg);
-    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log)?;
-    let t0 = std::time::Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let sip = text
-            .lines()
-            .find_map(|l| l.strip_prefix("legate: listening sip_tls "))
-            .and_then(|a| a.trim().parse().ok());
-        if let (Some(a), true) = (sip, text.contains("component partner.test connected")) {
-            return Ok((child, a, log));
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            anyhow::bail!("legate exited ({st}):\n{text}");
-        }
-        if t0.elapsed() > WAIT {
-            anyhow::bail!("legate did not come up:\n{text}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let legate = common::legate::Legate::start(&cfg, &["sip_tls"])?;
+    legate
+        .wait_output("the component link", WAIT, |t| {
+            t.contains("component partner.test connected")
+        })
+        .await?;
+    Ok(legate)
 }
 
 async fn pager(ua: &mut sip_ua::Ua, n: u32, body: &str) -> anyhow::Result<Option<u16>> {
@@ -562,11 +541,12 @@ async fn a_pager_message_with_u_0001_reaches_prosody_and_the_link_stays_up() -> 
             .component("partner.test", SECRET),
     )?;
     let dir = tempfile::tempdir()?;
-    let (_legate, sip, log) = start_legate(dir.path(), &certs, &ours, prosody.component_addr())?;
+    let legate = start_legate(dir.path(), &certs, &ours, prosody.component_addr()).await?;
+    let sip = legate.addr("sip_tls");
     let why = || {
         format!(
             "--- legate ---\n{}\n--- prosody ---\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
+            legate.output(),
             prosody.log()
         )
     };
@@ -599,7 +579,7 @@ async fn a_pager_message_with_u_0001_reaches_prosody_and_the_link_stays_up() -> 
             .with_context(why)?;
         assert_eq!(m.body.as_deref(), Some(received), "{}", why());
     }
-    let legate_log = std::fs::read_to_string(&log)?;
+    let legate_log = legate.output();
     assert_eq!(
         legate_log
             .matches("component partner.test connected")
