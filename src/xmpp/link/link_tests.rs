@@ -536,3 +536,24 @@ async fn garbage_after_the_handshake_ends_the_stream_and_reconnects() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_error_on_an_established_link_is_not_reported_as_a_handshake_failure() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let mut peer = accept(&l, Ok(())).await;
+    gw.wait_status("link up", |s| s.up).await;
+    // What Prosody does with a stanza it cannot parse: a stream error, then the close.
+    peer.send("<stream:error><not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").await;
+    let s = gw
+        .wait_status("link down", |s| !s.up && s.last_failure.is_some())
+        .await;
+    let (label, text) = s.last_failure.unwrap_or_default();
+    assert_eq!(label, "stream_error");
+    assert!(
+        text.starts_with("established stream ended") && text.contains("NotWellFormed"),
+        "{text}"
+    );
+    assert!(!text.contains("handshake"), "{text}");
+    gw.stop().await;
+}

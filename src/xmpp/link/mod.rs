@@ -189,6 +189,11 @@ pub enum LinkError {
     },
     #[error("handshake failed: {0}")]
     Handshake(ComponentFailure),
+    /// The same failures once the link was up: the home node closed or broke an established
+    /// stream (e.g. Prosody's `not-well-formed` after a stanza it could not parse), which an
+    /// admin must not read as a handshake problem.
+    #[error("established stream ended: {0}")]
+    Ended(ComponentFailure),
     #[error("stream from the home node is invalid: {0}")]
     Framing(StreamError),
     #[error("home node sent a stanza that breaks RFC 6120: {0}")]
@@ -205,7 +210,7 @@ impl LinkError {
             LinkError::Resolve(_) | LinkError::NoResolver | LinkError::NoTargets => "resolve",
             LinkError::Secret { .. } | LinkError::EmptySecret(_) => "secret_unreadable",
             LinkError::Connect { .. } => "connect",
-            LinkError::Handshake(f) => match f {
+            LinkError::Handshake(f) | LinkError::Ended(f) => match f {
                 ComponentFailure::StreamError { condition, .. } => match condition {
                     Some(StreamErrorCondition::NotAuthorized) => "not_authorized",
                     Some(StreamErrorCondition::Conflict) => "conflict",
@@ -245,6 +250,17 @@ impl LinkError {
                  Component \"<domain>\" with component_secret)"
             )),
             _ => None,
+        }
+    }
+}
+
+impl LinkError {
+    /// How an error that ended an established link is reported: a failure of the handshake
+    /// machine there is the end of the stream, not a failed handshake.
+    pub(crate) fn after_up(self) -> Self {
+        match self {
+            LinkError::Handshake(f) => LinkError::Ended(f),
+            other => other,
         }
     }
 }

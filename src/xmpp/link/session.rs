@@ -432,7 +432,7 @@ impl Component {
             Some(t) => {
                 self.mark_down();
                 End::Dropped {
-                    error,
+                    error: error.after_up(),
                     lasted: t.elapsed(),
                 }
             }
