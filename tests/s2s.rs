@@ -65,6 +65,9 @@ struct Opts<'a> {
     queue: usize,
     idle_secs: u64,
     per_peer: usize,
+    stanza_secs: u64,
+    db_per_domain: usize,
+    db_total: usize,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -106,6 +109,9 @@ handshake_timeout_secs = {hs}
 idle_timeout_secs = {idle}
 max_connections_per_peer = {per_peer}
 outbound_queue_per_domain = {queue}
+stanza_timeout_secs = {stanza}
+dialback_pending_per_domain = {db_per_domain}
+dialback_verify_connections = {db_total}
 "#,
         local = o.local,
         cert = leaf.cert.display(),
@@ -116,6 +122,9 @@ outbound_queue_per_domain = {queue}
         queue = o.queue,
         idle = o.idle_secs,
         per_peer = o.per_peer,
+        stanza = o.stanza_secs,
+        db_per_domain = o.db_per_domain,
+        db_total = o.db_total,
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
@@ -267,6 +276,9 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         queue: 100,
         idle_secs: 30,
         per_peer: 64,
+        stanza_secs: 5,
+        db_per_domain: 8,
+        db_total: 64,
     }
 }
 
@@ -1038,5 +1050,157 @@ async fn bare_domain_iq_is_answered_and_other_unroutable_stanzas_dropped() {
     assert!(
         a.home.try_recv().is_err(),
         "an unroutable stanza reached the home node"
+    );
+}
+
+/// Issue 10 item 2: a peer that starts a stanza and then sends a byte now and then is closed
+/// with `<connection-timeout/>` once the stanza deadline (1 s here) passes, long before the
+/// negotiation deadline (3 × 5 s) or the idle timeout could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dribbled_stanza_is_closed_with_connection_timeout() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.stanza_secs = 1;
+    let a = side(&certs, o).await;
+    let label = "legate_s2s_deadlines_expired_total{direction=\"inbound\",phase=\"stanza\"}";
+    let before = metric(label);
+    let s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("</stream:features>") {
+        let n = tokio::time::timeout(T, r.read(&mut buf))
+            .await
+            .expect("features in time")
+            .expect("read");
+        assert!(n > 0, "closed before features");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let started = Instant::now();
+    // The dribbler: one byte every 100 ms, for longer than any deadline in play.
+    let dribble = tokio::spawn(async move {
+        for b in b"<message from='x@xmpp.test' to='alice@example.test'><body>"
+            .iter()
+            .cycle()
+        {
+            if w.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(T, r.read_to_end(&mut rest)).await;
+    let elapsed = started.elapsed();
+    dribble.abort();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"),
+        "{rest}"
+    );
+    assert!(rest.ends_with("</stream:stream>"), "{rest}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "closed after {elapsed:?}"
+    );
+    assert_eq!(metric(label), before + 1);
+}
+
+/// A stream that never authenticates is closed at the negotiation deadline (3 × the
+/// handshake timeout) with `<connection-timeout/>`, even while the peer keeps it busy with
+/// whitespace keepalives (which reset the idle timer but not this deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_stream_is_closed_at_the_negotiation_deadline() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.handshake_secs = 1;
+    let a = side(&certs, o).await;
+    let s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let started = Instant::now();
+    w.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let keepalive = tokio::spawn(async move {
+        while w.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(T, r.read_to_end(&mut all)).await;
+    let elapsed = started.elapsed();
+    keepalive.abort();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.contains("</stream:features>"), "{all}");
+    assert!(all.contains("<connection-timeout"), "{all}");
+    assert!(
+        elapsed >= Duration::from_millis(2900) && elapsed < Duration::from_secs(10),
+        "closed after {elapsed:?}"
+    );
+}
+
+/// Issue 10 item 4: while one verification for xmpp.test is in flight (its authoritative
+/// server accepts the connection and says nothing), a second `<db:result/>` for the same
+/// domain on another stream is answered at once with `type='error'` and
+/// `<resource-constraint/>` (`dialback_pending_per_domain = 1`) instead of opening another
+/// connection or waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verifications_per_domain_are_capped() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "dialback_only");
+    o.tls = "optional";
+    o.db_per_domain = 1;
+    let a = side(&certs, o).await;
+    // The authoritative server of xmpp.test: accepts and stays silent, holding the slot.
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    a.targets.insert(
+        dom("xmpp.test"),
+        target(auth.local_addr().expect("addr"), Transport::Tcp),
+    );
+    let refused = "legate_s2s_dialback_refused_total{reason=\"domain_busy\"}";
+    let before = metric(refused);
+    let open_dialback = async || {
+        let mut s = tokio::net::TcpStream::connect(a.s2s)
+            .await
+            .expect("connect");
+        s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+            .await
+            .expect("write");
+        let got = read_until(&mut s, "</stream:features>").await;
+        assert!(got.contains("urn:xmpp:features:dialback"), "{got}");
+        s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
+            .await
+            .expect("write");
+        s
+    };
+    let _first = open_dialback().await;
+    // The verification is in flight once A has connected to the authoritative server.
+    let (_held, _) = tokio::time::timeout(T, auth.accept())
+        .await
+        .expect("verify connection in time")
+        .expect("accept");
+    let mut second = open_dialback().await;
+    let got = read_until(&mut second, "</db:result>").await;
+    assert!(got.contains("type='error'"), "{got}");
+    assert!(
+        got.contains("<resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{got}"
+    );
+    assert_eq!(metric(refused), before + 1);
+    // No second verify connection was opened.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), auth.accept())
+            .await
+            .is_err(),
+        "a second verify connection was opened"
     );
 }
