@@ -109,12 +109,14 @@ impl Drop for VerifyPermit {
     }
 }
 
+/// A node's gate, found by its hub.
+type GateEntry = (Weak<Hub>, Arc<VerifyGate>);
+
 /// The gate of the node owning `hub`. It belongs in [`Shared`], whose definition lives in a
 /// module this change must not touch; until it moves there it is found by hub identity, so two
 /// gateways in one process (tests) never share a count, and a dropped hub's gate goes with it.
 pub fn gate_for(hub: &Arc<Hub>) -> Arc<VerifyGate> {
-    static GATES: LazyLock<Mutex<Vec<(Weak<Hub>, Arc<VerifyGate>)>>> =
-        LazyLock::new(|| Mutex::new(Vec::new()));
+    static GATES: LazyLock<Mutex<Vec<GateEntry>>> = LazyLock::new(|| Mutex::new(Vec::new()));
     let mut gates = GATES.lock().unwrap_or_else(|p| p.into_inner());
     gates.retain(|(h, _)| h.strong_count() > 0);
     if let Some((_, g)) = gates
