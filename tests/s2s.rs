@@ -1149,14 +1149,25 @@ async fn unauthenticated_stream_is_closed_at_the_negotiation_deadline() {
 /// Issue 10 item 4: while one verification for xmpp.test is in flight (its authoritative
 /// server accepts the connection and says nothing), a second `<db:result/>` for the same
 /// domain on another stream is answered at once with `type='error'` and
-/// `<resource-constraint/>` (`dialback_pending_per_domain = 1`) instead of opening another
-/// connection or waiting.
+/// `<resource-constraint/>` instead of opening another connection or waiting: here because of
+/// `dialback_pending_per_domain = 1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialback_verifications_per_domain_are_capped() {
+    second_dialback_is_refused(1, 64, "domain_busy").await;
+}
+
+/// The same with the node-wide cap: `dialback_verify_connections = 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verify_connections_are_capped_node_wide() {
+    second_dialback_is_refused(8, 1, "node_busy").await;
+}
+
+async fn second_dialback_is_refused(per_domain: usize, total: usize, reason: &str) {
     let certs = CertFactory::new();
     let mut o = opts("example.test", "xmpp.test", "dialback_only");
     o.tls = "optional";
-    o.db_per_domain = 1;
+    o.db_per_domain = per_domain;
+    o.db_total = total;
     let a = side(&certs, o).await;
     // The authoritative server of xmpp.test: accepts and stays silent, holding the slot.
     let auth = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1166,8 +1177,8 @@ async fn dialback_verifications_per_domain_are_capped() {
         dom("xmpp.test"),
         target(auth.local_addr().expect("addr"), Transport::Tcp),
     );
-    let refused = "legate_s2s_dialback_refused_total{reason=\"domain_busy\"}";
-    let before = metric(refused);
+    let refused = format!("legate_s2s_dialback_refused_total{{reason=\"{reason}\"}}");
+    let before = metric(&refused);
     let open_dialback = async || {
         let mut s = tokio::net::TcpStream::connect(a.s2s)
             .await
@@ -1195,7 +1206,7 @@ async fn dialback_verifications_per_domain_are_capped() {
         got.contains("<resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
         "{got}"
     );
-    assert_eq!(metric(refused), before + 1);
+    assert_eq!(metric(&refused), before + 1);
     // No second verify connection was opened.
     assert!(
         tokio::time::timeout(Duration::from_millis(300), auth.accept())
