@@ -1215,3 +1215,65 @@ async fn second_dialback_is_refused(per_domain: usize, total: usize, reason: &st
         "a second verify connection was opened"
     );
 }
+
+/// Issue 10 item 6 over real sockets: each fault of a plaintext peer gets the specific RFC 6120
+/// §4.9.3 condition, not a generic `not-well-formed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_peers_get_the_specific_rfc6120_condition() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "dialback_only");
+    o.tls = "optional";
+    let a = side(&certs, o).await;
+    let good = s2s_header("xmpp.test", "example.test");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // §4.9.3.25: a major version other than 1.
+        (
+            good.replace(" version='1.0' to=", " version='2.0' to=")
+                .into_bytes(),
+            "unsupported-version",
+        ),
+        // §4.9.3.22: bytes that are not UTF-8.
+        (
+            [good.as_bytes(), b"<message>\xC3\x28</message>"].concat(),
+            "unsupported-encoding",
+        ),
+        // §4.9.3.10: the wrong content namespace.
+        (
+            good.replace("xmlns='jabber:server'", "xmlns='jabber:client'")
+                .into_bytes(),
+            "invalid-namespace",
+        ),
+        // §4.9.3.18: a comment.
+        (
+            [good.as_bytes(), b"<!-- hello -->"].concat(),
+            "restricted-xml",
+        ),
+        // §4.9.3.9: a stream `from` that is not a domain.
+        (
+            s2s_header("not a domain!", "example.test").into_bytes(),
+            "invalid-from",
+        ),
+        // §4.9.3.12: a stanza before authentication.
+        (
+            [
+                good.as_bytes(),
+                b"<message from='a@xmpp.test' to='b@example.test'/>",
+            ]
+            .concat(),
+            "not-authorized",
+        ),
+    ];
+    for (bytes, want) in cases {
+        let mut s = tokio::net::TcpStream::connect(a.s2s)
+            .await
+            .expect("connect");
+        s.write_all(&bytes).await.expect("write");
+        let got = read_until(&mut s, "</stream:stream>").await;
+        assert!(
+            got.contains(&format!(
+                "<{want} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            )),
+            "{want}: {got}"
+        );
+    }
+}
