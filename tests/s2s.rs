@@ -1277,3 +1277,53 @@ async fn raw_peers_get_the_specific_rfc6120_condition() {
         );
     }
 }
+
+/// Issue 10 item 2: a TLS handshake that never completes is cut at `handshake_timeout_secs`
+/// (1 s here), on the XEP-0368 direct TLS listener and after `<proceed/>` on the STARTTLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_cut_at_the_handshake_timeout() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.handshake_secs = 1;
+    o.direct_tls = true;
+    let a = side(&certs, o).await;
+    let within = |d: Duration| d >= Duration::from_millis(900) && d < Duration::from_millis(2500);
+
+    // Direct TLS: the first bytes of a ClientHello record, then nothing.
+    let mut s = tokio::net::TcpStream::connect(a.direct.expect("direct listener"))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut sink)).await;
+    assert!(
+        within(started.elapsed()),
+        "direct TLS: {:?}",
+        started.elapsed()
+    );
+
+    // STARTTLS: `<proceed/>` received, then no handshake at all.
+    let mut s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    read_until(&mut s, "</stream:features>").await;
+    s.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .expect("write");
+    let got = read_until(&mut s, "<proceed").await;
+    assert!(got.contains("<proceed"), "{got}");
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut sink)).await;
+    assert!(
+        within(started.elapsed()),
+        "STARTTLS: {:?}",
+        started.elapsed()
+    );
+}

@@ -2,6 +2,13 @@
 //! the transport, the framer and the [`S2sNegotiator`], carries out the machine's I/O actions
 //! (bytes out, STARTTLS, framer reset) and hands everything else — verdicts, stanzas, dialback
 //! questions and answers — to the role's task as [`Up`] events. It decides nothing itself.
+//!
+//! Deadlines it enforces on every stream (issue 10 item 2): a write must finish within the
+//! handshake timeout; an element must be complete within `limits.stanza_timeout_secs` of its
+//! first byte (the framer reports when that byte was seen, [`Conn::read`] bounds the wait);
+//! the negotiation deadline of the machine is reported through
+//! [`Conn::negotiation_deadline`]. Each expiry is `<connection-timeout/>` (RFC 6120 §4.9.3.4)
+//! and counts in `legate_s2s_deadlines_expired_total{direction,phase}`.
 
 use super::io::{BoxIo, Rewind};
 use super::metrics::{DEADLINES, OPEN, STREAM_ERRORS, TLS_FAILURES};

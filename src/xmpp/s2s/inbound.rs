@@ -10,6 +10,11 @@
 //! answers `type='error'` when dialback is not allowed for it; (4) after authentication — the
 //! domain is checked against the live configuration once more. Only stanzas from an
 //! authenticated, allowed domain reach the hub.
+//!
+//! Bounds: the TLS handshake (`handshake_timeout_secs`), the whole negotiation (three of
+//! them), each element (`stanza_timeout_secs`, see [`Conn::read`]), and the dialback
+//! verifications a peer can make us start ([`super::verify::admit`]: per foreign domain and
+//! node-wide, refused at once beyond them).
 
 use super::conn::{cert_domains_of, Conn, TlsSide, Up};
 use super::metrics::{REFUSED, STANZAS, STREAMS, UNROUTABLE};
