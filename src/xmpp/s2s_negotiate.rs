@@ -466,7 +466,7 @@ impl S2sNegotiator {
         // XEP-0220 §2.4: a verification that could not be done is `remote-server-not-found`.
         let condition =
             (verdict == DbType::Error).then_some(StanzaErrorCondition::RemoteServerNotFound);
-        self.answer_dialback(originating, receiving, verdict, condition)
+        self.answer_dialback(originating, receiving, verdict, condition, true)
     }
 
     /// The driver did not start the verification asked for (per-domain or node-wide bound on
@@ -478,7 +478,14 @@ impl S2sNegotiator {
         receiving: &str,
         condition: StanzaErrorCondition,
     ) -> Vec<S2sAction> {
-        self.answer_dialback(originating, receiving, DbType::Error, Some(condition))
+        // Our own bound, not the peer's failure: it does not count toward closing the stream.
+        self.answer_dialback(
+            originating,
+            receiving,
+            DbType::Error,
+            Some(condition),
+            false,
+        )
     }
 
     fn answer_dialback(
@@ -487,6 +494,7 @@ impl S2sNegotiator {
         receiving: &str,
         verdict: DbType,
         condition: Option<StanzaErrorCondition>,
+        peer_failed: bool,
     ) -> Vec<S2sAction> {
         if self.phase == Phase::Done {
             return Vec::new();
@@ -509,7 +517,7 @@ impl S2sNegotiator {
         }
         // XEP-0220 §2.4: an invalid key gets type='invalid'; the stream may carry other
         // domains, so one failure does not close it — repeated failures do.
-        if self.authenticated.is_empty() {
+        if peer_failed && self.authenticated.is_empty() {
             self.auth_failures += 1;
             if self.auth_failures >= MAX_DIALBACK_FAILURES && self.pending_dialback.is_empty() {
                 out.extend(self.fail(
@@ -1269,6 +1277,19 @@ mod tests {
         let a =
             s.m.handle_dialback_verified("capulet.example", "montague.example", DbType::Valid);
         assert!(a.is_empty(), "{a:?}");
+        for _ in 0..3 {
+            s.feed(DB_RESULT);
+            let a = s.m.handle_dialback_refused(
+                "capulet.example",
+                "montague.example",
+                StanzaErrorCondition::ResourceConstraint,
+            );
+            assert_eq!(
+                failed_with(&a),
+                None,
+                "our own bound is not the peer's failure"
+            );
+        }
     }
 
     /// XEP-0220 §2.4 keeps the stream after one invalid key; the third failure with nothing
