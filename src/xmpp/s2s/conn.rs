@@ -165,8 +165,8 @@ impl Conn {
         self.stanza_timeout = d;
     }
 
-    /// The negotiation deadline passed: the machine's `connection-timeout` (RFC 6120
-    /// §4.9.3.4), counted. Returns the machine's actions (empty if it was not due yet).
+    /// Reports `now` to the machine; if its negotiation deadline has passed, carries out its
+    /// `connection-timeout` (RFC 6120 §4.9.3.4) and counts it. Events go to `ups`.
     pub async fn negotiation_deadline(&mut self, now: Instant, ups: &mut Vec<Up>) {
         let a = self.m.handle_timeout(now);
         if !a.is_empty() {
