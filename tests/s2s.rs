@@ -68,6 +68,10 @@ struct Opts<'a> {
     stanza_secs: u64,
     db_per_domain: usize,
     db_total: usize,
+    /// `[dns] nameservers`: a loopback dnsmasq instead of static targets.
+    dns: Option<SocketAddr>,
+    /// `xmpp.federation.dialback_allow_private_targets`.
+    allow_private: bool,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -98,6 +102,7 @@ trust_bundle = "{ca}"
 [xmpp.federation]
 mode = "allow_list"
 dialback_secret = "secret-of-{local}-0123456789"
+dialback_allow_private_targets = {allow_private}
 {fed}
 [[home_node]]
 name = "hn1"
@@ -112,6 +117,7 @@ outbound_queue_per_domain = {queue}
 stanza_timeout_secs = {stanza}
 dialback_pending_per_domain = {db_per_domain}
 dialback_verify_connections = {db_total}
+{dns}
 "#,
         local = o.local,
         cert = leaf.cert.display(),
@@ -125,6 +131,11 @@ dialback_verify_connections = {db_total}
         stanza = o.stanza_secs,
         db_per_domain = o.db_per_domain,
         db_total = o.db_total,
+        allow_private = o.allow_private,
+        dns = o
+            .dns
+            .map(|a| format!("[dns]\nnameservers = [\"{a}\"]\n"))
+            .unwrap_or_default(),
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
@@ -279,6 +290,8 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         stanza_secs: 5,
         db_per_domain: 8,
         db_total: 64,
+        dns: None,
+        allow_private: false,
     }
 }
 
@@ -1326,4 +1339,59 @@ async fn stalled_tls_handshakes_are_cut_at_the_handshake_timeout() {
         "STARTTLS: {:?}",
         started.elapsed()
     );
+}
+
+/// Issue 10 item 4: a foreign domain whose DNS points its authoritative server at a loopback
+/// address cannot make us connect there for dialback: the request is answered `type='error'`
+/// and nothing connects — unless `dialback_allow_private_targets = true`, when the same
+/// records do lead to a verify connection (so the DNS path itself works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verify_targets_on_loopback_are_refused_unless_allowed() {
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = auth.local_addr().expect("addr").port();
+    let dns = common::dnsmasq::Dnsmasq::start(&[
+        common::dnsmasq::DnsRecord::xmpp_server("xmpp.test", "auth.xmpp.test", port),
+        common::dnsmasq::DnsRecord::a("auth.xmpp.test", std::net::Ipv4Addr::LOCALHOST),
+    ])
+    .expect("dnsmasq (apt-get install dnsmasq-base)");
+    let certs = CertFactory::new();
+    let dialback = async |allow_private: bool| {
+        let mut o = opts("example.test", "xmpp.test", "dialback_only");
+        o.tls = "optional";
+        o.dns = Some(dns.addr());
+        o.allow_private = allow_private;
+        let a = side(&certs, o).await;
+        let mut s = tokio::net::TcpStream::connect(a.s2s)
+            .await
+            .expect("connect");
+        s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+            .await
+            .expect("write");
+        read_until(&mut s, "</stream:features>").await;
+        s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
+            .await
+            .expect("write");
+        (a, s)
+    };
+
+    let label = "legate_s2s_dialback_refused_total{reason=\"private_target\"}";
+    let before = metric(label);
+    let (_a, mut s) = dialback(false).await;
+    let got = read_until(&mut s, "</db:result>").await;
+    assert!(got.contains("type='error'"), "{got}");
+    assert_eq!(metric(label), before + 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), auth.accept())
+            .await
+            .is_err(),
+        "a verify connection went to a loopback address from DNS"
+    );
+
+    let (_b, _s) = dialback(true).await;
+    tokio::time::timeout(T, auth.accept())
+        .await
+        .expect("allowed: the verify connection arrives")
+        .expect("accept");
 }
