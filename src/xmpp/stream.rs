@@ -1318,6 +1318,43 @@ mod tests {
         assert_eq!(f.observe_partial(t1), Some(t1));
     }
 
+    proptest::proptest! {
+        /// However a stream is cut into pushes, the pending-element time is one of the push
+        /// times so far, never later than now, never earlier than the last complete element,
+        /// and nothing is pending once the stream has been fully delivered.
+        #[test]
+        fn partial_time_is_a_push_time_never_older_than_the_last_element(
+            cuts in proptest::collection::vec(0usize..400, 0..12)
+        ) {
+            use std::time::Duration;
+            let mut input = HDR.to_vec();
+            input.extend_from_slice(
+                b"<message to='a@b'><body>one</body></message> <iq type='get' id='1'/>\n\
+                  <presence><status>x &amp; y</status></presence>",
+            );
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.push(input.len());
+            cuts.sort_unstable();
+            let t0 = Instant::now();
+            let mut f = StreamFramer::default();
+            let (mut from, mut last_event) = (0, t0);
+            for (i, &cut) in cuts.iter().enumerate() {
+                let now = t0 + Duration::from_secs(i as u64);
+                f.push(&input[from..cut]);
+                from = cut;
+                while let Ok(Some(_)) = f.next_event() {
+                    last_event = now;
+                }
+                if let Some(t) = f.observe_partial(now) {
+                    proptest::prop_assert!(t <= now);
+                    proptest::prop_assert!(t >= last_event);
+                    proptest::prop_assert_eq!((t - t0).subsec_nanos(), 0);
+                }
+            }
+            proptest::prop_assert_eq!(f.observe_partial(t0 + Duration::from_secs(99)), None);
+        }
+    }
+
     #[test]
     fn invalid_utf8_is_unsupported_encoding() {
         for split in [1usize, 5, 40] {
