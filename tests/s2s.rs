@@ -1192,27 +1192,13 @@ async fn second_dialback_is_refused(per_domain: usize, total: usize, reason: &st
     );
     let refused = format!("legate_s2s_dialback_refused_total{{reason=\"{reason}\"}}");
     let before = metric(&refused);
-    let open_dialback = async || {
-        let mut s = tokio::net::TcpStream::connect(a.s2s)
-            .await
-            .expect("connect");
-        s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
-            .await
-            .expect("write");
-        let got = read_until(&mut s, "</stream:features>").await;
-        assert!(got.contains("urn:xmpp:features:dialback"), "{got}");
-        s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
-            .await
-            .expect("write");
-        s
-    };
-    let _first = open_dialback().await;
+    let _first = raw_dialback(a.s2s).await;
     // The verification is in flight once A has connected to the authoritative server.
     let (_held, _) = tokio::time::timeout(T, auth.accept())
         .await
         .expect("verify connection in time")
         .expect("accept");
-    let mut second = open_dialback().await;
+    let mut second = raw_dialback(a.s2s).await;
     let got = read_until(&mut second, "</db:result>").await;
     assert!(got.contains("type='error'"), "{got}");
     assert!(
@@ -1220,12 +1206,30 @@ async fn second_dialback_is_refused(per_domain: usize, total: usize, reason: &st
         "{got}"
     );
     assert_eq!(metric(&refused), before + 1);
-    // No second verify connection was opened.
+    assert_no_connection(&auth, "a second verify connection was opened").await;
+}
+
+/// A plaintext stream from xmpp.test to example.test that has sent one `<db:result/>`.
+async fn raw_dialback(to: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+    s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let got = read_until(&mut s, "</stream:features>").await;
+    assert!(got.contains("urn:xmpp:features:dialback"), "{got}");
+    s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
+        .await
+        .expect("write");
+    s
+}
+
+/// Nothing connects to `l` for a while (a refusal already answered; nothing in flight).
+async fn assert_no_connection(l: &tokio::net::TcpListener, why: &str) {
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), auth.accept())
+        tokio::time::timeout(Duration::from_millis(300), l.accept())
             .await
             .is_err(),
-        "a second verify connection was opened"
+        "{why}"
     );
 }
 
@@ -1363,16 +1367,7 @@ async fn dialback_verify_targets_on_loopback_are_refused_unless_allowed() {
         o.dns = Some(dns.addr());
         o.allow_private = allow_private;
         let a = side(&certs, o).await;
-        let mut s = tokio::net::TcpStream::connect(a.s2s)
-            .await
-            .expect("connect");
-        s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
-            .await
-            .expect("write");
-        read_until(&mut s, "</stream:features>").await;
-        s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
-            .await
-            .expect("write");
+        let s = raw_dialback(a.s2s).await;
         (a, s)
     };
 
@@ -1382,12 +1377,11 @@ async fn dialback_verify_targets_on_loopback_are_refused_unless_allowed() {
     let got = read_until(&mut s, "</db:result>").await;
     assert!(got.contains("type='error'"), "{got}");
     assert_eq!(metric(label), before + 1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), auth.accept())
-            .await
-            .is_err(),
-        "a verify connection went to a loopback address from DNS"
-    );
+    assert_no_connection(
+        &auth,
+        "a verify connection went to a loopback address from DNS",
+    )
+    .await;
 
     let (_b, _s) = dialback(true).await;
     tokio::time::timeout(T, auth.accept())
