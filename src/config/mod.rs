@@ -140,6 +140,10 @@ pub struct XmppFederation {
     /// `None`: the node generates a random secret at start (fine for a single node; a cluster
     /// needs the same secret on every node for dialback to verify across nodes).
     pub dialback_secret: Option<Secret>,
+    /// Dialback verify connections may go to private, loopback, link-local, unspecified or
+    /// multicast addresses from DNS (default false: a foreign DNS zone must not make us
+    /// connect inside our own network).
+    pub dialback_allow_private_targets: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +198,13 @@ pub struct Limits {
     pub max_subscriptions_per_user: usize,
     pub outbound_queue_per_domain: usize,
     pub delivery_timeout_secs: u64,
+    /// A stanza (or stream header) must be complete this long after its first byte
+    /// (issue 10 item 2; RFC 6120 §4.9.3.4 `connection-timeout` otherwise).
+    pub stanza_timeout_secs: u64,
+    /// Dialback verifications (XEP-0220 §2.1.2) in flight for one foreign domain, node-wide.
+    pub dialback_pending_per_domain: usize,
+    /// Verify-only connections to authoritative servers open at once, node-wide.
+    pub dialback_verify_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -107,6 +107,7 @@ pub(crate) struct RawXmpp {
 pub(crate) struct RawXmppFederation {
     pub mode: Option<FederationMode>,
     pub dialback_secret: Option<S<String>>,
+    pub dialback_allow_private_targets: Option<bool>,
     #[serde(default)]
     pub domain: Vec<RawXmppDomain>,
 }
@@ -154,6 +155,9 @@ pub(crate) struct RawLimits {
     pub max_subscriptions_per_user: Option<S<i64>>,
     pub outbound_queue_per_domain: Option<S<i64>>,
     pub delivery_timeout_secs: Option<S<i64>>,
+    pub stanza_timeout_secs: Option<S<i64>>,
+    pub dialback_pending_per_domain: Option<S<i64>>,
+    pub dialback_verify_connections: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

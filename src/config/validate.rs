@@ -56,6 +56,9 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("max_subscriptions_per_user", 1_000, 1, 100_000),
     lim("outbound_queue_per_domain", 1_000, 1, 1_000_000),
     lim("delivery_timeout_secs", 30, 1, 600),
+    lim("stanza_timeout_secs", 5, 1, 300),
+    lim("dialback_pending_per_domain", 8, 1, 10_000),
+    lim("dialback_verify_connections", 64, 1, 100_000),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 
@@ -717,6 +720,9 @@ fn xmpp(
                 mode: f.and_then(|f| f.mode).unwrap_or(FederationMode::AllowList),
                 domains: out,
                 dialback_secret,
+                dialback_allow_private_targets: f
+                    .and_then(|f| f.dialback_allow_private_targets)
+                    .unwrap_or(false),
             },
         },
         seen,
@@ -964,6 +970,9 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         max_subscriptions_per_user: get!(max_subscriptions_per_user) as usize,
         outbound_queue_per_domain: get!(outbound_queue_per_domain) as usize,
         delivery_timeout_secs: get!(delivery_timeout_secs) as u64,
+        stanza_timeout_secs: get!(stanza_timeout_secs) as u64,
+        dialback_pending_per_domain: get!(dialback_pending_per_domain) as usize,
+        dialback_verify_connections: get!(dialback_verify_connections) as usize,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.
@@ -1234,6 +1243,9 @@ mod tests {
             "im_session_idle_secs",
             "max_subscriptions_per_user",
             "outbound_queue_per_domain",
+            "stanza_timeout_secs",
+            "dialback_pending_per_domain",
+            "dialback_verify_connections",
             "intercluster.sync_interval_mins",
         ] {
             assert_eq!(range_of(key).key, key);

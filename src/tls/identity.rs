@@ -1,21 +1,32 @@
 //! The peer's certificate identity after a handshake, and RFC 6125 name matching.
 //!
 //! This module owns the answer to "which domain does this verified certificate speak for?". It
-//! reads the DNS-IDs of the leaf certificate (SAN `dNSName`, and the subject CN only when the
-//! certificate has no DNS-ID, RFC 6125 §6.4.4) and whether the leaf allows TLS client
-//! authentication (RFC 5280 §4.2.1.12). It parses only those few fields, with a small bounded
-//! DER reader: chain, signature and validity were already checked by webpki inside rustls
-//! before any of this runs, so nothing here decides trust — it only names the peer. It must not
-//! match by suffix or by anything looser than RFC 6125 §6.4.
+//! reads the presented identifiers of the leaf certificate — SAN `dNSName` (DNS-ID), SAN
+//! `otherName` SRV-ID (RFC 4985) and `id-on-xmppAddr` (RFC 6120 §13.7.1.4), and the subject CN
+//! only when the SAN holds none of these (RFC 6125 §6.4.4) — and whether the leaf allows TLS
+//! client authentication (RFC 5280 §4.2.1.12). Parsing is x509-parser's: chain, signature and
+//! validity were already checked by webpki inside rustls before any of this runs, so nothing
+//! here decides trust — it only names the peer. It must not match by suffix or by anything
+//! looser than RFC 6125 §6.4.
 
 use crate::config::Domain;
+use x509_parser::asn1_rs::{Any, Class, FromDer, Tag};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::X509Certificate;
 
 /// What a verified peer certificate says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
     /// Reference-free presented identifiers: SAN `dNSName` entries (ASCII-lowercased, trailing
-    /// dot removed), or the subject CN(s) if the certificate has no `dNSName` at all.
+    /// dot removed), or the subject CN(s) if the certificate has no DNS-ID, SRV-ID, URI-ID or
+    /// xmppAddr at all (RFC 6125 §6.4.4).
     pub dns_ids: Vec<String>,
+    /// Domains of SAN SRV-IDs for XMPP server-to-server service (`_xmpp-server.example.com`,
+    /// XEP-0368's `_xmpps-server.`; RFC 6120 §13.7.1.2.1, RFC 6125 §6.5.1), normalised.
+    pub srv_ids: Vec<String>,
+    /// SAN `id-on-xmppAddr` values that are bare domains (RFC 6120 §13.7.1.4), normalised.
+    /// An xmppAddr with a localpart or resource names a user, never a server.
+    pub xmpp_addrs: Vec<String>,
     /// True when the leaf may be used for TLS client authentication: it has no EKU extension,
     /// or its EKU lists `id-kp-clientAuth` or `anyExtendedKeyUsage` (RFC 5280 §4.2.1.12).
     pub client_auth_eku: bool,
@@ -25,197 +36,130 @@ pub struct PeerCert {
     pub leaf_der: Vec<u8>,
 }
 
-/// Why a leaf certificate could not be read. webpki accepted it, so this means our reader met
-/// an encoding it does not handle; callers fail closed.
+/// Why a leaf certificate could not be read. webpki accepted it, so this means the X.509
+/// reader met an encoding it does not handle; callers fail closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot read the peer certificate: {0}")]
 pub struct CertParseError(pub &'static str);
 
-// DER tags (X.690 §8) used below.
-const TAG_SEQUENCE: u8 = 0x30;
-const TAG_SET: u8 = 0x31;
-const TAG_OID: u8 = 0x06;
-const TAG_BOOLEAN: u8 = 0x01;
-const TAG_OCTET_STRING: u8 = 0x04;
-const TAG_UTF8_STRING: u8 = 0x0c;
-const TAG_PRINTABLE_STRING: u8 = 0x13;
-const TAG_IA5_STRING: u8 = 0x16;
-/// `[0] EXPLICIT Version` in TBSCertificate.
-const TAG_VERSION: u8 = 0xa0;
-/// `[3] EXPLICIT Extensions` in TBSCertificate.
-const TAG_EXTENSIONS: u8 = 0xa3;
-/// GeneralName `dNSName [2] IMPLICIT IA5String` (RFC 5280 §4.2.1.6).
-const TAG_DNS_NAME: u8 = 0x82;
-
-// OID contents (without tag and length).
-/// id-at-commonName 2.5.4.3
-const OID_CN: &[u8] = &[0x55, 0x04, 0x03];
-/// id-ce-subjectAltName 2.5.29.17
-const OID_SAN: &[u8] = &[0x55, 0x1d, 0x11];
-/// id-ce-extKeyUsage 2.5.29.37
-const OID_EKU: &[u8] = &[0x55, 0x1d, 0x25];
-/// anyExtendedKeyUsage 2.5.29.37.0
-const OID_ANY_EKU: &[u8] = &[0x55, 0x1d, 0x25, 0x00];
-/// id-kp-serverAuth 1.3.6.1.5.5.7.3.1
-const OID_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
-/// id-kp-clientAuth 1.3.6.1.5.5.7.3.2
-const OID_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
-
-/// A cursor over DER bytes; every read is bounds-checked and returns an error, never panics.
-struct Der<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Der<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Self { rest: bytes }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.rest.is_empty()
-    }
-
-    fn peek_tag(&self) -> Option<u8> {
-        self.rest.first().copied()
-    }
-
-    /// Reads one TLV and returns (tag, contents).
-    fn read_any(&mut self) -> Result<(u8, &'a [u8]), CertParseError> {
-        let (&tag, after_tag) = self
-            .rest
-            .split_first()
-            .ok_or(CertParseError("truncated tag"))?;
-        if tag & 0x1f == 0x1f {
-            // High tag numbers never appear in the fields we read.
-            return Err(CertParseError("multi-byte tag"));
-        }
-        let (&first, mut after_len) = after_tag
-            .split_first()
-            .ok_or(CertParseError("truncated length"))?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            // DER forbids the indefinite form; 4 length bytes cover any certificate.
-            if n == 0 || n > 4 || after_len.len() < n {
-                return Err(CertParseError("bad length"));
-            }
-            let (len_bytes, rest) = after_len.split_at(n);
-            after_len = rest;
-            len_bytes
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b))
-        };
-        if after_len.len() < len {
-            return Err(CertParseError("length past the end"));
-        }
-        let (contents, rest) = after_len.split_at(len);
-        self.rest = rest;
-        Ok((tag, contents))
-    }
-
-    fn read(&mut self, want: u8) -> Result<&'a [u8], CertParseError> {
-        let (tag, contents) = self.read_any()?;
-        if tag != want {
-            return Err(CertParseError("unexpected tag"));
-        }
-        Ok(contents)
-    }
-
-    fn skip_if(&mut self, tag: u8) -> Result<(), CertParseError> {
-        if self.peek_tag() == Some(tag) {
-            self.read_any()?;
-        }
-        Ok(())
-    }
-}
+/// id-on-xmppAddr (RFC 6120 §13.7.1.4).
+const OID_XMPP_ADDR: &str = "1.3.6.1.5.5.7.8.5";
+/// id-on-dnsSRV (RFC 4985 §2).
+const OID_DNS_SRV: &str = "1.3.6.1.5.5.7.8.7";
+/// SRV-ID service labels that name an XMPP server (RFC 6120 §13.7.1.2.1, XEP-0368 §3).
+const XMPP_SERVER_SERVICES: &[&str] = &["_xmpp-server", "_xmpps-server"];
 
 impl PeerCert {
     /// Reads the identity fields of a DER X.509 certificate (RFC 5280 §4.1).
     pub fn from_der(der: &[u8]) -> Result<Self, CertParseError> {
-        let cert = Der::new(der).read(TAG_SEQUENCE)?;
-        let mut tbs = Der::new(Der::new(cert).read(TAG_SEQUENCE)?);
-        tbs.skip_if(TAG_VERSION)?;
-        tbs.read_any()?; // serialNumber
-        tbs.read(TAG_SEQUENCE)?; // signature AlgorithmIdentifier
-        tbs.read(TAG_SEQUENCE)?; // issuer
-        tbs.read(TAG_SEQUENCE)?; // validity
-        let subject = tbs.read(TAG_SEQUENCE)?;
-        tbs.read(TAG_SEQUENCE)?; // subjectPublicKeyInfo
-        let mut san_dns = Vec::new();
-        let mut eku: Option<Vec<&[u8]>> = None;
-        while !tbs.is_empty() {
-            let (tag, contents) = tbs.read_any()?;
-            if tag != TAG_EXTENSIONS {
-                continue; // issuerUniqueID / subjectUniqueID
-            }
-            let mut exts = Der::new(Der::new(contents).read(TAG_SEQUENCE)?);
-            while !exts.is_empty() {
-                let mut ext = Der::new(exts.read(TAG_SEQUENCE)?);
-                let oid = ext.read(TAG_OID)?;
-                ext.skip_if(TAG_BOOLEAN)?;
-                let value = ext.read(TAG_OCTET_STRING)?;
-                if oid == OID_SAN {
-                    let mut names = Der::new(Der::new(value).read(TAG_SEQUENCE)?);
-                    while !names.is_empty() {
-                        let (tag, name) = names.read_any()?;
-                        if tag == TAG_DNS_NAME {
-                            san_dns.push(name);
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|_| CertParseError("not a DER X.509 certificate"))?;
+        let mut dns_ids = Vec::new();
+        let mut srv_ids = Vec::new();
+        let mut xmpp_addrs = Vec::new();
+        // Any identifier of these types, usable or not, rules the CN out (RFC 6125 §6.4.4).
+        let mut san_has_ids = false;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|_| CertParseError("invalid subjectAltName"))?;
+        for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+            match name {
+                GeneralName::DNSName(d) => {
+                    san_has_ids = true;
+                    dns_ids.push(normalise_name(d));
+                }
+                GeneralName::URI(_) => san_has_ids = true,
+                GeneralName::OtherName(oid, value) => {
+                    let oid = oid.to_id_string();
+                    if oid == OID_XMPP_ADDR {
+                        san_has_ids = true;
+                        if let Some(d) = explicit_string(value).and_then(domain_of_jid) {
+                            xmpp_addrs.push(d);
+                        }
+                    } else if oid == OID_DNS_SRV {
+                        san_has_ids = true;
+                        if let Some(d) = explicit_string(value).and_then(xmpp_srv_domain) {
+                            srv_ids.push(d);
                         }
                     }
-                } else if oid == OID_EKU {
-                    let mut list = Der::new(Der::new(value).read(TAG_SEQUENCE)?);
-                    let mut oids = Vec::new();
-                    while !list.is_empty() {
-                        oids.push(list.read(TAG_OID)?);
-                    }
-                    eku = Some(oids);
                 }
+                _ => {}
             }
         }
-        // RFC 6125 §6.4.4: the CN is a fallback only when no DNS-ID is presented.
-        let raw_ids: Vec<&[u8]> = if san_dns.is_empty() {
-            common_names(subject)?
-        } else {
-            san_dns
-        };
-        let dns_ids = raw_ids
-            .into_iter()
-            .filter_map(|b| std::str::from_utf8(b).ok())
-            .map(normalise_name)
-            .collect();
-        let has = |want: &[u8]| {
-            eku.as_ref()
-                .is_none_or(|l| l.iter().any(|o| *o == want || *o == OID_ANY_EKU))
+        if !san_has_ids {
+            dns_ids = common_names(&cert);
+        }
+        let (client_auth_eku, server_auth_eku) = match cert.extended_key_usage() {
+            Ok(None) => (true, true),
+            Ok(Some(eku)) => {
+                let e = eku.value;
+                (e.any || e.client_auth, e.any || e.server_auth)
+            }
+            Err(_) => return Err(CertParseError("invalid extendedKeyUsage")),
         };
         Ok(Self {
             dns_ids,
-            client_auth_eku: has(OID_CLIENT_AUTH),
-            server_auth_eku: has(OID_SERVER_AUTH),
+            srv_ids,
+            xmpp_addrs,
+            client_auth_eku,
+            server_auth_eku,
             leaf_der: der.to_vec(),
         })
     }
+
+    /// Every identifier that names an XMPP server domain: DNS-IDs (wildcards included),
+    /// XMPP SRV-ID domains and domain xmppAddrs.
+    pub fn xmpp_ids(&self) -> impl Iterator<Item = &str> {
+        self.dns_ids
+            .iter()
+            .chain(&self.srv_ids)
+            .chain(&self.xmpp_addrs)
+            .map(String::as_str)
+    }
 }
 
-/// The CN attribute values of a Name (RFC 5280 §4.1.2.4), string types that can hold a
-/// hostname only.
-fn common_names(name: &[u8]) -> Result<Vec<&[u8]>, CertParseError> {
-    let mut out = Vec::new();
-    let mut rdns = Der::new(name);
-    while !rdns.is_empty() {
-        let mut set = Der::new(rdns.read(TAG_SET)?);
-        while !set.is_empty() {
-            let mut atv = Der::new(set.read(TAG_SEQUENCE)?);
-            let oid = atv.read(TAG_OID)?;
-            let (tag, value) = atv.read_any()?;
-            if oid == OID_CN
-                && matches!(tag, TAG_UTF8_STRING | TAG_PRINTABLE_STRING | TAG_IA5_STRING)
-            {
-                out.push(value);
-            }
-        }
+/// The string inside an otherName value: `[0] EXPLICIT` around a UTF8String (xmppAddr) or an
+/// IA5String (SRV-ID). Anything else is not a name we use.
+fn explicit_string(value: &[u8]) -> Option<&str> {
+    let (_, outer) = Any::from_der(value).ok()?;
+    if outer.class() != Class::ContextSpecific || outer.tag() != Tag(0) {
+        return None;
     }
-    Ok(out)
+    let (_, inner) = Any::from_der(outer.data).ok()?;
+    match inner.tag() {
+        Tag::Utf8String | Tag::Ia5String => std::str::from_utf8(inner.data).ok(),
+        _ => None,
+    }
+}
+
+/// A domain xmppAddr (`example.com`) normalised; a JID with a localpart or resource is not a
+/// server identity (RFC 6120 §13.7.1.4: the xmppAddr of a server is its domainpart).
+fn domain_of_jid(jid: &str) -> Option<String> {
+    if jid.contains(['@', '/']) {
+        return None;
+    }
+    Domain::parse(jid).ok().map(|d| d.as_str().to_owned())
+}
+
+/// `_xmpp-server.example.com` → `example.com` (RFC 4985 `_Service.Name`, no protocol label).
+fn xmpp_srv_domain(srv: &str) -> Option<String> {
+    let (service, name) = srv.split_once('.')?;
+    if !XMPP_SERVER_SERVICES
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(service))
+    {
+        return None;
+    }
+    Domain::parse(name).ok().map(|d| d.as_str().to_owned())
+}
+
+/// The subject's CN values (RFC 5280 §4.1.2.4) that are strings, normalised.
+fn common_names(cert: &X509Certificate<'_>) -> Vec<String> {
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(normalise_name)
+        .collect()
 }
 
 /// ASCII-lowercase and drop one trailing dot (RFC 6125 §6.4.1: compare case-insensitively;
@@ -261,6 +205,18 @@ pub fn matches_domain(peer: &PeerCert, domain: &Domain) -> bool {
     peer.dns_ids
         .iter()
         .any(|id| name_matches(id, domain.as_str()))
+}
+
+/// Does the certificate speak for XMPP server `domain`? Its DNS-IDs as in
+/// [`matches_domain`], plus an XMPP SRV-ID or a domain xmppAddr equal to it (RFC 6120
+/// §13.7.2.1; these never carry wildcards).
+pub fn matches_xmpp_domain(peer: &PeerCert, domain: &Domain) -> bool {
+    matches_domain(peer, domain)
+        || peer
+            .srv_ids
+            .iter()
+            .chain(&peer.xmpp_addrs)
+            .any(|id| id == domain.as_str())
 }
 
 #[cfg(test)]
@@ -320,6 +276,152 @@ mod tests {
         );
         for n in 0..der.len() {
             assert!(PeerCert::from_der(&der[..n]).is_err(), "prefix {n} parsed");
+        }
+    }
+
+    /// A self-signed leaf with these SANs and subject CN, as DER.
+    fn cert(sans: Vec<rcgen::SanType>, cn: Option<&str>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        let c = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("cert: {e}"));
+        c.der().to_vec()
+    }
+
+    fn dns(n: &str) -> rcgen::SanType {
+        rcgen::SanType::DnsName(
+            rcgen::string::Ia5String::try_from(n).unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    fn other(oid: &[u64], v: &str) -> rcgen::SanType {
+        rcgen::SanType::OtherName((oid.to_vec(), v.into()))
+    }
+
+    const XMPP_ADDR: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 8, 5];
+    const DNS_SRV: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 8, 7];
+
+    fn parsed(der: &[u8]) -> PeerCert {
+        PeerCert::from_der(der).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn d(s: &str) -> Domain {
+        Domain::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// RFC 6125 §6.4.4: with a DNS-ID in the SAN, a different CN is not an identity.
+    #[test]
+    fn san_present_cn_ignored() {
+        let p = parsed(&cert(vec![dns("a.example.com")], Some("cn.example.com")));
+        assert_eq!(p.dns_ids, vec!["a.example.com".to_string()]);
+        assert!(matches_domain(&p, &d("a.example.com")));
+        assert!(!matches_domain(&p, &d("cn.example.com")));
+    }
+
+    /// Without any SAN identifier the CN is the fallback.
+    #[test]
+    fn no_san_cn_used() {
+        let p = parsed(&cert(vec![], Some("CN.Example.com.")));
+        assert_eq!(p.dns_ids, vec!["cn.example.com".to_string()]);
+        assert!(matches_domain(&p, &d("cn.example.com")));
+    }
+
+    /// An xmppAddr alone names the server and also rules the CN out.
+    #[test]
+    fn xmpp_addr_names_the_server() {
+        let p = parsed(&cert(
+            vec![other(XMPP_ADDR, "xmpp.example.net")],
+            Some("cn.example.net"),
+        ));
+        assert!(p.dns_ids.is_empty(), "{:?}", p.dns_ids);
+        assert_eq!(p.xmpp_addrs, vec!["xmpp.example.net".to_string()]);
+        assert!(matches_xmpp_domain(&p, &d("xmpp.example.net")));
+        assert!(!matches_xmpp_domain(&p, &d("cn.example.net")));
+        // Only the XMPP matcher reads xmppAddr: it is not a DNS-ID (SIP uses DNS-IDs).
+        assert!(!matches_domain(&p, &d("xmpp.example.net")));
+        // A user JID is not a server identity.
+        let p = parsed(&cert(vec![other(XMPP_ADDR, "juliet@example.net")], None));
+        assert!(p.xmpp_addrs.is_empty() && p.dns_ids.is_empty());
+    }
+
+    /// SRV-IDs for the XMPP server service name their domain; other services do not.
+    #[test]
+    fn srv_id_for_xmpp_server() {
+        let p = parsed(&cert(
+            vec![
+                other(DNS_SRV, "_xmpp-server.example.org"),
+                other(DNS_SRV, "_imap.mail.example.org"),
+            ],
+            Some("cn.example.org"),
+        ));
+        assert_eq!(p.srv_ids, vec!["example.org".to_string()]);
+        assert!(p.dns_ids.is_empty(), "CN ignored: {:?}", p.dns_ids);
+        assert!(matches_xmpp_domain(&p, &d("example.org")));
+        assert!(!matches_xmpp_domain(&p, &d("mail.example.org")));
+    }
+
+    /// A wildcard DNS-ID covers one label and is matched, never listed as an exact domain.
+    #[test]
+    fn wildcard_dns_id() {
+        let p = parsed(&cert(vec![dns("*.example.com")], None));
+        assert_eq!(p.dns_ids, vec!["*.example.com".to_string()]);
+        assert!(matches_xmpp_domain(&p, &d("chat.example.com")));
+        assert!(!matches_xmpp_domain(&p, &d("example.com")));
+        assert!(!matches_xmpp_domain(&p, &d("a.chat.example.com")));
+    }
+
+    #[test]
+    fn eku_is_read() {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["a.example.com".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let c = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("cert: {e}"));
+        let p = parsed(c.der());
+        assert!(p.server_auth_eku && !p.client_auth_eku);
+    }
+
+    /// The `peer_cert` fuzz property on mutations of a real certificate (so the reader goes
+    /// deep, not just past the first tag): never a panic, and every name it yields is text of
+    /// the input.
+    #[test]
+    fn mutated_certificates_never_panic_and_names_come_from_the_input() {
+        use rand::{Rng, SeedableRng};
+        let base = cert(
+            vec![
+                dns("a.example.com"),
+                dns("*.wild.example.com"),
+                other(XMPP_ADDR, "x.example.com"),
+                other(DNS_SRV, "_xmpp-server.s.example.com"),
+            ],
+            Some("cn.example.com"),
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6125);
+        for _ in 0..3000 {
+            let mut der = base.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..der.len());
+                der[i] = rng.random();
+            }
+            if let Ok(p) = PeerCert::from_der(&der) {
+                let lower = der.to_ascii_lowercase();
+                for id in p.xmpp_ids() {
+                    assert!(
+                        id.is_empty() || lower.windows(id.len()).any(|w| w == id.as_bytes()),
+                        "{id:?} not in the input"
+                    );
+                }
+            }
         }
     }
 

@@ -40,7 +40,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{Config, Domain, TlsVersion};
 
-pub use identity::{matches_domain, name_matches, CertParseError, PeerCert};
+pub use identity::{matches_domain, matches_xmpp_domain, name_matches, CertParseError, PeerCert};
 
 /// Errors building TLS configurations. Every file problem names the file.
 #[derive(Debug, thiserror::Error)]
@@ -778,6 +778,8 @@ mod tests {
         let Some(d) = d else { return };
         let mut pc = PeerCert {
             dns_ids: vec!["partner.test".into()],
+            srv_ids: Vec::new(),
+            xmpp_addrs: Vec::new(),
             client_auth_eku: false,
             server_auth_eku: true,
             leaf_der: vec![],

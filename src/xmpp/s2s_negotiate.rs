@@ -245,8 +245,14 @@ pub struct S2sNegotiator {
     peer_cert_domains: Vec<String>,
     /// Domains authenticated on this stream (receiving: peer domains; initiating: remote).
     authenticated: Vec<String>,
+    /// Receiving: (peer domain, our domain) pairs authenticated on this stream. XEP-0220 §4
+    /// authenticates pairs, and SASL EXTERNAL the header's (from, to): a stanza must travel on
+    /// a pair that was authenticated, not just from some authenticated domain to some local one.
+    authenticated_pairs: Vec<(String, String)>,
     /// Receiving: dialback requests waiting for the authoritative answer (originating, receiving).
     pending_dialback: Vec<(String, String)>,
+    /// Receiving: dialback verdicts other than `valid` while nothing is authenticated.
+    auth_failures: usize,
     /// Initiating: the remote declared the dialback namespace on its header.
     peer_header_db: bool,
     dialback_tried: bool,
@@ -260,6 +266,13 @@ pub struct S2sNegotiator {
 
 /// Most dialback requests in flight on one stream (bounded, style.md §4).
 const MAX_PENDING_DIALBACK: usize = 16;
+
+/// Failed dialback attempts allowed on a stream that has authenticated nothing: the first try
+/// and two retries (the "reasonable number" RFC 6120 §6.4.5 asks for SASL, applied to
+/// dialback too). XEP-0220 §2.4 keeps a stream open after `type='invalid'` so that other
+/// domains can still be authenticated on it, but a peer that only ever fails is closed with
+/// `<not-authorized/>` (RFC 6120 §4.9.3.12) instead of waiting for the negotiation deadline.
+const MAX_DIALBACK_FAILURES: usize = 3;
 
 impl S2sNegotiator {
     pub fn new(cfg: S2sConfig) -> Self {
@@ -279,7 +292,9 @@ impl S2sNegotiator {
             peer_to: None,
             peer_cert_domains: Vec::new(),
             authenticated: Vec::new(),
+            authenticated_pairs: Vec::new(),
             pending_dialback: Vec::new(),
+            auth_failures: 0,
             peer_header_db: false,
             dialback_tried: false,
             closing: false,
@@ -448,6 +463,39 @@ impl S2sNegotiator {
         receiving: &str,
         verdict: DbType,
     ) -> Vec<S2sAction> {
+        // XEP-0220 §2.4: a verification that could not be done is `remote-server-not-found`.
+        let condition =
+            (verdict == DbType::Error).then_some(StanzaErrorCondition::RemoteServerNotFound);
+        self.answer_dialback(originating, receiving, verdict, condition, true)
+    }
+
+    /// The driver did not start the verification asked for (per-domain or node-wide bound on
+    /// verifications, or no acceptable target): answer `<db:result type='error'>` with
+    /// `condition` (XEP-0220 §2.4; `resource-constraint` for a bound). Nothing is queued.
+    pub fn handle_dialback_refused(
+        &mut self,
+        originating: &str,
+        receiving: &str,
+        condition: StanzaErrorCondition,
+    ) -> Vec<S2sAction> {
+        // Our own bound, not the peer's failure: it does not count toward closing the stream.
+        self.answer_dialback(
+            originating,
+            receiving,
+            DbType::Error,
+            Some(condition),
+            false,
+        )
+    }
+
+    fn answer_dialback(
+        &mut self,
+        originating: &str,
+        receiving: &str,
+        verdict: DbType,
+        condition: Option<StanzaErrorCondition>,
+        peer_failed: bool,
+    ) -> Vec<S2sAction> {
         if self.phase == Phase::Done {
             return Vec::new();
         }
@@ -461,25 +509,40 @@ impl S2sNegotiator {
         self.pending_dialback.remove(i);
         let req = Dialback::request(DbKind::Result, originating, receiving, None, "");
         let mut out = vec![S2sAction::SendBytes(
-            req.answer(
-                verdict,
-                (verdict == DbType::Error).then_some(StanzaErrorCondition::RemoteServerNotFound),
-            )
-            .to_xml(),
+            req.answer(verdict, condition).to_xml(),
         )];
         if verdict == DbType::Valid {
-            if !self.authenticated.iter().any(|d| d == originating) {
-                self.authenticated.push(originating.to_owned());
-            }
-            self.phase = Phase::Established;
-            out.push(S2sAction::Authenticated {
-                domain: originating.to_owned(),
-                method: AuthMethod::Dialback,
-            });
+            out.extend(self.dialback_authenticated(originating, receiving));
+            return out;
         }
-        // XEP-0220 §2.4: an invalid key gets type='invalid'; the stream may carry other domains,
-        // so it is not closed here (the negotiation timeout still applies if nothing else works).
+        // XEP-0220 §2.4: an invalid key gets type='invalid'; the stream may carry other
+        // domains, so one failure does not close it — repeated failures do.
+        if peer_failed && self.authenticated.is_empty() {
+            self.auth_failures += 1;
+            if self.auth_failures >= MAX_DIALBACK_FAILURES && self.pending_dialback.is_empty() {
+                out.extend(self.fail(
+                    StreamErrorCondition::NotAuthorized,
+                    "dialback failed too many times on this stream",
+                ));
+            }
+        }
         out
+    }
+
+    /// Records a pair authenticated by dialback and reports it.
+    fn dialback_authenticated(&mut self, originating: &str, receiving: &str) -> Vec<S2sAction> {
+        let pair = (originating.to_owned(), receiving.to_owned());
+        if !self.authenticated_pairs.contains(&pair) {
+            self.authenticated_pairs.push(pair);
+        }
+        if !self.authenticated.iter().any(|d| d == originating) {
+            self.authenticated.push(originating.to_owned());
+        }
+        self.phase = Phase::Established;
+        vec![S2sAction::Authenticated {
+            domain: originating.to_owned(),
+            method: AuthMethod::Dialback,
+        }]
     }
 
     pub fn handle_event(&mut self, ev: &StreamEvent) -> Vec<S2sAction> {
@@ -611,6 +674,15 @@ impl S2sNegotiator {
         if let Err((c, t)) = self.check_header_common(h) {
             return self.fail(c, &t);
         }
+        // RFC 6120 §4.7.1 / §4.9.3.9: a `from` that is present but not a domain can never be
+        // authenticated; say so rather than carry on as if it were absent (which would also
+        // skip the per-peer policy lookup below).
+        if h.from().is_some() && self.peer_from.is_none() {
+            return self.fail(
+                StreamErrorCondition::InvalidFrom,
+                "the stream header's from is not a domain",
+            );
+        }
         // RFC 6120 §4.9.3.6: a `to` we do not serve.
         let Some(to) = self
             .peer_to
@@ -730,8 +802,28 @@ impl S2sNegotiator {
                     ),
                     Ok(_) => {
                         match s.check_s2s_addressing(&self.authenticated, &self.cfg.local_domains) {
-                            Ok(_) => vec![S2sAction::Deliver(s.clone())],
-                            Err(c) => self.fail(c, "stanza addressing"),
+                            Ok((from, to)) => {
+                                // XEP-0220 §4 / RFC 6120 §4.9.3.9: the (from, to) pair itself
+                                // must be authenticated; `from` is what was not validated for
+                                // this `to`, so the condition is `invalid-from`.
+                                let paired = self
+                                    .authenticated_pairs
+                                    .iter()
+                                    .any(|(f, t)| from.is_domain(f) && to.is_domain(t));
+                                if paired {
+                                    vec![S2sAction::Deliver(s.clone())]
+                                } else {
+                                    self.fail(
+                                        StreamErrorCondition::InvalidFrom,
+                                        &format!(
+                                            "{} is not authenticated toward {} on this stream",
+                                            from.domain(),
+                                            to.domain()
+                                        ),
+                                    )
+                                }
+                            }
+                            Err(c) => self.fail(c, addressing_text(c)),
                         }
                     }
                 }
@@ -740,6 +832,9 @@ impl S2sNegotiator {
     }
 
     fn sasl_failure(&mut self, cond: &str, text: &str) -> Vec<S2sAction> {
+        // No retries: over s2s the only mechanism is EXTERNAL, whose outcome is fixed by the
+        // TLS session, so a retry on this stream cannot succeed (RFC 6120 §6.4.5 allows the
+        // receiving entity to close after a failure; §9.2.1 step 10alt shows it).
         // XEP-0178 §3 / RFC 6120 §6.4.5: failure, and for s2s we close (the 9.2 vector's 10alt).
         self.phase = Phase::Done;
         let mut b = format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>").into_bytes();
@@ -783,6 +878,11 @@ impl S2sNegotiator {
             }
         }
         self.sasl_done = true;
+        // XEP-0178 §3: EXTERNAL authenticates the header's `from` toward the header's `to`
+        // (checked against our domains when the header arrived).
+        if let Some(to) = self.peer_to.clone() {
+            self.authenticated_pairs.push((from.clone(), to));
+        }
         self.authenticated.push(from.clone());
         self.phase = Phase::AwaitHeader;
         self.header_sent = false;
@@ -856,6 +956,21 @@ impl S2sNegotiator {
                         db.answer(DbType::Error, Some(StanzaErrorCondition::PolicyViolation))
                             .to_xml(),
                     )];
+                }
+                let pair = (from.clone(), to.clone());
+                if self.authenticated_pairs.contains(&pair) {
+                    // Already authenticated on this stream: answer from state rather than open
+                    // another verify connection (a peer could otherwise make us dial out once
+                    // per `<db:result/>`).
+                    let mut out = vec![S2sAction::SendBytes(
+                        db.answer(DbType::Valid, None).to_xml(),
+                    )];
+                    out.extend(self.dialback_authenticated(&from, &to));
+                    return out;
+                }
+                if self.pending_dialback.contains(&pair) {
+                    // One verification per pair at a time; its answer covers this request.
+                    return Vec::new();
                 }
                 if self.pending_dialback.len() >= MAX_PENDING_DIALBACK {
                     return self.fail(
@@ -1056,6 +1171,16 @@ impl S2sNegotiator {
     }
 }
 
+/// Text for a stanza addressing error (RFC 6120 §4.9.3): says which rule the stanza broke.
+fn addressing_text(c: StreamErrorCondition) -> &'static str {
+    match c {
+        StreamErrorCondition::ImproperAddressing => "stanza without a valid 'to' or 'from'",
+        StreamErrorCondition::InvalidFrom => "'from' is not a domain authenticated on this stream",
+        StreamErrorCondition::HostUnknown => "'to' is not a domain this server serves",
+        _ => "stanza addressing",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1079,6 +1204,190 @@ mod tests {
     }
 
     /// A driver with a framer for the bytes the machine receives.
+    /// Receiving, plaintext allowed, `capulet.example` → `montague.example` (and we also serve
+    /// `verona.example`); returns the side after the header and the header's stream id.
+    fn dialback_side() -> (Side, String) {
+        let mut cfg = S2sConfig::receiving(&["montague.example", "verona.example"], "secret");
+        cfg.policy.tls_required = false;
+        cfg.tls_available = false;
+        let mut s = Side::new(cfg);
+        s.m.start(s.t0);
+        let a = s.feed(b"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' xmlns:stream='http://etherx.jabber.org/streams' from='capulet.example' to='montague.example' version='1.0'>");
+        let (Some(h), _) = frame_sent(&sent(&a), false) else {
+            panic!()
+        };
+        let id = h.id().unwrap_or_default().to_owned();
+        (s, id)
+    }
+
+    fn failed_with(a: &[S2sAction]) -> Option<StreamErrorCondition> {
+        a.iter().find_map(|x| match x {
+            S2sAction::Fail { condition, .. } => *condition,
+            _ => None,
+        })
+    }
+
+    const DB_RESULT: &[u8] =
+        b"<db:result from='capulet.example' to='montague.example'>0011</db:result>";
+
+    /// Issue 10 item 4: a `<db:result/>` for a pair already authenticated on this stream is
+    /// answered `valid` from state, with no new verification; one already pending starts none.
+    #[test]
+    fn dialback_for_an_authenticated_pair_needs_no_new_verification() {
+        let (mut s, _) = dialback_side();
+        let a = s.feed(DB_RESULT);
+        assert!(
+            matches!(a.as_slice(), [S2sAction::VerifyDialback { .. }]),
+            "{a:?}"
+        );
+        assert!(
+            s.feed(DB_RESULT).is_empty(),
+            "same pair pending: no second verification"
+        );
+        s.m.handle_dialback_verified("capulet.example", "montague.example", DbType::Valid);
+        let a = s.feed(DB_RESULT);
+        assert!(
+            !a.iter()
+                .any(|x| matches!(x, S2sAction::VerifyDialback { .. })),
+            "{a:?}"
+        );
+        let d = Dialback::parse(&one_stanza(&sent(&a))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.ty, Some(DbType::Valid));
+    }
+
+    /// The driver refusing a verification (bounds) answers `type='error'` with its condition.
+    #[test]
+    fn refused_dialback_is_answered_with_the_condition() {
+        let (mut s, _) = dialback_side();
+        s.feed(DB_RESULT);
+        let a = s.m.handle_dialback_refused(
+            "capulet.example",
+            "montague.example",
+            StanzaErrorCondition::ResourceConstraint,
+        );
+        let d = Dialback::parse(&one_stanza(&sent(&a))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.ty, Some(DbType::Error));
+        assert_eq!(d.error, Some(StanzaErrorCondition::ResourceConstraint));
+        assert_eq!(
+            failed_with(&a),
+            None,
+            "one refusal does not close the stream"
+        );
+        // Answered once: a late verdict for the same request is ignored.
+        let a =
+            s.m.handle_dialback_verified("capulet.example", "montague.example", DbType::Valid);
+        assert!(a.is_empty(), "{a:?}");
+        for _ in 0..3 {
+            s.feed(DB_RESULT);
+            let a = s.m.handle_dialback_refused(
+                "capulet.example",
+                "montague.example",
+                StanzaErrorCondition::ResourceConstraint,
+            );
+            assert_eq!(
+                failed_with(&a),
+                None,
+                "our own bound is not the peer's failure"
+            );
+        }
+    }
+
+    /// XEP-0220 §2.4 keeps the stream after one invalid key; the third failure with nothing
+    /// authenticated closes it with `not-authorized`.
+    #[test]
+    fn repeated_dialback_failures_close_the_stream() {
+        let (mut s, _) = dialback_side();
+        for round in 1..=3 {
+            s.feed(DB_RESULT);
+            let a = s.m.handle_dialback_verified(
+                "capulet.example",
+                "montague.example",
+                DbType::Invalid,
+            );
+            let want = (round == 3).then_some(StreamErrorCondition::NotAuthorized);
+            assert_eq!(failed_with(&a), want, "round {round}: {a:?}");
+        }
+    }
+
+    /// RFC 6120 §4.9.3: each addressing fault gets its own condition; a stanza must travel on
+    /// an authenticated (from, to) pair.
+    #[test]
+    fn stanza_addressing_conditions() {
+        let cases: &[(&[u8], Option<StreamErrorCondition>)] = &[
+            (
+                b"<message from='j@capulet.example' to='r@montague.example'/>",
+                None,
+            ),
+            (
+                b"<message to='r@montague.example'/>",
+                Some(StreamErrorCondition::ImproperAddressing),
+            ),
+            (
+                b"<message from='j@capulet.example'/>",
+                Some(StreamErrorCondition::ImproperAddressing),
+            ),
+            (
+                b"<message from='j@evil.example' to='r@montague.example'/>",
+                Some(StreamErrorCondition::InvalidFrom),
+            ),
+            (
+                b"<message from='j@capulet.example' to='r@elsewhere.example'/>",
+                Some(StreamErrorCondition::HostUnknown),
+            ),
+            // Ours, but the pair (capulet, verona) was never authenticated.
+            (
+                b"<message from='j@capulet.example' to='r@verona.example'/>",
+                Some(StreamErrorCondition::InvalidFrom),
+            ),
+        ];
+        for (stanza, want) in cases {
+            let (mut s, _) = dialback_side();
+            s.feed(DB_RESULT);
+            s.m.handle_dialback_verified("capulet.example", "montague.example", DbType::Valid);
+            let a = s.feed(stanza);
+            assert_eq!(
+                failed_with(&a),
+                *want,
+                "{}",
+                String::from_utf8_lossy(stanza)
+            );
+            if want.is_none() {
+                assert!(matches!(a.as_slice(), [S2sAction::Deliver(_)]), "{a:?}");
+            }
+        }
+    }
+
+    /// Header faults get their specific conditions (RFC 6120 §4.9.3.6, .9, .10, .25).
+    #[test]
+    fn header_conditions() {
+        let cases: &[(&str, StreamErrorCondition)] = &[
+            (
+                "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' from='capulet.example' to='montague.example' version='2.0'>",
+                StreamErrorCondition::UnsupportedVersion,
+            ),
+            (
+                "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' from='capulet.example' to='montague.example' version='1.0'>",
+                StreamErrorCondition::InvalidNamespace,
+            ),
+            (
+                "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' from='capulet.example' to='nowhere.example' version='1.0'>",
+                StreamErrorCondition::HostUnknown,
+            ),
+            (
+                "<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' from='not a domain!' to='montague.example' version='1.0'>",
+                StreamErrorCondition::InvalidFrom,
+            ),
+        ];
+        for (hdr, want) in cases {
+            let mut cfg = S2sConfig::receiving(&["montague.example"], "secret");
+            cfg.policy.tls_required = false;
+            let mut s = Side::new(cfg);
+            s.m.start(s.t0);
+            let a = s.feed(hdr.as_bytes());
+            assert_eq!(failed_with(&a), Some(*want), "{hdr}");
+        }
+    }
+
     struct Side {
         m: S2sNegotiator,
         rx: StreamFramer,

@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use memchr::{memchr3, memmem, memrchr};
@@ -300,6 +301,10 @@ impl State {
 pub struct StreamFramer {
     buf: BytesMut,
     st: State,
+    /// The partial element now pending: its absolute start offset and when the driver first
+    /// saw it ([`observe_partial`](Self::observe_partial)). Kept outside `State` so parsing
+    /// stays independent of time.
+    partial: Option<(usize, Instant)>,
 }
 
 impl Default for StreamFramer {
@@ -313,6 +318,7 @@ impl StreamFramer {
         StreamFramer {
             buf: BytesMut::with_capacity(8192),
             st: State::new(limits, 0),
+            partial: None,
         }
     }
 
@@ -336,6 +342,31 @@ impl StreamFramer {
     /// peer's new stream header). Offsets restart at 0.
     pub fn reset(&mut self) {
         self.st = State::new(self.st.limits, 0);
+        self.partial = None;
+    }
+
+    /// Absolute offset where the element not yet complete starts, if any bytes of one are
+    /// buffered (inter-element whitespace is consumed and never counts).
+    fn partial_start(&self) -> Option<usize> {
+        let end = self.st.base + self.buf.len();
+        let from = self.st.stanza_start.unwrap_or(self.st.scan);
+        (end > from && self.st.queue.is_empty()).then_some(from)
+    }
+
+    /// When the element now pending (a stanza or the stream header that is not complete yet)
+    /// was first seen, with `now` recorded as that moment for an element that was not pending
+    /// at the previous call; `None` when nothing is pending. Call it after draining
+    /// [`next_event`](Self::next_event) following each push: the driver then bounds the time
+    /// from an element's first byte to its last (issue 10 item 2), which stops a peer holding
+    /// a stream open by sending a byte now and then. Time is an argument: the framer never
+    /// reads a clock.
+    pub fn observe_partial(&mut self, now: Instant) -> Option<Instant> {
+        match (self.partial_start(), self.partial) {
+            (None, _) => self.partial = None,
+            (Some(at), Some((seen, _))) if at == seen => {}
+            (Some(at), _) => self.partial = Some((at, now)),
+        }
+        self.partial.map(|(_, t)| t)
     }
 
     /// Removes and returns every byte not yet handed out as an event, and resets the framer.
@@ -344,6 +375,7 @@ impl StreamFramer {
     pub fn take_buffered(&mut self) -> BytesMut {
         let out = self.buf.split();
         self.st = State::new(self.st.limits, 0);
+        self.partial = None;
         out
     }
 
@@ -427,6 +459,13 @@ impl StreamFramer {
 
 fn nwf(s: impl Into<String>) -> StreamError {
     StreamError::NotWellFormed(s.into())
+}
+
+/// RFC 6120 §4.9.3.22: `unsupported-encoding` covers a stream that "has otherwise improperly
+/// encoded the stream (e.g., by violating the rules of the UTF-8 encoding)" — more specific
+/// than `not-well-formed`.
+fn bad_utf8() -> StreamError {
+    StreamError::UnsupportedEncoding("invalid UTF-8".into())
 }
 
 /// First byte XML 1.0 forbids (§2.2 Char: controls other than TAB, LF, CR).
@@ -545,7 +584,7 @@ fn fill(buf: &[u8], st: &mut State) -> Result<(), StreamError> {
     };
     // Valid by construction (checked by find_poison, and '>' is a character boundary).
     let window = data.get(..=last_gt).unwrap_or(&[]);
-    let text = std::str::from_utf8(window).map_err(|_| nwf("invalid UTF-8"))?;
+    let text = std::str::from_utf8(window).map_err(|_| bad_utf8())?;
 
     let start_abs = st.scan;
     parse(text, data, start_abs, buf, st)?;
@@ -578,7 +617,7 @@ fn find_poison(data: &[u8], st: &mut State) -> Option<(usize, StreamError)> {
             let c = new[i];
             Some((i, nwf(format!("character U+{c:04X} is not allowed in XML"))))
         }
-        None if bad_utf8 => Some((valid, nwf("invalid UTF-8"))),
+        None if bad_utf8 => Some((valid, self::bad_utf8())),
         None => None,
     };
     match found {
@@ -1232,6 +1271,119 @@ fn open_stream(
 mod tests {
     use super::*;
 
+    #[test]
+    fn partial_element_time_is_the_first_byte_seen() {
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let mut f = StreamFramer::default();
+        f.push(HDR);
+        assert!(matches!(
+            f.next_event(),
+            Ok(Some(StreamEvent::StreamOpen(_)))
+        ));
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(
+            f.observe_partial(t0),
+            None,
+            "nothing pending after the header"
+        );
+        // Whitespace keepalives are never a pending element.
+        f.push(b"  \n");
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(f.observe_partial(t0), None);
+        // A stanza dribbled byte by byte keeps the time of its first byte.
+        f.push(b"<mess");
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(f.observe_partial(t0), Some(t0));
+        for (i, b) in b"age to='a@b'>".iter().enumerate() {
+            f.push(&[*b]);
+            assert_eq!(f.next_event(), Ok(None));
+            let later = t0 + Duration::from_secs(i as u64 + 1);
+            assert_eq!(f.observe_partial(later), Some(t0));
+        }
+        // Completing it and starting the next one restarts the clock.
+        let t1 = t0 + Duration::from_secs(100);
+        f.push(b"</message><iq");
+        assert!(matches!(f.next_event(), Ok(Some(StreamEvent::Stanza(_)))));
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(f.observe_partial(t1), Some(t1));
+        f.push(b" type='get' id='1'/>");
+        assert!(matches!(f.next_event(), Ok(Some(StreamEvent::Stanza(_)))));
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(f.observe_partial(t1 + Duration::from_secs(1)), None);
+        // A partial stream header counts too (a reset starts over).
+        f.reset();
+        f.push(b"<stream:str");
+        assert_eq!(f.next_event(), Ok(None));
+        assert_eq!(f.observe_partial(t1), Some(t1));
+    }
+
+    proptest::proptest! {
+        /// However a stream is cut into pushes, the pending-element time is one of the push
+        /// times so far, never later than now, never earlier than the last complete element,
+        /// and nothing is pending once the stream has been fully delivered.
+        #[test]
+        fn partial_time_is_a_push_time_never_older_than_the_last_element(
+            cuts in proptest::collection::vec(0usize..400, 0..12)
+        ) {
+            use std::time::Duration;
+            let mut input = HDR.to_vec();
+            input.extend_from_slice(
+                b"<message to='a@b'><body>one</body></message> <iq type='get' id='1'/>\n\
+                  <presence><status>x &amp; y</status></presence>",
+            );
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.push(input.len());
+            cuts.sort_unstable();
+            let t0 = Instant::now();
+            let mut f = StreamFramer::default();
+            let (mut from, mut last_event) = (0, t0);
+            for (i, &cut) in cuts.iter().enumerate() {
+                let now = t0 + Duration::from_secs(i as u64);
+                f.push(&input[from..cut]);
+                from = cut;
+                while let Ok(Some(_)) = f.next_event() {
+                    last_event = now;
+                }
+                if let Some(t) = f.observe_partial(now) {
+                    proptest::prop_assert!(t <= now);
+                    proptest::prop_assert!(t >= last_event);
+                    proptest::prop_assert_eq!((t - t0).subsec_nanos(), 0);
+                }
+            }
+            proptest::prop_assert_eq!(f.observe_partial(t0 + Duration::from_secs(99)), None);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_unsupported_encoding() {
+        for split in [1usize, 5, 40] {
+            let mut input = HDR.to_vec();
+            input.extend_from_slice(b"<message><body>\xC3\x28</body></message>");
+            let mut f = StreamFramer::default();
+            let (a, b) = input.split_at(split.min(input.len()));
+            f.push(a);
+            let mut err = None;
+            for chunk in [&[][..], b] {
+                f.push(chunk);
+                loop {
+                    match f.next_event() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                err.map(|e| e.condition()),
+                Some(StreamErrorCondition::UnsupportedEncoding)
+            );
+        }
+    }
+
     const HDR: &[u8] = b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
 
     fn events(input: &[&[u8]]) -> (Vec<StreamEvent>, Option<StreamError>) {
@@ -1298,9 +1450,10 @@ mod tests {
     fn events_before_a_bad_byte_are_delivered_first() {
         let (ev, err) = events(&[HDR, b"<a/><b>x</b>", b"<c>\x80</c>"]);
         assert_eq!(ev.len(), 3);
+        // RFC 6120 §4.9.3.22: broken UTF-8 is `unsupported-encoding`.
         assert_eq!(
             err.map(|e| e.condition()),
-            Some(StreamErrorCondition::NotWellFormed)
+            Some(StreamErrorCondition::UnsupportedEncoding)
         );
         // The same bytes in one push.
         let mut all = HDR.to_vec();

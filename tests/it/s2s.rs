@@ -66,6 +66,13 @@ struct Opts<'a> {
     queue: usize,
     idle_secs: u64,
     per_peer: usize,
+    stanza_secs: u64,
+    db_per_domain: usize,
+    db_total: usize,
+    /// `[dns] nameservers`: a loopback dnsmasq instead of static targets.
+    dns: Option<SocketAddr>,
+    /// `xmpp.federation.dialback_allow_private_targets`.
+    allow_private: bool,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -96,6 +103,7 @@ trust_bundle = "{ca}"
 [xmpp.federation]
 mode = "allow_list"
 dialback_secret = "secret-of-{local}-0123456789"
+dialback_allow_private_targets = {allow_private}
 {fed}
 [[home_node]]
 name = "hn1"
@@ -107,6 +115,10 @@ handshake_timeout_secs = {hs}
 idle_timeout_secs = {idle}
 max_connections_per_peer = {per_peer}
 outbound_queue_per_domain = {queue}
+stanza_timeout_secs = {stanza}
+dialback_pending_per_domain = {db_per_domain}
+dialback_verify_connections = {db_total}
+{dns}
 "#,
         local = o.local,
         cert = leaf.cert.display(),
@@ -117,6 +129,14 @@ outbound_queue_per_domain = {queue}
         queue = o.queue,
         idle = o.idle_secs,
         per_peer = o.per_peer,
+        stanza = o.stanza_secs,
+        db_per_domain = o.db_per_domain,
+        db_total = o.db_total,
+        allow_private = o.allow_private,
+        dns = o
+            .dns
+            .map(|a| format!("[dns]\nnameservers = [\"{a}\"]\n"))
+            .unwrap_or_default(),
     );
     let cfg = config::from_toml(&toml, Path::new("s2s-test.toml"), BUILTIN_SYSTEMS)
         .unwrap_or_else(|d| panic!("config: {d}"));
@@ -263,6 +283,11 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         queue: 100,
         idle_secs: 30,
         per_peer: 64,
+        stanza_secs: 5,
+        db_per_domain: 8,
+        db_total: 64,
+        dns: None,
+        allow_private: false,
     }
 }
 
@@ -1072,4 +1097,328 @@ async fn bare_domain_iq_is_answered_and_other_unroutable_stanzas_dropped() {
         a.home.try_recv().is_err(),
         "an unroutable stanza reached the home node"
     );
+}
+
+/// Issue 10 item 2: a peer that starts a stanza and then sends a byte now and then is closed
+/// with `<connection-timeout/>` once the stanza deadline (1 s here) passes, long before the
+/// negotiation deadline (3 × 5 s) or the idle timeout could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dribbled_stanza_is_closed_with_connection_timeout() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.stanza_secs = 1;
+    let a = side(&certs, o).await;
+    let label = "legate_s2s_deadlines_expired_total{direction=\"inbound\",phase=\"stanza\"}";
+    let before = metric(label);
+    let s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("</stream:features>") {
+        let n = tokio::time::timeout(T, r.read(&mut buf))
+            .await
+            .expect("features in time")
+            .expect("read");
+        assert!(n > 0, "closed before features");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let started = Instant::now();
+    // The dribbler: one byte every 100 ms, for longer than any deadline in play.
+    let dribble = tokio::spawn(async move {
+        for b in b"<message from='x@xmpp.test' to='alice@example.test'><body>"
+            .iter()
+            .cycle()
+        {
+            if w.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(T, r.read_to_end(&mut rest)).await;
+    let elapsed = started.elapsed();
+    dribble.abort();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"),
+        "{rest}"
+    );
+    assert!(rest.ends_with("</stream:stream>"), "{rest}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "closed after {elapsed:?}"
+    );
+    assert_eq!(metric(label), before + 1);
+}
+
+/// A stream that never authenticates is closed at the negotiation deadline (3 × the
+/// handshake timeout) with `<connection-timeout/>`, even while the peer keeps it busy with
+/// whitespace keepalives (which reset the idle timer but not this deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_stream_is_closed_at_the_negotiation_deadline() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.handshake_secs = 1;
+    let a = side(&certs, o).await;
+    let s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let started = Instant::now();
+    w.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let keepalive = tokio::spawn(async move {
+        while w.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(T, r.read_to_end(&mut all)).await;
+    let elapsed = started.elapsed();
+    keepalive.abort();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.contains("</stream:features>"), "{all}");
+    assert!(all.contains("<connection-timeout"), "{all}");
+    assert!(
+        elapsed >= Duration::from_millis(2900) && elapsed < Duration::from_secs(10),
+        "closed after {elapsed:?}"
+    );
+}
+
+/// Issue 10 item 4: while one verification for xmpp.test is in flight (its authoritative
+/// server accepts the connection and says nothing), a second `<db:result/>` for the same
+/// domain on another stream is answered at once with `type='error'` and
+/// `<resource-constraint/>` instead of opening another connection or waiting: here because of
+/// `dialback_pending_per_domain = 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verifications_per_domain_are_capped() {
+    second_dialback_is_refused(1, 64, "domain_busy").await;
+}
+
+/// The same with the node-wide cap: `dialback_verify_connections = 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verify_connections_are_capped_node_wide() {
+    second_dialback_is_refused(8, 1, "node_busy").await;
+}
+
+async fn second_dialback_is_refused(per_domain: usize, total: usize, reason: &str) {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "dialback_only");
+    o.tls = "optional";
+    o.db_per_domain = per_domain;
+    o.db_total = total;
+    let a = side(&certs, o).await;
+    // The authoritative server of xmpp.test: accepts and stays silent, holding the slot.
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    a.targets.insert(
+        dom("xmpp.test"),
+        target(auth.local_addr().expect("addr"), Transport::Tcp),
+    );
+    let refused = format!("legate_s2s_dialback_refused_total{{reason=\"{reason}\"}}");
+    let before = metric(&refused);
+    let _first = raw_dialback(a.s2s).await;
+    // The verification is in flight once A has connected to the authoritative server.
+    let (_held, _) = tokio::time::timeout(T, auth.accept())
+        .await
+        .expect("verify connection in time")
+        .expect("accept");
+    let mut second = raw_dialback(a.s2s).await;
+    let got = read_until(&mut second, "</db:result>").await;
+    assert!(got.contains("type='error'"), "{got}");
+    assert!(
+        got.contains("<resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"),
+        "{got}"
+    );
+    assert_eq!(metric(&refused), before + 1);
+    assert_no_connection(&auth, "a second verify connection was opened").await;
+}
+
+/// A plaintext stream from xmpp.test to example.test that has sent one `<db:result/>`.
+async fn raw_dialback(to: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+    s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    let got = read_until(&mut s, "</stream:features>").await;
+    assert!(got.contains("urn:xmpp:features:dialback"), "{got}");
+    s.write_all(b"<db:result from='xmpp.test' to='example.test'>0123456789abcdef</db:result>")
+        .await
+        .expect("write");
+    s
+}
+
+/// Nothing connects to `l` for a while (a refusal already answered; nothing in flight).
+async fn assert_no_connection(l: &tokio::net::TcpListener, why: &str) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), l.accept())
+            .await
+            .is_err(),
+        "{why}"
+    );
+}
+
+/// Issue 10 item 6 over real sockets: each fault of a plaintext peer gets the specific RFC 6120
+/// §4.9.3 condition, not a generic `not-well-formed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_peers_get_the_specific_rfc6120_condition() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "dialback_only");
+    o.tls = "optional";
+    let a = side(&certs, o).await;
+    let good = s2s_header("xmpp.test", "example.test");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // §4.9.3.25: a major version other than 1.
+        (
+            good.replace(" version='1.0' to=", " version='2.0' to=")
+                .into_bytes(),
+            "unsupported-version",
+        ),
+        // §4.9.3.22: bytes that are not UTF-8.
+        (
+            [good.as_bytes(), b"<message>\xC3\x28</message>"].concat(),
+            "unsupported-encoding",
+        ),
+        // §4.9.3.10: the wrong content namespace.
+        (
+            good.replace("xmlns='jabber:server'", "xmlns='jabber:client'")
+                .into_bytes(),
+            "invalid-namespace",
+        ),
+        // §4.9.3.18: a comment.
+        (
+            [good.as_bytes(), b"<!-- hello -->"].concat(),
+            "restricted-xml",
+        ),
+        // §4.9.3.9: a stream `from` that is not a domain.
+        (
+            s2s_header("not a domain!", "example.test").into_bytes(),
+            "invalid-from",
+        ),
+        // §4.9.3.12: a stanza before authentication.
+        (
+            [
+                good.as_bytes(),
+                b"<message from='a@xmpp.test' to='b@example.test'/>",
+            ]
+            .concat(),
+            "not-authorized",
+        ),
+    ];
+    for (bytes, want) in cases {
+        let mut s = tokio::net::TcpStream::connect(a.s2s)
+            .await
+            .expect("connect");
+        s.write_all(&bytes).await.expect("write");
+        let got = read_until(&mut s, "</stream:stream>").await;
+        assert!(
+            got.contains(&format!(
+                "<{want} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            )),
+            "{want}: {got}"
+        );
+    }
+}
+
+/// Issue 10 item 2: a TLS handshake that never completes is cut at `handshake_timeout_secs`
+/// (1 s here), on the XEP-0368 direct TLS listener and after `<proceed/>` on the STARTTLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_cut_at_the_handshake_timeout() {
+    let certs = CertFactory::new();
+    let mut o = opts("example.test", "xmpp.test", "external_or_dialback");
+    o.handshake_secs = 1;
+    o.direct_tls = true;
+    let a = side(&certs, o).await;
+    let within = |d: Duration| d >= Duration::from_millis(900) && d < Duration::from_millis(2500);
+
+    // Direct TLS: the first bytes of a ClientHello record, then nothing.
+    let mut s = tokio::net::TcpStream::connect(a.direct.expect("direct listener"))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut sink)).await;
+    assert!(
+        within(started.elapsed()),
+        "direct TLS: {:?}",
+        started.elapsed()
+    );
+
+    // STARTTLS: `<proceed/>` received, then no handshake at all.
+    let mut s = tokio::net::TcpStream::connect(a.s2s)
+        .await
+        .expect("connect");
+    s.write_all(s2s_header("xmpp.test", "example.test").as_bytes())
+        .await
+        .expect("write");
+    read_until(&mut s, "</stream:features>").await;
+    s.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        .await
+        .expect("write");
+    let got = read_until(&mut s, "<proceed").await;
+    assert!(got.contains("<proceed"), "{got}");
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut sink)).await;
+    assert!(
+        within(started.elapsed()),
+        "STARTTLS: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 10 item 4: a foreign domain whose DNS points its authoritative server at a loopback
+/// address cannot make us connect there for dialback: the request is answered `type='error'`
+/// and nothing connects — unless `dialback_allow_private_targets = true`, when the same
+/// records do lead to a verify connection (so the DNS path itself works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_verify_targets_on_loopback_are_refused_unless_allowed() {
+    let auth = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = auth.local_addr().expect("addr").port();
+    let dns = common::dnsmasq::Dnsmasq::start(&[
+        common::dnsmasq::DnsRecord::xmpp_server("xmpp.test", "auth.xmpp.test", port),
+        common::dnsmasq::DnsRecord::a("auth.xmpp.test", std::net::Ipv4Addr::LOCALHOST),
+    ])
+    .expect("dnsmasq (apt-get install dnsmasq-base)");
+    let certs = CertFactory::new();
+    let dialback = async |allow_private: bool| {
+        let mut o = opts("example.test", "xmpp.test", "dialback_only");
+        o.tls = "optional";
+        o.dns = Some(dns.addr());
+        o.allow_private = allow_private;
+        let a = side(&certs, o).await;
+        let s = raw_dialback(a.s2s).await;
+        (a, s)
+    };
+
+    let label = "legate_s2s_dialback_refused_total{reason=\"private_target\"}";
+    let before = metric(label);
+    let (_a, mut s) = dialback(false).await;
+    let got = read_until(&mut s, "</db:result>").await;
+    assert!(got.contains("type='error'"), "{got}");
+    assert_eq!(metric(label), before + 1);
+    assert_no_connection(
+        &auth,
+        "a verify connection went to a loopback address from DNS",
+    )
+    .await;
+
+    let (_b, _s) = dialback(true).await;
+    tokio::time::timeout(T, auth.accept())
+        .await
+        .expect("allowed: the verify connection arrives")
+        .expect("accept");
 }

@@ -160,6 +160,8 @@ xmpp_s2s_direct_tls = "off"
 trust_bundle = "{ca}"
 [xmpp.federation]
 mode = "allow_list"
+# Prosody and dnsmasq live on loopback: let dialback verify there.
+dialback_allow_private_targets = true
 {fed}
 [[home_node]]
 name = "hn1"
@@ -745,6 +747,8 @@ xmpp_s2s_direct_tls = "off"
 trust_bundle = "{ca}"
 [xmpp.federation]
 mode = "allow_list"
+# Prosody and dnsmasq live on loopback: let dialback verify there.
+dialback_allow_private_targets = true
 [[xmpp.federation.domain]]
 system = "fed-xmpp"
 {fed}

@@ -553,7 +553,8 @@ fn hostile_inputs() {
         (b"<message a='1' a='2'/>", C::NotWellFormed),
         (b"<message a=1/>", C::NotWellFormed),
         (b"<message a='<'/>", C::NotWellFormed),
-        (b"<message>\xff\xfe</message>", C::NotWellFormed),
+        // RFC 6120 §4.9.3.22: a UTF-8 violation is `unsupported-encoding`.
+        (b"<message>\xff\xfe</message>", C::UnsupportedEncoding),
         (b"<message>\x01</message>", C::NotWellFormed),
         (b"hello", C::BadFormat),
         (b"</message>", C::NotWellFormed),

@@ -2,18 +2,25 @@
 //! the transport, the framer and the [`S2sNegotiator`], carries out the machine's I/O actions
 //! (bytes out, STARTTLS, framer reset) and hands everything else — verdicts, stanzas, dialback
 //! questions and answers — to the role's task as [`Up`] events. It decides nothing itself.
+//!
+//! Deadlines it enforces on every stream (issue 10 item 2): a write must finish within the
+//! handshake timeout; an element must be complete within `limits.stanza_timeout_secs` of its
+//! first byte (the framer reports when that byte was seen, [`Conn::read`] bounds the wait);
+//! the negotiation deadline of the machine is reported through
+//! [`Conn::negotiation_deadline`]. Each expiry is `<connection-timeout/>` (RFC 6120 §4.9.3.4)
+//! and counts in `legate_s2s_deadlines_expired_total{direction,phase}`.
 
 use super::io::{BoxIo, Rewind};
-use super::metrics::{OPEN, STREAM_ERRORS, TLS_FAILURES};
+use super::metrics::{DEADLINES, OPEN, STREAM_ERRORS, TLS_FAILURES};
 use crate::config::Domain;
-use crate::tls::{matches_domain, peer_identity, ClientTls, PeerCert, ServerTls, TlsFailure};
+use crate::tls::{matches_xmpp_domain, peer_identity, ClientTls, PeerCert, ServerTls, TlsFailure};
 use crate::xmpp::dialback::Dialback;
 use crate::xmpp::error::StreamErrorCondition;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sAction, S2sNegotiator};
 use crate::xmpp::stanza::Stanza;
 use crate::xmpp::stream::{StreamEvent, StreamFramer};
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the role's task must act on.
@@ -59,7 +66,13 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
     #[error("the peer stopped reading (write timed out)")]
     WriteTimeout,
+    #[error("a stanza was not completed within {0:?} of its first byte")]
+    StanzaTimeout(Duration),
 }
+
+/// Default bound from a stanza's first byte to its last, for connections whose creator does
+/// not set one (`limits.stanza_timeout_secs` has the same default).
+pub const DEFAULT_STANZA_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Conn {
     io: Option<BoxIo>,
@@ -79,6 +92,11 @@ pub struct Conn {
     pub direct_tls_cert: Option<PeerCert>,
     /// The stream has ended; nothing more is read or written.
     pub done: bool,
+    /// Bound from the first byte of an element to its last (issue 10 item 2).
+    stanza_timeout: Duration,
+    /// A stream error decided while reading (the read future may be cancelled by the caller's
+    /// `select!`, so it never writes): sent by [`shutdown`](Self::shutdown).
+    pending_error: Option<(StreamErrorCondition, String)>,
 }
 
 type BytesBuf = bytes::BytesMut;
@@ -98,16 +116,17 @@ pub fn cert_domains(conn: &rustls::CommonState, claimed: Option<&str>) -> Vec<St
     }
 }
 
-/// [`cert_domains`] for an already parsed certificate.
+/// [`cert_domains`] for an already parsed certificate: exact DNS-IDs, XMPP SRV-IDs and domain
+/// xmppAddrs (RFC 6120 §13.7.2.1), plus `claimed` when a wildcard covers it.
 pub fn cert_domains_of(cert: &PeerCert, claimed: Option<&str>) -> Vec<String> {
-    let mut out: Vec<String> = cert
-        .dns_ids
-        .iter()
-        .filter(|d| !d.contains('*'))
-        .cloned()
-        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for id in cert.xmpp_ids().filter(|d| !d.contains('*')) {
+        if !out.iter().any(|d| d == id) {
+            out.push(id.to_owned());
+        }
+    }
     if let Some(c) = claimed.and_then(|c| Domain::parse(c).ok()) {
-        if matches_domain(cert, &c) && !out.iter().any(|d| d == c.as_str()) {
+        if matches_xmpp_domain(cert, &c) && !out.iter().any(|d| d == c.as_str()) {
             out.push(c.as_str().to_string());
         }
     }
@@ -136,7 +155,26 @@ impl Conn {
             cert_domains: Vec::new(),
             direct_tls_cert: None,
             done: false,
+            stanza_timeout: DEFAULT_STANZA_TIMEOUT,
+            pending_error: None,
         }
+    }
+
+    /// Sets the bound from an element's first byte to its last (`limits.stanza_timeout_secs`).
+    pub fn set_stanza_timeout(&mut self, d: Duration) {
+        self.stanza_timeout = d;
+    }
+
+    /// Reports `now` to the machine; if its negotiation deadline has passed, carries out its
+    /// `connection-timeout` (RFC 6120 §4.9.3.4) and counts it. Events go to `ups`.
+    pub async fn negotiation_deadline(&mut self, now: Instant, ups: &mut Vec<Up>) {
+        let a = self.m.handle_timeout(now);
+        if !a.is_empty() {
+            DEADLINES
+                .with_label_values(&[self.direction, "negotiation"])
+                .inc();
+        }
+        let _ = self.run(a, ups).await;
     }
 
     /// The `from` of the peer's last stream header.
@@ -160,10 +198,27 @@ impl Conn {
     }
 
     /// Reads once from the socket into the framer. Cancel-safe (used inside `select!`).
+    ///
+    /// While part of an element is buffered, the read is bounded by that element's deadline
+    /// (first byte + stanza timeout): a peer that sends the start of a stanza and then a byte
+    /// now and then would otherwise hold the stream, and reset the idle timer, forever. On
+    /// expiry this returns [`ConnError::StanzaTimeout`] and leaves `<connection-timeout/>`
+    /// (RFC 6120 §4.9.3.4) for [`shutdown`](Self::shutdown) to send.
     pub async fn read(&mut self) -> Result<(), ConnError> {
+        let deadline = self
+            .framer
+            .observe_partial(Instant::now())
+            .map(|first| first + self.stanza_timeout);
         let io = self.io.as_mut().ok_or(ConnError::Eof)?;
         self.rbuf.clear();
-        let n = io.read_buf(&mut self.rbuf).await?;
+        let read = io.read_buf(&mut self.rbuf);
+        let n = match deadline {
+            None => read.await?,
+            Some(d) => match tokio::time::timeout_at(d.into(), read).await {
+                Ok(r) => r?,
+                Err(_) => return Err(self.stanza_expired()),
+            },
+        };
         if n == 0 {
             return Err(ConnError::Eof);
         }
@@ -304,8 +359,25 @@ impl Conn {
         self.m.handle_tls_failed(f.label())
     }
 
-    /// Best-effort shutdown of the transport.
+    fn stanza_expired(&mut self) -> ConnError {
+        DEADLINES
+            .with_label_values(&[self.direction, "stanza"])
+            .inc();
+        let text = format!(
+            "a stanza was not completed within {} s of its first byte",
+            self.stanza_timeout.as_secs()
+        );
+        self.pending_error = Some((StreamErrorCondition::ConnectionTimeout, text));
+        ConnError::StanzaTimeout(self.stanza_timeout)
+    }
+
+    /// Best-effort shutdown of the transport, after the stream error a read left pending.
     pub async fn shutdown(&mut self) {
+        if let Some((c, text)) = self.pending_error.take() {
+            let a = self.m.close_with_error(c, &text);
+            let mut ups = Vec::new();
+            let _ = self.run(a, &mut ups).await;
+        }
         if let Some(io) = self.io.as_mut() {
             let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
         }

@@ -122,6 +122,7 @@ pub async fn open(
         let a = c.m.start(now);
         (c, a)
     };
+    conn.set_stanza_timeout(Duration::from_secs(cfg.limits.stanza_timeout_secs));
     let mut ups = Vec::new();
     conn.run(acts, &mut ups)
         .await
@@ -140,9 +141,8 @@ pub async fn step(conn: &mut Conn) -> Result<Vec<Up>, DialError> {
         Some(d) => match tokio::time::timeout_at(d.into(), read).await {
             Ok(r) => r,
             Err(_) => {
-                let a = conn.m.handle_timeout(Instant::now());
                 let mut ups = Vec::new();
-                let _ = conn.run(a, &mut ups).await;
+                conn.negotiation_deadline(Instant::now(), &mut ups).await;
                 if ups.is_empty() {
                     return Err(DialError::Timeout("negotiation timed out".into()));
                 }

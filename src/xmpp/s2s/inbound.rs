@@ -10,6 +10,11 @@
 //! answers `type='error'` when dialback is not allowed for it; (4) after authentication — the
 //! domain is checked against the live configuration once more. Only stanzas from an
 //! authenticated, allowed domain reach the hub.
+//!
+//! Bounds: the TLS handshake (`handshake_timeout_secs`), the whole negotiation (three of
+//! them), each element (`stanza_timeout_secs`, see [`Conn::read`]), and the dialback
+//! verifications a peer can make us start ([`super::verify::admit`]: per foreign domain and
+//! node-wide, refused at once beyond them).
 
 use super::conn::{cert_domains_of, Conn, TlsSide, Up};
 use super::metrics::{REFUSED, STANZAS, STREAMS, UNROUTABLE};
@@ -177,6 +182,7 @@ async fn handle(
         let a = c.m.start(now);
         (c, a)
     };
+    conn.set_stanza_timeout(Duration::from_secs(cfg.limits.stanza_timeout_secs));
     let mut ups = Vec::new();
     if conn.run(first, &mut ups).await.is_err() {
         return;
@@ -222,14 +228,15 @@ async fn handle(
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let now = Instant::now();
-                let mut a = conn.m.handle_timeout(now);
-                if a.is_empty() && now >= last_activity + idle {
+                if conn.m.poll_timeout().is_some_and(|d| now >= d) {
+                    // Not authenticated in time (TLS + SASL or dialback): `connection-timeout`.
+                    conn.negotiation_deadline(now, &mut ups).await;
+                } else if now >= last_activity + idle {
                     // RFC 6120 §4.4: idle streams are closed cleanly.
-                    a = conn.m.close();
+                    let a = conn.m.close();
                     let _ = conn.run(a, &mut ups).await;
                     break;
                 }
-                if conn.run(a, &mut ups).await.is_err() { break; }
             }
             _ = shutdown.changed() => {
                 let a = conn.m.close_with_error(StreamErrorCondition::SystemShutdown, "the gateway is shutting down");
@@ -303,10 +310,26 @@ impl Inbound {
                 stream_id,
                 key,
             } => {
-                // XEP-0220 §2.1.2 step 2: ask the authoritative server over a verify-only stream.
+                // XEP-0220 §2.1.2 step 2: ask the authoritative server over a verify-only
+                // stream — within the per-domain and node-wide bounds, else answered at once.
+                let permit = match super::verify::admit(&self.shared, &originating) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        tracing::info!(peer = %self.addr, domain = %originating, "dialback refused: {why}");
+                        let a = conn.m.handle_dialback_refused(
+                            &originating,
+                            &receiving,
+                            StanzaErrorCondition::ResourceConstraint,
+                        );
+                        let mut more = Vec::new();
+                        let _ = conn.run(a, &mut more).await;
+                        return;
+                    }
+                };
                 let shared = self.shared.clone();
                 let tx = self.vtx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let v = super::verify::verify_dialback(
                         &shared,
                         &originating,

@@ -15,6 +15,8 @@ pub const QUEUE_DEPTH: &str = "legate_s2s_queue_depth";
 pub const BOUNCES_TOTAL: &str = "legate_s2s_bounces_total";
 pub const REFUSED_TOTAL: &str = "legate_s2s_refused_total";
 pub const UNROUTABLE_TOTAL: &str = "legate_s2s_unroutable_total";
+pub const DEADLINES_TOTAL: &str = "legate_s2s_deadlines_expired_total";
+pub const DIALBACK_REFUSED_TOTAL: &str = "legate_s2s_dialback_refused_total";
 
 /// Authenticated streams, by direction (`inbound`/`outbound`) and method
 /// (`external`/`dialback`).
@@ -94,6 +96,28 @@ pub static UNROUTABLE: LazyLock<IntCounterVec> = LazyLock::new(|| {
         UNROUTABLE_TOTAL,
         "inbound s2s stanzas that cannot be routed, by outcome",
         &["outcome"],
+    )
+});
+
+/// Deadlines that closed a stream with `connection-timeout` (RFC 6120 §4.9.3.4), by
+/// direction and phase: `stanza` (an element not completed within `limits.stanza_timeout_secs`
+/// of its first byte) or `negotiation` (TLS + authentication not done in time).
+pub static DEADLINES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        DEADLINES_TOTAL,
+        "s2s streams closed because a deadline expired, by direction and phase",
+        &["direction", "phase"],
+    )
+});
+
+/// `<db:result/>` requests answered without a verification, by reason: `domain_busy` (the
+/// per-domain bound), `node_busy` (the node-wide cap on verify connections),
+/// `private_target` (every target resolved to a refused address; counted when it happens).
+pub static DIALBACK_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        DIALBACK_REFUSED_TOTAL,
+        "dialback verifications refused before any connection, by reason",
+        &["reason"],
     )
 });
 
