@@ -69,6 +69,8 @@ pub struct Shared {
     pub raw_out: tokio::sync::mpsc::Sender<outbound::RawOut>,
     /// What `/status` shows about each outbound pair.
     pub pairs: Arc<DashMap<(Domain, Domain), PairStatus>>,
+    /// Dialback verifications in flight, per foreign domain and in total (issue 10 item 4).
+    pub verify_gate: Arc<verify::VerifyGate>,
 }
 
 /// The admin view of one outbound (local, remote) pair.
@@ -187,6 +189,7 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
             static_targets: opts.static_targets,
             raw_out,
             pairs: Arc::new(DashMap::new()),
+            verify_gate: Arc::default(),
         }),
     })
 }

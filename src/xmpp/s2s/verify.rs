@@ -18,12 +18,11 @@ use super::dial::{open, step, targets};
 use super::metrics::DIALBACK_REFUSED;
 use super::Shared;
 use crate::config::Domain;
-use crate::gateway::Hub;
 use crate::xmpp::dialback::{DbKind, DbType, Dialback};
 use crate::xmpp::s2s_negotiate::S2sConfig;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a verification was not started.
@@ -109,27 +108,6 @@ impl Drop for VerifyPermit {
     }
 }
 
-/// A node's gate, found by its hub.
-type GateEntry = (Weak<Hub>, Arc<VerifyGate>);
-
-/// The gate of the node owning `hub`. It belongs in [`Shared`], whose definition lives in a
-/// module this change must not touch; until it moves there it is found by hub identity, so two
-/// gateways in one process (tests) never share a count, and a dropped hub's gate goes with it.
-pub fn gate_for(hub: &Arc<Hub>) -> Arc<VerifyGate> {
-    static GATES: LazyLock<Mutex<Vec<GateEntry>>> = LazyLock::new(|| Mutex::new(Vec::new()));
-    let mut gates = GATES.lock().unwrap_or_else(|p| p.into_inner());
-    gates.retain(|(h, _)| h.strong_count() > 0);
-    if let Some((_, g)) = gates
-        .iter()
-        .find(|(h, _)| std::ptr::eq(h.as_ptr(), Arc::as_ptr(hub)))
-    {
-        return g.clone();
-    }
-    let g = Arc::new(VerifyGate::default());
-    gates.push((Arc::downgrade(hub), g.clone()));
-    g
-}
-
 /// Takes a verification slot for `originating` under the live configuration's bounds,
 /// counting a refusal.
 pub fn admit(shared: &Shared, originating: &str) -> Result<Option<VerifyPermit>, VerifyRefused> {
@@ -138,7 +116,9 @@ pub fn admit(shared: &Shared, originating: &str) -> Result<Option<VerifyPermit>,
         return Ok(None);
     };
     let limits = &shared.hub.config().limits;
-    gate_for(&shared.hub)
+    shared
+        .verify_gate
+        .clone()
         .try_acquire(
             &domain,
             limits.dialback_pending_per_domain.max(1),
