@@ -892,23 +892,16 @@ async fn subscriptions_survive_a_restart() -> Result<()> {
 }
 
 /// sipp (Debian `sip-tester`, no TLS) runs a pager MESSAGE scenario and a SUBSCRIBE/NOTIFY
-/// scenario over TCP. Skipped (with a note) when sipp is not installed.
+/// scenario over TCP; every MESSAGE, SUBSCRIBE and un-SUBSCRIBE sipp sent reaches the home
+/// side exactly once. Fails (naming the package) when sipp is not installed.
 #[tokio::test]
 async fn sipp_scenarios() -> Result<()> {
-    let sipp = Path::new("/usr/bin/sipp");
-    if !sipp.exists() {
-        eprintln!("sipp not installed; skipping");
-        return Ok(());
-    }
+    sip_ua::require_program("/usr/bin/sipp", "sip-tester");
     let mut env = setup().await?;
-    // Drain the home side so its outbox never fills.
-    let drained = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = drained.clone();
+    // Count the home side while sipp runs, so its outbox never fills.
     let mut home = std::mem::replace(&mut env.home, mpsc::channel(1).1);
     let drain = tokio::spawn(async move {
-        while home.recv().await.is_some() {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        sip_ua::Tally::collect(&mut home, (20, 5, 5), Duration::from_secs(60)).await
     });
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sipp");
     for (file, calls) in [("message.xml", 20u32), ("subscribe.xml", 5)] {
@@ -920,8 +913,12 @@ async fn sipp_scenarios() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(drained.load(std::sync::atomic::Ordering::Relaxed) >= 25);
-    drain.abort();
+    let tally = tokio::time::timeout(Duration::from_secs(10), drain).await??;
+    assert_eq!(
+        (tally.messages, tally.subscribes, tally.unsubscribes),
+        (20, 5, 5),
+        "{tally:?}"
+    );
     env.stop().await;
     Ok(())
 }
@@ -982,11 +979,7 @@ async fn connections_per_peer_are_bounded() -> Result<()> {
 /// local watcher, takes its NOTIFY to the home side and unsubscribes in the dialog.
 #[tokio::test]
 async fn sipp_as_foreign_notifier() -> Result<()> {
-    let sipp = Path::new("/usr/bin/sipp");
-    if !sipp.exists() {
-        eprintln!("sipp not installed; skipping");
-        return Ok(());
-    }
+    let sipp = sip_ua::require_program("/usr/bin/sipp", "sip-tester");
     let dir = tempfile::tempdir()?;
     // A free port for sipp's TCP listener (the edge's static route for partner.com).
     let port = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
@@ -1189,4 +1182,184 @@ Content-Length: 0\r\n\r\n"
         Duration::from_secs(20),
     )
     .await
+}
+
+/// Waits until the peer closes `s` (EOF or error), reading and discarding what it sends;
+/// `false` if it is still open after `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn refused_count(reason: &str) -> u64 {
+    legate::sip::edge::metrics::CONNS_REFUSED
+        .with_label_values(&[reason])
+        .get()
+}
+
+/// Issue 10 item 2: a peer that sends the start of a request and then a byte now and then is
+/// closed once the message deadline (1 s here) has passed since its first byte: the bytes do
+/// not reset any timer (idle is 600 s).
+#[tokio::test]
+async fn a_peer_dribbling_a_partial_message_is_closed_at_the_deadline() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "sip_message_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("message_timeout");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    s.write_all(b"MESSAGE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999")
+        .await?;
+    let (mut rd, mut wr) = s.into_split();
+    let dribble = tokio::spawn(async move {
+        // One byte every 100 ms until the edge has closed (the write then fails).
+        while wr.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let closed = {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    };
+    let took = t0.elapsed();
+    assert!(closed, "connection still open after 5 s");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "closed too late: {took:?}");
+    assert_eq!(refused_count("message_timeout") - before, 1);
+    dribble.abort();
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 2: a connection that never sends a request is closed after
+/// `first_request_timeout_secs`, not after the 600 s idle timeout.
+#[tokio::test]
+async fn a_connection_without_a_first_request_is_closed() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "first_request_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("first_request_timeout");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(refused_count("first_request_timeout") - before, 1);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 3: plain TCP from an address that is no federated domain's static route
+/// (127.0.0.3 here; routes are 127.0.0.1 and 127.0.0.2) is closed at accept, before any
+/// request is read.
+#[tokio::test]
+async fn tcp_from_an_address_that_is_not_a_static_route_is_closed_at_accept() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) = start_edge_with(dir.path(), 5999, "").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("not_a_static_route");
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.3:0".parse()?)?;
+    let mut s = sock.connect(addr).await?;
+    let _ = s
+        .write_all(b"OPTIONS sip:alice@example.com SIP/2.0\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    assert_eq!(refused_count("not_a_static_route") - before, 1);
+    // The route's own address is still served.
+    let mut ua = Ua::connect(addr).await?;
+    assert!(options_ok(&mut ua).await?);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 7: after a failed dial the domain is in backoff; the next message to it is
+/// bounced at once without a new connection attempt (counted as `blocked`).
+#[tokio::test]
+async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A port nobody listens on: connecting is refused at once.
+    let dead = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let (hub, edge, mut home, stop) = start_edge_with(dir.path(), dead, "").await?;
+    let dials = |o: &str| {
+        legate::sip::edge::metrics::DIALS
+            .with_label_values(&[o])
+            .get()
+    };
+    let (failed0, blocked0) = (dials("failed"), dials("blocked"));
+    let send = |text: &str| -> Result<()> {
+        hub.submit(
+            &Origin::Component {
+                home_node: "hn1".into(),
+            },
+            Envelope {
+                from: Address::parse("alice@example.com/pc")?,
+                to: Address::parse("bob@partner.com")?,
+                body: Body::Message(MessageBody {
+                    id: Some(text.into()),
+                    text: text.into(),
+                    thread: None,
+                }),
+            },
+        );
+        Ok(())
+    };
+    send("one")?;
+    let d = next(&mut home).await?;
+    assert!(
+        matches!(d.envelope.body, Body::Error { .. }),
+        "{:?}",
+        d.envelope.body
+    );
+    assert_eq!(dials("failed") - failed0, 1);
+    // Within the first backoff delay (0.5–1 s): bounced without dialing.
+    let t = std::time::Instant::now();
+    send("two")?;
+    let d = next(&mut home).await?;
+    assert!(
+        matches!(d.envelope.body, Body::Error { .. }),
+        "{:?}",
+        d.envelope.body
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(dials("failed") - failed0, 1, "no second dial");
+    assert_eq!(dials("blocked") - blocked0, 1);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
 }

@@ -55,6 +55,12 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("im_session_idle_secs", 600, 10, 86_400),
     lim("max_subscriptions_per_user", 1_000, 1, 100_000),
     lim("outbound_queue_per_domain", 1_000, 1, 1_000_000),
+    lim("sip_message_timeout_secs", 5, 1, 300),
+    lim("first_request_timeout_secs", 10, 1, 600),
+    lim("sip_transactions_per_domain", 4_096, 1, 16_384),
+    lim("foreign_watchers_per_domain", 10_000, 1, 10_000_000),
+    lim("im_sessions_per_domain", 1_000, 1, 1_000_000),
+    lim("sip_dial_backoff_max_secs", 60, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 
@@ -425,10 +431,26 @@ fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig
             a.unwrap_or(default_admin)
         }
     };
+    let admin_allow_remote = n.and_then(|n| n.admin_allow_remote).unwrap_or(false);
+    // The admin endpoint is not authenticated (metrics, status): a non-loopback bind must be
+    // asked for explicitly, never reached by a typo such as `0.0.0.0`.
+    if !admin_allow_remote && !admin_listen.ip().is_loopback() {
+        if let Some(s) = n.and_then(|n| n.admin_listen.as_ref()) {
+            ck.err(
+                s.span(),
+                format!(
+                    "node.admin_listen = `{admin_listen}` is not a loopback address and the admin \
+                     endpoint is not authenticated; use 127.0.0.1 or [::1], or set \
+                     node.admin_allow_remote = true to expose it on purpose"
+                ),
+            );
+        }
+    }
     NodeConfig {
         id,
         data_dir,
         admin_listen,
+        admin_allow_remote,
     }
 }
 
@@ -962,6 +984,12 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         im_session_idle_secs: get!(im_session_idle_secs) as u64,
         max_subscriptions_per_user: get!(max_subscriptions_per_user) as usize,
         outbound_queue_per_domain: get!(outbound_queue_per_domain) as usize,
+        sip_message_timeout_secs: get!(sip_message_timeout_secs) as u64,
+        first_request_timeout_secs: get!(first_request_timeout_secs) as u64,
+        sip_transactions_per_domain: get!(sip_transactions_per_domain) as usize,
+        foreign_watchers_per_domain: get!(foreign_watchers_per_domain) as usize,
+        im_sessions_per_domain: get!(im_sessions_per_domain) as usize,
+        sip_dial_backoff_max_secs: get!(sip_dial_backoff_max_secs) as u64,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.
@@ -1232,6 +1260,12 @@ mod tests {
             "im_session_idle_secs",
             "max_subscriptions_per_user",
             "outbound_queue_per_domain",
+            "sip_message_timeout_secs",
+            "first_request_timeout_secs",
+            "sip_transactions_per_domain",
+            "foreign_watchers_per_domain",
+            "im_sessions_per_domain",
+            "sip_dial_backoff_max_secs",
             "intercluster.sync_interval_mins",
         ] {
             assert_eq!(range_of(key).key, key);
