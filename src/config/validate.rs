@@ -1283,6 +1283,30 @@ mod tests {
         }
     }
 
+    fn admin(node: &str) -> Result<SocketAddr, String> {
+        let src = format!("[node]\n{node}\n[[local_domain]]\nname = \"example.com\"\n");
+        super::super::from_toml(&src, Path::new("a.toml"), super::super::BUILTIN_SYSTEMS)
+            .map(|c| c.node.admin_listen)
+            .map_err(|d| d.to_string())
+    }
+
+    #[test]
+    fn a_non_loopback_admin_endpoint_must_be_asked_for() {
+        assert!(admin("admin_listen = \"127.0.0.1:9090\"").is_ok());
+        assert!(admin("admin_listen = \"[::1]:9090\"").is_ok());
+        let e = admin("admin_listen = \"0.0.0.0:9090\"")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("admin_allow_remote = true"), "{e}");
+        assert!(e.contains("a.toml:2:"), "{e}");
+        assert_eq!(
+            admin("admin_listen = \"10.1.2.3:9090\"\nadmin_allow_remote = true"),
+            Ok("10.1.2.3:9090"
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
+        );
+    }
+
     #[test]
     fn listener_overlap_rules() {
         // A wildcard covers every address of its port, IPv6 wildcard included (dual stack).
