@@ -82,7 +82,9 @@ impl Core {
         // A new INVITE for a pair that has a session replaces it (below), so it does not count
         // against the domain's bound.
         let replaces = self.session_pairs.get(&pair).copied();
-        if replaces.is_none() && self.sessions_of(domain) >= MAX_SESSIONS_PER_DOMAIN {
+        if replaces.is_none()
+            && self.sessions_of(domain) >= hub.config().limits.im_sessions_per_domain
+        {
             m::refused("too_many_sessions");
             let tag = random_token(10);
             return self.reply(
@@ -344,7 +346,7 @@ impl Core {
         first: MessageBody,
         now: Instant,
     ) {
-        if self.sessions_of(&domain) >= MAX_SESSIONS_PER_DOMAIN {
+        if self.sessions_of(&domain) >= hub.config().limits.im_sessions_per_domain {
             m::refused("too_many_sessions");
             self.bounce_message(hub, &domain, &local, &remote, &first, 503);
             return;

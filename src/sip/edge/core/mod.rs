@@ -148,6 +148,8 @@ struct ClientEntry {
 struct ServerEntry {
     txn: ServerTransaction,
     conn: ConnId,
+    /// The foreign domain the request came from (for the per-domain bound).
+    domain: Domain,
     /// Earliest timer queued for it in the heap (see `arm_server`).
     armed: Option<Instant>,
 }
@@ -180,14 +182,15 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
 
 /// Most remembered final responses (see `Core::remember`).
 const RECENT_LIMIT: usize = 8192;
-/// Live server transactions at most (`limits` has no key for it); beyond, requests get a
-/// stateless 503. Refusals by policy never create one.
+/// Live server transactions at most; beyond, requests get a stateless 503. Refusals by policy
+/// never create one. Each foreign domain also has its own share
+/// (`limits.sip_transactions_per_domain`), so one partner cannot fill the table for all.
 pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
+/// Retry-After (seconds) of a 503 for a full per-domain or node-wide bound (RFC 3261
+/// §21.5.4: the peer may retry after it; Lync edges honour it).
+pub(crate) const RETRY_AFTER_BUSY: &str = "30";
 /// Notifier dialogs per (foreign watcher, local user) pair; see `on_subscribe`.
 pub(crate) const MAX_DIALOGS_PER_PAIR: usize = 4;
-/// IM sessions (both directions) per federated domain; beyond, an inbound INVITE gets 503
-/// and a message that would open one is bounced.
-pub(crate) const MAX_SESSIONS_PER_DOMAIN: usize = 1024;
 /// Messages waiting for an outbound session's INVITE to be answered; beyond, bounced.
 pub(crate) const MAX_SESSION_QUEUE: usize = 64;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
@@ -236,7 +239,11 @@ pub struct Core {
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
-    /// Live sessions per federated domain (for `MAX_SESSIONS_PER_DOMAIN`).
+    /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
+    server_domains: HashMap<Domain, usize>,
+    /// Notifier dialogs per foreign domain (`limits.foreign_watchers_per_domain`).
+    notifier_domains: HashMap<Domain, usize>,
+    /// Live sessions per federated domain (`limits.im_sessions_per_domain`).
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
@@ -249,6 +256,22 @@ pub struct Core {
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
     dirty: bool,
+}
+
+/// The count kept for `d` in a per-domain table.
+fn count_of(t: &HashMap<Domain, usize>, d: &Domain) -> usize {
+    t.get(d).copied().unwrap_or(0)
+}
+
+/// Decrements `d`'s count, forgetting the domain at zero (the table stays as small as the set
+/// of domains with live state).
+fn count_down(t: &mut HashMap<Domain, usize>, d: &Domain) {
+    if let Some(n) = t.get_mut(d) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            t.remove(d);
+        }
+    }
 }
 
 fn random_token(n: usize) -> String {
@@ -307,6 +330,8 @@ impl Core {
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
             session_domains: HashMap::new(),
+            server_domains: HashMap::new(),
+            notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             recent: HashMap::new(),
@@ -600,7 +625,9 @@ impl Core {
             }
         }
         if done {
-            self.server.remove(key);
+            if let Some(e) = self.server.remove(key) {
+                count_down(&mut self.server_domains, &e.domain);
+            }
         } else {
             self.arm_server(key);
         }
@@ -608,7 +635,20 @@ impl Core {
 
     /// A response without a transaction (no RFC 3261 branch, ACK-less cases).
     fn reply_stateless(&mut self, conn: ConnId, req: &SipMessage, code: u16, reason: &str) {
-        if let Ok(r) = req.build_response(code, reason, Some(&random_token(10))) {
+        self.reply_stateless_with(conn, req, code, reason, &[]);
+    }
+
+    /// [`Core::reply_stateless`] with extra header lines (e.g. `Retry-After`).
+    fn reply_stateless_with(
+        &mut self,
+        conn: ConnId,
+        req: &SipMessage,
+        code: u16,
+        reason: &str,
+        extra: &[(&str, &str)],
+    ) {
+        let tag = random_token(10);
+        if let Ok(r) = response_with(req, code, reason, Some(&tag), extra, None) {
             m::response("out", code);
             self.actions.push_back(Action::Send {
                 conn: Some(conn),
@@ -748,9 +788,30 @@ impl Core {
                 return;
             }
         };
+        // The domain's own share first: a partner at its bound is told so (and only it), while
+        // the others keep the rest of the node-wide table.
+        let busy = [("Retry-After", RETRY_AFTER_BUSY)];
+        if count_of(&self.server_domains, &domain) >= cfg.limits.sip_transactions_per_domain {
+            m::refused("domain_transactions_full");
+            tracing::info!(domain = %domain, "per-domain transaction bound reached");
+            self.reply_stateless_with(
+                peer.conn,
+                &req,
+                503,
+                "Service Unavailable (Too Many Transactions From Your Domain)",
+                &busy,
+            );
+            return;
+        }
         if self.server.len() >= MAX_SERVER_TRANSACTIONS {
             m::refused("too_many_transactions");
-            self.reply_stateless(peer.conn, &req, 503, "Service Unavailable (Overloaded)");
+            self.reply_stateless_with(
+                peer.conn,
+                &req,
+                503,
+                "Service Unavailable (Overloaded)",
+                &busy,
+            );
             return;
         }
         match ServerTransaction::new(&req, self.timers, now) {
@@ -760,9 +821,11 @@ impl Core {
                     ServerEntry {
                         txn,
                         conn: peer.conn,
+                        domain: domain.clone(),
                         armed: None,
                     },
                 );
+                *self.server_domains.entry(domain.clone()).or_default() += 1;
                 self.drain_server(&key);
             }
             Err(e) => {
@@ -1019,7 +1082,7 @@ impl Core {
                 // RFC 6665 §4.2.2: 481 (or any failure but a timeout-like one) to a NOTIFY
                 // ends the subscription; we keep it on 408/5xx so a peer restart loses nothing.
                 if code == 481 || code == 403 || code == 603 {
-                    if let Some(n) = self.notifiers.remove(dialog) {
+                    if let Some(n) = self.notifier_remove(dialog) {
                         let pair = (n.watcher.bare_string(), n.presentity.bare_string());
                         self.pair_remove(&pair, dialog);
                         self.dirty = true;

@@ -79,6 +79,23 @@ impl Core {
             );
         };
         let pair = (watcher.bare_string(), presentity.bare_string());
+        // Bound: foreign watchers of one foreign domain (limits.foreign_watchers_per_domain),
+        // so one partner subscribing for any number of localparts cannot take every slot.
+        if count_of(&self.notifier_domains, domain) >= cfg.limits.foreign_watchers_per_domain {
+            m::refused("domain_watchers_full");
+            tracing::info!(domain = %domain, "per-domain foreign watcher bound reached");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Too Many Watchers From Your Domain)",
+                Some(&tag),
+                &[("Retry-After", RETRY_AFTER_BUSY)],
+                None,
+                now,
+            );
+        }
         // Bound: foreign watchers per local user (limits.max_subscriptions_per_user), counted
         // by `pair_add`/`pair_remove`.
         let watchers = self.notifier_watchers.get(&pair.1).copied().unwrap_or(0);
@@ -167,12 +184,12 @@ impl Core {
             conn: Some(peer.conn),
             armed: None,
         };
-        self.notifiers.insert(id.clone(), n);
+        self.notifier_insert(id.clone(), n);
         if grant == 0 {
             // A fetch: the terminated NOTIFY is all it gets; the notifier ends with it (the
             // NOTIFY's client transaction carries what it needs).
             self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
-            self.notifiers.remove(&id);
+            self.notifier_remove(&id);
             return;
         }
         // Bound: dialogs per (watcher, presentity). Beyond it the oldest dialog ends with
@@ -279,7 +296,7 @@ impl Core {
         now: Instant,
     ) {
         self.send_notify(hub, id, Some(reason), now);
-        if let Some(n) = self.notifiers.remove(id) {
+        if let Some(n) = self.notifier_remove(id) {
             let pair = (n.watcher.bare_string(), n.presentity.bare_string());
             self.pair_remove(&pair, id);
             let others = self.notifier_pairs.contains_key(&pair);
@@ -295,6 +312,21 @@ impl Core {
             }
             self.dirty = true;
         }
+    }
+
+    /// Adds a notifier dialog, counted for its domain's bound.
+    pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
+        *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
+        if let Some(old) = self.notifiers.insert(id, n) {
+            count_down(&mut self.notifier_domains, &old.domain);
+        }
+    }
+
+    /// Removes a notifier dialog and its count.
+    pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
+        let n = self.notifiers.remove(id)?;
+        count_down(&mut self.notifier_domains, &n.domain);
+        Some(n)
     }
 
     pub(super) fn send_notify(

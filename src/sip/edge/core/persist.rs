@@ -148,7 +148,7 @@ impl Core {
                 (watcher.bare_string(), presentity.bare_string()),
                 id.clone(),
             );
-            self.notifiers.insert(id.clone(), n);
+            self.notifier_insert(id.clone(), n);
             self.arm_notifier(&id, expires_at);
             n_restored += 1;
             let ask = if active {
