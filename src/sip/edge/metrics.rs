@@ -90,6 +90,17 @@ pub static TLS_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub const NOTIFIES_UNCHANGED: &str = "legate_sip_notify_unchanged_total";
+
+pub static NOTIFY_UNCHANGED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        NOTIFIES_UNCHANGED,
+        "Presence NOTIFYs not sent, by reason (unchanged: state and body equal the dialog's \
+         last NOTIFY)",
+        &["reason"],
+    )
+});
+
 pub static DIALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::counter_vec(
         OUTBOUND_DIALS,

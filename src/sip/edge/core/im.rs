@@ -119,7 +119,7 @@ impl Core {
         };
         let sid = self.id();
         let did = dialog.id.clone();
-        let contact = format!("<{}>", self.contact_for(&local));
+        let contact = format!("<{}>", self.contact_for(&local, Some(peer.conn)));
         let sdp = im_session::sdp(&host, sid);
         self.reply(
             key,
@@ -174,7 +174,7 @@ impl Core {
     /// Ends session `sid` because a new INVITE replaces it: a BYE if it has a dialog; its
     /// queued messages are returned to go out on the new session.
     fn end_session_replaced(&mut self, sid: u64, now: Instant) -> VecDeque<MessageBody> {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(mut s) = self.remove_session(sid) else {
             return VecDeque::new();
         };
@@ -373,8 +373,8 @@ impl Core {
             last_activity: now,
             conn: None,
         };
-        let via = self.via();
-        let contact = self.contact_for(&s.local);
+        let via = self.via_on(None);
+        let contact = self.contact_for(&s.local, None);
         let headers: Vec<(&str, String)> = vec![
             ("Via", via),
             ("Max-Forwards", "70".into()),
@@ -413,7 +413,7 @@ impl Core {
         body: MessageBody,
         now: Instant,
     ) {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -486,7 +486,7 @@ impl Core {
         conn: Option<ConnId>,
         now: Instant,
     ) {
-        let via = self.via();
+        let via = self.via_on(conn);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -557,7 +557,7 @@ impl Core {
 
     /// Idle session: BYE (Lync closes idle IM sessions after 10 minutes as well).
     pub(super) fn close_session(&mut self, hub: &dyn HubPort, sid: u64, now: Instant) {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(mut s) = self.remove_session(sid) else {
             return;
         };

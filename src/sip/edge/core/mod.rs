@@ -252,6 +252,8 @@ pub struct Core {
     recent_order: VecDeque<(Instant, TxnKey)>,
     /// Peer address of connections that sent us requests (for `recent`).
     conn_ips: HashMap<ConnId, IpAddr>,
+    /// Whether each connection we heard on is TLS (for the Via/Contact transport).
+    conn_tls: HashMap<ConnId, bool>,
     actions: VecDeque<Action>,
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
@@ -337,6 +339,7 @@ impl Core {
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             conn_ips: HashMap::new(),
+            conn_tls: HashMap::new(),
             actions: VecDeque::new(),
             route_addrs: HashMap::new(),
             next_id: 1,
@@ -347,6 +350,7 @@ impl Core {
     /// A connection closed: forget what was kept about it.
     pub fn handle_conn_closed(&mut self, conn: ConnId) {
         self.conn_ips.remove(&conn);
+        self.conn_tls.remove(&conn);
     }
 
     /// Addresses a domain's static route resolved to (for the TCP source check).
@@ -421,22 +425,35 @@ impl Core {
         self.next_id
     }
 
-    fn via(&self) -> String {
+    /// The transport of connection `conn` as a Via token: what the message will actually
+    /// travel over (RFC 3261 §18.1.1, §20.42: the Via names the transport used to send). A
+    /// request with no known connection goes out on a new one of the node's default kind.
+    fn transport_on(&self, conn: Option<ConnId>) -> &'static str {
+        match conn.and_then(|c| self.conn_tls.get(&c)) {
+            Some(true) => "TLS",
+            Some(false) => "TCP",
+            None => self.me.transport,
+        }
+    }
+
+    fn via_on(&self, conn: Option<ConnId>) -> String {
         format!(
             "SIP/2.0/{} {};branch={}{}",
-            self.me.transport,
+            self.transport_on(conn),
             self.me.sent_by,
             self.branch_prefix,
             random_token(12)
         )
     }
 
-    fn contact_for(&self, user: &Address) -> String {
+    /// Our Contact for `user` on connection `conn`; `;transport=` follows the connection like
+    /// the Via (RFC 3261 §19.1.1).
+    fn contact_for(&self, user: &Address, conn: Option<ConnId>) -> String {
         format!(
             "sip:{}@{};transport={}",
             user.local,
             self.me.sent_by,
-            self.me.transport.to_ascii_lowercase()
+            self.transport_on(conn).to_ascii_lowercase()
         )
     }
 
@@ -666,6 +683,7 @@ impl Core {
         msg: SipMessage,
         now: Instant,
     ) {
+        self.conn_tls.insert(peer.conn, peer.tls);
         if msg.is_request() {
             self.on_request(hub, peer, msg, now);
         } else {
@@ -1187,7 +1205,12 @@ impl Core {
                         n.state = NotifierState::Active;
                     }
                     self.dirty |= activated;
-                    self.send_notify(hub, &id, None, now);
+                    if activated {
+                        // Pending → active is a state change (RFC 6665 §4.2.2): always sent.
+                        self.send_notify(hub, &id, None, now);
+                    } else {
+                        self.notify_change(hub, &id, now);
+                    }
                 }
             }
             Body::Subscription(Subscription::Subscribed) => {

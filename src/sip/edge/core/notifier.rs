@@ -159,7 +159,7 @@ impl Core {
         };
         let id = dialog.id.clone();
         let expires_s = grant.to_string();
-        let contact = format!("<{}>", self.contact_for(&presentity));
+        let contact = format!("<{}>", self.contact_for(&presentity, Some(peer.conn)));
         // 200, not 202: RFC 6665 §8.3.1 deprecates 202 for SUBSCRIBE (the pending state is told
         // by the NOTIFY that follows), and Lync edges answer 200 themselves.
         self.reply(
@@ -183,6 +183,7 @@ impl Core {
             last,
             conn: Some(peer.conn),
             armed: None,
+            last_sent: None,
         };
         self.notifier_insert(id.clone(), n);
         if grant == 0 {
@@ -239,7 +240,7 @@ impl Core {
         };
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
         let contact = match self.notifiers.get(&id) {
-            Some(n) => format!("<{}>", self.contact_for(&n.presentity)),
+            Some(n) => format!("<{}>", self.contact_for(&n.presentity, Some(peer.conn))),
             None => return,
         };
         let Some(n) = self.notifiers.get_mut(&id) else {
@@ -329,6 +330,15 @@ impl Core {
         Some(n)
     }
 
+    /// A NOTIFY for a presence update: not sent when its state and body equal the last
+    /// NOTIFY of the dialog (a home node repeating the same presence must not make every
+    /// watcher's edge process it again). NOTIFYs RFC 6665 requires — after each SUBSCRIBE
+    /// or refresh (§4.2.1.2), on state changes and on termination (§4.2.2) — go through
+    /// [`Core::send_notify`], which always sends.
+    pub(super) fn notify_change(&mut self, hub: &dyn HubPort, id: &DialogId, now: Instant) {
+        self.notify(hub, id, None, now, true);
+    }
+
     pub(super) fn send_notify(
         &mut self,
         hub: &dyn HubPort,
@@ -336,13 +346,25 @@ impl Core {
         terminated: Option<TerminationReason>,
         now: Instant,
     ) {
-        let via = self.via();
+        self.notify(hub, id, terminated, now, false);
+    }
+
+    fn notify(
+        &mut self,
+        hub: &dyn HubPort,
+        id: &DialogId,
+        terminated: Option<TerminationReason>,
+        now: Instant,
+        skip_unchanged: bool,
+    ) {
+        let on = self.notifiers.get(id).and_then(|n| n.conn);
+        let via = self.via_on(on);
         let maps = hub.maps();
         let cfg = hub.config();
         let Some(n) = self.notifiers.get(id) else {
             return;
         };
-        let contact = self.contact_for(&n.presentity);
+        let contact = self.contact_for(&n.presentity, on);
         let state = match terminated {
             Some(r) => format!("terminated;reason={}", r.token()),
             None => n.state_header(now),
@@ -362,9 +384,24 @@ impl Core {
         };
         let ct = n.format.content_type();
         let (conn, domain) = (n.conn, n.domain.clone());
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            // The state without its `expires=` countdown, which differs on every NOTIFY.
+            state.split(';').next().unwrap_or("").hash(&mut h);
+            ct.hash(&mut h);
+            body.hash(&mut h);
+            h.finish()
+        };
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };
+        if skip_unchanged && n.last_sent == Some(fingerprint) {
+            m::NOTIFY_UNCHANGED.with_label_values(&["unchanged"]).inc();
+            tracing::debug!("NOTIFY content unchanged; not sent again");
+            return;
+        }
+        n.last_sent = Some(fingerprint);
         let req = n.dialog.request(&InDialog {
             method: "NOTIFY",
             via: &via,

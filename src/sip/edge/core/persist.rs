@@ -143,6 +143,7 @@ impl Core {
                 last: None,
                 conn: None,
                 armed: None,
+                last_sent: None,
             };
             self.pair_add(
                 (watcher.bare_string(), presentity.bare_string()),

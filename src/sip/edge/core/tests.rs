@@ -463,7 +463,7 @@ fn loops_and_hops_are_refused() {
     let h = hub();
     let mut c = core();
     let t0 = Instant::now();
-    let ours = c.via();
+    let ours = c.via_on(None);
     let text = subscribe_text(3600).replace(
         "Max-Forwards: 70\n",
         &format!("Via: {ours}\nMax-Forwards: 70\n"),
@@ -1018,4 +1018,101 @@ fn foreign_watchers_are_bounded_per_domain() {
     assert_eq!(c.counts().0, 0);
     c.handle_message(&h, &peer(), subscribe_from("partner.com", "w5"), later);
     assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+}
+
+fn lync_presence(state: &str) -> Body {
+    Body::Presence(crate::gateway::PresenceBody {
+        system: "lync".into(),
+        state: state.into(),
+        note: None,
+        priority: None,
+    })
+}
+
+/// The Via and Contact of a NOTIFY name the transport of the connection it goes out on
+/// (RFC 3261 §18.1.1): plain TCP here although the node's default is TLS.
+#[test]
+fn notify_via_and_contact_follow_the_connection_transport() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let tcp = PeerInfo {
+        tls: false,
+        outbound_to: Some(dom()),
+        verified: Vec::new(),
+        ..peer()
+    };
+    c.handle_message(&h, &tcp, msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let ok = out.first().expect("200");
+    assert_eq!(ok.status(), Some(200));
+    assert!(
+        hv(ok, "Contact").is_some_and(|v| v.ends_with(";transport=tcp>")),
+        "{:?}",
+        hv(ok, "Contact")
+    );
+    let notify = out.get(1).expect("NOTIFY");
+    assert_eq!(notify.method(), Some("NOTIFY"));
+    assert!(
+        hv(notify, "Via").is_some_and(|v| v.starts_with("SIP/2.0/TCP ")),
+        "{:?}",
+        hv(notify, "Via")
+    );
+    assert!(hv(notify, "Contact").is_some_and(|v| v.contains(";transport=tcp")));
+    // Over TLS the same exchange says TLS.
+    let mut c = core();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let notify = out.get(1).expect("NOTIFY");
+    assert!(hv(notify, "Via").is_some_and(|v| v.starts_with("SIP/2.0/TLS ")));
+    assert!(hv(notify, "Contact").is_some_and(|v| v.contains(";transport=tls")));
+}
+
+/// A presence update whose NOTIFY would carry the same state and body as the last one on
+/// the dialog is not sent; a different one is; a refresh still gets its NOTIFY (RFC 6665
+/// §4.2.1.2) even though nothing changed.
+#[test]
+fn identical_notify_is_not_sent_twice_but_refreshes_still_notify() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let tag = out[0]
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .unwrap_or("")
+        .to_owned();
+    let deliver = |c: &mut Core, state: &str, at: Instant| {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env("alice@example.com", "bob@partner.com", lync_presence(state)),
+            at,
+        );
+        sent(c)
+            .into_iter()
+            .filter(|m| m.method() == Some("NOTIFY"))
+            .count()
+    };
+    assert_eq!(deliver(&mut c, "busy", t0), 1, "pending → active");
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(1)), 0);
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(2)), 0);
+    assert_eq!(deliver(&mut c, "away", t0 + Duration::from_secs(3)), 1);
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(4)), 1);
+    let refresh = subscribe_text(3600)
+        .replace(
+            "To: <sip:alice@example.com>",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+        )
+        .replace("CSeq: 1 SUBSCRIBE", "CSeq: 2 SUBSCRIBE")
+        .replace("branch=z9hG4bKs1", "branch=z9hG4bKs2");
+    c.handle_message(&h, &peer(), msg(&refresh), t0 + Duration::from_secs(5));
+    let out = sent(&mut c);
+    assert_eq!(
+        out.iter().filter(|m| m.method() == Some("NOTIFY")).count(),
+        1,
+        "a refresh is always followed by a NOTIFY"
+    );
 }
