@@ -209,7 +209,7 @@ pub async fn run_connection<S>(
                             }
                             Ok(Some(Frame::Bad { status, reason, bytes })) => {
                                 m::refused("malformed");
-                                tracing::info!(status, reason = %reason, "bad message");
+                                tracing::info!(status, reason = %crate::net::LogSafe(&reason), "bad message");
                                 if let Some(s) = status {
                                     if let Some(a) = answer_refused(&bytes, s, &reason, "lgbad") {
                                         m::response("out", s);

@@ -508,7 +508,7 @@ impl Core {
             ) {
                 Ok(d) => s.dialog = Some(d),
                 Err(e) => {
-                    tracing::info!(error = %e, "unusable 2xx to INVITE");
+                    tracing::info!(error = %crate::net::LogSafe(&e.to_string()), "unusable 2xx to INVITE");
                     return self.fail_session(hub, sid, 502);
                 }
             }

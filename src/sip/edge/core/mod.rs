@@ -33,6 +33,7 @@ use crate::gateway::hub::Submitted;
 use crate::gateway::{
     Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, Subscription,
 };
+use crate::net::LogSafe;
 use crate::presence::convert::SipBodyKind;
 use crate::presence::map::MappingSet;
 use crate::sip::dialog::{build_request, response_with, Dialog, DialogId, InDialog};
@@ -801,7 +802,18 @@ impl Core {
             Ok(d) => d,
             Err(r) => {
                 m::refused(r.label);
-                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
+                // Method, From and Call-ID come from the wire: escaped (net::LogSafe) so a
+                // peer cannot forge log lines or hide text.
+                let from = req.header(HeaderName::From).map_or("", |h| h.value);
+                tracing::info!(
+                    peer = %peer.remote,
+                    method = %LogSafe(&method),
+                    from = %LogSafe(from),
+                    call_id = %LogSafe(req.call_id().unwrap_or("")),
+                    status = r.status,
+                    reason = r.reason,
+                    "request refused"
+                );
                 self.reply_stateless(peer.conn, &req, r.status, r.reason);
                 return;
             }
@@ -847,7 +859,7 @@ impl Core {
                 self.drain_server(&key);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot start server transaction");
+                tracing::debug!(error = %LogSafe(&e.to_string()), "cannot start server transaction");
                 self.reply_stateless(peer.conn, &req, 400, "Bad Transaction Headers");
                 return;
             }

@@ -120,7 +120,7 @@ impl Core {
                 .saturating_sub(base)
                 .min(u64::from(subscription::MAX_EXPIRES));
             let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
-                tracing::warn!(dialog = %id.call_id, "state entry with unusable expiry skipped");
+                tracing::warn!(dialog = %crate::net::LogSafe(&id.call_id), "state entry with unusable expiry skipped");
                 continue;
             };
             let active = p.active;

@@ -117,7 +117,7 @@ impl Core {
             match subscription::decode_body(&hub.maps(), &system, ct, req.body()) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::info!(error = %e, "NOTIFY body ignored");
+                    tracing::info!(error = %crate::net::LogSafe(&e.to_string()), "NOTIFY body ignored");
                     None
                 }
             }
