@@ -8,12 +8,23 @@
 //! outbound connections to a domain's static route, drives the core's timers, and writes the
 //! notifier subscriptions to `node.data_dir` so a restart loses none (requirements §1).
 //!
-//! **Peer identity.** Over TLS (once `tls.rs` lands) the peer is the federated domain its
-//! verified certificate names. Over plain TCP nothing is verified: a request is accepted from
-//! a connection when its From domain is a configured SIP federated domain *and*, when that
-//! domain has a static `route`, the connection's source address is the route's address. A TCP
-//! peer of a domain without a static route is trusted on its From header alone — that is why
-//! `listeners.sip_tcp` is off by default and meant only for trusted links.
+//! **Peer identity.** Over TLS the peer is the federated domain its verified certificate
+//! names; a TLS connection whose certificate proves no configured federated domain is closed
+//! right after the handshake. Over plain TCP nothing is verified: a connection is accepted only
+//! from an address of some federated domain's static `route` (others are closed at accept),
+//! and a request on it only for the domain whose route that address is (the core's check).
+//! Both refusals are counted (`legate_sip_connections_refused_total`, reasons
+//! `unauthenticated_tls`, `not_a_static_route`).
+//!
+//! **Deadlines** (issue 10): the TLS handshake (`limits.handshake_timeout_secs`), the first
+//! request on an inbound connection (`limits.first_request_timeout_secs`), each message from
+//! its first byte (`limits.sip_message_timeout_secs`), and idle time, which only whole
+//! messages reset. Admission (per listener, per IPv4 address / IPv6 /64) and the accept loop
+//! come from the edge kit (`crate::net`).
+//!
+//! **Dialing.** A domain whose dial failed is in backoff (1 s doubling with jitter, up to
+//! `limits.sip_dial_backoff_max_secs`): meanwhile requests to it fail at once (the core bounces
+//! them as for a transport error) instead of each starting DNS + TCP + TLS again.
 //!
 //! With neither `listeners.sip_tls` (with a certificate) nor `listeners.sip_tcp` on, the edge
 //! does not start and registers no outbox: SIP federation is off and the hub bounces

@@ -1,7 +1,9 @@
 //! Connection tasks of the SIP edge: one tokio task per connection owns the socket and a
 //! [`Framer`], answers CRLFCRLF keep-alives (RFC 5626 §4.4.1) and framed-but-bad messages
 //! (their 400) itself, closes on a fatal framing error or idle timeout, and forwards every
-//! valid message to the core task. It decides nothing else. Generic over the stream type so
+//! valid message to the core task. It decides nothing else. It enforces the connection's
+//! deadlines ([`Deadlines`]): idle (reset only by a whole message), message completion from the
+//! first byte, and the first request on inbound connections. Generic over the stream type so
 //! the TLS stream from `tls.rs` slots in beside plain TCP.
 
 use std::time::{Duration, Instant};

@@ -94,7 +94,8 @@ impl HubPort for Hub {
 pub struct LocalIdentity {
     /// `host:port` of our Via sent-by and Contact.
     pub sent_by: String,
-    /// `TCP` or `TLS` (Via transport).
+    /// `TCP` or `TLS`: the transport of connections the node opens, used in Via/Contact of a
+    /// request not bound to a known connection (otherwise the connection's own transport).
     pub transport: &'static str,
 }
 
