@@ -1363,3 +1363,65 @@ async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
     edge.join(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// The final response to the request just sent (1xx skipped).
+async fn final_response(ua: &mut Ua) -> Result<legate::sip::SipMessage> {
+    loop {
+        let r = ua.response().await?;
+        if r.status().is_some_and(|s| s >= 200) {
+            return Ok(r);
+        }
+    }
+}
+
+/// An INVITE that requires an extension the edge lacks: answered 420 by a server transaction
+/// that then waits (Timer H, 32 s) for the ACK this test never sends, so it stays live.
+async fn invite_needing_ack(ua: &mut Ua, domain: &str, src: &str) -> Result<()> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            "INVITE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP {src}:5060;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:u@{domain}>;tag=f{b}"),
+            "To: <sip:alice@example.com>",
+            &format!("Call-ID: {b}@{domain}"),
+            "CSeq: 1 INVITE",
+            &format!("Contact: <sip:u@{src}:5060;transport=tcp>"),
+            "Require: no-such-extension",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await
+}
+
+/// Issue 10 item 4 over real sockets: partner.com holding its whole transaction share
+/// (1 here) gets 503 + Retry-After, while other.com (its route address 127.0.0.2) is still
+/// served.
+#[tokio::test]
+async fn a_partner_at_its_transaction_share_does_not_starve_another() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "sip_transactions_per_domain = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let mut partner = Ua::connect(addr).await?;
+    invite_needing_ack(&mut partner, "partner.com", "127.0.0.1").await?;
+    assert_eq!(final_response(&mut partner).await?.status(), Some(420));
+    invite_needing_ack(&mut partner, "partner.com", "127.0.0.1").await?;
+    let r = final_response(&mut partner).await?;
+    assert_eq!(r.status(), Some(503));
+    assert_eq!(
+        r.reason(),
+        Some("Service Unavailable (Too Many Transactions From Your Domain)")
+    );
+    assert_eq!(hv(&r, "Retry-After"), "30");
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.2:0".parse()?)?;
+    let mut other = Ua::from_stream(sock.connect(addr).await?);
+    invite_needing_ack(&mut other, "other.com", "127.0.0.2").await?;
+    assert_eq!(final_response(&mut other).await?.status(), Some(420));
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}

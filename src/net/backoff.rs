@@ -120,6 +120,16 @@ impl<K: Eq + Hash + Clone> DestinationBackoff<K> {
         self.table.remove(key);
     }
 
+    /// A connection to `key` closed after being up for `lived`: its failures are forgotten
+    /// only if it stayed up for `stable`. A peer that accepts and drops at once keeps growing
+    /// its delay instead of being dialed at full rate. Returns whether it reset.
+    pub fn connection_lasted(&mut self, key: &K, lived: Duration, stable: Duration) -> bool {
+        if lived >= stable && self.table.remove(key).is_some() {
+            return true;
+        }
+        false
+    }
+
     /// Destinations remembered (blocked or with failures not yet forgotten).
     pub fn len(&self) -> usize {
         self.table.len()
@@ -187,6 +197,21 @@ mod tests {
         d.succeeded(&"dead.example");
         assert_eq!(d.check(&"dead.example", t0 + s(3)), Ok(()));
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn destination_resets_only_after_a_stable_connection() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut d = DestinationBackoff::new(s(1), s(60), 10);
+        d.failed(&"flaky", t0, 1.0);
+        d.failed(&"flaky", t0 + s(1), 1.0);
+        // Connected, dropped after 2 s: not stable (30 s), the next delay keeps growing.
+        assert!(!d.connection_lasted(&"flaky", s(2), s(30)));
+        assert_eq!(d.failed(&"flaky", t0 + s(10), 1.0), s(4));
+        // Up for a minute: the failures are forgotten; the next delay starts from min again.
+        assert!(d.connection_lasted(&"flaky", s(60), s(30)));
+        assert_eq!(d.failed(&"flaky", t0 + s(100), 1.0), s(1));
     }
 
     #[test]

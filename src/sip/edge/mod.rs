@@ -279,6 +279,7 @@ impl SipEdge {
                 Duration::from_secs(cfg.limits.sip_dial_backoff_max_secs),
                 DIAL_BACKOFF_ENTRIES,
             ),
+            outbound_opened: HashMap::new(),
         };
         tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
         Ok(SipEdge { tcp, tls, tasks })
@@ -560,6 +561,8 @@ struct Driver {
     /// Domains whose last dials failed: while one is blocked, requests to it fail at once
     /// (the core bounces them) instead of each starting DNS + TCP + TLS again.
     dial_backoff: DestinationBackoff<Domain>,
+    /// Outbound connections and when they opened (for the backoff's "stable" reset).
+    outbound_opened: HashMap<ConnId, (Domain, Instant)>,
 }
 
 /// How the driver reaches a domain: DNS targets (or the static route) and TLS.
@@ -572,6 +575,9 @@ struct Outbound {
 /// First delay after a failed dial to a domain (then doubling, with jitter, up to
 /// `limits.sip_dial_backoff_max_secs`).
 const DIAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// An outbound connection up this long resets its domain's dial backoff; one that drops
+/// sooner leaves the delay growing.
+const DIAL_STABLE: Duration = Duration::from_secs(30);
 /// Domains whose dial failures are remembered at once (bounds the table; see
 /// `DestinationBackoff`).
 const DIAL_BACKOFF_ENTRIES: usize = 10_000;
@@ -659,7 +665,8 @@ impl Driver {
                     self.bind(conn, d);
                 }
                 if let Some(d) = info.outbound_to.clone() {
-                    self.dial_backoff.succeeded(&d);
+                    // The backoff is reset only once this connection proved stable (on close).
+                    self.outbound_opened.insert(conn, (d.clone(), now));
                     self.bind(conn, d.clone());
                     if let Some(q) = self.pending.remove(&d) {
                         for b in q {
@@ -676,6 +683,13 @@ impl Driver {
                 self.core.handle_message(&*self.hub, &info, *msg, now);
             }
             Input::Closed { conn } => {
+                if let Some((d, since)) = self.outbound_opened.remove(&conn) {
+                    self.dial_backoff.connection_lasted(
+                        &d,
+                        now.saturating_duration_since(since),
+                        DIAL_STABLE,
+                    );
+                }
                 self.core.handle_conn_closed(conn);
                 self.conns.remove(&conn);
                 self.infos.remove(&conn);
