@@ -83,7 +83,8 @@ impl Core {
         // against the domain's bound.
         let replaces = self.session_pairs.get(&pair).copied();
         if replaces.is_none()
-            && self.sessions_of(domain) >= hub.config().limits.im_sessions_per_domain
+            && (self.sessions_of(domain) >= hub.config().limits.im_sessions_per_domain
+                || self.sessions.len() >= self.caps.im_sessions)
         {
             m::refused("too_many_sessions");
             let tag = random_token(10);
@@ -346,7 +347,9 @@ impl Core {
         first: MessageBody,
         now: Instant,
     ) {
-        if self.sessions_of(&domain) >= hub.config().limits.im_sessions_per_domain {
+        if self.sessions_of(&domain) >= hub.config().limits.im_sessions_per_domain
+            || self.sessions.len() >= self.caps.im_sessions
+        {
             m::refused("too_many_sessions");
             self.bounce_message(hub, &domain, &local, &remote, &first, 503);
             return;

@@ -188,6 +188,29 @@ const RECENT_LIMIT: usize = 8192;
 /// never create one. Each foreign domain also has its own share
 /// (`limits.sip_transactions_per_domain`), so one partner cannot fill the table for all.
 pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
+/// Foreign watchers (notifier dialogs) on the node at most, whatever their domains: the
+/// per-domain bound times the number of partners must not be the only ceiling.
+pub(crate) const MAX_FOREIGN_WATCHERS: usize = 1_000_000;
+/// IM sessions on the node at most (both directions, all domains).
+pub(crate) const MAX_IM_SESSIONS: usize = 100_000;
+
+/// Node-wide ceilings of the core's tables (the constants above; tests lower them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeCaps {
+    pub server_transactions: usize,
+    pub foreign_watchers: usize,
+    pub im_sessions: usize,
+}
+
+impl Default for NodeCaps {
+    fn default() -> Self {
+        NodeCaps {
+            server_transactions: MAX_SERVER_TRANSACTIONS,
+            foreign_watchers: MAX_FOREIGN_WATCHERS,
+            im_sessions: MAX_IM_SESSIONS,
+        }
+    }
+}
 /// Retry-After (seconds) of a 503 for a full per-domain or node-wide bound (RFC 3261
 /// §21.5.4: the peer may retry after it; Lync edges honour it).
 pub(crate) const RETRY_AFTER_BUSY: &str = "30";
@@ -241,6 +264,8 @@ pub struct Core {
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
+    /// Node-wide ceilings.
+    caps: NodeCaps,
     /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
     server_domains: HashMap<Domain, usize>,
     /// Notifier dialogs per foreign domain (`limits.foreign_watchers_per_domain`).
@@ -334,6 +359,7 @@ impl Core {
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
             session_domains: HashMap::new(),
+            caps: NodeCaps::default(),
             server_domains: HashMap::new(),
             notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
@@ -347,6 +373,12 @@ impl Core {
             next_id: 1,
             dirty: false,
         }
+    }
+
+    /// Lowers the node-wide ceilings (machine tests reach them without 100 000 requests).
+    #[cfg(test)]
+    pub(crate) fn set_node_caps(&mut self, caps: NodeCaps) {
+        self.caps = caps;
     }
 
     /// A connection closed: forget what was kept about it.
@@ -834,7 +866,7 @@ impl Core {
             );
             return;
         }
-        if self.server.len() >= MAX_SERVER_TRANSACTIONS {
+        if self.server.len() >= self.caps.server_transactions {
             m::refused("too_many_transactions");
             self.reply_stateless_with(
                 peer.conn,

@@ -79,8 +79,23 @@ impl Core {
             );
         };
         let pair = (watcher.bare_string(), presentity.bare_string());
-        // Bound: foreign watchers of one foreign domain (limits.foreign_watchers_per_domain),
-        // so one partner subscribing for any number of localparts cannot take every slot.
+        // Bound: foreign watchers on the node, then of one foreign domain
+        // (limits.foreign_watchers_per_domain), so one partner subscribing for any number of
+        // localparts cannot take every slot.
+        if self.notifiers.len() >= self.caps.foreign_watchers {
+            m::refused("too_many_watchers");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Overloaded)",
+                Some(&tag),
+                &[("Retry-After", RETRY_AFTER_BUSY)],
+                None,
+                now,
+            );
+        }
         if count_of(&self.notifier_domains, domain) >= cfg.limits.foreign_watchers_per_domain {
             m::refused("domain_watchers_full");
             tracing::info!(domain = %domain, "per-domain foreign watcher bound reached");

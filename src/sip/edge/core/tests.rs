@@ -1116,3 +1116,34 @@ fn identical_notify_is_not_sent_twice_but_refreshes_still_notify() {
         "a refresh is always followed by a NOTIFY"
     );
 }
+
+/// The node-wide ceilings hold across partners: with room for 2 watchers and 1 session on
+/// the node, a second partner is refused (503) once the node is full, even under its own share.
+#[test]
+fn node_wide_ceilings_hold_across_partners() {
+    let h = hub();
+    let mut c = core();
+    c.set_node_caps(NodeCaps {
+        foreign_watchers: 2,
+        im_sessions: 1,
+        ..NodeCaps::default()
+    });
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), subscribe_from("partner.com", "w1"), t0);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &other_peer(), subscribe_from("other.com", "w1"), t0);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &other_peer(), subscribe_from("other.com", "w2"), t0);
+    let out = sent(&mut c);
+    assert_eq!(out.first().and_then(SipMessage::status), Some(503));
+    assert_eq!(
+        out.first().and_then(|r| hv(r, "Retry-After")),
+        Some(RETRY_AFTER_BUSY)
+    );
+    assert_eq!(c.counts().0, 2);
+    c.handle_message(&h, &peer(), im_invite("n1", "u1", "z9hG4bKn1"), t0);
+    assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &peer(), im_invite("n2", "u2", "z9hG4bKn2"), t0);
+    assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(503));
+    assert_eq!(c.counts().2, 1);
+}
