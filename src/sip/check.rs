@@ -17,8 +17,9 @@
 //!
 //! Size limits are the edge's (`limits.sip_max_header_bytes`, `limits.sip_max_message_bytes`;
 //! their defaults unless a configuration's are given): a message over one is `bad` with 513
-//! Message Too Large (RFC 3261 §21.5.14) and a reason naming the limit, as the edge would
-//! refuse it.
+//! Message Too Large (RFC 3261 §21.5.14) and a reason naming the limit. The edge refuses the
+//! same message: on a stream it closes the connection instead of answering (it will not
+//! buffer the body it refuses, so framing cannot resume after it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
