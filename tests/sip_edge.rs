@@ -919,6 +919,11 @@ async fn sipp_scenarios() -> Result<()> {
         (20, 5, 5),
         "{tally:?}"
     );
+    assert!(
+        tally.other.is_empty(),
+        "unexpected deliveries: {:?}",
+        tally.other
+    );
     env.stop().await;
     Ok(())
 }

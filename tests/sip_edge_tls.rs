@@ -635,6 +635,11 @@ async fn sipp_through_stunnel_over_mutual_tls() -> Result<()> {
         (20, 5, 5),
         "{tally:?}"
     );
+    assert!(
+        tally.other.is_empty(),
+        "unexpected deliveries: {:?}",
+        tally.other
+    );
     env.stop().await;
     Ok(())
 }
