@@ -1430,3 +1430,65 @@ async fn a_partner_at_its_transaction_share_does_not_starve_another() -> Result<
     edge.join(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// Issue 10 item 2: requests the edge refuses (a domain it does not federate with) do not
+/// meet the first-request deadline: the connection is closed at it although it keeps talking.
+#[tokio::test]
+async fn refused_requests_do_not_meet_the_first_request_deadline() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "first_request_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("first_request_timeout");
+    let mut ua = Ua::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    let mut refused = 0;
+    let closed = loop {
+        let b = ua.branch();
+        let sent = ua
+            .send(
+                &[
+                    "OPTIONS sip:alice@example.com SIP/2.0",
+                    &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+                    "Max-Forwards: 70",
+                    "From: <sip:eve@nowhere.example>;tag=e",
+                    "To: <sip:alice@example.com>",
+                    &format!("Call-ID: {b}"),
+                    "CSeq: 1 OPTIONS",
+                    "Content-Length: 0",
+                ],
+                b"",
+            )
+            .await;
+        match (sent, ua.response().await) {
+            (Ok(()), Ok(r)) => {
+                assert_eq!(r.status(), Some(403));
+                refused += 1;
+            }
+            _ => break true,
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(closed, "still open after 5 s of refused requests");
+    assert!(refused >= 2, "{refused}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(refused_count("first_request_timeout") - before, 1);
+    // An accepted request meets it: this connection outlives the deadline.
+    let mut ok = Ua::connect(addr).await?;
+    assert!(options_ok(&mut ok).await?);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        options_ok(&mut ok).await?,
+        "closed after an accepted request"
+    );
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}

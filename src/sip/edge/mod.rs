@@ -541,6 +541,8 @@ fn verified_domains(cfg: &Config, conn: &rustls::CommonState, remote: SocketAddr
 
 struct ConnEntry {
     tx: mpsc::Sender<Bytes>,
+    /// Shared with the connection task: set once the core accepted a request on it.
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Driver {
@@ -658,9 +660,13 @@ impl Driver {
     fn on_input(&mut self, input: Input) {
         let now = Instant::now();
         match input {
-            Input::Opened { info, tx } => {
+            Input::Opened {
+                info,
+                tx,
+                authenticated,
+            } => {
                 let conn = info.conn;
-                self.conns.insert(conn, ConnEntry { tx });
+                self.conns.insert(conn, ConnEntry { tx, authenticated });
                 for d in info.verified.clone() {
                     self.bind(conn, d);
                 }
@@ -742,6 +748,11 @@ impl Driver {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Bind { conn, domain } => {
+                    // The core binds a connection only for a request that passed its peer
+                    // screen: that is the connection's first authenticated request.
+                    if let Some(c) = self.conns.get(&conn) {
+                        c.authenticated.store(true, Ordering::Relaxed);
+                    }
                     if self.conns.contains_key(&conn) {
                         self.bind(conn, domain);
                     }

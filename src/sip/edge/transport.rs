@@ -6,6 +6,8 @@
 //! first byte, and the first request on inbound connections. Generic over the stream type so
 //! the TLS stream from `tls.rs` slots in beside plain TCP.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +29,9 @@ pub enum Input {
     Opened {
         info: PeerInfo,
         tx: mpsc::Sender<Bytes>,
+        /// Set by the driver when the core accepted a request on the connection (it passed
+        /// the peer-identity screen): ends the first-request deadline.
+        authenticated: Arc<AtomicBool>,
     },
     Message {
         conn: ConnId,
@@ -122,11 +127,14 @@ impl Deadlines {
     }
 
     /// A whole message (or keep-alive) was framed at `now`.
-    pub fn completed(&mut self, now: Instant, is_request: bool) {
+    pub fn completed(&mut self, now: Instant) {
         self.idle_at = now + self.idle;
-        if is_request {
-            self.first_request_at = None;
-        }
+    }
+
+    /// The core accepted a request from the peer: the first-request deadline is met. A
+    /// request it refused (unknown domain, wrong route) does not count.
+    pub fn authenticated(&mut self) {
+        self.first_request_at = None;
     }
 
     /// After a read was framed: is part of a message still waiting for its rest?
@@ -177,7 +185,13 @@ pub async fn run_connection<S>(
         let _slots = slots;
         let conn = info.conn;
         let (tx, mut rx) = mpsc::channel::<Bytes>(OUT_QUEUE);
-        if core.send(Input::Opened { info, tx }).await.is_err() {
+        let authenticated = Arc::new(AtomicBool::new(false));
+        let opened = Input::Opened {
+            info,
+            tx,
+            authenticated: authenticated.clone(),
+        };
+        if core.send(opened).await.is_err() {
             return;
         }
         m::CONNS.with_label_values(&[kind]).inc();
@@ -203,7 +217,7 @@ pub async fn run_connection<S>(
                         match framer.next() {
                             Ok(None) => break,
                             Ok(Some(Frame::KeepAlive)) => {
-                                deadlines.completed(Instant::now(), false);
+                                deadlines.completed(Instant::now());
                                 if let Err(f) = write_bounded(&mut wr, b"\r\n", limits.write).await {
                                     write_failed(f);
                                     break 'conn;
@@ -223,7 +237,7 @@ pub async fn run_connection<S>(
                                 }
                             }
                             Ok(Some(Frame::Message(msg))) => {
-                                deadlines.completed(Instant::now(), msg.is_request());
+                                deadlines.completed(Instant::now());
                                 if core.send(Input::Message { conn, msg }).await.is_err() {
                                     break 'conn;
                                 }
@@ -247,6 +261,11 @@ pub async fn run_connection<S>(
                     }
                 }
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                    if expiry == Expiry::FirstRequest && authenticated.load(Ordering::Relaxed) {
+                        // Met earlier (the driver set the flag): nothing expired.
+                        deadlines.authenticated();
+                        continue;
+                    }
                     tracing::info!(reason = expiry.label(), "deadline expired; closing");
                     m::CONNS_REFUSED.with_label_values(&[expiry.label()]).inc();
                     break;
@@ -394,14 +413,13 @@ mod tests {
         // More bytes, still partial: the deadline stays where the first byte put it.
         d.partial(true, t0 + s(4));
         assert_eq!(d.next(), (t0 + s(6), Expiry::Message));
-        // The request completes: message and first-request deadlines end, idle restarts.
-        d.completed(t0 + s(5), true);
+        // The request completes: the message deadline ends, idle restarts; the first-request
+        // deadline stays until the core accepted a request.
+        d.completed(t0 + s(5));
         d.partial(false, t0 + s(5));
+        assert_eq!(d.next(), (t0 + s(10), Expiry::FirstRequest));
+        d.authenticated();
         assert_eq!(d.next(), (t0 + s(605), Expiry::Idle));
-        // A lone keep-alive is a whole unit too, but a response does not count as a request.
-        let mut e = Deadlines::new(&limits_for_deadlines(), t0);
-        e.completed(t0 + s(1), false);
-        assert_eq!(e.next(), (t0 + s(10), Expiry::FirstRequest));
         // Outbound connections have no first-request deadline.
         let f = Deadlines::new(&limits_for_deadlines().outbound(), t0);
         assert_eq!(f.next(), (t0 + s(600), Expiry::Idle));

@@ -794,6 +794,12 @@ impl Core {
         if method == "BENOTIFY" {
             // Lync's best-effort NOTIFY (MS-SIPRE §3.4): never answered.
             if let Ok(domain) = self.permit(&hub.config(), peer, &req) {
+                // An accepted request like any other: binds the connection (and meets its
+                // first-request deadline) though it is never answered.
+                self.actions.push_back(Action::Bind {
+                    conn: peer.conn,
+                    domain: domain.clone(),
+                });
                 self.on_notify(hub, peer, None, &req, &domain, now);
             }
             return;
