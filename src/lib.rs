@@ -9,6 +9,8 @@
 //! - `xmpp`: XMPP stream framing, s2s and XEP-0114 component links.
 //! - `tls`, `dns`: certificates (SNI, mutual TLS, RFC 6125) and target resolution (SRV, RFC
 //!   3263, cluster address map).
+//! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
+//!   log-safe peer text.
 //! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ pub mod diag;
 pub mod dns;
 pub mod gateway;
 pub mod metrics;
+pub mod net;
 pub mod presence;
 pub mod run;
 pub mod sip;

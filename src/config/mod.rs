@@ -82,6 +82,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Prometheus `/metrics` and `/status`; loopback by default.
     pub admin_listen: SocketAddr,
+    /// `admin_listen` may be a non-loopback address only when this is set: the endpoint is
+    /// not authenticated, so exposing it must be a decision, not an accident.
+    pub admin_allow_remote: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +208,19 @@ pub struct Limits {
     pub dialback_pending_per_domain: usize,
     /// Verify-only connections to authoritative servers open at once, node-wide.
     pub dialback_verify_connections: usize,
+    /// A SIP message must be complete this long after its first byte (seconds).
+    pub sip_message_timeout_secs: u64,
+    /// The first authenticated request on an inbound SIP connection must arrive this long
+    /// after the connection was accepted (seconds).
+    pub first_request_timeout_secs: u64,
+    /// Live SIP server transactions of one foreign domain (the node-wide table is 16384).
+    pub sip_transactions_per_domain: usize,
+    /// Foreign watchers (notifier subscriptions) of one foreign domain.
+    pub foreign_watchers_per_domain: usize,
+    /// IM sessions (INVITE dialogs) with one foreign domain.
+    pub im_sessions_per_domain: usize,
+    /// Cap of the per-domain backoff after failed outbound SIP dials (seconds).
+    pub sip_dial_backoff_max_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,6 +51,7 @@ pub(crate) struct RawNode {
     pub id: Option<S<String>>,
     pub data_dir: Option<S<String>>,
     pub admin_listen: Option<S<String>>,
+    pub admin_allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +159,12 @@ pub(crate) struct RawLimits {
     pub stanza_timeout_secs: Option<S<i64>>,
     pub dialback_pending_per_domain: Option<S<i64>>,
     pub dialback_verify_connections: Option<S<i64>>,
+    pub sip_message_timeout_secs: Option<S<i64>>,
+    pub first_request_timeout_secs: Option<S<i64>>,
+    pub sip_transactions_per_domain: Option<S<i64>>,
+    pub foreign_watchers_per_domain: Option<S<i64>>,
+    pub im_sessions_per_domain: Option<S<i64>>,
+    pub sip_dial_backoff_max_secs: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,6 +59,12 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("stanza_timeout_secs", 5, 1, 300),
     lim("dialback_pending_per_domain", 8, 1, 10_000),
     lim("dialback_verify_connections", 64, 1, 100_000),
+    lim("sip_message_timeout_secs", 5, 1, 300),
+    lim("first_request_timeout_secs", 10, 1, 600),
+    lim("sip_transactions_per_domain", 4_096, 1, 16_384),
+    lim("foreign_watchers_per_domain", 10_000, 1, 10_000_000),
+    lim("im_sessions_per_domain", 1_000, 1, 1_000_000),
+    lim("sip_dial_backoff_max_secs", 60, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 
@@ -429,10 +435,26 @@ fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig
             a.unwrap_or(default_admin)
         }
     };
+    let admin_allow_remote = n.and_then(|n| n.admin_allow_remote).unwrap_or(false);
+    // The admin endpoint is not authenticated (metrics, status): a non-loopback bind must be
+    // asked for explicitly, never reached by a typo such as `0.0.0.0`.
+    if !admin_allow_remote && !admin_listen.ip().is_loopback() {
+        if let Some(s) = n.and_then(|n| n.admin_listen.as_ref()) {
+            ck.err(
+                s.span(),
+                format!(
+                    "node.admin_listen = `{admin_listen}` is not a loopback address and the admin \
+                     endpoint is not authenticated; use 127.0.0.1 or [::1], or set \
+                     node.admin_allow_remote = true to expose it on purpose"
+                ),
+            );
+        }
+    }
     NodeConfig {
         id,
         data_dir,
         admin_listen,
+        admin_allow_remote,
     }
 }
 
@@ -973,6 +995,12 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         stanza_timeout_secs: get!(stanza_timeout_secs) as u64,
         dialback_pending_per_domain: get!(dialback_pending_per_domain) as usize,
         dialback_verify_connections: get!(dialback_verify_connections) as usize,
+        sip_message_timeout_secs: get!(sip_message_timeout_secs) as u64,
+        first_request_timeout_secs: get!(first_request_timeout_secs) as u64,
+        sip_transactions_per_domain: get!(sip_transactions_per_domain) as usize,
+        foreign_watchers_per_domain: get!(foreign_watchers_per_domain) as usize,
+        im_sessions_per_domain: get!(im_sessions_per_domain) as usize,
+        sip_dial_backoff_max_secs: get!(sip_dial_backoff_max_secs) as u64,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.
@@ -1246,6 +1274,12 @@ mod tests {
             "stanza_timeout_secs",
             "dialback_pending_per_domain",
             "dialback_verify_connections",
+            "sip_message_timeout_secs",
+            "first_request_timeout_secs",
+            "sip_transactions_per_domain",
+            "foreign_watchers_per_domain",
+            "im_sessions_per_domain",
+            "sip_dial_backoff_max_secs",
             "intercluster.sync_interval_mins",
         ] {
             assert_eq!(range_of(key).key, key);
@@ -1261,6 +1295,30 @@ mod tests {
             Ok(_) => 0,
             Err(d) => d.0.len(),
         }
+    }
+
+    fn admin(node: &str) -> Result<SocketAddr, String> {
+        let src = format!("[node]\n{node}\n[[local_domain]]\nname = \"example.com\"\n");
+        super::super::from_toml(&src, Path::new("a.toml"), super::super::BUILTIN_SYSTEMS)
+            .map(|c| c.node.admin_listen)
+            .map_err(|d| d.to_string())
+    }
+
+    #[test]
+    fn a_non_loopback_admin_endpoint_must_be_asked_for() {
+        assert!(admin("admin_listen = \"127.0.0.1:9090\"").is_ok());
+        assert!(admin("admin_listen = \"[::1]:9090\"").is_ok());
+        let e = admin("admin_listen = \"0.0.0.0:9090\"")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("admin_allow_remote = true"), "{e}");
+        assert!(e.contains("a.toml:2:"), "{e}");
+        assert_eq!(
+            admin("admin_listen = \"10.1.2.3:9090\"\nadmin_allow_remote = true"),
+            Ok("10.1.2.3:9090"
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
+        );
     }
 
     #[test]

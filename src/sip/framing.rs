@@ -111,6 +111,16 @@ impl Framer {
         self.buf.extend_from_slice(data);
     }
 
+    /// Whether part of a message has arrived and the rest has not: buffered bytes other than
+    /// a keep-alive's CR/LF prefix (RFC 5626 §4.4.1). The connection's message deadline runs
+    /// while this is true.
+    pub fn mid_message(&self) -> bool {
+        let b = &self.buf[..];
+        // "\r", "\r\n", "\r\n\r" are a keep-alive in progress, not a message.
+        let keep_alive_prefix = b.len() < 4 && b"\r\n\r\n".starts_with(b);
+        !b.is_empty() && !keep_alive_prefix
+    }
+
     /// Bytes buffered and not yet framed.
     pub fn buffered(&self) -> usize {
         self.buf.len()

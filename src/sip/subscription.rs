@@ -105,6 +105,10 @@ pub struct Notifier {
     pub last: Option<PresenceBody>,
     /// The connection the SUBSCRIBE came on (reused for NOTIFYs while it is open).
     pub conn: Option<u64>,
+    /// Fingerprint of the state and body of the last NOTIFY sent on the dialog: a presence
+    /// update that would send the same content again is not sent (not persisted: after a
+    /// restart the first update is always sent).
+    pub last_sent: Option<u64>,
     /// The earliest expiry timer queued for it, if any: a refresh that moves the expiry
     /// later queues nothing (the queued timer re-arms itself when it fires early).
     pub armed: Option<Instant>,

@@ -143,3 +143,36 @@ fn print_gives_back_the_bytes_of_accepted_messages() {
     }
     assert!(printed >= 40, "{printed}");
 }
+
+/// Issue 10 item 8: the measured case — a 300 KiB MESSAGE body is refused by `sip check` with
+/// 513 and a reason naming `sip_max_message_bytes` (64 KiB by default), as the edge would.
+#[test]
+fn an_oversized_message_is_513_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = "x".repeat(300 * 1024);
+    let file = dir.path().join("big.sip");
+    std::fs::write(
+        &file,
+        format!(
+            "MESSAGE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:bob@partner.com>;tag=1\r\nCall-ID: 1\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args(["sip", "check"])
+        .arg(&file)
+        .output()
+        .expect("run legate");
+    assert_eq!(out.status.code(), Some(1));
+    let line: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).expect("one JSON line");
+    assert_eq!(line["verdict"], "bad");
+    assert_eq!(line["status"], 513);
+    assert_eq!(line["method"], "MESSAGE");
+    let reason = line["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("Message Too Large") && reason.contains("sip_max_message_bytes = 65536"),
+        "{reason}"
+    );
+}

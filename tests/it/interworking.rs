@@ -7,8 +7,9 @@
 //! gets NOTIFYs whose msrtc bodies are alice's XMPP presence translated through the default
 //! tables; an IM session opened by the Lync side (first message in `ms-text-format`) reaches
 //! alice, and her reply comes back as a MESSAGE inside the same SIP dialog; alice subscribes to
-//! the Lync user and sees his msrtc availability as XMPP presence; a domain not federated gets
-//! 403 and alice receives nothing.
+//! the Lync user and sees his msrtc availability as XMPP presence; the TLS connection of a
+//! domain not federated is closed after its handshake (its certificate proves no federated
+//! domain) and alice receives nothing.
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
@@ -387,10 +388,11 @@ async fn scenario() -> Result<()> {
         .with_context(|| format!("alice sees no presence from bob:\n{}", gw.log()))?;
     assert_eq!(p.show.as_deref(), Some("away"), "{p:?}");
 
-    // --- A domain that is not federated is refused; alice receives nothing. -------------------
+    // --- A domain that is not federated is closed; alice receives nothing. --------------------
     let mut intruder = lync_edge(&certs, &stranger, gw.sip).await?;
     let b = intruder.branch();
-    intruder
+    // The edge may already have closed: a failed write is part of the expected outcome.
+    let _ = intruder
         .send(
             &[
                 "MESSAGE sip:alice@example.test SIP/2.0",
@@ -405,8 +407,11 @@ async fn scenario() -> Result<()> {
             ],
             b"let me in",
         )
-        .await?;
-    assert_eq!(intruder.response().await?.status(), Some(403));
+        .await;
+    assert!(
+        intruder.closed().await,
+        "the stranger's connection stayed open"
+    );
     let leaked = alice
         .next_stanza_matching(
             |s| s.sender_bare() == Some("eve@stranger.test"),

@@ -1165,3 +1165,313 @@ Content-Length: 0\r\n\r\n"
     )
     .await
 }
+
+/// Waits until the peer closes `s` (EOF or error), reading and discarding what it sends;
+/// `false` if it is still open after `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn refused_count(reason: &str) -> u64 {
+    legate::sip::edge::metrics::CONNS_REFUSED
+        .with_label_values(&[reason])
+        .get()
+}
+
+/// Issue 10 item 2: a peer that sends the start of a request and then a byte now and then is
+/// closed once the message deadline (1 s here) has passed since its first byte: the bytes do
+/// not reset any timer (idle is 600 s).
+#[tokio::test]
+async fn a_peer_dribbling_a_partial_message_is_closed_at_the_deadline() -> Result<()> {
+    let _sip_counts = metrics::asserts(Family::Sip).await;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "sip_message_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("message_timeout");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    s.write_all(b"MESSAGE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999")
+        .await?;
+    let (mut rd, mut wr) = s.into_split();
+    let dribble = tokio::spawn(async move {
+        // One byte every 100 ms until the edge has closed (the write then fails).
+        while wr.write_all(b"x").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let closed = {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    };
+    let took = t0.elapsed();
+    assert!(closed, "connection still open after 5 s");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "closed too late: {took:?}");
+    assert_eq!(refused_count("message_timeout") - before, 1);
+    dribble.abort();
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 2: a connection that never sends a request is closed after
+/// `first_request_timeout_secs`, not after the 600 s idle timeout.
+#[tokio::test]
+async fn a_connection_without_a_first_request_is_closed() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "first_request_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("first_request_timeout");
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(refused_count("first_request_timeout") - before, 1);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 3: plain TCP from an address that is no federated domain's static route
+/// (127.0.0.3 here; routes are 127.0.0.1 and 127.0.0.2) is closed at accept, before any
+/// request is read.
+#[tokio::test]
+async fn tcp_from_an_address_that_is_not_a_static_route_is_closed_at_accept() -> Result<()> {
+    let _sip_counts = metrics::asserts(Family::Sip).await;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) = start_edge_with(dir.path(), 5999, "").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("not_a_static_route");
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.3:0".parse()?)?;
+    let mut s = sock.connect(addr).await?;
+    let _ = s
+        .write_all(b"OPTIONS sip:alice@example.com SIP/2.0\r\nContent-Length: 0\r\n\r\n")
+        .await;
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    assert_eq!(refused_count("not_a_static_route") - before, 1);
+    // The route's own address is still served.
+    let mut ua = Ua::connect(addr).await?;
+    assert!(options_ok(&mut ua).await?);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 7: after a failed dial the domain is in backoff; the next message to it is
+/// bounced at once without a new connection attempt (counted as `blocked`).
+#[tokio::test]
+async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
+    let _sip_counts = metrics::asserts(Family::Sip).await;
+    let dir = tempfile::tempdir()?;
+    // A port nobody listens on: connecting is refused at once.
+    let dead = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
+    let (hub, edge, mut home, stop) = start_edge_with(dir.path(), dead, "").await?;
+    let dials = |o: &str| {
+        legate::sip::edge::metrics::DIALS
+            .with_label_values(&[o])
+            .get()
+    };
+    let (failed0, blocked0) = (dials("failed"), dials("blocked"));
+    let send = |text: &str| -> Result<()> {
+        hub.submit(
+            &Origin::Component {
+                home_node: "hn1".into(),
+            },
+            Envelope {
+                from: Address::parse("alice@example.com/pc")?,
+                to: Address::parse("bob@partner.com")?,
+                body: Body::Message(MessageBody {
+                    id: Some(text.into()),
+                    text: text.into(),
+                    thread: None,
+                }),
+            },
+        );
+        Ok(())
+    };
+    send("one")?;
+    let d = next(&mut home).await?;
+    assert!(
+        matches!(d.envelope.body, Body::Error { .. }),
+        "{:?}",
+        d.envelope.body
+    );
+    assert_eq!(dials("failed") - failed0, 1);
+    // Within the first backoff delay (0.5–1 s): bounced without dialing.
+    let t = std::time::Instant::now();
+    send("two")?;
+    let d = next(&mut home).await?;
+    assert!(
+        matches!(d.envelope.body, Body::Error { .. }),
+        "{:?}",
+        d.envelope.body
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(dials("failed") - failed0, 1, "no second dial");
+    assert_eq!(dials("blocked") - blocked0, 1);
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// The final response to the request just sent (1xx skipped).
+async fn final_response(ua: &mut Ua) -> Result<legate::sip::SipMessage> {
+    loop {
+        let r = ua.response().await?;
+        if r.status().is_some_and(|s| s >= 200) {
+            return Ok(r);
+        }
+    }
+}
+
+/// An INVITE that requires an extension the edge lacks: answered 420 by a server transaction
+/// that then waits (Timer H, 32 s) for the ACK this test never sends, so it stays live.
+async fn invite_needing_ack(ua: &mut Ua, domain: &str, src: &str) -> Result<()> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            "INVITE sip:alice@example.com SIP/2.0",
+            &format!("Via: SIP/2.0/TCP {src}:5060;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:u@{domain}>;tag=f{b}"),
+            "To: <sip:alice@example.com>",
+            &format!("Call-ID: {b}@{domain}"),
+            "CSeq: 1 INVITE",
+            &format!("Contact: <sip:u@{src}:5060;transport=tcp>"),
+            "Require: no-such-extension",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await
+}
+
+/// Issue 10 item 4 over real sockets: partner.com holding its whole transaction share
+/// (1 here) gets 503 + Retry-After, while other.com (its route address 127.0.0.2) is still
+/// served.
+#[tokio::test]
+async fn a_partner_at_its_transaction_share_does_not_starve_another() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "sip_transactions_per_domain = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let mut partner = Ua::connect(addr).await?;
+    invite_needing_ack(&mut partner, "partner.com", "127.0.0.1").await?;
+    assert_eq!(final_response(&mut partner).await?.status(), Some(420));
+    invite_needing_ack(&mut partner, "partner.com", "127.0.0.1").await?;
+    let r = final_response(&mut partner).await?;
+    assert_eq!(r.status(), Some(503));
+    assert_eq!(
+        r.reason(),
+        Some("Service Unavailable (Too Many Transactions From Your Domain)")
+    );
+    assert_eq!(hv(&r, "Retry-After"), "30");
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.2:0".parse()?)?;
+    let mut other = Ua::from_stream(sock.connect(addr).await?);
+    invite_needing_ack(&mut other, "other.com", "127.0.0.2").await?;
+    assert_eq!(final_response(&mut other).await?.status(), Some(420));
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Issue 10 item 2: requests the edge refuses (a domain it does not federate with) do not
+/// meet the first-request deadline: the connection is closed at it although it keeps talking.
+#[tokio::test]
+async fn refused_requests_do_not_meet_the_first_request_deadline() -> Result<()> {
+    let _sip_shared = metrics::moves(Family::Sip).await;
+    let dir = tempfile::tempdir()?;
+    let (_hub, edge, _home, stop) =
+        start_edge_with(dir.path(), 5999, "first_request_timeout_secs = 1").await?;
+    let addr = edge.tcp_addr().context("tcp")?;
+    let before = refused_count("first_request_timeout");
+    let mut ua = Ua::connect(addr).await?;
+    let t0 = std::time::Instant::now();
+    let mut refused = 0;
+    let closed = loop {
+        let b = ua.branch();
+        let sent = ua
+            .send(
+                &[
+                    "OPTIONS sip:alice@example.com SIP/2.0",
+                    &format!("Via: SIP/2.0/TCP 127.0.0.1:5999;branch={b}"),
+                    "Max-Forwards: 70",
+                    "From: <sip:eve@nowhere.example>;tag=e",
+                    "To: <sip:alice@example.com>",
+                    &format!("Call-ID: {b}"),
+                    "CSeq: 1 OPTIONS",
+                    "Content-Length: 0",
+                ],
+                b"",
+            )
+            .await;
+        match (sent, ua.response().await) {
+            (Ok(()), Ok(r)) => {
+                assert_eq!(r.status(), Some(403));
+                refused += 1;
+            }
+            _ => break true,
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(closed, "still open after 5 s of refused requests");
+    assert!(refused >= 2, "{refused}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(refused_count("first_request_timeout") - before, 1);
+    // An accepted request meets it: this connection outlives the deadline.
+    let mut ok = Ua::connect(addr).await?;
+    assert!(options_ok(&mut ok).await?);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        options_ok(&mut ok).await?,
+        "closed after an accepted request"
+    );
+    let _ = stop.send(true);
+    edge.join(Duration::from_secs(5)).await;
+    Ok(())
+}

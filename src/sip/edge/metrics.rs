@@ -16,6 +16,7 @@ pub const REFUSALS: &str = "legate_sip_refusals_total";
 pub const CONNECTIONS: &str = "legate_sip_connections";
 pub const CONNECTIONS_REFUSED: &str = "legate_sip_connections_refused_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "legate_sip_tls_handshake_failures_total";
+pub const OUTBOUND_DIALS: &str = "legate_sip_dial_backoff_total";
 
 /// Times the driver stopped reading SIP connections because a home node's outbox was nearly
 /// full (backpressure instead of 480 answers).
@@ -96,6 +97,26 @@ pub static TLS_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         TLS_HANDSHAKE_FAILURES,
         "Failed TLS handshakes on the SIP listener, by reason",
         &["reason"],
+    )
+});
+
+pub const NOTIFIES_UNCHANGED: &str = "legate_sip_notify_unchanged_total";
+
+pub static NOTIFY_UNCHANGED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        NOTIFIES_UNCHANGED,
+        "Presence NOTIFYs not sent, by reason (unchanged: state and body equal the dialog's \
+         last NOTIFY)",
+        &["reason"],
+    )
+});
+
+pub static DIALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        OUTBOUND_DIALS,
+        "Outbound SIP dials by outcome (failed: the domain enters backoff; blocked: a send \
+         failed fast because the domain was in backoff)",
+        &["outcome"],
     )
 });
 

@@ -8,12 +8,23 @@
 //! outbound connections to a domain's static route, drives the core's timers, and writes the
 //! notifier subscriptions to `node.data_dir` so a restart loses none (requirements §1).
 //!
-//! **Peer identity.** Over TLS (once `tls.rs` lands) the peer is the federated domain its
-//! verified certificate names. Over plain TCP nothing is verified: a request is accepted from
-//! a connection when its From domain is a configured SIP federated domain *and*, when that
-//! domain has a static `route`, the connection's source address is the route's address. A TCP
-//! peer of a domain without a static route is trusted on its From header alone — that is why
-//! `listeners.sip_tcp` is off by default and meant only for trusted links.
+//! **Peer identity.** Over TLS the peer is the federated domain its verified certificate
+//! names; a TLS connection whose certificate proves no configured federated domain is closed
+//! right after the handshake. Over plain TCP nothing is verified: a connection is accepted only
+//! from an address of some federated domain's static `route` (others are closed at accept),
+//! and a request on it only for the domain whose route that address is (the core's check).
+//! Both refusals are counted (`legate_sip_connections_refused_total`, reasons
+//! `unauthenticated_tls`, `not_a_static_route`).
+//!
+//! **Deadlines** (issue 10): the TLS handshake (`limits.handshake_timeout_secs`), the first
+//! request on an inbound connection (`limits.first_request_timeout_secs`), each message from
+//! its first byte (`limits.sip_message_timeout_secs`), and idle time, which only whole
+//! messages reset. Admission (per listener, per IPv4 address / IPv6 /64) and the accept loop
+//! come from the edge kit (`crate::net`).
+//!
+//! **Dialing.** A domain whose dial failed is in backoff (1 s doubling with jitter, up to
+//! `limits.sip_dial_backoff_max_secs`): meanwhile requests to it fail at once (the core bounces
+//! them as for a transport error) instead of each starting DNS + TCP + TLS again.
 //!
 //! With neither `listeners.sip_tls` (with a certificate) nor `listeners.sip_tcp` on, the edge
 //! does not start and registers no outbox: SIP federation is off and the hub bounces
@@ -28,7 +39,7 @@ pub mod core;
 pub mod metrics;
 pub mod transport;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,10 +52,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use self::core::{Action, ConnId, Core, LocalIdentity, PeerInfo, PersistedState};
-use self::transport::{ConnLimits, Input, ListenerBounds, Slots};
+use self::transport::{ConnLimits, Input};
 use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Link};
+use crate::net::{self, accept_admitted, AcceptPolicy, Admission, DestinationBackoff, Slots};
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +105,8 @@ impl SipEdge {
             max_header: cfg.limits.sip_max_header_bytes,
             max_message: cfg.limits.sip_max_message_bytes,
             idle: Duration::from_secs(cfg.limits.idle_timeout_secs),
+            message: Duration::from_secs(cfg.limits.sip_message_timeout_secs),
+            first_request: Some(Duration::from_secs(cfg.limits.first_request_timeout_secs)),
             write: Duration::from_secs(cfg.limits.handshake_timeout_secs),
         };
         let mut tasks = Vec::new();
@@ -123,6 +137,9 @@ impl SipEdge {
                 tasks: Vec::new(),
             });
         }
+        // Static routes are resolved before any SIP port is bound: the TCP listener admits
+        // only their addresses (plain TCP proves nothing else about a peer).
+        let route_addrs = resolve_routes(&cfg).await;
         let mut tcp = None;
         if let Some(addr) = cfg.listeners.sip_tcp {
             let l = TcpListener::bind(addr)
@@ -135,13 +152,14 @@ impl SipEdge {
             let bound = l.local_addr().unwrap_or(addr);
             crate::run::announce("sip_tcp", bound);
             tcp = Some(bound);
-            let bounds = ListenerBounds::new(
+            let bounds = Admission::new(
                 cfg.limits.max_connections_per_listener,
                 cfg.limits.max_connections_per_peer,
             );
             tasks.push(tokio::spawn(accept_loop(
                 l,
                 bounds,
+                route_ips(&cfg, &route_addrs),
                 limits,
                 core_tx.clone(),
                 ids.clone(),
@@ -164,7 +182,7 @@ impl SipEdge {
             let bound = l.local_addr().unwrap_or(addr);
             crate::run::announce("sip_tls", bound);
             tls = Some(bound);
-            let bounds = ListenerBounds::new(
+            let bounds = Admission::new(
                 cfg.limits.max_connections_per_listener,
                 cfg.limits.max_connections_per_peer,
             );
@@ -216,7 +234,7 @@ impl SipEdge {
             transport: if outbound.use_tls { "TLS" } else { "TCP" },
         };
         let mut core = Core::new(me, Duration::from_secs(cfg.limits.im_session_idle_secs));
-        core.set_route_addrs(resolve_routes(&cfg).await);
+        core.set_route_addrs(route_addrs);
         let state_path = cfg.node.data_dir.join(STATE_FILE);
         let restored = load_state(&state_path)?;
         let n = core.restore(&*hub, restored, Instant::now(), SystemTime::now());
@@ -256,6 +274,12 @@ impl SipEdge {
             state_path,
             outbound: Arc::new(outbound),
             status,
+            dial_backoff: DestinationBackoff::new(
+                DIAL_BACKOFF_MIN,
+                Duration::from_secs(cfg.limits.sip_dial_backoff_max_secs),
+                DIAL_BACKOFF_ENTRIES,
+            ),
+            outbound_opened: HashMap::new(),
         };
         tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
         Ok(SipEdge { tcp, tls, tasks })
@@ -361,67 +385,62 @@ async fn resolve_routes(cfg: &Config) -> HashMap<Domain, Vec<IpAddr>> {
     out
 }
 
-/// The next connection the listener's bounds admit (refusals are counted and logged here);
-/// `None` once shutdown is signalled.
-async fn next_admitted(
-    listener: &TcpListener,
-    bounds: &ListenerBounds,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<(
-    tokio::net::TcpStream,
-    std::net::SocketAddr,
-    transport::Slots,
-)> {
-    loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return None,
-        };
-        match bounds.admit(remote) {
-            Ok(slots) => {
-                let _ = stream.set_nodelay(true);
-                return Some((stream, remote, slots));
-            }
-            Err(reason) => {
-                metrics::CONNS_REFUSED.with_label_values(&[reason]).inc();
-                tracing::info!(peer = %remote, reason, "connection refused by bound");
-            }
+/// Every address a federated domain's static route names or resolved to: the only sources
+/// a plain TCP connection is accepted from.
+fn route_ips(cfg: &Config, resolved: &HashMap<Domain, Vec<IpAddr>>) -> Arc<HashSet<IpAddr>> {
+    let mut out: HashSet<IpAddr> = resolved.values().flatten().copied().collect();
+    for d in &cfg.sip.federated_domains {
+        if let Some(CfgHost::Ip(ip)) = d.route.as_ref().map(|r| &r.host) {
+            out.insert(*ip);
         }
     }
+    Arc::new(out)
+}
+
+/// Whether `ip` is one of the route addresses (an IPv4-mapped IPv6 source is its IPv4).
+fn is_route_source(routes: &HashSet<IpAddr>, ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    routes.contains(&ip)
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    bounds: ListenerBounds,
+    bounds: Admission,
+    routes: Arc<HashSet<IpAddr>>,
     limits: ConnLimits,
     core: mpsc::Sender<Input>,
     ids: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((stream, remote, slots)) = next_admitted(&listener, &bounds, &mut shutdown).await
-    {
+    let policy = AcceptPolicy::new("sip_tcp");
+    while let Some(a) = accept_admitted(&listener, &bounds, &policy, &mut shutdown).await {
+        // Plain TCP is unauthenticated: only a federated domain's static route may use it
+        // (module doc). Anything else is closed here, before it costs a task or a byte read.
+        if !is_route_source(&routes, a.remote.ip()) {
+            net::accept::count_refusal(policy.edge, "not_a_static_route", a.remote);
+            metrics::CONNS_REFUSED
+                .with_label_values(&["not_a_static_route"])
+                .inc();
+            continue;
+        }
         let info = PeerInfo {
             conn: ids.fetch_add(1, Ordering::Relaxed),
-            remote,
+            remote: a.remote,
             tls: false,
             verified: Vec::new(),
             outbound_to: None,
         };
         tokio::spawn(transport::run_connection(
-            stream,
+            a.stream,
             info,
             "tcp_in",
             core.clone(),
             limits,
             shutdown.clone(),
-            slots,
+            a.slots,
         ));
     }
 }
@@ -431,14 +450,15 @@ async fn accept_tls_loop(
     listener: TcpListener,
     server: crate::tls::ServerTls,
     hub: Arc<Hub>,
-    bounds: ListenerBounds,
+    bounds: Admission,
     limits: ConnLimits,
     core: mpsc::Sender<Input>,
     ids: Arc<AtomicU64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((stream, remote, slots)) = next_admitted(&listener, &bounds, &mut shutdown).await
-    {
+    let policy = AcceptPolicy::new("sip_tls");
+    while let Some(a) = accept_admitted(&listener, &bounds, &policy, &mut shutdown).await {
+        let (stream, remote, slots) = (a.stream, a.remote, a.slots);
         let server = server.clone();
         let core = core.clone();
         let shutdown = shutdown.clone();
@@ -459,6 +479,21 @@ async fn accept_tls_loop(
                 }
             };
             let verified = verified_domains(&hub.config(), tls.get_ref().1, remote);
+            if verified.is_empty() {
+                // No configured federated domain is proven by the certificate: nothing this
+                // peer sends could be accepted, so the connection is closed now instead of
+                // holding a slot until the idle timeout (counted in verified_domains).
+                metrics::CONNS_REFUSED
+                    .with_label_values(&["unauthenticated_tls"])
+                    .inc();
+                let mut tls = tls;
+                let _ = tokio::time::timeout(
+                    limits.write,
+                    tokio::io::AsyncWriteExt::shutdown(&mut tls),
+                )
+                .await;
+                return;
+            }
             let info = PeerInfo {
                 conn,
                 remote,
@@ -506,6 +541,8 @@ fn verified_domains(cfg: &Config, conn: &rustls::CommonState, remote: SocketAddr
 
 struct ConnEntry {
     tx: mpsc::Sender<Bytes>,
+    /// Shared with the connection task: set once the core accepted a request on it.
+    authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Driver {
@@ -523,6 +560,11 @@ struct Driver {
     state_path: PathBuf,
     outbound: Arc<Outbound>,
     status: Arc<EdgeStatus>,
+    /// Domains whose last dials failed: while one is blocked, requests to it fail at once
+    /// (the core bounces them) instead of each starting DNS + TCP + TLS again.
+    dial_backoff: DestinationBackoff<Domain>,
+    /// Outbound connections and when they opened (for the backoff's "stable" reset).
+    outbound_opened: HashMap<ConnId, (Domain, Instant)>,
 }
 
 /// How the driver reaches a domain: DNS targets (or the static route) and TLS.
@@ -540,6 +582,15 @@ async fn relieved(c: Option<&crate::gateway::hub::Congestion>, limit_secs: u64) 
         None => std::future::pending().await,
     }
 }
+/// First delay after a failed dial to a domain (then doubling, with jitter, up to
+/// `limits.sip_dial_backoff_max_secs`).
+const DIAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// An outbound connection up this long resets its domain's dial backoff; one that drops
+/// sooner leaves the delay growing.
+const DIAL_STABLE: Duration = Duration::from_secs(30);
+/// Domains whose dial failures are remembered at once (bounds the table; see
+/// `DestinationBackoff`).
+const DIAL_BACKOFF_ENTRIES: usize = 10_000;
 
 /// Most bytes queued for a domain while its connection is being opened.
 const PENDING_LIMIT: usize = 256;
@@ -633,13 +684,19 @@ impl Driver {
     fn on_input(&mut self, input: Input) {
         let now = Instant::now();
         match input {
-            Input::Opened { info, tx } => {
+            Input::Opened {
+                info,
+                tx,
+                authenticated,
+            } => {
                 let conn = info.conn;
-                self.conns.insert(conn, ConnEntry { tx });
+                self.conns.insert(conn, ConnEntry { tx, authenticated });
                 for d in info.verified.clone() {
                     self.bind(conn, d);
                 }
                 if let Some(d) = info.outbound_to.clone() {
+                    // The backoff is reset only once this connection proved stable (on close).
+                    self.outbound_opened.insert(conn, (d.clone(), now));
                     self.bind(conn, d.clone());
                     if let Some(q) = self.pending.remove(&d) {
                         for b in q {
@@ -656,6 +713,13 @@ impl Driver {
                 self.core.handle_message(&*self.hub, &info, *msg, now);
             }
             Input::Closed { conn } => {
+                if let Some((d, since)) = self.outbound_opened.remove(&conn) {
+                    self.dial_backoff.connection_lasted(
+                        &d,
+                        now.saturating_duration_since(since),
+                        DIAL_STABLE,
+                    );
+                }
                 self.core.handle_conn_closed(conn);
                 self.conns.remove(&conn);
                 self.infos.remove(&conn);
@@ -665,6 +729,11 @@ impl Driver {
             }
             Input::ConnectFailed { domain } => {
                 self.pending.remove(&domain);
+                let delay = self
+                    .dial_backoff
+                    .failed(&domain, now, rand::random::<f64>());
+                metrics::DIALS.with_label_values(&["failed"]).inc();
+                tracing::info!(domain = %domain, ?delay, "dial failed; domain in backoff");
                 self.core.handle_transport_error(&*self.hub, &domain, now);
             }
         }
@@ -703,6 +772,11 @@ impl Driver {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Bind { conn, domain } => {
+                    // The core binds a connection only for a request that passed its peer
+                    // screen: that is the connection's first authenticated request.
+                    if let Some(c) = self.conns.get(&conn) {
+                        c.authenticated.store(true, Ordering::Relaxed);
+                    }
                     if self.conns.contains_key(&conn) {
                         self.bind(conn, domain);
                     }
@@ -746,13 +820,23 @@ impl Driver {
             }
             return;
         }
+        let now = Instant::now();
+        if let Err(until) = self.dial_backoff.check(&domain, now) {
+            // Fail fast: the core's transactions toward the domain end with a transport
+            // error, which it maps to the home side's bounce (RFC 3261 §8.1.3.1 treats a
+            // transport failure as a 503 from the next hop).
+            metrics::DIALS.with_label_values(&["blocked"]).inc();
+            tracing::debug!(domain = %domain, wait = ?until.saturating_duration_since(now), "domain in dial backoff; not dialing");
+            self.core.handle_transport_error(&*self.hub, &domain, now);
+            return;
+        }
         self.pending.insert(domain.clone(), vec![bytes]);
         let cfg = self.hub.config();
         let route = cfg.sip_federated(&domain).and_then(|f| f.route.clone());
         let local = cfg.local_domains.first().map(|d| d.name.clone());
         let core = self.core_tx.clone();
         let ids = self.ids.clone();
-        let limits = self.limits;
+        let limits = self.limits.outbound();
         let shutdown = self.shutdown.clone();
         let timeout = Duration::from_secs(cfg.limits.handshake_timeout_secs);
         let out = self.outbound.clone();
@@ -804,10 +888,7 @@ impl Driver {
                     verified: Vec::new(),
                     outbound_to: Some(domain.clone()),
                 };
-                let no_slots = || Slots {
-                    listener: None,
-                    peer: None,
-                };
+                let no_slots = Slots::none;
                 if !out.use_tls {
                     transport::run_connection(
                         stream,

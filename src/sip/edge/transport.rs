@@ -1,21 +1,24 @@
 //! Connection tasks of the SIP edge: one tokio task per connection owns the socket and a
 //! [`Framer`], answers CRLFCRLF keep-alives (RFC 5626 §4.4.1) and framed-but-bad messages
 //! (their 400) itself, closes on a fatal framing error or idle timeout, and forwards every
-//! valid message to the core task. It decides nothing else. Generic over the stream type so
+//! valid message to the core task. It decides nothing else. It enforces the connection's
+//! deadlines ([`Deadlines`]): idle (reset only by a whole message), message completion from the
+//! first byte, and the first request on inbound connections. Generic over the stream type so
 //! the TLS stream from `tls.rs` slots in beside plain TCP.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use super::core::{ConnId, PeerInfo};
 use super::metrics as m;
+use crate::net::{write_bounded, Slots, WriteError};
 use crate::sip::framing::{Frame, Framer};
 use crate::sip::message::SipMessage;
 use crate::sip::validate::answer_refused;
@@ -26,6 +29,9 @@ pub enum Input {
     Opened {
         info: PeerInfo,
         tx: mpsc::Sender<Bytes>,
+        /// Set by the driver when the core accepted a request on the connection (it passed
+        /// the peer-identity screen): ends the first-request deadline.
+        authenticated: Arc<AtomicBool>,
     },
     Message {
         conn: ConnId,
@@ -44,95 +50,117 @@ pub enum Input {
 pub struct ConnLimits {
     pub max_header: usize,
     pub max_message: usize,
+    /// No complete message for this long closes the connection. Only whole messages (and
+    /// keep-alives) reset it: a byte now and then must not keep a connection open.
     pub idle: Duration,
+    /// A message must be complete this long after its first byte
+    /// (`limits.sip_message_timeout_secs`): a peer dribbling a partial message is closed.
+    pub message: Duration,
+    /// On inbound connections, the first request must arrive this long after the connection
+    /// was admitted (`limits.first_request_timeout_secs`); `None` on connections we opened.
+    pub first_request: Option<Duration>,
     /// Bound on each write and on the final shutdown (`limits.handshake_timeout_secs`): a peer
     /// that stops reading must not pin the task and its slots.
     pub write: Duration,
 }
 
-/// Why a bounded write did not complete.
-enum WriteFail {
-    Io(std::io::Error),
-    Timeout,
-}
-
-/// One `write_all` bounded by `limit`.
-async fn write_bounded<W>(wr: &mut W, data: &[u8], limit: Duration) -> Result<(), WriteFail>
-where
-    W: AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(limit, wr.write_all(data)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(WriteFail::Io(e)),
-        Err(_) => Err(WriteFail::Timeout),
+impl ConnLimits {
+    /// The same bounds for a connection we opened (no first-request deadline: we send first).
+    pub fn outbound(self) -> Self {
+        ConnLimits {
+            first_request: None,
+            ..self
+        }
     }
 }
 
 /// Logs a failed write and counts a timeout (bounded label `write_timeout`).
-fn write_failed(f: WriteFail) {
+fn write_failed(f: WriteError) {
     match f {
-        WriteFail::Io(e) => tracing::debug!(error = %e, "write failed"),
-        WriteFail::Timeout => {
+        WriteError::Io(e) => tracing::debug!(error = %e, "write failed"),
+        WriteError::Timeout(_) => {
             tracing::info!("write timed out; closing");
             m::CONNS_REFUSED.with_label_values(&["write_timeout"]).inc();
         }
     }
 }
 
-/// Connections per peer address (style practice 4): a shared count, decremented on drop.
-#[derive(Debug, Default)]
-pub struct PerPeer {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-    limit: usize,
+/// Which deadline of a connection is nearest (bounded metric labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Idle,
+    Message,
+    FirstRequest,
 }
 
-/// Holds one slot of a peer's count.
-#[derive(Debug)]
-pub struct PeerSlot {
-    owner: Arc<PerPeer>,
-    ip: IpAddr,
-}
-
-impl PerPeer {
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(PerPeer {
-            counts: Mutex::new(HashMap::new()),
-            limit,
-        })
-    }
-
-    /// A slot for `ip`, or `None` when the peer already has `limit` connections.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
-        let mut c = self.counts.lock().ok()?;
-        let n = c.entry(ip).or_insert(0);
-        if *n >= self.limit {
-            return None;
+impl Expiry {
+    pub fn label(self) -> &'static str {
+        match self {
+            Expiry::Idle => "idle_timeout",
+            Expiry::Message => "message_timeout",
+            Expiry::FirstRequest => "first_request_timeout",
         }
-        *n += 1;
-        Some(PeerSlot {
-            owner: self.clone(),
-            ip,
-        })
     }
 }
 
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        if let Ok(mut c) = self.owner.counts.lock() {
-            if let Some(n) = c.get_mut(&self.ip) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.remove(&self.ip);
+/// The deadlines of one connection, pure (time is an argument) so the rules are unit-tested:
+/// idle resets only on a whole message, the message deadline starts at a message's first
+/// byte and ends when it completes, the first-request deadline ends with the first request.
+#[derive(Debug, Clone)]
+pub struct Deadlines {
+    idle: Duration,
+    message: Duration,
+    idle_at: Instant,
+    message_at: Option<Instant>,
+    first_request_at: Option<Instant>,
+}
+
+impl Deadlines {
+    pub fn new(limits: &ConnLimits, now: Instant) -> Self {
+        Deadlines {
+            idle: limits.idle,
+            message: limits.message,
+            idle_at: now + limits.idle,
+            message_at: None,
+            first_request_at: limits.first_request.map(|d| now + d),
+        }
+    }
+
+    /// A whole message (or keep-alive) was framed at `now`.
+    pub fn completed(&mut self, now: Instant) {
+        self.idle_at = now + self.idle;
+    }
+
+    /// The core accepted a request from the peer: the first-request deadline is met. A
+    /// request it refused (unknown domain, wrong route) does not count.
+    pub fn authenticated(&mut self) {
+        self.first_request_at = None;
+    }
+
+    /// After a read was framed: is part of a message still waiting for its rest?
+    pub fn partial(&mut self, mid_message: bool, now: Instant) {
+        match (mid_message, self.message_at) {
+            (true, None) => self.message_at = Some(now + self.message),
+            (false, _) => self.message_at = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// The nearest deadline and what it is.
+    pub fn next(&self) -> (Instant, Expiry) {
+        let mut best = (self.idle_at, Expiry::Idle);
+        for (at, what) in [
+            (self.message_at, Expiry::Message),
+            (self.first_request_at, Expiry::FirstRequest),
+        ] {
+            if let Some(at) = at {
+                if at < best.0 {
+                    best = (at, what);
                 }
             }
         }
+        best
     }
-}
-
-/// What a connection holds for its whole life: the listener permit and the per-peer slot.
-pub struct Slots {
-    pub listener: Option<OwnedSemaphorePermit>,
-    pub peer: Option<PeerSlot>,
 }
 
 /// Bounded outbound queue per connection.
@@ -157,7 +185,13 @@ pub async fn run_connection<S>(
         let _slots = slots;
         let conn = info.conn;
         let (tx, mut rx) = mpsc::channel::<Bytes>(OUT_QUEUE);
-        if core.send(Input::Opened { info, tx }).await.is_err() {
+        let authenticated = Arc::new(AtomicBool::new(false));
+        let opened = Input::Opened {
+            info,
+            tx,
+            authenticated: authenticated.clone(),
+        };
+        if core.send(opened).await.is_err() {
             return;
         }
         m::CONNS.with_label_values(&[kind]).inc();
@@ -165,8 +199,9 @@ pub async fn run_connection<S>(
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut framer = Framer::new(limits.max_header, limits.max_message);
         let mut buf = vec![0u8; 16 * 1024];
-        let mut deadline = tokio::time::Instant::now() + limits.idle;
+        let mut deadlines = Deadlines::new(&limits, Instant::now());
         'conn: loop {
+            let (at, expiry) = deadlines.next();
             tokio::select! {
                 r = rd.read(&mut buf) => {
                     let n = match r {
@@ -177,12 +212,12 @@ pub async fn run_connection<S>(
                             break;
                         }
                     };
-                    deadline = tokio::time::Instant::now() + limits.idle;
                     framer.push(buf.get(..n).unwrap_or(&[]));
                     loop {
                         match framer.next() {
                             Ok(None) => break,
                             Ok(Some(Frame::KeepAlive)) => {
+                                deadlines.completed(Instant::now());
                                 if let Err(f) = write_bounded(&mut wr, b"\r\n", limits.write).await {
                                     write_failed(f);
                                     break 'conn;
@@ -190,7 +225,7 @@ pub async fn run_connection<S>(
                             }
                             Ok(Some(Frame::Bad { status, reason, bytes })) => {
                                 m::refused("malformed");
-                                tracing::info!(status, reason = %reason, "bad message");
+                                tracing::info!(status, reason = %crate::net::LogSafe(&reason), "bad message");
                                 if let Some(s) = status {
                                     if let Some(a) = answer_refused(&bytes, s, &reason, "lgbad") {
                                         m::response("out", s);
@@ -202,6 +237,7 @@ pub async fn run_connection<S>(
                                 }
                             }
                             Ok(Some(Frame::Message(msg))) => {
+                                deadlines.completed(Instant::now());
                                 if core.send(Input::Message { conn, msg }).await.is_err() {
                                     break 'conn;
                                 }
@@ -215,6 +251,7 @@ pub async fn run_connection<S>(
                             }
                         }
                     }
+                    deadlines.partial(framer.mid_message(), Instant::now());
                 }
                 out = rx.recv() => {
                     let Some(b) = out else { break };
@@ -223,9 +260,14 @@ pub async fn run_connection<S>(
                         break;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    tracing::debug!("idle timeout");
-                    m::CONNS_REFUSED.with_label_values(&["idle_timeout"]).inc();
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                    if expiry == Expiry::FirstRequest && authenticated.load(Ordering::Relaxed) {
+                        // Met earlier (the driver set the flag): nothing expired.
+                        deadlines.authenticated();
+                        continue;
+                    }
+                    tracing::info!(reason = expiry.label(), "deadline expired; closing");
+                    m::CONNS_REFUSED.with_label_values(&[expiry.label()]).inc();
                     break;
                 }
                 _ = shutdown.changed() => break,
@@ -240,36 +282,6 @@ pub async fn run_connection<S>(
     }
     .instrument(span)
     .await;
-}
-
-/// A listener's shared bounds.
-#[derive(Clone)]
-pub struct ListenerBounds {
-    pub per_listener: Arc<Semaphore>,
-    pub per_peer: Arc<PerPeer>,
-}
-
-impl ListenerBounds {
-    pub fn new(max_listener: usize, max_peer: usize) -> Self {
-        ListenerBounds {
-            per_listener: Arc::new(Semaphore::new(max_listener)),
-            per_peer: PerPeer::new(max_peer),
-        }
-    }
-
-    /// Both slots for a new connection from `remote`, or the bound that refused it.
-    pub fn admit(&self, remote: SocketAddr) -> Result<Slots, &'static str> {
-        let listener = self
-            .per_listener
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "listener_full")?;
-        let peer = self.per_peer.acquire(remote.ip()).ok_or("peer_full")?;
-        Ok(Slots {
-            listener: Some(listener),
-            peer: Some(peer),
-        })
-    }
 }
 
 #[cfg(test)]
@@ -294,22 +306,19 @@ mod tests {
         }
     }
 
-    /// Keep-alive pong, 400 for a framed bad request, forwarding, then idle close.
-    #[tokio::test]
-    async fn connection_task_pongs_answers_bad_forwards_and_idles_out() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
+    /// Runs a connection task over a pipe; returns the peer's end, the driver's inputs and the
+    /// `Opened` input and the shutdown sender (the task closes when either is dropped).
+    async fn open(
+        limits: ConnLimits,
+    ) -> (
+        tokio::io::DuplexStream,
+        mpsc::Receiver<Input>,
+        Input,
+        watch::Sender<bool>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
         let (tx, mut rx) = mpsc::channel(16);
-        let (_stop, shutdown) = watch::channel(false);
-        let limits = ConnLimits {
-            max_header: 16 * 1024,
-            max_message: 64 * 1024,
-            idle: Duration::from_millis(300),
-            write: Duration::from_secs(5),
-        };
-        let slots = Slots {
-            listener: None,
-            peer: None,
-        };
+        let (stop, shutdown) = watch::channel(false);
         tokio::spawn(run_connection(
             server,
             info(),
@@ -317,11 +326,25 @@ mod tests {
             tx,
             limits,
             shutdown,
-            slots,
+            Slots::none(),
         ));
-        // Keep the outbound sender alive: the task closes when the driver drops it.
         let opened = next(&mut rx).await;
         assert!(matches!(opened, Input::Opened { .. }));
+        (client, rx, opened, stop)
+    }
+
+    /// Keep-alive pong, 400 for a framed bad request, forwarding, then idle close.
+    #[tokio::test]
+    async fn connection_task_pongs_answers_bad_forwards_and_idles_out() {
+        let limits = ConnLimits {
+            max_header: 16 * 1024,
+            max_message: 64 * 1024,
+            idle: Duration::from_millis(300),
+            message: Duration::from_secs(5),
+            first_request: None,
+            write: Duration::from_secs(5),
+        };
+        let (mut client, mut rx, _opened, _stop) = open(limits).await;
         client.write_all(b"\r\n\r\n").await.expect("write");
         let mut pong = [0u8; 2];
         client.read_exact(&mut pong).await.expect("pong");
@@ -350,31 +373,15 @@ mod tests {
 
     #[tokio::test]
     async fn conflicting_content_length_closes() {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (tx, mut rx) = mpsc::channel(16);
-        let (_stop, shutdown) = watch::channel(false);
         let limits = ConnLimits {
             max_header: 16 * 1024,
             max_message: 64 * 1024,
             idle: Duration::from_secs(60),
+            message: Duration::from_secs(5),
+            first_request: None,
             write: Duration::from_secs(5),
         };
-        let slots = Slots {
-            listener: None,
-            peer: None,
-        };
-        tokio::spawn(run_connection(
-            server,
-            info(),
-            "tcp_in",
-            tx,
-            limits,
-            shutdown,
-            slots,
-        ));
-        // Keep the outbound sender alive: the task closes when the driver drops it.
-        let opened = next(&mut rx).await;
-        assert!(matches!(opened, Input::Opened { .. }));
+        let (mut client, mut rx, _opened, _stop) = open(limits).await;
         client
             .write_all(b"MESSAGE sip:a@example.com SIP/2.0\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd")
             .await
@@ -382,17 +389,81 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Input::Closed { conn: 7 }));
     }
 
+    fn limits_for_deadlines() -> ConnLimits {
+        ConnLimits {
+            max_header: 1024,
+            max_message: 4096,
+            idle: Duration::from_secs(600),
+            message: Duration::from_secs(5),
+            first_request: Some(Duration::from_secs(10)),
+            write: Duration::from_secs(5),
+        }
+    }
+
+    /// A byte now and then moves no deadline; a partial message has 5 s from its first byte.
     #[test]
-    fn per_peer_slots_are_released() {
-        let b = ListenerBounds::new(3, 2);
-        let a: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
-        let c: SocketAddr = "10.0.0.2:5000".parse().expect("addr");
-        let s1 = b.admit(a).expect("first");
-        let _s2 = b.admit(a).expect("second");
-        assert_eq!(b.admit(a).err(), Some("peer_full"));
-        let _s3 = b.admit(c).expect("other peer");
-        assert_eq!(b.admit(c).err(), Some("listener_full"));
-        drop(s1);
-        assert!(b.admit(a).is_ok());
+    fn dribbled_bytes_do_not_reset_the_idle_timer() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut d = Deadlines::new(&limits_for_deadlines(), t0);
+        assert_eq!(d.next(), (t0 + s(10), Expiry::FirstRequest));
+        // First byte of a message at t0+1: the message deadline is t0+6.
+        d.partial(true, t0 + s(1));
+        assert_eq!(d.next(), (t0 + s(6), Expiry::Message));
+        // More bytes, still partial: the deadline stays where the first byte put it.
+        d.partial(true, t0 + s(4));
+        assert_eq!(d.next(), (t0 + s(6), Expiry::Message));
+        // The request completes: the message deadline ends, idle restarts; the first-request
+        // deadline stays until the core accepted a request.
+        d.completed(t0 + s(5));
+        d.partial(false, t0 + s(5));
+        assert_eq!(d.next(), (t0 + s(10), Expiry::FirstRequest));
+        d.authenticated();
+        assert_eq!(d.next(), (t0 + s(605), Expiry::Idle));
+        // Outbound connections have no first-request deadline.
+        let f = Deadlines::new(&limits_for_deadlines().outbound(), t0);
+        assert_eq!(f.next(), (t0 + s(600), Expiry::Idle));
+    }
+
+    /// Over a pipe: the start of a request, then a byte at a time, is closed at the message
+    /// deadline although bytes keep arriving (they never reset anything).
+    #[tokio::test]
+    async fn a_dribbling_peer_is_closed_at_the_message_deadline() {
+        let limits = ConnLimits {
+            message: Duration::from_millis(400),
+            idle: Duration::from_secs(60),
+            first_request: Some(Duration::from_secs(60)),
+            ..limits_for_deadlines()
+        };
+        let (mut client, mut rx, _opened, _stop) = open(limits).await;
+        let before = m::CONNS_REFUSED
+            .with_label_values(&["message_timeout"])
+            .get();
+        let started = tokio::time::Instant::now();
+        client
+            .write_all(b"OPTIONS sip:a@example.com SIP/2.0\r\nVia: SIP/2.0/TCP x")
+            .await
+            .expect("write");
+        let dribble = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if client.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            i = next(&mut rx) => assert!(matches!(i, Input::Closed { conn: 7 })),
+            _ = dribble => panic!("writes failed before the close was reported"),
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(
+            m::CONNS_REFUSED
+                .with_label_values(&["message_timeout"])
+                .get()
+                > before
+        );
     }
 }

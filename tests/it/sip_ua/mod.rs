@@ -265,3 +265,56 @@ pub fn from_tag(m: &SipMessage) -> String {
 pub fn body_str(m: &SipMessage) -> String {
     String::from_utf8_lossy(m.body()).into_owned()
 }
+
+/// A program a test needs. A missing one fails the test (never a silent skip) and names the
+/// Debian package that provides it.
+#[allow(dead_code)]
+pub fn require_program<'a>(path: &'a str, package: &str) -> &'a std::path::Path {
+    let p = std::path::Path::new(path);
+    assert!(
+        p.exists(),
+        "{path} is missing: install the Debian package `{package}` (apt-get install {package})"
+    );
+    p
+}
+
+/// Counts what the home side receives, by kind, so a test can assert exact totals.
+#[allow(dead_code)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub messages: usize,
+    pub subscribes: usize,
+    pub unsubscribes: usize,
+    pub other: Vec<String>,
+}
+
+#[allow(dead_code)]
+impl Tally {
+    pub fn add(&mut self, body: &legate::gateway::Body) {
+        use legate::gateway::{Body, Subscription};
+        match body {
+            Body::Message(_) => self.messages += 1,
+            Body::Subscription(Subscription::Subscribe) => self.subscribes += 1,
+            Body::Subscription(Subscription::Unsubscribe) => self.unsubscribes += 1,
+            other => self.other.push(format!("{other:?}")),
+        }
+    }
+
+    /// Drains `home` until the tally has at least `messages` messages, `subscribes` subscribes
+    /// and `unsubscribes` unsubscribes, or `limit` passes; returns what was counted.
+    pub async fn collect(
+        home: &mut tokio::sync::mpsc::Receiver<legate::gateway::hub::Delivery>,
+        want: (usize, usize, usize),
+        limit: Duration,
+    ) -> Tally {
+        let mut t = Tally::default();
+        let deadline = tokio::time::Instant::now() + limit;
+        while t.messages < want.0 || t.subscribes < want.1 || t.unsubscribes < want.2 {
+            match tokio::time::timeout_at(deadline, home.recv()).await {
+                Ok(Some(d)) => t.add(&d.envelope.body),
+                _ => break,
+            }
+        }
+        t
+    }
+}

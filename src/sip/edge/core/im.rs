@@ -82,7 +82,10 @@ impl Core {
         // A new INVITE for a pair that has a session replaces it (below), so it does not count
         // against the domain's bound.
         let replaces = self.session_pairs.get(&pair).copied();
-        if replaces.is_none() && self.sessions_of(domain) >= MAX_SESSIONS_PER_DOMAIN {
+        if replaces.is_none()
+            && (self.sessions_of(domain) >= hub.config().limits.im_sessions_per_domain
+                || self.sessions.len() >= self.caps.im_sessions)
+        {
             m::refused("too_many_sessions");
             let tag = random_token(10);
             return self.reply(
@@ -117,7 +120,7 @@ impl Core {
         };
         let sid = self.id();
         let did = dialog.id.clone();
-        let contact = format!("<{}>", self.contact_for(&local));
+        let contact = format!("<{}>", self.contact_for(&local, Some(peer.conn)));
         let sdp = im_session::sdp(&host, sid);
         self.reply(
             key,
@@ -172,7 +175,7 @@ impl Core {
     /// Ends session `sid` because a new INVITE replaces it: a BYE if it has a dialog; its
     /// queued messages are returned to go out on the new session.
     fn end_session_replaced(&mut self, sid: u64, now: Instant) -> VecDeque<MessageBody> {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(mut s) = self.remove_session(sid) else {
             return VecDeque::new();
         };
@@ -344,7 +347,9 @@ impl Core {
         first: MessageBody,
         now: Instant,
     ) {
-        if self.sessions_of(&domain) >= MAX_SESSIONS_PER_DOMAIN {
+        if self.sessions_of(&domain) >= hub.config().limits.im_sessions_per_domain
+            || self.sessions.len() >= self.caps.im_sessions
+        {
             m::refused("too_many_sessions");
             self.bounce_message(hub, &domain, &local, &remote, &first, 503);
             return;
@@ -371,8 +376,8 @@ impl Core {
             last_activity: now,
             conn: None,
         };
-        let via = self.via();
-        let contact = self.contact_for(&s.local);
+        let via = self.via_on(None);
+        let contact = self.contact_for(&s.local, None);
         let headers: Vec<(&str, String)> = vec![
             ("Via", via),
             ("Max-Forwards", "70".into()),
@@ -411,7 +416,7 @@ impl Core {
         body: MessageBody,
         now: Instant,
     ) {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -484,7 +489,7 @@ impl Core {
         conn: Option<ConnId>,
         now: Instant,
     ) {
-        let via = self.via();
+        let via = self.via_on(conn);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -506,7 +511,7 @@ impl Core {
             ) {
                 Ok(d) => s.dialog = Some(d),
                 Err(e) => {
-                    tracing::info!(error = %e, "unusable 2xx to INVITE");
+                    tracing::info!(error = %crate::net::LogSafe(&e.to_string()), "unusable 2xx to INVITE");
                     return self.fail_session(hub, sid, 502);
                 }
             }
@@ -555,7 +560,7 @@ impl Core {
 
     /// Idle session: BYE (Lync closes idle IM sessions after 10 minutes as well).
     pub(super) fn close_session(&mut self, hub: &dyn HubPort, sid: u64, now: Instant) {
-        let via = self.via();
+        let via = self.via_on(self.sessions.get(&sid).and_then(|s| s.conn));
         let Some(mut s) = self.remove_session(sid) else {
             return;
         };

@@ -33,6 +33,7 @@ use crate::gateway::hub::Submitted;
 use crate::gateway::{
     Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, Subscription,
 };
+use crate::net::LogSafe;
 use crate::presence::convert::SipBodyKind;
 use crate::presence::map::MappingSet;
 use crate::sip::dialog::{build_request, response_with, Dialog, DialogId, InDialog};
@@ -93,7 +94,8 @@ impl HubPort for Hub {
 pub struct LocalIdentity {
     /// `host:port` of our Via sent-by and Contact.
     pub sent_by: String,
-    /// `TCP` or `TLS` (Via transport).
+    /// `TCP` or `TLS`: the transport of connections the node opens, used in Via/Contact of a
+    /// request not bound to a known connection (otherwise the connection's own transport).
     pub transport: &'static str,
 }
 
@@ -148,6 +150,8 @@ struct ClientEntry {
 struct ServerEntry {
     txn: ServerTransaction,
     conn: ConnId,
+    /// The foreign domain the request came from (for the per-domain bound).
+    domain: Domain,
     /// Earliest timer queued for it in the heap (see `arm_server`).
     armed: Option<Instant>,
 }
@@ -180,14 +184,38 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
 
 /// Most remembered final responses (see `Core::remember`).
 const RECENT_LIMIT: usize = 8192;
-/// Live server transactions at most (`limits` has no key for it); beyond, requests get a
-/// stateless 503. Refusals by policy never create one.
+/// Live server transactions at most; beyond, requests get a stateless 503. Refusals by policy
+/// never create one. Each foreign domain also has its own share
+/// (`limits.sip_transactions_per_domain`), so one partner cannot fill the table for all.
 pub(crate) const MAX_SERVER_TRANSACTIONS: usize = 16384;
+/// Foreign watchers (notifier dialogs) on the node at most, whatever their domains: the
+/// per-domain bound times the number of partners must not be the only ceiling.
+pub(crate) const MAX_FOREIGN_WATCHERS: usize = 1_000_000;
+/// IM sessions on the node at most (both directions, all domains).
+pub(crate) const MAX_IM_SESSIONS: usize = 100_000;
+
+/// Node-wide ceilings of the core's tables (the constants above; tests lower them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeCaps {
+    pub server_transactions: usize,
+    pub foreign_watchers: usize,
+    pub im_sessions: usize,
+}
+
+impl Default for NodeCaps {
+    fn default() -> Self {
+        NodeCaps {
+            server_transactions: MAX_SERVER_TRANSACTIONS,
+            foreign_watchers: MAX_FOREIGN_WATCHERS,
+            im_sessions: MAX_IM_SESSIONS,
+        }
+    }
+}
+/// Retry-After (seconds) of a 503 for a full per-domain or node-wide bound (RFC 3261
+/// §21.5.4: the peer may retry after it; Lync edges honour it).
+pub(crate) const RETRY_AFTER_BUSY: &str = "30";
 /// Notifier dialogs per (foreign watcher, local user) pair; see `on_subscribe`.
 pub(crate) const MAX_DIALOGS_PER_PAIR: usize = 4;
-/// IM sessions (both directions) per federated domain; beyond, an inbound INVITE gets 503
-/// and a message that would open one is bounced.
-pub(crate) const MAX_SESSIONS_PER_DOMAIN: usize = 1024;
 /// Messages waiting for an outbound session's INVITE to be answered; beyond, bounced.
 pub(crate) const MAX_SESSION_QUEUE: usize = 64;
 /// Retry delay after a subscriber failure that may be transient (408, 5xx, transport).
@@ -236,7 +264,13 @@ pub struct Core {
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
-    /// Live sessions per federated domain (for `MAX_SESSIONS_PER_DOMAIN`).
+    /// Node-wide ceilings.
+    caps: NodeCaps,
+    /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
+    server_domains: HashMap<Domain, usize>,
+    /// Notifier dialogs per foreign domain (`limits.foreign_watchers_per_domain`).
+    notifier_domains: HashMap<Domain, usize>,
+    /// Live sessions per federated domain (`limits.im_sessions_per_domain`).
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
@@ -245,10 +279,28 @@ pub struct Core {
     recent_order: VecDeque<(Instant, TxnKey)>,
     /// Peer address of connections that sent us requests (for `recent`).
     conn_ips: HashMap<ConnId, IpAddr>,
+    /// Whether each connection we heard on is TLS (for the Via/Contact transport).
+    conn_tls: HashMap<ConnId, bool>,
     actions: VecDeque<Action>,
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
     dirty: bool,
+}
+
+/// The count kept for `d` in a per-domain table.
+fn count_of(t: &HashMap<Domain, usize>, d: &Domain) -> usize {
+    t.get(d).copied().unwrap_or(0)
+}
+
+/// Decrements `d`'s count, forgetting the domain at zero (the table stays as small as the set
+/// of domains with live state).
+fn count_down(t: &mut HashMap<Domain, usize>, d: &Domain) {
+    if let Some(n) = t.get_mut(d) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            t.remove(d);
+        }
+    }
 }
 
 fn random_token(n: usize) -> String {
@@ -307,11 +359,15 @@ impl Core {
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
             session_domains: HashMap::new(),
+            caps: NodeCaps::default(),
+            server_domains: HashMap::new(),
+            notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             conn_ips: HashMap::new(),
+            conn_tls: HashMap::new(),
             actions: VecDeque::new(),
             route_addrs: HashMap::new(),
             next_id: 1,
@@ -319,9 +375,16 @@ impl Core {
         }
     }
 
+    /// Lowers the node-wide ceilings (machine tests reach them without 100 000 requests).
+    #[cfg(test)]
+    pub(crate) fn set_node_caps(&mut self, caps: NodeCaps) {
+        self.caps = caps;
+    }
+
     /// A connection closed: forget what was kept about it.
     pub fn handle_conn_closed(&mut self, conn: ConnId) {
         self.conn_ips.remove(&conn);
+        self.conn_tls.remove(&conn);
     }
 
     /// Addresses a domain's static route resolved to (for the TCP source check).
@@ -396,22 +459,35 @@ impl Core {
         self.next_id
     }
 
-    fn via(&self) -> String {
+    /// The transport of connection `conn` as a Via token: what the message will actually
+    /// travel over (RFC 3261 §18.1.1, §20.42: the Via names the transport used to send). A
+    /// request with no known connection goes out on a new one of the node's default kind.
+    fn transport_on(&self, conn: Option<ConnId>) -> &'static str {
+        match conn.and_then(|c| self.conn_tls.get(&c)) {
+            Some(true) => "TLS",
+            Some(false) => "TCP",
+            None => self.me.transport,
+        }
+    }
+
+    fn via_on(&self, conn: Option<ConnId>) -> String {
         format!(
             "SIP/2.0/{} {};branch={}{}",
-            self.me.transport,
+            self.transport_on(conn),
             self.me.sent_by,
             self.branch_prefix,
             random_token(12)
         )
     }
 
-    fn contact_for(&self, user: &Address) -> String {
+    /// Our Contact for `user` on connection `conn`; `;transport=` follows the connection like
+    /// the Via (RFC 3261 §19.1.1).
+    fn contact_for(&self, user: &Address, conn: Option<ConnId>) -> String {
         format!(
             "sip:{}@{};transport={}",
             user.local,
             self.me.sent_by,
-            self.me.transport.to_ascii_lowercase()
+            self.transport_on(conn).to_ascii_lowercase()
         )
     }
 
@@ -600,7 +676,9 @@ impl Core {
             }
         }
         if done {
-            self.server.remove(key);
+            if let Some(e) = self.server.remove(key) {
+                count_down(&mut self.server_domains, &e.domain);
+            }
         } else {
             self.arm_server(key);
         }
@@ -608,7 +686,20 @@ impl Core {
 
     /// A response without a transaction (no RFC 3261 branch, ACK-less cases).
     fn reply_stateless(&mut self, conn: ConnId, req: &SipMessage, code: u16, reason: &str) {
-        if let Ok(r) = req.build_response(code, reason, Some(&random_token(10))) {
+        self.reply_stateless_with(conn, req, code, reason, &[]);
+    }
+
+    /// [`Core::reply_stateless`] with extra header lines (e.g. `Retry-After`).
+    fn reply_stateless_with(
+        &mut self,
+        conn: ConnId,
+        req: &SipMessage,
+        code: u16,
+        reason: &str,
+        extra: &[(&str, &str)],
+    ) {
+        let tag = random_token(10);
+        if let Ok(r) = response_with(req, code, reason, Some(&tag), extra, None) {
             m::response("out", code);
             self.actions.push_back(Action::Send {
                 conn: Some(conn),
@@ -626,6 +717,7 @@ impl Core {
         msg: SipMessage,
         now: Instant,
     ) {
+        self.conn_tls.insert(peer.conn, peer.tls);
         if msg.is_request() {
             self.on_request(hub, peer, msg, now);
         } else {
@@ -702,6 +794,12 @@ impl Core {
         if method == "BENOTIFY" {
             // Lync's best-effort NOTIFY (MS-SIPRE §3.4): never answered.
             if let Ok(domain) = self.permit(&hub.config(), peer, &req) {
+                // An accepted request like any other: binds the connection (and meets its
+                // first-request deadline) though it is never answered.
+                self.actions.push_back(Action::Bind {
+                    conn: peer.conn,
+                    domain: domain.clone(),
+                });
                 self.on_notify(hub, peer, None, &req, &domain, now);
             }
             return;
@@ -743,14 +841,46 @@ impl Core {
             Ok(d) => d,
             Err(r) => {
                 m::refused(r.label);
-                tracing::info!(peer = %peer.remote, method = %method, status = r.status, reason = r.reason, "request refused");
+                // Method, From and Call-ID come from the wire: escaped (net::LogSafe) so a
+                // peer cannot forge log lines or hide text.
+                let from = req.header(HeaderName::From).map_or("", |h| h.value);
+                tracing::info!(
+                    peer = %peer.remote,
+                    method = %LogSafe(&method),
+                    from = %LogSafe(from),
+                    call_id = %LogSafe(req.call_id().unwrap_or("")),
+                    status = r.status,
+                    reason = r.reason,
+                    "request refused"
+                );
                 self.reply_stateless(peer.conn, &req, r.status, r.reason);
                 return;
             }
         };
-        if self.server.len() >= MAX_SERVER_TRANSACTIONS {
+        // The domain's own share first: a partner at its bound is told so (and only it), while
+        // the others keep the rest of the node-wide table.
+        let busy = [("Retry-After", RETRY_AFTER_BUSY)];
+        if count_of(&self.server_domains, &domain) >= cfg.limits.sip_transactions_per_domain {
+            m::refused("domain_transactions_full");
+            tracing::info!(domain = %domain, "per-domain transaction bound reached");
+            self.reply_stateless_with(
+                peer.conn,
+                &req,
+                503,
+                "Service Unavailable (Too Many Transactions From Your Domain)",
+                &busy,
+            );
+            return;
+        }
+        if self.server.len() >= self.caps.server_transactions {
             m::refused("too_many_transactions");
-            self.reply_stateless(peer.conn, &req, 503, "Service Unavailable (Overloaded)");
+            self.reply_stateless_with(
+                peer.conn,
+                &req,
+                503,
+                "Service Unavailable (Overloaded)",
+                &busy,
+            );
             return;
         }
         match ServerTransaction::new(&req, self.timers, now) {
@@ -760,13 +890,15 @@ impl Core {
                     ServerEntry {
                         txn,
                         conn: peer.conn,
+                        domain: domain.clone(),
                         armed: None,
                     },
                 );
+                *self.server_domains.entry(domain.clone()).or_default() += 1;
                 self.drain_server(&key);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot start server transaction");
+                tracing::debug!(error = %LogSafe(&e.to_string()), "cannot start server transaction");
                 self.reply_stateless(peer.conn, &req, 400, "Bad Transaction Headers");
                 return;
             }
@@ -1019,7 +1151,7 @@ impl Core {
                 // RFC 6665 §4.2.2: 481 (or any failure but a timeout-like one) to a NOTIFY
                 // ends the subscription; we keep it on 408/5xx so a peer restart loses nothing.
                 if code == 481 || code == 403 || code == 603 {
-                    if let Some(n) = self.notifiers.remove(dialog) {
+                    if let Some(n) = self.notifier_remove(dialog) {
                         let pair = (n.watcher.bare_string(), n.presentity.bare_string());
                         self.pair_remove(&pair, dialog);
                         self.dirty = true;
@@ -1124,7 +1256,12 @@ impl Core {
                         n.state = NotifierState::Active;
                     }
                     self.dirty |= activated;
-                    self.send_notify(hub, &id, None, now);
+                    if activated {
+                        // Pending → active is a state change (RFC 6665 §4.2.2): always sent.
+                        self.send_notify(hub, &id, None, now);
+                    } else {
+                        self.notify_change(hub, &id, now);
+                    }
                 }
             }
             Body::Subscription(Subscription::Subscribed) => {

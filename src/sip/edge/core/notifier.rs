@@ -79,6 +79,38 @@ impl Core {
             );
         };
         let pair = (watcher.bare_string(), presentity.bare_string());
+        // Bound: foreign watchers on the node, then of one foreign domain
+        // (limits.foreign_watchers_per_domain), so one partner subscribing for any number of
+        // localparts cannot take every slot.
+        if self.notifiers.len() >= self.caps.foreign_watchers {
+            m::refused("too_many_watchers");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Overloaded)",
+                Some(&tag),
+                &[("Retry-After", RETRY_AFTER_BUSY)],
+                None,
+                now,
+            );
+        }
+        if count_of(&self.notifier_domains, domain) >= cfg.limits.foreign_watchers_per_domain {
+            m::refused("domain_watchers_full");
+            tracing::info!(domain = %domain, "per-domain foreign watcher bound reached");
+            let tag = random_token(10);
+            return self.reply(
+                key,
+                req,
+                503,
+                "Service Unavailable (Too Many Watchers From Your Domain)",
+                Some(&tag),
+                &[("Retry-After", RETRY_AFTER_BUSY)],
+                None,
+                now,
+            );
+        }
         // Bound: foreign watchers per local user (limits.max_subscriptions_per_user), counted
         // by `pair_add`/`pair_remove`.
         let watchers = self.notifier_watchers.get(&pair.1).copied().unwrap_or(0);
@@ -142,7 +174,7 @@ impl Core {
         };
         let id = dialog.id.clone();
         let expires_s = grant.to_string();
-        let contact = format!("<{}>", self.contact_for(&presentity));
+        let contact = format!("<{}>", self.contact_for(&presentity, Some(peer.conn)));
         // 200, not 202: RFC 6665 §8.3.1 deprecates 202 for SUBSCRIBE (the pending state is told
         // by the NOTIFY that follows), and Lync edges answer 200 themselves.
         self.reply(
@@ -166,13 +198,14 @@ impl Core {
             last,
             conn: Some(peer.conn),
             armed: None,
+            last_sent: None,
         };
-        self.notifiers.insert(id.clone(), n);
+        self.notifier_insert(id.clone(), n);
         if grant == 0 {
             // A fetch: the terminated NOTIFY is all it gets; the notifier ends with it (the
             // NOTIFY's client transaction carries what it needs).
             self.send_notify(hub, &id, Some(TerminationReason::Timeout), now);
-            self.notifiers.remove(&id);
+            self.notifier_remove(&id);
             return;
         }
         // Bound: dialogs per (watcher, presentity). Beyond it the oldest dialog ends with
@@ -222,7 +255,7 @@ impl Core {
         };
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
         let contact = match self.notifiers.get(&id) {
-            Some(n) => format!("<{}>", self.contact_for(&n.presentity)),
+            Some(n) => format!("<{}>", self.contact_for(&n.presentity, Some(peer.conn))),
             None => return,
         };
         let Some(n) = self.notifiers.get_mut(&id) else {
@@ -279,7 +312,7 @@ impl Core {
         now: Instant,
     ) {
         self.send_notify(hub, id, Some(reason), now);
-        if let Some(n) = self.notifiers.remove(id) {
+        if let Some(n) = self.notifier_remove(id) {
             let pair = (n.watcher.bare_string(), n.presentity.bare_string());
             self.pair_remove(&pair, id);
             let others = self.notifier_pairs.contains_key(&pair);
@@ -297,6 +330,30 @@ impl Core {
         }
     }
 
+    /// Adds a notifier dialog, counted for its domain's bound.
+    pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
+        *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
+        if let Some(old) = self.notifiers.insert(id, n) {
+            count_down(&mut self.notifier_domains, &old.domain);
+        }
+    }
+
+    /// Removes a notifier dialog and its count.
+    pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
+        let n = self.notifiers.remove(id)?;
+        count_down(&mut self.notifier_domains, &n.domain);
+        Some(n)
+    }
+
+    /// A NOTIFY for a presence update: not sent when its state and body equal the last
+    /// NOTIFY of the dialog (a home node repeating the same presence must not make every
+    /// watcher's edge process it again). NOTIFYs RFC 6665 requires — after each SUBSCRIBE
+    /// or refresh (§4.2.1.2), on state changes and on termination (§4.2.2) — go through
+    /// [`Core::send_notify`], which always sends.
+    pub(super) fn notify_change(&mut self, hub: &dyn HubPort, id: &DialogId, now: Instant) {
+        self.notify(hub, id, None, now, true);
+    }
+
     pub(super) fn send_notify(
         &mut self,
         hub: &dyn HubPort,
@@ -304,13 +361,25 @@ impl Core {
         terminated: Option<TerminationReason>,
         now: Instant,
     ) {
-        let via = self.via();
+        self.notify(hub, id, terminated, now, false);
+    }
+
+    fn notify(
+        &mut self,
+        hub: &dyn HubPort,
+        id: &DialogId,
+        terminated: Option<TerminationReason>,
+        now: Instant,
+        skip_unchanged: bool,
+    ) {
+        let on = self.notifiers.get(id).and_then(|n| n.conn);
+        let via = self.via_on(on);
         let maps = hub.maps();
         let cfg = hub.config();
         let Some(n) = self.notifiers.get(id) else {
             return;
         };
-        let contact = self.contact_for(&n.presentity);
+        let contact = self.contact_for(&n.presentity, on);
         let state = match terminated {
             Some(r) => format!("terminated;reason={}", r.token()),
             None => n.state_header(now),
@@ -330,9 +399,24 @@ impl Core {
         };
         let ct = n.format.content_type();
         let (conn, domain) = (n.conn, n.domain.clone());
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            // The state without its `expires=` countdown, which differs on every NOTIFY.
+            state.split(';').next().unwrap_or("").hash(&mut h);
+            ct.hash(&mut h);
+            body.hash(&mut h);
+            h.finish()
+        };
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };
+        if skip_unchanged && n.last_sent == Some(fingerprint) {
+            m::NOTIFY_UNCHANGED.with_label_values(&["unchanged"]).inc();
+            tracing::debug!("NOTIFY content unchanged; not sent again");
+            return;
+        }
+        n.last_sent = Some(fingerprint);
         let req = n.dialog.request(&InDialog {
             method: "NOTIFY",
             via: &via,

@@ -120,7 +120,7 @@ impl Core {
                 .saturating_sub(base)
                 .min(u64::from(subscription::MAX_EXPIRES));
             let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
-                tracing::warn!(dialog = %id.call_id, "state entry with unusable expiry skipped");
+                tracing::warn!(dialog = %crate::net::LogSafe(&id.call_id), "state entry with unusable expiry skipped");
                 continue;
             };
             let active = p.active;
@@ -143,12 +143,13 @@ impl Core {
                 last: None,
                 conn: None,
                 armed: None,
+                last_sent: None,
             };
             self.pair_add(
                 (watcher.bare_string(), presentity.bare_string()),
                 id.clone(),
             );
-            self.notifiers.insert(id.clone(), n);
+            self.notifier_insert(id.clone(), n);
             self.arm_notifier(&id, expires_at);
             n_restored += 1;
             let ask = if active {

@@ -117,7 +117,7 @@ impl Core {
             match subscription::decode_body(&hub.maps(), &system, ct, req.body()) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::info!(error = %e, "NOTIFY body ignored");
+                    tracing::info!(error = %crate::net::LogSafe(&e.to_string()), "NOTIFY body ignored");
                     None
                 }
             }
@@ -216,11 +216,13 @@ impl Core {
 
     /// Sends SUBSCRIBE (initial, refresh or, in state Unsubscribing, `Expires: 0`).
     pub(super) fn send_subscribe(&mut self, id: u64, now: Instant) {
-        let via = self.via();
+        // A SUBSCRIBE goes to the domain, on whichever connection the driver picks or opens:
+        // the node's default transport (the one new connections use).
+        let via = self.via_on(None);
         let Some(s) = self.subscribers.get(&id) else {
             return;
         };
-        let contact = self.contact_for(&s.watcher);
+        let contact = self.contact_for(&s.watcher, None);
         let expires = if s.state == SubscriberState::Unsubscribing {
             0
         } else {

@@ -43,9 +43,17 @@ impl HubPort for FakeHub {
 }
 
 fn hub() -> FakeHub {
+    hub_with("")
+}
+
+/// A hub whose configuration has a second federated domain (`other.com`) and `limits`.
+fn hub_with(limits: &str) -> FakeHub {
+    let text = format!(
+        "{CONFIG}[[sip.federated_domain]]\nname = \"other.com\"\nsystem = \"lync\"\n[limits]\n{limits}\n"
+    );
     FakeHub {
         cfg: Arc::new(
-            config::from_toml(CONFIG, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("config"),
+            config::from_toml(&text, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("config"),
         ),
         maps: Arc::new(map::embedded().expect("maps")),
         got: RefCell::new(Vec::new()),
@@ -68,6 +76,17 @@ fn peer() -> PeerInfo {
         remote: "192.0.2.1:5061".parse().expect("addr"),
         tls: true,
         verified: vec![Domain::parse("partner.com").expect("domain")],
+        outbound_to: None,
+    }
+}
+
+/// A TLS peer verified as `other.com`.
+fn other_peer() -> PeerInfo {
+    PeerInfo {
+        conn: 2,
+        remote: "198.51.100.7:5061".parse().expect("addr"),
+        tls: true,
+        verified: vec![Domain::parse("other.com").expect("domain")],
         outbound_to: None,
     }
 }
@@ -444,7 +463,7 @@ fn loops_and_hops_are_refused() {
     let h = hub();
     let mut c = core();
     let t0 = Instant::now();
-    let ours = c.via();
+    let ours = c.via_on(None);
     let text = subscribe_text(3600).replace(
         "Max-Forwards: 70\n",
         &format!("Via: {ours}\nMax-Forwards: 70\n"),
@@ -753,14 +772,15 @@ fn new_invite_for_same_pair_replaces_the_session() {
     assert_eq!(c.sessions_of(&dom()), 1);
 }
 
-/// Sessions per domain are bounded: beyond MAX_SESSIONS_PER_DOMAIN an INVITE gets 503 and
-/// a message that would open one is bounced.
+/// Sessions per domain are bounded (`limits.im_sessions_per_domain`, 3 here): beyond, an
+/// INVITE gets 503 with Retry-After and a message that would open one is bounced; another
+/// partner still opens its sessions.
 #[test]
 fn sessions_per_domain_are_bounded() {
-    let h = hub();
+    let h = hub_with("im_sessions_per_domain = 3");
     let mut c = core();
     let t0 = Instant::now();
-    for i in 0..MAX_SESSIONS_PER_DOMAIN {
+    for i in 0..3 {
         c.handle_message(
             &h,
             &peer(),
@@ -773,12 +793,12 @@ fn sessions_per_domain_are_bounded() {
         );
         let _ = sent(&mut c);
     }
-    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+    assert_eq!(c.counts().2, 3);
     c.handle_message(&h, &peer(), im_invite("imd-x", "late", "z9hG4bKidx"), t0);
-    assert_eq!(
-        sent(&mut c).iter().filter_map(SipMessage::status).last(),
-        Some(503)
-    );
+    let out = sent(&mut c);
+    let last = out.last().expect("an answer");
+    assert_eq!(last.status(), Some(503));
+    assert_eq!(hv(last, "Retry-After"), Some("60"));
     c.handle_delivery(
         &h,
         &dom(),
@@ -787,7 +807,28 @@ fn sessions_per_domain_are_bounded() {
     );
     assert!(sent(&mut c).is_empty());
     assert_eq!(bounced(&h), [Some("m1".to_owned())]);
-    assert_eq!(c.counts().2, MAX_SESSIONS_PER_DOMAIN);
+    assert_eq!(c.counts().2, 3);
+    // other.com has its own share.
+    let inv = im_invite("imo", "carol", "z9hG4bKido").to_bytes();
+    let inv = String::from_utf8_lossy(&inv).replace("@partner.com", "@other.com");
+    c.handle_message(
+        &h,
+        &other_peer(),
+        parse_exact(inv.into()).expect("parses"),
+        t0,
+    );
+    assert_eq!(
+        sent(&mut c).iter().filter_map(SipMessage::status).last(),
+        Some(200)
+    );
+    assert_eq!(c.counts().2, 4);
+}
+
+/// A header value of a message we sent.
+fn hv<'m>(m: &'m SipMessage, name: &str) -> Option<&'m str> {
+    m.headers()
+        .find(|h| h.raw_name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 /// A 2xx to our INVITE that cannot make a dialog (no To tag) ends the session and bounces
@@ -871,4 +912,238 @@ fn plain_tcp_needs_the_domains_static_route() {
         Some("Forbidden (TCP Needs A Static Route For This Domain)")
     );
     assert!(h.got.borrow().is_empty(), "nothing reaches the home side");
+}
+
+/// An INVITE from `user@domain` requiring an extension we lack: answered 420 inside a server
+/// transaction that then waits for the ACK (RFC 3261 §17.2.1, Timer H), so it stays live.
+fn invite_needing_ack(domain: &str, i: u32) -> SipMessage {
+    msg(&format!(
+        "INVITE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.{domain}:5061;branch=z9hG4bKfair{domain}{i}\n\
+Max-Forwards: 70\n\
+From: <sip:u{i}@{domain}>;tag=b{i}\n\
+To: <sip:alice@example.com>\n\
+Call-ID: fair-{domain}-{i}\n\
+CSeq: 1 INVITE\n\
+Contact: <sip:u{i}@10.0.0.1;transport=tls>\n\
+Require: no-such-extension\n\
+Content-Length: 0\n\n"
+    ))
+}
+
+/// Issue 10 item 4: one partner holding its whole share of server transactions
+/// (`limits.sip_transactions_per_domain`, 5 here) gets 503 + Retry-After with a reason
+/// naming the bound, while another partner's requests still get transactions; the share
+/// comes back when the transactions end (Timer H on the simulated clock).
+#[test]
+fn one_partner_at_its_transaction_share_does_not_starve_another() {
+    let h = hub_with("sip_transactions_per_domain = 5");
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..5 {
+        c.handle_message(&h, &peer(), invite_needing_ack("partner.com", i), t0);
+        assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(420));
+    }
+    assert_eq!(c.txn_counts().0, 5);
+    c.handle_message(&h, &peer(), invite_needing_ack("partner.com", 99), t0);
+    let out = sent(&mut c);
+    let r = out.first().expect("answered");
+    assert_eq!(r.status(), Some(503));
+    assert_eq!(
+        r.reason(),
+        Some("Service Unavailable (Too Many Transactions From Your Domain)")
+    );
+    assert_eq!(hv(r, "Retry-After"), Some(RETRY_AFTER_BUSY));
+    assert_eq!(c.txn_counts().0, 5, "the refusal created no transaction");
+    // The other partner is not starved.
+    for i in 0..5 {
+        c.handle_message(&h, &other_peer(), invite_needing_ack("other.com", i), t0);
+        assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(420));
+    }
+    assert_eq!(c.txn_counts().0, 10);
+    // Timer H (64·T1) ends the un-ACKed transactions: partner.com has its share again.
+    let later = t0 + Duration::from_secs(33);
+    c.handle_timeout(&h, later);
+    let _ = sent(&mut c);
+    assert_eq!(c.txn_counts().0, 0);
+    c.handle_message(&h, &peer(), invite_needing_ack("partner.com", 100), later);
+    assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(420));
+}
+
+fn subscribe_from(domain: &str, user: &str) -> SipMessage {
+    msg(&format!(
+        "SUBSCRIBE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.{domain}:5061;branch=z9hG4bKw{user}{domain}\n\
+Max-Forwards: 70\n\
+From: <sip:{user}@{domain}>;tag=t{user}\n\
+To: <sip:alice@example.com>\n\
+Call-ID: w-{user}-{domain}\n\
+CSeq: 1 SUBSCRIBE\n\
+Contact: <sip:{user}@10.0.0.1:5061;transport=tls>\n\
+Event: presence\n\
+Expires: 3600\n\
+Content-Length: 0\n\n"
+    ))
+}
+
+/// Issue 10 item 4: foreign watchers are bounded per foreign domain
+/// (`limits.foreign_watchers_per_domain`, 3 here) whatever localparts it uses; beyond, 503 +
+/// Retry-After; another partner still subscribes; an ended dialog frees its place.
+#[test]
+fn foreign_watchers_are_bounded_per_domain() {
+    let h = hub_with("foreign_watchers_per_domain = 3");
+    let mut c = core();
+    let t0 = Instant::now();
+    for u in ["w1", "w2", "w3"] {
+        c.handle_message(&h, &peer(), subscribe_from("partner.com", u), t0);
+        assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    }
+    c.handle_message(&h, &peer(), subscribe_from("partner.com", "w4"), t0);
+    let out = sent(&mut c);
+    let r = out.first().expect("answered");
+    assert_eq!(r.status(), Some(503));
+    assert_eq!(
+        r.reason(),
+        Some("Service Unavailable (Too Many Watchers From Your Domain)")
+    );
+    assert_eq!(hv(r, "Retry-After"), Some(RETRY_AFTER_BUSY));
+    assert_eq!(c.counts().0, 3);
+    c.handle_message(&h, &other_peer(), subscribe_from("other.com", "w1"), t0);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    assert_eq!(c.counts().0, 4);
+    // The subscriptions expire (3600 s): partner.com may subscribe again.
+    let later = t0 + Duration::from_secs(3601);
+    c.handle_timeout(&h, later);
+    let _ = sent(&mut c);
+    assert_eq!(c.counts().0, 0);
+    c.handle_message(&h, &peer(), subscribe_from("partner.com", "w5"), later);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+}
+
+fn lync_presence(state: &str) -> Body {
+    Body::Presence(crate::gateway::PresenceBody {
+        system: "lync".into(),
+        state: state.into(),
+        note: None,
+        priority: None,
+    })
+}
+
+/// The Via and Contact of a NOTIFY name the transport of the connection it goes out on
+/// (RFC 3261 §18.1.1): plain TCP here although the node's default is TLS.
+#[test]
+fn notify_via_and_contact_follow_the_connection_transport() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let tcp = PeerInfo {
+        tls: false,
+        outbound_to: Some(dom()),
+        verified: Vec::new(),
+        ..peer()
+    };
+    c.handle_message(&h, &tcp, msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let ok = out.first().expect("200");
+    assert_eq!(ok.status(), Some(200));
+    assert!(
+        hv(ok, "Contact").is_some_and(|v| v.ends_with(";transport=tcp>")),
+        "{:?}",
+        hv(ok, "Contact")
+    );
+    let notify = out.get(1).expect("NOTIFY");
+    assert_eq!(notify.method(), Some("NOTIFY"));
+    assert!(
+        hv(notify, "Via").is_some_and(|v| v.starts_with("SIP/2.0/TCP ")),
+        "{:?}",
+        hv(notify, "Via")
+    );
+    assert!(hv(notify, "Contact").is_some_and(|v| v.contains(";transport=tcp")));
+    // Over TLS the same exchange says TLS.
+    let mut c = core();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let notify = out.get(1).expect("NOTIFY");
+    assert!(hv(notify, "Via").is_some_and(|v| v.starts_with("SIP/2.0/TLS ")));
+    assert!(hv(notify, "Contact").is_some_and(|v| v.contains(";transport=tls")));
+}
+
+/// A presence update whose NOTIFY would carry the same state and body as the last one on
+/// the dialog is not sent; a different one is; a refresh still gets its NOTIFY (RFC 6665
+/// §4.2.1.2) even though nothing changed.
+#[test]
+fn identical_notify_is_not_sent_twice_but_refreshes_still_notify() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let out = sent(&mut c);
+    let tag = out[0]
+        .to()
+        .ok()
+        .and_then(|t| t.tag())
+        .unwrap_or("")
+        .to_owned();
+    let deliver = |c: &mut Core, state: &str, at: Instant| {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env("alice@example.com", "bob@partner.com", lync_presence(state)),
+            at,
+        );
+        sent(c)
+            .into_iter()
+            .filter(|m| m.method() == Some("NOTIFY"))
+            .count()
+    };
+    assert_eq!(deliver(&mut c, "busy", t0), 1, "pending → active");
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(1)), 0);
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(2)), 0);
+    assert_eq!(deliver(&mut c, "away", t0 + Duration::from_secs(3)), 1);
+    assert_eq!(deliver(&mut c, "busy", t0 + Duration::from_secs(4)), 1);
+    let refresh = subscribe_text(3600)
+        .replace(
+            "To: <sip:alice@example.com>",
+            &format!("To: <sip:alice@example.com>;tag={tag}"),
+        )
+        .replace("CSeq: 1 SUBSCRIBE", "CSeq: 2 SUBSCRIBE")
+        .replace("branch=z9hG4bKs1", "branch=z9hG4bKs2");
+    c.handle_message(&h, &peer(), msg(&refresh), t0 + Duration::from_secs(5));
+    let out = sent(&mut c);
+    assert_eq!(
+        out.iter().filter(|m| m.method() == Some("NOTIFY")).count(),
+        1,
+        "a refresh is always followed by a NOTIFY"
+    );
+}
+
+/// The node-wide ceilings hold across partners: with room for 2 watchers and 1 session on
+/// the node, a second partner is refused (503) once the node is full, even under its own share.
+#[test]
+fn node_wide_ceilings_hold_across_partners() {
+    let h = hub();
+    let mut c = core();
+    c.set_node_caps(NodeCaps {
+        foreign_watchers: 2,
+        im_sessions: 1,
+        ..NodeCaps::default()
+    });
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), subscribe_from("partner.com", "w1"), t0);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &other_peer(), subscribe_from("other.com", "w1"), t0);
+    assert_eq!(sent(&mut c).first().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &other_peer(), subscribe_from("other.com", "w2"), t0);
+    let out = sent(&mut c);
+    assert_eq!(out.first().and_then(SipMessage::status), Some(503));
+    assert_eq!(
+        out.first().and_then(|r| hv(r, "Retry-After")),
+        Some(RETRY_AFTER_BUSY)
+    );
+    assert_eq!(c.counts().0, 2);
+    c.handle_message(&h, &peer(), im_invite("n1", "u1", "z9hG4bKn1"), t0);
+    assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(200));
+    c.handle_message(&h, &peer(), im_invite("n2", "u2", "z9hG4bKn2"), t0);
+    assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(503));
+    assert_eq!(c.counts().2, 1);
 }
