@@ -592,8 +592,6 @@ const DIAL_STABLE: Duration = Duration::from_secs(30);
 /// `DestinationBackoff`).
 const DIAL_BACKOFF_ENTRIES: usize = 10_000;
 
-/// Most bytes queued for a domain while its connection is being opened.
-const PENDING_LIMIT: usize = 256;
 
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut outbox: mpsc::Receiver<Delivery>) {
@@ -815,8 +813,14 @@ impl Driver {
     /// order until one connects (and, over TLS, presents a certificate for the domain).
     fn connect(&mut self, domain: Domain, bytes: Bytes) {
         if let Some(q) = self.pending.get_mut(&domain) {
-            if q.len() < PENDING_LIMIT {
+            if q.len() < self.hub.config().limits.outbound_queue_per_domain {
                 q.push(bytes);
+            } else {
+                // Not a silent loss: the request's client transaction is still running and
+                // ends at Timer F (RFC 3261 §17.1.2.2), which bounces to the home side; counted
+                // so an admin sees a domain whose connection takes too long to open.
+                metrics::refused("dial_queue_full");
+                tracing::warn!(domain = %domain, "queue toward a domain being dialled is full");
             }
             return;
         }
