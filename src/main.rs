@@ -85,9 +85,12 @@ enum SipCmd {
     /// Parse and validate SIP messages as Legate would (each FILE is one datagram). Prints one
     /// JSON object per file: {"file","verdict","status","reason","method"}; exit 1 if any is bad.
     /// With --print and one FILE: the message exactly as Legate re-serializes it.
+    /// Size bounds: those of --config's `[limits]`, else the defaults (513 beyond them).
     Check {
         #[arg(long)]
         print: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -105,8 +108,13 @@ fn main() -> Result<ExitCode> {
         Cmd::Run { config, mappings } => cli::run(config.as_deref(), mappings),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
         Cmd::Sip {
-            cmd: SipCmd::Check { print, files },
-        } => cli::sip_check(print, &files),
+            cmd:
+                SipCmd::Check {
+                    print,
+                    config,
+                    files,
+                },
+        } => cli::sip_check(print, config.as_deref(), &files),
         Cmd::Translate {
             from,
             to,

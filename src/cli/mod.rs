@@ -333,26 +333,51 @@ pub fn mappings_show(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn sip_check(print: bool, files: &[std::path::PathBuf]) -> Result<ExitCode> {
+pub fn sip_check(
+    print: bool,
+    config: Option<&Path>,
+    files: &[std::path::PathBuf],
+) -> Result<ExitCode> {
+    use legate::sip::check::SizeLimits;
+    // The bounds the running edge would apply: the configuration's, else the defaults.
+    let limits = match config {
+        None => SizeLimits::default(),
+        Some(path) => {
+            let shipped = map::embedded().ok();
+            let systems = shipped
+                .as_ref()
+                .map(config::systems_from_mappings)
+                .unwrap_or_default();
+            match config::load_file(path, &systems) {
+                Ok(cfg) => SizeLimits::from_config(&cfg.limits),
+                Err(d) => {
+                    eprint!("{d}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+    };
     if print {
         let [file] = files else {
             eprintln!("legate sip check --print takes exactly one FILE");
             return Ok(ExitCode::from(2));
         };
         let mut buf = Vec::new();
-        return Ok(match legate::sip::check::print_file(file, &mut buf) {
-            Ok(()) => {
-                std::io::stdout().lock().write_all(&buf)?;
-                ExitCode::SUCCESS
-            }
-            Err(reason) => {
-                eprintln!("{reason}");
-                ExitCode::from(1)
-            }
-        });
+        return Ok(
+            match legate::sip::check::print_file_with(file, limits, &mut buf) {
+                Ok(()) => {
+                    std::io::stdout().lock().write_all(&buf)?;
+                    ExitCode::SUCCESS
+                }
+                Err(reason) => {
+                    eprintln!("{reason}");
+                    ExitCode::from(1)
+                }
+            },
+        );
     }
     let mut out = std::io::stdout().lock();
-    let all_ok = legate::sip::check::check_files(files, &mut out)?;
+    let all_ok = legate::sip::check::check_files_with(files, limits, &mut out)?;
     Ok(if all_ok {
         ExitCode::SUCCESS
     } else {

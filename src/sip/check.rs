@@ -175,9 +175,18 @@ fn method_of_bad(raw: &[u8]) -> Option<String> {
 /// `--print`: writes the message exactly as Legate re-serializes it after parsing (raw bytes),
 /// or returns the reason it is refused.
 pub fn print_file(file: &Path, out: &mut impl Write) -> Result<(), String> {
+    print_file_with(file, SizeLimits::default(), out)
+}
+
+/// [`print_file`] against given size bounds (a configuration's `[limits]`).
+pub fn print_file_with(
+    file: &Path,
+    limits: SizeLimits,
+    out: &mut impl Write,
+) -> Result<(), String> {
     let raw =
         std::fs::read(file).map_err(|e| format!("{}: cannot read file: {e}", file.display()))?;
-    if let Some(reason) = SizeLimits::default().exceeded(&raw) {
+    if let Some(reason) = limits.exceeded(&raw) {
         return Err(format!("513 {reason}"));
     }
     let m = check_datagram(&raw).map_err(|r| r.to_string())?;

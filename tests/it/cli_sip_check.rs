@@ -176,3 +176,43 @@ fn an_oversized_message_is_513_naming_the_limit() {
         "{reason}"
     );
 }
+
+#[test]
+fn with_a_configuration_its_limits_apply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 2 KiB of body: fine under the defaults, too large for a 1 KiB message bound.
+    let body = "x".repeat(2 * 1024);
+    let file = dir.path().join("mid.sip");
+    std::fs::write(
+        &file,
+        format!(
+            "MESSAGE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:bob@partner.com>;tag=1\r\nCall-ID: 1\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .expect("write");
+    let cfg = dir.path().join("legate.toml");
+    std::fs::write(
+        &cfg,
+        "[[local_domain]]\nname = \"example.com\"\n[limits]\nsip_max_message_bytes = 1024\nsip_max_header_bytes = 512\n",
+    )
+    .expect("write config");
+    let run = |with_config: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_legate"));
+        cmd.args(["sip", "check"]);
+        if with_config {
+            cmd.arg("--config").arg(&cfg);
+        }
+        let out = cmd.arg(&file).output().expect("run legate");
+        let line: serde_json::Value =
+            serde_json::from_slice(out.stdout.trim_ascii()).expect("one JSON line");
+        (out.status.code(), line)
+    };
+    let (code, line) = run(false);
+    assert_eq!((code, &line["verdict"]), (Some(0), &"ok".into()), "{line}");
+    let (code, line) = run(true);
+    assert_eq!(code, Some(1));
+    assert_eq!(line["status"], 513);
+    let reason = line["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("sip_max_message_bytes = 1024"), "{reason}");
+}

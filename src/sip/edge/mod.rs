@@ -592,7 +592,6 @@ const DIAL_STABLE: Duration = Duration::from_secs(30);
 /// `DestinationBackoff`).
 const DIAL_BACKOFF_ENTRIES: usize = 10_000;
 
-
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut outbox: mpsc::Receiver<Delivery>) {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
