@@ -1475,3 +1475,51 @@ async fn refused_requests_do_not_meet_the_first_request_deadline() -> Result<()>
     edge.join(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// Backpressure SIP → home node (issue 10 item 1): while the home node's outbox is nearly full
+/// the edge stops reading SIP connections instead of answering 480, and once the home side
+/// drains, every MESSAGE is answered 200 and delivered, in order.
+#[tokio::test]
+async fn a_full_home_node_outbox_slows_sip_instead_of_refusing() -> Result<()> {
+    const N: usize = 60;
+    let _sip_shared = metrics::moves(Family::Sip).await;
+    let mut env = setup().await?;
+    // A small outbox the test does not drain yet (replaces the one `setup` registered).
+    env.home = env.hub.register_component("hn1", 8);
+    let mut ua = Ua::connect(env.addr).await?;
+    let mut all = Vec::new();
+    for i in 0..N {
+        all.extend(pager(
+            &mut ua,
+            "partner.com",
+            "alice@example.com",
+            "text/plain",
+            &format!("m{i}"),
+        ));
+    }
+    ua.send_raw(&all).await?;
+    // The edge answers what fits, then stops reading: far fewer than N answers, none refused.
+    let mut answered = 0;
+    while let Ok(r) = tokio::time::timeout(Duration::from_millis(500), ua.response()).await {
+        let r = r?;
+        assert_eq!(r.status(), Some(200), "refused instead of slowed: {r:?}");
+        answered += 1;
+    }
+    assert!(
+        answered < N,
+        "all {N} answered while the home node took nothing"
+    );
+    // The home side drains: the rest is read, answered 200 and delivered, in order.
+    for i in 0..N {
+        match env.home_next().await?.envelope.body {
+            Body::Message(m) => assert_eq!(m.text, format!("m{i}")),
+            other => bail!("expected message m{i}, got {other:?}"),
+        }
+    }
+    while answered < N {
+        assert_eq!(ua.response().await?.status(), Some(200));
+        answered += 1;
+    }
+    env.stop().await;
+    Ok(())
+}
