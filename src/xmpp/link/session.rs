@@ -3,7 +3,6 @@
 //! until the stream ends; back off and start over. The task owns the socket, the framer, the
 //! machine, the wait queue and the backoff; it decides nothing about routing (the hub does).
 
-use super::backoff::Backoff;
 use super::queue::WaitQueue;
 use super::{
     bounce, read_secret, BounceReason, LinkError, LinkSettings, LinkStatus, CONNECTS, DISCONNECTS,
@@ -14,6 +13,7 @@ use crate::dns::{Resolver, Transport};
 use crate::gateway::envelope::Envelope;
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Origin};
+use crate::net::{write_bounded, Backoff, WriteError};
 use crate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
 use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
 use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition};
@@ -440,10 +440,12 @@ impl Component {
     }
 
     async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), LinkError> {
-        match tokio::time::timeout(self.settings.write_timeout, wr.write_all(bytes)).await {
-            Ok(r) => r.map_err(LinkError::Io),
-            Err(_) => Err(LinkError::WriteTimeout),
-        }
+        write_bounded(wr, bytes, self.settings.write_timeout)
+            .await
+            .map_err(|e| match e {
+                WriteError::Io(e) => LinkError::Io(e),
+                WriteError::Timeout(_) => LinkError::WriteTimeout,
+            })
     }
 
     fn mark_up(&self, addr: SocketAddr) {
