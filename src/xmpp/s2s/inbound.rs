@@ -16,6 +16,9 @@
 //! (three of them), each element (`stanza_timeout_secs`, see [`Conn::read`]), and the dialback
 //! verifications a peer can make us start ([`super::verify::admit`]: per foreign domain and
 //! node-wide, refused at once beyond them).
+//!
+//! Text the peer chose (its claimed domain, stream-error text, errors quoting its stanzas) is
+//! logged through `net::LogSafe`: XML character references can carry CR/LF and escapes.
 
 use super::conn::{cert_domains_of, Conn, TlsSide, Up};
 use super::metrics::{REFUSED, STANZAS, STREAMS, UNROUTABLE};
@@ -23,7 +26,7 @@ use super::policy::{policy_for, system_for};
 use super::Shared;
 use crate::config::Domain;
 use crate::gateway::Origin;
-use crate::net::{accept_admitted, AcceptPolicy, Admission};
+use crate::net::{accept_admitted, AcceptPolicy, Admission, LogSafe};
 use crate::xmpp::convert::{stanza_to_envelope, ConvertError};
 use crate::xmpp::dialback::DbType;
 use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition, StreamErrorCondition};
@@ -232,7 +235,7 @@ impl Inbound {
                     "{claimed} may only authenticate with SASL EXTERNAL (XEP-0178) and its \
                      certificate does not match that domain"
                 );
-                tracing::info!(peer = %self.addr, domain = %claimed, "s2s refused: {text}");
+                tracing::info!(peer = %self.addr, domain = %LogSafe(&claimed), text = %LogSafe(&text), "s2s refused");
                 let a = conn
                     .m
                     .close_with_error(StreamErrorCondition::NotAuthorized, &text);
@@ -271,7 +274,7 @@ impl Inbound {
                 let permit = match super::verify::admit(&self.shared, &originating) {
                     Ok(p) => p,
                     Err(why) => {
-                        tracing::info!(peer = %self.addr, domain = %originating, "dialback refused: {why}");
+                        tracing::info!(peer = %self.addr, domain = %LogSafe(&originating), reason = %LogSafe(&why.to_string()), "dialback refused");
                         let a = conn.m.handle_dialback_refused(
                             &originating,
                             &receiving,
@@ -302,7 +305,7 @@ impl Inbound {
                 tracing::info!(
                     peer = %self.addr,
                     condition = condition.map_or("none", |c| c.as_str()),
-                    %text,
+                    text = %LogSafe(&text),
                     "inbound s2s stream ended"
                 );
             }
@@ -380,7 +383,7 @@ impl Inbound {
             }
             Err(e @ ConvertError::Address(_)) => self.unroutable(stanza, &e.to_string()),
             Err(e) => {
-                tracing::info!(peer = %self.addr, error = %e, "inbound stanza not routed");
+                tracing::info!(peer = %self.addr, error = %LogSafe(&e.to_string()), "inbound stanza not routed");
             }
         }
     }

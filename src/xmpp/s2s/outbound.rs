@@ -24,7 +24,7 @@ use super::Shared;
 use crate::config::Domain;
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Envelope, ErrorCondition, Link, Origin};
-use crate::net::Backoff;
+use crate::net::{Backoff, LogSafe};
 use crate::xmpp::convert::envelope_to_stanza;
 use crate::xmpp::error::StreamErrorCondition;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sConfig};
@@ -215,7 +215,8 @@ async fn pair_task(
                     s.failures += 1;
                     s.last_failure = Some(e.to_string());
                 });
-                tracing::warn!(%local, %remote, error = %e, "outbound s2s failed; bouncing queued stanzas");
+                // The error may quote the peer's stream-error text: escaped (net::LogSafe).
+                tracing::warn!(%local, %remote, error = %LogSafe(&e.to_string()), "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
                 while let Ok(out) = rx.try_recv() {
                     QUEUE.dec();
@@ -246,7 +247,7 @@ async fn connect(
         let (mut conn, mut ups) = match open(shared, mc, local, remote, t).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::info!(%remote, target = %t, error = %e, "s2s target failed");
+                tracing::info!(%remote, target = %t, error = %LogSafe(&e.to_string()), "s2s target failed");
                 last = e;
                 continue;
             }
@@ -291,7 +292,7 @@ async fn connect(
         match r {
             Ok(m) => return Ok((conn, m, t.to_string())),
             Err(e) => {
-                tracing::info!(%remote, target = %t, error = %e, "s2s negotiation failed");
+                tracing::info!(%remote, target = %t, error = %LogSafe(&e.to_string()), "s2s negotiation failed");
                 conn.shutdown().await;
                 last = e;
             }
