@@ -4,7 +4,7 @@
 //! same second; a link that stayed up for `stable` resets to `min`. Pure: the caller passes
 //! the random draw and the time, so tests are deterministic.
 //!
-//! Taken from `xmpp/link/backoff.rs` (the component links), which will switch over to this one.
+//! Used by the component links (reconnect delays), the s2s dialer and the accept loops.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -1,5 +1,6 @@
 //! Bounded writes: a peer that stops reading must not pin a task (and the slots it holds)
-//! forever. Every write of an edge goes through [`write_bounded`].
+//! forever. Every write of an edge goes through [`write_bounded`]: the SIP transports, the
+//! component links and the s2s streams.
 
 use std::time::Duration;
 
@@ -24,12 +25,20 @@ impl WriteError {
     }
 }
 
-/// One `write_all` of `data`, bounded by `limit`.
+/// One `write_all` of `data` then a flush, both within `limit`. The flush is what puts the
+/// bytes on the wire under TLS: tokio-rustls may accept the last plaintext while the socket
+/// is full and keep its records buffered until the next write or flush, so without it a
+/// stanza or SIP message could sit in the buffer while the link is quiet. On a plain socket
+/// the flush costs nothing.
 pub async fn write_bounded<W>(wr: &mut W, data: &[u8], limit: Duration) -> Result<(), WriteError>
 where
     W: AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(limit, wr.write_all(data)).await {
+    let write = async {
+        wr.write_all(data).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
         Ok(r) => r.map_err(WriteError::Io),
         Err(_) => Err(WriteError::Timeout(limit)),
     }
@@ -59,5 +68,22 @@ mod tests {
         let r = write_bounded(&mut a, &[1u8; 64], Duration::from_secs(1)).await;
         // The reader is gone: an error at once, not a wait for the timeout.
         assert!(matches!(r, Err(WriteError::Io(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn buffered_writers_are_flushed() {
+        // A writer that keeps bytes until flushed (as a TLS stream may keep its records): the
+        // bytes must arrive without another write.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut w = tokio::io::BufWriter::new(a);
+        write_bounded(&mut w, b"<r/>", Duration::from_secs(1))
+            .await
+            .expect("write");
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(1), b.read_exact(&mut got))
+            .await
+            .expect("flushed, not kept in the buffer")
+            .expect("read");
+        assert_eq!(&got, b"<r/>");
     }
 }

@@ -881,7 +881,15 @@ async fn full_queue_waits_for_room_instead_of_bouncing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_peer_are_bounded() {
-    let _s2s_shared = metrics::moves(Family::S2s).await;
+    // Exclusive: the refusal counter of the `xmpp_s2s` edge is asserted on below.
+    let _s2s = metrics::asserts(Family::S2s).await;
+    let refused = || {
+        metrics::counter(
+            "legate_net_accept_refusals_total",
+            &["edge=\"xmpp_s2s\"", "reason=\"peer_full\""],
+        )
+    };
+    let refused_before = refused();
     let certs = CertFactory::new();
     let mut o = opts("example.test", "xmpp.test", "external_only");
     o.per_peer = 1;
@@ -912,6 +920,8 @@ async fn connections_per_peer_are_bounded() {
         .expect("the second connection is closed at once")
         .unwrap_or(0);
     assert_eq!(n, 0, "the second connection from one address was served");
+    // Refused by the edge kit's admission (a peer is an IPv4 address or an IPv6 /64), counted.
+    assert_eq!(refused() - refused_before, 1);
 }
 
 /// Reads from any stream until `done` holds for what was read, or the peer closes, or `T`.

@@ -11,7 +11,9 @@
 //! Shape: per (home node, domain), one task owns the hub outbox of that component, the socket,
 //! the framer, the handshake machine (`xmpp::component`), the wait queue and the backoff, and
 //! `select!`s over reads, deliveries, timers and shutdown. Failover tries the home node's
-//! addresses (or `_xmpp-component._tcp` SRV targets) in order, then backs off.
+//! addresses (or `_xmpp-component._tcp` SRV targets) in order, then backs off. The backoff
+//! (jittered, reset after `stable_after`) and the bounded writes are the edge kit's
+//! (`net::Backoff`, `net::write_bounded`), shared with the SIP and s2s edges.
 //!
 //! Served domains: every `[[sip.federated_domain]]` plus every `[[xmpp.federation.domain]]`
 //! entry without `deny = true`. Limit: in deny-list (open federation) mode, a domain that is
@@ -26,7 +28,6 @@
 //! down is bounced with `remote-server-timeout`. What the home node sends is submitted with
 //! `submit_wait` too, so a slow s2s or SIP destination slows the home node's stream.
 
-pub mod backoff;
 pub mod queue;
 mod session;
 

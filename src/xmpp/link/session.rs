@@ -3,7 +3,6 @@
 //! until the stream ends; back off and start over. The task owns the socket, the framer, the
 //! machine, the wait queue and the backoff; it decides nothing about routing (the hub does).
 
-use super::backoff::Backoff;
 use super::queue::WaitQueue;
 use super::{
     bounce, read_secret, BounceReason, LinkError, LinkSettings, LinkStatus, CONNECTS, DISCONNECTS,
@@ -14,6 +13,7 @@ use crate::dns::{Resolver, Transport};
 use crate::gateway::envelope::Envelope;
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Origin};
+use crate::net::{connect_bounded, write_bounded, Backoff, ConnectError, WriteError};
 use crate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
 use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
 use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition};
@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 /// Most deliveries written in one batch (one syscall) before the task looks at reads again.
@@ -285,15 +284,15 @@ impl Component {
         let deadline = tokio::time::Instant::now() + timeout;
         // The TCP connect counts against the handshake time; deliveries keep queueing meanwhile.
         let stream = {
-            let fut = tokio::time::timeout_at(deadline, TcpStream::connect(addr));
+            let fut = connect_bounded(addr, timeout);
             tokio::pin!(fut);
             loop {
                 let expiry = p.queue.next_expiry().map(to_tokio);
                 tokio::select! {
                     r = &mut fut => break match r {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(source)) => return End::Failed(LinkError::Connect { addr, source }),
-                        Err(_) => return End::Failed(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Timeout)),
+                        Ok(s) => s,
+                        Err(ConnectError::Io { source, .. }) => return End::Failed(LinkError::Connect { addr, source }),
+                        Err(ConnectError::Timeout { .. }) => return End::Failed(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Timeout)),
                     },
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return End::Shutdown; },
                     d = p.rx.recv(), if p.can_hold() => self.enqueue(p, d),
@@ -301,7 +300,6 @@ impl Component {
                 }
             }
         };
-        let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let mut machine = ComponentHandshake::new(ComponentConfig {
             domain: self.domain.to_string(),
@@ -440,10 +438,12 @@ impl Component {
     }
 
     async fn write(&self, wr: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), LinkError> {
-        match tokio::time::timeout(self.settings.write_timeout, wr.write_all(bytes)).await {
-            Ok(r) => r.map_err(LinkError::Io),
-            Err(_) => Err(LinkError::WriteTimeout),
-        }
+        write_bounded(wr, bytes, self.settings.write_timeout)
+            .await
+            .map_err(|e| match e {
+                WriteError::Io(e) => LinkError::Io(e),
+                WriteError::Timeout(_) => LinkError::WriteTimeout,
+            })
     }
 
     fn mark_up(&self, addr: SocketAddr) {

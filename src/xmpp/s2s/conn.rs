@@ -13,6 +13,7 @@
 use super::io::{BoxIo, Rewind};
 use super::metrics::{DEADLINES, OPEN, STREAM_ERRORS, TLS_FAILURES};
 use crate::config::Domain;
+use crate::net::{write_bounded, WriteError};
 use crate::tls::{matches_xmpp_domain, peer_identity, ClientTls, PeerCert, ServerTls, TlsFailure};
 use crate::xmpp::dialback::Dialback;
 use crate::xmpp::error::StreamErrorCondition;
@@ -182,19 +183,17 @@ impl Conn {
         self.claimed.as_deref()
     }
 
-    /// Writes `bytes` and flushes (TLS needs the flush to emit records). A peer that stops
-    /// reading would block us forever: a write that does not finish within the handshake
-    /// timeout counts as a dead connection.
+    /// Writes `bytes` and flushes (TLS needs the flush to emit records) through the edge
+    /// kit's [`write_bounded`]. A peer that stops reading would block us forever: a write that
+    /// does not finish within the handshake timeout counts as a dead connection.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
         let io = self.io.as_mut().ok_or(ConnError::Eof)?;
-        let write = async {
-            io.write_all(bytes).await?;
-            io.flush().await
-        };
-        match tokio::time::timeout(self.handshake_timeout, write).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ConnError::WriteTimeout),
-        }
+        write_bounded(io, bytes, self.handshake_timeout)
+            .await
+            .map_err(|e| match e {
+                WriteError::Io(e) => ConnError::Io(e),
+                WriteError::Timeout(_) => ConnError::WriteTimeout,
+            })
     }
 
     /// Reads once from the socket into the framer. Cancel-safe (used inside `select!`).

@@ -10,9 +10,9 @@ use super::Shared;
 use crate::config::Domain;
 use crate::dns::{Target, Transport};
 use crate::gateway::ErrorCondition;
+use crate::net::{connect_bounded, ConnectError};
 use crate::xmpp::s2s_negotiate::{S2sConfig, S2sNegotiator};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// Why a remote domain could not be reached, as the bounce condition says it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,12 +59,15 @@ pub async fn open(
 ) -> Result<(Conn, Vec<Up>), DialError> {
     let cfg = shared.hub.config();
     let handshake = Duration::from_secs(cfg.limits.handshake_timeout_secs);
-    let sock = match tokio::time::timeout(handshake, TcpStream::connect(target.addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(DialError::NotFound(format!("{target}: {e}"))),
-        Err(_) => return Err(DialError::Timeout(format!("{target}: connect timed out"))),
+    let sock = match connect_bounded(target.addr, handshake).await {
+        Ok(s) => s,
+        Err(ConnectError::Io { source, .. }) => {
+            return Err(DialError::NotFound(format!("{target}: {source}")))
+        }
+        Err(ConnectError::Timeout { .. }) => {
+            return Err(DialError::Timeout(format!("{target}: connect timed out")))
+        }
     };
-    let _ = sock.set_nodelay(true);
     mc.tls_available = shared.client_tls.is_some();
     mc.have_client_certificate = shared.have_client_cert;
     // STARTTLS, then SASL or dialback (the peer verifying our key calls back to us): each step

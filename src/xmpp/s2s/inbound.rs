@@ -11,10 +11,14 @@
 //! domain is checked against the live configuration once more. Only stanzas from an
 //! authenticated, allowed domain reach the hub.
 //!
-//! Bounds: the TLS handshake (`handshake_timeout_secs`), the whole negotiation (three of
-//! them), each element (`stanza_timeout_secs`, see [`Conn::read`]), and the dialback
+//! Bounds: connections per listener and per peer (IPv4 address or IPv6 /64, the edge kit's
+//! `net::Admission`), the TLS handshake (`handshake_timeout_secs`), the whole negotiation
+//! (three of them), each element (`stanza_timeout_secs`, see [`Conn::read`]), and the dialback
 //! verifications a peer can make us start ([`super::verify::admit`]: per foreign domain and
 //! node-wide, refused at once beyond them).
+//!
+//! Text the peer chose (its claimed domain, stream-error text, errors quoting its stanzas) is
+//! logged through `net::LogSafe`: XML character references can carry CR/LF and escapes.
 
 use super::conn::{cert_domains_of, Conn, TlsSide, Up};
 use super::metrics::{REFUSED, STANZAS, STREAMS, UNROUTABLE};
@@ -22,56 +26,24 @@ use super::policy::{policy_for, system_for};
 use super::Shared;
 use crate::config::Domain;
 use crate::gateway::Origin;
+use crate::net::{accept_admitted, AcceptPolicy, Admission, LogSafe};
 use crate::xmpp::convert::{stanza_to_envelope, ConvertError};
 use crate::xmpp::dialback::DbType;
 use crate::xmpp::error::{stanza_error_bounce, StanzaErrorCondition, StreamErrorCondition};
 use crate::xmpp::jid::Jid;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sConfig, S2sNegotiator};
 use crate::xmpp::stanza::Stanza;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
-/// Counts connections per peer address; the guard gives the slot back on drop.
-#[derive(Default)]
-pub struct PeerCounts(Mutex<HashMap<IpAddr, usize>>);
-
-pub struct PeerSlot {
-    counts: Arc<PeerCounts>,
-    ip: IpAddr,
-}
-
-impl PeerCounts {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// Accept loop of one listener; `direct_tls` for XEP-0368.
+/// The accept loop of one listener (`direct_tls` for XEP-0368), through the edge kit: a
+/// connection holds one slot of this listener and one of its peer — an IPv4 address or an
+/// IPv6 /64, since one IPv6 host owns a whole /64 — for its whole life; beyond either bound it
+/// is closed at once and counted in `legate_net_accept_refusals_total` (edge `xmpp_s2s` or
+/// `xmpp_s2s_direct_tls`). Accept errors (EMFILE...) back off instead of spinning.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -79,35 +51,23 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limits = shared.hub.config().limits.clone();
-    // Bounded connections per listener and per peer address (style.md §4).
-    let sem = Arc::new(Semaphore::new(limits.max_connections_per_listener.max(1)));
-    let peers = Arc::new(PeerCounts::default());
-    loop {
-        let (sock, addr) = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "s2s accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = sem.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %addr, "s2s listener full; connection dropped");
-            continue;
-        };
-        let Some(slot) = peers.take(addr.ip(), limits.max_connections_per_peer.max(1)) else {
-            tracing::warn!(peer = %addr, "too many s2s connections from this address");
-            continue;
-        };
+    // Bounded connections per listener and per peer (style.md §4); a zero bound would refuse
+    // everything, so at least one.
+    let admission = Admission::new(
+        limits.max_connections_per_listener.max(1),
+        limits.max_connections_per_peer.max(1),
+    );
+    let policy = AcceptPolicy::new(if direct_tls {
+        "xmpp_s2s_direct_tls"
+    } else {
+        "xmpp_s2s"
+    });
+    while let Some(a) = accept_admitted(&listener, &admission, &policy, &mut shutdown).await {
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _slot = slot;
-            handle(shared, sock, addr, direct_tls, shutdown).await;
+            let _slots = a.slots;
+            handle(shared, a.stream, a.remote, direct_tls, shutdown).await;
         });
     }
 }
@@ -133,7 +93,6 @@ async fn handle(
         .server_tls
         .clone()
         .map_or(TlsSide::None, TlsSide::Server);
-    let _ = sock.set_nodelay(true);
     let limits = shared.stream_limits();
     let now = Instant::now();
     let (mut conn, first) = if direct_tls {
@@ -276,7 +235,7 @@ impl Inbound {
                     "{claimed} may only authenticate with SASL EXTERNAL (XEP-0178) and its \
                      certificate does not match that domain"
                 );
-                tracing::info!(peer = %self.addr, domain = %claimed, "s2s refused: {text}");
+                tracing::info!(peer = %self.addr, domain = %LogSafe(&claimed), text = %LogSafe(&text), "s2s refused");
                 let a = conn
                     .m
                     .close_with_error(StreamErrorCondition::NotAuthorized, &text);
@@ -315,7 +274,7 @@ impl Inbound {
                 let permit = match super::verify::admit(&self.shared, &originating) {
                     Ok(p) => p,
                     Err(why) => {
-                        tracing::info!(peer = %self.addr, domain = %originating, "dialback refused: {why}");
+                        tracing::info!(peer = %self.addr, domain = %LogSafe(&originating), reason = %LogSafe(&why.to_string()), "dialback refused");
                         let a = conn.m.handle_dialback_refused(
                             &originating,
                             &receiving,
@@ -346,7 +305,7 @@ impl Inbound {
                 tracing::info!(
                     peer = %self.addr,
                     condition = condition.map_or("none", |c| c.as_str()),
-                    %text,
+                    text = %LogSafe(&text),
                     "inbound s2s stream ended"
                 );
             }
@@ -424,7 +383,7 @@ impl Inbound {
             }
             Err(e @ ConvertError::Address(_)) => self.unroutable(stanza, &e.to_string()),
             Err(e) => {
-                tracing::info!(peer = %self.addr, error = %e, "inbound stanza not routed");
+                tracing::info!(peer = %self.addr, error = %LogSafe(&e.to_string()), "inbound stanza not routed");
             }
         }
     }

@@ -10,9 +10,12 @@
 //! stream feeding it instead of losing stanzas. Known limit: while the manager waits for one
 //! slow pair, deliveries to other domains wait behind it. When every target
 //! fails, each waiting stanza is bounced to its sender with `remote-server-not-found` or
-//! `remote-server-timeout`, and new ones are bounced at once until the backoff (1 s doubling
-//! to 60 s) has passed. Established streams send whitespace keepalives (RFC 6120 §4.6.1) and
-//! XEP-0199 pings when quiet, and close after `limits.idle_timeout_secs` without a stanza.
+//! `remote-server-timeout`, and new ones are bounced at once until the backoff has passed: the
+//! edge kit's `net::Backoff`, 1 s doubling to 60 s with jitter (so the pairs toward a domain
+//! that came back do not all redial in the same second), forgotten only once a stream stayed up
+//! `STABLE_AFTER` (30 s; a peer that authenticates and drops at once is not redialled at full
+//! rate). Established streams send whitespace keepalives (RFC 6120 §4.6.1) and XEP-0199 pings
+//! when quiet, and close after `limits.idle_timeout_secs` without a stanza.
 
 use super::conn::{Conn, Up};
 use super::dial::{open, step, targets, DialError};
@@ -21,6 +24,7 @@ use super::Shared;
 use crate::config::Domain;
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Envelope, ErrorCondition, Link, Origin};
+use crate::net::{Backoff, LogSafe};
 use crate::xmpp::convert::envelope_to_stanza;
 use crate::xmpp::error::StreamErrorCondition;
 use crate::xmpp::s2s_negotiate::{AuthMethod, S2sConfig};
@@ -36,6 +40,9 @@ pub const PING_ID_PREFIX: &str = "legate-ping-";
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A stream that stayed up this long forgets the pair's failures (as the SIP dialer and the
+/// component links do).
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 type PairKey = (Domain, Domain);
 
@@ -162,7 +169,7 @@ async fn pair_task(
     mut rx: mpsc::Receiver<Out>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut retry_at: Option<(Instant, DialError)> = None;
     let idle = Duration::from_secs(shared.hub.config().limits.idle_timeout_secs);
     loop {
@@ -181,8 +188,8 @@ async fn pair_task(
         }
         match connect(&shared, &local, &remote).await {
             Ok((conn, auth, target)) => {
-                backoff = BACKOFF_MIN;
                 retry_at = None;
+                let up_since = Instant::now();
                 shared.pair_status(&local, &remote, |s| {
                     s.up = true;
                     s.auth = Some(auth);
@@ -199,6 +206,7 @@ async fn pair_task(
                     &mut shutdown,
                 )
                 .await;
+                backoff.note_up(up_since, Instant::now(), STABLE_AFTER);
                 shared.pair_status(&local, &remote, |s| s.up = false);
             }
             Err(e) => {
@@ -207,14 +215,15 @@ async fn pair_task(
                     s.failures += 1;
                     s.last_failure = Some(e.to_string());
                 });
-                tracing::warn!(%local, %remote, error = %e, "outbound s2s failed; bouncing queued stanzas");
+                // The error may quote the peer's stream-error text: escaped (net::LogSafe).
+                tracing::warn!(%local, %remote, error = %LogSafe(&e.to_string()), "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
                 while let Ok(out) = rx.try_recv() {
                     QUEUE.dec();
                     bounce_out(&shared, &remote, &out, e.condition(), &e.to_string());
                 }
-                retry_at = Some((Instant::now() + backoff, e));
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let delay = backoff.next_delay(rand::random::<f64>());
+                retry_at = Some((Instant::now() + delay, e));
             }
         }
     }
@@ -238,7 +247,7 @@ async fn connect(
         let (mut conn, mut ups) = match open(shared, mc, local, remote, t).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::info!(%remote, target = %t, error = %e, "s2s target failed");
+                tracing::info!(%remote, target = %t, error = %LogSafe(&e.to_string()), "s2s target failed");
                 last = e;
                 continue;
             }
@@ -283,7 +292,7 @@ async fn connect(
         match r {
             Ok(m) => return Ok((conn, m, t.to_string())),
             Err(e) => {
-                tracing::info!(%remote, target = %t, error = %e, "s2s negotiation failed");
+                tracing::info!(%remote, target = %t, error = %LogSafe(&e.to_string()), "s2s negotiation failed");
                 conn.shutdown().await;
                 last = e;
             }

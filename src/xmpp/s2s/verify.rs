@@ -246,7 +246,8 @@ async fn ask(shared: &Shared, orig: &Domain, recv: &Domain, stream_id: &str, key
                         return d.ty.unwrap_or(DbType::Error);
                     }
                     Up::Ended { text, .. } => {
-                        tracing::info!(%orig, %text, "dialback verification stream ended");
+                        // The text is the authoritative server's: escaped (net::LogSafe).
+                        tracing::info!(%orig, text = %crate::net::LogSafe(&text), "dialback verification stream ended");
                     }
                     _ => {}
                 }
