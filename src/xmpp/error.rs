@@ -6,8 +6,6 @@
 //! and nothing else: deciding *which* condition applies is the job of the framer, the stanza
 //! checks and the negotiation machines.
 
-use quick_xml::escape::escape;
-
 use super::stanza::Stanza;
 
 /// Namespace of stream error conditions (RFC 6120 §4.9.2).
@@ -86,7 +84,9 @@ impl StreamErrorCondition {
             out.extend_from_slice(b"<text xmlns='");
             out.extend_from_slice(NS_STREAMS_ERRORS.as_bytes());
             out.extend_from_slice(b"'>");
-            out.extend_from_slice(escape(t).as_bytes());
+            // Error text may quote a peer: XML 1.0 characters only, or the error itself
+            // would break the stream it is written to.
+            crate::presence::codec::xmpp::write_text(&mut out, t);
             out.extend_from_slice(b"</text>");
         }
         out.extend_from_slice(b"</stream:error>");
@@ -229,6 +229,8 @@ impl StanzaErrorCondition {
 pub enum BounceError {
     #[error("stanza is itself an error; errors are never bounced (RFC 6120 §8.3.1)")]
     IsError,
+    #[error("an iq result is never answered (RFC 6120 §8.2.3)")]
+    IsResult,
     #[error("stream-level element <{0}> is not a stanza")]
     NotAStanza(String),
 }
@@ -247,8 +249,10 @@ pub fn stanza_error_bounce(
     if !matches!(name, "message" | "presence" | "iq") {
         return Err(BounceError::NotAStanza(name.to_owned()));
     }
-    if stanza.stanza_type().as_deref() == Some("error") {
-        return Err(BounceError::IsError);
+    match stanza.stanza_type().as_deref() {
+        Some("error") => return Err(BounceError::IsError),
+        Some("result") if name == "iq" => return Err(BounceError::IsResult),
+        _ => {}
     }
     let ty = error_type.unwrap_or_else(|| condition.default_type());
     let mut out = Vec::with_capacity(256);
@@ -276,7 +280,7 @@ pub fn stanza_error_bounce(
         out.extend_from_slice(b"<text xmlns='");
         out.extend_from_slice(NS_STANZAS_ERRORS.as_bytes());
         out.extend_from_slice(b"'>");
-        out.extend_from_slice(escape(t).as_bytes());
+        crate::presence::codec::xmpp::write_text(&mut out, t);
         out.extend_from_slice(b"</text>");
     }
     out.extend_from_slice(b"</error></");
@@ -325,6 +329,9 @@ mod tests {
             "<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
              <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>too &lt;big&gt;</text></stream:error>"
         );
+        // Text quoting a peer: characters XML 1.0 forbids become U+FFFD.
+        let x = StreamErrorCondition::BadFormat.to_xml(Some("x\u{1}y"));
+        assert!(String::from_utf8_lossy(&x).contains(">x\u{FFFD}y</text>"));
         let x = StreamErrorCondition::HostUnknown.to_xml_and_close(None);
         assert!(x.ends_with(b"</stream:error></stream:stream>"));
     }

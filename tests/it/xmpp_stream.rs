@@ -950,6 +950,22 @@ fn stanza_error_bounce_matches_rfc6121_example() {
         stanza_error_bounce(&f, StanzaErrorCondition::Gone, None, None),
         Err(BounceError::NotAStanza(_))
     ));
+    // RFC 6120 §8.2.3: an iq result is never answered, not even with an error.
+    let r = frame_one(b"<iq type='result' from='a@example.net' to='c@im.example.com' id='r1'/>");
+    assert_eq!(
+        stanza_error_bounce(&r, StanzaErrorCondition::ServiceUnavailable, None, None),
+        Err(BounceError::IsResult)
+    );
+    // Error text quoting a peer keeps to XML 1.0 characters (U+0001 would break the stream).
+    let b = stanza_error_bounce(
+        &m,
+        StanzaErrorCondition::BadRequest,
+        None,
+        Some("bad\u{1}value\u{FFFE}"),
+    )
+    .unwrap_or_default();
+    let text = String::from_utf8_lossy(&b).into_owned();
+    assert!(text.contains("bad\u{FFFD}value\u{FFFD}</text>"), "{text}");
 }
 
 mod s2s_pair {
