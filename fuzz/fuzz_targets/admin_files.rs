@@ -9,7 +9,9 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let lines = text.lines().count().max(1);
 
     for rel in ["tables/99-fuzz.toml", "systems/fuzz.toml"] {

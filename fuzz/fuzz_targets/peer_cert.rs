@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let lower = data.to_ascii_lowercase();
     for id in cert.xmpp_ids() {
-        assert!(contains(&lower, id.as_bytes()), "{id:?} is not in the input");
+        assert!(
+            contains(&lower, id.as_bytes()),
+            "{id:?} is not in the input"
+        );
     }
     for id in &cert.dns_ids {
         if let Some(parent) = id.strip_prefix("*.") {
@@ -32,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
     }
     for id in cert.srv_ids.iter().chain(&cert.xmpp_addrs) {
         if let Ok(d) = Domain::parse(id) {
-            assert!(matches_xmpp_domain(&cert, &d), "{id} listed but not matched");
+            assert!(
+                matches_xmpp_domain(&cert, &d),
+                "{id} listed but not matched"
+            );
         }
     }
 });

@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(m) = parse_datagram(data) {
         touch(&m);
         let out = m.to_bytes();
-        assert!(data.starts_with(&out), "serialization is a prefix of the datagram");
+        assert!(
+            data.starts_with(&out),
+            "serialization is a prefix of the datagram"
+        );
         assert_eq!(out.len(), m.encoded_len());
         let again = match parse_datagram(&out) {
             Ok(a) => a,
@@ -53,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
 
     let mut f = Framer::new(4096, 65536);
     let mid = data.len() / 2;
-    for part in [data.get(..mid).unwrap_or(&[]), data.get(mid..).unwrap_or(&[])] {
+    for part in [
+        data.get(..mid).unwrap_or(&[]),
+        data.get(mid..).unwrap_or(&[]),
+    ] {
         f.push(part);
         loop {
             match f.next() {

@@ -30,12 +30,24 @@ enum Txn {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cfg, ops)) = data.split_first() else { return };
-    let timers = if cfg & 1 == 0 { Timers::reliable() } else { Timers::unreliable() };
+    let Some((&cfg, ops)) = data.split_first() else {
+        return;
+    };
+    let timers = if cfg & 1 == 0 {
+        Timers::reliable()
+    } else {
+        Timers::unreliable()
+    };
     let method = if cfg & 2 == 0 { "INVITE" } else { "MESSAGE" };
-    let Some(req) = request(method, "z9hG4bKfuzz") else { return };
-    let Some(ack) = request("ACK", "z9hG4bKfuzz") else { return };
-    let Some(stray) = request(method, "z9hG4bKother") else { return };
+    let Some(req) = request(method, "z9hG4bKfuzz") else {
+        return;
+    };
+    let Some(ack) = request("ACK", "z9hG4bKfuzz") else {
+        return;
+    };
+    let Some(stray) = request(method, "z9hG4bKother") else {
+        return;
+    };
     let t0 = Instant::now();
     let mut now = t0;
     let mut txn = if cfg & 4 == 0 {
