@@ -508,7 +508,17 @@ impl SipMessage {
             return Err(SipParseError::BadStatusCode);
         }
         let mut v = Vec::with_capacity(self.encoded_len() / 2 + 64);
-        v.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
+        // Pieces appended directly (no `format!`): one response per request is built here.
+        v.extend_from_slice(b"SIP/2.0 ");
+        // 100..=699 was checked above: always three digits.
+        v.extend_from_slice(&[
+            b'0' + (code / 100) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+            b' ',
+        ]);
+        v.extend_from_slice(reason.as_bytes());
+        v.extend_from_slice(b"\r\n");
         for h in &self.headers {
             let line = h.line_span.get(self.field_bytes(h));
             match h.name {
@@ -522,10 +532,9 @@ impl SipMessage {
                         .unwrap_or(true);
                     match to_tag {
                         Some(tag) if code > 100 && !has_tag => {
-                            v.extend_from_slice(
-                                format!("{}: {};tag={tag}\r\n", view.raw_name, view.value)
-                                    .as_bytes(),
-                            );
+                            for piece in [view.raw_name, ": ", view.value, ";tag=", tag, "\r\n"] {
+                                v.extend_from_slice(piece.as_bytes());
+                            }
                         }
                         _ => v.extend_from_slice(line),
                     }

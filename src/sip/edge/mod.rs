@@ -592,7 +592,6 @@ const DIAL_STABLE: Duration = Duration::from_secs(30);
 /// `DestinationBackoff`).
 const DIAL_BACKOFF_ENTRIES: usize = 10_000;
 
-
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut outbox: mpsc::Receiver<Delivery>) {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
@@ -705,10 +704,11 @@ impl Driver {
                 self.infos.insert(conn, info);
             }
             Input::Message { conn, msg } => {
-                let Some(info) = self.infos.get(&conn).cloned() else {
+                // Borrowed, not cloned: this runs once per message.
+                let Some(info) = self.infos.get(&conn) else {
                     return;
                 };
-                self.core.handle_message(&*self.hub, &info, *msg, now);
+                self.core.handle_message(&*self.hub, info, *msg, now);
             }
             Input::Closed { conn } => {
                 if let Some((d, since)) = self.outbound_opened.remove(&conn) {

@@ -174,8 +174,17 @@ pub struct TxnKey {
 impl TxnKey {
     /// Server-side key of an incoming request (§17.2.3).
     pub fn server(req: &SipMessage) -> Result<Self, TxnError> {
-        let method = req.method().ok_or(TxnError::WrongMessage)?;
-        let via = req.via_top().map_err(TxnError::BadHeader)?;
+        Self::server_of(req.method(), &req.via_top())
+    }
+
+    /// [`TxnKey::server`] from a method and top Via already decoded (a
+    /// [`crate::sip::routing::Routing`] view), so the Via is not lexed again.
+    pub fn server_of(
+        method: Option<&str>,
+        via: &crate::sip::header::DecodeResult<crate::sip::header::Via<'_>>,
+    ) -> Result<Self, TxnError> {
+        let method = method.ok_or(TxnError::WrongMessage)?;
+        let via = via.as_ref().map_err(|e| TxnError::BadHeader(e))?;
         let branch = via.branch().ok_or(TxnError::NoRfc3261Branch)?;
         if !branch.starts_with(MAGIC_COOKIE) || branch.len() == MAGIC_COOKIE.len() {
             return Err(TxnError::NoRfc3261Branch);
