@@ -23,6 +23,7 @@
 pub mod client;
 pub mod server;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use client::ClientTransaction;
@@ -159,16 +160,18 @@ pub enum TxnError {
     AckNotTransaction,
 }
 
-/// Transaction matching key (§17.1.3, §17.2.3).
+/// Transaction matching key (§17.1.3, §17.2.3). The parts are shared strings: one key is
+/// held by the transaction, its table, its timer and the remembered answer, and a clone must
+/// not allocate for each of them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnKey {
     /// Top Via branch, as sent (compared exactly).
-    pub branch: String,
+    pub branch: Arc<str>,
     /// Top Via sent-by, host lowercased (empty for client-side keys, which match on branch
     /// and CSeq method only).
-    pub sent_by: String,
+    pub sent_by: Arc<str>,
     /// Method; ACK is keyed as INVITE so it finds the INVITE server transaction.
-    pub method: String,
+    pub method: Arc<str>,
 }
 
 impl TxnKey {
@@ -196,9 +199,9 @@ impl TxnKey {
         };
         let method = if method == "ACK" { "INVITE" } else { method };
         Ok(TxnKey {
-            branch: branch.to_owned(),
-            sent_by,
-            method: method.to_owned(),
+            branch: branch.into(),
+            sent_by: sent_by.into(),
+            method: method.into(),
         })
     }
 
@@ -214,9 +217,9 @@ impl TxnKey {
             cseq.method
         };
         Ok(TxnKey {
-            branch: branch.to_owned(),
-            sent_by: String::new(),
-            method: method.to_owned(),
+            branch: branch.into(),
+            sent_by: "".into(),
+            method: method.into(),
         })
     }
 }

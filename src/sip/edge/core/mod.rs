@@ -625,7 +625,7 @@ impl Core {
             }
         };
         m::response("out", code);
-        if code >= 200 && key.method != "INVITE" {
+        if code >= 200 && &*key.method != "INVITE" {
             if let Some(ip) = self
                 .server
                 .get(key)
