@@ -16,16 +16,15 @@
 
 #[path = "../tests/it/common/certs.rs"]
 mod certs;
+mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use legate::xmpp::stream::{StreamEvent, StreamFramer};
+use anyhow::{anyhow, bail, Result};
+use support::{cpu_secs, home_node, metrics, peak_rss_kib, sum, Legate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -43,16 +42,6 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run(total, slow))
-}
-
-/// Kills the child on every exit path (by its own handle: never by name).
-struct Legate(Child);
-
-impl Drop for Legate {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn run(total: usize, slow: bool) -> Result<()> {
@@ -103,30 +92,10 @@ default_system = "xmpp"
             ca = certs.ca_path().display(),
         ),
     )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_legate"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("LEGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting legate")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let legate = Legate(child);
-    let pid = legate.0.id();
-    let (s2s, admin) = tokio::task::spawn_blocking(move || listening(stdout)).await??;
-
-    // Wait until the component link is up (the home node counts handshakes as -1 sentinel).
-    let t0 = Instant::now();
-    while !metrics(admin)
-        .await?
-        .contains("legate_component_links_up 1")
-    {
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the component link did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let legate = Legate::start(&cfg, &["xmpp_s2s_direct_tls", "admin"]).await?;
+    let pid = legate.pid();
+    let (s2s, admin) = (legate.addr("xmpp_s2s_direct_tls")?, legate.addr("admin")?);
+    legate.wait_component_link().await?;
 
     let stream = sasl_external(&certs, &theirs, s2s).await?;
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -192,91 +161,6 @@ default_system = "xmpp"
     Ok(())
 }
 
-/// Reads `legate: listening <name> <addr>` lines until the direct TLS s2s and admin
-/// listeners are known.
-fn listening(stdout: std::process::ChildStdout) -> Result<(SocketAddr, SocketAddr)> {
-    let (mut s2s, mut admin) = (None, None);
-    let mut reader = BufReader::new(stdout);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            bail!("legate exited before announcing its listeners");
-        }
-        let mut w = line.split_whitespace();
-        if let (Some("legate:"), Some("listening"), Some(name), Some(addr)) =
-            (w.next(), w.next(), w.next(), w.next())
-        {
-            let addr: SocketAddr = addr.parse()?;
-            match name {
-                "xmpp_s2s_direct_tls" => s2s = Some(addr),
-                "admin" => admin = Some(addr),
-                _ => {}
-            }
-        }
-        if let (Some(s), Some(a)) = (s2s, admin) {
-            // Keep draining stdout so legate never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-            return Ok((s, a));
-        }
-    }
-}
-
-/// A home node that accepts component connections and counts `<message/>`s.
-async fn home_node(l: TcpListener, received: Arc<AtomicUsize>, slow: bool) {
-    while let Ok((sock, _)) = l.accept().await {
-        let received = received.clone();
-        tokio::spawn(async move {
-            if let Err(e) = component(sock, received, slow).await {
-                eprintln!("home node connection ended: {e}");
-            }
-        });
-    }
-}
-
-async fn component(mut sock: TcpStream, received: Arc<AtomicUsize>, slow: bool) -> Result<()> {
-    let mut framer = StreamFramer::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut open = false;
-    loop {
-        loop {
-            match framer.next_event() {
-                Ok(Some(StreamEvent::StreamOpen(h))) if !open => {
-                    open = true;
-                    let to = h.to().unwrap_or_default().to_string();
-                    sock.write_all(
-                        format!(
-                            "<stream:stream xmlns='jabber:component:accept' \
-                             xmlns:stream='http://etherx.jabber.org/streams' id='flood1' \
-                             from='{to}'>"
-                        )
-                        .as_bytes(),
-                    )
-                    .await?;
-                }
-                Ok(Some(StreamEvent::Stanza(s))) => match s.name() {
-                    "handshake" => sock.write_all(b"<handshake/>").await?,
-                    "message" => {
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                },
-                Ok(Some(StreamEvent::StreamClose)) => return Ok(()),
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => bail!("bad XML from legate: {e}"),
-            }
-        }
-        if slow {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let n = sock.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        framer.push(buf.get(..n).unwrap_or_default());
-    }
-}
-
 /// Opens a direct TLS (XEP-0368) stream to `addr` as `xmpp.test` and authenticates with
 /// SASL EXTERNAL (RFC 6120 §6.4, the certificate names the domain).
 async fn sasl_external(
@@ -328,42 +212,4 @@ async fn read_until<S: tokio::io::AsyncRead + Unpin>(s: &mut S, needle: &str) ->
     })
     .await
     .map_err(|_| anyhow!("timed out waiting for {needle}"))?
-}
-
-/// GET /metrics from the admin endpoint.
-async fn metrics(admin: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// Sum of the samples of `name` whose line contains every one of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with(name))
-        .filter(|l| labels.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-/// utime + stime of `pid` in seconds (Linux /proc; USER_HZ is 100).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }

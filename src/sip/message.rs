@@ -508,12 +508,29 @@ impl SipMessage {
             return Err(SipParseError::BadStatusCode);
         }
         let mut v = Vec::with_capacity(self.encoded_len() / 2 + 64);
-        v.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
+        // Pieces appended directly (no `format!`): one response per request is built here.
+        v.extend_from_slice(b"SIP/2.0 ");
+        // 100..=699 was checked above: always three digits.
+        v.extend_from_slice(&[
+            b'0' + (code / 100) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+            b' ',
+        ]);
+        v.extend_from_slice(reason.as_bytes());
+        v.extend_from_slice(b"\r\n");
+        let sl_end = v.len() - 2;
+        // The spans of every line written are known here, so the response is assembled
+        // directly instead of lexing the bytes just written again (one response per request).
+        // A folded line (its value lives in the unfold buffer) or an unusual reason phrase
+        // falls back to the parser, which then has the last word as before.
+        let mut direct = reason.bytes().all(|c| (b' '..=b'~').contains(&c));
+        let mut headers = Vec::with_capacity(8);
         for h in &self.headers {
             let line = h.line_span.get(self.field_bytes(h));
             match h.name {
                 HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
-                    v.extend_from_slice(line)
+                    direct &= copy_line(&mut v, &mut headers, h, line);
                 }
                 HeaderName::To => {
                     let view = self.view(h);
@@ -522,26 +539,93 @@ impl SipMessage {
                         .unwrap_or(true);
                     match to_tag {
                         Some(tag) if code > 100 && !has_tag => {
-                            v.extend_from_slice(
-                                format!("{}: {};tag={tag}\r\n", view.raw_name, view.value)
-                                    .as_bytes(),
-                            );
+                            let o = v.len();
+                            let value_start = o + view.raw_name.len() + 2;
+                            for piece in [view.raw_name, ": ", view.value, ";tag=", tag] {
+                                v.extend_from_slice(piece.as_bytes());
+                            }
+                            let value_end = v.len();
+                            v.extend_from_slice(b"\r\n");
+                            direct &= tag.bytes().all(|c| c.is_ascii_graphic());
+                            headers.push(HeaderField {
+                                name: h.name,
+                                name_span: Span::new(o..o + view.raw_name.len()),
+                                value_span: Span::new(value_start..value_end),
+                                loc: ValueLoc::Buf,
+                                line_span: Span::new(o..v.len()),
+                                own: None,
+                            });
                         }
-                        _ => v.extend_from_slice(line),
+                        _ => direct &= copy_line(&mut v, &mut headers, h, line),
                     }
                 }
                 _ => {}
             }
         }
+        let o = v.len();
         v.extend_from_slice(b"Content-Length: 0\r\n\r\n");
-        super::parse::parse_exact(Bytes::from(v))
+        if !direct {
+            return super::parse::parse_exact(Bytes::from(v));
+        }
+        headers.push(HeaderField {
+            name: HeaderName::ContentLength,
+            name_span: Span::new(o..o + 14),
+            value_span: Span::new(o + 16..o + 17),
+            loc: ValueLoc::Buf,
+            line_span: Span::new(o..o + 19),
+            own: None,
+        });
+        let end = v.len();
+        Ok(SipMessage {
+            buf: Bytes::from(v),
+            start: StartLine::Response {
+                code,
+                reason: Span::new(12..sl_end),
+            },
+            start_span: Span::new(0..sl_end),
+            headers,
+            unfolded: String::new(),
+            body: Span::new(end..end),
+            body_own: None,
+        })
     }
+}
+
+/// Appends `line` (the raw line of `h`) to `v` and records its header with spans moved to
+/// where it now sits; `false` when the spans cannot be moved (a folded value lives in the
+/// source's unfold buffer), so the caller re-parses instead.
+fn copy_line(
+    v: &mut Vec<u8>,
+    headers: &mut Vec<HeaderField>,
+    h: &HeaderField,
+    line: &[u8],
+) -> bool {
+    let o = v.len();
+    v.extend_from_slice(line);
+    if h.own.is_none() && h.loc == ValueLoc::Unfolded {
+        return false;
+    }
+    let base = h.line_span.start as usize;
+    let moved = |s: Span| {
+        Span::new(
+            o + (s.start as usize).saturating_sub(base)..o + (s.end as usize).saturating_sub(base),
+        )
+    };
+    headers.push(HeaderField {
+        name: h.name,
+        name_span: moved(h.name_span),
+        value_span: moved(h.value_span),
+        loc: ValueLoc::Buf,
+        line_span: Span::new(o..v.len()),
+        own: None,
+    });
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::parse::parse_datagram;
+    use crate::sip::parse::{parse_datagram, parse_exact};
 
     const REQ: &[u8] = b"INVITE sip:a@contoso.com SIP/2.0\r\n\
 Via: SIP/2.0/TLS e.fabrikam.com:5061;branch=z9hG4bK1, SIP/2.0/TLS p.fabrikam.com;branch=z9hG4bK0\r\n\
@@ -556,6 +640,40 @@ Content-Length: 3\r\n\r\nv=0";
         match parse_datagram(REQ) {
             Ok(m) => m,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_response_built_directly_equals_its_parse() {
+        let folded = b"MESSAGE sip:a@contoso.com SIP/2.0\r\n\
+v: SIP/2.0/TCP e.fabrikam.com;branch=z9hG4bK1\r\n\
+f: <sip:b@fabrikam.com>\r\n ;tag=f\r\n\
+t:   <sip:a@contoso.com>  \r\n\
+i: c\r\n\
+CSeq: 1 MESSAGE\r\n\
+l: 0\r\n\r\n";
+        for raw in [REQ, &folded[..]] {
+            let m = match parse_datagram(raw) {
+                Ok(m) => m,
+                Err(e) => panic!("{e}"),
+            };
+            for (code, reason, tag) in [
+                (100, "Trying", Some("t1")),
+                (200, "OK", Some("t1")),
+                (200, "OK", None),
+                (486, "Busy Here", Some("x")),
+                (403, "Forbidden (Domain Not Federated)", Some("lg7")),
+                (400, "Caf\u{e9}", Some("t")),
+            ] {
+                let Ok(r) = m.build_response(code, reason, tag) else {
+                    panic!("{code} {reason}")
+                };
+                assert_eq!(
+                    Ok(&r),
+                    parse_exact(r.to_bytes()).as_ref(),
+                    "{code} {reason}"
+                );
+            }
         }
     }
 

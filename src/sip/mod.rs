@@ -15,6 +15,7 @@ pub mod header;
 pub mod im_session;
 pub mod message;
 pub mod parse;
+pub mod routing;
 pub mod subscription;
 pub mod txn;
 pub mod uri;

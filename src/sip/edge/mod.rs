@@ -704,10 +704,11 @@ impl Driver {
                 self.infos.insert(conn, info);
             }
             Input::Message { conn, msg } => {
-                let Some(info) = self.infos.get(&conn).cloned() else {
+                // Borrowed, not cloned: this runs once per message.
+                let Some(info) = self.infos.get(&conn) else {
                     return;
                 };
-                self.core.handle_message(&*self.hub, &info, *msg, now);
+                self.core.handle_message(&*self.hub, info, *msg, now);
             }
             Input::Closed { conn } => {
                 if let Some((d, since)) = self.outbound_opened.remove(&conn) {

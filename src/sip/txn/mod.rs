@@ -23,6 +23,7 @@
 pub mod client;
 pub mod server;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use client::ClientTransaction;
@@ -159,23 +160,34 @@ pub enum TxnError {
     AckNotTransaction,
 }
 
-/// Transaction matching key (§17.1.3, §17.2.3).
+/// Transaction matching key (§17.1.3, §17.2.3). The parts are shared strings: one key is
+/// held by the transaction, its table, its timer and the remembered answer, and a clone must
+/// not allocate for each of them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnKey {
     /// Top Via branch, as sent (compared exactly).
-    pub branch: String,
+    pub branch: Arc<str>,
     /// Top Via sent-by, host lowercased (empty for client-side keys, which match on branch
     /// and CSeq method only).
-    pub sent_by: String,
+    pub sent_by: Arc<str>,
     /// Method; ACK is keyed as INVITE so it finds the INVITE server transaction.
-    pub method: String,
+    pub method: Arc<str>,
 }
 
 impl TxnKey {
     /// Server-side key of an incoming request (§17.2.3).
     pub fn server(req: &SipMessage) -> Result<Self, TxnError> {
-        let method = req.method().ok_or(TxnError::WrongMessage)?;
-        let via = req.via_top().map_err(TxnError::BadHeader)?;
+        Self::server_of(req.method(), &req.via_top())
+    }
+
+    /// [`TxnKey::server`] from a method and top Via already decoded (a
+    /// [`crate::sip::routing::Routing`] view), so the Via is not lexed again.
+    pub fn server_of(
+        method: Option<&str>,
+        via: &crate::sip::header::DecodeResult<crate::sip::header::Via<'_>>,
+    ) -> Result<Self, TxnError> {
+        let method = method.ok_or(TxnError::WrongMessage)?;
+        let via = via.as_ref().map_err(|e| TxnError::BadHeader(e))?;
         let branch = via.branch().ok_or(TxnError::NoRfc3261Branch)?;
         if !branch.starts_with(MAGIC_COOKIE) || branch.len() == MAGIC_COOKIE.len() {
             return Err(TxnError::NoRfc3261Branch);
@@ -187,9 +199,9 @@ impl TxnKey {
         };
         let method = if method == "ACK" { "INVITE" } else { method };
         Ok(TxnKey {
-            branch: branch.to_owned(),
-            sent_by,
-            method: method.to_owned(),
+            branch: branch.into(),
+            sent_by: sent_by.into(),
+            method: method.into(),
         })
     }
 
@@ -205,9 +217,9 @@ impl TxnKey {
             cseq.method
         };
         Ok(TxnKey {
-            branch: branch.to_owned(),
-            sent_by: String::new(),
-            method: method.to_owned(),
+            branch: branch.into(),
+            sent_by: "".into(),
+            method: method.into(),
         })
     }
 }

@@ -53,12 +53,26 @@ pub struct ServerTransaction {
 
 impl ServerTransaction {
     /// Creates the transaction for an incoming request (not ACK).
-    pub fn new(request: &SipMessage, timers: Timers, _now: Instant) -> Result<Self, TxnError> {
+    pub fn new(request: &SipMessage, timers: Timers, now: Instant) -> Result<Self, TxnError> {
+        if request.method() == Some("ACK") {
+            return Err(TxnError::AckNotTransaction);
+        }
+        let key = TxnKey::server(request)?;
+        Self::with_key(request, key, timers, now)
+    }
+
+    /// [`ServerTransaction::new`] with the request's key already computed (the core has it
+    /// from the request's decoded routing headers).
+    pub fn with_key(
+        request: &SipMessage,
+        key: TxnKey,
+        timers: Timers,
+        _now: Instant,
+    ) -> Result<Self, TxnError> {
         let method = request.method().ok_or(TxnError::WrongMessage)?;
         if method == "ACK" {
             return Err(TxnError::AckNotTransaction);
         }
-        let key = TxnKey::server(request)?;
         let mut t = ServerTransaction {
             kind: if method == "INVITE" {
                 Kind::Invite

@@ -195,16 +195,18 @@ impl Core {
         queue
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_message(
         &mut self,
         hub: &dyn HubPort,
         peer: &PeerInfo,
         key: &TxnKey,
         req: &SipMessage,
+        r: &Routing<'_>,
         domain: &Domain,
         now: Instant,
     ) {
-        let in_dialog = req.to().ok().and_then(|t| t.tag()).is_some();
+        let in_dialog = r.to_tag().is_some();
         let mut session = None;
         if in_dialog {
             let sid = DialogId::of_incoming_request(req)
@@ -223,7 +225,7 @@ impl Core {
                     now,
                 );
             };
-            let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
+            let seq = r.cseq.map(|c| c.seq).unwrap_or(0);
             if let Some(s) = self.sessions.get_mut(&sid) {
                 if let Some(d) = &mut s.dialog {
                     if !d.accept_remote_cseq(seq) {
@@ -269,10 +271,11 @@ impl Core {
         let (from, to) = match session {
             Some(p) => p,
             None => match (
-                req.from().ok().and_then(|f| address_of_uri(&f.uri)),
-                req.request_uri()
-                    .and_then(Result::ok)
-                    .and_then(|u| address_of_uri(&u)),
+                r.from.as_ref().ok().and_then(|f| address_of_uri(&f.uri)),
+                r.request_uri
+                    .as_ref()
+                    .and_then(|u| u.as_ref().ok())
+                    .and_then(address_of_uri),
             ) {
                 (Some(f), Some(t)) => (f, t),
                 _ => return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now),

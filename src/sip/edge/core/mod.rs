@@ -40,6 +40,7 @@ use crate::sip::dialog::{build_request, response_with, Dialog, DialogId, InDialo
 use crate::sip::header::{self, HeaderName};
 use crate::sip::im_session::{self, Content, ImSession, SessionState};
 use crate::sip::message::SipMessage;
+use crate::sip::routing::Routing;
 use crate::sip::subscription::{
     self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Notifier, NotifierState,
     NotifyState, Subscriber, SubscriberState, TerminationReason,
@@ -624,7 +625,7 @@ impl Core {
             }
         };
         m::response("out", code);
-        if code >= 200 && key.method != "INVITE" {
+        if code >= 200 && &*key.method != "INVITE" {
             if let Some(ip) = self
                 .server
                 .get(key)
@@ -646,13 +647,14 @@ impl Core {
     /// is kept for 64·T1, bounded in count.
     fn remember(&mut self, key: &TxnKey, ip: IpAddr, bytes: Bytes, now: Instant) {
         let ttl = self.timers.timeout();
-        while let Some((at, k)) = self.recent_order.front() {
+        while let Some((at, _)) = self.recent_order.front() {
             if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
                 break;
             }
-            let k = k.clone();
-            self.recent_order.pop_front();
-            self.recent.remove(&k);
+            // The queue owns its copy of the key: taken, not cloned, to find the map entry.
+            if let Some((_, k)) = self.recent_order.pop_front() {
+                self.recent.remove(&k);
+            }
         }
         if self.recent.insert(key.clone(), (ip, bytes)).is_none() {
             self.recent_order.push_back((now, key.clone()));
@@ -777,13 +779,15 @@ impl Core {
     }
 
     fn on_request(&mut self, hub: &dyn HubPort, peer: &PeerInfo, req: SipMessage, now: Instant) {
-        let method = req.method().unwrap_or("").to_owned();
+        // Decode once: the routing headers travel with the request from here on.
+        let r = Routing::of(&req);
+        let method = r.method.unwrap_or("");
         self.conn_ips.insert(peer.conn, peer.remote.ip());
-        m::request("in", &method);
+        m::request("in", method);
         if method == "ACK" {
             // An ACK for a non-2xx matches the INVITE server transaction (absorbed there); an
             // ACK for our 2xx is its own end-to-end request and confirms the session (§13.3.1.4).
-            if let Ok(key) = TxnKey::server(&req) {
+            if let Ok(key) = TxnKey::server_of(r.method, &r.via) {
                 if let Some(e) = self.server.get_mut(&key) {
                     e.txn.handle(Event::Message(Box::new(req)), now);
                     self.drain_server(&key);
@@ -793,7 +797,7 @@ impl Core {
         }
         if method == "BENOTIFY" {
             // Lync's best-effort NOTIFY (MS-SIPRE §3.4): never answered.
-            if let Ok(domain) = self.permit(&hub.config(), peer, &req) {
+            if let Ok(domain) = self.permit(&hub.config(), peer, &r) {
                 // An accepted request like any other: binds the connection (and meets its
                 // first-request deadline) though it is never answered.
                 self.actions.push_back(Action::Bind {
@@ -804,7 +808,7 @@ impl Core {
             }
             return;
         }
-        let key = match TxnKey::server(&req) {
+        let key = match TxnKey::server_of(r.method, &r.via) {
             Ok(k) => k,
             Err(_) => {
                 m::refused("no_rfc3261_branch");
@@ -837,23 +841,23 @@ impl Core {
         // unfederated domain) costs no state and no Timer H/J per request. A retransmission
         // is screened and refused again the same way.
         let cfg = hub.config();
-        let domain = match self.screen(&cfg, peer, &req) {
+        let domain = match self.screen(&cfg, peer, &req, &r) {
             Ok(d) => d,
-            Err(r) => {
-                m::refused(r.label);
+            Err(no) => {
+                m::refused(no.label);
                 // Method, From and Call-ID come from the wire: escaped (net::LogSafe) so a
                 // peer cannot forge log lines or hide text.
                 let from = req.header(HeaderName::From).map_or("", |h| h.value);
                 tracing::info!(
                     peer = %peer.remote,
-                    method = %LogSafe(&method),
+                    method = %LogSafe(method),
                     from = %LogSafe(from),
-                    call_id = %LogSafe(req.call_id().unwrap_or("")),
-                    status = r.status,
-                    reason = r.reason,
+                    call_id = %LogSafe(r.call_id.unwrap_or("")),
+                    status = no.status,
+                    reason = no.reason,
                     "request refused"
                 );
-                self.reply_stateless(peer.conn, &req, r.status, r.reason);
+                self.reply_stateless(peer.conn, &req, no.status, no.reason);
                 return;
             }
         };
@@ -883,7 +887,7 @@ impl Core {
             );
             return;
         }
-        match ServerTransaction::new(&req, self.timers, now) {
+        match ServerTransaction::with_key(&req, key.clone(), self.timers, now) {
             Ok(txn) => {
                 self.server.insert(
                     key.clone(),
@@ -932,11 +936,11 @@ impl Core {
             );
             return;
         }
-        match method.as_str() {
+        match method {
             "SUBSCRIBE" => self.on_subscribe(hub, &cfg, peer, &key, &req, &domain, now),
             "NOTIFY" => self.on_notify(hub, peer, Some(&key), &req, &domain, now),
             "INVITE" => self.on_invite(hub, peer, &key, &req, &domain, now),
-            "MESSAGE" => self.on_message(hub, peer, &key, &req, &domain, now),
+            "MESSAGE" => self.on_message(hub, peer, &key, &req, &r, &domain, now),
             "BYE" => self.on_bye(&key, &req, now),
             "OPTIONS" => {
                 let tag = random_token(10);
@@ -1011,16 +1015,22 @@ impl Core {
 
     /// Federation policy and request screening (issue 6 item 7, RFC 3261 §8.2, RFC 5393).
     /// Answers the peer's domain or the refusal.
-    fn screen(&self, cfg: &Config, peer: &PeerInfo, req: &SipMessage) -> Result<Domain, Refuse> {
-        let domain = self.permit(cfg, peer, req)?;
+    fn screen(
+        &self,
+        cfg: &Config,
+        peer: &PeerInfo,
+        req: &SipMessage,
+        r: &Routing<'_>,
+    ) -> Result<Domain, Refuse> {
+        let domain = self.permit(cfg, peer, r)?;
         if let Ok(Some(0)) = req.max_forwards() {
             return Err(refuse(483, "Too Many Hops", "too_many_hops"));
         }
         if self.is_loop(req) {
             return Err(refuse(482, "Loop Detected", "loop_detected"));
         }
-        let in_dialog = req.to().ok().and_then(|t| t.tag()).is_some();
-        let ruri = match req.request_uri() {
+        let in_dialog = r.to_tag().is_some();
+        let ruri = match &r.request_uri {
             Some(Ok(u)) => u,
             _ => return Err(refuse(400, "Bad Request-URI", "bad_request_uri")),
         };
@@ -1037,7 +1047,7 @@ impl Core {
                 return Err(refuse(404, "Not Found (Not A Local Domain)", "not_local"));
             }
             // OPTIONS to the domain itself (a peer probing the edge) needs no user.
-            let probe = req.method() == Some("OPTIONS");
+            let probe = r.method == Some("OPTIONS");
             if !probe && sip.user().is_none_or(str::is_empty) {
                 return Err(refuse(404, "Not Found (No User)", "no_user"));
             }
@@ -1047,9 +1057,10 @@ impl Core {
 
     /// Who is talking: the From domain must be a configured SIP federated domain, and the
     /// connection must vouch for it (module doc of `edge` describes the TCP trust).
-    fn permit(&self, cfg: &Config, peer: &PeerInfo, req: &SipMessage) -> Result<Domain, Refuse> {
-        let from = req
-            .from()
+    fn permit(&self, cfg: &Config, peer: &PeerInfo, r: &Routing<'_>) -> Result<Domain, Refuse> {
+        let from = r
+            .from
+            .as_ref()
             .map_err(|_| refuse(400, "Bad From", "bad_from"))?;
         let domain = from
             .uri
