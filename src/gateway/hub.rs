@@ -23,6 +23,7 @@ use crate::presence::map::MappingStore;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use prometheus::IntCounterVec;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -116,6 +117,9 @@ pub struct Hub {
     maps: MappingStore,
     directory: Directory,
     outboxes: DashMap<OutboxKey, mpsc::Sender<Delivery>>,
+    /// Set when a send left a component outbox less than a quarter free, so `congestion`
+    /// (asked after every SIP input) scans the outboxes only when one may be crowded.
+    crowded: AtomicBool,
 }
 
 impl Hub {
@@ -126,6 +130,7 @@ impl Hub {
             maps,
             directory: Directory::default(),
             outboxes: DashMap::new(),
+            crowded: AtomicBool::new(false),
         })
     }
 
@@ -233,7 +238,10 @@ impl Hub {
             );
         };
         let delivery = match tx.try_send(delivery) {
-            Ok(()) => return self.delivered(origin, &link, kind),
+            Ok(()) => {
+                self.note_room(&link, &tx);
+                return self.delivered(origin, &link, kind);
+            }
             Err(mpsc::error::TrySendError::Closed(d)) => {
                 return self.unavailable(
                     origin,
@@ -248,6 +256,7 @@ impl Hub {
         let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
         match tx.send_timeout(delivery, limit).await {
             Ok(()) => {
+                self.note_room(&link, &tx);
                 WAITS.with_label_values(&[link.label(), "delivered"]).inc();
                 self.delivered(origin, &link, kind)
             }
@@ -366,8 +375,14 @@ impl Hub {
         let Some(tx) = self.outbox(&d) else {
             return Some(d);
         };
+        let component = matches!(d.link, Link::Component { .. });
         match tx.try_send(d) {
-            Ok(()) => None,
+            Ok(()) => {
+                if component && Self::crowded(&tx) {
+                    self.crowded.store(true, Ordering::Relaxed);
+                }
+                None
+            }
             Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => {
                 Some(d)
             }
@@ -383,12 +398,28 @@ impl Hub {
     /// whose core submits without waiting, stops reading its connections until it is
     /// [`relieved`](Congestion::relieved), so SIP traffic is slowed instead of refused.
     pub fn congestion(&self) -> Option<Congestion> {
-        self.outboxes.iter().find_map(|e| {
-            let tx = e.value();
-            let congested = matches!(e.key(), OutboxKey::Component(..))
-                && tx.capacity() < tx.max_capacity() / 4;
-            congested.then(|| Congestion(tx.clone()))
-        })
+        if !self.crowded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let found = self.outboxes.iter().find_map(|e| {
+            let congested = matches!(e.key(), OutboxKey::Component(..)) && Self::crowded(e.value());
+            congested.then(|| Congestion(e.value().clone()))
+        });
+        if found.is_none() {
+            // A send that crowds an outbox after this scan sets the flag again.
+            self.crowded.store(false, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn crowded(tx: &mpsc::Sender<Delivery>) -> bool {
+        tx.capacity() < tx.max_capacity() / 4
+    }
+
+    fn note_room(&self, link: &Link, tx: &mpsc::Sender<Delivery>) {
+        if matches!(link, Link::Component { .. }) && Self::crowded(tx) {
+            self.crowded.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The domains the SIP edge may talk to right now.
