@@ -47,7 +47,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -873,18 +873,13 @@ impl Driver {
                 (None, None) => Vec::new(),
             };
             for (addr, tls_target) in targets {
-                let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(domain = %domain, %addr, error = %e, "cannot connect");
-                        continue;
-                    }
-                    Err(_) => {
-                        tracing::warn!(domain = %domain, %addr, "connect timed out");
+                let stream = match crate::net::connect_bounded(addr, timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(domain = %domain, error = %e, "cannot connect; trying the next target");
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
                 let mut info = PeerInfo {
                     conn: ids.fetch_add(1, Ordering::Relaxed),
                     remote: addr,
