@@ -13,6 +13,7 @@ use crate::dns::{Resolver, Transport};
 use crate::gateway::envelope::Envelope;
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Origin};
+use crate::net::LogSafe;
 use crate::net::{connect_bounded, write_bounded, Backoff, ConnectError, WriteError};
 use crate::xmpp::component::{ComponentAction, ComponentConfig, ComponentHandshake};
 use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
@@ -207,20 +208,20 @@ impl Component {
         let peer = addr.map(|a| a.to_string()).unwrap_or_default();
         match (loud, e.hint(&self.home_node)) {
             (true, Some(hint)) => {
-                tracing::error!(peer, reason = label, error = %e, "component link to home node {} failed: {hint}", self.home_node)
+                tracing::error!(peer, reason = label, error = %LogSafe(&e.to_string()), "component link to home node {} failed: {hint}", self.home_node)
             }
             (true, None) => {
-                tracing::warn!(peer, reason = label, error = %e, "component link to home node {} failed", self.home_node)
+                tracing::warn!(peer, reason = label, error = %LogSafe(&e.to_string()), "component link to home node {} failed", self.home_node)
             }
             (false, _) => {
-                tracing::debug!(peer, reason = label, error = %e, "component link to home node {} failed again", self.home_node)
+                tracing::debug!(peer, reason = label, error = %LogSafe(&e.to_string()), "component link to home node {} failed again", self.home_node)
             }
         }
     }
 
     fn record_drop(&self, e: &LinkError, addr: SocketAddr, lasted: Duration) {
         DISCONNECTS.with_label_values(&[e.label()]).inc();
-        tracing::warn!(peer = %addr, reason = e.label(), error = %e, lasted_s = lasted.as_secs(), "component link to home node {} lost", self.home_node);
+        tracing::warn!(peer = %addr, reason = e.label(), error = %LogSafe(&e.to_string()), lasted_s = lasted.as_secs(), "component link to home node {} lost", self.home_node);
         let (label, text) = (e.label(), e.to_string());
         self.status.update(&self.home_node, &self.domain, |s| {
             s.up = false;
@@ -488,7 +489,7 @@ impl Component {
         match s.check_kind()? {
             StanzaKind::Other => {
                 tracing::debug!(
-                    element = s.qname(),
+                    element = %LogSafe(s.qname()),
                     "ignoring non-stanza element from home node"
                 );
                 return Ok(());
@@ -517,7 +518,7 @@ impl Component {
             }
             Err(e) => {
                 STANZAS.with_label_values(&["in", "invalid"]).inc();
-                tracing::info!(error = %e, element = s.name(), "stanza from home node refused");
+                tracing::info!(error = %LogSafe(&e.to_string()), element = s.name(), "stanza from home node refused");
                 if let Ok(b) = stanza_error_bounce(s, e.condition(), None, Some(&e.to_string())) {
                     out.extend_from_slice(&b);
                 }
