@@ -1,7 +1,7 @@
 //! The running switchboard. Each link (a component connection per (home node, foreign
-//! domain), the s2s manager, the SIP edge) registers a bounded outbox; any link calls `submit`
-//! or `submit_wait` with what it received. Routing uses a snapshot of the configuration and
-//! mapping set.
+//! domain), each running s2s pair and the s2s manager, the SIP edge) registers a bounded
+//! outbox; any link calls `submit` or `submit_wait` with what it received. Routing uses a
+//! snapshot of the configuration and mapping set.
 //!
 //! **Backpressure, not loss.** A reader that relays what a peer sent (an s2s stream, a
 //! component link) calls [`Hub::submit_wait`]: when the destination outbox is full it waits for
@@ -42,6 +42,10 @@ enum OutboxKey {
     /// (home node, the foreign domain the component is named after); `None` takes every
     /// domain of the home node that has no outbox of its own (a test's stand-in home node).
     Component(Arc<str>, Option<Domain>),
+    /// The stream of one (local domain, remote domain) pair, registered by the s2s edge while
+    /// the pair's task runs, so a slow foreign server holds up only the readers feeding it.
+    S2sPair(Domain, Domain),
+    /// Everything s2s that has no pair outbox (the s2s manager starts the pair).
     S2s,
     Sip,
 }
@@ -54,7 +58,9 @@ impl OutboxKey {
             Link::Component { home_node } => {
                 OutboxKey::Component(home_node.clone(), Some(d.envelope.from.domain.clone()))
             }
-            Link::S2s { .. } => OutboxKey::S2s,
+            Link::S2s { domain } => {
+                OutboxKey::S2sPair(d.envelope.from.domain.clone(), domain.clone())
+            }
             Link::Sip { .. } => OutboxKey::Sip,
         }
     }
@@ -186,6 +192,24 @@ impl Hub {
         self.register(OutboxKey::S2s, capacity)
     }
 
+    /// Registers the outbox of the s2s stream from `local` to `remote`; until it is
+    /// unregistered (or its receiver dropped), deliveries for that pair go there instead of to
+    /// the s2s manager.
+    pub fn register_s2s_pair(
+        &self,
+        local: &Domain,
+        remote: &Domain,
+        capacity: usize,
+    ) -> mpsc::Receiver<Delivery> {
+        self.register(OutboxKey::S2sPair(local.clone(), remote.clone()), capacity)
+    }
+
+    /// Removes the pair outbox: later deliveries go to the s2s manager again.
+    pub fn unregister_s2s_pair(&self, local: &Domain, remote: &Domain) {
+        self.outboxes
+            .remove(&OutboxKey::S2sPair(local.clone(), remote.clone()));
+    }
+
     pub fn register_sip(&self, capacity: usize) -> mpsc::Receiver<Delivery> {
         self.register(OutboxKey::Sip, capacity)
     }
@@ -228,30 +252,38 @@ impl Hub {
             Err(s) => return s,
         };
         let link = delivery.link.clone();
-        let Some(tx) = self.outbox(&delivery) else {
-            return self.unavailable(
-                origin,
-                delivery,
-                kind,
-                "unavailable",
-                ErrorCondition::ServiceUnavailable,
-            );
-        };
-        let delivery = match tx.try_send(delivery) {
-            Ok(()) => {
-                self.note_room(&link, &tx);
-                return self.delivered(origin, &link, kind);
-            }
-            Err(mpsc::error::TrySendError::Closed(d)) => {
+        let mut delivery = delivery;
+        // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
+        // the second lookup skips it for the manager's.
+        let mut attempts = 0;
+        let (tx, delivery) = loop {
+            attempts += 1;
+            let Some(tx) = self.outbox(&delivery) else {
                 return self.unavailable(
                     origin,
-                    d,
+                    delivery,
                     kind,
                     "unavailable",
                     ErrorCondition::ServiceUnavailable,
-                )
+                );
+            };
+            match tx.try_send(delivery) {
+                Ok(()) => {
+                    self.note_room(&link, &tx);
+                    return self.delivered(origin, &link, kind);
+                }
+                Err(mpsc::error::TrySendError::Closed(d)) if attempts < 2 => delivery = d,
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    return self.unavailable(
+                        origin,
+                        d,
+                        kind,
+                        "unavailable",
+                        ErrorCondition::ServiceUnavailable,
+                    )
+                }
+                Err(mpsc::error::TrySendError::Full(d)) => break (tx, d),
             }
-            Err(mpsc::error::TrySendError::Full(d)) => d,
         };
         let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
         match tx.send_timeout(delivery, limit).await {
@@ -359,34 +391,41 @@ impl Hub {
     fn outbox(&self, d: &Delivery) -> Option<mpsc::Sender<Delivery>> {
         let key = OutboxKey::of(d);
         if let Some(tx) = self.outboxes.get(&key) {
-            return Some(tx.value().clone());
+            // A pair whose task just ended (idle) leaves a closed sender until it unregisters:
+            // its traffic goes back to the manager, which starts the pair again.
+            if !(matches!(key, OutboxKey::S2sPair(..)) && tx.is_closed()) {
+                return Some(tx.value().clone());
+            }
         }
-        match key {
-            OutboxKey::Component(home, Some(_)) => self
-                .outboxes
-                .get(&OutboxKey::Component(home, None))
-                .map(|tx| tx.value().clone()),
-            _ => None,
-        }
+        let fallback = match key {
+            OutboxKey::Component(home, Some(_)) => OutboxKey::Component(home, None),
+            OutboxKey::S2sPair(..) => OutboxKey::S2s,
+            _ => return None,
+        };
+        self.outboxes.get(&fallback).map(|tx| tx.value().clone())
     }
 
     /// Hands `d` to its outbox without waiting; gives it back when that is not possible.
-    fn try_deliver(&self, d: Delivery) -> Option<Delivery> {
-        let Some(tx) = self.outbox(&d) else {
-            return Some(d);
-        };
-        let component = matches!(d.link, Link::Component { .. });
-        match tx.try_send(d) {
-            Ok(()) => {
-                if component && Self::crowded(&tx) {
-                    self.crowded.store(true, Ordering::Relaxed);
+    fn try_deliver(&self, mut d: Delivery) -> Option<Delivery> {
+        // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
+        // the second lookup skips it for the manager's.
+        for _ in 0..2 {
+            let Some(tx) = self.outbox(&d) else {
+                return Some(d);
+            };
+            let component = matches!(d.link, Link::Component { .. });
+            match tx.try_send(d) {
+                Ok(()) => {
+                    if component && Self::crowded(&tx) {
+                        self.crowded.store(true, Ordering::Relaxed);
+                    }
+                    return None;
                 }
-                None
-            }
-            Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => {
-                Some(d)
+                Err(mpsc::error::TrySendError::Full(x)) => return Some(x),
+                Err(mpsc::error::TrySendError::Closed(x)) => d = x,
             }
         }
+        Some(d)
     }
 
     /// Sends directly to a link without waiting (bounces, edges answering on their own link).

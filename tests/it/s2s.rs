@@ -73,6 +73,8 @@ struct Opts<'a> {
     dns: Option<SocketAddr>,
     /// `xmpp.federation.dialback_allow_private_targets`.
     allow_private: bool,
+    /// One more federated domain (same auth and TLS policy as `peer`), if any.
+    also: Option<&'a str>,
 }
 
 async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
@@ -84,6 +86,13 @@ async fn side(certs: &CertFactory, o: Opts<'_>) -> Side {
         ),
         None => "[[xmpp.federation.domain]]\nname = \"other.test\"\nsystem = \"fed-xmpp\"\n"
             .to_string(),
+    };
+    let fed = match (o.also, o.auth) {
+        (Some(d), Some(a)) => format!(
+            "{fed}[[xmpp.federation.domain]]\nname = \"{d}\"\nsystem = \"fed-xmpp\"\nauth = \"{a}\"\ntls = \"{}\"\n",
+            o.tls
+        ),
+        _ => fed,
     };
     let toml = format!(
         r#"routing_node = "hn1"
@@ -288,6 +297,7 @@ fn opts<'a>(local: &'a str, peer: &'a str, auth: &'a str) -> Opts<'a> {
         db_total: 64,
         dns: None,
         allow_private: false,
+        also: None,
     }
 }
 
@@ -852,10 +862,13 @@ async fn full_queue_waits_for_room_instead_of_bouncing() {
     b.targets
         .insert(dom("example.test"), target(saddr, Transport::Tcp));
     for i in 0..3 {
-        b.hub.submit(
-            &hn1(),
-            chat("bob@xmpp.test", "alice@example.test", &format!("m{i}")),
-        );
+        // As a home node's stream reader does: m2 finds the pair's queue full and waits.
+        b.hub
+            .submit_wait(
+                &hn1(),
+                chat("bob@xmpp.test", "alice@example.test", &format!("m{i}")),
+            )
+            .await;
         if i == 0 {
             // The pair task took m0 out of its queue once it connects to the silent peer: only
             // then do m1 (waiting) and m2 (held by the full queue) find it as this test means.
@@ -1423,4 +1436,77 @@ async fn dialback_verify_targets_on_loopback_are_refused_unless_allowed() {
         .await
         .expect("allowed: the verify connection arrives")
         .expect("accept");
+}
+
+/// A foreign server that accepts TCP and never answers fills its pair's queue; traffic to
+/// another domain is not held behind it (each pair has its own outbox at the hub, so only the
+/// readers feeding the slow pair wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_foreign_server_does_not_hold_up_another_domain() {
+    let _s2s_shared = metrics::moves(Family::S2s).await;
+    let certs = CertFactory::new();
+    let a = side(&certs, opts("example.test", "xmpp.test", "external_only")).await;
+    let mut o = opts("xmpp.test", "example.test", "external_only");
+    o.queue = 1;
+    o.handshake_secs = 20;
+    o.also = Some("stuck.test");
+    let mut b = side(&certs, o).await;
+    pair(&a, "example.test", &b, "xmpp.test", false);
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let saddr = silent.local_addr().expect("addr");
+    let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+    let hold = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            socks.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    b.targets
+        .insert(dom("stuck.test"), target(saddr, Transport::Tcp));
+    // s0 is being connected (for up to 20 s), s1 fills the pair's queue, s2 waits for room.
+    b.hub
+        .submit_wait(&hn1(), chat("bob@xmpp.test", "carol@stuck.test", "s0"))
+        .await;
+    tokio::time::timeout(T, accepted.recv())
+        .await
+        .expect("the pair connects to the stuck server")
+        .expect("accept loop");
+    b.hub
+        .submit_wait(&hn1(), chat("bob@xmpp.test", "carol@stuck.test", "s1"))
+        .await;
+    let hub = b.hub.clone();
+    let mut waiting = tokio::spawn(async move {
+        hub.submit_wait(&hn1(), chat("bob@xmpp.test", "carol@stuck.test", "s2"))
+            .await
+    });
+    // s2 is held (the stuck pair's queue is full): it has not returned a short while later.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "s2 did not wait for room"
+    );
+    // Meanwhile a message to example.test goes through at once.
+    let t0 = Instant::now();
+    b.hub
+        .submit_wait(
+            &hn1(),
+            chat("bob@xmpp.test/r", "alice@example.test", "not held up"),
+        )
+        .await;
+    let mut a = a;
+    let d = recv(&mut a.home).await;
+    assert!(body_text(&d).contains("not held up"), "{d:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "held behind the stuck domain for {:?}",
+        t0.elapsed()
+    );
+    assert!(!waiting.is_finished(), "s2 stopped waiting");
+    waiting.abort();
+    hold.abort();
+    let _ = &mut b;
 }

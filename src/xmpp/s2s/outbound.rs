@@ -4,11 +4,11 @@
 //! direction; XEP-0288 is not used).
 //!
 //! A pair task connects on demand: targets in order (failover), STARTTLS or direct TLS, SASL
-//! EXTERNAL with our certificate or dialback with our secret. Stanzas wait in the pair's
-//! bounded channel (`limits.outbound_queue_per_domain`) while it connects; when it is full the
-//! manager waits (up to `limits.delivery_timeout_secs`), so a slow peer slows the home node
-//! stream feeding it instead of losing stanzas. Known limit: while the manager waits for one
-//! slow pair, deliveries to other domains wait behind it. When every target
+//! EXTERNAL with our certificate or dialback with our secret. Once a pair task runs, it
+//! registers its own outbox at the hub (`limits.outbound_queue_per_domain`), so deliveries for
+//! that pair skip the manager: a slow foreign server fills only its own outbox, and only the
+//! readers feeding it wait (`Hub::submit_wait`); other domains are not held up. The manager
+//! starts pairs and hands them what arrived before their outbox existed. When every target
 //! fails, each waiting stanza is bounced to its sender with `remote-server-not-found` or
 //! `remote-server-timeout`, and new ones are bounced at once until the backoff has passed: the
 //! edge kit's `net::Backoff`, 1 s doubling to 60 s with jitter (so the pairs toward a domain
@@ -92,12 +92,16 @@ pub async fn manager(
         // Twice at most: a pair task may have just ended (idle) between `retain` and the send.
         for attempt in 0..2 {
             let tx = pairs.entry(key.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(cfg.limits.outbound_queue_per_domain.max(1));
+                let cap = cfg.limits.outbound_queue_per_domain.max(1);
+                let (tx, rx) = mpsc::channel(cap);
+                // From now on the hub hands this pair's deliveries to the pair itself: a slow
+                // foreign server then holds up only the readers feeding it, not this manager.
+                let hub = shared.hub.register_s2s_pair(&local, &remote, cap);
                 tokio::spawn(pair_task(
                     shared.clone(),
                     local.clone(),
                     remote.clone(),
-                    rx,
+                    Inbox { out: rx, hub },
                     shutdown.clone(),
                 ));
                 tx
@@ -162,24 +166,94 @@ fn bounce(shared: &Shared, remote: &Domain, env: &Envelope, c: ErrorCondition, t
     }
 }
 
+/// What a pair task receives: from the manager (the first stanzas, raw writes) and from its
+/// own hub outbox (every delivery once the pair is registered).
+struct Inbox {
+    out: mpsc::Receiver<Out>,
+    hub: mpsc::Receiver<Delivery>,
+}
+
+impl Inbox {
+    /// The next item; the manager's first, since those were submitted before the pair's hub
+    /// outbox existed. `None` once both are closed.
+    async fn recv(&mut self) -> Option<Out> {
+        tokio::select! {
+            biased;
+            Some(o) = self.out.recv() => {
+                QUEUE.dec();
+                Some(o)
+            }
+            Some(d) = self.hub.recv() => Some(Out::Env(d.envelope)),
+            else => None,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Out> {
+        if let Ok(o) = self.out.try_recv() {
+            QUEUE.dec();
+            return Some(o);
+        }
+        self.hub.try_recv().ok().map(|d| Out::Env(d.envelope))
+    }
+}
+
 async fn pair_task(
     shared: Arc<Shared>,
     local: Domain,
     remote: Domain,
-    mut rx: mpsc::Receiver<Out>,
-    mut shutdown: watch::Receiver<bool>,
+    mut rx: Inbox,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let stopping = pair_loop(&shared, &local, &remote, &mut rx, shutdown).await;
+    // Unregister while the manager still sees this task alive (its sender is not closed until
+    // `rx` drops below), so it cannot have registered a successor that this would remove.
+    shared.hub.unregister_s2s_pair(&local, &remote);
+    rx.hub.close();
+    if stopping {
+        return;
+    }
+    // Deliveries that raced the idle end go back through the hub to the manager, which starts
+    // the pair again; only if that is full are they answered.
+    while let Some(out) = rx.try_recv() {
+        if let Out::Env(envelope) = out {
+            let d = Delivery {
+                link: Link::S2s {
+                    domain: remote.clone(),
+                },
+                envelope,
+            };
+            if !shared.hub.deliver(d.clone()) {
+                bounce(
+                    &shared,
+                    &remote,
+                    &d.envelope,
+                    ErrorCondition::ServiceUnavailable,
+                    "the s2s link toward this domain stopped",
+                );
+            }
+        }
+    }
+}
+
+/// The life of one pair task; returns true on shutdown, false when it ended idle.
+async fn pair_loop(
+    shared: &Arc<Shared>,
+    local: &Domain,
+    remote: &Domain,
+    rx: &mut Inbox,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    let (shared, local, remote) = (shared.clone(), local.clone(), remote.clone());
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut retry_at: Option<(Instant, DialError)> = None;
     let idle = Duration::from_secs(shared.hub.config().limits.idle_timeout_secs);
     loop {
         // Wait for work; a pair with nothing to send for a whole idle period ends.
         let first = tokio::select! {
-            _ = shutdown.changed() => return,
-            e = rx.recv() => match e { Some(e) => e, None => return },
-            _ = tokio::time::sleep(idle) => return,
+            _ = shutdown.changed() => return true,
+            e = rx.recv() => match e { Some(e) => e, None => return true },
+            _ = tokio::time::sleep(idle) => return false,
         };
-        QUEUE.dec();
         if let Some((at, why)) = &retry_at {
             if Instant::now() < *at {
                 bounce_out(&shared, &remote, &first, why.condition(), &why.to_string());
@@ -196,16 +270,10 @@ async fn pair_task(
                     s.target = Some(target);
                     s.connects += 1;
                 });
-                established(
-                    &shared,
-                    conn,
-                    &local,
-                    &remote,
-                    first,
-                    &mut rx,
-                    &mut shutdown,
-                )
-                .await;
+                established(&shared, conn, &local, &remote, first, rx, &mut shutdown).await;
+                if *shutdown.borrow() {
+                    return true;
+                }
                 backoff.note_up(up_since, Instant::now(), STABLE_AFTER);
                 shared.pair_status(&local, &remote, |s| s.up = false);
             }
@@ -218,8 +286,7 @@ async fn pair_task(
                 // The error may quote the peer's stream-error text: escaped (net::LogSafe).
                 tracing::warn!(%local, %remote, error = %LogSafe(&e.to_string()), "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
-                while let Ok(out) = rx.try_recv() {
-                    QUEUE.dec();
+                while let Some(out) = rx.try_recv() {
                     bounce_out(&shared, &remote, &out, e.condition(), &e.to_string());
                 }
                 let delay = backoff.next_delay(rand::random::<f64>());
@@ -311,7 +378,7 @@ async fn established(
     local: &Domain,
     remote: &Domain,
     first: Out,
-    rx: &mut mpsc::Receiver<Out>,
+    rx: &mut Inbox,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let cfg = shared.hub.config();
@@ -344,7 +411,7 @@ async fn established(
         let idle_at = last_stanza + idle;
         tokio::select! {
             e = rx.recv() => match e {
-                Some(e) => { QUEUE.dec(); pending = Some(e); }
+                Some(e) => pending = Some(e),
                 None => break,
             },
             r = conn.read() => {
