@@ -208,7 +208,10 @@ async fn pair_task(
     // Unregister while the manager still sees this task alive (its sender is not closed until
     // `rx` drops below), so it cannot have registered a successor that this would remove.
     shared.hub.unregister_s2s_pair(&local, &remote);
+    // Closed both ways before draining: what the manager or the hub hands over from now on
+    // fails at once and goes to a new pair, never into this ending task.
     rx.hub.close();
+    rx.out.close();
     if stopping {
         return;
     }
