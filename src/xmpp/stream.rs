@@ -468,10 +468,23 @@ fn bad_utf8() -> StreamError {
     StreamError::UnsupportedEncoding("invalid UTF-8".into())
 }
 
-/// First byte XML 1.0 forbids (§2.2 Char: controls other than TAB, LF, CR).
-fn first_forbidden(b: &[u8]) -> Option<usize> {
-    b.iter()
+/// First character XML 1.0 forbids (§2.2 Char) in valid UTF-8 `b`, with its code point:
+/// controls other than TAB, LF, CR, and the non-characters U+FFFE and U+FFFF (EF BF BE / EF BF
+/// BF; in valid UTF-8 those bytes can be nothing else). Surrogates cannot occur in valid UTF-8.
+fn first_forbidden(b: &[u8]) -> Option<(usize, u32)> {
+    let control = b
+        .iter()
         .position(|&c| c < 0x20 && c != b'\t' && c != b'\n' && c != b'\r')
+        .map(|i| (i, u32::from(b[i])));
+    let nonchar = memchr::memchr_iter(0xEF, b).find_map(|i| match b.get(i + 1..i + 3) {
+        Some([0xBF, 0xBE]) => Some((i, 0xFFFE)),
+        Some([0xBF, 0xBF]) => Some((i, 0xFFFF)),
+        _ => None,
+    });
+    match (control, nonchar) {
+        (Some(c), Some(n)) => Some(if c.0 < n.0 { c } else { n }),
+        (c, n) => c.or(n),
+    }
 }
 
 /// Parses as much of the buffer as is complete, queueing events.
@@ -613,10 +626,7 @@ fn find_poison(data: &[u8], st: &mut State) -> Option<(usize, StreamError)> {
         Err(e) => (e.valid_up_to(), e.error_len().is_some()),
     };
     let found = match first_forbidden(&new[..valid]) {
-        Some(i) => {
-            let c = new[i];
-            Some((i, nwf(format!("character U+{c:04X} is not allowed in XML"))))
-        }
+        Some((i, c)) => Some((i, nwf(format!("character U+{c:04X} is not allowed in XML")))),
         None if bad_utf8 => Some((valid, self::bad_utf8())),
         None => None,
     };

@@ -556,6 +556,12 @@ fn hostile_inputs() {
         // RFC 6120 §4.9.3.22: a UTF-8 violation is `unsupported-encoding`.
         (b"<message>\xff\xfe</message>", C::UnsupportedEncoding),
         (b"<message>\x01</message>", C::NotWellFormed),
+        // XML 1.0 §2.2: the non-characters U+FFFE and U+FFFF are not `Char` either.
+        (
+            "<message><body>a\u{FFFE}</body></message>".as_bytes(),
+            C::NotWellFormed,
+        ),
+        ("<message to='\u{FFFF}'/>".as_bytes(), C::NotWellFormed),
         (b"hello", C::BadFormat),
         (b"</message>", C::NotWellFormed),
         (b"<>", C::NotWellFormed),
