@@ -574,6 +574,9 @@ struct Outbound {
     use_tls: bool,
 }
 
+/// Most connection inputs the driver handles before flushing the core's actions.
+const INPUT_BATCH: usize = 32;
+
 /// Waits until `c` has room again or `limit_secs` passed (then the core's next submit to it
 /// may be refused with 480, which is an answer, not a loss).
 async fn relieved(c: Option<&crate::gateway::hub::Congestion>, limit_secs: u64) {
@@ -613,7 +616,22 @@ impl Driver {
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 input = rx.recv(), if congested.is_none() => match input {
-                    Some(i) => self.on_input(i),
+                    Some(i) => {
+                        self.on_input(i);
+                        // What else is already waiting is handled before the actions are
+                        // flushed: the answers then reach each connection task together (one
+                        // wake-up, one coalesced write) and the stanzas reach the component link
+                        // in a burst it writes at once. Bounded, and it stops at congestion.
+                        for _ in 1..INPUT_BATCH {
+                            if self.hub.congestion().is_some() {
+                                break;
+                            }
+                            match rx.try_recv() {
+                                Ok(i) => self.on_input(i),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 _ = relieved(congested.as_ref(), self.hub.config().limits.delivery_timeout_secs), if congested.is_some() => {
