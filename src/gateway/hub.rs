@@ -66,6 +66,15 @@ impl OutboxKey {
     }
 }
 
+/// What became of a delivery handed over without waiting.
+enum Handed {
+    Sent,
+    /// The outbox is full: its sender, to wait on, and the delivery back.
+    Full(mpsc::Sender<Delivery>, Delivery),
+    /// No live outbox for it.
+    Gone(Delivery),
+}
+
 /// A component outbox that is nearly full; see [`Hub::congestion`].
 #[derive(Debug, Clone)]
 pub struct Congestion(mpsc::Sender<Delivery>);
@@ -230,8 +239,8 @@ impl Hub {
         };
         let link = delivery.link.clone();
         match self.try_deliver(delivery) {
-            None => self.delivered(origin, &link, kind),
-            Some(d) => self.unavailable(
+            Handed::Sent => self.delivered(origin, &link, kind),
+            Handed::Full(_, d) | Handed::Gone(d) => self.unavailable(
                 origin,
                 d,
                 kind,
@@ -252,43 +261,23 @@ impl Hub {
             Err(s) => return s,
         };
         let link = delivery.link.clone();
-        let mut delivery = delivery;
-        // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
-        // the second lookup skips it for the manager's.
-        let mut attempts = 0;
-        let (tx, delivery) = loop {
-            attempts += 1;
-            let Some(tx) = self.outbox(&delivery) else {
+        let (tx, delivery) = match self.try_deliver(delivery) {
+            Handed::Sent => return self.delivered(origin, &link, kind),
+            Handed::Gone(d) => {
                 return self.unavailable(
                     origin,
-                    delivery,
+                    d,
                     kind,
                     "unavailable",
                     ErrorCondition::ServiceUnavailable,
-                );
-            };
-            match tx.try_send(delivery) {
-                Ok(()) => {
-                    self.note_room(&link, &tx);
-                    return self.delivered(origin, &link, kind);
-                }
-                Err(mpsc::error::TrySendError::Closed(d)) if attempts < 2 => delivery = d,
-                Err(mpsc::error::TrySendError::Closed(d)) => {
-                    return self.unavailable(
-                        origin,
-                        d,
-                        kind,
-                        "unavailable",
-                        ErrorCondition::ServiceUnavailable,
-                    )
-                }
-                Err(mpsc::error::TrySendError::Full(d)) => break (tx, d),
+                )
             }
+            Handed::Full(tx, d) => (tx, d),
         };
         let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
         match tx.send_timeout(delivery, limit).await {
             Ok(()) => {
-                self.note_room(&link, &tx);
+                self.note_room(matches!(link, Link::Component { .. }), &tx);
                 WAITS.with_label_values(&[link.label(), "delivered"]).inc();
                 self.delivered(origin, &link, kind)
             }
@@ -405,32 +394,30 @@ impl Hub {
         self.outboxes.get(&fallback).map(|tx| tx.value().clone())
     }
 
-    /// Hands `d` to its outbox without waiting; gives it back when that is not possible.
-    fn try_deliver(&self, mut d: Delivery) -> Option<Delivery> {
+    /// Hands `d` to its outbox without waiting.
+    fn try_deliver(&self, mut d: Delivery) -> Handed {
         // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
         // the second lookup skips it for the manager's.
         for _ in 0..2 {
             let Some(tx) = self.outbox(&d) else {
-                return Some(d);
+                return Handed::Gone(d);
             };
             let component = matches!(d.link, Link::Component { .. });
             match tx.try_send(d) {
                 Ok(()) => {
-                    if component && Self::crowded(&tx) {
-                        self.crowded.store(true, Ordering::Relaxed);
-                    }
-                    return None;
+                    self.note_room(component, &tx);
+                    return Handed::Sent;
                 }
-                Err(mpsc::error::TrySendError::Full(x)) => return Some(x),
+                Err(mpsc::error::TrySendError::Full(x)) => return Handed::Full(tx, x),
                 Err(mpsc::error::TrySendError::Closed(x)) => d = x,
             }
         }
-        Some(d)
+        Handed::Gone(d)
     }
 
     /// Sends directly to a link without waiting (bounces, edges answering on their own link).
     pub fn deliver(&self, d: Delivery) -> bool {
-        self.try_deliver(d).is_none()
+        matches!(self.try_deliver(d), Handed::Sent)
     }
 
     /// A component outbox with less than a quarter of its room left, if any. The SIP driver,
@@ -455,8 +442,9 @@ impl Hub {
         tx.capacity() < tx.max_capacity() / 4
     }
 
-    fn note_room(&self, link: &Link, tx: &mpsc::Sender<Delivery>) {
-        if matches!(link, Link::Component { .. }) && Self::crowded(tx) {
+    /// Raises the `crowded` flag when a send left a component outbox crowded.
+    fn note_room(&self, component: bool, tx: &mpsc::Sender<Delivery>) {
+        if component && Self::crowded(tx) {
             self.crowded.store(true, Ordering::Relaxed);
         }
     }
