@@ -107,9 +107,9 @@ pub async fn manager(
                 tx
             });
             let tx = tx.clone();
-            // A full pair queue (a slow peer) holds the manager, and so the s2s outbox and the
-            // readers feeding it, until there is room: flow control instead of loss. A pair that
-            // takes nothing for `delivery_timeout_secs` is stuck: what waited is bounced.
+            // Only what reached the manager before the pair's own hub outbox existed (and raw
+            // writes) comes this way, so waiting here is rare and short; a pair that takes
+            // nothing for `delivery_timeout_secs` is stuck: what waited is bounced.
             let limit = Duration::from_secs(cfg.limits.delivery_timeout_secs);
             match tx.send_timeout(env, limit).await {
                 Ok(()) => {
