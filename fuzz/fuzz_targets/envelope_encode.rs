@@ -175,6 +175,7 @@ fuzz_target!(|data: &[u8]| {
             id,
             text,
             thread: second,
+            ..Default::default()
         }),
         1 => Body::Error {
             id,

@@ -119,70 +119,54 @@ pub enum Subscription {
     Probe,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The kind of a text message (RFC 6121 §5.2.2 `type`). SIP has no such attribute: a pager
+/// MESSAGE is a single message (`Normal`, RFC 7572 §4), a MESSAGE inside an IM session a line of
+/// a one-to-one chat (`Chat`, the core's default since most text travels in sessions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MessageKind {
+    #[default]
+    Chat,
+    Normal,
+    Headline,
+}
+
+impl MessageKind {
+    /// The `type` attribute, `None` for `normal` (RFC 6121 §5.2.2: the default when absent).
+    pub fn xmpp_type(self) -> Option<&'static str> {
+        match self {
+            MessageKind::Chat => Some("chat"),
+            MessageKind::Normal => None,
+            MessageKind::Headline => Some("headline"),
+        }
+    }
+
+    /// Reads a `type` attribute; `groupchat` and `error` are not text for one user (`None`).
+    pub fn from_xmpp(t: Option<&str>) -> Option<Self> {
+        match t {
+            None | Some("normal") => Some(MessageKind::Normal),
+            Some("chat") => Some(MessageKind::Chat),
+            Some("headline") => Some(MessageKind::Headline),
+            _ => None,
+        }
+    }
+}
+
+/// A text message and the facts RFC 7572 maps between SIP and XMPP, so that no edge re-parses
+/// the other's wire form: `thread` ⇄ Call-ID (§4/§5), `subject` ⇄ `Subject`, `lang` (`xml:lang`)
+/// ⇄ `Content-Language`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessageBody {
     pub id: Option<String>,
     pub text: String,
     pub thread: Option<String>,
+    pub kind: MessageKind,
+    pub subject: Option<String>,
+    pub lang: Option<String>,
 }
 
-/// Stanza-level error conditions the core produces (RFC 6120 §8.3.3); SIP edges map them to
-/// status codes in one place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCondition {
-    /// Federation with the domain is not allowed by policy.
-    NotAllowed,
-    /// The sender is not who the link authenticated.
-    Forbidden,
-    /// No such local user / domain.
-    ItemNotFound,
-    /// The remote domain could not be reached.
-    RemoteServerNotFound,
-    RemoteServerTimeout,
-    /// The destination link is down or its queue is full.
-    ServiceUnavailable,
-    ResourceConstraint,
-}
-
-impl ErrorCondition {
-    /// RFC 6120 element name.
-    pub fn xmpp_name(self) -> &'static str {
-        match self {
-            Self::NotAllowed => "not-allowed",
-            Self::Forbidden => "forbidden",
-            Self::ItemNotFound => "item-not-found",
-            Self::RemoteServerNotFound => "remote-server-not-found",
-            Self::RemoteServerTimeout => "remote-server-timeout",
-            Self::ServiceUnavailable => "service-unavailable",
-            Self::ResourceConstraint => "resource-constraint",
-        }
-    }
-
-    /// RFC 6120 error type.
-    pub fn xmpp_type(self) -> &'static str {
-        match self {
-            Self::RemoteServerTimeout | Self::ResourceConstraint => "wait",
-            Self::Forbidden => "auth",
-            _ => "cancel",
-        }
-    }
-
-    /// The SIP final response for a request refused with this condition (RFC 7247 §5 spirit).
-    pub fn sip_status(self) -> (u16, &'static str) {
-        match self {
-            Self::NotAllowed | Self::Forbidden => (403, "Forbidden"),
-            Self::ItemNotFound => (404, "Not Found"),
-            Self::RemoteServerNotFound => (502, "Bad Gateway"),
-            Self::RemoteServerTimeout => (504, "Server Time-out"),
-            Self::ServiceUnavailable | Self::ResourceConstraint => (503, "Service Unavailable"),
-        }
-    }
-
-    /// Bounded metric label.
-    pub fn label(self) -> &'static str {
-        self.xmpp_name()
-    }
-}
+/// Stanza-level error conditions (RFC 6120 §8.3.3): every one can travel in an envelope, and
+/// [`crate::gateway::interwork::errors`] maps each to SIP and back (RFC 7247 §7).
+pub use crate::xmpp::error::StanzaErrorCondition as ErrorCondition;
 
 /// A stanza the core relays between XMPP links without looking inside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,6 +359,7 @@ mod tests {
                 id: Some("m1".into()),
                 text: "hi".into(),
                 thread: None,
+                ..Default::default()
             }),
         };
         let b = env

@@ -8,6 +8,7 @@
 
 pub mod envelope;
 pub mod hub;
+pub mod interwork;
 pub mod router;
 
 pub use envelope::{

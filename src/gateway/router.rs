@@ -618,7 +618,8 @@ default_system = "jabber8"
             Body::Message(MessageBody {
                 id: Some("m1".into()),
                 text: "hi <3".into(),
-                thread: None
+                thread: None,
+                ..Default::default()
             })
         );
         let typing = raw("message", "<message to='bob@partner.com' from='a@example.com/pc'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>");
@@ -693,6 +694,7 @@ default_system = "jabber8"
                 id: None,
                 text: "hi".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         let comp = Origin::Component {

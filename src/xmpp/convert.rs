@@ -8,8 +8,8 @@
 //! presence crossing systems is rebuilt from its state and status text.
 
 use crate::gateway::envelope::{
-    Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, PresenceBody, Subscription,
-    XmppRaw,
+    Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, MessageKind, PresenceBody,
+    Subscription, XmppRaw,
 };
 use crate::presence::codec::xmpp::{
     decode_presence_kind, encode_presence, encode_presence_kind, write_attr, write_text,
@@ -52,19 +52,6 @@ fn address(stanza: &Stanza, which: &'static str) -> Result<Address, ConvertError
     };
     raw.and_then(|s| Address::parse(&s).ok())
         .ok_or(ConvertError::Address(which))
-}
-
-fn condition_of(c: StanzaErrorCondition) -> Option<ErrorCondition> {
-    Some(match c {
-        StanzaErrorCondition::NotAllowed => ErrorCondition::NotAllowed,
-        StanzaErrorCondition::Forbidden => ErrorCondition::Forbidden,
-        StanzaErrorCondition::ItemNotFound => ErrorCondition::ItemNotFound,
-        StanzaErrorCondition::RemoteServerNotFound => ErrorCondition::RemoteServerNotFound,
-        StanzaErrorCondition::RemoteServerTimeout => ErrorCondition::RemoteServerTimeout,
-        StanzaErrorCondition::ServiceUnavailable => ErrorCondition::ServiceUnavailable,
-        StanzaErrorCondition::ResourceConstraint => ErrorCondition::ResourceConstraint,
-        _ => return None,
-    })
 }
 
 /// Reads a stanza received from a link whose presence is expressed in mapping system `system`.
@@ -120,7 +107,9 @@ pub fn stanza_to_envelope(
 
 fn error_body(stanza: &Stanza, kind: ErrorOf) -> Option<Body> {
     let (_, cond) = parse_stanza_error(stanza)?;
-    let condition = condition_of(cond?)?;
+    // A condition we cannot name is still an error (RFC 6120 §8.3.2 requires one; a peer that
+    // sends an unknown one gets the generic condition rather than a relayed blob).
+    let condition = cond.unwrap_or(ErrorCondition::UndefinedCondition);
     let text = children(stanza)
         .into_iter()
         .find(|c| c.name == "error")
@@ -155,16 +144,16 @@ pub fn message_text(raw: &XmppRaw) -> Option<MessageBody> {
         }
     }
     let stanza = stanza?;
+    let kind = MessageKind::from_xmpp(stanza.stanza_type().as_deref())?;
     let kids = children(&stanza);
-    let text = kids.iter().find(|c| c.name == "body")?.text.clone();
-    let thread = kids
-        .iter()
-        .find(|c| c.name == "thread")
-        .map(|c| c.text.clone());
+    let child = |name: &str| kids.iter().find(|c| c.name == name).map(|c| c.text.clone());
     Some(MessageBody {
         id: stanza.id().map(|s| s.into_owned()),
-        text,
-        thread,
+        text: child("body")?,
+        thread: child("thread"),
+        kind,
+        subject: child("subject"),
+        lang: stanza.attr("xml:lang").filter(|l| !l.is_empty()),
     })
 }
 
@@ -245,13 +234,22 @@ pub fn envelope_to_stanza(
             // Every value below may come from a SIP peer (user parts, Call-ID based ids, the
             // decoded `ms-body`): all of it goes through the one escaper, which also replaces
             // characters XML 1.0 cannot carry.
-            out.extend_from_slice(b"<message type='chat'");
+            out.extend_from_slice(b"<message");
+            if let Some(t) = m.kind.xmpp_type() {
+                attr(out, "type", t);
+            }
             attr(out, "from", &env.from.to_string());
             attr(out, "to", &env.to.to_string());
             if let Some(id) = &m.id {
                 attr(out, "id", id);
             }
+            if let Some(lang) = &m.lang {
+                attr(out, "xml:lang", lang);
+            }
             out.push(b'>');
+            if let Some(subject) = &m.subject {
+                text_element(out, "subject", subject);
+            }
             text_element(out, "body", &m.text);
             if let Some(t) = &m.thread {
                 text_element(out, "thread", t);
@@ -396,6 +394,7 @@ mod tests {
                 id: Some("id\u{2}".into()),
                 text: hostile.into(),
                 thread: Some(hostile.into()),
+                ..Default::default()
             }),
         };
         let error = Envelope {

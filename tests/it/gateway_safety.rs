@@ -100,8 +100,14 @@ fn body() -> impl Strategy<Value = Body> {
         .map(str::to_string)
         .collect();
     prop_oneof![
-        (prop::option::of(text()), text(), prop::option::of(text()))
-            .prop_map(|(id, text, thread)| Body::Message(MessageBody { id, text, thread })),
+        (prop::option::of(text()), text(), prop::option::of(text())).prop_map(
+            |(id, text, thread)| Body::Message(MessageBody {
+                id,
+                text,
+                thread,
+                ..Default::default()
+            })
+        ),
         (
             prop::option::of(text()),
             condition(),
@@ -325,6 +331,7 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
             id: None,
             text: "ping\u{1}pong\u{FFFE}".into(),
             thread: None,
+            ..Default::default()
         }),
     };
     let mut out = Vec::new();

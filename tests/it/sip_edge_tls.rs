@@ -305,6 +305,7 @@ async fn presence_and_im_over_mutual_tls() -> Result<()> {
             id: None,
             text: "hello back".into(),
             thread: None,
+            ..Default::default()
         }),
     )?;
     let m = ua.request("MESSAGE").await?;
@@ -456,6 +457,7 @@ async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
             id: None,
             text: "outbound tls".into(),
             thread: None,
+            ..Default::default()
         }),
     )?;
     let mut peer = accept_tls(&env).await?;
@@ -552,6 +554,7 @@ default_system = "xmpp"
                 id: None,
                 text: "found you".into(),
                 thread: None,
+                ..Default::default()
             }),
         },
     );

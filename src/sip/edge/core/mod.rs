@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics as m;
 use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Submitted;
+use crate::gateway::interwork;
 use crate::gateway::{
     Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, Subscription,
 };
@@ -316,27 +317,30 @@ fn random_token(n: usize) -> String {
         .collect()
 }
 
-/// `user@host` of a SIP URI as a core address (`None` for tel: or a URI without user).
+/// `user@host` of a SIP URI as a core address, without GRUU (`None` for tel:, sips: or a URI
+/// without user). The RFC 7247 §6 rules live in [`interwork::address`].
 fn address_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
-    let s = uri.as_sip()?;
-    let user = s.user()?;
-    Address::parse(&format!("{user}@{}", s.host().as_str())).ok()
+    interwork::address::address_of_sip(uri.as_sip()?).ok()
 }
 
+/// [`address_of_uri`] keeping the GRUU as the resource (RFC 7247 §6.3): for IM, where an
+/// answer goes back to the very instance that wrote.
+fn instance_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
+    interwork::address::instance_of_sip(uri.as_sip()?).ok()
+}
+
+/// RFC 7247 §7.2, through the one table.
 fn condition_for_status(code: u16) -> ErrorCondition {
-    match code {
-        403 | 603 => ErrorCondition::Forbidden,
-        404 | 410 | 484 | 604 => ErrorCondition::ItemNotFound,
-        408 | 504 => ErrorCondition::RemoteServerTimeout,
-        _ => ErrorCondition::ServiceUnavailable,
-    }
+    interwork::errors::condition_of_status(code)
 }
 
+/// The SIP answer to what the hub did with a request's envelope: refusals through RFC 7247
+/// §7.1 (the condition's row); a destination link down or full is `service-unavailable`, 503.
 fn status_for_submit(s: &Submitted) -> Option<(u16, &'static str)> {
     match s {
         Submitted::Delivered(_) => None,
         Submitted::Denied(d) => Some(d.condition().sip_status()),
-        Submitted::Unavailable(_) => Some((480, "Temporarily Unavailable")),
+        Submitted::Unavailable(_) => Some(ErrorCondition::ServiceUnavailable.sip_status()),
     }
 }
 
@@ -486,7 +490,7 @@ impl Core {
     fn contact_for(&self, user: &Address, conn: Option<ConnId>) -> String {
         format!(
             "sip:{}@{};transport={}",
-            user.local,
+            interwork::address::sip_user_of(user),
             self.me.sent_by,
             self.transport_on(conn).to_ascii_lowercase()
         )
@@ -1041,6 +1045,17 @@ impl Core {
                 "unsupported_uri_scheme",
             ));
         };
+        // RFC 7247 §8: a `sips:` request asks for TLS on every hop, which the XMPP side
+        // cannot promise; it is refused, never translated (nor is one from a `sips:` sender).
+        let from_sips = r
+            .from
+            .as_ref()
+            .ok()
+            .and_then(|f| f.uri.as_sip().map(|u| u.is_secure()));
+        if sip.is_secure() || from_sips == Some(true) {
+            let (code, reason) = interwork::address::SIPS_REFUSED;
+            return Err(refuse(code, reason, "sips_not_translated"));
+        }
         if !in_dialog {
             let host = Domain::parse(sip.host().as_str()).ok();
             if !host.is_some_and(|h| cfg.is_local_domain(&h)) {
@@ -1368,19 +1383,8 @@ impl Core {
                     );
                 }
             }
-            Body::Message(body) => {
-                let pair = (env.from.bare_string(), env.to.bare_string());
-                match self.session_pairs.get(&pair).copied() {
-                    Some(sid) => self.send_session_message(hub, sid, body, now),
-                    None => self.open_session(hub, env.from, env.to, domain.clone(), body, now),
-                }
-            }
-            Body::Error { condition, .. } => {
-                tracing::debug!(
-                    condition = condition.label(),
-                    "error for a SIP peer dropped (requests are answered synchronously)"
-                );
-            }
+            Body::Message(body) => self.deliver_message(hub, domain, env.from, env.to, body, now),
+            Body::Error { .. } => self.late_error(hub, domain, env, now),
             Body::Xmpp(_) => {}
         }
     }

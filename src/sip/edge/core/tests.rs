@@ -365,6 +365,7 @@ fn invite_timeout_timer_b_bounces_queued_messages() {
                 id: Some("m1".into()),
                 text: "hello".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -412,6 +413,7 @@ fn message_timeout_timer_f_on_pager_like_session_message() {
                 id: Some("m2".into()),
                 text: "in session".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -729,6 +731,7 @@ fn text(id: &str) -> Body {
         id: Some(id.into()),
         text: "hi".into(),
         thread: None,
+        ..Default::default()
     })
 }
 
