@@ -655,6 +655,7 @@ home_node = "hn2"
                 id: Some("g1".into()),
                 text: "hello room".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         // A foreign XMPP user joining or talking in a room goes to the alias's home node

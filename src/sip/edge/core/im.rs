@@ -382,7 +382,9 @@ impl Core {
             .map_or_else(|| format!("{}@{host}", random_token(20)), str::to_owned);
         let s = ImSession {
             id: sid,
-            local: local.bare(),
+            // The writer's full JID: an error from the SIP side goes back to that resource
+            // (a server drops a message error sent to a bare JID, RFC 6121 §8.5.2.1.1).
+            local: local.clone(),
             // A full JID names one SIP instance: its GRUU (RFC 7247 §6.3) becomes the target.
             remote: remote.clone(),
             domain: domain.clone(),
@@ -618,7 +620,15 @@ impl Core {
     ) {
         let pair = (from.bare_string(), to.bare_string());
         match self.session_pairs.get(&pair).copied() {
-            Some(sid) => self.send_session_message(hub, sid, body, now),
+            Some(sid) => {
+                // The latest writer is who hears of a failure (see `open_session`).
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    if from.resource.is_some() {
+                        s.local = from;
+                    }
+                }
+                self.send_session_message(hub, sid, body, now)
+            }
             None => self.open_session(hub, from, to, domain.clone(), body, now),
         }
     }
