@@ -1509,4 +1509,6 @@ const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
 
 #[cfg(test)]
+mod im_tests;
+#[cfg(test)]
 mod tests;
