@@ -510,6 +510,92 @@ mod tests {
         assert!(refused, "the framer let U+FFFE through");
     }
 
+    /// RFC 7572: type, thread, subject and `xml:lang` are read from a relayed message and
+    /// written back; `normal` is written without `type` (RFC 6121 §5.2.2 default).
+    #[test]
+    fn message_facts_round_trip() {
+        let maps = map::embedded().expect("maps");
+        for (xml, kind) in [
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Normal),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='normal' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Normal),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='chat' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Chat),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='headline' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Headline),
+        ] {
+            let s = stanzas("jabber:component:accept", xml);
+            let env = stanza_to_envelope(&s[0], "xmpp", &maps).expect("converted");
+            let Body::Xmpp(raw) = &env.body else {
+                panic!("relayed: {env:?}")
+            };
+            let m = message_text(raw).expect("text");
+            let want = MessageBody {
+                id: Some("m1".into()),
+                text: "B".into(),
+                thread: Some("th-1".into()),
+                kind,
+                subject: Some("S & T".into()),
+                lang: Some("fr".into()),
+            };
+            assert_eq!(m, want, "{xml}");
+            let typed = Envelope {
+                body: Body::Message(m),
+                ..env
+            };
+            let mut out = Vec::new();
+            envelope_to_stanza(&typed, &maps, &mut out).expect("encoded");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert_eq!(text.contains("type="), kind != MessageKind::Normal, "{text}");
+            let back = stanzas("jabber:server", text);
+            let Body::Xmpp(raw) = stanza_to_envelope(&back[0], "xmpp", &maps)
+                .expect("again")
+                .body
+            else {
+                panic!("relayed")
+            };
+            assert_eq!(message_text(&raw), Some(want), "{text}");
+        }
+        // Group chat and errors are no text for one user.
+        for t in ["groupchat", "error"] {
+            let raw = XmppRaw {
+                name: "message",
+                bytes: bytes::Bytes::from(format!("<message type='{t}'><body>x</body></message>")),
+            };
+            assert_eq!(message_text(&raw), None, "{t}");
+        }
+    }
+
+    /// Every RFC 6120 condition becomes a typed error (RFC 7247 §7 maps all of them); an
+    /// unknown one is `undefined-condition`.
+    #[test]
+    fn every_condition_is_a_typed_error() {
+        let maps = map::embedded().expect("maps");
+        for c in StanzaErrorCondition::ALL
+            .iter()
+            .copied()
+            .chain([StanzaErrorCondition::UndefinedCondition])
+        {
+            let name = if c == StanzaErrorCondition::UndefinedCondition {
+                "made-up"
+            } else {
+                c.as_str()
+            };
+            let xml = format!("<message from='a@x.test' to='b@y.test' id='e1' type='error'><error type='cancel'><{name} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>");
+            let s = stanzas("jabber:server", &xml);
+            let env = stanza_to_envelope(&s[0], "xmpp", &maps).expect("converted");
+            assert!(
+                matches!(&env.body, Body::Error { condition, id: Some(i), kind: ErrorOf::Message, .. } if *condition == c && i == "e1"),
+                "{name}: {env:?}"
+            );
+            let mut out = Vec::new();
+            envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert!(text.contains(&format!("<{} xmlns=", c.as_str())), "{text}");
+            assert!(
+                text.contains(&format!("<error type='{}'>", c.xmpp_type())),
+                "{text}"
+            );
+        }
+    }
+
     #[test]
     fn bad_addresses_are_refused() {
         let maps = map::embedded().expect("maps");
