@@ -463,6 +463,10 @@ fn finish(
         if let Body::Xmpp(raw) = &env.body {
             match (raw.name, crate::xmpp::convert::message_text(raw)) {
                 ("message", Some(m)) => env.body = Body::Message(m),
+                // RFC 7572 §5 maps one-to-one messages only; a room's traffic is RFC 7702's.
+                ("message", None) if raw.facts().type_.as_deref() == Some("groupchat") => {
+                    return Err(refuse(Denied::NotForSip("groupchat message"), env))
+                }
                 ("message", None) => return Err(refuse(Denied::NothingToDeliver, env)),
                 (name, _) => return Err(refuse(Denied::NotForSip(name), env)),
             }
