@@ -472,7 +472,7 @@ impl Core {
                     session: Some(sid),
                     from,
                     to,
-                    body,
+                    body: Box::new(body),
                     retried: false,
                 },
                 now,

@@ -134,7 +134,8 @@ enum Purpose {
         session: Option<u64>,
         from: Address,
         to: Address,
-        body: MessageBody,
+        /// Boxed: the RFC 7572 facts make a message large, and most entries are NOTIFYs.
+        body: Box<MessageBody>,
         retried: bool,
     },
     Bye,
@@ -1220,7 +1221,7 @@ impl Core {
                 if let (Some(sid), 481 | 408, false) = (session, code, retried) {
                     // The peer lost the session: open a new one for this message.
                     self.remove_session(*sid);
-                    self.open_session(hub, from.clone(), to.clone(), domain, body.clone(), now);
+                    self.open_session(hub, from.clone(), to.clone(), domain, (**body).clone(), now);
                     return;
                 }
                 self.bounce_message(hub, &domain, from, to, body, code);
