@@ -159,6 +159,30 @@ async fn scenario() -> Result<()> {
     assert_eq!(hv(&msg, "Content-Language"), "de");
     assert_eq!(msg.call_id().ok(), Some("rfc7247-omalley-1"));
 
+    // alice adds him as a contact: the SUBSCRIBE names him as his own SIP address.
+    alice.subscribe("o\\27malley@partner.test").await?;
+    let sub = ua.request("SUBSCRIBE").await.with_context(|| gw.log())?;
+    let ruri = sub
+        .request_uri()
+        .and_then(Result::ok)
+        .map(|u| u.as_str().to_owned());
+    assert_eq!(ruri.as_deref(), Some("sip:o'malley@partner.test"));
+    assert!(
+        hv(&sub, "To").contains("<sip:o'malley@partner.test>"),
+        "{sub:?}"
+    );
+    ua.respond(
+        &sub,
+        200,
+        "OK",
+        &[
+            ("Expires", "3600"),
+            ("Contact", "<sip:edge@sip.partner.test;transport=tls>"),
+        ],
+        None,
+    )
+    .await?;
+
     // --- GRUU ⇄ resource. ---------------------------------------------------------------------
     let gruu = "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6";
     let code = pager(

@@ -393,7 +393,7 @@ impl Core {
                 system,
                 n.last.as_ref(),
                 n.format,
-                &format!("sip:{}", n.presentity.bare_string()),
+                &interwork::address::sip_aor_of(&n.presentity),
             ),
             _ => None,
         };
