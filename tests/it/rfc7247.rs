@@ -9,8 +9,10 @@
 //! - `sips:` requests are refused with 416, never translated (RFC 7247 §8);
 //! - every row of RFC 7247 §7.1: alice's client answers a pager MESSAGE with that error, and the
 //!   SIP sender (answered 200 at queueing) gets a failure notice naming condition and status;
-//! - every specific row of §7.2 (and one code of each class row): the SIP UA answers alice's
-//!   message with that status, and alice gets that stanza error.
+//! - every specific row of §7.2 (and one code of each class row): the SIP UA refuses alice's
+//!   message with that status — a MESSAGE inside an established session, and the INVITE of a
+//!   new session — and alice gets that stanza error with her message's id kept;
+//! - a subscription from alice to `o\27malley@…` goes out as a SUBSCRIBE to `sip:o'malley@…`.
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
@@ -265,6 +267,32 @@ async fn scenario() -> Result<()> {
             (code, r.condition.as_str())
         })
         .collect();
+    // Inside the session alice and bob already have: his UA refuses one MESSAGE per row. 408
+    // and 481 are left to the INVITE loop below: they mean "session lost" and make Legate
+    // reopen the session for that message (RFC 3261 §12.2.1.2) instead of failing it.
+    for (code, cond) in codes.iter().filter(|(c, _)| !matches!(c, 408 | 481)) {
+        alice
+            .send_message(&full, &format!("in session, to {code}"))
+            .await?;
+        let m = ua
+            .request("MESSAGE")
+            .await
+            .with_context(|| format!("{code}: no MESSAGE\n{}", gw.log()))?;
+        ua.respond(&m, *code, "Refused For The Test", &[], None)
+            .await?;
+        let err = alice
+            .next_stanza_matching(
+                |s| {
+                    s.name == "message"
+                        && s.is_type("error")
+                        && s.sender_bare() == Some("bob@partner.test")
+                },
+                WAIT,
+            )
+            .await
+            .with_context(|| format!("{code}: alice got no error\n{}", gw.log()))?;
+        assert!(err.has_child(cond), "{code} should be <{cond}/>: {err:?}");
+    }
     for (code, cond) in codes {
         let user = format!("u{code}@partner.test");
         alice.send_message(&user, &format!("to {code}")).await?;
