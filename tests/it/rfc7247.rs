@@ -272,7 +272,9 @@ async fn scenario() -> Result<()> {
     // reopen the session for that message (RFC 3261 §12.2.1.2) instead of failing it.
     for (code, cond) in codes.iter().filter(|(c, _)| !matches!(c, 408 | 481)) {
         alice
-            .send_message(&full, &format!("in session, to {code}"))
+            .send_raw(&format!(
+                "<message to='{full}' type='chat' id='s{code}'><body>in session, to {code}</body></message>"
+            ))
             .await?;
         let m = ua
             .request("MESSAGE")
@@ -292,10 +294,15 @@ async fn scenario() -> Result<()> {
             .await
             .with_context(|| format!("{code}: alice got no error\n{}", gw.log()))?;
         assert!(err.has_child(cond), "{code} should be <{cond}/>: {err:?}");
+        assert_eq!(err.id, Some(format!("s{code}")), "the id is kept: {err:?}");
     }
     for (code, cond) in codes {
         let user = format!("u{code}@partner.test");
-        alice.send_message(&user, &format!("to {code}")).await?;
+        alice
+            .send_raw(&format!(
+                "<message to='{user}' type='chat' id='i{code}'><body>to {code}</body></message>"
+            ))
+            .await?;
         let inv = ua
             .request("INVITE")
             .await
@@ -310,6 +317,7 @@ async fn scenario() -> Result<()> {
             .await
             .with_context(|| format!("{code}: alice got no error\n{}", gw.log()))?;
         assert!(err.has_child(cond), "{code} should be <{cond}/>: {err:?}");
+        assert_eq!(err.id, Some(format!("i{code}")), "the id is kept: {err:?}");
     }
     drop(route);
     Ok(())
