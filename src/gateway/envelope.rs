@@ -168,13 +168,15 @@ pub struct MessageBody {
 /// [`crate::gateway::interwork::errors`] maps each to SIP and back (RFC 7247 §7).
 pub use crate::xmpp::error::StanzaErrorCondition as ErrorCondition;
 
-/// A stanza the core relays between XMPP links without looking inside.
+/// A stanza the core relays between XMPP links without looking inside, with the routing facts
+/// of its root element read once, when it was framed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XmppRaw {
     /// `message`, `presence` or `iq`.
     pub name: &'static str,
     /// The element's exact bytes as received (no stream namespace declaration of its own).
     pub bytes: bytes::Bytes,
+    facts: StanzaFacts,
 }
 
 /// The routing facts of a relayed stanza's root element: what the router needs to decide
@@ -201,28 +203,38 @@ impl StanzaFacts {
 }
 
 impl XmppRaw {
-    /// Reads `id` and `type` from the root start tag only (the payload is never parsed). The
-    /// bytes were framed and checked by the stream framer; anything unreadable yields no facts.
-    // TODO(issue 10): carry these as fields filled by `stanza_to_envelope` from the framer's
-    // ranges once every place that builds an `XmppRaw` (tests/s2s.rs) can be changed with it.
-    pub fn facts(&self) -> StanzaFacts {
+    /// A relayed stanza whose facts the framer already decoded (the XMPP converters).
+    pub fn with_facts(name: &'static str, bytes: bytes::Bytes, facts: StanzaFacts) -> Self {
+        XmppRaw { name, bytes, facts }
+    }
+
+    /// A relayed stanza built from bytes alone (tests, tools): reads `id` and `type` from the
+    /// root start tag only (the payload is never parsed); anything unreadable yields no facts.
+    pub fn new(name: &'static str, bytes: bytes::Bytes) -> Self {
         use quick_xml::events::Event;
-        let mut reader = quick_xml::Reader::from_reader(&self.bytes[..]);
-        let start = match reader.read_event() {
-            Ok(Event::Start(e) | Event::Empty(e)) => e,
-            _ => return StanzaFacts::default(),
+        let mut reader = quick_xml::Reader::from_reader(&bytes[..]);
+        let facts = match reader.read_event() {
+            Ok(Event::Start(start) | Event::Empty(start)) => {
+                let value = |name: &str| {
+                    start.try_get_attribute(name).ok().flatten().and_then(|a| {
+                        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .ok()
+                            .map(|v| v.into_owned())
+                    })
+                };
+                StanzaFacts {
+                    id: value("id"),
+                    type_: value("type"),
+                }
+            }
+            _ => StanzaFacts::default(),
         };
-        let value = |name: &str| {
-            start.try_get_attribute(name).ok().flatten().and_then(|a| {
-                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                    .ok()
-                    .map(|v| v.into_owned())
-            })
-        };
-        StanzaFacts {
-            id: value("id"),
-            type_: value("type"),
-        }
+        XmppRaw { name, bytes, facts }
+    }
+
+    /// The `id` and `type` of the root element.
+    pub fn facts(&self) -> &StanzaFacts {
+        &self.facts
     }
 }
 
@@ -273,12 +285,13 @@ impl Envelope {
                 if facts.is_reply(x.name) {
                     return None;
                 }
+                let id = facts.id.clone();
                 let kind = match x.name {
                     "iq" => ErrorOf::Iq,
                     "presence" => ErrorOf::Presence,
                     _ => ErrorOf::Message,
                 };
-                (facts.id, kind)
+                (id, kind)
             }
         };
         Some(Envelope {
@@ -376,10 +389,10 @@ mod tests {
         Envelope {
             from: Address::parse("a@x.test/r").expect("valid"),
             to: Address::parse("b@y.test").expect("valid"),
-            body: Body::Xmpp(XmppRaw {
+            body: Body::Xmpp(XmppRaw::new(
                 name,
-                bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
-            }),
+                bytes::Bytes::copy_from_slice(xml.as_bytes()),
+            )),
         }
     }
 

@@ -772,10 +772,10 @@ home_node = "hn2"
             home_node: "hn1".into(),
         };
         let raw = |name: &'static str, xml: &'static str| {
-            Body::Xmpp(crate::gateway::envelope::XmppRaw {
+            Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
                 name,
-                bytes: bytes::Bytes::from_static(xml.as_bytes()),
-            })
+                bytes::Bytes::from_static(xml.as_bytes()),
+            ))
         };
         let chat = raw("message", "<message type='chat' to='bob@partner.com' from='a@example.com/pc' id='m1'><body>hi &lt;3</body></message>");
         let r = route(
@@ -927,10 +927,10 @@ home_node = "hn2"
     }
 
     fn raw(name: &'static str, xml: &str) -> Body {
-        Body::Xmpp(crate::gateway::envelope::XmppRaw {
+        Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
             name,
-            bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
-        })
+            bytes::Bytes::copy_from_slice(xml.as_bytes()),
+        ))
     }
 
     #[test]

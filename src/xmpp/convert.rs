@@ -9,7 +9,7 @@
 
 use crate::gateway::envelope::{
     Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, MessageKind, PresenceBody,
-    Subscription, XmppRaw,
+    StanzaFacts, Subscription, XmppRaw,
 };
 use crate::presence::codec::xmpp::{
     decode_presence_kind, encode_presence, encode_presence_kind, write_attr, write_text,
@@ -63,11 +63,17 @@ pub fn stanza_to_envelope(
     let from = address(stanza, "from")?;
     let to = address(stanza, "to")?;
     let name = stanza.name();
+    // The framer already decoded the root's attributes: they travel with the bytes, so no later
+    // stage parses the start tag again.
     let raw = |name: &'static str| {
-        Body::Xmpp(XmppRaw {
+        Body::Xmpp(XmppRaw::with_facts(
             name,
-            bytes: stanza.bytes().clone(),
-        })
+            stanza.bytes().clone(),
+            StanzaFacts {
+                id: stanza.id().map(|s| s.into_owned()),
+                type_: stanza.stanza_type().map(|s| s.into_owned()),
+            },
+        ))
     };
     let body = match name {
         // Group chat (XEP-0045): joins, leaves and occupant presence carry the room protocol
@@ -480,10 +486,10 @@ mod tests {
         let env = Envelope {
             from: Address::parse("a@x.test").expect("from"),
             to: Address::parse("b@y.test").expect("to"),
-            body: Body::Xmpp(crate::gateway::envelope::XmppRaw {
-                name: "message",
-                bytes: bytes::Bytes::copy_from_slice(raw.as_bytes()),
-            }),
+            body: Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
+                "message",
+                bytes::Bytes::copy_from_slice(raw.as_bytes()),
+            )),
         };
         let mut out = b"<presence/>".to_vec();
         envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
@@ -555,10 +561,10 @@ mod tests {
         }
         // Group chat and errors are no text for one user.
         for t in ["groupchat", "error"] {
-            let raw = XmppRaw {
-                name: "message",
-                bytes: bytes::Bytes::from(format!("<message type='{t}'><body>x</body></message>")),
-            };
+            let raw = XmppRaw::new(
+                "message",
+                bytes::Bytes::from(format!("<message type='{t}'><body>x</body></message>")),
+            );
             assert_eq!(message_text(&raw), None, "{t}");
         }
     }
@@ -594,6 +600,33 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// The facts read once from the framer are the facts of the root start tag (escaped values,
+    /// either quote), as reading the bytes again would give.
+    #[test]
+    fn relayed_facts_come_from_the_framer() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<message from='a@x.test' to='b@y.test' id=\"m&amp;1\" type='chat'><body>x</body></message>\
+             <iq from='a@x.test/r' to='b@y.test' id='i1' type='result'/>\
+             <message from='a@x.test' to='b@y.test'><body>no id</body></message>",
+        );
+        for st in &s {
+            let env = stanza_to_envelope(st, "xmpp", &maps).expect("converted");
+            let Body::Xmpp(raw) = &env.body else {
+                panic!("relayed")
+            };
+            assert_eq!(
+                raw.facts(),
+                XmppRaw::new(raw.name, raw.bytes.clone()).facts()
+            );
+        }
+        let Body::Xmpp(raw) = stanza_to_envelope(&s[0], "xmpp", &maps).expect("ok").body else {
+            panic!("relayed")
+        };
+        assert_eq!(raw.facts().id.as_deref(), Some("m&1"));
     }
 
     #[test]

@@ -407,10 +407,10 @@ default_system = "xmpp"
     let env = Envelope {
         from: Address::parse("carol@example.com/pc").unwrap_or_else(|e| panic!("{e}")),
         to: Address::parse("bob@partner.com").unwrap_or_else(|e| panic!("{e}")),
-        body: Body::Xmpp(XmppRaw {
-            name: "message",
-            bytes: bytes::Bytes::from_static(xml.as_bytes()),
-        }),
+        body: Body::Xmpp(XmppRaw::new(
+            "message",
+            bytes::Bytes::from_static(xml.as_bytes()),
+        )),
     };
     let origin = Origin::Component {
         home_node: "hn1".into(),
