@@ -53,6 +53,13 @@ impl Origin {
     }
 
     /// The link that reaches back to this origin.
+    /// Whether a refusal at submit time is told to the sender as an error envelope. The SIP
+    /// core is not: it answers each request from the `Submitted` outcome (a SIP status), and an
+    /// error envelope would reach the SIP sender a second time, as a late-error notice.
+    pub fn wants_bounces(&self) -> bool {
+        !matches!(self, Origin::Sip { .. })
+    }
+
     pub fn reply_link(&self) -> Link {
         match self {
             Origin::Component { home_node } => Link::Component {

@@ -98,9 +98,11 @@ async fn scenario() -> Result<()> {
     let certs = CertFactory::new();
     let ours = certs.leaf("example", &["example.test"]);
     let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
-    let prosody = rig::home_node(&[("alice", "pw")], |c| c)?;
+    let mut prosody = rig::home_node(&[("alice", "pw")], |c| c)?;
     let route = TcpListener::bind("127.0.0.1:0").await?;
-    let gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, "").await?;
+    // A short delivery timeout, so the home node's disappearance (last case) is told quickly.
+    let extra = "[limits]\ndelivery_timeout_secs = 2\n";
+    let gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, extra).await?;
     let mut alice = XmppClient::connect(ClientConfig::plain(
         prosody.c2s_addr(),
         "example.test",
@@ -319,6 +321,52 @@ async fn scenario() -> Result<()> {
         assert!(err.has_child(cond), "{code} should be <{cond}/>: {err:?}");
         assert_eq!(err.id, Some(format!("i{code}")), "the id is kept: {err:?}");
     }
+    // --- Late errors the home node and Legate produce themselves. ------------------------------
+    // No such user: Prosody answers the (already accepted) MESSAGE with an error.
+    let code = pager(
+        &mut ua,
+        "sip:nobody@example.test",
+        "sip:bob@partner.test",
+        "rfc7247-nobody",
+        &[],
+        "anyone?",
+    )
+    .await?;
+    assert_eq!(code, 200);
+    // The notice comes from nobody@example.test, a new pair: it opens its own session.
+    accept_invite(&mut ua).await.with_context(|| gw.log())?;
+    let notice = ua.request("MESSAGE").await.with_context(|| gw.log())?;
+    ua.respond(&notice, 200, "OK", &[], None).await?;
+    let text = body_str(&notice);
+    assert!(
+        text.starts_with("Message not delivered to nobody@example.test: "),
+        "{text:?}"
+    );
+    // The home node goes away: the MESSAGE is accepted (queued for the link), and when the link
+    // stays down past the delivery timeout the sender hears it once, as remote-server-timeout.
+    prosody.kill();
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let code = pager(
+        &mut ua,
+        "sip:alice@example.test",
+        "sip:bob@partner.test",
+        "rfc7247-down",
+        &[],
+        "are you there?",
+    )
+    .await?;
+    assert_eq!(code, 200, "{}", gw.log());
+    let notice = ua.request("MESSAGE").await.with_context(|| gw.log())?;
+    ua.respond(&notice, 200, "OK", &[], None).await?;
+    let text = body_str(&notice);
+    assert!(
+        text.contains("remote-server-timeout (408 Request Timeout)"),
+        "{text:?}"
+    );
+    // The sender is told exactly once.
+    let again = tokio::time::timeout(Duration::from_secs(3), ua.request("MESSAGE")).await;
+    assert!(again.is_err(), "a second report: {again:?}");
     drop(route);
     Ok(())
 }
