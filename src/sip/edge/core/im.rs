@@ -81,13 +81,13 @@ impl Core {
                 now,
             );
         }
-        let (Some(remote), Some(local)) = (
-            req.from().ok().and_then(|f| instance_of_uri(&f.uri)),
-            req.request_uri()
-                .and_then(Result::ok)
-                .and_then(|u| address_of_uri(&u)),
-        ) else {
-            return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
+        let from = req.from().ok();
+        let ruri = req.request_uri().and_then(Result::ok);
+        let (remote, local) = match im_addresses(from.as_ref().map(|f| &f.uri), ruri.as_ref()) {
+            Ok(p) => p,
+            Err((code, reason)) => {
+                return self.reply(key, req, code, reason, None, &[], None, now);
+            }
         };
         let pair = (local.bare_string(), remote.bare_string());
         // A new INVITE for a pair that has a session replaces it (below), so it does not count
@@ -278,15 +278,14 @@ impl Core {
         };
         let (from, to) = match session {
             Some(p) => p,
-            None => match (
-                r.from.as_ref().ok().and_then(|f| instance_of_uri(&f.uri)),
-                r.request_uri
-                    .as_ref()
-                    .and_then(|u| u.as_ref().ok())
-                    .and_then(address_of_uri),
+            None => match im_addresses(
+                r.from.as_ref().ok().map(|f| &f.uri),
+                r.request_uri.as_ref().and_then(|u| u.as_ref().ok()),
             ) {
-                (Some(f), Some(t)) => (f, t),
-                _ => return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now),
+                Ok(p) => p,
+                Err((code, reason)) => {
+                    return self.reply(key, req, code, reason, None, &[], None, now)
+                }
             },
         };
         // RFC 7572 §4: a pager MESSAGE is a single message; inside a session, a chat line.
@@ -681,6 +680,21 @@ impl Core {
         };
         self.deliver_message(hub, domain, env.from, env.to, notice, now);
     }
+}
+
+/// The sender (with its GRUU, RFC 7247 §6.3) and the local user of an IM request, or the SIP
+/// answer saying which address could not be read and why.
+fn im_addresses(
+    from: Option<&crate::sip::Uri<'_>>,
+    ruri: Option<&crate::sip::Uri<'_>>,
+) -> Result<(Address, Address), (u16, &'static str)> {
+    use crate::gateway::interwork::address::{address_of_sip, instance_of_sip};
+    let bad = (400, "Bad Addresses");
+    let sender = from.and_then(|u| u.as_sip()).ok_or(bad)?;
+    let target = ruri.and_then(|u| u.as_sip()).ok_or(bad)?;
+    let sender = instance_of_sip(sender).map_err(|e| e.sip_status())?;
+    let target = address_of_sip(target).map_err(|e| e.sip_status())?;
+    Ok((sender, target))
 }
 
 /// The RFC 7572 §4 facts of a SIP request carrying a message: the Call-ID as thread, the

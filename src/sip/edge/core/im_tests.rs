@@ -234,3 +234,23 @@ fn sip_failures_bounce_with_the_rfc7247_condition() {
         );
     }
 }
+
+/// An address that cannot be read is answered with why (RFC 7247 §6): bad UTF-8 after
+/// percent-decoding, a control character.
+#[test]
+fn unreadable_addresses_get_400_with_a_reason() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for from in ["sip:a%C3@partner.com", "sip:a%07b@partner.com"] {
+        c.handle_message(&h, &peer(), pager("sip:alice@example.com", from, ""), t0);
+        let r = sent(&mut c).into_iter().find(|m| m.status().is_some());
+        let r = r.expect("an answer");
+        assert_eq!(
+            (r.status(), r.reason()),
+            (Some(400), Some("Bad Request (Address)")),
+            "{from}"
+        );
+    }
+    assert!(h.got.borrow().is_empty());
+}

@@ -324,12 +324,6 @@ fn address_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
     interwork::address::address_of_sip(uri.as_sip()?).ok()
 }
 
-/// [`address_of_uri`] keeping the GRUU as the resource (RFC 7247 §6.3): for IM, where an
-/// answer goes back to the very instance that wrote.
-fn instance_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
-    interwork::address::instance_of_sip(uri.as_sip()?).ok()
-}
-
 /// RFC 7247 §7.2, through the one table.
 fn condition_for_status(code: u16) -> ErrorCondition {
     interwork::errors::condition_of_status(code)
