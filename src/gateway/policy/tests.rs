@@ -77,13 +77,21 @@ fn the_decision_table() {
     // No lists at all: undecided.
     assert_eq!(p.consent(&alice, &bob), Consent::Undecided);
     // Another user's lists do not apply to alice.
-    p.set("zoe@example.com", Target::Domain(dom("partner.com")), Some(Verdict::Block))
-        .expect("set");
+    p.set(
+        "zoe@example.com",
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
     assert_eq!(p.consent(&alice, &bob), Consent::Undecided);
     // Domain entry covers every watcher of that domain, and only that domain (exact match:
     // a subdomain is another domain).
-    p.set(ALICE, Target::Domain(dom("partner.com")), Some(Verdict::Block))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
     assert_eq!(p.consent(&alice, &bob), Consent::Blocked);
     assert_eq!(p.consent(&alice, &carol), Consent::Blocked);
     assert_eq!(
@@ -91,19 +99,37 @@ fn the_decision_table() {
         Consent::Undecided
     );
     // A JID entry beats its domain's, both ways.
-    p.set(ALICE, Target::Jid("bob@partner.com".into()), Some(Verdict::Allow))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Jid("bob@partner.com".into()),
+        Some(Verdict::Allow),
+    )
+    .expect("set");
     assert_eq!(p.consent(&alice, &bob), Consent::Allowed);
     assert_eq!(p.consent(&alice, &carol), Consent::Blocked);
-    p.set(ALICE, Target::Domain(dom("partner.com")), Some(Verdict::Allow))
-        .expect("set");
-    p.set(ALICE, Target::Jid("carol@partner.com".into()), Some(Verdict::Block))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Allow),
+    )
+    .expect("set");
+    p.set(
+        ALICE,
+        Target::Jid("carol@partner.com".into()),
+        Some(Verdict::Block),
+    )
+    .expect("set");
     assert_eq!(p.consent(&alice, &carol), Consent::Blocked);
-    assert_eq!(p.consent(&alice, &addr("dave@partner.com")), Consent::Allowed);
+    assert_eq!(
+        p.consent(&alice, &addr("dave@partner.com")),
+        Consent::Allowed
+    );
     // Resources and case do not matter: lists hold bare, case-folded JIDs.
     assert_eq!(
-        p.consent(&addr("Alice@example.com/desk"), &addr("Carol@partner.com/x")),
+        p.consent(
+            &addr("Alice@example.com/desk"),
+            &addr("Carol@partner.com/x")
+        ),
         Consent::Blocked
     );
     // Removing entries falls back to the less specific one, then to undecided; the user
@@ -130,7 +156,14 @@ fn targets_parse_and_round_trip_through_store_keys() {
         Target::parse("partner.com").expect("domain"),
         Target::Domain(dom("partner.com"))
     );
-    for bad in ["bob@", "@partner.com", "a b@partner.com", "", "bad..domain", "x@y@z"] {
+    for bad in [
+        "bob@",
+        "@partner.com",
+        "a b@partner.com",
+        "",
+        "bad..domain",
+        "x@y@z",
+    ] {
         assert!(
             matches!(Target::parse(bad), Err(PolicyError::BadTarget { .. })),
             "{bad:?} accepted"
@@ -148,8 +181,14 @@ fn targets_parse_and_round_trip_through_store_keys() {
     }
     assert_eq!(Target::from_key("jid:partner.com"), None);
     assert_eq!(Target::from_key("other:x"), None);
-    assert!(covers(&domain_wide(&dom("partner.com")), &addr("x@partner.com")));
-    assert!(!covers(&domain_wide(&dom("partner.com")), &addr("x@other.com")));
+    assert!(covers(
+        &domain_wide(&dom("partner.com")),
+        &addr("x@partner.com")
+    ));
+    assert!(!covers(
+        &domain_wide(&dom("partner.com")),
+        &addr("x@other.com")
+    ));
     assert!(covers(&addr("x@partner.com"), &addr("x@partner.com")));
     assert!(!covers(&addr("x@partner.com"), &addr("y@partner.com")));
 }
@@ -158,16 +197,28 @@ fn targets_parse_and_round_trip_through_store_keys() {
 fn lists_are_bounded_per_user() {
     let p = Policies::default();
     for i in 0..MAX_ENTRIES_PER_USER {
-        p.apply(ALICE, &Target::Jid(format!("u{i}@partner.com")), Some(Verdict::Block))
-            .expect("within the bound");
+        p.apply(
+            ALICE,
+            &Target::Jid(format!("u{i}@partner.com")),
+            Some(Verdict::Block),
+        )
+        .expect("within the bound");
     }
     assert_eq!(
-        p.apply(ALICE, &Target::Jid("one-more@partner.com".into()), Some(Verdict::Block)),
+        p.apply(
+            ALICE,
+            &Target::Jid("one-more@partner.com".into()),
+            Some(Verdict::Block)
+        ),
         Err(Full::Entries)
     );
     // Changing an existing entry is not growth.
-    p.apply(ALICE, &Target::Jid("u0@partner.com".into()), Some(Verdict::Allow))
-        .expect("replace");
+    p.apply(
+        ALICE,
+        &Target::Jid("u0@partner.com".into()),
+        Some(Verdict::Allow),
+    )
+    .expect("replace");
 }
 
 #[test]
@@ -176,10 +227,18 @@ fn changes_are_written_through_the_sink_but_applied_ones_are_not() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     p.set_sink(Box::new(move |c| s.lock().expect("lock").push(c)));
-    p.set(ALICE, Target::Domain(dom("partner.com")), Some(Verdict::Block))
-        .expect("set");
-    p.apply(ALICE, &Target::Jid("bob@partner.com".into()), Some(Verdict::Allow))
-        .expect("apply");
+    p.set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
+    p.apply(
+        ALICE,
+        &Target::Jid("bob@partner.com".into()),
+        Some(Verdict::Allow),
+    )
+    .expect("apply");
     let seen = seen.lock().expect("lock");
     assert_eq!(
         *seen,
@@ -195,8 +254,12 @@ fn changes_are_written_through_the_sink_but_applied_ones_are_not() {
 fn a_blocked_watchers_request_never_reaches_the_home_node_and_is_not_answered() {
     let (cfg, maps) = setup();
     let p = Policies::default();
-    p.set(ALICE, Target::Domain(dom("partner.com")), Some(Verdict::Block))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
     let (origin, _) = sip("partner.com");
     for s in [Subscription::Subscribe, Subscription::Probe] {
         let e = env("bob@partner.com", ALICE, Body::Subscription(s));
@@ -225,8 +288,12 @@ fn a_blocked_watchers_request_never_reaches_the_home_node_and_is_not_answered() 
 fn an_allowed_watcher_passes_without_becoming_pending() {
     let (cfg, maps) = setup();
     let p = Policies::default();
-    p.set(ALICE, Target::Jid("bob@partner.com".into()), Some(Verdict::Allow))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Jid("bob@partner.com".into()),
+        Some(Verdict::Allow),
+    )
+    .expect("set");
     let (origin, _) = sip("partner.com");
     let e = env(
         "bob@partner.com",
@@ -254,8 +321,14 @@ fn the_users_answers_are_stored_and_a_refusal_leaves_as_offline_presence() {
             .expect("pending");
         // Alice refuses: stored as a block; the watcher gets offline presence, not
         // `unsubscribed`.
-        let no = env(ALICE, watcher, Body::Subscription(Subscription::Unsubscribed));
-        let out = p.screen(&cfg, &maps, &home(), &link, no).expect("rewritten");
+        let no = env(
+            ALICE,
+            watcher,
+            Body::Subscription(Subscription::Unsubscribed),
+        );
+        let out = p
+            .screen(&cfg, &maps, &home(), &link, no)
+            .expect("rewritten");
         assert_eq!(
             out.body,
             Body::Presence(PresenceBody {
@@ -279,8 +352,13 @@ fn the_users_answers_are_stored_and_a_refusal_leaves_as_offline_presence() {
         assert_eq!(out, yes);
         assert_eq!(p.consent(&addr(ALICE), &addr(watcher)), Consent::Allowed);
         // Revoking an approval is a refusal too.
-        let no = env(ALICE, watcher, Body::Subscription(Subscription::Unsubscribed));
-        p.screen(&cfg, &maps, &home(), &link, no).expect("rewritten");
+        let no = env(
+            ALICE,
+            watcher,
+            Body::Subscription(Subscription::Unsubscribed),
+        );
+        p.screen(&cfg, &maps, &home(), &link, no)
+            .expect("rewritten");
         assert_eq!(p.consent(&addr(ALICE), &addr(watcher)), Consent::Blocked);
     }
 }
@@ -295,7 +373,9 @@ fn an_answer_to_a_strangers_probe_is_no_decision_but_still_never_leaks() {
         "eve@jabber.test",
         Body::Subscription(Subscription::Unsubscribed),
     );
-    let out = p.screen(&cfg, &maps, &home(), &link, no).expect("rewritten");
+    let out = p
+        .screen(&cfg, &maps, &home(), &link, no)
+        .expect("rewritten");
     assert!(matches!(out.body, Body::Presence(_)));
     assert_eq!(
         p.consent(&addr(ALICE), &addr("eve@jabber.test")),
@@ -307,10 +387,18 @@ fn an_answer_to_a_strangers_probe_is_no_decision_but_still_never_leaks() {
 fn presence_toward_a_blocked_watcher_is_offline_on_s2s_and_left_to_the_sip_core() {
     let (cfg, maps) = setup();
     let p = Policies::default();
-    p.set(ALICE, Target::Domain(dom("jabber.test")), Some(Verdict::Block))
-        .expect("set");
-    p.set(ALICE, Target::Domain(dom("partner.com")), Some(Verdict::Block))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Domain(dom("jabber.test")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
+    p.set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("set");
     let busy = |system: &str| {
         Body::Presence(PresenceBody {
             system: Arc::from(system),
@@ -340,8 +428,12 @@ fn presence_toward_a_blocked_watcher_is_offline_on_s2s_and_left_to_the_sip_core(
     assert_eq!(out, e);
     // Unblocked watchers see the state.
     let e = env(ALICE, "eve@jabber.test", busy("fed-xmpp"));
-    p.set(ALICE, Target::Jid("eve@jabber.test".into()), Some(Verdict::Allow))
-        .expect("set");
+    p.set(
+        ALICE,
+        Target::Jid("eve@jabber.test".into()),
+        Some(Verdict::Allow),
+    )
+    .expect("set");
     let out = p
         .screen(&cfg, &maps, &home(), &s2s("jabber.test").1, e.clone())
         .expect("passes");
