@@ -29,6 +29,7 @@ use super::router::{link_system, Denied, Link, Origin, Refusal};
 use crate::config::{Config, Domain};
 use crate::presence::map::MappingSet;
 
+pub mod persist;
 #[cfg(test)]
 mod tests;
 
@@ -337,6 +338,20 @@ impl Policies {
             .get(user)
             .map(|l| l.value().clone())
             .unwrap_or_default()
+    }
+
+    /// Every (user, target) with an entry.
+    pub fn all_entries(&self) -> Vec<(String, Target)> {
+        self.users
+            .iter()
+            .flat_map(|u| {
+                let user = u.key().clone();
+                u.value()
+                    .entries()
+                    .into_iter()
+                    .map(move |(t, _)| (user.clone(), t))
+            })
+            .collect()
     }
 
     /// Users with at least one entry.
