@@ -29,6 +29,7 @@ use super::router::{link_system, Denied, Link, Origin, Refusal};
 use crate::config::{Config, Domain};
 use crate::presence::map::MappingSet;
 
+pub mod admin;
 pub mod persist;
 #[cfg(test)]
 mod tests;

@@ -123,7 +123,10 @@ async fn write_changes(
 async fn write_one(store: &SharedStore, c: Change) {
     let k = key(&c.user, &c.target);
     let r = match c.verdict {
-        Some(v) => store.put(&k, v.as_str().as_bytes().to_vec()).await.map(drop),
+        Some(v) => store
+            .put(&k, v.as_str().as_bytes().to_vec())
+            .await
+            .map(drop),
         None => store.delete(&k).await.map(drop),
     };
     if let Err(e) = r {
