@@ -419,21 +419,29 @@ impl Policies {
         maps: &MappingSet,
         origin: &Origin,
         link: &Link,
-        mut env: Envelope,
+        env: Envelope,
     ) -> Result<Envelope, Refusal> {
         let inbound = matches!(origin, Origin::S2s { .. } | Origin::Sip { .. })
             && matches!(link, Link::Component { .. });
         let outbound =
             matches!(origin, Origin::Component { .. }) && !matches!(link, Link::Component { .. });
+        let blocked = |env: Envelope| Refusal {
+            denied: Denied::Blocked,
+            envelope: Box::new(env),
+        };
+        // What a watcher who may not see the user gets instead (dropped, silently, in a
+        // system without an offline state).
+        let offline = |mut env: Envelope| match offline_in(config, maps, link) {
+            Some(p) => {
+                env.body = Body::Presence(p);
+                Ok(env)
+            }
+            None => Err(blocked(env)),
+        };
         match &env.body {
             Body::Subscription(s @ (Subscription::Subscribe | Subscription::Probe)) if inbound => {
                 match self.consent(&env.to, &env.from) {
-                    Consent::Blocked => {
-                        return Err(Refusal {
-                            denied: Denied::Blocked,
-                            envelope: Box::new(env),
-                        })
-                    }
+                    Consent::Blocked => return Err(blocked(env)),
                     Consent::Undecided if *s == Subscription::Subscribe => {
                         self.mark_pending(&env.to, &env.from)
                     }
@@ -445,28 +453,14 @@ impl Policies {
             }
             Body::Subscription(Subscription::Unsubscribed) if outbound => {
                 self.record_answer(&env.from, &env.to, false);
-                match offline_in(config, maps, link) {
-                    Some(p) => env.body = Body::Presence(p),
-                    None => {
-                        return Err(Refusal {
-                            denied: Denied::Blocked,
-                            envelope: Box::new(env),
-                        })
-                    }
-                }
+                return offline(env);
             }
-            Body::Presence(_) if outbound && matches!(link, Link::S2s { .. }) => {
-                if self.consent(&env.from, &env.to) == Consent::Blocked {
-                    match offline_in(config, maps, link) {
-                        Some(p) => env.body = Body::Presence(p),
-                        None => {
-                            return Err(Refusal {
-                                denied: Denied::Blocked,
-                                envelope: Box::new(env),
-                            })
-                        }
-                    }
-                }
+            Body::Presence(_)
+                if outbound
+                    && matches!(link, Link::S2s { .. })
+                    && self.consent(&env.from, &env.to) == Consent::Blocked =>
+            {
+                return offline(env);
             }
             _ => {}
         }
