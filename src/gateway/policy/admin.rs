@@ -2,8 +2,8 @@
 //! entry is set (and written through to the store), and watchers already subscribed see the
 //! result — a newly blocked watcher gets offline (SIP: an offline NOTIFY, its subscription
 //! alive; XMPP: unavailable presence), an unblocked or allowed one the user's current
-//! presence (SIP: from the state the edge kept; XMPP: a probe to the home node on the
-//! watcher's behalf, answered only if the user approved it).
+//! presence (SIP: from the state the edge kept; XMPP, on unblock: a probe to the home node
+//! on the watcher's behalf, answered only if the user approved it).
 //!
 //! Limits: a domain-wide block cannot reach XMPP watchers already subscribed (Legate does not
 //! list a home node's rosters); they get offline with the user's next presence change.
@@ -114,9 +114,11 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                     },
                 });
             }
-        } else if let Some(home_node) = hub.directory().lookup(&cfg, user) {
+        } else if let (Op::Unblock, Some(home_node)) = (op, hub.directory().lookup(&cfg, user)) {
             // The home node answers the probe with the user's presence only if the user
-            // approved this watcher (RFC 6121 §4.3.2); its refusal comes back as offline.
+            // approved this watcher (RFC 6121 §4.3.2); its refusal comes back as offline and,
+            // no request being pending, is not stored as the user's answer. (Not for an
+            // allow: that refusal would then read as the user revoking the allow.)
             hub.deliver(Delivery {
                 link: Link::Component { home_node },
                 envelope: Envelope {

@@ -458,3 +458,76 @@ fn a_foreign_watchers_unsubscribe_and_unavailable_pass_untouched() {
     }
     assert!(p.is_empty());
 }
+
+mod admin_changes {
+    use super::*;
+    use crate::gateway::hub::Hub;
+    use crate::gateway::policy::admin::{change, local_user, Op};
+    use crate::presence::map::MappingStore;
+
+    fn hub() -> Arc<Hub> {
+        let (cfg, _) = setup();
+        Hub::new(cfg, MappingStore::open(None).expect("maps"))
+    }
+
+    #[test]
+    fn admins_name_local_users_by_bare_jid() {
+        let h = hub();
+        assert!(local_user(&h, ALICE).is_ok());
+        assert!(matches!(
+            local_user(&h, "alice@partner.com"),
+            Err(PolicyError::NotLocalUser(_))
+        ));
+        assert!(matches!(
+            local_user(&h, "alice@example.com/desk"),
+            Err(PolicyError::HasResource(_))
+        ));
+        assert!(matches!(
+            local_user(&h, "example.com"),
+            Err(PolicyError::BadUser { .. })
+        ));
+    }
+
+    #[test]
+    fn a_change_tells_the_watchers_at_once() {
+        let h = hub();
+        let mut sip_rx = h.register_sip(8);
+        let mut s2s_rx = h.register_s2s(8);
+        let mut home_rx = h.register_component("hn1", 8);
+        let alice = addr(ALICE);
+        // A SIP domain block: the SIP core hears of the whole domain.
+        change(&h, &alice, &Target::Domain(dom("partner.com")), Op::Block).expect("block");
+        let d = sip_rx.try_recv().expect("SIP told");
+        assert_eq!(d.envelope.to, domain_wide(&dom("partner.com")));
+        assert_eq!(
+            d.envelope.body,
+            Body::Subscription(Subscription::Unsubscribed)
+        );
+        // Unblocked: told again, as a consent.
+        change(&h, &alice, &Target::Domain(dom("partner.com")), Op::Unblock).expect("unblock");
+        let d = sip_rx.try_recv().expect("SIP told");
+        assert_eq!(
+            d.envelope.body,
+            Body::Subscription(Subscription::Subscribed)
+        );
+        // An XMPP watcher blocked: unavailable presence, nothing else.
+        let eve = Target::Jid("eve@jabber.test".into());
+        change(&h, &alice, &eve, Op::Block).expect("block");
+        let d = s2s_rx.try_recv().expect("s2s told");
+        assert!(matches!(&d.envelope.body, Body::Presence(p) if &*p.state == OFFLINE));
+        assert_eq!(d.envelope.to, addr("eve@jabber.test"));
+        assert!(home_rx.try_recv().is_err());
+        // Unblocked: the home node is probed on the watcher's behalf.
+        change(&h, &alice, &eve, Op::Unblock).expect("unblock");
+        let d = home_rx.try_recv().expect("home probed");
+        assert_eq!(d.envelope.from, addr("eve@jabber.test"));
+        assert_eq!(d.envelope.body, Body::Subscription(Subscription::Probe));
+        // An allow changes the list only.
+        change(&h, &alice, &eve, Op::Allow).expect("allow");
+        assert!(home_rx.try_recv().is_err() && s2s_rx.try_recv().is_err());
+        assert_eq!(
+            h.policies().consent(&alice, &addr("eve@jabber.test")),
+            Consent::Allowed
+        );
+    }
+}
