@@ -408,8 +408,8 @@ impl Policies {
     ///   ([`Denied::Blocked`], never answered); an undecided `subscribe` is remembered as
     ///   pending.
     /// - A home node's `subscribed` is stored as allow; its `unsubscribed` as block (see
-    ///   `record_answer`) and leaves as offline presence, so no refusal ever reaches a
-    ///   watcher.
+    ///   `record_answer`) and leaves over XMPP as offline presence, so no refusal ever
+    ///   reaches a watcher (the SIP core turns it into offline NOTIFYs itself).
     /// - Presence of a user toward a blocked s2s watcher leaves as offline. Toward a SIP
     ///   watcher it passes: the SIP core keeps the real state and shows offline while blocked
     ///   (so an unblock shows the current state at once).
@@ -453,7 +453,11 @@ impl Policies {
             }
             Body::Subscription(Subscription::Unsubscribed) if outbound => {
                 self.record_answer(&env.from, &env.to, false);
-                return offline(env);
+                // The SIP core reads a refusal as a consent change: the subscription stays and
+                // shows offline. Over XMPP it would be the refusal itself: offline instead.
+                if !matches!(link, Link::Sip { .. }) {
+                    return offline(env);
+                }
             }
             Body::Presence(_)
                 if outbound
