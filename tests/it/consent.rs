@@ -10,9 +10,12 @@
 //!   accepted), and the refusal is stored in the user's list;
 //! - an un-SUBSCRIBE does not revoke: the next SUBSCRIBE becomes active with the user's
 //!   presence without the user being asked again;
-//! - blocking an active watcher sends it offline at once, unblocking its current presence.
+//! - blocking an active watcher sends it offline at once, unblocking its current presence;
+//! - over XMPP federation (a foreign Prosody, s2s with certificates): a blocked watcher's
+//!   request never reaches the user and no `unsubscribed` ever reaches the watcher, for a
+//!   block and for the user's own refusal.
 //!
-//! Needs `/usr/bin/prosody` (`apt-get install prosody`).
+//! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
 use crate::common;
 use crate::sip_ua;
@@ -42,7 +45,11 @@ async fn blocked_and_refused_watchers_see_offline_and_unsubscribe_keeps_approval
 
 /// `legate policy ARGS --admin <the node's admin endpoint>`: exit code, stdout, stderr.
 async fn policy(gw: &Gateway, args: &[&str]) -> Result<(i32, String, String)> {
-    let admin = gw.legate.addr("admin").to_string();
+    policy_at(gw.legate.addr("admin"), args).await
+}
+
+async fn policy_at(admin: std::net::SocketAddr, args: &[&str]) -> Result<(i32, String, String)> {
+    let admin = admin.to_string();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_legate"))
         .arg("policy")
         .args(args)
@@ -289,4 +296,181 @@ async fn scenario() -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+mod xmpp {
+    use super::*;
+    use common::dnsmasq::{DnsRecord, Dnsmasq};
+    use common::legate::Legate;
+    use common::ports;
+    use common::prosody::{CertPaths, Prosody, ProsodyConfig};
+    use common::xmpp_client::TlsOptions;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const LEGATE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 10);
+    const FOREIGN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 11);
+    const HOME_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 3, 12);
+    const SECRET: &str = "consent-component-secret-1";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn xmpp_watchers_are_blocked_politely() -> Result<()> {
+        tokio::time::timeout(Duration::from_secs(120), scenario())
+            .await
+            .map_err(|_| anyhow!("scenario timed out"))?
+    }
+
+    async fn scenario() -> Result<()> {
+        let certs = CertFactory::new();
+        let ours = certs.leaf("example.test", &["example.test"]);
+        let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+        let legate_port = ports::free_port(IpAddr::V4(LEGATE_IP));
+        let foreign_cfg = ProsodyConfig::new(FOREIGN_IP)
+            .host("xmpp.test")
+            .user("xmpp.test", "bob", "pw")
+            .host_cert(
+                "xmpp.test",
+                CertPaths {
+                    cert: theirs.cert.clone(),
+                    key: theirs.key.clone(),
+                },
+            )
+            .secure_s2s(certs.ca_path());
+        let dns = Dnsmasq::start(&[
+            DnsRecord::a("example.test", LEGATE_IP),
+            DnsRecord::a("xmpp.test", FOREIGN_IP),
+            DnsRecord::xmpp_server("example.test", "example.test", legate_port),
+            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", foreign_cfg.s2s_port),
+        ])?;
+        let home = Prosody::start(
+            ProsodyConfig::new(HOME_IP)
+                .host("example.test")
+                .user("example.test", "carol", "pw")
+                .user("example.test", "dave", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let foreign = Prosody::start(foreign_cfg.dns(dns.unbound_forward()))?;
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("legate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"[node]
+admin_listen = "127.0.0.1:0"
+data_dir = "{data}"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "off"
+sip_tcp = "off"
+xmpp_s2s = "{LEGATE_IP}:{legate_port}"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[xmpp.federation]
+mode = "allow_list"
+dialback_allow_private_targets = true
+[[xmpp.federation.domain]]
+name = "xmpp.test"
+system = "fed-xmpp"
+auth = "external_only"
+[[home_node]]
+name = "hn1"
+addresses = ["{home_addr}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+[dns]
+nameservers = ["{dns_addr}"]
+"#,
+                data = dir.path().display(),
+                cert = ours.cert.display(),
+                key = ours.key.display(),
+                ca = certs.ca_path().display(),
+                home_addr = home.component_addr(),
+                dns_addr = dns.addr(),
+            ),
+        )?;
+        let legate = Legate::start(&cfg, &["xmpp_s2s", "admin"])?;
+        legate
+            .wait_output("the xmpp.test component link", WAIT, |t| {
+                t.contains("component xmpp.test connected to home node hn1")
+            })
+            .await?;
+        let why = |what: &str| {
+            format!(
+                "{what}\n--- legate ---\n{}\n--- home prosody ---\n{}",
+                legate.output(),
+                home.log()
+            )
+        };
+        let admin = legate.addr("admin");
+        let local = |user: &str| ClientConfig::plain(home.c2s_addr(), "example.test", user, "pw");
+        let mut carol = XmppClient::connect(local("carol")).await?;
+        carol.send_presence(None, Some("carol here")).await?;
+        let mut dave = XmppClient::connect(local("dave")).await?;
+        dave.send_presence(None, None).await?;
+        let mut cc = ClientConfig::plain(foreign.c2s_addr(), "xmpp.test", "bob", "pw");
+        cc.tls = Some(TlsOptions {
+            ca_pem: certs.ca_pem().as_bytes().to_vec(),
+            server_name: "xmpp.test".into(),
+        });
+        let mut bob = XmppClient::connect(cc).await?;
+        bob.send_presence(None, None).await?;
+
+        // carol blocks the whole domain: bob's request never reaches her, bob is never told.
+        let (code, _, err) =
+            policy_at(admin, &["block", "carol@example.test", "xmpp.test"]).await?;
+        assert_eq!(code, 0, "{err}");
+        bob.subscribe("carol@example.test").await?;
+        assert!(
+            carol
+                .expect_presence_from("bob@xmpp.test", Some("subscribe"), QUIET)
+                .await
+                .is_err(),
+            "{}",
+            why("carol was asked although xmpp.test is blocked")
+        );
+        assert!(
+            bob.expect_presence_from("carol@example.test", Some("unsubscribed"), QUIET)
+                .await
+                .is_err(),
+            "bob was told he is blocked"
+        );
+        assert!(
+            bob.expect_presence_from("carol@example.test", None, QUIET)
+                .await
+                .is_err(),
+            "bob sees carol available"
+        );
+
+        // dave refuses: bob gets no `unsubscribed`; the refusal is stored as a block.
+        bob.subscribe("dave@example.test").await?;
+        dave.expect_presence_from("bob@xmpp.test", Some("subscribe"), WAIT)
+            .await
+            .with_context(|| why("dave got no request"))?;
+        dave.send_raw("<presence to='bob@xmpp.test' type='unsubscribed'/>")
+            .await?;
+        assert!(
+            bob.expect_presence_from("dave@example.test", Some("unsubscribed"), QUIET)
+                .await
+                .is_err(),
+            "{}",
+            why("dave's refusal reached bob")
+        );
+        let (_, out, _) = policy_at(admin, &["show", "dave@example.test"]).await?;
+        assert_eq!(out.trim(), "dave@example.test block bob@xmpp.test (jid)");
+        // Asking again does not reach dave.
+        bob.subscribe("dave@example.test").await?;
+        assert!(
+            dave.expect_presence_from("bob@xmpp.test", Some("subscribe"), QUIET)
+                .await
+                .is_err(),
+            "dave was asked again after refusing"
+        );
+        carol.close().await;
+        dave.close().await;
+        bob.close().await;
+        Ok(())
+    }
 }
