@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint (loopback by default): `GET /metrics` (Prometheus text),
 //! `GET /status` (JSON), `GET /healthz`, and the consent lists (`legate policy` talks to
 //! these): `GET /policy/<user>` (JSON) and `POST /policy/<user>/<allow|block|unblock>/<target>`
-//! (`<target>` a bare JID or a domain, percent-encoded where needed). A deliberately tiny
+//! (`<target>` a bare JID or a domain, percent-encoded where needed; POST from loopback only,
+//! whatever `node.admin_allow_remote` says). A deliberately tiny
 //! HTTP/1.1 responder: one request per connection, bounded request size and time, no body.
 
 use crate::gateway::Hub;
@@ -41,7 +42,7 @@ pub async fn serve(
             let Accepted {
                 stream: mut sock,
                 slots,
-                ..
+                remote,
             } = accepted;
             {
                 let hub = hub.clone();
@@ -69,7 +70,17 @@ pub async fn serve(
                     let head = String::from_utf8_lossy(&buf[..n]);
                     let mut parts = head.split_whitespace();
                     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let (status, ctype, body) = respond(&hub, started, method, path);
+                    let (status, ctype, body) = if method == "POST" && !remote.ip().is_loopback() {
+                        // Changes are an operator's, on the node itself, even when
+                        // `node.admin_allow_remote` lets scrapers read from elsewhere.
+                        (
+                            "403 Forbidden",
+                            "text/plain",
+                            "changes are accepted from loopback only\n".to_string(),
+                        )
+                    } else {
+                        respond(&hub, started, method, path)
+                    };
                     let resp = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -219,4 +230,87 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         }
     }
     doc.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::presence::map::MappingStore;
+    use std::path::Path;
+
+    fn hub() -> Arc<Hub> {
+        let cfg = config::from_toml(
+            "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\nsystem = \"lync\"\n",
+            Path::new("t.toml"),
+            BUILTIN_SYSTEMS,
+        )
+        .expect("config");
+        Hub::new(cfg, MappingStore::open(None).expect("maps"))
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_refused() {
+        assert_eq!(
+            percent_decode("o%27malley%40partner.com").as_deref(),
+            Some("o'malley@partner.com")
+        );
+        assert_eq!(percent_decode("a%2"), None);
+        assert_eq!(percent_decode("a%zz"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn policy_routes_change_and_show_lists_and_refuse_bad_input() {
+        let h = hub();
+        let t = Instant::now();
+        let (status, _, body) =
+            respond(&h, t, "POST", "/policy/alice@example.com/block/partner.com");
+        assert_eq!(status, "200 OK", "{body}");
+        assert!(body.contains("\"verdict\":\"block\""), "{body}");
+        let (status, _, body) = respond(&h, t, "GET", "/policy/alice@example.com");
+        assert_eq!(status, "200 OK");
+        assert!(
+            body.contains("\"target\":\"partner.com\"") && body.contains("\"kind\":\"domain\""),
+            "{body}"
+        );
+        let (status, _, body) = respond(
+            &h,
+            t,
+            "POST",
+            "/policy/alice@example.com/unblock/partner.com",
+        );
+        assert_eq!(status, "200 OK");
+        assert!(body.contains("\"verdict\":null"), "{body}");
+        for (method, path, why) in [
+            (
+                "POST",
+                "/policy/alice@partner.com/block/x.com",
+                "not a user of a local domain",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/ban/x.com",
+                "unknown operation",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/block/bob@",
+                "neither a bare JID",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/block",
+                "POST /policy/<user>",
+            ),
+            ("GET", "/policy/example.com", "not a user address"),
+            ("GET", "/policy/a%zz@example.com", "percent-escape"),
+        ] {
+            let (status, _, body) = respond(&h, t, method, path);
+            assert_eq!(status, "400 Bad Request", "{path}: {body}");
+            assert!(body.contains(why), "{path}: {body}");
+        }
+        let (status, _, _) = respond(&h, t, "DELETE", "/policy/alice@example.com");
+        assert_eq!(status, "405 Method Not Allowed");
+    }
 }
