@@ -227,8 +227,10 @@ pub const MAX_PENDING: usize = 1_000_000;
 #[derive(Default)]
 pub struct Policies {
     users: DashMap<String, UserLists>,
-    /// (user, watcher) requests forwarded to the home node and not answered yet.
-    pending: DashSet<(String, String)>,
+    /// (user, watcher) requests forwarded to the home node and not answered yet, as a hash
+    /// of the pair (16 bytes or so each, not two strings: every undecided SUBSCRIBE adds one).
+    pending: DashSet<u64>,
+    pair_hasher: std::hash::RandomState,
     sink: OnceLock<Sink>,
 }
 
@@ -378,7 +380,7 @@ impl Policies {
     /// probe, which is no decision of the user's.
     fn record_answer(&self, user: &Address, watcher: &Address, approved: bool) {
         let (u, w) = (user.bare_string(), watcher.bare_string());
-        let was_pending = self.pending.remove(&(u.clone(), w.clone())).is_some();
+        let was_pending = self.pending.remove(&self.pair_key(&u, &w)).is_some();
         let verdict = if approved {
             Verdict::Allow
         } else if was_pending || self.entry_of(&u, &w) == Some(Verdict::Allow) {
@@ -396,9 +398,14 @@ impl Policies {
 
     fn mark_pending(&self, user: &Address, watcher: &Address) {
         if self.pending.len() < MAX_PENDING {
-            self.pending
-                .insert((user.bare_string(), watcher.bare_string()));
+            let k = self.pair_key(&user.bare_string(), &watcher.bare_string());
+            self.pending.insert(k);
         }
+    }
+
+    fn pair_key(&self, user: &str, watcher: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.pair_hasher.hash_one((user, watcher))
     }
 
     /// The consent stage, after routing decided `link`: may refuse politely, rewrite a
