@@ -474,3 +474,41 @@ nameservers = ["{dns_addr}"]
         Ok(())
     }
 }
+
+/// Without a running node the command says so, names the endpoint it tried (from the
+/// configuration's `node.admin_listen`) and exits 1; bad arguments exit 2 before any
+/// connection.
+#[tokio::test]
+async fn the_policy_command_needs_a_running_node_and_says_so() -> Result<()> {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = free.local_addr()?;
+    drop(free);
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("legate.toml");
+    std::fs::write(&cfg, format!("[node]\nadmin_listen = \"{addr}\"\n"))?;
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("policy")
+            .args(args)
+            .output()
+    };
+    let cfg_s = cfg.display().to_string();
+    let out = run(&["show", "alice@example.test", "--config", &cfg_s])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&addr.to_string()), "{err}");
+    assert!(err.contains("must be running"), "{err}");
+    let out = run(&[
+        "allow",
+        "alice@example.test/desk",
+        "bob@partner.test",
+        "--config",
+        &cfg_s,
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bare JID"), "{err}");
+    let out = run(&["block", "alice@example.test", "bob@partner.test/phone"])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
