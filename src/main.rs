@@ -85,8 +85,9 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
-    /// Let TARGET (a bare JID `user@domain`, or a whole domain) see USER's presence without
-    /// asking USER.
+    /// Allow TARGET (a bare JID `user@domain`, or a whole domain): Legate never blocks it (a JID
+    /// allow beats a domain block); its requests go to USER's home node, where an approval
+    /// USER once gave is kept.
     Allow { user: String, target: String },
     /// Polite blocking: TARGET sees USER offline and is never told; its requests never reach
     /// USER. A JID entry beats a domain entry.
