@@ -92,6 +92,10 @@ pub enum Denied {
     LocalToLocal,
     #[error("no home node is known for {0} and no routing node is configured")]
     NoHomeNode(String),
+    /// Polite blocking (requirements §3): the local user's lists block this watcher. Never
+    /// answered: the watcher must not learn it was blocked.
+    #[error("the local user's consent lists block this watcher")]
+    Blocked,
     #[error("{0} stanzas cannot be carried over SIP")]
     NotForSip(&'static str),
     #[error("nothing to deliver over SIP (a message without text, such as a chat state)")]
@@ -122,6 +126,7 @@ impl Denied {
             Denied::Untranslatable { .. } => "untranslatable",
             Denied::NotForSip(_) => "not_for_sip",
             Denied::NothingToDeliver => "nothing_to_deliver",
+            Denied::Blocked => "blocked",
             Denied::GroupChatNotForSip(_) => "group_chat_not_for_sip",
         }
     }
@@ -134,7 +139,7 @@ impl Denied {
             // it lacks the permission to send as this user (§8.3.3.4, authorisation).
             Denied::Spoofed { .. } | Denied::NotOwnUser { .. } => ErrorCondition::Forbidden,
             Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
-            Denied::LocalToLocal => ErrorCondition::NotAllowed,
+            Denied::LocalToLocal | Denied::Blocked => ErrorCondition::NotAllowed,
             Denied::GroupChatNotForSip(_) => ErrorCondition::NotAllowed,
             Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
                 ErrorCondition::ServiceUnavailable
@@ -147,7 +152,10 @@ impl Denied {
     /// sending as a local user it does not host is told, on its own link, so its operator sees
     /// why nothing arrived.
     pub fn answered(&self) -> bool {
-        !matches!(self, Denied::Spoofed { .. } | Denied::NothingToDeliver)
+        !matches!(
+            self,
+            Denied::Spoofed { .. } | Denied::NothingToDeliver | Denied::Blocked
+        )
     }
 }
 
@@ -168,7 +176,15 @@ pub const MAX_LEARNED: usize = 1_000_000;
 #[derive(Debug, Default)]
 pub struct Directory {
     learned: DashMap<String, Arc<str>>,
+    /// Users a second home node sent as while the directory places them on another one
+    /// (requirements §5: a user lives on one home node): reported, not resolved, because
+    /// which node is right is the operator's call. Bounded by [`MAX_CONFLICTS`].
+    conflicts: DashMap<String, (Arc<str>, Arc<str>)>,
 }
+
+/// Most conflicting users kept for `/status` (one is enough to show a misconfiguration; a
+/// flood of them must not grow the node).
+pub const MAX_CONFLICTS: usize = 100;
 
 /// The home node whose `users` list names `user`, if any.
 fn configured_home<'c>(config: &'c Config, user: &Address) -> Option<&'c str> {
@@ -266,7 +282,11 @@ impl Directory {
             return false;
         }
         match self.known_home(config, from) {
-            Some(h) => *h == **home_node,
+            Some(h) if *h == **home_node => true,
+            Some(h) => {
+                self.conflict(from, &h, home_node);
+                false
+            }
             None => {
                 let may = may_host_domain(config, home_node, &from.domain);
                 if may && user_traffic {
@@ -275,6 +295,33 @@ impl Directory {
                 may
             }
         }
+    }
+
+    fn conflict(&self, user: &Address, placed: &Arc<str>, sender: &Arc<str>) {
+        let key = user.bare_string();
+        if self.conflicts.contains_key(&key) || self.conflicts.len() >= MAX_CONFLICTS {
+            return;
+        }
+        tracing::warn!(
+            user = %crate::net::LogSafe(&key),
+            placed_on = %placed,
+            sent_from = %sender,
+            "a user is on two home nodes: traffic from the second is refused until the \
+             operator lists the user under one home node's `users` (or removes the account)"
+        );
+        self.conflicts.insert(key, (placed.clone(), sender.clone()));
+    }
+
+    /// Users seen on two home nodes: (user, the node the directory places them on, the other
+    /// node that sent as them), sorted by user.
+    pub fn conflicts(&self) -> Vec<(String, Arc<str>, Arc<str>)> {
+        let mut v: Vec<_> = self
+            .conflicts
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn len(&self) -> usize {
@@ -997,6 +1044,22 @@ home_node = "hn2"
             dir.lookup(&cfg, &addr("dave@example.com")),
             Some(Arc::from("hn2")),
             "a refused stanza taught the directory"
+        );
+        // Each user a second node sent as is reported once, with both nodes.
+        route(&cfg, &maps, &dir, &hn1, msg("dave@example.com")).expect_err("again");
+        let c: Vec<(String, String, String)> = dir
+            .conflicts()
+            .into_iter()
+            .map(|(u, a, b)| (u, a.to_string(), b.to_string()))
+            .collect();
+        let row = |u: &str, a: &str, b: &str| (u.to_string(), a.to_string(), b.to_string());
+        assert_eq!(
+            c,
+            vec![
+                row("carol@example.com", "hn2", "hn1"),
+                row("dave@example.com", "hn2", "hn1"),
+                row("erin@other.test", "hn1", "hn2"),
+            ]
         );
         // A link whose node is not configured (removed by a reload) speaks for nobody.
         let gone = Origin::Component {
