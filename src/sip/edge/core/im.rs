@@ -742,7 +742,9 @@ fn headers_of(body: &MessageBody) -> Vec<(&'static str, String)> {
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        out.push(("Subject", clean.trim().to_owned()));
+        if !clean.trim().is_empty() {
+            out.push(("Subject", clean.trim().to_owned()));
+        }
     }
     if let Some(lang) = body.lang.as_deref().filter(|l| language_tag(l)) {
         out.push(("Content-Language", lang.to_owned()));
