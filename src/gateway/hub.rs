@@ -374,7 +374,7 @@ impl Hub {
                     .inc();
                 DENIED.with_label_values(&[denied.label()]).inc();
                 tracing::info!(from = %env.from, to = %env.to, reason = %denied, "refused");
-                if denied.answered() {
+                if denied.answered() && origin.wants_bounces() {
                     if let Some(b) = env.bounce(denied.condition(), denied.to_string()) {
                         self.deliver(Delivery {
                             link: origin.reply_link(),
@@ -418,7 +418,11 @@ impl Hub {
             }
             _ => format!("the {} link is unavailable", link.label()),
         };
-        if let Some(b) = d.envelope.bounce(condition, text) {
+        if let Some(b) = d
+            .envelope
+            .bounce(condition, text)
+            .filter(|_| origin.wants_bounces())
+        {
             self.deliver(Delivery {
                 link: origin.reply_link(),
                 envelope: b,
@@ -502,5 +506,70 @@ impl Hub {
     /// The domains the SIP edge may talk to right now.
     pub fn sip_domain_allowed(&self, d: &Domain) -> bool {
         self.config.load().sip_federated(d).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::gateway::envelope::{Address, Body, MessageBody};
+    use crate::presence::map::MappingStore;
+
+    const CONFIG: &str = r#"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[[xmpp.federation.domain]]
+name = "xmpp.org"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#;
+
+    /// A message to a local user whose home node link is not registered: the submitter hears
+    /// `Unavailable`. An XMPP sender also gets an error stanza; the SIP core does not, since it
+    /// answers the request with the status and an error would reach the SIP sender again as a
+    /// late-error notice.
+    #[test]
+    fn synchronous_refusals_are_not_echoed_to_the_sip_core() {
+        let cfg = config::from_toml(CONFIG, std::path::Path::new("t.toml"), BUILTIN_SYSTEMS)
+            .expect("config");
+        let hub = Hub::new(cfg, MappingStore::open(None).expect("maps"));
+        let mut sip = hub.register_sip(8);
+        let mut s2s = hub.register_s2s(8);
+        let msg = |from: &str| Envelope {
+            from: Address::parse(from).expect("from"),
+            to: Address::parse("alice@example.com").expect("to"),
+            body: Body::Message(MessageBody {
+                id: Some("m1".into()),
+                text: "hi".into(),
+                ..Default::default()
+            }),
+        };
+        let sip_origin = Origin::Sip {
+            domain: Domain::parse("partner.com").expect("domain"),
+        };
+        assert!(matches!(
+            hub.submit(&sip_origin, msg("bob@partner.com")),
+            Submitted::Unavailable(_)
+        ));
+        assert!(sip.try_recv().is_err(), "no echo toward SIP");
+        let s2s_origin = Origin::S2s {
+            domain: Domain::parse("xmpp.org").expect("domain"),
+        };
+        assert!(matches!(
+            hub.submit(&s2s_origin, msg("carol@xmpp.org")),
+            Submitted::Unavailable(_)
+        ));
+        let b = s2s.try_recv().expect("the XMPP sender gets an error");
+        assert!(
+            matches!(&b.envelope.body, Body::Error { id: Some(i), .. } if i == "m1"),
+            "{b:?}"
+        );
     }
 }

@@ -53,6 +53,13 @@ impl Origin {
     }
 
     /// The link that reaches back to this origin.
+    /// Whether a refusal at submit time is told to the sender as an error envelope. The SIP
+    /// core is not: it answers each request from the `Submitted` outcome (a SIP status), and an
+    /// error envelope would reach the SIP sender a second time, as a late-error notice.
+    pub fn wants_bounces(&self) -> bool {
+        !matches!(self, Origin::Sip { .. })
+    }
+
     pub fn reply_link(&self) -> Link {
         match self {
             Origin::Component { home_node } => Link::Component {
@@ -510,6 +517,10 @@ fn finish(
         if let Body::Xmpp(raw) = &env.body {
             match (raw.name, crate::xmpp::convert::message_text(raw)) {
                 ("message", Some(m)) => env.body = Body::Message(m),
+                // RFC 7572 §5 maps one-to-one messages only; a room's traffic is RFC 7702's.
+                ("message", None) if raw.facts().type_.as_deref() == Some("groupchat") => {
+                    return Err(refuse(Denied::NotForSip("groupchat message"), env))
+                }
                 ("message", None) => return Err(refuse(Denied::NothingToDeliver, env)),
                 (name, _) => return Err(refuse(Denied::NotForSip(name), env)),
             }
@@ -702,6 +713,7 @@ home_node = "hn2"
                 id: Some("g1".into()),
                 text: "hello room".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         // A foreign XMPP user joining or talking in a room goes to the alias's home node
@@ -814,10 +826,10 @@ home_node = "hn2"
             home_node: "hn1".into(),
         };
         let raw = |name: &'static str, xml: &'static str| {
-            Body::Xmpp(crate::gateway::envelope::XmppRaw {
+            Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
                 name,
-                bytes: bytes::Bytes::from_static(xml.as_bytes()),
-            })
+                bytes::Bytes::from_static(xml.as_bytes()),
+            ))
         };
         let chat = raw("message", "<message type='chat' to='bob@partner.com' from='a@example.com/pc' id='m1'><body>hi &lt;3</body></message>");
         let r = route(
@@ -833,7 +845,8 @@ home_node = "hn2"
             Body::Message(MessageBody {
                 id: Some("m1".into()),
                 text: "hi <3".into(),
-                thread: None
+                thread: None,
+                ..Default::default()
             })
         );
         let typing = raw("message", "<message to='bob@partner.com' from='a@example.com/pc'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>");
@@ -908,6 +921,7 @@ home_node = "hn2"
                 id: None,
                 text: "hi".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         let comp = Origin::Component {
@@ -967,10 +981,10 @@ home_node = "hn2"
     }
 
     fn raw(name: &'static str, xml: &str) -> Body {
-        Body::Xmpp(crate::gateway::envelope::XmppRaw {
+        Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
             name,
-            bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
-        })
+            bytes::Bytes::copy_from_slice(xml.as_bytes()),
+        ))
     }
 
     #[test]
