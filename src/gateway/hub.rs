@@ -127,6 +127,11 @@ pub enum Submitted {
 /// A function an edge registers to show its state in the admin `/status` document.
 pub type StatusProvider = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Opens the component links of a foreign domain on every home node (registering their
+/// outboxes before it returns); `false` when it may not (bound reached). Registered by the
+/// component-link edge in open federation.
+pub type ComponentOpener = Arc<dyn Fn(&Domain) -> bool + Send + Sync>;
+
 pub struct Hub {
     status: DashMap<&'static str, StatusProvider>,
     config: ArcSwap<Config>,
@@ -137,6 +142,8 @@ pub struct Hub {
     /// Set when a send left a component outbox less than a quarter free, so `congestion`
     /// (asked after every SIP input) scans the outboxes only when one may be crowded.
     crowded: AtomicBool,
+    /// Set in open federation: components of unlisted domains open on their first delivery.
+    opener: std::sync::OnceLock<ComponentOpener>,
 }
 
 impl Hub {
@@ -149,7 +156,33 @@ impl Hub {
             policies: Policies::new(),
             outboxes: DashMap::new(),
             crowded: AtomicBool::new(false),
+            opener: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the open-federation component opener (once; later calls are ignored).
+    pub fn set_component_opener(&self, opener: ComponentOpener) {
+        let _ = self.opener.set(opener);
+    }
+
+    /// A component delivery found no outbox: in open federation, a domain the policy allows
+    /// but the configuration does not list gets its components now, and the outbox again.
+    fn open_on_demand(&self, d: &Delivery) -> Option<mpsc::Sender<Delivery>> {
+        if !matches!(d.link, Link::Component { .. }) {
+            return None;
+        }
+        let opener = self.opener.get()?;
+        let domain = &d.envelope.from.domain;
+        let cfg = self.config.load();
+        if cfg.xmpp.federation.mode != crate::config::FederationMode::DenyList
+            || !cfg.xmpp_federation_allowed(domain)
+        {
+            return None;
+        }
+        if !opener(domain) {
+            return None;
+        }
+        self.outbox(d)
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -420,7 +453,7 @@ impl Hub {
         // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
         // the second lookup skips it for the manager's.
         for _ in 0..2 {
-            let Some(tx) = self.outbox(&d) else {
+            let Some(tx) = self.outbox(&d).or_else(|| self.open_on_demand(&d)) else {
                 return Handed::Gone(d);
             };
             let component = matches!(d.link, Link::Component { .. });

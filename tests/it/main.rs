@@ -22,6 +22,7 @@ mod interworking;
 mod mapping_properties;
 mod mapping_reload;
 mod mappings_check;
+mod open_federation;
 mod presence_codecs;
 mod rfc7247;
 mod s2s;
