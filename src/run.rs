@@ -27,6 +27,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Edge(String),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Announces a bound listener (see the module doc for the format).
@@ -42,6 +44,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let reload = config.mappings.reload;
     let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
     let admin_addr = config.node.admin_listen;
+    // The state store is read before anything binds: a corrupt journal stops the node with
+    // the file and offset named, before any partner sees it half-restored.
+    let data_dir = config.node.data_dir.clone();
+    let store: crate::store::SharedStore = Arc::new(
+        tokio::task::spawn_blocking(move || crate::store::embedded::Embedded::open(&data_dir))
+            .await
+            .map_err(|e| RunError::Edge(format!("state store: {e}")))??,
+    );
     let hub = Hub::new(config, maps);
     // Edges load their TLS material and secrets before anything binds.
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
@@ -69,9 +79,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
 
     // The edges register their outboxes with the hub and run until shutdown.
-    let sip = crate::sip::edge::SipEdge::start(hub.clone(), shutdown.clone())
-        .await
-        .map_err(|e| RunError::Edge(e.to_string()))?;
+    let sip = crate::sip::edge::SipEdge::start_with_store(
+        hub.clone(),
+        shutdown.clone(),
+        None,
+        store.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Edge(e.to_string()))?;
     let s2s = s2s
         .spawn(shutdown.clone(), &mut tasks)
         .await

@@ -23,6 +23,7 @@ use crate::presence::map::MappingStore;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use prometheus::IntCounterVec;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -135,6 +136,9 @@ pub struct Hub {
     /// Set when a send left a component outbox less than a quarter free, so `congestion`
     /// (asked after every SIP input) scans the outboxes only when one may be crowded.
     crowded: AtomicBool,
+    /// How many times a component link serving each foreign domain came up: drivers that
+    /// owe the home side something after a (re)connection watch it (see `note_link_up`).
+    link_ups: tokio::sync::watch::Sender<HashMap<Domain, u64>>,
 }
 
 impl Hub {
@@ -146,7 +150,19 @@ impl Hub {
             directory: Directory::default(),
             outboxes: DashMap::new(),
             crowded: AtomicBool::new(false),
+            link_ups: tokio::sync::watch::channel(HashMap::new()).0,
         })
+    }
+
+    /// A component link serving foreign `domain` completed its handshake.
+    pub fn note_link_up(&self, domain: &Domain) {
+        self.link_ups
+            .send_modify(|m| *m.entry(domain.clone()).or_default() += 1);
+    }
+
+    /// Link-up counts per foreign domain; changes whenever a link comes up.
+    pub fn link_ups(&self) -> tokio::sync::watch::Receiver<HashMap<Domain, u64>> {
+        self.link_ups.subscribe()
     }
 
     pub fn config(&self) -> Arc<Config> {

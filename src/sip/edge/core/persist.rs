@@ -1,15 +1,545 @@
-//! Persistence of the notifier subscriptions (requirements §1: a restart loses none): the
-//! snapshot written to the state file and its reload.
+//! Persistence of presence subscriptions (requirements §1: a restart loses none), both roles:
+//! foreign watchers' subscriptions to local users (notifier dialogs, RFC 6665 §4.2) and local
+//! users' subscriptions to foreign users (subscriber dialogs, RFC 6665 §4.1).
+//!
+//! Sans-IO like the rest of the core: the core turns its tables into store operations
+//! ([`Core::take_store_ops`], one record per subscription, written only when it changed) and
+//! rebuilds them from records ([`Core::restore_record`]); the driver talks to the store.
+//! Restoring never talks to the home side: the home node's component link may not exist yet
+//! (at start it never does). What a restored subscription owes the home side — a probe for
+//! an approved watcher, the pending request again, the last presence of a foreign contact —
+//! is sent when that domain's link comes up ([`Core::handle_link_up`]), paced by
+//! [`Core::pump_link_up`] so a large table does not overflow the link's queue.
+//!
+//! Record keys: `sip/n/<local tag>/<remote tag>/<Call-ID>` (tags are tokens, so the key
+//! splits unambiguously) and `sip/s/<watcher>/<presentity>`. Values are positional JSON arrays
+//! (no field names: a Lync watcher's record stays well under 1 KiB).
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use super::*;
 
+/// Store key prefix of notifier records.
+pub const NOTIFIER_PREFIX: &str = "sip/n/";
+/// Store key prefix of subscriber records.
+pub const SUBSCRIBER_PREFIX: &str = "sip/s/";
+/// Prefix of every record the SIP edge owns.
+pub const SIP_PREFIX: &str = "sip/";
+/// Record layout version (the first element of every value).
+const RECORD_VERSION: u8 = 1;
+
+/// One change for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// What [`Core::restore_record`] did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restored {
+    Notifier,
+    Subscriber,
+    /// Expired, for a domain no longer federated, or unreadable (logged); the record is
+    /// deleted at the next write.
+    Dropped,
+}
+
+/// A dialog, positionally.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DialogRec(
+    String,      // call id
+    String,      // local tag
+    String,      // remote tag
+    String,      // local uri
+    String,      // remote uri
+    String,      // remote target
+    Vec<String>, // route set
+    u32,         // local cseq
+    Option<u32>, // remote cseq
+);
+
+impl From<&Dialog> for DialogRec {
+    fn from(d: &Dialog) -> Self {
+        DialogRec(
+            d.id.call_id.clone(),
+            d.id.local_tag.clone(),
+            d.id.remote_tag.clone(),
+            d.local_uri.clone(),
+            d.remote_uri.clone(),
+            d.remote_target.clone(),
+            d.route_set.clone(),
+            d.local_cseq,
+            d.remote_cseq,
+        )
+    }
+}
+
+impl From<DialogRec> for Dialog {
+    fn from(r: DialogRec) -> Self {
+        Dialog {
+            id: DialogId {
+                call_id: r.0,
+                local_tag: r.1,
+                remote_tag: r.2,
+            },
+            local_uri: r.3,
+            remote_uri: r.4,
+            remote_target: r.5,
+            route_set: r.6,
+            local_cseq: r.7,
+            remote_cseq: r.8,
+        }
+    }
+}
+
+/// A notifier: version, dialog, watcher, presentity, domain, active, msrtc, expiry (Unix s).
+#[derive(Debug, Serialize, Deserialize)]
+struct NotifierRec(u8, DialogRec, String, String, String, bool, bool, u64);
+
+/// A subscriber: version, watcher, presentity, domain, Call-ID, local tag, CSeq, approved,
+/// Expires asked, dialog (once established).
+#[derive(Debug, Serialize, Deserialize)]
+struct SubscriberRec(
+    u8,
+    String,
+    String,
+    String,
+    String,
+    String,
+    u32,
+    bool,
+    u32,
+    Option<DialogRec>,
+);
+
+fn notifier_key(id: &DialogId) -> String {
+    format!(
+        "{NOTIFIER_PREFIX}{}/{}/{}",
+        id.local_tag, id.remote_tag, id.call_id
+    )
+}
+
+fn subscriber_key(pair: &(String, String)) -> String {
+    format!("{SUBSCRIBER_PREFIX}{}/{}", pair.0, pair.1)
+}
+
+fn unix(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn fingerprint(h: impl Hash) -> u64 {
+    let mut s = std::collections::hash_map::DefaultHasher::new();
+    h.hash(&mut s);
+    s.finish()
+}
+
+/// What a change to a notifier's record looks like: NOTIFYs alone (local CSeq) are left out,
+/// restored dialogs add `RESTORE_CSEQ_MARGIN` instead.
+fn notifier_print(n: &Notifier) -> u64 {
+    fingerprint((
+        n.state == NotifierState::Active,
+        n.format == SipBodyKind::Msrtc,
+        n.expires_at,
+        n.dialog.remote_cseq,
+        &n.dialog.remote_target,
+        &n.dialog.route_set,
+    ))
+}
+
+fn subscriber_print(s: &Subscriber) -> u64 {
+    fingerprint((
+        matches!(s.state, SubscriberState::Established { approved: true }),
+        &s.call_id,
+        s.cseq,
+        s.expires,
+        s.dialog
+            .as_ref()
+            .map(|d| (&d.id.remote_tag, d.local_cseq, &d.remote_target)),
+    ))
+}
+
+/// Persistence bookkeeping kept by the core: what the store holds (by fingerprint) and what
+/// still has to be told to the home side after a link came up.
+#[derive(Default)]
+pub(crate) struct Persisted {
+    notifiers: HashMap<DialogId, u64>,
+    subscribers: HashMap<(String, String), u64>,
+    /// Envelopes owed to the home side after a link came up, sent a slice at a time.
+    kicks: VecDeque<(Domain, Envelope)>,
+}
+
 impl Core {
-    /// The state to write (notifier subscriptions; see `edge` module doc).
+    /// The store operations that bring the store up to the core's tables: one put per
+    /// subscription created or changed since the last call, one delete per one gone. Cheap
+    /// when nothing changed (the `dirty` flag); one pass over the tables otherwise.
+    pub fn take_store_ops(&mut self, now: Instant, wall: SystemTime) -> Vec<StoreOp> {
+        if !self.take_dirty() {
+            return Vec::new();
+        }
+        let base = unix(wall);
+        let mut ops = Vec::new();
+        let mut stored = std::mem::take(&mut self.persisted.notifiers);
+        let mut next = HashMap::with_capacity(self.notifiers.len());
+        for (id, n) in &self.notifiers {
+            let print = notifier_print(n);
+            if stored.remove(id) != Some(print) {
+                let rec = NotifierRec(
+                    RECORD_VERSION,
+                    DialogRec::from(&n.dialog),
+                    n.watcher.bare_string(),
+                    n.presentity.bare_string(),
+                    n.domain.to_string(),
+                    n.state == NotifierState::Active,
+                    n.format == SipBodyKind::Msrtc,
+                    base + n.expires_at.saturating_duration_since(now).as_secs(),
+                );
+                match serde_json::to_vec(&rec) {
+                    Ok(value) => ops.push(StoreOp::Put {
+                        key: notifier_key(id),
+                        value,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "cannot encode a notifier record"),
+                }
+            }
+            next.insert(id.clone(), print);
+        }
+        ops.extend(stored.keys().map(|id| StoreOp::Delete {
+            key: notifier_key(id),
+        }));
+        self.persisted.notifiers = next;
+
+        let mut stored = std::mem::take(&mut self.persisted.subscribers);
+        let mut next = HashMap::with_capacity(self.subscribers.len());
+        for s in self.subscribers.values() {
+            // An un-SUBSCRIBE in flight is not worth restoring: the record goes.
+            if s.state == SubscriberState::Unsubscribing {
+                continue;
+            }
+            let pair = (s.watcher.bare_string(), s.presentity.bare_string());
+            let print = subscriber_print(s);
+            if stored.remove(&pair) != Some(print) {
+                let rec = SubscriberRec(
+                    RECORD_VERSION,
+                    pair.0.clone(),
+                    pair.1.clone(),
+                    s.domain.to_string(),
+                    s.call_id.clone(),
+                    s.local_tag.clone(),
+                    s.cseq,
+                    matches!(s.state, SubscriberState::Established { approved: true }),
+                    s.expires,
+                    s.dialog.as_ref().map(DialogRec::from),
+                );
+                match serde_json::to_vec(&rec) {
+                    Ok(value) => ops.push(StoreOp::Put {
+                        key: subscriber_key(&pair),
+                        value,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "cannot encode a subscriber record"),
+                }
+            }
+            next.insert(pair, print);
+        }
+        ops.extend(stored.keys().map(|p| StoreOp::Delete {
+            key: subscriber_key(p),
+        }));
+        self.persisted.subscribers = next;
+        ops
+    }
+
+    /// Rebuilds one subscription from its store record. A restored subscriber sends its
+    /// SUBSCRIBE (in its dialog when it had one) at once: that needs only the SIP side. The
+    /// home side hears about restored subscriptions when its link comes up.
+    pub fn restore_record(
+        &mut self,
+        hub: &dyn HubPort,
+        key: &str,
+        value: &[u8],
+        now: Instant,
+        wall: SystemTime,
+    ) -> Restored {
+        let r = if key.starts_with(NOTIFIER_PREFIX) {
+            match serde_json::from_slice::<NotifierRec>(value) {
+                Ok(NotifierRec(RECORD_VERSION, d, w, p, dom, active, msrtc, exp)) => {
+                    let p = PersistedNotifier {
+                        dialog: d.into(),
+                        watcher: w,
+                        presentity: p,
+                        domain: dom,
+                        active,
+                        msrtc,
+                        expires_unix: exp,
+                    };
+                    match self.restore_notifier(hub, p, now, unix(wall)) {
+                        Some(_) => Restored::Notifier,
+                        None => Restored::Dropped,
+                    }
+                }
+                Ok(_) => Restored::Dropped,
+                Err(e) => {
+                    tracing::warn!(key = %LogSafe(key), error = %e, "unreadable notifier record dropped");
+                    Restored::Dropped
+                }
+            }
+        } else if key.starts_with(SUBSCRIBER_PREFIX) {
+            match serde_json::from_slice::<SubscriberRec>(value) {
+                Ok(rec) if rec.0 == RECORD_VERSION => self.restore_subscriber(hub, rec, now),
+                Ok(_) => Restored::Dropped,
+                Err(e) => {
+                    tracing::warn!(key = %LogSafe(key), error = %e, "unreadable subscriber record dropped");
+                    Restored::Dropped
+                }
+            }
+        } else {
+            Restored::Dropped
+        };
+        if r == Restored::Dropped {
+            // The next write deletes it: it is remembered as stored with no live twin.
+            self.forget_record(key);
+        }
+        r
+    }
+
+    /// Marks `key` as stored-but-dead so the next `take_store_ops` deletes it.
+    fn forget_record(&mut self, key: &str) {
+        if let Some(rest) = key.strip_prefix(NOTIFIER_PREFIX) {
+            let mut it = rest.splitn(3, '/');
+            if let (Some(l), Some(r), Some(c)) = (it.next(), it.next(), it.next()) {
+                let id = DialogId {
+                    call_id: c.to_string(),
+                    local_tag: l.to_string(),
+                    remote_tag: r.to_string(),
+                };
+                if !self.notifiers.contains_key(&id) {
+                    self.persisted.notifiers.insert(id, 0);
+                }
+            }
+        } else if let Some(rest) = key.strip_prefix(SUBSCRIBER_PREFIX) {
+            if let Some((w, p)) = rest.split_once('/') {
+                let pair = (w.to_string(), p.to_string());
+                if !self.subscriber_pairs.contains_key(&pair) {
+                    self.persisted.subscribers.insert(pair, 0);
+                }
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn restore_subscriber(
+        &mut self,
+        hub: &dyn HubPort,
+        r: SubscriberRec,
+        now: Instant,
+    ) -> Restored {
+        let SubscriberRec(_, w, p, dom, call_id, local_tag, cseq, approved, expires, dialog) = r;
+        let (Ok(watcher), Ok(presentity), Ok(domain)) =
+            (Address::parse(&w), Address::parse(&p), Domain::parse(&dom))
+        else {
+            return Restored::Dropped;
+        };
+        let cfg = hub.config();
+        if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&watcher.domain) {
+            return Restored::Dropped;
+        }
+        let pair = (watcher.bare_string(), presentity.bare_string());
+        if self.subscriber_pairs.contains_key(&pair) {
+            return Restored::Dropped;
+        }
+        let id = self.new_subscriber(watcher, presentity, domain);
+        let Some(s) = self.subscribers.get_mut(&id) else {
+            return Restored::Dropped;
+        };
+        // The same Call-ID and tag: the peer's NOTIFYs in the old dialog still match.
+        self.subscriber_calls
+            .remove(&(s.call_id.clone(), s.local_tag.clone()));
+        s.call_id = call_id;
+        s.local_tag = local_tag;
+        s.cseq = cseq.saturating_add(RESTORE_CSEQ_MARGIN);
+        s.expires = expires.clamp(1, subscription::MAX_EXPIRES);
+        s.dialog = dialog.map(|d| {
+            let mut d = Dialog::from(d);
+            d.local_cseq = d.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
+            d
+        });
+        s.state = if s.dialog.is_some() {
+            SubscriberState::Established { approved }
+        } else {
+            SubscriberState::Subscribing
+        };
+        self.subscriber_calls
+            .insert((s.call_id.clone(), s.local_tag.clone()), id);
+        // A refresh in the old dialog (a 481 starts a new one, RFC 6665 §4.1.2.2), or a new
+        // subscription: either way the peer sends a NOTIFY with the current state.
+        self.send_subscribe(id, now);
+        // Stored as it is now: the refresh's answer writes what it changes.
+        if let Some(s) = self.subscribers.get(&id) {
+            let print = subscriber_print(s);
+            self.persisted.subscribers.insert(pair, print);
+        }
+        Restored::Subscriber
+    }
+
+    /// Reloads notifier subscriptions of the old state file (migration; see `edge`). They
+    /// are written to the store by the next `take_store_ops`.
+    pub fn restore(
+        &mut self,
+        hub: &dyn HubPort,
+        state: PersistedState,
+        now: Instant,
+        wall: SystemTime,
+    ) -> usize {
+        let base = unix(wall);
+        let mut n = 0;
+        for p in state.notifiers {
+            if self.restore_notifier(hub, p, now, base).is_some() {
+                n += 1;
+            }
+        }
+        // Recorded as not yet stored: the store gets them all.
+        self.persisted.notifiers.clear();
+        self.dirty = true;
+        n
+    }
+
+    /// Puts one notifier back; None when expired, no longer federated or unreadable.
+    fn restore_notifier(
+        &mut self,
+        hub: &dyn HubPort,
+        p: PersistedNotifier,
+        now: Instant,
+        base: u64,
+    ) -> Option<DialogId> {
+        if p.expires_unix <= base {
+            return None;
+        }
+        let (Ok(watcher), Ok(presentity), Ok(domain)) = (
+            Address::parse(&p.watcher),
+            Address::parse(&p.presentity),
+            Domain::parse(&p.domain),
+        ) else {
+            tracing::warn!("stored subscription with unparsable addresses skipped");
+            return None;
+        };
+        let cfg = hub.config();
+        if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&presentity.domain) {
+            return None;
+        }
+        let mut dialog = p.dialog;
+        dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
+        let id = dialog.id.clone();
+        // A hand-edited or corrupt record may say anything: never more than the longest
+        // grant, and never an overflow.
+        let remaining = p
+            .expires_unix
+            .saturating_sub(base)
+            .min(u64::from(subscription::MAX_EXPIRES));
+        let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
+            tracing::warn!(dialog = %LogSafe(&id.call_id), "stored subscription with unusable expiry skipped");
+            return None;
+        };
+        let n = Notifier {
+            dialog,
+            watcher: watcher.clone(),
+            presentity: presentity.clone(),
+            domain,
+            state: if p.active {
+                NotifierState::Active
+            } else {
+                NotifierState::Pending
+            },
+            format: if p.msrtc {
+                SipBodyKind::Msrtc
+            } else {
+                SipBodyKind::Pidf
+            },
+            expires_at,
+            last: None,
+            conn: None,
+            armed: None,
+            last_sent: None,
+        };
+        let print = notifier_print(&n);
+        self.pair_add(
+            (watcher.bare_string(), presentity.bare_string()),
+            id.clone(),
+        );
+        self.notifier_insert(id.clone(), n);
+        self.arm_notifier(&id, expires_at);
+        self.persisted.notifiers.insert(id.clone(), print);
+        Some(id)
+    }
+
+    /// The component link serving foreign `domain` came up (at start, or again after a
+    /// break): whatever the home side may have missed is queued for it — a probe for each
+    /// approved watcher in `domain` (the answer refreshes the watcher's NOTIFY), the pending
+    /// requests again (so they reach the user), and each local user's last known presence of
+    /// their contacts in `domain`. Sent by [`Core::pump_link_up`].
+    pub fn handle_link_up(&mut self, domain: &Domain) {
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        let mut kicks = Vec::new();
+        for n in self.notifiers.values() {
+            if n.watcher.domain != *domain && n.domain != *domain {
+                continue;
+            }
+            if !seen.insert((n.watcher.bare_string(), n.presentity.bare_string())) {
+                continue;
+            }
+            let ask = match n.state {
+                NotifierState::Active => Subscription::Probe,
+                NotifierState::Pending => Subscription::Subscribe,
+            };
+            kicks.push((
+                n.domain.clone(),
+                Envelope {
+                    from: n.watcher.clone(),
+                    to: n.presentity.clone(),
+                    body: Body::Subscription(ask),
+                },
+            ));
+        }
+        for s in self.subscribers.values() {
+            if s.presentity.domain != *domain && s.domain != *domain {
+                continue;
+            }
+            if let (Some(p), SubscriberState::Established { approved: true }) = (&s.last, &s.state)
+            {
+                kicks.push((
+                    s.domain.clone(),
+                    Envelope {
+                        from: s.presentity.clone(),
+                        to: s.watcher.clone(),
+                        body: Body::Presence(p.clone()),
+                    },
+                ));
+            }
+        }
+        self.persisted.kicks.extend(kicks);
+    }
+
+    /// Sends up to `budget` of what `handle_link_up` queued; true while more wait.
+    pub fn pump_link_up(&mut self, hub: &dyn HubPort, budget: usize) -> bool {
+        for _ in 0..budget {
+            let Some((domain, env)) = self.persisted.kicks.pop_front() else {
+                return false;
+            };
+            hub.submit(&domain, env);
+        }
+        !self.persisted.kicks.is_empty()
+    }
+
+    /// Whether `handle_link_up` left envelopes to send.
+    pub fn has_link_up_work(&self) -> bool {
+        !self.persisted.kicks.is_empty()
+    }
+
+    /// The legacy state-file form of the notifier table (tests of the migration).
+    #[cfg(test)]
     pub fn snapshot(&self, now: Instant, wall: SystemTime) -> PersistedState {
-        let base = wall
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let base = unix(wall);
         let mut notifiers: Vec<PersistedNotifier> = self
             .notifiers
             .values()
@@ -28,144 +558,5 @@ impl Core {
             version: 1,
             notifiers,
         }
-    }
-
-    /// Writes the same state as [`Core::snapshot`] as JSON into `out` without cloning the
-    /// dialogs (a large table must not double its memory once a second).
-    pub fn write_snapshot(
-        &self,
-        now: Instant,
-        wall: SystemTime,
-        out: &mut impl std::io::Write,
-    ) -> serde_json::Result<()> {
-        #[derive(Serialize)]
-        struct NotifierRef<'a> {
-            dialog: &'a Dialog,
-            watcher: String,
-            presentity: String,
-            domain: &'a str,
-            active: bool,
-            msrtc: bool,
-            expires_unix: u64,
-        }
-        #[derive(Serialize)]
-        struct StateRef<'a> {
-            version: u32,
-            notifiers: Vec<NotifierRef<'a>>,
-        }
-        let base = wall
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let mut notifiers: Vec<NotifierRef<'_>> = self
-            .notifiers
-            .values()
-            .map(|n| NotifierRef {
-                dialog: &n.dialog,
-                watcher: n.watcher.bare_string(),
-                presentity: n.presentity.bare_string(),
-                domain: n.domain.as_str(),
-                active: n.state == NotifierState::Active,
-                msrtc: n.format == SipBodyKind::Msrtc,
-                expires_unix: base + n.expires_at.saturating_duration_since(now).as_secs(),
-            })
-            .collect();
-        notifiers.sort_by(|a, b| a.dialog.id.cmp(&b.dialog.id));
-        serde_json::to_writer(
-            out,
-            &StateRef {
-                version: 1,
-                notifiers,
-            },
-        )
-    }
-
-    /// Reloads notifier subscriptions written before a restart. Expired entries are dropped;
-    /// active ones ask the home side for current presence (a Probe) so the next NOTIFY is right.
-    pub fn restore(
-        &mut self,
-        hub: &dyn HubPort,
-        state: PersistedState,
-        now: Instant,
-        wall: SystemTime,
-    ) -> usize {
-        let base = wall
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let cfg = hub.config();
-        let mut n_restored = 0;
-        for p in state.notifiers {
-            if p.expires_unix <= base {
-                continue;
-            }
-            let (Ok(watcher), Ok(presentity), Ok(domain)) = (
-                Address::parse(&p.watcher),
-                Address::parse(&p.presentity),
-                Domain::parse(&p.domain),
-            ) else {
-                tracing::warn!("state entry with unparsable addresses skipped");
-                continue;
-            };
-            if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&presentity.domain) {
-                continue;
-            }
-            let mut dialog = p.dialog;
-            dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
-            let id = dialog.id.clone();
-            // A hand-edited or corrupt file may say anything: never more than the longest
-            // grant, and never an overflow.
-            let remaining = p
-                .expires_unix
-                .saturating_sub(base)
-                .min(u64::from(subscription::MAX_EXPIRES));
-            let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
-                tracing::warn!(dialog = %crate::net::LogSafe(&id.call_id), "state entry with unusable expiry skipped");
-                continue;
-            };
-            let active = p.active;
-            let n = Notifier {
-                dialog,
-                watcher: watcher.clone(),
-                presentity: presentity.clone(),
-                domain: domain.clone(),
-                state: if active {
-                    NotifierState::Active
-                } else {
-                    NotifierState::Pending
-                },
-                format: if p.msrtc {
-                    SipBodyKind::Msrtc
-                } else {
-                    SipBodyKind::Pidf
-                },
-                expires_at,
-                last: None,
-                conn: None,
-                armed: None,
-                last_sent: None,
-            };
-            self.pair_add(
-                (watcher.bare_string(), presentity.bare_string()),
-                id.clone(),
-            );
-            self.notifier_insert(id.clone(), n);
-            self.arm_notifier(&id, expires_at);
-            n_restored += 1;
-            let ask = if active {
-                Subscription::Probe
-            } else {
-                Subscription::Subscribe
-            };
-            hub.submit(
-                &domain,
-                Envelope {
-                    from: watcher,
-                    to: presentity,
-                    body: Body::Subscription(ask),
-                },
-            );
-        }
-        n_restored
     }
 }
