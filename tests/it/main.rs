@@ -22,6 +22,7 @@ mod mapping_properties;
 mod mapping_reload;
 mod mappings_check;
 mod presence_codecs;
+mod restart;
 mod s2s;
 mod sip_edge;
 mod sip_edge_tls;
