@@ -384,7 +384,7 @@ async fn restore(
     let legacy = data_dir.join(STATE_FILE);
     if let Some(state) = load_state(&legacy)? {
         let n = core.restore(hub, state, now, wall);
-        apply_ops(store, core.take_store_ops(now, wall)).await?;
+        apply_ops(store, core.take_store_ops(now, wall, true)).await?;
         let moved = legacy.with_extension("json.migrated");
         if let Err(e) = std::fs::rename(&legacy, &moved) {
             tracing::warn!(path = %legacy.display(), error = %e, "cannot rename the migrated SIP state file");
@@ -630,6 +630,10 @@ struct Outbound {
     use_tls: bool,
 }
 
+/// How often the driver has the core compare every subscription with the store (a safety net
+/// for a change noted only by the `dirty` flag; the per-second pass sees touched ones only).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
+
 /// Envelopes owed after a link came up that are sent per driver turn (the link's queue must
 /// not overflow with a large restored table).
 const LINK_UP_SLICE: usize = 256;
@@ -662,6 +666,7 @@ impl Driver {
         let mut shutdown = self.shutdown.clone();
         // The store write in flight (one batch at a time, so changes to a key never reorder).
         let mut writing: Option<tokio::task::JoinHandle<()>> = None;
+        let mut last_full = Instant::now();
         // Component links that came up: what restored subscriptions owe the home side is sent
         // then (a link already up before this task started counts too).
         let mut link_ups = self.hub.link_ups();
@@ -728,7 +733,11 @@ impl Driver {
                     self.status.connections.store(self.conns.len(), Ordering::Relaxed);
                     // Changed records, at most once a second; the previous batch first.
                     if writing.as_ref().is_none_or(|h| h.is_finished()) {
-                        writing = self.persist();
+                        let full = last_full.elapsed() >= FULL_SCAN_EVERY;
+                        if full {
+                            last_full = Instant::now();
+                        }
+                        writing = self.persist(full);
                     }
                 }
                 _ = shutdown.changed() => {
@@ -750,14 +759,17 @@ impl Driver {
         if let Some(h) = writing.take() {
             let _ = h.await;
         }
-        if let Some(h) = self.persist() {
+        if let Some(h) = self.persist(true) {
             let _ = h.await;
         }
     }
 
-    /// Hands the records that changed to a task that writes them to the store.
-    fn persist(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        let ops = self.core.take_store_ops(Instant::now(), SystemTime::now());
+    /// Hands the records that changed to a task that writes them to the store (`full`: compare
+    /// every subscription, see `Core::take_store_ops`).
+    fn persist(&mut self, full: bool) -> Option<tokio::task::JoinHandle<()>> {
+        let ops = self
+            .core
+            .take_store_ops(Instant::now(), SystemTime::now(), full);
         if ops.is_empty() {
             return None;
         }

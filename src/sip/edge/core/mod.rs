@@ -504,6 +504,8 @@ impl Core {
     /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
     /// already queued (a refresh storm must not grow the heap).
     fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
+        // A new expiry (a refresh) changes the stored record.
+        self.touch_notifier(id);
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };

@@ -16,7 +16,6 @@
 //! (no field names: a Lync watcher's record stays well under 1 KiB).
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 
 use super::*;
 
@@ -131,123 +130,272 @@ fn unix(wall: SystemTime) -> u64 {
         .as_secs()
 }
 
-fn fingerprint(h: impl Hash) -> u64 {
-    let mut s = std::collections::hash_map::DefaultHasher::new();
-    h.hash(&mut s);
-    s.finish()
-}
+/// What a change to a notifier's record looks like: state, format, expiry and the peer's
+/// CSeq (a refresh moves both; its new target comes with it). NOTIFYs alone (our CSeq) are
+/// left out: restored dialogs add `RESTORE_CSEQ_MARGIN` instead.
+type NotifierPrint = (bool, bool, Instant, Option<u32>);
 
-/// What a change to a notifier's record looks like: NOTIFYs alone (local CSeq) are left out,
-/// restored dialogs add `RESTORE_CSEQ_MARGIN` instead.
-fn notifier_print(n: &Notifier) -> u64 {
-    fingerprint((
+fn notifier_print(n: &Notifier) -> NotifierPrint {
+    (
         n.state == NotifierState::Active,
         n.format == SipBodyKind::Msrtc,
         n.expires_at,
         n.dialog.remote_cseq,
-        &n.dialog.remote_target,
-        &n.dialog.route_set,
-    ))
+    )
 }
 
-fn subscriber_print(s: &Subscriber) -> u64 {
-    fingerprint((
+/// The same for a subscriber: a new subscription for the pair has a new id; a dialog, an
+/// approval, a (re)SUBSCRIBE (our CSeq) or a new Expires change the record.
+type SubscriberPrint = (u64, bool, u32, u32, Option<u32>);
+
+fn subscriber_print(s: &Subscriber) -> SubscriberPrint {
+    (
+        s.id,
         matches!(s.state, SubscriberState::Established { approved: true }),
-        &s.call_id,
         s.cseq,
         s.expires,
-        s.dialog
-            .as_ref()
-            .map(|d| (&d.id.remote_tag, d.local_cseq, &d.remote_target)),
-    ))
+        s.dialog.as_ref().map(|d| d.local_cseq),
+    )
 }
 
-/// Persistence bookkeeping kept by the core: what the store holds (by fingerprint) and what
-/// still has to be told to the home side after a link came up.
+/// One record as the store holds it: its print (None: a record to delete) and the pass of
+/// `take_store_ops` that last saw it live.
+struct Stored<P> {
+    print: Option<P>,
+    seen: u32,
+}
+
+/// Persistence bookkeeping kept by the core: what the store holds and what still has to be
+/// told to the home side after a link came up.
 #[derive(Default)]
 pub(crate) struct Persisted {
-    notifiers: HashMap<DialogId, u64>,
-    subscribers: HashMap<(String, String), u64>,
+    notifiers: HashMap<DialogId, Stored<NotifierPrint>>,
+    subscribers: HashMap<(String, String), Stored<SubscriberPrint>>,
+    /// Pass counter of full `take_store_ops` scans (records not seen in one are gone).
+    pass: u32,
+    /// A change was flagged (`Core::dirty`) since the last full scan.
+    scan_owed: bool,
+    /// What changed since the last `take_store_ops`, for the cheap pass.
+    pub(super) touched: Touched,
     /// Envelopes owed to the home side after a link came up, sent a slice at a time.
     kicks: VecDeque<(Domain, Envelope)>,
 }
 
-impl Core {
-    /// The store operations that bring the store up to the core's tables: one put per
-    /// subscription created or changed since the last call, one delete per one gone. Cheap
-    /// when nothing changed (the `dirty` flag); one pass over the tables otherwise.
-    pub fn take_store_ops(&mut self, now: Instant, wall: SystemTime) -> Vec<StoreOp> {
-        if !self.take_dirty() {
-            return Vec::new();
-        }
-        let base = unix(wall);
-        let mut ops = Vec::new();
-        let mut stored = std::mem::take(&mut self.persisted.notifiers);
-        let mut next = HashMap::with_capacity(self.notifiers.len());
-        for (id, n) in &self.notifiers {
-            let print = notifier_print(n);
-            if stored.remove(id) != Some(print) {
-                let rec = NotifierRec(
-                    RECORD_VERSION,
-                    DialogRec::from(&n.dialog),
-                    n.watcher.bare_string(),
-                    n.presentity.bare_string(),
-                    n.domain.to_string(),
-                    n.state == NotifierState::Active,
-                    n.format == SipBodyKind::Msrtc,
-                    base + n.expires_at.saturating_duration_since(now).as_secs(),
-                );
-                match serde_json::to_vec(&rec) {
-                    Ok(value) => ops.push(StoreOp::Put {
-                        key: notifier_key(id),
-                        value,
-                    }),
-                    Err(e) => tracing::error!(error = %e, "cannot encode a notifier record"),
-                }
-            }
-            next.insert(id.clone(), print);
-        }
-        ops.extend(stored.keys().map(|id| StoreOp::Delete {
-            key: notifier_key(id),
-        }));
-        self.persisted.notifiers = next;
+/// Subscriptions changed since the last write, noted where they change.
+#[derive(Default)]
+pub(crate) struct Touched {
+    pub(super) notifiers: HashSet<DialogId>,
+    pub(super) subscribers: HashSet<u64>,
+    /// Pairs whose subscriber was removed (a new one for the pair is in `subscribers`).
+    pub(super) gone_pairs: Vec<(String, String)>,
+}
 
-        let mut stored = std::mem::take(&mut self.persisted.subscribers);
-        let mut next = HashMap::with_capacity(self.subscribers.len());
-        for s in self.subscribers.values() {
-            // An un-SUBSCRIBE in flight is not worth restoring: the record goes.
-            if s.state == SubscriberState::Unsubscribing {
-                continue;
+fn notifier_op(
+    id: &DialogId,
+    n: &Notifier,
+    stored: &mut HashMap<DialogId, Stored<NotifierPrint>>,
+    pass: u32,
+    now: Instant,
+    base: u64,
+    ops: &mut Vec<StoreOp>,
+) {
+    let print = notifier_print(n);
+    match stored.get_mut(id) {
+        Some(st) => {
+            st.seen = pass;
+            if st.print == Some(print) {
+                return;
             }
-            let pair = (s.watcher.bare_string(), s.presentity.bare_string());
-            let print = subscriber_print(s);
-            if stored.remove(&pair) != Some(print) {
-                let rec = SubscriberRec(
-                    RECORD_VERSION,
-                    pair.0.clone(),
-                    pair.1.clone(),
-                    s.domain.to_string(),
-                    s.call_id.clone(),
-                    s.local_tag.clone(),
-                    s.cseq,
-                    matches!(s.state, SubscriberState::Established { approved: true }),
-                    s.expires,
-                    s.dialog.as_ref().map(DialogRec::from),
-                );
-                match serde_json::to_vec(&rec) {
-                    Ok(value) => ops.push(StoreOp::Put {
-                        key: subscriber_key(&pair),
-                        value,
-                    }),
-                    Err(e) => tracing::error!(error = %e, "cannot encode a subscriber record"),
+            st.print = Some(print);
+        }
+        None => {
+            stored.insert(
+                id.clone(),
+                Stored {
+                    print: Some(print),
+                    seen: pass,
+                },
+            );
+        }
+    }
+    let rec = NotifierRec(
+        RECORD_VERSION,
+        DialogRec::from(&n.dialog),
+        n.watcher.bare_string(),
+        n.presentity.bare_string(),
+        n.domain.to_string(),
+        n.state == NotifierState::Active,
+        n.format == SipBodyKind::Msrtc,
+        base + n.expires_at.saturating_duration_since(now).as_secs(),
+    );
+    match serde_json::to_vec(&rec) {
+        Ok(value) => ops.push(StoreOp::Put {
+            key: notifier_key(id),
+            value,
+        }),
+        Err(e) => tracing::error!(error = %e, "cannot encode a notifier record"),
+    }
+}
+
+fn subscriber_op(
+    pair: &(String, String),
+    s: &Subscriber,
+    stored: &mut HashMap<(String, String), Stored<SubscriberPrint>>,
+    pass: u32,
+    ops: &mut Vec<StoreOp>,
+) {
+    // An un-SUBSCRIBE in flight is not worth restoring: its record goes.
+    if s.state == SubscriberState::Unsubscribing {
+        if stored.remove(pair).is_some() {
+            ops.push(StoreOp::Delete {
+                key: subscriber_key(pair),
+            });
+        }
+        return;
+    }
+    let print = subscriber_print(s);
+    match stored.get_mut(pair) {
+        Some(st) => {
+            st.seen = pass;
+            if st.print == Some(print) {
+                return;
+            }
+            st.print = Some(print);
+        }
+        None => {
+            stored.insert(
+                pair.clone(),
+                Stored {
+                    print: Some(print),
+                    seen: pass,
+                },
+            );
+        }
+    }
+    let rec = SubscriberRec(
+        RECORD_VERSION,
+        pair.0.clone(),
+        pair.1.clone(),
+        s.domain.to_string(),
+        s.call_id.clone(),
+        s.local_tag.clone(),
+        s.cseq,
+        matches!(s.state, SubscriberState::Established { approved: true }),
+        s.expires,
+        s.dialog.as_ref().map(DialogRec::from),
+    );
+    match serde_json::to_vec(&rec) {
+        Ok(value) => ops.push(StoreOp::Put {
+            key: subscriber_key(pair),
+            value,
+        }),
+        Err(e) => tracing::error!(error = %e, "cannot encode a subscriber record"),
+    }
+}
+
+impl Core {
+    /// Notes that notifier `id` changed (or went): the next `take_store_ops` looks at it.
+    pub(super) fn touch_notifier(&mut self, id: &DialogId) {
+        if !self.persisted.touched.notifiers.contains(id) {
+            self.persisted.touched.notifiers.insert(id.clone());
+        }
+    }
+
+    /// Notes that subscriber `id` changed.
+    pub(super) fn touch_subscriber(&mut self, id: u64) {
+        self.persisted.touched.subscribers.insert(id);
+        self.dirty = true;
+    }
+
+    /// The store operations that bring the store up to the core's tables: one put per
+    /// subscription created or changed since the last call, one delete per one gone.
+    ///
+    /// The cheap pass (`full` false, every second) looks only at what was touched where
+    /// subscriptions change (created, refreshed, notified, answered, removed): its cost
+    /// follows the traffic, not the table. The full pass (`full` true: the driver asks once
+    /// a minute and at shutdown) compares every entry, a safety net for a change made
+    /// without a touch; it runs only when something was flagged (`Core::dirty`) since the
+    /// last one.
+    pub fn take_store_ops(&mut self, now: Instant, wall: SystemTime, full: bool) -> Vec<StoreOp> {
+        let base = unix(wall);
+        let touched = std::mem::take(&mut self.persisted.touched);
+        self.persisted.scan_owed |= self.take_dirty();
+        let mut ops = Vec::new();
+        if full && self.persisted.scan_owed {
+            self.persisted.scan_owed = false;
+            let pass = self.persisted.pass.wrapping_add(1);
+            self.persisted.pass = pass;
+            let stored = &mut self.persisted.notifiers;
+            for (id, n) in &self.notifiers {
+                notifier_op(id, n, stored, pass, now, base, &mut ops);
+            }
+            if stored.len() > self.notifiers.len() {
+                stored.retain(|id, st| {
+                    let live = st.seen == pass;
+                    if !live {
+                        ops.push(StoreOp::Delete {
+                            key: notifier_key(id),
+                        });
+                    }
+                    live
+                });
+            }
+            let stored = &mut self.persisted.subscribers;
+            for (pair, sid) in &self.subscriber_pairs {
+                if let Some(s) = self.subscribers.get(sid) {
+                    subscriber_op(pair, s, stored, pass, &mut ops);
                 }
             }
-            next.insert(pair, print);
+            stored.retain(|pair, st| {
+                let live = st.seen == pass;
+                if !live {
+                    ops.push(StoreOp::Delete {
+                        key: subscriber_key(pair),
+                    });
+                }
+                live
+            });
+            return ops;
         }
-        ops.extend(stored.keys().map(|p| StoreOp::Delete {
-            key: subscriber_key(p),
-        }));
-        self.persisted.subscribers = next;
+        let pass = self.persisted.pass;
+        for id in &touched.notifiers {
+            match self.notifiers.get(id) {
+                Some(n) => notifier_op(
+                    id,
+                    n,
+                    &mut self.persisted.notifiers,
+                    pass,
+                    now,
+                    base,
+                    &mut ops,
+                ),
+                None => {
+                    if self.persisted.notifiers.remove(id).is_some() {
+                        ops.push(StoreOp::Delete {
+                            key: notifier_key(id),
+                        });
+                    }
+                }
+            }
+        }
+        for pair in &touched.gone_pairs {
+            if !self.subscriber_pairs.contains_key(pair)
+                && self.persisted.subscribers.remove(pair).is_some()
+            {
+                ops.push(StoreOp::Delete {
+                    key: subscriber_key(pair),
+                });
+            }
+        }
+        for sid in &touched.subscribers {
+            if let Some(s) = self.subscribers.get(sid) {
+                let pair = (s.watcher.bare_string(), s.presentity.bare_string());
+                // Only the pair's current subscription is stored.
+                if self.subscriber_pairs.get(&pair) == Some(sid) {
+                    subscriber_op(&pair, s, &mut self.persisted.subscribers, pass, &mut ops);
+                }
+            }
+        }
         ops
     }
 
@@ -304,7 +452,7 @@ impl Core {
         r
     }
 
-    /// Marks `key` as stored-but-dead so the next `take_store_ops` deletes it.
+    /// Marks `key` as stored but dead, so the next `take_store_ops` deletes it.
     fn forget_record(&mut self, key: &str) {
         if let Some(rest) = key.strip_prefix(NOTIFIER_PREFIX) {
             let mut it = rest.splitn(3, '/');
@@ -315,14 +463,28 @@ impl Core {
                     remote_tag: r.to_string(),
                 };
                 if !self.notifiers.contains_key(&id) {
-                    self.persisted.notifiers.insert(id, 0);
+                    self.persisted.touched.notifiers.insert(id.clone());
+                    self.persisted.notifiers.insert(
+                        id,
+                        Stored {
+                            print: None,
+                            seen: 0,
+                        },
+                    );
                 }
             }
         } else if let Some(rest) = key.strip_prefix(SUBSCRIBER_PREFIX) {
             if let Some((w, p)) = rest.split_once('/') {
                 let pair = (w.to_string(), p.to_string());
                 if !self.subscriber_pairs.contains_key(&pair) {
-                    self.persisted.subscribers.insert(pair, 0);
+                    self.persisted.touched.gone_pairs.push(pair.clone());
+                    self.persisted.subscribers.insert(
+                        pair,
+                        Stored {
+                            print: None,
+                            seen: 0,
+                        },
+                    );
                 }
             }
         }
@@ -377,8 +539,11 @@ impl Core {
         self.send_subscribe(id, now);
         // Stored as it is now: the refresh's answer writes what it changes.
         if let Some(s) = self.subscribers.get(&id) {
-            let print = subscriber_print(s);
-            self.persisted.subscribers.insert(pair, print);
+            let print = Some(subscriber_print(s));
+            let seen = self.persisted.pass;
+            self.persisted
+                .subscribers
+                .insert(pair, Stored { print, seen });
         }
         Restored::Subscriber
     }
@@ -462,14 +627,17 @@ impl Core {
             armed: None,
             last_sent: None,
         };
-        let print = notifier_print(&n);
+        let print = Some(notifier_print(&n));
         self.pair_add(
             (watcher.bare_string(), presentity.bare_string()),
             id.clone(),
         );
         self.notifier_insert(id.clone(), n);
         self.arm_notifier(&id, expires_at);
-        self.persisted.notifiers.insert(id.clone(), print);
+        let seen = self.persisted.pass;
+        self.persisted
+            .notifiers
+            .insert(id.clone(), Stored { print, seen });
         Some(id)
     }
 

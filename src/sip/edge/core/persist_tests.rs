@@ -1,7 +1,7 @@
 //! Machine tests of the persistence of both subscription roles: records out, records back
 //! in, and what a restored core owes the home side once its link is up.
 
-use super::tests::{core, dom, env, hub, msg, peer, sent, subscribe_text};
+use super::tests::{core, dom, env, hub, hub_with, msg, peer, sent, subscribe_text};
 use super::*;
 
 /// A local user's subscription to bob, established (200 with a tag) and approved (NOTIFY
@@ -66,7 +66,7 @@ fn both_roles_are_written_once_and_restored_from_their_records() {
     c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
     let _ = sent(&mut c);
     let sub = subscribed(&mut c, &h, t0);
-    let ops = c.take_store_ops(t0, wall);
+    let ops = c.take_store_ops(t0, wall, false);
     let records = puts(&ops);
     assert_eq!(records.len(), 2, "{ops:?}");
     assert!(records.iter().any(|(k, _)| k.starts_with(NOTIFIER_PREFIX)));
@@ -77,7 +77,7 @@ fn both_roles_are_written_once_and_restored_from_their_records() {
         assert!(k.len() + v.len() < 1024, "{k}: {} bytes", v.len());
     }
     // Nothing changed: nothing to write; a NOTIFY alone changes nothing stored.
-    assert!(c.take_store_ops(t0, wall).is_empty());
+    assert!(c.take_store_ops(t0, wall, false).is_empty());
 
     let h2 = hub();
     let mut c2 = core();
@@ -90,7 +90,7 @@ fn both_roles_are_written_once_and_restored_from_their_records() {
     }
     assert_eq!((c2.counts().0, c2.counts().1), (1, 1));
     // Restoring writes nothing back, and tells the home side nothing yet.
-    assert!(c2.take_store_ops(t0, wall).is_empty());
+    assert!(c2.take_store_ops(t0, wall, false).is_empty());
     assert!(h2.got.borrow().is_empty());
     // The local user's subscription is refreshed in its old dialog, with a higher CSeq.
     let out = sent(&mut c2);
@@ -117,7 +117,7 @@ fn removal_deletes_the_record_and_unreadable_records_are_dropped_and_deleted() {
     let mut c = core();
     let (t0, wall) = (Instant::now(), SystemTime::now());
     let _ = subscribed(&mut c, &h, t0);
-    assert_eq!(puts(&c.take_store_ops(t0, wall)).len(), 1);
+    assert_eq!(puts(&c.take_store_ops(t0, wall, false)).len(), 1);
     c.handle_delivery(
         &h,
         &dom(),
@@ -129,7 +129,7 @@ fn removal_deletes_the_record_and_unreadable_records_are_dropped_and_deleted() {
         t0,
     );
     assert_eq!(
-        c.take_store_ops(t0, wall),
+        c.take_store_ops(t0, wall, false),
         vec![StoreOp::Delete {
             key: "sip/s/alice@example.com/bob@partner.com".into()
         }]
@@ -140,7 +140,7 @@ fn removal_deletes_the_record_and_unreadable_records_are_dropped_and_deleted() {
         Restored::Dropped
     );
     assert_eq!(
-        c2.take_store_ops(t0, wall),
+        c2.take_store_ops(t0, wall, false),
         vec![StoreOp::Delete {
             key: "sip/n/a/b/call".into()
         }]
@@ -170,7 +170,7 @@ fn link_up_probes_approved_watchers_and_repeats_pending_requests() {
         t0,
     );
     let _ = sent(&mut c);
-    let ops = c.take_store_ops(t0, wall);
+    let ops = c.take_store_ops(t0, wall, false);
     let h2 = hub();
     let mut c2 = core();
     for (k, v) in puts(&ops) {
@@ -222,4 +222,117 @@ fn a_probe_creates_the_sip_subscription_when_there_is_none() {
     c.handle_delivery(&h, &dom(), probe, t0);
     assert!(sent(&mut c).is_empty());
     assert_eq!(c.counts().1, 1);
+}
+
+/// A Lync edge's SUBSCRIBE (GRUU Contact, signed Record-Route, long Call-ID and tags) from
+/// watcher `i` to local user `i`.
+fn lync_subscribe(i: usize) -> String {
+    format!(
+        "SUBSCRIBE sip:user{i}@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS 192.0.2.10:5061;branch=z9hG4bK7A1F2B3C.{i:08};branched=FALSE;ms-received-port=5061;ms-received-cid=1A2B00\n\
+Max-Forwards: 69\n\
+From: <sip:watcher{i}@partner.com>;tag=8d2e5f0a1b;epid=5c1f0e2d3a\n\
+To: <sip:user{i}@example.com>\n\
+Call-ID: 0f4c3a2b1e6d5c8b7a9f{i:016x}\n\
+CSeq: 1 SUBSCRIBE\n\
+Record-Route: <sip:edge.partner.com:5061;transport=tls;opaque=state:T:F:Ci.R0c3d400;lr;ms-route-sig=fa3FRQ0Nc1X9kZpeUw2_j7yS0aH4rLAAA>\n\
+Contact: <sip:watcher{i}@partner.com;opaque=user:epid:wOYQ0RGBk1arJsJZRIdfrwAA;gruu>\n\
+Event: presence\n\
+Accept: application/msrtc-event-categories+xml\n\
+Supported: ms-piggyback-first-notify\n\
+Expires: 3600\n\
+Content-Length: 0\n\n"
+    )
+}
+
+/// Size and write throughput of foreign-watcher records (issue 11: ≤ 1 KiB per foreign
+/// subscription in the store). `LEGATE_STORE_FIGURES=100000 cargo test --release --lib
+/// store_figures -- --nocapture` gives the README's figures; the default run checks the size.
+#[test]
+fn store_figures_for_lync_watchers() {
+    let n: usize = std::env::var("LEGATE_STORE_FIGURES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let h = hub_with("foreign_watchers_per_domain = 10000000\nsip_transactions_per_domain = 16384");
+    let mut c = core();
+    let (t0, wall) = (Instant::now(), SystemTime::now());
+    for i in 0..n {
+        c.handle_message(&h, &peer(), msg(&lync_subscribe(i)), t0);
+        while c.poll_action().is_some() {}
+        if i % 1000 == 999 {
+            c.handle_timeout(&h, t0 + Duration::from_secs(64));
+        }
+    }
+    assert_eq!(c.counts().0, n);
+    let ops = c.take_store_ops(t0, wall, false);
+    assert_eq!(ops.len(), n);
+    // The once-a-second pass when one subscription changed (a refresh).
+    c.handle_message(&h, &peer(), msg(&lync_subscribe(n)), t0);
+    while c.poll_action().is_some() {}
+    let t = Instant::now();
+    assert_eq!(c.take_store_ops(t0, wall, false).len(), 1);
+    let pass = t.elapsed();
+    // The once-a-minute safety net over the whole table.
+    c.dirty = true;
+    let t = Instant::now();
+    assert!(c.take_store_ops(t0, wall, true).is_empty());
+    let scan = t.elapsed();
+    // What the journal holds per record: key + value + the record's own header.
+    let bytes: usize = puts(&ops).iter().map(|(k, v)| k.len() + v.len() + 27).sum();
+    let per = bytes / n;
+    assert!(per <= 1024, "{per} bytes per foreign subscription");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let took = rt.block_on(async {
+        let store: crate::store::SharedStore =
+            Arc::new(crate::store::embedded::Embedded::open(dir.path()).expect("open"));
+        let t = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for op in ops {
+            let store = store.clone();
+            set.spawn(async move {
+                if let StoreOp::Put { key, value } = op {
+                    store.put(&key, value).await.expect("put");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        t.elapsed()
+    });
+    let t = Instant::now();
+    let reopened = crate::store::embedded::Embedded::open(dir.path()).expect("reopen");
+    assert_eq!(reopened.len(), n);
+    let load = t.elapsed();
+    let file = std::fs::metadata(dir.path().join("state.journal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    eprintln!(
+        "store figures: {n} Lync watchers, {per} B per record, journal {file} B, written in {took:?} ({:.0} records/s), loaded in {load:?}; per-second pass {pass:?}, full scan {scan:?}",
+        n as f64 / took.as_secs_f64()
+    );
+}
+
+#[test]
+fn the_full_pass_catches_a_change_nobody_touched() {
+    let h = hub();
+    let mut c = core();
+    let (t0, wall) = (Instant::now(), SystemTime::now());
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let _ = sent(&mut c);
+    assert_eq!(puts(&c.take_store_ops(t0, wall, false)).len(), 1);
+    // A state change made without a touch, only flagged.
+    for n in c.notifiers.values_mut() {
+        n.state = NotifierState::Active;
+    }
+    c.dirty = true;
+    assert!(c.take_store_ops(t0, wall, false).is_empty());
+    assert_eq!(puts(&c.take_store_ops(t0, wall, true)).len(), 1);
+    // Flag spent: the next full pass has nothing to do.
+    assert!(c.take_store_ops(t0, wall, true).is_empty());
 }

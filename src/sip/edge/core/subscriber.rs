@@ -85,7 +85,7 @@ impl Core {
                 if s.state == SubscriberState::Subscribing {
                     s.state = SubscriberState::Established { approved: false };
                 }
-                self.dirty = true;
+                self.touch_subscriber(sid);
             }
         }
         if let Some(k) = key {
@@ -130,7 +130,7 @@ impl Core {
                     if let Some(s) = self.subscribers.get_mut(&sid) {
                         s.state = SubscriberState::Established { approved: true };
                     }
-                    self.dirty = true;
+                    self.touch_subscriber(sid);
                     hub.submit(&dom, tell(Body::Subscription(Subscription::Subscribed)));
                 }
                 if let Some(p) = presence {
@@ -269,13 +269,17 @@ impl Core {
         self.subscriber_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), id);
         self.subscribers.insert(id, s);
-        self.dirty = true;
+        self.touch_subscriber(id);
         id
     }
 
     pub(super) fn remove_subscriber(&mut self, id: u64) {
         if let Some(s) = self.subscribers.remove(&id) {
             self.dirty = true;
+            self.persisted
+                .touched
+                .gone_pairs
+                .push((s.watcher.bare_string(), s.presentity.bare_string()));
             self.subscriber_calls.remove(&(s.call_id, s.local_tag));
             let pair = (s.watcher.bare_string(), s.presentity.bare_string());
             if self.subscriber_pairs.get(&pair) == Some(&id) {
@@ -287,7 +291,7 @@ impl Core {
     /// Sends SUBSCRIBE (initial, refresh or, in state Unsubscribing, `Expires: 0`).
     pub(super) fn send_subscribe(&mut self, id: u64, now: Instant) {
         // The CSeq, and for an un-SUBSCRIBE the record itself, change.
-        self.dirty = true;
+        self.touch_subscriber(id);
         // A SUBSCRIBE goes to the domain, on whichever connection the driver picks or opens:
         // the node's default transport (the one new connections use).
         let via = self.via_on(None);
@@ -367,6 +371,7 @@ impl Core {
             return;
         };
         // Every answer may change what is stored (dialog, state, Expires, CSeq).
+        self.persisted.touched.subscribers.insert(id);
         self.dirty = true;
         if conn.is_some() {
             s.conn = conn;

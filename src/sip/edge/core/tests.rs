@@ -47,7 +47,7 @@ pub(super) fn hub() -> FakeHub {
 }
 
 /// A hub whose configuration has a second federated domain (`other.com`) and `limits`.
-fn hub_with(limits: &str) -> FakeHub {
+pub(super) fn hub_with(limits: &str) -> FakeHub {
     let text = format!(
         "{CONFIG}[[sip.federated_domain]]\nname = \"other.com\"\nsystem = \"lync\"\n[limits]\n{limits}\n"
     );
