@@ -260,7 +260,7 @@ impl SipEdge {
         };
         let mut core = Core::new(me, Duration::from_secs(cfg.limits.im_session_idle_secs));
         core.set_route_addrs(route_addrs);
-        restore(&mut core, &*hub, &store, &cfg.node.data_dir).await?;
+        restore(&mut core, &hub, &store, &cfg.node.data_dir).await?;
         let outbox = hub.register_sip(cfg.limits.outbound_queue_per_domain.max(64));
         let status = Arc::new(EdgeStatus::default());
         let shown = status.clone();
