@@ -34,9 +34,9 @@
 //! each under `sip/`, written when they changed (at most once a second, coalesced into one
 //! fsync by the embedded store, and at shutdown) and read back at start: a foreign watcher's
 //! dialog still matches its refresh after our restart, and a local user's subscription to a
-//! Lync contact is refreshed in its old dialog. What the home side needs after a restart
-//! (probes, pending requests, contacts' presence) is sent when its component link comes up
-//! (`Hub::link_ups`). The state file of earlier versions (`sip-subscriptions.json`) is read
+//! Lync contact is refreshed in its old dialog. What restored subscriptions owe (probes,
+//! pending requests, contacts' presence, the refreshes) is sent when the home node's component
+//! link comes up (`Hub::link_ups`), never into a link that does not exist yet. The state file of earlier versions (`sip-subscriptions.json`) is read
 //! once, moved into the store and renamed `sip-subscriptions.json.migrated`.
 
 pub mod core;
@@ -785,7 +785,7 @@ impl Driver {
             if seen.get(domain) != Some(n) {
                 seen.insert(domain.clone(), *n);
                 tracing::debug!(domain = %domain, "component link up: restored subscriptions catch up");
-                self.core.handle_link_up(domain);
+                self.core.handle_link_up(domain, Instant::now());
             }
         }
     }

@@ -5,10 +5,10 @@
 //! Sans-IO like the rest of the core: the core turns its tables into store operations
 //! ([`Core::take_store_ops`], one record per subscription, written only when it changed) and
 //! rebuilds them from records ([`Core::restore_record`]); the driver talks to the store.
-//! Restoring never talks to the home side: the home node's component link may not exist yet
-//! (at start it never does). What a restored subscription owes the home side — a probe for
-//! an approved watcher, the pending request again, the last presence of a foreign contact —
-//! is sent when that domain's link comes up ([`Core::handle_link_up`]), paced by
+//! Restoring never talks to either side: the home node's component link may not exist yet
+//! (at start it never does). What a restored subscription owes — a probe for an approved
+//! watcher, the pending request again, the last presence of a foreign contact, the refresh of
+//! a local user's subscription — is sent when that domain's link comes up ([`Core::handle_link_up`]), paced by
 //! [`Core::pump_link_up`] so a large table does not overflow the link's queue.
 //!
 //! Record keys: `sip/n/<local tag>/<remote tag>/<Call-ID>` (tags are tokens, so the key
@@ -179,6 +179,8 @@ pub(crate) struct Persisted {
     pub(super) touched: Touched,
     /// Envelopes owed to the home side after a link came up, sent a slice at a time.
     kicks: VecDeque<(Domain, Envelope)>,
+    /// Restored subscribers waiting for their domain's link to refresh.
+    unrefreshed: Vec<u64>,
 }
 
 /// Subscriptions changed since the last write, noted where they change.
@@ -435,7 +437,7 @@ impl Core {
             }
         } else if key.starts_with(SUBSCRIBER_PREFIX) {
             match serde_json::from_slice::<SubscriberRec>(value) {
-                Ok(rec) if rec.0 == RECORD_VERSION => self.restore_subscriber(hub, rec, now),
+                Ok(rec) if rec.0 == RECORD_VERSION => self.restore_subscriber(hub, rec),
                 Ok(_) => Restored::Dropped,
                 Err(e) => {
                     tracing::warn!(key = %LogSafe(key), error = %e, "unreadable subscriber record dropped");
@@ -491,12 +493,7 @@ impl Core {
         self.dirty = true;
     }
 
-    fn restore_subscriber(
-        &mut self,
-        hub: &dyn HubPort,
-        r: SubscriberRec,
-        now: Instant,
-    ) -> Restored {
+    fn restore_subscriber(&mut self, hub: &dyn HubPort, r: SubscriberRec) -> Restored {
         let SubscriberRec(_, w, p, dom, call_id, local_tag, cseq, approved, expires, dialog) = r;
         let (Ok(watcher), Ok(presentity), Ok(domain)) =
             (Address::parse(&w), Address::parse(&p), Domain::parse(&dom))
@@ -534,10 +531,9 @@ impl Core {
         };
         self.subscriber_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), id);
-        // A refresh in the old dialog (a 481 starts a new one, RFC 6665 §4.1.2.2), or a new
-        // subscription: either way the peer sends a NOTIFY with the current state.
-        self.send_subscribe(id, now);
-        // Stored as it is now: the refresh's answer writes what it changes.
+        // Refreshed once the user's home link is up (`handle_link_up`): the NOTIFY it brings
+        // must find a way to the user.
+        self.persisted.unrefreshed.push(id);
         if let Some(s) = self.subscribers.get(&id) {
             let print = Some(subscriber_print(s));
             let seen = self.persisted.pass;
@@ -645,8 +641,20 @@ impl Core {
     /// break): whatever the home side may have missed is queued for it — a probe for each
     /// approved watcher in `domain` (the answer refreshes the watcher's NOTIFY), the pending
     /// requests again (so they reach the user), and each local user's last known presence of
-    /// their contacts in `domain`. Sent by [`Core::pump_link_up`].
-    pub fn handle_link_up(&mut self, domain: &Domain) {
+    /// their contacts in `domain`. Sent by [`Core::pump_link_up`]. Restored subscriptions to
+    /// contacts in `domain` are refreshed now (a refresh in the old dialog; a 481 starts a new
+    /// one, RFC 6665 §4.1.2.2): the peer's NOTIFY brings the contact's current state.
+    pub fn handle_link_up(&mut self, domain: &Domain, now: Instant) {
+        let waiting = std::mem::take(&mut self.persisted.unrefreshed);
+        for id in waiting {
+            match self.subscribers.get(&id) {
+                Some(s) if s.presentity.domain == *domain || s.domain == *domain => {
+                    self.send_subscribe(id, now)
+                }
+                Some(_) => self.persisted.unrefreshed.push(id),
+                None => {}
+            }
+        }
         let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut kicks = Vec::new();
         for n in self.notifiers.values() {

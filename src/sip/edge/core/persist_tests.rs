@@ -89,10 +89,13 @@ fn both_roles_are_written_once_and_restored_from_their_records() {
         );
     }
     assert_eq!((c2.counts().0, c2.counts().1), (1, 1));
-    // Restoring writes nothing back, and tells the home side nothing yet.
+    // Restoring writes nothing back, and sends nothing to either side yet.
     assert!(c2.take_store_ops(t0, wall, false).is_empty());
     assert!(h2.got.borrow().is_empty());
-    // The local user's subscription is refreshed in its old dialog, with a higher CSeq.
+    assert!(sent(&mut c2).is_empty());
+    // Once the link is up, the local user's subscription is refreshed in its old dialog,
+    // with a higher CSeq.
+    c2.handle_link_up(&dom(), t0);
     let out = sent(&mut c2);
     assert_eq!(out.len(), 1);
     let refresh = &out[0];
@@ -177,9 +180,9 @@ fn link_up_probes_approved_watchers_and_repeats_pending_requests() {
         c2.restore_record(&h2, k, v, t0, wall);
     }
     // Another domain's link says nothing about these.
-    c2.handle_link_up(&Domain::parse("other.com").expect("domain"));
+    c2.handle_link_up(&Domain::parse("other.com").expect("domain"), t0);
     assert!(!c2.has_link_up_work());
-    c2.handle_link_up(&dom());
+    c2.handle_link_up(&dom(), t0);
     assert!(c2.pump_link_up(&h2, 1), "one left after a slice of one");
     assert!(!c2.pump_link_up(&h2, 10));
     let got = h2.got.borrow();

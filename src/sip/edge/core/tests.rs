@@ -498,7 +498,7 @@ fn persisted_notifiers_restore_with_higher_cseq() {
         h.got.borrow().is_empty(),
         "nothing is sent before the link is up"
     );
-    c2.handle_link_up(&dom());
+    c2.handle_link_up(&dom(), t0);
     assert!(!c2.pump_link_up(&h, 10));
     // A pending subscription is re-announced to the home side.
     assert_eq!(
