@@ -384,7 +384,12 @@ async fn restore(
     let legacy = data_dir.join(STATE_FILE);
     if let Some(state) = load_state(&legacy)? {
         let n = core.restore(hub, state, now, wall);
-        apply_ops(store, core.take_store_ops(now, wall, true)).await?;
+        let failed = apply_ops(store, core.take_store_ops(now, wall, true)).await;
+        if !failed.is_empty() {
+            // The file stays where it is: the next start migrates it again.
+            core.store_failed(&failed);
+            return Ok(());
+        }
         let moved = legacy.with_extension("json.migrated");
         if let Err(e) = std::fs::rename(&legacy, &moved) {
             tracing::warn!(path = %legacy.display(), error = %e, "cannot rename the migrated SIP state file");
@@ -395,32 +400,37 @@ async fn restore(
 }
 
 /// Writes `ops` to the store, all at once so the embedded store commits them together.
-async fn apply_ops(store: &SharedStore, ops: Vec<StoreOp>) -> Result<(), StoreError> {
+/// Returns the keys whose write failed (logged once per batch).
+async fn apply_ops(store: &SharedStore, ops: Vec<StoreOp>) -> Vec<String> {
     let mut set = tokio::task::JoinSet::new();
     for op in ops {
         let store = store.clone();
         set.spawn(async move {
-            match op {
-                StoreOp::Put { key, value } => store.put(&key, value).await.map(|_| ()),
-                StoreOp::Delete { key } => store.delete(&key).await.map(|_| ()),
-            }
+            let (key, r) = match op {
+                StoreOp::Put { key, value } => {
+                    let r = store.put(&key, value).await.map(|_| ());
+                    (key, r)
+                }
+                StoreOp::Delete { key } => {
+                    let r = store.delete(&key).await.map(|_| ());
+                    (key, r)
+                }
+            };
+            r.map_err(|e| (key, e))
         });
     }
-    let mut first = None;
-    let mut failed = 0usize;
+    let mut failed = Vec::new();
+    let mut first: Option<StoreError> = None;
     while let Some(r) = set.join_next().await {
-        if let Ok(Err(e)) = r {
-            failed += 1;
+        if let Ok(Err((key, e))) = r {
+            failed.push(key);
             first.get_or_insert(e);
         }
     }
-    match first {
-        None => Ok(()),
-        Some(e) => {
-            tracing::error!(failed, error = %e, "SIP subscriptions not written to the state store");
-            Err(e)
-        }
+    if let Some(e) = first {
+        tracing::error!(failed = failed.len(), error = %e, "SIP subscriptions not written to the state store; retried later");
     }
+    failed
 }
 
 /// Static routes given by name are resolved once at start for the TCP source check.
@@ -664,8 +674,9 @@ impl Driver {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
-        // The store write in flight (one batch at a time, so changes to a key never reorder).
-        let mut writing: Option<tokio::task::JoinHandle<()>> = None;
+        // The store write in flight (one batch at a time, so changes to a key never reorder);
+        // it returns the keys it could not write.
+        let mut writing: Option<tokio::task::JoinHandle<Vec<String>>> = None;
         let mut last_full = Instant::now();
         // Component links that came up: what restored subscriptions owe the home side is sent
         // then (a link already up before this task started counts too).
@@ -733,6 +744,11 @@ impl Driver {
                     self.status.connections.store(self.conns.len(), Ordering::Relaxed);
                     // Changed records, at most once a second; the previous batch first.
                     if writing.as_ref().is_none_or(|h| h.is_finished()) {
+                        if let Some(h) = writing.take() {
+                            if let Ok(failed) = h.await {
+                                self.core.store_failed(&failed);
+                            }
+                        }
                         let full = last_full.elapsed() >= FULL_SCAN_EVERY;
                         if full {
                             last_full = Instant::now();
@@ -757,7 +773,9 @@ impl Driver {
             }
         }
         if let Some(h) = writing.take() {
-            let _ = h.await;
+            if let Ok(failed) = h.await {
+                self.core.store_failed(&failed);
+            }
         }
         if let Some(h) = self.persist(true) {
             let _ = h.await;
@@ -766,7 +784,7 @@ impl Driver {
 
     /// Hands the records that changed to a task that writes them to the store (`full`: compare
     /// every subscription, see `Core::take_store_ops`).
-    fn persist(&mut self, full: bool) -> Option<tokio::task::JoinHandle<()>> {
+    fn persist(&mut self, full: bool) -> Option<tokio::task::JoinHandle<Vec<String>>> {
         let ops = self
             .core
             .take_store_ops(Instant::now(), SystemTime::now(), full);
@@ -774,9 +792,7 @@ impl Driver {
             return None;
         }
         let store = self.store.clone();
-        Some(tokio::spawn(async move {
-            let _ = apply_ops(&store, ops).await;
-        }))
+        Some(tokio::spawn(async move { apply_ops(&store, ops).await }))
     }
 
     /// Tells the core about every foreign domain whose link came up since the last look.

@@ -165,6 +165,14 @@ struct Stored<P> {
     seen: u32,
 }
 
+impl<P> Stored<P> {
+    /// A record whose content is not known to match anything live.
+    const UNKNOWN: Self = Stored {
+        print: None,
+        seen: 0,
+    };
+}
+
 /// Persistence bookkeeping kept by the core: what the store holds and what still has to be
 /// told to the home side after a link came up.
 #[derive(Default)]
@@ -454,7 +462,9 @@ impl Core {
         r
     }
 
-    /// Marks `key` as stored but dead, so the next `take_store_ops` deletes it.
+    /// Forgets what the store holds under `key`: the next `take_store_ops` writes the live
+    /// subscription again, or deletes the record when there is none. For records that did not
+    /// restore, and for writes the store refused.
     fn forget_record(&mut self, key: &str) {
         if let Some(rest) = key.strip_prefix(NOTIFIER_PREFIX) {
             let mut it = rest.splitn(3, '/');
@@ -464,33 +474,30 @@ impl Core {
                     local_tag: l.to_string(),
                     remote_tag: r.to_string(),
                 };
-                if !self.notifiers.contains_key(&id) {
-                    self.persisted.touched.notifiers.insert(id.clone());
-                    self.persisted.notifiers.insert(
-                        id,
-                        Stored {
-                            print: None,
-                            seen: 0,
-                        },
-                    );
-                }
+                self.persisted.touched.notifiers.insert(id.clone());
+                self.persisted.notifiers.insert(id, Stored::UNKNOWN);
             }
         } else if let Some(rest) = key.strip_prefix(SUBSCRIBER_PREFIX) {
             if let Some((w, p)) = rest.split_once('/') {
                 let pair = (w.to_string(), p.to_string());
-                if !self.subscriber_pairs.contains_key(&pair) {
-                    self.persisted.touched.gone_pairs.push(pair.clone());
-                    self.persisted.subscribers.insert(
-                        pair,
-                        Stored {
-                            print: None,
-                            seen: 0,
-                        },
-                    );
+                match self.subscriber_pairs.get(&pair) {
+                    Some(id) => {
+                        self.persisted.touched.subscribers.insert(*id);
+                    }
+                    None => self.persisted.touched.gone_pairs.push(pair.clone()),
                 }
+                self.persisted.subscribers.insert(pair, Stored::UNKNOWN);
             }
         }
         self.dirty = true;
+    }
+
+    /// The store did not take the writes of `keys` (a full disk, a key too long): they are
+    /// tried again with the next `take_store_ops`.
+    pub fn store_failed(&mut self, keys: &[String]) {
+        for k in keys {
+            self.forget_record(k);
+        }
     }
 
     fn restore_subscriber(&mut self, hub: &dyn HubPort, r: SubscriberRec) -> Restored {

@@ -339,3 +339,20 @@ fn the_full_pass_catches_a_change_nobody_touched() {
     // Flag spent: the next full pass has nothing to do.
     assert!(c.take_store_ops(t0, wall, true).is_empty());
 }
+
+#[test]
+fn writes_the_store_refused_are_tried_again() {
+    let h = hub();
+    let mut c = core();
+    let (t0, wall) = (Instant::now(), SystemTime::now());
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let _ = sent(&mut c);
+    let _ = subscribed(&mut c, &h, t0);
+    let ops = c.take_store_ops(t0, wall, false);
+    let keys: Vec<String> = puts(&ops).iter().map(|(k, _)| k.to_string()).collect();
+    assert_eq!(keys.len(), 2);
+    assert!(c.take_store_ops(t0, wall, false).is_empty());
+    c.store_failed(&keys);
+    let again = c.take_store_ops(t0, wall, false);
+    assert_eq!(again, ops, "the same records, written again");
+}
