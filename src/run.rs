@@ -47,12 +47,30 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     // The state store is read before anything binds: a corrupt journal stops the node with
     // the file and offset named, before any partner sees it half-restored.
     let data_dir = config.node.data_dir.clone();
-    let store: crate::store::SharedStore = Arc::new(
+    if let crate::config::Store::Etcd { .. } = config.cluster.store {
+        tracing::warn!(
+            "cluster.store = \"etcd\" is not implemented yet: state stays in the embedded store under node.data_dir"
+        );
+    }
+    let embedded = Arc::new(
         tokio::task::spawn_blocking(move || crate::store::embedded::Embedded::open(&data_dir))
             .await
             .map_err(|e| RunError::Edge(format!("state store: {e}")))??,
     );
+    let store: crate::store::SharedStore = embedded.clone();
     let hub = Hub::new(config, maps);
+    hub.add_status(
+        "store",
+        Arc::new(move || {
+            let (keys, revision) = embedded.stats();
+            serde_json::json!({
+                "kind": "embedded",
+                "path": embedded.path().map(|p| p.display().to_string()),
+                "keys": keys,
+                "revision": revision,
+            })
+        }),
+    );
     // Edges load their TLS material and secrets before anything binds.
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
         .map_err(|e| RunError::Edge(e.to_string()))?;

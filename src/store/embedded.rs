@@ -161,6 +161,17 @@ impl Embedded {
         self.lock().map.len()
     }
 
+    /// Keys and current revision, for the admin `/status`.
+    pub fn stats(&self) -> (usize, Revision) {
+        let st = self.lock();
+        (st.map.len(), st.revision)
+    }
+
+    /// The journal file (None: memory only).
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

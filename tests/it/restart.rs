@@ -191,6 +191,13 @@ async fn scenario() -> Result<()> {
     notify_bob(&mut edge, &refresh, 2, 3500).await?;
     bob_seen_as(&mut alice, None, &gw).await?;
 
+    // The admin status shows the store the node restored from.
+    let status = gw.legate.http_get("/status").await?;
+    let json = status.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).context("status JSON")?;
+    assert_eq!(v["store"]["kind"], "embedded", "{status}");
+    assert!(v["store"]["keys"].as_u64().unwrap_or(0) >= 2, "{status}");
+
     let log = gw.log();
     assert!(
         !log.contains("destination link unavailable"),
