@@ -44,8 +44,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let reload = config.mappings.reload;
     let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
     let admin_addr = config.node.admin_listen;
-    // The state store is read before anything binds: a corrupt journal stops the node with
-    // the file and offset named, before any partner sees it half-restored.
+    // The state store, one per node (consent lists, SIP subscriptions), is read before
+    // anything binds: a corrupt journal stops the node with the file and offset named, before
+    // any partner sees it half-restored.
     let data_dir = config.node.data_dir.clone();
     if let crate::config::Store::Etcd { .. } = config.cluster.store {
         tracing::warn!(
@@ -86,6 +87,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         announce("admin", a);
     }
     let mut tasks = tokio::task::JoinSet::new();
+    // Consent lists are in the cache before any edge takes traffic.
+    crate::gateway::policy::persist::start(
+        hub.policies().clone(),
+        store.clone(),
+        shutdown.clone(),
+        &mut tasks,
+    )
+    .await
+    .map_err(|e| RunError::Edge(format!("cannot load the consent lists: {e}")))?;
     tasks.spawn(admin::serve(
         listener,
         hub.clone(),
