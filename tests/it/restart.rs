@@ -6,7 +6,9 @@
 //! the restart the Lync watcher gets a NOTIFY with alice's *current* state (changed while
 //! Legate was down) within a second of the component link coming up, in its old dialog; alice's
 //! subscription to her Lync contact is refreshed in its old dialog and his presence reaches her
-//! again without re-adding him; nothing was sent to the home node before its link existed.
+//! again without re-adding him; nothing was sent to the home node before its link existed. And
+//! when the state is lost altogether, alice signing in again (Prosody probes her contacts)
+//! makes Legate subscribe to her Lync contact anew.
 //!
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
 
@@ -203,6 +205,67 @@ async fn scenario() -> Result<()> {
         !log.contains("destination link unavailable"),
         "something was sent to the home node before its link was up:\n{log}"
     );
+    drop(route);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_probe_brings_back_a_contact_whose_subscription_was_lost() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(120), probe_scenario())
+        .await
+        .map_err(|_| anyhow!("scenario timed out"))?
+}
+
+/// alice follows bob; the node loses its state entirely (journal deleted while it is down);
+/// alice signs in again: Prosody's presence probe toward bob makes Legate subscribe anew and
+/// bob's presence reaches her — the contact never stays offline for want of a re-add.
+async fn probe_scenario() -> Result<()> {
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.test"]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let prosody = rig::home_node(&[("alice", "pw")], |c| c)?;
+    let route = TcpListener::bind("127.0.0.1:0").await?;
+    let mut gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, "").await?;
+    let login = || {
+        XmppClient::connect(ClientConfig::plain(
+            prosody.c2s_addr(),
+            "example.test",
+            "alice",
+            "pw",
+        ))
+    };
+    let mut alice = login().await?;
+    alice.send_presence(None, None).await?;
+    alice.subscribe("bob@partner.test").await?;
+    let mut edge = accept_lync(&route, &partner).await?;
+    let sub = edge.request("SUBSCRIBE").await?;
+    edge.respond(&sub, 200, "OK", &[("Expires", "3600")], None)
+        .await?;
+    notify_bob(&mut edge, &sub, 1, 3500).await?;
+    bob_seen_as(&mut alice, None, &gw).await?;
+    alice.close().await;
+
+    gw.legate.kill();
+    drop(edge);
+    std::fs::remove_file(gw.dir().join("state.journal")).context("the journal")?;
+    gw.restart().await?;
+
+    let mut alice = login().await?;
+    alice.send_presence(None, None).await?;
+    let mut edge = accept_lync(&route, &partner)
+        .await
+        .with_context(|| format!("no SUBSCRIBE after alice's sign-in probe:\n{}", gw.log()))?;
+    let fresh = edge.request("SUBSCRIBE").await?;
+    assert_ne!(
+        fresh.call_id().ok(),
+        sub.call_id().ok(),
+        "a new subscription"
+    );
+    assert_eq!(hv(&fresh, "Event"), "presence");
+    edge.respond(&fresh, 200, "OK", &[("Expires", "3600")], None)
+        .await?;
+    notify_bob(&mut edge, &fresh, 1, 15500).await?;
+    bob_seen_as(&mut alice, Some("away"), &gw).await?;
     drop(route);
     Ok(())
 }
