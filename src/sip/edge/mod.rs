@@ -36,8 +36,9 @@
 //! dialog still matches its refresh after our restart, and a local user's subscription to a
 //! Lync contact is refreshed in its old dialog. What restored subscriptions owe (probes,
 //! pending requests, contacts' presence, the refreshes) is sent when the home node's component
-//! link comes up (`Hub::link_ups`), never into a link that does not exist yet. The state file of earlier versions (`sip-subscriptions.json`) is read
-//! once, moved into the store and renamed `sip-subscriptions.json.migrated`.
+//! link comes up (`Hub::link_ups`), never into a link that does not exist yet. The state file
+//! of earlier versions (`sip-subscriptions.json`) is read once, moved into the store and
+//! renamed `sip-subscriptions.json.migrated`.
 
 pub mod core;
 pub mod metrics;

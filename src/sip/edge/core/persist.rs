@@ -8,8 +8,9 @@
 //! Restoring never talks to either side: the home node's component link may not exist yet
 //! (at start it never does). What a restored subscription owes — a probe for an approved
 //! watcher, the pending request again, the last presence of a foreign contact, the refresh of
-//! a local user's subscription — is sent when that domain's link comes up ([`Core::handle_link_up`]), paced by
-//! [`Core::pump_link_up`] so a large table does not overflow the link's queue.
+//! a local user's subscription — is sent when that domain's link comes up
+//! ([`Core::handle_link_up`]), paced by [`Core::pump_link_up`] so a large table does not
+//! overflow the link's queue.
 //!
 //! Record keys: `sip/n/<local tag>/<remote tag>/<Call-ID>` (tags are tokens, so the key
 //! splits unambiguously) and `sip/s/<watcher>/<presentity>`. Values are positional JSON arrays
