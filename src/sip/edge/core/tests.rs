@@ -368,6 +368,7 @@ fn invite_timeout_timer_b_bounces_queued_messages() {
                 id: Some("m1".into()),
                 text: "hello".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -415,6 +416,7 @@ fn message_timeout_timer_f_on_pager_like_session_message() {
                 id: Some("m2".into()),
                 text: "in session".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -732,10 +734,11 @@ fn text(id: &str) -> Body {
         id: Some(id.into()),
         text: "hi".into(),
         thread: None,
+        ..Default::default()
     })
 }
 
-fn bounced(h: &FakeHub) -> Vec<Option<String>> {
+pub(super) fn bounced(h: &FakeHub) -> Vec<Option<String>> {
     h.got
         .borrow()
         .iter()
@@ -828,7 +831,7 @@ fn sessions_per_domain_are_bounded() {
 }
 
 /// A header value of a message we sent.
-fn hv<'m>(m: &'m SipMessage, name: &str) -> Option<&'m str> {
+pub(super) fn hv<'m>(m: &'m SipMessage, name: &str) -> Option<&'m str> {
     m.headers()
         .find(|h| h.raw_name.eq_ignore_ascii_case(name))
         .map(|h| h.value)
