@@ -42,6 +42,8 @@
 
 pub mod core;
 pub mod metrics;
+#[cfg(test)]
+mod store_tests;
 pub mod transport;
 
 use std::collections::{HashMap, HashSet};
