@@ -304,6 +304,23 @@ fn subscriber_op(
     }
 }
 
+/// Drops the records whose key the store would refuse (a peer's Call-ID or tag of a kilobyte):
+/// such a subscription lives, but is not kept across a restart, and is not retried forever.
+fn storable(mut ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    let before = ops.len();
+    ops.retain(|op| {
+        let (StoreOp::Put { key, .. } | StoreOp::Delete { key }) = op;
+        key.len() <= crate::store::MAX_KEY
+    });
+    if ops.len() < before {
+        tracing::info!(
+            skipped = before - ops.len(),
+            "subscriptions with overlong dialog identifiers not persisted"
+        );
+    }
+    ops
+}
+
 impl Core {
     /// Notes that notifier `id` changed (or went): the next `take_store_ops` looks at it.
     pub(super) fn touch_notifier(&mut self, id: &DialogId) {
@@ -366,7 +383,7 @@ impl Core {
                 }
                 live
             });
-            return ops;
+            return storable(ops);
         }
         let pass = self.persisted.pass;
         for id in &touched.notifiers {
@@ -407,7 +424,7 @@ impl Core {
                 }
             }
         }
-        ops
+        storable(ops)
     }
 
     /// Rebuilds one subscription from its store record. A restored subscriber sends its

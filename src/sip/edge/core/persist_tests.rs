@@ -356,3 +356,18 @@ fn writes_the_store_refused_are_tried_again() {
     let again = c.take_store_ops(t0, wall, false);
     assert_eq!(again, ops, "the same records, written again");
 }
+
+#[test]
+fn a_dialog_whose_key_the_store_would_refuse_is_not_written_nor_retried() {
+    let h = hub();
+    let mut c = core();
+    let (t0, wall) = (Instant::now(), SystemTime::now());
+    let long = "x".repeat(crate::store::MAX_KEY);
+    let text = subscribe_text(3600).replace("Call-ID: c1", &format!("Call-ID: {long}"));
+    c.handle_message(&h, &peer(), msg(&text), t0);
+    let _ = sent(&mut c);
+    assert_eq!(c.counts().0, 1);
+    assert!(c.take_store_ops(t0, wall, false).is_empty());
+    c.dirty = true;
+    assert!(c.take_store_ops(t0, wall, true).is_empty());
+}
