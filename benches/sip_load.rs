@@ -164,14 +164,14 @@ default_system = "xmpp"
         let t1 = Instant::now();
         run_client("subscribe").await?;
         let wall = t1.elapsed().as_secs_f64();
-        // Let the state file catch up, then measure what the subscriptions hold.
+        // Let the state store catch up, then measure what the subscriptions hold.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (cpu2, rss2, hwm2) = usage();
-        let state = std::fs::metadata(dir.path().join(legate::sip::edge::STATE_FILE))
+        let state = std::fs::metadata(dir.path().join("state.journal"))
             .map(|m| m.len())
             .unwrap_or(0);
         println!(
-            "edge: subscriptions phase {wall:.2} s wall, edge CPU {:.2} s; RSS {rss2} KiB (+{} KiB for the subscriptions), peak {hwm2} KiB; state file {} KiB",
+            "edge: subscriptions phase {wall:.2} s wall, edge CPU {:.2} s; RSS {rss2} KiB (+{} KiB for the subscriptions), peak {hwm2} KiB; state journal {} KiB",
             cpu2 - cpu1,
             rss2.saturating_sub(rss),
             state / 1024

@@ -27,6 +27,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Edge(String),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Announces a bound listener (see the module doc for the format).
@@ -42,11 +44,33 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let reload = config.mappings.reload;
     let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
     let admin_addr = config.node.admin_listen;
+    // The state store, one per node (consent lists, SIP subscriptions), is read before
+    // anything binds: a corrupt journal stops the node with the file and offset named, before
+    // any partner sees it half-restored.
+    let data_dir = config.node.data_dir.clone();
+    if let crate::config::Store::Etcd { .. } = config.cluster.store {
+        tracing::warn!(
+            "cluster.store = \"etcd\" is not implemented yet: state stays in the embedded store under node.data_dir"
+        );
+    }
+    let embedded = Arc::new(
+        tokio::task::spawn_blocking(move || crate::store::embedded::Embedded::open(&data_dir))
+            .await
+            .map_err(|e| RunError::Edge(format!("state store: {e}")))??,
+    );
+    let store: crate::store::SharedStore = embedded.clone();
     let hub = Hub::new(config, maps);
-    // The state store: one per node, opened before anything binds (consent lists today).
-    let store: crate::store::SharedStore = Arc::new(
-        crate::store::embedded::Embedded::open(&hub.config().node.data_dir)
-            .map_err(|e| RunError::Edge(format!("cannot open the state store: {e}")))?,
+    hub.add_status(
+        "store",
+        Arc::new(move || {
+            let (keys, revision) = embedded.stats();
+            serde_json::json!({
+                "kind": "embedded",
+                "path": embedded.path().map(|p| p.display().to_string()),
+                "keys": keys,
+                "revision": revision,
+            })
+        }),
     );
     // Edges load their TLS material and secrets before anything binds.
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
@@ -83,9 +107,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
 
     // The edges register their outboxes with the hub and run until shutdown.
-    let sip = crate::sip::edge::SipEdge::start(hub.clone(), shutdown.clone())
-        .await
-        .map_err(|e| RunError::Edge(e.to_string()))?;
+    let sip = crate::sip::edge::SipEdge::start_with_store(
+        hub.clone(),
+        shutdown.clone(),
+        None,
+        store.clone(),
+    )
+    .await
+    .map_err(|e| RunError::Edge(e.to_string()))?;
     let s2s = s2s
         .spawn(shutdown.clone(), &mut tasks)
         .await

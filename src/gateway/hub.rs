@@ -24,6 +24,7 @@ use crate::presence::map::MappingStore;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use prometheus::IntCounterVec;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -142,6 +143,9 @@ pub struct Hub {
     /// Set when a send left a component outbox less than a quarter free, so `congestion`
     /// (asked after every SIP input) scans the outboxes only when one may be crowded.
     crowded: AtomicBool,
+    /// How many times a component link serving each foreign domain came up: drivers that
+    /// owe the home side something after a (re)connection watch it (see `note_link_up`).
+    link_ups: tokio::sync::watch::Sender<HashMap<Domain, u64>>,
     /// Set in open federation: components of unlisted domains open on their first delivery.
     opener: std::sync::OnceLock<ComponentOpener>,
 }
@@ -156,8 +160,20 @@ impl Hub {
             policies: Policies::new(),
             outboxes: DashMap::new(),
             crowded: AtomicBool::new(false),
+            link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A component link serving foreign `domain` completed its handshake.
+    pub fn note_link_up(&self, domain: &Domain) {
+        self.link_ups
+            .send_modify(|m| *m.entry(domain.clone()).or_default() += 1);
+    }
+
+    /// Link-up counts per foreign domain; changes whenever a link comes up.
+    pub fn link_ups(&self) -> tokio::sync::watch::Receiver<HashMap<Domain, u64>> {
+        self.link_ups.subscribe()
     }
 
     /// Installs the open-federation component opener (once; later calls are ignored).

@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
+
+use prometheus::IntCounterVec;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,6 +23,22 @@ use super::{
     check_key, check_value, Cas, Entry, Listing, Revision, Store, StoreError, StoreFuture, Watch,
     WatchEvent,
 };
+
+static WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_store_writes_total",
+        "Changes written to the embedded store's journal, by outcome (ok, failed)",
+        &["outcome"],
+    )
+});
+
+static COMMITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_store_commits_total",
+        "Journal writes of the embedded store, by kind: append (one fsync for a group of changes) or compaction",
+        &["kind"],
+    )
+});
 
 /// Changes kept for watches that start in the past.
 pub const HISTORY: usize = 16_384;
@@ -161,6 +179,17 @@ impl Embedded {
         self.lock().map.len()
     }
 
+    /// Keys and current revision, for the admin `/status`.
+    pub fn stats(&self) -> (usize, Revision) {
+        let st = self.lock();
+        (st.map.len(), st.revision)
+    }
+
+    /// The journal file (None: memory only).
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -293,31 +322,38 @@ fn writer_loop(shared: &Shared, mut file: JournalFile) {
             return;
         }
         let waiters = std::mem::take(&mut st.waiters);
-        let result =
-            if file.len > COMPACT_MIN && file.len + st.pending.len() as u64 > 2 * st.live_bytes {
-                // Everything pending is already in the map: the snapshot subsumes it.
-                st.pending.clear();
-                let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
-                journal::encode_revision(&mut snap, st.revision);
-                for (k, s) in &st.map {
-                    journal::encode_put(&mut snap, k, &s.value, s.create, s.modified);
-                }
-                drop(st);
-                let before = file.len;
-                let r = file.replace(&snap);
-                if r.is_ok() {
-                    tracing::info!(before, after = file.len, "state journal compacted");
-                }
-                r
-            } else {
-                let batch = std::mem::take(&mut st.pending);
-                drop(st);
-                file.append(&batch)
-            };
+        let compact =
+            file.len > COMPACT_MIN && file.len + st.pending.len() as u64 > 2 * st.live_bytes;
+        COMMITS
+            .with_label_values(&[if compact { "compaction" } else { "append" }])
+            .inc();
+        let result = if compact {
+            // Everything pending is already in the map: the snapshot subsumes it.
+            st.pending.clear();
+            let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
+            journal::encode_revision(&mut snap, st.revision);
+            for (k, s) in &st.map {
+                journal::encode_put(&mut snap, k, &s.value, s.create, s.modified);
+            }
+            drop(st);
+            let before = file.len;
+            let r = file.replace(&snap);
+            if r.is_ok() {
+                tracing::info!(before, after = file.len, "state journal compacted");
+            }
+            r
+        } else {
+            let batch = std::mem::take(&mut st.pending);
+            drop(st);
+            file.append(&batch)
+        };
         let result: AckResult = result.map_err(|e| {
             tracing::error!(error = %e, "state store write failed");
             (std::io::ErrorKind::Other, e.to_string())
         });
+        WRITES
+            .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+            .inc_by(waiters.len() as u64);
         for w in waiters {
             let _ = w.send(result.clone());
         }

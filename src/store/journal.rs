@@ -205,6 +205,8 @@ pub(crate) struct JournalFile {
     file: File,
     /// Bytes in the file now.
     pub(crate) len: u64,
+    /// A failed append could not be cut off: no more appends.
+    broken: bool,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -257,6 +259,7 @@ impl JournalFile {
                 path,
                 file,
                 len,
+                broken: false,
             },
             records,
         ))
@@ -266,10 +269,31 @@ impl JournalFile {
         &self.path
     }
 
-    /// Appends framed records and makes them durable.
+    /// Appends framed records and makes them durable. A failed write (a full disk) is cut
+    /// back off, so later records never follow a half-written one (which the next start would
+    /// have to call corruption); if even that fails, the journal takes no more writes.
     pub(crate) fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.file.write_all(bytes).map_err(io_err(&self.path))?;
-        self.file.sync_data().map_err(io_err(&self.path))?;
+        if self.broken {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("an earlier failed write could not be cut off"),
+            });
+        }
+        let r = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            if self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+                .is_err()
+            {
+                self.broken = true;
+            }
+            return Err(io_err(&self.path)(e));
+        }
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -290,6 +314,7 @@ impl JournalFile {
             .open(&self.path)
             .map_err(io_err(&self.path))?;
         self.len = (MAGIC.len() + records.len()) as u64;
+        self.broken = false;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ mod mapping_reload;
 mod mappings_check;
 mod open_federation;
 mod presence_codecs;
+mod restart;
 mod rfc7247;
 mod s2s;
 mod sip_edge;

@@ -888,11 +888,19 @@ async fn subscriptions_survive_a_restart() -> Result<()> {
     if let Some(e) = env.edge.take() {
         e.join(Duration::from_secs(5)).await;
     }
-    assert!(dir.join(legate::sip::edge::STATE_FILE).exists());
+    assert!(dir.join("state.journal").exists());
 
-    let (_hub, edge, mut home, stop) = start_edge(&dir, port).await?;
+    let (hub, edge, mut home, stop) = start_edge(&dir, port).await?;
     let addr = edge.tcp_addr().context("tcp")?;
-    // The restored pending subscription is re-announced to the home side.
+    // Nothing goes to the home side before its link is up; then the restored pending
+    // subscription is re-announced.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), home.recv())
+            .await
+            .is_err(),
+        "sent before the link came up"
+    );
+    hub.note_link_up(&legate::config::Domain::parse("partner.com").map_err(anyhow::Error::msg)?);
     let d = tokio::time::timeout(WAIT, home.recv())
         .await?
         .context("closed")?;

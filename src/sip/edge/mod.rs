@@ -30,13 +30,20 @@
 //! does not start and registers no outbox: SIP federation is off and the hub bounces
 //! SIP-bound traffic at once.
 //!
-//! **State file.** `<data_dir>/sip-subscriptions.json`, written atomically (temp file + rename)
-//! at most once a second when something changed, and at shutdown. Only the notifier side is
-//! kept: a foreign watcher's dialog must still match its refresh after our restart; our own
-//! outbound subscriptions are re-created by the home side's next subscribe.
+//! **State.** Both roles' subscriptions live in the state store (`crate::store`), one record
+//! each under `sip/`, written when they changed (at most once a second, coalesced into one
+//! fsync by the embedded store, and at shutdown) and read back at start: a foreign watcher's
+//! dialog still matches its refresh after our restart, and a local user's subscription to a
+//! Lync contact is refreshed in its old dialog. What restored subscriptions owe (probes,
+//! pending requests, contacts' presence, the refreshes) is sent when the home node's component
+//! link comes up (`Hub::link_ups`), never into a link that does not exist yet. The state file
+//! of earlier versions (`sip-subscriptions.json`) is read once, moved into the store and
+//! renamed `sip-subscriptions.json.migrated`.
 
 pub mod core;
 pub mod metrics;
+#[cfg(test)]
+mod store_tests;
 pub mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -51,12 +58,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use self::core::{Action, ConnId, Core, LocalIdentity, PeerInfo, PersistedState};
+use self::core::{
+    Action, ConnId, Core, LocalIdentity, PeerInfo, PersistedState, Restored, StoreOp,
+};
 use self::transport::{ConnLimits, Input};
 use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Link};
 use crate::net::{self, accept_admitted, AcceptPolicy, Admission, DestinationBackoff, Slots};
+use crate::store::{SharedStore, StoreError};
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +84,8 @@ pub enum EdgeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A running SIP edge.
@@ -94,11 +106,27 @@ impl SipEdge {
     }
 
     /// [`SipEdge::start`] with a given DNS resolver for outbound targets (tests point one at a
-    /// loopback DNS server); `None` builds one from the configuration (system DNS).
+    /// loopback DNS server); `None` builds one from the configuration (system DNS). The state
+    /// store is the embedded one in `node.data_dir`, opened here and owned by the edge.
     pub async fn start_with(
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
         resolver: Option<Arc<crate::dns::Resolver>>,
+    ) -> Result<SipEdge, EdgeError> {
+        let dir = hub.config().node.data_dir.clone();
+        let store =
+            tokio::task::spawn_blocking(move || crate::store::embedded::Embedded::open(&dir))
+                .await
+                .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))??;
+        Self::start_with_store(hub, shutdown, resolver, Arc::new(store)).await
+    }
+
+    /// [`SipEdge::start_with`] on a given state store (the node's, shared with other parts).
+    pub async fn start_with_store(
+        hub: Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+        resolver: Option<Arc<crate::dns::Resolver>>,
+        store: SharedStore,
     ) -> Result<SipEdge, EdgeError> {
         let cfg = hub.config();
         let limits = ConnLimits {
@@ -235,12 +263,7 @@ impl SipEdge {
         };
         let mut core = Core::new(me, Duration::from_secs(cfg.limits.im_session_idle_secs));
         core.set_route_addrs(route_addrs);
-        let state_path = cfg.node.data_dir.join(STATE_FILE);
-        let restored = load_state(&state_path)?;
-        let n = core.restore(&*hub, restored, Instant::now(), SystemTime::now());
-        if n > 0 {
-            tracing::info!(restored = n, "SIP subscriptions restored");
-        }
+        restore(&mut core, &hub, &store, &cfg.node.data_dir).await?;
         let outbox = hub.register_sip(cfg.limits.outbound_queue_per_domain.max(64));
         let status = Arc::new(EdgeStatus::default());
         let shown = status.clone();
@@ -271,7 +294,7 @@ impl SipEdge {
             ids,
             limits,
             shutdown: shutdown.clone(),
-            state_path,
+            store,
             outbound: Arc::new(outbound),
             status,
             dial_backoff: DestinationBackoff::new(
@@ -315,20 +338,20 @@ pub struct EdgeStatus {
     pub connections: AtomicUsize,
 }
 
-/// The state file's name under `node.data_dir`.
+/// The state file of earlier versions under `node.data_dir` (read once, then renamed).
 pub const STATE_FILE: &str = "sip-subscriptions.json";
 
-fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
+fn load_state(path: &Path) -> Result<Option<PersistedState>, EdgeError> {
     match std::fs::read(path) {
         Ok(b) => match serde_json::from_slice(&b) {
-            Ok(s) => Ok(s),
+            Ok(s) => Ok(Some(s)),
             Err(e) => {
-                // A damaged file must not stop the node: start empty and say so.
+                // A damaged file must not stop the node: start without it and say so.
                 tracing::error!(path = %path.display(), error = %e, "SIP state file unreadable; starting without it");
-                Ok(PersistedState::default())
+                Ok(None)
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PersistedState::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(EdgeError::State {
             path: path.to_owned(),
             source,
@@ -336,35 +359,81 @@ fn load_state(path: &Path) -> Result<PersistedState, EdgeError> {
     }
 }
 
-/// The state file's content, serialised in memory on the driver (no I/O there).
-fn state_bytes(core: &Core) -> Option<Vec<u8>> {
-    let mut v = Vec::new();
-    match core.write_snapshot(Instant::now(), SystemTime::now(), &mut v) {
-        Ok(()) => Some(v),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serialise SIP state");
-            None
+/// Loads the SIP records of the store into the core, then migrates an old state file.
+async fn restore(
+    core: &mut Core,
+    hub: &Hub,
+    store: &SharedStore,
+    data_dir: &Path,
+) -> Result<(), EdgeError> {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let listing = store.list(core::SIP_PREFIX).await?;
+    let (mut notifiers, mut subscribers, mut dropped) = (0usize, 0usize, 0usize);
+    for e in &listing.entries {
+        match core.restore_record(hub, &e.key, &e.value, now, wall) {
+            Restored::Notifier => notifiers += 1,
+            Restored::Subscriber => subscribers += 1,
+            Restored::Dropped => dropped += 1,
         }
     }
+    if notifiers + subscribers + dropped > 0 {
+        tracing::info!(
+            notifiers,
+            subscribers,
+            dropped,
+            "SIP subscriptions restored from the state store"
+        );
+    }
+    let legacy = data_dir.join(STATE_FILE);
+    if let Some(state) = load_state(&legacy)? {
+        let n = core.restore(hub, state, now, wall);
+        let failed = apply_ops(store, core.take_store_ops(now, wall, true)).await;
+        if !failed.is_empty() {
+            // The file stays where it is: the next start migrates it again.
+            core.store_failed(&failed);
+            return Ok(());
+        }
+        let moved = legacy.with_extension("json.migrated");
+        if let Err(e) = std::fs::rename(&legacy, &moved) {
+            tracing::warn!(path = %legacy.display(), error = %e, "cannot rename the migrated SIP state file");
+        }
+        tracing::info!(notifiers = n, path = %legacy.display(), "SIP state file moved into the state store");
+    }
+    Ok(())
 }
 
-/// Writes the state file atomically: a temporary file in the same directory, fsync, then
-/// rename. Blocking: run it with `spawn_blocking`, never on the driver.
-fn save_state(path: &Path, bytes: &[u8]) {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+/// Writes `ops` to the store, all at once so the embedded store commits them together.
+/// Returns the keys whose write failed (logged once per batch).
+async fn apply_ops(store: &SharedStore, ops: Vec<StoreOp>) -> Vec<String> {
+    let mut set = tokio::task::JoinSet::new();
+    for op in ops {
+        let store = store.clone();
+        set.spawn(async move {
+            let (key, r) = match op {
+                StoreOp::Put { key, value } => {
+                    let r = store.put(&key, value).await.map(|_| ());
+                    (key, r)
+                }
+                StoreOp::Delete { key } => {
+                    let r = store.delete(&key).await.map(|_| ());
+                    (key, r)
+                }
+            };
+            r.map_err(|e| (key, e))
+        });
     }
-    let tmp = path.with_extension("json.tmp");
-    let r = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    });
-    if let Err(e) = r {
-        tracing::error!(path = %path.display(), error = %e, "cannot write SIP state file");
+    let mut failed = Vec::new();
+    let mut first: Option<StoreError> = None;
+    while let Some(r) = set.join_next().await {
+        if let Ok(Err((key, e))) = r {
+            failed.push(key);
+            first.get_or_insert(e);
+        }
     }
+    if let Some(e) = first {
+        tracing::error!(failed = failed.len(), error = %e, "SIP subscriptions not written to the state store; retried later");
+    }
+    failed
 }
 
 /// Static routes given by name are resolved once at start for the TCP source check.
@@ -557,7 +626,7 @@ struct Driver {
     ids: Arc<AtomicU64>,
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
-    state_path: PathBuf,
+    store: SharedStore,
     outbound: Arc<Outbound>,
     status: Arc<EdgeStatus>,
     /// Domains whose last dials failed: while one is blocked, requests to it fail at once
@@ -573,6 +642,14 @@ struct Outbound {
     resolver: Option<Arc<crate::dns::Resolver>>,
     use_tls: bool,
 }
+
+/// How often the driver has the core compare every subscription with the store (a safety net
+/// for a change noted only by the `dirty` flag; the per-second pass sees touched ones only).
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(60);
+
+/// Envelopes owed after a link came up that are sent per driver turn (the link's queue must
+/// not overflow with a large restored table).
+const LINK_UP_SLICE: usize = 256;
 
 /// Most connection inputs the driver handles before flushing the core's actions.
 const INPUT_BATCH: usize = 32;
@@ -600,9 +677,15 @@ impl Driver {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
-        let mut next_write = Instant::now();
-        // The state file write in flight (one at a time, so writes never reorder).
-        let mut writing: Option<tokio::task::JoinHandle<()>> = None;
+        // The store write in flight (one batch at a time, so changes to a key never reorder);
+        // it returns the keys it could not write.
+        let mut writing: Option<tokio::task::JoinHandle<Vec<String>>> = None;
+        let mut last_full = Instant::now();
+        // Component links that came up: what restored subscriptions owe the home side is sent
+        // then (a link already up before this task started counts too).
+        let mut link_ups = self.hub.link_ups();
+        let mut seen_ups: HashMap<Domain, u64> = HashMap::new();
+        self.on_link_ups(&link_ups.borrow_and_update(), &mut seen_ups);
         // A home node's outbox is nearly full: the core submits without waiting, so instead of
         // letting it answer 480 the driver stops taking requests from the connections until
         // there is room (their readers then block and TCP slows the partners). Deliveries to
@@ -647,6 +730,14 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => {
                     self.core.handle_timeout(&*self.hub, Instant::now());
                 }
+                Ok(()) = link_ups.changed() => {
+                    let ups = link_ups.borrow_and_update().clone();
+                    self.on_link_ups(&ups, &mut seen_ups);
+                }
+                // A slice at a time, and only while the home links have room.
+                _ = tokio::task::yield_now(), if congested.is_none() && self.core.has_link_up_work() => {
+                    self.core.pump_link_up(&*self.hub, LINK_UP_SLICE);
+                }
                 _ = persist.tick() => {
                     self.core.update_gauges();
                     let (n, s, x) = self.core.counts();
@@ -654,13 +745,18 @@ impl Driver {
                     self.status.local_subscriptions.store(s, Ordering::Relaxed);
                     self.status.im_sessions.store(x, Ordering::Relaxed);
                     self.status.connections.store(self.conns.len(), Ordering::Relaxed);
-                    // At most once a second, and never more than ~5% of the time: a large
-                    // table costs more to write, so it is written less often.
-                    let idle = writing.as_ref().is_none_or(|h| h.is_finished());
-                    if idle && next_write <= Instant::now() && self.core.take_dirty() {
-                        let t = Instant::now();
-                        writing = self.persist();
-                        next_write = t + (t.elapsed() * 20).max(Duration::from_secs(1));
+                    // Changed records, at most once a second; the previous batch first.
+                    if writing.as_ref().is_none_or(|h| h.is_finished()) {
+                        if let Some(h) = writing.take() {
+                            if let Ok(failed) = h.await {
+                                self.core.store_failed(&failed);
+                            }
+                        }
+                        let full = last_full.elapsed() >= FULL_SCAN_EVERY;
+                        if full {
+                            last_full = Instant::now();
+                        }
+                        writing = self.persist(full);
                     }
                 }
                 _ = shutdown.changed() => {
@@ -680,20 +776,37 @@ impl Driver {
             }
         }
         if let Some(h) = writing.take() {
-            let _ = h.await;
+            if let Ok(failed) = h.await {
+                self.core.store_failed(&failed);
+            }
         }
-        if let Some(h) = self.persist() {
+        if let Some(h) = self.persist(true) {
             let _ = h.await;
         }
     }
 
-    /// Serialises the state here and writes it on the blocking pool.
-    fn persist(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let bytes = state_bytes(&self.core)?;
-        let path = self.state_path.clone();
-        Some(tokio::task::spawn_blocking(move || {
-            save_state(&path, &bytes)
-        }))
+    /// Hands the records that changed to a task that writes them to the store (`full`: compare
+    /// every subscription, see `Core::take_store_ops`).
+    fn persist(&mut self, full: bool) -> Option<tokio::task::JoinHandle<Vec<String>>> {
+        let ops = self
+            .core
+            .take_store_ops(Instant::now(), SystemTime::now(), full);
+        if ops.is_empty() {
+            return None;
+        }
+        let store = self.store.clone();
+        Some(tokio::spawn(async move { apply_ops(&store, ops).await }))
+    }
+
+    /// Tells the core about every foreign domain whose link came up since the last look.
+    fn on_link_ups(&mut self, ups: &HashMap<Domain, u64>, seen: &mut HashMap<Domain, u64>) {
+        for (domain, n) in ups {
+            if seen.get(domain) != Some(n) {
+                seen.insert(domain.clone(), *n);
+                tracing::debug!(domain = %domain, "component link up: restored subscriptions catch up");
+                self.core.handle_link_up(domain, Instant::now());
+            }
+        }
     }
 
     fn on_input(&mut self, input: Input) {

@@ -456,6 +456,7 @@ impl Component {
             s.connects += 1;
             s.peer = Some(addr);
         });
+        self.hub.note_link_up(&self.domain);
     }
 
     fn mark_down(&self) {

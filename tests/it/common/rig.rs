@@ -229,3 +229,27 @@ pub async fn subscribe(
     .await?;
     ua.response().await
 }
+
+/// Accepts Legate's outbound TLS connection on the partner's `route`, as `partner.test`
+/// presenting `leaf` (a restarted Legate has no inbound connection to reuse and dials).
+pub async fn accept_lync(route: &tokio::net::TcpListener, leaf: &Leaf) -> Result<Ua> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            legate::tls::load_certs(&leaf.cert)?,
+            legate::tls::load_private_key(&leaf.key)?,
+        )?;
+    let (tcp, _) = tokio::time::timeout(WAIT, route.accept())
+        .await
+        .context("Legate did not dial the partner's route")??;
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp),
+    )
+    .await
+    .context("TLS handshake timeout")??;
+    Ok(Ua::from_stream(s))
+}

@@ -18,6 +18,8 @@ mod notifier;
 mod persist;
 mod subscriber;
 
+pub use persist::{Restored, StoreOp, NOTIFIER_PREFIX, SIP_PREFIX, SUBSCRIBER_PREFIX};
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -297,6 +299,8 @@ pub struct Core {
     route_addrs: HashMap<Domain, Vec<IpAddr>>,
     next_id: u64,
     dirty: bool,
+    /// What the state store holds, and what is owed to the home side after a link came up.
+    persisted: persist::Persisted,
 }
 
 /// The count kept for `d` in a per-domain table.
@@ -381,6 +385,7 @@ impl Core {
             route_addrs: HashMap::new(),
             next_id: 1,
             dirty: false,
+            persisted: persist::Persisted::default(),
         }
     }
 
@@ -507,6 +512,8 @@ impl Core {
     /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
     /// already queued (a refresh storm must not grow the heap).
     fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
+        // A new expiry (a refresh) changes the stored record.
+        self.touch_notifier(id);
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };
@@ -1325,27 +1332,7 @@ impl Core {
                             self.send_subscribe(id, now);
                         }
                     }
-                    None => {
-                        // Bound: outbound subscriptions per local user.
-                        let watcher = env.from.bare_string();
-                        let n = self
-                            .subscriber_pairs
-                            .keys()
-                            .filter(|(w, _)| *w == watcher)
-                            .count();
-                        if n >= hub.config().limits.max_subscriptions_per_user {
-                            m::refused("too_many_subscriptions");
-                            if let Some(b) = env.bounce(
-                                ErrorCondition::ResourceConstraint,
-                                "too many presence subscriptions for this user",
-                            ) {
-                                hub.submit(domain, b);
-                            }
-                            return;
-                        }
-                        let id = self.new_subscriber(env.from, env.to, domain.clone());
-                        self.send_subscribe(id, now);
-                    }
+                    None => self.start_subscriber(hub, domain, env, now),
                 }
             }
             Body::Subscription(Subscription::Unsubscribe) => {
@@ -1365,24 +1352,7 @@ impl Core {
                     }
                 }
             }
-            Body::Subscription(Subscription::Probe) => {
-                let pair = (env.from.bare_string(), env.to.bare_string());
-                let last = self
-                    .subscriber_pairs
-                    .get(&pair)
-                    .and_then(|id| self.subscribers.get(id))
-                    .and_then(|s| s.last.clone());
-                if let Some(p) = last {
-                    hub.submit(
-                        domain,
-                        Envelope {
-                            from: env.to,
-                            to: env.from,
-                            body: Body::Presence(p),
-                        },
-                    );
-                }
-            }
+            Body::Subscription(Subscription::Probe) => self.on_probe(hub, domain, env, now),
             Body::Message(body) => self.deliver_message(hub, domain, env.from, env.to, body, now),
             Body::Error { .. } => self.late_error(hub, domain, env, now),
             Body::Xmpp(_) => {}
@@ -1501,5 +1471,7 @@ pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, 
 
 #[cfg(test)]
 mod im_tests;
+#[cfg(test)]
+mod persist_tests;
 #[cfg(test)]
 mod tests;

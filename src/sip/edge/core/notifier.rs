@@ -395,6 +395,7 @@ impl Core {
 
     /// Adds a notifier dialog, counted for its domain's bound.
     pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
+        self.touch_notifier(&id);
         *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
         if let Some(old) = self.notifiers.insert(id, n) {
             count_down(&mut self.notifier_domains, &old.domain);
@@ -403,6 +404,7 @@ impl Core {
 
     /// Removes a notifier dialog and its count.
     pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
+        self.touch_notifier(id);
         let n = self.notifiers.remove(id)?;
         count_down(&mut self.notifier_domains, &n.domain);
         Some(n)
@@ -435,6 +437,8 @@ impl Core {
         now: Instant,
         skip_unchanged: bool,
     ) {
+        // Every NOTIFY may follow a state change (pending → active, polite blocking).
+        self.touch_notifier(id);
         let on = self.notifiers.get(id).and_then(|n| n.conn);
         let via = self.via_on(on);
         let maps = hub.maps();

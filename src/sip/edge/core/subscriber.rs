@@ -85,6 +85,7 @@ impl Core {
                 if s.state == SubscriberState::Subscribing {
                     s.state = SubscriberState::Established { approved: false };
                 }
+                self.touch_subscriber(sid);
             }
         }
         if let Some(k) = key {
@@ -129,6 +130,7 @@ impl Core {
                     if let Some(s) = self.subscribers.get_mut(&sid) {
                         s.state = SubscriberState::Established { approved: true };
                     }
+                    self.touch_subscriber(sid);
                     hub.submit(&dom, tell(Body::Subscription(Subscription::Subscribed)));
                 }
                 if let Some(p) = presence {
@@ -167,6 +169,72 @@ impl Core {
         }
     }
 
+    /// A local user subscribes to a foreign user with no subscription yet: bounded per user
+    /// (`limits.max_subscriptions_per_user`), then a new SUBSCRIBE.
+    pub(super) fn start_subscriber(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        env: Envelope,
+        now: Instant,
+    ) {
+        let watcher = env.from.bare_string();
+        let n = self
+            .subscriber_pairs
+            .keys()
+            .filter(|(w, _)| *w == watcher)
+            .count();
+        if n >= hub.config().limits.max_subscriptions_per_user {
+            m::refused("too_many_subscriptions");
+            if let Some(b) = env.bounce(
+                ErrorCondition::ResourceConstraint,
+                "too many presence subscriptions for this user",
+            ) {
+                hub.submit(domain, b);
+            }
+            return;
+        }
+        let id = self.new_subscriber(env.from, env.to, domain.clone());
+        self.send_subscribe(id, now);
+    }
+
+    /// The home server probes a foreign contact (RFC 6121 §4.3: the user holds a subscription
+    /// to it, typically at sign-in). Answered with the last presence the contact's NOTIFYs
+    /// gave; with none yet, the SIP subscription is refreshed, or created when it is missing
+    /// (lost before this node persisted it, or refused by the peer since): its NOTIFY then
+    /// brings the presence. A probe never loses the contact, even with an empty state store.
+    pub(super) fn on_probe(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        env: Envelope,
+        now: Instant,
+    ) {
+        let pair = (env.from.bare_string(), env.to.bare_string());
+        let Some(id) = self.subscriber_pairs.get(&pair).copied() else {
+            self.start_subscriber(hub, domain, env, now);
+            return;
+        };
+        let Some(s) = self.subscribers.get(&id) else {
+            return;
+        };
+        match (&s.last, &s.state) {
+            (Some(p), _) => {
+                hub.submit(
+                    domain,
+                    Envelope {
+                        from: env.to,
+                        to: env.from,
+                        body: Body::Presence(p.clone()),
+                    },
+                );
+            }
+            (None, SubscriberState::Established { .. }) => self.send_subscribe(id, now),
+            // A SUBSCRIBE is in flight, a retry is scheduled, or an un-SUBSCRIBE is on its way.
+            (None, _) => {}
+        }
+    }
+
     pub(super) fn new_subscriber(
         &mut self,
         watcher: Address,
@@ -201,11 +269,17 @@ impl Core {
         self.subscriber_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), id);
         self.subscribers.insert(id, s);
+        self.touch_subscriber(id);
         id
     }
 
     pub(super) fn remove_subscriber(&mut self, id: u64) {
         if let Some(s) = self.subscribers.remove(&id) {
+            self.dirty = true;
+            self.persisted
+                .touched
+                .gone_pairs
+                .push((s.watcher.bare_string(), s.presentity.bare_string()));
             self.subscriber_calls.remove(&(s.call_id, s.local_tag));
             let pair = (s.watcher.bare_string(), s.presentity.bare_string());
             if self.subscriber_pairs.get(&pair) == Some(&id) {
@@ -216,6 +290,8 @@ impl Core {
 
     /// Sends SUBSCRIBE (initial, refresh or, in state Unsubscribing, `Expires: 0`).
     pub(super) fn send_subscribe(&mut self, id: u64, now: Instant) {
+        // The CSeq, and for an un-SUBSCRIBE the record itself, change.
+        self.touch_subscriber(id);
         // A SUBSCRIBE goes to the domain, on whichever connection the driver picks or opens:
         // the node's default transport (the one new connections use).
         let via = self.via_on(None);
@@ -301,6 +377,9 @@ impl Core {
         let Some(s) = self.subscribers.get_mut(&id) else {
             return;
         };
+        // Every answer may change what is stored (dialog, state, Expires, CSeq).
+        self.persisted.touched.subscribers.insert(id);
+        self.dirty = true;
         if conn.is_some() {
             s.conn = conn;
         }
