@@ -15,6 +15,9 @@ use super::{Revision, StoreError};
 
 pub(crate) const FILE_NAME: &str = "state.journal";
 const TMP_NAME: &str = "state.journal.tmp";
+/// Held (an OS file lock) by the one process using the data directory: two processes
+/// appending to one journal would interleave records and corrupt it.
+const LOCK_NAME: &str = "state.lock";
 const MAGIC: &[u8; 8] = b"LGSTORE1";
 /// Length + CRC.
 const FRAME: usize = 8;
@@ -207,6 +210,9 @@ pub(crate) struct JournalFile {
     pub(crate) len: u64,
     /// A failed append could not be cut off: no more appends.
     broken: bool,
+    /// The directory lock, held as long as the journal is open (the OS frees it when the
+    /// process dies, so a `kill -9` leaves nothing to clean up).
+    _lock: File,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -221,6 +227,20 @@ impl JournalFile {
     /// torn tail.
     pub(crate) fn open(dir: &Path) -> Result<(Self, Vec<Record>), StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join(LOCK_NAME);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse { path: lock_path })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
         let path = dir.join(FILE_NAME);
         // A leftover of a compaction that crashed before its rename: the journal is intact.
         let _ = std::fs::remove_file(dir.join(TMP_NAME));
@@ -260,6 +280,7 @@ impl JournalFile {
                 file,
                 len,
                 broken: false,
+                _lock: lock,
             },
             records,
         ))

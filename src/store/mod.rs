@@ -122,6 +122,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("state store {path} is locked by another process: another legate uses this node.data_dir (one process per data directory)")]
+    InUse { path: PathBuf },
     #[error("state store {path}: corrupt record at byte {offset}: {reason} (the file must be repaired or moved away)")]
     Corrupt {
         path: PathBuf,

@@ -247,3 +247,22 @@ async fn concurrent_puts_share_fsyncs_and_compaction_keeps_the_data() {
     assert_eq!(l.revision, rev);
     assert!(l.entries.iter().all(|e| e.value[0] == 3));
 }
+
+#[tokio::test]
+async fn one_process_per_data_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Embedded::open(dir.path()).expect("open");
+    // A second opener (here the same process; another `legate` the same way) is refused
+    // before it reads or writes anything, and says what to do.
+    let err = Embedded::open(dir.path()).expect_err("second open");
+    assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+    assert!(err.to_string().contains("node.data_dir"), "{err}");
+    first
+        .put("k", b"v".to_vec())
+        .await
+        .expect("first still writes");
+    drop(first);
+    // Released with the store (and by the OS when a process dies).
+    let again = Embedded::open(dir.path()).expect("reopen after close");
+    assert_eq!(again.len(), 1);
+}
