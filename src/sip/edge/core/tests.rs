@@ -8,6 +8,8 @@ use crate::sip::parse::{parse_datagram, parse_exact};
 use std::cell::RefCell;
 use std::path::Path;
 
+mod batch;
+
 const CONFIG: &str = r#"routing_node = "hn1"
 [[local_domain]]
 name = "example.com"

@@ -1,0 +1,366 @@
+//! Machine tests of the Lync batched notifier and of resource aggregation for SIP watchers.
+
+use super::*;
+use crate::presence::codec::{msrtc, rlmi};
+
+const BATCH_BODY: &str =
+    include_str!("../../../../../tests/data/sip/lync-batched/subscribe-three.sip");
+
+/// The batched SUBSCRIBE kept under tests/data, filled in for `bob@partner.com`.
+fn batch_subscribe(call: &str, contacts: &[&str], piggyback: bool, expires: u32) -> SipMessage {
+    let resources: String = contacts
+        .iter()
+        .map(|c| format!("<resource uri=\"sip:{c}\"/>"))
+        .collect();
+    let text = BATCH_BODY
+        .replace("{watcher}", "bob@partner.com")
+        .replace("{branch}", &format!("z9hG4bK{call}"))
+        .replace("{tag}", "bt")
+        .replace("{call_id}", call)
+        .replace(
+            "{piggyback}",
+            if piggyback {
+                "ms-piggyback-first-notify"
+            } else {
+                "com.microsoft.autoextend"
+            },
+        )
+        .replace("Expires: 3600", &format!("Expires: {expires}"))
+        .replace("{resources}", &resources);
+    let (head, body) = text.split_once("\n\n").expect("head and body");
+    let body = body.trim_end();
+    let head = head.replace("{CL}", &body.len().to_string());
+    msg(&format!("{head}\n\n{body}"))
+}
+
+trait WithBody {
+    fn with_body_for_test(self, body: &str) -> SipMessage;
+}
+
+impl WithBody for SipMessage {
+    fn with_body_for_test(mut self, body: &str) -> SipMessage {
+        self.set_body(bytes::Bytes::copy_from_slice(body.as_bytes()))
+            .expect("body");
+        self
+    }
+}
+
+/// The RLMI list and the msrtc availability per resource URI of a multipart message.
+fn rlmi_of(m: &SipMessage) -> (rlmi::List, Vec<(String, Option<u32>)>) {
+    let ct = hv(m, "Content-Type").expect("content type");
+    assert!(ct.starts_with("multipart/related"), "{ct}");
+    let parts = rlmi::decode_related(ct, m.body()).expect("multipart");
+    let first = parts.first().expect("rlmi part");
+    assert_eq!(first.content_type, rlmi::RLMI_CONTENT_TYPE);
+    let list = rlmi::decode_rlmi(&first.body).expect("rlmi");
+    let mut states = Vec::new();
+    for r in &list.resources {
+        let cid = r.instances.first().and_then(|i| i.cid.clone());
+        let av = cid.and_then(|c| {
+            parts
+                .iter()
+                .find(|p| p.content_id == c)
+                .map(|p| msrtc::decode_msrtc(&p.body).expect("msrtc").availability)
+        });
+        states.push((r.uri.clone(), av.flatten()));
+    }
+    (list, states)
+}
+
+fn presence_with_note(state: &str, note: Option<&str>) -> Body {
+    Body::Presence(crate::gateway::PresenceBody {
+        system: "lync".into(),
+        state: state.into(),
+        note: note.map(str::to_string),
+        priority: None,
+    })
+}
+
+const THREE: [&str; 3] = ["alice@example.com", "carol@example.com", "dave@example.com"];
+
+#[test]
+fn batched_subscribe_piggybacks_full_state_then_coalesces_changes() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let mut contacts = THREE.to_vec();
+    contacts.push("zed@elsewhere.test");
+    c.handle_message(
+        &h,
+        &peer(),
+        batch_subscribe("b1", &contacts, true, 3600),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1, "the first NOTIFY rides in the 200 OK");
+    let ok = &out[0];
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(hv(ok, "ms-piggyback-cseq"), Some("1"));
+    assert_eq!(hv(ok, "Require"), Some("eventlist"));
+    assert!(hv(ok, "Subscription-State").is_some_and(|s| s.starts_with("active")));
+    let (list, _) = rlmi_of(ok);
+    assert!(list.full_state);
+    assert_eq!(list.version, 0);
+    assert_eq!(list.uri, "sip:bob@partner.com");
+    let states: Vec<_> = list
+        .resources
+        .iter()
+        .map(|r| {
+            (
+                r.uri.as_str(),
+                r.instances[0].state,
+                r.instances[0].reason.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("sip:alice@example.com", rlmi::InstanceState::Pending, None),
+            ("sip:carol@example.com", rlmi::InstanceState::Pending, None),
+            ("sip:dave@example.com", rlmi::InstanceState::Pending, None),
+            (
+                "sip:zed@elsewhere.test",
+                rlmi::InstanceState::Terminated,
+                Some("noresource")
+            ),
+        ]
+    );
+    // One subscription per local contact went to the home side, none for the foreign one.
+    let asked: Vec<String> = h
+        .got
+        .borrow()
+        .iter()
+        .filter(|e| e.body == Body::Subscription(Subscription::Subscribe))
+        .map(|e| e.to.bare_string())
+        .collect();
+    assert_eq!(asked, THREE);
+
+    // The home node answers the three at once: one partial NOTIFY after the coalescing delay.
+    for (who, state) in THREE.iter().zip(["available", "busy", "away"]) {
+        let mut e = env(
+            &format!("{who}/desk"),
+            "bob@partner.com",
+            lync_presence(state),
+        );
+        e.from.resource = Some("desk".into());
+        c.handle_delivery(&h, &dom(), e, t0);
+    }
+    assert!(sent(&mut c).is_empty(), "changes wait to be coalesced");
+    c.handle_timeout(&h, t0 + super::super::batch::COALESCE);
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 1, "one NOTIFY for three changes");
+    let n = &out[0];
+    assert_eq!(n.method(), Some("NOTIFY"));
+    assert_eq!(
+        n.cseq().map(|c| c.seq).ok(),
+        Some(2),
+        "after the piggy-backed 1"
+    );
+    assert_eq!(hv(n, "Require"), Some("eventlist"));
+    let (list, states) = rlmi_of(n);
+    assert!(!list.full_state);
+    assert_eq!(list.version, 1);
+    assert_eq!(
+        states,
+        [
+            ("sip:alice@example.com".to_string(), Some(3500)),
+            ("sip:carol@example.com".to_string(), Some(6500)),
+            ("sip:dave@example.com".to_string(), Some(15500)),
+        ]
+    );
+
+    // A later change of one contact: a NOTIFY with that resource only.
+    let mut e = env(
+        "carol@example.com/desk",
+        "bob@partner.com",
+        lync_presence("away"),
+    );
+    e.from.resource = Some("desk".into());
+    c.handle_delivery(&h, &dom(), e, t0 + Duration::from_secs(5));
+    c.handle_timeout(&h, t0 + Duration::from_secs(6));
+    let out = sent(&mut c);
+    let (list, states) = rlmi_of(out.first().expect("NOTIFY"));
+    assert_eq!(list.version, 2);
+    assert_eq!(states, [("sip:carol@example.com".to_string(), Some(15500))]);
+    assert_eq!(c.batch_count(), 1);
+}
+
+#[test]
+fn without_piggyback_a_full_state_notify_follows_the_200() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b2", &THREE, false, 3600), t0);
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].status(), Some(200));
+    assert!(out[0].body().is_empty());
+    assert_eq!(out[1].method(), Some("NOTIFY"));
+    let (list, _) = rlmi_of(&out[1]);
+    assert!(list.full_state);
+    assert_eq!(list.resources.len(), 3);
+}
+
+#[test]
+fn refused_member_is_terminated_rejected_and_unsubscribe_ends_the_dialog() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b3", &THREE, true, 3600), t0);
+    let ok = sent(&mut c).remove(0);
+    let to_tag = ok
+        .to()
+        .ok()
+        .and_then(|t| t.tag().map(str::to_string))
+        .expect("tag");
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "carol@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Unsubscribed),
+        ),
+        t0,
+    );
+    c.handle_timeout(&h, t0 + super::super::batch::COALESCE);
+    let out = sent(&mut c);
+    let (list, _) = rlmi_of(out.first().expect("NOTIFY"));
+    assert_eq!(list.resources.len(), 1);
+    assert_eq!(
+        list.resources[0].instances[0].reason.as_deref(),
+        Some("rejected")
+    );
+
+    // Un-SUBSCRIBE: 200, a terminated NOTIFY, and the home side is told per member.
+    h.got.borrow_mut().clear();
+    let unsub = format!(
+        "SUBSCRIBE sip:bob@partner.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKu3\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=bt\n\
+To: <sip:bob@partner.com>;tag={to_tag}\n\
+Call-ID: b3\n\
+CSeq: 2 SUBSCRIBE\n\
+Event: presence\n\
+Expires: 0\n\
+Content-Length: 0\n\n"
+    );
+    c.handle_message(&h, &peer(), msg(&unsub), t0 + Duration::from_secs(10));
+    let out = sent(&mut c);
+    assert_eq!(out[0].status(), Some(200));
+    let n = out.get(1).expect("terminated NOTIFY");
+    assert!(hv(n, "Subscription-State").is_some_and(|s| s.starts_with("terminated")));
+    let (list, _) = rlmi_of(n);
+    assert!(list
+        .resources
+        .iter()
+        .all(|r| r.instances[0].state == rlmi::InstanceState::Terminated));
+    assert_eq!(c.batch_count(), 0);
+    let told: Vec<String> = h.got.borrow().iter().map(|e| e.to.bare_string()).collect();
+    assert_eq!(told, THREE);
+}
+
+#[test]
+fn batch_expires_like_a_single_subscription() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b4", &THREE, true, 60), t0);
+    let _ = sent(&mut c);
+    c.handle_timeout(&h, t0 + Duration::from_secs(61));
+    let out = sent(&mut c);
+    let n = out.first().expect("terminated NOTIFY");
+    assert_eq!(
+        hv(n, "Subscription-State"),
+        Some("terminated;reason=timeout")
+    );
+    assert_eq!(c.batch_count(), 0);
+}
+
+#[test]
+fn batch_refusals_are_specific() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let many: Vec<String> = (0..=super::super::batch::MAX_BATCH_RESOURCES)
+        .map(|i| format!("u{i}@example.com"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    c.handle_message(&h, &peer(), batch_subscribe("b5", &many, true, 3600), t0);
+    let r = sent(&mut c).remove(0);
+    assert_eq!(r.status(), Some(413));
+    assert!(r.reason().is_some_and(|x| x.contains("1000")));
+
+    let bad = batch_subscribe("b6", &THREE, true, 3600).with_body_for_test("<batchSub/>");
+    c.handle_message(&h, &peer(), bad, t0);
+    assert_eq!(sent(&mut c).remove(0).status(), Some(400));
+
+    // A batch for someone else's list is not what a Lync edge sends.
+    let text = String::from_utf8_lossy(&batch_subscribe("b7", &THREE, true, 3600).to_bytes())
+        .replace(
+            "SUBSCRIBE sip:bob@partner.com",
+            "SUBSCRIBE sip:alice@example.com",
+        )
+        .replace("branch=z9hG4bKb7", "branch=z9hG4bKb7x");
+    c.handle_message(
+        &h,
+        &peer(),
+        parse_datagram(text.as_bytes()).expect("parses"),
+        t0,
+    );
+    assert_eq!(sent(&mut c).remove(0).status(), Some(403));
+    assert_eq!(c.batch_count(), 0);
+}
+
+#[test]
+fn persisted_batches_are_plain_data() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b8", &THREE, true, 3600), t0);
+    let p = c.persisted_batches(t0, 1_000_000);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].expires_unix, 1_003_600);
+    assert_eq!(p[0].members.len(), 3);
+    let json = serde_json::to_string(&p).expect("serialises");
+    let back: Vec<PersistedBatch> = serde_json::from_str(&json).expect("deserialises");
+    assert_eq!(back, p);
+}
+
+/// Issue 11: desktop "dnd / Busy thing" and phone "Free"; the phone signs off; the single
+/// watcher's NOTIFY still says busy with the desktop's note.
+#[test]
+fn a_second_device_signing_off_leaves_the_first_visible() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let sub = subscribe_text(3600).replace(
+        "Event: presence\n",
+        "Event: presence\nAccept: application/msrtc-event-categories+xml\n",
+    );
+    c.handle_message(&h, &peer(), msg(&sub), t0);
+    let _ = sent(&mut c);
+    let send = |c: &mut Core, res: &str, state: &str, note: Option<&str>| {
+        let mut e = env(
+            "alice@example.com",
+            "bob@partner.com",
+            presence_with_note(state, note),
+        );
+        e.from.resource = Some(res.into());
+        c.handle_delivery(&h, &dom(), e, t0);
+        sent(c)
+    };
+    send(&mut c, "desktop", "busy", Some("Busy thing"));
+    let out = send(&mut c, "phone", "available", Some("Free"));
+    let body = msrtc::decode_msrtc(out.last().expect("NOTIFY").body()).expect("msrtc");
+    assert_eq!(body.availability, Some(3500));
+    let out = send(&mut c, "phone", "offline", None);
+    let body = msrtc::decode_msrtc(out.last().expect("NOTIFY").body()).expect("msrtc");
+    assert_eq!(body.availability, Some(6500), "busy, not offline");
+    assert_eq!(body.note.as_deref(), Some("Busy thing"));
+    let out = send(&mut c, "desktop", "offline", None);
+    let body = msrtc::decode_msrtc(out.last().expect("NOTIFY").body()).expect("msrtc");
+    assert!(body.availability.is_some_and(|a| a >= 18000), "{body:?}");
+}
