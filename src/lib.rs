@@ -7,6 +7,7 @@
 //! - `gateway`: the interworking core: envelopes, routing and federation policy, the hub.
 //! - `sip`: SIP codec, validation, framing, transactions, and the federation edge (Lync/S4B).
 //! - `xmpp`: XMPP stream framing, s2s and XEP-0114 component links.
+//! - `store`: the state store trait (get/list/put/delete/CAS/watch) and its embedded journal.
 //! - `tls`, `dns`: certificates (SNI, mutual TLS, RFC 6125) and target resolution (SRV, RFC
 //!   3263, cluster address map).
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
@@ -24,5 +25,6 @@ pub mod net;
 pub mod presence;
 pub mod run;
 pub mod sip;
+pub mod store;
 pub mod tls;
 pub mod xmpp;

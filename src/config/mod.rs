@@ -289,6 +289,17 @@ impl Config {
         self.local_domains.iter().any(|l| &l.name == d)
     }
 
+    /// The `[[chat_node]]` whose published alias is exactly `d`, if any.
+    pub fn chat_node(&self, d: &Domain) -> Option<&ChatNode> {
+        self.chat_nodes.iter().find(|c| &c.alias == d)
+    }
+
+    /// Whether our s2s edge serves `d`: a local domain (its users) or a chat-room alias (rooms
+    /// hosted on a home node). Streams to any other name get `host-unknown`.
+    pub fn serves_xmpp_domain(&self, d: &Domain) -> bool {
+        self.is_local_domain(d) || self.chat_node(d).is_some()
+    }
+
     /// The SIP federation entry for exactly `d`, if any.
     pub fn sip_federated(&self, d: &Domain) -> Option<&SipFederatedDomain> {
         self.sip.federated_domains.iter().find(|f| &f.name == d)

@@ -89,6 +89,12 @@ pub enum Denied {
     NotForSip(&'static str),
     #[error("nothing to deliver over SIP (a message without text, such as a chat state)")]
     NothingToDeliver,
+    /// A group-chat room is addressed from or toward SIP federation: Lync and Skype for
+    /// Business do not federate multi-party IM (seed 004), so rooms are offered over XMPP only.
+    #[error(
+        "group chat {0} is offered to XMPP federation only (SIP federation has no multi-party IM)"
+    )]
+    GroupChatNotForSip(Domain),
     #[error("presence from {system} state {state} cannot be translated: {why}")]
     Untranslatable {
         system: String,
@@ -109,6 +115,7 @@ impl Denied {
             Denied::Untranslatable { .. } => "untranslatable",
             Denied::NotForSip(_) => "not_for_sip",
             Denied::NothingToDeliver => "nothing_to_deliver",
+            Denied::GroupChatNotForSip(_) => "group_chat_not_for_sip",
         }
     }
 
@@ -121,6 +128,7 @@ impl Denied {
             Denied::Spoofed { .. } | Denied::NotOwnUser { .. } => ErrorCondition::Forbidden,
             Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
             Denied::LocalToLocal => ErrorCondition::NotAllowed,
+            Denied::GroupChatNotForSip(_) => ErrorCondition::NotAllowed,
             Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
                 ErrorCondition::ServiceUnavailable
             }
@@ -336,34 +344,52 @@ pub fn route(
     maps: &MappingSet,
     directory: &Directory,
     origin: &Origin,
-    mut env: Envelope,
+    env: Envelope,
 ) -> Result<Route, Refusal> {
     let link = match origin {
         Origin::Component { home_node } => {
-            if !config.is_local_domain(&env.from.domain) {
+            // A room (or an occupant's room JID) of a chat-room alias speaks through the home
+            // node hosting that alias, and only that one; rooms are not users, so the
+            // directory does not learn them.
+            let room = config.chat_node(&env.from.domain);
+            if let Some(chat) = room {
+                if *chat.home_node != **home_node {
+                    let d = Denied::NotOwnUser {
+                        from: env.from.bare_string(),
+                        home_node: home_node.clone(),
+                    };
+                    return Err(refuse(d, env));
+                }
+            } else if !config.is_local_domain(&env.from.domain) {
                 let d = Denied::Spoofed {
                     from: env.from.bare_string(),
                     origin: "component",
                 };
                 return Err(refuse(d, env));
-            }
-            // A home node speaks only for its own users: the component secret authenticates
-            // the node, not every address it writes in `from`. The directory learns only from
-            // what a user sends: errors, iq results and subscription refusals are the home node
-            // answering for addresses a foreign peer made up, and must not fill it.
-            let user_traffic = env.is_user_traffic();
-            if !directory.admit_sender(config, home_node, &env.from, user_traffic) {
-                let d = Denied::NotOwnUser {
-                    from: env.from.bare_string(),
-                    home_node: home_node.clone(),
-                };
-                return Err(refuse(d, env));
+            } else {
+                // A home node speaks only for its own users: the component secret
+                // authenticates the node, not every address it writes in `from`. The directory
+                // learns only from what a user sends: errors, iq results and subscription
+                // refusals are the home node answering for addresses a foreign peer made up,
+                // and must not fill it.
+                let user_traffic = env.is_user_traffic();
+                if !directory.admit_sender(config, home_node, &env.from, user_traffic) {
+                    let d = Denied::NotOwnUser {
+                        from: env.from.bare_string(),
+                        home_node: home_node.clone(),
+                    };
+                    return Err(refuse(d, env));
+                }
             }
             let d = &env.to.domain;
-            if config.is_local_domain(d) {
+            if config.serves_xmpp_domain(d) {
                 return Err(refuse(Denied::LocalToLocal, env));
             }
             if config.sip_federated(d).is_some() {
+                if room.is_some() {
+                    let alias = env.from.domain.clone();
+                    return Err(refuse(Denied::GroupChatNotForSip(alias), env));
+                }
                 Link::Sip { domain: d.clone() }
             } else if config.xmpp_federation_allowed(d) {
                 Link::S2s { domain: d.clone() }
@@ -386,6 +412,14 @@ pub fn route(
             if !allowed {
                 return Err(refuse(Denied::DomainNotAllowed(domain.clone()), env));
             }
+            if let Some(chat) = config.chat_node(&env.to.domain) {
+                if matches!(origin, Origin::Sip { .. }) {
+                    let alias = chat.alias.clone();
+                    return Err(refuse(Denied::GroupChatNotForSip(alias), env));
+                }
+                let home_node = Arc::from(chat.home_node.as_str());
+                return finish(config, maps, Link::Component { home_node }, env);
+            }
             if !config.is_local_domain(&env.to.domain) {
                 return Err(refuse(Denied::NotLocal(env.to.domain.clone()), env));
             }
@@ -395,6 +429,17 @@ pub fn route(
             }
         }
     };
+    finish(config, maps, link, env)
+}
+
+/// The last stage of [`route`] once the link is chosen: presence translated into the
+/// destination's system, and XMPP stanzas bound for SIP reduced to what SIP carries.
+fn finish(
+    config: &Config,
+    maps: &MappingSet,
+    link: Link,
+    mut env: Envelope,
+) -> Result<Route, Refusal> {
     if let Body::Presence(p) = &env.body {
         let target = match link_system(config, &link) {
             Some(t) => t,
@@ -463,6 +508,9 @@ addresses = ["127.0.0.1:5348"]
 component_secret = "a-long-enough-secret-2"
 users = ["carol@example.com"]
 default_system = "jabber8"
+[[chat_node]]
+alias = "conference.example.com"
+home_node = "hn2"
 "#;
 
     fn setup() -> (Config, MappingSet, Directory) {
@@ -590,6 +638,126 @@ default_system = "jabber8"
                 domain: dom("webex.test")
             }
         );
+    }
+
+    fn err_of(r: Result<Route, Refusal>) -> Denied {
+        match r {
+            Ok(r) => panic!("routed to {:?}", r.link),
+            Err(e) => e.denied,
+        }
+    }
+
+    #[test]
+    fn chat_aliases_route_to_their_home_node_and_only_over_xmpp() {
+        let (cfg, maps, dir) = setup();
+        let msg = || {
+            Body::Message(MessageBody {
+                id: Some("g1".into()),
+                text: "hello room".into(),
+                thread: None,
+            })
+        };
+        // A foreign XMPP user joining or talking in a room goes to the alias's home node
+        // (hn2), whatever the directory or the routing node (hn1) would say of a user.
+        let s2s = Origin::S2s {
+            domain: dom("webex.test"),
+        };
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &s2s,
+            env("x@webex.test/pc", "lobby@conference.example.com/x", msg()),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Component {
+                home_node: "hn2".into()
+            }
+        );
+        assert!(dir.is_empty(), "a room is not a user to learn");
+
+        // The room answers through hn2, toward the foreign occupant.
+        let hn2 = Origin::Component {
+            home_node: "hn2".into(),
+        };
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn2,
+            env(
+                "lobby@conference.example.com/alice",
+                "x@webex.test/pc",
+                msg(),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::S2s {
+                domain: dom("webex.test")
+            }
+        );
+        assert!(dir.is_empty(), "a room is not a user to learn");
+
+        // Another home node may not speak for the rooms.
+        let hn1 = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        let d = err_of(route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env(
+                "lobby@conference.example.com/alice",
+                "x@webex.test/pc",
+                msg(),
+            ),
+        ));
+        assert!(matches!(d, Denied::NotOwnUser { .. }), "{d:?}");
+
+        // SIP federation gets a clear refusal both ways (no multi-party IM with Lync).
+        let sip = Origin::Sip {
+            domain: dom("partner.com"),
+        };
+        let d = err_of(route(
+            &cfg,
+            &maps,
+            &dir,
+            &sip,
+            env("bob@partner.com", "lobby@conference.example.com", msg()),
+        ));
+        assert_eq!(d, Denied::GroupChatNotForSip(dom("conference.example.com")));
+        assert!(d.answered());
+        let d = err_of(route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn2,
+            env(
+                "lobby@conference.example.com/alice",
+                "bob@partner.com",
+                msg(),
+            ),
+        ));
+        assert_eq!(d, Denied::GroupChatNotForSip(dom("conference.example.com")));
+
+        // A room never reaches a local user through the gateway.
+        let d = err_of(route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn2,
+            env(
+                "lobby@conference.example.com/alice",
+                "carol@example.com",
+                msg(),
+            ),
+        ));
+        assert_eq!(d, Denied::LocalToLocal);
     }
 
     #[test]

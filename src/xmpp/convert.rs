@@ -83,6 +83,9 @@ pub fn stanza_to_envelope(
         })
     };
     let body = match name {
+        // Group chat (XEP-0045): joins, leaves and occupant presence carry the room protocol
+        // in `<x/>` and mean nothing as an availability to translate; both ends are XMPP.
+        "presence" if is_muc_presence(stanza) => raw("presence"),
         "presence" => {
             let (kind, _) = decode_presence_kind(stanza.bytes())?;
             match kind {
@@ -116,6 +119,18 @@ pub fn stanza_to_envelope(
         other => return Err(ConvertError::Unsupported(other.chars().take(64).collect())),
     };
     Ok(Envelope { from, to, body })
+}
+
+/// The XEP-0045 namespaces (`…/muc` on a join, `…/muc#user` from a room) and their prefix.
+const MUC_NS: &str = "http://jabber.org/protocol/muc";
+
+/// Whether a presence stanza is group-chat presence: a child element in a MUC namespace. The
+/// byte search keeps the full parse off the path of ordinary presence.
+fn is_muc_presence(stanza: &Stanza) -> bool {
+    memchr::memmem::find(stanza.bytes(), MUC_NS.as_bytes()).is_some()
+        && children(stanza)
+            .iter()
+            .any(|c| c.ns == MUC_NS || c.ns.starts_with("http://jabber.org/protocol/muc#"))
 }
 
 fn error_body(stanza: &Stanza, kind: ErrorOf) -> Option<Body> {
@@ -339,6 +354,27 @@ mod tests {
             stanza_to_envelope(&back[0], "jabber8", &maps).expect("again"),
             env
         );
+    }
+
+    #[test]
+    fn group_chat_presence_is_relayed_whole_and_ordinary_presence_is_not() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<presence from='x@y.test/pc' to='lobby@conf.example.com/x'><x xmlns='http://jabber.org/protocol/muc'/></presence>\
+             <presence from='lobby@conf.example.com/a' to='x@y.test/pc'><show>away</show><x xmlns='http://jabber.org/protocol/muc#user'><item affiliation='owner' role='moderator'/></x></presence>\
+             <presence from='x@y.test/pc' to='b@example.com' type='unavailable'><status>see http://jabber.org/protocol/muc</status></presence>",
+        );
+        for st in &s[..2] {
+            let env = stanza_to_envelope(st, "fed-xmpp", &maps).expect("ok");
+            let Body::Xmpp(raw) = &env.body else {
+                panic!("relayed whole: {env:?}")
+            };
+            assert_eq!((raw.name, &raw.bytes), ("presence", st.bytes()));
+        }
+        // The namespace in a status text is not a room protocol element.
+        let env = stanza_to_envelope(&s[2], "fed-xmpp", &maps).expect("ok");
+        assert!(matches!(env.body, Body::Presence(_)), "{env:?}");
     }
 
     #[test]

@@ -16,155 +16,14 @@
 use crate::common;
 use crate::sip_ua;
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use common::certs::{CertFactory, Leaf};
-use common::legate::Legate;
-use common::prosody::{Prosody, ProsodyConfig};
+use anyhow::{anyhow, Context, Result};
+use common::certs::CertFactory;
+use common::rig::{self, lync_edge, msrtc, notify_until, Gateway, WAIT};
 use common::xmpp_client::{ClientConfig, XmppClient};
-use sip_ua::{body_str, hv, to_tag, Ua};
+use sip_ua::{body_str, hv, to_tag};
 use tokio::net::TcpListener;
-
-const SECRET: &str = "interworking-component-secret-42";
-const WAIT: Duration = Duration::from_secs(10);
-const HOME_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 21);
-
-struct Gateway {
-    legate: Legate,
-    sip: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    /// Legate's log, followed by its metrics: what a failing assertion needs to explain itself.
-    fn log(&self) -> String {
-        let log = self.legate.output();
-        let metrics = Some(self.legate.addr("admin"))
-            .and_then(|a| {
-                use std::io::{Read, Write};
-                let mut s =
-                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
-                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                    .ok()?;
-                let mut out = String::new();
-                s.read_to_string(&mut out).ok()?;
-                Some(
-                    out.lines()
-                        .filter(|l| l.starts_with("legate_"))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                )
-            })
-            .unwrap_or_default();
-        format!("{log}\n--- metrics ---\n{metrics}")
-    }
-}
-
-/// Starts `legate run` with mutual TLS on an ephemeral port, federating with `partner.test`
-/// (outbound SIP goes to `route`) and linked to the home node `prosody`.
-async fn start_legate(
-    certs: &CertFactory,
-    ours: &Leaf,
-    route: SocketAddr,
-    prosody: &Prosody,
-) -> Result<Gateway> {
-    let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("legate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[node]
-id = "iw1"
-data_dir = "{data}"
-admin_listen = "127.0.0.1:0"
-[[local_domain]]
-name = "example.test"
-cert = "{cert}"
-key = "{key}"
-[listeners]
-sip_tls = "127.0.0.1:0"
-sip_tcp = "off"
-xmpp_s2s = "off"
-xmpp_s2s_direct_tls = "off"
-[tls]
-trust_bundle = "{ca}"
-[[sip.federated_domain]]
-name = "partner.test"
-system = "lync"
-route = "{route}"
-presence_format = "msrtc"
-[[home_node]]
-name = "hn1"
-addresses = ["{component}"]
-component_secret = "{SECRET}"
-default_system = "xmpp"
-"#,
-            data = dir.path().display(),
-            cert = ours.cert.display(),
-            key = ours.key.display(),
-            ca = certs.ca_path().display(),
-            component = prosody.component_addr(),
-        ),
-    )?;
-    let legate = Legate::start(&cfg, &["sip_tls", "admin"])?;
-    // The component link must be up before the Lync side talks, or the first stanzas bounce.
-    legate
-        .wait_output("the partner.test component link", WAIT, |t| {
-            t.contains("component partner.test connected")
-        })
-        .await?;
-    let sip = legate.addr("sip_tls");
-    Ok(Gateway {
-        legate,
-        sip,
-        _dir: dir,
-    })
-}
-
-/// The foreign edge's TLS connection to Legate, presenting `leaf`.
-async fn lync_edge(certs: &CertFactory, leaf: &Leaf, addr: SocketAddr) -> Result<Ua> {
-    sip_ua::connect_tls(
-        addr,
-        certs.ca_path(),
-        Some((&leaf.cert, &leaf.key)),
-        "example.test",
-    )
-    .await
-}
-
-fn msrtc(availability: u32, activity: Option<&str>) -> String {
-    let act = activity
-        .map(|a| format!("<activity token=\"{a}\"/>"))
-        .unwrap_or_default();
-    format!(
-        "<categories xmlns=\"http://schemas.microsoft.com/2006/09/sip/categories\" uri=\"sip:bob@partner.test\">\
-         <category name=\"state\" instance=\"1\" publishTime=\"2026-12-01T12:00:00Z\" container=\"2\" version=\"1\" expireType=\"static\">\
-         <state xsi:type=\"aggregateState\" xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" xmlns=\"http://schemas.microsoft.com/2006/09/sip/state\">\
-         <availability>{availability}</availability>{act}</state></category></categories>"
-    )
-}
-
-/// Reads NOTIFYs (answering each 200) until one's body satisfies `want`.
-async fn notify_until(ua: &mut Ua, what: &str, want: impl Fn(&str) -> bool) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if tokio::time::Instant::now() > deadline {
-            bail!("no NOTIFY with {what}");
-        }
-        let n = ua
-            .request("NOTIFY")
-            .await
-            .with_context(|| format!("waiting for a NOTIFY with {what}"))?;
-        ua.respond(&n, 200, "OK", &[], None).await?;
-        let body = body_str(&n);
-        if want(&body) {
-            return Ok(body);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lync_and_xmpp_users_see_each_other_and_chat() -> Result<()> {
@@ -178,14 +37,9 @@ async fn scenario() -> Result<()> {
     let ours = certs.leaf("example", &["example.test"]);
     let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
     let stranger = certs.leaf("stranger", &["stranger.test"]);
-    let prosody = Prosody::start(
-        ProsodyConfig::new(HOME_IP)
-            .host("example.test")
-            .user("example.test", "alice", "pw")
-            .component("partner.test", SECRET),
-    )?;
+    let prosody = rig::home_node(&[("alice", "pw")], |c| c)?;
     let route = TcpListener::bind("127.0.0.1:0").await?;
-    let gw = start_legate(&certs, &ours, route.local_addr()?, &prosody).await?;
+    let gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, "").await?;
 
     let mut alice = XmppClient::connect(ClientConfig::plain(
         prosody.c2s_addr(),

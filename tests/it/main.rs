@@ -15,6 +15,7 @@ mod config;
 mod dns;
 mod gateway_safety;
 mod golden_tables;
+mod group_chat;
 mod harness_prosody;
 mod interworking;
 mod mapping_properties;

@@ -82,7 +82,13 @@ async fn handle(
     let cfg = shared.hub.config();
     let handshake = Duration::from_secs(cfg.limits.handshake_timeout_secs);
     let idle = Duration::from_secs(cfg.limits.idle_timeout_secs);
-    let locals: Vec<&str> = cfg.local_domains.iter().map(|d| d.name.as_str()).collect();
+    // Chat-room aliases are served like local domains: foreign users join rooms through them.
+    let locals: Vec<&str> = cfg
+        .local_domains
+        .iter()
+        .map(|d| d.name.as_str())
+        .chain(cfg.chat_nodes.iter().map(|c| c.alias.as_str()))
+        .collect();
     let mut mc = S2sConfig::receiving(&locals, &shared.secret);
     mc.tls_available = shared.server_tls.is_some();
     // The whole negotiation: STARTTLS, then SASL or dialback, whose verification is itself a

@@ -82,8 +82,8 @@ pub async fn manager(
             },
         };
         let cfg = shared.hub.config();
-        if !cfg.is_local_domain(&local) {
-            tracing::warn!(%local, "s2s outbox: sender is not from a local domain; dropped");
+        if !cfg.serves_xmpp_domain(&local) {
+            tracing::warn!(%local, "s2s outbox: sender is not from a domain we serve; dropped");
             continue;
         }
         pairs.retain(|_, tx| !tx.is_closed());

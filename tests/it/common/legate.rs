@@ -204,6 +204,12 @@ impl Legate {
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         self.child.try_wait()
     }
+
+    /// SIGKILLs the process (by PID, through its guard) and waits for it to be gone: a crash,
+    /// with no chance to write anything on the way out.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
 }
 
 /// The value of the counter or gauge line `series` (name with its labels exactly as rendered,

@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod ports;
 pub mod programs;
 pub mod prosody;
+pub mod rig;
 pub mod sipp;
 pub mod xmpp_client;

@@ -61,6 +61,8 @@ pub struct ProsodyConfig {
     pub component_port: u16,
     pub hosts: Vec<HostConfig>,
     pub components: Vec<ComponentConfig>,
+    /// Group-chat services (`Component "<domain>" "muc"`), rooms created unlocked.
+    pub mucs: Vec<String>,
     /// Load mod_dialback (XEP-0220). Without it, s2s needs certificates (SASL EXTERNAL).
     pub dialback: bool,
     pub s2s_secure_auth: bool,
@@ -91,6 +93,7 @@ impl ProsodyConfig {
             component_port: ports::free_port(ipa),
             hosts: Vec::new(),
             components: Vec::new(),
+            mucs: Vec::new(),
             dialback: true,
             s2s_secure_auth: false,
             s2s_require_encryption: false,
@@ -143,6 +146,13 @@ impl ProsodyConfig {
             domain: domain.to_owned(),
             secret: secret.to_owned(),
         });
+        self
+    }
+
+    /// Adds a XEP-0045 group-chat service; anyone may create a room, which is usable at once
+    /// (no configuration form to fill first).
+    pub fn muc(mut self, domain: &str) -> Self {
+        self.mucs.push(domain.to_owned());
         self
     }
 
@@ -216,6 +226,13 @@ impl ProsodyConfig {
                 "Component {}\n\tcomponent_secret = {}",
                 lua_str(&c.domain),
                 lua_str(&c.secret)
+            );
+        }
+        for m in &self.mucs {
+            let _ = writeln!(
+                components,
+                "Component {} \"muc\"\n\trestrict_room_creation = false\n\tmuc_room_locking = false",
+                lua_str(m)
             );
         }
         let ip = lua_str(&self.ip.to_string());

@@ -1066,6 +1066,15 @@ impl Core {
         let batched = r.method == Some("SUBSCRIBE") && batch::is_adrl(req);
         if !in_dialog && !batched {
             let host = Domain::parse(sip.host().as_str()).ok();
+            if host.as_ref().is_some_and(|h| cfg.chat_node(h).is_some()) {
+                // Rooms are offered to XMPP federation only: Lync and Skype for Business
+                // federate no multi-party IM (seed 004), so say so instead of "not found".
+                return Err(refuse(
+                    403,
+                    "Forbidden (Group Chat Is Not Offered Over SIP Federation)",
+                    "group_chat_not_for_sip",
+                ));
+            }
             if !host.is_some_and(|h| cfg.is_local_domain(&h)) {
                 return Err(refuse(404, "Not Found (Not A Local Domain)", "not_local"));
             }

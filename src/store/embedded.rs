@@ -1,0 +1,467 @@
+//! The embedded store, the single-node default: every key in memory, every change appended to
+//! a journal under the data directory (see `journal`) before it is acknowledged.
+//!
+//! Group commit: changes are applied in memory and framed into a shared buffer under one lock
+//! (so the journal order is the revision order); one writer thread takes the whole buffer,
+//! writes it and fsyncs once, then wakes every caller whose change was in it. Concurrent
+//! writers therefore share fsyncs instead of queueing for one each.
+//!
+//! Watches replay from a bounded in-memory history (the last [`HISTORY`] changes); older
+//! revisions, and any history from before a restart, answer `Resync`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::journal::{self, JournalFile, Record};
+use super::{
+    check_key, check_value, Cas, Entry, Listing, Revision, Store, StoreError, StoreFuture, Watch,
+    WatchEvent,
+};
+
+/// Changes kept for watches that start in the past.
+pub const HISTORY: usize = 16_384;
+/// Events a watcher may have queued before it is dropped with `Resync`.
+const WATCH_QUEUE: usize = 8_192;
+/// Journal size below which no compaction is done.
+const COMPACT_MIN: u64 = 8 << 20;
+
+struct Stored {
+    value: Vec<u8>,
+    create: Revision,
+    modified: Revision,
+}
+
+struct Watcher {
+    prefix: String,
+    from: Revision,
+    tx: mpsc::Sender<WatchEvent>,
+    overflowed: Arc<AtomicBool>,
+}
+
+type Ack = oneshot::Sender<Result<(), (std::io::ErrorKind, String)>>;
+
+#[derive(Default)]
+struct State {
+    map: BTreeMap<String, Stored>,
+    revision: Revision,
+    history: VecDeque<(Revision, WatchEvent)>,
+    /// The lowest revision from which `history` is complete.
+    history_from: Revision,
+    watchers: Vec<Watcher>,
+    // Journal side (unused in memory-only mode).
+    pending: Vec<u8>,
+    waiters: Vec<Ack>,
+    /// Framed size of the live keys: what a compacted journal would hold.
+    live_bytes: u64,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// None: memory only.
+    path: Option<PathBuf>,
+}
+
+/// The embedded store. Dropping it flushes the journal and stops its writer thread.
+pub struct Embedded {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("path", &self.shared.path)
+            .finish()
+    }
+}
+
+fn framed_put_len(key: &str, value: &[u8]) -> u64 {
+    (8 + 1 + 16 + 2 + key.len() + value.len()) as u64
+}
+
+impl Embedded {
+    /// A store that keeps nothing across a restart (tests, and nodes without a data dir).
+    pub fn memory() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    history_from: 1,
+                    ..State::default()
+                }),
+                wake: Condvar::new(),
+                path: None,
+            }),
+            writer: None,
+        }
+    }
+
+    /// Opens (or creates) the store in `dir`, loading its journal. Blocking: call at start-up.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let (file, records) = JournalFile::open(dir)?;
+        let mut st = State::default();
+        for r in records {
+            match r {
+                Record::Put {
+                    key,
+                    value,
+                    create,
+                    modified,
+                } => {
+                    st.revision = st.revision.max(modified);
+                    st.map.insert(
+                        key,
+                        Stored {
+                            value,
+                            create,
+                            modified,
+                        },
+                    );
+                }
+                Record::Delete { key, revision } => {
+                    st.revision = st.revision.max(revision);
+                    st.map.remove(&key);
+                }
+                Record::Revision(r) => st.revision = st.revision.max(r),
+            }
+        }
+        st.live_bytes = st
+            .map
+            .iter()
+            .map(|(k, s)| framed_put_len(k, &s.value))
+            .sum();
+        st.history_from = st.revision + 1;
+        let path = file.path().to_path_buf();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(st),
+            wake: Condvar::new(),
+            path: Some(path),
+        });
+        let w = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("legate-store".into())
+            .spawn(move || writer_loop(&w, file))
+            .map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    /// Number of keys (for status and tests).
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every change is applied
+        // before anything can fail), so a poisoned lock is still usable.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the framed record for the writer; None in memory-only mode.
+    fn enqueue(
+        &self,
+        st: &mut State,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Option<oneshot::Receiver<Result<(), (std::io::ErrorKind, String)>>> {
+        self.shared.path.as_ref()?;
+        encode(&mut st.pending);
+        let (tx, rx) = oneshot::channel();
+        st.waiters.push(tx);
+        self.shared.wake.notify_one();
+        Some(rx)
+    }
+
+    async fn durable(
+        &self,
+        ack: Option<oneshot::Receiver<Result<(), (std::io::ErrorKind, String)>>>,
+    ) -> Result<(), StoreError> {
+        let Some(ack) = ack else { return Ok(()) };
+        match ack.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((kind, msg))) => Err(StoreError::Io {
+                path: self.shared.path.clone().unwrap_or_default(),
+                source: std::io::Error::new(kind, msg),
+            }),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    fn do_put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<Option<Revision>>,
+    ) -> Result<(Cas, Option<oneshot::Receiver<AckResult>>), StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let mut st = self.lock();
+        if st.closed {
+            return Err(StoreError::Closed);
+        }
+        let current = st.map.get(key).map(|s| (s.create, s.modified));
+        if let Some(expected) = expected {
+            if current.map(|(_, m)| m) != expected {
+                let now = st.map.get(key).map(|s| Entry {
+                    key: key.to_string(),
+                    value: s.value.clone(),
+                    create_revision: s.create,
+                    mod_revision: s.modified,
+                });
+                return Ok((Cas::Conflict(now), None));
+            }
+        }
+        let rev = st.revision + 1;
+        st.revision = rev;
+        let create = current.map_or(rev, |(c, _)| c);
+        let new_len = framed_put_len(key, &value);
+        let ack = self.enqueue(&mut st, |out| {
+            journal::encode_put(out, key, &value, create, rev);
+        });
+        let entry = Entry {
+            key: key.to_string(),
+            value,
+            create_revision: create,
+            mod_revision: rev,
+        };
+        st.live_bytes += new_len;
+        if let Some(old) = st.map.insert(
+            key.to_string(),
+            Stored {
+                value: entry.value.clone(),
+                create,
+                modified: rev,
+            },
+        ) {
+            st.live_bytes -= framed_put_len(key, &old.value);
+        }
+        publish(&mut st, rev, WatchEvent::Put(entry));
+        Ok((Cas::Swapped(rev), ack))
+    }
+}
+
+type AckResult = Result<(), (std::io::ErrorKind, String)>;
+
+/// Records the change in the history and hands it to matching watchers.
+fn publish(st: &mut State, rev: Revision, ev: WatchEvent) {
+    let key = match &ev {
+        WatchEvent::Put(e) => e.key.as_str(),
+        WatchEvent::Delete { key, .. } => key.as_str(),
+        WatchEvent::Resync => return,
+    };
+    st.watchers.retain(|w| {
+        if !key.starts_with(&w.prefix) || rev < w.from {
+            return true;
+        }
+        match w.tx.try_send(ev.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                w.overflowed.store(true, Ordering::Release);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
+    st.history.push_back((rev, ev));
+    if st.history.len() > HISTORY {
+        if let Some((r, _)) = st.history.pop_front() {
+            st.history_from = r + 1;
+        }
+    }
+}
+
+fn writer_loop(shared: &Shared, mut file: JournalFile) {
+    loop {
+        let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.pending.is_empty() && !st.closed {
+            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.pending.is_empty() && st.closed {
+            return;
+        }
+        let waiters = std::mem::take(&mut st.waiters);
+        let result =
+            if file.len > COMPACT_MIN && file.len + st.pending.len() as u64 > 2 * st.live_bytes {
+                // Everything pending is already in the map: the snapshot subsumes it.
+                st.pending.clear();
+                let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
+                journal::encode_revision(&mut snap, st.revision);
+                for (k, s) in &st.map {
+                    journal::encode_put(&mut snap, k, &s.value, s.create, s.modified);
+                }
+                drop(st);
+                let before = file.len;
+                let r = file.replace(&snap);
+                if r.is_ok() {
+                    tracing::info!(before, after = file.len, "state journal compacted");
+                }
+                r
+            } else {
+                let batch = std::mem::take(&mut st.pending);
+                drop(st);
+                file.append(&batch)
+            };
+        let result: AckResult = result.map_err(|e| {
+            tracing::error!(error = %e, "state store write failed");
+            (std::io::ErrorKind::Other, e.to_string())
+        });
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.lock().closed = true;
+        self.shared.wake.notify_all();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Store for Embedded {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Entry>> {
+        Box::pin(async move {
+            let st = self.lock();
+            Ok(st.map.get(key).map(|s| Entry {
+                key: key.to_string(),
+                value: s.value.clone(),
+                create_revision: s.create,
+                mod_revision: s.modified,
+            }))
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Listing> {
+        Box::pin(async move {
+            let st = self.lock();
+            let entries = st
+                .map
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, s)| Entry {
+                    key: k.clone(),
+                    value: s.value.clone(),
+                    create_revision: s.create,
+                    mod_revision: s.modified,
+                })
+                .collect();
+            Ok(Listing {
+                entries,
+                revision: st.revision,
+            })
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, Revision> {
+        Box::pin(async move {
+            let (cas, ack) = self.do_put(key, value, None)?;
+            self.durable(ack).await?;
+            match cas {
+                Cas::Swapped(rev) => Ok(rev),
+                // Unconditional puts never conflict.
+                Cas::Conflict(_) => Err(StoreError::Closed),
+            }
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Revision>> {
+        Box::pin(async move {
+            check_key(key)?;
+            let ack = {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(StoreError::Closed);
+                }
+                let Some(old) = st.map.remove(key) else {
+                    return Ok(None);
+                };
+                st.live_bytes -= framed_put_len(key, &old.value);
+                let rev = st.revision + 1;
+                st.revision = rev;
+                let ack = self.enqueue(&mut st, |out| {
+                    journal::encode_delete(out, key, rev);
+                });
+                publish(
+                    &mut st,
+                    rev,
+                    WatchEvent::Delete {
+                        key: key.to_string(),
+                        revision: rev,
+                    },
+                );
+                (ack, rev)
+            };
+            self.durable(ack.0).await?;
+            Ok(Some(ack.1))
+        })
+    }
+
+    fn compare_and_swap<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<Revision>,
+        value: Vec<u8>,
+    ) -> StoreFuture<'a, Cas> {
+        Box::pin(async move {
+            let (cas, ack) = self.do_put(key, value, Some(expected))?;
+            self.durable(ack).await?;
+            Ok(cas)
+        })
+    }
+
+    fn watch<'a>(&'a self, prefix: &'a str, from: Revision) -> StoreFuture<'a, Watch> {
+        Box::pin(async move {
+            let mut st = self.lock();
+            let overflowed = Arc::new(AtomicBool::new(false));
+            let from = if from == 0 { st.revision + 1 } else { from };
+            let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+            let watch = Watch::new(rx, Arc::clone(&overflowed));
+            if from < st.history_from {
+                // The history asked for is gone: the reader lists again.
+                let _ = tx.try_send(WatchEvent::Resync);
+                return Ok(watch);
+            }
+            for (rev, ev) in &st.history {
+                if *rev < from {
+                    continue;
+                }
+                let key = match ev {
+                    WatchEvent::Put(e) => e.key.as_str(),
+                    WatchEvent::Delete { key, .. } => key.as_str(),
+                    WatchEvent::Resync => continue,
+                };
+                if key.starts_with(prefix) && tx.try_send(ev.clone()).is_err() {
+                    // More to replay than a watcher may queue: start from a listing instead.
+                    overflowed.store(true, Ordering::Release);
+                    return Ok(watch);
+                }
+            }
+            st.watchers.push(Watcher {
+                prefix: prefix.to_string(),
+                from,
+                tx,
+                overflowed,
+            });
+            Ok(watch)
+        })
+    }
+}

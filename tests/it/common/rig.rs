@@ -1,0 +1,231 @@
+//! The interworking rig: the real `legate` binary between a Lync-like foreign edge (mutual TLS
+//! with a `partner.test` certificate, through the SIP test UA) and a real Prosody home node for
+//! `example.test`, linked as the XEP-0114 component `partner.test`. Tests that need more (other
+//! users, policy keys, limits) pass extra TOML and Prosody settings instead of copying the setup.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::certs::{CertFactory, Leaf};
+use super::legate::Legate;
+use super::prosody::{Prosody, ProsodyConfig};
+use crate::sip_ua::{self, body_str, Ua};
+
+/// The component secret Prosody and Legate share in the rig.
+pub const SECRET: &str = "interworking-component-secret-42";
+/// How long a rig test waits for one expected thing.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// Prosody's loopback address in the rig (ports are drawn at random, so tests may share it).
+pub const HOME_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 21);
+
+/// A Prosody home node for `example.test` with `users` (localpart, password) and the
+/// `partner.test` component; `more` adjusts the configuration before start.
+pub fn home_node(
+    users: &[(&str, &str)],
+    more: impl FnOnce(ProsodyConfig) -> ProsodyConfig,
+) -> Result<Prosody> {
+    let mut cfg = ProsodyConfig::new(HOME_IP)
+        .host("example.test")
+        .component("partner.test", SECRET);
+    for (user, pw) in users {
+        cfg = cfg.user("example.test", user, pw);
+    }
+    Prosody::start(more(cfg))
+}
+
+/// A running `legate` in the rig, with its configuration and data directory (kept across
+/// [`Gateway::restart`]).
+pub struct Gateway {
+    pub legate: Legate,
+    /// The SIP TLS listener.
+    pub sip: SocketAddr,
+    cfg: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `legate run` with mutual TLS on an ephemeral port, federating with `partner.test`
+    /// (Lync, msrtc; outbound SIP goes to `route`) and linked to the home node `prosody`.
+    /// `extra` is appended to the configuration (more sections or keys of new tables). Returns
+    /// once the `partner.test` component link is up, so the first stanzas do not bounce.
+    pub async fn start(
+        certs: &CertFactory,
+        ours: &Leaf,
+        route: SocketAddr,
+        prosody: &Prosody,
+        extra: &str,
+    ) -> Result<Gateway> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("legate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"[node]
+id = "iw1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "{route}"
+presence_format = "msrtc"
+[[home_node]]
+name = "hn1"
+addresses = ["{component}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+{extra}
+"#,
+                data = dir.path().display(),
+                cert = ours.cert.display(),
+                key = ours.key.display(),
+                ca = certs.ca_path().display(),
+                component = prosody.component_addr(),
+            ),
+        )?;
+        let (legate, sip) = Self::launch(&cfg).await?;
+        Ok(Gateway {
+            legate,
+            sip,
+            cfg,
+            dir,
+        })
+    }
+
+    async fn launch(cfg: &Path) -> Result<(Legate, SocketAddr)> {
+        let legate = Legate::start(cfg, &["sip_tls", "admin"])?;
+        legate
+            .wait_output("the partner.test component link", WAIT, |t| {
+                t.contains("component partner.test connected")
+            })
+            .await?;
+        let sip = legate.addr("sip_tls");
+        Ok((legate, sip))
+    }
+
+    /// `kill -9`, then `legate run` again on the same configuration and data directory; returns
+    /// once the component link is up again. The SIP listener gets a new port ([`Gateway::sip`]).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.legate.kill();
+        let (legate, sip) = Self::launch(&self.cfg).await?;
+        self.legate = legate;
+        self.sip = sip;
+        Ok(())
+    }
+
+    /// The data directory (`node.data_dir`), which is also where the configuration lives.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Legate's log, followed by its metrics: what a failing assertion needs to explain itself.
+    pub fn log(&self) -> String {
+        let log = self.legate.output();
+        let metrics = Some(self.legate.addr("admin"))
+            .and_then(|a| {
+                use std::io::{Read, Write};
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(
+                    out.lines()
+                        .filter(|l| l.starts_with("legate_"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })
+            .unwrap_or_default();
+        format!("{log}\n--- metrics ---\n{metrics}")
+    }
+}
+
+/// The foreign edge's TLS connection to Legate, presenting `leaf`.
+pub async fn lync_edge(certs: &CertFactory, leaf: &Leaf, addr: SocketAddr) -> Result<Ua> {
+    sip_ua::connect_tls(
+        addr,
+        certs.ca_path(),
+        Some((&leaf.cert, &leaf.key)),
+        "example.test",
+    )
+    .await
+}
+
+/// An msrtc `state` category document for `bob@partner.test` (availability number, optional
+/// activity token), as a Lync edge sends in a NOTIFY.
+pub fn msrtc(availability: u32, activity: Option<&str>) -> String {
+    let act = activity
+        .map(|a| format!("<activity token=\"{a}\"/>"))
+        .unwrap_or_default();
+    format!(
+        "<categories xmlns=\"http://schemas.microsoft.com/2006/09/sip/categories\" uri=\"sip:bob@partner.test\">\
+         <category name=\"state\" instance=\"1\" publishTime=\"2026-12-01T12:00:00Z\" container=\"2\" version=\"1\" expireType=\"static\">\
+         <state xsi:type=\"aggregateState\" xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" xmlns=\"http://schemas.microsoft.com/2006/09/sip/state\">\
+         <availability>{availability}</availability>{act}</state></category></categories>"
+    )
+}
+
+/// Reads NOTIFYs (answering each 200) until one's body satisfies `want`.
+pub async fn notify_until(ua: &mut Ua, what: &str, want: impl Fn(&str) -> bool) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            bail!("no NOTIFY with {what}");
+        }
+        let n = ua
+            .request("NOTIFY")
+            .await
+            .with_context(|| format!("waiting for a NOTIFY with {what}"))?;
+        ua.respond(&n, 200, "OK", &[], None).await?;
+        let body = body_str(&n);
+        if want(&body) {
+            return Ok(body);
+        }
+    }
+}
+
+/// Sends a presence SUBSCRIBE from `bob@partner.test` to `alice@example.test`-style `target`
+/// (Call-ID `call_id`, msrtc accepted, one hour) and returns the final response.
+pub async fn subscribe(
+    ua: &mut Ua,
+    target: &str,
+    call_id: &str,
+) -> Result<legate::sip::SipMessage> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            &format!("SUBSCRIBE sip:{target} SIP/2.0"),
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@partner.test>;tag={call_id}-from"),
+            &format!("To: <sip:{target}>"),
+            &format!("Call-ID: {call_id}"),
+            "CSeq: 1 SUBSCRIBE",
+            "Contact: <sip:bob@partner.test;opaque=user:epid:IW1;gruu>",
+            "Event: presence",
+            "Accept: application/msrtc-event-categories+xml",
+            "Expires: 3600",
+            "Content-Length: {CL}",
+        ],
+        b"",
+    )
+    .await?;
+    ua.response().await
+}
