@@ -353,4 +353,47 @@ mod tests {
         let a = t.update(&m, ALICE, Some("b"), lync("out_of_office", None, None));
         assert_eq!(state(&a), Some("out_of_office"));
     }
+
+    /// s2s peers aggregate themselves (RFC 6121 §4.7.2 is the receiving server's job): the
+    /// path component link → router → s2s must keep each resource's full JID, its priority and
+    /// its `unavailable`, so a foreign server sees two devices, not one flickering user.
+    #[test]
+    fn s2s_peers_get_per_resource_presence_with_full_jids() {
+        use crate::gateway::router::translate_presence;
+        use crate::gateway::Body;
+        use crate::xmpp::convert::{envelope_to_stanza, stanza_to_envelope};
+        use crate::xmpp::stream::{Limits, StreamEvent, StreamFramer};
+
+        let m = maps();
+        let mut f = StreamFramer::new(Limits::default());
+        f.push(b"<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams'>");
+        f.push(
+            b"<presence from='alice@example.test/desktop' to='bob@partner.test'><show>dnd</show><status>Busy thing</status><priority>5</priority></presence>\
+              <presence from='alice@example.test/phone' to='bob@partner.test' type='unavailable'/>",
+        );
+        let mut out = Vec::new();
+        while let Ok(Some(ev)) = f.next_event() {
+            if let StreamEvent::Stanza(s) = ev {
+                let mut env = stanza_to_envelope(&s, "xmpp", &m).expect("from the home node");
+                if let Body::Presence(p) = &env.body {
+                    // What the router does for an s2s destination.
+                    let t = translate_presence(&m, p, "fed-xmpp").expect("translates");
+                    env.body = Body::Presence(t);
+                }
+                let mut bytes = Vec::new();
+                envelope_to_stanza(&env, &m, &mut bytes).expect("to the s2s peer");
+                out.push(String::from_utf8(bytes).expect("utf-8"));
+            }
+        }
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            out[0].contains("from='alice@example.test/desktop'")
+                || out[0].contains("from=\"alice@example.test/desktop\""),
+            "{}",
+            out[0]
+        );
+        assert!(out[0].contains("<priority>5</priority>"), "{}", out[0]);
+        assert!(out[1].contains("alice@example.test/phone"), "{}", out[1]);
+        assert!(out[1].contains("unavailable"), "{}", out[1]);
+    }
 }

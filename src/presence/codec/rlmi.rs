@@ -396,15 +396,19 @@ pub enum MultipartError {
     TooManyParts,
 }
 
-/// A boundary (RFC 2046 §5.1.1: 1–70 characters) that occurs in none of `parts`: `seed` and a
-/// counter, so callers pass randomness in and the choice stays testable.
+/// A boundary (RFC 2046 §5.1.1: 1–70 characters) that occurs in none of `parts` (bodies or
+/// header values): `seed` and a counter, so callers pass randomness in and the choice stays
+/// testable.
 pub fn pick_boundary(seed: &str, parts: &[Part]) -> String {
     let mut n = 0u32;
     loop {
         let b: String = format!("lgt{seed}{n}").chars().take(70).collect();
-        let found = parts
-            .iter()
-            .any(|p| p.body.windows(b.len()).any(|w| w == b.as_bytes()));
+        let inside = |hay: &[u8]| find(hay, b.as_bytes()).is_some();
+        let found = parts.iter().any(|p| {
+            inside(&p.body)
+                || inside(p.content_id.as_bytes())
+                || inside(p.content_type.as_bytes())
+        });
         if !found {
             return b;
         }
