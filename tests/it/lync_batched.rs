@@ -63,8 +63,11 @@ async fn batch_subscribe(
     ua.send(&lines, body.trim_end().as_bytes()).await
 }
 
+/// Each listed resource's URI and the msrtc availability of its part (if it has one).
+type States = Vec<(String, Option<u32>)>;
+
 /// The RLMI list of a multipart message and the msrtc availability of each resource's part.
-fn rlmi_of(m: &SipMessage) -> Result<(rlmi::List, Vec<(String, Option<u32>)>)> {
+fn rlmi_of(m: &SipMessage) -> Result<(rlmi::List, States)> {
     let ct = hv(m, "Content-Type");
     let parts = rlmi::decode_related(ct, m.body()).with_context(|| format!("multipart: {ct}"))?;
     let first = parts.first().ok_or_else(|| anyhow!("no parts"))?;
@@ -88,7 +91,7 @@ async fn rlmi_notify_until(
     call_id: &str,
     what: &str,
     want: impl Fn(&rlmi::List, &[(String, Option<u32>)]) -> bool,
-) -> Result<(SipMessage, rlmi::List, Vec<(String, Option<u32>)>)> {
+) -> Result<(SipMessage, rlmi::List, States)> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         if tokio::time::Instant::now() > deadline {

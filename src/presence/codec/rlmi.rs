@@ -405,9 +405,7 @@ pub fn pick_boundary(seed: &str, parts: &[Part]) -> String {
         let b: String = format!("lgt{seed}{n}").chars().take(70).collect();
         let inside = |hay: &[u8]| find(hay, b.as_bytes()).is_some();
         let found = parts.iter().any(|p| {
-            inside(&p.body)
-                || inside(p.content_id.as_bytes())
-                || inside(p.content_type.as_bytes())
+            inside(&p.body) || inside(p.content_id.as_bytes()) || inside(p.content_type.as_bytes())
         });
         if !found {
             return b;
