@@ -116,6 +116,81 @@ impl Batch {
     }
 }
 
+/// The batched dialogs and their indexes, kept together so every lookup the core makes per
+/// event is a map access, never a scan of all batches.
+#[derive(Debug, Default)]
+pub(crate) struct Batches {
+    by_id: HashMap<DialogId, Batch>,
+    /// (watcher, presentity) → the batches with a member for that pair.
+    by_pair: HashMap<(String, String), Vec<DialogId>>,
+    by_watcher: HashMap<String, Vec<DialogId>>,
+    /// Pairs in `by_pair` per presentity (is anyone's batch watching this user?).
+    per_presentity: HashMap<String, usize>,
+    /// Members over all batches (counted with single watchers for the node's bound).
+    pub(super) members: usize,
+}
+
+impl Batches {
+    /// Whether some batch has a member for (watcher, presentity).
+    pub(crate) fn watches(&self, pair: &(String, String)) -> bool {
+        self.by_pair.contains_key(pair)
+    }
+
+    fn watched(&self, presentity: &str) -> bool {
+        self.per_presentity.contains_key(presentity)
+    }
+
+    fn insert(&mut self, id: DialogId, b: Batch) {
+        let watcher = b.watcher.bare_string();
+        for m in &b.members {
+            let Some(p) = &m.presentity else { continue };
+            let pair = (watcher.clone(), p.bare_string());
+            let v = self.by_pair.entry(pair.clone()).or_default();
+            if v.is_empty() {
+                *self.per_presentity.entry(pair.1).or_default() += 1;
+            }
+            if !v.contains(&id) {
+                v.push(id.clone());
+            }
+        }
+        self.by_watcher.entry(watcher).or_default().push(id.clone());
+        self.members += b.members.len();
+        if let Some(old) = self.by_id.insert(id, b) {
+            self.members = self.members.saturating_sub(old.members.len());
+        }
+    }
+
+    fn remove(&mut self, id: &DialogId) -> Option<Batch> {
+        let b = self.by_id.remove(id)?;
+        let watcher = b.watcher.bare_string();
+        for m in &b.members {
+            let Some(p) = &m.presentity else { continue };
+            let pair = (watcher.clone(), p.bare_string());
+            let Some(v) = self.by_pair.get_mut(&pair) else {
+                continue;
+            };
+            v.retain(|d| d != id);
+            if v.is_empty() {
+                self.by_pair.remove(&pair);
+                if let Some(c) = self.per_presentity.get_mut(&pair.1) {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        self.per_presentity.remove(&pair.1);
+                    }
+                }
+            }
+        }
+        if let Some(v) = self.by_watcher.get_mut(&watcher) {
+            v.retain(|d| d != id);
+            if v.is_empty() {
+                self.by_watcher.remove(&watcher);
+            }
+        }
+        self.members = self.members.saturating_sub(b.members.len());
+        Some(b)
+    }
+}
+
 /// A batched SUBSCRIBE body (`Content-Type: application/msrtc-adrl-categorylist+xml`).
 pub(crate) fn is_adrl(req: &SipMessage) -> bool {
     req.header(HeaderName::ContentType).is_some_and(|h| {
@@ -148,12 +223,8 @@ impl Core {
             return true;
         }
         req.to().ok().and_then(|t| t.tag()).is_some()
-            && DialogId::of_incoming_request(req).is_ok_and(|id| self.batches.contains_key(&id))
-    }
-
-    /// Members of batched dialogs on the node (counted with single watchers for the bound).
-    fn batch_members(&self) -> usize {
-        self.batches.values().map(|b| b.members.len()).sum()
+            && DialogId::of_incoming_request(req)
+                .is_ok_and(|id| self.batches.by_id.contains_key(&id))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -253,7 +324,7 @@ impl Core {
                 "Request Entity Too Large (At Most 1000 Contacts Per Batched Subscription)";
             return self.reply(key, req, 413, reason, Some(&tag), &[], None, now);
         }
-        if self.notifiers.len() + self.batch_members() + uris.len() > self.caps.foreign_watchers {
+        if self.notifiers.len() + self.batches.members + uris.len() > self.caps.foreign_watchers {
             m::refused("too_many_watchers");
             let extra = [("Retry-After", RETRY_AFTER_BUSY)];
             let reason = "Service Unavailable (Overloaded)";
@@ -386,15 +457,17 @@ impl Core {
                 .any(|n| n.state == NotifierState::Active)
         });
         single
-            || self.batch_pairs.get(pair).is_some_and(|ids| {
-                ids.iter().filter_map(|i| self.batches.get(i)).any(|b| {
-                    b.members.iter().any(|m| {
-                        m.state == MemberState::Active
-                            && m.presentity
-                                .as_ref()
-                                .is_some_and(|p| p.bare_string() == pair.1)
+            || self.batches.by_pair.get(pair).is_some_and(|ids| {
+                ids.iter()
+                    .filter_map(|i| self.batches.by_id.get(i))
+                    .any(|b| {
+                        b.members.iter().any(|m| {
+                            m.state == MemberState::Active
+                                && m.presentity
+                                    .as_ref()
+                                    .is_some_and(|p| p.bare_string() == pair.1)
+                        })
                     })
-                })
             })
     }
 
@@ -402,28 +475,16 @@ impl Core {
     /// it has too many.
     fn batch_insert(&mut self, hub: &dyn HubPort, id: DialogId, b: Batch, now: Instant) {
         let watcher = b.watcher.bare_string();
-        let mut mine: Vec<&DialogId> = self
-            .batches
-            .iter()
-            .filter(|(_, x)| x.watcher.bare_string() == watcher)
-            .map(|(i, _)| i)
-            .collect();
-        if mine.len() >= MAX_BATCHES_PER_WATCHER {
-            mine.sort_by_key(|i| self.batches.get(*i).map(|x| x.expires_at));
-            if let Some(old) = mine.first().map(|i| (*i).clone()) {
+        let mine = self.batches.by_watcher.get(&watcher);
+        if mine.is_some_and(|v| v.len() >= MAX_BATCHES_PER_WATCHER) {
+            let oldest = mine.and_then(|v| {
+                v.iter()
+                    .min_by_key(|i| self.batches.by_id.get(*i).map(|x| x.expires_at))
+                    .cloned()
+            });
+            if let Some(old) = oldest {
                 m::refused("too_many_batches_per_watcher");
                 self.end_batch(hub, &old, TerminationReason::Deactivated, false, now);
-            }
-        }
-        for m in &b.members {
-            if let Some(p) = &m.presentity {
-                let v = self
-                    .batch_pairs
-                    .entry((watcher.clone(), p.bare_string()))
-                    .or_default();
-                if !v.contains(&id) {
-                    v.push(id.clone());
-                }
             }
         }
         self.batches.insert(id, b);
@@ -433,17 +494,10 @@ impl Core {
     /// watches any more.
     pub(super) fn batch_remove(&mut self, id: &DialogId) -> Option<Batch> {
         let b = self.batches.remove(id)?;
-        let watcher = b.watcher.bare_string();
         for m in &b.members {
-            let Some(p) = &m.presentity else { continue };
-            let pair = (watcher.clone(), p.bare_string());
-            if let Some(v) = self.batch_pairs.get_mut(&pair) {
-                v.retain(|d| d != id);
-                if v.is_empty() {
-                    self.batch_pairs.remove(&pair);
-                }
+            if let Some(p) = &m.presentity {
+                self.forget_if_unwatched(&p.bare_string());
             }
-            self.forget_if_unwatched(&pair.1);
         }
         self.dirty = true;
         Some(b)
@@ -451,9 +505,7 @@ impl Core {
 
     /// Drops the resource table entry of a user no subscription (single or batched) watches.
     pub(super) fn forget_if_unwatched(&mut self, presentity: &str) {
-        let single = self.notifier_watchers.contains_key(presentity);
-        let batched = self.batch_pairs.keys().any(|(_, p)| p == presentity);
-        if !single && !batched {
+        if !self.notifier_watchers.contains_key(presentity) && !self.batches.watched(presentity) {
             self.resources.forget(presentity);
         }
     }
@@ -468,7 +520,7 @@ impl Core {
         now: Instant,
     ) {
         let id = match DialogId::of_incoming_request(req) {
-            Ok(id) if self.batches.contains_key(&id) => id,
+            Ok(id) if self.batches.by_id.contains_key(&id) => id,
             _ => {
                 m::refused("unknown_dialog");
                 let reason = "Subscription Does Not Exist";
@@ -476,11 +528,11 @@ impl Core {
             }
         };
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
-        let Some(watcher) = self.batches.get(&id).map(|b| b.watcher.clone()) else {
+        let Some(watcher) = self.batches.by_id.get(&id).map(|b| b.watcher.clone()) else {
             return;
         };
         let contact = format!("<{}>", self.contact_for(&watcher, Some(peer.conn)));
-        let Some(b) = self.batches.get_mut(&id) else {
+        let Some(b) = self.batches.by_id.get_mut(&id) else {
             return;
         };
         if !b.dialog.accept_remote_cseq(seq) {
@@ -528,7 +580,7 @@ impl Core {
         for m in b.members {
             let Some(p) = m.presentity else { continue };
             let pair = (watcher.clone(), p.bare_string());
-            if self.notifier_pairs.contains_key(&pair) || self.batch_pairs.contains_key(&pair) {
+            if self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair) {
                 continue;
             }
             // The same message a single subscription's end sends (see `end_notifier`).
@@ -554,12 +606,7 @@ impl Core {
     /// A presence for `pair` (watcher, presentity) reached the edge: the pair's members in
     /// every batch of the watcher change (and a pending one becomes active: an XMPP server
     /// only sends presence to approved subscribers).
-    pub(super) fn batch_presence(
-        &mut self,
-        _hub: &dyn HubPort,
-        pair: &(String, String),
-        now: Instant,
-    ) {
+    pub(super) fn batch_presence(&mut self, pair: &(String, String), now: Instant) {
         self.batch_mark(pair, None, now);
     }
 
@@ -572,7 +619,7 @@ impl Core {
             _ => return,
         };
         let pair = (env.to.bare_string(), env.from.bare_string());
-        if self.batch_pairs.contains_key(&pair) {
+        if self.batches.watches(&pair) {
             self.batch_mark(&pair, Some(state), now);
         }
     }
@@ -580,9 +627,9 @@ impl Core {
     /// Marks the members of `pair` changed (moving them to `to`, or pending ones to active)
     /// and schedules the coalesced NOTIFY.
     fn batch_mark(&mut self, pair: &(String, String), to: Option<MemberState>, now: Instant) {
-        let ids = self.batch_pairs.get(pair).cloned().unwrap_or_default();
+        let ids = self.batches.by_pair.get(pair).cloned().unwrap_or_default();
         for id in ids {
-            let Some(b) = self.batches.get_mut(&id) else {
+            let Some(b) = self.batches.by_id.get_mut(&id) else {
                 continue;
             };
             let mut any = false;
@@ -608,7 +655,7 @@ impl Core {
 
     /// Queues the timer of batch `id` at `at` unless one at or before it is queued.
     fn arm_batch(&mut self, id: &DialogId, at: Instant) {
-        let Some(b) = self.batches.get_mut(id) else {
+        let Some(b) = self.batches.by_id.get_mut(id) else {
             return;
         };
         if b.armed.is_some_and(|a| a <= at) {
@@ -626,7 +673,7 @@ impl Core {
         at: Instant,
         now: Instant,
     ) {
-        let Some(b) = self.batches.get_mut(id) else {
+        let Some(b) = self.batches.by_id.get_mut(id) else {
             return;
         };
         if b.armed == Some(at) {
@@ -641,6 +688,7 @@ impl Core {
         }
         let next = self
             .batches
+            .by_id
             .get(id)
             .map(|b| b.flush_at.map_or(b.expires_at, |f| f.min(b.expires_at)));
         if let Some(next) = next {
@@ -738,13 +786,13 @@ impl Core {
         ended: Option<TerminationReason>,
         now: Instant,
     ) {
-        let on = self.batches.get(id).and_then(|b| b.conn);
+        let on = self.batches.by_id.get(id).and_then(|b| b.conn);
         let via = self.via_on(on);
-        let Some(mut b) = self.batches.remove(id) else {
+        let Some(mut b) = self.batches.by_id.remove(id) else {
             return;
         };
         if !full && !b.members.iter().any(|m| m.changed) {
-            self.batches.insert(id.clone(), b);
+            self.batches.by_id.insert(id.clone(), b);
             return;
         }
         let contact = self.contact_for(&b.watcher, on);
@@ -769,7 +817,7 @@ impl Core {
             cseq_override: None,
         });
         let (conn, domain) = (b.conn, b.domain.clone());
-        self.batches.insert(id.clone(), b);
+        self.batches.by_id.insert(id.clone(), b);
         match req {
             Ok(r) => {
                 self.send_request(r, conn, domain, Purpose::Notify { dialog: id.clone() }, now)
@@ -781,6 +829,7 @@ impl Core {
     /// Persisted form of every batch (for the store; `unix_now` is the Unix time of `now`).
     pub fn persisted_batches(&self, now: Instant, unix_now: u64) -> Vec<PersistedBatch> {
         self.batches
+            .by_id
             .values()
             .map(|b| b.persisted(now, unix_now))
             .collect()
@@ -788,6 +837,6 @@ impl Core {
 
     /// Live batched dialogs (tests, status).
     pub fn batch_count(&self) -> usize {
-        self.batches.len()
+        self.batches.by_id.len()
     }
 }

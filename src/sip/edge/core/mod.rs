@@ -266,9 +266,8 @@ pub struct Core {
     notifier_watchers: HashMap<String, usize>,
     /// Each watched user's resources (RFC 6121 §4.7.2 aggregation), one entry per presentity.
     resources: ResourceTable,
-    /// Lync batched subscriptions (`batch`), and their dialogs per (watcher, presentity).
-    batches: HashMap<DialogId, batch::Batch>,
-    batch_pairs: HashMap<(String, String), Vec<DialogId>>,
+    /// Lync batched subscriptions (`batch`) with their indexes.
+    batches: batch::Batches,
     subscribers: HashMap<u64, Subscriber>,
     subscriber_pairs: HashMap<(String, String), u64>,
     subscriber_calls: HashMap<(String, String), u64>,
@@ -364,8 +363,7 @@ impl Core {
             notifier_pairs: HashMap::new(),
             notifier_watchers: HashMap::new(),
             resources: ResourceTable::new(),
-            batches: HashMap::new(),
-            batch_pairs: HashMap::new(),
+            batches: batch::Batches::default(),
             subscribers: HashMap::new(),
             subscriber_pairs: HashMap::new(),
             subscriber_calls: HashMap::new(),
@@ -1287,7 +1285,7 @@ impl Core {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
                 let ids = self.notifier_pairs.get(&pair).cloned().unwrap_or_default();
-                let batched = self.batch_pairs.contains_key(&pair);
+                let batched = self.batches.watches(&pair);
                 if ids.is_empty() && !batched {
                     tracing::debug!("presence for a watcher without subscription dropped");
                     return;
@@ -1298,7 +1296,7 @@ impl Core {
                     self.resources
                         .update(&hub.maps(), &pair.1, env.from.resource.as_deref(), p);
                 if batched {
-                    self.batch_presence(hub, &pair, now);
+                    self.batch_presence(&pair, now);
                 }
                 for id in ids {
                     let mut activated = false;

@@ -364,3 +364,42 @@ fn a_second_device_signing_off_leaves_the_first_visible() {
     let body = msrtc::decode_msrtc(out.last().expect("NOTIFY").body()).expect("msrtc");
     assert!(body.availability.is_some_and(|a| a >= 18000), "{body:?}");
 }
+
+/// The resource table holds users someone watches: when the last watcher (single or batched)
+/// goes, the user's entry goes too.
+#[test]
+fn resources_of_unwatched_users_are_forgotten() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b9", &THREE, true, 3600), t0);
+    let ok = sent(&mut c).remove(0);
+    let to_tag = ok
+        .to()
+        .ok()
+        .and_then(|t| t.tag().map(str::to_string))
+        .expect("tag");
+    for who in THREE {
+        let mut e = env(who, "bob@partner.com", lync_presence("busy"));
+        e.from.resource = Some("desk".into());
+        c.handle_delivery(&h, &dom(), e, t0);
+    }
+    assert_eq!(c.resources.len(), 3);
+    assert_eq!(c.batches.members, 3);
+    let unsub = format!(
+        "SUBSCRIBE sip:bob@partner.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKu9\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=bt\n\
+To: <sip:bob@partner.com>;tag={to_tag}\n\
+Call-ID: b9\n\
+CSeq: 2 SUBSCRIBE\n\
+Event: presence\n\
+Expires: 0\n\
+Content-Length: 0\n\n"
+    );
+    c.handle_message(&h, &peer(), msg(&unsub), t0);
+    assert_eq!(c.batch_count(), 0);
+    assert_eq!(c.batches.members, 0);
+    assert!(c.resources.is_empty(), "no watcher left, nothing kept");
+}
