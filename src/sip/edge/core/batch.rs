@@ -140,17 +140,37 @@ impl Batches {
         self.per_presentity.contains_key(presentity)
     }
 
+    fn index(&mut self, id: &DialogId, pair: (String, String)) {
+        let v = self.by_pair.entry(pair.clone()).or_default();
+        if v.is_empty() {
+            *self.per_presentity.entry(pair.1).or_default() += 1;
+        }
+        if !v.contains(id) {
+            v.push(id.clone());
+        }
+    }
+
+    fn unindex(&mut self, id: &DialogId, pair: &(String, String)) {
+        let Some(v) = self.by_pair.get_mut(pair) else {
+            return;
+        };
+        v.retain(|d| d != id);
+        if v.is_empty() {
+            self.by_pair.remove(pair);
+            if let Some(c) = self.per_presentity.get_mut(&pair.1) {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    self.per_presentity.remove(&pair.1);
+                }
+            }
+        }
+    }
+
     fn insert(&mut self, id: DialogId, b: Batch) {
         let watcher = b.watcher.bare_string();
         for m in &b.members {
-            let Some(p) = &m.presentity else { continue };
-            let pair = (watcher.clone(), p.bare_string());
-            let v = self.by_pair.entry(pair.clone()).or_default();
-            if v.is_empty() {
-                *self.per_presentity.entry(pair.1).or_default() += 1;
-            }
-            if !v.contains(&id) {
-                v.push(id.clone());
+            if let Some(p) = &m.presentity {
+                self.index(&id, (watcher.clone(), p.bare_string()));
             }
         }
         self.by_watcher.entry(watcher).or_default().push(id.clone());
@@ -164,20 +184,8 @@ impl Batches {
         let b = self.by_id.remove(id)?;
         let watcher = b.watcher.bare_string();
         for m in &b.members {
-            let Some(p) = &m.presentity else { continue };
-            let pair = (watcher.clone(), p.bare_string());
-            let Some(v) = self.by_pair.get_mut(&pair) else {
-                continue;
-            };
-            v.retain(|d| d != id);
-            if v.is_empty() {
-                self.by_pair.remove(&pair);
-                if let Some(c) = self.per_presentity.get_mut(&pair.1) {
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        self.per_presentity.remove(&pair.1);
-                    }
-                }
+            if let Some(p) = &m.presentity {
+                self.unindex(id, &(watcher.clone(), p.bare_string()));
             }
         }
         if let Some(v) = self.by_watcher.get_mut(&watcher) {
@@ -188,6 +196,44 @@ impl Batches {
         }
         self.members = self.members.saturating_sub(b.members.len());
         Some(b)
+    }
+
+    /// Adds members to a live batch (an in-dialog `subscribe` action).
+    fn add_members(&mut self, id: &DialogId, new: Vec<Member>) {
+        let Some(b) = self.by_id.get_mut(id) else {
+            return;
+        };
+        let watcher = b.watcher.bare_string();
+        let pairs: Vec<(String, String)> = new
+            .iter()
+            .filter_map(|m| m.presentity.as_ref())
+            .map(|p| (watcher.clone(), p.bare_string()))
+            .collect();
+        self.members += new.len();
+        b.members.extend(new);
+        for pair in pairs {
+            self.index(id, pair);
+        }
+    }
+
+    /// Removes the members listed by `uris` from a live batch (an in-dialog `unsubscribe`
+    /// action) and returns them.
+    fn remove_members(&mut self, id: &DialogId, uris: &[String]) -> Vec<Member> {
+        let Some(b) = self.by_id.get_mut(id) else {
+            return Vec::new();
+        };
+        let watcher = b.watcher.bare_string();
+        let (gone, kept): (Vec<Member>, Vec<Member>) = std::mem::take(&mut b.members)
+            .into_iter()
+            .partition(|m| uris.contains(&m.uri));
+        b.members = kept;
+        self.members = self.members.saturating_sub(gone.len());
+        for m in &gone {
+            if let Some(p) = &m.presentity {
+                self.unindex(id, &(watcher.clone(), p.bare_string()));
+            }
+        }
+        gone
     }
 }
 
@@ -262,7 +308,7 @@ impl Core {
             );
         }
         if req.to().ok().and_then(|t| t.tag()).is_some() {
-            return self.on_batch_resubscribe(hub, peer, key, req, decision, now);
+            return self.on_batch_resubscribe(hub, cfg, peer, key, req, domain, decision, now);
         }
         let watcher = req.from().ok().and_then(|f| address_of_uri(&f.uri));
         let target = req
@@ -345,46 +391,7 @@ impl Core {
         } else {
             Subscription::Subscribe
         };
-        let mut members = Vec::with_capacity(uris.len());
-        for uri in uris {
-            let presentity = address_of(&uri).filter(|a| cfg.is_local_domain(&a.domain));
-            let state = match &presentity {
-                None => MemberState::NoResource,
-                Some(p) => {
-                    let sub = hub.submit(
-                        domain,
-                        Envelope {
-                            from: watcher.clone(),
-                            to: p.clone(),
-                            body: Body::Subscription(ask),
-                        },
-                    );
-                    match &sub {
-                        Submitted::Delivered(_) => {
-                            // Already approved through another dialog of the pair: the
-                            // consent is the user's, not the dialog's.
-                            let pair = (watcher.bare_string(), p.bare_string());
-                            let approved = self.pair_is_active(&pair);
-                            if approved {
-                                MemberState::Active
-                            } else {
-                                MemberState::Pending
-                            }
-                        }
-                        Submitted::Denied(d) if d.condition() == ErrorCondition::Forbidden => {
-                            MemberState::Rejected
-                        }
-                        _ => MemberState::NoResource,
-                    }
-                }
-            };
-            members.push(Member {
-                uri,
-                presentity,
-                state,
-                changed: false,
-            });
-        }
+        let members = self.new_members(hub, cfg, domain, &watcher, uris, ask);
         let id = dialog.id.clone();
         let mut b = Batch {
             dialog,
@@ -449,6 +456,57 @@ impl Core {
         }
     }
 
+    /// One member per listed contact: each local contact's home node is asked (`ask`) as a
+    /// single SUBSCRIBE would ask it; a contact that is not ours is `noresource` at once.
+    fn new_members(
+        &mut self,
+        hub: &dyn HubPort,
+        cfg: &Config,
+        domain: &Domain,
+        watcher: &Address,
+        uris: Vec<String>,
+        ask: Subscription,
+    ) -> Vec<Member> {
+        let mut members = Vec::with_capacity(uris.len());
+        for uri in uris {
+            let presentity = address_of(&uri).filter(|a| cfg.is_local_domain(&a.domain));
+            let state = match &presentity {
+                None => MemberState::NoResource,
+                Some(p) => {
+                    let sub = hub.submit(
+                        domain,
+                        Envelope {
+                            from: watcher.clone(),
+                            to: p.clone(),
+                            body: Body::Subscription(ask),
+                        },
+                    );
+                    match &sub {
+                        // Already approved through another dialog of the pair: the consent
+                        // is the user's, not the dialog's.
+                        Submitted::Delivered(_)
+                            if self.pair_is_active(&(watcher.bare_string(), p.bare_string())) =>
+                        {
+                            MemberState::Active
+                        }
+                        Submitted::Delivered(_) => MemberState::Pending,
+                        Submitted::Denied(d) if d.condition() == ErrorCondition::Forbidden => {
+                            MemberState::Rejected
+                        }
+                        _ => MemberState::NoResource,
+                    }
+                }
+            };
+            members.push(Member {
+                uri,
+                presentity,
+                state,
+                changed: true,
+            });
+        }
+        members
+    }
+
     /// Whether a single notifier dialog of `pair` is already approved.
     fn pair_is_active(&self, pair: &(String, String)) -> bool {
         let single = self.notifier_pairs.get(pair).is_some_and(|ids| {
@@ -510,12 +568,15 @@ impl Core {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_batch_resubscribe(
         &mut self,
         hub: &dyn HubPort,
+        cfg: &Config,
         peer: &PeerInfo,
         key: &TxnKey,
         req: &SipMessage,
+        domain: &Domain,
         decision: ExpiresDecision,
         now: Instant,
     ) {
@@ -540,6 +601,27 @@ impl Core {
         }
         b.dialog.refresh_target(req);
         b.conn = Some(peer.conn);
+        let change = if is_adrl(req) {
+            match rlmi::decode_batch_sub(req.body()) {
+                Ok(c) => c.action.map(|(a, _)| (a, c.resources)),
+                Err(e) => {
+                    m::refused("bad_batch_body");
+                    tracing::info!(error = %LogSafe(&e.to_string()), "batched SUBSCRIBE body refused");
+                    let reason = "Bad Request (Malformed batchSub Body)";
+                    return self.reply(key, req, 400, reason, None, &[], None, now);
+                }
+            }
+        } else {
+            None
+        };
+        if let (Some(change), ExpiresDecision::Grant(_)) = (change, decision) {
+            if let Err((code, reason)) = self.change_batch(hub, cfg, domain, &id, change) {
+                return self.reply(key, req, code, reason, None, &[], None, now);
+            }
+        }
+        let Some(b) = self.batches.by_id.get_mut(&id) else {
+            return;
+        };
         match decision {
             ExpiresDecision::Grant(g) => {
                 b.expires_at = now + Duration::from_secs(u64::from(g));
@@ -559,6 +641,82 @@ impl Core {
         }
     }
 
+    /// An in-dialog `batchSub`: a `subscribe` action adds the listed contacts that are not
+    /// members yet, an `unsubscribe` action removes the listed ones (their home nodes told as
+    /// when a subscription ends). The refresh's full-state NOTIFY reports the new list.
+    fn change_batch(
+        &mut self,
+        hub: &dyn HubPort,
+        cfg: &Config,
+        domain: &Domain,
+        id: &DialogId,
+        (action, uris): (rlmi::BatchAction, Vec<String>),
+    ) -> Result<(), (u16, &'static str)> {
+        let Some(b) = self.batches.by_id.get(id) else {
+            return Ok(());
+        };
+        let watcher = b.watcher.clone();
+        match action {
+            rlmi::BatchAction::Subscribe => {
+                let mut add: Vec<String> = Vec::new();
+                for u in uris {
+                    if !b.members.iter().any(|m| m.uri == u) && !add.contains(&u) {
+                        add.push(u);
+                    }
+                }
+                if b.members.len() + add.len() > MAX_BATCH_RESOURCES {
+                    m::refused("batch_too_large");
+                    return Err((
+                        413,
+                        "Request Entity Too Large (At Most 1000 Contacts Per Batched Subscription)",
+                    ));
+                }
+                if self.notifiers.len() + self.batches.members + add.len()
+                    > self.caps.foreign_watchers
+                {
+                    m::refused("too_many_watchers");
+                    return Err((503, "Service Unavailable (Overloaded)"));
+                }
+                let new =
+                    self.new_members(hub, cfg, domain, &watcher, add, Subscription::Subscribe);
+                self.batches.add_members(id, new);
+            }
+            rlmi::BatchAction::Unsubscribe => {
+                let gone = self.batches.remove_members(id, &uris);
+                self.dirty = true;
+                for m in gone {
+                    let Some(p) = m.presentity else { continue };
+                    self.forget_if_unwatched(&p.bare_string());
+                    self.tell_home_gone(hub, domain, &watcher, p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A watcher no longer watches `presentity` through this edge: unless another dialog of
+    /// the pair remains, the home node is told (the same message `end_notifier` sends).
+    fn tell_home_gone(
+        &self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        watcher: &Address,
+        presentity: Address,
+    ) {
+        let pair = (watcher.bare_string(), presentity.bare_string());
+        if self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair) {
+            return;
+        }
+        hub.submit(
+            domain,
+            Envelope {
+                from: watcher.clone(),
+                to: presentity,
+                body: Body::Subscription(Subscription::Unsubscribe),
+            },
+        );
+    }
+
     /// Sends the terminated NOTIFY, forgets the batch and, when the peer or time ended it,
     /// tells each member's home node (unless another dialog still watches that user).
     pub(super) fn end_batch(
@@ -576,22 +734,10 @@ impl Core {
         if !tell_home {
             return;
         }
-        let watcher = b.watcher.bare_string();
         for m in b.members {
-            let Some(p) = m.presentity else { continue };
-            let pair = (watcher.clone(), p.bare_string());
-            if self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair) {
-                continue;
+            if let Some(p) = m.presentity {
+                self.tell_home_gone(hub, &b.domain, &b.watcher, p);
             }
-            // The same message a single subscription's end sends (see `end_notifier`).
-            hub.submit(
-                &b.domain,
-                Envelope {
-                    from: b.watcher.clone(),
-                    to: p,
-                    body: Body::Subscription(Subscription::Unsubscribe),
-                },
-            );
         }
     }
 

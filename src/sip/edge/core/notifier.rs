@@ -315,7 +315,8 @@ impl Core {
         if let Some(n) = self.notifier_remove(id) {
             let pair = (n.watcher.bare_string(), n.presentity.bare_string());
             self.pair_remove(&pair, id);
-            let others = self.notifier_pairs.contains_key(&pair);
+            // A batched dialog of the same pair still watching keeps the home side's consent.
+            let others = self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair);
             if tell_home && !others {
                 hub.submit(
                     &n.domain,

@@ -403,3 +403,126 @@ Content-Length: 0\n\n"
     assert_eq!(c.batches.members, 0);
     assert!(c.resources.is_empty(), "no watcher left, nothing kept");
 }
+
+fn in_dialog(call: &str, to_tag: &str, cseq: u32, action: &str, contacts: &[&str]) -> SipMessage {
+    let resources: String = contacts
+        .iter()
+        .map(|c| format!("<resource uri=\"sip:{c}\"/>"))
+        .collect();
+    let body = format!(
+        "<batchSub xmlns=\"http://schemas.microsoft.com/2006/01/sip/batch-subscribe\" uri=\"sip:bob@partner.com\" name=\"\"><action name=\"{action}\" id=\"9\"><adhocList>{resources}</adhocList><categoryList xmlns=\"http://schemas.microsoft.com/2006/09/sip/categorylist\"><category name=\"state\"/></categoryList></action></batchSub>"
+    );
+    msg(&format!(
+        "SUBSCRIBE sip:bob@partner.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bK{call}{cseq}\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=bt\n\
+To: <sip:bob@partner.com>;tag={to_tag}\n\
+Call-ID: {call}\n\
+CSeq: {cseq} SUBSCRIBE\n\
+Event: presence\n\
+Expires: 3600\n\
+Content-Type: application/msrtc-adrl-categorylist+xml\n\
+Content-Length: {}\n\n{body}",
+        body.len()
+    ))
+}
+
+/// An in-dialog batchSub adds contacts (each asking its home node) or removes them (the home
+/// node told, unless another dialog still watches the pair); the refresh's NOTIFY is full state.
+#[test]
+fn in_dialog_batch_sub_adds_and_removes_contacts() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(
+        &h,
+        &peer(),
+        batch_subscribe("b10", &THREE[..1], true, 3600),
+        t0,
+    );
+    let ok = sent(&mut c).remove(0);
+    let to_tag = ok
+        .to()
+        .ok()
+        .and_then(|t| t.tag().map(str::to_string))
+        .expect("tag");
+    h.got.borrow_mut().clear();
+
+    c.handle_message(
+        &h,
+        &peer(),
+        in_dialog("b10", &to_tag, 2, "subscribe", &THREE),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out[0].status(), Some(200));
+    let (list, _) = rlmi_of(out.get(1).expect("full-state NOTIFY"));
+    assert!(list.full_state);
+    assert_eq!(list.resources.len(), 3);
+    let asked: Vec<String> = h.got.borrow().iter().map(|e| e.to.bare_string()).collect();
+    assert_eq!(asked, THREE[1..], "only the new contacts are asked");
+    assert_eq!(c.batches.members, 3);
+
+    h.got.borrow_mut().clear();
+    c.handle_message(
+        &h,
+        &peer(),
+        in_dialog("b10", &to_tag, 3, "unsubscribe", &THREE[..2]),
+        t0,
+    );
+    let out = sent(&mut c);
+    assert_eq!(out[0].status(), Some(200));
+    let (list, _) = rlmi_of(out.get(1).expect("full-state NOTIFY"));
+    assert_eq!(list.resources.len(), 1);
+    assert_eq!(list.resources[0].uri, "sip:dave@example.com");
+    let told: Vec<(String, Body)> = h
+        .got
+        .borrow()
+        .iter()
+        .map(|e| (e.to.bare_string(), e.body.clone()))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (
+                THREE[0].to_string(),
+                Body::Subscription(Subscription::Unsubscribe)
+            ),
+            (
+                THREE[1].to_string(),
+                Body::Subscription(Subscription::Unsubscribe)
+            ),
+        ]
+    );
+    assert_eq!(c.batches.members, 1);
+    assert!(!c
+        .batches
+        .watches(&("bob@partner.com".into(), THREE[0].into())));
+}
+
+/// A single subscription ending does not revoke the pair while a batch still watches it.
+#[test]
+fn single_end_keeps_a_pair_a_batch_still_watches() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(
+        &h,
+        &peer(),
+        batch_subscribe("b11", &THREE[..1], true, 3600),
+        t0,
+    );
+    c.handle_message(&h, &peer(), msg(&subscribe_text(60)), t0);
+    let _ = sent(&mut c);
+    h.got.borrow_mut().clear();
+    c.handle_timeout(&h, t0 + Duration::from_secs(61));
+    assert!(
+        h.got
+            .borrow()
+            .iter()
+            .all(|e| e.body != Body::Subscription(Subscription::Unsubscribe)),
+        "{:?}",
+        h.got.borrow()
+    );
+}
