@@ -14,7 +14,7 @@
 //!
 //! Members read the user's aggregate from the per-presentity resource table
 //! (`presence::aggregate`). Un-SUBSCRIBE (`Expires: 0`) and expiry end the dialog as for a
-//! single subscription. The state is plain data ([`PersistedBatch`]) so the store can keep it.
+//! single subscription; a refresh carrying a `batchSub` adds or removes contacts. The state is plain data ([`PersistedBatch`]) so the store can keep it.
 
 use serde::{Deserialize, Serialize};
 
