@@ -24,7 +24,8 @@ use crate::sip::uri::{parse_uri, UriContext};
 
 /// Contacts one batched subscription may list. Skype for Business Server caps a user's contact
 /// list at 1 000 (the `MaxContacts` ceiling of its user services policy), so a real client
-/// never needs more; beyond, the SUBSCRIBE is refused with 413 and this number in the reason.
+/// never needs more; beyond, the SUBSCRIBE is refused with 413 and this number in the reason
+/// phrase (written out there: change both together).
 pub(crate) const MAX_BATCH_RESOURCES: usize = 1000;
 /// Batched dialogs per watcher at most; beyond, the oldest ends with `deactivated` (a client
 /// that lost its dialog state re-subscribes with a new Call-ID, as for single dialogs).
@@ -354,12 +355,12 @@ impl Core {
             let reason = "Bad Request (Only A subscribe Action Opens A Batched Subscription)";
             return self.reply(key, req, 400, reason, Some(&tag), &[], None, now);
         }
-        let mut uris: Vec<String> = Vec::with_capacity(batch.resources.len());
-        for u in batch.resources {
-            if !uris.contains(&u) {
-                uris.push(u);
-            }
-        }
+        let mut seen = std::collections::HashSet::with_capacity(batch.resources.len());
+        let uris: Vec<String> = batch
+            .resources
+            .into_iter()
+            .filter(|u| seen.insert(u.clone()))
+            .collect();
         if uris.is_empty() {
             let reason = "Bad Request (Empty adhocList)";
             return self.reply(key, req, 400, reason, Some(&tag), &[], None, now);
