@@ -1,6 +1,9 @@
 //! The admin HTTP endpoint (loopback by default): `GET /metrics` (Prometheus text),
-//! `GET /status` (JSON), `GET /healthz`. A deliberately tiny HTTP/1.1 responder: one request
-//! per connection, bounded request size and time, nothing else.
+//! `GET /status` (JSON), `GET /healthz`, and the consent lists (`legate policy` talks to
+//! these): `GET /policy/<user>` (JSON) and `POST /policy/<user>/<allow|block|unblock>/<target>`
+//! (`<target>` a bare JID or a domain, percent-encoded where needed; POST from loopback only,
+//! whatever `node.admin_allow_remote` says). A deliberately tiny
+//! HTTP/1.1 responder: one request per connection, bounded request size and time, no body.
 
 use crate::gateway::Hub;
 use std::sync::Arc;
@@ -39,7 +42,7 @@ pub async fn serve(
             let Accepted {
                 stream: mut sock,
                 slots,
-                ..
+                remote,
             } = accepted;
             {
                 let hub = hub.clone();
@@ -67,22 +70,16 @@ pub async fn serve(
                     let head = String::from_utf8_lossy(&buf[..n]);
                     let mut parts = head.split_whitespace();
                     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let (status, ctype, body) = match (method, path) {
-                        ("GET", "/metrics") => (
-                            "200 OK",
-                            "text/plain; version=0.0.4",
-                            crate::metrics::render(),
-                        ),
-                        ("GET", "/status") => {
-                            ("200 OK", "application/json", status_json(&hub, started))
-                        }
-                        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                        _ => (
-                            "405 Method Not Allowed",
+                    let (status, ctype, body) = if method == "POST" && !remote.ip().is_loopback() {
+                        // Changes are an operator's, on the node itself, even when
+                        // `node.admin_allow_remote` lets scrapers read from elsewhere.
+                        (
+                            "403 Forbidden",
                             "text/plain",
-                            "GET only\n".to_string(),
-                        ),
+                            "changes are accepted from loopback only\n".to_string(),
+                        )
+                    } else {
+                        respond(&hub, started, method, path)
                     };
                     let resp = format!(
                         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -93,6 +90,120 @@ pub async fn serve(
                 });
             }
         }
+    }
+}
+
+type Response = (&'static str, &'static str, String);
+
+fn respond(hub: &Hub, started: Instant, method: &str, path: &str) -> Response {
+    match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            crate::metrics::render(),
+        ),
+        ("GET", "/status") => ("200 OK", "application/json", status_json(hub, started)),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        (m, p) if p.starts_with("/policy/") && (m == "GET" || m == "POST") => {
+            policy(hub, m, &p["/policy/".len()..])
+        }
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET, or POST on /policy/\n".to_string(),
+        ),
+    }
+}
+
+fn bad_request(text: impl std::fmt::Display) -> Response {
+    ("400 Bad Request", "text/plain", format!("{text}\n"))
+}
+
+/// `%XX` escapes of a path segment; `None` for a broken escape or non-UTF-8 result.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The consent-list routes (see the module doc); `rest` follows `/policy/`.
+fn policy(hub: &Hub, method: &str, rest: &str) -> Response {
+    use crate::gateway::policy::admin::{change, local_user, ChangeError, Op};
+    use crate::gateway::policy::Target;
+    let segments: Option<Vec<String>> = rest.split('/').map(percent_decode).collect();
+    let Some(segments) = segments else {
+        return bad_request("broken percent-escape in the path");
+    };
+    let user = match segments.first().map(|u| local_user(hub, u)) {
+        Some(Ok(u)) => u,
+        Some(Err(e)) => return bad_request(e),
+        None => return bad_request("no user in the path"),
+    };
+    match (method, segments.as_slice()) {
+        ("GET", [_]) => {
+            let entries: Vec<serde_json::Value> = hub
+                .policies()
+                .lists(&user.bare_string())
+                .entries()
+                .into_iter()
+                .map(|(t, v)| {
+                    let kind = match t {
+                        Target::Jid(_) => "jid",
+                        Target::Domain(_) => "domain",
+                    };
+                    serde_json::json!({"target": t.to_string(), "kind": kind, "verdict": v.as_str()})
+                })
+                .collect();
+            let doc = serde_json::json!({"user": user.bare_string(), "entries": entries});
+            ("200 OK", "application/json", format!("{doc}\n"))
+        }
+        ("POST", [_, op, target]) => {
+            let Some(op) = Op::parse(op) else {
+                return bad_request(format!(
+                    "unknown operation `{}` (allow, block or unblock)",
+                    op.chars().take(40).collect::<String>()
+                ));
+            };
+            let target = match Target::parse(target) {
+                Ok(t) => t,
+                Err(e) => return bad_request(e),
+            };
+            match change(hub, &user, &target, op) {
+                Ok(()) => {
+                    let verdict = hub
+                        .policies()
+                        .lists(&user.bare_string())
+                        .entries()
+                        .into_iter()
+                        .find(|(t, _)| *t == target)
+                        .map(|(_, v)| v.as_str());
+                    let doc = serde_json::json!({
+                        "user": user.bare_string(),
+                        "target": target.to_string(),
+                        "verdict": verdict,
+                    });
+                    ("200 OK", "application/json", format!("{doc}\n"))
+                }
+                Err(ChangeError::Bad(e)) => bad_request(e),
+                Err(e @ ChangeError::Full(_)) => {
+                    ("507 Insufficient Storage", "text/plain", format!("{e}\n"))
+                }
+            }
+        }
+        ("GET", _) => bad_request("GET /policy/<user>"),
+        _ => bad_request("POST /policy/<user>/<allow|block|unblock>/<jid or domain>"),
     }
 }
 
@@ -107,6 +218,8 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         "xmpp_federation_mode": format!("{:?}", cfg.xmpp.federation.mode),
         "home_nodes": cfg.home_nodes.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
         "directory_users": hub.directory().len(),
+        "consent_users": hub.policies().len(),
+        "consent_pending": hub.policies().pending_len(),
         "mapping_systems": maps.system_names().collect::<Vec<_>>(),
         "mapping_tables": maps.tables.len(),
         "mapping_digest": maps.digest,
@@ -117,4 +230,87 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         }
     }
     doc.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::presence::map::MappingStore;
+    use std::path::Path;
+
+    fn hub() -> Arc<Hub> {
+        let cfg = config::from_toml(
+            "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\nsystem = \"lync\"\n",
+            Path::new("t.toml"),
+            BUILTIN_SYSTEMS,
+        )
+        .expect("config");
+        Hub::new(cfg, MappingStore::open(None).expect("maps"))
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_broken_ones_refused() {
+        assert_eq!(
+            percent_decode("o%27malley%40partner.com").as_deref(),
+            Some("o'malley@partner.com")
+        );
+        assert_eq!(percent_decode("a%2"), None);
+        assert_eq!(percent_decode("a%zz"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn policy_routes_change_and_show_lists_and_refuse_bad_input() {
+        let h = hub();
+        let t = Instant::now();
+        let (status, _, body) =
+            respond(&h, t, "POST", "/policy/alice@example.com/block/partner.com");
+        assert_eq!(status, "200 OK", "{body}");
+        assert!(body.contains("\"verdict\":\"block\""), "{body}");
+        let (status, _, body) = respond(&h, t, "GET", "/policy/alice@example.com");
+        assert_eq!(status, "200 OK");
+        assert!(
+            body.contains("\"target\":\"partner.com\"") && body.contains("\"kind\":\"domain\""),
+            "{body}"
+        );
+        let (status, _, body) = respond(
+            &h,
+            t,
+            "POST",
+            "/policy/alice@example.com/unblock/partner.com",
+        );
+        assert_eq!(status, "200 OK");
+        assert!(body.contains("\"verdict\":null"), "{body}");
+        for (method, path, why) in [
+            (
+                "POST",
+                "/policy/alice@partner.com/block/x.com",
+                "not a user of a local domain",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/ban/x.com",
+                "unknown operation",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/block/bob@",
+                "neither a bare JID",
+            ),
+            (
+                "POST",
+                "/policy/alice@example.com/block",
+                "POST /policy/<user>",
+            ),
+            ("GET", "/policy/example.com", "not a user address"),
+            ("GET", "/policy/a%zz@example.com", "percent-escape"),
+        ] {
+            let (status, _, body) = respond(&h, t, method, path);
+            assert_eq!(status, "400 Bad Request", "{path}: {body}");
+            assert!(body.contains(why), "{path}: {body}");
+        }
+        let (status, _, _) = respond(&h, t, "DELETE", "/policy/alice@example.com");
+        assert_eq!(status, "405 Method Not Allowed");
+    }
 }

@@ -1,5 +1,5 @@
 //! The `legate` command line: the admin contract (`check`, `translate`, `mappings show`,
-//! `sip check`) and the gateway itself (`run`). Output formats here are relied on by tooling:
+//! `sip check`, `policy`) and the gateway itself (`run`). Output formats here are relied on by tooling:
 //! change them only with the README.
 
 use anyhow::Result;
@@ -63,6 +63,39 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MappingsCmd,
     },
+    /// A local user's consent lists (who may see their presence), on a RUNNING node: the
+    /// command talks to the node's admin endpoint (`node.admin_listen`), and a change applies
+    /// at once. Not usable while the node is stopped. Exit codes: 0 done, 1 node unreachable
+    /// or failed, 2 bad user or target.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print the node's JSON answer as is.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Allow TARGET (a bare JID `user@domain`, or a whole domain): Legate never blocks it (a JID
+    /// allow beats a domain block); its requests go to USER's home node, where an approval
+    /// USER once gave is kept.
+    Allow { user: String, target: String },
+    /// Polite blocking: TARGET sees USER offline and is never told; its requests never reach
+    /// USER. A JID entry beats a domain entry.
+    Block { user: String, target: String },
+    /// Remove USER's entry for TARGET (an allow or a block): TARGET is undecided again.
+    Unblock { user: String, target: String },
+    /// List USER's entries.
+    Show { user: String },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +169,37 @@ fn main() -> Result<ExitCode> {
                 raw,
                 mappings.as_deref(),
             )
+        }
+        Cmd::Policy {
+            cmd,
+            admin,
+            config,
+            json,
+        } => {
+            let req = match &cmd {
+                PolicyCmd::Allow { user, target } => cli::policy::Request::Change {
+                    op: "allow",
+                    user,
+                    target,
+                },
+                PolicyCmd::Block { user, target } => cli::policy::Request::Change {
+                    op: "block",
+                    user,
+                    target,
+                },
+                PolicyCmd::Unblock { user, target } => cli::policy::Request::Change {
+                    op: "unblock",
+                    user,
+                    target,
+                },
+                PolicyCmd::Show { user } => cli::policy::Request::Show { user },
+            };
+            Ok(cli::policy::policy(
+                req,
+                admin.as_deref(),
+                config.as_deref(),
+                json,
+            ))
         }
         Cmd::Mappings {
             cmd:

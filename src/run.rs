@@ -43,6 +43,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let maps = MappingStore::open(maps_dir.clone()).map_err(RunError::Mappings)?;
     let admin_addr = config.node.admin_listen;
     let hub = Hub::new(config, maps);
+    // The state store: one per node, opened before anything binds (consent lists today).
+    let store: crate::store::SharedStore = Arc::new(
+        crate::store::embedded::Embedded::open(&hub.config().node.data_dir)
+            .map_err(|e| RunError::Edge(format!("cannot open the state store: {e}")))?,
+    );
     // Edges load their TLS material and secrets before anything binds.
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
         .map_err(|e| RunError::Edge(e.to_string()))?;
@@ -58,6 +63,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         announce("admin", a);
     }
     let mut tasks = tokio::task::JoinSet::new();
+    // Consent lists are in the cache before any edge takes traffic.
+    crate::gateway::policy::persist::start(
+        hub.policies().clone(),
+        store.clone(),
+        shutdown.clone(),
+        &mut tasks,
+    )
+    .await
+    .map_err(|e| RunError::Edge(format!("cannot load the consent lists: {e}")))?;
     tasks.spawn(admin::serve(
         listener,
         hub.clone(),

@@ -3,6 +3,9 @@
 //! `<message/>`s, the admin `/metrics` scrape, and the legate process's CPU and peak RSS from
 //! /proc. Written once here so `flood.rs` and `sip_pager.rs` measure the same way.
 
+// Each bench uses a subset of these.
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

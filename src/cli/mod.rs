@@ -1,6 +1,8 @@
 //! Implementations of the admin subcommands. Everything prints to stdout/stderr and returns
 //! an exit code; the library does the work.
 
+pub mod policy;
+
 use anyhow::Result;
 use legate::config;
 use legate::diag::Diagnostics;

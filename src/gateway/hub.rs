@@ -16,7 +16,8 @@
 //! `submit_wait`): waits then always point from readers to writers and cannot form a cycle.
 
 use super::envelope::{Envelope, ErrorCondition};
-use super::router::{self, Denied, Directory, Link, Origin};
+use super::policy::Policies;
+use super::router::{self, Denied, Directory, Link, Origin, Route};
 use crate::config::{Config, Domain};
 use crate::metrics;
 use crate::presence::map::MappingStore;
@@ -131,6 +132,7 @@ pub struct Hub {
     config: ArcSwap<Config>,
     maps: MappingStore,
     directory: Directory,
+    policies: Arc<Policies>,
     outboxes: DashMap<OutboxKey, mpsc::Sender<Delivery>>,
     /// Set when a send left a component outbox less than a quarter free, so `congestion`
     /// (asked after every SIP input) scans the outboxes only when one may be crowded.
@@ -144,6 +146,7 @@ impl Hub {
             config: ArcSwap::from_pointee(config),
             maps,
             directory: Directory::default(),
+            policies: Policies::new(),
             outboxes: DashMap::new(),
             crowded: AtomicBool::new(false),
         })
@@ -159,6 +162,11 @@ impl Hub {
 
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// The consent cache (per-user allow/block lists).
+    pub fn policies(&self) -> &Arc<Policies> {
+        &self.policies
     }
 
     /// Adds (or replaces) the section `name` of the admin `/status` document.
@@ -310,7 +318,16 @@ impl Hub {
     ) -> Result<Delivery, Submitted> {
         let config = self.config.load();
         let maps = self.maps.current();
-        match router::route(&config, &maps, &self.directory, origin, env) {
+        let routed = router::route(&config, &maps, &self.directory, origin, env).and_then(|r| {
+            let env = self
+                .policies
+                .screen(&config, &maps, origin, &r.link, r.envelope)?;
+            Ok(Route {
+                link: r.link,
+                envelope: env,
+            })
+        });
+        match routed {
             Ok(route) => Ok(Delivery {
                 link: route.link,
                 envelope: route.envelope,

@@ -4,10 +4,12 @@
 //! - `envelope`: the protocol-neutral unit every edge hands to the core.
 //! - `router`: federation policy, the user → home node directory, presence translation — the
 //!   pure decide stage.
+//! - `policy`: consent — per-user allow/block lists, pending requests, polite blocking.
 //! - `hub`: the running switchboard: links register an outbox, `submit` routes and delivers.
 
 pub mod envelope;
 pub mod hub;
+pub mod policy;
 pub mod router;
 
 pub use envelope::{

@@ -85,6 +85,10 @@ pub enum Denied {
     LocalToLocal,
     #[error("no home node is known for {0} and no routing node is configured")]
     NoHomeNode(String),
+    /// Polite blocking (requirements §3): the local user's lists block this watcher. Never
+    /// answered: the watcher must not learn it was blocked.
+    #[error("the local user's consent lists block this watcher")]
+    Blocked,
     #[error("{0} stanzas cannot be carried over SIP")]
     NotForSip(&'static str),
     #[error("nothing to deliver over SIP (a message without text, such as a chat state)")]
@@ -115,6 +119,7 @@ impl Denied {
             Denied::Untranslatable { .. } => "untranslatable",
             Denied::NotForSip(_) => "not_for_sip",
             Denied::NothingToDeliver => "nothing_to_deliver",
+            Denied::Blocked => "blocked",
             Denied::GroupChatNotForSip(_) => "group_chat_not_for_sip",
         }
     }
@@ -127,7 +132,7 @@ impl Denied {
             // it lacks the permission to send as this user (§8.3.3.4, authorisation).
             Denied::Spoofed { .. } | Denied::NotOwnUser { .. } => ErrorCondition::Forbidden,
             Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
-            Denied::LocalToLocal => ErrorCondition::NotAllowed,
+            Denied::LocalToLocal | Denied::Blocked => ErrorCondition::NotAllowed,
             Denied::GroupChatNotForSip(_) => ErrorCondition::NotAllowed,
             Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
                 ErrorCondition::ServiceUnavailable
@@ -140,7 +145,10 @@ impl Denied {
     /// sending as a local user it does not host is told, on its own link, so its operator sees
     /// why nothing arrived.
     pub fn answered(&self) -> bool {
-        !matches!(self, Denied::Spoofed { .. } | Denied::NothingToDeliver)
+        !matches!(
+            self,
+            Denied::Spoofed { .. } | Denied::NothingToDeliver | Denied::Blocked
+        )
     }
 }
 

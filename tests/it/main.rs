@@ -13,6 +13,7 @@ mod cli_check;
 mod cli_sip_check;
 mod component_link;
 mod config;
+mod consent;
 mod dns;
 mod gateway_safety;
 mod golden_tables;

@@ -293,10 +293,12 @@ async fn foreign_watcher_subscribes_refreshes_and_unsubscribes() -> Result<()> {
     let n5 = ua.request("NOTIFY").await?;
     assert_eq!(hv(&n5, "Subscription-State"), "terminated;reason=timeout");
     ua.respond(&n5, 200, "OK", &[], None).await?;
+    // RFC 8048 §5.3.3: the watcher goes unavailable; the user's approval is not revoked.
     let d = env.home_next().await?;
-    assert_eq!(
-        d.envelope.body,
-        Body::Subscription(Subscription::Unsubscribe)
+    assert!(
+        matches!(&d.envelope.body, Body::Presence(p) if &*p.state == "offline"),
+        "{:?}",
+        d.envelope.body
     );
 
     // The dialog is gone now.
@@ -308,7 +310,7 @@ async fn foreign_watcher_subscribes_refreshes_and_unsubscribes() -> Result<()> {
 }
 
 #[tokio::test]
-async fn too_brief_subscription_gets_423_and_rejection_terminates() -> Result<()> {
+async fn too_brief_subscription_gets_423_and_a_refusal_shows_offline() -> Result<()> {
     let _sip_shared = metrics::moves(Family::Sip).await;
     let mut env = setup().await?;
     let mut ua = Ua::connect(env.addr).await?;
@@ -330,8 +332,18 @@ async fn too_brief_subscription_gets_423_and_rejection_terminates() -> Result<()
         "bob@partner.com",
         Body::Subscription(Subscription::Unsubscribed),
     )?;
+    // Polite blocking (requirements §3): the subscription lives on and says offline.
     let n = ua.request("NOTIFY").await?;
-    assert_eq!(hv(&n, "Subscription-State"), "terminated;reason=rejected");
+    assert!(
+        hv(&n, "Subscription-State").starts_with("active"),
+        "{}",
+        hv(&n, "Subscription-State")
+    );
+    let body = body_str(&n);
+    assert!(
+        body.contains("<basic>closed</basic>") || body.contains("<availability>18500<"),
+        "{body}"
+    );
     ua.respond(&n, 200, "OK", &[], None).await?;
     env.stop().await;
     Ok(())

@@ -249,9 +249,11 @@ async fn presence_and_im_over_mutual_tls() -> Result<()> {
     let n = ua.request("NOTIFY").await?;
     assert!(hv(&n, "Subscription-State").starts_with("terminated"));
     ua.respond(&n, 200, "OK", &[], None).await?;
-    assert_eq!(
-        env.home_next().await?.envelope.body,
-        Body::Subscription(Subscription::Unsubscribe)
+    // RFC 8048 §5.3.3: unavailable presence, not a revocation.
+    let body = env.home_next().await?.envelope.body;
+    assert!(
+        matches!(&body, Body::Presence(p) if &*p.state == "offline"),
+        "{body:?}"
     );
 
     // IM session on the same TLS connection.

@@ -540,7 +540,7 @@ fn verified_domains(cfg: &Config, conn: &rustls::CommonState, remote: SocketAddr
 }
 
 struct ConnEntry {
-    tx: mpsc::Sender<Bytes>,
+    tx: transport::OutTx,
     /// Shared with the connection task: set once the core accepted a request on it.
     authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -762,15 +762,15 @@ impl Driver {
         }
     }
 
-    /// Queues `bytes` on `conn`. A full queue means the peer stopped reading: the connection
-    /// is given up (dropping its sender makes its task close it) rather than silently losing
+    /// Queues `bytes` on `conn`. A full queue (`transport::OUT_QUEUE_BYTES` unwritten) means the
+    /// peer stopped reading: the connection is given up (dropping its sender makes its task close it) rather than silently losing
     /// what it was sent, and the caller falls back to another connection where it can.
     fn send_on(&mut self, conn: ConnId, bytes: Bytes) -> bool {
         let full = match self.conns.get(&conn) {
             Some(c) => match c.tx.try_send(bytes) {
                 Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(_)) => true,
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(transport::OutRefused::Full) => true,
+                Err(transport::OutRefused::Closed) => false,
             },
             None => return false,
         };

@@ -6,7 +6,7 @@
 //! first byte, and the first request on inbound connections. Generic over the stream type so
 //! the TLS stream from `tls.rs` slots in beside plain TCP.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use crate::sip::validate::answer_refused;
 pub enum Input {
     Opened {
         info: PeerInfo,
-        tx: mpsc::Sender<Bytes>,
+        tx: OutTx,
         /// Set by the driver when the core accepted a request on the connection (it passed
         /// the peer-identity screen): ends the first-request deadline.
         authenticated: Arc<AtomicBool>,
@@ -163,8 +163,87 @@ impl Deadlines {
     }
 }
 
-/// Bounded outbound queue per connection.
-const OUT_QUEUE: usize = 512;
+/// Bytes waiting to be written on one connection at most. Bounded in bytes, not messages: a
+/// Lync edge signing in a pool of users gets thousands of NOTIFYs and answers in a burst, which
+/// a healthy peer reads at once; only a peer that stops reading lets this much pile up (and
+/// then `limits` write deadline closes it as well). 4 MiB × the connection limit is the worst
+/// case, reached only by peers that all stop reading within one write deadline.
+pub const OUT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why [`OutTx::try_send`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutRefused {
+    /// [`OUT_QUEUE_BYTES`] are already waiting: the peer is not reading.
+    Full,
+    /// The connection task is gone.
+    Closed,
+}
+
+/// The driver's end of a connection's outbound queue: never waits, bounded in bytes.
+#[derive(Debug, Clone)]
+pub struct OutTx {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutTx {
+    /// Queues `bytes` unless [`OUT_QUEUE_BYTES`] would be exceeded (one message alone always
+    /// fits, whatever its size: the message limits bound it).
+    pub fn try_send(&self, bytes: Bytes) -> Result<(), OutRefused> {
+        let len = bytes.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > OUT_QUEUE_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(OutRefused::Full);
+        }
+        self.tx.send(bytes).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            OutRefused::Closed
+        })
+    }
+}
+
+/// The connection task's end: what it takes leaves the byte count.
+struct OutRx {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutRx {
+    fn took(&self, b: Option<Bytes>) -> Option<Bytes> {
+        if let Some(b) = &b {
+            self.queued.fetch_sub(b.len(), Ordering::AcqRel);
+        }
+        b
+    }
+
+    async fn recv(&mut self) -> Option<Bytes> {
+        let b = self.rx.recv().await;
+        self.took(b)
+    }
+
+    fn try_recv(&mut self) -> Option<Bytes> {
+        let b = self.rx.try_recv().ok();
+        self.took(b)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+/// A connection's outbound queue.
+fn out_queue() -> (OutTx, OutRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        OutTx {
+            tx,
+            queued: queued.clone(),
+        },
+        OutRx { rx, queued },
+    )
+}
 
 /// Most bytes one write coalesces (a 64 KiB socket write is still a single cheap syscall).
 const WRITE_BATCH: usize = 64 * 1024;
@@ -173,13 +252,13 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// load the answers to several requests are ready at once, and one write (one syscall, one
 /// write deadline) for all of them costs far less than one each. Order is kept; nothing waits
 /// for more to arrive.
-fn coalesce(first: &[u8], rx: &mut mpsc::Receiver<Bytes>, batch: &mut Vec<u8>) {
+fn coalesce(first: &[u8], rx: &mut OutRx, batch: &mut Vec<u8>) {
     batch.clear();
     batch.extend_from_slice(first);
     while batch.len() < WRITE_BATCH {
         match rx.try_recv() {
-            Ok(more) => batch.extend_from_slice(&more),
-            Err(_) => break,
+            Some(more) => batch.extend_from_slice(&more),
+            None => break,
         }
     }
 }
@@ -202,7 +281,7 @@ pub async fn run_connection<S>(
     async move {
         let _slots = slots;
         let conn = info.conn;
-        let (tx, mut rx) = mpsc::channel::<Bytes>(OUT_QUEUE);
+        let (tx, mut rx) = out_queue();
         let authenticated = Arc::new(AtomicBool::new(false));
         let opened = Input::Opened {
             info,
@@ -357,6 +436,26 @@ mod tests {
         let opened = next(&mut rx).await;
         assert!(matches!(opened, Input::Opened { .. }));
         (client, rx, opened, stop)
+    }
+
+    #[tokio::test]
+    async fn the_out_queue_takes_a_burst_and_refuses_only_past_its_byte_budget() {
+        let (tx, mut rx) = out_queue();
+        // Thousands of small messages (a sign-in burst of NOTIFYs) fit: the bound is bytes.
+        let msg = Bytes::from(vec![b'n'; 500]);
+        for _ in 0..5000 {
+            assert_eq!(tx.try_send(msg.clone()), Ok(()));
+        }
+        let big = Bytes::from(vec![b'x'; OUT_QUEUE_BYTES]);
+        assert_eq!(tx.try_send(big.clone()), Err(OutRefused::Full));
+        // What the connection task takes frees its bytes.
+        while rx.try_recv().is_some() {}
+        assert!(rx.is_empty());
+        // Alone, even a message larger than the budget is queued.
+        assert_eq!(tx.try_send(big), Ok(()));
+        assert_eq!(rx.recv().await.map(|b| b.len()), Some(OUT_QUEUE_BYTES));
+        drop(rx);
+        assert_eq!(tx.try_send(msg), Err(OutRefused::Closed));
     }
 
     /// Keep-alive pong, 400 for a framed bad request, forwarding, then idle close.

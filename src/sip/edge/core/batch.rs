@@ -19,6 +19,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::gateway::policy::{self, Consent};
+use crate::gateway::{Denied, Link};
 use crate::presence::codec::rlmi::{self, Instance, InstanceState, Part};
 use crate::sip::uri::{parse_uri, UriContext};
 
@@ -40,7 +42,8 @@ pub enum MemberState {
     Pending,
     /// Approved: its presence is sent.
     Active,
-    /// Refused by the home side (RFC 6665 `rejected`).
+    /// Refused by federation policy before any user was asked (RFC 6665 `rejected`); a user's
+    /// own refusal or block is polite instead: the member stays active and shows offline.
     Rejected,
     /// Not a user we serve (foreign domain, bad URI, no home node: `noresource`).
     NoResource,
@@ -491,6 +494,8 @@ impl Core {
                             MemberState::Active
                         }
                         Submitted::Delivered(_) => MemberState::Pending,
+                        // Polite blocking: accepted, shown offline (see `batch_visible`).
+                        Submitted::Denied(Denied::Blocked) => MemberState::Active,
                         Submitted::Denied(d) if d.condition() == ErrorCondition::Forbidden => {
                             MemberState::Rejected
                         }
@@ -696,7 +701,7 @@ impl Core {
     }
 
     /// A watcher no longer watches `presentity` through this edge: unless another dialog of
-    /// the pair remains, the home node is told (the same message `end_notifier` sends).
+    /// the pair remains, the home node is told (what `end_notifier` sends).
     fn tell_home_gone(
         &self,
         hub: &dyn HubPort,
@@ -708,14 +713,24 @@ impl Core {
         if self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair) {
             return;
         }
-        hub.submit(
-            domain,
-            Envelope {
-                from: watcher.clone(),
-                to: presentity,
-                body: Body::Subscription(Subscription::Unsubscribe),
-            },
-        );
+        // RFC 8048 §5.3.3, as `end_notifier`: unavailable presence of the watcher (the user's
+        // approval outlives the subscription); a blocked watcher's end is not told at all.
+        if hub.consent(&presentity, watcher) == Consent::Blocked {
+            return;
+        }
+        let link = Link::Sip {
+            domain: domain.clone(),
+        };
+        if let Some(p) = policy::offline_in(&hub.config(), &hub.maps(), &link) {
+            hub.submit(
+                domain,
+                Envelope {
+                    from: watcher.clone(),
+                    to: presentity,
+                    body: Body::Presence(p),
+                },
+            );
+        }
     }
 
     /// Sends the terminated NOTIFY, forgets the batch and, when the peer or time ended it,
@@ -742,12 +757,18 @@ impl Core {
         }
     }
 
-    /// The user's presence as batch members of `watcher` see it.
-    ///
-    /// Consent hook: polite blocking (a watcher the user blocked sees offline and is never
-    /// told) decides here for batched members, as it does for single notifiers.
-    fn batch_visible(&self, _watcher: &Address, presentity: &Address) -> Option<PresenceBody> {
-        self.resources.aggregate(&presentity.bare_string())
+    /// The user's presence as batch members of `watcher` see it: polite blocking (requirements
+    /// §3) shows a blocked watcher offline, as `notify` does for single notifiers.
+    fn batch_visible(
+        &self,
+        hub: &dyn HubPort,
+        watcher: &Address,
+        presentity: &Address,
+    ) -> Option<PresenceBody> {
+        match hub.consent(presentity, watcher) {
+            Consent::Blocked => None,
+            _ => self.resources.aggregate(&presentity.bare_string()),
+        }
     }
 
     /// A presence for `pair` (watcher, presentity) reached the edge: the pair's members in
@@ -757,17 +778,33 @@ impl Core {
         self.batch_mark(pair, None, now);
     }
 
-    /// Subscription answers of the home side for batched members (called before the single
-    /// notifiers' own handling of the same delivery).
+    /// The user's consent for a watcher (or, with an empty localpart, a whole domain) changed
+    /// — the home node answered, or the admin changed the lists: the members concerned become
+    /// active and are sent again with what they may now see (offline when blocked; a refusal
+    /// never terminates a member, as it never ends a single subscription).
     pub(super) fn batch_delivery(&mut self, env: &Envelope, now: Instant) {
-        let state = match env.body {
-            Body::Subscription(Subscription::Subscribed) => MemberState::Active,
-            Body::Subscription(Subscription::Unsubscribed) => MemberState::Rejected,
-            _ => return,
+        if !matches!(
+            env.body,
+            Body::Subscription(Subscription::Subscribed | Subscription::Unsubscribed)
+        ) {
+            return;
+        }
+        let (user, target) = (env.from.bare_string(), &env.to);
+        let pairs: Vec<(String, String)> = if target.local.is_empty() {
+            self.batches
+                .by_watcher
+                .keys()
+                .filter(|w| Address::parse(w).is_ok_and(|w| policy::covers(target, &w)))
+                .map(|w| (w.clone(), user.clone()))
+                .filter(|pair| self.batches.watches(pair))
+                .collect()
+        } else {
+            vec![(target.bare_string(), user)]
         };
-        let pair = (env.to.bare_string(), env.from.bare_string());
-        if self.batches.watches(&pair) {
-            self.batch_mark(&pair, Some(state), now);
+        for pair in pairs {
+            if self.batches.watches(&pair) {
+                self.batch_mark(&pair, Some(MemberState::Active), now);
+            }
         }
     }
 
@@ -883,7 +920,7 @@ impl Core {
             if state == InstanceState::Active {
                 if let Some(p) = &m.presentity {
                     let entity = format!("sip:{}", p.bare_string());
-                    let presence = self.batch_visible(&b.watcher, p);
+                    let presence = self.batch_visible(hub, &b.watcher, p);
                     let body = subscription::encode_body(
                         &maps,
                         &system,

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics as m;
 use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Submitted;
+use crate::gateway::policy::Consent;
 use crate::gateway::{
     Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, PresenceBody, Subscription,
 };
@@ -74,6 +75,11 @@ pub trait HubPort {
     fn submit(&self, domain: &Domain, env: Envelope) -> Submitted;
     fn config(&self) -> Arc<Config>;
     fn maps(&self) -> Arc<MappingSet>;
+    /// The local user's consent for `watcher` (requirements §3): a blocked watcher is shown
+    /// offline. Synchronous: a cache lookup.
+    fn consent(&self, _user: &Address, _watcher: &Address) -> Consent {
+        Consent::Undecided
+    }
 }
 
 impl HubPort for Hub {
@@ -91,6 +97,9 @@ impl HubPort for Hub {
     }
     fn maps(&self) -> Arc<MappingSet> {
         Hub::maps(self).current()
+    }
+    fn consent(&self, user: &Address, watcher: &Address) -> Consent {
+        self.policies().consent(user, watcher)
     }
 }
 
@@ -1317,27 +1326,14 @@ impl Core {
                     }
                 }
             }
+            // Consent of the user for a watcher (or, with an empty localpart, a whole domain):
+            // the home node approved, or the admin changed the lists. A refusal never ends
+            // the subscription (polite blocking): the watcher is shown offline.
             Body::Subscription(Subscription::Subscribed) => {
-                let pair = (env.to.bare_string(), env.from.bare_string());
-                for id in self.notifier_pairs.get(&pair).cloned().unwrap_or_default() {
-                    let changed = match self.notifiers.get_mut(&id) {
-                        Some(n) if n.state == NotifierState::Pending => {
-                            n.state = NotifierState::Active;
-                            true
-                        }
-                        _ => false,
-                    };
-                    if changed {
-                        self.dirty = true;
-                        self.send_notify(hub, &id, None, now);
-                    }
-                }
+                self.consent_changed(hub, &env.from, &env.to, now);
             }
             Body::Subscription(Subscription::Unsubscribed) => {
-                let pair = (env.to.bare_string(), env.from.bare_string());
-                for id in self.notifier_pairs.get(&pair).cloned().unwrap_or_default() {
-                    self.end_notifier(hub, &id, TerminationReason::Rejected, false, now);
-                }
+                self.consent_changed(hub, &env.from, &env.to, now);
             }
             Body::Subscription(Subscription::Subscribe) => {
                 let pair = (env.from.bare_string(), env.to.bare_string());

@@ -1,8 +1,16 @@
 //! The notifier role (RFC 6665 §4.2, RFC 3856): a foreign watcher subscribes to a local
 //! user. SUBSCRIBE handling (new, refresh, `Expires: 0`), the NOTIFYs and the end of a
 //! subscription. What the home side decides arrives through `handle_delivery`.
+//!
+//! Consent (requirements §3) is polite: a watcher the user's lists block, or whom the user
+//! refused, gets a live subscription whose NOTIFYs say offline (closed PIDF / msrtc
+//! offline), never `terminated;reason=rejected`. Its request never reaches the home node.
+//! The end of a subscription (un-SUBSCRIBE, expiry) is told to the home node as unavailable
+//! presence, not `unsubscribe` (RFC 8048 §5.3.3), so the user's approval outlives it.
 
 use super::*;
+use crate::gateway::policy;
+use crate::gateway::{Denied, Link};
 
 impl Core {
     #[allow(clippy::too_many_arguments)]
@@ -148,7 +156,9 @@ impl Core {
                 body: Body::Subscription(ask),
             },
         );
-        if let Some((code, reason)) = status_for_submit(&submitted) {
+        // A block is accepted like any subscription and shown offline (see `notify`).
+        let blocked = matches!(submitted, Submitted::Denied(Denied::Blocked));
+        if let Some((code, reason)) = status_for_submit(&submitted).filter(|_| !blocked) {
             let tag = random_token(10);
             return self.reply(key, req, code, reason, Some(&tag), &[], None, now);
         }
@@ -170,6 +180,7 @@ impl Core {
             .map(|n| n.last.clone());
         let (state, last) = match sibling {
             Some(last) => (NotifierState::Active, last),
+            None if blocked => (NotifierState::Active, None),
             None => (NotifierState::Pending, None),
         };
         let id = dialog.id.clone();
@@ -317,17 +328,69 @@ impl Core {
             self.pair_remove(&pair, id);
             // A batched dialog of the same pair still watching keeps the home side's consent.
             let others = self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair);
-            if tell_home && !others {
-                hub.submit(
-                    &n.domain,
-                    Envelope {
-                        from: n.watcher,
-                        to: n.presentity,
-                        body: Body::Subscription(Subscription::Unsubscribe),
-                    },
-                );
+            // RFC 8048 §5.3.3: the end of a SIP subscription is unavailable presence of the
+            // watcher, not `unsubscribe`, which would revoke the user's approval and make them
+            // answer again at the next sign-in. A blocked watcher's end is not told at all.
+            let blocked = hub.consent(&n.presentity, &n.watcher) == Consent::Blocked;
+            if tell_home && !others && !blocked {
+                let cfg = hub.config();
+                let link = Link::Sip {
+                    domain: n.domain.clone(),
+                };
+                if let Some(p) = policy::offline_in(&cfg, &hub.maps(), &link) {
+                    hub.submit(
+                        &n.domain,
+                        Envelope {
+                            from: n.watcher,
+                            to: n.presentity,
+                            body: Body::Presence(p),
+                        },
+                    );
+                }
             }
             self.dirty = true;
+        }
+    }
+
+    /// The user `user`'s consent for `target` (a watcher, or a whole domain as
+    /// [`policy::domain_wide`]) changed: their pending subscriptions become active and every
+    /// one is notified with what it may now see (offline when blocked).
+    pub(super) fn consent_changed(
+        &mut self,
+        hub: &dyn HubPort,
+        user: &Address,
+        target: &Address,
+        now: Instant,
+    ) {
+        let ids: Vec<DialogId> = if target.local.is_empty() {
+            self.notifiers
+                .iter()
+                .filter(|(_, n)| {
+                    n.presentity.local == user.local
+                        && n.presentity.domain == user.domain
+                        && policy::covers(target, &n.watcher)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        } else {
+            let pair = (target.bare_string(), user.bare_string());
+            self.notifier_pairs.get(&pair).cloned().unwrap_or_default()
+        };
+        for id in ids {
+            let activated = match self.notifiers.get_mut(&id) {
+                Some(n) if n.state == NotifierState::Pending => {
+                    n.state = NotifierState::Active;
+                    true
+                }
+                _ => false,
+            };
+            if activated {
+                // Pending → active is a state change (RFC 6665 §4.2.2): always sent.
+                self.dirty = true;
+                self.send_notify(hub, &id, None, now);
+            } else {
+                self.notify_change(hub, &id, now);
+            }
         }
     }
 
@@ -388,11 +451,17 @@ impl Core {
         let system = cfg
             .sip_federated(&n.domain)
             .map_or("lync", |f| f.system.as_str());
+        // Polite blocking: a blocked watcher's view is offline whatever the user's state (kept
+        // in `last`, so an unblock shows it at once).
+        let shown = match hub.consent(&n.presentity, &n.watcher) {
+            Consent::Blocked => None,
+            _ => n.last.as_ref(),
+        };
         let body = match (terminated, n.state) {
             (None, NotifierState::Active) => subscription::encode_body(
                 &maps,
                 system,
-                n.last.as_ref(),
+                shown,
                 n.format,
                 &format!("sip:{}", n.presentity.bare_string()),
             ),

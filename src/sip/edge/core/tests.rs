@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::path::Path;
 
 mod batch;
+mod consent;
 
 const CONFIG: &str = r#"routing_node = "hn1"
 [[local_domain]]
@@ -159,10 +160,11 @@ fn notifier_expires_with_timeout_notify() {
         out[0].header_value_by_raw_name("Subscription-State"),
         Some("terminated;reason=timeout")
     );
-    assert_eq!(
+    // RFC 8048 §5.3.3: expiry is the watcher going unavailable, not a revocation.
+    assert!(matches!(
         h.got.borrow().last().map(|e| e.body.clone()),
-        Some(Body::Subscription(Subscription::Unsubscribe))
-    );
+        Some(Body::Presence(p)) if &*p.state == "offline"
+    ));
     assert_eq!(c.counts().0, 0);
 }
 

@@ -202,8 +202,10 @@ fn without_piggyback_a_full_state_notify_follows_the_200() {
     assert_eq!(list.resources.len(), 3);
 }
 
+/// Polite blocking (requirements §3): a user's refusal keeps the member active and offline,
+/// never `terminated;reason=rejected`.
 #[test]
-fn refused_member_is_terminated_rejected_and_unsubscribe_ends_the_dialog() {
+fn refused_member_stays_active_offline_and_unsubscribe_ends_the_dialog() {
     let h = hub();
     let mut c = core();
     let t0 = Instant::now();
@@ -226,14 +228,19 @@ fn refused_member_is_terminated_rejected_and_unsubscribe_ends_the_dialog() {
     );
     c.handle_timeout(&h, t0 + super::super::batch::COALESCE);
     let out = sent(&mut c);
-    let (list, _) = rlmi_of(out.first().expect("NOTIFY"));
+    let (list, states) = rlmi_of(out.first().expect("NOTIFY"));
     assert_eq!(list.resources.len(), 1);
     assert_eq!(
-        list.resources[0].instances[0].reason.as_deref(),
-        Some("rejected")
+        list.resources[0].instances[0].state,
+        rlmi::InstanceState::Active
+    );
+    assert!(
+        states[0].1.is_some_and(|a| a >= 18000),
+        "shown offline: {states:?}"
     );
 
-    // Un-SUBSCRIBE: 200, a terminated NOTIFY, and the home side is told per member.
+    // Un-SUBSCRIBE: 200, a terminated NOTIFY, and the home side is told per member, as
+    // unavailable presence (RFC 8048 §5.3.3), never `unsubscribe`.
     h.got.borrow_mut().clear();
     let unsub = format!(
         "SUBSCRIBE sip:bob@partner.com SIP/2.0\n\
@@ -258,8 +265,19 @@ Content-Length: 0\n\n"
         .iter()
         .all(|r| r.instances[0].state == rlmi::InstanceState::Terminated));
     assert_eq!(c.batch_count(), 0);
-    let told: Vec<String> = h.got.borrow().iter().map(|e| e.to.bare_string()).collect();
+    let told: Vec<String> = h
+        .got
+        .borrow()
+        .iter()
+        .filter(|e| matches!(&e.body, Body::Presence(p) if &*p.state == "offline"))
+        .map(|e| e.to.bare_string())
+        .collect();
     assert_eq!(told, THREE);
+    assert!(h
+        .got
+        .borrow()
+        .iter()
+        .all(|e| e.body != Body::Subscription(Subscription::Unsubscribe)));
 }
 
 #[test]
@@ -476,23 +494,20 @@ fn in_dialog_batch_sub_adds_and_removes_contacts() {
     let (list, _) = rlmi_of(out.get(1).expect("full-state NOTIFY"));
     assert_eq!(list.resources.len(), 1);
     assert_eq!(list.resources[0].uri, "sip:dave@example.com");
-    let told: Vec<(String, Body)> = h
+    let told: Vec<(String, String)> = h
         .got
         .borrow()
         .iter()
-        .map(|e| (e.to.bare_string(), e.body.clone()))
+        .map(|e| match &e.body {
+            Body::Presence(p) => (e.to.bare_string(), p.state.to_string()),
+            other => (e.to.bare_string(), format!("{other:?}")),
+        })
         .collect();
     assert_eq!(
         told,
         [
-            (
-                THREE[0].to_string(),
-                Body::Subscription(Subscription::Unsubscribe)
-            ),
-            (
-                THREE[1].to_string(),
-                Body::Subscription(Subscription::Unsubscribe)
-            ),
+            (THREE[0].to_string(), "offline".to_string()),
+            (THREE[1].to_string(), "offline".to_string()),
         ]
     );
     assert_eq!(c.batches.members, 1);
@@ -518,11 +533,8 @@ fn single_end_keeps_a_pair_a_batch_still_watches() {
     h.got.borrow_mut().clear();
     c.handle_timeout(&h, t0 + Duration::from_secs(61));
     assert!(
-        h.got
-            .borrow()
-            .iter()
-            .all(|e| e.body != Body::Subscription(Subscription::Unsubscribe)),
-        "{:?}",
+        h.got.borrow().is_empty(),
+        "the home side is told nothing: {:?}",
         h.got.borrow()
     );
 }

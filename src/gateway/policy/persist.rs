@@ -1,0 +1,238 @@
+//! The consent lists in the state store: loaded into the cache at start, every change written
+//! through, and the cache kept current by watching the prefix (so nodes sharing one store —
+//! etcd in a cluster — see each other's changes). A driver: the cache itself never waits.
+//!
+//! Keys: `policy/<user bare JID>/jid:<watcher bare JID>` or `policy/<user>/domain:<domain>`;
+//! value `allow` or `block`.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{Change, Policies, Target, Verdict};
+use crate::store::{Revision, SharedStore, StoreError, WatchEvent};
+
+/// The store prefix of every consent entry.
+pub const PREFIX: &str = "policy/";
+
+/// Changes waiting to be written; beyond it a change stays in the cache only (logged).
+const QUEUE: usize = 4096;
+
+pub fn key(user: &str, target: &Target) -> String {
+    format!("{PREFIX}{user}/{}", target.key())
+}
+
+/// Reads a key written by [`key`].
+pub fn parse_key(key: &str) -> Option<(String, Target)> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let (user, target) = rest.split_once('/')?;
+    let user = crate::gateway::Address::parse(user).ok()?;
+    if user.resource.is_some() {
+        return None;
+    }
+    Some((user.bare_string(), Target::from_key(target)?))
+}
+
+fn apply_entry(policies: &Policies, key: &str, value: Option<&[u8]>) {
+    let Some((user, target)) = parse_key(key) else {
+        tracing::warn!(key, "consent entry with an unreadable key ignored");
+        return;
+    };
+    let verdict = match value {
+        None => None,
+        Some(v) => match std::str::from_utf8(v).ok().and_then(Verdict::parse) {
+            Some(v) => Some(v),
+            None => {
+                tracing::warn!(key, "consent entry with an unreadable value ignored");
+                return;
+            }
+        },
+    };
+    if let Err(e) = policies.apply(&user, &target, verdict) {
+        tracing::warn!(key, error = %e, "consent entry not loaded");
+    }
+}
+
+/// Loads every entry into `policies`; the revision to watch from.
+pub async fn load(policies: &Policies, store: &SharedStore) -> Result<Revision, StoreError> {
+    let listing = store.list(PREFIX).await?;
+    for e in &listing.entries {
+        apply_entry(policies, &e.key, Some(&e.value));
+    }
+    Ok(listing.revision)
+}
+
+/// Loads the listing and forgets entries the store no longer has (deleted while this node's
+/// watch was behind).
+async fn resync(policies: &Policies, store: &SharedStore) -> Result<Revision, StoreError> {
+    let listing = store.list(PREFIX).await?;
+    let kept: std::collections::HashSet<&str> =
+        listing.entries.iter().map(|e| e.key.as_str()).collect();
+    for (user, target) in policies.all_entries() {
+        if !kept.contains(key(&user, &target).as_str()) {
+            let _ = policies.apply(&user, &target, None);
+        }
+    }
+    for e in &listing.entries {
+        apply_entry(policies, &e.key, Some(&e.value));
+    }
+    Ok(listing.revision)
+}
+
+/// Loads the lists, then keeps them in step with the store until `shutdown`: changes made on
+/// this node are written (in order, by one task), changes seen on the store are applied.
+pub async fn start(
+    policies: Arc<Policies>,
+    store: SharedStore,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), StoreError> {
+    let revision = load(&policies, &store).await?;
+    tracing::info!(users = policies.len(), "consent lists loaded");
+    let (tx, rx) = mpsc::channel::<Change>(QUEUE);
+    policies.set_sink(Box::new(move |c| {
+        if tx.try_send(c).is_err() {
+            tracing::error!("consent change not persisted: the store writer is behind or gone");
+        }
+    }));
+    tasks.spawn(write_changes(store.clone(), rx, shutdown.clone()));
+    tasks.spawn(follow(policies, store, revision + 1, shutdown));
+    Ok(())
+}
+
+async fn write_changes(
+    store: SharedStore,
+    mut rx: mpsc::Receiver<Change>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let c = tokio::select! {
+            c = rx.recv() => match c { Some(c) => c, None => return },
+            _ = shutdown.changed() => {
+                // Drain what is queued before stopping: an admin's change was acknowledged.
+                while let Ok(c) = rx.try_recv() {
+                    write_one(&store, c).await;
+                }
+                return;
+            }
+        };
+        write_one(&store, c).await;
+    }
+}
+
+async fn write_one(store: &SharedStore, c: Change) {
+    let k = key(&c.user, &c.target);
+    let r = match c.verdict {
+        Some(v) => store
+            .put(&k, v.as_str().as_bytes().to_vec())
+            .await
+            .map(drop),
+        None => store.delete(&k).await.map(drop),
+    };
+    if let Err(e) = r {
+        tracing::error!(error = %e, "consent change not persisted");
+    }
+}
+
+/// Applies what the store says changed (this node's own writes come back too: applying them
+/// again changes nothing). On `Resync`, reloads (the listing replaces what was missed) and
+/// watches again from the listing's revision.
+async fn follow(
+    policies: Arc<Policies>,
+    store: SharedStore,
+    mut from: Revision,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let mut w = match store.watch(PREFIX, from).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the consent lists");
+                return;
+            }
+        };
+        loop {
+            let ev = tokio::select! {
+                ev = w.next() => ev,
+                _ = shutdown.changed() => return,
+            };
+            match ev {
+                Some(WatchEvent::Put(e)) => apply_entry(&policies, &e.key, Some(&e.value)),
+                Some(WatchEvent::Delete { key, .. }) => apply_entry(&policies, &key, None),
+                Some(WatchEvent::Resync) => break,
+                None => return,
+            }
+        }
+        match resync(&policies, &store).await {
+            Ok(r) => from = r + 1,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the consent lists");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::Address;
+    use crate::store::embedded::Embedded;
+
+    #[test]
+    fn keys_round_trip() {
+        let t = Target::Jid("bob@partner.com".into());
+        let k = key("alice@example.com", &t);
+        assert_eq!(k, "policy/alice@example.com/jid:bob@partner.com");
+        assert_eq!(parse_key(&k), Some(("alice@example.com".into(), t)));
+        assert_eq!(parse_key("policy/alice@example.com"), None);
+        assert_eq!(parse_key("policy/nobody/domain:x.com"), None);
+    }
+
+    #[tokio::test]
+    async fn changes_are_written_reloaded_and_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alice = Address::parse("alice@example.com").expect("addr");
+        let bob = Address::parse("bob@partner.com").expect("addr");
+        let (_stop_tx, stop) = watch::channel(false);
+        {
+            let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("open"));
+            let p = Policies::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            start(p.clone(), store.clone(), stop.clone(), &mut tasks)
+                .await
+                .expect("start");
+            p.set(
+                "alice@example.com",
+                Target::Domain(crate::config::Domain::parse("partner.com").expect("d")),
+                Some(Verdict::Block),
+            )
+            .expect("set");
+            // Another node writing through the same store is seen here.
+            store
+                .put(
+                    &key("alice@example.com", &Target::Jid("bob@partner.com".into())),
+                    b"allow".to_vec(),
+                )
+                .await
+                .expect("put");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while p.consent(&alice, &bob) != super::super::Consent::Allowed {
+                assert!(std::time::Instant::now() < deadline, "watch not applied");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            while store.list(PREFIX).await.expect("list").entries.len() < 2 {
+                assert!(std::time::Instant::now() < deadline, "write not done");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            tasks.abort_all();
+        }
+        // A restart reads both back.
+        let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("reopen"));
+        let p = Policies::new();
+        load(&p, &store).await.expect("load");
+        assert_eq!(p.consent(&alice, &bob), super::super::Consent::Allowed);
+        let carol = Address::parse("carol@partner.com").expect("addr");
+        assert_eq!(p.consent(&alice, &carol), super::super::Consent::Blocked);
+    }
+}
