@@ -329,6 +329,16 @@ impl Core {
             let reason = "Forbidden (Batched Subscription Must Target The Watcher's Own URI)";
             return self.reply(key, req, 403, reason, Some(&tag), &[], None, now);
         }
+        // RFC 4662 §4.3 (and §5: RLMI only to subscribers that support it): a list
+        // subscription without `eventlist` gets 421 naming it. Lync sends `Supported: eventlist`.
+        let eventlist = names(req, HeaderName::Supported, "eventlist")
+            || names(req, HeaderName::Require, "eventlist");
+        if !eventlist {
+            m::refused("batch_without_eventlist");
+            let extra = [("Require", "eventlist")];
+            let reason = "Extension Required";
+            return self.reply(key, req, 421, reason, Some(&tag), &extra, None, now);
+        }
         let accepts_related = req.accept().unwrap_or_default().iter().any(|m| {
             m.is("multipart", "related") || m.is("application", "rlmi+xml") || m.is("*", "*")
         });

@@ -569,6 +569,9 @@ impl Core {
         let s = i64::try_from(self.subscribers.len()).unwrap_or(i64::MAX);
         m::SUBS.with_label_values(&["notifier"]).set(n);
         m::SUBS.with_label_values(&["subscriber"]).set(s);
+        m::SUBS
+            .with_label_values(&["batched"])
+            .set(i64::try_from(self.batches.members).unwrap_or(i64::MAX));
         m::DIALOGS_G.with_label_values(&["subscription_in"]).set(n);
         let sd = self
             .subscribers

@@ -315,6 +315,19 @@ fn batch_refusals_are_specific() {
     c.handle_message(&h, &peer(), bad, t0);
     assert_eq!(sent(&mut c).remove(0).status(), Some(400));
 
+    // RFC 4662 §4.3: no `eventlist` support, no RLMI: 421 naming it.
+    let text = String::from_utf8_lossy(&batch_subscribe("b12", &THREE, true, 3600).to_bytes())
+        .replace("Supported: eventlist\r\n", "");
+    c.handle_message(
+        &h,
+        &peer(),
+        parse_datagram(text.as_bytes()).expect("parses"),
+        t0,
+    );
+    let r = sent(&mut c).remove(0);
+    assert_eq!(r.status(), Some(421));
+    assert_eq!(hv(&r, "Require"), Some("eventlist"));
+
     // A batch for someone else's list is not what a Lync edge sends.
     let text = String::from_utf8_lossy(&batch_subscribe("b7", &THREE, true, 3600).to_bytes())
         .replace(
