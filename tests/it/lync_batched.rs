@@ -2,7 +2,8 @@
 //! through the real `legate` binary and a real Prosody home node (the rig of `common::rig`):
 //! one SUBSCRIBE to the watcher's own URI lists three users of `example.test` (and one contact
 //! that is not ours); each user approves in their XMPP client; a second batched SUBSCRIBE then
-//! gets one RLMI NOTIFY whose three msrtc parts carry the three users' states.
+//! gets one RLMI NOTIFY whose three msrtc parts carry the three users' states; a user blocking
+//! the watcher (`legate policy block`) shows offline in the list, politely.
 //!
 //! The SUBSCRIBE is the one kept in `tests/data/sip/lync-batched/subscribe-three.sip`.
 //! Needs `/usr/bin/prosody` (`apt-get install prosody`).
@@ -206,6 +207,34 @@ async fn scenario() -> Result<()> {
         ],
         "{}",
         gw.log()
+    );
+
+    // --- Polite blocking per contact: carol blocks bob with `legate policy` (a JID entry: her
+    // approval was stored as one, and the most specific entry wins); her instance stays active
+    // and says offline (msrtc 18000 and above), never rejected.
+    let (code, out, err) = crate::consent::policy_at(
+        gw.legate.addr("admin"),
+        &["block", "carol@example.test", "bob@partner.test"],
+    )
+    .await?;
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, list, states) = rlmi_notify_until(&mut bob, "lb-2", "carol offline", |_, s| {
+        s.iter()
+            .any(|(u, a)| u == "sip:carol@example.test" && a.is_some_and(|a| a >= 18000))
+    })
+    .await
+    .with_context(|| gw.log())?;
+    assert!(!list.full_state);
+    // (Prosody's answers to the second batch's subscriptions may ride in the same NOTIFY.)
+    let carol = list
+        .resources
+        .iter()
+        .find(|r| r.uri == "sip:carol@example.test")
+        .and_then(|r| r.instances.first());
+    assert_eq!(
+        carol.map(|i| i.state),
+        Some(rlmi::InstanceState::Active),
+        "{states:?}"
     );
 
     // --- Un-SUBSCRIBE: 200 and a terminated NOTIFY. -------------------------------------------

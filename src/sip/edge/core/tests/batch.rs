@@ -551,3 +551,69 @@ fn single_end_keeps_a_pair_a_batch_still_watches() {
         h.got.borrow()
     );
 }
+
+/// A consent change for a whole domain (the admin's `legate policy block USER DOMAIN`) reaches
+/// every batch of that domain's watchers with a member for the user.
+#[test]
+fn domain_wide_consent_change_reaches_batches() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b13", &THREE, true, 3600), t0);
+    let _ = sent(&mut c);
+    let mut e = env(
+        "carol@example.com",
+        "bob@partner.com",
+        Body::Subscription(Subscription::Unsubscribed),
+    );
+    e.to = crate::gateway::policy::domain_wide(&dom());
+    c.handle_delivery(&h, &dom(), e, t0);
+    c.handle_timeout(&h, t0 + super::super::batch::COALESCE);
+    let out = sent(&mut c);
+    let (list, _) = rlmi_of(out.first().expect("NOTIFY"));
+    assert_eq!(list.resources.len(), 1);
+    assert_eq!(list.resources[0].uri, "sip:carol@example.com");
+}
+
+/// Two batches of one watcher share the pairs: a change reaches both.
+#[test]
+fn two_batches_of_one_watcher_both_hear_a_change() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b14", &THREE, true, 3600), t0);
+    for who in THREE {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env(
+                who,
+                "bob@partner.com",
+                Body::Subscription(Subscription::Subscribed),
+            ),
+            t0,
+        );
+    }
+    c.handle_timeout(&h, t0 + Duration::from_secs(1));
+    let _ = sent(&mut c);
+    let t1 = t0 + Duration::from_secs(2);
+    c.handle_message(&h, &peer(), batch_subscribe("b15", &THREE, false, 3600), t1);
+    let out = sent(&mut c);
+    assert_eq!(out.len(), 2, "200 and the full-state NOTIFY");
+    let mut e = env(
+        "carol@example.com/desk",
+        "bob@partner.com",
+        lync_presence("away"),
+    );
+    e.from.resource = Some("desk".into());
+    c.handle_delivery(&h, &dom(), e, t1);
+    let due = c.poll_timeout().expect("a timer");
+    assert!(due <= t1 + super::super::batch::COALESCE, "flush is armed");
+    c.handle_timeout(&h, t1 + super::super::batch::COALESCE);
+    let calls: Vec<String> = sent(&mut c)
+        .iter()
+        .map(|m| m.call_id().expect("call-id").to_string())
+        .collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls.contains(&"b14".to_string()) && calls.contains(&"b15".to_string()));
+}
