@@ -70,6 +70,10 @@ pub(crate) struct Member {
     pub state: MemberState,
     /// Changed since the last NOTIFY.
     pub changed: bool,
+    /// Fingerprint of what the last NOTIFY said about it: a partial NOTIFY leaves out members
+    /// whose content would be the same again (a home node repeating a presence, or answering
+    /// a second dialog's subscription), and is not sent when none is left.
+    pub sent: Option<u64>,
 }
 
 /// One batched subscription dialog.
@@ -424,7 +428,11 @@ impl Core {
         if piggyback && grant > 0 {
             // [MS-PRES] §4.11: the first NOTIFY rides in the 200 OK; its CSeq is consumed
             // so the next NOTIFY of the dialog follows it.
-            let body = self.batch_document(hub, &mut b, true, None);
+            // A full document always has something to say (`batch_document` answers `None`
+            // only for partial ones); an empty body would be a bug, not a peer's doing.
+            let body = self
+                .batch_document(hub, &mut b, true, None)
+                .unwrap_or_default();
             b.dialog.local_cseq = b.dialog.local_cseq.saturating_add(1);
             let cseq = b.dialog.local_cseq.to_string();
             let state = format!("active;expires={grant}");
@@ -518,6 +526,7 @@ impl Core {
                 presentity,
                 state,
                 changed: true,
+                sent: None,
             });
         }
         members
@@ -890,16 +899,17 @@ impl Core {
         }
     }
 
-    /// The RLMI multipart body: the list (all members when `full`, else the changed ones) and
-    /// a state part per active member. `ended` terminates every instance (the final NOTIFY).
-    /// Clears the members' `changed` flags and advances the version.
+    /// The RLMI multipart body: the list (all members when `full`, else the changed ones whose
+    /// content differs from what was last sent) and a state part per active member. `ended`
+    /// terminates every instance (the final NOTIFY). Clears the members' `changed` flags and
+    /// advances the version; `None` (nothing to say) for a partial with no member left.
     fn batch_document(
         &self,
         hub: &dyn HubPort,
         b: &mut Batch,
         full: bool,
         ended: Option<TerminationReason>,
-    ) -> (String, Vec<u8>) {
+    ) -> Option<(String, Vec<u8>)> {
         let maps = hub.maps();
         let cfg = hub.config();
         let system = cfg
@@ -949,6 +959,23 @@ impl Core {
                     }
                 }
             }
+            let fingerprint = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                state.as_str().hash(&mut h);
+                reason.hash(&mut h);
+                if cid.is_some() {
+                    parts.last().map(|p| &p.body).hash(&mut h);
+                }
+                h.finish()
+            };
+            if !full && m.sent == Some(fingerprint) {
+                if cid.is_some() {
+                    parts.pop();
+                }
+                continue;
+            }
+            m.sent = Some(fingerprint);
             list.resources.push(rlmi::Resource {
                 uri: m.uri.clone(),
                 instances: vec![Instance {
@@ -959,6 +986,10 @@ impl Core {
                 }],
             });
         }
+        if !full && list.resources.is_empty() {
+            m::NOTIFY_UNCHANGED.with_label_values(&["unchanged"]).inc();
+            return None;
+        }
         b.version = b.version.saturating_add(1);
         let mut doc = Vec::with_capacity(256 + 128 * list.resources.len());
         rlmi::encode_rlmi(&list, &mut doc);
@@ -968,7 +999,7 @@ impl Core {
         let boundary = rlmi::pick_boundary(&random_token(12), &parts);
         let mut out = Vec::with_capacity(parts.iter().map(|p| p.body.len() + 128).sum());
         rlmi::encode_related(&boundary, &parts, &mut out);
-        (rlmi::related_content_type(&boundary), out)
+        Some((rlmi::related_content_type(&boundary), out))
     }
 
     /// Sends an RLMI NOTIFY on batch `id` (RFC 4662 §5: `Require: eventlist`).
@@ -997,7 +1028,10 @@ impl Core {
                 b.expires_at.saturating_duration_since(now).as_secs()
             ),
         };
-        let (ct, body) = self.batch_document(hub, &mut b, full, ended);
+        let Some((ct, body)) = self.batch_document(hub, &mut b, full, ended) else {
+            self.batches.by_id.insert(id.clone(), b);
+            return;
+        };
         let req = b.dialog.request(&InDialog {
             method: "NOTIFY",
             via: &via,

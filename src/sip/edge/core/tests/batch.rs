@@ -617,3 +617,35 @@ fn two_batches_of_one_watcher_both_hear_a_change() {
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert!(calls.contains(&"b14".to_string()) && calls.contains(&"b15".to_string()));
 }
+
+/// A home node repeating a presence (or answering another dialog's subscription) makes no
+/// NOTIFY: a partial RLMI document leaves out members whose content is unchanged.
+#[test]
+fn unchanged_members_are_left_out_and_empty_partials_not_sent() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), batch_subscribe("b16", &THREE, true, 3600), t0);
+    let _ = sent(&mut c);
+    let busy = |c: &mut Core, who: &str, state: &str, t: Instant| {
+        let mut e = env(who, "bob@partner.com", lync_presence(state));
+        e.from.resource = Some("desk".into());
+        c.handle_delivery(&h, &dom(), e, t);
+    };
+    busy(&mut c, THREE[0], "busy", t0);
+    busy(&mut c, THREE[1], "busy", t0);
+    c.handle_timeout(&h, t0 + Duration::from_secs(1));
+    assert_eq!(sent(&mut c).len(), 1);
+    // The same again: nothing.
+    busy(&mut c, THREE[0], "busy", t0 + Duration::from_secs(2));
+    c.handle_timeout(&h, t0 + Duration::from_secs(3));
+    assert!(sent(&mut c).is_empty());
+    // One same, one new: only the new one is listed.
+    busy(&mut c, THREE[0], "busy", t0 + Duration::from_secs(4));
+    busy(&mut c, THREE[1], "away", t0 + Duration::from_secs(4));
+    c.handle_timeout(&h, t0 + Duration::from_secs(5));
+    let out = sent(&mut c);
+    let (list, states) = rlmi_of(out.first().expect("NOTIFY"));
+    assert_eq!(states, [("sip:carol@example.com".to_string(), Some(15500))]);
+    assert_eq!(list.version, 2, "the skipped one used no version");
+}
