@@ -209,6 +209,19 @@ async fn scenario() -> Result<()> {
         gw.log()
     );
 
+    // Prosody answers the second batch's subscriptions with `subscribed` (already approved),
+    // which Legate records as the users' answers: the block below must come after them, or
+    // the late answer would record carol's approval again over it.
+    gw.legate
+        .wait_metrics("the home node's answers to the second batch", WAIT, |m| {
+            common::legate::metric_value(
+                m,
+                "legate_envelopes_total{destination=\"sip\",kind=\"subscription\",origin=\"component\",outcome=\"delivered\"}",
+            )
+            .is_some_and(|v| v >= 6.0)
+        })
+        .await?;
+
     // --- Polite blocking per contact: carol blocks bob with `legate policy` (a JID entry: her
     // approval was stored as one, and the most specific entry wins); her instance stays active
     // and says offline (msrtc 18000 and above), never rejected.
