@@ -218,6 +218,9 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         "xmpp_federation_mode": format!("{:?}", cfg.xmpp.federation.mode),
         "home_nodes": cfg.home_nodes.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
         "directory_users": hub.directory().len(),
+        "directory_conflicts": hub.directory().conflicts().into_iter().map(|(user, placed, other)| {
+            serde_json::json!({"user": user, "home_node": &*placed, "also_sent_from": &*other})
+        }).collect::<Vec<_>>(),
         "consent_users": hub.policies().len(),
         "consent_pending": hub.policies().pending_len(),
         "mapping_systems": maps.system_names().collect::<Vec<_>>(),

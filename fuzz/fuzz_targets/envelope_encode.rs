@@ -121,10 +121,7 @@ fn relayed(data: &[u8]) -> Option<Body> {
                     "iq" => "iq",
                     _ => return None,
                 };
-                return Some(Body::Xmpp(XmppRaw {
-                    name,
-                    bytes: s.bytes().clone(),
-                }));
+                return Some(Body::Xmpp(XmppRaw::new(name, s.bytes().clone())));
             }
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => return None,
@@ -175,6 +172,7 @@ fuzz_target!(|data: &[u8]| {
             id,
             text,
             thread: second,
+            ..Default::default()
         }),
         1 => Body::Error {
             id,
@@ -243,10 +241,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(framed.id().map(|s| s.into_owned()), want_id, "{xml:?}");
     if let Body::Message(m) = &env.body {
         assert_eq!(framed.name(), "message");
-        let raw = XmppRaw {
-            name: "message",
-            bytes: out.clone().into(),
-        };
+        let raw = XmppRaw::new("message", out.clone().into());
         let Some(read) = message_text(&raw) else {
             panic!("no body read back from {xml:?}");
         };

@@ -213,6 +213,9 @@ pub struct Limits {
     /// The first authenticated request on an inbound SIP connection must arrive this long
     /// after the connection was accepted (seconds).
     pub first_request_timeout_secs: u64,
+    /// Foreign XMPP domains whose components open on demand in open federation (`deny_list`):
+    /// a domain not listed in `[xmpp.federation]` gets its component links when it first sends.
+    pub open_federation_domains: usize,
     /// Live SIP server transactions of one foreign domain (the node-wide table is 16384).
     pub sip_transactions_per_domain: usize,
     /// Foreign watchers (notifier subscriptions) of one foreign domain.

@@ -165,6 +165,7 @@ pub(crate) struct RawLimits {
     pub foreign_watchers_per_domain: Option<S<i64>>,
     pub im_sessions_per_domain: Option<S<i64>>,
     pub sip_dial_backoff_max_secs: Option<S<i64>>,
+    pub open_federation_domains: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

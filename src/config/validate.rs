@@ -65,6 +65,7 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("foreign_watchers_per_domain", 10_000, 1, 10_000_000),
     lim("im_sessions_per_domain", 1_000, 1, 1_000_000),
     lim("sip_dial_backoff_max_secs", 60, 1, 3_600),
+    lim("open_federation_domains", 1_000, 1, 100_000),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 
@@ -1001,6 +1002,7 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         foreign_watchers_per_domain: get!(foreign_watchers_per_domain) as usize,
         im_sessions_per_domain: get!(im_sessions_per_domain) as usize,
         sip_dial_backoff_max_secs: get!(sip_dial_backoff_max_secs) as u64,
+        open_federation_domains: get!(open_federation_domains) as usize,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.

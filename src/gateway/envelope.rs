@@ -119,78 +119,64 @@ pub enum Subscription {
     Probe,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The kind of a text message (RFC 6121 §5.2.2 `type`). SIP has no such attribute: a pager
+/// MESSAGE is a single message (`Normal`, RFC 7572 §4), a MESSAGE inside an IM session a line of
+/// a one-to-one chat (`Chat`, the core's default since most text travels in sessions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MessageKind {
+    #[default]
+    Chat,
+    Normal,
+    Headline,
+}
+
+impl MessageKind {
+    /// The `type` attribute, `None` for `normal` (RFC 6121 §5.2.2: the default when absent).
+    pub fn xmpp_type(self) -> Option<&'static str> {
+        match self {
+            MessageKind::Chat => Some("chat"),
+            MessageKind::Normal => None,
+            MessageKind::Headline => Some("headline"),
+        }
+    }
+
+    /// Reads a `type` attribute; `groupchat` and `error` are not text for one user (`None`).
+    pub fn from_xmpp(t: Option<&str>) -> Option<Self> {
+        match t {
+            None | Some("normal") => Some(MessageKind::Normal),
+            Some("chat") => Some(MessageKind::Chat),
+            Some("headline") => Some(MessageKind::Headline),
+            _ => None,
+        }
+    }
+}
+
+/// A text message and the facts RFC 7572 maps between SIP and XMPP, so that no edge re-parses
+/// the other's wire form: `thread` ⇄ Call-ID (§4/§5), `subject` ⇄ `Subject`, `lang` (`xml:lang`)
+/// ⇄ `Content-Language`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessageBody {
     pub id: Option<String>,
     pub text: String,
     pub thread: Option<String>,
+    pub kind: MessageKind,
+    pub subject: Option<String>,
+    pub lang: Option<String>,
 }
 
-/// Stanza-level error conditions the core produces (RFC 6120 §8.3.3); SIP edges map them to
-/// status codes in one place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCondition {
-    /// Federation with the domain is not allowed by policy.
-    NotAllowed,
-    /// The sender is not who the link authenticated.
-    Forbidden,
-    /// No such local user / domain.
-    ItemNotFound,
-    /// The remote domain could not be reached.
-    RemoteServerNotFound,
-    RemoteServerTimeout,
-    /// The destination link is down or its queue is full.
-    ServiceUnavailable,
-    ResourceConstraint,
-}
+/// Stanza-level error conditions (RFC 6120 §8.3.3): every one can travel in an envelope, and
+/// [`crate::gateway::interwork::errors`] maps each to SIP and back (RFC 7247 §7).
+pub use crate::xmpp::error::StanzaErrorCondition as ErrorCondition;
 
-impl ErrorCondition {
-    /// RFC 6120 element name.
-    pub fn xmpp_name(self) -> &'static str {
-        match self {
-            Self::NotAllowed => "not-allowed",
-            Self::Forbidden => "forbidden",
-            Self::ItemNotFound => "item-not-found",
-            Self::RemoteServerNotFound => "remote-server-not-found",
-            Self::RemoteServerTimeout => "remote-server-timeout",
-            Self::ServiceUnavailable => "service-unavailable",
-            Self::ResourceConstraint => "resource-constraint",
-        }
-    }
-
-    /// RFC 6120 error type.
-    pub fn xmpp_type(self) -> &'static str {
-        match self {
-            Self::RemoteServerTimeout | Self::ResourceConstraint => "wait",
-            Self::Forbidden => "auth",
-            _ => "cancel",
-        }
-    }
-
-    /// The SIP final response for a request refused with this condition (RFC 7247 §5 spirit).
-    pub fn sip_status(self) -> (u16, &'static str) {
-        match self {
-            Self::NotAllowed | Self::Forbidden => (403, "Forbidden"),
-            Self::ItemNotFound => (404, "Not Found"),
-            Self::RemoteServerNotFound => (502, "Bad Gateway"),
-            Self::RemoteServerTimeout => (504, "Server Time-out"),
-            Self::ServiceUnavailable | Self::ResourceConstraint => (503, "Service Unavailable"),
-        }
-    }
-
-    /// Bounded metric label.
-    pub fn label(self) -> &'static str {
-        self.xmpp_name()
-    }
-}
-
-/// A stanza the core relays between XMPP links without looking inside.
+/// A stanza the core relays between XMPP links without looking inside, with the routing facts
+/// of its root element read once, when it was framed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XmppRaw {
     /// `message`, `presence` or `iq`.
     pub name: &'static str,
     /// The element's exact bytes as received (no stream namespace declaration of its own).
     pub bytes: bytes::Bytes,
+    facts: StanzaFacts,
 }
 
 /// The routing facts of a relayed stanza's root element: what the router needs to decide
@@ -217,28 +203,38 @@ impl StanzaFacts {
 }
 
 impl XmppRaw {
-    /// Reads `id` and `type` from the root start tag only (the payload is never parsed). The
-    /// bytes were framed and checked by the stream framer; anything unreadable yields no facts.
-    // TODO(issue 10): carry these as fields filled by `stanza_to_envelope` from the framer's
-    // ranges once every place that builds an `XmppRaw` (tests/s2s.rs) can be changed with it.
-    pub fn facts(&self) -> StanzaFacts {
+    /// A relayed stanza whose facts the framer already decoded (the XMPP converters).
+    pub fn with_facts(name: &'static str, bytes: bytes::Bytes, facts: StanzaFacts) -> Self {
+        XmppRaw { name, bytes, facts }
+    }
+
+    /// A relayed stanza built from bytes alone (tests, tools): reads `id` and `type` from the
+    /// root start tag only (the payload is never parsed); anything unreadable yields no facts.
+    pub fn new(name: &'static str, bytes: bytes::Bytes) -> Self {
         use quick_xml::events::Event;
-        let mut reader = quick_xml::Reader::from_reader(&self.bytes[..]);
-        let start = match reader.read_event() {
-            Ok(Event::Start(e) | Event::Empty(e)) => e,
-            _ => return StanzaFacts::default(),
+        let mut reader = quick_xml::Reader::from_reader(&bytes[..]);
+        let facts = match reader.read_event() {
+            Ok(Event::Start(start) | Event::Empty(start)) => {
+                let value = |name: &str| {
+                    start.try_get_attribute(name).ok().flatten().and_then(|a| {
+                        a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .ok()
+                            .map(|v| v.into_owned())
+                    })
+                };
+                StanzaFacts {
+                    id: value("id"),
+                    type_: value("type"),
+                }
+            }
+            _ => StanzaFacts::default(),
         };
-        let value = |name: &str| {
-            start.try_get_attribute(name).ok().flatten().and_then(|a| {
-                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                    .ok()
-                    .map(|v| v.into_owned())
-            })
-        };
-        StanzaFacts {
-            id: value("id"),
-            type_: value("type"),
-        }
+        XmppRaw { name, bytes, facts }
+    }
+
+    /// The `id` and `type` of the root element.
+    pub fn facts(&self) -> &StanzaFacts {
+        &self.facts
     }
 }
 
@@ -289,12 +285,13 @@ impl Envelope {
                 if facts.is_reply(x.name) {
                     return None;
                 }
+                let id = facts.id.clone();
                 let kind = match x.name {
                     "iq" => ErrorOf::Iq,
                     "presence" => ErrorOf::Presence,
                     _ => ErrorOf::Message,
                 };
-                (facts.id, kind)
+                (id, kind)
             }
         };
         Some(Envelope {
@@ -375,6 +372,7 @@ mod tests {
                 id: Some("m1".into()),
                 text: "hi".into(),
                 thread: None,
+                ..Default::default()
             }),
         };
         let b = env
@@ -391,10 +389,10 @@ mod tests {
         Envelope {
             from: Address::parse("a@x.test/r").expect("valid"),
             to: Address::parse("b@y.test").expect("valid"),
-            body: Body::Xmpp(XmppRaw {
+            body: Body::Xmpp(XmppRaw::new(
                 name,
-                bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
-            }),
+                bytes::Bytes::copy_from_slice(xml.as_bytes()),
+            )),
         }
     }
 

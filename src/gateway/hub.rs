@@ -127,6 +127,11 @@ pub enum Submitted {
 /// A function an edge registers to show its state in the admin `/status` document.
 pub type StatusProvider = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Opens the component links of a foreign domain on every home node (registering their
+/// outboxes before it returns); `false` when it may not (bound reached). Registered by the
+/// component-link edge in open federation.
+pub type ComponentOpener = Arc<dyn Fn(&Domain) -> bool + Send + Sync>;
+
 pub struct Hub {
     status: DashMap<&'static str, StatusProvider>,
     config: ArcSwap<Config>,
@@ -137,6 +142,8 @@ pub struct Hub {
     /// Set when a send left a component outbox less than a quarter free, so `congestion`
     /// (asked after every SIP input) scans the outboxes only when one may be crowded.
     crowded: AtomicBool,
+    /// Set in open federation: components of unlisted domains open on their first delivery.
+    opener: std::sync::OnceLock<ComponentOpener>,
 }
 
 impl Hub {
@@ -149,7 +156,33 @@ impl Hub {
             policies: Policies::new(),
             outboxes: DashMap::new(),
             crowded: AtomicBool::new(false),
+            opener: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the open-federation component opener (once; later calls are ignored).
+    pub fn set_component_opener(&self, opener: ComponentOpener) {
+        let _ = self.opener.set(opener);
+    }
+
+    /// A component delivery found no outbox: in open federation, a domain the policy allows
+    /// but the configuration does not list gets its components now, and the outbox again.
+    fn open_on_demand(&self, d: &Delivery) -> Option<mpsc::Sender<Delivery>> {
+        if !matches!(d.link, Link::Component { .. }) {
+            return None;
+        }
+        let opener = self.opener.get()?;
+        let domain = &d.envelope.from.domain;
+        let cfg = self.config.load();
+        if cfg.xmpp.federation.mode != crate::config::FederationMode::DenyList
+            || !cfg.xmpp_federation_allowed(domain)
+        {
+            return None;
+        }
+        if !opener(domain) {
+            return None;
+        }
+        self.outbox(d)
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -341,7 +374,7 @@ impl Hub {
                     .inc();
                 DENIED.with_label_values(&[denied.label()]).inc();
                 tracing::info!(from = %env.from, to = %env.to, reason = %denied, "refused");
-                if denied.answered() {
+                if denied.answered() && origin.wants_bounces() {
                     if let Some(b) = env.bounce(denied.condition(), denied.to_string()) {
                         self.deliver(Delivery {
                             link: origin.reply_link(),
@@ -385,7 +418,11 @@ impl Hub {
             }
             _ => format!("the {} link is unavailable", link.label()),
         };
-        if let Some(b) = d.envelope.bounce(condition, text) {
+        if let Some(b) = d
+            .envelope
+            .bounce(condition, text)
+            .filter(|_| origin.wants_bounces())
+        {
             self.deliver(Delivery {
                 link: origin.reply_link(),
                 envelope: b,
@@ -416,7 +453,7 @@ impl Hub {
         // Twice at most: an s2s pair that ended between lookup and send has a closed outbox;
         // the second lookup skips it for the manager's.
         for _ in 0..2 {
-            let Some(tx) = self.outbox(&d) else {
+            let Some(tx) = self.outbox(&d).or_else(|| self.open_on_demand(&d)) else {
                 return Handed::Gone(d);
             };
             let component = matches!(d.link, Link::Component { .. });
@@ -469,5 +506,70 @@ impl Hub {
     /// The domains the SIP edge may talk to right now.
     pub fn sip_domain_allowed(&self, d: &Domain) -> bool {
         self.config.load().sip_federated(d).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::gateway::envelope::{Address, Body, MessageBody};
+    use crate::presence::map::MappingStore;
+
+    const CONFIG: &str = r#"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[[xmpp.federation.domain]]
+name = "xmpp.org"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+"#;
+
+    /// A message to a local user whose home node link is not registered: the submitter hears
+    /// `Unavailable`. An XMPP sender also gets an error stanza; the SIP core does not, since it
+    /// answers the request with the status and an error would reach the SIP sender again as a
+    /// late-error notice.
+    #[test]
+    fn synchronous_refusals_are_not_echoed_to_the_sip_core() {
+        let cfg = config::from_toml(CONFIG, std::path::Path::new("t.toml"), BUILTIN_SYSTEMS)
+            .expect("config");
+        let hub = Hub::new(cfg, MappingStore::open(None).expect("maps"));
+        let mut sip = hub.register_sip(8);
+        let mut s2s = hub.register_s2s(8);
+        let msg = |from: &str| Envelope {
+            from: Address::parse(from).expect("from"),
+            to: Address::parse("alice@example.com").expect("to"),
+            body: Body::Message(MessageBody {
+                id: Some("m1".into()),
+                text: "hi".into(),
+                ..Default::default()
+            }),
+        };
+        let sip_origin = Origin::Sip {
+            domain: Domain::parse("partner.com").expect("domain"),
+        };
+        assert!(matches!(
+            hub.submit(&sip_origin, msg("bob@partner.com")),
+            Submitted::Unavailable(_)
+        ));
+        assert!(sip.try_recv().is_err(), "no echo toward SIP");
+        let s2s_origin = Origin::S2s {
+            domain: Domain::parse("xmpp.org").expect("domain"),
+        };
+        assert!(matches!(
+            hub.submit(&s2s_origin, msg("carol@xmpp.org")),
+            Submitted::Unavailable(_)
+        ));
+        let b = s2s.try_recv().expect("the XMPP sender gets an error");
+        assert!(
+            matches!(&b.envelope.body, Body::Error { id: Some(i), .. } if i == "m1"),
+            "{b:?}"
+        );
     }
 }

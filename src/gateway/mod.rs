@@ -9,6 +9,7 @@
 
 pub mod envelope;
 pub mod hub;
+pub mod interwork;
 pub mod policy;
 pub mod router;
 

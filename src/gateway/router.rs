@@ -53,6 +53,13 @@ impl Origin {
     }
 
     /// The link that reaches back to this origin.
+    /// Whether a refusal at submit time is told to the sender as an error envelope. The SIP
+    /// core is not: it answers each request from the `Submitted` outcome (a SIP status), and an
+    /// error envelope would reach the SIP sender a second time, as a late-error notice.
+    pub fn wants_bounces(&self) -> bool {
+        !matches!(self, Origin::Sip { .. })
+    }
+
     pub fn reply_link(&self) -> Link {
         match self {
             Origin::Component { home_node } => Link::Component {
@@ -169,7 +176,15 @@ pub const MAX_LEARNED: usize = 1_000_000;
 #[derive(Debug, Default)]
 pub struct Directory {
     learned: DashMap<String, Arc<str>>,
+    /// Users a second home node sent as while the directory places them on another one
+    /// (requirements §5: a user lives on one home node): reported, not resolved, because
+    /// which node is right is the operator's call. Bounded by [`MAX_CONFLICTS`].
+    conflicts: DashMap<String, (Arc<str>, Arc<str>)>,
 }
+
+/// Most conflicting users kept for `/status` (one is enough to show a misconfiguration; a
+/// flood of them must not grow the node).
+pub const MAX_CONFLICTS: usize = 100;
 
 /// The home node whose `users` list names `user`, if any.
 fn configured_home<'c>(config: &'c Config, user: &Address) -> Option<&'c str> {
@@ -267,7 +282,11 @@ impl Directory {
             return false;
         }
         match self.known_home(config, from) {
-            Some(h) => *h == **home_node,
+            Some(h) if *h == **home_node => true,
+            Some(h) => {
+                self.conflict(from, &h, home_node);
+                false
+            }
             None => {
                 let may = may_host_domain(config, home_node, &from.domain);
                 if may && user_traffic {
@@ -276,6 +295,33 @@ impl Directory {
                 may
             }
         }
+    }
+
+    fn conflict(&self, user: &Address, placed: &Arc<str>, sender: &Arc<str>) {
+        let key = user.bare_string();
+        if self.conflicts.contains_key(&key) || self.conflicts.len() >= MAX_CONFLICTS {
+            return;
+        }
+        tracing::warn!(
+            user = %crate::net::LogSafe(&key),
+            placed_on = %placed,
+            sent_from = %sender,
+            "a user is on two home nodes: traffic from the second is refused until the \
+             operator lists the user under one home node's `users` (or removes the account)"
+        );
+        self.conflicts.insert(key, (placed.clone(), sender.clone()));
+    }
+
+    /// Users seen on two home nodes: (user, the node the directory places them on, the other
+    /// node that sent as them), sorted by user.
+    pub fn conflicts(&self) -> Vec<(String, Arc<str>, Arc<str>)> {
+        let mut v: Vec<_> = self
+            .conflicts
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn len(&self) -> usize {
@@ -471,6 +517,10 @@ fn finish(
         if let Body::Xmpp(raw) = &env.body {
             match (raw.name, crate::xmpp::convert::message_text(raw)) {
                 ("message", Some(m)) => env.body = Body::Message(m),
+                // RFC 7572 §5 maps one-to-one messages only; a room's traffic is RFC 7702's.
+                ("message", None) if raw.facts().type_.as_deref() == Some("groupchat") => {
+                    return Err(refuse(Denied::NotForSip("groupchat message"), env))
+                }
                 ("message", None) => return Err(refuse(Denied::NothingToDeliver, env)),
                 (name, _) => return Err(refuse(Denied::NotForSip(name), env)),
             }
@@ -663,6 +713,7 @@ home_node = "hn2"
                 id: Some("g1".into()),
                 text: "hello room".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         // A foreign XMPP user joining or talking in a room goes to the alias's home node
@@ -775,10 +826,10 @@ home_node = "hn2"
             home_node: "hn1".into(),
         };
         let raw = |name: &'static str, xml: &'static str| {
-            Body::Xmpp(crate::gateway::envelope::XmppRaw {
+            Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
                 name,
-                bytes: bytes::Bytes::from_static(xml.as_bytes()),
-            })
+                bytes::Bytes::from_static(xml.as_bytes()),
+            ))
         };
         let chat = raw("message", "<message type='chat' to='bob@partner.com' from='a@example.com/pc' id='m1'><body>hi &lt;3</body></message>");
         let r = route(
@@ -794,7 +845,8 @@ home_node = "hn2"
             Body::Message(MessageBody {
                 id: Some("m1".into()),
                 text: "hi <3".into(),
-                thread: None
+                thread: None,
+                ..Default::default()
             })
         );
         let typing = raw("message", "<message to='bob@partner.com' from='a@example.com/pc'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>");
@@ -869,6 +921,7 @@ home_node = "hn2"
                 id: None,
                 text: "hi".into(),
                 thread: None,
+                ..Default::default()
             })
         };
         let comp = Origin::Component {
@@ -928,10 +981,10 @@ home_node = "hn2"
     }
 
     fn raw(name: &'static str, xml: &str) -> Body {
-        Body::Xmpp(crate::gateway::envelope::XmppRaw {
+        Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
             name,
-            bytes: bytes::Bytes::copy_from_slice(xml.as_bytes()),
-        })
+            bytes::Bytes::copy_from_slice(xml.as_bytes()),
+        ))
     }
 
     #[test]
@@ -991,6 +1044,22 @@ home_node = "hn2"
             dir.lookup(&cfg, &addr("dave@example.com")),
             Some(Arc::from("hn2")),
             "a refused stanza taught the directory"
+        );
+        // Each user a second node sent as is reported once, with both nodes.
+        route(&cfg, &maps, &dir, &hn1, msg("dave@example.com")).expect_err("again");
+        let c: Vec<(String, String, String)> = dir
+            .conflicts()
+            .into_iter()
+            .map(|(u, a, b)| (u, a.to_string(), b.to_string()))
+            .collect();
+        let row = |u: &str, a: &str, b: &str| (u.to_string(), a.to_string(), b.to_string());
+        assert_eq!(
+            c,
+            vec![
+                row("carol@example.com", "hn2", "hn1"),
+                row("dave@example.com", "hn2", "hn1"),
+                row("erin@other.test", "hn1", "hn2"),
+            ]
         );
         // A link whose node is not configured (removed by a reload) speaks for nobody.
         let gone = Origin::Component {

@@ -8,8 +8,8 @@
 //! presence crossing systems is rebuilt from its state and status text.
 
 use crate::gateway::envelope::{
-    Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, PresenceBody, Subscription,
-    XmppRaw,
+    Address, Body, Envelope, ErrorCondition, ErrorOf, MessageBody, MessageKind, PresenceBody,
+    StanzaFacts, Subscription, XmppRaw,
 };
 use crate::presence::codec::xmpp::{
     decode_presence_kind, encode_presence, encode_presence_kind, write_attr, write_text,
@@ -54,19 +54,6 @@ fn address(stanza: &Stanza, which: &'static str) -> Result<Address, ConvertError
         .ok_or(ConvertError::Address(which))
 }
 
-fn condition_of(c: StanzaErrorCondition) -> Option<ErrorCondition> {
-    Some(match c {
-        StanzaErrorCondition::NotAllowed => ErrorCondition::NotAllowed,
-        StanzaErrorCondition::Forbidden => ErrorCondition::Forbidden,
-        StanzaErrorCondition::ItemNotFound => ErrorCondition::ItemNotFound,
-        StanzaErrorCondition::RemoteServerNotFound => ErrorCondition::RemoteServerNotFound,
-        StanzaErrorCondition::RemoteServerTimeout => ErrorCondition::RemoteServerTimeout,
-        StanzaErrorCondition::ServiceUnavailable => ErrorCondition::ServiceUnavailable,
-        StanzaErrorCondition::ResourceConstraint => ErrorCondition::ResourceConstraint,
-        _ => return None,
-    })
-}
-
 /// Reads a stanza received from a link whose presence is expressed in mapping system `system`.
 pub fn stanza_to_envelope(
     stanza: &Stanza,
@@ -76,11 +63,17 @@ pub fn stanza_to_envelope(
     let from = address(stanza, "from")?;
     let to = address(stanza, "to")?;
     let name = stanza.name();
+    // The framer already decoded the root's attributes: they travel with the bytes, so no later
+    // stage parses the start tag again.
     let raw = |name: &'static str| {
-        Body::Xmpp(XmppRaw {
+        Body::Xmpp(XmppRaw::with_facts(
             name,
-            bytes: stanza.bytes().clone(),
-        })
+            stanza.bytes().clone(),
+            StanzaFacts {
+                id: stanza.id().map(|s| s.into_owned()),
+                type_: stanza.stanza_type().map(|s| s.into_owned()),
+            },
+        ))
     };
     let body = match name {
         // Group chat (XEP-0045): joins, leaves and occupant presence carry the room protocol
@@ -135,7 +128,9 @@ fn is_muc_presence(stanza: &Stanza) -> bool {
 
 fn error_body(stanza: &Stanza, kind: ErrorOf) -> Option<Body> {
     let (_, cond) = parse_stanza_error(stanza)?;
-    let condition = condition_of(cond?)?;
+    // A condition we cannot name is still an error (RFC 6120 §8.3.2 requires one; a peer that
+    // sends an unknown one gets the generic condition rather than a relayed blob).
+    let condition = cond.unwrap_or(ErrorCondition::UndefinedCondition);
     let text = children(stanza)
         .into_iter()
         .find(|c| c.name == "error")
@@ -170,16 +165,16 @@ pub fn message_text(raw: &XmppRaw) -> Option<MessageBody> {
         }
     }
     let stanza = stanza?;
+    let kind = MessageKind::from_xmpp(stanza.stanza_type().as_deref())?;
     let kids = children(&stanza);
-    let text = kids.iter().find(|c| c.name == "body")?.text.clone();
-    let thread = kids
-        .iter()
-        .find(|c| c.name == "thread")
-        .map(|c| c.text.clone());
+    let child = |name: &str| kids.iter().find(|c| c.name == name).map(|c| c.text.clone());
     Some(MessageBody {
         id: stanza.id().map(|s| s.into_owned()),
-        text,
-        thread,
+        text: child("body")?,
+        thread: child("thread"),
+        kind,
+        subject: child("subject"),
+        lang: stanza.attr("xml:lang").filter(|l| !l.is_empty()),
     })
 }
 
@@ -260,13 +255,22 @@ pub fn envelope_to_stanza(
             // Every value below may come from a SIP peer (user parts, Call-ID based ids, the
             // decoded `ms-body`): all of it goes through the one escaper, which also replaces
             // characters XML 1.0 cannot carry.
-            out.extend_from_slice(b"<message type='chat'");
+            out.extend_from_slice(b"<message");
+            if let Some(t) = m.kind.xmpp_type() {
+                attr(out, "type", t);
+            }
             attr(out, "from", &env.from.to_string());
             attr(out, "to", &env.to.to_string());
             if let Some(id) = &m.id {
                 attr(out, "id", id);
             }
+            if let Some(lang) = &m.lang {
+                attr(out, "xml:lang", lang);
+            }
             out.push(b'>');
+            if let Some(subject) = &m.subject {
+                text_element(out, "subject", subject);
+            }
             text_element(out, "body", &m.text);
             if let Some(t) = &m.thread {
                 text_element(out, "thread", t);
@@ -432,6 +436,7 @@ mod tests {
                 id: Some("id\u{2}".into()),
                 text: hostile.into(),
                 thread: Some(hostile.into()),
+                ..Default::default()
             }),
         };
         let error = Envelope {
@@ -481,10 +486,10 @@ mod tests {
         let env = Envelope {
             from: Address::parse("a@x.test").expect("from"),
             to: Address::parse("b@y.test").expect("to"),
-            body: Body::Xmpp(crate::gateway::envelope::XmppRaw {
-                name: "message",
-                bytes: bytes::Bytes::copy_from_slice(raw.as_bytes()),
-            }),
+            body: Body::Xmpp(crate::gateway::envelope::XmppRaw::new(
+                "message",
+                bytes::Bytes::copy_from_slice(raw.as_bytes()),
+            )),
         };
         let mut out = b"<presence/>".to_vec();
         envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
@@ -509,6 +514,119 @@ mod tests {
             }
         }
         assert!(refused, "the framer let U+FFFE through");
+    }
+
+    /// RFC 7572: type, thread, subject and `xml:lang` are read from a relayed message and
+    /// written back; `normal` is written without `type` (RFC 6121 §5.2.2 default).
+    #[test]
+    fn message_facts_round_trip() {
+        let maps = map::embedded().expect("maps");
+        for (xml, kind) in [
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Normal),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='normal' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Normal),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='chat' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Chat),
+            ("<message from='a@x.test/r' to='b@y.test' id='m1' type='headline' xml:lang='fr'><subject>S &amp; T</subject><thread>th-1</thread><body>B</body></message>", MessageKind::Headline),
+        ] {
+            let s = stanzas("jabber:component:accept", xml);
+            let env = stanza_to_envelope(&s[0], "xmpp", &maps).expect("converted");
+            let Body::Xmpp(raw) = &env.body else {
+                panic!("relayed: {env:?}")
+            };
+            let m = message_text(raw).expect("text");
+            let want = MessageBody {
+                id: Some("m1".into()),
+                text: "B".into(),
+                thread: Some("th-1".into()),
+                kind,
+                subject: Some("S & T".into()),
+                lang: Some("fr".into()),
+            };
+            assert_eq!(m, want, "{xml}");
+            let typed = Envelope {
+                body: Body::Message(m),
+                ..env
+            };
+            let mut out = Vec::new();
+            envelope_to_stanza(&typed, &maps, &mut out).expect("encoded");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert_eq!(text.contains("type="), kind != MessageKind::Normal, "{text}");
+            let back = stanzas("jabber:server", text);
+            let Body::Xmpp(raw) = stanza_to_envelope(&back[0], "xmpp", &maps)
+                .expect("again")
+                .body
+            else {
+                panic!("relayed")
+            };
+            assert_eq!(message_text(&raw), Some(want), "{text}");
+        }
+        // Group chat and errors are no text for one user.
+        for t in ["groupchat", "error"] {
+            let raw = XmppRaw::new(
+                "message",
+                bytes::Bytes::from(format!("<message type='{t}'><body>x</body></message>")),
+            );
+            assert_eq!(message_text(&raw), None, "{t}");
+        }
+    }
+
+    /// Every RFC 6120 condition becomes a typed error (RFC 7247 §7 maps all of them); an
+    /// unknown one is `undefined-condition`.
+    #[test]
+    fn every_condition_is_a_typed_error() {
+        let maps = map::embedded().expect("maps");
+        for c in StanzaErrorCondition::ALL
+            .iter()
+            .copied()
+            .chain([StanzaErrorCondition::UndefinedCondition])
+        {
+            let name = if c == StanzaErrorCondition::UndefinedCondition {
+                "made-up"
+            } else {
+                c.as_str()
+            };
+            let xml = format!("<message from='a@x.test' to='b@y.test' id='e1' type='error'><error type='cancel'><{name} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>");
+            let s = stanzas("jabber:server", &xml);
+            let env = stanza_to_envelope(&s[0], "xmpp", &maps).expect("converted");
+            assert!(
+                matches!(&env.body, Body::Error { condition, id: Some(i), kind: ErrorOf::Message, .. } if *condition == c && i == "e1"),
+                "{name}: {env:?}"
+            );
+            let mut out = Vec::new();
+            envelope_to_stanza(&env, &maps, &mut out).expect("encoded");
+            let text = std::str::from_utf8(&out).expect("utf-8");
+            assert!(text.contains(&format!("<{} xmlns=", c.as_str())), "{text}");
+            assert!(
+                text.contains(&format!("<error type='{}'>", c.xmpp_type())),
+                "{text}"
+            );
+        }
+    }
+
+    /// The facts read once from the framer are the facts of the root start tag (escaped values,
+    /// either quote), as reading the bytes again would give.
+    #[test]
+    fn relayed_facts_come_from_the_framer() {
+        let maps = map::embedded().expect("maps");
+        let s = stanzas(
+            "jabber:server",
+            "<message from='a@x.test' to='b@y.test' id=\"m&amp;1\" type='chat'><body>x</body></message>\
+             <iq from='a@x.test/r' to='b@y.test' id='i1' type='result'/>\
+             <message from='a@x.test' to='b@y.test'><body>no id</body></message>",
+        );
+        for st in &s {
+            let env = stanza_to_envelope(st, "xmpp", &maps).expect("converted");
+            let Body::Xmpp(raw) = &env.body else {
+                panic!("relayed")
+            };
+            assert_eq!(
+                raw.facts(),
+                XmppRaw::new(raw.name, raw.bytes.clone()).facts()
+            );
+        }
+        let Body::Xmpp(raw) = stanza_to_envelope(&s[0], "xmpp", &maps).expect("ok").body else {
+            panic!("relayed")
+        };
+        assert_eq!(raw.facts().id.as_deref(), Some("m&1"));
     }
 
     #[test]

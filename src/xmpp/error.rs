@@ -205,6 +205,26 @@ conditions! {
 }
 
 impl StanzaErrorCondition {
+    /// RFC 6120 element name.
+    pub fn xmpp_name(self) -> &'static str {
+        self.as_str()
+    }
+
+    /// The RFC 6120 error type we send with it.
+    pub fn xmpp_type(self) -> &'static str {
+        self.default_type().as_str()
+    }
+
+    /// The SIP final response for a request refused with this condition (RFC 7247 §7.1).
+    pub fn sip_status(self) -> (u16, &'static str) {
+        crate::gateway::interwork::errors::sip_status_of(self)
+    }
+
+    /// Bounded metric label (22 values).
+    pub fn label(self) -> &'static str {
+        self.as_str()
+    }
+
     /// The error type RFC 6120 §8.3.3 gives in its example for each condition; a sender may
     /// choose another, but these are what peers expect.
     pub fn default_type(self) -> StanzaErrorType {

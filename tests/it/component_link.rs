@@ -290,6 +290,7 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                     id: Some("sip-1".into()),
                     text: "hi alice & co".into(),
                     thread: None,
+                    ..Default::default()
                 }),
             },
         );
@@ -500,6 +501,7 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
                     id: Some("lost-1".into()),
                     text: "anyone?".into(),
                     thread: None,
+                    ..Default::default()
                 }),
             },
         );
@@ -645,6 +647,7 @@ async fn links_come_back_after_the_home_node_restarts() {
                     id: None,
                     text: "after the restart".into(),
                     thread: None,
+                    ..Default::default()
                 }),
             },
         );

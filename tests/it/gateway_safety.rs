@@ -100,8 +100,14 @@ fn body() -> impl Strategy<Value = Body> {
         .map(str::to_string)
         .collect();
     prop_oneof![
-        (prop::option::of(text()), text(), prop::option::of(text()))
-            .prop_map(|(id, text, thread)| Body::Message(MessageBody { id, text, thread })),
+        (prop::option::of(text()), text(), prop::option::of(text())).prop_map(
+            |(id, text, thread)| Body::Message(MessageBody {
+                id,
+                text,
+                thread,
+                ..Default::default()
+            })
+        ),
         (
             prop::option::of(text()),
             condition(),
@@ -325,6 +331,7 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
             id: None,
             text: "ping\u{1}pong\u{FFFE}".into(),
             thread: None,
+            ..Default::default()
         }),
     };
     let mut out = Vec::new();
@@ -400,10 +407,10 @@ default_system = "xmpp"
     let env = Envelope {
         from: Address::parse("carol@example.com/pc").unwrap_or_else(|e| panic!("{e}")),
         to: Address::parse("bob@partner.com").unwrap_or_else(|e| panic!("{e}")),
-        body: Body::Xmpp(XmppRaw {
-            name: "message",
-            bytes: bytes::Bytes::from_static(xml.as_bytes()),
-        }),
+        body: Body::Xmpp(XmppRaw::new(
+            "message",
+            bytes::Bytes::from_static(xml.as_bytes()),
+        )),
     };
     let origin = Origin::Component {
         home_node: "hn1".into(),

@@ -193,10 +193,10 @@ fn chat(from: &str, to: &str, text: &str) -> Envelope {
     Envelope {
         from: addr(from),
         to: addr(to),
-        body: Body::Xmpp(legate::gateway::envelope::XmppRaw {
-            name: "message",
-            bytes: format!("<message type='chat' from='{from}' to='{to}' id='m1'><body>{text}</body></message>").into(),
-        }),
+        body: Body::Xmpp(legate::gateway::envelope::XmppRaw::new(
+            "message",
+            format!("<message type='chat' from='{from}' to='{to}' id='m1'><body>{text}</body></message>").into(),
+        )),
     }
 }
 

@@ -417,6 +417,7 @@ async fn inbound_im_session_both_directions() -> Result<()> {
             id: Some("m1".into()),
             text: "hi bob".into(),
             thread: None,
+            ..Default::default()
         }),
     )?;
     let m = ua.request("MESSAGE").await?;
@@ -822,6 +823,7 @@ async fn outbound_im_session_is_opened_and_reused() -> Result<()> {
             id: None,
             text: t.into(),
             thread: None,
+            ..Default::default()
         })
     };
     env.home_send("alice@example.com/pc", "bob@partner.com", msg("one"))?;
@@ -1328,6 +1330,7 @@ async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
                     id: Some(text.into()),
                     text: text.into(),
                     thread: None,
+                    ..Default::default()
                 }),
             },
         );

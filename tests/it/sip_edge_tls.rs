@@ -307,6 +307,7 @@ async fn presence_and_im_over_mutual_tls() -> Result<()> {
             id: None,
             text: "hello back".into(),
             thread: None,
+            ..Default::default()
         }),
     )?;
     let m = ua.request("MESSAGE").await?;
@@ -458,6 +459,7 @@ async fn outbound_im_goes_to_the_static_route_over_tls() -> Result<()> {
             id: None,
             text: "outbound tls".into(),
             thread: None,
+            ..Default::default()
         }),
     )?;
     let mut peer = accept_tls(&env).await?;
@@ -554,6 +556,7 @@ default_system = "xmpp"
                 id: None,
                 text: "found you".into(),
                 thread: None,
+                ..Default::default()
             }),
         },
     );

@@ -404,6 +404,7 @@ async fn federate(s: &mut Setup) {
             id: Some("a1".into()),
             text: "hi bob <&> back".into(),
             thread: None,
+            ..Default::default()
         }),
         "bob@xmpp.test",
     );

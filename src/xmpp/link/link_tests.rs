@@ -123,6 +123,7 @@ fn message(from: &str, to: &str, text: &str) -> Envelope {
             id: Some("m1".into()),
             text: text.into(),
             thread: None,
+            ..Default::default()
         }),
     }
 }

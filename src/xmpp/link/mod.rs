@@ -16,10 +16,13 @@
 //! (`net::Backoff`, `net::write_bounded`), shared with the SIP and s2s edges.
 //!
 //! Served domains: every `[[sip.federated_domain]]` plus every `[[xmpp.federation.domain]]`
-//! entry without `deny = true`. Limit: in deny-list (open federation) mode, a domain that is
-//! allowed without being listed has no component, so local users cannot reach it through the
-//! home node; list it to serve it. The set of links is fixed at start (a configuration reload
-//! does not add or remove components).
+//! entry without `deny = true`, opened at start. In open federation (`deny_list`), a domain the
+//! policy allows without listing it gets its components on every home node when its first
+//! stanza is delivered (the hub asks through [`ComponentOpener`](crate::gateway::hub::ComponentOpener)),
+//! up to `limits.open_federation_domains`; from then on local users reach it too. The home
+//! node must accept a component of that name (ejabberd with a listener-wide password does;
+//! Prosody needs each `Component` declared). A configuration reload does not add or remove
+//! components.
 //!
 //! This module decides nothing about routing or policy (the hub does). Flow control: a link
 //! takes a delivery from its outbox only when it can write it (up) or hold it (its wait queue
@@ -405,10 +408,53 @@ pub fn needs_resolver(cfg: &Config) -> bool {
     })
 }
 
+/// Everything a component task needs, kept so open federation can start more later.
+struct Spawner {
+    hub: Arc<Hub>,
+    resolver: Option<Resolver>,
+    settings: LinkSettings,
+    status: LinkStatus,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Spawner {
+    /// Registers the outbox of `domain`'s component on every home node and returns the tasks
+    /// to run, one per home node.
+    fn links(
+        &self,
+        domain: &Domain,
+    ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
+        let cfg = self.hub.config();
+        let mut out = Vec::new();
+        for node in &cfg.home_nodes {
+            let name: Arc<str> = Arc::from(node.name.as_str());
+            let rx = self.hub.register_component_domain(
+                &node.name,
+                domain,
+                self.settings.queue_capacity,
+            );
+            self.status.update(&node.name, domain, |_| {});
+            let link = session::Component {
+                hub: self.hub.clone(),
+                home_node: name.clone(),
+                node: node.clone(),
+                domain: domain.clone(),
+                settings: self.settings.clone(),
+                resolver: self.resolver.clone(),
+                status: self.status.clone(),
+            };
+            let span = tracing::info_span!("component", home_node = %name, domain = %domain);
+            out.push(link.run(rx, self.shutdown.clone()).instrument(span));
+        }
+        out
+    }
+}
+
 /// Starts every component link of the hub's configuration: registers the outbox of each
 /// (home node, served domain) with the hub and spawns its task into `tasks`. All of them stop
 /// when `shutdown` turns true (closing their streams). Deliveries for a domain that has no
-/// component find no outbox and are answered by the hub at once.
+/// component find no outbox and are answered by the hub at once — except in open federation,
+/// where the hub opens the domain's components through the opener installed here.
 pub fn spawn(
     hub: Arc<Hub>,
     resolver: Option<Resolver>,
@@ -419,31 +465,66 @@ pub fn spawn(
     let cfg = hub.config();
     let domains = served_domains(&cfg);
     let status = LinkStatus::default();
-    if domains.is_empty() && !cfg.home_nodes.is_empty() {
+    let open = cfg.xmpp.federation.mode == crate::config::FederationMode::DenyList;
+    if domains.is_empty() && !cfg.home_nodes.is_empty() && !open {
         tracing::warn!(
             "no foreign domain is configured: no component link to the home nodes is opened"
         );
     }
-    for node in &cfg.home_nodes {
-        let name: Arc<str> = Arc::from(node.name.as_str());
-        for domain in &domains {
-            let rx = hub.register_component_domain(&node.name, domain, settings.queue_capacity);
-            status.update(&node.name, domain, |_| {});
-            let link = session::Component {
-                hub: hub.clone(),
-                home_node: name.clone(),
-                node: node.clone(),
-                domain: domain.clone(),
-                settings: settings.clone(),
-                resolver: resolver.clone(),
-                status: status.clone(),
-            };
-            let span = tracing::info_span!("component", home_node = %name, domain = %domain);
-            tasks.spawn(link.run(rx, shutdown.clone()).instrument(span));
+    let spawner = Spawner {
+        hub: hub.clone(),
+        resolver,
+        settings,
+        status: status.clone(),
+        shutdown,
+    };
+    for domain in &domains {
+        for task in spawner.links(domain) {
+            tasks.spawn(task);
         }
+    }
+    if open {
+        let opened = std::sync::Mutex::new(std::collections::HashSet::<Domain>::new());
+        let max = cfg.limits.open_federation_domains;
+        hub.set_component_opener(Arc::new(move |domain: &Domain| {
+            let Ok(mut set) = opened.lock() else {
+                return false;
+            };
+            if set.contains(domain) {
+                // Opened already: its outboxes exist unless a task ended at shutdown.
+                return true;
+            }
+            if set.len() >= max {
+                OPENED.with_label_values(&["refused"]).inc();
+                tracing::warn!(
+                    %domain,
+                    max,
+                    "open federation: limits.open_federation_domains reached; not opening \
+                     components for another domain"
+                );
+                return false;
+            }
+            set.insert(domain.clone());
+            OPENED.with_label_values(&["opened"]).inc();
+            tracing::info!(%domain, "open federation: opening component links for a new domain");
+            for task in spawner.links(domain) {
+                tokio::spawn(task);
+            }
+            true
+        }));
     }
     ComponentLinks { status }
 }
+
+/// Open-federation domains by outcome (`opened`, `refused` at the bound).
+static OPENED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        "legate_component_domains_opened_total",
+        "Foreign domains whose component links were opened on demand in open federation, by \
+         outcome (opened, or refused because limits.open_federation_domains was reached)",
+        &["outcome"],
+    )
+});
 
 #[cfg(test)]
 mod tests {

@@ -9,5 +9,6 @@ pub mod ports;
 pub mod programs;
 pub mod prosody;
 pub mod rig;
+pub mod s2s_rig;
 pub mod sipp;
 pub mod xmpp_client;

@@ -1,7 +1,18 @@
 //! Lync-style IM sessions (requirements §1): inbound INVITE/MESSAGE/BYE, pager-mode MESSAGE
 //! (RFC 3428), outbound sessions opened on the first message and reused, idle BYE.
+//!
+//! The RFC 7572 mapping of each message: a pager MESSAGE is a single message (`normal`, §4),
+//! a MESSAGE inside a session a `chat` line; the Call-ID is the `<thread/>` (§4), and an XMPP
+//! thread opens the SIP session with it as Call-ID (§5) so replies find the same thread;
+//! `Subject` ⇄ `<subject/>`; `Content-Language` ⇄ `xml:lang`. RFC 7572 §5's 1300-byte rule
+//! (RFC 3428 §6: a larger MESSAGE needs a congestion-controlled transport or a session) holds
+//! by construction: XMPP text always goes out inside an INVITE session, over TCP or TLS only.
+//! An XMPP error that comes back after a pager MESSAGE was answered 200 (it is answered once
+//! queued) reaches the SIP sender as a MESSAGE carrying a failure notice (§5 allows it).
 
 use super::*;
+use crate::gateway::envelope::{ErrorOf, MessageKind};
+use crate::gateway::interwork::address::{sip_aor_of, sip_uri_of};
 
 impl Core {
     pub(super) fn on_invite(
@@ -70,13 +81,13 @@ impl Core {
                 now,
             );
         }
-        let (Some(remote), Some(local)) = (
-            req.from().ok().and_then(|f| address_of_uri(&f.uri)),
-            req.request_uri()
-                .and_then(Result::ok)
-                .and_then(|u| address_of_uri(&u)),
-        ) else {
-            return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
+        let from = req.from().ok();
+        let ruri = req.request_uri().and_then(Result::ok);
+        let (remote, local) = match im_addresses(from.as_ref().map(|f| &f.uri), ruri.as_ref()) {
+            Ok(p) => p,
+            Err((code, reason)) => {
+                return self.reply(key, req, code, reason, None, &[], None, now);
+            }
         };
         let pair = (local.bare_string(), remote.bare_string());
         // A new INVITE for a pair that has a session replaces it (below), so it does not count
@@ -103,11 +114,7 @@ impl Core {
             let env = Envelope {
                 from: remote.clone(),
                 to: local.clone(),
-                body: Body::Message(MessageBody {
-                    id: None,
-                    text,
-                    thread: None,
-                }),
+                body: Body::Message(message_of(req, MessageKind::Chat, text)),
             };
             if let Some((code, reason)) = status_for_submit(&hub.submit(domain, env)) {
                 let tag = random_token(10);
@@ -142,7 +149,8 @@ impl Core {
         let s = ImSession {
             id: sid,
             local: local.bare(),
-            remote: remote.bare(),
+            // With its GRUU, if it sent one: what the XMPP side answers goes to that instance.
+            remote: remote.clone(),
             domain: domain.clone(),
             state: SessionState::Established,
             dialog: Some(dialog),
@@ -270,25 +278,26 @@ impl Core {
         };
         let (from, to) = match session {
             Some(p) => p,
-            None => match (
-                r.from.as_ref().ok().and_then(|f| address_of_uri(&f.uri)),
-                r.request_uri
-                    .as_ref()
-                    .and_then(|u| u.as_ref().ok())
-                    .and_then(address_of_uri),
+            None => match im_addresses(
+                r.from.as_ref().ok().map(|f| &f.uri),
+                r.request_uri.as_ref().and_then(|u| u.as_ref().ok()),
             ) {
-                (Some(f), Some(t)) => (f, t),
-                _ => return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now),
+                Ok(p) => p,
+                Err((code, reason)) => {
+                    return self.reply(key, req, code, reason, None, &[], None, now)
+                }
             },
+        };
+        // RFC 7572 §4: a pager MESSAGE is a single message; inside a session, a chat line.
+        let kind = if in_dialog {
+            MessageKind::Chat
+        } else {
+            MessageKind::Normal
         };
         let env = Envelope {
             from,
             to,
-            body: Body::Message(MessageBody {
-                id: None,
-                text,
-                thread: None,
-            }),
+            body: Body::Message(message_of(req, kind, text)),
         };
         let tag = (!in_dialog).then(|| random_token(10));
         match status_for_submit(&hub.submit(domain, env)) {
@@ -365,14 +374,22 @@ impl Core {
             .next()
             .unwrap_or("legate")
             .to_owned();
+        let call_id = first
+            .thread
+            .as_deref()
+            .filter(|t| usable_call_id(t))
+            .map_or_else(|| format!("{}@{host}", random_token(20)), str::to_owned);
         let s = ImSession {
             id: sid,
-            local: local.bare(),
-            remote: remote.bare(),
+            // The writer's full JID: an error from the SIP side goes back to that resource
+            // (a server drops a message error sent to a bare JID, RFC 6121 §8.5.2.1.1).
+            local: local.clone(),
+            // A full JID names one SIP instance: its GRUU (RFC 7247 §6.3) becomes the target.
+            remote: remote.clone(),
             domain: domain.clone(),
             state: SessionState::Inviting,
             dialog: None,
-            call_id: format!("{}@{host}", random_token(20)),
+            call_id,
             local_tag: random_token(12),
             invite_cseq: 1,
             queue: VecDeque::from([first]),
@@ -386,9 +403,9 @@ impl Core {
             ("Max-Forwards", "70".into()),
             (
                 "From",
-                format!("<sip:{}>;tag={}", s.local.bare_string(), s.local_tag),
+                format!("<{}>;tag={}", sip_aor_of(&s.local), s.local_tag),
             ),
-            ("To", format!("<sip:{}>", s.remote.bare_string())),
+            ("To", format!("<{}>", sip_uri_of(&s.remote))),
             ("Call-ID", s.call_id.clone()),
             ("CSeq", "1 INVITE".into()),
             ("Contact", format!("<{contact}>")),
@@ -397,7 +414,7 @@ impl Core {
         let sdp = im_session::sdp(&host, sid);
         let req = build_request(
             "INVITE",
-            &format!("sip:{}", s.remote.bare_string()),
+            &sip_uri_of(&s.remote),
             &headers,
             Some(("application/sdp", &sdp)),
         );
@@ -435,11 +452,13 @@ impl Core {
             }
             return;
         };
+        let headers = headers_of(&body);
+        let extra: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let req = d.request(&InDialog {
             method: "MESSAGE",
             via: &via,
             contact: None,
-            extra: &[],
+            extra: &extra,
             body: Some(("text/plain;charset=UTF-8", body.text.as_bytes())),
             cseq_override: None,
         });
@@ -452,7 +471,7 @@ impl Core {
                     session: Some(sid),
                     from,
                     to,
-                    body,
+                    body: Box::new(body),
                     retried: false,
                 },
                 now,
@@ -478,6 +497,7 @@ impl Core {
                 id: body.id.clone(),
                 condition,
                 text: format!("the SIP peer answered {code}"),
+                // RFC 7247 §7.2 via `condition_for_status`.
                 kind: crate::gateway::envelope::ErrorOf::Message,
             },
         };
@@ -501,8 +521,8 @@ impl Core {
             return self.fail_session(hub, sid, 502);
         };
         if s.dialog.is_none() {
-            let local_uri = format!("sip:{}", s.local.bare_string());
-            let remote_uri = format!("sip:{}", s.remote.bare_string());
+            let local_uri = sip_aor_of(&s.local);
+            let remote_uri = sip_uri_of(&s.remote);
             match Dialog::uac(
                 &s.call_id,
                 &s.local_tag,
@@ -583,4 +603,149 @@ impl Core {
             self.send_request(bye, s.conn, s.domain.clone(), Purpose::Bye, now);
         }
     }
+}
+
+impl Core {
+    /// Text for a SIP user (the Message arm of `handle_delivery`): into the pair's session, or a
+    /// new one.
+    pub(super) fn deliver_message(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        from: Address,
+        to: Address,
+        body: MessageBody,
+        now: Instant,
+    ) {
+        let pair = (from.bare_string(), to.bare_string());
+        match self.session_pairs.get(&pair).copied() {
+            Some(sid) => {
+                // The latest writer is who hears of a failure (see `open_session`).
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    if from.resource.is_some() {
+                        s.local = from;
+                    }
+                }
+                self.send_session_message(hub, sid, body, now)
+            }
+            None => self.open_session(hub, from, to, domain.clone(), body, now),
+        }
+    }
+
+    /// An XMPP error for a SIP user. Requests are answered when the hub takes them, so an error
+    /// the home node sends later (the user is offline, refuses, or does not exist) would vanish:
+    /// RFC 7572 §5 lets the gateway tell the sender with a message instead. Only message
+    /// errors are worth a notice; presence errors have no reader.
+    pub(super) fn late_error(
+        &mut self,
+        hub: &dyn HubPort,
+        domain: &Domain,
+        env: Envelope,
+        now: Instant,
+    ) {
+        let Body::Error {
+            condition,
+            text,
+            kind,
+            ..
+        } = env.body
+        else {
+            return;
+        };
+        if kind != ErrorOf::Message {
+            tracing::debug!(
+                condition = condition.label(),
+                "presence or iq error for a SIP peer dropped"
+            );
+            return;
+        }
+        tracing::info!(
+            condition = condition.label(),
+            "late XMPP error: failure notice to the SIP sender"
+        );
+        let (code, reason) = condition.sip_status();
+        let why = if text.is_empty() {
+            String::new()
+        } else {
+            format!(": {text}")
+        };
+        let notice = MessageBody {
+            text: format!(
+                "Message not delivered to {}: {} ({code} {reason}){why}",
+                env.from.bare(),
+                condition.xmpp_name()
+            ),
+            kind: MessageKind::Normal,
+            ..Default::default()
+        };
+        self.deliver_message(hub, domain, env.from, env.to, notice, now);
+    }
+}
+
+/// The sender (with its GRUU, RFC 7247 §6.3) and the local user of an IM request, or the SIP
+/// answer saying which address could not be read and why.
+fn im_addresses(
+    from: Option<&crate::sip::Uri<'_>>,
+    ruri: Option<&crate::sip::Uri<'_>>,
+) -> Result<(Address, Address), (u16, &'static str)> {
+    use crate::gateway::interwork::address::{address_of_sip, instance_of_sip};
+    let bad = (400, "Bad Addresses");
+    let sender = from.and_then(|u| u.as_sip()).ok_or(bad)?;
+    let target = ruri.and_then(|u| u.as_sip()).ok_or(bad)?;
+    let sender = instance_of_sip(sender).map_err(|e| e.sip_status())?;
+    let target = address_of_sip(target).map_err(|e| e.sip_status())?;
+    Ok((sender, target))
+}
+
+/// The RFC 7572 §4 facts of a SIP request carrying a message: the Call-ID as thread, the
+/// `Subject`, the first `Content-Language` tag as `xml:lang`.
+fn message_of(req: &SipMessage, kind: MessageKind, text: String) -> MessageBody {
+    let value = |v: Option<&str>| {
+        v.map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    MessageBody {
+        id: None,
+        text,
+        thread: req.call_id().ok().map(str::to_owned),
+        kind,
+        subject: value(req.header(HeaderName::Subject).map(|h| h.value)),
+        lang: value(
+            req.header_value_by_raw_name("Content-Language")
+                .and_then(|v| v.split(',').next())
+                .filter(|t| language_tag(t.trim())),
+        ),
+    }
+}
+
+/// RFC 5646 `Language-Tag` as far as a header needs: ASCII letters, digits and `-`, bounded.
+fn language_tag(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// An XMPP thread usable as a Call-ID (RFC 3261 §25.1 `callid = word ["@" word]`, restricted
+/// to the characters no peer mis-parses), long enough to be unique across sessions.
+fn usable_call_id(t: &str) -> bool {
+    (8..=128).contains(&t.len())
+        && t.bytes().filter(|b| *b == b'@').count() <= 1
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._!%*+~@".contains(&b))
+}
+
+/// The headers RFC 7572 §5 gives an outgoing MESSAGE: `Subject` (XMPP text cannot hold CR or LF
+/// in a header line: control characters become spaces) and `Content-Language`.
+fn headers_of(body: &MessageBody) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(subject) = &body.subject {
+        let clean: String = subject
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        out.push(("Subject", clean.trim().to_owned()));
+    }
+    if let Some(lang) = body.lang.as_deref().filter(|l| language_tag(l)) {
+        out.push(("Content-Language", lang.to_owned()));
+    }
+    out
 }

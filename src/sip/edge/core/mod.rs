@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics as m;
 use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Submitted;
+use crate::gateway::interwork;
 use crate::gateway::policy::Consent;
 use crate::gateway::{
     Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, PresenceBody, Subscription,
@@ -146,7 +147,8 @@ enum Purpose {
         session: Option<u64>,
         from: Address,
         to: Address,
-        body: MessageBody,
+        /// Boxed: the RFC 7572 facts make a message large, and most entries are NOTIFYs.
+        body: Box<MessageBody>,
         retried: bool,
     },
     Bye,
@@ -334,27 +336,24 @@ fn random_token(n: usize) -> String {
         .collect()
 }
 
-/// `user@host` of a SIP URI as a core address (`None` for tel: or a URI without user).
+/// `user@host` of a SIP URI as a core address, without GRUU (`None` for tel:, sips: or a URI
+/// without user). The RFC 7247 §6 rules live in [`interwork::address`].
 fn address_of_uri(uri: &crate::sip::Uri<'_>) -> Option<Address> {
-    let s = uri.as_sip()?;
-    let user = s.user()?;
-    Address::parse(&format!("{user}@{}", s.host().as_str())).ok()
+    interwork::address::address_of_sip(uri.as_sip()?).ok()
 }
 
+/// RFC 7247 §7.2, through the one table.
 fn condition_for_status(code: u16) -> ErrorCondition {
-    match code {
-        403 | 603 => ErrorCondition::Forbidden,
-        404 | 410 | 484 | 604 => ErrorCondition::ItemNotFound,
-        408 | 504 => ErrorCondition::RemoteServerTimeout,
-        _ => ErrorCondition::ServiceUnavailable,
-    }
+    interwork::errors::condition_of_status(code)
 }
 
+/// The SIP answer to what the hub did with a request's envelope: refusals through RFC 7247
+/// §7.1 (the condition's row); a destination link down or full is `service-unavailable`, 503.
 fn status_for_submit(s: &Submitted) -> Option<(u16, &'static str)> {
     match s {
         Submitted::Delivered(_) => None,
         Submitted::Denied(d) => Some(d.condition().sip_status()),
-        Submitted::Unavailable(_) => Some((480, "Temporarily Unavailable")),
+        Submitted::Unavailable(_) => Some(ErrorCondition::ServiceUnavailable.sip_status()),
     }
 }
 
@@ -506,7 +505,7 @@ impl Core {
     fn contact_for(&self, user: &Address, conn: Option<ConnId>) -> String {
         format!(
             "sip:{}@{};transport={}",
-            user.local,
+            interwork::address::sip_user_of(user),
             self.me.sent_by,
             self.transport_on(conn).to_ascii_lowercase()
         )
@@ -1071,6 +1070,17 @@ impl Core {
                 "unsupported_uri_scheme",
             ));
         };
+        // RFC 7247 §8: a `sips:` request asks for TLS on every hop, which the XMPP side
+        // cannot promise; it is refused, never translated (nor is one from a `sips:` sender).
+        let from_sips = r
+            .from
+            .as_ref()
+            .ok()
+            .and_then(|f| f.uri.as_sip().map(|u| u.is_secure()));
+        if sip.is_secure() || from_sips == Some(true) {
+            let (code, reason) = interwork::address::SIPS_REFUSED;
+            return Err(refuse(code, reason, "sips_not_translated"));
+        }
         // A Lync batched SUBSCRIBE targets the watcher's own (foreign) URI ([MS-SIP]
         // §3.3.4.1); `on_batch_subscribe` checks it is exactly that.
         let batched = r.method == Some("SUBSCRIBE") && batch::is_adrl(req);
@@ -1239,7 +1249,7 @@ impl Core {
                 if let (Some(sid), 481 | 408, false) = (session, code, retried) {
                     // The peer lost the session: open a new one for this message.
                     self.remove_session(*sid);
-                    self.open_session(hub, from.clone(), to.clone(), domain, body.clone(), now);
+                    self.open_session(hub, from.clone(), to.clone(), domain, (**body).clone(), now);
                     return;
                 }
                 self.bounce_message(hub, &domain, from, to, body, code);
@@ -1409,19 +1419,8 @@ impl Core {
                     );
                 }
             }
-            Body::Message(body) => {
-                let pair = (env.from.bare_string(), env.to.bare_string());
-                match self.session_pairs.get(&pair).copied() {
-                    Some(sid) => self.send_session_message(hub, sid, body, now),
-                    None => self.open_session(hub, env.from, env.to, domain.clone(), body, now),
-                }
-            }
-            Body::Error { condition, .. } => {
-                tracing::debug!(
-                    condition = condition.label(),
-                    "error for a SIP peer dropped (requests are answered synchronously)"
-                );
-            }
+            Body::Message(body) => self.deliver_message(hub, domain, env.from, env.to, body, now),
+            Body::Error { .. } => self.late_error(hub, domain, env, now),
             Body::Xmpp(_) => {}
         }
     }
@@ -1540,5 +1539,7 @@ const BATCH_TAGS: &[&str] = &["adhoclist", "categoryList", "eventlist"];
 /// Methods we answer (RFC 3261 §20.5).
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";
 
+#[cfg(test)]
+mod im_tests;
 #[cfg(test)]
 mod tests;

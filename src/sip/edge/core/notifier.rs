@@ -463,7 +463,7 @@ impl Core {
                 system,
                 shown,
                 n.format,
-                &format!("sip:{}", n.presentity.bare_string()),
+                &interwork::address::sip_aor_of(&n.presentity),
             ),
             _ => None,
         };

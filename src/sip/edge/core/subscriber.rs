@@ -69,8 +69,8 @@ impl Core {
             }
             None => {
                 // RFC 6665 §4.1.2.4: the NOTIFY may overtake the 2xx and create the dialog.
-                let local_uri = format!("sip:{}", s.watcher.bare_string());
-                let remote_uri = format!("sip:{}", s.presentity.bare_string());
+                let local_uri = interwork::address::sip_aor_of(&s.watcher);
+                let remote_uri = interwork::address::sip_aor_of(&s.presentity);
                 if let Ok(d) = Dialog::uac(
                     &s.call_id,
                     &s.local_tag,
@@ -258,9 +258,16 @@ impl Core {
                     ("Max-Forwards", "70".into()),
                     (
                         "From",
-                        format!("<sip:{}>;tag={}", s.watcher.bare_string(), s.local_tag),
+                        format!(
+                            "<{}>;tag={}",
+                            interwork::address::sip_aor_of(&s.watcher),
+                            s.local_tag
+                        ),
                     ),
-                    ("To", format!("<sip:{}>", s.presentity.bare_string())),
+                    (
+                        "To",
+                        format!("<{}>", interwork::address::sip_aor_of(&s.presentity)),
+                    ),
                     ("Call-ID", s.call_id.clone()),
                     ("CSeq", format!("{} SUBSCRIBE", s.cseq)),
                     ("Contact", format!("<{contact}>")),
@@ -268,7 +275,7 @@ impl Core {
                 headers.extend(extra.iter().map(|(n, v)| (*n, (*v).to_owned())));
                 build_request(
                     "SUBSCRIBE",
-                    &format!("sip:{}", s.presentity.bare_string()),
+                    &interwork::address::sip_aor_of(&s.presentity),
                     &headers,
                     None,
                 )
@@ -314,8 +321,8 @@ impl Core {
             }
             if s.dialog.is_none() {
                 if let Some(tag) = resp.to().ok().and_then(|t| t.tag()) {
-                    let local_uri = format!("sip:{}", s.watcher.bare_string());
-                    let remote_uri = format!("sip:{}", s.presentity.bare_string());
+                    let local_uri = interwork::address::sip_aor_of(&s.watcher);
+                    let remote_uri = interwork::address::sip_aor_of(&s.presentity);
                     if let Ok(d) = Dialog::uac(
                         &s.call_id,
                         &s.local_tag,

@@ -24,10 +24,10 @@ component_secret = "a-long-enough-secret-1"
 default_system = "xmpp"
 "#;
 
-struct FakeHub {
+pub(super) struct FakeHub {
     cfg: Arc<Config>,
     maps: Arc<MappingSet>,
-    got: RefCell<Vec<Envelope>>,
+    pub(super) got: RefCell<Vec<Envelope>>,
 }
 
 impl HubPort for FakeHub {
@@ -45,7 +45,7 @@ impl HubPort for FakeHub {
     }
 }
 
-fn hub() -> FakeHub {
+pub(super) fn hub() -> FakeHub {
     hub_with("")
 }
 
@@ -63,7 +63,7 @@ fn hub_with(limits: &str) -> FakeHub {
     }
 }
 
-fn core() -> Core {
+pub(super) fn core() -> Core {
     Core::new(
         LocalIdentity {
             sent_by: "example.com:5061".into(),
@@ -73,7 +73,7 @@ fn core() -> Core {
     )
 }
 
-fn peer() -> PeerInfo {
+pub(super) fn peer() -> PeerInfo {
     PeerInfo {
         conn: 1,
         remote: "192.0.2.1:5061".parse().expect("addr"),
@@ -94,12 +94,12 @@ fn other_peer() -> PeerInfo {
     }
 }
 
-fn dom() -> Domain {
+pub(super) fn dom() -> Domain {
     Domain::parse("partner.com").expect("domain")
 }
 
 /// Drains the actions into the messages sent.
-fn sent(c: &mut Core) -> Vec<SipMessage> {
+pub(super) fn sent(c: &mut Core) -> Vec<SipMessage> {
     let mut out = Vec::new();
     while let Some(a) = c.poll_action() {
         if let Action::Send { bytes, .. } = a {
@@ -109,7 +109,7 @@ fn sent(c: &mut Core) -> Vec<SipMessage> {
     out
 }
 
-fn msg(text: &str) -> SipMessage {
+pub(super) fn msg(text: &str) -> SipMessage {
     parse_datagram(text.replace('\n', "\r\n").as_bytes()).expect("test message parses")
 }
 
@@ -129,7 +129,7 @@ Content-Length: 0\n\n"
     )
 }
 
-fn env(from: &str, to: &str, body: Body) -> Envelope {
+pub(super) fn env(from: &str, to: &str, body: Body) -> Envelope {
     Envelope {
         from: Address::parse(from).expect("addr"),
         to: Address::parse(to).expect("addr"),
@@ -369,6 +369,7 @@ fn invite_timeout_timer_b_bounces_queued_messages() {
                 id: Some("m1".into()),
                 text: "hello".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -416,6 +417,7 @@ fn message_timeout_timer_f_on_pager_like_session_message() {
                 id: Some("m2".into()),
                 text: "in session".into(),
                 thread: None,
+                ..Default::default()
             }),
         ),
         t0,
@@ -733,10 +735,11 @@ fn text(id: &str) -> Body {
         id: Some(id.into()),
         text: "hi".into(),
         thread: None,
+        ..Default::default()
     })
 }
 
-fn bounced(h: &FakeHub) -> Vec<Option<String>> {
+pub(super) fn bounced(h: &FakeHub) -> Vec<Option<String>> {
     h.got
         .borrow()
         .iter()
@@ -829,7 +832,7 @@ fn sessions_per_domain_are_bounded() {
 }
 
 /// A header value of a message we sent.
-fn hv<'m>(m: &'m SipMessage, name: &str) -> Option<&'m str> {
+pub(super) fn hv<'m>(m: &'m SipMessage, name: &str) -> Option<&'m str> {
     m.headers()
         .find(|h| h.raw_name.eq_ignore_ascii_case(name))
         .map(|h| h.value)

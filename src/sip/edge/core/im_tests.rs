@@ -1,0 +1,256 @@
+//! Machine tests of the RFC 7247 / RFC 7572 behaviour of the IM paths (see `im.rs`).
+
+use super::tests::{bounced, core, dom, env, hub, hv, msg, peer, sent};
+use super::*;
+use crate::gateway::envelope::{ErrorOf, MessageKind};
+
+fn pager(ruri: &str, from: &str, extra: &str) -> SipMessage {
+    msg(&format!(
+        "MESSAGE {ruri} SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKp1\n\
+Max-Forwards: 70\n\
+From: <{from}>;tag=p\n\
+To: <{ruri}>\n\
+Call-ID: pager-call-1\n\
+CSeq: 1 MESSAGE\n\
+{extra}Content-Type: text/plain\n\
+Content-Length: 2\n\nhi"
+    ))
+}
+
+fn status(c: &mut Core) -> Option<u16> {
+    sent(c).iter().find_map(|m| m.status())
+}
+
+/// RFC 7572 §4: a pager MESSAGE is a `normal` message whose thread is the Call-ID, with its
+/// Subject and language; RFC 7247 §6: the user part is decoded and XEP-0106-escaped, the GRUU
+/// becomes the resource.
+#[test]
+fn pager_message_carries_rfc7572_facts_and_rfc7247_addresses() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(
+        &h,
+        &peer(),
+        pager(
+            "sip:alice@example.com",
+            "sip:O'Malley@partner.com;gr=urn:uuid:1",
+            "Subject: Lunch\nContent-Language: fr, en\n",
+        ),
+        t0,
+    );
+    assert_eq!(status(&mut c), Some(200));
+    let got = h.got.borrow();
+    let e = got.first().expect("submitted");
+    assert_eq!(e.from.to_string(), "o\\27malley@partner.com/urn:uuid:1");
+    assert_eq!(
+        e.body,
+        Body::Message(MessageBody {
+            id: None,
+            text: "hi".into(),
+            thread: Some("pager-call-1".into()),
+            kind: MessageKind::Normal,
+            subject: Some("Lunch".into()),
+            lang: Some("fr".into()),
+        })
+    );
+}
+
+/// RFC 7247 §8: neither a `sips:` Request-URI nor a `sips:` sender is translated.
+#[test]
+fn sips_is_refused_with_416() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for (ruri, from) in [
+        ("sips:alice@example.com", "sip:bob@partner.com"),
+        ("sip:alice@example.com", "sips:bob@partner.com"),
+    ] {
+        c.handle_message(&h, &peer(), pager(ruri, from, ""), t0);
+        assert_eq!(status(&mut c), Some(416), "{ruri} {from}");
+    }
+    assert!(h.got.borrow().is_empty());
+}
+
+/// XMPP → SIP: the full JID's resource is the GRUU of the INVITE; the thread is its Call-ID;
+/// the subject and language travel as headers of the MESSAGE in the session.
+#[test]
+fn outbound_session_uses_gruu_thread_subject_and_language() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let body = Body::Message(MessageBody {
+        id: Some("x1".into()),
+        text: "hello".into(),
+        thread: Some("thread-0123456789".into()),
+        kind: MessageKind::Chat,
+        subject: Some("Re:\r\nInjected: yes".into()),
+        lang: Some("de".into()),
+    });
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "o\\27brien@example.com/desk",
+            "bob@partner.com/urn:uuid:7",
+            body,
+        ),
+        t0,
+    );
+    let inv = sent(&mut c).remove(0);
+    assert_eq!(
+        inv.request_uri()
+            .and_then(Result::ok)
+            .map(|u| u.as_str().to_owned()),
+        Some("sip:bob@partner.com;gr=urn:uuid:7".to_owned())
+    );
+    assert_eq!(inv.call_id().ok(), Some("thread-0123456789"));
+    assert!(hv(&inv, "From").is_some_and(|f| f.starts_with("<sip:o'brien@example.com>")));
+    let ok = inv.build_response(200, "OK", Some("t1")).expect("resp");
+    c.handle_message(&h, &peer(), ok, t0);
+    let out = sent(&mut c);
+    let m = out
+        .iter()
+        .find(|m| m.method() == Some("MESSAGE"))
+        .expect("the queued MESSAGE");
+    assert_eq!(hv(m, "Subject"), Some("Re:  Injected: yes"));
+    assert_eq!(hv(m, "Content-Language"), Some("de"));
+}
+
+/// A thread that cannot be a Call-ID (too short, characters a peer could mis-parse) gets a
+/// fresh one; a language that is no tag is not sent.
+#[test]
+fn unusable_threads_and_languages_are_not_copied() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for (i, thread) in ["t1", "a b c d e f g h", "x;y=zzzzzzzz", "<evil>@@host"]
+        .into_iter()
+        .enumerate()
+    {
+        let body = Body::Message(MessageBody {
+            text: "x".into(),
+            thread: Some(thread.into()),
+            lang: Some("en\r\nX: y".into()),
+            ..Default::default()
+        });
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env("alice@example.com", &format!("u{i}@partner.com"), body),
+            t0,
+        );
+        let inv = sent(&mut c).remove(0);
+        assert_ne!(inv.call_id().ok(), Some(thread));
+        assert!(hv(&inv, "Content-Language").is_none());
+    }
+}
+
+/// An XMPP message error arriving after the pager MESSAGE was answered becomes a notice to the
+/// SIP sender naming the condition and its RFC 7247 §7.1 status; presence errors do not.
+#[test]
+fn late_message_errors_become_a_notice() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let err = |kind| Body::Error {
+        id: None,
+        condition: ErrorCondition::RecipientUnavailable,
+        text: "offline".into(),
+        kind,
+    };
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com/pc",
+            "bob@partner.com",
+            err(ErrorOf::Presence),
+        ),
+        t0,
+    );
+    assert!(sent(&mut c).is_empty());
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com/pc",
+            "bob@partner.com",
+            err(ErrorOf::Message),
+        ),
+        t0,
+    );
+    let inv = sent(&mut c).remove(0);
+    assert_eq!(inv.method(), Some("INVITE"));
+    let s = c.sessions.values().next().expect("a session");
+    let notice = s.queue.front().expect("the notice waits for the session");
+    assert_eq!(notice.kind, MessageKind::Normal);
+    assert_eq!(
+        notice.text,
+        "Message not delivered to alice@example.com: recipient-unavailable \
+         (480 Temporarily Unavailable): offline"
+    );
+    assert!(bounced(&h).is_empty());
+}
+
+/// SIP → XMPP errors follow RFC 7247 §7.2 (480, 486, 603 and a 5xx are the rows that used to
+/// differ) and the bounce keeps the message id, addressed to the writer's resource.
+#[test]
+fn sip_failures_bounce_with_the_rfc7247_condition() {
+    for (code, want) in [
+        (480, ErrorCondition::RecipientUnavailable),
+        (486, ErrorCondition::RecipientUnavailable),
+        (603, ErrorCondition::ServiceUnavailable),
+        (500, ErrorCondition::InternalServerError),
+        (599, ErrorCondition::InternalServerError),
+    ] {
+        let h = hub();
+        let mut c = core();
+        let t0 = Instant::now();
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env(
+                "alice@example.com/pc",
+                "bob@partner.com",
+                Body::Message(MessageBody {
+                    id: Some("m9".into()),
+                    text: "x".into(),
+                    ..Default::default()
+                }),
+            ),
+            t0,
+        );
+        let inv = sent(&mut c).remove(0);
+        let no = inv.build_response(code, "No", Some("t")).expect("resp");
+        c.handle_message(&h, &peer(), no, t0);
+        let got = h.got.borrow();
+        let e = got.last().expect("bounce");
+        assert_eq!(e.to.to_string(), "alice@example.com/pc");
+        assert!(
+            matches!(&e.body, Body::Error { id: Some(i), condition, .. } if i == "m9" && *condition == want),
+            "{code}: {e:?}"
+        );
+    }
+}
+
+/// An address that cannot be read is answered with why (RFC 7247 §6): bad UTF-8 after
+/// percent-decoding, a control character.
+#[test]
+fn unreadable_addresses_get_400_with_a_reason() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for from in ["sip:a%C3@partner.com", "sip:a%07b@partner.com"] {
+        c.handle_message(&h, &peer(), pager("sip:alice@example.com", from, ""), t0);
+        let r = sent(&mut c).into_iter().find(|m| m.status().is_some());
+        let r = r.expect("an answer");
+        assert_eq!(
+            (r.status(), r.reason()),
+            (Some(400), Some("Bad Request (Address)")),
+            "{from}"
+        );
+    }
+    assert!(h.got.borrow().is_empty());
+}
