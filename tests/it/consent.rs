@@ -48,7 +48,10 @@ async fn policy(gw: &Gateway, args: &[&str]) -> Result<(i32, String, String)> {
     policy_at(gw.legate.addr("admin"), args).await
 }
 
-async fn policy_at(admin: std::net::SocketAddr, args: &[&str]) -> Result<(i32, String, String)> {
+pub(crate) async fn policy_at(
+    admin: std::net::SocketAddr,
+    args: &[&str],
+) -> Result<(i32, String, String)> {
     let admin = admin.to_string();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_legate"))
         .arg("policy")

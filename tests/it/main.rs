@@ -8,6 +8,7 @@
 mod common;
 mod sip_ua;
 
+mod aggregation;
 mod cli_check;
 mod cli_sip_check;
 mod component_link;
@@ -19,6 +20,7 @@ mod golden_tables;
 mod group_chat;
 mod harness_prosody;
 mod interworking;
+mod lync_batched;
 mod mapping_properties;
 mod mapping_reload;
 mod mappings_check;

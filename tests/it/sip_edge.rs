@@ -626,7 +626,7 @@ async fn pager_mode_and_policy_refusals() -> Result<()> {
             "Call-ID: req-1",
             "CSeq: 1 SUBSCRIBE",
             "Event: presence",
-            "Require: adhoclist, categoryList",
+            "Require: 100rel, precondition",
             "Content-Length: 0",
         ],
         b"",
@@ -634,7 +634,7 @@ async fn pager_mode_and_policy_refusals() -> Result<()> {
     .await?;
     let r = ua.response().await?;
     assert_eq!(r.status(), Some(420));
-    assert_eq!(hv(&r, "Unsupported"), "adhoclist, categoryList");
+    assert_eq!(hv(&r, "Unsupported"), "100rel, precondition");
     assert!(
         env.home_quiet().await,
         "no refused request reached the home side"

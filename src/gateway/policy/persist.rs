@@ -226,6 +226,9 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             tasks.abort_all();
+            // The watch task holds the store: it must be gone before the directory lock
+            // can be taken again.
+            while tasks.join_next().await.is_some() {}
         }
         // A restart reads both back.
         let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("reopen"));

@@ -11,12 +11,15 @@
 //!   embedding of RFC 8048 §4.3.
 //! - `msrtc`: Microsoft `application/msrtc-event-categories+xml` documents (Lync/SfB `state`
 //!   and `note` categories).
+//! - `rlmi`: Lync batched subscriptions: the `batchSub` request body ([MS-PRES] §2.2.2.4),
+//!   RLMI documents (RFC 4662 §5) and the `multipart/related` body (RFC 2387) around them.
 //!
 //! Codecs never decide what a state *means* (that is the mapping tables' job) and import nothing
 //! from `tokio::net`/`tokio::io`.
 
 pub mod msrtc;
 pub mod pidf;
+pub mod rlmi;
 mod xml;
 pub mod xmpp;
 

@@ -39,6 +39,8 @@ pub(crate) mod uri {
     /// Every Microsoft SIP schema lives under this prefix (`.../2006/09/sip/device`,
     /// `.../02/2006/sip/routing`, ...).
     pub const MS_PREFIX: &str = "http://schemas.microsoft.com/";
+    /// RFC 4662 §5 resource list meta-information.
+    pub const RLMI: &str = "urn:ietf:params:xml:ns:rlmi";
     /// XML Schema instance (`xsi:type` on msrtc `<state>`).
     pub const XSI: &str = "http://www.w3.org/2001/XMLSchema-instance";
 }
@@ -59,6 +61,7 @@ pub(crate) enum Ns {
     MsNote,
     /// Some other Microsoft SIP schema (device, services, contactCard, calendarData, routing).
     MsOther,
+    Rlmi,
     Xsi,
     /// Anything else: an extension the decoders skip.
     Other,
@@ -75,6 +78,7 @@ fn classify(ns: &str) -> Ns {
         uri::MS_STATE => Ns::MsState,
         uri::MS_NOTE => Ns::MsNote,
         uri::XSI => Ns::Xsi,
+        uri::RLMI => Ns::Rlmi,
         // `xmlns=""` resets the default namespace; quick-xml reports it as bound to "".
         "" => Ns::Unbound,
         other if other.starts_with(uri::MS_PREFIX) => Ns::MsOther,

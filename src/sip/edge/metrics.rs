@@ -63,7 +63,8 @@ pub static DIALOGS_G: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 pub static SUBS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     metrics::gauge_vec(
         SUBSCRIPTIONS,
-        "Presence subscriptions by role (notifier: foreign watcher; subscriber: local watcher)",
+        "Presence subscriptions by role (notifier: foreign watcher; subscriber: local watcher; \
+         batched: contacts in Lync batched subscriptions)",
         &["role"],
     )
 });

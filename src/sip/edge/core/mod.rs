@@ -10,9 +10,11 @@
 //!
 //! Layout: this file holds the tables, the request pipeline (transactions, screening and
 //! federation policy, method dispatch), client-transaction outcomes, deliveries and timers;
-//! `notifier`, `subscriber` and `im` hold the three sub-machines, `persist` the state file
+//! `notifier`, `subscriber` and `im` hold the three sub-machines (`batch` the Lync batched
+//! notifier), `persist` the state file
 //! form, `tests` the simulated-clock tests.
 
+mod batch;
 mod im;
 mod notifier;
 mod persist;
@@ -35,9 +37,10 @@ use crate::gateway::hub::Submitted;
 use crate::gateway::interwork;
 use crate::gateway::policy::Consent;
 use crate::gateway::{
-    Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, Subscription,
+    Address, Body, Envelope, ErrorCondition, Hub, MessageBody, Origin, PresenceBody, Subscription,
 };
 use crate::net::LogSafe;
+use crate::presence::aggregate::ResourceTable;
 use crate::presence::convert::SipBodyKind;
 use crate::presence::map::MappingSet;
 use crate::sip::dialog::{build_request, response_with, Dialog, DialogId, InDialog};
@@ -50,6 +53,7 @@ use crate::sip::subscription::{
     NotifyState, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
+pub use batch::{MemberState, PersistedBatch};
 
 /// A connection, as numbered by the driver.
 pub type ConnId = u64;
@@ -176,6 +180,7 @@ enum TimerKey {
     Server(TxnKey),
     Client(TxnKey),
     Notifier(DialogId),
+    Batch(DialogId),
     Subscriber(u64),
     Session(u64),
 }
@@ -272,6 +277,10 @@ pub struct Core {
     /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
     /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
     notifier_watchers: HashMap<String, usize>,
+    /// Each watched user's resources (RFC 6121 §4.7.2 aggregation), one entry per presentity.
+    resources: ResourceTable,
+    /// Lync batched subscriptions (`batch`) with their indexes.
+    batches: batch::Batches,
     subscribers: HashMap<u64, Subscriber>,
     subscriber_pairs: HashMap<(String, String), u64>,
     subscriber_calls: HashMap<(String, String), u64>,
@@ -365,6 +374,8 @@ impl Core {
             notifiers: HashMap::new(),
             notifier_pairs: HashMap::new(),
             notifier_watchers: HashMap::new(),
+            resources: ResourceTable::new(),
+            batches: batch::Batches::default(),
             subscribers: HashMap::new(),
             subscriber_pairs: HashMap::new(),
             subscriber_calls: HashMap::new(),
@@ -547,6 +558,7 @@ impl Core {
                     self.notifier_watchers.remove(&pair.1);
                 }
             }
+            self.forget_if_unwatched(&pair.1);
         }
     }
 
@@ -563,6 +575,9 @@ impl Core {
         let s = i64::try_from(self.subscribers.len()).unwrap_or(i64::MAX);
         m::SUBS.with_label_values(&["notifier"]).set(n);
         m::SUBS.with_label_values(&["subscriber"]).set(s);
+        m::SUBS
+            .with_label_values(&["batched"])
+            .set(i64::try_from(self.batches.members).unwrap_or(i64::MAX));
         m::DIALOGS_G.with_label_values(&["subscription_in"]).set(n);
         let sd = self
             .subscribers
@@ -927,13 +942,16 @@ impl Core {
             domain: domain.clone(),
         });
         // RFC 3261 §8.2.2.3: an extension the request requires and we do not support is
-        // refused with 420 and listed in Unsupported (e.g. Lync's batched `adhoclist`
-        // subscriptions, which this edge does not implement). Never for ACK/CANCEL.
+        // refused with 420 and listed in Unsupported; a SUBSCRIBE may also require the Lync
+        // batched-subscription tags (`BATCH_TAGS`, see `batch`). Never for ACK/CANCEL.
         let unsupported: Vec<&str> = req
             .headers_named(HeaderName::Require)
             .flat_map(|h| h.value.split(','))
             .map(str::trim)
             .filter(|t| !t.is_empty() && !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .filter(|t| {
+                method != "SUBSCRIBE" || !BATCH_TAGS.iter().any(|s| s.eq_ignore_ascii_case(t))
+            })
             .collect();
         if !unsupported.is_empty() && method != "CANCEL" {
             m::refused("bad_extension");
@@ -952,6 +970,9 @@ impl Core {
             return;
         }
         match method {
+            "SUBSCRIBE" if self.is_batch_subscribe(&req) => {
+                self.on_batch_subscribe(hub, &cfg, peer, &key, &req, &domain, now)
+            }
             "SUBSCRIBE" => self.on_subscribe(hub, &cfg, peer, &key, &req, &domain, now),
             "NOTIFY" => self.on_notify(hub, peer, Some(&key), &req, &domain, now),
             "INVITE" => self.on_invite(hub, peer, &key, &req, &domain, now),
@@ -1067,7 +1088,10 @@ impl Core {
             let (code, reason) = interwork::address::SIPS_REFUSED;
             return Err(refuse(code, reason, "sips_not_translated"));
         }
-        if !in_dialog {
+        // A Lync batched SUBSCRIBE targets the watcher's own (foreign) URI ([MS-SIP]
+        // §3.3.4.1); `on_batch_subscribe` checks it is exactly that.
+        let batched = r.method == Some("SUBSCRIBE") && batch::is_adrl(req);
+        if !in_dialog && !batched {
             let host = Domain::parse(sip.host().as_str()).ok();
             if host.as_ref().is_some_and(|h| cfg.chat_node(h).is_some()) {
                 // Rooms are offered to XMPP federation only: Lync and Skype for Business
@@ -1202,6 +1226,7 @@ impl Core {
                         self.pair_remove(&pair, dialog);
                         self.dirty = true;
                     }
+                    self.batch_remove(dialog);
                 }
             }
             Purpose::Subscribe { id, expires } => {
@@ -1284,17 +1309,28 @@ impl Core {
         env: Envelope,
         now: Instant,
     ) {
+        self.batch_delivery(&env, now);
         match env.body {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
                 let ids = self.notifier_pairs.get(&pair).cloned().unwrap_or_default();
-                if ids.is_empty() {
+                let batched = self.batches.watches(&pair);
+                if ids.is_empty() && !batched {
                     tracing::debug!("presence for a watcher without subscription dropped");
+                    return;
+                }
+                // The home node broadcasts per resource; watchers see the user's aggregate
+                // (RFC 6121 §4.7.2), so one device signing off never hides another.
+                let agg =
+                    self.resources
+                        .update(&hub.maps(), &pair.1, env.from.resource.as_deref(), p);
+                if batched {
+                    self.batch_presence(&pair, now);
                 }
                 for id in ids {
                     let mut activated = false;
                     if let Some(n) = self.notifiers.get_mut(&id) {
-                        n.last = Some(p.clone());
+                        n.last = agg.clone();
                         // Presence reaching a pending watcher means the home side lets it see
                         // the user (an XMPP server only sends presence to approved
                         // subscribers); offline presence is how polite blocking looks.
@@ -1414,6 +1450,7 @@ impl Core {
                         self.arm_notifier(&id, e);
                     }
                 }
+                TimerKey::Batch(id) => self.batch_timer(hub, &id, at, now),
                 TimerKey::Subscriber(id) => {
                     let due = self
                         .subscribers
@@ -1465,6 +1502,9 @@ impl Core {
 
 /// Option tags we accept in `Require` (RFC 3261 §20.32).
 const SUPPORTED: &[&str] = &["ms-benotify", "ms-text-format"];
+/// Option tags a SUBSCRIBE may also require: Lync batched subscriptions ([MS-PRES] §2.2.2.4)
+/// and resource lists (RFC 4662 §4.1).
+const BATCH_TAGS: &[&str] = &["adhoclist", "categoryList", "eventlist"];
 
 /// Methods we answer (RFC 3261 §20.5).
 pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, SUBSCRIBE, NOTIFY, INFO";

@@ -326,7 +326,8 @@ impl Core {
         if let Some(n) = self.notifier_remove(id) {
             let pair = (n.watcher.bare_string(), n.presentity.bare_string());
             self.pair_remove(&pair, id);
-            let others = self.notifier_pairs.contains_key(&pair);
+            // A batched dialog of the same pair still watching keeps the home side's consent.
+            let others = self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair);
             // RFC 8048 §5.3.3: the end of a SIP subscription is unavailable presence of the
             // watcher, not `unsubscribe`, which would revoke the user's approval and make them
             // answer again at the next sign-in. A blocked watcher's end is not told at all.

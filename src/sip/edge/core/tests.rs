@@ -8,6 +8,7 @@ use crate::sip::parse::{parse_datagram, parse_exact};
 use std::cell::RefCell;
 use std::path::Path;
 
+mod batch;
 mod consent;
 
 const CONFIG: &str = r#"routing_node = "hn1"
