@@ -96,6 +96,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     )
     .await
     .map_err(|e| RunError::Edge(format!("cannot load the consent lists: {e}")))?;
+    crate::gateway::directory_store::start(
+        hub.clone(),
+        store.clone(),
+        shutdown.clone(),
+        &mut tasks,
+    )
+    .await
+    .map_err(|e| RunError::Edge(format!("cannot load the learned directory: {e}")))?;
     tasks.spawn(admin::serve(
         listener,
         hub.clone(),

@@ -5,8 +5,10 @@
 //! - `router`: federation policy, the user → home node directory, presence translation — the
 //!   pure decide stage.
 //! - `policy`: consent — per-user allow/block lists, pending requests, polite blocking.
+//! - `directory_store`: the learned directory in the state store (survives a restart).
 //! - `hub`: the running switchboard: links register an outbox, `submit` routes and delivers.
 
+pub mod directory_store;
 pub mod envelope;
 pub mod hub;
 pub mod interwork;

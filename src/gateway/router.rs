@@ -173,13 +173,27 @@ pub const MAX_LEARNED: usize = 1_000_000;
 /// Which home node hosts which local user: the static `users` lists of the configuration
 /// first (an operator's word outranks anything traffic suggests), then what was learned from
 /// user traffic on each component link, then the routing node as last resort.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Directory {
     learned: DashMap<String, Arc<str>>,
+    /// Where what is learned is written (the state store, through `directory_store`).
+    sink: std::sync::OnceLock<DirectorySink>,
     /// Users a second home node sent as while the directory places them on another one
     /// (requirements §5: a user lives on one home node): reported, not resolved, because
     /// which node is right is the operator's call. Bounded by [`MAX_CONFLICTS`].
     conflicts: DashMap<String, (Arc<str>, Arc<str>)>,
+}
+
+/// Receives each user the directory learns (bare JID, home node).
+pub type DirectorySink = Box<dyn Fn(&str, &Arc<str>) + Send + Sync>;
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("learned", &self.learned.len())
+            .field("conflicts", &self.conflicts.len())
+            .finish()
+    }
 }
 
 /// Most conflicting users kept for `/status` (one is enough to show a misconfiguration; a
@@ -235,7 +249,33 @@ impl Directory {
         {
             return;
         }
+        if let Some(sink) = self.sink.get() {
+            sink(&key, home_node);
+        }
         self.learned.insert(key, home_node.clone());
+    }
+
+    /// Installs where learned users are written (once).
+    pub fn set_sink(&self, sink: DirectorySink) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Takes a user learned earlier (the state store at start, or another node through it)
+    /// without writing it back. Ignored when the home node is no longer configured, the
+    /// configuration lists the user (the list wins), or the directory is full.
+    pub fn restore(&self, config: &Config, user: &Address, home_node: &str) -> bool {
+        let Some(h) = config.home_node(home_node) else {
+            return false;
+        };
+        if configured_home(config, user).is_some() {
+            return false;
+        }
+        let key = user.bare_string();
+        if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(&key) {
+            return false;
+        }
+        self.learned.insert(key, Arc::from(h.name.as_str()));
+        true
     }
 
     /// The home node `user` lives on, if it is known (configured or learned).
