@@ -63,6 +63,13 @@ route = "127.0.0.1:5999"
     let status = legate.http_get("/status").await?;
     assert!(status.contains("\"sip\""), "{status}");
     assert!(status.contains(&sip.to_string()), "{status}");
+    // stderr is a pipe here, as under systemd or with a log file: no colour codes in it.
+    let log = legate.output();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a piped log:\n{log:?}"
+    );
     drop(legate);
     Ok(())
 }
