@@ -426,6 +426,18 @@ pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> 
     for note in cfg.notes() {
         tracing::warn!("{note}");
     }
+    if config_path.is_none() {
+        // A newcomer's first run: say what this node is and what to do next, once, where
+        // they look (stdout, beside the `listening` lines), instead of leaving only warnings.
+        println!(
+            "legate: running the embedded default (local domain example.com, no home node, no \
+             partner): it accepts connections but has nowhere to deliver. Next: copy \
+             legate.example.toml, declare your XMPP server under [[home_node]] (and a Component \
+             per partner domain on it), your partners under [[sip.federated_domain]] or \
+             [xmpp.federation], a certificate under [tls]; then `legate check --config FILE` \
+             and `legate run --config FILE`."
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
