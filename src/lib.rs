@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod diag;
 pub mod dns;
+pub mod doctor;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
