@@ -42,6 +42,9 @@ pub enum Outcome {
 pub struct Seen {
     pub before_tls: Option<Features>,
     pub after_tls: Option<Features>,
+    /// TLS was established (the partner may end the stream instead of offering nothing:
+    /// Prosody sends `undefined-condition` "No stream features to offer").
+    pub tls: bool,
 }
 
 fn describe(f: &Features) -> String {
@@ -114,7 +117,7 @@ pub fn protocol_verdict(
             );
             s
         }
-        Outcome::Failed(text) if !external && !dialback && seen.after_tls.is_some() => Step::fail(
+        Outcome::Failed(text) if !external && !dialback && seen.tls => Step::fail(
             k,
             format!(
                 "{domain} offers no way to authenticate us: no SASL EXTERNAL for our \
@@ -400,6 +403,7 @@ pub async fn steps(
                         .unwrap_or_default();
                     d.io = Box::new(h.stream);
                     d.tls = true;
+                    d.seen.tls = true;
                     let acts = if direct {
                         d.m.start_direct_tls(Instant::now(), names)
                     } else {
@@ -464,6 +468,7 @@ mod tests {
                 ..Features::default()
             }),
             after_tls: Some(feats(&["EXTERNAL"], true)),
+            tls: true,
         };
         let s = protocol_verdict(
             &seen,
@@ -486,6 +491,7 @@ mod tests {
         let seen = Seen {
             before_tls: None,
             after_tls: Some(feats(&[], false)),
+            tls: true,
         };
         let s = protocol_verdict(
             &seen,
@@ -506,6 +512,7 @@ mod tests {
         let seen = Seen {
             before_tls: None,
             after_tls: Some(feats(&[], true)),
+            tls: true,
         };
         let w = protocol_verdict(
             &seen,
