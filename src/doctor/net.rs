@@ -102,7 +102,7 @@ pub fn dns_verdict(
             s
         }
         Some(TargetSource::Naptr) | Some(TargetSource::Srv)
-            if plan.protocol == Protocol::Sip && !srv.first().is_some_and(|s| s.answer.is_ok()) =>
+            if plan.protocol == Protocol::Sip && srv.first().is_none_or(|s| s.answer.is_err()) =>
         {
             let mut s = step;
             s.downgrade(

@@ -92,6 +92,10 @@ pub fn protocol_verdict(
         "ask {domain} to trust the CA of our certificate (so that it offers SASL EXTERNAL to \
          {local}) or to enable server dialback"
     );
+    let dialback_fix = format!(
+        "{domain} could not verify our dialback key: it must resolve {local} and reach our s2s \
+         listener, and every node must share xmpp.federation.dialback_secret; or {trust_us}"
+    );
     let step = match outcome {
         Outcome::Authenticated(AuthMethod::SaslExternal) => Step::ok(
             k,
@@ -128,11 +132,12 @@ pub fn protocol_verdict(
         Outcome::Failed(text) if text.contains("dialback") => Step::fail(
             k,
             format!("{domain} refused dialback: {text}"),
-            format!(
-                "{domain} could not verify our dialback key: it must resolve {local} and reach \
-                 our s2s listener, and every node must share xmpp.federation.dialback_secret; \
-                 or {trust_us}"
-            ),
+            dialback_fix.clone(),
+        ),
+        Outcome::TimedOut(Phase::AwaitDialbackResult) => Step::fail(
+            k,
+            format!("{domain} did not confirm our dialback key in time (dialback not completed)"),
+            dialback_fix.clone(),
         ),
         Outcome::Failed(text) if text.contains("SASL EXTERNAL") => Step::fail(
             k,

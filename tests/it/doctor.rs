@@ -49,6 +49,11 @@ impl Ours {
     /// `dns` as the only nameserver, `lync.test` as SIP partner (with `sip_extra` lines) and
     /// `xmpp.test` allowed over XMPP.
     fn config(&self, dns: SocketAddr, sip_extra: &str) -> PathBuf {
+        self.config_with(dns, sip_extra, "")
+    }
+
+    /// [`Ours::config`] with extra `[xmpp.federation]` lines.
+    fn config_with(&self, dns: SocketAddr, sip_extra: &str, federation_extra: &str) -> PathBuf {
         let ours = self.certs.leaf("example.test", &[LOCAL]);
         let text = format!(
             r#"[[local_domain]]
@@ -69,6 +74,7 @@ system = "lync"
 
 [xmpp.federation]
 mode = "allow_list"
+{federation_extra}
 
 [[xmpp.federation.domain]]
 name = "{XMPP_DOMAIN}"
@@ -215,7 +221,19 @@ async fn sip_case(n: u8, spec: LeafSpec, other_ca: bool) -> Result<Run> {
     let addr = sip_edge(ip(n), &theirs, trust).await?;
     let dns = sip_dns(ip(n), addr.port())?;
     let cfg = ours.config(dns.addr(), "");
-    doctor(&cfg, SIP_DOMAIN).await
+    let run = doctor(&cfg, SIP_DOMAIN).await?;
+    // The same run as text: the exit code does not depend on the format.
+    let text_cfg = cfg.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_legate"))
+            .args(["doctor", SIP_DOMAIN, "--timeout", "20", "--config"])
+            .arg(&text_cfg)
+            .output()
+    })
+    .await??;
+    println!("{}", String::from_utf8_lossy(&text.stdout));
+    assert_eq!(text.status.code(), Some(run.code));
+    Ok(run)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,10 +382,19 @@ async fn domain_not_allowed_by_our_policy_fails_at_policy() -> Result<()> {
     Ok(())
 }
 
-/// A Prosody serving `xmpp.test` on `ip(n)` with its certificate; `trusts_us`: it trusts our
-/// CA and authenticates by certificate only, else it does not trust our CA and has no
-/// dialback either.
-fn xmpp_partner(ours: &Ours, n: u8, trusts_us: bool) -> Result<(Prosody, Dnsmasq)> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Partner {
+    /// Trusts our CA, certificates only (SASL EXTERNAL).
+    TrustsUs,
+    /// Does not trust our CA and has no dialback either.
+    NoWay,
+    /// Does not trust our CA, dialback loaded; our s2s listener (which dialback calls back)
+    /// is not reachable.
+    DialbackOnly,
+}
+
+/// A Prosody serving `xmpp.test` on `ip(n)` with its certificate, as `kind` says.
+fn xmpp_partner(ours: &Ours, n: u8, kind: Partner) -> Result<(Prosody, Dnsmasq)> {
     let theirs = ours.certs.leaf("xmpp", &[XMPP_DOMAIN]);
     let mut pc = ProsodyConfig::new(ip(n)).host(XMPP_DOMAIN).host_cert(
         XMPP_DOMAIN,
@@ -376,16 +403,21 @@ fn xmpp_partner(ours: &Ours, n: u8, trusts_us: bool) -> Result<(Prosody, Dnsmasq
             key: theirs.key.clone(),
         },
     );
-    if trusts_us {
-        pc = pc.secure_s2s(ours.certs.ca_path());
-    } else {
-        pc.dialback = false;
-        pc.s2s_require_encryption = true;
+    match kind {
+        Partner::TrustsUs => pc = pc.secure_s2s(ours.certs.ca_path()),
+        Partner::NoWay => {
+            pc.dialback = false;
+            pc.s2s_require_encryption = true;
+        }
+        Partner::DialbackOnly => pc.s2s_require_encryption = true,
     }
+    // Our own domain points at a port where nothing listens: a dialback check-back fails.
+    let ours_port = ports::free_port(IpAddr::V4(ip(1)));
     let dns = Dnsmasq::start(&[
         DnsRecord::a(XMPP_DOMAIN, ip(n)),
         DnsRecord::a(LOCAL, ip(1)),
         DnsRecord::xmpp_server(XMPP_DOMAIN, XMPP_DOMAIN, pc.s2s_port),
+        DnsRecord::xmpp_server(LOCAL, LOCAL, ours_port),
     ])?;
     let prosody = Prosody::start(pc.dns(dns.unbound_forward()))?;
     Ok((prosody, dns))
@@ -394,7 +426,7 @@ fn xmpp_partner(ours: &Ours, n: u8, trusts_us: bool) -> Result<(Prosody, Dnsmasq
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_prosody_passes_with_sasl_external() -> Result<()> {
     let ours = Ours::new();
-    let (prosody, dns) = xmpp_partner(&ours, 11, true)?;
+    let (prosody, dns) = xmpp_partner(&ours, 11, Partner::TrustsUs)?;
     let cfg = ours.config(dns.addr(), "");
     let run = doctor(&cfg, XMPP_DOMAIN).await?;
     assert_eq!(run.code, 0, "{:#}\n{}", run.json, prosody.log());
@@ -412,7 +444,7 @@ async fn healthy_prosody_passes_with_sasl_external() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_without_dialback_or_trust_fails_at_protocol() -> Result<()> {
     let ours = Ours::new();
-    let (prosody, dns) = xmpp_partner(&ours, 12, false)?;
+    let (prosody, dns) = xmpp_partner(&ours, 12, Partner::NoWay)?;
     let cfg = ours.config(dns.addr(), "");
     let run = doctor(&cfg, XMPP_DOMAIN).await?;
     assert_eq!(run.code, 1, "{:#}\n{}", run.json, prosody.log());
@@ -428,6 +460,43 @@ async fn prosody_without_dialback_or_trust_fails_at_protocol() -> Result<()> {
         fix.contains("trust the CA") && fix.contains("dialback"),
         "{fix}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_refused_fails_at_protocol() -> Result<()> {
+    let ours = Ours::new();
+    let (prosody, dns) = xmpp_partner(&ours, 13, Partner::DialbackOnly)?;
+    let cfg = ours.config_with(
+        dns.addr(),
+        "",
+        "dialback_secret = \"doctor-test-secret-0123456789\"",
+    );
+    let run = doctor(&cfg, XMPP_DOMAIN).await?;
+    assert_eq!(run.code, 1, "{:#}\n{}", run.json, prosody.log());
+    assert_eq!(run.json["failed_step"], "protocol", "{:#}", run.json);
+    assert!(
+        run.summary("protocol").contains("dialback"),
+        "{:#}",
+        run.json
+    );
+    assert!(
+        run.fix("protocol").contains("reach our s2s listener"),
+        "{:#}",
+        run.json
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialback_without_our_secret_is_a_warning() -> Result<()> {
+    let ours = Ours::new();
+    let (prosody, dns) = xmpp_partner(&ours, 14, Partner::DialbackOnly)?;
+    let cfg = ours.config(dns.addr(), "");
+    let run = doctor(&cfg, XMPP_DOMAIN).await?;
+    assert_eq!(run.code, 0, "{:#}\n{}", run.json, prosody.log());
+    assert_eq!(run.verdict("protocol"), "warn", "{:#}", run.json);
+    assert!(run.fix("protocol").contains("dialback"), "{:#}", run.json);
     Ok(())
 }
 
