@@ -4,7 +4,6 @@
 //! whether its targets accept a TCP connection. The verdicts are pure functions of the lookups
 //! ([`dns_verdict`], [`tcp_verdict`]); the lookups and connects are bounded by the run budget.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -283,21 +282,20 @@ pub async fn tcp_step(targets: &[Target], budget: &Budget) -> (Step, Option<(Tar
     (tcp_verdict(&results), first)
 }
 
-/// For tests and rendering: a target on loopback.
-pub fn target(addr: SocketAddr, transport: Transport, source: TargetSource) -> Target {
-    Target {
-        host: addr.ip().to_string(),
-        addr,
-        transport,
-        source,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::S2sAuth;
     use crate::doctor::Verdict;
+
+    fn target(addr: std::net::SocketAddr, transport: Transport, source: TargetSource) -> Target {
+        Target {
+            host: addr.ip().to_string(),
+            addr,
+            transport,
+            source,
+        }
+    }
 
     fn plan(p: Protocol) -> Plan {
         Plan {

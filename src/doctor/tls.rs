@@ -241,6 +241,12 @@ pub fn assess(obs: &Observed, domain: &Domain, plan: &Plan, now: i64) -> Step {
             .with_details(step.details);
         }
     }
+    if plan.protocol == Protocol::Xmpp && !leaf.client_auth_eku {
+        // Our s2s edge accepts a serverAuth-only certificate from a connecting server (see
+        // tls::verify); other servers may not, when this partner connects to them.
+        step.details
+            .push("no clientAuth EKU (accepted by our s2s edge, refused by some servers)".into());
+    }
     if let Some(days) = days_left.filter(|n| *n < EXPIRY_WARN_DAYS) {
         step.downgrade(
             format!("the certificate expires in {days} day(s)"),

@@ -361,6 +361,35 @@ async fn static_route_is_used_before_dns() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_map_is_consulted_before_dns() -> Result<()> {
+    let ours = Ours::new();
+    let theirs = ours.certs.leaf("lync", &[SIP_DOMAIN]);
+    let addr = sip_edge(ip(15), &theirs, ours.certs.ca_path()).await?;
+    // The SRV target has no A record: only the address map knows where it is.
+    let dns = Dnsmasq::start(&[DnsRecord::srv(
+        "_sipfederationtls._tcp.lync.test",
+        "edge.lync.test",
+        addr.port(),
+    )])?;
+    let cfg = ours.config(dns.addr(), "");
+    let mut text = std::fs::read_to_string(&cfg)?;
+    text.push_str(&format!(
+        "\n[cluster.address_map]\n\"edge.lync.test\" = \"{}\"\n",
+        ip(15)
+    ));
+    std::fs::write(&cfg, text)?;
+    let run = doctor(&cfg, SIP_DOMAIN).await?;
+    assert_eq!(run.code, 0, "{:#}", run.json);
+    let details = run.step("dns")["details"].to_string();
+    assert!(
+        details.contains("address map: edge.lync.test -> 127.0.7.15"),
+        "{:#}",
+        run.json
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domain_not_allowed_by_our_policy_fails_at_policy() -> Result<()> {
     let ours = Ours::new();
     let dns = Dnsmasq::start(&[DnsRecord::a("unrelated.test", ip(10))])?;
