@@ -69,6 +69,7 @@ enum Cmd {
     Doctor {
         /// The partner's domain.
         domain: String,
+        /// The configuration, loaded as `check` and `run` load it (default: the embedded one).
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]

@@ -426,13 +426,16 @@ pub async fn steps(
         Stop::Done(o) => o,
         Stop::StartTls => Outcome::Failed("STARTTLS asked twice".into()),
     };
-    out.push(protocol_verdict(
-        &d.seen,
-        &outcome,
-        domain.as_str(),
-        local.as_str(),
-        plan,
-    ));
+    let mut step = protocol_verdict(&d.seen, &outcome, domain.as_str(), local.as_str(), plan);
+    if !have_cert && step.verdict == Verdict::Fail {
+        step.details
+            .push("we have no certificate to present, so SASL EXTERNAL was not tried".into());
+        step.fix = Some(format!(
+            "configure our certificate (tls.cert/tls.key or a cert on the [[local_domain]]); {}",
+            step.fix.unwrap_or_default()
+        ));
+    }
+    out.push(step);
     // Best effort: leave the partner a clean close.
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), async {
         let _ = d.io.write_all(b"</stream:stream>").await;
