@@ -261,8 +261,9 @@ pub fn handshake_failed(e: &HandshakeError, domain: &Domain) -> Step {
     let d = domain.as_str();
     let fix = match e.failure {
         TlsFailure::NoSharedCipher | TlsFailure::ProtocolVersion => format!(
-            "{d} offers no TLS 1.2/1.3 ECDHE-GCM suite we speak: ask them to enable TLS 1.2 \
-             with ECDHE AES-GCM (check tls.min_version too)"
+            "{d} ended the handshake: either we share no TLS 1.2/1.3 ECDHE-GCM suite (ask them \
+             to enable TLS 1.2 with ECDHE AES-GCM; check tls.min_version too), or it has no \
+             certificate for the name we asked for (SNI = {d}) on that port"
         ),
         TlsFailure::NotTls => format!(
             "the target does not speak TLS: it is a plain-TCP port, or the SRV record points at \

@@ -471,6 +471,46 @@ async fn healthy_prosody_passes_with_sasl_external() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_prosody_passes() -> Result<()> {
+    let ours = Ours::new();
+    let theirs = ours.certs.leaf("xmpp", &[XMPP_DOMAIN]);
+    let direct_port = ports::free_port(IpAddr::V4(ip(16)));
+    let mut pc = ProsodyConfig::new(ip(16))
+        .host(XMPP_DOMAIN)
+        .host_cert(
+            XMPP_DOMAIN,
+            CertPaths {
+                cert: theirs.cert.clone(),
+                key: theirs.key.clone(),
+            },
+        )
+        .secure_s2s(ours.certs.ca_path());
+    pc.extra_global_lua = format!(
+        "s2s_direct_tls_ports = {{ {direct_port} }}\n\
+         s2s_direct_tls_ssl = {{ certificate = {}; key = {}; }}",
+        common::prosody::lua_str(&theirs.cert.to_string_lossy()),
+        common::prosody::lua_str(&theirs.key.to_string_lossy()),
+    );
+    // Only the XEP-0368 record: the doctor must use direct TLS.
+    let dns = Dnsmasq::start(&[
+        DnsRecord::a(XMPP_DOMAIN, ip(16)),
+        DnsRecord::srv("_xmpps-server._tcp.xmpp.test", XMPP_DOMAIN, direct_port),
+    ])?;
+    let prosody = Prosody::start(pc.dns(dns.unbound_forward()))?;
+    let cfg = ours.config(dns.addr(), "");
+    let run = doctor(&cfg, XMPP_DOMAIN).await?;
+    assert_eq!(run.code, 0, "{:#}\n{}", run.json, prosody.log());
+    let tls_details = run.step("tls")["details"].to_string();
+    assert!(tls_details.contains("direct TLS"), "{:#}", run.json);
+    assert!(
+        run.summary("protocol").contains("SASL EXTERNAL"),
+        "{:#}",
+        run.json
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prosody_without_dialback_or_trust_fails_at_protocol() -> Result<()> {
     let ours = Ours::new();
     let (prosody, dns) = xmpp_partner(&ours, 12, Partner::NoWay)?;
