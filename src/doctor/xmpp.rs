@@ -360,18 +360,22 @@ pub async fn steps(
                 ));
                 return out;
             }
-            out.push(Step::fail(
-                StepKind::Tls,
-                "the stream ended before TLS",
-                "see the protocol step",
-            ));
-            out.push(protocol_verdict(
-                &d.seen,
-                &outcome,
-                domain.as_str(),
-                local.as_str(),
-                plan,
-            ));
+            // The stream never reached TLS: report why as the TLS step (the run stops there).
+            let mut step =
+                protocol_verdict(&d.seen, &outcome, domain.as_str(), local.as_str(), plan);
+            if step.verdict == Verdict::Fail {
+                step.kind = StepKind::Tls;
+                step.summary = format!("no TLS: {}", step.summary);
+                out.push(step);
+            } else {
+                // Only possible with tls = "optional": plaintext s2s that worked.
+                out.push(Step::warn(
+                    StepKind::Tls,
+                    format!("the stream with {domain} runs without TLS"),
+                    format!("ask {domain} to offer STARTTLS, then set tls = \"required\""),
+                ));
+                out.push(step);
+            }
             return out;
         }
         Stop::StartTls => {
