@@ -13,12 +13,15 @@
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
 //!   log-safe peer text.
 //! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
+//! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
+//!   OPTIONS / s2s stream), each step a verdict and a fix.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod diag;
 pub mod dns;
+pub mod doctor;
 pub mod gateway;
 pub mod metrics;
 pub mod net;

@@ -1,5 +1,5 @@
 //! The `legate` command line: the admin contract (`check`, `translate`, `mappings show`,
-//! `sip check`, `policy`) and the gateway itself (`run`). Output formats here are relied on by tooling:
+//! `sip check`, `policy`, `doctor`) and the gateway itself (`run`). Output formats here are relied on by tooling:
 //! change them only with the README.
 
 use anyhow::Result;
@@ -62,6 +62,21 @@ enum Cmd {
     Mappings {
         #[command(subcommand)]
         cmd: MappingsCmd,
+    },
+    /// Federation self-test with one partner domain: our policy, DNS, TCP reach, TLS
+    /// handshake, then a SIP OPTIONS or an XMPP s2s stream; a verdict and a fix per step.
+    /// Exit codes: 0 federation would work, 1 a step failed, 2 usage or configuration error.
+    Doctor {
+        /// The partner's domain.
+        domain: String,
+        /// The configuration, loaded as `check` and `run` load it (default: the embedded one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Bound of the whole run, in seconds (each network step gets at most 10 s of it).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
     /// A local user's consent lists (who may see their presence), on a RUNNING node: the
     /// command talks to the node's admin endpoint (`node.admin_listen`), and a change applies
@@ -139,6 +154,17 @@ fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config, mappings } => cli::run(config.as_deref(), mappings),
+        Cmd::Doctor {
+            domain,
+            config,
+            format,
+            timeout,
+        } => Ok(cli::doctor::doctor(
+            &domain,
+            config.as_deref(),
+            matches!(format, Format::Json),
+            timeout,
+        )),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
         Cmd::Sip {
             cmd:

@@ -15,6 +15,7 @@ mod component_link;
 mod config;
 mod consent;
 mod dns;
+mod doctor;
 mod gateway_safety;
 mod golden_tables;
 mod group_chat;
