@@ -362,6 +362,22 @@ impl Config {
                 "no [[home_node]] is declared: inbound foreign traffic has nowhere to go".into(),
             );
         }
+        // Accepted so a configuration can be written ahead, but said plainly: an admin must
+        // not believe a node is clustered or peered when it runs alone.
+        if !self.cluster.peers.is_empty() || matches!(self.cluster.store, Store::Etcd { .. }) {
+            notes.push(
+                "[cluster] is accepted but not in effect yet: this node runs alone, with its \
+                 embedded state store (no etcd, no peers, no leader election)"
+                    .into(),
+            );
+        }
+        if !self.intercluster.peers.is_empty() {
+            notes.push(
+                "[intercluster] is accepted but not in effect yet: no user sync and no routing \
+                 to peer clusters"
+                    .into(),
+            );
+        }
         if !self.sip.federated_domains.is_empty()
             && self.listeners.sip_tls.is_none()
             && self.listeners.sip_tcp.is_none()
