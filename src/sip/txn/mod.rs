@@ -162,8 +162,11 @@ pub enum TxnError {
 
 /// Transaction matching key (§17.1.3, §17.2.3). The parts are shared strings: one key is
 /// held by the transaction, its table, its timer and the remembered answer, and a clone must
-/// not allocate for each of them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// not allocate for each of them. The hash of the three parts is computed once, when the key
+/// is made (keyed per process, as `RandomState` is, since branches are chosen by peers): a
+/// request looks its key up in several tables, and re-hashing ~60 bytes of strings for each
+/// lookup cost more than the lookups.
+#[derive(Debug, Clone)]
 pub struct TxnKey {
     /// Top Via branch, as sent (compared exactly).
     pub branch: Arc<str>,
@@ -172,9 +175,66 @@ pub struct TxnKey {
     pub sent_by: Arc<str>,
     /// Method; ACK is keyed as INVITE so it finds the INVITE server transaction.
     pub method: Arc<str>,
+    hash: u64,
+}
+
+/// The per-process hash keys of [`TxnKey`].
+fn key_hasher() -> &'static std::collections::hash_map::RandomState {
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(std::collections::hash_map::RandomState::new)
+}
+
+impl PartialEq for TxnKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && self.branch == other.branch
+            && self.sent_by == other.sent_by
+            && self.method == other.method
+    }
+}
+
+impl Eq for TxnKey {}
+
+impl std::hash::Hash for TxnKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for TxnKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for TxnKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.branch, &self.sent_by, &self.method).cmp(&(
+            &other.branch,
+            &other.sent_by,
+            &other.method,
+        ))
+    }
 }
 
 impl TxnKey {
+    /// A key from its parts.
+    pub fn new(branch: Arc<str>, sent_by: Arc<str>, method: Arc<str>) -> Self {
+        let hash = std::hash::BuildHasher::hash_one(key_hasher(), (&*branch, &*sent_by, &*method));
+        TxnKey {
+            branch,
+            sent_by,
+            method,
+            hash,
+        }
+    }
+
+    /// The same branch and sent-by with another method (a CANCEL's INVITE, §9.2).
+    pub fn with_method(&self, method: &str) -> Self {
+        Self::new(self.branch.clone(), self.sent_by.clone(), method.into())
+    }
+
     /// Server-side key of an incoming request (§17.2.3).
     pub fn server(req: &SipMessage) -> Result<Self, TxnError> {
         Self::server_of(req.method(), &req.via_top())
@@ -198,11 +258,7 @@ impl TxnKey {
             None => host,
         };
         let method = if method == "ACK" { "INVITE" } else { method };
-        Ok(TxnKey {
-            branch: branch.into(),
-            sent_by: sent_by.into(),
-            method: method.into(),
-        })
+        Ok(TxnKey::new(branch.into(), sent_by.into(), method.into()))
     }
 
     /// Client-side key of an outgoing request or an incoming response (§17.1.3): top Via
@@ -216,11 +272,7 @@ impl TxnKey {
         } else {
             cseq.method
         };
-        Ok(TxnKey {
-            branch: branch.into(),
-            sent_by: "".into(),
-            method: method.into(),
-        })
+        Ok(TxnKey::new(branch.into(), "".into(), method.into()))
     }
 }
 

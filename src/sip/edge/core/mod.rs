@@ -967,10 +967,7 @@ impl Core {
             "CANCEL" => {
                 // INVITEs are answered at once, so a CANCEL always arrives too late and has no
                 // effect (§9.2); it is still answered 200 when it matches the INVITE.
-                let invite = TxnKey {
-                    method: "INVITE".into(),
-                    ..key.clone()
-                };
+                let invite = key.with_method("INVITE");
                 if self.server.contains_key(&invite) {
                     self.reply(&key, &req, 200, "OK", None, &[], None, now)
                 } else {
@@ -1155,6 +1152,14 @@ impl Core {
     /// RFC 5393 §4.2: a request carrying a Via we inserted (our sent-by and our branch prefix)
     /// came back to us.
     fn is_loop(&self, req: &SipMessage) -> bool {
+        // Our branches carry `branch_prefix` literally; a request whose Via lines do not
+        // contain it cannot be a loop, and most requests are spared decoding every Via.
+        if !req
+            .headers_named(HeaderName::Via)
+            .any(|h| h.value.contains(self.branch_prefix.as_str()))
+        {
+            return false;
+        }
         let Ok(vias) = req.vias() else { return false };
         vias.iter().any(|v| {
             v.sent_by().eq_ignore_ascii_case(&self.me.sent_by)
