@@ -177,6 +177,28 @@ impl SipMessage {
         self.headers.iter().map(|h| self.view(h))
     }
 
+    /// The value of the first line of each of `names`, in that order; only those lines are
+    /// viewed, and the scan stops once all were found (the routing view, once per request).
+    pub(crate) fn first_values<const N: usize>(&self, names: [HeaderName; N]) -> [Option<&str>; N] {
+        let mut out = [None; N];
+        let mut left = N;
+        for h in &self.headers {
+            let Some(i) = names.iter().position(|n| *n == h.name) else {
+                continue;
+            };
+            if let Some(slot) = out.get_mut(i) {
+                if slot.is_none() {
+                    *slot = Some(self.view(h).value);
+                    left -= 1;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Number of header lines.
     pub fn header_count(&self) -> usize {
         self.headers.len()

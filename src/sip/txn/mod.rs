@@ -176,13 +176,20 @@ pub struct TxnKey {
     /// Method; ACK is keyed as INVITE so it finds the INVITE server transaction.
     pub method: Arc<str>,
     hash: u64,
+    /// A second hash under other keys: with `hash`, the key's [`TxnKey::fingerprint`].
+    hash2: u64,
 }
 
-/// The per-process hash keys of [`TxnKey`].
-fn key_hasher() -> &'static std::collections::hash_map::RandomState {
-    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+/// The per-process hash keys of [`TxnKey`] (two independent sets).
+fn key_hashers() -> &'static [std::collections::hash_map::RandomState; 2] {
+    static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> =
         std::sync::OnceLock::new();
-    KEYS.get_or_init(std::collections::hash_map::RandomState::new)
+    KEYS.get_or_init(|| {
+        [
+            std::collections::hash_map::RandomState::new(),
+            std::collections::hash_map::RandomState::new(),
+        ]
+    })
 }
 
 impl PartialEq for TxnKey {
@@ -221,13 +228,25 @@ impl Ord for TxnKey {
 impl TxnKey {
     /// A key from its parts.
     pub fn new(branch: Arc<str>, sent_by: Arc<str>, method: Arc<str>) -> Self {
-        let hash = std::hash::BuildHasher::hash_one(key_hasher(), (&*branch, &*sent_by, &*method));
+        let [k1, k2] = key_hashers();
+        let parts = (&*branch, &*sent_by, &*method);
+        let hash = std::hash::BuildHasher::hash_one(k1, parts);
+        let hash2 = std::hash::BuildHasher::hash_one(k2, parts);
         TxnKey {
             branch,
             sent_by,
             method,
             hash,
+            hash2,
         }
+    }
+
+    /// 128 bits of keyed hash (SipHash under two per-process random keys) standing for the
+    /// key where only equality is needed and the key's strings should not be kept: two
+    /// different keys share a fingerprint with probability ~2^-128 per pair, and a peer
+    /// cannot aim at one without the keys.
+    pub fn fingerprint(&self) -> u128 {
+        (u128::from(self.hash) << 64) | u128::from(self.hash2)
     }
 
     /// The same branch and sent-by with another method (a CANCEL's INVITE, §9.2).
@@ -252,11 +271,14 @@ impl TxnKey {
         if !branch.starts_with(MAGIC_COOKIE) || branch.len() == MAGIC_COOKIE.len() {
             return Err(TxnError::NoRfc3261Branch);
         }
-        let host = via.host.as_str().to_ascii_lowercase();
-        let sent_by = match via.port {
-            Some(p) => format!("{host}:{p}"),
-            None => host,
-        };
+        let host = via.host.as_str();
+        // Built in one buffer (`host[:port]`, host lowercased): this runs once per request.
+        let mut sent_by = String::with_capacity(host.len() + 6);
+        sent_by.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        if let Some(p) = via.port {
+            use std::fmt::Write as _;
+            let _ = write!(sent_by, ":{p}");
+        }
         let method = if method == "ACK" { "INVITE" } else { method };
         Ok(TxnKey::new(branch.into(), sent_by.into(), method.into()))
     }
