@@ -111,6 +111,14 @@ impl Framer {
         self.buf.extend_from_slice(data);
     }
 
+    /// The buffer to read the connection into directly, with room for at least `room` more
+    /// bytes: a read then lands where framing cuts messages from, without a copy through a
+    /// separate read buffer.
+    pub fn read_buf(&mut self, room: usize) -> &mut BytesMut {
+        self.buf.reserve(room);
+        &mut self.buf
+    }
+
     /// Whether part of a message has arrived and the rest has not: buffered bytes other than
     /// a keep-alive's CR/LF prefix (RFC 5626 §4.4.1). The connection's message deadline runs
     /// while this is true.
@@ -262,7 +270,9 @@ fn scan_content_length(head: &[u8]) -> Result<Option<usize>, SipParseError> {
             continue;
         };
         let name = line.get(..colon).unwrap_or(&[]).trim_ascii_end();
-        if HeaderName::classify(name) != HeaderName::ContentLength {
+        // Only `Content-Length` (14) and `l` (1) name it: other lengths are not classified.
+        if !matches!(name.len(), 1 | 14) || HeaderName::classify(name) != HeaderName::ContentLength
+        {
             continue;
         }
         let value: Vec<u8> = line

@@ -74,7 +74,7 @@ pub(crate) enum StartLine {
 }
 
 /// A parsed SIP request or response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SipMessage {
     pub(crate) buf: Bytes,
     pub(crate) start: StartLine,
@@ -82,9 +82,29 @@ pub struct SipMessage {
     pub(crate) start_span: Span,
     pub(crate) headers: Vec<HeaderField>,
     pub(crate) unfolded: String,
+    /// The header section as text (`buf[..head.len()]`, start line included), checked as
+    /// UTF-8 once by the parser: every header access slices it instead of checking its bytes
+    /// again (tens of accesses per request). Empty when not kept (a built response).
+    pub(crate) head: String,
     pub(crate) body: Span,
     pub(crate) body_own: Option<Bytes>,
 }
+
+/// Equal when the bytes and their reading are: `head` is a cache of `buf` (kept or not) and
+/// takes no part.
+impl PartialEq for SipMessage {
+    fn eq(&self, other: &Self) -> bool {
+        self.buf == other.buf
+            && self.start == other.start
+            && self.start_span == other.start_span
+            && self.headers == other.headers
+            && self.unfolded == other.unfolded
+            && self.body == other.body
+            && self.body_own == other.body_own
+    }
+}
+
+impl Eq for SipMessage {}
 
 /// A borrowed view of one header.
 #[derive(Debug, Clone, Copy)]
@@ -110,15 +130,27 @@ impl SipMessage {
         h.own.as_deref().unwrap_or(&self.buf)
     }
 
+    /// The text of a span of `buf`: a slice of `head` when it covers the span, else checked.
+    fn text(&self, span: Span) -> &str {
+        match self.head.get(span.range()) {
+            Some(t) => t,
+            None => as_str(span.get(&self.buf)),
+        }
+    }
+
     fn view<'m>(&'m self, h: &'m HeaderField) -> HeaderRef<'m> {
         let b = self.field_bytes(h);
-        let value = match (&h.own, &h.loc) {
-            (None, ValueLoc::Unfolded) => self.unfolded.get(h.value_span.range()).unwrap_or(""),
-            _ => as_str(h.value_span.get(b)),
+        let (value, raw_name) = match (&h.own, &h.loc) {
+            (None, ValueLoc::Unfolded) => (
+                self.unfolded.get(h.value_span.range()).unwrap_or(""),
+                self.text(h.name_span),
+            ),
+            (None, ValueLoc::Buf) => (self.text(h.value_span), self.text(h.name_span)),
+            (Some(_), _) => (as_str(h.value_span.get(b)), as_str(h.name_span.get(b))),
         };
         HeaderRef {
             name: h.name,
-            raw_name: as_str(h.name_span.get(b)),
+            raw_name,
             value,
             raw_line: h.line_span.get(b),
         }
@@ -132,7 +164,7 @@ impl SipMessage {
     /// The request method, as sent (case-sensitive, RFC 3261 §7.1).
     pub fn method(&self) -> Option<&str> {
         match &self.start {
-            StartLine::Request { method, .. } => Some(as_str(method.get(&self.buf))),
+            StartLine::Request { method, .. } => Some(self.text(*method)),
             StartLine::Response { .. } => None,
         }
     }
@@ -140,7 +172,7 @@ impl SipMessage {
     /// The raw Request-URI text.
     pub fn request_uri_str(&self) -> Option<&str> {
         match &self.start {
-            StartLine::Request { uri, .. } => Some(as_str(uri.get(&self.buf))),
+            StartLine::Request { uri, .. } => Some(self.text(*uri)),
             StartLine::Response { .. } => None,
         }
     }
@@ -162,7 +194,7 @@ impl SipMessage {
     /// The response reason phrase (may be empty, RFC 4475 §3.1.1.13).
     pub fn reason(&self) -> Option<&str> {
         match &self.start {
-            StartLine::Response { reason, .. } => Some(as_str(reason.get(&self.buf))),
+            StartLine::Response { reason, .. } => Some(self.text(*reason)),
             StartLine::Request { .. } => None,
         }
     }
@@ -175,6 +207,28 @@ impl SipMessage {
     /// All headers in order.
     pub fn headers(&self) -> impl Iterator<Item = HeaderRef<'_>> + '_ {
         self.headers.iter().map(|h| self.view(h))
+    }
+
+    /// The value of the first line of each of `names`, in that order; only those lines are
+    /// viewed, and the scan stops once all were found (the routing view, once per request).
+    pub(crate) fn first_values<const N: usize>(&self, names: [HeaderName; N]) -> [Option<&str>; N] {
+        let mut out = [None; N];
+        let mut left = N;
+        for h in &self.headers {
+            let Some(i) = names.iter().position(|n| *n == h.name) else {
+                continue;
+            };
+            if let Some(slot) = out.get_mut(i) {
+                if slot.is_none() {
+                    *slot = Some(self.view(h).value);
+                    left -= 1;
+                    if left == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Number of header lines.
@@ -585,6 +639,7 @@ impl SipMessage {
             start_span: Span::new(0..sl_end),
             headers,
             unfolded: String::new(),
+            head: String::new(),
             body: Span::new(end..end),
             body_own: None,
         })

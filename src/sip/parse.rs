@@ -51,9 +51,10 @@ pub fn parse_bytes(buf: Bytes, mode: BodyMode) -> Result<SipMessage, SipParseErr
     let head = b.get(..head_end).unwrap_or(&[]);
     // RFC 3261 §25: header text is UTF-8 (TEXT-UTF8, UTF8-NONASCII). Checking once here lets
     // accessors hand out &str slices.
-    if std::str::from_utf8(head).is_err() {
+    let Ok(head_text) = std::str::from_utf8(head) else {
         return Err(SipParseError::HeaderNotUtf8);
-    }
+    };
+    let head_text = head_text.to_owned();
 
     // ---- start line ----
     let sl_end = memchr(b'\n', head).unwrap_or(head.len());
@@ -200,6 +201,7 @@ pub fn parse_bytes(buf: Bytes, mode: BodyMode) -> Result<SipMessage, SipParseErr
         start_span: Span::new(0..sl_stop),
         headers,
         unfolded,
+        head: head_text,
         body: Span::new(body_start..end),
         body_own: None,
     })

@@ -39,20 +39,13 @@ impl<'m> Routing<'m> {
     /// Decodes the routing headers of `msg` in one pass over its header list: the first
     /// instance of each counts, as for [`SipMessage::header`].
     pub fn of(msg: &'m SipMessage) -> Self {
-        let (mut via, mut from, mut to, mut call_id, mut cseq) = (None, None, None, None, None);
-        for h in msg.headers() {
-            let slot = match h.name {
-                HeaderName::Via => &mut via,
-                HeaderName::From => &mut from,
-                HeaderName::To => &mut to,
-                HeaderName::CallId => &mut call_id,
-                HeaderName::CSeq => &mut cseq,
-                _ => continue,
-            };
-            if slot.is_none() {
-                *slot = Some(h.value);
-            }
-        }
+        let [via, from, to, call_id, cseq] = msg.first_values([
+            HeaderName::Via,
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+            HeaderName::CSeq,
+        ]);
         Routing {
             method: msg.method(),
             via: via.ok_or(MISSING).and_then(header::parse_via_first),

@@ -245,6 +245,9 @@ fn out_queue() -> (OutTx, OutRx) {
     )
 }
 
+/// Room made in the framer's buffer before each read (as much as the read buffer it replaced).
+const READ_ROOM: usize = 16 * 1024;
+
 /// Most bytes one write coalesces (a 64 KiB socket write is still a single cheap syscall).
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -295,22 +298,21 @@ pub async fn run_connection<S>(
         tracing::debug!("connection open");
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut framer = Framer::new(limits.max_header, limits.max_message);
-        let mut buf = vec![0u8; 16 * 1024];
         let mut batch = Vec::new();
         let mut deadlines = Deadlines::new(&limits, Instant::now());
         'conn: loop {
             let (at, expiry) = deadlines.next();
             tokio::select! {
-                r = rd.read(&mut buf) => {
-                    let n = match r {
+                // Read straight into the framer's buffer (no copy through a read buffer).
+                r = rd.read_buf(framer.read_buf(READ_ROOM)) => {
+                    match r {
                         Ok(0) => break,
-                        Ok(n) => n,
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::debug!(error = %e, "read failed");
                             break;
                         }
-                    };
-                    framer.push(buf.get(..n).unwrap_or(&[]));
+                    }
                     loop {
                         match framer.next() {
                             Ok(None) => break,

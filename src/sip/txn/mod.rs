@@ -162,8 +162,11 @@ pub enum TxnError {
 
 /// Transaction matching key (§17.1.3, §17.2.3). The parts are shared strings: one key is
 /// held by the transaction, its table, its timer and the remembered answer, and a clone must
-/// not allocate for each of them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// not allocate for each of them. The hash of the three parts is computed once, when the key
+/// is made (keyed per process, as `RandomState` is, since branches are chosen by peers): a
+/// request looks its key up in several tables, and re-hashing ~60 bytes of strings for each
+/// lookup cost more than the lookups.
+#[derive(Debug, Clone)]
 pub struct TxnKey {
     /// Top Via branch, as sent (compared exactly).
     pub branch: Arc<str>,
@@ -172,9 +175,85 @@ pub struct TxnKey {
     pub sent_by: Arc<str>,
     /// Method; ACK is keyed as INVITE so it finds the INVITE server transaction.
     pub method: Arc<str>,
+    hash: u64,
+    /// A second hash under other keys: with `hash`, the key's [`TxnKey::fingerprint`].
+    hash2: u64,
+}
+
+/// The per-process hash keys of [`TxnKey`] (two independent sets).
+fn key_hashers() -> &'static [std::collections::hash_map::RandomState; 2] {
+    static KEYS: std::sync::OnceLock<[std::collections::hash_map::RandomState; 2]> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        [
+            std::collections::hash_map::RandomState::new(),
+            std::collections::hash_map::RandomState::new(),
+        ]
+    })
+}
+
+impl PartialEq for TxnKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && self.branch == other.branch
+            && self.sent_by == other.sent_by
+            && self.method == other.method
+    }
+}
+
+impl Eq for TxnKey {}
+
+impl std::hash::Hash for TxnKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for TxnKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for TxnKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.branch, &self.sent_by, &self.method).cmp(&(
+            &other.branch,
+            &other.sent_by,
+            &other.method,
+        ))
+    }
 }
 
 impl TxnKey {
+    /// A key from its parts.
+    pub fn new(branch: Arc<str>, sent_by: Arc<str>, method: Arc<str>) -> Self {
+        let [k1, k2] = key_hashers();
+        let parts = (&*branch, &*sent_by, &*method);
+        let hash = std::hash::BuildHasher::hash_one(k1, parts);
+        let hash2 = std::hash::BuildHasher::hash_one(k2, parts);
+        TxnKey {
+            branch,
+            sent_by,
+            method,
+            hash,
+            hash2,
+        }
+    }
+
+    /// 128 bits of keyed hash (SipHash under two per-process random keys) standing for the
+    /// key where only equality is needed and the key's strings should not be kept: two
+    /// different keys share a fingerprint with probability ~2^-128 per pair, and a peer
+    /// cannot aim at one without the keys.
+    pub fn fingerprint(&self) -> u128 {
+        (u128::from(self.hash) << 64) | u128::from(self.hash2)
+    }
+
+    /// The same branch and sent-by with another method (a CANCEL's INVITE, §9.2).
+    pub fn with_method(&self, method: &str) -> Self {
+        Self::new(self.branch.clone(), self.sent_by.clone(), method.into())
+    }
+
     /// Server-side key of an incoming request (§17.2.3).
     pub fn server(req: &SipMessage) -> Result<Self, TxnError> {
         Self::server_of(req.method(), &req.via_top())
@@ -192,17 +271,16 @@ impl TxnKey {
         if !branch.starts_with(MAGIC_COOKIE) || branch.len() == MAGIC_COOKIE.len() {
             return Err(TxnError::NoRfc3261Branch);
         }
-        let host = via.host.as_str().to_ascii_lowercase();
-        let sent_by = match via.port {
-            Some(p) => format!("{host}:{p}"),
-            None => host,
-        };
+        let host = via.host.as_str();
+        // Built in one buffer (`host[:port]`, host lowercased): this runs once per request.
+        let mut sent_by = String::with_capacity(host.len() + 6);
+        sent_by.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+        if let Some(p) = via.port {
+            use std::fmt::Write as _;
+            let _ = write!(sent_by, ":{p}");
+        }
         let method = if method == "ACK" { "INVITE" } else { method };
-        Ok(TxnKey {
-            branch: branch.into(),
-            sent_by: sent_by.into(),
-            method: method.into(),
-        })
+        Ok(TxnKey::new(branch.into(), sent_by.into(), method.into()))
     }
 
     /// Client-side key of an outgoing request or an incoming response (§17.1.3): top Via
@@ -216,11 +294,7 @@ impl TxnKey {
         } else {
             cseq.method
         };
-        Ok(TxnKey {
-            branch: branch.into(),
-            sent_by: "".into(),
-            method: method.into(),
-        })
+        Ok(TxnKey::new(branch.into(), "".into(), method.into()))
     }
 }
 

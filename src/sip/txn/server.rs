@@ -124,6 +124,11 @@ impl ServerTransaction {
         }
     }
 
+    /// The response a retransmitted request would get again (the latest one sent).
+    pub fn last_response(&self) -> Option<&Bytes> {
+        self.last_response.as_ref()
+    }
+
     /// Next bytes to send.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         self.transmit.pop_front()

@@ -201,6 +201,38 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
     }
 }
 
+/// The hasher of tables keyed by a [`TxnKey::fingerprint`]: the fingerprint is already a
+/// keyed hash, so its low 64 bits are used as they are. The table holds no key strings, so
+/// evicting its oldest entry (every request at full load) touches one cold bucket, not four.
+#[derive(Debug, Clone, Copy, Default)]
+struct Prehashed;
+
+impl std::hash::BuildHasher for Prehashed {
+    type Hasher = PrehashedHasher;
+    fn build_hasher(&self) -> PrehashedHasher {
+        PrehashedHasher(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PrehashedHasher(u64);
+
+impl std::hash::Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u128` keys are hashed here (`write_u128`); this fold keeps any other use sound.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        // Truncation intended: the low half is one of the two keyed hashes.
+        self.0 = n as u64;
+    }
+}
+
 /// Most remembered final responses (see `Core::remember`).
 const RECENT_LIMIT: usize = 8192;
 /// Live server transactions at most; beyond, requests get a stateless 503. Refusals by policy
@@ -297,9 +329,10 @@ pub struct Core {
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
-    /// Final responses of recent non-INVITE server transactions (see `remember`).
-    recent: HashMap<TxnKey, (IpAddr, Bytes)>,
-    recent_order: VecDeque<(Instant, TxnKey)>,
+    /// Final responses of recent non-INVITE server transactions (see `remember`), by
+    /// [`TxnKey::fingerprint`].
+    recent: HashMap<u128, (IpAddr, Bytes), Prehashed>,
+    recent_order: VecDeque<(Instant, u128)>,
     /// Peer address of connections that sent us requests (for `recent`).
     conn_ips: HashMap<ConnId, IpAddr>,
     /// Whether each connection we heard on is TLS (for the Via/Contact transport).
@@ -388,7 +421,7 @@ impl Core {
             notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
-            recent: HashMap::new(),
+            recent: HashMap::default(),
             recent_order: VecDeque::new(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
@@ -655,18 +688,18 @@ impl Core {
             }
         };
         m::response("out", code);
-        if code >= 200 && &*key.method != "INVITE" {
-            if let Some(ip) = self
-                .server
-                .get(key)
-                .and_then(|e| self.conn_ips.get(&e.conn))
-            {
-                let ip = *ip;
-                self.remember(key, ip, resp.to_bytes(), now);
-            }
-        }
+        let mut sent = None;
         if let Some(e) = self.server.get_mut(key) {
             e.txn.handle(Event::TuResponse(Box::new(resp)), now);
+            // The bytes the transaction serialized are the ones remembered: one encoding.
+            if code >= 200 && &*key.method != "INVITE" {
+                sent = e.txn.last_response().cloned().map(|b| (e.conn, b));
+            }
+        }
+        if let Some((conn, bytes)) = sent {
+            if let Some(ip) = self.conn_ips.get(&conn).copied() {
+                self.remember(key, ip, bytes, now);
+            }
         }
         self.drain_server(key);
     }
@@ -681,13 +714,13 @@ impl Core {
             if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
                 break;
             }
-            // The queue owns its copy of the key: taken, not cloned, to find the map entry.
             if let Some((_, k)) = self.recent_order.pop_front() {
                 self.recent.remove(&k);
             }
         }
-        if self.recent.insert(key.clone(), (ip, bytes)).is_none() {
-            self.recent_order.push_back((now, key.clone()));
+        let k = key.fingerprint();
+        if self.recent.insert(k, (ip, bytes)).is_none() {
+            self.recent_order.push_back((now, k));
         }
     }
 
@@ -856,7 +889,7 @@ impl Core {
         // and one peer must never read another's response.
         if let Some((_, b)) = self
             .recent
-            .get(&key)
+            .get(&key.fingerprint())
             .filter(|(ip, _)| *ip == peer.remote.ip())
         {
             self.actions.push_back(Action::Send {
@@ -994,10 +1027,7 @@ impl Core {
             "CANCEL" => {
                 // INVITEs are answered at once, so a CANCEL always arrives too late and has no
                 // effect (§9.2); it is still answered 200 when it matches the INVITE.
-                let invite = TxnKey {
-                    method: "INVITE".into(),
-                    ..key.clone()
-                };
+                let invite = key.with_method("INVITE");
                 if self.server.contains_key(&invite) {
                     self.reply(&key, &req, 200, "OK", None, &[], None, now)
                 } else {
@@ -1196,6 +1226,14 @@ impl Core {
     /// RFC 5393 §4.2: a request carrying a Via we inserted (our sent-by and our branch prefix)
     /// came back to us.
     fn is_loop(&self, req: &SipMessage) -> bool {
+        // Our branches carry `branch_prefix` literally; a request whose Via lines do not
+        // contain it cannot be a loop, and most requests are spared decoding every Via.
+        if !req
+            .headers_named(HeaderName::Via)
+            .any(|h| h.value.contains(self.branch_prefix.as_str()))
+        {
+            return false;
+        }
         let Ok(vias) = req.vias() else { return false };
         vias.iter().any(|v| {
             v.sent_by().eq_ignore_ascii_case(&self.me.sent_by)
