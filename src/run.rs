@@ -151,6 +151,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         &mut tasks,
     );
     let status = links.status.clone();
+    let grace = Duration::from_secs(hub.config().limits.home_link_alarm_grace_secs);
+    tasks.spawn(crate::ops::alarms::watch_links(
+        hub.alarms().clone(),
+        status.clone(),
+        grace,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::ops::alarms::watch_certificates(
+        hub.alarms().clone(),
+        hub.config(),
+        shutdown.clone(),
+    ));
     hub.add_status(
         "component_links",
         Arc::new(move || {
@@ -250,6 +262,10 @@ async fn watch_mappings(hub: Arc<Hub>, dir: PathBuf, mut shutdown: watch::Receiv
                     s.reloads += 1;
                 }
                 tracing::info!(dir = %dir.display(), digest = %hub.maps().current().digest, "mapping files reloaded");
+                hub.alarms().clear(
+                    crate::ops::alarms::AlarmName::MappingReloadRefused,
+                    &dir.display().to_string(),
+                );
             }
             Err(d) => {
                 RELOADS.with_label_values(&["refused"]).inc();
@@ -257,7 +273,12 @@ async fn watch_mappings(hub: Arc<Hub>, dir: PathBuf, mut shutdown: watch::Receiv
                     s.refused += 1;
                     s.last_refused = d.0.iter().map(|x| x.to_string()).collect();
                 }
-                tracing::error!(dir = %dir.display(), problems = %d, "mapping edit refused; keeping the last good set")
+                tracing::error!(dir = %dir.display(), problems = %d, "mapping edit refused; keeping the last good set");
+                hub.alarms().raise(
+                    crate::ops::alarms::AlarmName::MappingReloadRefused,
+                    &dir.display().to_string(),
+                    &d.to_string(),
+                );
             }
         }
     }
