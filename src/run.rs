@@ -179,6 +179,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
                             "connects": s.connects,
                             "failures": s.failures,
                             "last_failure": s.last_failure.map(|(label, text)| format!("{label}: {text}")),
+                            "last_failure_age_secs": s.last_failure_at.map(|t| t.elapsed().as_secs()),
                             "queued": s.queued,
                         })
                     })
