@@ -3,7 +3,8 @@
 //! seen in `/alarms`, `/metrics` and `legate status` (exit 1, the alarm and its action
 //! printed); a real Prosody started on that address clears it; a certificate that expires in
 //! 10 days raises `CertificateExpiring` at start, and one that does not name the local domain
-//! raises `CertificateNotCoveringLocalDomain`.
+//! raises `CertificateNotCoveringLocalDomain`; a refused mapping edit raises
+//! `MappingReloadRefused` and the next good edit clears it.
 
 use crate::common;
 
@@ -267,4 +268,39 @@ fn status_names_the_address_it_cannot_reach_and_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn a_refused_mapping_edit_raises_an_alarm_and_a_good_one_clears_it() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let maps = dir.path().join("mappings");
+        crate::mapping_reload::copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"), &maps);
+        let toml = format!(
+            "[node]\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[local_domain]]\nname = \"example.com\"\n\
+             [listeners]\nsip_tls = \"off\"\nxmpp_s2s = \"off\"\n[mappings]\ndir = \"{}\"\nreload = true\n",
+            maps.display()
+        );
+        let legate = start(dir.path(), &toml);
+        let table = maps.join("tables/04-lync.toml");
+        let good = std::fs::read_to_string(&table).expect("read");
+        std::fs::write(&table, good.replacen("from = \"away\"", "from = \"awya\"", 1))
+            .expect("write");
+        let alarms = wait_alarms(&legate, "MappingReloadRefused", |a| {
+            raised(a, "MappingReloadRefused")
+        })
+        .await;
+        let a = find(&alarms, "MappingReloadRefused").expect("listed");
+        assert_eq!(a["subject"], maps.display().to_string());
+        assert!(a["detail"].as_str().unwrap_or("").contains("unknown state `awya`"), "{a}");
+        std::fs::write(&table, good.replacen("note = \"Busy\"", "note = \"Occupied\"", 1))
+            .expect("write");
+        wait_alarms(&legate, "MappingReloadRefused cleared", |a| {
+            find(a, "MappingReloadRefused").is_some_and(|x| x["raised"] == false)
+        })
+        .await;
+        drop(legate);
+    })
+    .await
+    .unwrap_or_else(|_| panic!("did not finish within {TEST_TIMEOUT:?}"));
 }
