@@ -9,6 +9,7 @@
 //! nodes) and the certificate files (expiry, RFC 5280 §4.1.2.5; names, RFC 6125 §6).
 
 use crate::config::Config;
+use crate::net::LogSafe;
 use crate::tls::{matches_domain, PeerCert};
 use crate::xmpp::link::LinkStatus;
 use serde::Serialize;
@@ -138,8 +139,12 @@ pub struct Alarm {
     pub action: &'static str,
 }
 
+/// Alarm instances kept; partner domains are not bounded by the configuration in open
+/// federation, so past this the least recently seen (cleared ones first) make room.
+const MAX_ENTRIES: usize = 1024;
+
 /// The alarms of one node, keyed by (name, subject). Cleared alarms stay listed (history
-/// for the admin) until raised again.
+/// for the admin) until raised again or evicted (`MAX_ENTRIES`).
 #[derive(Debug, Default)]
 pub struct AlarmTable {
     entries: BTreeMap<(AlarmName, String), Alarm>,
@@ -148,20 +153,28 @@ pub struct AlarmTable {
 impl AlarmTable {
     /// Raises (or raises again) `name` about `subject`; `true` when it was not raised before.
     pub fn raise(&mut self, name: AlarmName, subject: &str, detail: &str, now: u64) -> bool {
-        let e = self
-            .entries
-            .entry((name, subject.to_string()))
-            .or_insert_with(|| Alarm {
-                name,
-                subject: subject.to_string(),
-                severity: name.severity(),
-                first_seen: now,
-                last_seen: now,
-                count: 0,
-                raised: false,
-                detail: String::new(),
-                action: name.action(),
-            });
+        let key = (name, subject.to_string());
+        if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&key) {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, a)| (a.raised, a.last_seen))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.entries.remove(&k);
+            }
+        }
+        let e = self.entries.entry(key).or_insert_with(|| Alarm {
+            name,
+            subject: subject.to_string(),
+            severity: name.severity(),
+            first_seen: now,
+            last_seen: now,
+            count: 0,
+            raised: false,
+            detail: String::new(),
+            action: name.action(),
+        });
         let fresh = !e.raised;
         e.raised = true;
         e.count += 1;
@@ -273,8 +286,8 @@ impl Alarms {
             tracing::warn!(
                 alarm = name.as_str(),
                 severity = name.severity().as_str(),
-                subject,
-                detail,
+                subject = %LogSafe(subject),
+                detail = %LogSafe(detail),
                 "alarm raised"
             );
         }
@@ -282,7 +295,7 @@ impl Alarms {
 
     pub fn clear(&self, name: AlarmName, subject: &str) {
         if self.with(|t| t.clear(name, subject)) {
-            tracing::info!(alarm = name.as_str(), subject, "alarm cleared");
+            tracing::info!(alarm = name.as_str(), subject = %LogSafe(subject), "alarm cleared");
         }
     }
 
@@ -296,6 +309,10 @@ impl Alarms {
     pub fn partner_failed(&self, domain: &str, tls: bool, detail: &str) {
         let n = {
             let mut m = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded like the table: a flood of failing domains restarts the counts.
+            if m.len() >= MAX_ENTRIES && !m.contains_key(domain) {
+                m.clear();
+            }
             let c = m.entry(domain.to_string()).or_insert(0);
             *c = c.saturating_add(1);
             *c
@@ -312,6 +329,14 @@ impl Alarms {
                 &format!("{n} failed connections in a row; last: {detail}"),
             );
         }
+    }
+
+    /// `partner_failed` for an s2s dial error text: the s2s edge reports failures as text, so
+    /// TLS is told apart by what its errors say ("TLS failed: ...", "TLS handshake failed ...",
+    /// "the peer certificate names ...", "the peer presented no certificate").
+    pub fn partner_failed_text(&self, domain: &str, text: &str) {
+        let tls = text.contains("TLS") || text.contains("certificate");
+        self.partner_failed(domain, tls, text);
     }
 
     /// An outbound connection to partner `domain` succeeded: its streak and alarms end.
@@ -507,6 +532,24 @@ mod tests {
     }
 
     #[test]
+    fn the_table_is_bounded_evicting_the_oldest_cleared_first() {
+        let mut t = AlarmTable::default();
+        t.raise(AlarmName::PartnerUnreachable, "old-raised", "", 0);
+        t.raise(AlarmName::PartnerUnreachable, "old-cleared", "", 1);
+        t.clear(AlarmName::PartnerUnreachable, "old-cleared");
+        for i in 0..MAX_ENTRIES {
+            t.raise(AlarmName::PartnerUnreachable, &format!("d{i}"), "", 10);
+        }
+        let l = t.list();
+        assert_eq!(l.len(), MAX_ENTRIES);
+        assert!(l.iter().all(|a| a.subject != "old-cleared"));
+        assert!(
+            l.iter().all(|a| a.subject != "old-raised"),
+            "then the oldest raised"
+        );
+    }
+
+    #[test]
     fn list_is_raised_first_then_by_severity() {
         let mut t = AlarmTable::default();
         t.raise(AlarmName::CertificateExpiring, "c.pem", "", 1);
@@ -556,5 +599,22 @@ mod tests {
         );
         alarms.partner_failed("p.com", true, "bad certificate");
         assert_eq!(alarms.list()[0].name, AlarmName::PartnerTlsFailure);
+        for _ in 0..3 {
+            alarms.partner_failed_text("r.com", "r.com: TLS failed: unknown_ca");
+            alarms.partner_failed_text("u.com", "127.0.0.1:5269: connection refused");
+        }
+        let names: Vec<(AlarmName, String)> = alarms
+            .list()
+            .into_iter()
+            .filter(|a| a.subject != "p.com")
+            .map(|a| (a.name, a.subject))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (AlarmName::PartnerTlsFailure, "r.com".to_string()),
+                (AlarmName::PartnerUnreachable, "u.com".to_string()),
+            ]
+        );
     }
 }

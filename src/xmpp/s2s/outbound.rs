@@ -290,11 +290,10 @@ async fn pair_loop(
                     s.failures += 1;
                     s.last_failure = Some(e.to_string());
                 });
-                shared.hub.alarms().partner_failed(
-                    remote.as_str(),
-                    e.to_string().contains("TLS"),
-                    &e.to_string(),
-                );
+                shared
+                    .hub
+                    .alarms()
+                    .partner_failed_text(remote.as_str(), &e.to_string());
                 // The error may quote the peer's stream-error text: escaped (net::LogSafe).
                 tracing::warn!(%local, %remote, error = %LogSafe(&e.to_string()), "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());
