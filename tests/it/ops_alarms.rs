@@ -282,6 +282,19 @@ async fn a_refused_mapping_edit_raises_an_alarm_and_a_good_one_clears_it() {
             maps.display()
         );
         let legate = start(dir.path(), &toml);
+        // The reloader takes its first look right after it registers its status section: an
+        // edit before that look would be its starting point, not an edit.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !legate
+            .http_get("/status")
+            .await
+            .expect("GET /status")
+            .contains("\"mappings\":{")
+        {
+            assert!(tokio::time::Instant::now() < deadline, "{}", legate.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let table = maps.join("tables/04-lync.toml");
         let good = std::fs::read_to_string(&table).expect("read");
         std::fs::write(&table, good.replacen("from = \"away\"", "from = \"awya\"", 1))
@@ -300,6 +313,95 @@ async fn a_refused_mapping_edit_raises_an_alarm_and_a_good_one_clears_it() {
         })
         .await;
         drop(legate);
+    })
+    .await
+    .unwrap_or_else(|_| panic!("did not finish within {TEST_TIMEOUT:?}"));
+}
+
+/// `PartnerUnreachable` from the SIP edge's own dial outcomes: a partner whose route refuses
+/// connections three times in a row is alarmed; the next dial that connects clears it.
+#[tokio::test]
+async fn sip_dials_failing_in_a_row_raise_partner_unreachable_and_a_success_clears_it() {
+    use legate::gateway::envelope::{Address, Body, MessageBody};
+    use legate::gateway::{Envelope, Origin};
+    let _sip = common::metrics::moves(common::metrics::Family::Sip).await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A port nobody listens on: connecting is refused at once.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let (hub, edge, mut home, stop) = crate::sip_edge::start_edge_with(
+            dir.path(),
+            dead.port(),
+            "sip_dial_backoff_max_secs = 1",
+        )
+        .await
+        .expect("edge");
+        let send = |n: u32| {
+            hub.submit(
+                &Origin::Component {
+                    home_node: "hn1".into(),
+                },
+                Envelope {
+                    from: Address::parse("alice@example.com/pc").expect("addr"),
+                    to: Address::parse("bob@partner.com").expect("addr"),
+                    body: Body::Message(MessageBody {
+                        id: Some(format!("m{n}")),
+                        text: format!("message {n}"),
+                        thread: None,
+                        ..Default::default()
+                    }),
+                },
+            );
+        };
+        let is_raised = |name: &str| {
+            hub.alarms()
+                .to_json()
+                .as_array()
+                .is_some_and(|a| raised(a, name))
+        };
+        // Each message is bounced (dialed and failed, or refused while in backoff); the
+        // backoff is capped at 1 s, so three dials fail within a few seconds.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut n = 0;
+        while !is_raised("PartnerUnreachable") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                hub.alarms().to_json()
+            );
+            n += 1;
+            send(n);
+            crate::sip_edge::next(&mut home).await.expect("a bounce");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let doc = hub.alarms().to_json();
+        let a = find(doc.as_array().expect("list"), "PartnerUnreachable").expect("listed");
+        assert_eq!(a["subject"], "partner.com");
+        assert!(
+            a["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("3 failed connections in a row"),
+            "{a}"
+        );
+
+        // The partner comes back: the next dial connects and the alarm clears.
+        let _partner = tokio::net::TcpListener::bind(dead).await.expect("rebind");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while is_raised("PartnerUnreachable") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                hub.alarms().to_json()
+            );
+            n += 1;
+            send(n);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let _ = stop.send(true);
+        edge.join(Duration::from_secs(5)).await;
     })
     .await
     .unwrap_or_else(|_| panic!("did not finish within {TEST_TIMEOUT:?}"));
