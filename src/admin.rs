@@ -271,6 +271,31 @@ mod tests {
     }
 
     #[test]
+    fn alarms_are_served_alone_and_in_status() {
+        use crate::ops::alarms::AlarmName;
+        let h = hub();
+        let t = Instant::now();
+        let (status, ctype, body) = respond(&h, t, "GET", "/alarms");
+        assert_eq!(
+            (status, ctype, body.trim()),
+            ("200 OK", "application/json", "[]")
+        );
+        h.alarms().raise(
+            AlarmName::HomeNodeLinkDown,
+            "hn1/partner.com",
+            "down for 31 s",
+        );
+        let (_, _, body) = respond(&h, t, "GET", "/alarms");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(doc[0]["name"], "HomeNodeLinkDown");
+        assert_eq!(doc[0]["severity"], "critical");
+        assert_eq!(doc[0]["raised"], true);
+        let (_, _, body) = respond(&h, t, "GET", "/status");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(doc["alarms"][0]["subject"], "hn1/partner.com");
+    }
+
+    #[test]
     fn policy_routes_change_and_show_lists_and_refuse_bad_input() {
         let h = hub();
         let t = Instant::now();
