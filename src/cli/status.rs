@@ -141,17 +141,21 @@ fn render(doc: &Value, addr: &str, now: u64) -> String {
         .filter(|p| p["up"].as_bool() == Some(true))
         .map(|p| text(&p["remote"]))
         .collect();
-    let _ = writeln!(
-        o,
-        "  xmpp  {} of {} outbound s2s streams up{}",
-        up.len(),
-        s2s.len(),
-        if up.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", up.join(", "))
-        }
-    );
+    if doc["s2s"].is_null() {
+        let _ = writeln!(o, "  xmpp  s2s off");
+    } else {
+        let _ = writeln!(
+            o,
+            "  xmpp  {} of {} outbound s2s streams up{}",
+            up.len(),
+            s2s.len(),
+            if up.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", up.join(", "))
+            }
+        );
+    }
 
     let sip = &doc["sip"];
     let _ = writeln!(
@@ -185,7 +189,7 @@ fn render(doc: &Value, addr: &str, now: u64) -> String {
         );
         let _ = writeln!(
             o,
-            "    raised {} times; first {} s ago, last {} s ago",
+            "    raised {} time(s); first seen {} s ago, last seen {} s ago",
             num(&a["count"]),
             now.saturating_sub(num(&a["first_seen"])),
             now.saturating_sub(num(&a["last_seen"]))
@@ -227,7 +231,8 @@ mod tests {
             t.contains("CRITICAL HomeNodeLinkDown hn/p.com: down"),
             "{t}"
         );
-        assert!(t.contains("first 10 s ago, last 1 s ago"), "{t}");
+        assert!(t.contains("first seen 10 s ago, last seen 1 s ago"), "{t}");
+        assert!(t.contains("xmpp  s2s off"), "{t}");
         assert!(t.contains("action: Check the home node."), "{t}");
         assert!(t.contains("sip   off"), "{t}");
     }

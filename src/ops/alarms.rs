@@ -131,7 +131,8 @@ pub struct Alarm {
     /// Unix seconds.
     pub first_seen: u64,
     pub last_seen: u64,
-    /// How many times it was raised (each raise while raised counts too).
+    /// How many times it went from clear to raised (a driver that re-raises a standing
+    /// condition on every check updates `last_seen` and `detail`, not this).
     pub count: u64,
     pub raised: bool,
     /// What was seen, the last time.
@@ -177,7 +178,9 @@ impl AlarmTable {
         });
         let fresh = !e.raised;
         e.raised = true;
-        e.count += 1;
+        if fresh {
+            e.count += 1;
+        }
         e.last_seen = now;
         e.detail = detail.to_string();
         fresh
@@ -495,14 +498,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raise_counts_repeats_and_keeps_first_seen() {
+    fn a_repeated_raise_updates_last_seen_and_detail_not_the_count() {
         let mut t = AlarmTable::default();
         assert!(t.raise(AlarmName::HomeNodeLinkDown, "hn/a", "down", 100));
         assert!(!t.raise(AlarmName::HomeNodeLinkDown, "hn/a", "still down", 160));
         let l = t.list();
         assert_eq!(l.len(), 1);
         let a = &l[0];
-        assert_eq!((a.first_seen, a.last_seen, a.count), (100, 160, 2));
+        assert_eq!((a.first_seen, a.last_seen, a.count), (100, 160, 1));
         assert!(a.raised);
         assert_eq!(a.detail, "still down");
         assert_eq!(a.severity, Severity::Critical);
