@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint (loopback by default): `GET /metrics` (Prometheus text),
-//! `GET /status` (JSON), `GET /healthz`, and the consent lists (`legate policy` talks to
+//! `GET /status` (JSON), `GET /alarms` (JSON, also the `alarms` section of `/status`),
+//! `GET /healthz`, and the consent lists (`legate policy` talks to
 //! these): `GET /policy/<user>` (JSON) and `POST /policy/<user>/<allow|block|unblock>/<target>`
 //! (`<target>` a bare JID or a domain, percent-encoded where needed; POST from loopback only,
 //! whatever `node.admin_allow_remote` says). A deliberately tiny
@@ -103,6 +104,11 @@ fn respond(hub: &Hub, started: Instant, method: &str, path: &str) -> Response {
             crate::metrics::render(),
         ),
         ("GET", "/status") => ("200 OK", "application/json", status_json(hub, started)),
+        ("GET", "/alarms") => (
+            "200 OK",
+            "application/json",
+            format!("{}\n", hub.alarms().to_json()),
+        ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         (m, p) if p.starts_with("/policy/") && (m == "GET" || m == "POST") => {
             policy(hub, m, &p["/policy/".len()..])
@@ -226,6 +232,7 @@ fn status_json(hub: &Hub, started: Instant) -> String {
         "mapping_systems": maps.system_names().collect::<Vec<_>>(),
         "mapping_tables": maps.tables.len(),
         "mapping_digest": maps.digest,
+        "alarms": hub.alarms().to_json(),
     });
     if let Some(obj) = doc.as_object_mut() {
         for (name, value) in hub.status_sections() {
@@ -261,6 +268,31 @@ mod tests {
         assert_eq!(percent_decode("a%2"), None);
         assert_eq!(percent_decode("a%zz"), None);
         assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn alarms_are_served_alone_and_in_status() {
+        use crate::ops::alarms::AlarmName;
+        let h = hub();
+        let t = Instant::now();
+        let (status, ctype, body) = respond(&h, t, "GET", "/alarms");
+        assert_eq!(
+            (status, ctype, body.trim()),
+            ("200 OK", "application/json", "[]")
+        );
+        h.alarms().raise(
+            AlarmName::HomeNodeLinkDown,
+            "hn1/partner.com",
+            "down for 31 s",
+        );
+        let (_, _, body) = respond(&h, t, "GET", "/alarms");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(doc[0]["name"], "HomeNodeLinkDown");
+        assert_eq!(doc[0]["severity"], "critical");
+        assert_eq!(doc[0]["raised"], true);
+        let (_, _, body) = respond(&h, t, "GET", "/status");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(doc["alarms"][0]["subject"], "hn1/partner.com");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
 //!   log-safe peer text.
 //! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
+//! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners).
 //! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
 //!   OPTIONS / s2s stream), each step a verdict and a fix.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod doctor;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
+pub mod ops;
 pub mod presence;
 pub mod run;
 pub mod sip;

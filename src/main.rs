@@ -1,5 +1,5 @@
 //! The `legate` command line: the admin contract (`check`, `translate`, `mappings show`,
-//! `sip check`, `policy`, `doctor`) and the gateway itself (`run`). Output formats here are relied on by tooling:
+//! `sip check`, `policy`, `doctor`, `status`) and the gateway itself (`run`). Output formats here are relied on by tooling:
 //! change them only with the README.
 
 use anyhow::Result;
@@ -102,6 +102,22 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// The RUNNING node at a glance, from its admin endpoint: listeners, home-node links
+    /// (up/down, age of the last failure), partners connected per protocol, subscriptions,
+    /// sessions and alarms (each with the action to take). Exit codes: 0 no critical or major
+    /// alarm raised, 1 one is, 2 the node cannot be reached.
+    Status {
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the node's `/status` JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -170,6 +186,15 @@ fn main() -> Result<ExitCode> {
             config.as_deref(),
             matches!(format, Format::Json),
             timeout,
+        )),
+        Cmd::Status {
+            admin,
+            config,
+            json,
+        } => Ok(cli::status::status(
+            admin.as_deref(),
+            config.as_deref(),
+            json,
         )),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),
         Cmd::Sip {

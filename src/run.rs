@@ -151,6 +151,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         &mut tasks,
     );
     let status = links.status.clone();
+    let grace = Duration::from_secs(hub.config().limits.home_link_alarm_grace_secs);
+    tasks.spawn(crate::ops::alarms::watch_links(
+        hub.alarms().clone(),
+        status.clone(),
+        grace,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::ops::alarms::watch_certificates(
+        hub.alarms().clone(),
+        hub.config(),
+        shutdown.clone(),
+    ));
     hub.add_status(
         "component_links",
         Arc::new(move || {
@@ -167,6 +179,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
                             "connects": s.connects,
                             "failures": s.failures,
                             "last_failure": s.last_failure.map(|(label, text)| format!("{label}: {text}")),
+                            "last_failure_age_secs": s.last_failure_at.map(|t| t.elapsed().as_secs()),
                             "queued": s.queued,
                         })
                     })
@@ -250,6 +263,10 @@ async fn watch_mappings(hub: Arc<Hub>, dir: PathBuf, mut shutdown: watch::Receiv
                     s.reloads += 1;
                 }
                 tracing::info!(dir = %dir.display(), digest = %hub.maps().current().digest, "mapping files reloaded");
+                hub.alarms().clear(
+                    crate::ops::alarms::AlarmName::MappingReloadRefused,
+                    &dir.display().to_string(),
+                );
             }
             Err(d) => {
                 RELOADS.with_label_values(&["refused"]).inc();
@@ -257,7 +274,12 @@ async fn watch_mappings(hub: Arc<Hub>, dir: PathBuf, mut shutdown: watch::Receiv
                     s.refused += 1;
                     s.last_refused = d.0.iter().map(|x| x.to_string()).collect();
                 }
-                tracing::error!(dir = %dir.display(), problems = %d, "mapping edit refused; keeping the last good set")
+                tracing::error!(dir = %dir.display(), problems = %d, "mapping edit refused; keeping the last good set");
+                hub.alarms().raise(
+                    crate::ops::alarms::AlarmName::MappingReloadRefused,
+                    &dir.display().to_string(),
+                    &d.to_string(),
+                );
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod doctor;
 pub mod policy;
+pub mod status;
 
 use anyhow::Result;
 use legate::config;

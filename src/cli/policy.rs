@@ -35,7 +35,7 @@ fn usage_error(text: impl std::fmt::Display) -> ExitCode {
 }
 
 /// `--admin`, else `node.admin_listen` of `--config`, else the default.
-fn admin_addr(admin: Option<&str>, config: Option<&Path>) -> Result<String, String> {
+pub(super) fn admin_addr(admin: Option<&str>, config: Option<&Path>) -> Result<String, String> {
     if let Some(a) = admin {
         return Ok(a.to_string());
     }
@@ -68,7 +68,7 @@ fn encode(s: &str) -> String {
 }
 
 /// One request; the status code and body.
-fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String), String> {
+pub(super) fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String), String> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("bad admin address {addr}: {e}"))?

@@ -216,6 +216,8 @@ pub struct Limits {
     /// Foreign XMPP domains whose components open on demand in open federation (`deny_list`):
     /// a domain not listed in `[xmpp.federation]` gets its component links when it first sends.
     pub open_federation_domains: usize,
+    /// A component link to a home node down this long raises `HomeNodeLinkDown`.
+    pub home_link_alarm_grace_secs: u64,
     /// Live SIP server transactions of one foreign domain (the node-wide table is 16384).
     pub sip_transactions_per_domain: usize,
     /// Foreign watchers (notifier subscriptions) of one foreign domain.

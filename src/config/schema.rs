@@ -166,6 +166,7 @@ pub(crate) struct RawLimits {
     pub im_sessions_per_domain: Option<S<i64>>,
     pub sip_dial_backoff_max_secs: Option<S<i64>>,
     pub open_federation_domains: Option<S<i64>>,
+    pub home_link_alarm_grace_secs: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

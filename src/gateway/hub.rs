@@ -148,6 +148,7 @@ pub struct Hub {
     link_ups: tokio::sync::watch::Sender<HashMap<Domain, u64>>,
     /// Set in open federation: components of unlisted domains open on their first delivery.
     opener: std::sync::OnceLock<ComponentOpener>,
+    alarms: crate::ops::alarms::Alarms,
 }
 
 impl Hub {
@@ -162,6 +163,7 @@ impl Hub {
             crowded: AtomicBool::new(false),
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
+            alarms: Default::default(),
         })
     }
 
@@ -199,6 +201,11 @@ impl Hub {
             return None;
         }
         self.outbox(d)
+    }
+
+    /// The node's alarm table (see `crate::ops::alarms`).
+    pub fn alarms(&self) -> &crate::ops::alarms::Alarms {
+        &self.alarms
     }
 
     pub fn config(&self) -> Arc<Config> {

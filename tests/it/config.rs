@@ -303,6 +303,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "max_subscriptions_per_user",
         "outbound_queue_per_domain",
         "delivery_timeout_secs",
+        "home_link_alarm_grace_secs",
         "[cluster]",
         "name",
         "primary",

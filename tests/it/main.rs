@@ -26,6 +26,7 @@ mod mapping_properties;
 mod mapping_reload;
 mod mappings_check;
 mod open_federation;
+mod ops_alarms;
 mod presence_codecs;
 mod restart;
 mod rfc7247;

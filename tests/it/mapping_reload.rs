@@ -13,7 +13,7 @@ use common::legate::Legate;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn copy_dir(src: &Path, dst: &Path) {
+pub(crate) fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).expect("mkdir");
     for e in std::fs::read_dir(src).expect("read_dir") {
         let e = e.expect("entry");

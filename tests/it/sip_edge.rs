@@ -80,14 +80,14 @@ async fn start_edge(
     start_edge_with(dir, route_port, "").await
 }
 
-type Started = (
+pub(crate) type Started = (
     Arc<Hub>,
     SipEdge,
     mpsc::Receiver<Delivery>,
     watch::Sender<bool>,
 );
 
-async fn start_edge_with(dir: &Path, route_port: u16, limits: &str) -> Result<Started> {
+pub(crate) async fn start_edge_with(dir: &Path, route_port: u16, limits: &str) -> Result<Started> {
     let text = config_text(dir, route_port, limits);
     let cfg = config::from_toml(&text, &dir.join("legate.toml"), BUILTIN_SYSTEMS)
         .map_err(|d| anyhow::anyhow!("config: {d}"))?;
@@ -1060,7 +1060,7 @@ async fn sipp_as_foreign_notifier() -> Result<()> {
     Ok(())
 }
 
-async fn next(home: &mut mpsc::Receiver<Delivery>) -> Result<Delivery> {
+pub(crate) async fn next(home: &mut mpsc::Receiver<Delivery>) -> Result<Delivery> {
     tokio::time::timeout(WAIT, home.recv())
         .await
         .ok()

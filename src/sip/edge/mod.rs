@@ -825,6 +825,7 @@ impl Driver {
                 if let Some(d) = info.outbound_to.clone() {
                     // The backoff is reset only once this connection proved stable (on close).
                     self.outbound_opened.insert(conn, (d.clone(), now));
+                    self.hub.alarms().partner_connected(d.as_str());
                     self.bind(conn, d.clone());
                     if let Some(q) = self.pending.remove(&d) {
                         for b in q {
@@ -862,6 +863,11 @@ impl Driver {
                     .dial_backoff
                     .failed(&domain, now, rand::random::<f64>());
                 metrics::DIALS.with_label_values(&["failed"]).inc();
+                self.hub.alarms().partner_failed(
+                    domain.as_str(),
+                    false,
+                    "outbound SIP connection failed (TCP or TLS)",
+                );
                 tracing::info!(domain = %domain, ?delay, "dial failed; domain in backoff");
                 self.core.handle_transport_error(&*self.hub, &domain, now);
             }

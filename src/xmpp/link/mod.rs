@@ -298,6 +298,8 @@ pub struct ComponentStatus {
     pub failures: u64,
     /// Label and text of the last failure.
     pub last_failure: Option<(&'static str, String)>,
+    /// When the last failure happened (its age is shown by `/status`).
+    pub last_failure_at: Option<std::time::Instant>,
     /// Deliveries waiting in this link's queue.
     pub queued: usize,
 }

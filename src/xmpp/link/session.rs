@@ -204,6 +204,7 @@ impl Component {
             s.failures += 1;
             s.peer = addr.or(s.peer);
             s.last_failure = Some((label, text));
+            s.last_failure_at = Some(std::time::Instant::now());
         });
         let peer = addr.map(|a| a.to_string()).unwrap_or_default();
         match (loud, e.hint(&self.home_node)) {
@@ -226,6 +227,7 @@ impl Component {
         self.status.update(&self.home_node, &self.domain, |s| {
             s.up = false;
             s.last_failure = Some((label, text));
+            s.last_failure_at = Some(std::time::Instant::now());
         });
     }
 

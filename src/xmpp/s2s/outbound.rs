@@ -269,6 +269,7 @@ async fn pair_loop(
         match connect(&shared, &local, &remote).await {
             Ok((conn, auth, target)) => {
                 retry_at = None;
+                shared.hub.alarms().partner_connected(remote.as_str());
                 let up_since = Instant::now();
                 shared.pair_status(&local, &remote, |s| {
                     s.up = true;
@@ -289,6 +290,10 @@ async fn pair_loop(
                     s.failures += 1;
                     s.last_failure = Some(e.to_string());
                 });
+                shared
+                    .hub
+                    .alarms()
+                    .partner_failed_text(remote.as_str(), &e.to_string());
                 // The error may quote the peer's stream-error text: escaped (net::LogSafe).
                 tracing::warn!(%local, %remote, error = %LogSafe(&e.to_string()), "outbound s2s failed; bouncing queued stanzas");
                 bounce_out(&shared, &remote, &first, e.condition(), &e.to_string());

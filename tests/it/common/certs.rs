@@ -36,6 +36,8 @@ pub struct LeafSpec {
     pub eku: Eku,
     /// Validity ended in 2001.
     pub expired: bool,
+    /// Validity ends this many days from now (certificate-expiry alarms).
+    pub expires_in_days: Option<u64>,
     /// Signed by a fresh intermediate CA (itself signed by the root); the certificate file then
     /// holds the leaf followed by the intermediate.
     pub via_intermediate: bool,
@@ -48,6 +50,7 @@ impl LeafSpec {
             cn: sans.first().map(|s| s.to_string()),
             eku: Eku::Both,
             expired: false,
+            expires_in_days: None,
             via_intermediate: false,
         }
     }
@@ -64,6 +67,11 @@ impl LeafSpec {
 
     pub fn expired(mut self) -> Self {
         self.expired = true;
+        self
+    }
+
+    pub fn expires_in_days(mut self, days: u64) -> Self {
+        self.expires_in_days = Some(days);
         self
     }
 
@@ -166,6 +174,14 @@ impl CertFactory {
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        if let Some(days) = spec.expires_in_days {
+            let since_epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970");
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1)
+                + since_epoch
+                + std::time::Duration::from_secs(days * 86_400);
         }
         let (cert, chain_pem) = if spec.via_intermediate {
             let (sub, sub_pem) = self.intermediate(&format!("{file_stem} Intermediate CA"));

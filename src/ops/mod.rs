@@ -1,0 +1,5 @@
+//! Operations: what an admin watches on a running node. `alarms` holds the named alarms
+//! (sans-IO table, the shared handle on the hub, and the small drivers that watch the home-node
+//! links and the certificates).
+
+pub mod alarms;
