@@ -78,6 +78,9 @@ fn config_toml_with(name: &str, endpoint: &str, secret: &str) -> String {
         r#"
 [node]
 admin_listen = "127.0.0.1:0"
+# Relative to the configuration's directory (the harness runs legate there): never the shared
+# default /var/lib/legate, whose state lock another test's legate may hold.
+data_dir = "data"
 [[local_domain]]
 name = "example.test"
 [listeners]
