@@ -6,7 +6,7 @@
 //! actually bound, so a configuration with port 0 tells a test harness where to connect).
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, Domain};
 use crate::diag::Diagnostics;
 use crate::gateway::Hub;
 use crate::presence::map::MappingStore;
@@ -143,13 +143,32 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         None
     };
     let settings = crate::xmpp::link::LinkSettings::from_config(&hub.config());
-    let links = crate::xmpp::link::spawn(
+    // Open federation: each domain opened on demand is written to the store (one writer task;
+    // the opener never waits), and those opened before a restart are opened again below, so
+    // local users reach them before they write again.
+    let (opened_tx, opened_rx) = tokio::sync::mpsc::unbounded_channel::<Domain>();
+    let links = crate::xmpp::link::spawn_with(
         hub.clone(),
         resolver,
         settings,
         shutdown.clone(),
         &mut tasks,
+        Some(Box::new(move |d: &Domain| {
+            let _ = opened_tx.send(d.clone());
+        })),
     );
+    tasks.spawn(write_opened_domains(
+        store.clone(),
+        opened_rx,
+        shutdown.clone(),
+    ));
+    let reopened = reopen_domains(&hub, &store).await;
+    if reopened > 0 {
+        tracing::info!(
+            domains = reopened,
+            "open federation: component links of earlier domains opened again"
+        );
+    }
     let status = links.status.clone();
     let grace = Duration::from_secs(hub.config().limits.home_link_alarm_grace_secs);
     tasks.spawn(crate::ops::alarms::watch_links(
@@ -302,4 +321,43 @@ fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, Option<SystemTime>, u64)>
     }
     out.sort();
     out
+}
+
+/// Store prefix of the domains open federation opened (`federation/open/<domain>`).
+const OPENED_PREFIX: &str = "federation/open/";
+
+async fn write_opened_domains(
+    store: crate::store::SharedStore,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Domain>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let d = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => return },
+            _ = shutdown.changed() => return,
+        };
+        let key = format!("{OPENED_PREFIX}{d}");
+        if let Err(e) = store.put(&key, Vec::new()).await {
+            tracing::warn!(domain = %d, error = %e, "open federation: domain not persisted");
+        }
+    }
+}
+
+/// Opens again the components of the domains stored by [`write_opened_domains`] (those the
+/// configuration still allows); how many.
+async fn reopen_domains(hub: &Hub, store: &crate::store::SharedStore) -> usize {
+    let listing = match store.list(OPENED_PREFIX).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "open federation: earlier domains not read");
+            return 0;
+        }
+    };
+    listing
+        .entries
+        .iter()
+        .filter_map(|e| e.key.strip_prefix(OPENED_PREFIX))
+        .filter_map(|d| Domain::parse(d).ok())
+        .filter(|d| hub.open_component_domain(d))
+        .count()
 }

@@ -183,6 +183,18 @@ impl Hub {
         let _ = self.opener.set(opener);
     }
 
+    /// Opens the components of `domain` now if open federation may (the domains opened before
+    /// a restart are opened again at start, so local users reach them before they write).
+    pub fn open_component_domain(&self, domain: &Domain) -> bool {
+        let cfg = self.config.load();
+        if cfg.xmpp.federation.mode != crate::config::FederationMode::DenyList
+            || !cfg.xmpp_federation_allowed(domain)
+        {
+            return false;
+        }
+        self.opener.get().is_some_and(|open| open(domain))
+    }
+
     /// A component delivery found no outbox: in open federation, a domain the policy allows
     /// but the configuration does not list gets its components now, and the outbox again.
     fn open_on_demand(&self, d: &Delivery) -> Option<mpsc::Sender<Delivery>> {

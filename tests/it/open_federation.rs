@@ -2,7 +2,8 @@
 //! domain that the configuration does not list gets its component links when it first sends,
 //! and from then on local users reach it through their home node — through `legate run`, a
 //! foreign Prosody over s2s and a home Prosody behind the component link. A denied domain
-//! gets nothing through and no component.
+//! gets nothing through and no component. The domains opened this way are opened again after
+//! a restart.
 //!
 //! Needs `/usr/bin/prosody` and `/usr/sbin/dnsmasq` (`apt-get install prosody dnsmasq-base`).
 
@@ -23,7 +24,7 @@ async fn an_unlisted_domain_gets_its_component_on_first_contact() -> Result<()> 
 }
 
 async fn scenario() -> Result<()> {
-    let rig = S2sRig::start(S2sRigSpec {
+    let mut rig = S2sRig::start(S2sRigSpec {
         ips: (
             Ipv4Addr::new(127, 0, 2, 20),
             Ipv4Addr::new(127, 0, 2, 21),
@@ -84,6 +85,22 @@ deny = true"#,
         status.contains("\"domain\":\"xmpp.test\"") && status.contains("\"up\":true"),
         "{status}"
     );
+    // A restart remembers the domains opened on demand: the component is back at start, so
+    // alice reaches bob first, before xmpp.test writes anything.
+    alice.close().await;
+    rig.restart()?;
+    rig.wait_component()
+        .await
+        .with_context(|| rig.why("xmpp.test's component not reopened after a restart"))?;
+    let mut alice = rig.alice().await?;
+    alice
+        .send_message("bob@xmpp.test", "after the restart")
+        .await?;
+    let m = bob
+        .expect_message_from("alice@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("alice's first message after a restart did not reach bob"))?;
+    assert_eq!(m.body.as_deref(), Some("after the restart"));
     alice.close().await;
     bob.close().await;
     Ok(())

@@ -464,6 +464,21 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> ComponentLinks {
+    spawn_with(hub, resolver, settings, shutdown, tasks, None)
+}
+
+/// Called with each domain open federation opens (the node writes it to its state store).
+pub type OnOpen = Box<dyn Fn(&Domain) + Send + Sync>;
+
+/// [`spawn`], telling `on_open` of every domain opened on demand.
+pub fn spawn_with(
+    hub: Arc<Hub>,
+    resolver: Option<Resolver>,
+    settings: LinkSettings,
+    shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+    on_open: Option<OnOpen>,
+) -> ComponentLinks {
     let cfg = hub.config();
     let domains = served_domains(&cfg);
     let status = LinkStatus::default();
@@ -507,6 +522,9 @@ pub fn spawn(
                 return false;
             }
             set.insert(domain.clone());
+            if let Some(f) = &on_open {
+                f(domain);
+            }
             OPENED.with_label_values(&["opened"]).inc();
             tracing::info!(%domain, "open federation: opening component links for a new domain");
             for task in spawner.links(domain) {

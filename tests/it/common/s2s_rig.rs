@@ -41,6 +41,7 @@ pub struct S2sRig {
     pub home: Prosody,
     pub foreign: Prosody,
     _dns: Dnsmasq,
+    cfg: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -132,8 +133,16 @@ nameservers = ["{dns_addr}"]
             home,
             foreign,
             _dns: dns,
+            cfg,
             _dir: dir,
         })
+    }
+
+    /// `kill -9`, then `legate run` again on the same configuration and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.legate.kill();
+        self.legate = Legate::start(&self.cfg, &["xmpp_s2s", "sip_tls", "admin"])?;
+        Ok(())
     }
 
     /// Waits until the home node's `xmpp.test` component link is up.
