@@ -17,7 +17,7 @@
 //! subscription, size of the data directory per subscription.
 //!
 //! Run: `cargo bench --bench presence_scale` (env `SUBS`, `USERS`, `WINDOW`). Bounded: each
-//! phase gives up after 120 s.
+//! phase, and each wait for a free SUBSCRIBE window slot, gives up after 120 s.
 
 mod support;
 
@@ -131,7 +131,15 @@ sip_transactions_per_domain = {window2}
     let cpu0 = cpu_secs(pid);
     let t0 = Instant::now();
     for i in 0..subs {
-        permits.acquire().await?.forget();
+        // Bounded like the phases: a SUBSCRIBE that never gets a final response must fail
+        // the run, not hang it.
+        match tokio::time::timeout(LIMIT, permits.acquire()).await {
+            Ok(p) => p?.forget(),
+            Err(_) => bail!(
+                "gave up after {LIMIT:?}: {window} SUBSCRIBEs unanswered after {i} sent, {} set up",
+                counters.set_up_n.load(Ordering::Relaxed)
+            ),
+        }
         let user = format!("u{}@example.com", i % users);
         out_tx.send(subscribe(i, &user))?;
     }

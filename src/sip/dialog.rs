@@ -6,6 +6,8 @@
 //! never look at a socket or a clock. Which connection an in-dialog request leaves on is the
 //! edge's business, not the dialog's.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -30,11 +32,34 @@ pub enum DialogError {
 }
 
 /// The identity of a dialog, from our side: Call-ID, our tag, their tag (§12).
+///
+/// The parts are shared (`Arc<str>`): a notifier's id is held by its table, its pair index,
+/// its timer and the persistence bookkeeping, and at 100 000 foreign watchers three owned
+/// copies of each string per holder were a large part of the per-subscription memory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 pub struct DialogId {
-    pub call_id: String,
-    pub local_tag: String,
-    pub remote_tag: String,
+    #[serde(with = "shared_str")]
+    pub call_id: Arc<str>,
+    #[serde(with = "shared_str")]
+    pub local_tag: Arc<str>,
+    #[serde(with = "shared_str")]
+    pub remote_tag: Arc<str>,
+}
+
+/// Serde for `Arc<str>` as a plain string (same bytes as the `String` it replaced; serde's
+/// own impl needs the `rc` feature, which would rebuild every dependent crate).
+mod shared_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(d).map(Arc::from)
+    }
 }
 
 impl DialogId {
@@ -44,12 +69,9 @@ impl DialogId {
         let to = req.to().map_err(DialogError::BadHeader)?;
         let from = req.from().map_err(DialogError::BadHeader)?;
         Ok(DialogId {
-            call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
-            local_tag: to.tag().ok_or(DialogError::MissingTag("To"))?.to_owned(),
-            remote_tag: from
-                .tag()
-                .ok_or(DialogError::MissingTag("From"))?
-                .to_owned(),
+            call_id: req.call_id().map_err(DialogError::BadHeader)?.into(),
+            local_tag: to.tag().ok_or(DialogError::MissingTag("To"))?.into(),
+            remote_tag: from.tag().ok_or(DialogError::MissingTag("From"))?.into(),
         })
     }
 }
@@ -98,9 +120,9 @@ impl Dialog {
         let remote_target = contact_uri(req)?.unwrap_or_else(|| bare_uri(from.uri.as_str()));
         Ok(Dialog {
             id: DialogId {
-                call_id: req.call_id().map_err(DialogError::BadHeader)?.to_owned(),
-                local_tag: local_tag.to_owned(),
-                remote_tag: remote_tag.to_owned(),
+                call_id: req.call_id().map_err(DialogError::BadHeader)?.into(),
+                local_tag: local_tag.into(),
+                remote_tag: remote_tag.into(),
             },
             local_uri: bare_uri(to.uri.as_str()),
             remote_uri: bare_uri(from.uri.as_str()),
@@ -143,9 +165,9 @@ impl Dialog {
         };
         Ok(Dialog {
             id: DialogId {
-                call_id: call_id.to_owned(),
-                local_tag: local_tag.to_owned(),
-                remote_tag: remote_tag.to_owned(),
+                call_id: call_id.into(),
+                local_tag: local_tag.into(),
+                remote_tag: remote_tag.into(),
             },
             local_uri: local_uri.to_owned(),
             remote_uri: remote_uri.to_owned(),
@@ -199,6 +221,9 @@ impl Dialog {
 
     /// Builds the next request in this dialog. `via` is the full Via value (with a fresh
     /// branch); ACK reuses the INVITE's CSeq (`cseq_override`), everything else increments.
+    ///
+    /// Written straight into one buffer (no per-header `String`s): every NOTIFY of a presence
+    /// storm comes through here.
     pub fn request(&mut self, spec: &InDialog<'_>) -> Result<SipMessage, DialogError> {
         let seq = match spec.cseq_override {
             Some(s) => s,
@@ -207,30 +232,102 @@ impl Dialog {
                 self.local_cseq
             }
         };
-        let (ruri, routes) = self.request_target();
-        let mut headers: Vec<(&str, String)> = Vec::with_capacity(10 + spec.extra.len());
-        headers.push(("Via", spec.via.to_owned()));
-        headers.push(("Max-Forwards", "70".to_owned()));
-        headers.push((
+        let body_len = spec.body.map_or(0, |b| b.1.len());
+        let mut v = Vec::with_capacity(512 + body_len);
+        let routes_owned;
+        let (ruri, routes): (&str, &[String]) = if self.route_set.is_empty() {
+            (&self.remote_target, &[])
+        } else {
+            let (r, rs) = self.request_target();
+            routes_owned = (r, rs);
+            (&routes_owned.0, &routes_owned.1)
+        };
+        v.extend_from_slice(spec.method.as_bytes());
+        v.push(b' ');
+        v.extend_from_slice(ruri.as_bytes());
+        v.extend_from_slice(b" SIP/2.0\r\n");
+        let mut seq_buf = itoa_u32(seq);
+        put_header(&mut v, "Via", &[spec.via])?;
+        put_header(&mut v, "Max-Forwards", &["70"])?;
+        put_header(
+            &mut v,
             "From",
-            format!("<{}>;tag={}", self.local_uri, self.id.local_tag),
-        ));
-        headers.push((
+            &["<", &self.local_uri, ">;tag=", &self.id.local_tag],
+        )?;
+        put_header(
+            &mut v,
             "To",
-            format!("<{}>;tag={}", self.remote_uri, self.id.remote_tag),
-        ));
-        headers.push(("Call-ID", self.id.call_id.clone()));
-        headers.push(("CSeq", format!("{seq} {}", spec.method)));
+            &["<", &self.remote_uri, ">;tag=", &self.id.remote_tag],
+        )?;
+        put_header(&mut v, "Call-ID", &[&self.id.call_id])?;
+        put_header(&mut v, "CSeq", &[seq_buf.as_str(), " ", spec.method])?;
         for r in routes {
-            headers.push(("Route", format!("<{r}>")));
+            put_header(&mut v, "Route", &["<", r, ">"])?;
         }
         if let Some(c) = spec.contact {
-            headers.push(("Contact", format!("<{c}>")));
+            put_header(&mut v, "Contact", &["<", c, ">"])?;
         }
-        for (n, v) in spec.extra {
-            headers.push((n, (*v).to_owned()));
+        for (n, val) in spec.extra {
+            put_header(&mut v, n, &[val])?;
         }
-        build_request(spec.method, &ruri, &headers, spec.body)
+        if let Some((ct, _)) = spec.body {
+            put_header(&mut v, "Content-Type", &[ct])?;
+        }
+        seq_buf = itoa_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
+        put_header(&mut v, "Content-Length", &[seq_buf.as_str()])?;
+        v.extend_from_slice(b"\r\n");
+        if let Some((_, b)) = spec.body {
+            v.extend_from_slice(b);
+        }
+        Ok(parse_exact(Bytes::from(v))?)
+    }
+}
+
+/// A header line from parts; a line break in any part is refused (it would inject headers).
+fn put_header(v: &mut Vec<u8>, name: &str, parts: &[&str]) -> Result<(), DialogError> {
+    if parts
+        .iter()
+        .any(|p| p.bytes().any(|c| c == b'\r' || c == b'\n'))
+    {
+        return Err(DialogError::Build(SipParseError::BadHeaderValue(
+            "line break in header value",
+        )));
+    }
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(b": ");
+    for p in parts {
+        v.extend_from_slice(p.as_bytes());
+    }
+    v.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
+/// Decimal digits of `n` without an allocation.
+struct Digits {
+    buf: [u8; 10],
+    start: usize,
+}
+
+impl Digits {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.buf.get(self.start..).unwrap_or_default()).unwrap_or("0")
+    }
+}
+
+fn itoa_u32(mut n: u32) -> Digits {
+    let mut d = Digits {
+        buf: [b'0'; 10],
+        start: 10,
+    };
+    loop {
+        d.start -= 1;
+        if let Some(b) = d.buf.get_mut(d.start) {
+            *b = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || d.start == 0 {
+            return d;
+        }
     }
 }
 
@@ -327,7 +424,7 @@ Content-Length: 0\r\n\r\n";
     fn uas_dialog_keeps_route_set_order_and_gruu_target() {
         let req = parse_datagram(SUB).expect("parses");
         let mut d = Dialog::uas(&req, "lt").expect("dialog");
-        assert_eq!(d.id.remote_tag, "bt");
+        assert_eq!(&*d.id.remote_tag, "bt");
         assert_eq!(
             d.remote_target,
             "sip:bob@partner.com;opaque=user:epid:E1;gruu"
@@ -355,6 +452,37 @@ Content-Length: 0\r\n\r\n";
         assert!(text.contains("From: <sip:alice@example.com>;tag=lt\r\n"));
         assert!(text.contains("CSeq: 1 NOTIFY\r\n"));
         assert!(text.ends_with("Content-Length: 4\r\n\r\n<x/>"));
+    }
+
+    #[test]
+    fn digits_and_injected_line_breaks() {
+        for n in [0u32, 7, 10, 4_096, u32::MAX] {
+            assert_eq!(itoa_u32(n).as_str(), n.to_string());
+        }
+        let req = parse_datagram(SUB).expect("parses");
+        let mut d = Dialog::uas(&req, "lt").expect("dialog");
+        let bad = d.request(&InDialog {
+            method: "NOTIFY",
+            via: "SIP/2.0/TCP example.com;branch=z9hG4bKx",
+            contact: None,
+            extra: &[("Subscription-State", "active\r\nX-Evil: 1")],
+            body: None,
+            cseq_override: None,
+        });
+        assert!(matches!(bad, Err(DialogError::Build(_))));
+        let ok = d
+            .request(&InDialog {
+                method: "NOTIFY",
+                via: "SIP/2.0/TCP example.com;branch=z9hG4bKy",
+                contact: None,
+                extra: &[],
+                body: None,
+                cseq_override: None,
+            })
+            .expect("builds");
+        let text = String::from_utf8_lossy(&ok.to_bytes()).into_owned();
+        assert!(text.contains("CSeq: 2 NOTIFY\r\n"), "{text}");
+        assert!(text.ends_with("Content-Length: 0\r\n\r\n"), "{text}");
     }
 
     #[test]

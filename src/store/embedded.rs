@@ -232,9 +232,12 @@ impl Embedded {
     fn do_put(
         &self,
         key: &str,
-        value: Vec<u8>,
+        mut value: Vec<u8>,
         expected: Option<Option<Revision>>,
     ) -> Result<(Cas, Option<oneshot::Receiver<AckResult>>), StoreError> {
+        // Encoders grow their buffer by doubling; the value lives on in the watch history,
+        // so its slack would be held for every one of the last HISTORY changes.
+        value.shrink_to_fit();
         check_key(key)?;
         check_value(&value)?;
         let mut st = self.lock();

@@ -304,7 +304,9 @@ pub struct Core {
     im_idle: Duration,
     server: HashMap<TxnKey, ServerEntry>,
     client: HashMap<TxnKey, ClientEntry>,
-    notifiers: HashMap<DialogId, Notifier>,
+    /// Boxed: a hash table keeps up to half its slots empty after growing, and an empty slot
+    /// costs the size of the value (a `Notifier` is ~0.5 KB inline, a box 8 B).
+    notifiers: HashMap<DialogId, Box<Notifier>>,
     notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
     /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
     /// `pair_add`/`pair_remove` so the per-user bound costs no scan.

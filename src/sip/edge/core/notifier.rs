@@ -398,7 +398,7 @@ impl Core {
     pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
         self.touch_notifier(&id);
         *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
-        if let Some(old) = self.notifiers.insert(id, n) {
+        if let Some(old) = self.notifiers.insert(id, Box::new(n)) {
             count_down(&mut self.notifier_domains, &old.domain);
         }
     }
@@ -408,7 +408,7 @@ impl Core {
         self.touch_notifier(id);
         let n = self.notifiers.remove(id)?;
         count_down(&mut self.notifier_domains, &n.domain);
-        Some(n)
+        Some(*n)
     }
 
     /// A NOTIFY for a presence update: not sent when its state and body equal the last

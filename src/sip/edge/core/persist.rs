@@ -63,9 +63,9 @@ struct DialogRec(
 impl From<&Dialog> for DialogRec {
     fn from(d: &Dialog) -> Self {
         DialogRec(
-            d.id.call_id.clone(),
-            d.id.local_tag.clone(),
-            d.id.remote_tag.clone(),
+            d.id.call_id.to_string(),
+            d.id.local_tag.to_string(),
+            d.id.remote_tag.to_string(),
             d.local_uri.clone(),
             d.remote_uri.clone(),
             d.remote_target.clone(),
@@ -80,9 +80,9 @@ impl From<DialogRec> for Dialog {
     fn from(r: DialogRec) -> Self {
         Dialog {
             id: DialogId {
-                call_id: r.0,
-                local_tag: r.1,
-                remote_tag: r.2,
+                call_id: r.0.into(),
+                local_tag: r.1.into(),
+                remote_tag: r.2.into(),
             },
             local_uri: r.3,
             remote_uri: r.4,
@@ -488,9 +488,9 @@ impl Core {
             let mut it = rest.splitn(3, '/');
             if let (Some(l), Some(r), Some(c)) = (it.next(), it.next(), it.next()) {
                 let id = DialogId {
-                    call_id: c.to_string(),
-                    local_tag: l.to_string(),
-                    remote_tag: r.to_string(),
+                    call_id: c.into(),
+                    local_tag: l.into(),
+                    remote_tag: r.into(),
                 };
                 self.persisted.touched.notifiers.insert(id.clone());
                 self.persisted.notifiers.insert(id, Stored::UNKNOWN);
