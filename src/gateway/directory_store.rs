@@ -16,8 +16,8 @@ use crate::store::{Revision, SharedStore, StoreError, WatchEvent};
 /// The store prefix of every directory entry.
 pub const PREFIX: &str = "directory/";
 
-/// Entries waiting to be written; beyond it an entry stays in memory only (logged).
-const QUEUE: usize = 4096;
+/// Most entries written in one batch (one group commit of the embedded store).
+const BATCH: usize = 4096;
 
 pub fn key(user: &str) -> String {
     format!("{PREFIX}{user}")
@@ -59,10 +59,12 @@ pub async fn start(
 ) -> Result<(), StoreError> {
     let revision = load(&hub, &store).await?;
     tracing::info!(users = hub.directory().len(), "learned directory loaded");
-    let (tx, rx) = mpsc::channel::<(String, Arc<str>)>(QUEUE);
+    // Unbounded in count (the directory itself bounds what can be learned), written in
+    // batches so a burst of new users never outruns the writer.
+    let (tx, rx) = mpsc::unbounded_channel::<(String, Arc<str>)>();
     hub.directory().set_sink(Box::new(move |user, home| {
-        if tx.try_send((user.to_string(), home.clone())).is_err() {
-            tracing::warn!("directory entry not persisted: the store writer is behind or gone");
+        if tx.send((user.to_string(), home.clone())).is_err() {
+            tracing::warn!("directory entry not persisted: the store writer is gone");
         }
     }));
     tasks.spawn(write(store.clone(), rx, shutdown.clone()));
@@ -72,26 +74,39 @@ pub async fn start(
 
 async fn write(
     store: SharedStore,
-    mut rx: mpsc::Receiver<(String, Arc<str>)>,
+    mut rx: mpsc::UnboundedReceiver<(String, Arc<str>)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (user, home) = tokio::select! {
+        let first = tokio::select! {
             e = rx.recv() => match e { Some(e) => e, None => return },
             _ = shutdown.changed() => {
-                while let Ok((user, home)) = rx.try_recv() {
-                    put(&store, &user, &home).await;
+                let mut rest = Vec::new();
+                while let Ok(e) = rx.try_recv() {
+                    rest.push(e);
                 }
+                put(&store, rest).await;
                 return;
             }
         };
-        put(&store, &user, &home).await;
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        put(&store, batch).await;
     }
 }
 
-async fn put(store: &SharedStore, user: &str, home: &str) {
-    if let Err(e) = store.put(&key(user), home.as_bytes().to_vec()).await {
-        tracing::error!(error = %e, "directory entry not persisted");
+async fn put(store: &SharedStore, batch: Vec<(String, Arc<str>)>) {
+    let changes = batch
+        .into_iter()
+        .map(|(user, home)| (key(&user), Some(home.as_bytes().to_vec())))
+        .collect();
+    for (k, e) in crate::store::write_batch(store, changes).await {
+        tracing::error!(key = %k, error = %e, "directory entry not persisted");
     }
 }
 

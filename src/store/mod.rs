@@ -174,6 +174,39 @@ pub trait Store: Send + Sync + 'static {
     fn watch<'a>(&'a self, prefix: &'a str, from: Revision) -> StoreFuture<'a, Watch>;
 }
 
+/// Writes a batch of changes (`Some(value)`: put, `None`: delete) concurrently, so a store that
+/// commits in groups (the embedded journal: one fsync for all that is waiting) takes them in
+/// one commit instead of one each. The last change of a key in the batch wins; changes of
+/// different keys have no order between them. Returns the failures (key, error).
+pub async fn write_batch(
+    store: &SharedStore,
+    changes: Vec<(String, Option<Vec<u8>>)>,
+) -> Vec<(String, StoreError)> {
+    let mut last: std::collections::HashMap<String, Option<Vec<u8>>> =
+        std::collections::HashMap::with_capacity(changes.len());
+    for (k, v) in changes {
+        last.insert(k, v);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (k, v) in last {
+        let store = Arc::clone(store);
+        set.spawn(async move {
+            let r = match v {
+                Some(v) => store.put(&k, v).await.map(drop),
+                None => store.delete(&k).await.map(drop),
+            };
+            r.err().map(|e| (k, e))
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some(f)) = r {
+            failed.push(f);
+        }
+    }
+    failed
+}
+
 pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
     if key.is_empty() || key.len() > MAX_KEY {
         return Err(StoreError::BadKey { max: MAX_KEY });

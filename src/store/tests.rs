@@ -266,3 +266,21 @@ async fn one_process_per_data_directory() {
     let again = Embedded::open(dir.path()).expect("reopen after close");
     assert_eq!(again.len(), 1);
 }
+
+#[tokio::test]
+async fn a_batch_is_written_whole_and_the_last_change_of_a_key_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s: SharedStore = Arc::new(Embedded::open(dir.path()).expect("open"));
+    s.put("gone", b"x".to_vec()).await.expect("put");
+    let mut changes: Vec<(String, Option<Vec<u8>>)> = (0..5000)
+        .map(|i| (format!("k/{i}"), Some(format!("v{i}").into_bytes())))
+        .collect();
+    changes.push(("k/7".into(), Some(b"later".to_vec())));
+    changes.push(("gone".into(), None));
+    let failed = crate::store::write_batch(&s, changes).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(s.list("k/").await.expect("list").entries.len(), 5000);
+    let k7 = s.get("k/7").await.expect("get").expect("k/7");
+    assert_eq!(k7.value, b"later");
+    assert!(s.get("gone").await.expect("get").is_none());
+}

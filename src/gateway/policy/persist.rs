@@ -15,8 +15,8 @@ use crate::store::{Revision, SharedStore, StoreError, WatchEvent};
 /// The store prefix of every consent entry.
 pub const PREFIX: &str = "policy/";
 
-/// Changes waiting to be written; beyond it a change stays in the cache only (logged).
-const QUEUE: usize = 4096;
+/// Most changes written in one batch (one group commit of the embedded store).
+const BATCH: usize = 4096;
 
 pub fn key(user: &str, target: &Target) -> String {
     format!("{PREFIX}{user}/{}", target.key())
@@ -89,10 +89,13 @@ pub async fn start(
 ) -> Result<(), StoreError> {
     let revision = load(&policies, &store).await?;
     tracing::info!(users = policies.len(), "consent lists loaded");
-    let (tx, rx) = mpsc::channel::<Change>(QUEUE);
+    // Unbounded in count, never dropping: every change is a cache entry already held in
+    // memory, and the writer takes what waits in batches, so it keeps up with any burst (100 000
+    // approvals of a sign-in wave used to overflow a bounded queue and be lost).
+    let (tx, rx) = mpsc::unbounded_channel::<Change>();
     policies.set_sink(Box::new(move |c| {
-        if tx.try_send(c).is_err() {
-            tracing::error!("consent change not persisted: the store writer is behind or gone");
+        if tx.send(c).is_err() {
+            tracing::error!("consent change not persisted: the store writer is gone");
         }
     }));
     tasks.spawn(write_changes(store.clone(), rx, shutdown.clone()));
@@ -102,35 +105,45 @@ pub async fn start(
 
 async fn write_changes(
     store: SharedStore,
-    mut rx: mpsc::Receiver<Change>,
+    mut rx: mpsc::UnboundedReceiver<Change>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let c = tokio::select! {
+        let first = tokio::select! {
             c = rx.recv() => match c { Some(c) => c, None => return },
             _ = shutdown.changed() => {
-                // Drain what is queued before stopping: an admin's change was acknowledged.
+                // Write what is queued before stopping: an admin's change was acknowledged.
+                let mut rest = Vec::new();
                 while let Ok(c) = rx.try_recv() {
-                    write_one(&store, c).await;
+                    rest.push(c);
                 }
+                write(&store, rest).await;
                 return;
             }
         };
-        write_one(&store, c).await;
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        write(&store, batch).await;
     }
 }
 
-async fn write_one(store: &SharedStore, c: Change) {
-    let k = key(&c.user, &c.target);
-    let r = match c.verdict {
-        Some(v) => store
-            .put(&k, v.as_str().as_bytes().to_vec())
-            .await
-            .map(drop),
-        None => store.delete(&k).await.map(drop),
-    };
-    if let Err(e) = r {
-        tracing::error!(error = %e, "consent change not persisted");
+async fn write(store: &SharedStore, batch: Vec<Change>) {
+    let changes = batch
+        .into_iter()
+        .map(|c| {
+            (
+                key(&c.user, &c.target),
+                c.verdict.map(|v| v.as_str().as_bytes().to_vec()),
+            )
+        })
+        .collect();
+    for (k, e) in crate::store::write_batch(store, changes).await {
+        tracing::error!(key = %k, error = %e, "consent change not persisted");
     }
 }
 
@@ -187,6 +200,43 @@ mod tests {
         assert_eq!(parse_key(&k), Some(("alice@example.com".into(), t)));
         assert_eq!(parse_key("policy/alice@example.com"), None);
         assert_eq!(parse_key("policy/nobody/domain:x.com"), None);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_answers_is_persisted_whole() {
+        // A sign-in wave: 20 000 approvals within moments used to overflow a 4 096 queue and be
+        // lost (the users were asked again after a restart).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("open"));
+        let (_stop_tx, stop) = watch::channel(false);
+        let p = Policies::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        start(p.clone(), store.clone(), stop, &mut tasks)
+            .await
+            .expect("start");
+        // 2 000 users with 10 watchers each (a user's lists are bounded).
+        for i in 0..20_000 {
+            p.set(
+                &format!("u{}@example.com", i / 10),
+                Target::Jid(format!("w{i}@partner.com")),
+                Some(Verdict::Allow),
+            )
+            .expect("set");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let n = store.list(PREFIX).await.expect("list").entries.len();
+            if n == 20_000 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} of 20000 persisted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
 
     #[tokio::test]
