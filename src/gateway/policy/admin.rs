@@ -64,7 +64,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
         Op::Unblock => None,
     };
     let u = user.bare_string();
-    hub.policies().set(&u, target.clone(), verdict)?;
+    hub.policies().admin_set(&u, target.clone(), verdict)?;
     tracing::info!(user = %u, target = %target, op = ?op, "consent list changed by the admin");
     let Some(domain) = target.domain() else {
         return Ok(());

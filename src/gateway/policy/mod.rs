@@ -210,6 +210,9 @@ pub struct Change {
     pub user: String,
     pub target: Target,
     pub verdict: Option<Verdict>,
+    /// A block set by the admin (`legate policy block`): stored as `block-admin`, and no
+    /// answer from the home node lifts it (see [`Policies::admin_set`]).
+    pub by_admin: bool,
 }
 
 /// Where changes go to be persisted (the driver's store writer). Called synchronously: it
@@ -230,6 +233,8 @@ pub struct Policies {
     /// (user, watcher) requests forwarded to the home node and not answered yet, as a hash
     /// of the pair (16 bytes or so each, not two strings: every undecided SUBSCRIBE adds one).
     pending: DashSet<u64>,
+    /// Entries (user, target) the admin blocked, as hashes: only the admin lifts them.
+    admin_blocks: DashSet<u64>,
     pair_hasher: std::hash::RandomState,
     sink: OnceLock<Sink>,
 }
@@ -284,15 +289,80 @@ impl Policies {
 
     /// Sets (or with `None` removes) an entry and writes it through to the sink.
     pub fn set(&self, user: &str, target: Target, verdict: Option<Verdict>) -> Result<(), Full> {
-        self.apply(user, &target, verdict)?;
+        self.set_as(user, target, verdict, false)
+    }
+
+    /// The admin's change (`legate policy`). A block set this way holds against every answer
+    /// the home node sends afterwards: an XMPP server re-sends `subscribed` on its own for a
+    /// roster entry approved long ago, and a request in flight when the admin blocked would
+    /// otherwise read as the user's approval and lift the block. Only the admin's allow or
+    /// unblock lifts it.
+    pub fn admin_set(
+        &self,
+        user: &str,
+        target: Target,
+        verdict: Option<Verdict>,
+    ) -> Result<(), Full> {
+        if let Target::Jid(w) = &target {
+            // Whatever was asked before the admin decided is no longer the user's to answer.
+            self.pending.remove(&self.pair_key(user, w));
+        }
+        self.set_as(user, target, verdict, true)
+    }
+
+    fn set_as(
+        &self,
+        user: &str,
+        target: Target,
+        verdict: Option<Verdict>,
+        by_admin: bool,
+    ) -> Result<(), Full> {
+        self.apply_as(user, &target, verdict, by_admin)?;
         if let Some(sink) = self.sink.get() {
             sink(Change {
                 user: user.to_string(),
                 target,
                 verdict,
+                by_admin: by_admin && verdict == Some(Verdict::Block),
             });
         }
         Ok(())
+    }
+
+    /// [`Policies::apply`] remembering whether the admin set a block.
+    pub fn apply_as(
+        &self,
+        user: &str,
+        target: &Target,
+        verdict: Option<Verdict>,
+        by_admin: bool,
+    ) -> Result<(), Full> {
+        self.apply(user, target, verdict)?;
+        let k = self.target_key(user, target);
+        if by_admin && verdict == Some(Verdict::Block) {
+            self.admin_blocks.insert(k);
+        } else {
+            self.admin_blocks.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn target_key(&self, user: &str, target: &Target) -> u64 {
+        self.pair_key(user, &target.key())
+    }
+
+    /// Whether an admin's block covers `watcher` for `user` (its JID, or its domain when no
+    /// JID entry decides).
+    fn admin_held(&self, user: &str, watcher: &Address) -> bool {
+        if self.admin_blocks.is_empty() {
+            return false;
+        }
+        let jid = Target::Jid(watcher.bare_string());
+        if self.entry_of(user, &watcher.bare_string()).is_some() {
+            return self.admin_blocks.contains(&self.target_key(user, &jid));
+        }
+        let dom = Target::Domain(watcher.domain.clone());
+        self.admin_blocks.contains(&self.target_key(user, &dom))
     }
 
     /// Applies a change without writing it (loading from the store, or a change another node
@@ -381,6 +451,10 @@ impl Policies {
     fn record_answer(&self, user: &Address, watcher: &Address, approved: bool) {
         let (u, w) = (user.bare_string(), watcher.bare_string());
         let was_pending = self.pending.remove(&self.pair_key(&u, &w)).is_some();
+        if self.admin_held(&u, watcher) {
+            tracing::debug!(user = %u, watcher = %w, "home node's answer ignored: the admin blocked this watcher");
+            return;
+        }
         let verdict = if approved {
             Verdict::Allow
         } else if was_pending || self.entry_of(&u, &w) == Some(Verdict::Allow) {

@@ -3,7 +3,7 @@
 //! etcd in a cluster — see each other's changes). A driver: the cache itself never waits.
 //!
 //! Keys: `policy/<user bare JID>/jid:<watcher bare JID>` or `policy/<user>/domain:<domain>`;
-//! value `allow` or `block`.
+//! value `allow`, `block`, or `block-admin` (a block only the admin lifts).
 
 use std::sync::Arc;
 
@@ -33,14 +33,27 @@ pub fn parse_key(key: &str) -> Option<(String, Target)> {
     Some((user.bare_string(), Target::from_key(target)?))
 }
 
+/// The stored value: `allow`, `block`, or `block-admin` for a block only the admin lifts.
+fn stored_value(v: Verdict, by_admin: bool) -> &'static str {
+    match (v, by_admin) {
+        (Verdict::Block, true) => ADMIN_BLOCK,
+        (v, _) => v.as_str(),
+    }
+}
+
+const ADMIN_BLOCK: &str = "block-admin";
+
 fn apply_entry(policies: &Policies, key: &str, value: Option<&[u8]>) {
     let Some((user, target)) = parse_key(key) else {
         tracing::warn!(key, "consent entry with an unreadable key ignored");
         return;
     };
-    let verdict = match value {
+    let text = value.map(std::str::from_utf8);
+    let by_admin = matches!(text, Some(Ok(ADMIN_BLOCK)));
+    let verdict = match text {
         None => None,
-        Some(v) => match std::str::from_utf8(v).ok().and_then(Verdict::parse) {
+        Some(Ok(ADMIN_BLOCK)) => Some(Verdict::Block),
+        Some(t) => match t.ok().and_then(Verdict::parse) {
             Some(v) => Some(v),
             None => {
                 tracing::warn!(key, "consent entry with an unreadable value ignored");
@@ -48,7 +61,7 @@ fn apply_entry(policies: &Policies, key: &str, value: Option<&[u8]>) {
             }
         },
     };
-    if let Err(e) = policies.apply(&user, &target, verdict) {
+    if let Err(e) = policies.apply_as(&user, &target, verdict, by_admin) {
         tracing::warn!(key, error = %e, "consent entry not loaded");
     }
 }
@@ -138,7 +151,8 @@ async fn write(store: &SharedStore, batch: Vec<Change>) {
         .map(|c| {
             (
                 key(&c.user, &c.target),
-                c.verdict.map(|v| v.as_str().as_bytes().to_vec()),
+                c.verdict
+                    .map(|v| stored_value(v, c.by_admin).as_bytes().to_vec()),
             )
         })
         .collect();
@@ -200,6 +214,46 @@ mod tests {
         assert_eq!(parse_key(&k), Some(("alice@example.com".into(), t)));
         assert_eq!(parse_key("policy/alice@example.com"), None);
         assert_eq!(parse_key("policy/nobody/domain:x.com"), None);
+    }
+
+    #[tokio::test]
+    async fn an_admin_block_is_stored_as_such_and_holds_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let alice = Address::parse("alice@example.com").expect("addr");
+        let bob = Address::parse("bob@partner.com").expect("addr");
+        {
+            let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("open"));
+            let (_stop_tx, stop) = watch::channel(false);
+            let p = Policies::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            start(p.clone(), store.clone(), stop, &mut tasks)
+                .await
+                .expect("start");
+            p.admin_set(
+                "alice@example.com",
+                Target::Jid("bob@partner.com".into()),
+                Some(Verdict::Block),
+            )
+            .expect("block");
+            let k = key("alice@example.com", &Target::Jid("bob@partner.com".into()));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while store.get(&k).await.expect("get").map(|e| e.value)
+                != Some(b"block-admin".to_vec())
+            {
+                assert!(std::time::Instant::now() < deadline, "not written");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        let store: SharedStore = Arc::new(Embedded::open(dir.path()).expect("reopen"));
+        let p = Policies::new();
+        load(&p, &store).await.expect("load");
+        assert_eq!(p.consent(&alice, &bob), super::super::Consent::Blocked);
+        assert!(
+            p.admin_held("alice@example.com", &bob),
+            "the admin's hold survives"
+        );
     }
 
     #[tokio::test]

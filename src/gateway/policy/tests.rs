@@ -246,6 +246,7 @@ fn changes_are_written_through_the_sink_but_applied_ones_are_not() {
             user: ALICE.into(),
             target: Target::Domain(dom("partner.com")),
             verdict: Some(Verdict::Block),
+            by_admin: false,
         }]
     );
 }
@@ -534,4 +535,57 @@ mod admin_changes {
             Consent::Allowed
         );
     }
+}
+
+#[test]
+fn an_admin_block_holds_against_the_home_nodes_late_approval() {
+    let (cfg, maps) = setup();
+    let p = Policies::default();
+    let (origin, link) = sip("partner.com");
+    let watcher = "bob@partner.com";
+    // bob asks; before alice's server answers, the admin blocks him.
+    let ask = env(watcher, ALICE, Body::Subscription(Subscription::Subscribe));
+    p.screen(&cfg, &maps, &origin, &home_link(), ask)
+        .expect("pending");
+    p.admin_set(ALICE, Target::Jid(watcher.into()), Some(Verdict::Block))
+        .expect("admin block");
+    // The server's answer to the request in flight (or its automatic re-send for a roster
+    // approved long ago) does not lift the block.
+    let yes = env(ALICE, watcher, Body::Subscription(Subscription::Subscribed));
+    let _ = p.screen(&cfg, &maps, &home(), &link, yes.clone());
+    assert_eq!(p.consent(&addr(ALICE), &addr(watcher)), Consent::Blocked);
+    // A domain-wide admin block holds the same way for a watcher without an entry.
+    let carol = "carol@partner.com";
+    p.admin_set(
+        ALICE,
+        Target::Domain(dom("partner.com")),
+        Some(Verdict::Block),
+    )
+    .expect("admin domain block");
+    let yes = env(ALICE, carol, Body::Subscription(Subscription::Subscribed));
+    let _ = p.screen(&cfg, &maps, &home(), &link, yes);
+    assert_eq!(p.consent(&addr(ALICE), &addr(carol)), Consent::Blocked);
+    // The admin's unblock lifts it; then the user's answers count again.
+    p.admin_set(ALICE, Target::Jid(watcher.into()), None)
+        .expect("unblock");
+    p.admin_set(ALICE, Target::Domain(dom("partner.com")), None)
+        .expect("unblock domain");
+    let yes = env(ALICE, watcher, Body::Subscription(Subscription::Subscribed));
+    let _ = p.screen(&cfg, &maps, &home(), &link, yes);
+    assert_eq!(p.consent(&addr(ALICE), &addr(watcher)), Consent::Allowed);
+    // A block that came from the user (a refusal) is still lifted by the user's approval.
+    let no = env(ALICE, carol, Body::Subscription(Subscription::Unsubscribed));
+    p.screen(
+        &cfg,
+        &maps,
+        &origin,
+        &home_link(),
+        env(carol, ALICE, Body::Subscription(Subscription::Subscribe)),
+    )
+    .expect("pending");
+    let _ = p.screen(&cfg, &maps, &home(), &link, no);
+    assert_eq!(p.consent(&addr(ALICE), &addr(carol)), Consent::Blocked);
+    let yes = env(ALICE, carol, Body::Subscription(Subscription::Subscribed));
+    let _ = p.screen(&cfg, &maps, &home(), &link, yes);
+    assert_eq!(p.consent(&addr(ALICE), &addr(carol)), Consent::Allowed);
 }
