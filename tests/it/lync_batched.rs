@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use common::certs::CertFactory;
-use common::rig::{self, Gateway, WAIT};
+use common::rig::{self, accept_lync, Gateway, WAIT};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use legate::presence::codec::{msrtc, rlmi};
 use legate::sip::SipMessage;
@@ -120,7 +120,7 @@ async fn scenario() -> Result<()> {
     let users: Vec<(&str, &str)> = USERS.iter().map(|u| (*u, "pw")).collect();
     let prosody = rig::home_node(&users, |c| c)?;
     let route = TcpListener::bind("127.0.0.1:0").await?;
-    let gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, "").await?;
+    let mut gw = Gateway::start(&certs, &ours, route.local_addr()?, &prosody, "").await?;
 
     // Three users, three states: available, dnd (Lync busy), away.
     let mut clients = Vec::new();
@@ -249,6 +249,30 @@ async fn scenario() -> Result<()> {
         Some(rlmi::InstanceState::Active),
         "{states:?}"
     );
+
+    // --- kill -9 and start again on the same data directory: the batch comes back from the
+    // state store, and once the home link is up its members are probed and an RLMI NOTIFY in
+    // the old dialog reaches the edge — over a new connection to the partner's route, the old
+    // one died with the process. (Records reach the store within a second of a change.)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.restart().await?;
+    drop(bob);
+    let mut bob = accept_lync(&route, &partner)
+        .await
+        .with_context(|| gw.log())?;
+    let (_, _, states) =
+        rlmi_notify_until(&mut bob, "lb-2", "the batch after a restart", |_, s| {
+            s.iter()
+                .any(|(u, a)| u == "sip:alice@example.test" && *a == Some(3500))
+        })
+        .await
+        .with_context(|| gw.log())?;
+    assert!(
+        gw.legate.output().contains("batches=2"),
+        "both batches restored:\n{}",
+        gw.log()
+    );
+    assert!(!states.is_empty());
 
     // --- Un-SUBSCRIBE: 200 and a terminated NOTIFY. -------------------------------------------
     let to = hv(&ok, "To").to_string();

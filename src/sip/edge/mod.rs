@@ -368,18 +368,21 @@ async fn restore(
 ) -> Result<(), EdgeError> {
     let (now, wall) = (Instant::now(), SystemTime::now());
     let listing = store.list(core::SIP_PREFIX).await?;
-    let (mut notifiers, mut subscribers, mut dropped) = (0usize, 0usize, 0usize);
+    let (mut notifiers, mut subscribers, mut batches, mut dropped) =
+        (0usize, 0usize, 0usize, 0usize);
     for e in &listing.entries {
         match core.restore_record(hub, &e.key, &e.value, now, wall) {
             Restored::Notifier => notifiers += 1,
             Restored::Subscriber => subscribers += 1,
+            Restored::Batch => batches += 1,
             Restored::Dropped => dropped += 1,
         }
     }
-    if notifiers + subscribers + dropped > 0 {
+    if notifiers + subscribers + batches + dropped > 0 {
         tracing::info!(
             notifiers,
             subscribers,
+            batches,
             dropped,
             "SIP subscriptions restored from the state store"
         );

@@ -557,6 +557,7 @@ impl Core {
     /// Adds a batch, indexes its members by pair, and ends the watcher's oldest batch when
     /// it has too many.
     fn batch_insert(&mut self, hub: &dyn HubPort, id: DialogId, b: Batch, now: Instant) {
+        self.persisted.batches_dirty = true;
         let watcher = b.watcher.bare_string();
         let mine = self.batches.by_watcher.get(&watcher);
         if mine.is_some_and(|v| v.len() >= MAX_BATCHES_PER_WATCHER) {
@@ -577,6 +578,7 @@ impl Core {
     /// watches any more.
     pub(super) fn batch_remove(&mut self, id: &DialogId) -> Option<Batch> {
         let b = self.batches.remove(id)?;
+        self.persisted.batches_dirty = true;
         for m in &b.members {
             if let Some(p) = &m.presentity {
                 self.forget_if_unwatched(&p.bare_string());
@@ -650,6 +652,7 @@ impl Core {
         match decision {
             ExpiresDecision::Grant(g) => {
                 b.expires_at = now + Duration::from_secs(u64::from(g));
+                self.persisted.batches_dirty = true;
                 let gs = g.to_string();
                 let extra = [("Expires", gs.as_str()), ("Contact", contact.as_str())];
                 self.reply(key, req, 200, "OK", None, &extra, None, now);
@@ -680,6 +683,8 @@ impl Core {
         let Some(b) = self.batches.by_id.get(id) else {
             return Ok(());
         };
+        // Contacts added or removed: the stored record follows.
+        self.persisted.batches_dirty = true;
         let watcher = b.watcher.clone();
         match action {
             rlmi::BatchAction::Subscribe => {
@@ -840,11 +845,14 @@ impl Core {
                 if m.presentity.as_ref().map(|p| p.bare_string()).as_ref() != Some(&pair.1) {
                     continue;
                 }
-                m.state = match (to, m.state) {
+                let state = match (to, m.state) {
                     (Some(s), _) => s,
                     (None, MemberState::Pending) => MemberState::Active,
                     (None, s) => s,
                 };
+                // A member's state is what the store keeps (its presence is not).
+                self.persisted.batches_dirty |= state != m.state;
+                m.state = state;
                 m.changed = true;
                 any = true;
             }
@@ -1064,6 +1072,99 @@ impl Core {
     }
 
     /// Live batched dialogs (tests, status).
+    /// Rebuilds a batched subscription from its store record (see `persist`): the dialog with
+    /// a CSeq margin (NOTIFYs sent after the last write must not be reused, RFC 3261
+    /// §12.2.1.1), the RLMI version likewise (RFC 4662 §5.2: a version must not go back), the
+    /// members and their states. Nothing is sent: the home side is asked when its link comes
+    /// up (`batch_link_up`), and the next NOTIFY carries the members' current state.
+    pub(super) fn restore_batch(
+        &mut self,
+        hub: &dyn HubPort,
+        p: PersistedBatch,
+        now: Instant,
+        base: u64,
+    ) -> Option<DialogId> {
+        if p.expires_unix <= base {
+            return None;
+        }
+        let (Ok(watcher), Ok(domain)) = (Address::parse(&p.watcher), Domain::parse(&p.domain))
+        else {
+            tracing::warn!("stored batched subscription with unparsable addresses skipped");
+            return None;
+        };
+        hub.config().sip_federated(&domain)?;
+        let remaining = p
+            .expires_unix
+            .saturating_sub(base)
+            .min(u64::from(subscription::MAX_EXPIRES));
+        let expires_at = now.checked_add(Duration::from_secs(remaining))?;
+        let mut dialog = p.dialog;
+        dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
+        let id = dialog.id.clone();
+        if self.batches.by_id.contains_key(&id) {
+            return None;
+        }
+        let members = p
+            .members
+            .into_iter()
+            .take(MAX_BATCH_RESOURCES)
+            .map(|(uri, state)| Member {
+                presentity: match state {
+                    MemberState::NoResource => None,
+                    _ => address_of(&uri),
+                },
+                uri,
+                state,
+                changed: false,
+                sent: None,
+            })
+            .collect();
+        let b = Batch {
+            dialog,
+            watcher,
+            domain,
+            expires_at,
+            conn: None,
+            version: p.version.saturating_add(RESTORE_CSEQ_MARGIN),
+            members,
+            flush_at: None,
+            armed: None,
+        };
+        self.batches.insert(id.clone(), b);
+        self.arm_batch(&id, expires_at);
+        Some(id)
+    }
+
+    /// What the home side must hear when the component link of foreign `domain` comes up: a
+    /// probe for each approved member of its watchers' batches (the answer refreshes the
+    /// batch's NOTIFY) and the pending requests again.
+    pub(super) fn batch_link_up(&self, domain: &Domain) -> Vec<(Domain, Envelope)> {
+        let mut out = Vec::new();
+        for b in self.batches.by_id.values() {
+            if b.domain != *domain && b.watcher.domain != *domain {
+                continue;
+            }
+            for m in &b.members {
+                let ask = match m.state {
+                    MemberState::Active => Subscription::Probe,
+                    MemberState::Pending => Subscription::Subscribe,
+                    _ => continue,
+                };
+                if let Some(p) = &m.presentity {
+                    out.push((
+                        b.domain.clone(),
+                        Envelope {
+                            from: b.watcher.clone(),
+                            to: p.clone(),
+                            body: Body::Subscription(ask),
+                        },
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn batch_count(&self) -> usize {
         self.batches.by_id.len()
     }

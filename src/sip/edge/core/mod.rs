@@ -20,7 +20,9 @@ mod notifier;
 mod persist;
 mod subscriber;
 
-pub use persist::{Restored, StoreOp, NOTIFIER_PREFIX, SIP_PREFIX, SUBSCRIBER_PREFIX};
+pub use persist::{
+    Restored, StoreOp, BATCH_PREFIX, NOTIFIER_PREFIX, SIP_PREFIX, SUBSCRIBER_PREFIX,
+};
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

@@ -24,6 +24,8 @@ use super::*;
 pub const NOTIFIER_PREFIX: &str = "sip/n/";
 /// Store key prefix of subscriber records.
 pub const SUBSCRIBER_PREFIX: &str = "sip/s/";
+/// Store key prefix of batched (Lync `adhoclist`) subscription records.
+pub const BATCH_PREFIX: &str = "sip/b/";
 /// Prefix of every record the SIP edge owns.
 pub const SIP_PREFIX: &str = "sip/";
 /// Record layout version (the first element of every value).
@@ -41,6 +43,7 @@ pub enum StoreOp {
 pub enum Restored {
     Notifier,
     Subscriber,
+    Batch,
     /// Expired, for a domain no longer federated, or unreadable (logged); the record is
     /// deleted at the next write.
     Dropped,
@@ -125,6 +128,32 @@ fn subscriber_key(pair: &(String, String)) -> String {
     format!("{SUBSCRIBER_PREFIX}{}/{}", pair.0, pair.1)
 }
 
+fn batch_key(id: &DialogId) -> String {
+    format!(
+        "{BATCH_PREFIX}{}/{}/{}",
+        id.local_tag, id.remote_tag, id.call_id
+    )
+}
+
+/// What decides whether a batch record must be written again: its members and their states,
+/// the peer's target and route, and the expiry to the minute (a refresh moves it; the clock
+/// turning does not). The RLMI version is left out: it moves with every NOTIFY, and a restore
+/// adds a margin to it instead.
+fn batch_print(p: &PersistedBatch) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    for (uri, state) in &p.members {
+        uri.hash(&mut h);
+        (*state as u8).hash(&mut h);
+    }
+    p.dialog.remote_target.hash(&mut h);
+    p.dialog.route_set.hash(&mut h);
+    (p.expires_unix / 60).hash(&mut h);
+    h.finish()
+}
+
 fn unix(wall: SystemTime) -> u64 {
     wall.duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -190,6 +219,10 @@ pub(crate) struct Persisted {
     kicks: VecDeque<(Domain, Envelope)>,
     /// Restored subscribers waiting for their domain's link to refresh.
     unrefreshed: Vec<u64>,
+    /// Batched subscriptions as stored: a fingerprint of what the record says.
+    batches: HashMap<DialogId, u64>,
+    /// A batch was created, changed or ended since the last `take_store_ops`.
+    pub(super) batches_dirty: bool,
 }
 
 /// Subscriptions changed since the last write, noted where they change.
@@ -383,6 +416,7 @@ impl Core {
                 }
                 live
             });
+            self.batch_ops(now, base, true, &mut ops);
             return storable(ops);
         }
         let pass = self.persisted.pass;
@@ -424,7 +458,50 @@ impl Core {
                 }
             }
         }
+        self.batch_ops(now, base, false, &mut ops);
         storable(ops)
+    }
+
+    /// Puts for the batches created or changed since they were last written, deletes for
+    /// those gone. Runs when a batch changed (or on the full pass): batches are few (each
+    /// holds up to a thousand contacts), so looking at all of them then is cheap.
+    fn batch_ops(&mut self, now: Instant, base: u64, full: bool, ops: &mut Vec<StoreOp>) {
+        if !(full || self.persisted.batches_dirty) {
+            return;
+        }
+        self.persisted.batches_dirty = false;
+        let mut live = HashSet::new();
+        for p in self.persisted_batches(now, base) {
+            let id = p.dialog.id.clone();
+            let print = batch_print(&p);
+            live.insert(id.clone());
+            if self.persisted.batches.get(&id) == Some(&print) {
+                continue;
+            }
+            match serde_json::to_vec(&p) {
+                Ok(value) => {
+                    self.persisted.batches.insert(id.clone(), print);
+                    ops.push(StoreOp::Put {
+                        key: batch_key(&id),
+                        value,
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a batched subscription"),
+            }
+        }
+        let gone: Vec<DialogId> = self
+            .persisted
+            .batches
+            .keys()
+            .filter(|id| !live.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.persisted.batches.remove(&id);
+            ops.push(StoreOp::Delete {
+                key: batch_key(&id),
+            });
+        }
     }
 
     /// Rebuilds one subscription from its store record. A restored subscriber sends its
@@ -458,6 +535,27 @@ impl Core {
                 Ok(_) => Restored::Dropped,
                 Err(e) => {
                     tracing::warn!(key = %LogSafe(key), error = %e, "unreadable notifier record dropped");
+                    Restored::Dropped
+                }
+            }
+        } else if key.starts_with(BATCH_PREFIX) {
+            match serde_json::from_slice::<PersistedBatch>(value) {
+                Ok(p) => match self.restore_batch(hub, p, now, unix(wall)) {
+                    Some(id) => {
+                        // As stored: the next pass writes it only when it changes.
+                        if let Some(p) = self
+                            .persisted_batches(now, unix(wall))
+                            .into_iter()
+                            .find(|p| p.dialog.id == id)
+                        {
+                            self.persisted.batches.insert(id, batch_print(&p));
+                        }
+                        Restored::Batch
+                    }
+                    None => Restored::Dropped,
+                },
+                Err(e) => {
+                    tracing::warn!(key = %LogSafe(key), error = %e, "unreadable batch record dropped");
                     Restored::Dropped
                 }
             }
@@ -718,6 +816,7 @@ impl Core {
                 ));
             }
         }
+        kicks.extend(self.batch_link_up(domain));
         self.persisted.kicks.extend(kicks);
     }
 

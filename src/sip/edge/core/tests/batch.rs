@@ -649,3 +649,85 @@ fn unchanged_members_are_left_out_and_empty_partials_not_sent() {
     assert_eq!(states, [("sip:carol@example.com".to_string(), Some(15500))]);
     assert_eq!(list.version, 2, "the skipped one used no version");
 }
+
+/// Issue 11 item 3 for batches: a batched subscription is written to the store, comes back
+/// from its record on a new core (same dialog, members and states), writes nothing back, and
+/// once the home link is up asks the home node for its approved members; ending it deletes
+/// the record.
+#[test]
+fn batched_subscriptions_survive_a_restart() {
+    let h = hub();
+    let mut c = core();
+    let (t0, wall) = (Instant::now(), std::time::SystemTime::now());
+    c.handle_message(&h, &peer(), batch_subscribe("b9", &THREE, true, 3600), t0);
+    let _ = sent(&mut c);
+    // alice approves (her home node's `subscribed`); the others stay pending.
+    c.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com",
+            "bob@partner.com",
+            Body::Subscription(Subscription::Subscribed),
+        ),
+        t0,
+    );
+    let ops = c.take_store_ops(t0, wall, false);
+    let batch_puts: Vec<(String, Vec<u8>)> = ops
+        .iter()
+        .filter_map(|o| match o {
+            StoreOp::Put { key, value } if key.starts_with(BATCH_PREFIX) => {
+                Some((key.clone(), value.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(batch_puts.len(), 1, "{ops:?}");
+    // Unchanged: nothing written again.
+    assert!(c
+        .take_store_ops(t0, wall, false)
+        .iter()
+        .all(|o| !matches!(o, StoreOp::Put { key, .. } if key.starts_with(BATCH_PREFIX))));
+
+    let h2 = hub();
+    let mut c2 = core();
+    let (k, v) = &batch_puts[0];
+    assert_eq!(c2.restore_record(&h2, k, v, t0, wall), Restored::Batch);
+    assert_eq!(c2.batch_count(), 1);
+    let before = c.persisted_batches(t0, 1_000_000);
+    let after = c2.persisted_batches(t0, 1_000_000);
+    assert_eq!(after[0].members, before[0].members);
+    assert_eq!(after[0].dialog.id, before[0].dialog.id);
+    assert!(after[0].dialog.local_cseq > before[0].dialog.local_cseq);
+    assert!(after[0].version > before[0].version);
+    assert!(c2.take_store_ops(t0, wall, false).is_empty());
+    assert!(sent(&mut c2).is_empty());
+    // The link comes up: a probe for alice (approved), the request again for the others.
+    c2.handle_link_up(&dom(), t0);
+    while c2.pump_link_up(&h2, 64) {}
+    let got = h2.got.borrow();
+    let asked = |to: &str, s: Subscription| {
+        got.iter().any(|e| {
+            e.from.bare_string() == "bob@partner.com"
+                && e.to.bare_string() == to
+                && e.body == Body::Subscription(s)
+        })
+    };
+    assert!(asked("alice@example.com", Subscription::Probe), "{got:?}");
+    assert!(
+        asked("carol@example.com", Subscription::Subscribe),
+        "{got:?}"
+    );
+    assert!(
+        asked("dave@example.com", Subscription::Subscribe),
+        "{got:?}"
+    );
+    drop(got);
+    // Ending the batch deletes its record.
+    let id = c2.persisted_batches(t0, 1_000_000)[0].dialog.id.clone();
+    c2.batch_remove(&id);
+    assert!(c2
+        .take_store_ops(t0, wall, false)
+        .iter()
+        .any(|o| matches!(o, StoreOp::Delete { key } if key == k)));
+}
