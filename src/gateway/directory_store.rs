@@ -11,13 +11,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use super::{Address, Hub};
-use crate::store::{Revision, SharedStore, StoreError, WatchEvent};
+use crate::store::{Revision, SharedStore, StoreError};
 
 /// The store prefix of every directory entry.
 pub const PREFIX: &str = "directory/";
-
-/// Most entries written in one batch (one group commit of the embedded store).
-const BATCH: usize = 4096;
 
 pub fn key(user: &str) -> String {
     format!("{PREFIX}{user}")
@@ -67,86 +64,37 @@ pub async fn start(
             tracing::warn!("directory entry not persisted: the store writer is gone");
         }
     }));
-    tasks.spawn(write(store.clone(), rx, shutdown.clone()));
-    tasks.spawn(follow(hub, store, revision + 1, shutdown));
+    tasks.spawn(crate::store::sync::write_queue(
+        store.clone(),
+        rx,
+        shutdown.clone(),
+        encode,
+        "directory entry",
+    ));
+    let (h, s) = (hub.clone(), store.clone());
+    tasks.spawn(crate::store::sync::follow(
+        store,
+        PREFIX,
+        revision + 1,
+        shutdown,
+        "learned directory",
+        // Entries are only ever replaced; a delete (an operator's cleanup through the store)
+        // takes effect at the next start.
+        move |k, v| {
+            if let Some(v) = v {
+                apply(&hub, k, v);
+            }
+        },
+        move || {
+            let (h, s) = (h.clone(), s.clone());
+            async move { load(&h, &s).await }
+        },
+    ));
     Ok(())
 }
 
-async fn write(
-    store: SharedStore,
-    mut rx: mpsc::UnboundedReceiver<(String, Arc<str>)>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let first = tokio::select! {
-            e = rx.recv() => match e { Some(e) => e, None => return },
-            _ = shutdown.changed() => {
-                let mut rest = Vec::new();
-                while let Ok(e) = rx.try_recv() {
-                    rest.push(e);
-                }
-                put(&store, rest).await;
-                return;
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        put(&store, batch).await;
-    }
-}
-
-async fn put(store: &SharedStore, batch: Vec<(String, Arc<str>)>) {
-    let changes = batch
-        .into_iter()
-        .map(|(user, home)| (key(&user), Some(home.as_bytes().to_vec())))
-        .collect();
-    for (k, e) in crate::store::write_batch(store, changes).await {
-        tracing::error!(key = %k, error = %e, "directory entry not persisted");
-    }
-}
-
-/// Applies entries written by this or another node; a compacted history reloads.
-async fn follow(
-    hub: Arc<Hub>,
-    store: SharedStore,
-    mut from: Revision,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let mut w = match store.watch(PREFIX, from).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch the directory");
-                return;
-            }
-        };
-        loop {
-            let ev = tokio::select! {
-                ev = w.next() => ev,
-                _ = shutdown.changed() => return,
-            };
-            match ev {
-                Some(WatchEvent::Put(e)) => apply(&hub, &e.key, &e.value),
-                // Entries are only ever replaced; a delete (an operator's cleanup through
-                // the store) takes effect at the next start.
-                Some(WatchEvent::Delete { .. }) => {}
-                Some(WatchEvent::Resync) => break,
-                None => return,
-            }
-        }
-        match load(&hub, &store).await {
-            Ok(r) => from = r + 1,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the directory");
-                return;
-            }
-        }
-    }
+fn encode((user, home): (String, Arc<str>)) -> (String, Option<Vec<u8>>) {
+    (key(&user), Some(home.as_bytes().to_vec()))
 }
 
 #[cfg(test)]

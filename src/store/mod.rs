@@ -15,6 +15,7 @@
 
 pub mod embedded;
 mod journal;
+pub mod sync;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -10,13 +10,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use super::{Change, Policies, Target, Verdict};
-use crate::store::{Revision, SharedStore, StoreError, WatchEvent};
+use crate::store::{Revision, SharedStore, StoreError};
 
 /// The store prefix of every consent entry.
 pub const PREFIX: &str = "policy/";
-
-/// Most changes written in one batch (one group commit of the embedded store).
-const BATCH: usize = 4096;
 
 pub fn key(user: &str, target: &Target) -> String {
     format!("{PREFIX}{user}/{}", target.key())
@@ -111,93 +108,35 @@ pub async fn start(
             tracing::error!("consent change not persisted: the store writer is gone");
         }
     }));
-    tasks.spawn(write_changes(store.clone(), rx, shutdown.clone()));
-    tasks.spawn(follow(policies, store, revision + 1, shutdown));
+    tasks.spawn(crate::store::sync::write_queue(
+        store.clone(),
+        rx,
+        shutdown.clone(),
+        encode,
+        "consent change",
+    ));
+    let (p, s) = (policies.clone(), store.clone());
+    tasks.spawn(crate::store::sync::follow(
+        store,
+        PREFIX,
+        revision + 1,
+        shutdown,
+        "consent lists",
+        move |k, v| apply_entry(&policies, k, v),
+        move || {
+            let (p, s) = (p.clone(), s.clone());
+            async move { resync(&p, &s).await }
+        },
+    ));
     Ok(())
 }
 
-async fn write_changes(
-    store: SharedStore,
-    mut rx: mpsc::UnboundedReceiver<Change>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let first = tokio::select! {
-            c = rx.recv() => match c { Some(c) => c, None => return },
-            _ = shutdown.changed() => {
-                // Write what is queued before stopping: an admin's change was acknowledged.
-                let mut rest = Vec::new();
-                while let Ok(c) = rx.try_recv() {
-                    rest.push(c);
-                }
-                write(&store, rest).await;
-                return;
-            }
-        };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
-            }
-        }
-        write(&store, batch).await;
-    }
-}
-
-async fn write(store: &SharedStore, batch: Vec<Change>) {
-    let changes = batch
-        .into_iter()
-        .map(|c| {
-            (
-                key(&c.user, &c.target),
-                c.verdict
-                    .map(|v| stored_value(v, c.by_admin).as_bytes().to_vec()),
-            )
-        })
-        .collect();
-    for (k, e) in crate::store::write_batch(store, changes).await {
-        tracing::error!(key = %k, error = %e, "consent change not persisted");
-    }
-}
-
-/// Applies what the store says changed (this node's own writes come back too: applying them
-/// again changes nothing). On `Resync`, reloads (the listing replaces what was missed) and
-/// watches again from the listing's revision.
-async fn follow(
-    policies: Arc<Policies>,
-    store: SharedStore,
-    mut from: Revision,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let mut w = match store.watch(PREFIX, from).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch the consent lists");
-                return;
-            }
-        };
-        loop {
-            let ev = tokio::select! {
-                ev = w.next() => ev,
-                _ = shutdown.changed() => return,
-            };
-            match ev {
-                Some(WatchEvent::Put(e)) => apply_entry(&policies, &e.key, Some(&e.value)),
-                Some(WatchEvent::Delete { key, .. }) => apply_entry(&policies, &key, None),
-                Some(WatchEvent::Resync) => break,
-                None => return,
-            }
-        }
-        match resync(&policies, &store).await {
-            Ok(r) => from = r + 1,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the consent lists");
-                return;
-            }
-        }
-    }
+fn encode(c: Change) -> (String, Option<Vec<u8>>) {
+    (
+        key(&c.user, &c.target),
+        c.verdict
+            .map(|v| stored_value(v, c.by_admin).as_bytes().to_vec()),
+    )
 }
 
 #[cfg(test)]
