@@ -11,10 +11,14 @@
 //! hot-path reader keeps a local cache filled by `list` and kept current by `watch`.
 //!
 //! Implementations: [`embedded::Embedded`] (the single-node default: memory plus an
-//! append-only journal under `node.data_dir`). etcd comes with the cluster work.
+//! append-only journal under `node.data_dir`) and, with the `cluster` feature, [`etcd::Etcd`]
+//! (a cluster's shared state). [`prefixed::Prefixed`] scopes a store to one node's own keys.
 
 pub mod embedded;
+#[cfg(feature = "cluster")]
+pub mod etcd;
 mod journal;
+pub mod prefixed;
 pub mod sync;
 
 use std::future::Future;

@@ -11,6 +11,8 @@ mod sip_ua;
 mod aggregation;
 mod cli_check;
 mod cli_sip_check;
+#[cfg(feature = "cluster")]
+mod cluster_store;
 mod component_link;
 mod config;
 mod consent;

@@ -3,6 +3,8 @@
 
 pub mod certs;
 pub mod dnsmasq;
+#[cfg(feature = "cluster")]
+pub mod etcd;
 pub mod legate;
 pub mod metrics;
 pub mod ports;
