@@ -29,6 +29,8 @@ pub enum RunError {
     Edge(String),
     #[error("{0}")]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Announces a bound listener (see the module doc for the format).
@@ -47,31 +49,22 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     // The state store, one per node (consent lists, SIP subscriptions), is read before
     // anything binds: a corrupt journal stops the node with the file and offset named, before
     // any partner sees it half-restored.
-    let data_dir = config.node.data_dir.clone();
-    if let crate::config::Store::Etcd { .. } = config.cluster.store {
-        tracing::warn!(
-            "cluster.store = \"etcd\" is not implemented yet: state stays in the embedded store under node.data_dir"
-        );
-    }
-    let embedded = Arc::new(
-        tokio::task::spawn_blocking(move || crate::store::embedded::Embedded::open(&data_dir))
-            .await
-            .map_err(|e| RunError::Edge(format!("state store: {e}")))??,
-    );
-    let store: crate::store::SharedStore = embedded.clone();
+    // With cluster.store = "etcd" the node joins its cluster (membership, election) here,
+    // before anything binds: a full cluster or a duplicate node id stops it with a clear error.
+    let stores = Arc::new(crate::cluster::NodeStores::open(&config).await?);
+    let store = stores.shared();
+    let own_store = stores.own(&config.node.id.to_string());
     let hub = Hub::new(config, maps);
-    hub.add_status(
-        "store",
-        Arc::new(move || {
-            let (keys, revision) = embedded.stats();
-            serde_json::json!({
-                "kind": "embedded",
-                "path": embedded.path().map(|p| p.display().to_string()),
-                "keys": keys,
-                "revision": revision,
-            })
-        }),
-    );
+    {
+        let stores = stores.clone();
+        hub.add_status("store", Arc::new(move || stores.status_json()));
+    }
+    if let Some(cluster) = stores
+        .join(&hub.config(), hub.alarms().clone(), shutdown.clone())
+        .await?
+    {
+        hub.add_status("cluster", Arc::new(move || cluster.status_json()));
+    }
     // Edges load their TLS material and secrets before anything binds.
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
         .map_err(|e| RunError::Edge(e.to_string()))?;
@@ -115,14 +108,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     }
 
     // The edges register their outboxes with the hub and run until shutdown.
-    let sip = crate::sip::edge::SipEdge::start_with_store(
-        hub.clone(),
-        shutdown.clone(),
-        None,
-        store.clone(),
-    )
-    .await
-    .map_err(|e| RunError::Edge(e.to_string()))?;
+    let sip =
+        crate::sip::edge::SipEdge::start_with_store(hub.clone(), shutdown.clone(), None, own_store)
+            .await
+            .map_err(|e| RunError::Edge(e.to_string()))?;
     let s2s = s2s
         .spawn(shutdown.clone(), &mut tasks)
         .await

@@ -240,6 +240,9 @@ pub struct ClusterConfig {
     /// Consulted before DNS (requirements §6, peers in a DMZ).
     pub address_map: Vec<(Domain, IpAddr)>,
     pub store: Store,
+    /// etcd lease of each node (seconds, 2–60, default 5): a dead node's leadership and
+    /// membership end this long after its last keep-alive.
+    pub lease_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,12 +369,20 @@ impl Config {
         }
         // Accepted so a configuration can be written ahead, but said plainly: an admin must
         // not believe a node is clustered or peered when it runs alone.
-        if !self.cluster.peers.is_empty() || matches!(self.cluster.store, Store::Etcd { .. }) {
-            notes.push(
-                "[cluster] is accepted but not in effect yet: this node runs alone, with its \
-                 embedded state store (no etcd, no peers, no leader election)"
+        match self.cluster.store {
+            Store::Etcd { .. } => notes.push(
+                "[cluster] is partly in effect: etcd membership, leader election and shared \
+                 state work; not yet: the peer link between nodes (each node opens its own \
+                 component links), takeover of a dead node's SIP dialogs, and configuration \
+                 replication from the primary"
                     .into(),
-            );
+            ),
+            Store::Memory if !self.cluster.peers.is_empty() => notes.push(
+                "[cluster] peers are listed but cluster.store is \"memory\": this node runs \
+                 alone with its embedded state store (set store = \"etcd\" to form the cluster)"
+                    .into(),
+            ),
+            Store::Memory => {}
         }
         if !self.intercluster.peers.is_empty() {
             notes.push(

@@ -181,6 +181,7 @@ pub(crate) struct RawCluster {
     pub address_map: BTreeMap<S<String>, S<String>>,
     pub store: Option<S<StoreKind>>,
     pub etcd_endpoints: Option<S<Vec<S<String>>>>,
+    pub lease_ttl_secs: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

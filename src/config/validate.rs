@@ -42,7 +42,8 @@ const fn lim(key: &'static str, default: i64, min: i64, max: i64) -> LimitRange 
     }
 }
 
-/// `[limits]` keys in file order, plus `intercluster.sync_interval_mins`.
+/// `[limits]` keys in file order, plus `intercluster.sync_interval_mins` and
+/// `cluster.lease_ttl_secs`.
 pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("sip_max_message_bytes", 65_536, 1_024, 1_048_576),
     lim("sip_max_header_bytes", 16_384, 512, 262_144),
@@ -68,6 +69,8 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("open_federation_domains", 1_000, 1, 100_000),
     lim("home_link_alarm_grace_secs", 30, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
+    // Seconds a dead node holds its leadership and its claims: failover takes about this long.
+    lim("cluster.lease_ttl_secs", 5, 2, 60),
 ];
 
 fn range_of(key: &str) -> LimitRange {
@@ -1047,6 +1050,10 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
 
 fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
     let c = raw.cluster.as_ref();
+    let lease_ttl_secs = ck.limit(
+        c.and_then(|c| c.lease_ttl_secs.as_ref()),
+        "cluster.lease_ttl_secs",
+    );
     let name = c.and_then(|c| c.name.as_ref()).and_then(|n| ck.domain(n));
     let mut names: Seen<NodeId> = Seen::new();
     let mut addrs: Seen<HostPort> = Seen::new();
@@ -1162,6 +1169,7 @@ fn cluster(ck: &mut Ck<'_>, raw: &RawConfig) -> ClusterConfig {
             .unwrap_or(PeerTlsVerify::Permissive),
         address_map,
         store,
+        lease_ttl_secs: u64::try_from(lease_ttl_secs).unwrap_or(5),
     }
 }
 
@@ -1285,6 +1293,7 @@ mod tests {
             "im_sessions_per_domain",
             "sip_dial_backoff_max_secs",
             "intercluster.sync_interval_mins",
+            "cluster.lease_ttl_secs",
         ] {
             assert_eq!(range_of(key).key, key);
         }

@@ -50,10 +50,11 @@ pub enum AlarmName {
     MappingReloadRefused,
     PartnerUnreachable,
     PartnerTlsFailure,
+    ClusterStoreUnreachable,
 }
 
 impl AlarmName {
-    pub const ALL: [AlarmName; 7] = [
+    pub const ALL: [AlarmName; 8] = [
         AlarmName::HomeNodeLinkDown,
         AlarmName::CertificateExpired,
         AlarmName::CertificateExpiring,
@@ -61,6 +62,7 @@ impl AlarmName {
         AlarmName::MappingReloadRefused,
         AlarmName::PartnerUnreachable,
         AlarmName::PartnerTlsFailure,
+        AlarmName::ClusterStoreUnreachable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,15 +74,16 @@ impl AlarmName {
             AlarmName::MappingReloadRefused => "MappingReloadRefused",
             AlarmName::PartnerUnreachable => "PartnerUnreachable",
             AlarmName::PartnerTlsFailure => "PartnerTlsFailure",
+            AlarmName::ClusterStoreUnreachable => "ClusterStoreUnreachable",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
             AlarmName::HomeNodeLinkDown | AlarmName::CertificateExpired => Severity::Critical,
-            AlarmName::CertificateNotCoveringLocalDomain | AlarmName::PartnerTlsFailure => {
-                Severity::Major
-            }
+            AlarmName::CertificateNotCoveringLocalDomain
+            | AlarmName::PartnerTlsFailure
+            | AlarmName::ClusterStoreUnreachable => Severity::Major,
             AlarmName::CertificateExpiring
             | AlarmName::MappingReloadRefused
             | AlarmName::PartnerUnreachable => Severity::Minor,
@@ -116,6 +119,12 @@ impl AlarmName {
             AlarmName::PartnerTlsFailure => {
                 "Run `legate doctor DOMAIN`: the TLS handshake with the partner fails (certificate \
                  names, expiry, trust bundle, clientAuth usage)."
+            }
+            AlarmName::ClusterStoreUnreachable => {
+                "This node lost its etcd lease: it stepped down, left the member list and serves \
+                 traffic on cached state (no configuration or state writes). Check that a \
+                 majority of cluster.etcd_endpoints is up and reachable from this node \
+                 (`etcdctl --endpoints=... endpoint health`); the node rejoins by itself."
             }
         }
     }

@@ -70,6 +70,53 @@ pub async fn deadline<T>(
     }
 }
 
+/// Longest wait for one attempt of a [`retrying`] call.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Runs an etcd call, trying again (within [`CALL_TIMEOUT`] in all) when an attempt fails
+/// at the transport or takes longer than [`ATTEMPT_TIMEOUT`]. The client balances over every
+/// endpoint, but a request can still be routed to a member that just died (connection
+/// refused, or a connection not yet known to be dead): the next attempt goes to a live one,
+/// so one member down changes nothing for the caller. Only for calls that may be repeated:
+/// puts and deletes are idempotent; a compare-and-swap repeated after an attempt that did
+/// commit but whose answer was lost reports a conflict showing our own value.
+pub async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let until = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let mut last = String::from("no answer");
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(StoreError::Unavailable(format!(
+                "etcd did not answer within {} s (no quorum, or no endpoint reachable; last: {last})",
+                CALL_TIMEOUT.as_secs()
+            )));
+        }
+        match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) => last = e.to_string(),
+            Ok(Err(e)) => return Err(unavailable(&e)),
+            Err(_) => last = "attempt timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+    }
+}
+
+/// Errors of the path to a member rather than of the request.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
 fn unavailable(e: &etcd_client::Error) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}"))
 }
@@ -134,15 +181,19 @@ impl Etcd {
 
     async fn do_get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         check_key(key)?;
-        let mut kv = self.client.kv_client();
-        let resp = deadline(kv.get(self.full(key), None)).await?;
+        let full = self.full(key);
+        let resp = retrying(|| {
+            let mut kv = self.client.kv_client();
+            let full = full.clone();
+            async move { kv.get(full, None).await }
+        })
+        .await?;
         Ok(resp.kvs().first().and_then(|kv| self.entry(kv)))
     }
 
     async fn do_list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let start = self.full(prefix);
         let end = prefix_end(start.as_bytes());
-        let mut kv = self.client.kv_client();
         let mut from: Vec<u8> = start.into_bytes();
         let mut at: i64 = 0;
         let mut entries = Vec::new();
@@ -151,7 +202,12 @@ impl Etcd {
             if at > 0 {
                 opts = opts.with_revision(at);
             }
-            let resp = deadline(kv.get(from.clone(), Some(opts))).await?;
+            let resp = retrying(|| {
+                let mut kv = self.client.kv_client();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await?;
             if at == 0 {
                 at = resp.header().map_or(0, |h| h.revision());
             }
@@ -173,15 +229,25 @@ impl Etcd {
     async fn do_put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
         check_key(key)?;
         check_value(&value)?;
-        let mut kv = self.client.kv_client();
-        let resp = deadline(kv.put(self.full(key), value, None)).await?;
+        let full = self.full(key);
+        let resp = retrying(|| {
+            let mut kv = self.client.kv_client();
+            let (full, value) = (full.clone(), value.clone());
+            async move { kv.put(full, value, None).await }
+        })
+        .await?;
         Ok(resp.header().map_or(0, |h| rev(h.revision())))
     }
 
     async fn do_delete(&self, key: &str) -> Result<Option<Revision>, StoreError> {
         check_key(key)?;
-        let mut kv = self.client.kv_client();
-        let resp = deadline(kv.delete(self.full(key), None)).await?;
+        let full = self.full(key);
+        let resp = retrying(|| {
+            let mut kv = self.client.kv_client();
+            let full = full.clone();
+            async move { kv.delete(full, None).await }
+        })
+        .await?;
         Ok((resp.deleted() > 0).then(|| resp.header().map_or(0, |h| rev(h.revision()))))
     }
 
@@ -206,8 +272,12 @@ impl Etcd {
             .when([cmp])
             .and_then([TxnOp::put(full.clone(), value, None)])
             .or_else([TxnOp::get(full, None)]);
-        let mut kv = self.client.kv_client();
-        let resp = deadline(kv.txn(txn)).await?;
+        let resp = retrying(|| {
+            let mut kv = self.client.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
         if resp.succeeded() {
             return Ok(Cas::Swapped(resp.header().map_or(0, |h| rev(h.revision()))));
         }
@@ -304,8 +374,12 @@ async fn open_watch(
     if start > 0 {
         opts = opts.with_start_revision(start);
     }
-    let mut w = client.watch_client();
-    deadline(w.watch(full.to_owned(), Some(opts))).await
+    retrying(|| {
+        let mut w = client.watch_client();
+        let opts = opts.clone();
+        async move { w.watch(full.to_owned(), Some(opts)).await }
+    })
+    .await
 }
 
 /// Opens the watch again from `next` after a broken stream, retrying with a growing pause

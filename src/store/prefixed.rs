@@ -142,28 +142,36 @@ mod tests {
     #[tokio::test]
     async fn a_view_reads_and_writes_only_under_its_prefix() {
         let inner: SharedStore = Arc::new(Embedded::memory());
-        inner.put("sip/n/shared", b"x".to_vec()).await.unwrap();
+        inner
+            .put("sip/n/shared", b"x".to_vec())
+            .await
+            .expect("store");
         let a = Prefixed::new(inner.clone(), Prefixed::node_prefix("a"));
         let b = Prefixed::new(inner.clone(), Prefixed::node_prefix("b"));
-        let mut wa = a.watch("sip/", 0).await.unwrap();
-        a.put("sip/n/1", b"a1".to_vec()).await.unwrap();
-        b.put("sip/n/1", b"b1".to_vec()).await.unwrap();
-        let la = a.list("sip/").await.unwrap();
+        let mut wa = a.watch("sip/", 0).await.expect("store");
+        a.put("sip/n/1", b"a1".to_vec()).await.expect("store");
+        b.put("sip/n/1", b"b1".to_vec()).await.expect("store");
+        let la = a.list("sip/").await.expect("store");
         assert_eq!(la.entries.len(), 1);
         assert_eq!(la.entries[0].key, "sip/n/1");
         assert_eq!(la.entries[0].value, b"a1");
-        assert!(inner.get("node/b/sip/n/1").await.unwrap().is_some());
+        assert!(inner.get("node/b/sip/n/1").await.expect("store").is_some());
         match wa.next().await {
             Some(WatchEvent::Put(e)) => {
                 assert_eq!((e.key.as_str(), &e.value[..]), ("sip/n/1", &b"a1"[..]))
             }
             other => panic!("unexpected {other:?}"),
         }
-        let rev = a.get("sip/n/1").await.unwrap().unwrap().mod_revision;
+        let rev = a
+            .get("sip/n/1")
+            .await
+            .expect("store")
+            .expect("present")
+            .mod_revision;
         assert_eq!(
             a.compare_and_swap("sip/n/1", Some(rev + 100), b"z".to_vec())
                 .await
-                .unwrap(),
+                .expect("store"),
             Cas::Conflict(Some(Entry {
                 key: "sip/n/1".into(),
                 value: b"a1".to_vec(),
@@ -171,7 +179,7 @@ mod tests {
                 mod_revision: rev,
             }))
         );
-        assert!(a.delete("sip/n/1").await.unwrap().is_some());
-        assert!(b.get("sip/n/1").await.unwrap().is_some());
+        assert!(a.delete("sip/n/1").await.expect("store").is_some());
+        assert!(b.get("sip/n/1").await.expect("store").is_some());
     }
 }

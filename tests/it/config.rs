@@ -209,7 +209,7 @@ fn example_file_loads_cleanly_with_every_section() {
     assert_eq!(notes.len(), 2, "notes: {notes:?}");
     assert!(notes
         .iter()
-        .any(|n| n.starts_with("[cluster] is accepted but not in effect")));
+        .any(|n| n.starts_with("[cluster] is partly in effect")));
     assert!(notes
         .iter()
         .any(|n| n.starts_with("[intercluster] is accepted but not in effect")));
@@ -310,6 +310,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "tls_verify",
         "store",
         "etcd_endpoints",
+        "lease_ttl_secs",
         "[[cluster.peers]]",
         "address",
         "federation",
@@ -589,7 +590,7 @@ peers = [{ name = "gw1", address = "10.0.0.1:7000" }, { name = "gw2", address = 
     let notes = cfg.notes();
     assert_eq!(notes.len(), 2, "{notes:?}");
     assert!(notes[0].contains("cluster.name"));
-    assert!(notes[1].contains("not in effect yet"));
+    assert!(notes[1].contains("cluster.store is \"memory\": this node runs alone"));
 }
 
 #[test]

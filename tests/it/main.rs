@@ -12,6 +12,8 @@ mod aggregation;
 mod cli_check;
 mod cli_sip_check;
 #[cfg(feature = "cluster")]
+mod cluster;
+#[cfg(feature = "cluster")]
 mod cluster_store;
 mod component_link;
 mod config;

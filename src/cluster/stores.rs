@@ -1,0 +1,130 @@
+//! Which state store a node runs on, chosen once from `cluster.store` before anything binds.
+//!
+//! - `memory` (the default): the embedded journal under `node.data_dir`, one process per
+//!   directory; shared and own state are the same store.
+//! - `etcd`: the cluster's etcd. Shared state (consent lists, directory, open federation) is
+//!   at the root of the cluster's keys; state this node owns (SIP dialogs) is under
+//!   `node/<id>/` so a restarted node restores its own dialogs and no one else's.
+
+use super::{Cluster, ClusterError};
+use crate::config::Config;
+use crate::ops::alarms::Alarms;
+use crate::store::embedded::Embedded;
+use crate::store::SharedStore;
+use std::sync::Arc;
+
+/// The node's opened store.
+pub enum NodeStores {
+    Embedded(Arc<Embedded>),
+    #[cfg(feature = "cluster")]
+    Etcd(Box<EtcdStores>),
+}
+
+/// The etcd side of [`NodeStores`].
+#[cfg(feature = "cluster")]
+pub struct EtcdStores {
+    client: etcd_client::Client,
+    store: Arc<crate::store::etcd::Etcd>,
+    endpoints: Vec<String>,
+}
+
+impl NodeStores {
+    /// Opens the store `config` names: reads the embedded journal, or connects to etcd (a
+    /// clear error when no endpoint answers, or when this build has no etcd support).
+    pub async fn open(config: &Config) -> Result<NodeStores, ClusterError> {
+        match &config.cluster.store {
+            crate::config::Store::Memory => {
+                let dir = config.node.data_dir.clone();
+                let e = tokio::task::spawn_blocking(move || Embedded::open(&dir))
+                    .await
+                    .map_err(|e| {
+                        crate::store::StoreError::Unavailable(format!("state store: {e}"))
+                    })??;
+                Ok(NodeStores::Embedded(Arc::new(e)))
+            }
+            #[cfg(feature = "cluster")]
+            crate::config::Store::Etcd { endpoints } => {
+                let name = config.cluster.name.as_ref().ok_or(ClusterError::NoName)?;
+                let client = crate::store::etcd::connect(endpoints).await?;
+                let store = Arc::new(crate::store::etcd::Etcd::new(
+                    client.clone(),
+                    &name.to_string(),
+                ));
+                // One read proves the endpoints answer and have quorum before we go on.
+                crate::store::Store::get(store.as_ref(), "probe").await?;
+                Ok(NodeStores::Etcd(Box::new(EtcdStores {
+                    client,
+                    store,
+                    endpoints: endpoints.clone(),
+                })))
+            }
+            #[cfg(not(feature = "cluster"))]
+            crate::config::Store::Etcd { .. } => Err(ClusterError::NotBuilt),
+        }
+    }
+
+    /// The store of cluster-wide state.
+    pub fn shared(&self) -> SharedStore {
+        match self {
+            NodeStores::Embedded(e) => e.clone(),
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => e.store.clone(),
+        }
+    }
+
+    /// The store of the state this node owns (its SIP dialogs).
+    pub fn own(&self, node_id: &str) -> SharedStore {
+        match self {
+            NodeStores::Embedded(e) => {
+                let _ = node_id;
+                e.clone()
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => Arc::new(crate::store::prefixed::Prefixed::new(
+                e.store.clone(),
+                crate::store::prefixed::Prefixed::node_prefix(node_id),
+            )),
+        }
+    }
+
+    /// What `/status` shows under `store`.
+    pub fn status_json(&self) -> serde_json::Value {
+        match self {
+            NodeStores::Embedded(e) => {
+                let (keys, revision) = e.stats();
+                serde_json::json!({
+                    "kind": "embedded",
+                    "path": e.path().map(|p| p.display().to_string()),
+                    "keys": keys,
+                    "revision": revision,
+                })
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => serde_json::json!({
+                "kind": "etcd",
+                "endpoints": e.endpoints,
+                "root": e.store.root(),
+            }),
+        }
+    }
+
+    /// Joins the cluster when the store is etcd (membership, election); None on the embedded
+    /// store, where the node runs alone.
+    pub async fn join(
+        &self,
+        config: &Config,
+        alarms: Alarms,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Cluster>, ClusterError> {
+        match self {
+            NodeStores::Embedded(_) => {
+                let _ = (config, alarms, shutdown);
+                Ok(None)
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => super::join(e.client.clone(), config, alarms, shutdown)
+                .await
+                .map(Some),
+        }
+    }
+}
