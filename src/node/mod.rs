@@ -29,7 +29,7 @@ use crate::gateway::Hub;
 use crate::presence::map::MappingStore;
 use crate::store::embedded::Embedded;
 use crate::store::SharedStore;
-use crate::tls::ServerTls;
+use crate::tls::{ClientTls, ServerTls};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -80,6 +80,8 @@ pub struct Control {
     source: ConfigSource,
     /// The server TLS material every TLS listener serves from; `None`: no certificate.
     server_tls: Option<ServerTls>,
+    /// The client TLS material of the SIP and s2s edges; `None`: no trust bundle.
+    client_tls: Option<ClientTls>,
     last_reload: Mutex<Option<reload::ReloadReport>>,
     drain_since: Mutex<Option<drain::Since>>,
 }
@@ -97,6 +99,7 @@ pub struct Node {
     control: Arc<Control>,
     embedded: Arc<Embedded>,
     server_tls: Option<ServerTls>,
+    client_tls: Option<ClientTls>,
     s2s: crate::xmpp::s2s::Prepared,
     link_resolver: Option<crate::dns::Resolver>,
 }
@@ -132,6 +135,12 @@ impl Node {
             Err(crate::tls::TlsError::NoServerCertificate) => None,
             Err(e) => return Err(e.into()),
         };
+        // Outbound TLS needs the trust bundle to verify peers; without one the edges say
+        // what that disables.
+        let client_tls = match config.tls.trust_bundle {
+            Some(_) => Some(ClientTls::from_config(&config)?),
+            None => None,
+        };
         let link_resolver = if crate::xmpp::link::needs_resolver(&config) {
             Some(crate::dns::Resolver::from_config(&config)?)
         } else {
@@ -142,12 +151,14 @@ impl Node {
             hub.clone(),
             crate::xmpp::s2s::S2sOptions {
                 server_tls: server_tls.clone(),
+                client_tls: client_tls.clone(),
                 ..Default::default()
             },
         )?;
         let control = Arc::new(Control {
             source,
             server_tls: server_tls.clone(),
+            client_tls: client_tls.clone(),
             last_reload: Mutex::new(None),
             drain_since: Mutex::new(None),
         });
@@ -158,6 +169,7 @@ impl Node {
             control,
             embedded,
             server_tls,
+            client_tls,
             s2s,
             link_resolver,
         })
@@ -181,6 +193,7 @@ impl Node {
             control,
             embedded,
             server_tls,
+            client_tls,
             s2s,
             link_resolver,
         } = self;
@@ -281,6 +294,7 @@ impl Node {
             None,
             store.clone(),
             server_tls,
+            client_tls,
         )
         .await?;
         let s2s = s2s.spawn(shutdown.clone(), &mut tasks).await?;

@@ -5,7 +5,8 @@
 //!   configuration (the hub's `ArcSwap`), so a domain removed from `[[sip.federated_domain]]` or
 //!   `[xmpp.federation]` is refused on its next request or stanza, on connections already open
 //!   too; limits read per request or per connection apply to the next one; the certificates
-//!   are served from the next TLS handshake on (SIP and s2s share one `ServerTls`).
+//!   are served from the next TLS handshake on (SIP and s2s share one `ServerTls`), and
+//!   presented on the next outbound one (one shared `ClientTls`).
 //! - **Needs a restart** ([`RESTART_KEYS`]): what was bound or spawned from the start-up
 //!   configuration. A change there is named in the report and the log; the running value is
 //!   kept in the swapped configuration so `/status` never shows what is not in effect.
@@ -178,6 +179,12 @@ fn try_reload(hub: &Hub, control: &Control, trigger: Trigger) -> Result<ReloadRe
         }
         None => false,
     };
+    if let Some(tls) = &control.client_tls {
+        // The same files, checked just above: what we present on outbound connections
+        // rotates with what we serve.
+        tls.reload_certs(&settings)
+            .map_err(|e| vec![format!("certificates: {e}")])?;
+    }
     let applied = changed_sections(&old, &new);
     crate::ops::alarms::check_certificates(hub.alarms(), &new, unix_now() as i64);
     hub.replace_config(new);

@@ -369,3 +369,61 @@ async fn a_partner_removed_from_the_allow_list_is_refused_on_its_next_request() 
     .await
     .map_err(|_| anyhow!("test timed out"))?
 }
+
+/// The client certificate `client` presents to a server requesting one (handshake in memory).
+async fn presented_client_certificate(
+    server: &legate::tls::ServerTls,
+    client: &legate::tls::ClientTls,
+) -> Result<Vec<u8>> {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let target = legate::config::Domain::parse("example.test").map_err(|e| anyhow!("{e:?}"))?;
+    let (s, c) = tokio::join!(
+        server.accept(a, WAIT),
+        client.connect(b, None, &target, WAIT)
+    );
+    let s = s.map_err(|e| anyhow!("server handshake: {:?}", e.failure))?;
+    c.map_err(|e| anyhow!("client handshake: {:?}", e.failure))?;
+    Ok(s.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| anyhow!("no client certificate"))?
+        .as_ref()
+        .to_vec())
+}
+
+/// What the node does on reload for its outbound side: the shared `ClientTls` presents the
+/// rotated certificate from the next handshake on (the end-to-end test above covers the
+/// server side through the real binary).
+#[tokio::test]
+async fn the_client_certificate_rotates_with_the_server_certificate() {
+    let certs = CertFactory::new();
+    let first = certs.leaf("first", &["example.test"]);
+    let second = certs.leaf("second", &["example.test"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    install(&first, dir.path());
+    let settings = legate::tls::TlsSettings {
+        default_cert: Some((dir.path().join("node.pem"), dir.path().join("node.key"))),
+        domain_certs: Vec::new(),
+        trust_bundle: Some(certs.ca_path().to_path_buf()),
+        min_version: legate::config::TlsVersion::V1_2,
+    };
+    let server = legate::tls::ServerTls::new(&settings).expect("server TLS");
+    let client = legate::tls::ClientTls::new(&settings).expect("client TLS");
+    let kept = client.clone();
+    assert_eq!(
+        presented_client_certificate(&server, &client)
+            .await
+            .expect("handshake"),
+        der_of(&first)
+    );
+    install(&second, dir.path());
+    client.reload_certs(&settings).expect("reload");
+    // Every clone (the SIP and s2s edges hold theirs) presents the new one.
+    assert_eq!(
+        presented_client_certificate(&server, &kept)
+            .await
+            .expect("handshake"),
+        der_of(&second)
+    );
+}

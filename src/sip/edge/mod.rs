@@ -137,17 +137,19 @@ impl SipEdge {
                 Err(e) => return Err(e.into()),
             },
         };
-        Self::start_with_tls(hub, shutdown, resolver, store, server_tls).await
+        Self::start_with_tls(hub, shutdown, resolver, store, server_tls, None).await
     }
 
-    /// [`SipEdge::start_with_store`] with the server TLS material the node built (`None`: no
-    /// certificate configured). The node keeps a clone to rotate certificates on reload.
+    /// [`SipEdge::start_with_store`] with the TLS material the node built: `server_tls`
+    /// (`None`: no certificate configured) and `client_tls` (`None`: built here from the
+    /// configuration). The node keeps clones to rotate certificates on reload.
     pub async fn start_with_tls(
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
         resolver: Option<Arc<crate::dns::Resolver>>,
         store: SharedStore,
         server_tls: Option<crate::tls::ServerTls>,
+        client_tls: Option<crate::tls::ClientTls>,
     ) -> Result<SipEdge, EdgeError> {
         let cfg = hub.config();
         let limits = ConnLimits {
@@ -246,7 +248,10 @@ impl SipEdge {
         // Outbound: TLS whenever the node does TLS federation (the normal case); a TCP-only
         // node (trusted links) connects over TCP, never sending plaintext to a TLS target by
         // accident of configuration.
-        let client_tls = match (&server_tls, crate::tls::ClientTls::from_config(&cfg)) {
+        let client_tls = match (
+            &server_tls,
+            client_tls.map_or_else(|| crate::tls::ClientTls::from_config(&cfg), Ok),
+        ) {
             (Some(_), Ok(c)) => Some(c),
             (Some(_), Err(e)) => {
                 tracing::warn!(error = %e, "no TLS client configuration: outbound SIP connections will fail");

@@ -116,6 +116,8 @@ pub struct S2sOptions {
     /// The server TLS material the node built (shared with the SIP edge, rotated on reload);
     /// `None`: built here from the configuration.
     pub server_tls: Option<ServerTls>,
+    /// Likewise for the client side (outbound streams, dialback verification).
+    pub client_tls: Option<ClientTls>,
 }
 
 /// A started s2s edge: the addresses its listeners bound, to announce.
@@ -155,7 +157,9 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
         None if have_cert => Some(ServerTls::new(&settings)?),
         None => None,
     };
-    let client_tls = if settings.trust_bundle.is_some() {
+    let client_tls = if let Some(c) = opts.client_tls {
+        Some(c)
+    } else if settings.trust_bundle.is_some() {
         Some(ClientTls::new(&settings)?)
     } else {
         tracing::warn!(
