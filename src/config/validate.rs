@@ -67,7 +67,7 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("sip_dial_backoff_max_secs", 60, 1, 3_600),
     lim("open_federation_domains", 1_000, 1, 100_000),
     lim("home_link_alarm_grace_secs", 30, 1, 3_600),
-    lim("drain_grace_secs", 30, 0, 3_600),
+    lim("drain_grace_secs", 30, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
 ];
 

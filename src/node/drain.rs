@@ -127,3 +127,73 @@ pub async fn drain_within(hub: &Hub, control: &Control, grace: Duration) -> bool
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::presence::map::MappingStore;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    fn hub() -> Arc<Hub> {
+        let cfg = config::from_toml(
+            "[[local_domain]]\nname = \"example.com\"\n",
+            std::path::Path::new("t.toml"),
+            BUILTIN_SYSTEMS,
+        )
+        .expect("config");
+        Hub::new(cfg, MappingStore::open(None).expect("maps"))
+    }
+
+    fn control() -> Control {
+        Control {
+            source: Default::default(),
+            server_tls: None,
+            client_tls: None,
+            last_reload: Mutex::new(None),
+            drain_since: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn done_only_while_draining_with_nothing_left() {
+        let (h, c) = (hub(), control());
+        let left = Arc::new(AtomicU64::new(2));
+        let shown = left.clone();
+        h.add_status(
+            "sip",
+            Arc::new(move || {
+                serde_json::json!({
+                    "im_sessions": 0,
+                    "foreign_watchers": shown.load(Ordering::Relaxed),
+                    "local_subscriptions": 0,
+                })
+            }),
+        );
+        let r = status(&h, &c);
+        assert!(!r.draining && !r.done && r.since.is_none(), "{r:?}");
+        let r = start(&h, &c);
+        assert!(r.draining && !r.done && r.since.is_some(), "{r:?}");
+        assert_eq!(r.remaining.sip_foreign_watchers, 2);
+        assert!(h.draining());
+        left.store(0, Ordering::Relaxed);
+        assert!(status(&h, &c).done);
+        // A second start changes nothing (same start time).
+        assert_eq!(start(&h, &c).since, r.since);
+    }
+
+    #[test]
+    fn the_admin_operations_need_a_node() {
+        let h = hub();
+        assert_eq!(crate::node::api::post_drain(&h).0, 503);
+        assert_eq!(crate::node::api::post_reload(&h).0, 503);
+        assert!(!h.draining(), "no drain without a node to report it");
+        h.set_node_control(Arc::new(control()));
+        assert_eq!(crate::node::api::get_drain(&h).0, 200);
+        let (code, doc) = crate::node::api::post_drain(&h);
+        assert_eq!((code, &doc["draining"]), (200, &serde_json::json!(true)));
+        // No SIP edge: nothing can be left.
+        assert_eq!(doc["done"], true);
+    }
+}
