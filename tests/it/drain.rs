@@ -184,6 +184,11 @@ async fn scenario() -> Result<()> {
     assert!(stdout.trim_end().ends_with("done"), "{stdout}");
     let doc = status(&gw.legate).await;
     assert_eq!(doc["drain"]["done"], true, "{doc}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args(["status", "--admin", &admin])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DRAINING (maintenance mode): done"), "{text}");
     Ok(())
 }
 
