@@ -1,7 +1,7 @@
 //! Process signals of `legate run`: SIGHUP reloads ([`super::reload`]); SIGTERM or Ctrl-C
 //! drains ([`super::drain`]) for at most `limits.drain_grace_secs`, then stops the node (its
-//! s2s streams close with `<system-shutdown/>`) and the process exits 0. A second SIGTERM or
-//! Ctrl-C during the drain stops at once.
+//! XMPP streams close with `<system-shutdown/>`) and the process exits 0. A second SIGTERM or
+//! Ctrl-C during the drain stops at once; SIGHUP still reloads while draining.
 
 use super::{drain, reload, Control, Node, NodeError};
 use crate::gateway::Hub;
@@ -45,14 +45,7 @@ async fn handle(
 ) {
     loop {
         tokio::select! {
-            _ = recv(&mut hup) => {
-                let (h, c) = (hub.clone(), control.clone());
-                // File reads and certificate parsing: off the runtime's worker threads.
-                let _ = tokio::task::spawn_blocking(move || {
-                    reload::reload(&h, &c, reload::Trigger::Sighup)
-                })
-                .await;
-            }
+            _ = recv(&mut hup) => sighup(&hub, &control).await,
             _ = recv(&mut term) => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -62,9 +55,28 @@ async fn handle(
         grace_secs = grace.as_secs(),
         "stopping: draining first (a second SIGTERM stops at once)"
     );
-    tokio::select! {
-        _ = drain::drain_within(&hub, &control, grace) => {}
-        _ = recv(&mut term) => tracing::warn!("second SIGTERM: stopping without waiting"),
-        _ = tokio::signal::ctrl_c() => tracing::warn!("second interrupt: stopping without waiting"),
+    let drained = drain::drain_within(&hub, &control, grace);
+    tokio::pin!(drained);
+    loop {
+        tokio::select! {
+            _ = &mut drained => return,
+            // A certificate or policy fix still applies while the node drains.
+            _ = recv(&mut hup) => sighup(&hub, &control).await,
+            _ = recv(&mut term) => {
+                tracing::warn!("second SIGTERM: stopping without waiting");
+                return;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::warn!("second interrupt: stopping without waiting");
+                return;
+            }
+        }
     }
+}
+
+async fn sighup(hub: &Arc<Hub>, control: &Arc<Control>) {
+    let (h, c) = (hub.clone(), control.clone());
+    // File reads and certificate parsing: off the runtime's worker threads.
+    let _ =
+        tokio::task::spawn_blocking(move || reload::reload(&h, &c, reload::Trigger::Sighup)).await;
 }
