@@ -154,9 +154,15 @@ fn try_reload(hub: &Hub, control: &Control, trigger: Trigger) -> Result<ReloadRe
     let lines = |d: crate::diag::Diagnostics| -> Vec<String> {
         d.0.iter().map(|x| x.to_string()).collect()
     };
-    let new = control.source.load().map_err(lines)?;
     let old = hub.config();
-    let restart_needed = restart_needed(&old, &new, control.server_tls.is_some());
+    let new = control
+        .source
+        .load_against(old.mappings.dir.as_deref())
+        .map_err(lines)?;
+    let mut restart_needed = restart_needed(&old, &new, control.server_tls.is_some());
+    if control.source.mappings_dir() != old.mappings.dir {
+        restart_needed.push("mappings.dir".to_string());
+    }
     let new = keep_restart_only(&old, new);
     let settings = TlsSettings::from_config(&new);
     // Every file is read and checked before anything is swapped: a certificate that does not

@@ -5,7 +5,7 @@
 
 use crate::config::{self, Config};
 use crate::diag::Diagnostics;
-use crate::presence::map::{self, MappingSet};
+use crate::presence::map;
 use std::path::{Path, PathBuf};
 
 /// The files a node was started from.
@@ -25,24 +25,24 @@ impl ConfigSource {
             .or_else(|| self.path.as_deref().and_then(configured_mappings_dir))
     }
 
-    /// The mapping set the configuration's `system` names are checked against.
-    pub fn mapping_set(&self) -> Result<MappingSet, Diagnostics> {
-        match self.mappings_dir() {
-            Some(d) => map::load_dir(&d),
-            None => map::embedded(),
-        }
-    }
-
     /// Reads and validates everything; binds nothing.
     pub fn load(&self) -> Result<Config, Diagnostics> {
-        let set = self.mapping_set()?;
+        self.load_against(self.mappings_dir().as_deref())
+    }
+
+    /// The configuration file checked against the mapping set of `dir` (`None`: the shipped
+    /// tables), which it then names: a reload checks it against the set the node runs with,
+    /// whatever the file now says about `[mappings] dir` (a restart-only key).
+    pub fn load_against(&self, dir: Option<&Path>) -> Result<Config, Diagnostics> {
+        let set = match dir {
+            Some(d) => map::load_dir(d)?,
+            None => map::embedded()?,
+        };
         let mut cfg = match &self.path {
             Some(p) => config::load_file(p, &config::systems_from_mappings(&set))?,
             None => config::embedded_default(),
         };
-        if self.mappings.is_some() {
-            cfg.mappings.dir = self.mappings.clone();
-        }
+        cfg.mappings.dir = dir.map(Path::to_path_buf);
         Ok(cfg)
     }
 
