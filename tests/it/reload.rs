@@ -2,8 +2,10 @@
 //! keeps the running one and raises `ConfigReloadRefused` (seen in `/alarms`), a fixed file
 //! clears it and `legate reload` names the keys that need a restart; a new certificate is
 //! served to the next TLS handshake without a restart (and a broken one is refused, the last
-//! good one still served); removing a partner from the allow list refuses its next request
-//! (a real Prosody home node, a Lync-like edge over mutual TLS).
+//! good one still served), and the client certificate presented outbound rotates with it;
+//! mapping files are read again (a broken one refuses the reload, file and line named);
+//! removing a partner from the allow list refuses its next request (a real Prosody home node,
+//! a Lync-like edge over mutual TLS).
 
 use crate::common;
 use crate::sip_ua;
@@ -426,4 +428,62 @@ async fn the_client_certificate_rotates_with_the_server_certificate() {
             .expect("handshake"),
         der_of(&second)
     );
+}
+
+/// Mapping files are read again by a reload too, with the watcher off (`reload = false`): a
+/// valid edit is swapped in at once, a broken one refuses the whole reload (file and line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legate_reload_rereads_the_mapping_files() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let maps = dir.path().join("mappings");
+        crate::mapping_reload::copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings"),
+            &maps,
+        );
+        let path = dir.path().join("legate.toml");
+        std::fs::write(
+            &path,
+            admin_only(&format!(
+                "[mappings]\ndir = \"{}\"\nreload = false\n",
+                maps.display()
+            )),
+        )
+        .expect("write config");
+        let legate = Legate::start(&path, &["admin"]).unwrap_or_else(|e| panic!("{e:#}"));
+        let admin = legate.addr("admin");
+        let digest0 = get_json(&legate, "/status").await["mapping_digest"].clone();
+
+        let table = maps.join("tables/04-lync.toml");
+        let good = std::fs::read_to_string(&table).expect("read");
+        std::fs::write(
+            &table,
+            good.replacen("note = \"Busy\"", "note = \"Occupied\"", 1),
+        )
+        .expect("write");
+        let out = cli(&["reload"], admin);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+        let digest1 = get_json(&legate, "/status").await["mapping_digest"].clone();
+        assert_ne!(digest1, digest0, "the edit is in use");
+
+        std::fs::write(
+            &table,
+            good.replacen("from = \"away\"", "from = \"awya\"", 1),
+        )
+        .expect("write");
+        let out = cli(&["reload"], admin);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+        assert!(
+            text(&out.stdout).contains("04-lync.toml:"),
+            "{}",
+            text(&out.stdout)
+        );
+        assert_eq!(
+            get_json(&legate, "/status").await["mapping_digest"],
+            digest1,
+            "the last good set stays"
+        );
+    })
+    .await
+    .expect("test timed out");
 }
