@@ -1,6 +1,6 @@
 //! The admin HTTP endpoint (loopback by default): `GET /metrics` (Prometheus text),
 //! `GET /status` (JSON), `GET /alarms` (JSON, also the `alarms` section of `/status`),
-//! `GET /healthz`, and the consent lists (`legate policy` talks to
+//! `GET /healthz`, `POST /reload`, `POST /drain` and `GET /drain` (`crate::node::api`), and the consent lists (`legate policy` talks to
 //! these): `GET /policy/<user>` (JSON) and `POST /policy/<user>/<allow|block|unblock>/<target>`
 //! (`<target>` a bare JID or a domain, percent-encoded where needed; POST from loopback only,
 //! whatever `node.admin_allow_remote` says). A deliberately tiny
@@ -110,6 +110,9 @@ fn respond(hub: &Hub, started: Instant, method: &str, path: &str) -> Response {
             format!("{}\n", hub.alarms().to_json()),
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("POST", "/reload") => node_json(crate::node::api::post_reload(hub)),
+        ("POST", "/drain") => node_json(crate::node::api::post_drain(hub)),
+        ("GET", "/drain") => node_json(crate::node::api::get_drain(hub)),
         (m, p) if p.starts_with("/policy/") && (m == "GET" || m == "POST") => {
             policy(hub, m, &p["/policy/".len()..])
         }
@@ -117,9 +120,19 @@ fn respond(hub: &Hub, started: Instant, method: &str, path: &str) -> Response {
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET, or POST on /policy/\n".to_string(),
+            "GET, or POST on /policy/, /reload or /drain\n".to_string(),
         ),
     }
+}
+
+/// A `crate::node::api` answer as this responder's triple.
+fn node_json((code, body): (u16, serde_json::Value)) -> Response {
+    let status = match code {
+        200 => "200 OK",
+        422 => "422 Unprocessable Entity",
+        _ => "503 Service Unavailable",
+    };
+    (status, "application/json", format!("{body}\n"))
 }
 
 fn bad_request(text: impl std::fmt::Display) -> Response {

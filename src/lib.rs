@@ -12,7 +12,9 @@
 //!   3263, cluster address map).
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
 //!   log-safe peer text.
-//! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
+//! - `metrics`, `admin`: the Prometheus registry, the admin endpoint.
+//! - `node`: the composition root of `legate run` (everything built once before any port is
+//!   bound, then the edges), reload (SIGHUP, `legate reload`) and drain (`legate drain`, SIGTERM).
 //! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners).
 //! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
 //!   OPTIONS / s2s stream), each step a verdict and a fix.
@@ -27,9 +29,9 @@ pub mod doctor;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
+pub mod node;
 pub mod ops;
 pub mod presence;
-pub mod run;
 pub mod sip;
 pub mod store;
 pub mod tls;

@@ -1,5 +1,5 @@
 //! The `legate` command line: the admin contract (`check`, `translate`, `mappings show`,
-//! `sip check`, `policy`, `doctor`, `status`) and the gateway itself (`run`). Output formats here are relied on by tooling:
+//! `sip check`, `policy`, `doctor`, `status`, `reload`, `drain`) and the gateway itself (`run`). Output formats here are relied on by tooling:
 //! change them only with the README.
 
 use anyhow::Result;
@@ -118,6 +118,42 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the RUNNING node (as SIGHUP does): it reads its configuration file, mapping files
+    /// and certificates again; a valid change applies at once (new connections, and every
+    /// next request is checked against the new policy), an invalid one changes nothing and
+    /// raises the ConfigReloadRefused alarm. Keys that need a restart are named. Exit codes:
+    /// 0 applied, 1 refused, 2 the node cannot be reached.
+    Reload {
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the node's JSON report as is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Maintenance mode on the RUNNING node: new SIP INVITEs and SUBSCRIBEs get 503 with
+    /// Retry-After and new s2s streams are refused, while existing sessions and subscriptions
+    /// go on; prints progress until nothing is left ("done"). There is no undo but a restart.
+    /// Exit codes: 0 done, 1 not done within --wait, 2 the node cannot be reached.
+    Drain {
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to follow the progress, in seconds (0: start the drain and report once).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// One JSON progress document per change instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +230,22 @@ fn main() -> Result<ExitCode> {
         } => Ok(cli::status::status(
             admin.as_deref(),
             config.as_deref(),
+            json,
+        )),
+        Cmd::Reload {
+            admin,
+            config,
+            json,
+        } => Ok(cli::node::reload(admin.as_deref(), config.as_deref(), json)),
+        Cmd::Drain {
+            admin,
+            config,
+            wait,
+            json,
+        } => Ok(cli::node::drain(
+            admin.as_deref(),
+            config.as_deref(),
+            wait,
             json,
         )),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),

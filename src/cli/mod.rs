@@ -2,6 +2,7 @@
 //! an exit code; the library does the work.
 
 pub mod doctor;
+pub mod node;
 pub mod policy;
 pub mod status;
 
@@ -65,6 +66,12 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
                 for note in cfg.notes() {
                     eprintln!("note: {}: {note}", path.display());
                 }
+                println!(
+                    "{}: valid. `legate reload` (or SIGHUP) applies every change except these, \
+                     which need a restart: {}",
+                    path.display(),
+                    legate::node::reload::RESTART_KEYS.join("; ")
+                );
             }
             Err(d) => problems.0.extend(d.0),
         }
@@ -82,18 +89,7 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
     }
 }
 
-/// `[mappings] dir` of a configuration file, resolved against the file's directory, read
-/// leniently (the full validation reports any problem with it).
-fn configured_mappings_dir(config: &Path) -> Option<std::path::PathBuf> {
-    let text = std::fs::read_to_string(config).ok()?;
-    let table: toml::Table = toml::from_str(&text).ok()?;
-    let dir = table.get("mappings")?.get("dir")?.as_str()?;
-    let dir = Path::new(dir);
-    Some(match config.parent() {
-        Some(base) if dir.is_relative() => base.join(dir),
-        _ => dir.to_path_buf(),
-    })
-}
+use legate::node::configured_mappings_dir;
 
 pub struct RawInput {
     pub availability: Option<u32>,
@@ -403,31 +399,12 @@ pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> 
                 && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         )
         .init();
-    // Validate everything before binding anything.
-    // The systems the configuration may name come from the set it will run with.
-    let maps_dir = mappings
-        .clone()
-        .or_else(|| config_path.and_then(configured_mappings_dir));
-    let systems_set = match mappings_or_report(maps_dir.as_deref()) {
-        Ok(s) => s,
-        Err(code) => return Ok(code),
+    // Validate everything before binding anything (the node reads the same files again on
+    // each reload).
+    let source = legate::node::ConfigSource {
+        path: config_path.map(Path::to_path_buf),
+        mappings,
     };
-    let mut cfg = match config_path {
-        Some(p) => match config::load_file(p, &config::systems_from_mappings(&systems_set)) {
-            Ok(c) => c,
-            Err(d) => {
-                print_diags(&d);
-                return Ok(ExitCode::from(1));
-            }
-        },
-        None => config::embedded_default(),
-    };
-    if mappings.is_some() {
-        cfg.mappings.dir = mappings;
-    }
-    for note in cfg.notes() {
-        tracing::warn!("{note}");
-    }
     if config_path.is_none() {
         // A newcomer's first run: say what this node is and what to do next, once, where
         // they look (stdout, beside the `listening` lines), instead of leaving only warnings.
@@ -441,28 +418,17 @@ pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> 
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            let _ = tx.send(true);
-        });
-        legate::run::run(cfg, rx).await
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+    let outcome = rt.block_on(async move {
+        let node = legate::node::Node::build(source).await?;
+        legate::node::signals::run_until_signalled(node).await
+    });
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The `check` format: one `file:line:col: message` per line, exit 1.
+        Err(legate::node::NodeError::Config(d) | legate::node::NodeError::Mappings(d)) => {
+            print_diags(&d);
+            Ok(ExitCode::from(1))
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        Err(e) => Err(e.into()),
     }
 }

@@ -81,6 +81,17 @@ fn render(doc: &Value, addr: &str, now: u64) -> String {
         text(&doc["node"]),
         num(&doc["uptime_secs"])
     );
+    if doc["draining"] == true {
+        let _ = writeln!(
+            o,
+            "DRAINING (maintenance mode): {}",
+            if doc["drain"]["done"] == true {
+                "done, nothing left".to_string()
+            } else {
+                format!("{} left", num(&doc["drain"]["remaining_total"]))
+            }
+        );
+    }
     let _ = writeln!(o, "\nlisteners:");
     let _ = writeln!(o, "  admin      {addr}");
     for (kind, key) in [("sip tcp", "tcp"), ("sip tls", "tls")] {

@@ -24,7 +24,7 @@ mod stores;
 pub use stores::NodeStores;
 
 #[cfg(feature = "cluster")]
-pub use session::join;
+pub use session::{join, StandAside};
 
 use serde::Serialize;
 use std::sync::{Arc, Mutex};

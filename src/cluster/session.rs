@@ -66,6 +66,7 @@ pub async fn join(
     config: &Config,
     alarms: Alarms,
     shutdown: watch::Receiver<bool>,
+    stand_aside: StandAside,
 ) -> Result<Cluster, ClusterError> {
     let name = config
         .cluster
@@ -119,6 +120,7 @@ pub async fn join(
         role_tx,
         alarms,
         shutdown,
+        stand_aside,
     };
     tokio::spawn(s.run(lease));
     Ok(cluster)
@@ -213,13 +215,27 @@ struct Session {
     role_tx: watch::Sender<Role>,
     alarms: Alarms,
     shutdown: watch::Receiver<bool>,
+    stand_aside: StandAside,
 }
 
 /// How a term ended.
 enum TermEnd {
     LeaseLost(String),
     Shutdown,
+    /// The node stands aside (draining): not a leader, not a candidate, lease kept.
+    StoodAside,
+    /// etcd names another leader than us: campaign again.
+    Deposed,
 }
+
+/// How often a leader checks with etcd that it still is the leader.
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a leader or candidate checks whether it should stand aside.
+const STAND_ASIDE_POLL: Duration = Duration::from_millis(200);
+
+/// Tells the session the node must not lead (it drains for maintenance).
+pub type StandAside = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Session {
     async fn run(mut self, first_lease: i64) {
@@ -238,7 +254,8 @@ impl Session {
         let mut lease = first_lease;
         loop {
             match self.term(lease).await {
-                TermEnd::Shutdown => {
+                // A term handles standing aside and deposition itself; it never ends with them.
+                TermEnd::Shutdown | TermEnd::StoodAside | TermEnd::Deposed => {
                     self.leave(lease).await;
                     return;
                 }
@@ -287,9 +304,64 @@ impl Session {
     async fn term(&mut self, lease: i64) -> TermEnd {
         let (lost_tx, mut lost_rx) = watch::channel::<Option<String>>(None);
         let keeper = tokio::spawn(keep_alive(self.client.clone(), lease, self.ttl, lost_tx));
-        let end = self.campaign_and_lead(lease, &mut lost_rx).await;
+        let end = loop {
+            match self.campaign_and_lead(lease, &mut lost_rx).await {
+                TermEnd::Deposed => continue,
+                TermEnd::StoodAside => {
+                    // No candidacy may stay behind: etcd would elect it while nobody acts.
+                    self.withdraw(lease).await;
+                    if let Some(end) = self.wait_while_aside(&mut lost_rx).await {
+                        break end;
+                    }
+                }
+                end => break end,
+            }
+        };
         keeper.abort();
         end
+    }
+
+    /// Whether etcd names the holder of `lease` as the leader (None: etcd did not answer).
+    async fn named_leader(&self, lease: i64) -> Option<bool> {
+        let name = self.keys.election.clone();
+        let resp = retrying(|| {
+            let mut ec = self.client.election_client();
+            let name = name.clone();
+            async move { ec.leader(name).await }
+        })
+        .await
+        .ok()?;
+        Some(resp.kv().is_some_and(|kv| kv.lease() == lease))
+    }
+
+    /// Deletes our candidate key (etcd's election keys are `<name>/<lease in hex>`).
+    async fn withdraw(&self, lease: i64) {
+        let key = format!("{}/{lease:x}", self.keys.election);
+        let _ = retrying(|| {
+            let mut kv = self.client.kv_client();
+            let key = key.clone();
+            async move { kv.delete(key, None).await }
+        })
+        .await;
+    }
+
+    /// Waits while the node must stand aside; Some when the term ends meanwhile.
+    async fn wait_while_aside(
+        &mut self,
+        lost: &mut watch::Receiver<Option<String>>,
+    ) -> Option<TermEnd> {
+        while (self.stand_aside)() {
+            tokio::select! {
+                _ = tokio::time::sleep(STAND_ASIDE_POLL) => {}
+                _ = lost.changed() => {
+                    if let Some(why) = lost.borrow().clone() {
+                        return Some(TermEnd::LeaseLost(why));
+                    }
+                }
+                _ = self.shutdown.changed() => return Some(TermEnd::Shutdown),
+            }
+        }
+        None
     }
 
     async fn campaign_and_lead(
@@ -298,6 +370,9 @@ impl Session {
         lost: &mut watch::Receiver<Option<String>>,
     ) -> TermEnd {
         let id = self.member.id.clone();
+        if (self.stand_aside)() {
+            return TermEnd::StoodAside;
+        }
         let leader_key = loop {
             let mut ec = self.client.election_client();
             // `campaign` blocks until elected; it has no deadline on purpose. A broken
@@ -305,9 +380,20 @@ impl Session {
             // again on the same lease is idempotent (etcd keys the candidate by lease), so it
             // is simply retried while the lease lives; the keeper says when it does not.
             let campaign = ec.campaign(self.keys.election.clone(), id.clone(), lease);
+            if let Some(why) = lost.borrow().clone() {
+                return TermEnd::LeaseLost(why);
+            }
             tokio::select! {
                 r = campaign => match r {
-                    Ok(mut resp) => break resp.take_leader(),
+                    // A campaign answered across a broken connection or a quorum change is
+                    // not trusted alone: etcd must name us as the leader.
+                    Ok(mut resp) => match self.named_leader(lease).await {
+                        Some(true) => break resp.take_leader(),
+                        verdict => {
+                            tracing::debug!(?verdict, "cluster: campaign answered but etcd names another leader; campaigning again");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
                     Err(e) => {
                         tracing::debug!(error = %e, "cluster: campaign interrupted; campaigning again");
                         tokio::select! {
@@ -322,6 +408,11 @@ impl Session {
                     }
                 }
                 _ = self.shutdown.changed() => return TermEnd::Shutdown,
+                _ = tokio::time::sleep(STAND_ASIDE_POLL) => {
+                    if (self.stand_aside)() {
+                        return TermEnd::StoodAside;
+                    }
+                }
             }
         };
         EVENTS.with_label_values(&["elected"]).inc();
@@ -330,8 +421,17 @@ impl Session {
         tracing::info!(node = %id, "cluster: elected leader");
         let mut compact = tokio::time::interval(COMPACT_EVERY);
         compact.tick().await;
+        let mut verify = tokio::time::interval(VERIFY_EVERY);
+        verify.tick().await;
         let end = loop {
+            // Checked on every turn, not only when `changed` fires: a loss reported while a
+            // branch below was busy (a verification can take the whole call deadline) must
+            // end the leadership at the next turn.
+            if let Some(why) = lost.borrow().clone() {
+                break TermEnd::LeaseLost(why);
+            }
             tokio::select! {
+                biased;
                 _ = lost.changed() => {
                     if let Some(why) = lost.borrow().clone() {
                         break TermEnd::LeaseLost(why);
@@ -339,9 +439,23 @@ impl Session {
                 }
                 _ = self.shutdown.changed() => break TermEnd::Shutdown,
                 _ = compact.tick() => self.compact().await,
+                _ = verify.tick() => {
+                    if self.named_leader(lease).await == Some(false) {
+                        tracing::warn!("cluster: etcd names another leader; stepping down");
+                        self.set_role(Role::Follower, "deposed: etcd names another leader".into());
+                        break TermEnd::Deposed;
+                    }
+                }
+                _ = tokio::time::sleep(STAND_ASIDE_POLL) => {
+                    if (self.stand_aside)() {
+                        tracing::info!("cluster: draining; handing the leadership over");
+                        self.set_role(Role::Follower, "stood aside: draining".into());
+                        break TermEnd::StoodAside;
+                    }
+                }
             }
         };
-        if let (TermEnd::Shutdown, Some(k)) = (&end, leader_key) {
+        if let (TermEnd::Shutdown | TermEnd::StoodAside, Some(k)) = (&end, leader_key) {
             // Hand the leadership over now instead of after a TTL.
             let mut ec = self.client.election_client();
             let _ =
@@ -442,6 +556,11 @@ async fn keep_alive(
     let mut last_err = String::from("no keep-alive answer");
     loop {
         if last_ok.elapsed() >= limit {
+            tracing::debug!(
+                lease,
+                receivers = lost.receiver_count(),
+                "cluster: keeper reports the lease lost"
+            );
             let _ = lost.send(Some(format!(
                 "no keep-alive for {} ms ({last_err})",
                 last_ok.elapsed().as_millis()
@@ -492,6 +611,7 @@ async fn keep_alive(
         let pause = if renewed_now {
             every.saturating_sub(started.elapsed())
         } else {
+            tracing::debug!(lease, error = %last_err, since_ok_ms = last_ok.elapsed().as_millis() as u64, "cluster: keep-alive failed");
             Duration::from_millis(100)
         };
         tokio::time::sleep(pause).await;

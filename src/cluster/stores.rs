@@ -115,16 +115,19 @@ impl NodeStores {
         config: &Config,
         alarms: Alarms,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        stand_aside: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Result<Option<Cluster>, ClusterError> {
         match self {
             NodeStores::Embedded(_) => {
-                let _ = (config, alarms, shutdown);
+                let _ = (config, alarms, shutdown, stand_aside);
                 Ok(None)
             }
             #[cfg(feature = "cluster")]
-            NodeStores::Etcd(e) => super::join(e.client.clone(), config, alarms, shutdown)
-                .await
-                .map(Some),
+            NodeStores::Etcd(e) => {
+                super::join(e.client.clone(), config, alarms, shutdown, stand_aside)
+                    .await
+                    .map(Some)
+            }
         }
     }
 }

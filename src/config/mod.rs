@@ -218,6 +218,9 @@ pub struct Limits {
     pub open_federation_domains: usize,
     /// A component link to a home node down this long raises `HomeNodeLinkDown`.
     pub home_link_alarm_grace_secs: u64,
+    /// On SIGTERM the node drains (no new SIP sessions or subscriptions, no new s2s streams)
+    /// this long at most before it closes what is left (seconds).
+    pub drain_grace_secs: u64,
     /// Live SIP server transactions of one foreign domain (the node-wide table is 16384).
     pub sip_transactions_per_domain: usize,
     /// Foreign watchers (notifier subscriptions) of one foreign domain.

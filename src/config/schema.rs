@@ -167,6 +167,7 @@ pub(crate) struct RawLimits {
     pub sip_dial_backoff_max_secs: Option<S<i64>>,
     pub open_federation_domains: Option<S<i64>>,
     pub home_link_alarm_grace_secs: Option<S<i64>>,
+    pub drain_grace_secs: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

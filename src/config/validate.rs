@@ -68,6 +68,7 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("sip_dial_backoff_max_secs", 60, 1, 3_600),
     lim("open_federation_domains", 1_000, 1, 100_000),
     lim("home_link_alarm_grace_secs", 30, 1, 3_600),
+    lim("drain_grace_secs", 30, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
     // Seconds a dead node holds its leadership and its claims: failover takes about this long.
     lim("cluster.lease_ttl_secs", 5, 2, 60),
@@ -1008,6 +1009,7 @@ fn limits(ck: &mut Ck<'_>, raw: &RawConfig) -> Limits {
         sip_dial_backoff_max_secs: get!(sip_dial_backoff_max_secs) as u64,
         open_federation_domains: get!(open_federation_domains) as usize,
         home_link_alarm_grace_secs: get!(home_link_alarm_grace_secs) as u64,
+        drain_grace_secs: get!(drain_grace_secs) as u64,
     };
     // A value already refused for its range was replaced by its default; comparing that
     // default with the other limit would only add a confusing second error.

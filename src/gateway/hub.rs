@@ -149,6 +149,12 @@ pub struct Hub {
     /// Set in open federation: components of unlisted domains open on their first delivery.
     opener: std::sync::OnceLock<ComponentOpener>,
     alarms: crate::ops::alarms::Alarms,
+    /// Maintenance mode (`legate drain`, SIGTERM): edges refuse new sessions, subscriptions
+    /// and streams while existing ones go on. Read per new request, hence an atomic.
+    draining: AtomicBool,
+    /// The composition root's reload and drain handle (set by `crate::node`; the admin
+    /// endpoint reaches reload and drain through it).
+    node: std::sync::OnceLock<Arc<crate::node::Control>>,
 }
 
 impl Hub {
@@ -164,7 +170,37 @@ impl Hub {
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
             alarms: Default::default(),
+            draining: AtomicBool::new(false),
+            node: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the node's control handle (once; later calls are ignored).
+    pub fn set_node_control(&self, control: Arc<crate::node::Control>) {
+        let _ = self.node.set(control);
+    }
+
+    /// The node's control handle; `None` for a hub without a node (in-process tests).
+    pub fn node_control(&self) -> Option<&Arc<crate::node::Control>> {
+        self.node.get()
+    }
+
+    /// Swaps in a reloaded configuration, whole: every later routing decision, policy check
+    /// and limit lookup reads it (connections are not torn down here; each next request is
+    /// screened against it). The caller validated it and kept the restart-only keys.
+    pub fn replace_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
+
+    /// Enters maintenance mode; `false` when it was already on. There is no way back but a
+    /// restart: a drain ends in a shutdown or a handover.
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::SeqCst)
+    }
+
+    /// Whether new sessions, subscriptions and s2s streams are refused (see `start_draining`).
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// A component link serving foreign `domain` completed its handshake.
@@ -240,6 +276,13 @@ impl Hub {
     /// Adds (or replaces) the section `name` of the admin `/status` document.
     pub fn add_status(&self, name: &'static str, provider: StatusProvider) {
         self.status.insert(name, provider);
+    }
+
+    /// One status section, rendered now.
+    pub fn status_section(&self, name: &str) -> Option<serde_json::Value> {
+        // The provider is cloned out first: it may itself read other sections.
+        let provider = self.status.get(name).map(|e| e.value().clone())?;
+        Some(provider())
     }
 
     /// Every registered status section, rendered now, sorted by name.

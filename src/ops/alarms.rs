@@ -48,18 +48,20 @@ pub enum AlarmName {
     CertificateExpiring,
     CertificateNotCoveringLocalDomain,
     MappingReloadRefused,
+    ConfigReloadRefused,
     PartnerUnreachable,
     PartnerTlsFailure,
     ClusterStoreUnreachable,
 }
 
 impl AlarmName {
-    pub const ALL: [AlarmName; 8] = [
+    pub const ALL: [AlarmName; 9] = [
         AlarmName::HomeNodeLinkDown,
         AlarmName::CertificateExpired,
         AlarmName::CertificateExpiring,
         AlarmName::CertificateNotCoveringLocalDomain,
         AlarmName::MappingReloadRefused,
+        AlarmName::ConfigReloadRefused,
         AlarmName::PartnerUnreachable,
         AlarmName::PartnerTlsFailure,
         AlarmName::ClusterStoreUnreachable,
@@ -72,6 +74,7 @@ impl AlarmName {
             AlarmName::CertificateExpiring => "CertificateExpiring",
             AlarmName::CertificateNotCoveringLocalDomain => "CertificateNotCoveringLocalDomain",
             AlarmName::MappingReloadRefused => "MappingReloadRefused",
+            AlarmName::ConfigReloadRefused => "ConfigReloadRefused",
             AlarmName::PartnerUnreachable => "PartnerUnreachable",
             AlarmName::PartnerTlsFailure => "PartnerTlsFailure",
             AlarmName::ClusterStoreUnreachable => "ClusterStoreUnreachable",
@@ -86,6 +89,7 @@ impl AlarmName {
             | AlarmName::ClusterStoreUnreachable => Severity::Major,
             AlarmName::CertificateExpiring
             | AlarmName::MappingReloadRefused
+            | AlarmName::ConfigReloadRefused
             | AlarmName::PartnerUnreachable => Severity::Minor,
         }
     }
@@ -102,7 +106,7 @@ impl AlarmName {
                 "Renew the certificate now: partners refuse our TLS connections."
             }
             AlarmName::CertificateExpiring => {
-                "Renew the certificate and install it before it expires (then restart the node)."
+                "Renew the certificate and install it before it expires, then `legate reload` (or SIGHUP): the next TLS handshake serves it."
             }
             AlarmName::CertificateNotCoveringLocalDomain => {
                 "Get a certificate whose subjectAltName names the local domain (or give that \
@@ -111,6 +115,11 @@ impl AlarmName {
             AlarmName::MappingReloadRefused => {
                 "Fix the mapping files (run `legate check --mappings DIR` for file:line errors); \
                  the last good set stays in use until then."
+            }
+            AlarmName::ConfigReloadRefused => {
+                "Fix the configuration file (or the certificate files it names): run `legate \
+                 check --config FILE` for file:line errors, then `legate reload` (or SIGHUP). \
+                 The last good configuration stays in use until then."
             }
             AlarmName::PartnerUnreachable => {
                 "Run `legate doctor DOMAIN`: the partner's DNS records, address or port, or a \
@@ -412,14 +421,14 @@ const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// Checks the node's certificate files now, then once an hour: expiry, and whether each local
 /// domain is named by the certificate it is served with (its own, else the node's `[tls]`
-/// one).
+/// one). `cfg` gives the configuration in use at each pass (a reload may name other files).
 pub async fn watch_certificates(
     alarms: Alarms,
-    cfg: Arc<Config>,
+    cfg: impl Fn() -> Arc<Config> + Send + 'static,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        check_certificates(&alarms, &cfg, unix_now() as i64);
+        check_certificates(&alarms, &cfg(), unix_now() as i64);
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}

@@ -367,23 +367,33 @@ async fn bounded<T>(
     }
 }
 
-/// Presents the certificate of one local domain (or the default one) as client certificate.
+/// Presents the certificate of one local domain (or the default one) as client certificate,
+/// looked up at each handshake in a table swapped whole on reload (rotation).
 #[derive(Debug)]
-struct FixedClientCert(Arc<CertifiedKey>);
+struct ClientCert {
+    table: Arc<ArcSwap<SniTable>>,
+    /// `None`: the default certificate.
+    domain: Option<String>,
+}
 
-impl ResolvesClientCert for FixedClientCert {
+impl ResolvesClientCert for ClientCert {
     fn resolve(
         &self,
         _root_hint_subjects: &[&[u8]],
         sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
+        let table = self.table.load();
+        let ck = self
+            .domain
+            .as_ref()
+            .and_then(|d| table.by_name.get(d))
+            .unwrap_or(&table.default);
         // Offer it only if the server accepts our key's signature scheme; otherwise send no
         // certificate rather than fail the handshake locally.
-        self.0
-            .key
+        ck.key
             .choose_scheme(sigschemes)
             .is_some()
-            .then(|| self.0.clone())
+            .then(|| ck.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -398,6 +408,8 @@ impl ResolvesClientCert for FixedClientCert {
 pub struct ClientTls {
     default: Arc<ClientConfig>,
     by_domain: HashMap<Domain, Arc<ClientConfig>>,
+    /// The certificates presented, shared by every clone; `None`: none configured.
+    certs: Option<Arc<ArcSwap<SniTable>>>,
 }
 
 impl fmt::Debug for ClientTls {
@@ -415,32 +427,45 @@ impl ClientTls {
             .as_ref()
             .ok_or(TlsError::NoTrustBundle)?;
         let roots = load_trust_bundle(path)?;
-        let build = |cert: Option<Arc<CertifiedKey>>| -> Result<Arc<ClientConfig>, TlsError> {
-            let b = ClientConfig::builder_with_provider(provider())
-                .with_protocol_versions(versions(settings.min_version))?
-                .with_root_certificates(roots.clone());
-            Ok(Arc::new(match cert {
-                Some(ck) => b.with_client_cert_resolver(Arc::new(FixedClientCert(ck))),
-                None => b.with_no_client_auth(),
-            }))
-        };
-        let table = match settings.load_certs() {
-            Ok(t) => Some(t),
+        let certs = match settings.load_certs() {
+            Ok(t) => Some(Arc::new(ArcSwap::from_pointee(t))),
             Err(TlsError::NoServerCertificate) => None,
             Err(e) => return Err(e),
         };
+        let build = |domain: Option<&Domain>| -> Result<Arc<ClientConfig>, TlsError> {
+            let b = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions(settings.min_version))?
+                .with_root_certificates(roots.clone());
+            Ok(Arc::new(match &certs {
+                Some(table) => b.with_client_cert_resolver(Arc::new(ClientCert {
+                    table: table.clone(),
+                    domain: domain.map(|d| d.as_str().to_string()),
+                })),
+                None => b.with_no_client_auth(),
+            }))
+        };
         let mut by_domain = HashMap::new();
-        if let Some(t) = &table {
+        if certs.is_some() {
             for (d, _, _) in &settings.domain_certs {
-                if let Some(ck) = t.by_name.get(d.as_str()) {
-                    by_domain.insert(d.clone(), build(Some(ck.clone()))?);
-                }
+                by_domain.insert(d.clone(), build(Some(d))?);
             }
         }
         Ok(Self {
-            default: build(table.map(|t| t.default))?,
+            default: build(None)?,
             by_domain,
+            certs,
         })
+    }
+
+    /// Replaces the certificates presented (rotation) from the next handshake on; on error the
+    /// old ones stay. A client built without any certificate keeps presenting none, and a
+    /// local domain that had no certificate of its own keeps the default one: both need a
+    /// restart. The trust bundle and versions are not reloaded here.
+    pub fn reload_certs(&self, settings: &TlsSettings) -> Result<(), TlsError> {
+        if let Some(table) = &self.certs {
+            table.store(Arc::new(settings.load_certs()?));
+        }
+        Ok(())
     }
 
     pub fn from_config(cfg: &Config) -> Result<Self, TlsError> {

@@ -304,6 +304,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "outbound_queue_per_domain",
         "delivery_timeout_secs",
         "home_link_alarm_grace_secs",
+        "drain_grace_secs",
         "[cluster]",
         "name",
         "primary",

@@ -128,6 +128,29 @@ impl SipEdge {
         resolver: Option<Arc<crate::dns::Resolver>>,
         store: SharedStore,
     ) -> Result<SipEdge, EdgeError> {
+        // TLS material is loaded before any port is bound (style practice 6).
+        let server_tls = match hub.config().listeners.sip_tls {
+            None => None,
+            Some(_) => match crate::tls::ServerTls::from_config(&hub.config()) {
+                Ok(s) => Some(s),
+                Err(crate::tls::TlsError::NoServerCertificate) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        Self::start_with_tls(hub, shutdown, resolver, store, server_tls, None).await
+    }
+
+    /// [`SipEdge::start_with_store`] with the TLS material the node built: `server_tls`
+    /// (`None`: no certificate configured) and `client_tls` (`None`: built here from the
+    /// configuration). The node keeps clones to rotate certificates on reload.
+    pub async fn start_with_tls(
+        hub: Arc<Hub>,
+        shutdown: watch::Receiver<bool>,
+        resolver: Option<Arc<crate::dns::Resolver>>,
+        store: SharedStore,
+        server_tls: Option<crate::tls::ServerTls>,
+        client_tls: Option<crate::tls::ClientTls>,
+    ) -> Result<SipEdge, EdgeError> {
         let cfg = hub.config();
         let limits = ConnLimits {
             max_header: cfg.limits.sip_max_header_bytes,
@@ -140,19 +163,15 @@ impl SipEdge {
         let mut tasks = Vec::new();
         let (core_tx, core_rx) = mpsc::channel::<Input>(1024);
         let ids = Arc::new(AtomicU64::new(1));
-        // TLS material is loaded before any port is bound (style practice 6).
-        let tls_server = match cfg.listeners.sip_tls {
-            None => None,
-            Some(addr) => match crate::tls::ServerTls::from_config(&cfg) {
-                Ok(s) => Some((addr, s)),
-                // The embedded development default enables the TLS listener without any
-                // certificate: say so and run without it rather than refuse to start.
-                Err(crate::tls::TlsError::NoServerCertificate) => {
-                    tracing::error!(%addr, "SIP TLS listener not started: no certificate configured (tls.cert/tls.key or local_domain cert/key)");
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            },
+        let tls_server = match (cfg.listeners.sip_tls, server_tls) {
+            (None, _) => None,
+            (Some(addr), Some(s)) => Some((addr, s)),
+            // The embedded development default enables the TLS listener without any
+            // certificate: say so and run without it rather than refuse to start.
+            (Some(addr), None) => {
+                tracing::error!(%addr, "SIP TLS listener not started: no certificate configured (tls.cert/tls.key or local_domain cert/key)");
+                None
+            }
         };
         if tls_server.is_none() && cfg.listeners.sip_tcp.is_none() {
             // No SIP listener: SIP federation is off on this node. No outbox is registered,
@@ -178,7 +197,7 @@ impl SipEdge {
                     source,
                 })?;
             let bound = l.local_addr().unwrap_or(addr);
-            crate::run::announce("sip_tcp", bound);
+            crate::node::announce("sip_tcp", bound);
             tcp = Some(bound);
             let bounds = Admission::new(
                 cfg.limits.max_connections_per_listener,
@@ -208,7 +227,7 @@ impl SipEdge {
                     source,
                 })?;
             let bound = l.local_addr().unwrap_or(addr);
-            crate::run::announce("sip_tls", bound);
+            crate::node::announce("sip_tls", bound);
             tls = Some(bound);
             let bounds = Admission::new(
                 cfg.limits.max_connections_per_listener,
@@ -229,7 +248,10 @@ impl SipEdge {
         // Outbound: TLS whenever the node does TLS federation (the normal case); a TCP-only
         // node (trusted links) connects over TCP, never sending plaintext to a TLS target by
         // accident of configuration.
-        let client_tls = match (&server_tls, crate::tls::ClientTls::from_config(&cfg)) {
+        let client_tls = match (
+            &server_tls,
+            client_tls.map_or_else(|| crate::tls::ClientTls::from_config(&cfg), Ok),
+        ) {
             (Some(_), Ok(c)) => Some(c),
             (Some(_), Err(e)) => {
                 tracing::warn!(error = %e, "no TLS client configuration: outbound SIP connections will fail");

@@ -270,8 +270,11 @@ async fn relays_both_ways_after_the_handshake() {
     let e = peer.stanza().await;
     assert!(String::from_utf8_lossy(e.bytes()).contains("service-unavailable"));
 
-    // Shutdown closes the stream.
+    // Shutdown closes the stream with `system-shutdown` (RFC 6120 §4.9.3.17).
     let _ = gw.stop.send(true);
+    let e = peer.stanza().await;
+    assert_eq!(e.name(), "error");
+    assert!(String::from_utf8_lossy(e.bytes()).contains("<system-shutdown "));
     assert_eq!(peer.next().await, StreamEvent::StreamClose);
     gw.stop().await;
 }

@@ -27,6 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
+/// What a component link writes when the node stops (after a drain, on SIGTERM).
+const SYSTEM_SHUTDOWN: &[u8] = b"<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>the gateway is shutting down</text></stream:error></stream:stream>";
+
 /// Most deliveries written in one batch (one syscall) before the task looks at reads again.
 const WRITE_BATCH: usize = 64;
 
@@ -337,8 +340,10 @@ impl Component {
             };
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
-                    // RFC 6120 §4.4: close our stream; the home node answers by closing its own.
-                    let _ = self.write(&mut wr, b"</stream:stream>").await;
+                    // RFC 6120 §4.9.3.17: the gateway is going away, so the home node
+                    // hears `system-shutdown` (not a plain close it could take for a routine
+                    // reconnection), then §4.4: it answers by closing its own stream.
+                    let _ = self.write(&mut wr, SYSTEM_SHUTDOWN).await;
                     let _ = wr.shutdown().await;
                     if up { self.mark_down(); }
                     return End::Shutdown;

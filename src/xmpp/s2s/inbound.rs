@@ -149,6 +149,17 @@ async fn handle(
     };
     conn.set_stanza_timeout(Duration::from_secs(cfg.limits.stanza_timeout_secs));
     let mut ups = Vec::new();
+    if shared.hub.draining() {
+        // Maintenance mode: no new stream; RFC 6120 §4.9.3.17 `system-shutdown` tells the
+        // peer to try later (or another node of our SRV set). Streams already up go on.
+        let a = conn.m.close_with_error(
+            StreamErrorCondition::SystemShutdown,
+            "the gateway is draining; try again later",
+        );
+        let _ = conn.run(a, &mut ups).await;
+        conn.shutdown().await;
+        return;
+    }
     if conn.run(first, &mut ups).await.is_err() {
         return;
     }

@@ -113,6 +113,11 @@ pub struct S2sOptions {
     pub resolver: Option<Arc<Resolver>>,
     /// DNS overrides, consulted before the resolver; may be filled after `start`.
     pub static_targets: Arc<DashMap<Domain, Vec<Target>>>,
+    /// The server TLS material the node built (shared with the SIP edge, rotated on reload);
+    /// `None`: built here from the configuration.
+    pub server_tls: Option<ServerTls>,
+    /// Likewise for the client side (outbound streams, dialback verification).
+    pub client_tls: Option<ClientTls>,
 }
 
 /// A started s2s edge: the addresses its listeners bound, to announce.
@@ -147,12 +152,14 @@ pub fn prepare(hub: Arc<Hub>, opts: S2sOptions) -> Result<Prepared, S2sError> {
     let cfg = hub.config();
     let settings = TlsSettings::from_config(&cfg);
     let have_cert = settings.default_cert.is_some() || !settings.domain_certs.is_empty();
-    let server_tls = if have_cert {
-        Some(ServerTls::new(&settings)?)
-    } else {
-        None
+    let server_tls = match opts.server_tls {
+        Some(s) => Some(s),
+        None if have_cert => Some(ServerTls::new(&settings)?),
+        None => None,
     };
-    let client_tls = if settings.trust_bundle.is_some() {
+    let client_tls = if let Some(c) = opts.client_tls {
+        Some(c)
+    } else if settings.trust_bundle.is_some() {
         Some(ClientTls::new(&settings)?)
     } else {
         tracing::warn!(

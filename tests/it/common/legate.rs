@@ -205,6 +205,36 @@ impl Legate {
         self.child.try_wait()
     }
 
+    /// Sends signal `name` (`HUP`, `TERM`, ...) to the `legate` process, by its PID.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let pid = self
+            .child
+            .program_pid("legate")
+            .ok_or_else(|| anyhow!("the legate process is not running"))?;
+        let st = Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !st.success() {
+            bail!("kill -s {name} {pid} failed: {st}");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                bail!("legate still running after {limit:?}\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILLs the process (by PID, through its guard) and waits for it to be gone: a crash,
     /// with no chance to write anything on the way out.
     pub fn kill(&mut self) {

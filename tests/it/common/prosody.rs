@@ -564,6 +564,19 @@ impl GuardedChild {
         self.wrapper.try_wait().context("polling child")
     }
 
+    /// The PID of the program itself: the child of the guard shell whose command name is
+    /// `comm` (the guard's other child is its watchdog subshell).
+    pub fn program_pid(&self, comm: &str) -> Option<u32> {
+        let w = self.wrapper.id();
+        let children = std::fs::read_to_string(format!("/proc/{w}/task/{w}/children")).ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == comm)
+            })
+    }
+
     /// Kills the program and waits (≤ 5 s) for it to be gone.
     pub fn kill(&mut self) {
         // Closing the pipe makes the watchdog SIGKILL the program; the shell's `wait` returns.

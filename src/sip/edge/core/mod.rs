@@ -85,6 +85,10 @@ pub trait HubPort {
     fn consent(&self, _user: &Address, _watcher: &Address) -> Consent {
         Consent::Undecided
     }
+    /// Maintenance mode: new dialogs (INVITE, SUBSCRIBE outside a dialog) are refused.
+    fn draining(&self) -> bool {
+        false
+    }
 }
 
 impl HubPort for Hub {
@@ -105,6 +109,9 @@ impl HubPort for Hub {
     }
     fn consent(&self, user: &Address, watcher: &Address) -> Consent {
         self.policies().consent(user, watcher)
+    }
+    fn draining(&self) -> bool {
+        Hub::draining(self)
     }
 }
 
@@ -939,6 +946,21 @@ impl Core {
                 &req,
                 503,
                 "Service Unavailable (Too Many Transactions From Your Domain)",
+                &busy,
+            );
+            return;
+        }
+        // Draining (maintenance mode): no new session or subscription; requests inside
+        // existing dialogs (refreshes, BYE, NOTIFY) and pager MESSAGEs still go through, so
+        // what runs can finish. RFC 3261 §21.5.4: 503 with Retry-After sends the peer to
+        // another node or back later.
+        if matches!(method, "INVITE" | "SUBSCRIBE") && r.to_tag().is_none() && hub.draining() {
+            m::refused("draining");
+            self.reply_stateless_with(
+                peer.conn,
+                &req,
+                503,
+                "Service Unavailable (Maintenance)",
                 &busy,
             );
             return;

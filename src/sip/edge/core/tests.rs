@@ -10,6 +10,7 @@ use std::path::Path;
 
 mod batch;
 mod consent;
+mod drain;
 
 const CONFIG: &str = r#"routing_node = "hn1"
 [[local_domain]]

@@ -1,0 +1,432 @@
+//! Reload (SIGHUP, `legate reload`, `POST /reload`): the configuration file, the mapping
+//! files and the certificates are read again and, when all are valid, swapped in whole.
+//!
+//! - **Applies live**: every later routing decision and policy check reads the swapped
+//!   configuration (the hub's `ArcSwap`), so a domain removed from `[[sip.federated_domain]]` or
+//!   `[xmpp.federation]` is refused on its next request or stanza, on connections already open
+//!   too; limits read per request or per connection apply to the next one; the certificates
+//!   are served from the next TLS handshake on (SIP and s2s share one `ServerTls`), and
+//!   presented on the next outbound one (one shared `ClientTls`).
+//! - **Needs a restart** ([`RESTART_KEYS`]): what was bound or spawned from the start-up
+//!   configuration. A change there is named in the report and the log; the running value is
+//!   kept in the swapped configuration so `/status` never shows what is not in effect.
+//! - **Refused**: an invalid file (or a certificate that does not load) changes nothing and
+//!   raises `ConfigReloadRefused`; the next good reload clears it.
+
+use super::Control;
+use crate::config::{Config, Domain};
+use crate::gateway::Hub;
+use crate::ops::alarms::AlarmName;
+use crate::tls::{ServerTls, TlsSettings};
+use serde::Serialize;
+use std::sync::LazyLock;
+
+/// Keys (and sections) read only at start: changing them needs a restart. `legate check`
+/// prints this list.
+pub const RESTART_KEYS: &[&str] = &[
+    "node.id",
+    "node.data_dir",
+    "node.admin_listen",
+    "node.admin_allow_remote",
+    "listeners.*",
+    "tls.trust_bundle",
+    "tls.min_version",
+    "[[home_node]] and routing_node",
+    "xmpp.federation.dialback_secret",
+    "mappings.dir",
+    "mappings.reload",
+    "dns.nameservers",
+    "[cluster]",
+    "[intercluster]",
+    "limits.sip_max_message_bytes",
+    "limits.sip_max_header_bytes",
+    "limits.sip_message_timeout_secs",
+    "limits.first_request_timeout_secs",
+    "limits.max_connections_per_listener",
+    "limits.max_connections_per_peer",
+    "limits.im_session_idle_secs",
+    "limits.outbound_queue_per_domain",
+    "limits.home_link_alarm_grace_secs",
+    "a partner domain added in allow-list mode (its component links open at start)",
+];
+
+static RELOADS: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_config_reloads_total",
+        "Reloads of the configuration, mappings and certificates (SIGHUP, legate reload), by \
+         outcome (applied, refused)",
+        &["outcome"],
+    )
+});
+
+/// Registers the reload counter with zero values (dashboards see the series at start).
+pub(super) fn register_metrics() {
+    for o in ["applied", "refused"] {
+        RELOADS.with_label_values(&[o]);
+    }
+}
+
+/// What asked for the reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Sighup,
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Applied,
+    Refused,
+}
+
+/// What one reload did: the answer of `POST /reload`, the `reload` section of `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadReport {
+    pub outcome: Outcome,
+    pub trigger: Trigger,
+    /// Unix seconds.
+    pub at: u64,
+    /// Sections whose new values are now in effect.
+    pub applied: Vec<&'static str>,
+    /// Keys changed in the file that keep their running value until a restart.
+    pub restart_needed: Vec<String>,
+    /// Whether the server certificates were read again (false: no TLS server material).
+    pub certificates_reloaded: bool,
+    /// Why the reload was refused, `file:line:col: message` each where known.
+    pub problems: Vec<String>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads everything again and swaps in what is valid; see the module doc.
+pub fn reload(hub: &Hub, control: &Control, trigger: Trigger) -> ReloadReport {
+    let subject = control.source.display();
+    let report = match try_reload(hub, control, trigger) {
+        Ok(r) => {
+            hub.alarms().clear(AlarmName::ConfigReloadRefused, &subject);
+            tracing::info!(
+                ?trigger,
+                applied = ?r.applied,
+                restart_needed = ?r.restart_needed,
+                certificates = r.certificates_reloaded,
+                "configuration reloaded"
+            );
+            for key in &r.restart_needed {
+                tracing::warn!(key = %key, "changed in the file, but takes effect only after a restart");
+            }
+            r
+        }
+        Err(problems) => {
+            let text = problems.join("\n");
+            tracing::error!(?trigger, problems = %text, "reload refused; the running configuration stays in use");
+            hub.alarms()
+                .raise(AlarmName::ConfigReloadRefused, &subject, &text);
+            ReloadReport {
+                outcome: Outcome::Refused,
+                trigger,
+                at: unix_now(),
+                applied: Vec::new(),
+                restart_needed: Vec::new(),
+                certificates_reloaded: false,
+                problems,
+            }
+        }
+    };
+    RELOADS
+        .with_label_values(&[match report.outcome {
+            Outcome::Applied => "applied",
+            Outcome::Refused => "refused",
+        }])
+        .inc();
+    if let Ok(mut last) = control.last_reload.lock() {
+        *last = Some(report.clone());
+    }
+    report
+}
+
+fn try_reload(hub: &Hub, control: &Control, trigger: Trigger) -> Result<ReloadReport, Vec<String>> {
+    let lines = |d: crate::diag::Diagnostics| -> Vec<String> {
+        d.0.iter().map(|x| x.to_string()).collect()
+    };
+    let old = hub.config();
+    let new = control
+        .source
+        .load_against(old.mappings.dir.as_deref())
+        .map_err(lines)?;
+    let mut restart_needed = restart_needed(&old, &new, control.server_tls.is_some());
+    if control.source.mappings_dir() != old.mappings.dir {
+        restart_needed.push("mappings.dir".to_string());
+    }
+    let new = keep_restart_only(&old, new);
+    let settings = TlsSettings::from_config(&new);
+    // Every file is read and checked before anything is swapped: a certificate that does not
+    // load must not leave a new mapping set beside the old configuration.
+    if control.server_tls.is_some() {
+        ServerTls::new(&settings).map_err(|e| vec![format!("certificates: {e}")])?;
+    }
+    if new.mappings.dir.is_some() {
+        hub.maps().reload().map_err(lines)?;
+        if let Some(dir) = &new.mappings.dir {
+            hub.alarms()
+                .clear(AlarmName::MappingReloadRefused, &dir.display().to_string());
+        }
+    }
+    let certificates_reloaded = match &control.server_tls {
+        Some(tls) => {
+            tls.reload_certs(&settings)
+                .map_err(|e| vec![format!("certificates: {e}")])?;
+            true
+        }
+        None => false,
+    };
+    if let Some(tls) = &control.client_tls {
+        // The same files, checked just above: what we present on outbound connections
+        // rotates with what we serve.
+        tls.reload_certs(&settings)
+            .map_err(|e| vec![format!("certificates: {e}")])?;
+    }
+    let applied = changed_sections(&old, &new);
+    crate::ops::alarms::check_certificates(hub.alarms(), &new, unix_now() as i64);
+    hub.replace_config(new);
+    Ok(ReloadReport {
+        outcome: Outcome::Applied,
+        trigger,
+        at: unix_now(),
+        applied,
+        restart_needed,
+        certificates_reloaded,
+        problems: Vec::new(),
+    })
+}
+
+/// The restart-only keys (see [`RESTART_KEYS`]) whose value differs between `old` (running)
+/// and `new` (the file).
+pub fn restart_needed(old: &Config, new: &Config, have_server_tls: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut note = |changed: bool, key: &str| {
+        if changed {
+            out.push(key.to_string());
+        }
+    };
+    note(old.node.id != new.node.id, "node.id");
+    note(old.node.data_dir != new.node.data_dir, "node.data_dir");
+    note(
+        old.node.admin_listen != new.node.admin_listen,
+        "node.admin_listen",
+    );
+    note(
+        old.node.admin_allow_remote != new.node.admin_allow_remote,
+        "node.admin_allow_remote",
+    );
+    let (ol, nl) = (&old.listeners, &new.listeners);
+    note(ol.sip_tls != nl.sip_tls, "listeners.sip_tls");
+    note(ol.sip_tcp != nl.sip_tcp, "listeners.sip_tcp");
+    note(ol.xmpp_s2s != nl.xmpp_s2s, "listeners.xmpp_s2s");
+    note(
+        ol.xmpp_s2s_direct_tls != nl.xmpp_s2s_direct_tls,
+        "listeners.xmpp_s2s_direct_tls",
+    );
+    note(
+        old.tls.trust_bundle != new.tls.trust_bundle,
+        "tls.trust_bundle",
+    );
+    note(
+        old.tls.min_version != new.tls.min_version,
+        "tls.min_version",
+    );
+    let has_cert =
+        |c: &Config| c.tls.cert.is_some() || c.local_domains.iter().any(|d| d.cert.is_some());
+    note(
+        !have_server_tls && has_cert(new),
+        "tls.cert (the node started without a certificate)",
+    );
+    note(old.home_nodes != new.home_nodes, "[[home_node]]");
+    note(old.routing_node != new.routing_node, "routing_node");
+    note(
+        old.xmpp.federation.dialback_secret != new.xmpp.federation.dialback_secret,
+        "xmpp.federation.dialback_secret",
+    );
+    note(old.mappings != new.mappings, "[mappings]");
+    note(old.dns != new.dns, "dns.nameservers");
+    note(old.cluster != new.cluster, "[cluster]");
+    note(old.intercluster != new.intercluster, "[intercluster]");
+    let (a, b) = (&old.limits, &new.limits);
+    for (changed, key) in [
+        (
+            a.sip_max_message_bytes != b.sip_max_message_bytes,
+            "limits.sip_max_message_bytes",
+        ),
+        (
+            a.sip_max_header_bytes != b.sip_max_header_bytes,
+            "limits.sip_max_header_bytes",
+        ),
+        (
+            a.sip_message_timeout_secs != b.sip_message_timeout_secs,
+            "limits.sip_message_timeout_secs",
+        ),
+        (
+            a.first_request_timeout_secs != b.first_request_timeout_secs,
+            "limits.first_request_timeout_secs",
+        ),
+        (
+            a.max_connections_per_listener != b.max_connections_per_listener,
+            "limits.max_connections_per_listener",
+        ),
+        (
+            a.max_connections_per_peer != b.max_connections_per_peer,
+            "limits.max_connections_per_peer",
+        ),
+        (
+            a.im_session_idle_secs != b.im_session_idle_secs,
+            "limits.im_session_idle_secs",
+        ),
+        (
+            a.outbound_queue_per_domain != b.outbound_queue_per_domain,
+            "limits.outbound_queue_per_domain",
+        ),
+        (
+            a.home_link_alarm_grace_secs != b.home_link_alarm_grace_secs,
+            "limits.home_link_alarm_grace_secs",
+        ),
+    ] {
+        note(changed, key);
+    }
+    // Component links are spawned at start for the listed domains; open federation opens
+    // the others on demand, so only allow-list mode needs the restart.
+    if new.xmpp.federation.mode != crate::config::FederationMode::DenyList {
+        let before = crate::xmpp::link::served_domains(old);
+        let added: Vec<Domain> = crate::xmpp::link::served_domains(new)
+            .into_iter()
+            .filter(|d| !before.contains(d))
+            .collect();
+        for d in added {
+            out.push(format!("component links for the new partner domain {d}"));
+        }
+    }
+    out
+}
+
+/// `new` with the restart-only values of `old`: what the swapped configuration says is what
+/// runs.
+fn keep_restart_only(old: &Config, mut new: Config) -> Config {
+    new.node = old.node.clone();
+    new.listeners = old.listeners.clone();
+    new.tls.trust_bundle = old.tls.trust_bundle.clone();
+    new.tls.min_version = old.tls.min_version;
+    new.home_nodes = old.home_nodes.clone();
+    new.routing_node = old.routing_node.clone();
+    new.xmpp.federation.dialback_secret = old.xmpp.federation.dialback_secret.clone();
+    new.mappings = old.mappings.clone();
+    new.dns = old.dns.clone();
+    new.cluster = old.cluster.clone();
+    new.intercluster = old.intercluster.clone();
+    let (a, b) = (&old.limits, &mut new.limits);
+    b.sip_max_message_bytes = a.sip_max_message_bytes;
+    b.sip_max_header_bytes = a.sip_max_header_bytes;
+    b.sip_message_timeout_secs = a.sip_message_timeout_secs;
+    b.first_request_timeout_secs = a.first_request_timeout_secs;
+    b.max_connections_per_listener = a.max_connections_per_listener;
+    b.max_connections_per_peer = a.max_connections_per_peer;
+    b.im_session_idle_secs = a.im_session_idle_secs;
+    b.outbound_queue_per_domain = a.outbound_queue_per_domain;
+    b.home_link_alarm_grace_secs = a.home_link_alarm_grace_secs;
+    new
+}
+
+/// The sections whose values differ (after `keep_restart_only`, so all of them apply).
+fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for (changed, name) in [
+        (old.local_domains != new.local_domains, "local_domain"),
+        (old.tls != new.tls, "tls"),
+        (old.sip != new.sip, "sip"),
+        (old.xmpp != new.xmpp, "xmpp"),
+        (old.chat_nodes != new.chat_nodes, "chat_node"),
+        (old.limits != new.limits, "limits"),
+    ] {
+        if changed {
+            out.push(name);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{from_toml, BUILTIN_SYSTEMS};
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            r#"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+default_system = "xmpp"
+{extra}
+"#
+        );
+        from_toml(&text, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("config")
+    }
+
+    #[test]
+    fn listener_and_limit_changes_are_named_and_kept_at_their_running_value() {
+        let old = cfg("[listeners]\nsip_tcp = \"127.0.0.1:5060\"\n");
+        let new = cfg(
+            "[listeners]\nsip_tcp = \"127.0.0.1:5070\"\n[limits]\nsip_max_header_bytes = 8192\ndelivery_timeout_secs = 7\n",
+        );
+        let needed = restart_needed(&old, &new, false);
+        assert!(
+            needed.contains(&"listeners.sip_tcp".to_string()),
+            "{needed:?}"
+        );
+        assert!(
+            needed.contains(&"limits.sip_max_header_bytes".to_string()),
+            "{needed:?}"
+        );
+        let merged = keep_restart_only(&old, new);
+        assert_eq!(merged.listeners, old.listeners);
+        assert_eq!(
+            merged.limits.sip_max_header_bytes,
+            old.limits.sip_max_header_bytes
+        );
+        // A limit read per request applies.
+        assert_eq!(merged.limits.delivery_timeout_secs, 7);
+        assert_eq!(changed_sections(&old, &merged), vec!["limits"]);
+    }
+
+    #[test]
+    fn a_partner_added_in_allow_list_mode_needs_its_component_links() {
+        let old = cfg("");
+        let new = cfg("[[sip.federated_domain]]\nname = \"other.com\"\nsystem = \"lync\"\n");
+        let needed = restart_needed(&old, &new, false);
+        assert_eq!(
+            needed,
+            vec!["component links for the new partner domain other.com".to_string()]
+        );
+        assert_eq!(
+            changed_sections(&old, &keep_restart_only(&old, new)),
+            vec!["sip"]
+        );
+    }
+
+    #[test]
+    fn a_removed_partner_applies_without_restart() {
+        let old = cfg("[[sip.federated_domain]]\nname = \"other.com\"\nsystem = \"lync\"\n");
+        let new = cfg("");
+        assert!(restart_needed(&old, &new, false).is_empty());
+    }
+}
