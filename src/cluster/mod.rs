@@ -125,6 +125,8 @@ pub enum ClusterError {
 pub struct Cluster {
     state: Arc<Mutex<Status>>,
     role: tokio::sync::watch::Receiver<Role>,
+    /// The session task, awaited by [`Cluster::left`] at shutdown.
+    session: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
@@ -135,9 +137,24 @@ impl Cluster {
             Self {
                 state: Arc::new(Mutex::new(status)),
                 role: rx,
+                session: Arc::new(Mutex::new(None)),
             },
             tx,
         )
+    }
+
+    fn set_session(&self, task: tokio::task::JoinHandle<()>) {
+        if let Ok(mut s) = self.session.lock() {
+            *s = Some(task);
+        }
+    }
+
+    /// Waits (at most `limit`) for the session to finish leaving after shutdown was signalled.
+    pub async fn left(&self, limit: Duration) {
+        let task = self.session.lock().ok().and_then(|mut s| s.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(limit, task).await;
+        }
     }
 
     pub fn role(&self) -> Role {

@@ -122,7 +122,7 @@ pub async fn join(
         shutdown,
         stand_aside,
     };
-    tokio::spawn(s.run(lease));
+    cluster.set_session(tokio::spawn(s.run(lease)));
     Ok(cluster)
 }
 

@@ -203,10 +203,10 @@ impl Node {
             let hub = Arc::downgrade(&hub);
             Arc::new(move || hub.upgrade().is_some_and(|h| h.draining()))
         };
-        if let Some(cluster) = stores
+        let cluster = stores
             .join(&config, hub.alarms().clone(), shutdown.clone(), draining)
-            .await?
-        {
+            .await?;
+        if let Some(cluster) = cluster.clone() {
             hub.add_status("cluster", Arc::new(move || cluster.status_json()));
         }
         {
@@ -381,6 +381,11 @@ impl Node {
             }
         }
         tracing::info!("shutting down");
+        if let Some(cluster) = &cluster {
+            // Leaving (resign, revoke the lease) hands the leadership over at once instead of
+            // after a TTL; bounded, since etcd may be the reason we stop.
+            cluster.left(Duration::from_secs(3)).await;
+        }
         sip.join(Duration::from_secs(5)).await;
         // Give tasks a bounded time to drain, then drop them.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
