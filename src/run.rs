@@ -76,6 +76,10 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let s2s = crate::xmpp::s2s::prepare(hub.clone(), crate::xmpp::s2s::S2sOptions::default())
         .map_err(|e| RunError::Edge(e.to_string()))?;
 
+    // The admin token file is read before anything binds: a missing one stops the node.
+    let admin =
+        admin::Admin::new(hub.clone(), started).map_err(|e| RunError::Edge(e.to_string()))?;
+    crate::metrics::register_all();
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(|source| RunError::Bind {
@@ -104,12 +108,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     )
     .await
     .map_err(|e| RunError::Edge(format!("cannot load the learned directory: {e}")))?;
-    tasks.spawn(admin::serve(
-        listener,
-        hub.clone(),
-        started,
-        shutdown.clone(),
-    ));
+    tasks.spawn(admin.serve(listener, shutdown.clone()));
     if let (Some(dir), true) = (maps_dir, reload) {
         tasks.spawn(watch_mappings(hub.clone(), dir, shutdown.clone()));
     }

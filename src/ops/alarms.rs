@@ -238,7 +238,8 @@ static ACTIVE: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-fn unix_now() -> u64 {
+/// Now, in Unix seconds (the time base of `Alarm::first_seen`/`last_seen`).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -490,6 +491,14 @@ pub fn check_certificates(alarms: &Alarms, cfg: &Config, now: i64) {
                 &format!("{} names none of: {}", path.display(), d.name),
             );
         }
+    }
+}
+
+/// Creates `legate_alarms_active` with every name/severity series at zero (see
+/// `metrics::register_all`).
+pub fn register_metrics() {
+    for n in AlarmName::ALL {
+        ACTIVE.with_label_values(&[n.as_str(), n.severity().as_str()]);
     }
 }
 

@@ -1,129 +1,79 @@
-//! The admin HTTP endpoint (loopback by default): `GET /metrics` (Prometheus text),
-//! `GET /status` (JSON), `GET /alarms` (JSON, also the `alarms` section of `/status`),
-//! `GET /healthz`, and the consent lists (`legate policy` talks to
-//! these): `GET /policy/<user>` (JSON) and `POST /policy/<user>/<allow|block|unblock>/<target>`
-//! (`<target>` a bare JID or a domain, percent-encoded where needed; POST from loopback only,
-//! whatever `node.admin_allow_remote` says). A deliberately tiny
-//! HTTP/1.1 responder: one request per connection, bounded request size and time, no body.
+//! The built-in routes of the admin endpoint (listed in the module doc of `admin`): each
+//! handler renders what the hub knows now; none of them changes anything but the consent
+//! lists.
 
+use super::{text, AdminState};
 use crate::gateway::Hub;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use axum::extract::State;
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::time::Instant;
 
-use crate::net::{accept_admitted, AcceptPolicy, Accepted, Admission};
-
-const MAX_REQUEST: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Concurrent admin connections (the endpoint serves scrapers and operators, not crowds).
-const MAX_CONNECTIONS: usize = 64;
-
-/// Serves until `shutdown` turns true. Accept errors (EMFILE...) back off through the edge
-/// kit's accept loop instead of spinning; connections beyond `MAX_CONNECTIONS` are refused.
-/// A non-loopback `admin_listen` is refused by the configuration check unless
-/// `node.admin_allow_remote` is set.
-pub async fn serve(
-    listener: TcpListener,
-    hub: Arc<Hub>,
-    started: Instant,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS);
-    let policy = AcceptPolicy::new("admin");
-    loop {
-        {
-            let Some(accepted) =
-                accept_admitted(&listener, &admission, &policy, &mut shutdown).await
-            else {
-                return;
-            };
-            let Accepted {
-                stream: mut sock,
-                slots,
-                remote,
-            } = accepted;
-            {
-                let hub = hub.clone();
-                tokio::spawn(async move {
-                    let _slots = slots;
-                    let mut buf = vec![0u8; MAX_REQUEST];
-                    let mut n = 0;
-                    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                        while n < buf.len() {
-                            let k = sock.read(&mut buf[n..]).await?;
-                            if k == 0 {
-                                break;
-                            }
-                            n += k;
-                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                        Ok::<_, std::io::Error>(())
-                    })
-                    .await;
-                    if !matches!(read, Ok(Ok(()))) {
-                        return;
-                    }
-                    let head = String::from_utf8_lossy(&buf[..n]);
-                    let mut parts = head.split_whitespace();
-                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let (status, ctype, body) = if method == "POST" && !remote.ip().is_loopback() {
-                        // Changes are an operator's, on the node itself, even when
-                        // `node.admin_allow_remote` lets scrapers read from elsewhere.
-                        (
-                            "403 Forbidden",
-                            "text/plain",
-                            "changes are accepted from loopback only\n".to_string(),
-                        )
-                    } else {
-                        respond(&hub, started, method, path)
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, sock.write_all(resp.as_bytes()))
-                        .await;
-                });
-            }
-        }
-    }
+pub(super) fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/alarms", get(alarms))
+        .route("/healthz", get(healthz))
+        .route("/policy/{*rest}", get(policy_route).post(policy_route))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
-type Response = (&'static str, &'static str, String);
-
-fn respond(hub: &Hub, started: Instant, method: &str, path: &str) -> Response {
-    match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            crate::metrics::render(),
-        ),
-        ("GET", "/status") => ("200 OK", "application/json", status_json(hub, started)),
-        ("GET", "/alarms") => (
-            "200 OK",
-            "application/json",
-            format!("{}\n", hub.alarms().to_json()),
-        ),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (m, p) if p.starts_with("/policy/") && (m == "GET" || m == "POST") => {
-            policy(hub, m, &p["/policy/".len()..])
-        }
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET, or POST on /policy/\n".to_string(),
-        ),
-    }
+fn json(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn bad_request(text: impl std::fmt::Display) -> Response {
-    ("400 Bad Request", "text/plain", format!("{text}\n"))
+async fn metrics() -> Response {
+    crate::metrics::register_all();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<AdminState>) -> Response {
+    json(status_json(&s.hub, s.started))
+}
+
+async fn alarms(State(s): State<AdminState>) -> Response {
+    json(format!("{}\n", s.hub.alarms().to_json()))
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+async fn page(State(s): State<AdminState>) -> Html<String> {
+    let doc = status_value(&s.hub, s.started);
+    Html(super::page::render(&doc, crate::ops::alarms::unix_now()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let allowed = if uri.path().starts_with("/policy/") {
+        "GET, or POST"
+    } else {
+        "GET"
+    };
+    text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}: {allowed}\n", uri.path()),
+    )
+}
+
+/// The raw path is split before percent-decoding, so an escaped `/` stays inside its
+/// segment.
+async fn policy_route(State(s): State<AdminState>, method: Method, uri: Uri) -> Response {
+    let rest = uri.path().strip_prefix("/policy/").unwrap_or_default();
+    policy(&s.hub, method.as_str(), rest)
+}
+
+fn bad_request(why: impl std::fmt::Display) -> Response {
+    text(StatusCode::BAD_REQUEST, format!("{why}\n"))
 }
 
 /// `%XX` escapes of a path segment; `None` for a broken escape or non-UTF-8 result.
@@ -173,7 +123,7 @@ fn policy(hub: &Hub, method: &str, rest: &str) -> Response {
                 })
                 .collect();
             let doc = serde_json::json!({"user": user.bare_string(), "entries": entries});
-            ("200 OK", "application/json", format!("{doc}\n"))
+            json(format!("{doc}\n"))
         }
         ("POST", [_, op, target]) => {
             let Some(op) = Op::parse(op) else {
@@ -200,11 +150,11 @@ fn policy(hub: &Hub, method: &str, rest: &str) -> Response {
                         "target": target.to_string(),
                         "verdict": verdict,
                     });
-                    ("200 OK", "application/json", format!("{doc}\n"))
+                    json(format!("{doc}\n"))
                 }
                 Err(ChangeError::Bad(e)) => bad_request(e),
                 Err(e @ ChangeError::Full(_)) => {
-                    ("507 Insufficient Storage", "text/plain", format!("{e}\n"))
+                    text(StatusCode::INSUFFICIENT_STORAGE, format!("{e}\n"))
                 }
             }
         }
@@ -214,6 +164,11 @@ fn policy(hub: &Hub, method: &str, rest: &str) -> Response {
 }
 
 fn status_json(hub: &Hub, started: Instant) -> String {
+    status_value(hub, started).to_string()
+}
+
+/// The `/status` document (also what the HTML page shows).
+pub(crate) fn status_value(hub: &Hub, started: Instant) -> serde_json::Value {
     let cfg = hub.config();
     let maps = hub.maps().current();
     let mut doc = serde_json::json!({
@@ -239,24 +194,18 @@ fn status_json(hub: &Hub, started: Instant) -> String {
             obj.insert(name.to_string(), value);
         }
     }
-    doc.to_string()
+    doc
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, BUILTIN_SYSTEMS};
-    use crate::presence::map::MappingStore;
-    use std::path::Path;
+    use crate::admin::tests::{call, hub};
+    use std::sync::Arc;
 
-    fn hub() -> Arc<Hub> {
-        let cfg = config::from_toml(
-            "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\nsystem = \"lync\"\n",
-            Path::new("t.toml"),
-            BUILTIN_SYSTEMS,
-        )
-        .expect("config");
-        Hub::new(cfg, MappingStore::open(None).expect("maps"))
+    /// One request through the whole application: status line, content type, body.
+    async fn respond(h: &Arc<Hub>, method: &str, path: &str) -> (String, String, String) {
+        call(h, &[], method, path, None).await
     }
 
     #[test]
@@ -270,14 +219,13 @@ mod tests {
         assert_eq!(percent_decode("%ff"), None, "not UTF-8");
     }
 
-    #[test]
-    fn alarms_are_served_alone_and_in_status() {
+    #[tokio::test]
+    async fn alarms_are_served_alone_and_in_status() {
         use crate::ops::alarms::AlarmName;
         let h = hub();
-        let t = Instant::now();
-        let (status, ctype, body) = respond(&h, t, "GET", "/alarms");
+        let (status, ctype, body) = respond(&h, "GET", "/alarms").await;
         assert_eq!(
-            (status, ctype, body.trim()),
+            (status.as_str(), ctype.as_str(), body.trim()),
             ("200 OK", "application/json", "[]")
         );
         h.alarms().raise(
@@ -285,36 +233,31 @@ mod tests {
             "hn1/partner.com",
             "down for 31 s",
         );
-        let (_, _, body) = respond(&h, t, "GET", "/alarms");
+        let (_, _, body) = respond(&h, "GET", "/alarms").await;
         let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(doc[0]["name"], "HomeNodeLinkDown");
         assert_eq!(doc[0]["severity"], "critical");
         assert_eq!(doc[0]["raised"], true);
-        let (_, _, body) = respond(&h, t, "GET", "/status");
+        let (_, _, body) = respond(&h, "GET", "/status").await;
         let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(doc["alarms"][0]["subject"], "hn1/partner.com");
     }
 
-    #[test]
-    fn policy_routes_change_and_show_lists_and_refuse_bad_input() {
+    #[tokio::test]
+    async fn policy_routes_change_and_show_lists_and_refuse_bad_input() {
         let h = hub();
-        let t = Instant::now();
         let (status, _, body) =
-            respond(&h, t, "POST", "/policy/alice@example.com/block/partner.com");
+            respond(&h, "POST", "/policy/alice@example.com/block/partner.com").await;
         assert_eq!(status, "200 OK", "{body}");
         assert!(body.contains("\"verdict\":\"block\""), "{body}");
-        let (status, _, body) = respond(&h, t, "GET", "/policy/alice@example.com");
+        let (status, _, body) = respond(&h, "GET", "/policy/alice@example.com").await;
         assert_eq!(status, "200 OK");
         assert!(
             body.contains("\"target\":\"partner.com\"") && body.contains("\"kind\":\"domain\""),
             "{body}"
         );
-        let (status, _, body) = respond(
-            &h,
-            t,
-            "POST",
-            "/policy/alice@example.com/unblock/partner.com",
-        );
+        let (status, _, body) =
+            respond(&h, "POST", "/policy/alice@example.com/unblock/partner.com").await;
         assert_eq!(status, "200 OK");
         assert!(body.contains("\"verdict\":null"), "{body}");
         for (method, path, why) in [
@@ -341,11 +284,11 @@ mod tests {
             ("GET", "/policy/example.com", "not a user address"),
             ("GET", "/policy/a%zz@example.com", "percent-escape"),
         ] {
-            let (status, _, body) = respond(&h, t, method, path);
+            let (status, _, body) = respond(&h, method, path).await;
             assert_eq!(status, "400 Bad Request", "{path}: {body}");
             assert!(body.contains(why), "{path}: {body}");
         }
-        let (status, _, _) = respond(&h, t, "DELETE", "/policy/alice@example.com");
+        let (status, _, _) = respond(&h, "DELETE", "/policy/alice@example.com").await;
         assert_eq!(status, "405 Method Not Allowed");
     }
 }
