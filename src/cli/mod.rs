@@ -390,19 +390,6 @@ pub fn sip_check(
 }
 
 pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal: a log file or a journal gets plain text
-        // (NO_COLOR, https://no-color.org, turns it off there too).
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
     // Validate everything before binding anything.
     // The systems the configuration may name come from the set it will run with.
     let maps_dir = mappings
