@@ -206,12 +206,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         }),
     );
 
+    // Every listener is bound and announced: systemd (Type=notify) may call us started.
+    crate::ops::notify::ready();
     let mut shutdown = shutdown;
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;
         }
     }
+    crate::ops::notify::stopping();
     tracing::info!("shutting down");
     sip.join(Duration::from_secs(5)).await;
     // Give tasks a bounded time to drain, then drop them.

@@ -65,6 +65,12 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
                 for note in cfg.notes() {
                     eprintln!("note: {}: {note}", path.display());
                 }
+                // Certificates are warnings, not errors: the node still starts (a partner
+                // that tolerates them may exist), but the admin should act.
+                let now = legate::ops::alarms::unix_now() as i64;
+                for finding in legate::ops::certs::inspect(&cfg, now) {
+                    eprintln!("warning: {finding}");
+                }
             }
             Err(d) => problems.0.extend(d.0),
         }

@@ -237,3 +237,71 @@ async fn the_token_guards_the_endpoint_and_legate_status_sends_it() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn systemd_hears_ready_once_the_node_listens() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("legate.toml");
+    std::fs::write(&config, QUIET).expect("config");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_legate"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("NOTIFY_SOCKET", &sock_path);
+    let log = dir.path().join("legate.log");
+    let mut child = common::prosody::GuardedChild::spawn(&cmd, &log).expect("spawn legate");
+    let got = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("no READY=1 within 20 s");
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), sock)
+    })
+    .await
+    .expect("recv thread");
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(got.0, "READY=1", "{output}");
+    assert!(
+        output.contains("legate: listening admin"),
+        "READY=1 came before the listeners were announced:\n{output}"
+    );
+    child.kill();
+}
+
+#[test]
+fn the_systemd_unit_waits_for_readiness_and_is_hardened() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/legate.service");
+    let unit = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    for want in [
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/legate",
+        "StateDirectory=legate",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "User=legate",
+    ] {
+        assert!(lines.contains(&want), "{} lacks `{want}`", path.display());
+    }
+    // The unit's data directory is the configuration's default `node.data_dir`.
+    let cfg = legate::config::from_toml(
+        "[[local_domain]]\nname = \"example.com\"\n",
+        Path::new("t.toml"),
+        legate::config::BUILTIN_SYSTEMS,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(cfg.node.data_dir, Path::new("/var/lib/legate"));
+    let exec = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    assert!(
+        exec.contains(" run --config ") && exec.contains("--log-format"),
+        "{exec}"
+    );
+}

@@ -8,6 +8,7 @@
 mod common;
 mod sip_ua;
 
+mod admin_check_certs;
 mod admin_http;
 mod admin_page;
 mod aggregation;
