@@ -57,6 +57,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct AdminState {
     pub hub: Arc<Hub>,
     pub started: Instant,
+    /// The address the endpoint is bound to (shown on the status page), once bound.
+    pub bound: Option<SocketAddr>,
 }
 
 /// The admin endpoint of one node, built before anything binds (the token file is read
@@ -74,7 +76,11 @@ impl Admin {
             None => None,
         };
         Ok(Admin {
-            state: AdminState { hub, started },
+            state: AdminState {
+                hub,
+                started,
+                bound: None,
+            },
             token,
             actions: Router::new(),
         })
@@ -103,7 +109,8 @@ impl Admin {
     }
 
     /// Serves until `shutdown` turns true (see the module doc).
-    pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(mut self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        self.state.bound = listener.local_addr().ok();
         let app = self.router();
         let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS);
         let policy = AcceptPolicy::new("admin");
@@ -191,7 +198,10 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t);
     if given.is_some_and(|g| token.matches(g.trim())) {
         return next.run(req).await;
     }
@@ -335,7 +345,7 @@ pub(crate) mod tests {
             assert_eq!(s, "401 Unauthorized", "{path}: {b}");
             let (s, _, _) = call(
                 &h,
-                &[("authorization", "Bearer wrong-token-0123456789")],
+                &[("authorization", "bearer wrong-token-0123456789")],
                 "GET",
                 path,
                 None,
@@ -354,6 +364,9 @@ pub(crate) mod tests {
         }
         let (s, _, _) = call(&h, &[], "GET", "/healthz", None).await;
         assert_eq!(s, "200 OK");
+        let lower = [("authorization", "bearer s3cret-token-0123456789")];
+        let (s, _, _) = call(&h, &lower, "GET", "/status", None).await;
+        assert_eq!(s, "200 OK", "the scheme name is case-insensitive");
         // An unknown path is not revealed before authentication either.
         let (s, _, _) = call(&h, &[], "GET", "/nope", None).await;
         assert_eq!(s, "401 Unauthorized");

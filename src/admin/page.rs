@@ -72,6 +72,13 @@ pub fn render(doc: &Value, now: u64) -> String {
         o,
         "<h2>Listeners</h2>\n<table id=\"listeners\"><tr><th>listener</th><th>address</th></tr>\n"
     );
+    if let Some(a) = doc["admin_listen"].as_str() {
+        let _ = writeln!(
+            o,
+            "<tr class=\"listener\"><td>admin</td><td>{}</td></tr>",
+            escape(a)
+        );
+    }
     for (kind, key) in [("sip tcp", "tcp"), ("sip tls", "tls")] {
         if let Some(a) = doc["sip"]["listeners"][key].as_str() {
             let _ = writeln!(

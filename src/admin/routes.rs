@@ -49,7 +49,10 @@ async fn healthz() -> Response {
 }
 
 async fn page(State(s): State<AdminState>) -> Html<String> {
-    let doc = status_value(&s.hub, s.started);
+    let mut doc = status_value(&s.hub, s.started);
+    if let (Some(a), Some(obj)) = (s.bound, doc.as_object_mut()) {
+        obj.insert("admin_listen".into(), a.to_string().into());
+    }
     Html(super::page::render(&doc, crate::ops::alarms::unix_now()))
 }
 

@@ -142,6 +142,13 @@ home_link_alarm_grace_secs = 1
         assert!(dom.contains("Check that the home node"), "the alarm's action:\n{dom}");
         assert!(dom.contains("s ago: "), "the age of the link's last failure:\n{dom}");
         assert!(!dom.contains("<script"), "the page has no script:\n{dom}");
+        assert!(
+            dom.contains(&format!(
+                "<tr class=\"listener\"><td>admin</td><td>{}</td></tr>",
+                legate.addr("admin")
+            )),
+            "the admin listener row:\n{dom}"
+        );
     })
     .await
     .expect("test timed out");
