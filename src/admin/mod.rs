@@ -91,6 +91,15 @@ impl Admin {
     /// built-in routes and under the same token and loopback rules (module doc). A path
     /// that clashes with a built-in route is a programming error: axum panics on it at
     /// start, which the first test that starts a node catches.
+    ///
+    /// ```ignore
+    /// let actions = axum::Router::new()
+    ///     .route("/reload", axum::routing::post(reload))
+    ///     .route("/drain", axum::routing::post(drain))
+    ///     .with_state(node.clone());
+    /// let admin = admin::Admin::new(hub.clone(), started)?.with_actions(actions);
+    /// tasks.spawn(admin.serve(listener, shutdown.clone()));
+    /// ```
     pub fn with_actions(mut self, actions: Router) -> Admin {
         self.actions = self.actions.merge(actions);
         self

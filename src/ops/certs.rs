@@ -41,11 +41,7 @@ impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Finding::Unreadable { path, error } => {
-                write!(
-                    f,
-                    "{}: cannot read the certificate: {error}",
-                    path.display()
-                )
+                write!(f, "certificate {}: {error}", path.display())
             }
             Finding::Expired { path } => write!(
                 f,
