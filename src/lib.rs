@@ -13,7 +13,8 @@
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
 //!   log-safe peer text.
 //! - `metrics`, `admin`, `run`: the Prometheus registry, the admin endpoint, `legate run`.
-//! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners).
+//! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners), the
+//!   certificate checks behind them and `legate check`, systemd readiness.
 //! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
 //!   OPTIONS / s2s stream), each step a verdict and a fix.
 #![forbid(unsafe_code)]
