@@ -103,9 +103,14 @@ pub const ZERO_SERIES: &[(&str, &[&[&str]])] = &[
     ),
     (
         "legate_sip_connections_refused_total",
-        &[&["write_timeout", "idle_timeout", "handshake_timeout"]],
+        &[&[
+            "write_timeout",
+            "idle_timeout",
+            "message_timeout",
+            "first_request_timeout",
+        ]],
     ),
-    ("legate_sip_tls_handshake_failures_total", &[&["other"]]),
+    ("legate_sip_tls_handshake_failures_total", &[TLS_FAILURES]),
     ("legate_sip_notify_unchanged_total", &[&["unchanged"]]),
     ("legate_sip_dial_backoff_total", &[&["failed", "blocked"]]),
     (
@@ -123,9 +128,16 @@ pub const ZERO_SERIES: &[(&str, &[&[&str]])] = &[
     ),
     (
         "legate_s2s_tls_failures_total",
-        &[&["inbound", "outbound"], &["other"]],
+        &[&["inbound", "outbound"], TLS_FAILURES],
     ),
-    ("legate_s2s_bounces_total", &[&["remote-server-not-found"]]),
+    (
+        "legate_s2s_bounces_total",
+        &[&[
+            "remote-server-not-found",
+            "remote-server-timeout",
+            "service-unavailable",
+        ]],
+    ),
     ("legate_s2s_refused_total", &[&["auth_not_allowed"]]),
     ("legate_s2s_unroutable_total", &[&["answered", "dropped"]]),
     (
@@ -168,6 +180,18 @@ const EDGES: &[&str] = &[
     "sip_tls",
     "xmpp_s2s",
     "xmpp_s2s_direct_tls",
+];
+/// `tls::TlsFailure` labels.
+const TLS_FAILURES: &[&str] = &[
+    "no_shared_cipher",
+    "protocol_version",
+    "bad_certificate",
+    "unknown_ca",
+    "cert_expired",
+    "not_tls",
+    "timeout",
+    "eof",
+    "other",
 ];
 /// The hub's link and origin labels.
 const LINKS: &[&str] = &["component", "s2s", "sip"];
@@ -341,6 +365,15 @@ mod tests {
                 "{name} has no zero series at start"
             );
         }
+    }
+
+    #[test]
+    fn zero_series_labels_follow_the_enums_they_come_from() {
+        let tls: Vec<&str> = crate::tls::TlsFailure::ALL
+            .iter()
+            .map(|f| f.label())
+            .collect();
+        assert_eq!(TLS_FAILURES, tls.as_slice());
     }
 
     #[test]
