@@ -452,4 +452,37 @@ pub(crate) mod tests {
             .unwrap_or_else(|_| panic!("serve did not return"))
             .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// A connection that sends nothing (or stops between requests) holds its slot for
+    /// `REQUEST_TIMEOUT` at most.
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_request_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (_tx, rx) = watch::channel(false);
+        let admin = Admin::new(hub(), Instant::now()).unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(admin.serve(listener, rx));
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(b"GET /hea")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t0 = Instant::now();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(REQUEST_TIMEOUT * 3, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("a half-sent request kept the connection open"))
+            .unwrap_or(0);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= REQUEST_TIMEOUT - Duration::from_millis(500),
+            "closed too early: {waited:?}"
+        );
+        // hyper may answer 408 before closing; either way the connection ends.
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
 }
