@@ -229,7 +229,7 @@ async fn the_token_guards_the_endpoint_and_legate_status_sends_it() {
             .expect("legate status");
         assert_eq!(out.status.code(), Some(2));
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("401"),
+            String::from_utf8_lossy(&out.stderr).contains("wants its admin token (401)"),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
