@@ -12,10 +12,12 @@
 //!   3263, cluster address map).
 //! - `net`: the edge kit shared by the edges: admission, accept loop, backoff, bounded writes,
 //!   log-safe peer text.
-//! - `metrics`, `admin`: the Prometheus registry, the admin endpoint.
+//! - `metrics`, `admin`: the Prometheus registry, the admin endpoint (axum).
 //! - `node`: the composition root of `legate run` (everything built once before any port is
 //!   bound, then the edges), reload (SIGHUP, `legate reload`) and drain (`legate drain`, SIGTERM).
-//! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners).
+//! - `cluster`: a cluster of nodes on etcd (membership, leader election, the node's stores).
+//! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners), the
+//!   certificate checks behind them and `legate check`, systemd readiness.
 //! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
 //!   OPTIONS / s2s stream), each step a verdict and a fix.
 #![forbid(unsafe_code)]

@@ -30,6 +30,10 @@ enum Cmd {
         config: Option<PathBuf>,
         #[arg(long)]
         mappings: Option<PathBuf>,
+        /// Log lines on stderr: `text` (coloured only on a terminal) or `json` (one object
+        /// per line: timestamp, level, target, fields, span; for a log collector).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        log_format: Format,
     },
     /// Validate a configuration file and mapping directory; one `file:line:col: message` per problem.
     Check {
@@ -208,10 +212,37 @@ enum Format {
     Json,
 }
 
+/// The log subscriber of `legate run`: stderr, filtered by `LEGATE_LOG` (default `info`).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        log.json().with_ansi(false).init();
+    } else {
+        // Colour only for a person at a terminal: a log file or a journal gets plain text
+        // (NO_COLOR, https://no-color.org, turns it off there too).
+        log.with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
+        .init();
+    }
+}
+
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, mappings } => cli::run(config.as_deref(), mappings),
+        Cmd::Run {
+            config,
+            mappings,
+            log_format,
+        } => {
+            init_logging(matches!(log_format, Format::Json));
+            cli::run(config.as_deref(), mappings)
+        }
         Cmd::Doctor {
             domain,
             config,

@@ -66,6 +66,12 @@ pub fn check(config: Option<&Path>, mappings: Option<&Path>) -> ExitCode {
                 for note in cfg.notes() {
                     eprintln!("note: {}: {note}", path.display());
                 }
+                // Certificates are warnings, not errors: the node still starts (a partner
+                // that tolerates them may exist), but the admin should act.
+                let now = legate::ops::alarms::unix_now() as i64;
+                for finding in legate::ops::certs::inspect(&cfg, now) {
+                    eprintln!("warning: {finding}");
+                }
                 println!(
                     "{}: valid. `legate reload` (or SIGHUP) applies every change except these, \
                      which need a restart: {}",
@@ -386,19 +392,6 @@ pub fn sip_check(
 }
 
 pub fn run(config_path: Option<&Path>, mappings: Option<std::path::PathBuf>) -> Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal: a log file or a journal gets plain text
-        // (NO_COLOR, https://no-color.org, turns it off there too).
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
     // Validate everything before binding anything (the node reads the same files again on
     // each reload).
     let source = legate::node::ConfigSource {

@@ -34,20 +34,46 @@ fn usage_error(text: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// `--admin`, else `node.admin_listen` of `--config`, else the default.
+/// The bearer token `http` sends (`node.admin_token_file` of `--config`, else the
+/// `LEGATE_ADMIN_TOKEN` environment variable); set by `admin_addr`, once per command.
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// `--admin`, else `node.admin_listen` of `--config`, else the default. Also finds the
+/// admin token the requests will carry (see `TOKEN`).
 pub(super) fn admin_addr(admin: Option<&str>, config: Option<&Path>) -> Result<String, String> {
+    let table = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some((path, table))
+        }
+        None => None,
+    };
+    let node = table.as_ref().and_then(|(_, t)| t.get("node"));
+    let token = match node
+        .and_then(|n| n.get("admin_token_file"))
+        .and_then(|f| f.as_str())
+    {
+        Some(file) => {
+            // Relative to the configuration file, as the node resolves it.
+            let base = config.and_then(Path::parent).unwrap_or(Path::new("."));
+            let file = base.join(file);
+            let t = std::fs::read_to_string(&file).map_err(|e| {
+                format!("cannot read node.admin_token_file {}: {e}", file.display())
+            })?;
+            Some(t.trim().to_string())
+        }
+        None => std::env::var("LEGATE_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let _ = TOKEN.set(token);
     if let Some(a) = admin {
         return Ok(a.to_string());
     }
-    let Some(path) = config else {
-        return Ok(DEFAULT_ADMIN.to_string());
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(table
-        .get("node")
+    Ok(node
         .and_then(|n| n.get("admin_listen"))
         .and_then(|a| a.as_str())
         .unwrap_or(DEFAULT_ADMIN)
@@ -85,9 +111,13 @@ pub(super) fn http(addr: &str, method: &str, path: &str) -> Result<(u16, String)
     let mut s = TcpStream::connect_timeout(first, TIMEOUT).map_err(unreachable)?;
     s.set_read_timeout(Some(TIMEOUT)).map_err(unreachable)?;
     s.set_write_timeout(Some(TIMEOUT)).map_err(unreachable)?;
+    let auth = match TOKEN.get() {
+        Some(Some(t)) => format!("Authorization: Bearer {t}\r\n"),
+        _ => String::new(),
+    };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(unreachable)?;
     let mut raw = String::new();

@@ -31,6 +31,12 @@ pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCod
     };
     let body = match http(&addr, "GET", "/status") {
         Ok((200, body)) => body,
+        Ok((401, _)) => {
+            return unreachable(format!(
+                "the node at {addr} wants its admin token (401): give --config with the node's \
+                 configuration (node.admin_token_file), or set LEGATE_ADMIN_TOKEN"
+            ))
+        }
         Ok((code, body)) => {
             return unreachable(format!(
                 "the node at {addr} answered {code} to GET /status: {}",

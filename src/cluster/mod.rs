@@ -27,8 +27,40 @@ pub use stores::NodeStores;
 pub use session::{join, StandAside};
 
 use serde::Serialize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub(crate) static EVENTS: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_cluster_events_total",
+        "Cluster events on this node: elected (became leader), stepped_down, lease_lost, \
+         leader_changed (a new leader observed: failovers and first elections)",
+        &["event"],
+    )
+});
+pub(crate) static IS_LEADER: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    crate::metrics::gauge(
+        "legate_cluster_leader",
+        "1 while this node is the cluster leader",
+    )
+});
+pub(crate) static MEMBERS: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    crate::metrics::gauge(
+        "legate_cluster_members",
+        "Live members of the cluster, as registered in etcd",
+    )
+});
+
+/// The cluster's metric families, at zero, for a node's start (a single node shows them too,
+/// so dashboards and alerts see 0, not "absent").
+pub fn register_metrics() {
+    for e in ["elected", "stepped_down", "lease_lost", "leader_changed"] {
+        EVENTS.with_label_values(&[e]);
+    }
+    // Touched, not set: a node that joined before this ran keeps its values.
+    LazyLock::force(&IS_LEADER);
+    LazyLock::force(&MEMBERS);
+}
 
 /// Most nodes live in one cluster at once (requirements §6, seed 001).
 pub const MAX_PEERS: usize = crate::config::MAX_CLUSTER_PEERS;

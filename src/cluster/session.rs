@@ -7,13 +7,15 @@
 //! marks itself `Detached`, and starts a new term as soon as etcd grants a lease again.
 //! Traffic never waits for any of this.
 
-use super::{step_down_after, Cluster, ClusterError, Member, Role, Status, MAX_PEERS};
+use super::{
+    step_down_after, Cluster, ClusterError, Member, Role, Status, EVENTS, IS_LEADER, MAX_PEERS,
+    MEMBERS,
+};
 use crate::config::Config;
 use crate::ops::alarms::{AlarmName, Alarms};
 use crate::store::etcd::{deadline, retrying};
 use crate::store::StoreError;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -23,27 +25,6 @@ const MEMBERS_EVERY: Duration = Duration::from_secs(1);
 /// that falls further behind than this resyncs).
 const COMPACT_EVERY: Duration = Duration::from_secs(300);
 const KEEP_REVISIONS: i64 = 10_000;
-
-static EVENTS: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
-    crate::metrics::counter_vec(
-        "legate_cluster_events_total",
-        "Cluster events on this node: elected (became leader), stepped_down, lease_lost, \
-         leader_changed (a new leader observed: failovers and first elections)",
-        &["event"],
-    )
-});
-static IS_LEADER: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    crate::metrics::gauge(
-        "legate_cluster_leader",
-        "1 while this node is the cluster leader",
-    )
-});
-static MEMBERS: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    crate::metrics::gauge(
-        "legate_cluster_members",
-        "Live members of the cluster, as registered in etcd",
-    )
-});
 
 struct Keys {
     members: String,

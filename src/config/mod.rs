@@ -82,9 +82,13 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Prometheus `/metrics` and `/status`; loopback by default.
     pub admin_listen: SocketAddr,
-    /// `admin_listen` may be a non-loopback address only when this is set: the endpoint is
-    /// not authenticated, so exposing it must be a decision, not an accident.
+    /// `admin_listen` may be a non-loopback address only when this is set (and then
+    /// `admin_token_file` is required): exposing it must be a decision, not an accident.
     pub admin_allow_remote: bool,
+    /// A file holding the bearer token every admin request but `/healthz` must carry
+    /// (`Authorization: Bearer <token>`). Read when the node starts (a missing or empty file
+    /// stops it) and again whenever the file changes, so a token is rotated without a restart.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,7 +51,8 @@ pub(crate) struct RawNode {
     pub id: Option<S<String>>,
     pub data_dir: Option<S<String>>,
     pub admin_listen: Option<S<String>>,
-    pub admin_allow_remote: Option<bool>,
+    pub admin_allow_remote: Option<S<bool>>,
+    pub admin_token_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -441,9 +441,29 @@ fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig
             a.unwrap_or(default_admin)
         }
     };
-    let admin_allow_remote = n.and_then(|n| n.admin_allow_remote).unwrap_or(false);
-    // The admin endpoint is not authenticated (metrics, status): a non-loopback bind must be
-    // asked for explicitly, never reached by a typo such as `0.0.0.0`.
+    let allow_remote = n.and_then(|n| n.admin_allow_remote.as_ref());
+    let admin_allow_remote = allow_remote.is_some_and(|a| *a.get_ref());
+    let admin_token_file = n
+        .and_then(|n| n.admin_token_file.as_ref())
+        .and_then(|s| ck.path(s, "node.admin_token_file"));
+    // Reachable from other hosts, the endpoint must authenticate: status, alarms and metrics
+    // describe the federation, and consent changes are made through it.
+    if let (Some(a), None) = (allow_remote, &admin_token_file) {
+        if admin_allow_remote && !admin_listen.ip().is_loopback() {
+            ck.err(
+                a.span(),
+                format!(
+                    "node.admin_allow_remote = true exposes the admin endpoint on \
+                     `{admin_listen}` without authentication; set node.admin_token_file to a \
+                     file holding a bearer token (e.g. `openssl rand -hex 32 > \
+                     /etc/legate/admin-token`)"
+                ),
+            );
+        }
+    }
+    // Without a token the admin endpoint is not authenticated (metrics, status): a
+    // non-loopback bind must be asked for explicitly, never reached by a typo such as
+    // `0.0.0.0`.
     if !admin_allow_remote && !admin_listen.ip().is_loopback() {
         if let Some(s) = n.and_then(|n| n.admin_listen.as_ref()) {
             ck.err(
@@ -461,6 +481,7 @@ fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig
         data_dir,
         admin_listen,
         admin_allow_remote,
+        admin_token_file,
     }
 }
 
@@ -1328,8 +1349,22 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("admin_allow_remote = true"), "{e}");
         assert!(e.contains("a.toml:2:"), "{e}");
+        let e = admin("admin_listen = \"10.1.2.3:9090\"\nadmin_allow_remote = true")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("a.toml:3:") && e.contains("admin_token_file"),
+            "{e}"
+        );
+        assert!(
+            admin("admin_listen = \"127.0.0.1:9090\"\nadmin_allow_remote = true").is_ok(),
+            "a loopback bind needs no token"
+        );
         assert_eq!(
-            admin("admin_listen = \"10.1.2.3:9090\"\nadmin_allow_remote = true"),
+            admin(
+                "admin_listen = \"10.1.2.3:9090\"\nadmin_allow_remote = true\n\
+                 admin_token_file = \"token\""
+            ),
             Ok("10.1.2.3:9090"
                 .parse()
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))

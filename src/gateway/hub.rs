@@ -587,6 +587,13 @@ impl Hub {
     }
 }
 
+/// Creates the hub's metric families at start (`crate::metrics::register_all`).
+pub fn register_metrics() {
+    for m in [&WAITS, &ROUTED, &DENIED] {
+        LazyLock::force(m);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

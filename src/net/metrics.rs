@@ -24,3 +24,9 @@ pub static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["edge", "kind"],
     )
 });
+
+/// Creates this module's families at start (`crate::metrics::register_all`).
+pub fn register() {
+    LazyLock::force(&REFUSALS);
+    LazyLock::force(&ERRORS);
+}

@@ -54,6 +54,8 @@ pub enum NodeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("admin endpoint: {0}")]
+    AdminToken(#[from] crate::admin::TokenError),
     #[error("the state store could not be opened: {0}")]
     StoreTask(#[from] tokio::task::JoinError),
     #[error("cannot set up DNS for the home-node links: {0}")]
@@ -239,6 +241,9 @@ impl Node {
         }
 
         let admin_addr = config.node.admin_listen;
+        // The admin token file is read before anything binds: a missing one stops the node.
+        let admin = admin::Admin::new(hub.clone(), started)?;
+        crate::metrics::register_all();
         let listener = tokio::net::TcpListener::bind(admin_addr)
             .await
             .map_err(|source| NodeError::Bind {
@@ -273,12 +278,7 @@ impl Node {
             what: "learned directory",
             source,
         })?;
-        tasks.spawn(admin::serve(
-            listener,
-            hub.clone(),
-            started,
-            shutdown.clone(),
-        ));
+        tasks.spawn(admin.serve(listener, shutdown.clone()));
         if let (Some(dir), true) = (config.mappings.dir.clone(), config.mappings.reload) {
             tasks.spawn(mappings::watch_mappings(hub.clone(), dir, shutdown.clone()));
         }
@@ -374,12 +374,15 @@ impl Node {
             }),
         );
 
+        // Every listener is bound and announced: systemd (Type=notify) may call us started.
+        crate::ops::notify::ready();
         let mut shutdown = shutdown;
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
                 break;
             }
         }
+        crate::ops::notify::stopping();
         tracing::info!("shutting down");
         if let Some(cluster) = &cluster {
             // Leaving (resign, revoke the lease) hands the leadership over at once instead of

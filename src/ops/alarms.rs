@@ -10,11 +10,9 @@
 
 use crate::config::Config;
 use crate::net::LogSafe;
-use crate::tls::{matches_domain, PeerCert};
 use crate::xmpp::link::LinkStatus;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -256,7 +254,8 @@ static ACTIVE: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-fn unix_now() -> u64 {
+/// Now, in Unix seconds (the time base of `Alarm::first_seen`/`last_seen`).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -416,9 +415,6 @@ pub async fn watch_links(
     }
 }
 
-/// Days before expiry from which `CertificateExpiring` is raised.
-const EXPIRY_WARNING_DAYS: i64 = 30;
-
 /// Checks the node's certificate files now, then once an hour: expiry, and whether each local
 /// domain is named by the certificate it is served with (its own, else the node's `[tls]`
 /// one). `cfg` gives the configuration in use at each pass (a reload may name other files).
@@ -436,78 +432,71 @@ pub async fn watch_certificates(
     }
 }
 
-/// The leaf of a PEM certificate file: its identity and its notAfter (Unix seconds).
-fn read_leaf(path: &Path) -> Result<(PeerCert, i64), String> {
-    let certs = crate::tls::load_certs(path).map_err(|e| e.to_string())?;
-    let der = certs.first().ok_or("no certificate in the file")?;
-    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|_| "not a DER X.509 certificate".to_string())?;
-    let not_after = x.validity().not_after.timestamp();
-    let id = PeerCert::from_der(der.as_ref()).map_err(|e| e.to_string())?;
-    Ok((id, not_after))
-}
-
-/// One pass of the certificate checks at time `now` (Unix seconds).
+/// One pass of the certificate checks at time `now` (Unix seconds): the findings of
+/// `certs::inspect` raise their alarms, and the alarms of files and domains found fine clear.
 pub fn check_certificates(alarms: &Alarms, cfg: &Config, now: i64) {
-    let mut leaves: BTreeMap<&Path, Option<PeerCert>> = BTreeMap::new();
-    let files = cfg
-        .tls
-        .cert
-        .iter()
-        .chain(cfg.local_domains.iter().filter_map(|d| d.cert.as_ref()));
-    for path in files {
-        if leaves.contains_key(path.as_path()) {
+    use super::certs::{self, Finding};
+    let findings = certs::inspect(cfg, now);
+    let has = |f: &dyn Fn(&Finding) -> bool| findings.iter().any(f);
+    for (path, leaf) in certs::leaves(cfg) {
+        let subject = path.display().to_string();
+        // The node refuses to start on an unreadable file, so this is a file changed under a
+        // running node: the expiry check cannot say more.
+        if let Err(e) = leaf {
+            tracing::warn!(file = %subject, error = %e, "cannot read a certificate for the expiry check");
             continue;
         }
-        let subject = path.display().to_string();
-        match read_leaf(path) {
-            Ok((id, not_after)) => {
-                let days = (not_after - now).div_euclid(86_400);
-                if not_after <= now {
-                    alarms.raise(
-                        AlarmName::CertificateExpired,
-                        &subject,
-                        "the certificate has expired",
-                    );
-                } else {
-                    alarms.clear(AlarmName::CertificateExpired, &subject);
-                }
-                if not_after > now && days < EXPIRY_WARNING_DAYS {
-                    alarms.raise(
-                        AlarmName::CertificateExpiring,
-                        &subject,
-                        &format!("expires in {days} days"),
-                    );
-                } else {
-                    alarms.clear(AlarmName::CertificateExpiring, &subject);
-                }
-                leaves.insert(path, Some(id));
-            }
-            // The node refuses to start on an unreadable file, so this is a file changed
-            // under a running node: the expiry check cannot say more.
-            Err(e) => {
-                tracing::warn!(file = %subject, error = %e, "cannot read a certificate for the expiry check");
-                leaves.insert(path, None);
-            }
+        let expired = has(&|f| matches!(f, Finding::Expired { path: p } if p == path));
+        if expired {
+            alarms.raise(
+                AlarmName::CertificateExpired,
+                &subject,
+                "the certificate has expired",
+            );
+        } else {
+            alarms.clear(AlarmName::CertificateExpired, &subject);
+        }
+        let expiring = findings.iter().find_map(|f| match f {
+            Finding::Expiring { path: p, days } if p == path => Some(*days),
+            _ => None,
+        });
+        match expiring {
+            Some(days) => alarms.raise(
+                AlarmName::CertificateExpiring,
+                &subject,
+                &format!("expires in {days} days"),
+            ),
+            None => alarms.clear(AlarmName::CertificateExpiring, &subject),
         }
     }
+    let leaves = certs::leaves(cfg);
     for d in &cfg.local_domains {
-        let Some(path) = d.cert.as_ref().or(cfg.tls.cert.as_ref()) else {
+        let Some(path) = certs::served_for(cfg, d) else {
             continue;
         };
-        let Some(Some(id)) = leaves.get(path.as_path()) else {
+        if !matches!(leaves.get(path), Some(Ok(_))) {
             continue;
-        };
+        }
         let subject = d.name.to_string();
-        if matches_domain(id, &d.name) {
-            alarms.clear(AlarmName::CertificateNotCoveringLocalDomain, &subject);
-        } else {
+        let uncovered =
+            has(&|f| matches!(f, Finding::NotCovering { domain, .. } if *domain == d.name));
+        if uncovered {
             alarms.raise(
                 AlarmName::CertificateNotCoveringLocalDomain,
                 &subject,
                 &format!("{} names none of: {}", path.display(), d.name),
             );
+        } else {
+            alarms.clear(AlarmName::CertificateNotCoveringLocalDomain, &subject);
         }
+    }
+}
+
+/// Creates `legate_alarms_active` with every name/severity series at zero (see
+/// `metrics::register_all`).
+pub fn register_metrics() {
+    for n in AlarmName::ALL {
+        ACTIVE.with_label_values(&[n.as_str(), n.severity().as_str()]);
     }
 }
 

@@ -504,3 +504,9 @@ impl Store for Embedded {
         })
     }
 }
+
+/// Creates the embedded store's metric families at start (`crate::metrics::register_all`).
+pub fn register_metrics() {
+    LazyLock::force(&WRITES);
+    LazyLock::force(&COMMITS);
+}

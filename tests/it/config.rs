@@ -258,6 +258,8 @@ fn the_example_shows_every_key_of_the_schema() {
         "id",
         "data_dir",
         "admin_listen",
+        "admin_allow_remote",
+        "admin_token_file",
         "[[local_domain]]",
         "cert",
         "key",

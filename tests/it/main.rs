@@ -8,6 +8,9 @@
 mod common;
 mod sip_ua;
 
+mod admin_check_certs;
+mod admin_http;
+mod admin_page;
 mod aggregation;
 mod cli_check;
 mod cli_sip_check;

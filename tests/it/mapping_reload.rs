@@ -32,7 +32,7 @@ fn status(admin: SocketAddr) -> serde_json::Value {
         std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2)).expect("admin");
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");

@@ -166,3 +166,22 @@ pub fn response(direction: &'static str, code: u16) {
 pub fn refused(reason: &'static str) {
     REFUSED.with_label_values(&[reason]).inc();
 }
+
+/// Creates this module's families at start (`crate::metrics::register_all`).
+pub fn register() {
+    for c in [
+        &BACKPRESSURE_PAUSES,
+        &REQUESTS_TOTAL,
+        &RESPONSES_TOTAL,
+        &REFUSED,
+        &CONNS_REFUSED,
+        &TLS_FAILURES,
+        &NOTIFY_UNCHANGED,
+        &DIALS,
+    ] {
+        LazyLock::force(c);
+    }
+    for g in [&TXNS, &DIALOGS_G, &SUBS, &CONNS] {
+        LazyLock::force(g);
+    }
+}

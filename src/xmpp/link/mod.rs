@@ -546,6 +546,15 @@ static OPENED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Creates the component links' metric families at start (`crate::metrics::register_all`).
+pub fn register_metrics() {
+    for c in [&CONNECTS, &DISCONNECTS, &STANZAS, &BOUNCED, &OPENED] {
+        LazyLock::force(c);
+    }
+    LazyLock::force(&LINKS_UP);
+    LazyLock::force(&QUEUE_DEPTH);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

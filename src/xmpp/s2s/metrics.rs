@@ -130,3 +130,22 @@ pub fn kind(name: &str) -> &'static str {
         _ => "other",
     }
 }
+
+/// Creates this module's families at start (`crate::metrics::register_all`).
+pub fn register() {
+    for c in [
+        &STREAMS,
+        &STANZAS,
+        &STREAM_ERRORS,
+        &TLS_FAILURES,
+        &BOUNCES,
+        &REFUSED,
+        &UNROUTABLE,
+        &DEADLINES,
+        &DIALBACK_REFUSED,
+    ] {
+        LazyLock::force(c);
+    }
+    LazyLock::force(&OPEN);
+    LazyLock::force(&QUEUE);
+}

@@ -56,6 +56,11 @@ impl Legate {
     /// is announced. `LEGATE_LOG` is `LEGATE_TEST_LOG` when set, else `info`, so the log lines
     /// tests wait for are printed. Blocks: the start-up depends on nothing the caller runs.
     pub fn start(config: &Path, wanted: &[&str]) -> Result<Legate> {
+        Self::start_args(config, &[], wanted)
+    }
+
+    /// `start` with more arguments after `run --config <config>` (e.g. `--log-format json`).
+    pub fn start_args(config: &Path, args: &[&str], wanted: &[&str]) -> Result<Legate> {
         let dir = config
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -64,6 +69,7 @@ impl Legate {
         cmd.arg("run")
             .arg("--config")
             .arg(config)
+            .args(args)
             .current_dir(dir)
             .env(
                 "LEGATE_LOG",

@@ -141,7 +141,7 @@ default_system = "xmpp"
                 let mut s =
                     std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok()?;
                 s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     .ok()?;
                 let mut out = String::new();
                 s.read_to_string(&mut out).ok()?;
