@@ -1,7 +1,8 @@
 //! Stream framing for SIP over TCP/TLS (RFC 3261 §18.3, §7.5; RFC 5626 §4.4.1 keep-alives).
 //!
 //! Sans-IO: the connection driver pushes whatever bytes it read and pulls frames. A frame is a
-//! complete message (already validated), a keep-alive ping to answer with a CRLF pong, or a bad
+//! complete message (already validated, except the routing headers: see
+//! [`validate_framed`]), a keep-alive ping to answer with a CRLF pong, or a bad
 //! message whose extent is still known (the driver answers 400 and carries on). When the extent
 //! of the next message cannot be known — no Content-Length, conflicting or unreadable values, a
 //! header section or message over the configured caps — the error is fatal and the driver must
@@ -16,7 +17,7 @@ use memchr::{memchr, memmem};
 use super::header::HeaderName;
 use super::message::SipMessage;
 use super::parse::{parse_content_length, parse_exact};
-use super::validate::{reject_for_parse_error, validate};
+use super::validate::{reject_for_parse_error, validate_framed};
 use super::SipParseError;
 
 /// Default cap on the whole message (issue 6: 64 KiB).
@@ -27,7 +28,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// What the framer produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// A complete, validated message.
+    /// A complete message, validated but for the Request-URI, Via, From and To, which the
+    /// consumer decodes once into [`crate::sip::routing::Routing`] and checks with
+    /// [`crate::sip::routing::Routing::check`].
     Message(Box<SipMessage>),
     /// A CRLFCRLF ping: answer with a single CRLF pong (RFC 5626 §4.4.1).
     KeepAlive,
@@ -221,7 +224,7 @@ impl Framer {
         self.scanned = 0;
         let frame = self.buf.split_to(total).freeze();
         Some(match parse_exact(frame.clone()) {
-            Ok(m) => match validate(&m) {
+            Ok(m) => match validate_framed(&m) {
                 Ok(()) => Frame::Message(Box::new(m)),
                 Err(r) => Frame::Bad {
                     status: r.status,

@@ -55,6 +55,7 @@ use crate::sip::subscription::{
     NotifyState, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
+use crate::sip::validate::{refusal_of, Reject};
 pub use batch::{MemberState, PersistedBatch};
 
 /// A connection, as numbered by the driver.
@@ -753,6 +754,25 @@ impl Core {
         }
     }
 
+    /// A message whose routing headers the connection task left to [`Routing::check`] and
+    /// which fails it: answered as the connection task answers any malformed message (a 400
+    /// naming the header, none to an ACK or a response, RFC 3261 §8.2 / §18.1.2).
+    fn refuse_malformed(&mut self, conn: ConnId, msg: &SipMessage, bad: &Reject) {
+        m::refused("malformed");
+        tracing::info!(status = bad.status, reason = %LogSafe(&bad.reason), "bad message");
+        let answer = bad
+            .status
+            .and_then(|s| Some((s, refusal_of(msg, s, &bad.reason, "lgbad")?)));
+        if let Some((status, bytes)) = answer {
+            m::response("out", status);
+            self.actions.push_back(Action::Send {
+                conn: Some(conn),
+                domain: None,
+                bytes,
+            });
+        }
+    }
+
     /// A response without a transaction (no RFC 3261 branch, ACK-less cases).
     fn reply_stateless(&mut self, conn: ConnId, req: &SipMessage, code: u16, reason: &str) {
         self.reply_stateless_with(conn, req, code, reason, &[]);
@@ -795,6 +815,9 @@ impl Core {
     }
 
     fn on_response(&mut self, hub: &dyn HubPort, peer: &PeerInfo, resp: SipMessage, now: Instant) {
+        if let Err(bad) = Routing::of(&resp).check(&resp) {
+            return self.refuse_malformed(peer.conn, &resp, &bad);
+        }
         if let Some(code) = resp.status() {
             m::response("in", code);
         }
@@ -848,6 +871,9 @@ impl Core {
     fn on_request(&mut self, hub: &dyn HubPort, peer: &PeerInfo, req: SipMessage, now: Instant) {
         // Decode once: the routing headers travel with the request from here on.
         let r = Routing::of(&req);
+        if let Err(bad) = r.check(&req) {
+            return self.refuse_malformed(peer.conn, &req, &bad);
+        }
         let method = r.method.unwrap_or("");
         self.conn_ips.insert(peer.conn, peer.remote.ip());
         m::request("in", method);
