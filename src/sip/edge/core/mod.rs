@@ -18,6 +18,7 @@ mod batch;
 mod im;
 mod notifier;
 mod persist;
+mod recent;
 mod subscriber;
 
 pub use persist::{
@@ -204,40 +205,6 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
     }
 }
 
-/// The hasher of tables keyed by a [`TxnKey::fingerprint`]: the fingerprint is already a
-/// keyed hash, so its low 64 bits are used as they are. The table holds no key strings, so
-/// evicting its oldest entry (every request at full load) touches one cold bucket, not four.
-#[derive(Debug, Clone, Copy, Default)]
-struct Prehashed;
-
-impl std::hash::BuildHasher for Prehashed {
-    type Hasher = PrehashedHasher;
-    fn build_hasher(&self) -> PrehashedHasher {
-        PrehashedHasher(0)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct PrehashedHasher(u64);
-
-impl std::hash::Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u128` keys are hashed here (`write_u128`); this fold keeps any other use sound.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, n: u128) {
-        // Truncation intended: the low half is one of the two keyed hashes.
-        self.0 = n as u64;
-    }
-}
-
-/// Most remembered final responses (see `Core::remember`).
-const RECENT_LIMIT: usize = 8192;
 /// Live server transactions at most; beyond, requests get a stateless 503. Refusals by policy
 /// never create one. Each foreign domain also has its own share
 /// (`limits.sip_transactions_per_domain`), so one partner cannot fill the table for all.
@@ -334,10 +301,8 @@ pub struct Core {
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
-    /// Final responses of recent non-INVITE server transactions (see `remember`), by
-    /// [`TxnKey::fingerprint`].
-    recent: HashMap<u128, (IpAddr, Bytes), Prehashed>,
-    recent_order: VecDeque<(Instant, u128)>,
+    /// Final responses of recent non-INVITE server transactions (see `recent`).
+    recent: recent::RecentAnswers,
     /// Peer address of connections that sent us requests (for `recent`).
     conn_ips: HashMap<ConnId, IpAddr>,
     /// Whether each connection we heard on is TLS (for the Via/Contact transport).
@@ -426,8 +391,7 @@ impl Core {
             notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
-            recent: HashMap::default(),
-            recent_order: VecDeque::new(),
+            recent: recent::RecentAnswers::default(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
             actions: VecDeque::new(),
@@ -693,40 +657,20 @@ impl Core {
             }
         };
         m::response("out", code);
-        let mut sent = None;
         if let Some(e) = self.server.get_mut(key) {
             e.txn.handle(Event::TuResponse(Box::new(resp)), now);
-            // The bytes the transaction serialized are the ones remembered: one encoding.
+            // Over TCP a non-INVITE server transaction ends with its final response (Timer J
+            // = 0, RFC 3261 §17.2.2); a peer that re-sends the request anyway (after a
+            // reconnect, or a sloppy stack) gets the same answer from `recent` and causes
+            // nothing twice. The bytes the transaction serialized are the ones kept.
             if code >= 200 && &*key.method != "INVITE" {
-                sent = e.txn.last_response().cloned().map(|b| (e.conn, b));
-            }
-        }
-        if let Some((conn, bytes)) = sent {
-            if let Some(ip) = self.conn_ips.get(&conn).copied() {
-                self.remember(key, ip, bytes, now);
+                let ip = self.conn_ips.get(&e.conn).copied();
+                if let (Some(ip), Some(bytes)) = (ip, e.txn.last_response()) {
+                    self.recent.remember(key.fingerprint(), ip, bytes, now);
+                }
             }
         }
         self.drain_server(key);
-    }
-
-    /// Over TCP a non-INVITE server transaction ends with its final response (Timer J = 0,
-    /// RFC 3261 §17.2.2). A peer that re-sends the request anyway (after a reconnect, or a
-    /// sloppy stack) must get the same answer and cause nothing twice, so the final response
-    /// is kept for 64·T1, bounded in count.
-    fn remember(&mut self, key: &TxnKey, ip: IpAddr, bytes: Bytes, now: Instant) {
-        let ttl = self.timers.timeout();
-        while let Some((at, _)) = self.recent_order.front() {
-            if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
-                break;
-            }
-            if let Some((_, k)) = self.recent_order.pop_front() {
-                self.recent.remove(&k);
-            }
-        }
-        let k = key.fingerprint();
-        if self.recent.insert(k, (ip, bytes)).is_none() {
-            self.recent_order.push_back((now, k));
-        }
     }
 
     fn drain_server(&mut self, key: &TxnKey) {
@@ -917,15 +861,15 @@ impl Core {
         }
         // Only the same peer address gets a remembered answer: branches are chosen by peers,
         // and one peer must never read another's response.
-        if let Some((_, b)) = self
+        let ttl = self.timers.timeout();
+        if let Some(bytes) = self
             .recent
-            .get(&key.fingerprint())
-            .filter(|(ip, _)| *ip == peer.remote.ip())
+            .answer(key.fingerprint(), peer.remote.ip(), now, ttl)
         {
             self.actions.push_back(Action::Send {
                 conn: Some(peer.conn),
                 domain: None,
-                bytes: b.clone(),
+                bytes,
             });
             return;
         }
