@@ -20,6 +20,7 @@ mod notifier;
 mod persist;
 mod recent;
 mod subscriber;
+mod timers;
 
 pub use persist::{
     Restored, StoreOp, BATCH_PREFIX, NOTIFIER_PREFIX, SIP_PREFIX, SUBSCRIBER_PREFIX,
@@ -301,6 +302,8 @@ pub struct Core {
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
+    /// Heap length at which `timers` next drops its no-op entries.
+    compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).
     recent: recent::RecentAnswers,
     /// Peer address of connections that sent us requests (for `recent`).
@@ -391,6 +394,7 @@ impl Core {
             notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
+            compact_at: 0,
             recent: recent::RecentAnswers::default(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
@@ -518,10 +522,6 @@ impl Core {
         )
     }
 
-    fn schedule(&mut self, key: TimerKey, at: Instant) {
-        self.heap.push(Reverse((at, key)));
-    }
-
     /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
     /// already queued (a refresh storm must not grow the heap).
     fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
@@ -542,6 +542,8 @@ impl Core {
         let v = self.notifier_pairs.entry(pair.clone()).or_default();
         if v.is_empty() {
             *self.notifier_watchers.entry(pair.1).or_default() += 1;
+            // Nearly every pair has one dialog: room for one, not the default four.
+            v.reserve_exact(1);
         }
         v.push(id);
     }
