@@ -6,6 +6,7 @@
 //! key alive — most of the heap is dead weight. So once the heap doubled since the last
 //! compaction, the entries that can only fire as no-ops are dropped and the heap shrunk:
 //! amortized O(1) per queued deadline, and the heap stays within twice the live deadlines.
+//! The transaction tables give back the room of a past burst at the same time.
 
 use std::cmp::Reverse;
 use std::time::Instant;
@@ -42,6 +43,14 @@ impl Core {
         });
         heap.shrink_to_fit();
         self.heap = heap.into();
+        // A hash table keeps the room of its largest burst (a storm of NOTIFYs in flight);
+        // give it back once three quarters of it stand empty.
+        if self.client.capacity() > 4 * self.client.len() + 64 {
+            self.client.shrink_to_fit();
+        }
+        if self.server.capacity() > 4 * self.server.len() + 64 {
+            self.server.shrink_to_fit();
+        }
     }
 }
 
