@@ -67,8 +67,14 @@ impl Address {
         // same way, so `Bob.Smith@partner.com` and `bob.smith@partner.com` are one watcher.
         // Folding here keeps every key built from an address (subscriptions, IM sessions, the
         // directory) consistent with what the home node sends back. Resources stay as sent.
+        // ASCII (nearly every address) folds the same without the Unicode tables.
+        let local = if local.is_ascii() {
+            local.to_ascii_lowercase()
+        } else {
+            local.to_lowercase()
+        };
         Ok(Address {
-            local: local.to_lowercase(),
+            local,
             domain,
             resource,
         })

@@ -1,7 +1,9 @@
 //! Stream framing for SIP over TCP/TLS (RFC 3261 §18.3, §7.5; RFC 5626 §4.4.1 keep-alives).
 //!
 //! Sans-IO: the connection driver pushes whatever bytes it read and pulls frames. A frame is a
-//! complete message (already validated), a keep-alive ping to answer with a CRLF pong, or a bad
+//! complete message (already validated; a consumer that decodes the routing headers anyway may
+//! take them unchecked and check them itself, see [`Framer::routing_checked_later`]), a
+//! keep-alive ping to answer with a CRLF pong, or a bad
 //! message whose extent is still known (the driver answers 400 and carries on). When the extent
 //! of the next message cannot be known — no Content-Length, conflicting or unreadable values, a
 //! header section or message over the configured caps — the error is fatal and the driver must
@@ -16,7 +18,7 @@ use memchr::{memchr, memmem};
 use super::header::HeaderName;
 use super::message::SipMessage;
 use super::parse::{parse_content_length, parse_exact};
-use super::validate::{reject_for_parse_error, validate};
+use super::validate::{reject_for_parse_error, validate, validate_framed};
 use super::SipParseError;
 
 /// Default cap on the whole message (issue 6: 64 KiB).
@@ -27,7 +29,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// What the framer produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// A complete, validated message.
+    /// A complete, validated message (but for its routing headers after
+    /// [`Framer::routing_checked_later`]).
     Message(Box<SipMessage>),
     /// A CRLFCRLF ping: answer with a single CRLF pong (RFC 5626 §4.4.1).
     KeepAlive,
@@ -85,6 +88,8 @@ pub struct Framer {
     scanned: usize,
     /// Total length of the message at the front of `buf`, once its header section was read.
     pending: Option<usize>,
+    /// Validation leaves the routing headers to the consumer ([`validate_framed`]).
+    routing_later: bool,
 }
 
 impl Default for Framer {
@@ -103,7 +108,18 @@ impl Framer {
             failed: false,
             scanned: 0,
             pending: None,
+            routing_later: false,
         }
+    }
+
+    /// Leaves the decoding of the Request-URI, Via, From and To to the consumer, which decodes
+    /// them anyway into [`crate::sip::routing::Routing`] and must refuse what
+    /// [`crate::sip::routing::Routing::check`] refuses: each message is then decoded once
+    /// instead of twice (architecture: "Decode once"). Everything else is validated here as
+    /// before. The SIP edge's connection tasks frame this way.
+    pub fn routing_checked_later(mut self) -> Self {
+        self.routing_later = true;
+        self
     }
 
     /// Appends bytes read from the connection.
@@ -221,7 +237,11 @@ impl Framer {
         self.scanned = 0;
         let frame = self.buf.split_to(total).freeze();
         Some(match parse_exact(frame.clone()) {
-            Ok(m) => match validate(&m) {
+            Ok(m) => match if self.routing_later {
+                validate_framed(&m)
+            } else {
+                validate(&m)
+            } {
                 Ok(()) => Frame::Message(Box::new(m)),
                 Err(r) => Frame::Bad {
                     status: r.status,
@@ -339,6 +359,31 @@ hello";
             }))
         ));
         assert!(matches!(f.next(), Ok(Some(Frame::Message(_)))));
+    }
+
+    /// By default the routing headers are validated here; a consumer that checks them itself
+    /// gets the message, everything else still validated.
+    #[test]
+    fn routing_headers_checked_later_on_request() {
+        let bad_from = String::from_utf8_lossy(OPT).replace("<sip:b@example.com>", "<sip:b@");
+        let bad_cseq = String::from_utf8_lossy(OPT).replace("CSeq: 1 OPTIONS", "CSeq: x");
+        for (later, input, framed) in [
+            (false, &bad_from, false),
+            (true, &bad_from, true),
+            (true, &bad_cseq, false),
+        ] {
+            let mut f = Framer::default();
+            if later {
+                f = f.routing_checked_later();
+            }
+            f.push(input.as_bytes());
+            let got = f.next();
+            assert_eq!(
+                matches!(got, Ok(Some(Frame::Message(_)))),
+                framed,
+                "{later} {input}: {got:?}"
+            );
+        }
     }
 
     #[test]

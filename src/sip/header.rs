@@ -506,6 +506,31 @@ pub fn parse_via_first(value: &str) -> DecodeResult<Via<'_>> {
     }
 }
 
+/// One pass over the first Via line for the routing view: the first value exactly as
+/// [`parse_via_first`] answers it, and the verdict [`parse_via_list`] would give on the whole
+/// line (the first value's parameters checked, every later value decoded), without decoding
+/// the first value twice.
+pub fn parse_via_line(value: &str) -> (DecodeResult<Via<'_>>, DecodeResult<()>) {
+    let mut c = Cur::new(value);
+    let first = match parse_via_one(&mut c) {
+        Ok(v) => v,
+        Err(e) => return (Err(e), Err(e)),
+    };
+    let mut after = Cur { s: value, i: c.i };
+    after.ws();
+    let rest = check_via_params(&first).and_then(|()| {
+        while c.list_sep()? {
+            check_via_params(&parse_via_one(&mut c)?)?;
+        }
+        Ok(())
+    });
+    if after.at_end() || after.peek() == Some(b',') {
+        (Ok(first), rest)
+    } else {
+        (Err("unexpected character after Via value"), rest)
+    }
+}
+
 /// A name-addr or addr-spec with header parameters (From, To, Contact, Route, Record-Route).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameAddr<'a> {

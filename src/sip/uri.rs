@@ -207,7 +207,7 @@ impl<'a> Iterator for Params<'a> {
             if item.is_empty() {
                 continue;
             }
-            return Some(match item.split_once('=') {
+            return Some(match split_byte(item, b'=') {
                 Some((n, v)) => (
                     n.trim_end_matches([' ', '\t']),
                     Some(v.trim_start_matches([' ', '\t'])),
@@ -322,9 +322,21 @@ fn check_escaped(s: &str, ok: fn(u8) -> bool) -> bool {
     true
 }
 
+/// The first `b` (an ASCII delimiter) in `s`: a `char` pattern costs far more per call, and
+/// a URI is searched this way a dozen times.
+fn find_byte(s: &str, b: u8) -> Option<usize> {
+    memchr::memchr(b, s.as_bytes())
+}
+
+/// `s` split around its first `b` (an ASCII delimiter, so both sides are `str` boundaries).
+fn split_byte(s: &str, b: u8) -> Option<(&str, &str)> {
+    let i = find_byte(s, b)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
 /// Parses a URI; `ctx` decides whether `?headers` are allowed.
 pub fn parse_uri(s: &str, ctx: UriContext) -> Result<Uri<'_>, &'static str> {
-    let colon = s.find(':').ok_or("URI without scheme")?;
+    let colon = find_byte(s, b':').ok_or("URI without scheme")?;
     let scheme = s.get(..colon).unwrap_or("");
     let rest = s.get(colon + 1..).unwrap_or("");
     // RFC 3261 §25.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
@@ -354,7 +366,7 @@ pub fn parse_uri(s: &str, ctx: UriContext) -> Result<Uri<'_>, &'static str> {
         return Err("URI with ',', '?' or ';' must be enclosed in <>");
     }
     if scheme.eq_ignore_ascii_case("tel") {
-        let (number, params) = match rest.find(';') {
+        let (number, params) = match find_byte(rest, b';') {
             Some(i) => (rest.get(..i).unwrap_or(""), rest.get(i..).unwrap_or("")),
             None => (rest, ""),
         };
@@ -385,10 +397,10 @@ fn parse_sip<'a>(
     // userinfo ends at '@'. '@' is not allowed unescaped anywhere else in a SIP URI (RFC 3261
     // §25.1), so the first one is the separator; the user part may contain '?', ';', '/' ...
     // (RFC 4475 §3.1.1.2, §3.1.1.9).
-    let (user, password, hostpart) = match rest.find('@') {
+    let (user, password, hostpart) = match find_byte(rest, b'@') {
         Some(at) => {
             let userinfo = rest.get(..at).unwrap_or("");
-            let (u, p) = match userinfo.find(':') {
+            let (u, p) = match find_byte(userinfo, b':') {
                 Some(c) => (
                     userinfo.get(..c).unwrap_or(""),
                     Some(userinfo.get(c + 1..).unwrap_or("")),
@@ -427,7 +439,7 @@ fn parse_sip<'a>(
     // host
     let host_end;
     let host = if hb.first() == Some(&b'[') {
-        let close = hostpart.find(']').ok_or("unterminated IPv6 reference")?;
+        let close = find_byte(hostpart, b']').ok_or("unterminated IPv6 reference")?;
         let text = hostpart.get(..=close).unwrap_or("");
         host_end = close + 1;
         Host::V6(parse_ipv6_ref(text)?, text)
@@ -455,7 +467,7 @@ fn parse_sip<'a>(
         i = end;
     }
     let tail = hostpart.get(i..).unwrap_or("");
-    let (params, headers) = match tail.find('?') {
+    let (params, headers) = match find_byte(tail, b'?') {
         Some(q) => (
             tail.get(..q).unwrap_or(""),
             Some(tail.get(q + 1..).unwrap_or("")),
@@ -467,7 +479,7 @@ fn parse_sip<'a>(
     }
     // uri-parameters = *( ";" uri-parameter ); pname/pvalue = 1*paramchar.
     for p in params.split(';').skip(1) {
-        let (n, v) = match p.split_once('=') {
+        let (n, v) = match split_byte(p, b'=') {
             Some((n, v)) => (n, Some(v)),
             None => (p, None),
         };
@@ -489,7 +501,7 @@ fn parse_sip<'a>(
             UriContext::NameAddr => {}
         }
         for kv in h.split('&') {
-            let (n, v) = kv.split_once('=').ok_or("URI header without '='")?;
+            let (n, v) = split_byte(kv, b'=').ok_or("URI header without '='")?;
             if n.is_empty() || !check_escaped(n, is_hnv_char) || !check_escaped(v, is_hnv_char) {
                 return Err("invalid URI header");
             }

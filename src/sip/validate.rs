@@ -96,7 +96,12 @@ pub fn check_bytes(raw: bytes::Bytes, mode: BodyMode) -> Result<SipMessage, Reje
 /// parse far enough to copy Via, From, To, Call-ID and CSeq, a `status reason` response with a
 /// To tag; `None` when no response can be addressed (the caller just logs and drops).
 pub fn answer_refused(raw: &[u8], status: u16, reason: &str, to_tag: &str) -> Option<bytes::Bytes> {
-    let m = parse_datagram(raw).ok()?;
+    refusal_of(&parse_datagram(raw).ok()?, status, reason, to_tag)
+}
+
+/// [`answer_refused`] for a message already parsed (refused by
+/// [`crate::sip::routing::Routing::check`]).
+pub fn refusal_of(m: &SipMessage, status: u16, reason: &str, to_tag: &str) -> Option<bytes::Bytes> {
     if !m.is_request() || m.method() == Some("ACK") {
         return None;
     }
@@ -131,11 +136,26 @@ fn single_instance(n: HeaderName) -> bool {
 
 /// Validates a parsed message strictly.
 pub fn validate(msg: &SipMessage) -> Result<(), Reject> {
+    validate_with(msg, false)
+}
+
+/// [`validate`] as the connection task runs it: everything but the decoding of the
+/// Request-URI, Via, From and To, which the core decodes anyway into its routing view and
+/// checks there with the same rules ([`crate::sip::routing::Routing::check`]): decoded once
+/// per message instead of twice (architecture: "Decode once"). Counts, presence, CSeq and
+/// every other header are checked here as in [`validate`].
+pub fn validate_framed(msg: &SipMessage) -> Result<(), Reject> {
+    validate_with(msg, true)
+}
+
+fn validate_with(msg: &SipMessage, routing_later: bool) -> Result<(), Reject> {
     let status = if msg.is_request() { Some(400) } else { None };
     let fail = |reason: String| Reject { status, reason };
 
-    if let Some(Err(e)) = msg.request_uri() {
-        return Err(fail(format!("Malformed Request-URI: {e}")));
+    if !routing_later {
+        if let Some(Err(e)) = msg.request_uri() {
+            return Err(fail(format!("Malformed Request-URI: {e}")));
+        }
     }
 
     // Counts for the headers we track; index by a small table.
@@ -154,6 +174,7 @@ pub fn validate(msg: &SipMessage) -> Result<(), Reject> {
         }
         let v = h.value;
         let r: Result<(), &'static str> = match h.name {
+            HeaderName::Via | HeaderName::From | HeaderName::To if routing_later => Ok(()),
             HeaderName::Via => header::parse_via_list(v).map(drop),
             HeaderName::From | HeaderName::To | HeaderName::ReferTo => {
                 header::parse_name_addr(v).map(drop)

@@ -659,6 +659,21 @@ async fn garbage_gets_400_and_the_connection_survives_conflicting_length_closes(
     let r = ua.response().await?;
     assert_eq!(r.status(), Some(400));
     assert!(ua.pongs >= 1, "CRLF pong for the CRLFCRLF ping");
+    // A malformed Request-URI (decoded once, by the core's routing view, not by the
+    // connection task): the same 400 naming it, addressed to the request, connection kept.
+    ua.send_raw(
+        b"OPTIONS sip:alice@example.com?Route=x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKg2\r\nMax-Forwards: 70\r\nFrom: <sip:bob@partner.com>;tag=g\r\nTo: <sip:alice@example.com>\r\nCall-ID: g2\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await?;
+    let r = ua.response().await?;
+    assert_eq!(r.status(), Some(400));
+    assert!(
+        r.reason()
+            .is_some_and(|t| t.starts_with("Malformed Request-URI")),
+        "{:?}",
+        r.reason()
+    );
+    assert_eq!(r.call_id(), Ok("g2"));
     let b = ua.branch();
     ua.send(
         &[

@@ -63,6 +63,14 @@ impl UriError {
 /// XEP-0106 §4.3 escaping. A backslash is escaped only where it would otherwise start one of the
 /// escape sequences (§4.2), so `a\b` stays `a\b` and [`unescape_localpart`] always undoes this.
 pub fn escape_localpart(raw: &str) -> String {
+    // Nearly every user part has nothing to escape: one scan instead of a table search per
+    // character (this runs for every message and subscription).
+    if !raw
+        .chars()
+        .any(|c| JID_ESCAPES.iter().any(|(e, _)| *e == c))
+    {
+        return raw.to_owned();
+    }
     let mut out = String::with_capacity(raw.len());
     for (i, c) in raw.char_indices() {
         let starts_sequence = || sequence_at(raw.get(i..).unwrap_or("")).is_some();
@@ -107,8 +115,11 @@ fn sequence_at(s: &str) -> Option<char> {
         .map(|(c, _)| *c)
 }
 
-/// RFC 3986 §2.1 percent-decoding into UTF-8.
-fn percent_decode(s: &str) -> Result<String, UriError> {
+/// RFC 3986 §2.1 percent-decoding into UTF-8 (borrowed when there is nothing to decode).
+fn percent_decode(s: &str) -> Result<std::borrow::Cow<'_, str>, UriError> {
+    if !s.contains('%') {
+        return Ok(s.into());
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -123,7 +134,9 @@ fn percent_decode(s: &str) -> Result<String, UriError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| UriError::Encoding)
+    String::from_utf8(out)
+        .map(Into::into)
+        .map_err(|_| UriError::Encoding)
 }
 
 /// Percent-encodes every byte of `s` not in `keep` (plus ASCII alphanumerics).
@@ -156,7 +169,13 @@ pub fn address_of_sip(uri: &SipUri<'_>) -> Result<Address, UriError> {
         .filter(|u| !u.is_empty())
         .ok_or(UriError::NoUser)?;
     let local = escape_localpart(&percent_decode(user)?);
-    Ok(Address::parse(&format!("{local}@{}", uri.host().as_str()))?)
+    let host = uri.host().as_str();
+    // Assembled by hand (one allocation, no formatting machinery): once per message.
+    let mut jid = String::with_capacity(local.len() + 1 + host.len());
+    jid.push_str(&local);
+    jid.push('@');
+    jid.push_str(host);
+    Ok(Address::parse(&jid)?)
 }
 
 /// [`address_of_sip`] plus the GRUU: a `gr` parameter with a value becomes the resource

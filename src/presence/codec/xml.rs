@@ -618,15 +618,35 @@ pub(crate) fn push_attr(out: &mut Vec<u8>, s: &str) {
     push_escaped(out, s, true);
 }
 
+/// Bytes [`push_escaped`] may replace (controls, markup, the first byte of U+FFFE/U+FFFF):
+/// every other byte is copied in runs without being looked at twice.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0usize;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'<' as usize] = true;
+    t[b'>' as usize] = true;
+    t[b'&' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'\'' as usize] = true;
+    t[0xEF] = true;
+    t
+};
+
 fn push_escaped(out: &mut Vec<u8>, s: &str, attr: bool) {
     let bytes = s.as_bytes();
     let mut run_start = 0;
-    let mut skip = 0usize;
-    for (i, &b) in bytes.iter().enumerate() {
-        if skip > 0 {
-            skip -= 1;
-            continue;
-        }
+    let mut i = 0;
+    while let Some(off) = bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&b| SPECIAL[usize::from(b)]))
+    {
+        i += off;
+        let Some(&b) = bytes.get(i) else { break };
+        let mut skip = 0usize;
         let replacement: &[u8] = match b {
             b'<' => b"&lt;",
             b'>' => b"&gt;",
@@ -636,19 +656,22 @@ fn push_escaped(out: &mut Vec<u8>, s: &str, attr: bool) {
             b'\r' => b"&#13;",
             b'\n' if attr => b"&#10;",
             b'\t' if attr => b"&#9;",
-            b'\n' | b'\t' => continue,
-            0..=0x1F => "\u{FFFD}".as_bytes(),
             0xEF if bytes.get(i + 1) == Some(&0xBF)
                 && matches!(bytes.get(i + 2), Some(0xBE | 0xBF)) =>
             {
                 skip = 2;
                 "\u{FFFD}".as_bytes()
             }
-            _ => continue,
+            b'\n' | b'\t' | 0xEF => {
+                i += 1;
+                continue;
+            }
+            _ => "\u{FFFD}".as_bytes(),
         };
         out.extend_from_slice(bytes.get(run_start..i).unwrap_or_default());
         out.extend_from_slice(replacement);
-        run_start = i + 1 + skip;
+        i += 1 + skip;
+        run_start = i;
     }
     out.extend_from_slice(bytes.get(run_start..).unwrap_or_default());
 }
@@ -818,5 +841,15 @@ mod tests {
         let mut out = Vec::new();
         push_attr(&mut out, "x\ty\nz\r");
         assert_eq!(String::from_utf8(out).as_deref(), Ok("x&#9;y&#10;z&#13;"));
+        // U+EFxx and U+FFEx share the lead byte 0xEF but are kept; an escape at either end.
+        let mut out = Vec::new();
+        push_text(&mut out, "\u{F000}\u{FFEE}\u{FFFE}<x&");
+        assert_eq!(
+            String::from_utf8(out).as_deref(),
+            Ok("\u{F000}\u{FFEE}\u{FFFD}&lt;x&amp;")
+        );
+        let mut out = Vec::new();
+        push_attr(&mut out, "\u{0}");
+        assert_eq!(String::from_utf8(out).as_deref(), Ok("\u{FFFD}"));
     }
 }

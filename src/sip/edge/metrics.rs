@@ -1,9 +1,9 @@
 //! Metrics of the SIP edge. Every label value comes from a fixed set (`method_label`,
 //! `class_label`, refusal reasons as `&'static str` constants), never from a peer's strings.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
-use prometheus::{IntCounterVec, IntGaugeVec};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec};
 
 use crate::metrics;
 
@@ -121,46 +121,88 @@ pub static DIALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// The bounded method labels (issue 6 item 9); `other` last.
+const METHODS: [&str; 12] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "MESSAGE",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "OPTIONS",
+    "INFO",
+    "BENOTIFY",
+    "SERVICE",
+    "other",
+];
+
+/// Bounded status-class labels, by `code / 100 - 1` (6xx and anything odd last).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"];
+
 /// Bounded method label (issue 6 item 9).
 pub fn method_label(m: &str) -> &'static str {
-    match m {
-        "INVITE" => "INVITE",
-        "ACK" => "ACK",
-        "BYE" => "BYE",
-        "CANCEL" => "CANCEL",
-        "MESSAGE" => "MESSAGE",
-        "SUBSCRIBE" => "SUBSCRIBE",
-        "NOTIFY" => "NOTIFY",
-        "OPTIONS" => "OPTIONS",
-        "INFO" => "INFO",
-        "BENOTIFY" => "BENOTIFY",
-        "SERVICE" => "SERVICE",
-        _ => "other",
-    }
+    METHODS[method_index(m)]
+}
+
+fn method_index(m: &str) -> usize {
+    METHODS
+        .iter()
+        .position(|&l| l == m)
+        .unwrap_or(METHODS.len() - 1)
 }
 
 /// Bounded status-class label.
 pub fn class_label(code: u16) -> &'static str {
-    match code / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        5 => "5xx",
-        _ => "6xx",
+    CLASSES[class_index(code)]
+}
+
+fn class_index(code: u16) -> usize {
+    usize::from(code / 100).clamp(1, CLASSES.len()) - 1
+}
+
+/// The label sets' counters, each looked up once (on first use, so /metrics lists only the
+/// label sets seen, as before): `with_label_values` hashes the labels and takes the family's
+/// lock on every call, and these two run for every request and response. Indexed by
+/// direction (`in`, `out`), then label.
+struct Handles<const N: usize> {
+    family: &'static LazyLock<IntCounterVec>,
+    labels: &'static [&'static str; N],
+    slots: [[OnceLock<IntCounter>; N]; 2],
+}
+
+impl<const N: usize> Handles<N> {
+    const fn new(
+        family: &'static LazyLock<IntCounterVec>,
+        labels: &'static [&'static str; N],
+    ) -> Self {
+        Handles {
+            family,
+            labels,
+            slots: [const { [const { OnceLock::new() }; N] }; 2],
+        }
+    }
+    fn inc(&self, direction: &'static str, i: usize) {
+        let d = usize::from(direction != "in");
+        let (Some(slot), Some(label)) = (self.slots[d].get(i), self.labels.get(i)) else {
+            return;
+        };
+        slot.get_or_init(|| self.family.with_label_values(&[["in", "out"][d], label]))
+            .inc();
     }
 }
 
+static REQUEST_HANDLES: Handles<12> = Handles::new(&REQUESTS_TOTAL, &METHODS);
+static RESPONSE_HANDLES: Handles<6> = Handles::new(&RESPONSES_TOTAL, &CLASSES);
+
+/// Counts a request; `direction` is `in` or `out`.
 pub fn request(direction: &'static str, method: &str) {
-    REQUESTS_TOTAL
-        .with_label_values(&[direction, method_label(method)])
-        .inc();
+    REQUEST_HANDLES.inc(direction, method_index(method));
 }
 
+/// Counts a response; `direction` is `in` or `out`.
 pub fn response(direction: &'static str, code: u16) {
-    RESPONSES_TOTAL
-        .with_label_values(&[direction, class_label(code)])
-        .inc();
+    RESPONSE_HANDLES.inc(direction, class_index(code));
 }
 
 pub fn refused(reason: &'static str) {

@@ -297,7 +297,8 @@ pub async fn run_connection<S>(
         m::CONNS.with_label_values(&[kind]).inc();
         tracing::debug!("connection open");
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut framer = Framer::new(limits.max_header, limits.max_message);
+        // The core decodes the routing headers into its view and checks them there.
+        let mut framer = Framer::new(limits.max_header, limits.max_message).routing_checked_later();
         let mut batch = Vec::new();
         let mut deadlines = Deadlines::new(&limits, Instant::now());
         'conn: loop {

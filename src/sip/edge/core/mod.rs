@@ -18,7 +18,9 @@ mod batch;
 mod im;
 mod notifier;
 mod persist;
+mod recent;
 mod subscriber;
+mod timers;
 
 pub use persist::{
     Restored, StoreOp, BATCH_PREFIX, NOTIFIER_PREFIX, SIP_PREFIX, SUBSCRIBER_PREFIX,
@@ -55,6 +57,7 @@ use crate::sip::subscription::{
     NotifyState, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
+use crate::sip::validate::{refusal_of, Reject};
 pub use batch::{MemberState, PersistedBatch};
 
 /// A connection, as numbered by the driver.
@@ -210,40 +213,6 @@ const fn refuse(status: u16, reason: &'static str, label: &'static str) -> Refus
     }
 }
 
-/// The hasher of tables keyed by a [`TxnKey::fingerprint`]: the fingerprint is already a
-/// keyed hash, so its low 64 bits are used as they are. The table holds no key strings, so
-/// evicting its oldest entry (every request at full load) touches one cold bucket, not four.
-#[derive(Debug, Clone, Copy, Default)]
-struct Prehashed;
-
-impl std::hash::BuildHasher for Prehashed {
-    type Hasher = PrehashedHasher;
-    fn build_hasher(&self) -> PrehashedHasher {
-        PrehashedHasher(0)
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct PrehashedHasher(u64);
-
-impl std::hash::Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u128` keys are hashed here (`write_u128`); this fold keeps any other use sound.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, n: u128) {
-        // Truncation intended: the low half is one of the two keyed hashes.
-        self.0 = n as u64;
-    }
-}
-
-/// Most remembered final responses (see `Core::remember`).
-const RECENT_LIMIT: usize = 8192;
 /// Live server transactions at most; beyond, requests get a stateless 503. Refusals by policy
 /// never create one. Each foreign domain also has its own share
 /// (`limits.sip_transactions_per_domain`), so one partner cannot fill the table for all.
@@ -340,10 +309,10 @@ pub struct Core {
     session_domains: HashMap<Domain, usize>,
     session_calls: HashMap<(String, String), u64>,
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
-    /// Final responses of recent non-INVITE server transactions (see `remember`), by
-    /// [`TxnKey::fingerprint`].
-    recent: HashMap<u128, (IpAddr, Bytes), Prehashed>,
-    recent_order: VecDeque<(Instant, u128)>,
+    /// Heap length at which `timers` next drops its no-op entries.
+    compact_at: usize,
+    /// Final responses of recent non-INVITE server transactions (see `recent`).
+    recent: recent::RecentAnswers,
     /// Peer address of connections that sent us requests (for `recent`).
     conn_ips: HashMap<ConnId, IpAddr>,
     /// Whether each connection we heard on is TLS (for the Via/Contact transport).
@@ -432,8 +401,8 @@ impl Core {
             notifier_domains: HashMap::new(),
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
-            recent: HashMap::default(),
-            recent_order: VecDeque::new(),
+            compact_at: 0,
+            recent: recent::RecentAnswers::default(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
             actions: VecDeque::new(),
@@ -560,10 +529,6 @@ impl Core {
         )
     }
 
-    fn schedule(&mut self, key: TimerKey, at: Instant) {
-        self.heap.push(Reverse((at, key)));
-    }
-
     /// Queues the expiry timer of notifier `id` at `at` unless one at or before `at` is
     /// already queued (a refresh storm must not grow the heap).
     fn arm_notifier(&mut self, id: &DialogId, at: Instant) {
@@ -584,6 +549,8 @@ impl Core {
         let v = self.notifier_pairs.entry(pair.clone()).or_default();
         if v.is_empty() {
             *self.notifier_watchers.entry(pair.1).or_default() += 1;
+            // Nearly every pair has one dialog: room for one, not the default four.
+            v.reserve_exact(1);
         }
         v.push(id);
     }
@@ -699,40 +666,20 @@ impl Core {
             }
         };
         m::response("out", code);
-        let mut sent = None;
         if let Some(e) = self.server.get_mut(key) {
             e.txn.handle(Event::TuResponse(Box::new(resp)), now);
-            // The bytes the transaction serialized are the ones remembered: one encoding.
+            // Over TCP a non-INVITE server transaction ends with its final response (Timer J
+            // = 0, RFC 3261 §17.2.2); a peer that re-sends the request anyway (after a
+            // reconnect, or a sloppy stack) gets the same answer from `recent` and causes
+            // nothing twice. The bytes the transaction serialized are the ones kept.
             if code >= 200 && &*key.method != "INVITE" {
-                sent = e.txn.last_response().cloned().map(|b| (e.conn, b));
-            }
-        }
-        if let Some((conn, bytes)) = sent {
-            if let Some(ip) = self.conn_ips.get(&conn).copied() {
-                self.remember(key, ip, bytes, now);
+                let ip = self.conn_ips.get(&e.conn).copied();
+                if let (Some(ip), Some(bytes)) = (ip, e.txn.last_response()) {
+                    self.recent.remember(key.fingerprint(), ip, bytes, now);
+                }
             }
         }
         self.drain_server(key);
-    }
-
-    /// Over TCP a non-INVITE server transaction ends with its final response (Timer J = 0,
-    /// RFC 3261 §17.2.2). A peer that re-sends the request anyway (after a reconnect, or a
-    /// sloppy stack) must get the same answer and cause nothing twice, so the final response
-    /// is kept for 64·T1, bounded in count.
-    fn remember(&mut self, key: &TxnKey, ip: IpAddr, bytes: Bytes, now: Instant) {
-        let ttl = self.timers.timeout();
-        while let Some((at, _)) = self.recent_order.front() {
-            if *at + ttl > now && self.recent_order.len() < RECENT_LIMIT {
-                break;
-            }
-            if let Some((_, k)) = self.recent_order.pop_front() {
-                self.recent.remove(&k);
-            }
-        }
-        let k = key.fingerprint();
-        if self.recent.insert(k, (ip, bytes)).is_none() {
-            self.recent_order.push_back((now, k));
-        }
     }
 
     fn drain_server(&mut self, key: &TxnKey) {
@@ -757,6 +704,25 @@ impl Core {
             }
         } else {
             self.arm_server(key);
+        }
+    }
+
+    /// A message whose routing headers the connection task left to [`Routing::check`] and
+    /// which fails it: answered as the connection task answers any malformed message (a 400
+    /// naming the header, none to an ACK or a response, RFC 3261 §8.2 / §18.1.2).
+    fn refuse_malformed(&mut self, conn: ConnId, msg: &SipMessage, bad: &Reject) {
+        m::refused("malformed");
+        tracing::info!(status = bad.status, reason = %LogSafe(&bad.reason), "bad message");
+        let answer = bad
+            .status
+            .and_then(|s| Some((s, refusal_of(msg, s, &bad.reason, "lgbad")?)));
+        if let Some((status, bytes)) = answer {
+            m::response("out", status);
+            self.actions.push_back(Action::Send {
+                conn: Some(conn),
+                domain: None,
+                bytes,
+            });
         }
     }
 
@@ -802,6 +768,9 @@ impl Core {
     }
 
     fn on_response(&mut self, hub: &dyn HubPort, peer: &PeerInfo, resp: SipMessage, now: Instant) {
+        if let Err(bad) = Routing::of(&resp).check(&resp) {
+            return self.refuse_malformed(peer.conn, &resp, &bad);
+        }
         if let Some(code) = resp.status() {
             m::response("in", code);
         }
@@ -855,6 +824,9 @@ impl Core {
     fn on_request(&mut self, hub: &dyn HubPort, peer: &PeerInfo, req: SipMessage, now: Instant) {
         // Decode once: the routing headers travel with the request from here on.
         let r = Routing::of(&req);
+        if let Err(bad) = r.check(&req) {
+            return self.refuse_malformed(peer.conn, &req, &bad);
+        }
         let method = r.method.unwrap_or("");
         self.conn_ips.insert(peer.conn, peer.remote.ip());
         m::request("in", method);
@@ -898,15 +870,15 @@ impl Core {
         }
         // Only the same peer address gets a remembered answer: branches are chosen by peers,
         // and one peer must never read another's response.
-        if let Some((_, b)) = self
+        let ttl = self.timers.timeout();
+        if let Some(bytes) = self
             .recent
-            .get(&key.fingerprint())
-            .filter(|(ip, _)| *ip == peer.remote.ip())
+            .answer(key.fingerprint(), peer.remote.ip(), now, ttl)
         {
             self.actions.push_back(Action::Send {
                 conn: Some(peer.conn),
                 domain: None,
-                bytes: b.clone(),
+                bytes,
             });
             return;
         }
