@@ -23,6 +23,26 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// This node's role (LEADER/FOLLOWER/DETACHED), the peers with the leader marked and
+    /// which are live, the last change of role, the TLS material and etcd in use, and the
+    /// cluster alarms. Exit codes: 0 healthy (a leader known, this node attached), 1 not (or
+    /// not clustered), 2 the node cannot be reached.
+    Status {
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the cluster section and the cluster alarms as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway (without --config: the embedded single-node default).
     Run {
@@ -105,6 +125,11 @@ enum Cmd {
         /// Print the node's JSON answer as is.
         #[arg(long, global = true)]
         json: bool,
+    },
+    /// The RUNNING node's cluster (seed 003's `xmpp cluster status`).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// The RUNNING node at a glance, from its admin endpoint: listeners, home-node links
     /// (up/down, age of the last failure), partners connected per protocol, subscriptions,
@@ -253,6 +278,18 @@ fn main() -> Result<ExitCode> {
             config.as_deref(),
             matches!(format, Format::Json),
             timeout,
+        )),
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::Status {
+                    admin,
+                    config,
+                    json,
+                },
+        } => Ok(cli::cluster::status(
+            admin.as_deref(),
+            config.as_deref(),
+            json,
         )),
         Cmd::Status {
             admin,

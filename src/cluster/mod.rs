@@ -117,6 +117,18 @@ pub struct Status {
     pub etcd_endpoints: Vec<String>,
     /// Unix seconds of the last compaction this node ran as leader, and its revision.
     pub last_compaction: Option<(u64, i64)>,
+    /// The peers `cluster.peers` lists (live or not), `since` 0.
+    pub configured_peers: Vec<Member>,
+    /// The TLS material this node uses (paths), as seed 003's status shows it.
+    pub tls: TlsInUse,
+}
+
+/// Paths of the key, certificate and trust bundle in use.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsInUse {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub trust_bundle: Option<String>,
 }
 
 /// Why a node cannot join its cluster.
@@ -295,6 +307,8 @@ mod tests {
             lease_ttl_secs: 5,
             etcd_endpoints: vec![],
             last_compaction: None,
+            configured_peers: vec![],
+            tls: TlsInUse::default(),
         });
         let v = c.status_json();
         assert_eq!(v["role"], "LEADER");

@@ -88,6 +88,26 @@ pub async fn join(
         lease_ttl_secs: ttl.as_secs(),
         etcd_endpoints: endpoints,
         last_compaction: None,
+        configured_peers: config
+            .cluster
+            .peers
+            .iter()
+            .map(|p| Member {
+                id: p.name.to_string(),
+                address: p.address.to_string(),
+                federation: p.federation,
+                since: 0,
+            })
+            .collect(),
+        tls: super::TlsInUse {
+            cert: config.tls.cert.as_ref().map(|p| p.display().to_string()),
+            key: config.tls.key.as_ref().map(|p| p.display().to_string()),
+            trust_bundle: config
+                .tls
+                .trust_bundle
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        },
     });
     tracing::info!(node = %id, lease_ttl_secs = ttl.as_secs(), "joined the cluster");
     MEMBERS.set(1);

@@ -176,6 +176,26 @@ async fn three_nodes_elect_one_leader_share_state_and_fail_over_within_the_ttl()
     )
     .await;
     let first = leaders(&all)[0].clone();
+    // `legate cluster status` on a follower: the leader marked, every peer live, exit 0.
+    let follower = nodes
+        .iter()
+        .zip(peers)
+        .find(|(_, id)| *id != first)
+        .map(|(n, _)| n.addr("admin"))
+        .expect("a follower");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args(["cluster", "status", "--admin", &follower.to_string()])
+        .output()
+        .expect("legate cluster status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("is FOLLOWER"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("  * {first}")) && l.ends_with("live (LEADER)")),
+        "{text}"
+    );
+    assert_eq!(text.matches(" live").count(), 3, "{text}");
     assert!(all.iter().all(|s| s["lease_ttl_secs"] == TTL_SECS));
     let metrics = nodes[0].metrics().await.expect("metrics");
     assert!(metrics.contains("legate_cluster_members 3"), "{metrics}");
