@@ -23,6 +23,25 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum CertsCmd {
+    /// Make a development CA and certificates (ECDSA P-256, serverAuth + clientAuth) so TLS
+    /// works on a laptop: ca.pem/ca.key, <domain>.pem/.key per domain, node.pem/.key naming
+    /// every domain. Never overwrites a file. Not for production. Exit codes: 0 written, 2
+    /// refused.
+    Dev {
+        /// A domain to certify (repeat for several): your local domains.
+        #[arg(long = "domain", required = true)]
+        domains: Vec<String>,
+        /// Directory to write into (created if missing; write outside the repository).
+        #[arg(long, default_value = "legate-dev-certs")]
+        out: PathBuf,
+        /// Validity in days, 1 to 825.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand)]
 enum ClusterCmd {
     /// This node's role (LEADER/FOLLOWER/DETACHED), the peers with the leader marked and
     /// which are live, the last change of role, the TLS material and etcd in use, and the
@@ -125,6 +144,11 @@ enum Cmd {
         /// Print the node's JSON answer as is.
         #[arg(long, global = true)]
         json: bool,
+    },
+    /// Development certificates (`legate certs dev --domain example.com`).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
     },
     /// The RUNNING node's cluster (seed 003's `xmpp cluster status`).
     Cluster {
@@ -279,6 +303,9 @@ fn main() -> Result<ExitCode> {
             matches!(format, Format::Json),
             timeout,
         )),
+        Cmd::Certs {
+            cmd: CertsCmd::Dev { domains, out, days },
+        } => Ok(cli::certs::run(&out, &domains, days)),
         Cmd::Cluster {
             cmd:
                 ClusterCmd::Status {

@@ -1,6 +1,7 @@
 //! Implementations of the admin subcommands. Everything prints to stdout/stderr and returns
 //! an exit code; the library does the work.
 
+pub mod certs;
 pub mod cluster;
 pub mod doctor;
 pub mod node;

@@ -12,6 +12,7 @@ mod admin_check_certs;
 mod admin_http;
 mod admin_page;
 mod aggregation;
+mod certs_dev;
 mod cli_check;
 mod cli_sip_check;
 #[cfg(feature = "cluster")]

@@ -186,7 +186,7 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_raises_the_alarm_unt
 }
 
 /// The DER of the certificate the TLS listener at `addr` serves for `example.test`.
-async fn served_certificate(addr: SocketAddr, ca: &Path) -> Result<Vec<u8>> {
+pub(crate) async fn served_certificate(addr: SocketAddr, ca: &Path) -> Result<Vec<u8>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in legate::tls::load_certs(ca)? {
         roots.add(c)?;
