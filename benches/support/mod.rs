@@ -173,9 +173,16 @@ async fn component(mut sock: TcpStream, received: Arc<AtomicUsize>, slow: bool) 
 
 /// GET /metrics from the admin endpoint.
 pub async fn metrics(admin: SocketAddr) -> Result<String> {
+    get(admin, "/metrics").await
+}
+
+/// One GET on the admin endpoint: the whole response, headers included.
+pub async fn get(admin: SocketAddr, path: &str) -> Result<String> {
     let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(String::from_utf8_lossy(&out).into_owned())

@@ -381,11 +381,14 @@ pub(crate) mod tests {
         let h = hub();
         let admin = Admin::new(h, Instant::now())
             .unwrap_or_else(|e| panic!("{e}"))
-            .with_actions(Router::new().route("/reload", post(|| async { "reloaded\n" })));
+            .with_actions(Router::new().route("/test-action", post(|| async { "done\n" })));
         let app = admin.router();
         let remote: SocketAddr = "192.0.2.7:40000".parse().unwrap_or_else(|e| panic!("{e}"));
         let local: SocketAddr = "127.0.0.1:40000".parse().unwrap_or_else(|e| panic!("{e}"));
-        for path in ["/reload", "/policy/alice@example.com/block/partner.com"] {
+        for path in [
+            "/test-action",
+            "/policy/alice@example.com/block/partner.com",
+        ] {
             let (s, _, b) = send(&app, &[], "POST", path, Some(remote)).await;
             assert_eq!(s, "403 Forbidden", "{path}: {b}");
             let (s, _, b) = send(&app, &[], "POST", path, Some(local)).await;
@@ -393,8 +396,15 @@ pub(crate) mod tests {
         }
         let (s, _, _) = send(&app, &[], "GET", "/status", Some(remote)).await;
         assert_eq!(s, "200 OK", "reads are allowed from elsewhere");
-        let (s, _, _) = send(&app, &[], "GET", "/reload", Some(local)).await;
-        assert_eq!(s, "405 Method Not Allowed");
+        for path in ["/test-action", "/reload"] {
+            let (s, _, _) = send(&app, &[], "GET", path, Some(local)).await;
+            assert_eq!(s, "405 Method Not Allowed", "{path}");
+        }
+        // The built-in actions obey the same rule.
+        for path in ["/reload", "/drain"] {
+            let (s, _, b) = send(&app, &[], "POST", path, Some(remote)).await;
+            assert_eq!(s, "403 Forbidden", "{path}: {b}");
+        }
     }
 
     /// Over a real socket: two requests on one keep-alive connection, then shutdown closes

@@ -1,0 +1,203 @@
+//! Cluster failover through real processes (issue 12): a three-member etcd (Debian
+//! `etcd-server`) and three `legate run` nodes on loopback, `cluster.lease_ttl_secs` = TTL
+//! (env `TTL`, default 5 as shipped). Each round kills the leader with SIGKILL (no resign: its
+//! lease must expire) and measures until a survivor's `/status` says LEADER; then the killed
+//! node is started again. A last round stops the leader with SIGTERM (resign + revoke) and
+//! measures the handover. Bounded: `ROUNDS` (default 3) rounds, each at most 30 s.
+//!
+//! `cargo bench --features cluster --bench cluster_failover`
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use support::Legate;
+
+const NODES: [&str; 3] = ["gw1", "gw2", "gw3"];
+
+/// The etcd members, killed (by their own handles) when dropped.
+struct Etcd(Vec<Child>);
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_etcd(dir: &Path) -> Result<(Etcd, Vec<String>)> {
+    if !Path::new("/usr/bin/etcd").is_file() {
+        bail!("/usr/bin/etcd is missing: apt-get install etcd-server");
+    }
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<Result<_>>()?;
+    let initial: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+        .collect();
+    let mut children = Vec::new();
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let child = Command::new("/usr/bin/etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("m{i}")))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{p}"),
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd")?;
+        children.push(child);
+    }
+    let endpoints = ports
+        .iter()
+        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+        .collect();
+    Ok((Etcd(children), endpoints))
+}
+
+fn write_config(dir: &Path, id: &str, endpoints: &[String], ttl: u64) -> Result<PathBuf> {
+    let d = dir.join(id);
+    std::fs::create_dir_all(&d)?;
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let peers: String = NODES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                "[[cluster.peers]]\nname = \"{n}\"\naddress = \"127.0.0.1:{}\"\n",
+                7400 + i
+            )
+        })
+        .collect();
+    let cfg = format!(
+        "[node]\nid = \"{id}\"\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\
+         [[local_domain]]\nname = \"example.test\"\n\
+         [listeners]\nsip_tls = \"off\"\nsip_tcp = \"off\"\nxmpp_s2s = \"off\"\nxmpp_s2s_direct_tls = \"off\"\n\
+         [xmpp.federation]\ndialback_secret = \"bench-dialback-secret-0123\"\n\
+         [cluster]\nname = \"bench.test\"\nstore = \"etcd\"\netcd_endpoints = [{eps}]\nlease_ttl_secs = {ttl}\n{peers}",
+        data = d.join("data").display(),
+        eps = eps.join(", "),
+    );
+    let path = d.join("legate.toml");
+    std::fs::write(&path, cfg)?;
+    Ok(path)
+}
+
+async fn role(l: &Legate) -> Option<(String, String)> {
+    let resp = support::get(l.addr("admin").ok()?, "/status").await.ok()?;
+    let body = resp.split_once("\r\n\r\n")?.1;
+    let doc: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some((
+        doc["cluster"]["role"].as_str()?.to_owned(),
+        doc["cluster"]["node"].as_str()?.to_owned(),
+    ))
+}
+
+/// Polls every 10 ms (at most 30 s) until one of `nodes` other than `not` is LEADER.
+async fn wait_leader(nodes: &[Option<Legate>], not: Option<&str>) -> Result<(usize, Duration)> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(n) = n {
+                if let Some((r, id)) = role(n).await {
+                    if r == "LEADER" && Some(id.as_str()) != not {
+                        return Ok((i, t.elapsed()));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("no leader within 30 s")
+}
+
+fn stats(name: &str, v: &mut [Duration]) {
+    v.sort();
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    if let (Some(min), Some(max)) = (v.first(), v.last()) {
+        println!(
+            "{name}: {} rounds, min {:.0} ms, median {:.0} ms, max {:.0} ms",
+            v.len(),
+            ms(min),
+            ms(&v[v.len() / 2]),
+            ms(max)
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let ttl: u64 = std::env::var("TTL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir()?;
+    let (_etcd, endpoints) = start_etcd(dir.path())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let configs: Vec<PathBuf> = NODES
+        .iter()
+        .map(|id| write_config(dir.path(), id, &endpoints, ttl))
+        .collect::<Result<_>>()?;
+    let mut nodes: Vec<Option<Legate>> = Vec::new();
+    for c in &configs {
+        nodes.push(Some(Legate::start(c, &["admin"]).await?));
+    }
+    let (mut leader, _) = wait_leader(&nodes, None).await?;
+    let mut failovers = Vec::new();
+    for _ in 0..rounds {
+        let old = NODES[leader];
+        // SIGKILL: the dead leader's lease must expire (TTL) before another is elected.
+        nodes[leader] = None;
+        let (next, took) = wait_leader(&nodes, Some(old)).await?;
+        println!(
+            "killed {old}: {} leads after {} ms",
+            NODES[next],
+            took.as_millis()
+        );
+        failovers.push(took);
+        nodes[leader] = Some(Legate::start(&configs[leader], &["admin"]).await?);
+        leader = next;
+    }
+    stats(
+        &format!("failover after SIGKILL (TTL {ttl} s, bound TTL + 1 s)"),
+        &mut failovers,
+    );
+    let old = NODES[leader];
+    let pid = nodes[leader].as_ref().map(Legate::pid).unwrap_or(0);
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let (next, _) = wait_leader(&nodes, Some(old)).await?;
+    println!(
+        "handover after SIGTERM of {old}: {} leads after {} ms",
+        NODES[next],
+        t.elapsed().as_millis()
+    );
+    Ok(())
+}
