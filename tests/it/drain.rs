@@ -133,8 +133,20 @@ async fn scenario() -> Result<()> {
     assert_eq!(got, sent, "every accepted message is delivered once");
 
     // Draining: a new session and a new subscription are refused with a retry hint.
-    let doc = status(&gw.legate).await;
-    assert_eq!(doc["draining"], true, "{doc}");
+    // `legate drain` runs as its own process, started mid-traffic: on a loaded machine its
+    // POST may land after the last message, so wait (bounded) for the node to say so.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let doc = status(&gw.legate).await;
+        if doc["draining"] == true {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never draining: {doc}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for (method, call_id) in [("INVITE", "drain-im-new"), ("SUBSCRIBE", "drain-sub-new")] {
         let r = new_dialog(&mut bob, method, call_id).await?;
         assert_eq!(r.status(), Some(503), "{method}\n{}", gw.log());
