@@ -14,9 +14,10 @@
 //! | the mapping files' contents (`canonical.toml`, `systems/`, `tables/`; the shipped set when the primary has no `[mappings] dir`) | `[mappings]` itself (where a node's own files are), `[[home_node]]`, `routing_node`, `[[chat_node]]` (each node's links to the home nodes), logging (`--log-format`, `LEGATE_LOG`) |
 //!
 //! How:
-//! - The primary publishes, at start and after every applied reload, the TOML text of its
-//!   file's cluster-wide part, its mapping files, a digest (SHA-1 over both) and the publish
-//!   time to `/legate/<cluster>/config`.
+//! - The primary publishes, at start, after every applied reload and after each mapping edit
+//!   its mapping watcher swaps in (`[mappings] reload`), the TOML text of its file's
+//!   cluster-wide part, its mapping files, a digest (SHA-1 over both) and the publish time to
+//!   `/legate/<cluster>/config`.
 //! - Every subordinate watches that key. On a change it merges its own file's peer-specific
 //!   part with the primary's cluster-wide part, validates the result exactly as a start would
 //!   (against the primary's mapping set), and swaps it in through the reload machinery
@@ -24,7 +25,8 @@
 //!   a local reload does. An invalid result keeps the running configuration and raises
 //!   `ClusterReplicationFailed`. A subordinate's own `legate reload` re-reads its file and
 //!   merges it with the last primary's part it holds: on a subordinate, its file's
-//!   cluster-wide part is never used (when it differs, `ClusterConfigConflict` says so).
+//!   cluster-wide part and its own mapping files are never used (when they differ,
+//!   `ClusterConfigConflict` says so, checked at each replication).
 //! - Each node writes the digest it applied, when, the replication lag and its last error to
 //!   `/legate/<cluster>/replication/<node-id>`; every node watches those, so `/status`
 //!   (`cluster.replication`) shows the whole cluster from any node.
@@ -733,6 +735,12 @@ impl ReplicationHook for Hook {
         }
     }
 
+    fn mappings_reloaded(&self) {
+        if self.0.is_primary() {
+            self.0.publish.notify_one();
+        }
+    }
+
     fn force(&self) -> Pin<Box<dyn Future<Output = Result<ReloadReport, String>> + Send>> {
         let inner = self.0.clone();
         Box::pin(async move {
@@ -1056,5 +1064,76 @@ primary = "gw1"
         assert_ne!(a, digest("x", &[f("2")]));
         assert_ne!(a, digest("y", &[f("1")]));
         assert_ne!(a, digest("x", &[]));
+    }
+
+    fn published(primary_text: &str, extra: Vec<MappingFile>) -> Published {
+        let config = toml::to_string(&cluster_wide(&table(primary_text))).expect("text");
+        let mut mappings = mapping_files(None).expect("shipped set");
+        mappings.extend(extra);
+        Published {
+            primary: "gw1".into(),
+            peers: vec!["gw1".into(), "gw2".into()],
+            digest: digest(&config, &mappings),
+            config,
+            mappings,
+            published_at_ms: 0,
+        }
+    }
+
+    const OWN: &str = r#"
+[node]
+id = "gw2"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.com"
+[xmpp.federation]
+dialback_secret = "gw2-secret-gw2-secret"
+[limits]
+idle_timeout_secs = 99
+"#;
+
+    #[test]
+    fn a_candidate_is_this_nodes_file_with_the_primarys_part_validated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("legate.toml");
+        std::fs::write(&path, OWN).expect("write");
+        let source = ConfigSource {
+            path: Some(path),
+            mappings: None,
+        };
+        let primary = "[[local_domain]]\nname = \"example.com\"\n[[sip.federated_domain]]\nname = \"partner.com\"\nsystem = \"lync\"\n[limits]\nmax_subscriptions_per_user = 60\n";
+        let (cfg, set) = candidate(&source, &published(primary, vec![])).expect("valid");
+        assert_eq!(cfg.node.id.as_str(), "gw2");
+        assert_eq!(cfg.sip.federated_domains[0].name.as_str(), "partner.com");
+        assert_eq!(cfg.limits.max_subscriptions_per_user, 60);
+        // This node's limit is not the primary's: the default applies.
+        assert_ne!(cfg.limits.idle_timeout_secs, 99);
+        assert!(cfg.xmpp.federation.dialback_secret.is_some());
+        assert!(set.system_id("lync").is_some());
+        assert_eq!(
+            conflicts(&source, &published(primary, vec![])),
+            ["[limits]", "[sip]"]
+        );
+        // A broken mapping file of the primary's: every problem, named by its path.
+        let broken = MappingFile {
+            rel: "tables/broken.toml".into(),
+            text: "from = \"nosuchsystem\"\n".into(),
+        };
+        let problems = candidate(&source, &published(primary, vec![broken])).expect_err("broken");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("<primary gw1>/tables/broken.toml")),
+            "{problems:?}"
+        );
+        // A cluster-wide value this node's validation refuses: named, with the merge said.
+        let bad = "[limits]\nmax_subscriptions_per_user = -1\n";
+        let problems = candidate(&source, &published(bad, vec![])).expect_err("out of range");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("max_subscriptions_per_user") && p.contains("merged")),
+            "{problems:?}"
+        );
     }
 }

@@ -101,6 +101,8 @@ pub trait ReplicationHook: Send + Sync {
     ) -> Option<Result<(Config, crate::presence::map::MappingSet), Vec<String>>>;
     /// Told after each applied reload (the primary publishes what it now runs).
     fn applied(&self, report: &ReloadReport);
+    /// Told when the mapping watcher (`[mappings] reload`) swapped in an edit.
+    fn mappings_reloaded(&self);
     /// `legate cluster force-config-update`: drop the primary's part held, read it again and
     /// apply it; an error (on the primary itself, or etcd unreadable) says why not.
     fn force(

@@ -5,7 +5,9 @@
 //! ClusterConfigConflict; a publication that does not validate on the subordinates (an
 //! invalid mapping file, written to etcd as a primary of another build would) keeps the
 //! running configuration and raises ClusterReplicationFailed; `legate cluster
-//! force-config-update` is refused on the primary and re-applies on a subordinate.
+//! force-config-update` is refused on the primary and re-applies on a subordinate; a node
+//! missing from the primary's peer list and two nodes naming different primaries raise
+//! ClusterNodeNotInPeerList and ClusterPrimaryMismatch.
 
 use crate::common;
 
@@ -20,7 +22,19 @@ const WAIT: Duration = Duration::from_secs(20);
 const PEERS: [&str; 3] = ["gw1", "gw2", "gw3"];
 
 fn node_toml(id: &str, etcd: &Etcd, federated: &[&str], extra: &str) -> String {
-    let peers: String = PEERS
+    node_toml_with(id, etcd, federated, extra, "gw1", &PEERS, CLUSTER)
+}
+
+fn node_toml_with(
+    id: &str,
+    etcd: &Etcd,
+    federated: &[&str],
+    extra: &str,
+    primary: &str,
+    peers: &[&str],
+    cluster: &str,
+) -> String {
+    let peers: String = peers
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -54,8 +68,8 @@ dialback_secret = "{id}-dialback-secret-of-this-node"
 max_subscriptions_per_user = 50
 {extra}
 [cluster]
-name = "{CLUSTER}"
-primary = "gw1"
+name = "{cluster}"
+primary = "{primary}"
 store = "etcd"
 etcd_endpoints = {endpoints}
 lease_ttl_secs = 3
@@ -393,4 +407,77 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         raised(&s, "ClusterConfigConflict"),
         "gw3's file still differs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_missing_from_the_primarys_peers_and_a_second_primary_are_alarmed() {
+    let etcd = Etcd::start(3).expect("three-member etcd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = "mismatch.test";
+    // The primary's peer list forgot gw2.
+    let p1 = write(
+        dir.path(),
+        "gw1",
+        &node_toml_with(
+            "gw1",
+            &etcd,
+            &["partner.test"],
+            "",
+            "gw1",
+            &["gw1", "gw3"],
+            cluster,
+        ),
+    );
+    let p2 = write(
+        dir.path(),
+        "gw2",
+        &node_toml_with("gw2", &etcd, &["partner.test"], "", "gw1", &PEERS, cluster),
+    );
+    let gw1 = Legate::start(&p1, &["admin"]).expect("gw1");
+    let gw2 = Legate::start(&p2, &["admin"]).expect("gw2");
+    let s = wait_for(&[&gw2], "ClusterNodeNotInPeerList on gw2", |s| {
+        raised(s, "ClusterNodeNotInPeerList")
+    })
+    .await;
+    let alarm = s[0]["alarms"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "ClusterNodeNotInPeerList"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(alarm.to_string().contains("the primary's"), "{alarm:#}");
+    // It still runs the primary's configuration.
+    assert_eq!(
+        record(&s[0], "gw2")["in_sync"],
+        true,
+        "{:#}",
+        s[0]["cluster"]
+    );
+
+    // gw3 believes it is the primary: it publishes, gw2 keeps what it runs and both gw1 and
+    // gw2 say the primaries differ.
+    let p3 = write(
+        dir.path(),
+        "gw3",
+        &node_toml_with("gw3", &etcd, &["other.test"], "", "gw3", &PEERS, cluster),
+    );
+    let gw3 = Legate::start(&p3, &["admin"]).expect("gw3");
+    let s = wait_for(
+        &[&gw1, &gw2],
+        "ClusterPrimaryMismatch on gw1 and gw2",
+        |s| raised(s, "ClusterPrimaryMismatch"),
+    )
+    .await;
+    assert_eq!(
+        domains(&s[1]),
+        ["partner.test"],
+        "gw2 keeps the configuration of gw1"
+    );
+    assert!(
+        record(&s[1], "gw2")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("published by `gw3`")),
+        "{:#}",
+        s[1]["cluster"]
+    );
+    drop(gw3);
 }

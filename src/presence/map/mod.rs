@@ -72,6 +72,11 @@ impl MappingStore {
         Ok(())
     }
 
+    /// Whether a set from elsewhere is pinned (see [`MappingStore::pin`]).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Swaps in a set validated elsewhere (a cluster primary's) and keeps it over the local
     /// files from now on.
     pub fn pin(&self, set: MappingSet) {
