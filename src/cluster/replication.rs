@@ -877,10 +877,10 @@ async fn run(
                         let latest = resp
                             .events()
                             .iter()
+                            .rev()
                             .filter(|e| e.event_type() == EventType::Put)
                             .filter_map(|e| e.kv())
-                            .filter_map(|kv| serde_json::from_slice::<Published>(kv.value()).ok())
-                            .last();
+                            .find_map(|kv| serde_json::from_slice::<Published>(kv.value()).ok());
                         if let Some(p) = latest {
                             inner.on_published(&hub, &control, p, Trigger::Replication).await;
                         }
