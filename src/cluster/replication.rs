@@ -46,7 +46,7 @@ use crate::node::reload::{self, Outcome, ReloadReport, ReplicationHook, Trigger}
 use crate::node::{ConfigSource, Control};
 use crate::ops::alarms::AlarmName;
 use crate::presence::map::{self, MappingSet, SourceFile};
-use crate::store::etcd::retrying;
+use crate::store::etcd::{deadline, retrying};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 use std::collections::BTreeMap;
@@ -851,14 +851,12 @@ async fn run(
             },
         };
         let opts = WatchOptions::new().with_start_revision(rev + 1);
+        // Bounded like every etcd call: a member that died under us must not hang the loop.
         let mut wc = inner.client.watch_client();
-        let config_watch = wc
-            .watch(inner.keys.config.clone(), Some(opts.clone()))
-            .await;
+        let config_watch = deadline(wc.watch(inner.keys.config.clone(), Some(opts.clone()))).await;
         let mut wc2 = inner.client.watch_client();
-        let records_watch = wc2
-            .watch(inner.keys.records.clone(), Some(opts.with_prefix()))
-            .await;
+        let records_watch =
+            deadline(wc2.watch(inner.keys.records.clone(), Some(opts.with_prefix()))).await;
         let (Ok(mut config_stream), Ok(mut records_stream)) = (config_watch, records_watch) else {
             tokio::select! {
                 _ = shutdown.changed() => return,

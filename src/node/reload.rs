@@ -76,6 +76,7 @@ pub enum Trigger {
     Replication,
     /// The same, while the node starts (nothing bound yet): the replicated limits read only
     /// at start are taken too.
+    #[serde(rename = "replication_at_start")]
     ReplicationAtStart,
     /// `legate cluster force-config-update`: a subordinate taking the primary's again.
     Force,

@@ -212,11 +212,17 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         "gw2",
         &node_toml("gw2", &etcd, &["partner.test"], ""),
     );
-    // gw3's own file disagrees with the primary about the partners.
+    // gw3's own file disagrees with the primary about the partners and a start-only limit
+    // (the primary's applies: nothing had read it when gw3 took the primary's at start).
     let p3 = write(
         dir.path(),
         "gw3",
-        &node_toml("gw3", &etcd, &["gw3-only.test"], ""),
+        &node_toml(
+            "gw3",
+            &etcd,
+            &["gw3-only.test"],
+            "sip_max_header_bytes = 4096\n",
+        ),
     );
     let gw1 = Legate::start(&p1, &["admin"]).expect("gw1");
     let gw2 = Legate::start(&p2, &["admin"]).expect("gw2");
@@ -254,6 +260,12 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         first[0]["cluster"]["replication"]["this_node_is_primary"],
         true
     );
+    assert_eq!(
+        record(&first[0], "gw3")["restart_needed"],
+        serde_json::json!([]),
+        "{:#}",
+        first[0]["cluster"]
+    );
 
     // A federation, limits and mapping change on the primary, applied there with SIGHUP.
     let text = std::fs::read_to_string(&p1).expect("read");
@@ -262,7 +274,10 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
             "[xmpp.federation]",
             "[[sip.federated_domain]]\nname = \"new-partner.test\"\nsystem = \"lync\"\n[xmpp.federation]",
         )
-        .replace("max_subscriptions_per_user = 50", "max_subscriptions_per_user = 60");
+        .replace(
+            "max_subscriptions_per_user = 50",
+            "max_subscriptions_per_user = 60\nsip_max_header_bytes = 8192",
+        );
     std::fs::write(&p1, text).expect("write");
     let table = std::fs::read_dir(maps.join("tables"))
         .expect("tables")
@@ -310,6 +325,16 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         took < Duration::from_secs(1),
         "the change took {took:?} to be live on every subordinate"
     );
+    // A replicated start-only limit is reported, not applied, as a local reload does.
+    for n in ["gw2", "gw3"] {
+        let r = record(&after[0], n);
+        assert!(
+            r["restart_needed"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|k| k == "limits.sip_max_header_bytes")),
+            "{r:#}"
+        );
+    }
     let m = gw2.metrics().await.expect("metrics");
     assert!(
         common::legate::metric_value(
