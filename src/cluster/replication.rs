@@ -353,6 +353,31 @@ fn conflicts(source: &ConfigSource, published: &Published) -> Vec<String> {
     out
 }
 
+/// Raises `ClusterConfigConflict` when this node's own files differ from `published` about a
+/// cluster-wide item, clears it when they agree.
+fn check_conflicts(
+    alarms: &crate::ops::alarms::Alarms,
+    node: &str,
+    source: &ConfigSource,
+    published: &Published,
+) {
+    let differ = conflicts(source, published);
+    if differ.is_empty() {
+        alarms.clear(AlarmName::ClusterConfigConflict, node);
+    } else {
+        alarms.raise(
+            AlarmName::ClusterConfigConflict,
+            node,
+            &format!(
+                "this node's own files differ from the primary `{}` in {}; the primary's values \
+                 are in use",
+                published.primary,
+                differ.join(", ")
+            ),
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The running side.
 
@@ -380,6 +405,8 @@ struct Inner {
     primary: Option<String>,
     keys: Keys,
     client: etcd_client::Client,
+    alarms: crate::ops::alarms::Alarms,
+    source: ConfigSource,
     /// The primary's configuration this subordinate runs (the merge's other half).
     held: Mutex<Option<Published>>,
     /// The last one seen in etcd (applied or not).
@@ -579,25 +606,14 @@ impl Inner {
                     m.last_error = None;
                     m.restart_needed = report.restart_needed.clone();
                 }
-                let source = control.source().clone();
-                let p2 = p.clone();
-                let differ = tokio::task::spawn_blocking(move || conflicts(&source, &p2))
-                    .await
-                    .unwrap_or_default();
-                if differ.is_empty() {
-                    alarms.clear(AlarmName::ClusterConfigConflict, &subject);
-                } else {
-                    alarms.raise(
-                        AlarmName::ClusterConfigConflict,
-                        &subject,
-                        &format!(
-                            "this node's own files differ from the primary `{}` in {}; the \
-                             primary's values are in use",
-                            p.primary,
-                            differ.join(", ")
-                        ),
-                    );
-                }
+                let (a2, n2, s2, p2) = (
+                    alarms.clone(),
+                    subject.clone(),
+                    control.source().clone(),
+                    p.clone(),
+                );
+                let _ =
+                    tokio::task::spawn_blocking(move || check_conflicts(&a2, &n2, &s2, &p2)).await;
                 self.write_record().await;
                 Ok(report)
             }
@@ -730,8 +746,14 @@ impl ReplicationHook for Hook {
     }
 
     fn applied(&self, report: &ReloadReport) {
-        if self.0.is_primary() && matches!(report.trigger, Trigger::Sighup | Trigger::Admin) {
+        if !matches!(report.trigger, Trigger::Sighup | Trigger::Admin) {
+            return;
+        }
+        if self.0.is_primary() {
             self.0.publish.notify_one();
+        } else if let Some(held) = self.0.held.lock().ok().and_then(|h| h.clone()) {
+            // The admin edited this node's file: does it still say what the primary says?
+            check_conflicts(&self.0.alarms, &self.0.node, &self.0.source, &held);
         }
     }
 
@@ -789,6 +811,8 @@ pub async fn start(
             records: format!("/legate/{cluster}/replication/"),
         },
         client,
+        alarms: hub.alarms().clone(),
+        source: control.source().clone(),
         held: Mutex::new(None),
         seen: Mutex::new(None),
         mine: Mutex::new(NodeRecord {

@@ -2,7 +2,8 @@
 //! real `legate run` processes: a federation and mapping change made on the primary's files
 //! and applied there with SIGHUP is live on both subordinates in under a second; a
 //! subordinate whose own file says something else runs with the primary's values and raises
-//! ClusterConfigConflict; a publication that does not validate on the subordinates (an
+//! ClusterConfigConflict (cleared once its admin copies the primary's sections and reloads); a
+//! publication that does not validate on the subordinates (an
 //! invalid mapping file, written to etcd as a primary of another build would) keeps the
 //! running configuration and raises ClusterReplicationFailed; `legate cluster
 //! force-config-update` is refused on the primary and re-applies on a subordinate; a node
@@ -432,6 +433,20 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         raised(&s, "ClusterConfigConflict"),
         "gw3's file still differs"
     );
+
+    // gw3's admin copies the primary's cluster-wide sections and mapping files and reloads:
+    // the conflict clears.
+    copy_dir(&maps, &dir.path().join("gw3").join("maps"));
+    let fixed = std::fs::read_to_string(&p1)
+        .expect("read")
+        .replace("id = \"gw1\"", "id = \"gw3\"")
+        .replace("gw1-dialback-secret", "gw3-dialback-secret");
+    std::fs::write(&p3, fixed).expect("write");
+    gw3.signal("HUP").expect("SIGHUP");
+    wait_for(&[&gw3], "the conflict cleared on gw3", |s| {
+        !raised(s, "ClusterConfigConflict")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
