@@ -3,9 +3,9 @@
 //! and applied there with SIGHUP is live on both subordinates in under a second; a
 //! subordinate whose own file says something else runs with the primary's values and raises
 //! ClusterConfigConflict (cleared once its admin copies the primary's sections and reloads); a
-//! publication that does not validate on the subordinates (an
-//! invalid mapping file, written to etcd as a primary of another build would) keeps the
-//! running configuration and raises ClusterReplicationFailed; `legate cluster
+//! publication that does not validate on the subordinates (an invalid mapping file, written
+//! to etcd as a primary of another build would) keeps the running configuration and raises
+//! ClusterReplicationFailed; `legate cluster
 //! force-config-update` is refused on the primary and re-applies on a subordinate; a node
 //! missing from the primary's peer list and two nodes naming different primaries raise
 //! ClusterNodeNotInPeerList and ClusterPrimaryMismatch.
