@@ -12,6 +12,11 @@
 //!   kept in the swapped configuration so `/status` never shows what is not in effect.
 //! - **Refused**: an invalid file (or a certificate that does not load) changes nothing and
 //!   raises `ConfigReloadRefused`; the next good reload clears it.
+//! - **In a cluster** (`crate::cluster::replication`, through [`ReplicationHook`]): the
+//!   configuration primary publishes what it runs after each applied reload; a subordinate
+//!   reloads with its file's peer-specific part merged with the primary's cluster-wide part
+//!   and mapping set, both when it reloads itself and when the primary publishes
+//!   ([`Trigger::Replication`]; a refused one raises `ClusterReplicationFailed` instead).
 
 use super::Control;
 use crate::config::{Config, Domain};
