@@ -207,6 +207,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Operations on a RUNNING cluster node, through its admin endpoint.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print the node's JSON answer as is.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// On a subordinate: drop its copy of the configuration primary's cluster-wide
+    /// configuration, read the primary's again and apply it (refused on the primary itself).
+    /// Exit codes: 0 applied, 1 refused, 2 the node cannot be reached.
+    ForceConfigUpdate,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +364,16 @@ fn main() -> Result<ExitCode> {
             admin.as_deref(),
             config.as_deref(),
             wait,
+            json,
+        )),
+        Cmd::Cluster {
+            cmd: ClusterCmd::ForceConfigUpdate,
+            admin,
+            config,
+            json,
+        } => Ok(cli::node::force_config_update(
+            admin.as_deref(),
+            config.as_deref(),
             json,
         )),
         Cmd::Check { config, mappings } => Ok(cli::check(config.as_deref(), mappings.as_deref())),

@@ -21,6 +21,10 @@ pub(super) fn router(state: AdminState) -> Router {
         .route("/policy/{*rest}", get(policy_route).post(policy_route))
         .route("/reload", axum::routing::post(reload))
         .route("/drain", get(drain_status).post(drain))
+        .route(
+            "/cluster/force-config-update",
+            axum::routing::post(force_config_update),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
@@ -70,6 +74,11 @@ async fn reload(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// `POST /cluster/force-config-update` (`legate cluster force-config-update`).
+async fn force_config_update(State(s): State<AdminState>) -> Response {
+    node_json(crate::node::api::post_force_config_update(&s.hub).await)
+}
+
 /// `POST /drain` (`legate drain`): starts draining.
 async fn drain(State(s): State<AdminState>) -> Response {
     node_json(crate::node::api::post_drain(&s.hub))
@@ -96,7 +105,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let allowed = match uri.path() {
         p if p.starts_with("/policy/") => "GET, or POST",
         "/drain" => "GET, or POST",
-        "/reload" => "POST",
+        "/reload" | "/cluster/force-config-update" => "POST",
         _ => "GET",
     };
     text(

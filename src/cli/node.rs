@@ -133,3 +133,43 @@ pub fn drain(admin: Option<&str>, config: Option<&Path>, wait: u64, json: bool) 
         };
     }
 }
+
+/// `legate cluster force-config-update`: the subordinate drops its copy of the primary's
+/// configuration and applies the primary's again. Exit codes: 0 applied, 1 refused (or asked
+/// of the primary itself), 2 the node cannot be reached.
+pub fn force_config_update(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCode {
+    const CMD: &str = "cluster force-config-update";
+    let addr = match admin_addr(admin, config) {
+        Ok(a) => a,
+        Err(e) => return unreachable(CMD, e),
+    };
+    let (code, doc) = match call(CMD, &addr, "POST", "/cluster/force-config-update") {
+        Ok(x) => x,
+        Err(c) => return c,
+    };
+    if json {
+        println!("{doc}");
+    } else if code == 200 {
+        println!("applied the primary's configuration");
+        for key in strings(&doc["restart_needed"]) {
+            println!("needs a restart (the running value stays): {key}");
+        }
+    } else if code == 422 {
+        println!(
+            "refused: the primary's configuration does not validate here; the running one stays \
+             (alarm ClusterReplicationFailed)"
+        );
+        for p in strings(&doc["problems"]) {
+            println!("  {p}");
+        }
+    } else if let Some(e) = doc["error"].as_str() {
+        eprintln!("legate {CMD}: {e}");
+    } else {
+        eprintln!("legate {CMD}: the node answered {code}: {doc}");
+    }
+    match code {
+        200 => ExitCode::SUCCESS,
+        422 | 409 => ExitCode::from(1),
+        _ => ExitCode::from(2),
+    }
+}

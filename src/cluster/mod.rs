@@ -18,6 +18,8 @@
 //! nodes, component-link claims and takeover of a dead peer's SIP dialogs.
 
 #[cfg(feature = "cluster")]
+pub mod replication;
+#[cfg(feature = "cluster")]
 mod session;
 mod stores;
 
@@ -60,6 +62,8 @@ pub fn register_metrics() {
     // Touched, not set: a node that joined before this ran keeps its values.
     LazyLock::force(&IS_LEADER);
     LazyLock::force(&MEMBERS);
+    #[cfg(feature = "cluster")]
+    replication::register_metrics();
 }
 
 /// Most nodes live in one cluster at once (requirements §6, seed 001).
@@ -226,7 +230,6 @@ impl Cluster {
                             "peer link between nodes (traffic for a component link held by another node)",
                             "component-link claims and takeover",
                             "takeover of a dead node's SIP dialogs",
-                            "configuration replication from the primary",
                         ]),
                     );
                 }

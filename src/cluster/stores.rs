@@ -108,6 +108,28 @@ impl NodeStores {
         }
     }
 
+    /// Starts the configuration replication from the primary (see `replication`) when the
+    /// store is etcd: the provider of `/status`'s `cluster.replication`; None on the embedded
+    /// store.
+    pub async fn replicate(
+        &self,
+        hub: &Arc<crate::gateway::Hub>,
+        control: &Arc<crate::node::Control>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<crate::gateway::hub::StatusProvider> {
+        match self {
+            NodeStores::Embedded(_) => {
+                let _ = (hub, control, shutdown);
+                None
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => Some(
+                super::replication::start(e.client.clone(), hub.clone(), control.clone(), shutdown)
+                    .await,
+            ),
+        }
+    }
+
     /// Joins the cluster when the store is etcd (membership, election); None on the embedded
     /// store, where the node runs alone.
     pub async fn join(

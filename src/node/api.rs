@@ -48,3 +48,28 @@ pub fn get_drain(hub: &Hub) -> (u16, Value) {
         serde_json::to_value(drain::status(hub, control)).unwrap_or_default(),
     )
 }
+
+/// `POST /cluster/force-config-update` (`legate cluster force-config-update`): a subordinate
+/// drops its copy of the primary's configuration and applies the primary's again. 200 with
+/// the report when applied, 422 when refused, 409 on the primary itself or outside a cluster.
+pub async fn post_force_config_update(hub: &Hub) -> (u16, Value) {
+    let Some(control) = hub.node_control() else {
+        return no_node();
+    };
+    let Some(hook) = control.replication() else {
+        return (
+            409,
+            json!({"error": "this node is not in a cluster (cluster.store = \"etcd\"): there is no primary to take the configuration from"}),
+        );
+    };
+    match hook.force().await {
+        Ok(r) => {
+            let code = match r.outcome {
+                reload::Outcome::Applied => 200,
+                reload::Outcome::Refused => 422,
+            };
+            (code, serde_json::to_value(&r).unwrap_or_default())
+        }
+        Err(e) => (409, json!({ "error": e })),
+    }
+}

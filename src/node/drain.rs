@@ -153,6 +153,7 @@ mod tests {
             client_tls: None,
             last_reload: Mutex::new(None),
             drain_since: Mutex::new(None),
+            replication: Default::default(),
         }
     }
 

@@ -63,8 +63,15 @@ pub(super) async fn watch_mappings(
             continue;
         }
         last = now;
+        if hub.maps().is_pinned() {
+            // A cluster subordinate runs its primary's mapping files, not these.
+            continue;
+        }
         match hub.maps().reload() {
             Ok(()) => {
+                if let Some(r) = hub.node_control().and_then(|c| c.replication()) {
+                    r.mappings_reloaded();
+                }
                 RELOADS.with_label_values(&["ok"]).inc();
                 if let Ok(mut s) = state.lock() {
                     s.reloads += 1;

@@ -88,12 +88,29 @@ pub struct Control {
     client_tls: Option<ClientTls>,
     last_reload: Mutex<Option<reload::ReloadReport>>,
     drain_since: Mutex<Option<drain::Since>>,
+    /// The cluster's configuration replication, once started.
+    replication: std::sync::OnceLock<Arc<dyn reload::ReplicationHook>>,
+}
+
+impl std::fmt::Debug for dyn reload::ReplicationHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicationHook")
+    }
 }
 
 impl Control {
     /// Where the configuration is read from at each reload.
     pub fn source(&self) -> &ConfigSource {
         &self.source
+    }
+
+    /// Installs the configuration replication (once; later calls are ignored).
+    pub fn set_replication(&self, hook: Arc<dyn reload::ReplicationHook>) {
+        let _ = self.replication.set(hook);
+    }
+
+    pub fn replication(&self) -> Option<&Arc<dyn reload::ReplicationHook>> {
+        self.replication.get()
     }
 }
 
@@ -155,6 +172,7 @@ impl Node {
             client_tls: client_tls.clone(),
             last_reload: Mutex::new(None),
             drain_since: Mutex::new(None),
+            replication: std::sync::OnceLock::new(),
         });
         hub.set_node_control(control.clone());
         reload::register_metrics();
@@ -194,7 +212,6 @@ impl Node {
         let store: SharedStore = stores.shared();
         // SIP dialogs are owned by this node: in a cluster they live under node/<id>/.
         let own_store: SharedStore = stores.own(&hub.config().node.id.to_string());
-        let config = hub.config();
         {
             let stores = stores.clone();
             hub.add_status("store", Arc::new(move || stores.status_json()));
@@ -206,10 +223,26 @@ impl Node {
             Arc::new(move || hub.upgrade().is_some_and(|h| h.draining()))
         };
         let cluster = stores
-            .join(&config, hub.alarms().clone(), shutdown.clone(), draining)
+            .join(
+                &hub.config(),
+                hub.alarms().clone(),
+                shutdown.clone(),
+                draining,
+            )
             .await?;
         if let Some(cluster) = cluster.clone() {
-            hub.add_status("cluster", Arc::new(move || cluster.status_json()));
+            // The subordinates take the primary's cluster-wide configuration before binding.
+            let replication = stores.replicate(&hub, &control, shutdown.clone()).await;
+            hub.add_status(
+                "cluster",
+                Arc::new(move || {
+                    let mut v = cluster.status_json();
+                    if let (Some(r), Some(o)) = (&replication, v.as_object_mut()) {
+                        o.insert("replication".into(), r());
+                    }
+                    v
+                }),
+            );
         }
         {
             let (hub2, control2) = (Arc::downgrade(&hub), control.clone());
@@ -240,6 +273,8 @@ impl Node {
             );
         }
 
+        // After replication: a subordinate runs with the primary's cluster-wide values.
+        let config = hub.config();
         let admin_addr = config.node.admin_listen;
         // The admin token file is read before anything binds: a missing one stops the node.
         let admin = admin::Admin::new(hub.clone(), started)?;

@@ -12,6 +12,11 @@
 //!   kept in the swapped configuration so `/status` never shows what is not in effect.
 //! - **Refused**: an invalid file (or a certificate that does not load) changes nothing and
 //!   raises `ConfigReloadRefused`; the next good reload clears it.
+//! - **In a cluster** (`crate::cluster::replication`, through [`ReplicationHook`]): the
+//!   configuration primary publishes what it runs after each applied reload; a subordinate
+//!   reloads with its file's peer-specific part merged with the primary's cluster-wide part
+//!   and mapping set, both when it reloads itself and when the primary publishes
+//!   ([`Trigger::Replication`]; a refused one raises `ClusterReplicationFailed` instead).
 
 use super::Control;
 use crate::config::{Config, Domain};
@@ -72,6 +77,43 @@ pub(super) fn register_metrics() {
 pub enum Trigger {
     Sighup,
     Admin,
+    /// A cluster subordinate applying a configuration the primary published.
+    Replication,
+    /// The same, while the node starts (nothing bound yet): the replicated limits read only
+    /// at start are taken too.
+    #[serde(rename = "replication_at_start")]
+    ReplicationAtStart,
+    /// `legate cluster force-config-update`: a subordinate taking the primary's again.
+    Force,
+}
+
+impl Trigger {
+    /// Whether an admin asked for this reload on this node (a refused one raises
+    /// `ConfigReloadRefused`; a refused replication raises its own alarm).
+    fn local(self) -> bool {
+        matches!(self, Trigger::Sighup | Trigger::Admin)
+    }
+}
+
+/// A cluster's configuration replication, as the reload sees it (`cluster::replication`
+/// implements it; the node keeps one in [`Control`]).
+pub trait ReplicationHook: Send + Sync {
+    /// On a subordinate holding the primary's configuration: this node's file's peer-specific
+    /// part merged with the primary's cluster-wide part, validated, with the primary's mapping
+    /// set. `None` on the primary (or before anything was replicated): the file alone is read.
+    fn candidate(
+        &self,
+        source: &super::ConfigSource,
+    ) -> Option<Result<(Config, crate::presence::map::MappingSet), Vec<String>>>;
+    /// Told after each applied reload (the primary publishes what it now runs).
+    fn applied(&self, report: &ReloadReport);
+    /// Told when the mapping watcher (`[mappings] reload`) swapped in an edit.
+    fn mappings_reloaded(&self);
+    /// `legate cluster force-config-update`: drop the primary's part held, read it again and
+    /// apply it; an error (on the primary itself, or etcd unreadable) says why not.
+    fn force(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ReloadReport, String>> + Send>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,7 +151,9 @@ pub fn reload(hub: &Hub, control: &Control, trigger: Trigger) -> ReloadReport {
     let subject = control.source.display();
     let report = match try_reload(hub, control, trigger) {
         Ok(r) => {
-            hub.alarms().clear(AlarmName::ConfigReloadRefused, &subject);
+            if trigger.local() {
+                hub.alarms().clear(AlarmName::ConfigReloadRefused, &subject);
+            }
             tracing::info!(
                 ?trigger,
                 applied = ?r.applied,
@@ -125,8 +169,10 @@ pub fn reload(hub: &Hub, control: &Control, trigger: Trigger) -> ReloadReport {
         Err(problems) => {
             let text = problems.join("\n");
             tracing::error!(?trigger, problems = %text, "reload refused; the running configuration stays in use");
-            hub.alarms()
-                .raise(AlarmName::ConfigReloadRefused, &subject, &text);
+            if trigger.local() {
+                hub.alarms()
+                    .raise(AlarmName::ConfigReloadRefused, &subject, &text);
+            }
             ReloadReport {
                 outcome: Outcome::Refused,
                 trigger,
@@ -147,6 +193,11 @@ pub fn reload(hub: &Hub, control: &Control, trigger: Trigger) -> ReloadReport {
     if let Ok(mut last) = control.last_reload.lock() {
         *last = Some(report.clone());
     }
+    if report.outcome == Outcome::Applied {
+        if let Some(hook) = control.replication() {
+            hook.applied(&report);
+        }
+    }
     report
 }
 
@@ -155,22 +206,43 @@ fn try_reload(hub: &Hub, control: &Control, trigger: Trigger) -> Result<ReloadRe
         d.0.iter().map(|x| x.to_string()).collect()
     };
     let old = hub.config();
-    let new = control
-        .source
-        .load_against(old.mappings.dir.as_deref())
-        .map_err(lines)?;
+    // A cluster subordinate runs the primary's cluster-wide part and mapping set.
+    let (new, replicated_maps) = match control
+        .replication()
+        .and_then(|h| h.candidate(&control.source))
+    {
+        Some(candidate) => {
+            let (config, maps) = candidate?;
+            (config, Some(maps))
+        }
+        None => (
+            control
+                .source
+                .load_against(old.mappings.dir.as_deref())
+                .map_err(lines)?,
+            None,
+        ),
+    };
     let mut restart_needed = restart_needed(&old, &new, control.server_tls.is_some());
+    let candidate_limits = new.limits.clone();
     if control.source.mappings_dir() != old.mappings.dir {
         restart_needed.push("mappings.dir".to_string());
     }
-    let new = keep_restart_only(&old, new);
+    let mut new = keep_restart_only(&old, new);
+    if trigger == Trigger::ReplicationAtStart {
+        // Nothing has read the start-only limits yet: the primary's apply.
+        new.limits = candidate_limits;
+        restart_needed.retain(|k| !k.starts_with("limits.") && !k.starts_with("component links"));
+    }
     let settings = TlsSettings::from_config(&new);
     // Every file is read and checked before anything is swapped: a certificate that does not
     // load must not leave a new mapping set beside the old configuration.
     if control.server_tls.is_some() {
         ServerTls::new(&settings).map_err(|e| vec![format!("certificates: {e}")])?;
     }
-    if new.mappings.dir.is_some() {
+    if let Some(maps) = replicated_maps {
+        hub.maps().pin(maps);
+    } else if new.mappings.dir.is_some() {
         hub.maps().reload().map_err(lines)?;
         if let Some(dir) = &new.mappings.dir {
             hub.alarms()

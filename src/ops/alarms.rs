@@ -50,10 +50,14 @@ pub enum AlarmName {
     PartnerUnreachable,
     PartnerTlsFailure,
     ClusterStoreUnreachable,
+    ClusterReplicationFailed,
+    ClusterConfigConflict,
+    ClusterPrimaryMismatch,
+    ClusterNodeNotInPeerList,
 }
 
 impl AlarmName {
-    pub const ALL: [AlarmName; 9] = [
+    pub const ALL: [AlarmName; 13] = [
         AlarmName::HomeNodeLinkDown,
         AlarmName::CertificateExpired,
         AlarmName::CertificateExpiring,
@@ -63,6 +67,10 @@ impl AlarmName {
         AlarmName::PartnerUnreachable,
         AlarmName::PartnerTlsFailure,
         AlarmName::ClusterStoreUnreachable,
+        AlarmName::ClusterReplicationFailed,
+        AlarmName::ClusterConfigConflict,
+        AlarmName::ClusterPrimaryMismatch,
+        AlarmName::ClusterNodeNotInPeerList,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +84,10 @@ impl AlarmName {
             AlarmName::PartnerUnreachable => "PartnerUnreachable",
             AlarmName::PartnerTlsFailure => "PartnerTlsFailure",
             AlarmName::ClusterStoreUnreachable => "ClusterStoreUnreachable",
+            AlarmName::ClusterReplicationFailed => "ClusterReplicationFailed",
+            AlarmName::ClusterConfigConflict => "ClusterConfigConflict",
+            AlarmName::ClusterPrimaryMismatch => "ClusterPrimaryMismatch",
+            AlarmName::ClusterNodeNotInPeerList => "ClusterNodeNotInPeerList",
         }
     }
 
@@ -84,11 +96,15 @@ impl AlarmName {
             AlarmName::HomeNodeLinkDown | AlarmName::CertificateExpired => Severity::Critical,
             AlarmName::CertificateNotCoveringLocalDomain
             | AlarmName::PartnerTlsFailure
-            | AlarmName::ClusterStoreUnreachable => Severity::Major,
+            | AlarmName::ClusterStoreUnreachable
+            | AlarmName::ClusterReplicationFailed
+            | AlarmName::ClusterPrimaryMismatch
+            | AlarmName::ClusterNodeNotInPeerList => Severity::Major,
             AlarmName::CertificateExpiring
             | AlarmName::MappingReloadRefused
             | AlarmName::ConfigReloadRefused
-            | AlarmName::PartnerUnreachable => Severity::Minor,
+            | AlarmName::PartnerUnreachable
+            | AlarmName::ClusterConfigConflict => Severity::Minor,
         }
     }
 
@@ -132,6 +148,18 @@ impl AlarmName {
                  traffic on cached state (no configuration or state writes). Check that a \
                  majority of cluster.etcd_endpoints is up and reachable from this node \
                  (`etcdctl --endpoints=... endpoint health`); the node rejoins by itself."
+            }
+            AlarmName::ClusterReplicationFailed => {
+                "The configuration the primary published does not validate on this node (this                  node's peer-specific part merged with it, e.g. a certificate for a domain, or a                  mapping file): this node keeps its running configuration. `last_error` under                  cluster.replication in `legate status --json` names the problems; fix them on                  the primary (and `legate reload` there) or in this node's file (then `legate                  cluster force-config-update` here)."
+            }
+            AlarmName::ClusterConfigConflict => {
+                "This node's own file (or mapping files) says something else than the primary                  about a cluster-wide item; the primary's values are in use. Copy the primary's                  cluster-wide sections into this file (or remove them) so the next admin is not                  misled."
+            }
+            AlarmName::ClusterPrimaryMismatch => {
+                "cluster.primary is not the same on every node: set the same node id on each                  peer and restart the nodes that were wrong. Until then this node keeps its                  running configuration."
+            }
+            AlarmName::ClusterNodeNotInPeerList => {
+                "Add this node to [[cluster.peers]] in the primary's file and in this node's                  (every peer lists every peer), then restart."
             }
         }
     }

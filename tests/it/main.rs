@@ -18,6 +18,8 @@ mod cli_sip_check;
 #[cfg(feature = "cluster")]
 mod cluster;
 #[cfg(feature = "cluster")]
+mod cluster_config;
+#[cfg(feature = "cluster")]
 mod cluster_store;
 mod component_link;
 mod config;

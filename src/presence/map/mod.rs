@@ -36,6 +36,9 @@ pub fn load_dir(dir: &Path) -> Result<MappingSet, Diagnostics> {
 pub struct MappingStore {
     dir: Option<PathBuf>,
     current: ArcSwap<MappingSet>,
+    /// Set once a cluster subordinate runs its primary's set ([`MappingStore::pin`]): the
+    /// local files no longer apply, so [`MappingStore::reload`] keeps what is pinned.
+    pinned: std::sync::atomic::AtomicBool,
 }
 
 impl MappingStore {
@@ -48,6 +51,7 @@ impl MappingStore {
         Ok(Self {
             dir,
             current: ArcSwap::from_pointee(set),
+            pinned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -57,11 +61,26 @@ impl MappingStore {
 
     /// Re-reads the files and swaps the new set in when, and only when, it is valid.
     pub fn reload(&self) -> Result<(), Diagnostics> {
+        if self.pinned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         let set = match &self.dir {
             Some(d) => load_dir(d)?,
             None => embedded()?,
         };
         self.current.store(Arc::new(set));
         Ok(())
+    }
+
+    /// Whether a set from elsewhere is pinned (see [`MappingStore::pin`]).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Swaps in a set validated elsewhere (a cluster primary's) and keeps it over the local
+    /// files from now on.
+    pub fn pin(&self, set: MappingSet) {
+        self.pinned.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.current.store(Arc::new(set));
     }
 }
