@@ -42,26 +42,6 @@ enum CertsCmd {
 }
 
 #[derive(Subcommand)]
-enum ClusterCmd {
-    /// This node's role (LEADER/FOLLOWER/DETACHED), the peers with the leader marked and
-    /// which are live, the last change of role, the TLS material and etcd in use, and the
-    /// cluster alarms. Exit codes: 0 healthy (a leader known, this node attached), 1 not (or
-    /// not clustered), 2 the node cannot be reached.
-    Status {
-        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
-        /// else 127.0.0.1:9090.
-        #[arg(long)]
-        admin: Option<String>,
-        /// The node's configuration, read for `node.admin_listen` only.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Print the cluster section and the cluster alarms as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway (without --config: the embedded single-node default).
     Run {
@@ -150,11 +130,6 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
-    /// The RUNNING node's cluster (seed 003's `xmpp cluster status`).
-    Cluster {
-        #[command(subcommand)]
-        cmd: ClusterCmd,
-    },
     /// The RUNNING node at a glance, from its admin endpoint: listeners, home-node links
     /// (up/down, age of the last failure), partners connected per protocol, subscriptions,
     /// sessions and alarms (each with the action to take). Exit codes: 0 no critical or major
@@ -226,6 +201,11 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// This node's role (LEADER/FOLLOWER/DETACHED), the peers with the leader marked and
+    /// which are live, the last change of role, the TLS material and etcd in use, and the
+    /// cluster alarms (seed 003's `xmpp cluster status`). Exit codes: 0 healthy (a leader
+    /// known, this node attached), 1 not (or not clustered), 2 the node cannot be reached.
+    Status,
     /// On a subordinate: drop its copy of the configuration primary's cluster-wide
     /// configuration, read the primary's again and apply it (refused on the primary itself).
     /// Exit codes: 0 applied, 1 refused, 2 the node cannot be reached.
@@ -330,12 +310,10 @@ fn main() -> Result<ExitCode> {
             cmd: CertsCmd::Dev { domains, out, days },
         } => Ok(cli::certs::run(&out, &domains, days)),
         Cmd::Cluster {
-            cmd:
-                ClusterCmd::Status {
-                    admin,
-                    config,
-                    json,
-                },
+            cmd: ClusterCmd::Status,
+            admin,
+            config,
+            json,
         } => Ok(cli::cluster::status(
             admin.as_deref(),
             config.as_deref(),

@@ -378,10 +378,10 @@ impl Config {
         // not believe a node is clustered or peered when it runs alone.
         match self.cluster.store {
             Store::Etcd { .. } => notes.push(
-                "[cluster] is partly in effect: etcd membership, leader election and shared \
-                 state work; not yet: the peer link between nodes (each node opens its own \
-                 component links), takeover of a dead node's SIP dialogs, and configuration \
-                 replication from the primary"
+                "[cluster] is partly in effect: etcd membership, leader election, shared state \
+                 and configuration replication from the primary work; not yet: the peer link \
+                 between nodes (each node opens its own component links) and takeover of a \
+                 dead node's SIP dialogs"
                     .into(),
             ),
             Store::Memory if !self.cluster.peers.is_empty() => notes.push(
