@@ -36,7 +36,11 @@ impl Legate {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(cfg)
-            .env("LEGATE_LOG", "warn")
+            // LEGATE_BENCH_LOG (e.g. `info,legate::cluster=debug`) to see what a run did.
+            .env(
+                "LEGATE_LOG",
+                std::env::var("LEGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

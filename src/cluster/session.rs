@@ -325,14 +325,18 @@ impl Session {
     /// Whether etcd names the holder of `lease` as the leader (None: etcd did not answer).
     async fn named_leader(&self, lease: i64) -> Option<bool> {
         let name = self.keys.election.clone();
-        let resp = retrying(|| {
+        match retrying(|| {
             let mut ec = self.client.election_client();
             let name = name.clone();
             async move { ec.leader(name).await }
         })
         .await
-        .ok()?;
-        Some(resp.kv().is_some_and(|kv| kv.lease() == lease))
+        {
+            Ok(resp) => Some(resp.kv().is_some_and(|kv| kv.lease() == lease)),
+            // Nobody is elected: certainly not us.
+            Err(StoreError::Unavailable(m)) if m.contains("election: no leader") => Some(false),
+            Err(_) => None,
+        }
     }
 
     /// Deletes our candidate key (etcd's election keys are `<name>/<lease in hex>`).

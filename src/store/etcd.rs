@@ -109,6 +109,8 @@ where
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        // "election: no leader" is an answer (nobody is elected), not a broken path.
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("election: no leader") => false,
         etcd_client::Error::GRpcStatus(s) => matches!(
             s.code(),
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
