@@ -230,6 +230,7 @@ impl Cluster {
                             "peer link between nodes (traffic for a component link held by another node)",
                             "component-link claims and takeover",
                             "takeover of a dead node's SIP dialogs",
+                            "peer TLS enforce and the clustering port",
                         ]),
                     );
                 }
