@@ -473,19 +473,21 @@ impl Inner {
         }
     }
 
-    /// The primary: publishes what it runs now.
-    async fn publish(&self, hub: &Hub, control: &Control) {
+    /// The primary: publishes what it runs now; false when etcd refused it (the caller tries
+    /// again: a change applied here must reach the subordinates once etcd is back).
+    async fn publish(&self, hub: &Hub, control: &Control) -> bool {
         let source = control.source().clone();
         let running = hub.config();
         let p = match tokio::task::spawn_blocking(move || to_publish(&source, &running)).await {
             Ok(Ok(p)) => p,
+            // The running configuration cannot be rendered: trying again changes nothing.
             Ok(Err(e)) => {
                 self.failed_record(format!("cannot publish: {e}")).await;
-                return;
+                return true;
             }
             Err(e) => {
                 self.failed_record(format!("cannot publish: {e}")).await;
-                return;
+                return true;
             }
         };
         let value = serde_json::to_vec(&p).unwrap_or_default();
@@ -509,10 +511,21 @@ impl Inner {
                     *s = Some(p);
                 }
                 self.write_record().await;
+                hub.alarms().clear(
+                    AlarmName::ClusterReplicationFailed,
+                    &hub.config().node.id.to_string(),
+                );
+                true
             }
             Err(e) => {
-                tracing::error!(error = %e, "cluster configuration: publishing failed");
+                tracing::error!(error = %e, "cluster configuration: publishing failed; will retry");
+                hub.alarms().raise(
+                    AlarmName::ClusterReplicationFailed,
+                    &hub.config().node.id.to_string(),
+                    &format!("this primary could not publish its configuration (it runs it; the subordinates do not have it yet): {e}"),
+                );
                 self.failed_record(format!("publishing failed: {e}")).await;
+                false
             }
         }
     }
@@ -827,8 +840,9 @@ pub async fn start(
     });
     register_metrics();
     control.set_replication(Arc::new(Hook(inner.clone())));
-    if inner.is_primary() {
-        inner.publish(&hub, &control).await;
+    if inner.is_primary() && !inner.publish(&hub, &control).await {
+        // Refused at start: the watch loop tries again (a stored permit wakes it at once).
+        inner.publish.notify_one();
     }
     let first = match inner
         .sync(&hub, &control, Trigger::ReplicationAtStart)
@@ -857,6 +871,9 @@ async fn run(
     mut first: Option<i64>,
 ) {
     use etcd_client::{EventType, WatchOptions};
+    // A publication etcd refused (no quorum) is tried again until it lands.
+    let mut republish = false;
+    let mut pause = Duration::from_millis(250);
     loop {
         if *shutdown.borrow() {
             return;
@@ -870,6 +887,12 @@ async fn run(
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        // A reload on the primary while etcd is away: try to publish (and
+                        // say it failed) now, not only once the watch is back.
+                        () = inner.publish.notified() => {
+                            republish = !inner.publish(&hub, &control).await;
+                            continue;
+                        }
                     }
                 }
             },
@@ -890,7 +913,14 @@ async fn run(
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                () = inner.publish.notified() => inner.publish(&hub, &control).await,
+                () = inner.publish.notified() => {
+                    republish = !inner.publish(&hub, &control).await;
+                    pause = Duration::from_millis(250);
+                }
+                _ = tokio::time::sleep(pause), if republish => {
+                    republish = !inner.publish(&hub, &control).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
                 Some(reply) = force.recv() => {
                     let _ = reply.send(inner.force(&hub, &control).await);
                 }

@@ -521,3 +521,58 @@ async fn a_node_missing_from_the_primarys_peers_and_a_second_primary_are_alarmed
     );
     drop(gw3);
 }
+
+/// Without etcd quorum a change on the primary is applied there but cannot be published: the
+/// primary says so (`ClusterReplicationFailed`, the reload itself succeeds), and once quorum
+/// returns the publication is retried by itself and the subordinate takes the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_without_quorum_reaches_the_subordinates_when_quorum_returns() {
+    let mut etcd = Etcd::start(3).expect("three-member etcd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let peers = ["gw1", "gw2"];
+    let toml = |id: &str, partners: &[&str]| {
+        node_toml_with(id, &etcd, partners, "", "gw1", &peers, "quorum-cfg.test")
+    };
+    let p1 = write(dir.path(), "gw1", &toml("gw1", &["partner.test"]));
+    let p2 = write(dir.path(), "gw2", &toml("gw2", &["partner.test"]));
+    let gw1 = Legate::start(&p1, &["admin"]).expect("gw1");
+    let gw2 = Legate::start(&p2, &["admin"]).expect("gw2");
+    wait_for(&[&gw1, &gw2], "both in sync", |s| {
+        let d = primary_digest(s);
+        d.is_some()
+            && peers
+                .iter()
+                .all(|n| record(s, n)["applied_digest"].as_str() == d.as_deref())
+    })
+    .await;
+
+    let edited = toml("gw1", &["partner.test", "added.test"]);
+    etcd.stop(1);
+    etcd.stop(2);
+    std::fs::write(&p1, edited).expect("edit");
+    gw1.signal("HUP").expect("SIGHUP");
+    wait_for(
+        &[&gw1],
+        "applied on the primary, publication refused",
+        |s| domains(s).contains(&"added.test".to_string()) && raised(s, "ClusterReplicationFailed"),
+    )
+    .await;
+    assert_eq!(
+        domains(&status(&gw2).await),
+        ["partner.test"],
+        "not replicated without quorum"
+    );
+
+    etcd.restart(1).expect("member 1 back");
+    etcd.restart(2).expect("member 2 back");
+    wait_for(
+        &[&gw2],
+        "the subordinate takes the retried publication",
+        |s| domains(s).contains(&"added.test".to_string()),
+    )
+    .await;
+    wait_for(&[&gw1], "the primary's alarm clears", |s| {
+        !raised(s, "ClusterReplicationFailed")
+    })
+    .await;
+}
