@@ -68,6 +68,21 @@ pub fn render(doc: &Value, now: u64) -> String {
             .join(", ")
     );
 
+    if doc["cluster"]["role"].is_string() {
+        let _ = writeln!(
+            o,
+            "<p id=\"cluster\">cluster {}: this node is <b>{}</b>; leader {}; {} live member(s)</p>",
+            text(&doc["cluster"]["cluster"]),
+            text(&doc["cluster"]["role"]),
+            if doc["cluster"]["leader"].is_string() {
+                text(&doc["cluster"]["leader"])
+            } else {
+                "none known".to_string()
+            },
+            list(&doc["cluster"]["members"]).len()
+        );
+    }
+
     let _ = write!(
         o,
         "<h2>Listeners</h2>\n<table id=\"listeners\"><tr><th>listener</th><th>address</th></tr>\n"
@@ -266,5 +281,21 @@ mod tests {
             !page.contains("http://") && !page.contains("https://"),
             "no external asset"
         );
+    }
+
+    #[test]
+    fn a_cluster_node_shows_its_role_escaped() {
+        let doc = serde_json::json!({
+            "node": "gw2", "uptime_secs": 1,
+            "cluster": {"cluster": "gw<x>.test", "role": "FOLLOWER", "leader": "gw1",
+                "members": [{"id": "gw1"}, {"id": "gw2"}]},
+        });
+        let page = render(&doc, 10);
+        assert!(
+            page.contains("cluster gw&lt;x&gt;.test: this node is <b>FOLLOWER</b>; leader gw1; 2 live member(s)"),
+            "{page}"
+        );
+        let single = render(&serde_json::json!({"node": "gw1"}), 10);
+        assert!(!single.contains("id=\"cluster\""));
     }
 }

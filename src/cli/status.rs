@@ -98,6 +98,15 @@ fn render(doc: &Value, addr: &str, now: u64) -> String {
             }
         );
     }
+    if let Some(role) = doc["cluster"]["role"].as_str() {
+        let live = doc["cluster"]["members"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            o,
+            "cluster {}: {role}, leader {}, {live} live member(s)  (`legate cluster status` for more)",
+            text(&doc["cluster"]["cluster"]),
+            doc["cluster"]["leader"].as_str().unwrap_or("none known"),
+        );
+    }
     let _ = writeln!(o, "\nlisteners:");
     let _ = writeln!(o, "  admin      {addr}");
     for (kind, key) in [("sip tcp", "tcp"), ("sip tls", "tls")] {
@@ -252,5 +261,23 @@ mod tests {
         assert!(t.contains("xmpp  s2s off"), "{t}");
         assert!(t.contains("action: Check the home node."), "{t}");
         assert!(t.contains("sip   off"), "{t}");
+        assert!(
+            !t.contains("cluster "),
+            "a single node says nothing of a cluster: {t}"
+        );
+    }
+
+    #[test]
+    fn a_cluster_node_shows_its_role_and_the_leader() {
+        let doc = serde_json::json!({
+            "node": "gw2", "uptime_secs": 5,
+            "cluster": {"cluster": "gw.test", "role": "FOLLOWER", "leader": "gw1",
+                "members": [{"id": "gw1"}, {"id": "gw2"}]},
+        });
+        let t = render(&doc, "127.0.0.1:9", 100);
+        assert!(
+            t.contains("cluster gw.test: FOLLOWER, leader gw1, 2 live member(s)"),
+            "{t}"
+        );
     }
 }
