@@ -4,7 +4,7 @@
 //! read from the node's `/status`. Exit codes: 0 in a healthy cluster (a leader is known and
 //! this node is attached), 1 not (no leader, detached, or not clustered), 2 unreachable.
 
-use super::policy::{admin_addr, http};
+use super::policy::admin_addr;
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -20,23 +20,8 @@ pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCod
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
-    let doc: Value = match http(&addr, "GET", "/status") {
-        Ok((200, body)) => match serde_json::from_str(&body) {
-            Ok(d) => d,
-            Err(e) => return unreachable(format!("unreadable /status from {addr}: {e}")),
-        },
-        Ok((401, _)) => {
-            return unreachable(format!(
-                "the node at {addr} wants its admin token (401): give --config with the node's \
-                 configuration (node.admin_token_file), or set LEGATE_ADMIN_TOKEN"
-            ))
-        }
-        Ok((code, body)) => {
-            return unreachable(format!(
-                "the node at {addr} answered {code} to GET /status: {}",
-                body.trim()
-            ))
-        }
+    let doc = match super::status::fetch(&addr) {
+        Ok(d) => d,
         Err(e) => return unreachable(e),
     };
     let cluster = &doc["cluster"];

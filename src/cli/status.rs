@@ -24,30 +24,35 @@ fn has_serious_alarm(doc: &Value) -> bool {
     })
 }
 
+/// The node's `/status` document, or why it could not be read (for `legate status` and
+/// `legate cluster status`).
+pub(super) fn fetch(addr: &str) -> Result<Value, String> {
+    let body = match http(addr, "GET", "/status")? {
+        (200, body) => body,
+        (401, _) => {
+            return Err(format!(
+                "the node at {addr} wants its admin token (401): give --config with the node's \
+                 configuration (node.admin_token_file), or set LEGATE_ADMIN_TOKEN"
+            ))
+        }
+        (code, body) => {
+            return Err(format!(
+                "the node at {addr} answered {code} to GET /status: {}",
+                body.trim()
+            ))
+        }
+    };
+    serde_json::from_str(&body).map_err(|e| format!("unreadable /status from {addr}: {e}"))
+}
+
 pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCode {
     let addr = match admin_addr(admin, config) {
         Ok(a) => a,
         Err(e) => return unreachable(e),
     };
-    let body = match http(&addr, "GET", "/status") {
-        Ok((200, body)) => body,
-        Ok((401, _)) => {
-            return unreachable(format!(
-                "the node at {addr} wants its admin token (401): give --config with the node's \
-                 configuration (node.admin_token_file), or set LEGATE_ADMIN_TOKEN"
-            ))
-        }
-        Ok((code, body)) => {
-            return unreachable(format!(
-                "the node at {addr} answered {code} to GET /status: {}",
-                body.trim()
-            ))
-        }
-        Err(e) => return unreachable(e),
-    };
-    let doc: Value = match serde_json::from_str(&body) {
+    let doc = match fetch(&addr) {
         Ok(d) => d,
-        Err(e) => return unreachable(format!("unreadable /status from {addr}: {e}")),
+        Err(e) => return unreachable(e),
     };
     if json {
         println!("{doc}");

@@ -46,7 +46,7 @@ use crate::node::reload::{self, Outcome, ReloadReport, ReplicationHook, Trigger}
 use crate::node::{ConfigSource, Control};
 use crate::ops::alarms::AlarmName;
 use crate::presence::map::{self, MappingSet, SourceFile};
-use crate::store::etcd::{deadline, retrying};
+use crate::store::etcd::{deadline, kv_get, kv_put};
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 use std::collections::BTreeMap;
@@ -462,12 +462,7 @@ impl Inner {
         }
         let value = serde_json::to_vec(&rec).unwrap_or_default();
         let key = format!("{}{}", self.keys.records, self.node);
-        let res = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let (key, value) = (key.clone(), value.clone());
-            async move { kv.put(key, value, None).await }
-        })
-        .await;
+        let res = kv_put(&self.client, key, value, None).await;
         if let Err(e) = res {
             tracing::warn!(error = %e, "cluster replication: cannot write this node's status");
         }
@@ -492,12 +487,7 @@ impl Inner {
         };
         let value = serde_json::to_vec(&p).unwrap_or_default();
         let key = self.keys.config.clone();
-        let res = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let (key, value) = (key.clone(), value.clone());
-            async move { kv.put(key, value, None).await }
-        })
-        .await;
+        let res = kv_put(&self.client, key, value, None).await;
         match res {
             Ok(_) => {
                 tracing::info!(digest = %p.digest, "cluster configuration published");
@@ -655,27 +645,20 @@ impl Inner {
         trigger: Trigger,
     ) -> Result<i64, String> {
         let key = self.keys.config.clone();
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let key = key.clone();
-            async move { kv.get(key, None).await }
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let resp = kv_get(&self.client, key, None)
+            .await
+            .map_err(|e| e.to_string())?;
         let rev = resp.header().map_or(0, |h| h.revision());
         let published: Option<Published> = resp
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice(kv.value()).ok());
         let prefix = self.keys.records.clone();
-        let recs = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let prefix = prefix.clone();
-            async move {
-                kv.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                    .await
-            }
-        })
+        let recs = kv_get(
+            &self.client,
+            prefix,
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .map_err(|e| e.to_string())?;
         if let Ok(mut r) = self.records.lock() {
@@ -725,13 +708,9 @@ impl Inner {
             *h = None;
         }
         let key = self.keys.config.clone();
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let key = key.clone();
-            async move { kv.get(key, None).await }
-        })
-        .await
-        .map_err(|e| format!("cannot read the primary's configuration from etcd: {e}"))?;
+        let resp = kv_get(&self.client, key, None)
+            .await
+            .map_err(|e| format!("cannot read the primary's configuration from etcd: {e}"))?;
         let p: Published = resp
             .kvs()
             .first()

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::ops::alarms::{AlarmName, Alarms};
-use crate::store::etcd::{deadline, retrying};
+use crate::store::etcd::{deadline, kv_delete, kv_get, kv_put, kv_txn, retrying};
 use crate::store::StoreError;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use std::time::{Duration, Instant};
@@ -168,13 +168,7 @@ async fn register(
                 value.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let done = retrying(|| {
-            let mut kv = client.kv_client();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
-        if done.succeeded() {
+        if kv_txn(client, txn).await?.succeeded() {
             return Ok(lease);
         }
         // Another process with our id registered in between: loop to wait it out.
@@ -194,11 +188,11 @@ async fn grant(client: &Client, ttl: Duration) -> Result<i64, StoreError> {
 }
 
 async fn list_members(client: &Client, keys: &Keys) -> Result<Vec<Member>, StoreError> {
-    let resp = retrying(|| {
-        let mut kv = client.kv_client();
-        let prefix = keys.members.clone();
-        async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
-    })
+    let resp = kv_get(
+        client,
+        keys.members.clone(),
+        Some(GetOptions::new().with_prefix()),
+    )
     .await?;
     Ok(resp
         .kvs()
@@ -342,12 +336,7 @@ impl Session {
     /// Deletes our candidate key (etcd's election keys are `<name>/<lease in hex>`).
     async fn withdraw(&self, lease: i64) {
         let key = format!("{}/{lease:x}", self.keys.election);
-        let _ = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let key = key.clone();
-            async move { kv.delete(key, None).await }
-        })
-        .await;
+        let _ = kv_delete(&self.client, key).await;
     }
 
     /// Waits while the node must stand aside; Some when the term ends meanwhile.
@@ -506,14 +495,12 @@ impl Session {
                 let lease = grant(&self.client, self.ttl).await?;
                 // Our old key may still be there if we stepped down before the server let the
                 // lease expire: it is ours, so it is simply written again under the new lease.
-                retrying(|| {
-                    let mut kv = self.client.kv_client();
-                    let (key, value) = (key.clone(), value.clone());
-                    async move {
-                        kv.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                            .await
-                    }
-                })
+                kv_put(
+                    &self.client,
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
                 .await?;
                 Ok::<i64, StoreError>(lease)
             };

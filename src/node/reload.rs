@@ -329,44 +329,23 @@ pub fn restart_needed(old: &Config, new: &Config, have_server_tls: bool) -> Vec<
     note(old.cluster != new.cluster, "[cluster]");
     note(old.intercluster != new.intercluster, "[intercluster]");
     let (a, b) = (&old.limits, &new.limits);
-    for (changed, key) in [
-        (
-            a.sip_max_message_bytes != b.sip_max_message_bytes,
-            "limits.sip_max_message_bytes",
-        ),
-        (
-            a.sip_max_header_bytes != b.sip_max_header_bytes,
-            "limits.sip_max_header_bytes",
-        ),
-        (
-            a.sip_message_timeout_secs != b.sip_message_timeout_secs,
-            "limits.sip_message_timeout_secs",
-        ),
-        (
-            a.first_request_timeout_secs != b.first_request_timeout_secs,
-            "limits.first_request_timeout_secs",
-        ),
-        (
-            a.max_connections_per_listener != b.max_connections_per_listener,
-            "limits.max_connections_per_listener",
-        ),
-        (
-            a.max_connections_per_peer != b.max_connections_per_peer,
-            "limits.max_connections_per_peer",
-        ),
-        (
-            a.im_session_idle_secs != b.im_session_idle_secs,
-            "limits.im_session_idle_secs",
-        ),
-        (
-            a.outbound_queue_per_domain != b.outbound_queue_per_domain,
-            "limits.outbound_queue_per_domain",
-        ),
-        (
-            a.home_link_alarm_grace_secs != b.home_link_alarm_grace_secs,
-            "limits.home_link_alarm_grace_secs",
-        ),
-    ] {
+    // The key name is built from the field, so the two can never disagree.
+    macro_rules! start_only {
+        ($($f:ident),* $(,)?) => {
+            [$((a.$f != b.$f, concat!("limits.", stringify!($f)))),*]
+        };
+    }
+    for (changed, key) in start_only!(
+        sip_max_message_bytes,
+        sip_max_header_bytes,
+        sip_message_timeout_secs,
+        first_request_timeout_secs,
+        max_connections_per_listener,
+        max_connections_per_peer,
+        im_session_idle_secs,
+        outbound_queue_per_domain,
+        home_link_alarm_grace_secs,
+    ) {
         note(changed, key);
     }
     // Component links are spawned at start for the listed domains; open federation opens

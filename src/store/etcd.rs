@@ -21,8 +21,8 @@ use super::{
     WatchEvent,
 };
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteResponse, EventType, GetOptions, GetResponse,
+    KeyValue, PutOptions, PutResponse, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,6 +105,61 @@ where
     }
 }
 
+/// A KV read through [`retrying`] (every etcd user of the node reads this way).
+pub async fn kv_get(
+    client: &Client,
+    key: impl Into<Vec<u8>>,
+    opts: Option<GetOptions>,
+) -> Result<GetResponse, StoreError> {
+    let key = key.into();
+    retrying(|| {
+        let mut kv = client.kv_client();
+        let (key, opts) = (key.clone(), opts.clone());
+        async move { kv.get(key, opts).await }
+    })
+    .await
+}
+
+/// A KV write through [`retrying`] (a put is idempotent).
+pub async fn kv_put(
+    client: &Client,
+    key: impl Into<Vec<u8>>,
+    value: impl Into<Vec<u8>>,
+    opts: Option<PutOptions>,
+) -> Result<PutResponse, StoreError> {
+    let (key, value) = (key.into(), value.into());
+    retrying(|| {
+        let mut kv = client.kv_client();
+        let (key, value, opts) = (key.clone(), value.clone(), opts.clone());
+        async move { kv.put(key, value, opts).await }
+    })
+    .await
+}
+
+/// A KV delete of one key through [`retrying`].
+pub async fn kv_delete(
+    client: &Client,
+    key: impl Into<Vec<u8>>,
+) -> Result<DeleteResponse, StoreError> {
+    let key = key.into();
+    retrying(|| {
+        let mut kv = client.kv_client();
+        let key = key.clone();
+        async move { kv.delete(key, None).await }
+    })
+    .await
+}
+
+/// A transaction through [`retrying`] (see its note on repeated compare-and-swaps).
+pub async fn kv_txn(client: &Client, txn: Txn) -> Result<TxnResponse, StoreError> {
+    retrying(|| {
+        let mut kv = client.kv_client();
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
+}
+
 /// Errors of the path to a member rather than of the request.
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
@@ -184,12 +239,7 @@ impl Etcd {
     async fn do_get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         check_key(key)?;
         let full = self.full(key);
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let full = full.clone();
-            async move { kv.get(full, None).await }
-        })
-        .await?;
+        let resp = kv_get(&self.client, full, None).await?;
         Ok(resp.kvs().first().and_then(|kv| self.entry(kv)))
     }
 
@@ -204,12 +254,7 @@ impl Etcd {
             if at > 0 {
                 opts = opts.with_revision(at);
             }
-            let resp = retrying(|| {
-                let mut kv = self.client.kv_client();
-                let (from, opts) = (from.clone(), opts.clone());
-                async move { kv.get(from, Some(opts)).await }
-            })
-            .await?;
+            let resp = kv_get(&self.client, from.clone(), Some(opts)).await?;
             if at == 0 {
                 at = resp.header().map_or(0, |h| h.revision());
             }
@@ -232,24 +277,14 @@ impl Etcd {
         check_key(key)?;
         check_value(&value)?;
         let full = self.full(key);
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let (full, value) = (full.clone(), value.clone());
-            async move { kv.put(full, value, None).await }
-        })
-        .await?;
+        let resp = kv_put(&self.client, full, value, None).await?;
         Ok(resp.header().map_or(0, |h| rev(h.revision())))
     }
 
     async fn do_delete(&self, key: &str) -> Result<Option<Revision>, StoreError> {
         check_key(key)?;
         let full = self.full(key);
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let full = full.clone();
-            async move { kv.delete(full, None).await }
-        })
-        .await?;
+        let resp = kv_delete(&self.client, full).await?;
         Ok((resp.deleted() > 0).then(|| resp.header().map_or(0, |h| rev(h.revision()))))
     }
 
@@ -274,12 +309,7 @@ impl Etcd {
             .when([cmp])
             .and_then([TxnOp::put(full.clone(), value, None)])
             .or_else([TxnOp::get(full, None)]);
-        let resp = retrying(|| {
-            let mut kv = self.client.kv_client();
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await?;
+        let resp = kv_txn(&self.client, txn).await?;
         if resp.succeeded() {
             return Ok(Cas::Swapped(resp.header().map_or(0, |h| rev(h.revision()))));
         }
