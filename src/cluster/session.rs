@@ -368,43 +368,50 @@ impl Session {
             return TermEnd::StoodAside;
         }
         let leader_key = loop {
-            let mut ec = self.client.election_client();
-            // `campaign` blocks until elected; it has no deadline on purpose. A broken
-            // connection (one etcd member going away) ends it with an error: campaigning
-            // again on the same lease is idempotent (etcd keys the candidate by lease), so it
-            // is simply retried while the lease lives; the keeper says when it does not.
-            let campaign = ec.campaign(self.keys.election.clone(), id.clone(), lease);
             if let Some(why) = lost.borrow().clone() {
                 return TermEnd::LeaseLost(why);
             }
-            tokio::select! {
-                r = campaign => match r {
-                    // A campaign answered across a broken connection or a quorum change is
-                    // not trusted alone: etcd must name us as the leader.
-                    Ok(mut resp) => match self.named_leader(lease).await {
-                        Some(true) => break resp.take_leader(),
-                        verdict => {
-                            tracing::debug!(?verdict, "cluster: campaign answered but etcd names another leader; campaigning again");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    },
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cluster: campaign interrupted; campaigning again");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                            _ = self.shutdown.changed() => return TermEnd::Shutdown,
+            let mut ec = self.client.election_client();
+            // `campaign` blocks until elected; it has no deadline on purpose. It is never
+            // dropped while it waits unless the term ends: etcd's election server resigns a
+            // campaign whose call is cancelled (it deletes the candidate key, which is keyed by
+            // lease), so a campaign cancelled and sent again would race its own clean-up and
+            // could be "elected" without a key. A broken connection (one etcd member going
+            // away) ends it with an error: campaigning again on the same lease is idempotent,
+            // so it is simply retried while the lease lives; the keeper says when it does not.
+            let campaign = ec.campaign(self.keys.election.clone(), id.clone(), lease);
+            tokio::pin!(campaign);
+            let answered = loop {
+                tokio::select! {
+                    r = &mut campaign => break r,
+                    _ = lost.changed() => {
+                        if let Some(why) = lost.borrow().clone() {
+                            return TermEnd::LeaseLost(why);
                         }
                     }
-                },
-                _ = lost.changed() => {
-                    if let Some(why) = lost.borrow().clone() {
-                        return TermEnd::LeaseLost(why);
+                    _ = self.shutdown.changed() => return TermEnd::Shutdown,
+                    _ = tokio::time::sleep(STAND_ASIDE_POLL) => {
+                        if (self.stand_aside)() {
+                            return TermEnd::StoodAside;
+                        }
                     }
                 }
-                _ = self.shutdown.changed() => return TermEnd::Shutdown,
-                _ = tokio::time::sleep(STAND_ASIDE_POLL) => {
-                    if (self.stand_aside)() {
-                        return TermEnd::StoodAside;
+            };
+            match answered {
+                // A campaign answered across a broken connection or a quorum change is not
+                // trusted alone: etcd must name us as the leader.
+                Ok(mut resp) => match self.named_leader(lease).await {
+                    Some(true) => break resp.take_leader(),
+                    verdict => {
+                        tracing::debug!(?verdict, "cluster: campaign answered but etcd names another leader; campaigning again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster: campaign interrupted; campaigning again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = self.shutdown.changed() => return TermEnd::Shutdown,
                     }
                 }
             }

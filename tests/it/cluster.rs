@@ -118,8 +118,9 @@ async fn wait_for(
         }
         if Instant::now() >= deadline {
             let logs: Vec<String> = nodes.iter().map(|n| n.output()).collect();
+            // The verdict comes last: a CI log shows the tail of a long failure.
             panic!(
-                "{what}: not reached within {WAIT:?}; last: {all:#?}\nlogs:\n{}",
+                "logs:\n{}\n\nlast status: {all:#?}\n{what}: not reached within {WAIT:?}",
                 logs.join("\n----\n")
             );
         }

@@ -4,6 +4,7 @@
 //! killed on drop and every wait is bounded (all of which `common::legate` does).
 
 use anyhow::Result;
+use std::time::Duration;
 
 use crate::common::legate::Legate;
 use crate::sip_ua::{hv, Ua};
@@ -64,8 +65,13 @@ route = "127.0.0.1:5999"
     assert!(status.contains("\"sip\""), "{status}");
     assert!(status.contains(&sip.to_string()), "{status}");
     // stderr is a pipe here, as under systemd or with a log file: no colour codes in it.
+    // stderr is read by its own thread: the INFO lines may land after the stdout ones.
+    legate
+        .wait_output("an INFO log line", Duration::from_secs(10), |t| {
+            t.contains("INFO")
+        })
+        .await?;
     let log = legate.output();
-    assert!(log.contains("INFO"), "{log}");
     assert!(
         !log.contains('\u{1b}'),
         "ANSI escapes in a piped log:\n{log:?}"
