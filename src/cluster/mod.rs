@@ -18,12 +18,16 @@
 //! nodes, component-link claims and takeover of a dead peer's SIP dialogs.
 
 #[cfg(feature = "cluster")]
+pub mod claims;
+#[cfg(feature = "cluster")]
+pub mod peer;
+#[cfg(feature = "cluster")]
 pub mod replication;
 #[cfg(feature = "cluster")]
 mod session;
 mod stores;
 
-pub use stores::NodeStores;
+pub use stores::{NodeStores, Placed};
 
 #[cfg(feature = "cluster")]
 pub use session::{join, StandAside};
@@ -63,7 +67,11 @@ pub fn register_metrics() {
     LazyLock::force(&IS_LEADER);
     LazyLock::force(&MEMBERS);
     #[cfg(feature = "cluster")]
-    replication::register_metrics();
+    {
+        replication::register_metrics();
+        claims::register_metrics();
+        peer::register_metrics();
+    }
 }
 
 /// Most nodes live in one cluster at once (requirements §6, seed 001).
@@ -159,6 +167,8 @@ pub enum ClusterError {
     NoName,
     #[error("cluster state store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("peer link: {0}")]
+    PeerLink(String),
     #[error(
         "cluster.store = \"etcd\" needs a legate built with the `cluster` feature: \
          `cargo build --release --features cluster` (it needs protoc: apt-get install \
@@ -173,22 +183,57 @@ pub enum ClusterError {
 pub struct Cluster {
     state: Arc<Mutex<Status>>,
     role: tokio::sync::watch::Receiver<Role>,
+    /// The etcd lease of the current term; `None` while detached.
+    lease: tokio::sync::watch::Receiver<Option<i64>>,
     /// The session task, awaited by [`Cluster::left`] at shutdown.
     session: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 impl Cluster {
-    fn new(status: Status) -> (Self, tokio::sync::watch::Sender<Role>) {
+    fn new(status: Status, lease: i64) -> (Self, Senders) {
         let (tx, rx) = tokio::sync::watch::channel(status.role);
+        let (lease_tx, lease_rx) = tokio::sync::watch::channel(Some(lease));
         (
             Self {
                 state: Arc::new(Mutex::new(status)),
                 role: rx,
+                lease: lease_rx,
                 session: Arc::new(Mutex::new(None)),
             },
-            tx,
+            Senders {
+                role: tx,
+                lease: lease_tx,
+            },
         )
+    }
+
+    /// Follows the etcd lease of the node's current term (`None` while detached): what this
+    /// node writes under its lease (component-link claims) is written again under each new one.
+    pub fn watch_lease(&self) -> tokio::sync::watch::Receiver<Option<i64>> {
+        self.lease.clone()
+    }
+
+    /// The node ids of the live members that take part in federation (all live members when
+    /// none does), sorted.
+    pub fn federation_members(&self) -> Vec<String> {
+        let members = self.status().map(|s| s.members).unwrap_or_default();
+        let mut fed: Vec<String> = members
+            .iter()
+            .filter(|m| m.federation)
+            .map(|m| m.id.clone())
+            .collect();
+        if fed.is_empty() {
+            fed = members.into_iter().map(|m| m.id).collect();
+        }
+        fed.sort();
+        fed.dedup();
+        fed
+    }
+
+    /// The node id of this node.
+    pub fn node_id(&self) -> String {
+        self.status().map(|s| s.node).unwrap_or_default()
     }
 
     fn set_session(&self, task: tokio::task::JoinHandle<()>) {
@@ -247,6 +292,22 @@ impl Cluster {
     }
 }
 
+/// The `cluster.peers` entry of node `id`.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) fn peer_entry<'a>(
+    cfg: &'a crate::config::Config,
+    id: &str,
+) -> Option<&'a crate::config::ClusterPeer> {
+    cfg.cluster.peers.iter().find(|p| p.name.to_string() == id)
+}
+
+/// What the session task sets in the [`Cluster`] handle.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct Senders {
+    pub role: tokio::sync::watch::Sender<Role>,
+    pub lease: tokio::sync::watch::Sender<Option<i64>>,
+}
+
 #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
@@ -298,22 +359,25 @@ mod tests {
 
     #[test]
     fn status_json_names_the_role_and_what_is_not_built() {
-        let (c, _tx) = Cluster::new(Status {
-            node: "gw1".into(),
-            cluster: "gw.example.com".into(),
-            role: Role::Leader,
-            leader: Some("gw1".into()),
-            members: vec![],
-            last_change: 0,
-            last_change_text: String::new(),
-            elections_won: 1,
-            lease_losses: 0,
-            lease_ttl_secs: 5,
-            etcd_endpoints: vec![],
-            last_compaction: None,
-            configured_peers: vec![],
-            tls: TlsInUse::default(),
-        });
+        let (c, _senders) = Cluster::new(
+            Status {
+                node: "gw1".into(),
+                cluster: "gw.example.com".into(),
+                role: Role::Leader,
+                leader: Some("gw1".into()),
+                members: vec![],
+                last_change: 0,
+                last_change_text: String::new(),
+                elections_won: 1,
+                lease_losses: 0,
+                lease_ttl_secs: 5,
+                etcd_endpoints: vec![],
+                last_compaction: None,
+                configured_peers: vec![],
+                tls: TlsInUse::default(),
+            },
+            1,
+        );
         let v = c.status_json();
         assert_eq!(v["role"], "LEADER");
         assert!(v["not_built_yet"].as_array().is_some_and(|a| !a.is_empty()));

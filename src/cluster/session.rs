@@ -56,12 +56,7 @@ pub async fn join(
         .ok_or(ClusterError::NoName)?
         .to_string();
     let id = config.node.id.to_string();
-    let me = config
-        .cluster
-        .peers
-        .iter()
-        .find(|p| p.name.to_string() == id)
-        .ok_or_else(|| ClusterError::NotAPeer(id.clone()))?;
+    let me = super::peer_entry(config, &id).ok_or_else(|| ClusterError::NotAPeer(id.clone()))?;
     let member = Member {
         id: id.clone(),
         address: me.address.to_string(),
@@ -75,40 +70,43 @@ pub async fn join(
         crate::config::Store::Etcd { endpoints } => endpoints.clone(),
         crate::config::Store::Memory => Vec::new(),
     };
-    let (cluster, role_tx) = Cluster::new(Status {
-        node: id.clone(),
-        cluster: name,
-        role: Role::Follower,
-        leader: None,
-        members: vec![member.clone()],
-        last_change: super::unix_now(),
-        last_change_text: "joined as follower".into(),
-        elections_won: 0,
-        lease_losses: 0,
-        lease_ttl_secs: ttl.as_secs(),
-        etcd_endpoints: endpoints,
-        last_compaction: None,
-        configured_peers: config
-            .cluster
-            .peers
-            .iter()
-            .map(|p| Member {
-                id: p.name.to_string(),
-                address: p.address.to_string(),
-                federation: p.federation,
-                since: 0,
-            })
-            .collect(),
-        tls: super::TlsInUse {
-            cert: config.tls.cert.as_ref().map(|p| p.display().to_string()),
-            key: config.tls.key.as_ref().map(|p| p.display().to_string()),
-            trust_bundle: config
-                .tls
-                .trust_bundle
-                .as_ref()
-                .map(|p| p.display().to_string()),
+    let (cluster, senders) = Cluster::new(
+        Status {
+            node: id.clone(),
+            cluster: name,
+            role: Role::Follower,
+            leader: None,
+            members: vec![member.clone()],
+            last_change: super::unix_now(),
+            last_change_text: "joined as follower".into(),
+            elections_won: 0,
+            lease_losses: 0,
+            lease_ttl_secs: ttl.as_secs(),
+            etcd_endpoints: endpoints,
+            last_compaction: None,
+            configured_peers: config
+                .cluster
+                .peers
+                .iter()
+                .map(|p| Member {
+                    id: p.name.to_string(),
+                    address: p.address.to_string(),
+                    federation: p.federation,
+                    since: 0,
+                })
+                .collect(),
+            tls: super::TlsInUse {
+                cert: config.tls.cert.as_ref().map(|p| p.display().to_string()),
+                key: config.tls.key.as_ref().map(|p| p.display().to_string()),
+                trust_bundle: config
+                    .tls
+                    .trust_bundle
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            },
         },
-    });
+        lease,
+    );
     tracing::info!(node = %id, lease_ttl_secs = ttl.as_secs(), "joined the cluster");
     MEMBERS.set(1);
     IS_LEADER.set(0);
@@ -118,7 +116,7 @@ pub async fn join(
         member,
         ttl,
         cluster: cluster.clone(),
-        role_tx,
+        senders,
         alarms,
         shutdown,
         stand_aside,
@@ -207,7 +205,7 @@ struct Session {
     member: Member,
     ttl: Duration,
     cluster: Cluster,
-    role_tx: watch::Sender<Role>,
+    senders: super::Senders,
     alarms: Alarms,
     shutdown: watch::Receiver<bool>,
     stand_aside: StandAside,
@@ -257,6 +255,7 @@ impl Session {
                 TermEnd::LeaseLost(why) => {
                     EVENTS.with_label_values(&["lease_lost"]).inc();
                     tracing::warn!(reason = %why, "cluster: lost the etcd lease; this node is detached and serves traffic on cached state");
+                    let _ = self.senders.lease.send(None);
                     self.set_role(Role::Detached, format!("lost the etcd lease: {why}"));
                     self.cluster.update(|s| s.lease_losses += 1);
                     self.alarms
@@ -266,6 +265,7 @@ impl Session {
             match self.rejoin().await {
                 Some(l) => {
                     lease = l;
+                    let _ = self.senders.lease.send(Some(l));
                     self.alarms
                         .clear(AlarmName::ClusterStoreUnreachable, &self.member.id);
                     self.set_role(Role::Follower, "joined again as follower".into());
@@ -277,7 +277,7 @@ impl Session {
     }
 
     fn set_role(&self, role: Role, text: String) {
-        let was = *self.role_tx.borrow();
+        let was = *self.senders.role.borrow();
         if was == Role::Leader && role != Role::Leader {
             EVENTS.with_label_values(&["stepped_down"]).inc();
         }
@@ -292,7 +292,7 @@ impl Session {
                 s.leader = None;
             }
         });
-        let _ = self.role_tx.send(role);
+        let _ = self.senders.role.send(role);
     }
 
     /// One term on `lease`: keep it alive, campaign, lead; returns why it ended.

@@ -20,6 +20,15 @@ pub enum NodeStores {
     Etcd(Box<EtcdStores>),
 }
 
+/// What [`NodeStores::placement`] starts.
+pub struct Placed {
+    pub placement: Arc<dyn crate::xmpp::link::placement::Placement>,
+    /// The clustering port as bound.
+    pub bound: std::net::SocketAddr,
+    /// `/status`'s `cluster.links`: each followed link and its holder.
+    pub status: crate::gateway::hub::StatusProvider,
+}
+
 /// The etcd side of [`NodeStores`].
 #[cfg(feature = "cluster")]
 pub struct EtcdStores {
@@ -127,6 +136,59 @@ impl NodeStores {
                 super::replication::start(e.client.clone(), hub.clone(), control.clone(), shutdown)
                     .await,
             ),
+        }
+    }
+
+    /// In a cluster: starts the component-link claims and the peer link (bound on this
+    /// node's clustering address), and returns the links' placement, the bound address and the
+    /// `/status` provider of who holds which link. None on the embedded store.
+    pub async fn placement(
+        &self,
+        hub: &Arc<crate::gateway::Hub>,
+        cluster: &Cluster,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Option<Placed>, ClusterError> {
+        match self {
+            NodeStores::Embedded(_) => {
+                let _ = (hub, cluster, shutdown);
+                Ok(None)
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => {
+                let name = hub
+                    .config()
+                    .cluster
+                    .name
+                    .as_ref()
+                    .ok_or(ClusterError::NoName)?
+                    .to_string();
+                let claims = super::claims::Claims::start(
+                    e.client.clone(),
+                    &name,
+                    cluster.clone(),
+                    shutdown.clone(),
+                );
+                let (link, bound) =
+                    super::peer::PeerLink::start(hub.clone(), claims.clone(), shutdown)
+                        .await
+                        .map_err(|e| ClusterError::PeerLink(e.to_string()))?;
+                let status = claims.clone();
+                Ok(Some(Placed {
+                    placement: Arc::new(super::peer::ClusterPlacement { claims, link }),
+                    bound,
+                    status: Arc::new(move || {
+                        serde_json::Value::Array(
+                            status
+                                .snapshot()
+                                .into_iter()
+                                .map(|(link, holder)| {
+                                    serde_json::json!({"link": link, "holder": holder})
+                                })
+                                .collect(),
+                        )
+                    }),
+                }))
+            }
         }
     }
 

@@ -547,6 +547,36 @@ impl Hub {
         Handed::Gone(d)
     }
 
+    /// Puts an envelope another cluster node handed over into the outbox of this node's
+    /// component link to `home_node` for the envelope's sender domain, waiting for room up to
+    /// `limit` (the peer link's reader is slowed as a local reader would be). Routing and
+    /// policy were applied by the node that received it.
+    pub async fn accept_handed(
+        &self,
+        home_node: &Arc<str>,
+        env: Envelope,
+        limit: Duration,
+    ) -> crate::xmpp::link::placement::Handed {
+        use crate::xmpp::link::placement::Handed;
+        let d = Delivery {
+            link: Link::Component {
+                home_node: home_node.clone(),
+            },
+            envelope: env,
+        };
+        let Some(tx) = self.outbox(&d) else {
+            return Handed::NotHolder;
+        };
+        match tx.send_timeout(d, limit).await {
+            Ok(()) => {
+                self.note_room(true, &tx);
+                Handed::Accepted
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Handed::Timeout,
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Handed::NotHolder,
+        }
+    }
+
     /// Sends directly to a link without waiting (bounces, edges answering on their own link).
     pub fn deliver(&self, d: Delivery) -> bool {
         matches!(self.try_deliver(d), Handed::Sent)

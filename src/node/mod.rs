@@ -230,15 +230,27 @@ impl Node {
                 draining,
             )
             .await?;
+        let mut placement = None;
         if let Some(cluster) = cluster.clone() {
             // The subordinates take the primary's cluster-wide configuration before binding.
             let replication = stores.replicate(&hub, &control, shutdown.clone()).await;
+            let placed = stores.placement(&hub, &cluster, shutdown.clone()).await?;
+            let links = placed.as_ref().map(|p| p.status.clone());
+            if let Some(p) = placed {
+                announce("cluster", p.bound);
+                placement = Some(p.placement);
+            }
             hub.add_status(
                 "cluster",
                 Arc::new(move || {
                     let mut v = cluster.status_json();
-                    if let (Some(r), Some(o)) = (&replication, v.as_object_mut()) {
-                        o.insert("replication".into(), r());
+                    if let Some(o) = v.as_object_mut() {
+                        if let Some(r) = &replication {
+                            o.insert("replication".into(), r());
+                        }
+                        if let Some(l) = &links {
+                            o.insert("links".into(), l());
+                        }
                     }
                     v
                 }),
@@ -349,6 +361,7 @@ impl Node {
             Some(Box::new(move |d: &Domain| {
                 let _ = opened_tx.send(d.clone());
             })),
+            placement,
         );
         tasks.spawn(federation::write_opened_domains(
             store.clone(),
@@ -402,6 +415,7 @@ impl Node {
                                 "last_failure": s.last_failure.map(|(label, text)| format!("{label}: {text}")),
                                 "last_failure_age_secs": s.last_failure_at.map(|t| t.elapsed().as_secs()),
                                 "queued": s.queued,
+                                "held_by": s.held_by,
                             })
                         })
                         .collect(),

@@ -397,7 +397,8 @@ impl Etcd {
     }
 }
 
-async fn open_watch(
+/// Opens a prefix watch on `full` from revision `start` (0: from now), through [`retrying`].
+pub(crate) async fn open_watch(
     client: &Client,
     full: &str,
     start: i64,

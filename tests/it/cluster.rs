@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::legate::Legate;
+use common::ports::named_port;
 
 // Short enough to keep the tests quick, long enough (2 s before stepping down) that an etcd
 // member's own re-election on a loaded 2-core machine is not mistaken for a lost etcd.
@@ -20,11 +21,10 @@ const WAIT: Duration = Duration::from_secs(20);
 fn node_toml(id: &str, cluster: &str, etcd: &Etcd, peers: &[&str]) -> String {
     let peers: String = peers
         .iter()
-        .enumerate()
-        .map(|(i, p)| {
+        .map(|p| {
             format!(
                 "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                7400 + i
+                named_port(&format!("{cluster}/{p}"))
             )
         })
         .collect();
@@ -323,7 +323,10 @@ async fn a_seventh_node_and_a_duplicate_node_id_are_refused() {
     )
     .await;
     assert!(
-        err.contains("node.id `gw1` is already registered by a live node at 127.0.0.1:7400"),
+        err.contains(&format!(
+            "node.id `gw1` is already registered by a live node at 127.0.0.1:{}",
+            named_port("dup.test/gw1")
+        )),
         "{err}"
     );
     assert!(

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::legate::Legate;
+use common::ports::named_port;
 
 const CLUSTER: &str = "cfg.test";
 const WAIT: Duration = Duration::from_secs(20);
@@ -37,11 +38,10 @@ fn node_toml_with(
 ) -> String {
     let peers: String = peers
         .iter()
-        .enumerate()
-        .map(|(i, p)| {
+        .map(|p| {
             format!(
                 "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                7500 + i
+                named_port(&format!("{cluster}/{p}"))
             )
         })
         .collect();

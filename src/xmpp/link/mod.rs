@@ -31,6 +31,7 @@
 //! down is bounced with `remote-server-timeout`. What the home node sends is submitted with
 //! `submit_wait` too, so a slow s2s or SIP destination slows the home node's stream.
 
+pub mod placement;
 pub mod queue;
 mod session;
 
@@ -82,7 +83,8 @@ static DISCONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static STANZAS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     metrics::counter_vec(
         METRIC_STANZAS,
-        "Stanzas on component links by direction (in = from the home node) and kind",
+        "Stanzas on component links by direction (in = from the home node, out = to it, \
+         handed = to the cluster node holding the link) and kind",
         &["direction", "kind"],
     )
 });
@@ -302,6 +304,9 @@ pub struct ComponentStatus {
     pub last_failure_at: Option<std::time::Instant>,
     /// Deliveries waiting in this link's queue.
     pub queued: usize,
+    /// In a cluster, the node holding this link when it is not this one (empty: not settled
+    /// yet); `None` when this node holds it.
+    pub held_by: Option<String>,
 }
 
 /// Shared status of every component connection, keyed by (home node, domain).
@@ -417,6 +422,7 @@ struct Spawner {
     settings: LinkSettings,
     status: LinkStatus,
     shutdown: watch::Receiver<bool>,
+    placement: Option<Arc<dyn placement::Placement>>,
 }
 
 impl Spawner {
@@ -444,6 +450,7 @@ impl Spawner {
                 settings: self.settings.clone(),
                 resolver: self.resolver.clone(),
                 status: self.status.clone(),
+                placement: self.placement.clone(),
             };
             let span = tracing::info_span!("component", home_node = %name, domain = %domain);
             out.push(link.run(rx, self.shutdown.clone()).instrument(span));
@@ -464,13 +471,14 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> ComponentLinks {
-    spawn_with(hub, resolver, settings, shutdown, tasks, None)
+    spawn_with(hub, resolver, settings, shutdown, tasks, None, None)
 }
 
 /// Called with each domain open federation opens (the node writes it to its state store).
 pub type OnOpen = Box<dyn Fn(&Domain) + Send + Sync>;
 
-/// [`spawn`], telling `on_open` of every domain opened on demand.
+/// [`spawn`], telling `on_open` of every domain opened on demand; in a cluster, each link
+/// follows `placement` to know whether this node holds it.
 pub fn spawn_with(
     hub: Arc<Hub>,
     resolver: Option<Resolver>,
@@ -478,6 +486,7 @@ pub fn spawn_with(
     shutdown: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
     on_open: Option<OnOpen>,
+    placement: Option<Arc<dyn placement::Placement>>,
 ) -> ComponentLinks {
     let cfg = hub.config();
     let domains = served_domains(&cfg);
@@ -494,6 +503,7 @@ pub fn spawn_with(
         settings,
         status: status.clone(),
         shutdown,
+        placement,
     };
     for domain in &domains {
         for task in spawner.links(domain) {

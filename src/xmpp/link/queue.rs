@@ -70,6 +70,22 @@ impl<T> WaitQueue<T> {
         self.items.pop_front().map(|(_, item)| item)
     }
 
+    /// Takes up to `n` of the oldest entries with the time each was queued (a batch handed
+    /// to another node, which may have to come back with [`Self::restore`]).
+    pub fn take_timed(&mut self, n: usize) -> Vec<(Instant, T)> {
+        let n = n.min(self.items.len());
+        self.items.drain(..n).collect()
+    }
+
+    /// Puts entries taken with [`Self::take_timed`] back at the front, in their order and
+    /// with their original times (so they still expire when they would have). May exceed the
+    /// capacity by what was taken out, never more.
+    pub fn restore(&mut self, taken: Vec<(Instant, T)>) {
+        for e in taken.into_iter().rev() {
+            self.items.push_front(e);
+        }
+    }
+
     /// Takes everything (shutdown).
     pub fn drain(&mut self) -> Vec<T> {
         self.items.drain(..).map(|(_, item)| item).collect()
@@ -97,5 +113,25 @@ mod tests {
         assert_eq!(q.next_expiry(), None);
         q.push(t0, 4).ok();
         assert_eq!(q.drain(), vec![4]);
+    }
+
+    #[test]
+    fn a_batch_taken_and_restored_keeps_its_order_and_times() {
+        let t0 = Instant::now();
+        let mut q = WaitQueue::new(3, Duration::from_secs(30));
+        for (i, n) in [1, 2, 3].into_iter().enumerate() {
+            q.push(t0 + Duration::from_secs(i as u64), n).ok();
+        }
+        let taken = q.take_timed(2);
+        assert_eq!(taken.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(q.len(), 1);
+        // Room was made: a new delivery comes in behind the batch that is out.
+        q.push(t0 + Duration::from_secs(5), 4).ok();
+        q.restore(taken);
+        assert_eq!(q.len(), 4);
+        assert_eq!(q.next_expiry(), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(q.expire(t0 + Duration::from_secs(31)), vec![1, 2]);
+        assert_eq!(q.drain(), vec![3, 4]);
+        assert!(q.take_timed(5).is_empty());
     }
 }

@@ -3,6 +3,7 @@
 //! until the stream ends; back off and start over. The task owns the socket, the framer, the
 //! machine, the wait queue and the backoff; it decides nothing about routing (the hub does).
 
+use super::placement::{Handed, Holder, Placement};
 use super::queue::WaitQueue;
 use super::{
     bounce, read_secret, BounceReason, LinkError, LinkSettings, LinkStatus, CONNECTS, DISCONNECTS,
@@ -30,6 +31,9 @@ use tokio::sync::{mpsc, watch};
 /// What a component link writes when the node stops (after a drain, on SIGTERM).
 const SYSTEM_SHUTDOWN: &[u8] = b"<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>the gateway is shutting down</text></stream:error></stream:stream>";
 
+/// Pause before handing deliveries again to a holder that could not take them.
+const RELAY_RETRY: Duration = Duration::from_millis(200);
+
 /// Most deliveries written in one batch (one syscall) before the task looks at reads again.
 const WRITE_BATCH: usize = 64;
 
@@ -41,6 +45,8 @@ pub(crate) struct Component {
     pub settings: LinkSettings,
     pub resolver: Option<Resolver>,
     pub status: LinkStatus,
+    /// In a cluster, who holds this link; `None` on a single node (it holds every link).
+    pub placement: Option<Arc<dyn Placement>>,
 }
 
 /// How one connection ended.
@@ -53,6 +59,8 @@ enum End {
         lasted: Duration,
     },
     Shutdown,
+    /// The link moved to another node (cluster): the connection was closed on purpose.
+    Released,
 }
 
 /// The per-link state that survives reconnections.
@@ -83,9 +91,23 @@ impl Component {
             rx_closed: false,
         };
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
+        // A single node holds every link; the sender is kept so `changed` never fires.
+        let (_single, single) = watch::channel(Holder::Me);
+        let mut holder = match &self.placement {
+            Some(p) => p.follow(&self.home_node, &self.domain),
+            None => single,
+        };
         'rounds: loop {
             if *shutdown.borrow() {
                 break;
+            }
+            if *holder.borrow() != Holder::Me {
+                if self.relay(&mut pending, &mut holder, &mut shutdown).await {
+                    break;
+                }
+                // Now the holder: connect at once.
+                backoff.reset();
+                continue;
             }
             // A DNS lookup can take seconds; shutdown must not wait for it.
             let targets = tokio::select! {
@@ -105,10 +127,11 @@ impl Component {
                 Ok((targets, secret)) => {
                     for addr in targets {
                         match self
-                            .connect(addr, &secret, &mut pending, &mut shutdown)
+                            .connect(addr, &secret, &mut pending, &mut holder, &mut shutdown)
                             .await
                         {
                             End::Shutdown => break 'rounds,
+                            End::Released => continue 'rounds,
                             End::Failed(e) => self.record_failure(&e, Some(addr)),
                             End::Dropped { error, lasted } => {
                                 self.record_drop(&error, addr, lasted);
@@ -130,7 +153,10 @@ impl Component {
                 delay_ms = delay.as_millis() as u64,
                 "reconnecting after backoff"
             );
-            if self.wait(delay, &mut pending, &mut shutdown).await {
+            if self
+                .wait(delay, &mut pending, &mut holder, &mut shutdown)
+                .await
+            {
                 break;
             }
         }
@@ -151,6 +177,111 @@ impl Component {
         }
         self.status
             .update(&self.home_node, &self.domain, |s| s.queued = 0);
+    }
+
+    /// While another node holds the link (or nobody does yet): hands what the outbox receives
+    /// to the holder, in order, in batches; what the holder cannot take stays queued (and
+    /// expires as it would while a connection is down). Returns when this node becomes the
+    /// holder (false) or on shutdown (true).
+    async fn relay(
+        &self,
+        p: &mut Pending,
+        holder: &mut watch::Receiver<Holder>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            let now_holding = holder.borrow_and_update().clone();
+            self.status.update(&self.home_node, &self.domain, |s| {
+                s.held_by = match &now_holding {
+                    Holder::Me => None,
+                    Holder::Peer(n) => Some(n.to_string()),
+                    Holder::Unknown => Some(String::new()),
+                };
+            });
+            let (peer, placement) = match (&now_holding, &self.placement) {
+                (Holder::Me, _) | (_, None) => return false,
+                (Holder::Peer(peer), Some(pl)) if !p.queue.is_empty() => (peer.clone(), pl),
+                // Nothing to hand over, or nobody to hand it to: wait for either.
+                _ => {
+                    let expiry = p.queue.next_expiry().map(to_tokio);
+                    tokio::select! {
+                        r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return true; },
+                        _ = holder.changed() => {}
+                        d = p.rx.recv(), if p.can_hold() => {
+                            self.enqueue(p, d);
+                            while p.can_hold() {
+                                match p.rx.try_recv() {
+                                    Ok(d) => self.enqueue(p, Some(d)),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        _ = sleep_opt(expiry) => self.expire(p),
+                    }
+                    continue;
+                }
+            };
+            let batch = p.queue.take_timed(WRITE_BATCH);
+            let envelopes: Vec<Envelope> = batch.iter().map(|(_, e)| e.clone()).collect();
+            let call = placement.hand(peer.clone(), self.home_node.clone(), &envelopes);
+            let answer = tokio::select! {
+                a = call => a,
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() {
+                    p.queue.restore(batch);
+                    return true;
+                } else {
+                    p.queue.restore(batch);
+                    continue;
+                },
+            };
+            let mut kept = Vec::new();
+            match answer {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (at, env) in batch {
+                        match outcomes.next() {
+                            Some(Handed::Accepted) => {
+                                QUEUE_DEPTH.dec();
+                                STANZAS
+                                    .with_label_values(&["handed", env.kind_label()])
+                                    .inc();
+                            }
+                            Some(Handed::Timeout) => {
+                                QUEUE_DEPTH.dec();
+                                bounce(
+                                    &self.hub,
+                                    &self.home_node,
+                                    &env,
+                                    BounceReason::QueueTimeout,
+                                );
+                            }
+                            Some(Handed::Invalid) => {
+                                QUEUE_DEPTH.dec();
+                                bounce(&self.hub, &self.home_node, &env, BounceReason::Encode);
+                            }
+                            Some(Handed::NotHolder) | None => kept.push((at, env)),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %LogSafe(&e), "cannot hand deliveries to the node holding the link; keeping them");
+                    kept = batch;
+                }
+            }
+            let stuck = !kept.is_empty();
+            p.queue.restore(kept);
+            let n = p.queue.len();
+            self.status
+                .update(&self.home_node, &self.domain, |s| s.queued = n);
+            if stuck {
+                // The holder is unreachable or has moved: wait for news, briefly.
+                tokio::select! {
+                    r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return true; },
+                    _ = holder.changed() => {}
+                    _ = tokio::time::sleep(RELAY_RETRY) => {}
+                }
+            }
+        }
     }
 
     fn origin(&self) -> Origin {
@@ -240,6 +371,7 @@ impl Component {
         &self,
         delay: Duration,
         p: &mut Pending,
+        holder: &mut watch::Receiver<Holder>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let until = tokio::time::Instant::now() + delay;
@@ -247,6 +379,8 @@ impl Component {
             let expiry = p.queue.next_expiry().map(to_tokio);
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return false,
+                // The link moved to another node: stop waiting to reconnect.
+                _ = holder.changed() => if *holder.borrow() != Holder::Me { return false; },
                 r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return true; },
                 d = p.rx.recv(), if p.can_hold() => self.enqueue(p, d),
                 _ = sleep_opt(expiry) => self.expire(p),
@@ -284,6 +418,7 @@ impl Component {
         addr: SocketAddr,
         secret: &str,
         p: &mut Pending,
+        holder: &mut watch::Receiver<Holder>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let timeout = self.settings.handshake_timeout;
@@ -301,6 +436,7 @@ impl Component {
                         Err(ConnectError::Timeout { .. }) => return End::Failed(LinkError::Handshake(crate::xmpp::component::ComponentFailure::Timeout)),
                     },
                     r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return End::Shutdown; },
+                    _ = holder.changed() => if *holder.borrow() != Holder::Me { return End::Released; },
                     d = p.rx.recv(), if p.can_hold() => self.enqueue(p, d),
                     _ = sleep_opt(expiry) => self.expire(p),
                 }
@@ -347,6 +483,17 @@ impl Component {
                     let _ = wr.shutdown().await;
                     if up { self.mark_down(); }
                     return End::Shutdown;
+                },
+                _ = holder.changed() => if *holder.borrow() != Holder::Me {
+                    // Another node holds the link now (this node lost its claim): close our
+                    // stream so the home node accepts the holder's (Prosody takes one per
+                    // component). What was written is the home node's; what waits here is
+                    // handed to the holder.
+                    tracing::info!("component link released: another gateway node holds it now");
+                    let _ = self.write(&mut wr, b"</stream:stream>").await;
+                    let _ = wr.shutdown().await;
+                    if up { self.mark_down(); }
+                    return End::Released;
                 },
                 n = rd.read(&mut buf) => {
                     let n = match n {

@@ -57,3 +57,19 @@ pub fn free_port(ip: IpAddr) -> u16 {
 pub fn free_local_port() -> u16 {
     free_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
+
+/// The same free port on 127.0.0.1 for the same `name` within this test process: the
+/// clustering ports of a test cluster's peers, which every node's configuration lists alike.
+pub fn named_port(name: &str) -> u16 {
+    static NAMED: OnceLock<Mutex<std::collections::HashMap<String, u16>>> = OnceLock::new();
+    let mut map = NAMED
+        .get_or_init(|| Mutex::new(std::collections::HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = map.get(name) {
+        return *p;
+    }
+    let p = free_local_port();
+    map.insert(name.to_string(), p);
+    p
+}
