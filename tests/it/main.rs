@@ -20,6 +20,8 @@ mod cluster;
 #[cfg(feature = "cluster")]
 mod cluster_config;
 #[cfg(feature = "cluster")]
+mod cluster_links;
+#[cfg(feature = "cluster")]
 mod cluster_store;
 mod component_link;
 mod config;

@@ -1,0 +1,260 @@
+//! Component links in a cluster (issue 12 item 2), end to end: a real three-member etcd, two
+//! `legate run` nodes, one real Prosody home node that accepts one connection per component.
+//! - exactly one node holds the `partner.test` component link; the other never connects it;
+//! - a pager MESSAGE a Lync-like edge sends to the node that does not hold the link reaches the
+//!   Prosody user: handed to the holder over the peer link (mutual TLS);
+//! - killing the holder (SIGKILL) moves the link to the survivor within the lease TTL + 1 s,
+//!   and a MESSAGE accepted by the survivor while the holder was dying is delivered, not lost.
+
+use crate::common;
+use crate::sip_ua;
+
+use anyhow::{Context, Result};
+use common::certs::{CertFactory, Leaf};
+use common::etcd::Etcd;
+use common::legate::Legate;
+use common::ports::named_port;
+use common::prosody::{Prosody, ProsodyConfig};
+use common::xmpp_client::{ClientConfig, XmppClient};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "cluster-links-component-secret-42";
+const WAIT: Duration = Duration::from_secs(20);
+const TTL_SECS: u64 = 3;
+const CLUSTER: &str = "links.test";
+const LINK: &str = "hn1/partner.test";
+
+fn node_toml(
+    id: &str,
+    dir: &Path,
+    certs: &CertFactory,
+    ours: &Leaf,
+    etcd: &Etcd,
+    component: SocketAddr,
+) -> String {
+    let peers: String = ["gw1", "gw2"]
+        .iter()
+        .map(|p| {
+            format!(
+                "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
+                named_port(&format!("{CLUSTER}/{p}"))
+            )
+        })
+        .collect();
+    format!(
+        r#"[node]
+id = "{id}"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "127.0.0.1:0"
+sip_tcp = "off"
+xmpp_s2s = "off"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "127.0.0.1:9"
+[[home_node]]
+name = "hn1"
+addresses = ["{component}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+[cluster]
+name = "{CLUSTER}"
+store = "etcd"
+etcd_endpoints = {endpoints}
+lease_ttl_secs = {TTL_SECS}
+{peers}
+"#,
+        data = dir.display(),
+        cert = ours.cert.display(),
+        key = ours.key.display(),
+        ca = certs.ca_path().display(),
+        endpoints = etcd.endpoints_toml(),
+    )
+}
+
+/// Who `node` says holds the link ("" while not settled).
+async fn holder(node: &Legate) -> String {
+    let Ok(response) = node.http_get("/status").await else {
+        return String::new();
+    };
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["cluster"]["links"]
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["link"] == LINK))
+        .and_then(|l| l["holder"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn pager(ua: &mut sip_ua::Ua, n: u32, body: &str) -> Result<Option<u16>> {
+    let b = ua.branch();
+    ua.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@partner.test>;tag=cl{n}"),
+            "To: <sip:alice@example.test>",
+            &format!("Call-ID: cluster-links-{n}"),
+            &format!("CSeq: {n} MESSAGE"),
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        body.as_bytes(),
+    )
+    .await?;
+    Ok(ua.response().await?.status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it_over() -> Result<()>
+{
+    let etcd = Etcd::start(3).context("three-member etcd")?;
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.test"]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let prosody = Prosody::start(
+        ProsodyConfig::new(std::net::Ipv4Addr::new(127, 0, 0, 43))
+            .host("example.test")
+            .user("example.test", "alice", "pw")
+            .component("partner.test", SECRET),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let mut nodes = Vec::new();
+    for id in ["gw1", "gw2"] {
+        let d = dir.path().join(id);
+        std::fs::create_dir_all(&d)?;
+        let cfg = d.join("legate.toml");
+        std::fs::write(
+            &cfg,
+            node_toml(id, &d, &certs, &ours, &etcd, prosody.component_addr()),
+        )?;
+        nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
+    }
+    let why = |nodes: &[Legate]| {
+        format!(
+            "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
+            nodes[0].output(),
+            nodes.get(1).map(|n| n.output()).unwrap_or_default(),
+            prosody.log()
+        )
+    };
+
+    // Both nodes agree on one holder, and only the holder connected the component.
+    let deadline = Instant::now() + WAIT;
+    let held_by = loop {
+        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
+        if !a.is_empty() && a == b {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agreed holder:\n{}",
+            why(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (h, n) = if held_by == "gw1" { (0, 1) } else { (1, 0) };
+    nodes[h]
+        .wait_output("the holder's component link", WAIT, |t| {
+            t.contains("component partner.test connected")
+        })
+        .await?;
+    assert!(
+        !nodes[n]
+            .output()
+            .contains("component partner.test connected"),
+        "the node that does not hold the link connected it too:\n{}",
+        why(&nodes)
+    );
+
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("here")).await?;
+    let mut bob = sip_ua::connect_tls(
+        nodes[n].addr("sip_tls"),
+        certs.ca_path(),
+        Some((&partner.cert, &partner.key)),
+        "example.test",
+    )
+    .await?;
+
+    // Through the node that does not hold the link: handed to the holder.
+    assert_eq!(
+        pager(&mut bob, 1, "via the peer link").await?,
+        Some(200),
+        "{}",
+        why(&nodes)
+    );
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("via the peer link"));
+    let metrics = nodes[n].metrics().await?;
+    assert!(
+        common::legate::metric_value(
+            &metrics,
+            "legate_cluster_handed_total{direction=\"out\",outcome=\"accepted\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{metrics}"
+    );
+
+    // The holder dies. A MESSAGE the survivor accepts meanwhile waits for the link and is
+    // delivered once the survivor holds it.
+    let killed_at = Instant::now();
+    nodes[h].kill();
+    assert_eq!(
+        pager(&mut bob, 2, "while the holder died").await?,
+        Some(200),
+        "{}",
+        why(&nodes)
+    );
+    nodes[n]
+        .wait_output("the survivor's component link", WAIT, |t| {
+            t.contains("component partner.test connected")
+        })
+        .await
+        .with_context(|| why(&nodes))?;
+    let moved_in = killed_at.elapsed();
+    eprintln!("component link moved in {moved_in:?}");
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("while the holder died"));
+    assert!(
+        moved_in <= Duration::from_secs(TTL_SECS + 1),
+        "the link moved in {moved_in:?}, more than the lease TTL + 1 s:\n{}",
+        why(&nodes)
+    );
+    assert_eq!(holder(&nodes[n]).await, if n == 0 { "gw1" } else { "gw2" });
+
+    // And the survivor now delivers on its own link.
+    assert_eq!(pager(&mut bob, 3, "after the takeover").await?, Some(200));
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("after the takeover"));
+    drop(etcd);
+    Ok(())
+}
