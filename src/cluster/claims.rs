@@ -273,7 +273,8 @@ impl Claims {
                     // A newly followed link: settle it from etcd (present, or to be claimed).
                     for k in self.keys() {
                         if self.holder_of(&k) == Some(Holder::Unknown) && !due.contains_key(&k) {
-                            due.insert(k.clone(), tokio::time::Instant::now());
+                            let at = self.when_to_claim(&k);
+                            due.insert(k, at);
                         }
                     }
                 }

@@ -10,12 +10,15 @@
 //!   etcd can elect another, so two leaders never act at once on a healthy etcd.
 //! - **Singular duties** run on the leader only (today: compacting etcd's history, which
 //!   every node's watches would otherwise keep forever).
+//! - **Component links**: each (home node, foreign domain) connection is held by one live node,
+//!   claimed in etcd under its lease ([`claims`]); the others hand that link's traffic to the
+//!   holder over the **peer link** ([`peer`]: tonic over mutual TLS on the clustering port).
 //! - **Shared state** is the [`crate::store::etcd::Etcd`] store; state a node owns (SIP
 //!   dialogs) lives under `node/<id>/` through [`crate::store::prefixed::Prefixed`].
 //!
 //! Keys of one cluster live under `/legate/<cluster.name>/`, so one etcd can serve several.
-//! What is not built yet (and says so in `legate cluster status`): the peer link between
-//! nodes, component-link claims and takeover of a dead peer's SIP dialogs.
+//! What is not built yet (and says so in `legate cluster status`): takeover of a dead peer's
+//! SIP dialogs and IM sessions, and moving links back when a node joins.
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -272,10 +275,8 @@ impl Cluster {
                     o.insert(
                         "not_built_yet".into(),
                         serde_json::json!([
-                            "peer link between nodes (traffic for a component link held by another node)",
-                            "component-link claims and takeover",
-                            "takeover of a dead node's SIP dialogs",
-                            "peer TLS enforce and the clustering port",
+                            "takeover of a dead node's SIP dialogs and IM sessions",
+                            "moving component links to a node that joins (they stay with their holder until it leaves)",
                         ]),
                     );
                 }

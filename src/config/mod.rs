@@ -173,6 +173,9 @@ pub struct HomeNode {
     pub users: Vec<LocalUser>,
     /// A mapping system of kind `SystemKind::Local`.
     pub default_system: String,
+    /// In a cluster, every node opens its own component connections to this home node
+    /// (ejabberd accepts several per component) instead of one node holding each (Prosody).
+    pub connect_from_every_node: bool,
 }
 
 /// How to reach a home node's XEP-0114 component port.

@@ -134,6 +134,7 @@ pub(crate) struct RawHomeNode {
     pub component_secret_file: Option<S<String>>,
     pub users: Option<Vec<S<String>>>,
     pub default_system: Option<S<String>>,
+    pub connect_from_every_node: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

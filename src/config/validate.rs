@@ -860,6 +860,10 @@ fn home_nodes(ck: &mut Ck<'_>, raw: &RawConfig, locals: &Seen<Domain>) -> Vec<Ho
                 component_secret,
                 users,
                 default_system,
+                connect_from_every_node: h
+                    .connect_from_every_node
+                    .as_ref()
+                    .is_some_and(|b| *b.get_ref()),
             });
         }
     }

@@ -218,6 +218,52 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         "{metrics}"
     );
 
+    // The clustering port: an address that is not a listed peer is closed before any TLS;
+    // a listed address without a client certificate fails the (mutual) handshake.
+    let port = nodes[n].addr("cluster");
+    let stranger = tokio::net::TcpSocket::new_v4()?;
+    stranger.bind("127.0.0.77:0".parse()?)?;
+    let mut s = stranger.connect(port).await?;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await?;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a stranger's connection stayed open: {read:?}"
+    );
+    let tcp = tokio::net::TcpStream::connect(port).await?;
+    let no_cert = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(crate::tls::AcceptAny))
+    .with_no_client_auth();
+    let handshake = async {
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(no_cert))
+            .connect("gw.peer".try_into()?, tcp)
+            .await?;
+        // TLS 1.3: the server's refusal of a missing certificate arrives after the client's
+        // side of the handshake completed, on the first read.
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
+        anyhow::ensure!(n > 0, "closed");
+        Ok::<(), anyhow::Error>(())
+    };
+    assert!(
+        tokio::time::timeout(WAIT, handshake).await?.is_err(),
+        "a peer without a client certificate was served"
+    );
+    let metrics = nodes[n].metrics().await?;
+    for outcome in ["not_a_peer", "tls_failed"] {
+        assert!(
+            common::legate::metric_value(
+                &metrics,
+                &format!("legate_cluster_peer_connections_total{{outcome=\"{outcome}\"}}")
+            )
+            .is_some_and(|v| v >= 1.0),
+            "{outcome}: {metrics}"
+        );
+    }
+
     // The holder dies. A MESSAGE the survivor accepts meanwhile waits for the link and is
     // delivered once the survivor holds it.
     let killed_at = Instant::now();

@@ -290,6 +290,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "component_secret_file",
         "users",
         "default_system",
+        "connect_from_every_node",
         "[[chat_node]]",
         "alias",
         "home_node",

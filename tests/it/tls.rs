@@ -97,7 +97,7 @@ async fn mutual(
 
 /// Accepts any server certificate: only to observe which certificate the server chose.
 #[derive(Debug)]
-struct AcceptAny;
+pub(crate) struct AcceptAny;
 
 impl ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

@@ -450,7 +450,12 @@ impl Spawner {
                 settings: self.settings.clone(),
                 resolver: self.resolver.clone(),
                 status: self.status.clone(),
-                placement: self.placement.clone(),
+                // A home node that takes a connection from every gateway node needs no
+                // holder: each node writes its own traffic on its own connection.
+                placement: self
+                    .placement
+                    .clone()
+                    .filter(|_| !node.connect_from_every_node),
             };
             let span = tracing::info_span!("component", home_node = %name, domain = %domain);
             out.push(link.run(rx, self.shutdown.clone()).instrument(span));
