@@ -140,6 +140,19 @@ pub fn render(c: &Value, alarms: &[Value], node: &Value) -> String {
         s(&tls["key"]),
         s(&tls["trust_bundle"])
     );
+    let _ = writeln!(out, "peer link tls: {}", s(&tls["peer_verify"]));
+    if let Some(links) = c["links"].as_array().filter(|l| !l.is_empty()) {
+        let _ = writeln!(out, "component links (home node/domain: holder):");
+        for l in links {
+            let holder = l["holder"].as_str().filter(|h| !h.is_empty());
+            let _ = writeln!(
+                out,
+                "  {:<40} {}",
+                s(&l["link"]),
+                holder.unwrap_or("not settled")
+            );
+        }
+    }
     if let Some(n) = c["not_built_yet"].as_array() {
         let _ = writeln!(
             out,

@@ -144,6 +144,8 @@ pub struct TlsInUse {
     pub cert: Option<String>,
     pub key: Option<String>,
     pub trust_bundle: Option<String>,
+    /// `cluster.tls_verify` of the peer link: `permissive` or `enforce`.
+    pub peer_verify: String,
 }
 
 /// Why a node cannot join its cluster.

@@ -103,6 +103,10 @@ pub async fn join(
                     .trust_bundle
                     .as_ref()
                     .map(|p| p.display().to_string()),
+                peer_verify: match config.cluster.tls_verify {
+                    crate::config::PeerTlsVerify::Permissive => "permissive".into(),
+                    crate::config::PeerTlsVerify::Enforce => "enforce".into(),
+                },
             },
         },
         lease,

@@ -381,10 +381,10 @@ impl Config {
         // not believe a node is clustered or peered when it runs alone.
         match self.cluster.store {
             Store::Etcd { .. } => notes.push(
-                "[cluster] is partly in effect: etcd membership, leader election, shared state \
-                 and configuration replication from the primary work; not yet: the peer link \
-                 between nodes (each node opens its own component links) and takeover of a \
-                 dead node's SIP dialogs"
+                "[cluster] is partly in effect: etcd membership, leader election, shared state, \
+                 configuration replication from the primary, component links held by one node \
+                 each and the peer link work; not yet: takeover of a dead node's SIP dialogs \
+                 and IM sessions"
                     .into(),
             ),
             Store::Memory if !self.cluster.peers.is_empty() => notes.push(

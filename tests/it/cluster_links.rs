@@ -180,6 +180,23 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         why(&nodes)
     );
 
+    // `legate cluster status` on the other node names the holder and the peer link's TLS.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args([
+            "cluster",
+            "status",
+            "--admin",
+            &nodes[n].addr("admin").to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(LINK) && l.trim_end().ends_with(held_by.as_str())),
+        "{text}"
+    );
+    assert!(text.contains("peer link tls: permissive"), "{text}");
+
     let mut alice = XmppClient::connect(ClientConfig::plain(
         prosody.c2s_addr(),
         "example.test",
