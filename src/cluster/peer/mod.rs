@@ -15,7 +15,7 @@
 //! [`tls`] describes; everything else is closed and counted.
 
 pub mod tls;
-mod wire;
+pub mod wire;
 
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic, missing_docs)]
