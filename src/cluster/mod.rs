@@ -17,8 +17,12 @@
 //!   dialogs) lives under `node/<id>/` through [`crate::store::prefixed::Prefixed`].
 //!
 //! Keys of one cluster live under `/legate/<cluster.name>/`, so one etcd can serve several.
-//! What is not built yet (and says so in `legate cluster status`): takeover of a dead peer's
-//! SIP dialogs and IM sessions, and moving links back when a node joins.
+//! - **Dead nodes' SIP subscriptions** are taken over by the leader ([`takeover`]); home-node
+//!   presence and consent answers bound for SIP are copied to every node (each holds its own
+//!   watchers), over the peer link.
+//!
+//! What is not built yet (and says so in `legate cluster status`): a dead node's IM sessions,
+//! SIP requests for a dialog another live node owns, and moving links when a node joins.
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -29,6 +33,8 @@ pub mod replication;
 #[cfg(feature = "cluster")]
 mod session;
 mod stores;
+#[cfg(feature = "cluster")]
+pub mod takeover;
 
 pub use stores::{NodeStores, Placed};
 
@@ -73,6 +79,7 @@ pub fn register_metrics() {
     {
         replication::register_metrics();
         claims::register_metrics();
+        takeover::register_metrics();
         peer::register_metrics();
     }
 }
@@ -236,6 +243,13 @@ impl Cluster {
         fed
     }
 
+    /// The node ids of every live member, this one included.
+    pub fn live_members(&self) -> Vec<String> {
+        self.status()
+            .map(|s| s.members.into_iter().map(|m| m.id).collect())
+            .unwrap_or_default()
+    }
+
     /// The node id of this node.
     pub fn node_id(&self) -> String {
         self.status().map(|s| s.node).unwrap_or_default()
@@ -277,7 +291,8 @@ impl Cluster {
                     o.insert(
                         "not_built_yet".into(),
                         serde_json::json!([
-                            "takeover of a dead node's SIP dialogs and IM sessions",
+                            "takeover of a dead node's IM sessions",
+                            "SIP requests for a dialog another live node owns (answered as unknown where they arrive)",
                             "moving component links to a node that joins (they stay with their holder until it leaves)",
                         ]),
                     );

@@ -669,8 +669,11 @@ async fn observe_leader(
     }
 }
 
-/// Reads the member list every [`MEMBERS_EVERY`] for the status; forgets the leader when its
-/// member key is gone (it died; the observer sees the next one).
+/// Keeps the member list current for the status and the duties that address the other
+/// nodes: read again on every change etcd reports on the members' keys (a join or a death is
+/// seen within a watch round trip), and every [`MEMBERS_EVERY`] as a fallback while the watch
+/// is down. Forgets the leader when its member key is gone (it died; the observer sees the
+/// next one).
 async fn follow_members(
     client: Client,
     prefix: String,
@@ -681,6 +684,7 @@ async fn follow_members(
         members: prefix,
         election: String::new(),
     };
+    let mut stream = None;
     loop {
         if let Ok(members) = list_members(&client, &keys).await {
             MEMBERS.set(i64::try_from(members.len()).unwrap_or(0));
@@ -693,7 +697,22 @@ async fn follow_members(
                 s.members = members;
             });
         }
+        if stream.is_none() {
+            stream = crate::store::etcd::open_watch(&client, &keys.members, 0)
+                .await
+                .ok();
+        }
         tokio::select! {
+            msg = async {
+                match stream.as_mut() {
+                    Some(s) => s.message().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !matches!(msg, Ok(Some(_))) {
+                    stream = None;
+                }
+            }
             _ = tokio::time::sleep(MEMBERS_EVERY) => {}
             _ = shutdown.changed() => return,
         }

@@ -172,6 +172,10 @@ impl NodeStores {
                     super::peer::PeerLink::start(hub.clone(), claims.clone(), shutdown)
                         .await
                         .map_err(|e| ClusterError::PeerLink(e.to_string()))?;
+                // Every node's SIP edge holds its own watchers: home-node presence and consent
+                // answers arriving here are copied to the others.
+                let fanout = super::peer::Fanout::new(link.clone(), cluster.clone());
+                hub.set_sip_fanout(Arc::new(move |d| fanout.send(d)));
                 let status = claims.clone();
                 Ok(Some(Placed {
                     placement: Arc::new(super::peer::ClusterPlacement { claims, link }),
@@ -188,6 +192,33 @@ impl NodeStores {
                         )
                     }),
                 }))
+            }
+        }
+    }
+
+    /// In a cluster: starts the leader's duty of taking over the SIP subscriptions of dead
+    /// nodes into `adopter`'s edge (see `takeover`). Nothing on the embedded store.
+    pub fn take_over_dialogs(
+        &self,
+        cluster: &Cluster,
+        adopter: crate::sip::edge::Adopter,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        match self {
+            NodeStores::Embedded(_) => {
+                let _ = (cluster, adopter, shutdown);
+            }
+            #[cfg(feature = "cluster")]
+            NodeStores::Etcd(e) => {
+                let name = cluster.status().map(|s| s.cluster).unwrap_or_default();
+                tokio::spawn(super::takeover::run(
+                    e.client.clone(),
+                    name,
+                    e.store.root().to_string(),
+                    cluster.clone(),
+                    adopter,
+                    shutdown,
+                ));
             }
         }
     }

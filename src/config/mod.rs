@@ -383,8 +383,9 @@ impl Config {
             Store::Etcd { .. } => notes.push(
                 "[cluster] is partly in effect: etcd membership, leader election, shared state, \
                  configuration replication from the primary, component links held by one node \
-                 each and the peer link work; not yet: takeover of a dead node's SIP dialogs \
-                 and IM sessions"
+                 each, the peer link and the leader's takeover of a dead node's SIP \
+                 subscriptions work; not yet: IM sessions of a dead node, and SIP requests for \
+                 a dialog another live node owns"
                     .into(),
             ),
             Store::Memory if !self.cluster.peers.is_empty() => notes.push(

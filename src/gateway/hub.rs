@@ -15,7 +15,7 @@
 //! A task that drains an outbox must never wait on another outbox (it may `submit`, never
 //! `submit_wait`): waits then always point from readers to writers and cannot form a cycle.
 
-use super::envelope::{Envelope, ErrorCondition};
+use super::envelope::{Body, Envelope, ErrorCondition, Subscription};
 use super::policy::Policies;
 use super::router::{self, Denied, Directory, Link, Origin, Route};
 use crate::config::{Config, Domain};
@@ -155,6 +155,26 @@ pub struct Hub {
     /// The composition root's reload and drain handle (set by `crate::node`; the admin
     /// endpoint reaches reload and drain through it).
     node: std::sync::OnceLock<Arc<crate::node::Control>>,
+    /// In a cluster: hands a copy of home-node presence and consent answers bound for SIP to
+    /// the other nodes, whose SIP edges hold their own watchers (see [`SipFanout`]).
+    fanout: std::sync::OnceLock<SipFanout>,
+}
+
+/// Called with each delivery from a home node to the SIP edge whose effect depends on SIP
+/// dialogs any cluster node may own: a local user's presence (for every watcher of that user)
+/// and consent answers (`subscribed`/`unsubscribed`, for the watcher's pending dialog). Each
+/// node's SIP core acts on the dialogs it has and ignores the rest, so a copy to every node
+/// is safe; requests that must be acted on once (subscribe, probe, messages) are not copied.
+pub type SipFanout = Arc<dyn Fn(&Delivery) + Send + Sync>;
+
+/// Whether `d` is state every node's SIP edge may act on (see [`SipFanout`]).
+pub fn fans_out(d: &Delivery) -> bool {
+    matches!(d.link, Link::Sip { .. })
+        && matches!(
+            d.envelope.body,
+            Body::Presence(_)
+                | Body::Subscription(Subscription::Subscribed | Subscription::Unsubscribed)
+        )
 }
 
 impl Hub {
@@ -169,6 +189,7 @@ impl Hub {
             crowded: AtomicBool::new(false),
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
+            fanout: std::sync::OnceLock::new(),
             alarms: Default::default(),
             draining: AtomicBool::new(false),
             node: std::sync::OnceLock::new(),
@@ -215,6 +236,11 @@ impl Hub {
     }
 
     /// Installs the open-federation component opener (once; later calls are ignored).
+    /// Installs the cluster's copy of SIP-bound home-node state to the other nodes (once).
+    pub fn set_sip_fanout(&self, f: SipFanout) {
+        let _ = self.fanout.set(f);
+    }
+
     pub fn set_component_opener(&self, opener: ComponentOpener) {
         let _ = self.opener.set(opener);
     }
@@ -439,10 +465,18 @@ impl Hub {
             })
         });
         match routed {
-            Ok(route) => Ok(Delivery {
-                link: route.link,
-                envelope: route.envelope,
-            }),
+            Ok(route) => {
+                let d = Delivery {
+                    link: route.link,
+                    envelope: route.envelope,
+                };
+                if let (Some(f), Origin::Component { .. }) = (self.fanout.get(), origin) {
+                    if fans_out(&d) {
+                        f(&d);
+                    }
+                }
+                Ok(d)
+            }
             Err(router::Refusal {
                 denied,
                 envelope: env,
@@ -545,6 +579,15 @@ impl Hub {
             }
         }
         Handed::Gone(d)
+    }
+
+    /// Puts a delivery another cluster node copied to this one (see [`SipFanout`]) into its
+    /// outbox, waiting for room up to `limit`; false when it could not.
+    pub async fn deliver_wait(&self, d: Delivery, limit: Duration) -> bool {
+        let Some(tx) = self.outbox(&d) else {
+            return false;
+        };
+        tx.send_timeout(d, limit).await.is_ok()
     }
 
     /// Puts an envelope another cluster node handed over into the outbox of this node's

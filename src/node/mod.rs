@@ -340,6 +340,10 @@ impl Node {
             client_tls,
         )
         .await?;
+        if let Some(cluster) = &cluster {
+            // As leader, this node takes over the SIP subscriptions of peers that died.
+            stores.take_over_dialogs(cluster, sip.adopter(), shutdown.clone());
+        }
         let s2s = s2s.spawn(shutdown.clone(), &mut tasks).await?;
         for (name, addr) in s2s.listeners {
             announce(name, addr);

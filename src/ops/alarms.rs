@@ -417,7 +417,8 @@ pub async fn watch_links(
         let now = Instant::now();
         for (home_node, domain, s) in status.snapshot() {
             let subject = format!("{home_node}/{domain}");
-            if s.up {
+            // A link another cluster node holds is that node's to keep up (and to alarm on).
+            if s.up || s.held_by.as_deref().is_some_and(|h| !h.is_empty()) {
                 down_since.remove(&subject);
                 alarms.clear(AlarmName::HomeNodeLinkDown, &subject);
                 continue;

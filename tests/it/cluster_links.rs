@@ -4,7 +4,10 @@
 //! - a pager MESSAGE a Lync-like edge sends to the node that does not hold the link reaches the
 //!   Prosody user: handed to the holder over the peer link (mutual TLS);
 //! - killing the holder (SIGKILL) moves the link to the survivor within the lease TTL + 1 s,
-//!   and a MESSAGE accepted by the survivor while the holder was dying is delivered, not lost.
+//!   and a MESSAGE accepted by the survivor while the holder was dying is delivered, not lost;
+//! - a Lync watcher subscribed through the node that is not the leader keeps receiving
+//!   presence after that node is killed: the leader takes its dialog over (NOTIFY in the old
+//!   dialog over a connection it opens to the partner) and answers its refresh.
 
 use crate::common;
 use crate::sip_ua;
@@ -24,22 +27,27 @@ const SECRET: &str = "cluster-links-component-secret-42";
 const WAIT: Duration = Duration::from_secs(20);
 const TTL_SECS: u64 = 3;
 const CLUSTER: &str = "links.test";
+/// The second test's cluster (its own peer ports and etcd keys).
+const CLUSTER2: &str = "takeover.test";
 const LINK: &str = "hn1/partner.test";
 
+#[allow(clippy::too_many_arguments)]
 fn node_toml(
+    cluster: &str,
     id: &str,
     dir: &Path,
     certs: &CertFactory,
     ours: &Leaf,
     etcd: &Etcd,
     component: SocketAddr,
+    route: SocketAddr,
 ) -> String {
     let peers: String = ["gw1", "gw2"]
         .iter()
         .map(|p| {
             format!(
                 "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                named_port(&format!("{CLUSTER}/{p}"))
+                named_port(&format!("{cluster}/{p}"))
             )
         })
         .collect();
@@ -62,14 +70,14 @@ trust_bundle = "{ca}"
 [[sip.federated_domain]]
 name = "partner.test"
 system = "lync"
-route = "127.0.0.1:9"
+route = "{route}"
 [[home_node]]
 name = "hn1"
 addresses = ["{component}"]
 component_secret = "{SECRET}"
 default_system = "xmpp"
 [cluster]
-name = "{CLUSTER}"
+name = "{cluster}"
 store = "etcd"
 etcd_endpoints = {endpoints}
 lease_ttl_secs = {TTL_SECS}
@@ -81,6 +89,71 @@ lease_ttl_secs = {TTL_SECS}
         ca = certs.ca_path().display(),
         endpoints = etcd.endpoints_toml(),
     )
+}
+
+/// What both tests run on: a three-member etcd, certificates for us and the partner, and a
+/// Prosody home node (on 127.0.0.`ip`) with alice and the `partner.test` component.
+struct Parts {
+    etcd: Etcd,
+    certs: CertFactory,
+    ours: Leaf,
+    partner: Leaf,
+    prosody: Prosody,
+}
+
+fn parts(ip: u8) -> Result<Parts> {
+    let etcd = Etcd::start(3).context("three-member etcd")?;
+    let certs = CertFactory::new();
+    let ours = certs.leaf("example", &["example.test"]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let prosody = Prosody::start(
+        ProsodyConfig::new(std::net::Ipv4Addr::new(127, 0, 0, ip))
+            .host("example.test")
+            .user("example.test", "alice", "pw")
+            .component("partner.test", SECRET),
+    )?;
+    Ok(Parts {
+        etcd,
+        certs,
+        ours,
+        partner,
+        prosody,
+    })
+}
+
+/// Starts `legate run` for gw1 and gw2 of `cluster` under `dir`, linked to `prosody`, with
+/// outbound SIP for `partner.test` going to `route`.
+#[allow(clippy::too_many_arguments)]
+fn start_nodes(
+    cluster: &str,
+    dir: &Path,
+    certs: &CertFactory,
+    ours: &Leaf,
+    etcd: &Etcd,
+    prosody: &Prosody,
+    route: SocketAddr,
+) -> Result<Vec<Legate>> {
+    let mut nodes = Vec::new();
+    for id in ["gw1", "gw2"] {
+        let d = dir.join(id);
+        std::fs::create_dir_all(&d)?;
+        let cfg = d.join("legate.toml");
+        std::fs::write(
+            &cfg,
+            node_toml(
+                cluster,
+                id,
+                &d,
+                certs,
+                ours,
+                etcd,
+                prosody.component_addr(),
+                route,
+            ),
+        )?;
+        nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
+    }
+    Ok(nodes)
 }
 
 /// Who `node` says holds the link ("" while not settled).
@@ -121,28 +194,23 @@ async fn pager(ua: &mut sip_ua::Ua, n: u32, body: &str) -> Result<Option<u16>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it_over() -> Result<()>
 {
-    let etcd = Etcd::start(3).context("three-member etcd")?;
-    let certs = CertFactory::new();
-    let ours = certs.leaf("example", &["example.test"]);
-    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
-    let prosody = Prosody::start(
-        ProsodyConfig::new(std::net::Ipv4Addr::new(127, 0, 0, 43))
-            .host("example.test")
-            .user("example.test", "alice", "pw")
-            .component("partner.test", SECRET),
-    )?;
+    let Parts {
+        etcd,
+        certs,
+        ours,
+        partner,
+        prosody,
+    } = parts(43)?;
     let dir = tempfile::tempdir()?;
-    let mut nodes = Vec::new();
-    for id in ["gw1", "gw2"] {
-        let d = dir.path().join(id);
-        std::fs::create_dir_all(&d)?;
-        let cfg = d.join("legate.toml");
-        std::fs::write(
-            &cfg,
-            node_toml(id, &d, &certs, &ours, &etcd, prosody.component_addr()),
-        )?;
-        nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
-    }
+    let mut nodes = start_nodes(
+        CLUSTER,
+        dir.path(),
+        &certs,
+        &ours,
+        &etcd,
+        &prosody,
+        "127.0.0.1:9".parse()?,
+    )?;
     let why = |nodes: &[Legate]| {
         format!(
             "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
@@ -318,6 +386,156 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         .await
         .with_context(|| why(&nodes))?;
     assert_eq!(m.body.as_deref(), Some("after the takeover"));
+    drop(etcd);
+    Ok(())
+}
+
+/// The leader of `nodes` by their `/status` (None while there is none or they disagree).
+async fn leader(nodes: &[Legate]) -> Option<String> {
+    let mut seen = None;
+    for n in nodes {
+        let response = n.http_get("/status").await.ok()?;
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        let l = v["cluster"]["leader"].as_str()?.to_string();
+        if seen.as_ref().is_some_and(|s| *s != l) {
+            return None;
+        }
+        seen = Some(l);
+    }
+    seen
+}
+
+/// Issue 12 item 3: a Lync-style watcher subscribed through node A keeps receiving presence
+/// after A is killed, via the leader B, in its old dialog and without subscribing again; its
+/// refresh sent to B is answered in that dialog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the_leader(
+) -> Result<()> {
+    use common::rig::{accept_lync, lync_edge, notify_until, subscribe, subscribe_in};
+    let Parts {
+        etcd,
+        certs,
+        ours,
+        partner,
+        prosody,
+    } = parts(44)?;
+    let route = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let dir = tempfile::tempdir()?;
+    let mut nodes = start_nodes(
+        CLUSTER2,
+        dir.path(),
+        &certs,
+        &ours,
+        &etcd,
+        &prosody,
+        route.local_addr()?,
+    )?;
+    let why = |nodes: &[Legate]| {
+        format!(
+            "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
+            nodes[0].output(),
+            nodes[1].output(),
+            prosody.log()
+        )
+    };
+    let deadline = Instant::now() + WAIT;
+    let (lead, held) = loop {
+        let l = leader(&nodes).await;
+        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
+        if let Some(l) = l.filter(|_| !a.is_empty() && a == b) {
+            break (l, a);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader and holder:\n{}",
+            why(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A: the node that is not the leader; the watcher subscribes through it.
+    let (a, b) = if lead == "gw1" { (1, 0) } else { (0, 1) };
+    let a_id = if a == 0 { "gw1" } else { "gw2" };
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("at my desk")).await?;
+    let mut bob = lync_edge(&certs, &partner, nodes[a].addr("sip_tls")).await?;
+    let ok = subscribe(&mut bob, "alice@example.test", "tk-watch").await?;
+    assert_eq!(ok.status(), Some(200), "{}", why(&nodes));
+    let watch_tag = sip_ua::to_tag(&ok);
+    alice
+        .expect_presence_from("bob@partner.test", Some("subscribe"), WAIT)
+        .await
+        .with_context(|| format!("alice got no subscription request:\n{}", why(&nodes)))?;
+    alice.approve("bob@partner.test").await?;
+    notify_until(&mut bob, "alice available", |body| body.contains(">3500<"))
+        .await
+        .with_context(|| why(&nodes))?;
+
+    // The watcher's dialog is in A's part of etcd before the kill.
+    let a_prefix = format!("/legate/{CLUSTER2}/state/node/{a_id}/sip/");
+    let deadline = Instant::now() + WAIT;
+    while etcd.count_prefix(&a_prefix)? == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A's dialog never reached etcd:\n{}",
+            why(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A dies; alice changes her state. The leader takes the dialog over and tells the watcher,
+    // in its old dialog, over a connection it opens to the partner.
+    nodes[a].kill();
+    drop(bob);
+    let killed = Instant::now();
+    alice
+        .send_presence(Some("dnd"), Some("Writing the report"))
+        .await?;
+    let mut edge = accept_lync(&route, &partner)
+        .await
+        .with_context(|| why(&nodes))?;
+    let n = loop {
+        let n = edge
+            .request("NOTIFY")
+            .await
+            .with_context(|| format!("no NOTIFY through the leader:\n{}", why(&nodes)))?;
+        edge.respond(&n, 200, "OK", &[], None).await?;
+        if sip_ua::body_str(&n).contains(">6500<") {
+            break n;
+        }
+    };
+    eprintln!(
+        "watcher's NOTIFY through {lead} {:?} after the kill of {a_id}",
+        killed.elapsed()
+    );
+    assert_eq!(n.call_id().ok(), Some("tk-watch"), "{}", why(&nodes));
+    assert_eq!(sip_ua::from_tag(&n), watch_tag, "the watcher's old dialog");
+    assert!(sip_ua::body_str(&n).contains("Writing the report"));
+    assert_eq!(etcd.count_prefix(&a_prefix)?, 0, "A's records were moved");
+    let _ = held;
+
+    // The watcher's refresh, sent to the leader in the same dialog, is answered there.
+    let mut bob = lync_edge(&certs, &partner, nodes[b].addr("sip_tls")).await?;
+    let refreshed = subscribe_in(
+        &mut bob,
+        "alice@example.test",
+        "tk-watch",
+        Some(&watch_tag),
+        2,
+    )
+    .await?;
+    assert_eq!(
+        refreshed.status(),
+        Some(200),
+        "refresh through the leader:\n{}",
+        why(&nodes)
+    );
     drop(etcd);
     Ok(())
 }

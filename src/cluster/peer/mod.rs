@@ -25,6 +25,7 @@ pub mod proto {
 use crate::config::{Config, Host, HostPort};
 use crate::gateway::envelope::Envelope;
 use crate::gateway::Hub;
+use crate::net::LogSafe;
 use crate::xmpp::link::placement::{HandFuture, Handed, Holder, Placement};
 use dashmap::DashMap;
 use prometheus::IntCounterVec;
@@ -68,8 +69,23 @@ static HANDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+static FANNED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_cluster_sip_copies_total",
+        "Copies of home-node presence and consent answers bound for SIP exchanged with the \
+         other nodes, by direction and outcome (delivered, dropped, invalid)",
+        &["direction", "outcome"],
+    )
+});
+
 /// Creates the peer link's metric families at start.
 pub fn register_metrics() {
+    for d in ["in", "out"] {
+        for o in ["delivered", "dropped"] {
+            FANNED.with_label_values(&[d, o]);
+        }
+    }
+    FANNED.with_label_values(&["in", "invalid"]);
     for o in [
         "accepted",
         "not_a_peer",
@@ -361,6 +377,139 @@ impl Peer for Service {
             } as i32);
         }
         Ok(tonic::Response::new(proto::Outcomes { outcomes }))
+    }
+
+    async fn fanout(
+        &self,
+        request: tonic::Request<proto::SipBatch>,
+    ) -> Result<tonic::Response<proto::FanoutAck>, tonic::Status> {
+        let batch = request.into_inner();
+        let limit = Duration::from_secs(self.hub.config().limits.delivery_timeout_secs);
+        let mut accepted = 0u32;
+        for d in batch.deliveries {
+            let (Ok(domain), Some(w)) = (crate::config::Domain::parse(&d.domain), d.envelope)
+            else {
+                FANNED.with_label_values(&["in", "invalid"]).inc();
+                continue;
+            };
+            let envelope = match wire::from_wire(w) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(from_node = %batch.from_node, error = %e, "peer link: copied SIP delivery refused");
+                    FANNED.with_label_values(&["in", "invalid"]).inc();
+                    continue;
+                }
+            };
+            let d = crate::gateway::hub::Delivery {
+                link: crate::gateway::Link::Sip { domain },
+                envelope,
+            };
+            if self.hub.deliver_wait(d, limit).await {
+                accepted += 1;
+                FANNED.with_label_values(&["in", "delivered"]).inc();
+            } else {
+                FANNED.with_label_values(&["in", "dropped"]).inc();
+            }
+        }
+        Ok(tonic::Response::new(proto::FanoutAck { accepted }))
+    }
+}
+
+/// Copies home-node state bound for SIP to every other live node (see
+/// [`crate::gateway::hub::SipFanout`]): one queue and one sender task per peer, batches in
+/// order. A copy a peer cannot take after [`FANOUT_TRIES`] tries is dropped and counted: it is
+/// state, and the user's next change brings that node's watchers up to date.
+#[derive(Clone)]
+pub struct Fanout {
+    link: PeerLink,
+    cluster: super::Cluster,
+    queues: Arc<DashMap<String, mpsc::Sender<proto::SipDelivery>>>,
+}
+
+/// Copies waiting per peer before new ones are dropped.
+const FANOUT_QUEUE: usize = 10_000;
+/// Attempts per batch before it is dropped.
+const FANOUT_TRIES: u32 = 5;
+
+impl Fanout {
+    pub fn new(link: PeerLink, cluster: super::Cluster) -> Fanout {
+        Fanout {
+            link,
+            cluster,
+            queues: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// Queues a copy of `d` for every other live node.
+    pub fn send(&self, d: &crate::gateway::hub::Delivery) {
+        let crate::gateway::Link::Sip { domain } = &d.link else {
+            return;
+        };
+        let me = &self.link.inner.me;
+        let wire = proto::SipDelivery {
+            domain: domain.to_string(),
+            envelope: Some(wire::to_wire(&d.envelope)),
+        };
+        for peer in self.cluster.live_members() {
+            if &peer == me {
+                continue;
+            }
+            let tx = self
+                .queues
+                .entry(peer.clone())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(FANOUT_QUEUE);
+                    tokio::spawn(fanout_task(self.link.clone(), peer.clone(), rx));
+                    tx
+                })
+                .clone();
+            if tx.try_send(wire.clone()).is_err() {
+                FANNED.with_label_values(&["out", "dropped"]).inc();
+                tracing::warn!(peer = %peer, "peer link: copy of SIP-bound presence dropped (queue full)");
+            }
+        }
+    }
+}
+
+async fn fanout_task(link: PeerLink, peer: String, mut rx: mpsc::Receiver<proto::SipDelivery>) {
+    while let Some(first) = rx.recv().await {
+        let mut deliveries = vec![first];
+        while deliveries.len() < 64 {
+            match rx.try_recv() {
+                Ok(d) => deliveries.push(d),
+                Err(_) => break,
+            }
+        }
+        let n = deliveries.len() as u64;
+        let batch = proto::SipBatch {
+            from_node: link.inner.me.clone(),
+            deliveries,
+        };
+        let mut sent = false;
+        for attempt in 0..FANOUT_TRIES {
+            let result = match link.client(&peer).await {
+                Ok(mut c) => c.fanout(batch.clone()).await.map_err(|s| {
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                        link.inner.clients.remove(&peer);
+                    }
+                    format!("{}: {}", s.code(), s.message())
+                }),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(_) => {
+                    sent = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %peer, attempt, error = %LogSafe(&e), "peer link: copy to a node failed");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
+                }
+            }
+        }
+        FANNED
+            .with_label_values(&["out", if sent { "delivered" } else { "dropped" }])
+            .inc_by(n);
     }
 }
 

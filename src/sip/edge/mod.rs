@@ -93,6 +93,30 @@ pub struct SipEdge {
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    adopt: mpsc::Sender<Adoption>,
+}
+
+/// SIP subscription records another (dead) cluster node owned, already moved to this node's
+/// part of the store; the edge restores them as it restores its own at start.
+pub struct Adoption {
+    /// (key as the SIP core writes it, `sip/...`; the record).
+    pub records: Vec<(String, Vec<u8>)>,
+    /// How many were restored (the rest were expired, for a domain no longer federated, or
+    /// unreadable, and are deleted at the next write).
+    pub done: tokio::sync::oneshot::Sender<usize>,
+}
+
+/// Hands adopted records to a running SIP edge (see [`Adoption`]).
+#[derive(Clone)]
+pub struct Adopter(mpsc::Sender<Adoption>);
+
+impl Adopter {
+    /// Restores `records` in the edge; the number restored, or None if the edge has stopped.
+    pub async fn adopt(&self, records: Vec<(String, Vec<u8>)>) -> Option<usize> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.0.send(Adoption { records, done }).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 impl SipEdge {
@@ -182,6 +206,8 @@ impl SipEdge {
                 tcp: None,
                 tls: None,
                 tasks: Vec::new(),
+                // Nobody restores: an adoption answers None (this node takes over none).
+                adopt: mpsc::channel(1).0,
             });
         }
         // Static routes are resolved before any SIP port is bound: the TCP listener admits
@@ -326,8 +352,19 @@ impl SipEdge {
             ),
             outbound_opened: HashMap::new(),
         };
-        tasks.push(tokio::spawn(driver.run(core_rx, outbox)));
-        Ok(SipEdge { tcp, tls, tasks })
+        let (adopt, adopt_rx) = mpsc::channel::<Adoption>(4);
+        tasks.push(tokio::spawn(driver.run(core_rx, outbox, adopt_rx)));
+        Ok(SipEdge {
+            tcp,
+            tls,
+            tasks,
+            adopt,
+        })
+    }
+
+    /// A handle that restores records adopted from a dead cluster node.
+    pub fn adopter(&self) -> Adopter {
+        Adopter(self.adopt.clone())
     }
 
     /// The bound TCP listener address.
@@ -698,7 +735,12 @@ const DIAL_STABLE: Duration = Duration::from_secs(30);
 const DIAL_BACKOFF_ENTRIES: usize = 10_000;
 
 impl Driver {
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>, mut outbox: mpsc::Receiver<Delivery>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut outbox: mpsc::Receiver<Delivery>,
+        mut adoptions: mpsc::Receiver<Adoption>,
+    ) {
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
@@ -758,6 +800,25 @@ impl Driver {
                 Ok(()) = link_ups.changed() => {
                     let ups = link_ups.borrow_and_update().clone();
                     self.on_link_ups(&ups, &mut seen_ups);
+                }
+                Some(a) = adoptions.recv() => {
+                    let (now, wall) = (Instant::now(), SystemTime::now());
+                    let mut restored = 0usize;
+                    for (key, value) in &a.records {
+                        if !matches!(
+                            self.core.restore_record(&*self.hub, key, value, now, wall),
+                            Restored::Dropped
+                        ) {
+                            restored += 1;
+                        }
+                    }
+                    // The home links are up already: what the adopted subscriptions owe the
+                    // home side (probes, pending requests) is sent now.
+                    for domain in seen_ups.keys() {
+                        self.core.handle_link_up(domain, now);
+                    }
+                    tracing::info!(records = a.records.len(), restored, "SIP subscriptions of a dead cluster node taken over");
+                    let _ = a.done.send(restored);
                 }
                 // A slice at a time, and only while the home links have room.
                 _ = tokio::task::yield_now(), if congested.is_none() && self.core.has_link_up_work() => {

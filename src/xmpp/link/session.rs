@@ -189,8 +189,15 @@ impl Component {
         holder: &mut watch::Receiver<Holder>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
+        let mut announced = false;
         loop {
             let now_holding = holder.borrow_and_update().clone();
+            if matches!(now_holding, Holder::Peer(_)) && !announced {
+                // The home node is reachable through the holder: what restored SIP
+                // subscriptions owe it may be sent now, as when a connection of our own is up.
+                announced = true;
+                self.hub.note_link_up(&self.domain);
+            }
             self.status.update(&self.home_node, &self.domain, |s| {
                 s.held_by = match &now_holding {
                     Holder::Me => None,

@@ -155,6 +155,45 @@ impl Etcd {
         .unwrap_or_default()
     }
 
+    /// How many keys start with `prefix`, asked of member 0 through etcd's JSON gateway
+    /// (`/v3/kv/range`, `count_only`): what the nodes wrote, seen from outside them.
+    pub fn count_prefix(&self, prefix: &str) -> Result<u64> {
+        use base64::Engine;
+        use std::io::{Read, Write};
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        // range_end: the prefix with its last byte incremented (etcd's "with prefix").
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = format!(
+            "{{\"key\":\"{}\",\"range_end\":\"{}\",\"count_only\":true}}",
+            b64(prefix.as_bytes()),
+            b64(&end)
+        );
+        let port = self.members[0].client_port;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "POST /v3/kv/range HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        // The gateway may answer in chunks; the JSON object is the one line that starts "{".
+        let json = json.lines().find(|l| l.starts_with('{')).unwrap_or(json);
+        let v: serde_json::Value =
+            serde_json::from_str(json).with_context(|| format!("etcd range answer: {answer}"))?;
+        // int64 fields come as strings in etcd's JSON; an absent count is 0.
+        Ok(v["count"]
+            .as_str()
+            .and_then(|c| c.parse().ok())
+            .or_else(|| v["count"].as_u64())
+            .unwrap_or(0))
+    }
+
     /// Client URLs of every member, as `cluster.etcd_endpoints` takes them.
     pub fn endpoints(&self) -> Vec<String> {
         self.members

@@ -208,16 +208,32 @@ pub async fn subscribe(
     target: &str,
     call_id: &str,
 ) -> Result<legate::sip::SipMessage> {
+    subscribe_in(ua, target, call_id, None, 1).await
+}
+
+/// [`subscribe`] inside the dialog `to_tag` gave (a refresh, CSeq `cseq`), or outside any
+/// dialog when it is None.
+pub async fn subscribe_in(
+    ua: &mut Ua,
+    target: &str,
+    call_id: &str,
+    to_tag: Option<&str>,
+    cseq: u32,
+) -> Result<legate::sip::SipMessage> {
     let b = ua.branch();
+    let to = match to_tag {
+        Some(t) => format!("To: <sip:{target}>;tag={t}"),
+        None => format!("To: <sip:{target}>"),
+    };
     ua.send(
         &[
             &format!("SUBSCRIBE sip:{target} SIP/2.0"),
             &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
             "Max-Forwards: 70",
             &format!("From: <sip:bob@partner.test>;tag={call_id}-from"),
-            &format!("To: <sip:{target}>"),
+            &to,
             &format!("Call-ID: {call_id}"),
-            "CSeq: 1 SUBSCRIBE",
+            &format!("CSeq: {cseq} SUBSCRIBE"),
             "Contact: <sip:bob@partner.test;opaque=user:epid:IW1;gruu>",
             "Event: presence",
             "Accept: application/msrtc-event-categories+xml",
