@@ -10,84 +10,30 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use support::etcd::{free_port, start_etcd};
 use support::Legate;
 
 const NODES: [&str; 3] = ["gw1", "gw2", "gw3"];
 
-/// The etcd members, killed (by their own handles) when dropped.
-struct Etcd(Vec<Child>);
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn start_etcd(dir: &Path) -> Result<(Etcd, Vec<String>)> {
-    if !Path::new("/usr/bin/etcd").is_file() {
-        bail!("/usr/bin/etcd is missing: apt-get install etcd-server");
-    }
-    let ports: Vec<(u16, u16)> = (0..3)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<Result<_>>()?;
-    let initial: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
-        .collect();
-    let mut children = Vec::new();
-    for (i, (c, p)) in ports.iter().enumerate() {
-        let child = Command::new("/usr/bin/etcd")
-            .args(["--name", &format!("m{i}")])
-            .arg("--data-dir")
-            .arg(dir.join(format!("m{i}")))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{p}"),
-            ])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args(["--initial-cluster-state", "new", "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting etcd")?;
-        children.push(child);
-    }
-    let endpoints = ports
-        .iter()
-        .map(|(c, _)| format!("http://127.0.0.1:{c}"))
-        .collect();
-    Ok((Etcd(children), endpoints))
-}
-
-fn write_config(dir: &Path, id: &str, endpoints: &[String], ttl: u64) -> Result<PathBuf> {
+fn write_config(
+    dir: &Path,
+    id: &str,
+    endpoints: &[String],
+    ttl: u64,
+    peer_ports: &[u16],
+) -> Result<PathBuf> {
     let d = dir.join(id);
     std::fs::create_dir_all(&d)?;
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     let peers: String = NODES
         .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            format!(
-                "[[cluster.peers]]\nname = \"{n}\"\naddress = \"127.0.0.1:{}\"\n",
-                7400 + i
-            )
+        .zip(peer_ports)
+        .map(|(n, port)| {
+            format!("[[cluster.peers]]\nname = \"{n}\"\naddress = \"127.0.0.1:{port}\"\n")
         })
         .collect();
     let cfg = format!(
@@ -159,9 +105,10 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_etcd, endpoints) = start_etcd(dir.path())?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let peer_ports: Vec<u16> = NODES.iter().map(|_| free_port()).collect::<Result<_>>()?;
     let configs: Vec<PathBuf> = NODES
         .iter()
-        .map(|id| write_config(dir.path(), id, &endpoints, ttl))
+        .map(|id| write_config(dir.path(), id, &endpoints, ttl, &peer_ports))
         .collect::<Result<_>>()?;
     let mut nodes: Vec<Option<Legate>> = Vec::new();
     for c in &configs {

@@ -18,45 +18,17 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use support::sipp::{self, error_log, sipp_program, SCENARIO};
 use support::{cpu_secs, home_node, metrics, peak_rss_kib, sum, Legate};
 use tokio::net::TcpListener;
 
 const LIMIT: Duration = Duration::from_secs(180);
 const CLIENTS: usize = 2;
-
-/// sipp's pager MESSAGE toward a local user, as in `tests/data/sipp/message.xml`.
-const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="Legate pager MESSAGE load">
-  <send>
-    <![CDATA[
-
-      MESSAGE sip:alice@example.com SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      Max-Forwards: 70
-      From: <sip:sipp@partner.test>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:alice@example.com>
-      Call-ID: [call_id]
-      CSeq: 1 MESSAGE
-      Content-Type: text/plain; charset=UTF-8
-      Content-Length: [len]
-
-      Hello from sipp, message [call_number] with a body of typical chat length
-
-    ]]>
-  </send>
-
-  <recv response="200" crlf="true">
-  </recv>
-</scenario>
-"#;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -74,27 +46,6 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(run(total, window, rate))
-}
-
-/// One sipp client; killed on every exit path (by its own handle: never by name).
-struct Sipp(Child);
-
-impl Drop for Sipp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The sipp program; fails naming the Debian package when it is missing.
-fn sipp_program() -> Result<&'static Path> {
-    let p = Path::new("/usr/bin/sipp");
-    if !p.exists() {
-        bail!(
-            "sipp is missing: install the Debian package `sip-tester` (apt-get install sip-tester)"
-        );
-    }
-    Ok(p)
 }
 
 async fn run(total: usize, window: usize, rate: usize) -> Result<()> {
@@ -147,27 +98,17 @@ default_system = "xmpp"
     for i in 0..CLIENTS {
         // Split the total so the two counts add up exactly.
         let calls = total / CLIENTS + usize::from(i < total % CLIENTS);
-        // sipp's own listening port defaults to 5060 for each; a second one would fail.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(sipp)
-            .arg("-sf")
-            .arg(&scenario)
-            .args(["-t", "t1", "-i", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
-            .args(["-l", &window.to_string()])
-            .args(["-timeout", &format!("{}s", LIMIT.as_secs())])
-            .args(["-timeout_error", "-nostdin", "-trace_err"])
-            .args(["-error_file"])
-            .arg(dir.path().join(format!("sipp{i}_errors.log")))
-            .arg(sip.to_string())
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning sipp")?;
-        clients.push(Sipp(child));
+        clients.push(sipp::spawn(
+            sipp,
+            &scenario,
+            dir.path(),
+            i,
+            sip,
+            calls,
+            rate,
+            window,
+            LIMIT,
+        )?);
     }
     while received.load(Ordering::Relaxed) < total {
         for (i, c) in clients.iter_mut().enumerate() {
@@ -222,14 +163,4 @@ default_system = "xmpp"
         bail!("lost MESSAGEs: delivered {delivered}, answered 200 {ok}, of {total}");
     }
     Ok(())
-}
-
-/// The end of sipp `i`'s error log (what it could not send or match).
-fn error_log(dir: &Path, i: usize) -> String {
-    let log = std::fs::read_to_string(dir.join(format!("sipp{i}_errors.log"))).unwrap_or_default();
-    let start = log.len().saturating_sub(2000);
-    let start = (start..log.len())
-        .find(|&k| log.is_char_boundary(k))
-        .unwrap_or(0);
-    log.get(start..).unwrap_or_default().to_owned()
 }

@@ -6,6 +6,9 @@
 // Each bench uses a subset of these.
 #![allow(dead_code)]
 
+pub mod etcd;
+pub mod sipp;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

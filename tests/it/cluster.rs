@@ -196,7 +196,7 @@ async fn three_nodes_elect_one_leader_share_state_and_fail_over_within_the_ttl()
             .any(|l| l.starts_with(&format!("  * {first}")) && l.ends_with("live (LEADER)")),
         "{text}"
     );
-    assert_eq!(text.matches(" live").count(), 3, "{text}");
+    assert_eq!(text.matches("federation live").count(), 3, "{text}");
     assert!(all.iter().all(|s| s["lease_ttl_secs"] == TTL_SECS));
     let metrics = nodes[0].metrics().await.expect("metrics");
     assert!(metrics.contains("legate_cluster_members 3"), "{metrics}");
