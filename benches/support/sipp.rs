@@ -76,7 +76,7 @@ pub fn spawn(
         .port();
     let child = Command::new(sipp)
         .arg("-sf")
-        .arg(&scenario)
+        .arg(scenario)
         .args(["-t", "t1", "-i", "127.0.0.1", "-p", &port.to_string()])
         .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
         .args(["-l", &window.to_string()])
