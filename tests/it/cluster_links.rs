@@ -195,7 +195,7 @@ async fn pager(ua: &mut sip_ua::Ua, n: u32, body: &str) -> Result<Option<u16>> {
 async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it_over() -> Result<()>
 {
     let Parts {
-        etcd,
+        mut etcd,
         certs,
         ours,
         partner,
@@ -302,6 +302,33 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         .is_some_and(|v| v >= 1.0),
         "{metrics}"
     );
+
+    // etcd loses quorum: the nodes detach, but the holder keeps its link and the other keeps
+    // handing it traffic on what it knew.
+    etcd.stop(1);
+    etcd.stop(2);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = nodes[n].http_get("/status").await?;
+        if r.contains("\"DETACHED\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never detached: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pager(&mut bob, 10, "without etcd quorum").await?,
+        Some(200),
+        "{}",
+        why(&nodes)
+    );
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("without etcd quorum"));
+    etcd.restart(1)?;
+    etcd.restart(2)?;
 
     // The clustering port: an address that is not a listed peer is closed before any TLS;
     // a listed address without a client certificate fails the (mutual) handshake.
