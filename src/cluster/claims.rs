@@ -261,9 +261,15 @@ impl Claims {
                                 self.set(k, self.holder_from_value(kv.value()));
                             }
                             EventType::Delete => {
-                                if self.holder_of(k).is_some() {
+                                if let Some(was) = self.holder_of(k) {
                                     self.set(k, Holder::Unknown);
-                                    due.insert(k.to_string(), self.when_to_claim(k));
+                                    // The holder whose claim just ended is gone (or leaving):
+                                    // ranking it would make the next node wait for nobody.
+                                    let gone = match &was {
+                                        Holder::Peer(p) => Some(p.as_ref()),
+                                        _ => None,
+                                    };
+                                    due.insert(k.to_string(), self.when_to_claim_without(k, gone));
                                 }
                             }
                         }
@@ -295,7 +301,13 @@ impl Claims {
     /// When this node may claim the free link `key`: at once for the node ranked first for it
     /// among the live federation members, [`RANK_DELAY`] later per rank for the others.
     fn when_to_claim(&self, key: &str) -> tokio::time::Instant {
-        let members = self.inner.cluster.federation_members();
+        self.when_to_claim_without(key, None)
+    }
+
+    /// [`Self::when_to_claim`], leaving node `gone` out of the ranking.
+    fn when_to_claim_without(&self, key: &str, gone: Option<&str>) -> tokio::time::Instant {
+        let mut members = self.inner.cluster.federation_members();
+        members.retain(|m| Some(m.as_str()) != gone);
         let rank = rank_of(&self.inner.me, key, &members);
         tokio::time::Instant::now() + RANK_DELAY * rank
     }
