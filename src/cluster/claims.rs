@@ -18,7 +18,8 @@
 //! - while this node is detached from etcd it keeps the links it holds: traffic keeps flowing
 //!   on what was settled (the issue's "losing quorum ... traffic keeps flowing").
 //!
-//! Rebalancing when a node joins is not done: a link stays where it is until its holder leaves.
+//! - a node that joins gets its share: a holder gives up each link whose first-ranked node
+//!   has been live for [`SETTLED`], and that node claims it (`hand_back`).
 
 use crate::store::etcd::{kv_get, kv_txn, open_watch};
 use crate::store::StoreError;
@@ -34,6 +35,11 @@ use super::Cluster;
 /// Pause between ranks: a node ranked `n` for a link claims it `n × RANK_DELAY` after it
 /// became free, unless a better-ranked node did first.
 pub const RANK_DELAY: Duration = Duration::from_millis(400);
+/// How often a holder checks whether a link belongs to a node that joined.
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+/// How long the first-ranked node must have been a member before a link is handed to it
+/// (a node that flaps does not pull links back and forth).
+const SETTLED: Duration = Duration::from_secs(5);
 /// Pause before listing again after the watch or etcd failed.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -240,6 +246,8 @@ impl Claims {
             }
         }
         let mut stream = open_watch(&self.inner.client, &self.inner.prefix, revision + 1).await?;
+        let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
+        rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = due.values().min().copied();
             tokio::select! {
@@ -284,6 +292,7 @@ impl Claims {
                         }
                     }
                 }
+                _ = rebalance.tick() => self.hand_back().await?,
                 _ = sleep_opt(next) => {
                     let now = tokio::time::Instant::now();
                     let ready: Vec<String> = due.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
@@ -331,6 +340,51 @@ impl Claims {
         } else if let Some(h) = first_value(&resp) {
             let h = self.holder_from_value(&h);
             self.set(key, h);
+        }
+        Ok(())
+    }
+
+    /// Gives up each link this node holds whose first-ranked node is live and has been for
+    /// [`SETTLED`]: a node that joins (or comes back) gets its share of the links, so the
+    /// links — and the outbound traffic of each — spread over the live federation nodes.
+    /// The claim is deleted only while it is still ours; the first-ranked node claims at once
+    /// and this node, ranked lower, would only step in if it did not.
+    async fn hand_back(&self) -> Result<(), StoreError> {
+        let Some(status) = self.inner.cluster.status() else {
+            return Ok(());
+        };
+        let now = super::unix_now();
+        let members = self.inner.cluster.federation_members();
+        for key in self.keys() {
+            if self.holder_of(&key) != Some(Holder::Me) {
+                continue;
+            }
+            let Some(first) = members.iter().find(|m| rank_of(m, &key, &members) == 0) else {
+                continue;
+            };
+            if first.as_str() == &*self.inner.me {
+                continue;
+            }
+            let settled = status
+                .members
+                .iter()
+                .find(|m| &m.id == first)
+                .is_some_and(|m| now.saturating_sub(m.since) >= SETTLED.as_secs());
+            if !settled {
+                continue;
+            }
+            let full = format!("{}{key}", self.inner.prefix);
+            let txn = Txn::new()
+                .when([Compare::value(
+                    full.clone(),
+                    CompareOp::Equal,
+                    self.inner.me.as_bytes().to_vec(),
+                )])
+                .and_then([TxnOp::delete(full, None)]);
+            if kv_txn(&self.inner.client, txn).await?.succeeded() {
+                CLAIMS.with_label_values(&["handed_back"]).inc();
+                tracing::info!(link = %key, to = %first, "component link handed over to the node ranked first for it");
+            }
         }
         Ok(())
     }
@@ -406,7 +460,8 @@ async fn sleep_opt(at: Option<tokio::time::Instant>) {
 static CLAIMS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
     crate::metrics::counter_vec(
         "legate_cluster_link_claims_total",
-        "Component links this node claimed (won: it holds the link from then on)",
+        "Component links this node claimed (won: it holds the link from then on) or gave to \
+         the node ranked first for them once it had joined (handed_back)",
         &["outcome"],
     )
 });
@@ -414,6 +469,7 @@ static CLAIMS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyL
 /// Creates the claims' metric family at start.
 pub fn register_metrics() {
     CLAIMS.with_label_values(&["won"]);
+    CLAIMS.with_label_values(&["handed_back"]);
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 //!   watchers), over the peer link.
 //!
 //! What is not built yet (and says so in `legate cluster status`): a dead node's IM sessions,
-//! SIP requests for a dialog another live node owns, and moving links when a node joins.
+//! and SIP requests for a dialog another live node owns.
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -293,7 +293,6 @@ impl Cluster {
                         serde_json::json!([
                             "takeover of a dead node's IM sessions",
                             "SIP requests for a dialog another live node owns (answered as unknown where they arrive)",
-                            "moving component links to a node that joins (they stay with their holder until it leaves)",
                         ]),
                     );
                 }

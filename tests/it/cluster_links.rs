@@ -122,9 +122,10 @@ fn parts(ip: u8) -> Result<Parts> {
 }
 
 /// Starts `legate run` for gw1 and gw2 of `cluster` under `dir`, linked to `prosody`, with
-/// outbound SIP for `partner.test` going to `route`.
+/// outbound SIP for `partner.test` going to `route`. With `alone_first`, that node starts
+/// first and holds the component link before the other starts. Returned as [gw1, gw2].
 #[allow(clippy::too_many_arguments)]
-fn start_nodes(
+async fn start_nodes(
     cluster: &str,
     dir: &Path,
     certs: &CertFactory,
@@ -132,9 +133,14 @@ fn start_nodes(
     etcd: &Etcd,
     prosody: &Prosody,
     route: SocketAddr,
+    alone_first: Option<&str>,
 ) -> Result<Vec<Legate>> {
-    let mut nodes = Vec::new();
-    for id in ["gw1", "gw2"] {
+    let order = match alone_first {
+        Some("gw2") => ["gw2", "gw1"],
+        _ => ["gw1", "gw2"],
+    };
+    let mut started = Vec::new();
+    for id in order {
         let d = dir.join(id);
         std::fs::create_dir_all(&d)?;
         let cfg = d.join("legate.toml");
@@ -151,9 +157,22 @@ fn start_nodes(
                 route,
             ),
         )?;
-        nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
+        let node = Legate::start(&cfg, &["sip_tls", "cluster"])?;
+        if alone_first == Some(id) {
+            let deadline = Instant::now() + WAIT;
+            while holder(&node).await != id {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{id} alone did not claim the link:\n{}",
+                    node.output()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        started.push((id, node));
     }
-    Ok(nodes)
+    started.sort_by_key(|(id, _)| *id);
+    Ok(started.into_iter().map(|(_, n)| n).collect())
 }
 
 /// Who `node` says holds the link ("" while not settled).
@@ -202,6 +221,15 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         prosody,
     } = parts(43)?;
     let dir = tempfile::tempdir()?;
+    // The node ranked second for the link starts alone and claims it; when the first-ranked
+    // one has joined, the link is handed over to it.
+    let members = ["gw1".to_string(), "gw2".to_string()];
+    let first = members
+        .iter()
+        .find(|m| legate::cluster::claims::rank_of(m, LINK, &members) == 0)
+        .cloned()
+        .context("a first-ranked node")?;
+    let second = if first == "gw1" { "gw2" } else { "gw1" };
     let mut nodes = start_nodes(
         CLUSTER,
         dir.path(),
@@ -210,7 +238,9 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         &etcd,
         &prosody,
         "127.0.0.1:9".parse()?,
-    )?;
+        Some(second),
+    )
+    .await?;
     let why = |nodes: &[Legate]| {
         format!(
             "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
@@ -220,33 +250,51 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         )
     };
 
-    // Both nodes agree on one holder, and only the holder connected the component.
+    // Both nodes agree that the first-ranked node holds the link now, and only its component
+    // connection is up (the second closed its own when it handed the link over).
     let deadline = Instant::now() + WAIT;
     let held_by = loop {
         let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
-        if !a.is_empty() && a == b {
+        if a == first && b == first {
             break a;
         }
         assert!(
             Instant::now() < deadline,
-            "no agreed holder:\n{}",
+            "{first} does not hold the link (gw1 says {a:?}, gw2 {b:?}):\n{}",
             why(&nodes)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (h, n) = if held_by == "gw1" { (0, 1) } else { (1, 0) };
+    let handed_back = common::legate::metric_value(
+        &nodes[n].metrics().await?,
+        "legate_cluster_link_claims_total{outcome=\"handed_back\"}",
+    );
+    assert_eq!(handed_back, Some(1.0), "{second} handed the link over once");
     nodes[h]
         .wait_output("the holder's component link", WAIT, |t| {
             t.contains("component partner.test connected")
         })
         .await?;
-    assert!(
-        !nodes[n]
-            .output()
-            .contains("component partner.test connected"),
-        "the node that does not hold the link connected it too:\n{}",
-        why(&nodes)
-    );
+    // Exactly one connection is up: a node that held the link before handing it over has
+    // closed its own.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let links = |m: &str| common::legate::metric_value(m, "legate_component_links_up");
+        let (on_h, on_n) = (
+            links(&nodes[h].metrics().await?),
+            links(&nodes[n].metrics().await?),
+        );
+        if on_h == Some(1.0) && on_n == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "component connections: holder {on_h:?}, other {on_n:?}\n{}",
+            why(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // `legate cluster status` on the other node names the holder and the peer link's TLS.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
@@ -329,6 +377,24 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
     assert_eq!(m.body.as_deref(), Some("without etcd quorum"));
     etcd.restart(1)?;
     etcd.restart(2)?;
+    // Both rejoin (new leases; the holder writes its claim again under its new one) before
+    // the next part measures a takeover from a steady state.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut steady = true;
+        for node in &nodes {
+            let r = node.http_get("/status").await?;
+            steady &= !r.contains("\"DETACHED\"");
+            steady &= holder(node).await == held_by;
+        }
+        if steady {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rejoin:\n{}", why(&nodes));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The holder's claim is under its new lease once its claims pass has run again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The clustering port: an address that is not a listed peer is closed before any TLS;
     // a listed address without a client certificate fails the (mutual) handshake.
@@ -378,6 +444,10 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
 
     // The holder dies. A MESSAGE the survivor accepts meanwhile waits for the link and is
     // delivered once the survivor holds it.
+    const CONNECTED: &str = "component partner.test connected";
+    // The survivor may have held the link before (it hands links over when a better-ranked
+    // node joins): only a connection made after the kill counts.
+    let connected_before = nodes[n].output().matches(CONNECTED).count();
     let killed_at = Instant::now();
     nodes[h].kill();
     assert_eq!(
@@ -388,7 +458,7 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
     );
     nodes[n]
         .wait_output("the survivor's component link", WAIT, |t| {
-            t.contains("component partner.test connected")
+            t.matches(CONNECTED).count() > connected_before
         })
         .await
         .with_context(|| why(&nodes))?;
@@ -457,7 +527,9 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
         &etcd,
         &prosody,
         route.local_addr()?,
-    )?;
+        None,
+    )
+    .await?;
     let why = |nodes: &[Legate]| {
         format!(
             "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
