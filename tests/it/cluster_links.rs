@@ -638,3 +638,156 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
     drop(etcd);
     Ok(())
 }
+
+/// Issue 12 item 5: the peer link with `cluster.tls_verify = "enforce"`, peers listed by FQDN
+/// and found through `cluster.address_map` (no DNS): a MESSAGE through the node that does not
+/// hold the link is handed over a verified mutual-TLS connection; a client certificate from
+/// the same CA that names no listed peer is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_enforce_the_peer_link_verifies_both_sides_by_name() -> Result<()> {
+    const CLUSTER3: &str = "enforce.test";
+    let Parts {
+        etcd,
+        certs,
+        ours,
+        partner,
+        prosody,
+    } = parts(45)?;
+    let dir = tempfile::tempdir()?;
+    let mut nodes = Vec::new();
+    for id in ["gw1", "gw2"] {
+        let d = dir.path().join(id);
+        std::fs::create_dir_all(&d)?;
+        let leaf = certs.leaf(&format!("peer-{id}"), &[&format!("{id}.cluster.test")]);
+        let mut toml = node_toml(
+            CLUSTER3,
+            id,
+            &d,
+            &certs,
+            &ours,
+            &etcd,
+            prosody.component_addr(),
+            "127.0.0.1:9".parse()?,
+        );
+        for p in ["gw1", "gw2"] {
+            let port = named_port(&format!("{CLUSTER3}/{p}"));
+            toml = toml.replace(
+                &format!("address = \"127.0.0.1:{port}\""),
+                &format!("address = \"{p}.cluster.test:{port}\""),
+            );
+        }
+        toml = toml
+            .replace(
+                "[tls]\n",
+                &format!(
+                    "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                    leaf.cert.display(),
+                    leaf.key.display()
+                ),
+            )
+            .replace(
+                &format!("lease_ttl_secs = {TTL_SECS}\n"),
+                &format!("lease_ttl_secs = {TTL_SECS}\ntls_verify = \"enforce\"\n"),
+            );
+        toml.push_str(
+            "[cluster.address_map]\n\"gw1.cluster.test\" = \"127.0.0.1\"\n\"gw2.cluster.test\" = \"127.0.0.1\"\n",
+        );
+        let cfg = d.join("legate.toml");
+        std::fs::write(&cfg, toml)?;
+        nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
+    }
+    let why = |nodes: &[Legate]| {
+        format!(
+            "--- gw1 ---\n{}\n--- gw2 ---\n{}",
+            nodes[0].output(),
+            nodes[1].output()
+        )
+    };
+    let deadline = Instant::now() + WAIT;
+    let held_by = loop {
+        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
+        if !a.is_empty() && a == b {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agreed holder:\n{}",
+            why(&nodes)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let n = if held_by == "gw1" { 1 } else { 0 };
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("here")).await?;
+    let mut bob = sip_ua::connect_tls(
+        nodes[n].addr("sip_tls"),
+        certs.ca_path(),
+        Some((&partner.cert, &partner.key)),
+        "example.test",
+    )
+    .await?;
+    assert_eq!(pager(&mut bob, 1, "verified both ways").await?, Some(200));
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("verified both ways"));
+
+    // Same CA, a name that is not a listed peer: refused after the handshake.
+    let intruder = certs.leaf("intruder", &["intruder.cluster.test"]);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let roots = legate::tls::load_trust_bundle(certs.ca_path())?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            legate::tls::load_certs(&intruder.cert)?,
+            legate::tls::load_private_key(&intruder.key)?,
+        )?;
+    let port = nodes[n].addr("cluster").port();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = if n == 0 {
+        "gw1.cluster.test"
+    } else {
+        "gw2.cluster.test"
+    };
+    let served = async {
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name.try_into()?, tcp)
+            .await?;
+        let mut buf = [0u8; 64];
+        let got = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
+        anyhow::ensure!(got > 0, "closed");
+        Ok::<(), anyhow::Error>(())
+    };
+    assert!(
+        tokio::time::timeout(WAIT, served).await?.is_err(),
+        "a certificate naming no listed peer was served"
+    );
+    let metrics = nodes[n].metrics().await?;
+    assert!(
+        common::legate::metric_value(
+            &metrics,
+            "legate_cluster_peer_connections_total{outcome=\"refused_certificate\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{metrics}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args([
+            "cluster",
+            "status",
+            "--admin",
+            &nodes[n].addr("admin").to_string(),
+        ])
+        .output()?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("peer link tls: enforce"));
+    drop(etcd);
+    Ok(())
+}
