@@ -112,6 +112,22 @@ pub struct Notifier {
     /// The earliest expiry timer queued for it, if any: a refresh that moves the expiry
     /// later queues nothing (the queued timer re-arms itself when it fires early).
     pub armed: Option<Instant>,
+    /// What the state store holds for this dialog (the SIP core's persistence bookkeeping:
+    /// kept here, not in a table beside `notifiers`, to cost no map entry per dialog).
+    pub stored: StoreMark,
+}
+
+/// What the state store holds for one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreMark {
+    /// No record (never written, or deleted).
+    #[default]
+    Absent,
+    /// A record whose content is not known to match (restored but unreadable, or a write
+    /// the store refused): written again at the next chance.
+    Unknown,
+    /// A record written with this fingerprint of what it says.
+    Written(u64),
 }
 
 impl Notifier {

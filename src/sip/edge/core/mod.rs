@@ -54,7 +54,7 @@ use crate::sip::message::SipMessage;
 use crate::sip::routing::Routing;
 use crate::sip::subscription::{
     self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Notifier, NotifierState,
-    NotifyState, Subscriber, SubscriberState, TerminationReason,
+    NotifyState, StoreMark, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
 use crate::sip::validate::{refusal_of, Reject};

@@ -210,6 +210,7 @@ impl Core {
             conn: Some(peer.conn),
             armed: None,
             last_sent: None,
+            stored: StoreMark::Absent,
         };
         self.notifier_insert(id.clone(), n);
         if grant == 0 {
@@ -395,8 +396,17 @@ impl Core {
     }
 
     /// Adds a notifier dialog, counted for its domain's bound.
-    pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
+    pub(super) fn notifier_insert(&mut self, id: DialogId, mut n: Notifier) {
         self.touch_notifier(&id);
+        // A record already stored under this id belongs to the dialog now living there.
+        let dead = self.persisted.dead_notifiers.remove(&id);
+        if n.stored == StoreMark::Absent {
+            if dead {
+                n.stored = StoreMark::Unknown;
+            } else if let Some(old) = self.notifiers.get(&id) {
+                n.stored = old.stored;
+            }
+        }
         *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
         if let Some(old) = self.notifiers.insert(id, Box::new(n)) {
             count_down(&mut self.notifier_domains, &old.domain);
@@ -407,6 +417,10 @@ impl Core {
     pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
         self.touch_notifier(id);
         let n = self.notifiers.remove(id)?;
+        if n.stored != StoreMark::Absent {
+            // Its record is deleted by the next `take_store_ops`.
+            self.persisted.dead_notifiers.insert(id.clone());
+        }
         count_down(&mut self.notifier_domains, &n.domain);
         Some(*n)
     }
