@@ -264,7 +264,7 @@ mod tests {
         let states: Vec<(String, usize)> = m
             .system(sys)
             .state_ids()
-            .map(|(_, s)| (s.name.clone(), s.canonical))
+            .map(|(_, s)| (s.name.to_string(), s.canonical))
             .filter(|(n, _)| n != "offline")
             .collect();
         for (a, ra) in &states {

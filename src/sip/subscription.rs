@@ -277,7 +277,7 @@ pub fn decode_body(
     let d = maps.decode(sys, &facts);
     Ok(Some(PresenceBody {
         system: Arc::from(system),
-        state: Arc::from(maps.system(sys).state(d.state).name.as_str()),
+        state: maps.system(sys).state(d.state).name.clone(),
         note: d.note.map(str::to_owned),
         priority: None,
     }))
