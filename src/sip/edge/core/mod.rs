@@ -17,6 +17,7 @@
 mod batch;
 mod im;
 mod notifier;
+mod pairs;
 mod persist;
 mod recent;
 mod subscriber;
@@ -285,7 +286,7 @@ pub struct Core {
     /// Boxed: a hash table keeps up to half its slots empty after growing, and an empty slot
     /// costs the size of the value (a `Notifier` is ~0.5 KB inline, a box 8 B).
     notifiers: HashMap<DialogId, Box<Notifier>>,
-    notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
+    notifier_pairs: pairs::PairIndex,
     /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
     /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
     notifier_watchers: HashMap<String, usize>,
@@ -385,7 +386,7 @@ impl Core {
             server: HashMap::new(),
             client: HashMap::new(),
             notifiers: HashMap::new(),
-            notifier_pairs: HashMap::new(),
+            notifier_pairs: pairs::PairIndex::default(),
             notifier_watchers: HashMap::new(),
             resources: ResourceTable::new(),
             batches: batch::Batches::default(),
@@ -546,23 +547,14 @@ impl Core {
 
     /// Adds dialog `id` to its (watcher, presentity) pair.
     fn pair_add(&mut self, pair: (String, String), id: DialogId) {
-        let v = self.notifier_pairs.entry(pair.clone()).or_default();
-        if v.is_empty() {
+        if self.notifier_pairs.add(&pair, id) {
             *self.notifier_watchers.entry(pair.1).or_default() += 1;
-            // Nearly every pair has one dialog: room for one, not the default four.
-            v.reserve_exact(1);
         }
-        v.push(id);
     }
 
     /// Removes dialog `id` from its pair, and the pair once it has none.
     fn pair_remove(&mut self, pair: &(String, String), id: &DialogId) {
-        let Some(v) = self.notifier_pairs.get_mut(pair) else {
-            return;
-        };
-        v.retain(|d| d != id);
-        if v.is_empty() {
-            self.notifier_pairs.remove(pair);
+        if self.notifier_pairs.remove(pair, id) == Some(true) {
             if let Some(c) = self.notifier_watchers.get_mut(&pair.1) {
                 *c = c.saturating_sub(1);
                 if *c == 0 {
@@ -1349,7 +1341,11 @@ impl Core {
         match env.body {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
-                let ids = self.notifier_pairs.get(&pair).cloned().unwrap_or_default();
+                let ids = self
+                    .notifier_pairs
+                    .get(&pair)
+                    .map(<[_]>::to_vec)
+                    .unwrap_or_default();
                 let batched = self.batches.watches(&pair);
                 if ids.is_empty() && !batched {
                     tracing::debug!("presence for a watcher without subscription dropped");

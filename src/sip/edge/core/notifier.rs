@@ -375,7 +375,10 @@ impl Core {
                 .collect()
         } else {
             let pair = (target.bare_string(), user.bare_string());
-            self.notifier_pairs.get(&pair).cloned().unwrap_or_default()
+            self.notifier_pairs
+                .get(&pair)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default()
         };
         for id in ids {
             let activated = match self.notifiers.get_mut(&id) {
