@@ -12,6 +12,27 @@ use super::*;
 use crate::gateway::policy;
 use crate::gateway::{Denied, Link};
 
+/// Points the domains of a notifier's addresses at the strings the node already holds (the
+/// peer's domain, the configured local domain), so a million watchers of a few domains hold
+/// a few domain strings, not three each (see `Domain`).
+pub(super) fn share_domains(
+    cfg: &Config,
+    domain: &Domain,
+    watcher: &mut Address,
+    presentity: &mut Address,
+) {
+    if watcher.domain == *domain {
+        watcher.domain = domain.clone();
+    }
+    if let Some(l) = cfg
+        .local_domains
+        .iter()
+        .find(|l| l.name == presentity.domain)
+    {
+        presentity.domain = l.name.clone();
+    }
+}
+
 impl Core {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_subscribe(
@@ -58,7 +79,7 @@ impl Core {
         if req.to().ok().and_then(|t| t.tag()).is_some() {
             return self.on_resubscribe(hub, peer, key, req, decision, now);
         }
-        let (Some(watcher), Some(presentity)) = (
+        let (Some(mut watcher), Some(mut presentity)) = (
             req.from().ok().and_then(|f| address_of_uri(&f.uri)),
             req.request_uri()
                 .and_then(Result::ok)
@@ -66,6 +87,7 @@ impl Core {
         ) else {
             return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
         };
+        share_domains(cfg, domain, &mut watcher, &mut presentity);
         let format = cfg
             .sip_federated(domain)
             .map_or(crate::config::PresenceFormat::Auto, |f| f.presence_format);

@@ -684,7 +684,7 @@ impl Core {
         if p.expires_unix <= base {
             return None;
         }
-        let (Ok(watcher), Ok(presentity), Ok(domain)) = (
+        let (Ok(mut watcher), Ok(mut presentity), Ok(domain)) = (
             Address::parse(&p.watcher),
             Address::parse(&p.presentity),
             Domain::parse(&p.domain),
@@ -693,9 +693,11 @@ impl Core {
             return None;
         };
         let cfg = hub.config();
-        if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&presentity.domain) {
+        let domain = cfg.sip_federated(&domain).map(|f| f.name.clone())?;
+        if !cfg.is_local_domain(&presentity.domain) {
             return None;
         }
+        super::notifier::share_domains(&cfg, &domain, &mut watcher, &mut presentity);
         let mut dialog = p.dialog;
         dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
         let id = dialog.id.clone();
