@@ -312,6 +312,11 @@ pub struct Core {
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Heap length at which `timers` next drops its no-op entries.
     compact_at: usize,
+    /// Notifier expiries, apart from `heap` (see `timers`): one per foreign watcher, long
+    /// lived, and 64 bytes each instead of a `TimerKey` entry's 88.
+    notifier_heap: BinaryHeap<Reverse<(Instant, DialogId)>>,
+    /// `notifier_heap` length at which it is next compacted.
+    notifier_compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).
     recent: recent::RecentAnswers,
     /// Peer address of connections that sent us requests (for `recent`).
@@ -403,6 +408,8 @@ impl Core {
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             compact_at: 0,
+            notifier_heap: BinaryHeap::new(),
+            notifier_compact_at: 0,
             recent: recent::RecentAnswers::default(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
@@ -440,7 +447,12 @@ impl Core {
     pub fn poll_timeout(&self) -> Option<Instant> {
         // Transaction deadlines are in the heap too (`arm_server`/`arm_client`); an entry
         // made stale by a transaction's progress only wakes the driver early.
-        self.heap.peek().map(|Reverse((at, _))| *at)
+        let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+        let t = self.heap.peek().map(|Reverse((at, _))| *at);
+        match (t, n) {
+            (Some(t), Some(n)) => Some(t.min(n)),
+            (t, n) => t.or(n),
+        }
     }
 
     /// Queues server transaction `key`'s next deadline unless one at or before it is queued
@@ -1432,15 +1444,14 @@ impl Core {
         // A machine that re-armed a deadline at or before `now` would otherwise keep this loop
         // going forever; with a budget the rest waits for the driver's next turn (the deadline
         // is already due, so that turn comes at once) and the driver's other inputs get a turn.
-        let mut budget = self.heap.len().saturating_mul(2).saturating_add(64);
-        while let Some(Reverse((at, _))) = self.heap.peek() {
-            if *at > now || budget == 0 {
-                break;
-            }
-            budget -= 1;
-            let Some(Reverse((at, key))) = self.heap.pop() else {
+        let mut budget = (self.heap.len() + self.notifier_heap.len())
+            .saturating_mul(2)
+            .saturating_add(64);
+        while budget > 0 {
+            let Some((at, key)) = self.pop_due(now) else {
                 break;
             };
+            budget -= 1;
             match key {
                 TimerKey::Server(k) => {
                     let Some(e) = self.server.get_mut(&k) else {
