@@ -232,7 +232,7 @@ impl Core {
             conn: Some(peer.conn),
             armed: None,
             last_sent: None,
-            stored: StoreMark::Absent,
+            stored: StoreMark::ABSENT,
         };
         self.notifier_insert(id.clone(), n);
         if grant == 0 {
@@ -425,9 +425,9 @@ impl Core {
         self.touch_notifier(&id);
         // A record already stored under this id belongs to the dialog now living there.
         let dead = self.persisted.dead_notifiers.remove(&id);
-        if n.stored == StoreMark::Absent {
+        if n.stored == StoreMark::ABSENT {
             if dead {
-                n.stored = StoreMark::Unknown;
+                n.stored = StoreMark::UNKNOWN;
             } else if let Some(old) = self.notifiers.get(&id) {
                 n.stored = old.stored;
             }
@@ -442,7 +442,7 @@ impl Core {
     pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
         self.touch_notifier(id);
         let n = self.notifiers.remove(id)?;
-        if n.stored != StoreMark::Absent {
+        if n.stored != StoreMark::ABSENT {
             // Its record is deleted by the next `take_store_ops`.
             self.persisted.dead_notifiers.insert(id.clone());
         }

@@ -162,7 +162,7 @@ fn unix(wall: SystemTime) -> u64 {
 
 /// What a change to a notifier's record looks like: state, format, expiry and the peer's
 /// CSeq (a refresh moves both; its new target comes with it), hashed into the 8 bytes kept
-/// in the notifier ([`StoreMark::Written`]). NOTIFYs alone (our CSeq) are left out: restored
+/// in the notifier ([`StoreMark::written`]). NOTIFYs alone (our CSeq) are left out: restored
 /// dialogs add `RESTORE_CSEQ_MARGIN` instead.
 fn notifier_print(n: &Notifier) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
@@ -243,10 +243,10 @@ pub(crate) struct Touched {
 
 fn notifier_op(id: &DialogId, n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
     let print = notifier_print(n);
-    if n.stored == StoreMark::Written(print) {
+    if n.stored == StoreMark::written(print) {
         return;
     }
-    n.stored = StoreMark::Written(print);
+    n.stored = StoreMark::written(print);
     let rec = NotifierRec(
         RECORD_VERSION,
         DialogRec::from(&n.dialog),
@@ -568,7 +568,7 @@ impl Core {
                 };
                 self.persisted.touched.notifiers.insert(id.clone());
                 match self.notifiers.get_mut(&id) {
-                    Some(n) => n.stored = StoreMark::Unknown,
+                    Some(n) => n.stored = StoreMark::UNKNOWN,
                     None => {
                         self.persisted.dead_notifiers.insert(id);
                     }
@@ -667,7 +667,7 @@ impl Core {
         // Recorded as not yet stored: the store gets them all.
         self.persisted.dead_notifiers.clear();
         for n in self.notifiers.values_mut() {
-            n.stored = StoreMark::Absent;
+            n.stored = StoreMark::ABSENT;
         }
         self.dirty = true;
         n
@@ -731,9 +731,9 @@ impl Core {
             conn: None,
             armed: None,
             last_sent: None,
-            stored: StoreMark::Absent,
+            stored: StoreMark::ABSENT,
         };
-        n.stored = StoreMark::Written(notifier_print(&n));
+        n.stored = StoreMark::written(notifier_print(&n));
         self.pair_add(
             (watcher.bare_string(), presentity.bare_string()),
             id.clone(),
