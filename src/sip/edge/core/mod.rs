@@ -17,6 +17,7 @@
 mod batch;
 mod im;
 mod notifier;
+mod notifiers;
 mod pairs;
 mod persist;
 mod recent;
@@ -283,9 +284,7 @@ pub struct Core {
     im_idle: Duration,
     server: HashMap<TxnKey, ServerEntry>,
     client: HashMap<TxnKey, ClientEntry>,
-    /// Boxed: a hash table keeps up to half its slots empty after growing, and an empty slot
-    /// costs the size of the value (a `Notifier` is ~0.5 KB inline, a box 8 B).
-    notifiers: HashMap<DialogId, Box<Notifier>>,
+    notifiers: notifiers::NotifierTable,
     notifier_pairs: pairs::PairIndex,
     /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
     /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
@@ -390,7 +389,7 @@ impl Core {
             im_idle,
             server: HashMap::new(),
             client: HashMap::new(),
-            notifiers: HashMap::new(),
+            notifiers: notifiers::NotifierTable::default(),
             notifier_pairs: pairs::PairIndex::default(),
             notifier_watchers: HashMap::new(),
             resources: ResourceTable::new(),
@@ -1169,6 +1168,8 @@ impl Core {
                 "domain_not_federated",
             ));
         };
+        // The configuration's string (equal): what the core keeps per dialog shares it.
+        let domain = fed.name.clone();
         if !peer.verified.is_empty() {
             if !peer.verified.contains(&domain) {
                 return Err(refuse(

@@ -433,7 +433,7 @@ impl Core {
             }
         }
         *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
-        if let Some(old) = self.notifiers.insert(id, Box::new(n)) {
+        if let Some(old) = self.notifiers.insert(Box::new(n)) {
             count_down(&mut self.notifier_domains, &old.domain);
         }
     }

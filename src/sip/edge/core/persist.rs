@@ -241,7 +241,7 @@ pub(crate) struct Touched {
     pub(super) gone_pairs: Vec<(String, String)>,
 }
 
-fn notifier_op(id: &DialogId, n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
+fn notifier_op(n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
     let print = notifier_print(n);
     if n.stored == StoreMark::written(print) {
         return;
@@ -259,7 +259,7 @@ fn notifier_op(id: &DialogId, n: &mut Notifier, now: Instant, base: u64, ops: &m
     );
     match serde_json::to_vec(&rec) {
         Ok(value) => ops.push(StoreOp::Put {
-            key: notifier_key(id),
+            key: notifier_key(&n.dialog.id),
             value,
         }),
         Err(e) => tracing::error!(error = %e, "cannot encode a notifier record"),
@@ -371,8 +371,8 @@ impl Core {
             self.persisted.scan_owed = false;
             let pass = self.persisted.pass.wrapping_add(1);
             self.persisted.pass = pass;
-            for (id, n) in self.notifiers.iter_mut() {
-                notifier_op(id, n, now, base, &mut ops);
+            for n in self.notifiers.values_mut() {
+                notifier_op(n, now, base, &mut ops);
             }
             for id in self.persisted.dead_notifiers.drain() {
                 ops.push(StoreOp::Delete {
@@ -401,7 +401,7 @@ impl Core {
         let pass = self.persisted.pass;
         for id in &touched.notifiers {
             match self.notifiers.get_mut(id) {
-                Some(n) => notifier_op(id, n, now, base, &mut ops),
+                Some(n) => notifier_op(n, now, base, &mut ops),
                 None => {
                     if self.persisted.dead_notifiers.remove(id) {
                         ops.push(StoreOp::Delete {
