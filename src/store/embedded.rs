@@ -90,7 +90,7 @@ type Ack = oneshot::Sender<Result<(), (std::io::ErrorKind, String)>>;
 
 #[derive(Default)]
 struct State {
-    map: BTreeMap<String, Stored>,
+    map: BTreeMap<Box<str>, Stored>,
     revision: Revision,
     history: VecDeque<(Revision, WatchEvent)>,
     /// The lowest revision from which `history` is complete.
@@ -229,7 +229,7 @@ impl Embedded {
                         Err(_) => Value::Mem(value.into()),
                     };
                     st.map.insert(
-                        key,
+                        key.into_boxed_str(),
                         Stored {
                             value,
                             create,
@@ -239,7 +239,7 @@ impl Embedded {
                 }
                 Record::Delete { key, revision } => {
                     st.revision = st.revision.max(revision);
-                    st.map.remove(&key);
+                    st.map.remove(key.as_str());
                 }
                 Record::Revision(r) => st.revision = st.revision.max(r),
             }
@@ -378,7 +378,7 @@ impl Embedded {
         };
         st.live_bytes += new_len;
         if let Some(old) = st.map.insert(
-            key.to_string(),
+            key.into(),
             Stored {
                 value: stored,
                 create,
@@ -560,7 +560,7 @@ impl Store for Embedded {
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, s)| {
                     Ok(Entry {
-                        key: k.clone(),
+                        key: k.to_string(),
                         value: st.read(&s.value, self.path())?,
                         create_revision: s.create,
                         mod_revision: s.modified,
