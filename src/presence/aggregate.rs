@@ -100,6 +100,11 @@ impl ResourceTable {
                             list.swap_remove(i);
                         }
                     }
+                    if list.is_empty() {
+                        // Most users are signed in from one resource: room for one, not the
+                        // default four (one list per watched user, issue 11 item 10).
+                        list.reserve_exact(1);
+                    }
                     list.push(Resource {
                         name: resource.map(str::to_string),
                         body,
