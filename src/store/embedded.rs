@@ -669,6 +669,12 @@ impl Store for Embedded {
     }
 }
 
+/// Creates the embedded store's metric families at start (`crate::metrics::register_all`).
+pub fn register_metrics() {
+    LazyLock::force(&WRITES);
+    LazyLock::force(&COMMITS);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,10 +706,4 @@ mod tests {
         // Not in memory and no file to read from: an error, never other bytes.
         assert!(matches!(read(&st, "c"), Some(Err(StoreError::Io { .. }))));
     }
-}
-
-/// Creates the embedded store's metric families at start (`crate::metrics::register_all`).
-pub fn register_metrics() {
-    LazyLock::force(&WRITES);
-    LazyLock::force(&COMMITS);
 }

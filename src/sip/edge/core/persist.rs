@@ -165,18 +165,15 @@ fn unix(wall: SystemTime) -> u64 {
 /// in the notifier ([`StoreMark::written`]). NOTIFYs alone (our CSeq) are left out: restored
 /// dialogs add `RESTORE_CSEQ_MARGIN` instead.
 fn notifier_print(n: &Notifier) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    (
-        n.state == NotifierState::Active,
-        n.format == SipBodyKind::Msrtc,
-        n.expires_at,
-        n.dialog.remote_cseq,
+    use std::hash::BuildHasher;
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(
+        (
+            n.state == NotifierState::Active,
+            n.format == SipBodyKind::Msrtc,
+            n.expires_at,
+            n.dialog.remote_cseq,
+        ),
     )
-        .hash(&mut h);
-    h.finish()
 }
 
 /// The same for a subscriber: a new subscription for the pair has a new id; a dialog, an
