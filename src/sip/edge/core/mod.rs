@@ -312,8 +312,9 @@ pub struct Core {
     /// Heap length at which `timers` next drops its no-op entries.
     compact_at: usize,
     /// Notifier expiries, apart from `heap` (see `timers`): one per foreign watcher, long
-    /// lived, and 64 bytes each instead of a `TimerKey` entry's 88.
-    notifier_heap: BinaryHeap<Reverse<(Instant, DialogId)>>,
+    /// lived, and 32 bytes each (the dialog by its `notifiers` fingerprint) instead of a
+    /// `TimerKey` entry's 88.
+    notifier_heap: BinaryHeap<Reverse<(Instant, u128)>>,
     /// `notifier_heap` length at which it is next compacted.
     notifier_compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).
@@ -558,14 +559,27 @@ impl Core {
 
     /// Adds dialog `id` to its (watcher, presentity) pair.
     fn pair_add(&mut self, pair: (String, String), id: DialogId) {
-        if self.notifier_pairs.add(&pair, id) {
+        let fp = self.notifiers.fingerprint(&id);
+        if self.notifier_pairs.add(&pair, fp) {
             *self.notifier_watchers.entry(pair.1).or_default() += 1;
         }
     }
 
+    /// The dialogs of `pair`, oldest first.
+    fn pair_ids(&self, pair: &(String, String)) -> Vec<DialogId> {
+        self.notifier_pairs
+            .get(pair)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|fp| self.notifiers.by_fingerprint(*fp))
+            .map(|n| n.dialog.id.clone())
+            .collect()
+    }
+
     /// Removes dialog `id` from its pair, and the pair once it has none.
     fn pair_remove(&mut self, pair: &(String, String), id: &DialogId) {
-        if self.notifier_pairs.remove(pair, id) == Some(true) {
+        let fp = self.notifiers.fingerprint(id);
+        if self.notifier_pairs.remove(pair, fp) == Some(true) {
             if let Some(c) = self.notifier_watchers.get_mut(&pair.1) {
                 *c = c.saturating_sub(1);
                 if *c == 0 {
@@ -1354,11 +1368,7 @@ impl Core {
         match env.body {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
-                let ids = self
-                    .notifier_pairs
-                    .get(&pair)
-                    .map(<[_]>::to_vec)
-                    .unwrap_or_default();
+                let ids = self.pair_ids(&pair);
                 let batched = self.batches.watches(&pair);
                 if ids.is_empty() && !batched {
                     tracing::debug!("presence for a watcher without subscription dropped");

@@ -196,7 +196,7 @@ impl Core {
             .get(&pair)
             .and_then(|ids| {
                 ids.iter()
-                    .filter_map(|i| self.notifiers.get(i))
+                    .filter_map(|fp| self.notifiers.by_fingerprint(*fp))
                     .find(|n| n.state == NotifierState::Active)
             })
             .map(|n| n.last.clone());
@@ -247,11 +247,9 @@ impl Core {
         // (restart, failover) re-subscribes with a new Call-ID, and the newest dialog is the
         // one it still knows; its old ones would otherwise live on until they expire while
         // every presence change is multiplied by them.
-        let oldest = self
-            .notifier_pairs
-            .get(&pair)
+        let oldest = Some(self.pair_ids(&pair))
             .filter(|ids| ids.len() >= MAX_DIALOGS_PER_PAIR)
-            .and_then(|ids| ids.first().cloned());
+            .and_then(|ids| ids.into_iter().next());
         if let Some(old) = oldest {
             m::refused("too_many_dialogs_per_pair");
             self.end_notifier(hub, &old, TerminationReason::Deactivated, false, now);
@@ -397,10 +395,7 @@ impl Core {
                 .collect()
         } else {
             let pair = (target.bare_string(), user.bare_string());
-            self.notifier_pairs
-                .get(&pair)
-                .map(<[_]>::to_vec)
-                .unwrap_or_default()
+            self.pair_ids(&pair)
         };
         for id in ids {
             let activated = match self.notifiers.get_mut(&id) {

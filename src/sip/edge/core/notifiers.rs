@@ -21,7 +21,8 @@ pub(crate) struct NotifierTable {
 }
 
 impl NotifierTable {
-    fn fingerprint(&self, id: &DialogId) -> u128 {
+    /// The key of `id` (the notifier heap queues it instead of the id: 16 bytes, not 48).
+    pub(crate) fn fingerprint(&self, id: &DialogId) -> u128 {
         let (a, b) = (self.keys.0.hash_one(id), self.keys.1.hash_one(id));
         (u128::from(a) << 64) | u128::from(b)
     }
@@ -39,6 +40,11 @@ impl NotifierTable {
             .get_mut(&fp)
             .map(|n| &mut **n)
             .filter(|n| n.dialog.id == *id)
+    }
+
+    /// The notifier under fingerprint `fp`, if any.
+    pub(crate) fn by_fingerprint(&self, fp: u128) -> Option<&Notifier> {
+        self.map.get(&fp).map(|n| &**n)
     }
 
     pub(crate) fn contains_key(&self, id: &DialogId) -> bool {

@@ -4,22 +4,24 @@
 //!
 //! Sized for a million foreign watchers (issue 11 item 10): a pair is keyed by a 128-bit
 //! fingerprint of its two bare addresses (two independently keyed hashes, as
-//! `TxnKey::fingerprint` keys the recent answers), not by two owned strings, and its one
-//! dialog — nearly every pair has exactly one — is held inline, not in a vector of its own.
-//! Two pairs sharing a fingerprint would need a collision of 128 keyed bits.
+//! `TxnKey::fingerprint` keys the recent answers), not by two owned strings; its dialogs are
+//! held by their `notifiers` fingerprints (16 bytes, not a 48-byte `DialogId`), and its one
+//! dialog — nearly every pair has exactly one — inline, not in a vector of its own. Two pairs
+//! sharing a fingerprint would need a collision of 128 keyed bits.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use crate::sip::dialog::DialogId;
+/// A dialog, by its fingerprint in the notifier table.
+type Dialog = u128;
 
 enum Dialogs {
-    One(DialogId),
-    Many(Vec<DialogId>),
+    One(Dialog),
+    Many(Vec<Dialog>),
 }
 
 impl Dialogs {
-    fn as_slice(&self) -> &[DialogId] {
+    fn as_slice(&self) -> &[Dialog] {
         match self {
             Dialogs::One(d) => std::slice::from_ref(d),
             Dialogs::Many(v) => v,
@@ -41,7 +43,7 @@ impl PairIndex {
     }
 
     /// The pair's dialogs, oldest first.
-    pub(crate) fn get(&self, pair: &(String, String)) -> Option<&[DialogId]> {
+    pub(crate) fn get(&self, pair: &(String, String)) -> Option<&[Dialog]> {
         self.map.get(&self.fingerprint(pair)).map(Dialogs::as_slice)
     }
 
@@ -50,7 +52,7 @@ impl PairIndex {
     }
 
     /// Adds `id` to the pair; true when it is the pair's first dialog.
-    pub(crate) fn add(&mut self, pair: &(String, String), id: DialogId) -> bool {
+    pub(crate) fn add(&mut self, pair: &(String, String), id: Dialog) -> bool {
         let fp = self.fingerprint(pair);
         match self.map.remove(&fp) {
             None => {
@@ -71,13 +73,13 @@ impl PairIndex {
 
     /// Removes `id` from the pair: None when the pair has no dialog at all, else whether it
     /// has none left (the pair is then forgotten).
-    pub(crate) fn remove(&mut self, pair: &(String, String), id: &DialogId) -> Option<bool> {
+    pub(crate) fn remove(&mut self, pair: &(String, String), id: Dialog) -> Option<bool> {
         let fp = self.fingerprint(pair);
         let left = match self.map.remove(&fp)? {
-            Dialogs::One(d) if d == *id => return Some(true),
+            Dialogs::One(d) if d == id => return Some(true),
             one @ Dialogs::One(_) => one,
             Dialogs::Many(mut v) => {
-                v.retain(|d| d != id);
+                v.retain(|d| *d != id);
                 match v.len() {
                     0 => return Some(true),
                     1 => Dialogs::One(v.remove(0)),
@@ -94,12 +96,8 @@ impl PairIndex {
 mod tests {
     use super::*;
 
-    fn id(n: u32) -> DialogId {
-        DialogId {
-            call_id: format!("c{n}").into(),
-            local_tag: "l".into(),
-            remote_tag: "r".into(),
-        }
+    fn id(n: u32) -> Dialog {
+        u128::from(n)
     }
 
     #[test]
@@ -112,13 +110,13 @@ mod tests {
         assert!(!p.add(&ab, id(3)));
         assert!(p.add(&ba, id(4)), "the reverse pair is another pair");
         assert_eq!(p.get(&ab), Some(&[id(1), id(2), id(3)][..]));
-        assert_eq!(p.remove(&ab, &id(2)), Some(false));
+        assert_eq!(p.remove(&ab, id(2)), Some(false));
         assert_eq!(p.get(&ab), Some(&[id(1), id(3)][..]));
-        assert_eq!(p.remove(&ab, &id(9)), Some(false), "not one of its dialogs");
-        assert_eq!(p.remove(&ab, &id(1)), Some(false));
-        assert_eq!(p.remove(&ab, &id(3)), Some(true));
+        assert_eq!(p.remove(&ab, id(9)), Some(false), "not one of its dialogs");
+        assert_eq!(p.remove(&ab, id(1)), Some(false));
+        assert_eq!(p.remove(&ab, id(3)), Some(true));
         assert!(!p.contains_key(&ab));
-        assert_eq!(p.remove(&ab, &id(3)), None);
+        assert_eq!(p.remove(&ab, id(3)), None);
         assert_eq!(p.get(&ba), Some(&[id(4)][..]));
     }
 }

@@ -12,7 +12,7 @@
 //! million at most) and live for up to an hour, while transaction deadlines are few at any
 //! moment but come and go by the hundred thousand. Apart, the transactions' heap is compacted
 //! down to the few live ones after a burst instead of being kept at twice the watchers, and a
-//! notifier's entry is a bare `(Instant, DialogId)`.
+//! notifier's entry is a bare `(Instant, fingerprint)` (see `notifiers`).
 
 use std::cmp::Reverse;
 use std::time::Instant;
@@ -30,7 +30,8 @@ impl Core {
                 self.compact_notifier_timers();
                 self.notifier_compact_at = self.notifier_heap.len().saturating_mul(2);
             }
-            self.notifier_heap.push(Reverse((at, id)));
+            let fp = self.notifiers.fingerprint(&id);
+            self.notifier_heap.push(Reverse((at, fp)));
             return;
         }
         if self.heap.len() >= self.compact_at.max(COMPACT_FLOOR) {
@@ -40,28 +41,33 @@ impl Core {
         self.heap.push(Reverse((at, key)));
     }
 
-    /// The earliest entry of either heap if it is due at `now`.
+    /// The earliest entry of either heap if it is due at `now` (a notifier entry whose
+    /// notifier is gone is dropped on the way: it could only fire as a no-op).
     pub(super) fn pop_due(&mut self, now: Instant) -> Option<(Instant, TimerKey)> {
-        let t = self.heap.peek().map(|Reverse((at, _))| *at);
-        let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
-        match (t, n) {
-            (Some(t), n) if t <= now && n.is_none_or(|n| t <= n) => {
-                self.heap.pop().map(|Reverse(e)| e)
+        loop {
+            let t = self.heap.peek().map(|Reverse((at, _))| *at);
+            let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+            match (t, n) {
+                (Some(t), n) if t <= now && n.is_none_or(|n| t <= n) => {
+                    return self.heap.pop().map(|Reverse(e)| e);
+                }
+                (_, Some(n)) if n <= now => {
+                    let Reverse((at, fp)) = self.notifier_heap.pop()?;
+                    if let Some(n) = self.notifiers.by_fingerprint(fp) {
+                        return Some((at, TimerKey::Notifier(n.dialog.id.clone())));
+                    }
+                }
+                _ => return None,
             }
-            (_, Some(n)) if n <= now => self
-                .notifier_heap
-                .pop()
-                .map(|Reverse((at, id))| (at, TimerKey::Notifier(id))),
-            _ => None,
         }
     }
 
     /// `compact_timers` for the notifier heap.
     fn compact_notifier_timers(&mut self) {
         let mut heap = std::mem::take(&mut self.notifier_heap).into_vec();
-        heap.retain(|Reverse((at, id))| {
+        heap.retain(|Reverse((at, fp))| {
             self.notifiers
-                .get(id)
+                .by_fingerprint(*fp)
                 .is_some_and(|n| n.armed.is_none_or(|a| a == *at))
         });
         heap.shrink_to_fit();
