@@ -182,7 +182,7 @@ pub fn translate(
         "from": from,
         "to": to,
         "input": input,
-        "state": set.system(tid).state(t.state).name,
+        "state": set.system(tid).state(t.state).name.as_ref(),
         "note": t.note.as_deref(),
         "path": path,
     });
@@ -263,7 +263,7 @@ pub fn mappings_show(
         }
         for (sid, note, tr) in &entries {
             let (sid, note) = (*sid, *note);
-            let input = &fsys.state(sid).name;
+            let input: &str = &fsys.state(sid).name;
             let path = set.describe_path(fid, tid, sid, tr);
             let via = path
                 .get(1)
@@ -275,7 +275,7 @@ pub fn mappings_show(
                 cell_text(&tsys.state(tr.state).name, tr.note.as_deref()),
                 via,
             ]);
-            jrows.push(json!({"input": input, "input_note": note, "state": tsys.state(tr.state).name, "note": tr.note.as_deref(), "path": path}));
+            jrows.push(json!({"input": input, "input_note": note, "state": tsys.state(tr.state).name.as_ref(), "note": tr.note.as_deref(), "path": path}));
         }
         if json_out {
             writeln!(stdout, "{}", json!({"from": f, "to": t, "rows": jrows}))?;
@@ -288,18 +288,14 @@ pub fn mappings_show(
     let mut jtables = Vec::new();
     for tb in &set.tables {
         let fname = &set.system(tb.from).name;
-        if from.is_some_and(|f| f != fname) {
+        if from.is_some_and(|f| f != &**fname) {
             continue;
         }
-        let tnames: Vec<&str> = tb
-            .to
-            .iter()
-            .map(|id| set.system(*id).name.as_str())
-            .collect();
+        let tnames: Vec<&str> = tb.to.iter().map(|id| &*set.system(*id).name).collect();
         if to.is_some_and(|t| !tnames.contains(&t)) {
             continue;
         }
-        let mut rows = vec![std::iter::once(fname.clone())
+        let mut rows = vec![std::iter::once(fname.to_string())
             .chain(tnames.iter().map(|s| s.to_string()))
             .collect::<Vec<_>>()];
         let mut jrows = Vec::new();
@@ -314,15 +310,15 @@ pub fn mappings_show(
                 let tsys = set.system(*tid);
                 line.push(cell_text(&tsys.state(c.state).name, c.note.as_deref()));
                 cells.insert(
-                    tsys.name.clone(),
-                    json!({"state": tsys.state(c.state).name, "note": c.note.as_deref()}),
+                    tsys.name.to_string(),
+                    json!({"state": tsys.state(c.state).name.as_ref(), "note": c.note.as_deref()}),
                 );
             }
             rows.push(line);
-            jrows.push(json!({"from": fsys.state(r.from).name, "from_note": r.from_note_display, "to": cells, "line": r.line}));
+            jrows.push(json!({"from": fsys.state(r.from).name.as_ref(), "from_note": r.from_note_display, "to": cells, "line": r.line}));
         }
         if json_out {
-            jtables.push(json!({"title": tb.title, "file": tb.file, "from": fname, "to": tnames, "fallback": if tb.fallback {Some("canonical")} else {None}, "rows": jrows}));
+            jtables.push(json!({"title": tb.title, "file": tb.file, "from": &**fname, "to": tnames, "fallback": if tb.fallback {Some("canonical")} else {None}, "rows": jrows}));
         } else {
             writeln!(stdout, "{}  [{}]", tb.title, tb.file)?;
             write!(stdout, "{}", aligned(&rows))?;

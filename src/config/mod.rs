@@ -428,7 +428,7 @@ pub fn systems_from_mappings(set: &crate::presence::map::MappingSet) -> Vec<(&st
                 (Protocol::Xmpp, Role::Federated) => SystemKind::XmppFederation,
                 (Protocol::Xmpp, Role::Local) => SystemKind::Local,
             };
-            (s.name.as_str(), kind)
+            (&*s.name, kind)
         })
         .collect()
 }

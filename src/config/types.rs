@@ -15,8 +15,11 @@ use serde::Deserialize;
 /// Equality is exact on the normalised form. There is deliberately no "is subdomain of" helper:
 /// `imp.example.com` and `example.com` are different domains for federation and routing
 /// (requirements §5), and suffix matching is how one domain ends up speaking for another.
+///
+/// Shared (`Arc<str>`): a clone costs no allocation, and the tables of a million foreign
+/// watchers hold their domains as references to a few strings (issue 11 item 10).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Domain(String);
+pub struct Domain(std::sync::Arc<str>);
 
 impl Domain {
     /// Checks and normalises `raw`. Non-ASCII names must be given in their punycode (`xn--`) form,
@@ -31,7 +34,7 @@ impl Domain {
                 "domain `{raw}` is not ASCII; write internationalised names in punycode (xn--...)"
             ));
         }
-        let name = trimmed.to_ascii_lowercase();
+        let name = trimmed;
         if name.len() > 253 {
             return Err(format!(
                 "domain `{raw}` is {} characters long; at most 253 are allowed",
@@ -51,7 +54,7 @@ impl Domain {
             }
             if !label
                 .iter()
-                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                .all(|&b| b.is_ascii_alphabetic() || b.is_ascii_digit() || b == b'-')
             {
                 return Err(format!(
                     "domain `{raw}` contains a character other than letters, digits, `-` and `.`"
@@ -74,7 +77,12 @@ impl Domain {
                 "`{raw}` looks like an IP address; a domain name is expected here"
             ));
         }
-        Ok(Self(name))
+        // Lowercased only when it has to be: one allocation, not two.
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            Ok(Self(name.to_ascii_lowercase().into()))
+        } else {
+            Ok(Self(name.into()))
+        }
     }
 
     pub fn as_str(&self) -> &str {

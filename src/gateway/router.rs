@@ -411,8 +411,8 @@ pub fn translate_presence(
         .ok_or_else(|| untranslatable("unknown state".into()))?;
     let t = maps.translate(from, to, state, body.note.as_deref());
     Ok(PresenceBody {
-        system: Arc::from(target),
-        state: Arc::from(maps.system(to).state(t.state).name.as_str()),
+        system: maps.system(to).name.clone(),
+        state: maps.system(to).state(t.state).name.clone(),
         note: t.note.map(|n| n.into_owned()),
         priority: body.priority,
     })

@@ -100,6 +100,11 @@ impl ResourceTable {
                             list.swap_remove(i);
                         }
                     }
+                    if list.is_empty() {
+                        // Most users are signed in from one resource: room for one, not the
+                        // default four (one list per watched user, issue 11 item 10).
+                        list.reserve_exact(1);
+                    }
                     list.push(Resource {
                         name: resource.map(str::to_string),
                         body,
@@ -264,7 +269,7 @@ mod tests {
         let states: Vec<(String, usize)> = m
             .system(sys)
             .state_ids()
-            .map(|(_, s)| (s.name.clone(), s.canonical))
+            .map(|(_, s)| (s.name.to_string(), s.canonical))
             .filter(|(n, _)| n != "offline")
             .collect();
         for (a, ra) in &states {

@@ -8,8 +8,17 @@
 //!
 //! Watches replay from a bounded in-memory history (the last [`HISTORY`] changes); older
 //! revisions, and any history from before a restart, answer `Resync`.
+//!
+//! Memory: with a journal, the map keeps each value's place in the journal, not its bytes
+//! (issue 11 item 10: at a million subscriptions a second copy of every record in memory
+//! was a large part of the cost). `get` and `list` read values back: from the buffer not yet
+//! handed to the writer, from the batch or snapshot being written, else from the file (a
+//! `pread`, served by the page cache). A write that fails leaves its values in memory
+//! instead (see `relocate`), so nothing acknowledged or still applied is ever unreadable.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
@@ -48,9 +57,26 @@ const WATCH_QUEUE: usize = 8_192;
 const COMPACT_MIN: u64 = 8 << 20;
 
 struct Stored {
-    value: Vec<u8>,
+    value: Value,
     create: Revision,
     modified: Revision,
+}
+
+/// Where a key's value is.
+enum Value {
+    /// Memory-only store, or a value whose journal write failed.
+    Mem(Box<[u8]>),
+    /// In the journal at byte `at` (file offset, or past the file's end: still in `pending`).
+    Journal { at: u64, len: u32 },
+}
+
+impl Value {
+    fn len(&self) -> usize {
+        match self {
+            Value::Mem(b) => b.len(),
+            Value::Journal { len, .. } => *len as usize,
+        }
+    }
 }
 
 struct Watcher {
@@ -64,7 +90,7 @@ type Ack = oneshot::Sender<Result<(), (std::io::ErrorKind, String)>>;
 
 #[derive(Default)]
 struct State {
-    map: BTreeMap<String, Stored>,
+    map: BTreeMap<Box<str>, Stored>,
     revision: Revision,
     history: VecDeque<(Revision, WatchEvent)>,
     /// The lowest revision from which `history` is complete.
@@ -72,6 +98,13 @@ struct State {
     watchers: Vec<Watcher>,
     // Journal side (unused in memory-only mode).
     pending: Vec<u8>,
+    /// File offset where `pending`'s first byte will land.
+    pending_at: u64,
+    /// What the writer is writing now (a batch appended at this offset, or a compaction
+    /// snapshot): values in it are read from here until it is in the file.
+    inflight: Option<(u64, Arc<Vec<u8>>)>,
+    /// The journal opened for reading values back.
+    reader: Option<File>,
     waiters: Vec<Ack>,
     /// Framed size of the live keys: what a compacted journal would hold.
     live_bytes: u64,
@@ -99,8 +132,66 @@ impl std::fmt::Debug for Embedded {
     }
 }
 
-fn framed_put_len(key: &str, value: &[u8]) -> u64 {
-    (8 + 1 + 16 + 2 + key.len() + value.len()) as u64
+fn framed_put_len(key: &str, value_len: usize) -> u64 {
+    (journal::put_value_offset(key) + value_len) as u64
+}
+
+impl State {
+    /// The bytes of `v` (see the module doc for where they are read from).
+    fn read(&self, v: &Value, path: Option<&Path>) -> Result<Vec<u8>, StoreError> {
+        let (at, len) = match v {
+            Value::Mem(b) => return Ok(b.to_vec()),
+            Value::Journal { at, len } => (*at, *len as usize),
+        };
+        let slice = |buf: &[u8], from: u64| {
+            let i = usize::try_from(at - from).ok()?;
+            buf.get(i..i.checked_add(len)?).map(<[u8]>::to_vec)
+        };
+        if at >= self.pending_at {
+            if let Some(b) = slice(&self.pending, self.pending_at) {
+                return Ok(b);
+            }
+        } else if let Some((from, buf)) = self.inflight.as_ref().filter(|(f, _)| at >= *f) {
+            if let Some(b) = slice(buf, *from) {
+                return Ok(b);
+            }
+        }
+        let io = |source| StoreError::Io {
+            path: path.map(Path::to_path_buf).unwrap_or_default(),
+            source,
+        };
+        let f = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| io(std::io::Error::other("journal not open for reading")))?;
+        let mut out = vec![0; len];
+        f.read_exact_at(&mut out, at).map_err(io)?;
+        Ok(out)
+    }
+
+    /// The bytes in `buf`, meant for the file at offset `from`, did not land there (a failed
+    /// write: the file still ends at `file_len`). Values in them are kept in memory instead,
+    /// and values queued after them move to where they will now land.
+    fn relocate(&mut self, from: u64, buf: &[u8], file_len: u64) {
+        let end = from + buf.len() as u64;
+        for s in self.map.values_mut() {
+            if let Value::Journal { at, len } = s.value {
+                if at >= from && at < end {
+                    let i = (at - from) as usize;
+                    let bytes = buf.get(i..i + len as usize).unwrap_or_default();
+                    s.value = Value::Mem(bytes.into());
+                } else if at >= end {
+                    s.value = Value::Journal {
+                        at: at - end + file_len,
+                        len,
+                    };
+                }
+            }
+        }
+        if self.pending_at >= end {
+            self.pending_at = self.pending_at - end + file_len;
+        }
+    }
 }
 
 impl Embedded {
@@ -130,10 +221,15 @@ impl Embedded {
                     value,
                     create,
                     modified,
+                    at,
                 } => {
                     st.revision = st.revision.max(modified);
+                    let value = match u32::try_from(value.len()) {
+                        Ok(len) => Value::Journal { at, len },
+                        Err(_) => Value::Mem(value.into()),
+                    };
                     st.map.insert(
-                        key,
+                        key.into_boxed_str(),
                         Stored {
                             value,
                             create,
@@ -143,7 +239,7 @@ impl Embedded {
                 }
                 Record::Delete { key, revision } => {
                     st.revision = st.revision.max(revision);
-                    st.map.remove(&key);
+                    st.map.remove(key.as_str());
                 }
                 Record::Revision(r) => st.revision = st.revision.max(r),
             }
@@ -151,9 +247,11 @@ impl Embedded {
         st.live_bytes = st
             .map
             .iter()
-            .map(|(k, s)| framed_put_len(k, &s.value))
+            .map(|(k, s)| framed_put_len(k, s.value.len()))
             .sum();
         st.history_from = st.revision + 1;
+        st.pending_at = file.len;
+        st.reader = Some(file.open_reader()?);
         let path = file.path().to_path_buf();
         let shared = Arc::new(Shared {
             state: Mutex::new(st),
@@ -247,19 +345,28 @@ impl Embedded {
         let current = st.map.get(key).map(|s| (s.create, s.modified));
         if let Some(expected) = expected {
             if current.map(|(_, m)| m) != expected {
-                let now = st.map.get(key).map(|s| Entry {
-                    key: key.to_string(),
-                    value: s.value.clone(),
-                    create_revision: s.create,
-                    mod_revision: s.modified,
-                });
+                let now = match st.map.get(key) {
+                    Some(s) => Some(Entry {
+                        key: key.to_string(),
+                        value: st.read(&s.value, self.path())?,
+                        create_revision: s.create,
+                        mod_revision: s.modified,
+                    }),
+                    None => None,
+                };
                 return Ok((Cas::Conflict(now), None));
             }
         }
         let rev = st.revision + 1;
         st.revision = rev;
         let create = current.map_or(rev, |(c, _)| c);
-        let new_len = framed_put_len(key, &value);
+        let new_len = framed_put_len(key, value.len());
+        // With a journal the map keeps where the value will be, not a copy (module doc).
+        let at = st.pending_at + st.pending.len() as u64 + journal::put_value_offset(key) as u64;
+        let stored = match (self.shared.path.is_some(), u32::try_from(value.len())) {
+            (true, Ok(len)) => Value::Journal { at, len },
+            _ => Value::Mem(value.as_slice().into()),
+        };
         let ack = self.enqueue(&mut st, |out| {
             journal::encode_put(out, key, &value, create, rev);
         });
@@ -271,14 +378,14 @@ impl Embedded {
         };
         st.live_bytes += new_len;
         if let Some(old) = st.map.insert(
-            key.to_string(),
+            key.into(),
             Stored {
-                value: entry.value.clone(),
+                value: stored,
                 create,
                 modified: rev,
             },
         ) {
-            st.live_bytes -= framed_put_len(key, &old.value);
+            st.live_bytes -= framed_put_len(key, old.value.len());
         }
         publish(&mut st, rev, WatchEvent::Put(entry));
         Ok((Cas::Swapped(rev), ack))
@@ -315,6 +422,37 @@ fn publish(st: &mut State, rev: Revision, ev: WatchEvent) {
     }
 }
 
+/// The compaction snapshot (records without the magic) of every live key, with the map
+/// pointing into it; None (and nothing changed) if a value could not be read back.
+fn snapshot(st: &mut State, path: Option<&Path>) -> Option<Arc<Vec<u8>>> {
+    let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
+    journal::encode_revision(&mut snap, st.revision);
+    let mut places = Vec::with_capacity(st.map.len());
+    for (k, s) in &st.map {
+        let value = match st.read(&s.value, path) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "state journal not compacted: a value could not be read back");
+                return None;
+            }
+        };
+        let at = journal::HEADER + (snap.len() + journal::put_value_offset(k)) as u64;
+        journal::encode_put(&mut snap, k, &value, s.create, s.modified);
+        places.push((at, value.len()));
+    }
+    for (s, (at, len)) in st.map.values_mut().zip(places) {
+        if let Ok(len) = u32::try_from(len) {
+            s.value = Value::Journal { at, len };
+        }
+    }
+    // Everything pending is already in the map: the snapshot subsumes it.
+    st.pending.clear();
+    let snap = Arc::new(snap);
+    st.pending_at = journal::HEADER + snap.len() as u64;
+    st.inflight = Some((journal::HEADER, Arc::clone(&snap)));
+    Some(snap)
+}
+
 fn writer_loop(shared: &Shared, mut file: JournalFile) {
     loop {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -330,25 +468,46 @@ fn writer_loop(shared: &Shared, mut file: JournalFile) {
         COMMITS
             .with_label_values(&[if compact { "compaction" } else { "append" }])
             .inc();
-        let result = if compact {
-            // Everything pending is already in the map: the snapshot subsumes it.
-            st.pending.clear();
-            let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
-            journal::encode_revision(&mut snap, st.revision);
-            for (k, s) in &st.map {
-                journal::encode_put(&mut snap, k, &s.value, s.create, s.modified);
-            }
+        let snap = if compact {
+            snapshot(&mut st, shared.path.as_deref())
+        } else {
+            None
+        };
+        let result = if let Some(snap) = snap {
             drop(st);
             let before = file.len;
             let r = file.replace(&snap);
-            if r.is_ok() {
-                tracing::info!(before, after = file.len, "state journal compacted");
+            let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            match &r {
+                Ok(()) => {
+                    tracing::info!(before, after = file.len, "state journal compacted");
+                    match file.open_reader() {
+                        Ok(f) => st.reader = Some(f),
+                        Err(e) => {
+                            // The file is the snapshot, but cannot be read: keep its values.
+                            tracing::error!(error = %e, "state journal not readable after compaction");
+                            let end = journal::HEADER + snap.len() as u64;
+                            st.relocate(journal::HEADER, &snap, end);
+                        }
+                    }
+                }
+                Err(_) => st.relocate(journal::HEADER, &snap, file.len),
             }
+            st.inflight = None;
             r
         } else {
-            let batch = std::mem::take(&mut st.pending);
+            let batch = Arc::new(std::mem::take(&mut st.pending));
+            let from = st.pending_at;
+            st.pending_at += batch.len() as u64;
+            st.inflight = Some((from, Arc::clone(&batch)));
             drop(st);
-            file.append(&batch)
+            let r = file.append(&batch);
+            let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_err() {
+                st.relocate(from, &batch, file.len);
+            }
+            st.inflight = None;
+            r
         };
         let result: AckResult = result.map_err(|e| {
             tracing::error!(error = %e, "state store write failed");
@@ -377,12 +536,15 @@ impl Store for Embedded {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Entry>> {
         Box::pin(async move {
             let st = self.lock();
-            Ok(st.map.get(key).map(|s| Entry {
-                key: key.to_string(),
-                value: s.value.clone(),
-                create_revision: s.create,
-                mod_revision: s.modified,
-            }))
+            match st.map.get(key) {
+                Some(s) => Ok(Some(Entry {
+                    key: key.to_string(),
+                    value: st.read(&s.value, self.path())?,
+                    create_revision: s.create,
+                    mod_revision: s.modified,
+                })),
+                None => Ok(None),
+            }
         })
     }
 
@@ -396,13 +558,15 @@ impl Store for Embedded {
                     std::ops::Bound::Unbounded,
                 ))
                 .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, s)| Entry {
-                    key: k.clone(),
-                    value: s.value.clone(),
-                    create_revision: s.create,
-                    mod_revision: s.modified,
+                .map(|(k, s)| {
+                    Ok(Entry {
+                        key: k.to_string(),
+                        value: st.read(&s.value, self.path())?,
+                        create_revision: s.create,
+                        mod_revision: s.modified,
+                    })
                 })
-                .collect();
+                .collect::<Result<_, StoreError>>()?;
             Ok(Listing {
                 entries,
                 revision: st.revision,
@@ -433,7 +597,7 @@ impl Store for Embedded {
                 let Some(old) = st.map.remove(key) else {
                     return Ok(None);
                 };
-                st.live_bytes -= framed_put_len(key, &old.value);
+                st.live_bytes -= framed_put_len(key, old.value.len());
                 let rev = st.revision + 1;
                 st.revision = rev;
                 let ack = self.enqueue(&mut st, |out| {
@@ -509,4 +673,37 @@ impl Store for Embedded {
 pub fn register_metrics() {
     LazyLock::force(&WRITES);
     LazyLock::force(&COMMITS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(at: u64, len: u32) -> Stored {
+        Stored {
+            value: Value::Journal { at, len },
+            create: 1,
+            modified: 1,
+        }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_values_in_memory_and_moves_later_ones_back() {
+        let mut st = State::default();
+        // A batch of 10 bytes meant for offset 100 failed; the file still ends at 100. Key
+        // `a` was in it, `b` was queued after it (pending starts at 110), `c` was in the file.
+        let batch: Vec<u8> = (0..10).collect();
+        st.map.insert("a".into(), journal(104, 3));
+        st.map.insert("b".into(), journal(112, 2));
+        st.map.insert("c".into(), journal(50, 4));
+        st.pending = vec![9, 9, 7, 8];
+        st.pending_at = 110;
+        st.relocate(100, &batch, 100);
+        assert_eq!(st.pending_at, 100);
+        let read = |st: &State, k: &str| st.map.get(k).map(|s| st.read(&s.value, None));
+        assert_eq!(read(&st, "a").map(Result::ok), Some(Some(vec![4, 5, 6])));
+        assert_eq!(read(&st, "b").map(Result::ok), Some(Some(vec![7, 8])));
+        // Not in memory and no file to read from: an error, never other bytes.
+        assert!(matches!(read(&st, "c"), Some(Err(StoreError::Io { .. }))));
+    }
 }

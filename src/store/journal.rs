@@ -34,6 +34,9 @@ pub(crate) enum Record {
         value: Vec<u8>,
         create: Revision,
         modified: Revision,
+        /// Where the value starts in the journal file (the store reads it back from there
+        /// instead of keeping a copy in memory).
+        at: u64,
     },
     Delete {
         key: String,
@@ -81,6 +84,14 @@ fn frame(out: &mut [u8], body_start: usize) {
     out[body_start + 4..body_start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Bytes of a put record before its value: frame, op, revisions, key length, key.
+pub(crate) fn put_value_offset(key: &str) -> usize {
+    FRAME + 1 + 16 + 2 + key.len()
+}
+
+/// Bytes before the first record of a journal file.
+pub(crate) const HEADER: u64 = MAGIC.len() as u64;
+
 /// Appends a framed put record to `out`; returns its size.
 pub(crate) fn encode_put(
     out: &mut Vec<u8>,
@@ -125,7 +136,8 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-fn decode_body(b: &[u8]) -> Result<Record, &'static str> {
+/// Decodes one record body found at file offset `body_at`.
+fn decode_body(b: &[u8], body_at: u64) -> Result<Record, &'static str> {
     let op = *b.first().ok_or("empty record")?;
     let key_at = |at: usize| -> Result<(String, usize), &'static str> {
         let len = b.get(at..at + 2).ok_or("short record")?;
@@ -144,6 +156,7 @@ fn decode_body(b: &[u8]) -> Result<Record, &'static str> {
                 value: b[end..].to_vec(),
                 create,
                 modified,
+                at: body_at + end as u64,
             })
         }
         OP_DELETE => {
@@ -195,7 +208,7 @@ pub(crate) fn decode_all(path: &Path, data: &[u8]) -> Result<(Vec<Record>, usize
             }
             return Err(corrupt(at, "checksum mismatch"));
         }
-        records.push(decode_body(body).map_err(|r| corrupt(at, r))?);
+        records.push(decode_body(body, (at + FRAME) as u64).map_err(|r| corrupt(at, r))?);
         at = end;
     }
     Ok((records, at))
@@ -290,6 +303,12 @@ impl JournalFile {
         &self.path
     }
 
+    /// The journal opened for reading (values are read back from it by offset); open it
+    /// again after a `replace`, which puts a new file at the path.
+    pub(crate) fn open_reader(&self) -> Result<File, StoreError> {
+        File::open(&self.path).map_err(io_err(&self.path))
+    }
+
     /// Appends framed records and makes them durable. A failed write (a full disk) is cut
     /// back off, so later records never follow a half-written one (which the next start would
     /// have to call corruption); if even that fails, the journal takes no more writes.
@@ -373,7 +392,8 @@ mod tests {
                     key: "k/1".into(),
                     value: b"v".to_vec(),
                     create: 3,
-                    modified: 7
+                    modified: 7,
+                    at: (MAGIC.len() + put_value_offset("k/1")) as u64,
                 },
                 Record::Delete {
                     key: "k/2".into(),

@@ -89,7 +89,7 @@ pub fn stanza_to_envelope(
                     let d = maps.decode(sys, &Facts::from_xmpp(&p));
                     Body::Presence(PresenceBody {
                         system: Arc::from(system),
-                        state: Arc::from(maps.system(sys).state(d.state).name.as_str()),
+                        state: maps.system(sys).state(d.state).name.clone(),
                         note: d.note.map(str::to_string),
                         priority: p.priority,
                     })

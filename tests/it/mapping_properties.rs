@@ -79,7 +79,7 @@ fn offline_is_offline_everywhere() {
             let tid = set.system_id(&to.name).expect("id");
             let t = set.translate(fid, tid, off, None);
             assert_eq!(
-                to.state(t.state).name,
+                &*to.state(t.state).name,
                 "offline",
                 "{} -> {}",
                 from.name,

@@ -52,7 +52,8 @@ pub struct Emit {
 
 #[derive(Debug, Clone)]
 pub struct StateDef {
-    pub name: String,
+    /// Shared: every presence translated into this state carries it (no copy per body).
+    pub name: std::sync::Arc<str>,
     pub canonical: usize,
     pub emit: Emit,
 }
@@ -72,7 +73,8 @@ pub struct DecodeRule {
 
 #[derive(Debug, Clone)]
 pub struct System {
-    pub name: String,
+    /// Shared like [`StateDef::name`].
+    pub name: std::sync::Arc<str>,
     pub description: String,
     pub protocol: Protocol,
     pub role: Role,
@@ -102,7 +104,7 @@ impl System {
     }
 
     pub fn state_names(&self) -> impl Iterator<Item = &str> {
-        self.states.iter().map(|s| s.name.as_str())
+        self.states.iter().map(|s| &*s.name)
     }
 }
 
@@ -186,7 +188,7 @@ impl MappingSet {
     }
 
     pub fn system_names(&self) -> impl Iterator<Item = &str> {
-        self.systems.iter().map(|s| s.name.as_str())
+        self.systems.iter().map(|s| &*s.name)
     }
 
     pub(crate) fn pair(&self, from: SystemId, to: SystemId) -> &PairRoutes {
@@ -400,7 +402,7 @@ impl Builder {
                 let emit = self.emit(&cx, protocol, sname, &st.emit);
                 by_name.insert(sname.clone(), StateId(states.len() as u16));
                 states.push(StateDef {
-                    name: sname.clone(),
+                    name: sname.as_str().into(),
                     canonical: canon,
                     emit,
                 });
@@ -412,7 +414,7 @@ impl Builder {
             let id = SystemId(systems.len() as u16);
             sys_index.insert(name.clone(), id);
             systems.push(System {
-                name,
+                name: name.as_str().into(),
                 description: s.description.clone(),
                 protocol,
                 role,
@@ -640,7 +642,7 @@ impl Builder {
         t: &TableFile,
         pair_owner: &mut HashMap<(SystemId, SystemId), (String, usize)>,
     ) -> Option<Table> {
-        let valid_systems = || list(systems.iter().map(|s| s.name.as_str()));
+        let valid_systems = || list(systems.iter().map(|s| &*s.name));
         let lookup = |b: &mut Builder, n: &Spanned<String>| match sys_index.get(n.get_ref()) {
             Some(id) => Some(*id),
             None => {
@@ -725,7 +727,7 @@ impl Builder {
             };
             let cells_map = r.to.get_ref();
             for k in cells_map.keys() {
-                if !to.iter().any(|id| systems[usize::from(id.0)].name == *k) {
+                if !to.iter().any(|id| *systems[usize::from(id.0)].name == **k) {
                     let span = cells_map
                         .get(k)
                         .map(|v| v.span())
@@ -734,7 +736,7 @@ impl Builder {
                         span,
                         format!(
                             "`{k}` is not a target of this table; targets: {}",
-                            list(to.iter().map(|id| systems[usize::from(id.0)].name.as_str()))
+                            list(to.iter().map(|id| &*systems[usize::from(id.0)].name))
                         ),
                     ));
                 }
@@ -743,7 +745,7 @@ impl Builder {
             let mut row_ok = true;
             for &target in &to {
                 let tsys = &systems[usize::from(target.0)];
-                match cells_map.get(&tsys.name) {
+                match cells_map.get(&*tsys.name) {
                     Some(c) => match self.cell(cx, tsys, c) {
                         Some(c) => cells.push(c),
                         None => row_ok = false,
@@ -808,7 +810,7 @@ impl Builder {
                         .iter()
                         .any(|r| usize::from(r.from.0) == *i && r.from_note.is_none())
                 })
-                .map(|(_, s)| s.name.as_str())
+                .map(|(_, s)| &*s.name)
                 .collect();
             if !uncovered.is_empty() {
                 self.diags.push(cx.diag(

@@ -536,7 +536,7 @@ impl Core {
     fn pair_is_active(&self, pair: &(String, String)) -> bool {
         let single = self.notifier_pairs.get(pair).is_some_and(|ids| {
             ids.iter()
-                .filter_map(|i| self.notifiers.get(i))
+                .filter_map(|fp| self.notifiers.by_fingerprint(*fp))
                 .any(|n| n.state == NotifierState::Active)
         });
         single

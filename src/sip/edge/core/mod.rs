@@ -17,6 +17,8 @@
 mod batch;
 mod im;
 mod notifier;
+mod notifiers;
+mod pairs;
 mod persist;
 mod recent;
 mod subscriber;
@@ -54,7 +56,7 @@ use crate::sip::message::SipMessage;
 use crate::sip::routing::Routing;
 use crate::sip::subscription::{
     self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Notifier, NotifierState,
-    NotifyState, Subscriber, SubscriberState, TerminationReason,
+    NotifyState, StoreMark, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
 use crate::sip::validate::{refusal_of, Reject};
@@ -282,10 +284,8 @@ pub struct Core {
     im_idle: Duration,
     server: HashMap<TxnKey, ServerEntry>,
     client: HashMap<TxnKey, ClientEntry>,
-    /// Boxed: a hash table keeps up to half its slots empty after growing, and an empty slot
-    /// costs the size of the value (a `Notifier` is ~0.5 KB inline, a box 8 B).
-    notifiers: HashMap<DialogId, Box<Notifier>>,
-    notifier_pairs: HashMap<(String, String), Vec<DialogId>>,
+    notifiers: notifiers::NotifierTable,
+    notifier_pairs: pairs::PairIndex,
     /// Watchers (pairs in `notifier_pairs`) per local user, kept with `notifier_pairs` by
     /// `pair_add`/`pair_remove` so the per-user bound costs no scan.
     notifier_watchers: HashMap<String, usize>,
@@ -311,6 +311,12 @@ pub struct Core {
     heap: BinaryHeap<Reverse<(Instant, TimerKey)>>,
     /// Heap length at which `timers` next drops its no-op entries.
     compact_at: usize,
+    /// Notifier expiries, apart from `heap` (see `timers`): one per foreign watcher, long
+    /// lived, and 32 bytes each (the dialog by its `notifiers` fingerprint) instead of a
+    /// `TimerKey` entry's 88.
+    notifier_heap: BinaryHeap<Reverse<(Instant, u128)>>,
+    /// `notifier_heap` length at which it is next compacted.
+    notifier_compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).
     recent: recent::RecentAnswers,
     /// Peer address of connections that sent us requests (for `recent`).
@@ -384,8 +390,8 @@ impl Core {
             im_idle,
             server: HashMap::new(),
             client: HashMap::new(),
-            notifiers: HashMap::new(),
-            notifier_pairs: HashMap::new(),
+            notifiers: notifiers::NotifierTable::default(),
+            notifier_pairs: pairs::PairIndex::default(),
             notifier_watchers: HashMap::new(),
             resources: ResourceTable::new(),
             batches: batch::Batches::default(),
@@ -402,6 +408,8 @@ impl Core {
             session_calls: HashMap::new(),
             heap: BinaryHeap::new(),
             compact_at: 0,
+            notifier_heap: BinaryHeap::new(),
+            notifier_compact_at: 0,
             recent: recent::RecentAnswers::default(),
             conn_ips: HashMap::new(),
             conn_tls: HashMap::new(),
@@ -439,7 +447,12 @@ impl Core {
     pub fn poll_timeout(&self) -> Option<Instant> {
         // Transaction deadlines are in the heap too (`arm_server`/`arm_client`); an entry
         // made stale by a transaction's progress only wakes the driver early.
-        self.heap.peek().map(|Reverse((at, _))| *at)
+        let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+        let t = self.heap.peek().map(|Reverse((at, _))| *at);
+        match (t, n) {
+            (Some(t), Some(n)) => Some(t.min(n)),
+            (t, n) => t.or(n),
+        }
     }
 
     /// Queues server transaction `key`'s next deadline unless one at or before it is queued
@@ -546,23 +559,27 @@ impl Core {
 
     /// Adds dialog `id` to its (watcher, presentity) pair.
     fn pair_add(&mut self, pair: (String, String), id: DialogId) {
-        let v = self.notifier_pairs.entry(pair.clone()).or_default();
-        if v.is_empty() {
+        let fp = self.notifiers.fingerprint(&id);
+        if self.notifier_pairs.add(&pair, fp) {
             *self.notifier_watchers.entry(pair.1).or_default() += 1;
-            // Nearly every pair has one dialog: room for one, not the default four.
-            v.reserve_exact(1);
         }
-        v.push(id);
+    }
+
+    /// The dialogs of `pair`, oldest first.
+    fn pair_ids(&self, pair: &(String, String)) -> Vec<DialogId> {
+        self.notifier_pairs
+            .get(pair)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|fp| self.notifiers.by_fingerprint(*fp))
+            .map(|n| n.dialog.id.clone())
+            .collect()
     }
 
     /// Removes dialog `id` from its pair, and the pair once it has none.
     fn pair_remove(&mut self, pair: &(String, String), id: &DialogId) {
-        let Some(v) = self.notifier_pairs.get_mut(pair) else {
-            return;
-        };
-        v.retain(|d| d != id);
-        if v.is_empty() {
-            self.notifier_pairs.remove(pair);
+        let fp = self.notifiers.fingerprint(id);
+        if self.notifier_pairs.remove(pair, fp) == Some(true) {
             if let Some(c) = self.notifier_watchers.get_mut(&pair.1) {
                 *c = c.saturating_sub(1);
                 if *c == 0 {
@@ -1165,6 +1182,8 @@ impl Core {
                 "domain_not_federated",
             ));
         };
+        // The configuration's string (equal): what the core keeps per dialog shares it.
+        let domain = fed.name.clone();
         if !peer.verified.is_empty() {
             if !peer.verified.contains(&domain) {
                 return Err(refuse(
@@ -1349,7 +1368,7 @@ impl Core {
         match env.body {
             Body::Presence(p) => {
                 let pair = (env.to.bare_string(), env.from.bare_string());
-                let ids = self.notifier_pairs.get(&pair).cloned().unwrap_or_default();
+                let ids = self.pair_ids(&pair);
                 let batched = self.batches.watches(&pair);
                 if ids.is_empty() && !batched {
                     tracing::debug!("presence for a watcher without subscription dropped");
@@ -1436,15 +1455,14 @@ impl Core {
         // A machine that re-armed a deadline at or before `now` would otherwise keep this loop
         // going forever; with a budget the rest waits for the driver's next turn (the deadline
         // is already due, so that turn comes at once) and the driver's other inputs get a turn.
-        let mut budget = self.heap.len().saturating_mul(2).saturating_add(64);
-        while let Some(Reverse((at, _))) = self.heap.peek() {
-            if *at > now || budget == 0 {
-                break;
-            }
-            budget -= 1;
-            let Some(Reverse((at, key))) = self.heap.pop() else {
+        let mut budget = (self.heap.len() + self.notifier_heap.len())
+            .saturating_mul(2)
+            .saturating_add(64);
+        while budget > 0 {
+            let Some((at, key)) = self.pop_due(now) else {
                 break;
             };
+            budget -= 1;
             match key {
                 TimerKey::Server(k) => {
                     let Some(e) = self.server.get_mut(&k) else {

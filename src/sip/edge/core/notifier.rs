@@ -12,6 +12,27 @@ use super::*;
 use crate::gateway::policy;
 use crate::gateway::{Denied, Link};
 
+/// Points the domains of a notifier's addresses at the strings the node already holds (the
+/// peer's domain, the configured local domain), so a million watchers of a few domains hold
+/// a few domain strings, not three each (see `Domain`).
+pub(super) fn share_domains(
+    cfg: &Config,
+    domain: &Domain,
+    watcher: &mut Address,
+    presentity: &mut Address,
+) {
+    if watcher.domain == *domain {
+        watcher.domain = domain.clone();
+    }
+    if let Some(l) = cfg
+        .local_domains
+        .iter()
+        .find(|l| l.name == presentity.domain)
+    {
+        presentity.domain = l.name.clone();
+    }
+}
+
 impl Core {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_subscribe(
@@ -58,7 +79,7 @@ impl Core {
         if req.to().ok().and_then(|t| t.tag()).is_some() {
             return self.on_resubscribe(hub, peer, key, req, decision, now);
         }
-        let (Some(watcher), Some(presentity)) = (
+        let (Some(mut watcher), Some(mut presentity)) = (
             req.from().ok().and_then(|f| address_of_uri(&f.uri)),
             req.request_uri()
                 .and_then(Result::ok)
@@ -66,6 +87,7 @@ impl Core {
         ) else {
             return self.reply(key, req, 400, "Bad Addresses", None, &[], None, now);
         };
+        share_domains(cfg, domain, &mut watcher, &mut presentity);
         let format = cfg
             .sip_federated(domain)
             .map_or(crate::config::PresenceFormat::Auto, |f| f.presence_format);
@@ -174,7 +196,7 @@ impl Core {
             .get(&pair)
             .and_then(|ids| {
                 ids.iter()
-                    .filter_map(|i| self.notifiers.get(i))
+                    .filter_map(|fp| self.notifiers.by_fingerprint(*fp))
                     .find(|n| n.state == NotifierState::Active)
             })
             .map(|n| n.last.clone());
@@ -210,6 +232,7 @@ impl Core {
             conn: Some(peer.conn),
             armed: None,
             last_sent: None,
+            stored: StoreMark::ABSENT,
         };
         self.notifier_insert(id.clone(), n);
         if grant == 0 {
@@ -224,11 +247,9 @@ impl Core {
         // (restart, failover) re-subscribes with a new Call-ID, and the newest dialog is the
         // one it still knows; its old ones would otherwise live on until they expire while
         // every presence change is multiplied by them.
-        let oldest = self
-            .notifier_pairs
-            .get(&pair)
+        let oldest = Some(self.pair_ids(&pair))
             .filter(|ids| ids.len() >= MAX_DIALOGS_PER_PAIR)
-            .and_then(|ids| ids.first().cloned());
+            .and_then(|ids| ids.into_iter().next());
         if let Some(old) = oldest {
             m::refused("too_many_dialogs_per_pair");
             self.end_notifier(hub, &old, TerminationReason::Deactivated, false, now);
@@ -374,7 +395,7 @@ impl Core {
                 .collect()
         } else {
             let pair = (target.bare_string(), user.bare_string());
-            self.notifier_pairs.get(&pair).cloned().unwrap_or_default()
+            self.pair_ids(&pair)
         };
         for id in ids {
             let activated = match self.notifiers.get_mut(&id) {
@@ -395,10 +416,19 @@ impl Core {
     }
 
     /// Adds a notifier dialog, counted for its domain's bound.
-    pub(super) fn notifier_insert(&mut self, id: DialogId, n: Notifier) {
+    pub(super) fn notifier_insert(&mut self, id: DialogId, mut n: Notifier) {
         self.touch_notifier(&id);
+        // A record already stored under this id belongs to the dialog now living there.
+        let dead = self.persisted.dead_notifiers.remove(&id);
+        if n.stored == StoreMark::ABSENT {
+            if dead {
+                n.stored = StoreMark::UNKNOWN;
+            } else if let Some(old) = self.notifiers.get(&id) {
+                n.stored = old.stored;
+            }
+        }
         *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
-        if let Some(old) = self.notifiers.insert(id, Box::new(n)) {
+        if let Some(old) = self.notifiers.insert(Box::new(n)) {
             count_down(&mut self.notifier_domains, &old.domain);
         }
     }
@@ -407,6 +437,10 @@ impl Core {
     pub(super) fn notifier_remove(&mut self, id: &DialogId) -> Option<Notifier> {
         self.touch_notifier(id);
         let n = self.notifiers.remove(id)?;
+        if n.stored != StoreMark::ABSENT {
+            // Its record is deleted by the next `take_store_ops`.
+            self.persisted.dead_notifiers.insert(id.clone());
+        }
         count_down(&mut self.notifier_domains, &n.domain);
         Some(*n)
     }

@@ -161,16 +161,18 @@ fn unix(wall: SystemTime) -> u64 {
 }
 
 /// What a change to a notifier's record looks like: state, format, expiry and the peer's
-/// CSeq (a refresh moves both; its new target comes with it). NOTIFYs alone (our CSeq) are
-/// left out: restored dialogs add `RESTORE_CSEQ_MARGIN` instead.
-type NotifierPrint = (bool, bool, Instant, Option<u32>);
-
-fn notifier_print(n: &Notifier) -> NotifierPrint {
-    (
-        n.state == NotifierState::Active,
-        n.format == SipBodyKind::Msrtc,
-        n.expires_at,
-        n.dialog.remote_cseq,
+/// CSeq (a refresh moves both; its new target comes with it), hashed into the 8 bytes kept
+/// in the notifier ([`StoreMark::written`]). NOTIFYs alone (our CSeq) are left out: restored
+/// dialogs add `RESTORE_CSEQ_MARGIN` instead.
+fn notifier_print(n: &Notifier) -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(
+        (
+            n.state == NotifierState::Active,
+            n.format == SipBodyKind::Msrtc,
+            n.expires_at,
+            n.dialog.remote_cseq,
+        ),
     )
 }
 
@@ -207,7 +209,9 @@ impl<P> Stored<P> {
 /// told to the home side after a link came up.
 #[derive(Default)]
 pub(crate) struct Persisted {
-    notifiers: HashMap<DialogId, Stored<NotifierPrint>>,
+    /// Notifiers gone whose record is still in the store (live ones carry their own
+    /// [`StoreMark`]): deleted by the next `take_store_ops`.
+    pub(super) dead_notifiers: HashSet<DialogId>,
     subscribers: HashMap<(String, String), Stored<SubscriberPrint>>,
     /// Pass counter of full `take_store_ops` scans (records not seen in one are gone).
     pass: u32,
@@ -234,34 +238,12 @@ pub(crate) struct Touched {
     pub(super) gone_pairs: Vec<(String, String)>,
 }
 
-fn notifier_op(
-    id: &DialogId,
-    n: &Notifier,
-    stored: &mut HashMap<DialogId, Stored<NotifierPrint>>,
-    pass: u32,
-    now: Instant,
-    base: u64,
-    ops: &mut Vec<StoreOp>,
-) {
+fn notifier_op(n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
     let print = notifier_print(n);
-    match stored.get_mut(id) {
-        Some(st) => {
-            st.seen = pass;
-            if st.print == Some(print) {
-                return;
-            }
-            st.print = Some(print);
-        }
-        None => {
-            stored.insert(
-                id.clone(),
-                Stored {
-                    print: Some(print),
-                    seen: pass,
-                },
-            );
-        }
+    if n.stored == StoreMark::written(print) {
+        return;
     }
+    n.stored = StoreMark::written(print);
     let rec = NotifierRec(
         RECORD_VERSION,
         DialogRec::from(&n.dialog),
@@ -274,7 +256,7 @@ fn notifier_op(
     );
     match serde_json::to_vec(&rec) {
         Ok(value) => ops.push(StoreOp::Put {
-            key: notifier_key(id),
+            key: notifier_key(&n.dialog.id),
             value,
         }),
         Err(e) => tracing::error!(error = %e, "cannot encode a notifier record"),
@@ -386,21 +368,15 @@ impl Core {
             self.persisted.scan_owed = false;
             let pass = self.persisted.pass.wrapping_add(1);
             self.persisted.pass = pass;
-            let stored = &mut self.persisted.notifiers;
-            for (id, n) in &self.notifiers {
-                notifier_op(id, n, stored, pass, now, base, &mut ops);
+            for n in self.notifiers.values_mut() {
+                notifier_op(n, now, base, &mut ops);
             }
-            if stored.len() > self.notifiers.len() {
-                stored.retain(|id, st| {
-                    let live = st.seen == pass;
-                    if !live {
-                        ops.push(StoreOp::Delete {
-                            key: notifier_key(id),
-                        });
-                    }
-                    live
+            for id in self.persisted.dead_notifiers.drain() {
+                ops.push(StoreOp::Delete {
+                    key: notifier_key(&id),
                 });
             }
+            self.persisted.dead_notifiers.shrink_to_fit();
             let stored = &mut self.persisted.subscribers;
             for (pair, sid) in &self.subscriber_pairs {
                 if let Some(s) = self.subscribers.get(sid) {
@@ -421,24 +397,21 @@ impl Core {
         }
         let pass = self.persisted.pass;
         for id in &touched.notifiers {
-            match self.notifiers.get(id) {
-                Some(n) => notifier_op(
-                    id,
-                    n,
-                    &mut self.persisted.notifiers,
-                    pass,
-                    now,
-                    base,
-                    &mut ops,
-                ),
+            match self.notifiers.get_mut(id) {
+                Some(n) => notifier_op(n, now, base, &mut ops),
                 None => {
-                    if self.persisted.notifiers.remove(id).is_some() {
+                    if self.persisted.dead_notifiers.remove(id) {
                         ops.push(StoreOp::Delete {
                             key: notifier_key(id),
                         });
                     }
                 }
             }
+        }
+        // The room of a burst of ends (a mass expiry) is not kept.
+        let dead = &mut self.persisted.dead_notifiers;
+        if dead.capacity() > 4 * dead.len() + 64 {
+            dead.shrink_to_fit();
         }
         for pair in &touched.gone_pairs {
             if !self.subscriber_pairs.contains_key(pair)
@@ -591,7 +564,12 @@ impl Core {
                     remote_tag: r.into(),
                 };
                 self.persisted.touched.notifiers.insert(id.clone());
-                self.persisted.notifiers.insert(id, Stored::UNKNOWN);
+                match self.notifiers.get_mut(&id) {
+                    Some(n) => n.stored = StoreMark::UNKNOWN,
+                    None => {
+                        self.persisted.dead_notifiers.insert(id);
+                    }
+                }
             }
         } else if let Some(rest) = key.strip_prefix(SUBSCRIBER_PREFIX) {
             if let Some((w, p)) = rest.split_once('/') {
@@ -684,7 +662,10 @@ impl Core {
             }
         }
         // Recorded as not yet stored: the store gets them all.
-        self.persisted.notifiers.clear();
+        self.persisted.dead_notifiers.clear();
+        for n in self.notifiers.values_mut() {
+            n.stored = StoreMark::ABSENT;
+        }
         self.dirty = true;
         n
     }
@@ -700,7 +681,7 @@ impl Core {
         if p.expires_unix <= base {
             return None;
         }
-        let (Ok(watcher), Ok(presentity), Ok(domain)) = (
+        let (Ok(mut watcher), Ok(mut presentity), Ok(domain)) = (
             Address::parse(&p.watcher),
             Address::parse(&p.presentity),
             Domain::parse(&p.domain),
@@ -709,9 +690,11 @@ impl Core {
             return None;
         };
         let cfg = hub.config();
-        if cfg.sip_federated(&domain).is_none() || !cfg.is_local_domain(&presentity.domain) {
+        let domain = cfg.sip_federated(&domain).map(|f| f.name.clone())?;
+        if !cfg.is_local_domain(&presentity.domain) {
             return None;
         }
+        super::notifier::share_domains(&cfg, &domain, &mut watcher, &mut presentity);
         let mut dialog = p.dialog;
         dialog.local_cseq = dialog.local_cseq.saturating_add(RESTORE_CSEQ_MARGIN);
         let id = dialog.id.clone();
@@ -725,7 +708,7 @@ impl Core {
             tracing::warn!(dialog = %LogSafe(&id.call_id), "stored subscription with unusable expiry skipped");
             return None;
         };
-        let n = Notifier {
+        let mut n = Notifier {
             dialog,
             watcher: watcher.clone(),
             presentity: presentity.clone(),
@@ -745,18 +728,15 @@ impl Core {
             conn: None,
             armed: None,
             last_sent: None,
+            stored: StoreMark::ABSENT,
         };
-        let print = Some(notifier_print(&n));
+        n.stored = StoreMark::written(notifier_print(&n));
         self.pair_add(
             (watcher.bare_string(), presentity.bare_string()),
             id.clone(),
         );
         self.notifier_insert(id.clone(), n);
         self.arm_notifier(&id, expires_at);
-        let seen = self.persisted.pass;
-        self.persisted
-            .notifiers
-            .insert(id.clone(), Stored { print, seen });
         Some(id)
     }
 

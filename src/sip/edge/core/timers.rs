@@ -7,6 +7,12 @@
 //! compaction, the entries that can only fire as no-ops are dropped and the heap shrunk:
 //! amortized O(1) per queued deadline, and the heap stays within twice the live deadlines.
 //! The transaction tables give back the room of a past burst at the same time.
+//!
+//! Notifier expiries have a heap of their own: they are as many as the foreign watchers (a
+//! million at most) and live for up to an hour, while transaction deadlines are few at any
+//! moment but come and go by the hundred thousand. Apart, the transactions' heap is compacted
+//! down to the few live ones after a burst instead of being kept at twice the watchers, and a
+//! notifier's entry is a bare `(Instant, fingerprint)` (see `notifiers`).
 
 use std::cmp::Reverse;
 use std::time::Instant;
@@ -19,11 +25,53 @@ const COMPACT_FLOOR: usize = 1024;
 impl Core {
     /// Queues `key` at `at`, compacting the heap first when it doubled since the last time.
     pub(super) fn schedule(&mut self, key: TimerKey, at: Instant) {
+        if let TimerKey::Notifier(id) = key {
+            if self.notifier_heap.len() >= self.notifier_compact_at.max(COMPACT_FLOOR) {
+                self.compact_notifier_timers();
+                self.notifier_compact_at = self.notifier_heap.len().saturating_mul(2);
+            }
+            let fp = self.notifiers.fingerprint(&id);
+            self.notifier_heap.push(Reverse((at, fp)));
+            return;
+        }
         if self.heap.len() >= self.compact_at.max(COMPACT_FLOOR) {
             self.compact_timers();
             self.compact_at = self.heap.len().saturating_mul(2);
         }
         self.heap.push(Reverse((at, key)));
+    }
+
+    /// The earliest entry of either heap if it is due at `now` (a notifier entry whose
+    /// notifier is gone is dropped on the way: it could only fire as a no-op).
+    pub(super) fn pop_due(&mut self, now: Instant) -> Option<(Instant, TimerKey)> {
+        loop {
+            let t = self.heap.peek().map(|Reverse((at, _))| *at);
+            let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+            match (t, n) {
+                (Some(t), n) if t <= now && n.is_none_or(|n| t <= n) => {
+                    return self.heap.pop().map(|Reverse(e)| e);
+                }
+                (_, Some(n)) if n <= now => {
+                    let Reverse((at, fp)) = self.notifier_heap.pop()?;
+                    if let Some(n) = self.notifiers.by_fingerprint(fp) {
+                        return Some((at, TimerKey::Notifier(n.dialog.id.clone())));
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `compact_timers` for the notifier heap.
+    fn compact_notifier_timers(&mut self) {
+        let mut heap = std::mem::take(&mut self.notifier_heap).into_vec();
+        heap.retain(|Reverse((at, fp))| {
+            self.notifiers
+                .by_fingerprint(*fp)
+                .is_some_and(|n| n.armed.is_none_or(|a| a == *at))
+        });
+        heap.shrink_to_fit();
+        self.notifier_heap = heap.into();
     }
 
     /// Drops the entries that would fire as no-ops: their machine is gone, or it has another
@@ -114,11 +162,13 @@ mod tests {
         assert_eq!(c.counts().0, WATCHERS);
         assert_eq!(c.txn_counts().1, 0, "every NOTIFY was answered");
         assert!(notifies >= 4 * WATCHERS, "{notifies} NOTIFYs");
+        let entries = c.heap.len() + c.notifier_heap.len();
         assert!(
-            c.heap.len() <= 2 * WATCHERS + 1024,
-            "{} timer entries for {WATCHERS} subscriptions after {notifies} NOTIFYs",
-            c.heap.len()
+            entries <= 2 * WATCHERS + 1024,
+            "{entries} timer entries for {WATCHERS} subscriptions after {notifies} NOTIFYs"
         );
+        // The transactions' heap keeps no room of the burst: it holds what is live.
+        assert!(c.heap.len() <= 1024, "{} transaction timers", c.heap.len());
         // Nothing live was dropped: each subscription still ends at its expiry.
         c.handle_timeout(&h, t0 + Duration::from_secs(3599));
         assert_eq!(c.counts().0, WATCHERS);
