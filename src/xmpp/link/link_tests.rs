@@ -561,3 +561,160 @@ async fn a_stream_error_on_an_established_link_is_not_reported_as_a_handshake_fa
     assert!(!text.contains("handshake"), "{text}");
     gw.stop().await;
 }
+
+/// A cluster placement for one test: the holder is set by the test, and each hand-over is
+/// recorded and answered from a script (then "accepted" for everything).
+struct FakePlacement {
+    holder: watch::Sender<placement::Holder>,
+    script: std::sync::Mutex<std::collections::VecDeque<Result<Vec<placement::Handed>, String>>>,
+    calls: std::sync::Mutex<Vec<(String, Vec<String>)>>,
+}
+
+impl placement::Placement for FakePlacement {
+    fn follow(&self, _: &str, _: &Domain) -> watch::Receiver<placement::Holder> {
+        self.holder.subscribe()
+    }
+
+    fn hand(
+        &self,
+        peer: Arc<str>,
+        _home_node: Arc<str>,
+        batch: &[Envelope],
+    ) -> placement::HandFuture {
+        let texts = batch
+            .iter()
+            .map(|e| match &e.body {
+                Body::Message(m) => m.text.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        if let Ok(mut c) = self.calls.lock() {
+            c.push((peer.to_string(), texts));
+        }
+        let n = batch.len();
+        let answer = self
+            .script
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop_front())
+            .unwrap_or_else(|| Ok(vec![placement::Handed::Accepted; n]));
+        Box::pin(async move { answer })
+    }
+}
+
+#[tokio::test]
+async fn a_link_another_node_holds_hands_its_deliveries_over_in_order_then_connects_when_it_holds_it(
+) {
+    use placement::{Handed, Holder};
+    let l = listener().await;
+    let cfg = config(&[local(&l)]);
+    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
+    let hub = Hub::new(cfg.clone(), maps);
+    let mut sip = hub.register_sip(64);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let fake = Arc::new(FakePlacement {
+        holder: watch::channel(Holder::Peer(Arc::from("gw2"))).0,
+        script: std::sync::Mutex::new(
+            [
+                Err("gw2 unreachable".to_string()),
+                Ok(vec![Handed::Accepted, Handed::NotHolder, Handed::NotHolder]),
+                Ok(vec![Handed::Accepted, Handed::Timeout]),
+            ]
+            .into(),
+        ),
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let links = spawn_with(
+        hub.clone(),
+        None,
+        settings(&cfg),
+        rx,
+        &mut tasks,
+        None,
+        Some(fake.clone() as Arc<dyn placement::Placement>),
+    );
+    let gw = Gateway {
+        hub,
+        sip: mpsc::channel(1).1,
+        links,
+        stop,
+        tasks,
+    };
+    let from_sip = Origin::Sip {
+        domain: dom("partner.com"),
+    };
+    for text in ["m1", "m2", "m3"] {
+        gw.hub.submit(
+            &from_sip,
+            message("bob@partner.com", "alice@example.com", text),
+        );
+    }
+    // Kept through a failed call and a moved claim, in order; the one the holder could not
+    // take in time is bounced to its sender.
+    let d = next_delivery(&mut sip).await;
+    assert!(
+        matches!(
+            &d.envelope.body,
+            Body::Error {
+                condition: ErrorCondition::RemoteServerTimeout,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+    let calls = fake.calls.lock().map(|c| c.clone()).unwrap_or_default();
+    let texts: Vec<Vec<String>> = calls.iter().map(|(_, t)| t.clone()).collect();
+    assert_eq!(
+        texts.first().map(Vec::as_slice),
+        Some(&["m1".to_string(), "m2".into(), "m3".into()][..])
+    );
+    assert!(
+        texts.ends_with(&[
+            vec!["m1".to_string(), "m2".into(), "m3".into()],
+            vec!["m2".to_string(), "m3".into()]
+        ]),
+        "{texts:?}"
+    );
+    assert!(calls.iter().all(|(p, _)| p == "gw2"));
+    let s = gw.wait_status("queue empty", |s| s.queued == 0).await;
+    assert_eq!(s.held_by.as_deref(), Some("gw2"));
+    assert!(!s.up);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), l.accept())
+            .await
+            .is_err(),
+        "a node that does not hold the link connected it"
+    );
+
+    // This node holds it now: it connects and writes on its own stream.
+    let _ = fake.holder.send(Holder::Me);
+    let mut p = accept(&l, Ok(())).await;
+    gw.wait_status("up", |s| s.up && s.held_by.is_none()).await;
+    gw.hub.submit(
+        &from_sip,
+        message("bob@partner.com", "alice@example.com", "m4"),
+    );
+    let m = p.stanza().await;
+    assert!(String::from_utf8_lossy(m.bytes()).contains("<body>m4</body>"));
+
+    // The claim moves to gw3: the stream is closed and deliveries go to gw3.
+    let _ = fake.holder.send(Holder::Peer(Arc::from("gw3")));
+    assert!(matches!(p.next().await, StreamEvent::StreamClose));
+    gw.wait_status("released", |s| !s.up && s.held_by.as_deref() == Some("gw3"))
+        .await;
+    gw.hub.submit(
+        &from_sip,
+        message("bob@partner.com", "alice@example.com", "m5"),
+    );
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let last = fake.calls.lock().ok().and_then(|c| c.last().cloned());
+        if last == Some(("gw3".to_string(), vec!["m5".to_string()])) {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "m5 not handed to gw3: {last:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+}
