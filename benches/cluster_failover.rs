@@ -2,8 +2,11 @@
 //! `etcd-server`) and three `legate run` nodes on loopback, `cluster.lease_ttl_secs` = TTL
 //! (env `TTL`, default 5 as shipped). Each round kills the leader with SIGKILL (no resign: its
 //! lease must expire) and measures until a survivor's `/status` says LEADER; then the killed
-//! node is started again. A last round stops the leader with SIGTERM (resign + revoke) and
-//! measures the handover. Bounded: `ROUNDS` (default 3) rounds, each at most 30 s.
+//! node is started again. Then as many rounds kill the node holding the component link of a
+//! home node in this process (one (home node, domain) link, held by one node through the
+//! claims) and measure until a survivor's link is up. A last round stops the leader with
+//! SIGTERM (resign + revoke) and measures the handover. Bounded: `ROUNDS` (default 3) rounds
+//! of each, each at most 30 s.
 //!
 //! `cargo bench --features cluster --bench cluster_failover`
 
@@ -25,6 +28,7 @@ fn write_config(
     endpoints: &[String],
     ttl: u64,
     peer_ports: &[u16],
+    home: std::net::SocketAddr,
 ) -> Result<PathBuf> {
     let d = dir.join(id);
     std::fs::create_dir_all(&d)?;
@@ -41,6 +45,8 @@ fn write_config(
          [[local_domain]]\nname = \"example.test\"\n\
          [listeners]\nsip_tls = \"off\"\nsip_tcp = \"off\"\nxmpp_s2s = \"off\"\nxmpp_s2s_direct_tls = \"off\"\n\
          [xmpp.federation]\ndialback_secret = \"bench-dialback-secret-0123\"\n\
+         [[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \"127.0.0.1:9\"\n\
+         [[home_node]]\nname = \"hn1\"\naddresses = [\"{home}\"]\ncomponent_secret = \"bench-component-secret-0123\"\n\
          [cluster]\nname = \"bench.test\"\nstore = \"etcd\"\netcd_endpoints = [{eps}]\nlease_ttl_secs = {ttl}\n{peers}",
         data = d.join("data").display(),
         eps = eps.join(", "),
@@ -48,6 +54,28 @@ fn write_config(
     let path = d.join("legate.toml");
     std::fs::write(&path, cfg)?;
     Ok(path)
+}
+
+/// Polls every 10 ms (at most 30 s) until a node other than `not` has its component link up;
+/// its index.
+async fn wait_link_up(nodes: &[Option<Legate>], not: Option<usize>) -> Result<usize> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        for (i, n) in nodes.iter().enumerate() {
+            let Some(n) = n.as_ref().filter(|_| Some(i) != not) else {
+                continue;
+            };
+            let Ok(admin) = n.addr("admin") else { continue };
+            if support::metrics(admin)
+                .await
+                .is_ok_and(|m| m.contains("legate_component_links_up 1"))
+            {
+                return Ok(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("no node has the component link up after 30 s")
 }
 
 async fn role(l: &Legate) -> Option<(String, String)> {
@@ -106,9 +134,18 @@ async fn main() -> Result<()> {
     let (_etcd, endpoints) = start_etcd(dir.path())?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let peer_ports: Vec<u16> = NODES.iter().map(|_| free_port()).collect::<Result<_>>()?;
+    // A home node that takes any component connection; the claims make sure only one node
+    // holds the link at a time.
+    let home = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let home_addr = home.local_addr()?;
+    tokio::spawn(support::home_node(
+        home,
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        false,
+    ));
     let configs: Vec<PathBuf> = NODES
         .iter()
-        .map(|id| write_config(dir.path(), id, &endpoints, ttl, &peer_ports))
+        .map(|id| write_config(dir.path(), id, &endpoints, ttl, &peer_ports, home_addr))
         .collect::<Result<_>>()?;
     let mut nodes: Vec<Option<Legate>> = Vec::new();
     for c in &configs {
@@ -134,6 +171,34 @@ async fn main() -> Result<()> {
         &format!("failover after SIGKILL (TTL {ttl} s, bound TTL + 1 s)"),
         &mut failovers,
     );
+
+    // Component-link takeover: SIGKILL of the node holding the link, until a survivor's
+    // component connection is up. Between rounds the killed node is started again and the
+    // cluster left to settle (a link may be handed back to it after 5 s).
+    let mut takeovers = Vec::new();
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let holder = wait_link_up(&nodes, None).await?;
+        let old = NODES[holder];
+        let t = Instant::now();
+        nodes[holder] = None;
+        let next = wait_link_up(&nodes, Some(holder)).await?;
+        let took = t.elapsed();
+        println!(
+            "killed {old} (link holder): {} holds the link after {} ms",
+            NODES[next],
+            took.as_millis()
+        );
+        takeovers.push(took);
+        nodes[holder] = Some(Legate::start(&configs[holder], &["admin"]).await?);
+    }
+    stats(
+        &format!("component-link takeover after SIGKILL (TTL {ttl} s, bound TTL + 1 s)"),
+        &mut takeovers,
+    );
+    let (leader_now, _) = wait_leader(&nodes, None).await?;
+    leader = leader_now;
+
     let old = NODES[leader];
     let pid = nodes[leader].as_ref().map(Legate::pid).unwrap_or(0);
     let t = Instant::now();
