@@ -89,6 +89,10 @@ pub struct NodeConfig {
     /// (`Authorization: Bearer <token>`). Read when the node starts (a missing or empty file
     /// stops it) and again whenever the file changes, so a token is rotated without a restart.
     pub admin_token_file: Option<PathBuf>,
+    /// The host this node writes in its SIP Via and Contact (its own FQDN in a cluster, so
+    /// a partner's in-dialog requests come back to the node that owns the dialog); `None`:
+    /// the first local domain.
+    pub sip_host: Option<Host>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

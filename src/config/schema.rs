@@ -53,6 +53,7 @@ pub(crate) struct RawNode {
     pub admin_listen: Option<S<String>>,
     pub admin_allow_remote: Option<S<bool>>,
     pub admin_token_file: Option<S<String>>,
+    pub sip_host: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

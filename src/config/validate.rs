@@ -476,12 +476,19 @@ fn node(ck: &mut Ck<'_>, raw: &RawConfig, spans: &mut ListenSpans) -> NodeConfig
             );
         }
     }
+    let sip_host = n.and_then(|n| n.sip_host.as_ref()).and_then(|s| {
+        match s.get_ref().parse::<std::net::IpAddr>() {
+            Ok(ip) => Some(super::Host::Ip(ip)),
+            Err(_) => ck.domain(s).map(super::Host::Name),
+        }
+    });
     NodeConfig {
         id,
         data_dir,
         admin_listen,
         admin_allow_remote,
         admin_token_file,
+        sip_host,
     }
 }
 

@@ -54,6 +54,7 @@ fn node_toml(
     format!(
         r#"[node]
 id = "{id}"
+sip_host = "{id}.example.test"
 data_dir = "{data}"
 admin_listen = "127.0.0.1:0"
 [[local_domain]]
@@ -615,6 +616,13 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
     );
     assert_eq!(n.call_id().ok(), Some("tk-watch"), "{}", why(&nodes));
     assert_eq!(sip_ua::from_tag(&n), watch_tag, "the watcher's old dialog");
+    // The leader's Contact names the leader (node.sip_host): the partner's next in-dialog
+    // request goes to the node that owns the dialog now (RFC 6665 §4.1.3 remote target).
+    let contact = sip_ua::hv(&n, "Contact");
+    assert!(
+        contact.contains(&format!("@{lead}.example.test")),
+        "{contact}"
+    );
     assert!(sip_ua::body_str(&n).contains("Writing the report"));
     assert_eq!(etcd.count_prefix(&a_prefix)?, 0, "A's records were moved");
     let _ = held;

@@ -260,6 +260,7 @@ fn the_example_shows_every_key_of_the_schema() {
         "admin_listen",
         "admin_allow_remote",
         "admin_token_file",
+        "sip_host",
         "[[local_domain]]",
         "cert",
         "key",

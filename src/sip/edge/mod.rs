@@ -300,6 +300,12 @@ impl SipEdge {
             (None, Some(d)) => (d.name.to_string(), 5061),
             (_, None) => ("legate.invalid".to_string(), 5061),
         };
+        // `node.sip_host`: this node's own name, so in-dialog requests come back to it.
+        let host = match &cfg.node.sip_host {
+            Some(crate::config::Host::Ip(std::net::IpAddr::V6(ip))) => format!("[{ip}]"),
+            Some(h) => h.to_string(),
+            None => host,
+        };
         let outbound = Outbound {
             tls: client_tls,
             resolver,
