@@ -19,6 +19,11 @@ const SECRET: &str = "0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config(addresses: &[SocketAddr]) -> Config {
+    config_with(addresses, "")
+}
+
+/// [`config`] with `more` appended to the `[[home_node]]` entry.
+fn config_with(addresses: &[SocketAddr], more: &str) -> Config {
     let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
     let src = format!(
         r#"
@@ -30,6 +35,7 @@ name = "partner.com"
 name = "hn1"
 addresses = [{}]
 component_secret = "{SECRET}"
+{more}
 "#,
         list.join(", ")
     );
@@ -716,5 +722,52 @@ async fn a_link_another_node_holds_hands_its_deliveries_over_in_order_then_conne
         assert!(t0.elapsed() < WAIT, "m5 not handed to gw3: {last:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_home_node_that_takes_a_connection_from_every_node_is_connected_whoever_holds_claims() {
+    let l = listener().await;
+    let cfg = config_with(&[local(&l)], "connect_from_every_node = true");
+    assert!(cfg.home_nodes.iter().all(|h| h.connect_from_every_node));
+    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
+    let hub = Hub::new(cfg.clone(), maps);
+    let _sip = hub.register_sip(64);
+    let (stop, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let fake = Arc::new(FakePlacement {
+        holder: watch::channel(placement::Holder::Peer(Arc::from("gw2"))).0,
+        script: std::sync::Mutex::new(Default::default()),
+        calls: std::sync::Mutex::new(Vec::new()),
+    });
+    let links = spawn_with(
+        hub.clone(),
+        None,
+        settings(&cfg),
+        rx,
+        &mut tasks,
+        None,
+        Some(fake.clone() as Arc<dyn placement::Placement>),
+    );
+    let gw = Gateway {
+        hub,
+        sip: mpsc::channel(1).1,
+        links,
+        stop,
+        tasks,
+    };
+    // Another node "holds" the link, but this home node takes one connection per gateway node
+    // (ejabberd): this node connects and writes its own traffic on it, handing nothing over.
+    let mut p = accept(&l, Ok(())).await;
+    gw.wait_status("up", |s| s.up && s.held_by.is_none()).await;
+    gw.hub.submit(
+        &Origin::Sip {
+            domain: dom("partner.com"),
+        },
+        message("bob@partner.com", "alice@example.com", "own link"),
+    );
+    let m = p.stanza().await;
+    assert!(String::from_utf8_lossy(m.bytes()).contains("<body>own link</body>"));
+    assert!(fake.calls.lock().map(|c| c.is_empty()).unwrap_or(false));
     gw.stop().await;
 }
