@@ -63,14 +63,26 @@ struct Gateway {
 }
 
 fn start(addresses: &[SocketAddr]) -> Gateway {
-    let cfg = config(addresses);
-    let s = settings(&cfg);
+    start_on(&config(addresses), None)
+}
+
+/// Starts the links of `cfg` (in a cluster when `placement` is given); the gateway's `sip`
+/// is the hub's SIP outbox.
+fn start_on(cfg: &Config, placement: Option<Arc<dyn placement::Placement>>) -> Gateway {
     let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
-    let hub = Hub::new(cfg, maps);
+    let hub = Hub::new(cfg.clone(), maps);
     let sip = hub.register_sip(64);
     let (stop, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let links = spawn(hub.clone(), None, s, rx, &mut tasks);
+    let links = spawn_with(
+        hub.clone(),
+        None,
+        settings(cfg),
+        rx,
+        &mut tasks,
+        None,
+        placement,
+    );
     Gateway {
         hub,
         sip,
@@ -614,11 +626,6 @@ async fn a_link_another_node_holds_hands_its_deliveries_over_in_order_then_conne
     use placement::{Handed, Holder};
     let l = listener().await;
     let cfg = config(&[local(&l)]);
-    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
-    let hub = Hub::new(cfg.clone(), maps);
-    let mut sip = hub.register_sip(64);
-    let (stop, rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     let fake = Arc::new(FakePlacement {
         holder: watch::channel(Holder::Peer(Arc::from("gw2"))).0,
         script: std::sync::Mutex::new(
@@ -631,22 +638,7 @@ async fn a_link_another_node_holds_hands_its_deliveries_over_in_order_then_conne
         ),
         calls: std::sync::Mutex::new(Vec::new()),
     });
-    let links = spawn_with(
-        hub.clone(),
-        None,
-        settings(&cfg),
-        rx,
-        &mut tasks,
-        None,
-        Some(fake.clone() as Arc<dyn placement::Placement>),
-    );
-    let gw = Gateway {
-        hub,
-        sip: mpsc::channel(1).1,
-        links,
-        stop,
-        tasks,
-    };
+    let mut gw = start_on(&cfg, Some(fake.clone() as Arc<dyn placement::Placement>));
     let from_sip = Origin::Sip {
         domain: dom("partner.com"),
     };
@@ -658,7 +650,7 @@ async fn a_link_another_node_holds_hands_its_deliveries_over_in_order_then_conne
     }
     // Kept through a failed call and a moved claim, in order; the one the holder could not
     // take in time is bounced to its sender.
-    let d = next_delivery(&mut sip).await;
+    let d = next_delivery(&mut gw.sip).await;
     assert!(
         matches!(
             &d.envelope.body,
@@ -730,32 +722,12 @@ async fn a_home_node_that_takes_a_connection_from_every_node_is_connected_whoeve
     let l = listener().await;
     let cfg = config_with(&[local(&l)], "connect_from_every_node = true");
     assert!(cfg.home_nodes.iter().all(|h| h.connect_from_every_node));
-    let maps = MappingStore::open(None).unwrap_or_else(|d| panic!("{d}"));
-    let hub = Hub::new(cfg.clone(), maps);
-    let _sip = hub.register_sip(64);
-    let (stop, rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     let fake = Arc::new(FakePlacement {
         holder: watch::channel(placement::Holder::Peer(Arc::from("gw2"))).0,
         script: std::sync::Mutex::new(Default::default()),
         calls: std::sync::Mutex::new(Vec::new()),
     });
-    let links = spawn_with(
-        hub.clone(),
-        None,
-        settings(&cfg),
-        rx,
-        &mut tasks,
-        None,
-        Some(fake.clone() as Arc<dyn placement::Placement>),
-    );
-    let gw = Gateway {
-        hub,
-        sip: mpsc::channel(1).1,
-        links,
-        stop,
-        tasks,
-    };
+    let gw = start_on(&cfg, Some(fake.clone() as Arc<dyn placement::Placement>));
     // Another node "holds" the link, but this home node takes one connection per gateway node
     // (ejabberd): this node connects and writes its own traffic on it, handing nothing over.
     let mut p = accept(&l, Ok(())).await;
