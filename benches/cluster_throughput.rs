@@ -19,6 +19,8 @@
 
 mod support;
 
+use support::env_usize;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,18 +29,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use support::etcd::{free_port, start_etcd};
-use support::sipp::{self, error_log, sipp_program, SCENARIO};
+use support::sipp::{self, sipp_program, SCENARIO};
 use support::{cpu_secs, home_node, Legate};
 use tokio::net::TcpListener;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> Result<()> {
     let total = env_usize("PAGER_TOTAL", 40_000);
@@ -129,37 +124,10 @@ async fn phase(
             program, scenario, dir, i, *sip, calls, rate, window, LIMIT,
         )?);
     }
-    while received.load(Ordering::Relaxed) - base < total {
-        for (i, c) in clients.iter_mut().enumerate() {
-            if let Some(s) = c.0.try_wait()?.filter(|s| !s.success()) {
-                bail!("sipp {i} failed ({s}): {}", error_log(dir, i));
-            }
-        }
-        if start.elapsed() > LIMIT {
-            bail!(
-                "gave up after {LIMIT:?}: {} of {total} MESSAGEs reached the home node",
-                received.load(Ordering::Relaxed) - base
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sipp::wait_counted(&mut clients, dir, received, base, total, start, LIMIT).await?;
     let secs = start.elapsed().as_secs_f64();
     let cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0;
-    for (i, c) in clients.iter_mut().enumerate() {
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = c.0.try_wait()? {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("sipp {i} did not finish after the home node counted every MESSAGE");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        if !status.success() {
-            bail!("sipp {i} failed ({status}): {}", error_log(dir, i));
-        }
-    }
+    sipp::all_succeeded(&mut clients, dir).await?;
     Ok((secs, cpu))
 }
 

@@ -21,6 +21,8 @@
 
 mod support;
 
+use support::env_usize;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,13 +38,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> Result<()> {
     let subs = env_usize("SUBS", 100_000);

@@ -18,24 +18,19 @@
 
 mod support;
 
+use support::env_usize;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use support::sipp::{self, error_log, sipp_program, SCENARIO};
+use support::sipp::{self, sipp_program, SCENARIO};
 use support::{cpu_secs, home_node, metrics, peak_rss_kib, sum, Legate};
 use tokio::net::TcpListener;
 
 const LIMIT: Duration = Duration::from_secs(180);
 const CLIENTS: usize = 2;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> Result<()> {
     let total = env_usize("PAGER_TOTAL", 50_000);
@@ -110,40 +105,12 @@ default_system = "xmpp"
             LIMIT,
         )?);
     }
-    while received.load(Ordering::Relaxed) < total {
-        for (i, c) in clients.iter_mut().enumerate() {
-            if let Some(s) = c.0.try_wait()?.filter(|s| !s.success()) {
-                bail!("sipp {i} failed ({s}): {}", error_log(dir.path(), i));
-            }
-        }
-        if start.elapsed() > LIMIT {
-            bail!(
-                "gave up after {LIMIT:?}: {} of {total} MESSAGEs reached the home node",
-                received.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    sipp::wait_counted(&mut clients, dir.path(), &received, 0, total, start, LIMIT).await?;
     let secs = start.elapsed().as_secs_f64();
     let cpu = cpu_secs(pid) - cpu0;
     let delivered = received.load(Ordering::Relaxed);
 
-    // Every sipp run must end with every MESSAGE answered 200 (its exit status says so).
-    for (i, c) in clients.iter_mut().enumerate() {
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(s) = c.0.try_wait()? {
-                break s;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("sipp {i} did not finish after the home node counted every MESSAGE");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        if !status.success() {
-            bail!("sipp {i} failed ({status}): {}", error_log(dir.path(), i));
-        }
-    }
+    sipp::all_succeeded(&mut clients, dir.path()).await?;
     let m = metrics(admin).await?;
     let ok = sum(
         &m,

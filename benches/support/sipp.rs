@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -101,4 +102,52 @@ pub fn error_log(dir: &Path, i: usize) -> String {
         .find(|&k| log.is_char_boundary(k))
         .unwrap_or(0);
     log.get(start..).unwrap_or_default().to_owned()
+}
+
+/// Waits until `received` has grown by `total` from `base` (the home node counted them),
+/// failing at once if a sipp run fails and after `limit` since `start`.
+pub async fn wait_counted(
+    clients: &mut [Sipp],
+    dir: &Path,
+    received: &AtomicUsize,
+    base: usize,
+    total: usize,
+    start: Instant,
+    limit: Duration,
+) -> Result<()> {
+    while received.load(Ordering::Relaxed) - base < total {
+        for (i, c) in clients.iter_mut().enumerate() {
+            if let Some(s) = c.0.try_wait()?.filter(|s| !s.success()) {
+                bail!("sipp {i} failed ({s}): {}", error_log(dir, i));
+            }
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "gave up after {limit:?}: {} of {total} MESSAGEs reached the home node",
+                received.load(Ordering::Relaxed) - base
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// Every sipp run must end with every MESSAGE answered 200 (its exit status says so).
+pub async fn all_succeeded(clients: &mut [Sipp], dir: &Path) -> Result<()> {
+    for (i, c) in clients.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = c.0.try_wait()? {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("sipp {i} did not finish after the home node counted every MESSAGE");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if !status.success() {
+            bail!("sipp {i} failed ({status}): {}", error_log(dir, i));
+        }
+    }
+    Ok(())
 }

@@ -167,6 +167,16 @@ pub struct Hub {
 /// is safe; requests that must be acted on once (subscribe, probe, messages) are not copied.
 pub type SipFanout = Arc<dyn Fn(&Delivery) + Send + Sync>;
 
+/// What became of a [`Hub::deliver_wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    Delivered,
+    /// The outbox stayed full for the whole wait.
+    Timeout,
+    /// No live outbox for it here.
+    NoOutbox,
+}
+
 /// Whether `d` is state every node's SIP edge may act on (see [`SipFanout`]).
 pub fn fans_out(d: &Delivery) -> bool {
     matches!(d.link, Link::Sip { .. })
@@ -581,42 +591,22 @@ impl Hub {
         Handed::Gone(d)
     }
 
-    /// Puts a delivery another cluster node copied to this one (see [`SipFanout`]) into its
-    /// outbox, waiting for room up to `limit`; false when it could not.
-    pub async fn deliver_wait(&self, d: Delivery, limit: Duration) -> bool {
+    /// Puts a delivery another cluster node routed into its outbox here (an envelope for a
+    /// component link this node holds, or a copy for the SIP edge, see [`SipFanout`]),
+    /// waiting for room up to `limit` as a local reader would. Routing and policy were
+    /// applied by the node that received it.
+    pub async fn deliver_wait(&self, d: Delivery, limit: Duration) -> Waited {
+        let component = matches!(d.link, Link::Component { .. });
         let Some(tx) = self.outbox(&d) else {
-            return false;
-        };
-        tx.send_timeout(d, limit).await.is_ok()
-    }
-
-    /// Puts an envelope another cluster node handed over into the outbox of this node's
-    /// component link to `home_node` for the envelope's sender domain, waiting for room up to
-    /// `limit` (the peer link's reader is slowed as a local reader would be). Routing and
-    /// policy were applied by the node that received it.
-    pub async fn accept_handed(
-        &self,
-        home_node: &Arc<str>,
-        env: Envelope,
-        limit: Duration,
-    ) -> crate::xmpp::link::placement::Handed {
-        use crate::xmpp::link::placement::Handed;
-        let d = Delivery {
-            link: Link::Component {
-                home_node: home_node.clone(),
-            },
-            envelope: env,
-        };
-        let Some(tx) = self.outbox(&d) else {
-            return Handed::NotHolder;
+            return Waited::NoOutbox;
         };
         match tx.send_timeout(d, limit).await {
             Ok(()) => {
-                self.note_room(true, &tx);
-                Handed::Accepted
+                self.note_room(component, &tx);
+                Waited::Delivered
             }
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Handed::Timeout,
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Handed::NotHolder,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Waited::Timeout,
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Waited::NoOutbox,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod proto {
 
 use crate::config::{Config, Host, HostPort};
 use crate::gateway::envelope::Envelope;
+use crate::gateway::hub::Waited;
 use crate::gateway::Hub;
 use crate::net::LogSafe;
 use crate::xmpp::link::placement::{HandFuture, Handed, Holder, Placement};
@@ -362,7 +363,19 @@ impl Peer for Service {
                     Ok(env) if !self.claims.holds(&home, env.from.domain.as_str()) => {
                         Handed::NotHolder
                     }
-                    Ok(env) => self.hub.accept_handed(&home, env, limit).await,
+                    Ok(envelope) => {
+                        let d = crate::gateway::hub::Delivery {
+                            link: crate::gateway::Link::Component {
+                                home_node: home.clone(),
+                            },
+                            envelope,
+                        };
+                        match self.hub.deliver_wait(d, limit).await {
+                            Waited::Delivered => Handed::Accepted,
+                            Waited::Timeout => Handed::Timeout,
+                            Waited::NoOutbox => Handed::NotHolder,
+                        }
+                    }
                 }
             };
             if h != Handed::Accepted && h != Handed::Invalid {
@@ -404,7 +417,7 @@ impl Peer for Service {
                 link: crate::gateway::Link::Sip { domain },
                 envelope,
             };
-            if self.hub.deliver_wait(d, limit).await {
+            if self.hub.deliver_wait(d, limit).await == Waited::Delivered {
                 accepted += 1;
                 FANNED.with_label_values(&["in", "delivered"]).inc();
             } else {
