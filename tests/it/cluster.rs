@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::legate::Legate;
-use common::ports::named_port;
+use common::ports::{cluster_peers_toml, named_port};
 
 // Short enough to keep the tests quick, long enough (2 s before stepping down) that an etcd
 // member's own re-election on a loaded 2-core machine is not mistaken for a lost etcd.
@@ -19,15 +19,7 @@ const TTL_SECS: u64 = 3;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn node_toml(id: &str, cluster: &str, etcd: &Etcd, peers: &[&str]) -> String {
-    let peers: String = peers
-        .iter()
-        .map(|p| {
-            format!(
-                "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                named_port(&format!("{cluster}/{p}"))
-            )
-        })
-        .collect();
+    let peers = cluster_peers_toml(cluster, peers);
     format!(
         r#"
 [node]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::legate::Legate;
-use common::ports::named_port;
+use common::ports::cluster_peers_toml;
 
 const CLUSTER: &str = "cfg.test";
 const WAIT: Duration = Duration::from_secs(20);
@@ -36,15 +36,7 @@ fn node_toml_with(
     peers: &[&str],
     cluster: &str,
 ) -> String {
-    let peers: String = peers
-        .iter()
-        .map(|p| {
-            format!(
-                "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                named_port(&format!("{cluster}/{p}"))
-            )
-        })
-        .collect();
+    let peers = cluster_peers_toml(cluster, peers);
     let federated: String = federated
         .iter()
         .map(|d| format!("[[sip.federated_domain]]\nname = \"{d}\"\nsystem = \"lync\"\n"))

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use common::certs::{CertFactory, Leaf};
 use common::etcd::Etcd;
 use common::legate::Legate;
-use common::ports::named_port;
+use common::ports::{cluster_peers_toml, named_port};
 use common::prosody::{Prosody, ProsodyConfig};
 use common::xmpp_client::{ClientConfig, XmppClient};
 use std::net::SocketAddr;
@@ -42,15 +42,7 @@ fn node_toml(
     component: SocketAddr,
     route: SocketAddr,
 ) -> String {
-    let peers: String = ["gw1", "gw2"]
-        .iter()
-        .map(|p| {
-            format!(
-                "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
-                named_port(&format!("{cluster}/{p}"))
-            )
-        })
-        .collect();
+    let peers = cluster_peers_toml(cluster, &["gw1", "gw2"]);
     format!(
         r#"[node]
 id = "{id}"
@@ -176,6 +168,70 @@ async fn start_nodes(
     Ok(started.into_iter().map(|(_, n)| n).collect())
 }
 
+/// Both nodes' logs and Prosody's, for a failure message.
+fn why(nodes: &[Legate], prosody: &Prosody) -> String {
+    format!(
+        "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
+        nodes.first().map(|n| n.output()).unwrap_or_default(),
+        nodes.get(1).map(|n| n.output()).unwrap_or_default(),
+        prosody.log()
+    )
+}
+
+/// Waits until both nodes name the same holder of the link (`want`, when given); returns it.
+async fn agreed_holder(nodes: &[Legate], prosody: &Prosody, want: Option<&str>) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
+        if !a.is_empty() && a == b && want.is_none_or(|w| w == a) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agreed holder (want {want:?}; gw1 says {a:?}, gw2 {b:?}):\n{}",
+            why(nodes, prosody)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// alice signed in on Prosody (available, `status`), and bob's Lync-like edge connected to
+/// `node`'s SIP TLS listener.
+async fn alice_and_bob(
+    parts: (&Prosody, &CertFactory, &Leaf),
+    node: &Legate,
+    status: &str,
+) -> Result<(XmppClient, sip_ua::Ua)> {
+    let (prosody, certs, partner) = parts;
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        prosody.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some(status)).await?;
+    let bob = common::rig::lync_edge(certs, partner, node.addr("sip_tls")).await?;
+    Ok((alice, bob))
+}
+
+/// Whether a TLS client with `cfg` is served on the clustering `port` as `name`: the server
+/// answers something after the handshake. With TLS 1.3 a refused client certificate shows
+/// only then, as a closed connection.
+async fn served(port: u16, name: &'static str, cfg: rustls::ClientConfig) -> Result<bool> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let attempt = async {
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(name.try_into()?, tcp)
+            .await?;
+        let mut buf = [0u8; 64];
+        let got = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
+        anyhow::ensure!(got > 0, "closed");
+        Ok::<(), anyhow::Error>(())
+    };
+    Ok(tokio::time::timeout(WAIT, attempt).await?.is_ok())
+}
+
 /// Who `node` says holds the link ("" while not settled).
 async fn holder(node: &Legate) -> String {
     let Ok(response) = node.http_get("/status").await else {
@@ -242,30 +298,11 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         Some(second),
     )
     .await?;
-    let why = |nodes: &[Legate]| {
-        format!(
-            "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
-            nodes[0].output(),
-            nodes.get(1).map(|n| n.output()).unwrap_or_default(),
-            prosody.log()
-        )
-    };
+    let why = |nodes: &[Legate]| why(nodes, &prosody);
 
     // Both nodes agree that the first-ranked node holds the link now, and only its component
     // connection is up (the second closed its own when it handed the link over).
-    let deadline = Instant::now() + WAIT;
-    let held_by = loop {
-        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
-        if a == first && b == first {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{first} does not hold the link (gw1 says {a:?}, gw2 {b:?}):\n{}",
-            why(&nodes)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let held_by = agreed_holder(&nodes, &prosody, Some(&first)).await;
     let (h, n) = if held_by == "gw1" { (0, 1) } else { (1, 0) };
     let handed_back = common::legate::metric_value(
         &nodes[n].metrics().await?,
@@ -314,21 +351,8 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
     );
     assert!(text.contains("peer link tls: permissive"), "{text}");
 
-    let mut alice = XmppClient::connect(ClientConfig::plain(
-        prosody.c2s_addr(),
-        "example.test",
-        "alice",
-        "pw",
-    ))
-    .await?;
-    alice.send_presence(None, Some("here")).await?;
-    let mut bob = sip_ua::connect_tls(
-        nodes[n].addr("sip_tls"),
-        certs.ca_path(),
-        Some((&partner.cert, &partner.key)),
-        "example.test",
-    )
-    .await?;
+    let (mut alice, mut bob) =
+        alice_and_bob((&prosody, &certs, &partner), &nodes[n], "here").await?;
 
     // Through the node that does not hold the link: handed to the holder.
     assert_eq!(
@@ -409,7 +433,6 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
         matches!(read, Ok(0) | Err(_)),
         "a stranger's connection stayed open: {read:?}"
     );
-    let tcp = tokio::net::TcpStream::connect(port).await?;
     let no_cert = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -417,18 +440,8 @@ async fn one_node_holds_a_component_link_the_other_hands_it_traffic_and_takes_it
     .dangerous()
     .with_custom_certificate_verifier(std::sync::Arc::new(crate::tls::AcceptAny))
     .with_no_client_auth();
-    let handshake = async {
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(no_cert))
-            .connect("gw.peer".try_into()?, tcp)
-            .await?;
-        // TLS 1.3: the server's refusal of a missing certificate arrives after the client's
-        // side of the handshake completed, on the first read.
-        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
-        anyhow::ensure!(n > 0, "closed");
-        Ok::<(), anyhow::Error>(())
-    };
     assert!(
-        tokio::time::timeout(WAIT, handshake).await?.is_err(),
+        !served(port.port(), "gw.peer", no_cert).await?,
         "a peer without a client certificate was served"
     );
     let metrics = nodes[n].metrics().await?;
@@ -531,14 +544,7 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
         None,
     )
     .await?;
-    let why = |nodes: &[Legate]| {
-        format!(
-            "--- gw1 ---\n{}\n--- gw2 ---\n{}\n--- prosody ---\n{}",
-            nodes[0].output(),
-            nodes[1].output(),
-            prosody.log()
-        )
-    };
+    let why = |nodes: &[Legate]| why(nodes, &prosody);
     let deadline = Instant::now() + WAIT;
     let (lead, held) = loop {
         let l = leader(&nodes).await;
@@ -556,15 +562,8 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
     // A: the node that is not the leader; the watcher subscribes through it.
     let (a, b) = if lead == "gw1" { (1, 0) } else { (0, 1) };
     let a_id = if a == 0 { "gw1" } else { "gw2" };
-    let mut alice = XmppClient::connect(ClientConfig::plain(
-        prosody.c2s_addr(),
-        "example.test",
-        "alice",
-        "pw",
-    ))
-    .await?;
-    alice.send_presence(None, Some("at my desk")).await?;
-    let mut bob = lync_edge(&certs, &partner, nodes[a].addr("sip_tls")).await?;
+    let (mut alice, mut bob) =
+        alice_and_bob((&prosody, &certs, &partner), &nodes[a], "at my desk").await?;
     let ok = subscribe(&mut bob, "alice@example.test", "tk-watch").await?;
     assert_eq!(ok.status(), Some(200), "{}", why(&nodes));
     let watch_tag = sip_ua::to_tag(&ok);
@@ -704,42 +703,11 @@ async fn with_enforce_the_peer_link_verifies_both_sides_by_name() -> Result<()> 
         std::fs::write(&cfg, toml)?;
         nodes.push(Legate::start(&cfg, &["sip_tls", "cluster"])?);
     }
-    let why = |nodes: &[Legate]| {
-        format!(
-            "--- gw1 ---\n{}\n--- gw2 ---\n{}",
-            nodes[0].output(),
-            nodes[1].output()
-        )
-    };
-    let deadline = Instant::now() + WAIT;
-    let held_by = loop {
-        let (a, b) = (holder(&nodes[0]).await, holder(&nodes[1]).await);
-        if !a.is_empty() && a == b {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agreed holder:\n{}",
-            why(&nodes)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let why = |nodes: &[Legate]| why(nodes, &prosody);
+    let held_by = agreed_holder(&nodes, &prosody, None).await;
     let n = if held_by == "gw1" { 1 } else { 0 };
-    let mut alice = XmppClient::connect(ClientConfig::plain(
-        prosody.c2s_addr(),
-        "example.test",
-        "alice",
-        "pw",
-    ))
-    .await?;
-    alice.send_presence(None, Some("here")).await?;
-    let mut bob = sip_ua::connect_tls(
-        nodes[n].addr("sip_tls"),
-        certs.ca_path(),
-        Some((&partner.cert, &partner.key)),
-        "example.test",
-    )
-    .await?;
+    let (mut alice, mut bob) =
+        alice_and_bob((&prosody, &certs, &partner), &nodes[n], "here").await?;
     assert_eq!(pager(&mut bob, 1, "verified both ways").await?, Some(200));
     let m = alice
         .expect_message_from("bob@partner.test", WAIT)
@@ -758,24 +726,13 @@ async fn with_enforce_the_peer_link_verifies_both_sides_by_name() -> Result<()> 
             legate::tls::load_certs(&intruder.cert)?,
             legate::tls::load_private_key(&intruder.key)?,
         )?;
-    let port = nodes[n].addr("cluster").port();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let name = if n == 0 {
         "gw1.cluster.test"
     } else {
         "gw2.cluster.test"
     };
-    let served = async {
-        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect(name.try_into()?, tcp)
-            .await?;
-        let mut buf = [0u8; 64];
-        let got = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
-        anyhow::ensure!(got > 0, "closed");
-        Ok::<(), anyhow::Error>(())
-    };
     assert!(
-        tokio::time::timeout(WAIT, served).await?.is_err(),
+        !served(nodes[n].addr("cluster").port(), name, cfg).await?,
         "a certificate naming no listed peer was served"
     );
     let metrics = nodes[n].metrics().await?;

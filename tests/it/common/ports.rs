@@ -73,3 +73,17 @@ pub fn named_port(name: &str) -> u16 {
     map.insert(name.to_string(), p);
     p
 }
+
+/// `[[cluster.peers]]` entries for `peers` of test cluster `cluster`, each on 127.0.0.1 and
+/// its own [`named_port`] (the same in every node's configuration).
+pub fn cluster_peers_toml(cluster: &str, peers: &[&str]) -> String {
+    peers
+        .iter()
+        .map(|p| {
+            format!(
+                "[[cluster.peers]]\nname = \"{p}\"\naddress = \"127.0.0.1:{}\"\n",
+                named_port(&format!("{cluster}/{p}"))
+            )
+        })
+        .collect()
+}
