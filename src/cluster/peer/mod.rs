@@ -224,6 +224,15 @@ impl PeerLink {
         Ok((link, bound))
     }
 
+    /// What a failed call to `peer` says; a broken connection is dropped so that the next
+    /// call dials again.
+    fn call_failed(&self, peer: &str, s: &tonic::Status) -> String {
+        if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+            self.inner.clients.remove(peer);
+        }
+        format!("{}: {}", s.code(), s.message())
+    }
+
     /// A client to node `peer` (its address from `cluster.peers`), connected on first use.
     async fn client(&self, peer: &str) -> Result<PeerClient<Channel>, String> {
         if let Some(c) = self.inner.clients.get(peer) {
@@ -287,22 +296,18 @@ impl Placement for ClusterPlacement {
         self.claims.follow(home_node, domain.as_str())
     }
 
-    fn hand(&self, peer: Arc<str>, home_node: Arc<str>, batch: &[Envelope]) -> HandFuture {
+    fn hand(&self, peer: Arc<str>, home_node: Arc<str>, batch: &[&Envelope]) -> HandFuture {
         let request = proto::Batch {
             from_node: self.link.inner.me.clone(),
             home_node: home_node.to_string(),
-            envelopes: batch.iter().map(wire::to_wire).collect(),
+            envelopes: batch.iter().map(|e| wire::to_wire(e)).collect(),
         };
         let link = self.link.clone();
         Box::pin(async move {
             let mut client = link.client(&peer).await?;
             let answer = client.deliver(request).await.map_err(|s| {
                 HANDED.with_label_values(&["out", "failed"]).inc();
-                // A broken connection is dialled again on the next call.
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
-                    link.inner.clients.remove(&*peer);
-                }
-                format!("{}: {}", s.code(), s.message())
+                link.call_failed(&peer, &s)
             })?;
             Ok(answer
                 .into_inner()
@@ -501,12 +506,10 @@ async fn fanout_task(link: PeerLink, peer: String, mut rx: mpsc::Receiver<proto:
         let mut sent = false;
         for attempt in 0..FANOUT_TRIES {
             let result = match link.client(&peer).await {
-                Ok(mut c) => c.fanout(batch.clone()).await.map_err(|s| {
-                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
-                        link.inner.clients.remove(&peer);
-                    }
-                    format!("{}: {}", s.code(), s.message())
-                }),
+                Ok(mut c) => c
+                    .fanout(batch.clone())
+                    .await
+                    .map_err(|s| link.call_failed(&peer, &s)),
                 Err(e) => Err(e),
             };
             match result {

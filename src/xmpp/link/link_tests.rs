@@ -597,7 +597,7 @@ impl placement::Placement for FakePlacement {
         &self,
         peer: Arc<str>,
         _home_node: Arc<str>,
-        batch: &[Envelope],
+        batch: &[&Envelope],
     ) -> placement::HandFuture {
         let texts = batch
             .iter()

@@ -50,5 +50,5 @@ pub trait Placement: Send + Sync {
 
     /// Hands `batch` (envelopes for `home_node`'s component of their sender domain, in order)
     /// to node `peer`.
-    fn hand(&self, peer: Arc<str>, home_node: Arc<str>, batch: &[Envelope]) -> HandFuture;
+    fn hand(&self, peer: Arc<str>, home_node: Arc<str>, batch: &[&Envelope]) -> HandFuture;
 }

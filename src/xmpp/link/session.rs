@@ -229,7 +229,7 @@ impl Component {
                 }
             };
             let batch = p.queue.take_timed(WRITE_BATCH);
-            let envelopes: Vec<Envelope> = batch.iter().map(|(_, e)| e.clone()).collect();
+            let envelopes: Vec<&Envelope> = batch.iter().map(|(_, e)| e).collect();
             let call = placement.hand(peer.clone(), self.home_node.clone(), &envelopes);
             let answer = tokio::select! {
                 a = call => a,
