@@ -245,8 +245,11 @@ impl Cluster {
 
     /// The node ids of every live member, this one included.
     pub fn live_members(&self) -> Vec<String> {
-        self.status()
-            .map(|s| s.members.into_iter().map(|m| m.id).collect())
+        // Read under the lock without copying the whole status: the SIP fan-out asks this
+        // for every presence a home node sends.
+        self.state
+            .lock()
+            .map(|s| s.members.iter().map(|m| m.id.clone()).collect())
             .unwrap_or_default()
     }
 
