@@ -35,7 +35,63 @@ use tokio::sync::mpsc;
 pub struct Delivery {
     pub link: Link,
     pub envelope: Envelope,
+    /// Told when the link is done with the envelope (see [`Handled`]).
+    pub handled: Handled,
 }
+
+impl Delivery {
+    pub fn new(link: Link, envelope: Envelope) -> Self {
+        Delivery {
+            link,
+            envelope,
+            handled: Handled::default(),
+        }
+    }
+}
+
+/// Told once a link is done with a delivery: written to its stream, or answered with an error
+/// the sender sees. Dropped untold when it was lost with a broken connection. The peer link
+/// waits for it before telling the node that handed the envelope over that it is taken
+/// (issue 12: nothing accepted is lost when the holder is killed): until then that node keeps
+/// it, and hands it to the next holder when this one dies. Only component links tell; every
+/// other outbox drops it, which the peer link never asks of them.
+#[derive(Clone, Default)]
+pub struct Handled(Option<Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>>);
+
+impl Handled {
+    /// One to put into a delivery, and what the waiter awaits: `Ok` when done, `Err` when lost.
+    pub fn pair() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Handled(Some(Arc::new(std::sync::Mutex::new(Some(tx))))), rx)
+    }
+
+    pub fn done(&self) {
+        let Some(slot) = &self.0 else { return };
+        let taken = slot.lock().map(|mut s| s.take()).unwrap_or_default();
+        if let Some(tx) = taken {
+            // The waiter may have given up (its own deadline): nothing to tell then.
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Handled(awaited)"
+        } else {
+            "Handled"
+        })
+    }
+}
+
+/// Not part of what a delivery is: two deliveries of the same envelope are the same delivery.
+impl PartialEq for Handled {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Handled {}
 
 /// Outboxes: one per component connection, i.e. per (home node, foreign domain) — a stalled
 /// component never holds up another — and one each for the s2s and SIP edges.
@@ -476,10 +532,7 @@ impl Hub {
         });
         match routed {
             Ok(route) => {
-                let d = Delivery {
-                    link: route.link,
-                    envelope: route.envelope,
-                };
+                let d = Delivery::new(route.link, route.envelope);
                 if let (Some(f), Origin::Component { .. }) = (self.fanout.get(), origin) {
                     if fans_out(&d) {
                         f(&d);
@@ -498,10 +551,7 @@ impl Hub {
                 tracing::info!(from = %env.from, to = %env.to, reason = %denied, "refused");
                 if denied.answered() && origin.wants_bounces() {
                     if let Some(b) = env.bounce(denied.condition(), denied.to_string()) {
-                        self.deliver(Delivery {
-                            link: origin.reply_link(),
-                            envelope: b,
-                        });
+                        self.deliver(Delivery::new(origin.reply_link(), b));
                     }
                 }
                 Err(Submitted::Denied(denied))
@@ -545,10 +595,7 @@ impl Hub {
             .bounce(condition, text)
             .filter(|_| origin.wants_bounces())
         {
-            self.deliver(Delivery {
-                link: origin.reply_link(),
-                envelope: b,
-            });
+            self.deliver(Delivery::new(origin.reply_link(), b));
         }
         Submitted::Unavailable(link)
     }

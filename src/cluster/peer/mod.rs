@@ -1,14 +1,17 @@
 //! The peer link between the nodes of a cluster (issue 12 items 2 and 5): gRPC (tonic) over
 //! mutual TLS on the clustering port, the address of this node's entry in `cluster.peers`.
 //!
-//! One call today, `Deliver`: a node whose hub routed envelopes to a component link another
-//! node holds (see [`super::claims`]) hands them to the holder in ordered batches; the holder
-//! puts each into that link's outbox, waiting for room as a local reader would
-//! (`limits.delivery_timeout_secs`), and answers one outcome per envelope. An envelope is the
-//! sender's until the holder accepted it: a holder that dies or moves leaves it with the
+//! `Deliver`: a node whose hub routed envelopes to a component link another node holds (see
+//! [`super::claims`]) hands them to the holder in ordered batches; the holder puts each into
+//! that link's outbox, waiting for room as a local reader would
+//! (`limits.delivery_timeout_secs`), and answers one outcome per envelope once the link has
+//! *written* it to the home node (or answered it with an error; [`Handled`]). An envelope is
+//! the sender's until then: a holder that dies or moves before writing it leaves it with the
 //! sender, who hands it to the next holder — so a stanza or SIP request accepted before a node
-//! is killed is delivered or bounced, not lost (what the dead holder had already accepted but
-//! not written is the exception; it is bounded by its outbox).
+//! is killed is delivered or bounced, not lost. (A holder that wrote it and died before
+//! answering makes the sender hand it again: at least once, never lost. What the killed node
+//! itself took from its own SIP or s2s peers and had not written is lost with it.)
+//! `Fanout`: copies of home-node state bound for SIP, for every node's SIP edge.
 //!
 //! The clustering port accepts connections only from the addresses of listed peers
 //! (`cluster.peers`, names through `cluster.address_map` first, then DNS at start), then TLS as
@@ -24,7 +27,7 @@ pub mod proto {
 
 use crate::config::{Config, Host, HostPort};
 use crate::gateway::envelope::Envelope;
-use crate::gateway::hub::Waited;
+use crate::gateway::hub::{Handled, Waited};
 use crate::gateway::Hub;
 use crate::net::LogSafe;
 use crate::xmpp::link::placement::{HandFuture, Handed, Holder, Placement};
@@ -352,7 +355,10 @@ impl Peer for Service {
         let batch = request.into_inner();
         let home: Arc<str> = Arc::from(batch.home_node.as_str());
         let limit = Duration::from_secs(self.hub.config().limits.delivery_timeout_secs);
+        let started = tokio::time::Instant::now();
         let mut outcomes = Vec::with_capacity(batch.envelopes.len());
+        // Per accepted envelope, what tells that the link wrote it (or answered it).
+        let mut handled = Vec::with_capacity(batch.envelopes.len());
         // After the first envelope not taken, the rest are not tried: they go back to the
         // sender in order, so one slow or moved link cannot reorder a conversation.
         let mut refused = false;
@@ -369,14 +375,19 @@ impl Peer for Service {
                         Handed::NotHolder
                     }
                     Ok(envelope) => {
+                        let (h, done) = Handled::pair();
                         let d = crate::gateway::hub::Delivery {
                             link: crate::gateway::Link::Component {
                                 home_node: home.clone(),
                             },
                             envelope,
+                            handled: h,
                         };
                         match self.hub.deliver_wait(d, limit).await {
-                            Waited::Delivered => Handed::Accepted,
+                            Waited::Delivered => {
+                                handled.push((outcomes.len(), done));
+                                Handed::Accepted
+                            }
                             Waited::Timeout => Handed::Timeout,
                             Waited::NoOutbox => Handed::NotHolder,
                         }
@@ -386,14 +397,34 @@ impl Peer for Service {
             if h != Handed::Accepted && h != Handed::Invalid {
                 refused = true;
             }
-            HANDED.with_label_values(&["in", label(h)]).inc();
-            outcomes.push(match h {
-                Handed::Accepted => proto::Outcome::Accepted,
-                Handed::NotHolder => proto::Outcome::NotHolder,
-                Handed::Timeout => proto::Outcome::Timeout,
-                Handed::Invalid => proto::Outcome::Invalid,
-            } as i32);
+            outcomes.push(h);
         }
+        // "Accepted" is said only once the link wrote each envelope to the home node (or
+        // answered it with an error): a holder killed before that fails this call, and the
+        // sender, which kept the envelopes, hands them to the next holder. An envelope lost
+        // with a broken connection goes back too (NOT_HOLDER: the sender tries again). One
+        // the link still holds at the deadline (its connection is down and it waits to
+        // reconnect) stays the holder's, as the queue of a link that is down always is.
+        let deadline = started + limit;
+        for (i, done) in handled {
+            if let Ok(Err(_)) = tokio::time::timeout_at(deadline, done).await {
+                if let Some(h) = outcomes.get_mut(i) {
+                    *h = Handed::NotHolder;
+                }
+            }
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .map(|h| {
+                HANDED.with_label_values(&["in", label(h)]).inc();
+                (match h {
+                    Handed::Accepted => proto::Outcome::Accepted,
+                    Handed::NotHolder => proto::Outcome::NotHolder,
+                    Handed::Timeout => proto::Outcome::Timeout,
+                    Handed::Invalid => proto::Outcome::Invalid,
+                }) as i32
+            })
+            .collect();
         Ok(tonic::Response::new(proto::Outcomes { outcomes }))
     }
 
@@ -418,10 +449,8 @@ impl Peer for Service {
                     continue;
                 }
             };
-            let d = crate::gateway::hub::Delivery {
-                link: crate::gateway::Link::Sip { domain },
-                envelope,
-            };
+            let d =
+                crate::gateway::hub::Delivery::new(crate::gateway::Link::Sip { domain }, envelope);
             if self.hub.deliver_wait(d, limit).await == Waited::Delivered {
                 accepted += 1;
                 FANNED.with_label_values(&["in", "delivered"]).inc();

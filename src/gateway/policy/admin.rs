@@ -86,14 +86,14 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
             } else {
                 Subscription::Subscribed
             };
-            hub.deliver(Delivery {
-                link: Link::Sip { domain },
-                envelope: Envelope {
+            hub.deliver(Delivery::new(
+                Link::Sip { domain },
+                Envelope {
                     from: user.clone(),
                     to,
                     body: Body::Subscription(s),
                 },
-            });
+            ));
         }
     } else if cfg.xmpp_federation_allowed(&domain) {
         let Some(watcher) = (match target {
@@ -105,28 +105,28 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
         if blocked {
             let link = Link::S2s { domain };
             if let Some(p) = offline_in(&cfg, &hub.maps().current(), &link) {
-                hub.deliver(Delivery {
+                hub.deliver(Delivery::new(
                     link,
-                    envelope: Envelope {
+                    Envelope {
                         from: user.clone(),
                         to: watcher,
                         body: Body::Presence(p),
                     },
-                });
+                ));
             }
         } else if let (Op::Unblock, Some(home_node)) = (op, hub.directory().lookup(&cfg, user)) {
             // The home node answers the probe with the user's presence only if the user
             // approved this watcher (RFC 6121 §4.3.2); its refusal comes back as offline and,
             // no request being pending, is not stored as the user's answer. (Not for an
             // allow: that refusal would then read as the user revoking the allow.)
-            hub.deliver(Delivery {
-                link: Link::Component { home_node },
-                envelope: Envelope {
+            hub.deliver(Delivery::new(
+                Link::Component { home_node },
+                Envelope {
                     from: watcher,
                     to: user.clone(),
                     body: Body::Subscription(Subscription::Probe),
                 },
-            });
+            ));
         }
     }
     Ok(())

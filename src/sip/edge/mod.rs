@@ -794,7 +794,7 @@ impl Driver {
                     congested = None;
                 }
                 d = outbox.recv() => match d {
-                    Some(Delivery { link: Link::Sip { domain }, envelope }) => {
+                    Some(Delivery { link: Link::Sip { domain }, envelope, .. }) => {
                         self.core.handle_delivery(&*self.hub, &domain, envelope, Instant::now());
                     }
                     Some(_) => {}

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::gateway::envelope::{Address, Body, MessageBody};
-use crate::gateway::hub::Delivery;
+use crate::gateway::hub::{Delivery, Handled, Waited};
 use crate::presence::map::MappingStore;
 use crate::xmpp::component::handshake_digest;
 use crate::xmpp::stanza::{root_text, Stanza};
@@ -742,4 +742,64 @@ async fn a_home_node_that_takes_a_connection_from_every_node_is_connected_whoeve
     assert!(String::from_utf8_lossy(m.bytes()).contains("<body>own link</body>"));
     assert!(fake.calls.lock().map(|c| c.is_empty()).unwrap_or(false));
     gw.stop().await;
+}
+
+/// The peer link says a handed envelope is taken only when the link is done with it
+/// ([`Handled`]): written to the home node's stream, or answered with an error.
+#[tokio::test]
+async fn a_delivery_is_done_when_written_or_answered_not_when_queued() {
+    let l = listener().await;
+    let gw = start(&[local(&l)]);
+    let (sock, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no connection"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let to_home = |text: &str| {
+        let (handled, done) = Handled::pair();
+        let d = Delivery {
+            link: crate::gateway::Link::Component {
+                home_node: "hn1".into(),
+            },
+            envelope: message("bob@partner.com", "alice@example.com", text),
+            handled,
+        };
+        (d, done)
+    };
+    let (d, mut done) = to_home("held");
+    assert_eq!(gw.hub.deliver_wait(d, WAIT).await, Waited::Delivered);
+    gw.wait_status("queued", |s| s.queued == 1).await;
+    // Queued while the handshake is held: not done yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut done)
+            .await
+            .is_err(),
+        "done before the link was even up"
+    );
+    let mut p = Peer {
+        sock,
+        framer: StreamFramer::default(),
+        domain: String::new(),
+    };
+    let StreamEvent::StreamOpen(_) = p.next().await else {
+        panic!("no header")
+    };
+    p.send("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42'>").await;
+    let _hs = p.stanza().await;
+    p.send("<handshake/>").await;
+    let m = p.stanza().await;
+    assert!(String::from_utf8_lossy(m.bytes()).contains("<body>held</body>"));
+    let written = tokio::time::timeout(WAIT, done).await;
+    assert!(matches!(written, Ok(Ok(()))), "{written:?}");
+
+    // The home node goes away and nobody accepts again: a delivery queued for the link is
+    // answered with an error when the node stops, and that counts as done too.
+    drop(p);
+    drop(l);
+    gw.wait_status("down", |s| !s.up).await;
+    let (d, done) = to_home("answered");
+    assert_eq!(gw.hub.deliver_wait(d, WAIT).await, Waited::Delivered);
+    gw.wait_status("queued again", |s| s.queued == 1).await;
+    gw.stop().await;
+    let answered = tokio::time::timeout(WAIT, done).await;
+    assert!(matches!(answered, Ok(Ok(()))), "{answered:?}");
 }

@@ -12,7 +12,7 @@ use super::{
 use crate::config::{Domain, HomeEndpoint, HomeNode, Host};
 use crate::dns::{Resolver, Transport};
 use crate::gateway::envelope::Envelope;
-use crate::gateway::hub::Delivery;
+use crate::gateway::hub::{Delivery, Handled};
 use crate::gateway::{Hub, Origin};
 use crate::net::LogSafe;
 use crate::net::{connect_bounded, write_bounded, Backoff, ConnectError, WriteError};
@@ -65,7 +65,8 @@ enum End {
 
 /// The per-link state that survives reconnections.
 struct Pending {
-    queue: WaitQueue<Envelope>,
+    /// What waits for the link, each with whoever waits to hear it is done with.
+    queue: WaitQueue<(Envelope, Handled)>,
     rx: mpsc::Receiver<Delivery>,
     /// The hub dropped the outbox: no more deliveries will come.
     rx_closed: bool,
@@ -162,9 +163,10 @@ impl Component {
         }
         // Shutdown: whatever still waits is answered rather than dropped in silence. Closing the
         // outbox makes the hub answer anything submitted from now on.
-        for env in pending.queue.drain() {
+        for (env, handled) in pending.queue.drain() {
             QUEUE_DEPTH.dec();
             bounce(&self.hub, &self.home_node, &env, BounceReason::Closed);
+            handled.done();
         }
         pending.rx.close();
         while let Ok(d) = pending.rx.try_recv() {
@@ -174,6 +176,7 @@ impl Component {
                 &d.envelope,
                 BounceReason::Closed,
             );
+            d.handled.done();
         }
         self.status
             .update(&self.home_node, &self.domain, |s| s.queued = 0);
@@ -229,7 +232,7 @@ impl Component {
                 }
             };
             let batch = p.queue.take_timed(WRITE_BATCH);
-            let envelopes: Vec<&Envelope> = batch.iter().map(|(_, e)| e).collect();
+            let envelopes: Vec<&Envelope> = batch.iter().map(|(_, (e, _))| e).collect();
             let call = placement.hand(peer.clone(), self.home_node.clone(), &envelopes);
             let answer = tokio::select! {
                 a = call => a,
@@ -245,13 +248,14 @@ impl Component {
             match answer {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
-                    for (at, env) in batch {
+                    for (at, (env, handled)) in batch {
                         match outcomes.next() {
                             Some(Handed::Accepted) => {
                                 QUEUE_DEPTH.dec();
                                 STANZAS
                                     .with_label_values(&["handed", env.kind_label()])
                                     .inc();
+                                handled.done();
                             }
                             Some(Handed::Timeout) => {
                                 QUEUE_DEPTH.dec();
@@ -261,12 +265,14 @@ impl Component {
                                     &env,
                                     BounceReason::QueueTimeout,
                                 );
+                                handled.done();
                             }
                             Some(Handed::Invalid) => {
                                 QUEUE_DEPTH.dec();
                                 bounce(&self.hub, &self.home_node, &env, BounceReason::Encode);
+                                handled.done();
                             }
-                            Some(Handed::NotHolder) | None => kept.push((at, env)),
+                            Some(Handed::NotHolder) | None => kept.push((at, (env, handled))),
                         }
                     }
                 }
@@ -401,7 +407,7 @@ impl Component {
             return;
         };
         // `can_hold` was checked before the delivery was taken, so there is room.
-        if p.queue.push(now(), d.envelope).is_ok() {
+        if p.queue.push(now(), (d.envelope, d.handled)).is_ok() {
             QUEUE_DEPTH.inc();
         }
         let n = p.queue.len();
@@ -410,9 +416,10 @@ impl Component {
     }
 
     fn expire(&self, p: &mut Pending) {
-        for env in p.queue.expire(now()) {
+        for (env, handled) in p.queue.expire(now()) {
             QUEUE_DEPTH.dec();
             bounce(&self.hub, &self.home_node, &env, BounceReason::QueueTimeout);
+            handled.done();
         }
         let n = p.queue.len();
         self.status
@@ -458,6 +465,8 @@ impl Component {
         let mut framer = StreamFramer::new(self.settings.stream_limits);
         let mut buf = vec![0u8; 16 * 1024];
         let mut out: Vec<u8> = Vec::new();
+        // Told once `out` is written; dropped untold if the write fails (the bytes are lost).
+        let mut written: Vec<Handled> = Vec::new();
         let mut connected_at: Option<tokio::time::Instant> = None;
         let mut keepalive = tokio::time::Instant::now() + self.settings.keepalive;
 
@@ -472,6 +481,9 @@ impl Component {
                     break 'conn Err(e);
                 }
                 out.clear();
+                for h in written.drain(..) {
+                    h.done();
+                }
                 keepalive = tokio::time::Instant::now() + self.settings.keepalive;
             }
             let hs_deadline = machine.poll_timeout().map(to_tokio);
@@ -541,9 +553,9 @@ impl Component {
                             connected_at = Some(tokio::time::Instant::now());
                             self.mark_up(addr);
                             // What waited for the link goes first, in order.
-                            while let Some(env) = p.queue.pop() {
+                            while let Some((env, handled)) = p.queue.pop() {
                                 QUEUE_DEPTH.dec();
-                                self.encode(&env, &mut out);
+                                self.encode(&env, handled, &mut out, &mut written);
                             }
                             self.status.update(&self.home_node, &self.domain, |s| s.queued = 0);
                         }
@@ -555,11 +567,11 @@ impl Component {
                     if up {
                         match d {
                             Some(d) => {
-                                self.encode(&d.envelope, &mut out);
+                                self.encode(&d.envelope, d.handled, &mut out, &mut written);
                                 // Batch what is already waiting into the same write.
                                 for _ in 1..WRITE_BATCH {
                                     match p.rx.try_recv() {
-                                        Ok(d) => self.encode(&d.envelope, &mut out),
+                                        Ok(d) => self.encode(&d.envelope, d.handled, &mut out, &mut written),
                                         Err(_) => break,
                                     }
                                 }
@@ -626,16 +638,27 @@ impl Component {
             .update(&self.home_node, &self.domain, |s| s.up = false);
     }
 
-    /// Writes a delivery as a stanza into `out`, or bounces it when it cannot be encoded.
-    fn encode(&self, env: &Envelope, out: &mut Vec<u8>) {
+    /// Writes a delivery as a stanza into `out` (its `handled` then waits in `written` for the
+    /// write), or bounces it when it cannot be encoded (done with at once).
+    fn encode(
+        &self,
+        env: &Envelope,
+        handled: Handled,
+        out: &mut Vec<u8>,
+        written: &mut Vec<Handled>,
+    ) {
         let maps = self.hub.maps().current();
         let mark = out.len();
         match envelope_to_stanza(env, &maps, out) {
-            Ok(()) => STANZAS.with_label_values(&["out", env.kind_label()]).inc(),
+            Ok(()) => {
+                STANZAS.with_label_values(&["out", env.kind_label()]).inc();
+                written.push(handled);
+            }
             Err(e) => {
                 out.truncate(mark);
                 tracing::warn!(error = %e, "cannot write delivery as a stanza");
                 bounce(&self.hub, &self.home_node, env, BounceReason::Encode);
+                handled.done();
             }
         }
     }

@@ -73,7 +73,7 @@ pub async fn manager(
         let (local, remote, out) = tokio::select! {
             _ = sd.changed() => return,
             d = outbox.recv() => match d {
-                Some(Delivery { link: Link::S2s { domain }, envelope }) => {
+                Some(Delivery { link: Link::S2s { domain }, envelope, .. }) => {
                     (envelope.from.domain.clone(), domain, Out::Env(envelope))
                 }
                 Some(_) => continue,
@@ -222,12 +222,12 @@ async fn pair_task(
     // the pair again; only if that is full are they answered.
     while let Some(out) = rx.try_recv() {
         if let Out::Env(envelope) = out {
-            let d = Delivery {
-                link: Link::S2s {
+            let d = Delivery::new(
+                Link::S2s {
                     domain: remote.clone(),
                 },
                 envelope,
-            };
+            );
             if !shared.hub.deliver(d.clone()) {
                 bounce(
                     &shared,
