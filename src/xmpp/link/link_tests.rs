@@ -154,6 +154,22 @@ struct Peer {
 }
 
 impl Peer {
+    /// Answers the handshake on a connection the test held so far, accepting any digest.
+    async fn complete_held_handshake(sock: TcpStream) -> Peer {
+        let mut p = Peer {
+            sock,
+            framer: StreamFramer::default(),
+            domain: String::new(),
+        };
+        let StreamEvent::StreamOpen(_) = p.next().await else {
+            panic!("no header")
+        };
+        p.send("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42'>").await;
+        let _hs = p.stanza().await;
+        p.send("<handshake/>").await;
+        p
+    }
+
     async fn next(&mut self) -> StreamEvent {
         let mut buf = [0u8; 4096];
         tokio::time::timeout(WAIT, async {
@@ -388,17 +404,7 @@ async fn queued_deliveries_are_written_once_connected() {
     );
     gw.wait_status("queued", |s| s.queued == 1).await;
     // Answer the handshake on the connection that was held.
-    let mut p = Peer {
-        sock,
-        framer: StreamFramer::default(),
-        domain: String::new(),
-    };
-    let StreamEvent::StreamOpen(_) = p.next().await else {
-        panic!("no header")
-    };
-    p.send("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42'>").await;
-    let _hs = p.stanza().await;
-    p.send("<handshake/>").await;
+    let mut p = Peer::complete_held_handshake(sock).await;
     let m = p.stanza().await;
     assert!(String::from_utf8_lossy(m.bytes()).contains("<body>early</body>"));
     gw.stop().await;
@@ -775,17 +781,7 @@ async fn a_delivery_is_done_when_written_or_answered_not_when_queued() {
             .is_err(),
         "done before the link was even up"
     );
-    let mut p = Peer {
-        sock,
-        framer: StreamFramer::default(),
-        domain: String::new(),
-    };
-    let StreamEvent::StreamOpen(_) = p.next().await else {
-        panic!("no header")
-    };
-    p.send("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='id42'>").await;
-    let _hs = p.stanza().await;
-    p.send("<handshake/>").await;
+    let mut p = Peer::complete_held_handshake(sock).await;
     let m = p.stanza().await;
     assert!(String::from_utf8_lossy(m.bytes()).contains("<body>held</body>"));
     let written = tokio::time::timeout(WAIT, done).await;
