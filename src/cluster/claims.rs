@@ -21,10 +21,10 @@
 //! - a node that joins gets its share: a holder gives up each link whose first-ranked node
 //!   has been live for [`SETTLED`], and that node claims it (`hand_back`).
 
-use crate::store::etcd::{kv_get, kv_txn, open_watch};
+use crate::store::etcd::{kv_get, kv_txn, open_watch, watch_changes};
 use crate::store::StoreError;
 use crate::xmpp::link::placement::Holder;
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -252,32 +252,23 @@ impl Claims {
             let next = due.values().min().copied();
             tokio::select! {
                 msg = stream.message() => {
-                    let resp = match msg {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return Err(StoreError::Unavailable("claims watch ended".into())),
-                        Err(e) => return Err(StoreError::Unavailable(format!("claims watch: {e}"))),
-                    };
-                    if resp.canceled() {
-                        return Err(StoreError::Unavailable("claims watch cancelled".into()));
-                    }
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let Some(k) = kv.key_str().ok().and_then(|k| k.strip_prefix(&self.inner.prefix)) else { continue };
-                        match ev.event_type() {
-                            EventType::Put => {
-                                due.remove(k);
-                                self.set(k, self.holder_from_value(kv.value()));
+                    for (k, value) in watch_changes(msg, &self.inner.prefix, "claims")? {
+                        match value {
+                            Some(v) => {
+                                due.remove(&k);
+                                self.set(&k, self.holder_from_value(&v));
                             }
-                            EventType::Delete => {
-                                if let Some(was) = self.holder_of(k) {
-                                    self.set(k, Holder::Unknown);
+                            None => {
+                                if let Some(was) = self.holder_of(&k) {
+                                    self.set(&k, Holder::Unknown);
                                     // The holder whose claim just ended is gone (or leaving):
                                     // ranking it would make the next node wait for nobody.
                                     let gone = match &was {
                                         Holder::Peer(p) => Some(p.as_ref()),
                                         _ => None,
                                     };
-                                    due.insert(k.to_string(), self.when_to_claim_without(k, gone));
+                                    let at = self.when_to_claim_without(&k, gone);
+                                    due.insert(k, at);
                                 }
                             }
                         }

@@ -21,8 +21,14 @@
 //!   presence and consent answers bound for SIP are copied to every node (each holds its own
 //!   watchers), over the peer link.
 //!
-//! What is not built yet (and says so in `legate cluster status`): a dead node's IM sessions,
-//! and SIP requests for a dialog another live node owns.
+//! - **IM sessions** stay with the node that set them up: their owners are in etcd under the
+//!   owner's lease ([`sessions`]), and the node holding a home node's link hands that pair's
+//!   messages to the owner. A dead node's sessions are not moved: their next message opens a
+//!   new session from a survivor.
+//!
+//! What is not built yet (and says so in `legate cluster status`): SIP requests for a dialog
+//! another live node owns are answered 481 by the node they reach (give each node its own
+//! `node.sip_host` so partners send them to the owner).
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -32,6 +38,8 @@ pub mod peer;
 pub mod replication;
 #[cfg(feature = "cluster")]
 mod session;
+#[cfg(feature = "cluster")]
+pub mod sessions;
 mod stores;
 #[cfg(feature = "cluster")]
 pub mod takeover;
@@ -294,7 +302,7 @@ impl Cluster {
                     o.insert(
                         "not_built_yet".into(),
                         serde_json::json!([
-                            "takeover of a dead node's IM sessions",
+                            "a dead node's IM sessions are not moved (their next message opens a new session from a survivor)",
                             "SIP requests for a dialog another live node owns (answered as unknown where they arrive)",
                         ]),
                     );

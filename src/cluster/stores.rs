@@ -169,13 +169,22 @@ impl NodeStores {
                     shutdown.clone(),
                 );
                 let (link, bound) =
-                    super::peer::PeerLink::start(hub.clone(), claims.clone(), shutdown)
+                    super::peer::PeerLink::start(hub.clone(), claims.clone(), shutdown.clone())
                         .await
                         .map_err(|e| ClusterError::PeerLink(e.to_string()))?;
                 // Every node's SIP edge holds its own watchers: home-node presence and consent
-                // answers arriving here are copied to the others.
-                let fanout = super::peer::Fanout::new(link.clone(), cluster.clone());
-                hub.set_sip_fanout(Arc::new(move |d| fanout.send(d)));
+                // answers arriving here are copied to the others, and messages for an IM
+                // session another node set up are handed to it.
+                let sessions = super::sessions::Sessions::start(
+                    e.client.clone(),
+                    &name,
+                    cluster.clone(),
+                    shutdown.clone(),
+                );
+                hub.set_sip_peers(Arc::new(super::peer::ClusterSip {
+                    fanout: super::peer::Fanout::new(link.clone(), cluster.clone()),
+                    sessions,
+                }));
                 let status = claims.clone();
                 Ok(Some(Placed {
                     placement: Arc::new(super::peer::ClusterPlacement { claims, link }),

@@ -211,17 +211,26 @@ pub struct Hub {
     /// The composition root's reload and drain handle (set by `crate::node`; the admin
     /// endpoint reaches reload and drain through it).
     node: std::sync::OnceLock<Arc<crate::node::Control>>,
-    /// In a cluster: hands a copy of home-node presence and consent answers bound for SIP to
-    /// the other nodes, whose SIP edges hold their own watchers (see [`SipFanout`]).
-    fanout: std::sync::OnceLock<SipFanout>,
+    /// In a cluster: the other nodes' SIP edges (see [`SipPeers`]).
+    sip_peers: std::sync::OnceLock<Arc<dyn SipPeers>>,
 }
 
-/// Called with each delivery from a home node to the SIP edge whose effect depends on SIP
-/// dialogs any cluster node may own: a local user's presence (for every watcher of that user)
-/// and consent answers (`subscribed`/`unsubscribed`, for the watcher's pending dialog). Each
-/// node's SIP core acts on the dialogs it has and ignores the rest, so a copy to every node
-/// is safe; requests that must be acted on once (subscribe, probe, messages) are not copied.
-pub type SipFanout = Arc<dyn Fn(&Delivery) + Send + Sync>;
+/// In a cluster, SIP dialogs live on the node that set them up; what a home node sends toward
+/// SIP arrives on the node holding its component link, which may not be that node.
+pub trait SipPeers: Send + Sync {
+    /// Copies a delivery whose effect depends on dialogs any node may own — a local user's
+    /// presence (for every watcher of that user) and consent answers (`subscribed` /
+    /// `unsubscribed`, for the watcher's pending dialog) — to every other node ([`fans_out`]).
+    /// Each node's SIP core acts on the dialogs it has and ignores the rest, so a copy to every
+    /// node is safe; what must be acted on once (subscribe, probe, messages) is not copied.
+    fn copy(&self, d: &Delivery);
+    /// Hands a message for a SIP user to the live node that owns the IM session of its pair
+    /// (local user, SIP user), so it goes out in that session rather than in a second one this
+    /// node would open; `false` when no other node owns one (this node delivers it).
+    fn hand_to_owner(&self, d: &Delivery) -> bool;
+    /// This node's SIP edge set up (`owned`) or ended the IM session of (local, remote).
+    fn session_changed(&self, local: &str, remote: &str, owned: bool);
+}
 
 /// What became of a [`Hub::deliver_wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,13 +242,27 @@ pub enum Waited {
     NoOutbox,
 }
 
-/// Whether `d` is state every node's SIP edge may act on (see [`SipFanout`]).
+/// Whether `d` is state every node's SIP edge may act on (see [`SipPeers::copy`]).
 pub fn fans_out(d: &Delivery) -> bool {
     matches!(d.link, Link::Sip { .. })
         && matches!(
             d.envelope.body,
             Body::Presence(_)
                 | Body::Subscription(Subscription::Subscribed | Subscription::Unsubscribed)
+        )
+}
+
+/// Whether `d` goes out in the IM session of its pair: a message for a SIP user, or an error
+/// about one (told to the sender in the session, see the SIP core's `late_error`).
+pub fn for_im_session(d: &Delivery) -> bool {
+    matches!(d.link, Link::Sip { .. })
+        && matches!(
+            d.envelope.body,
+            Body::Message(_)
+                | Body::Error {
+                    kind: super::envelope::ErrorOf::Message,
+                    ..
+                }
         )
 }
 
@@ -255,7 +278,7 @@ impl Hub {
             crowded: AtomicBool::new(false),
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
-            fanout: std::sync::OnceLock::new(),
+            sip_peers: std::sync::OnceLock::new(),
             alarms: Default::default(),
             draining: AtomicBool::new(false),
             node: std::sync::OnceLock::new(),
@@ -301,12 +324,17 @@ impl Hub {
         self.link_ups.subscribe()
     }
 
-    /// Installs the open-federation component opener (once; later calls are ignored).
-    /// Installs the cluster's copy of SIP-bound home-node state to the other nodes (once).
-    pub fn set_sip_fanout(&self, f: SipFanout) {
-        let _ = self.fanout.set(f);
+    /// Installs the cluster's view of the other nodes' SIP edges (once).
+    pub fn set_sip_peers(&self, p: Arc<dyn SipPeers>) {
+        let _ = self.sip_peers.set(p);
     }
 
+    /// In a cluster, the other nodes' SIP edges.
+    pub fn sip_peers(&self) -> Option<&Arc<dyn SipPeers>> {
+        self.sip_peers.get()
+    }
+
+    /// Installs the open-federation component opener (once; later calls are ignored).
     pub fn set_component_opener(&self, opener: ComponentOpener) {
         let _ = self.opener.set(opener);
     }
@@ -512,7 +540,8 @@ impl Hub {
         }
     }
 
-    /// The decide stage: a delivery, or the refusal already counted and answered.
+    /// The decide stage: a delivery, or what became of it already (a refusal counted and
+    /// answered, or a message handed to the cluster node owning its IM session).
     fn route(
         &self,
         origin: &Origin,
@@ -533,9 +562,11 @@ impl Hub {
         match routed {
             Ok(route) => {
                 let d = Delivery::new(route.link, route.envelope);
-                if let (Some(f), Origin::Component { .. }) = (self.fanout.get(), origin) {
+                if let (Some(p), Origin::Component { .. }) = (self.sip_peers.get(), origin) {
                     if fans_out(&d) {
-                        f(&d);
+                        p.copy(&d);
+                    } else if for_im_session(&d) && p.hand_to_owner(&d) {
+                        return Err(self.delivered(origin, &d.link, kind));
                     }
                 }
                 Ok(d)

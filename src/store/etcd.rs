@@ -397,6 +397,38 @@ impl Etcd {
     }
 }
 
+/// A key (without its watch prefix) and its new value, or None for a deletion.
+pub(crate) type Change = (String, Option<Vec<u8>>);
+
+/// What one message of a prefix watch changed, in order. `Err` when the watch ended, failed or was cancelled (a compacted
+/// start revision): the caller lists the prefix again. `what` names the watch in the error.
+pub(crate) fn watch_changes(
+    msg: Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+    prefix: &str,
+    what: &str,
+) -> Result<Vec<Change>, StoreError> {
+    let resp = match msg {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err(StoreError::Unavailable(format!("{what} watch ended"))),
+        Err(e) => return Err(StoreError::Unavailable(format!("{what} watch: {e}"))),
+    };
+    if resp.canceled() {
+        return Err(StoreError::Unavailable(format!("{what} watch cancelled")));
+    }
+    Ok(resp
+        .events()
+        .iter()
+        .filter_map(|ev| {
+            let kv = ev.kv()?;
+            let k = kv.key_str().ok()?.strip_prefix(prefix)?.to_string();
+            Some(match ev.event_type() {
+                etcd_client::EventType::Put => (k, Some(kv.value().to_vec())),
+                etcd_client::EventType::Delete => (k, None),
+            })
+        })
+        .collect())
+}
+
 /// Opens a prefix watch on `full` from revision `start` (0: from now), through [`retrying`].
 pub(crate) async fn open_watch(
     client: &Client,

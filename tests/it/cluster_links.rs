@@ -7,7 +7,9 @@
 //!   and a MESSAGE accepted by the survivor while the holder was dying is delivered, not lost;
 //! - a Lync watcher subscribed through the node that is not the leader keeps receiving
 //!   presence after that node is killed: the leader takes its dialog over (NOTIFY in the old
-//!   dialog over a connection it opens to the partner) and answers its refresh.
+//!   dialog over a connection it opens to the partner) and answers its refresh;
+//! - a local user's answers to an IM session set up through the node without the link go out
+//!   in that session: the holder hands them to the session's owner.
 
 use crate::common;
 use crate::sip_ua;
@@ -754,5 +756,121 @@ async fn with_enforce_the_peer_link_verifies_both_sides_by_name() -> Result<()> 
         .output()?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("peer link tls: enforce"));
     drop(etcd);
+    Ok(())
+}
+
+/// IM session ownership (issue 12 item 3): a Lync user opens an IM session through the node
+/// that does not hold the component link; the local user's answers come in on the holder,
+/// which hands them to the session's owner, so they go out as MESSAGEs inside the partner's
+/// own dialog — not as a second session the holder would open (the partner's route here leads
+/// nowhere, so a second session could not even be set up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_an_im_session_go_out_in_it_from_the_node_that_owns_it() -> Result<()> {
+    const CLUSTER4: &str = "sessions.test";
+    let Parts {
+        etcd,
+        certs,
+        ours,
+        partner,
+        prosody,
+    } = parts(46)?;
+    let dir = tempfile::tempdir()?;
+    let nodes = start_nodes(
+        CLUSTER4,
+        dir.path(),
+        &certs,
+        &ours,
+        &etcd,
+        &prosody,
+        "127.0.0.1:9".parse()?,
+        None,
+    )
+    .await?;
+    let held_by = agreed_holder(&nodes, &prosody, None).await;
+    let (h, n) = if held_by == "gw1" { (0, 1) } else { (1, 0) };
+    nodes[h]
+        .wait_output("the holder's component link", WAIT, |t| {
+            t.contains("component partner.test connected")
+        })
+        .await?;
+    let (mut alice, mut bob) =
+        alice_and_bob((&prosody, &certs, &partner), &nodes[n], "here").await?;
+
+    let tag = common::rig::invite_im(
+        &mut bob,
+        "cluster-session-1",
+        "cs1",
+        "Hello Alice, from Lync",
+    )
+    .await
+    .with_context(|| why(&nodes, &prosody))?;
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes, &prosody))?;
+    assert_eq!(m.body.as_deref(), Some("Hello Alice, from Lync"));
+
+    // The session's owner is in etcd (the holder follows it by watch, milliseconds later).
+    let key = format!("/legate/{CLUSTER4}/im/alice@example.test/bob@partner.test");
+    let deadline = Instant::now() + WAIT;
+    while etcd.count_prefix(&key)? != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no owner entry {key}:\n{}",
+            why(&nodes, &prosody)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    alice.send_message("bob@partner.test", "Hi Bob").await?;
+    let reply = bob
+        .request("MESSAGE")
+        .await
+        .with_context(|| format!("no MESSAGE in the session:\n{}", why(&nodes, &prosody)))?;
+    assert_eq!(reply.call_id().ok(), Some("cluster-session-1"));
+    assert_eq!(sip_ua::from_tag(&reply), tag, "in the partner's dialog");
+    assert_eq!(sip_ua::body_str(&reply), "Hi Bob");
+    bob.respond(&reply, 200, "OK", &[], None).await?;
+    let hands = common::legate::metric_value(
+        &nodes[h].metrics().await?,
+        "legate_cluster_im_session_hands_total{outcome=\"handed\"}",
+    );
+    assert!(hands.is_some_and(|v| v >= 1.0), "holder handed {hands:?}");
+    // Nothing was sent from the holder toward the partner: no second session.
+    let invites = common::legate::metric_value(
+        &nodes[h].metrics().await?,
+        "legate_sip_requests_total{direction=\"out\",method=\"INVITE\"}",
+    );
+    assert!(
+        invites.is_none_or(|v| v == 0.0),
+        "holder sent INVITEs: {invites:?}"
+    );
+
+    // The partner ends the session: its owner entry goes with it.
+    let b = bob.branch();
+    bob.send(
+        &[
+            "BYE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=cs1",
+            &format!("To: <sip:alice@example.test>;tag={tag}"),
+            "Call-ID: cluster-session-1",
+            "CSeq: 2 BYE",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(bob.response().await?.status(), Some(200));
+    let deadline = Instant::now() + WAIT;
+    while etcd.count_prefix(&key)? != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "owner entry {key} outlived the session:\n{}",
+            why(&nodes, &prosody)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }

@@ -22,7 +22,7 @@ use anyhow::{anyhow, Context, Result};
 use common::certs::CertFactory;
 use common::rig::{self, lync_edge, msrtc, notify_until, Gateway, WAIT};
 use common::xmpp_client::{ClientConfig, XmppClient};
-use sip_ua::{body_str, hv, to_tag};
+use sip_ua::{body_str, hv};
 use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,49 +100,9 @@ async fn scenario() -> Result<()> {
     assert!(body.contains("Writing the report"), "{body}");
 
     // --- The Lync user opens an IM session; the first message rides in ms-text-format. ------
-    use base64::Engine;
-    let first = base64::engine::general_purpose::STANDARD.encode("Hello Alice, from Lync");
-    let b = bob.branch();
-    bob.send(
-        &[
-            "INVITE sip:alice@example.test SIP/2.0",
-            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
-            "Max-Forwards: 70",
-            "From: <sip:bob@partner.test>;tag=im1",
-            "To: <sip:alice@example.test>",
-            "Call-ID: iw-im-1",
-            "CSeq: 1 INVITE",
-            "Contact: <sip:bob@partner.test;opaque=user:epid:IW1;gruu>",
-            &format!("ms-text-format: text/plain; charset=UTF-8;ms-body={first}"),
-            "Content-Type: application/sdp",
-            "Content-Length: {CL}",
-        ],
-        b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=session\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=message 5061 sip null\r\na=accept-types:text/plain\r\n",
-    )
-    .await?;
-    let ok = loop {
-        let r = bob.response().await?;
-        if r.status() != Some(100) {
-            break r;
-        }
-    };
-    assert_eq!(ok.status(), Some(200), "{}", gw.log());
-    let im_tag = to_tag(&ok);
-    let b = bob.branch();
-    bob.send(
-        &[
-            "ACK sip:alice@example.test SIP/2.0",
-            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
-            "Max-Forwards: 70",
-            "From: <sip:bob@partner.test>;tag=im1",
-            &format!("To: <sip:alice@example.test>;tag={im_tag}"),
-            "Call-ID: iw-im-1",
-            "CSeq: 1 ACK",
-            "Content-Length: 0",
-        ],
-        b"",
-    )
-    .await?;
+    let im_tag = rig::invite_im(&mut bob, "iw-im-1", "im1", "Hello Alice, from Lync")
+        .await
+        .with_context(|| gw.log())?;
     let m = alice
         .expect_message_from("bob@partner.test", WAIT)
         .await

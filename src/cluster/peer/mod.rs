@@ -27,7 +27,7 @@ pub mod proto {
 
 use crate::config::{Config, Host, HostPort};
 use crate::gateway::envelope::Envelope;
-use crate::gateway::hub::{Handled, Waited};
+use crate::gateway::hub::{Handled, SipPeers, Waited};
 use crate::gateway::Hub;
 use crate::net::LogSafe;
 use crate::xmpp::link::placement::{HandFuture, Handed, Holder, Placement};
@@ -76,14 +76,28 @@ static HANDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static FANNED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     crate::metrics::counter_vec(
         "legate_cluster_sip_copies_total",
-        "Copies of home-node presence and consent answers bound for SIP exchanged with the \
-         other nodes, by direction and outcome (delivered, dropped, invalid)",
+        "Home-node deliveries bound for SIP exchanged with the other nodes (copies of \
+         presence and consent answers, and messages for an IM session the receiver owns), by \
+         direction and outcome (delivered, dropped, invalid)",
         &["direction", "outcome"],
+    )
+});
+
+static SESSION_HANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_cluster_im_session_hands_total",
+        "Messages from a home node for an IM session another node owns, by outcome: handed \
+         (to the owner, over the peer link), queue_full (sent from here instead), fell_back \
+         (the owner could not take them: sent from here, in a new session)",
+        &["outcome"],
     )
 });
 
 /// Creates the peer link's metric families at start.
 pub fn register_metrics() {
+    for o in ["handed", "queue_full", "fell_back"] {
+        SESSION_HANDS.with_label_values(&[o]);
+    }
     for d in ["in", "out"] {
         for o in ["delivered", "dropped"] {
             FANNED.with_label_values(&[d, o]);
@@ -462,15 +476,48 @@ impl Peer for Service {
     }
 }
 
-/// Copies home-node state bound for SIP to every other live node (see
-/// [`crate::gateway::hub::SipFanout`]): one queue and one sender task per peer, batches in
-/// order. A copy a peer cannot take after [`FANOUT_TRIES`] tries is dropped and counted: it is
-/// state, and the user's next change brings that node's watchers up to date.
+/// Hands home-node deliveries bound for SIP to other nodes' SIP edges (the `Fanout` call):
+/// copies of state to every other live node ([`SipPeers::copy`]), and messages to the node
+/// owning their IM session ([`SipPeers::hand_to_owner`]). One queue and one sender task per
+/// peer, batches in order. A copy a peer cannot take after [`FANOUT_TRIES`] tries is dropped
+/// and counted: it is state, and the user's next change brings that node's watchers up to
+/// date. A message is never dropped: this node delivers it itself (in a new session).
 #[derive(Clone)]
 pub struct Fanout {
     link: PeerLink,
     cluster: super::Cluster,
-    queues: Arc<DashMap<String, mpsc::Sender<proto::SipDelivery>>>,
+    queues: Arc<DashMap<String, mpsc::Sender<Queued>>>,
+}
+
+/// One delivery waiting for a peer.
+struct Queued {
+    wire: proto::SipDelivery,
+    /// Delivered here when the peer cannot take it (messages).
+    fallback: Option<crate::gateway::hub::Delivery>,
+}
+
+/// This node's [`SipPeers`]: the peer link's hand-overs and the IM session owners.
+pub struct ClusterSip {
+    pub fanout: Fanout,
+    pub sessions: super::sessions::Sessions,
+}
+
+impl SipPeers for ClusterSip {
+    fn copy(&self, d: &crate::gateway::hub::Delivery) {
+        self.fanout.send(d);
+    }
+
+    fn hand_to_owner(&self, d: &crate::gateway::hub::Delivery) -> bool {
+        let (local, remote) = (d.envelope.from.bare_string(), d.envelope.to.bare_string());
+        match self.sessions.owner_elsewhere(&local, &remote) {
+            Some(owner) => self.fanout.hand(&owner, d),
+            None => false,
+        }
+    }
+
+    fn session_changed(&self, local: &str, remote: &str, owned: bool) {
+        self.sessions.changed(local, remote, owned);
+    }
 }
 
 /// Copies waiting per peer before new ones are dropped.
@@ -489,45 +536,77 @@ impl Fanout {
 
     /// Queues a copy of `d` for every other live node.
     pub fn send(&self, d: &crate::gateway::hub::Delivery) {
-        let crate::gateway::Link::Sip { domain } = &d.link else {
-            return;
-        };
+        let Some(wire) = Self::wire(d) else { return };
         let me = &self.link.inner.me;
-        let wire = proto::SipDelivery {
-            domain: domain.to_string(),
-            envelope: Some(wire::to_wire(&d.envelope)),
-        };
         for peer in self.cluster.live_members() {
             if &peer == me {
                 continue;
             }
-            let tx = self
-                .queues
-                .entry(peer.clone())
-                .or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(FANOUT_QUEUE);
-                    tokio::spawn(fanout_task(self.link.clone(), peer.clone(), rx));
-                    tx
-                })
-                .clone();
-            if tx.try_send(wire.clone()).is_err() {
+            let q = Queued {
+                wire: wire.clone(),
+                fallback: None,
+            };
+            if self.queue(&peer).try_send(q).is_err() {
                 FANNED.with_label_values(&["out", "dropped"]).inc();
                 tracing::warn!(peer = %peer, "peer link: copy of SIP-bound presence dropped (queue full)");
             }
         }
     }
+
+    /// Queues `d` for `peer` alone; false (the caller delivers it) when its queue is full.
+    pub fn hand(&self, peer: &str, d: &crate::gateway::hub::Delivery) -> bool {
+        let Some(wire) = Self::wire(d) else {
+            return false;
+        };
+        let q = Queued {
+            wire,
+            fallback: Some(d.clone()),
+        };
+        let handed = self.queue(peer).try_send(q).is_ok();
+        SESSION_HANDS
+            .with_label_values(&[if handed { "handed" } else { "queue_full" }])
+            .inc();
+        handed
+    }
+
+    fn wire(d: &crate::gateway::hub::Delivery) -> Option<proto::SipDelivery> {
+        let crate::gateway::Link::Sip { domain } = &d.link else {
+            return None;
+        };
+        Some(proto::SipDelivery {
+            domain: domain.to_string(),
+            envelope: Some(wire::to_wire(&d.envelope)),
+        })
+    }
+
+    fn queue(&self, peer: &str) -> mpsc::Sender<Queued> {
+        self.queues
+            .entry(peer.to_string())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(FANOUT_QUEUE);
+                tokio::spawn(fanout_task(self.link.clone(), peer.to_string(), rx));
+                tx
+            })
+            .clone()
+    }
 }
 
-async fn fanout_task(link: PeerLink, peer: String, mut rx: mpsc::Receiver<proto::SipDelivery>) {
+async fn fanout_task(link: PeerLink, peer: String, mut rx: mpsc::Receiver<Queued>) {
     while let Some(first) = rx.recv().await {
-        let mut deliveries = vec![first];
-        while deliveries.len() < 64 {
+        let mut queued = vec![first];
+        while queued.len() < 64 {
             match rx.try_recv() {
-                Ok(d) => deliveries.push(d),
+                Ok(d) => queued.push(d),
                 Err(_) => break,
             }
         }
-        let n = deliveries.len() as u64;
+        let n = queued.len() as u64;
+        let mut fallbacks = Vec::new();
+        let mut deliveries = Vec::with_capacity(queued.len());
+        for q in queued {
+            deliveries.push(q.wire);
+            fallbacks.extend(q.fallback);
+        }
         let batch = proto::SipBatch {
             from_node: link.inner.me.clone(),
             deliveries,
@@ -555,6 +634,16 @@ async fn fanout_task(link: PeerLink, peer: String, mut rx: mpsc::Receiver<proto:
         FANNED
             .with_label_values(&["out", if sent { "delivered" } else { "dropped" }])
             .inc_by(n);
+        if !sent {
+            // The session's owner is gone or unreachable: the messages go out from here, in a
+            // new session, rather than nowhere.
+            for d in fallbacks {
+                SESSION_HANDS.with_label_values(&["fell_back"]).inc();
+                if !link.inner.hub.deliver(d) {
+                    tracing::warn!(peer = %peer, "message for an IM session another node owned: not delivered here either (SIP outbox full)");
+                }
+            }
+        }
     }
 }
 

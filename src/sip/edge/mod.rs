@@ -747,6 +747,7 @@ impl Driver {
         mut outbox: mpsc::Receiver<Delivery>,
         mut adoptions: mpsc::Receiver<Adoption>,
     ) {
+        self.core.publish_sessions(self.hub.sip_peers().is_some());
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
@@ -1032,6 +1033,15 @@ impl Driver {
                         }
                     }
                     self.connect(d, bytes);
+                }
+                Action::SessionOwner {
+                    local,
+                    remote,
+                    owned,
+                } => {
+                    if let Some(p) = self.hub.sip_peers() {
+                        p.session_changed(&local, &remote, owned);
+                    }
                 }
             }
         }

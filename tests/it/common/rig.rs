@@ -269,3 +269,55 @@ pub async fn accept_lync(route: &tokio::net::TcpListener, leaf: &Leaf) -> Result
     .context("TLS handshake timeout")??;
     Ok(Ua::from_stream(s))
 }
+
+/// bob@partner.test opens a Lync-style IM session to alice@example.test on `ua`: an INVITE
+/// offering `m=message ... sip null` with `first` in `ms-text-format` (base64 `ms-body`), then
+/// the ACK of its 200. Returns the dialog's To tag; a final answer other than 200 is an error.
+pub async fn invite_im(ua: &mut Ua, call_id: &str, from_tag: &str, first: &str) -> Result<String> {
+    use base64::Engine;
+    let first = base64::engine::general_purpose::STANDARD.encode(first);
+    let b = ua.branch();
+    ua.send(
+        &[
+            "INVITE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@partner.test>;tag={from_tag}"),
+            "To: <sip:alice@example.test>",
+            &format!("Call-ID: {call_id}"),
+            "CSeq: 1 INVITE",
+            &format!("Contact: <sip:bob@partner.test;opaque=user:epid:{from_tag};gruu>"),
+            &format!("ms-text-format: text/plain; charset=UTF-8;ms-body={first}"),
+            "Content-Type: application/sdp",
+            "Content-Length: {CL}",
+        ],
+        b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=session\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=message 5061 sip null\r\na=accept-types:text/plain\r\n",
+    )
+    .await?;
+    let ok = loop {
+        let r = ua.response().await?;
+        if r.status() != Some(100) {
+            break r;
+        }
+    };
+    if ok.status() != Some(200) {
+        bail!("INVITE answered {:?}", ok.status());
+    }
+    let tag = sip_ua::to_tag(&ok);
+    let b = ua.branch();
+    ua.send(
+        &[
+            "ACK sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+            "Max-Forwards: 70",
+            &format!("From: <sip:bob@partner.test>;tag={from_tag}"),
+            &format!("To: <sip:alice@example.test>;tag={tag}"),
+            &format!("Call-ID: {call_id}"),
+            "CSeq: 1 ACK",
+            "Content-Length: 0",
+        ],
+        b"",
+    )
+    .await?;
+    Ok(tag)
+}

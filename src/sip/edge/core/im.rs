@@ -163,10 +163,26 @@ impl Core {
         };
         self.insert_session(s);
         self.session_dialogs.insert(did, sid);
+        self.session_owned(&pair, true);
         self.session_pairs.insert(pair, sid);
         self.schedule(TimerKey::Session(sid), now + self.im_idle);
         for b in carried {
             self.send_session_message(hub, sid, b, now);
+        }
+    }
+
+    /// Turns on [`Action::SessionOwner`] (in a cluster).
+    pub fn publish_sessions(&mut self, on: bool) {
+        self.publish_sessions = on;
+    }
+
+    fn session_owned(&mut self, pair: &(String, String), owned: bool) {
+        if self.publish_sessions {
+            self.actions.push_back(Action::SessionOwner {
+                local: pair.0.clone(),
+                remote: pair.1.clone(),
+                owned,
+            });
         }
     }
 
@@ -339,6 +355,7 @@ impl Core {
             .remove(&(s.call_id.clone(), s.local_tag.clone()));
         let pair = (s.local.bare_string(), s.remote.bare_string());
         if self.session_pairs.get(&pair) == Some(&sid) {
+            self.session_owned(&pair, false);
             self.session_pairs.remove(&pair);
         }
         if let Some(c) = self.session_domains.get_mut(&s.domain) {
@@ -418,8 +435,9 @@ impl Core {
             &headers,
             Some(("application/sdp", &sdp)),
         );
-        self.session_pairs
-            .insert((s.local.bare_string(), s.remote.bare_string()), sid);
+        let pair = (s.local.bare_string(), s.remote.bare_string());
+        self.session_owned(&pair, true);
+        self.session_pairs.insert(pair, sid);
         self.session_calls
             .insert((s.call_id.clone(), s.local_tag.clone()), sid);
         self.insert_session(s);

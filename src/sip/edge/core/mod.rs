@@ -144,6 +144,14 @@ pub enum Action {
     /// Requests from `conn` were accepted as coming from `domain`: later requests toward the
     /// domain may reuse it (Lync edges expect their own connection to be used).
     Bind { conn: ConnId, domain: Domain },
+    /// This edge set up (`owned`) or ended the IM session of (local user, SIP user), both bare
+    /// JIDs. Only when [`Core::publish_sessions`] is on (a cluster: the node holding the home
+    /// node's link hands that pair's messages to this node).
+    SessionOwner {
+        local: String,
+        remote: String,
+        owned: bool,
+    },
 }
 
 /// What an outgoing client transaction was for.
@@ -299,6 +307,8 @@ pub struct Core {
     sessions: HashMap<u64, ImSession>,
     session_dialogs: HashMap<DialogId, u64>,
     session_pairs: HashMap<(String, String), u64>,
+    /// Emit [`Action::SessionOwner`] (a cluster node).
+    publish_sessions: bool,
     /// Node-wide ceilings.
     caps: NodeCaps,
     /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
@@ -401,6 +411,7 @@ impl Core {
             sessions: HashMap::new(),
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
+            publish_sessions: false,
             session_domains: HashMap::new(),
             caps: NodeCaps::default(),
             server_domains: HashMap::new(),
