@@ -26,9 +26,14 @@
 //!   messages to the owner. A dead node's sessions are not moved: their next message opens a
 //!   new session from a survivor.
 //!
-//! What is not built yet (and says so in `legate cluster status`): SIP requests for a dialog
-//! another live node owns are answered 481 by the node they reach (give each node its own
-//! `node.sip_host` so partners send them to the owner).
+//! - **In-dialog SIP requests** reaching a node that does not own their dialog are handed to
+//!   the owner: each node marks the local tags of the dialogs it creates
+//!   ([`crate::sip::dialog::node_mark`]), so the partner's To tag names the owner (or, that
+//!   node being dead, the leader that took its dialogs over); the owner's answers are written
+//!   back on the partner's connection.
+//!
+//! What is not built yet (and says so in `legate cluster status`): a dead node's IM sessions
+//! are not moved, and `[cluster]` changes need a restart.
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -303,7 +308,7 @@ impl Cluster {
                         "not_built_yet".into(),
                         serde_json::json!([
                             "a dead node's IM sessions are not moved (their next message opens a new session from a survivor)",
-                            "SIP requests for a dialog another live node owns (answered as unknown where they arrive)",
+                            "changes to [cluster] need a restart of the node",
                         ]),
                     );
                 }

@@ -27,6 +27,9 @@ pub struct Placed {
     pub bound: std::net::SocketAddr,
     /// `/status`'s `cluster.links`: each followed link and its holder.
     pub status: crate::gateway::hub::StatusProvider,
+    /// Gives the peer link this node's SIP edge once it runs (requests other nodes relay for
+    /// its dialogs).
+    pub serve_sip: Box<dyn FnOnce(crate::sip::edge::RelayInbox) + Send>,
 }
 
 /// The etcd side of [`NodeStores`].
@@ -186,7 +189,9 @@ impl NodeStores {
                     sessions,
                 }));
                 let status = claims.clone();
+                let serving = link.clone();
                 Ok(Some(Placed {
+                    serve_sip: Box::new(move |inbox| serving.serve_sip(inbox)),
                     placement: Arc::new(super::peer::ClusterPlacement { claims, link }),
                     bound,
                     status: Arc::new(move || {

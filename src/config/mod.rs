@@ -387,9 +387,10 @@ impl Config {
             Store::Etcd { .. } => notes.push(
                 "[cluster] is partly in effect: etcd membership, leader election, shared state, \
                  configuration replication from the primary, component links held by one node \
-                 each, the peer link and the leader's takeover of a dead node's SIP \
-                 subscriptions work; not yet: IM sessions of a dead node, and SIP requests for \
-                 a dialog another live node owns"
+                 each, the peer link, IM session owners, SIP requests handed to the node owning \
+                 their dialog and the leader's takeover of a dead node's SIP subscriptions work; \
+                 not yet: a dead node's IM sessions are not moved (their next message opens a \
+                 new session), and [cluster] changes need a restart"
                     .into(),
             ),
             Store::Memory if !self.cluster.peers.is_empty() => notes.push(

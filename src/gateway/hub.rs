@@ -230,7 +230,31 @@ pub trait SipPeers: Send + Sync {
     fn hand_to_owner(&self, d: &Delivery) -> bool;
     /// This node's SIP edge set up (`owned`) or ended the IM session of (local, remote).
     fn session_changed(&self, local: &str, remote: &str, owned: bool);
+    /// This node's mark, put on the local tags of the dialogs it creates.
+    fn tag_mark(&self) -> String;
+    /// The node an in-dialog request whose local tag is `tag` belongs to, when it is not this
+    /// one: the live node that created the dialog, or — that node being dead — the leader,
+    /// which takes a dead node's dialogs over. None: this node answers it.
+    fn dialog_owner(&self, tag: &str) -> Option<String>;
+    /// Hands a partner's in-dialog request to `owner`'s SIP edge; what it answered (provisional
+    /// and final responses, in order; none for an ACK), or why it could not be handed.
+    fn relay(&self, owner: String, req: SipRelay) -> RelayFuture;
 }
+
+/// A partner's SIP request handed to the node owning its dialog, with what the receiving
+/// node knew of the connection it came on (the owner screens it as if it had arrived there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipRelay {
+    pub message: Vec<u8>,
+    pub remote: std::net::SocketAddr,
+    pub tls: bool,
+    /// The federated domains the connection's verified certificate speaks for.
+    pub verified: Vec<Domain>,
+}
+
+/// What [`SipPeers::relay`] returns.
+pub type RelayFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Vec<u8>>, String>> + Send>>;
 
 /// What became of a [`Hub::deliver_wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -231,6 +231,7 @@ impl Node {
             )
             .await?;
         let mut placement = None;
+        let mut serve_sip = None;
         if let Some(cluster) = cluster.clone() {
             // The subordinates take the primary's cluster-wide configuration before binding.
             let replication = stores.replicate(&hub, &control, shutdown.clone()).await;
@@ -239,6 +240,7 @@ impl Node {
             if let Some(p) = placed {
                 announce("cluster", p.bound);
                 placement = Some(p.placement);
+                serve_sip = Some(p.serve_sip);
             }
             hub.add_status(
                 "cluster",
@@ -340,6 +342,10 @@ impl Node {
             client_tls,
         )
         .await?;
+        if let Some(serve) = serve_sip {
+            // Other nodes hand this one the partners' requests for its dialogs.
+            serve(sip.relay_inbox());
+        }
         if let Some(cluster) = &cluster {
             // As leader, this node takes over the SIP subscriptions of peers that died.
             stores.take_over_dialogs(cluster, sip.adopter(), shutdown.clone());

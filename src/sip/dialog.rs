@@ -403,6 +403,26 @@ pub fn response_with(
     Ok(r)
 }
 
+/// The mark a cluster node puts at the end of the local tags of the dialogs it creates
+/// (`<random>-<mark>`), so that any node can tell which node an in-dialog request belongs to
+/// from its own tag (the To tag of the partner's requests, RFC 3261 §12.2.1.1) without a
+/// lookup. Eight hex digits of FNV-1a over the node id: stable across processes and builds,
+/// and it does not spell out the node's name to partners.
+pub fn node_mark(node_id: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in node_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// The node mark of one of our local tags, if it carries one.
+pub fn mark_of_tag(tag: &str) -> Option<&str> {
+    let (_, mark) = tag.rsplit_once('-')?;
+    (mark.len() == 8 && mark.bytes().all(|b| b.is_ascii_hexdigit())).then_some(mark)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,5 +549,29 @@ CSeq: 1 SUBSCRIBE\r\nContact: <sip:bob@10.0.0.1>\r\nContent-Length: 0\r\n\r\n",
         );
         assert_eq!(d.remote_target, "sip:bob@10.0.0.1");
         assert_eq!(d.remote_cseq, None);
+    }
+
+    #[test]
+    fn a_node_mark_is_stable_distinct_and_read_back_from_a_tag() {
+        // FNV-1a 32 of "gw1": fixed across builds, so every node computes the same marks.
+        assert_eq!(node_mark("gw1"), node_mark("gw1"));
+        assert_eq!(node_mark(""), "811c9dc5");
+        let marks: std::collections::HashSet<String> = ["gw1", "gw2", "gw3", "gw4", "gw5", "gw6"]
+            .iter()
+            .map(|n| node_mark(n))
+            .collect();
+        assert_eq!(marks.len(), 6);
+        let tag = format!("abc123def456-{}", node_mark("gw2"));
+        assert_eq!(mark_of_tag(&tag), Some(node_mark("gw2").as_str()));
+        // Tags of other implementations, or ours from before a cluster: no mark.
+        for other in [
+            "abc123def456",
+            "1234-5678",
+            "a-b-zzzzzzzz",
+            "x-123456789",
+            "-",
+        ] {
+            assert_eq!(mark_of_tag(other), None, "{other}");
+        }
     }
 }

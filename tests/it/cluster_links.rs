@@ -846,7 +846,46 @@ async fn answers_to_an_im_session_go_out_in_it_from_the_node_that_owns_it() -> R
         "holder sent INVITEs: {invites:?}"
     );
 
-    // The partner ends the session: its owner entry goes with it.
+    // The partner's edge sends the next in-dialog requests to the other node (as a partner
+    // does when both nodes share one host name): that node hands them to the dialog's owner,
+    // told by the mark on its own To tag, and writes the owner's answers back.
+    let mut bob_elsewhere =
+        common::rig::lync_edge(&certs, &partner, nodes[h].addr("sip_tls")).await?;
+    let b = bob_elsewhere.branch();
+    bob_elsewhere
+        .send(
+            &[
+                "MESSAGE sip:alice@example.test SIP/2.0",
+                &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b}"),
+                "Max-Forwards: 70",
+                "From: <sip:bob@partner.test>;tag=cs1",
+                &format!("To: <sip:alice@example.test>;tag={tag}"),
+                "Call-ID: cluster-session-1",
+                "CSeq: 2 MESSAGE",
+                "Content-Type: text/plain; charset=UTF-8",
+                "Content-Length: {CL}",
+            ],
+            b"through the other node",
+        )
+        .await?;
+    let answer = bob_elsewhere.response().await?;
+    assert_eq!(answer.status(), Some(200), "{}", why(&nodes, &prosody));
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes, &prosody))?;
+    assert_eq!(m.body.as_deref(), Some("through the other node"));
+    let relayed = |text: &str, d: &str| {
+        common::legate::metric_value(
+            text,
+            &format!("legate_sip_relayed_requests_total{{direction=\"{d}\"}}"),
+        )
+    };
+    assert_eq!(relayed(&nodes[h].metrics().await?, "out"), Some(1.0));
+    assert_eq!(relayed(&nodes[n].metrics().await?, "in"), Some(1.0));
+
+    // The partner ends the session (through the other node too): its owner entry goes with it.
+    let bob = &mut bob_elsewhere;
     let b = bob.branch();
     bob.send(
         &[
@@ -856,7 +895,7 @@ async fn answers_to_an_im_session_go_out_in_it_from_the_node_that_owns_it() -> R
             "From: <sip:bob@partner.test>;tag=cs1",
             &format!("To: <sip:alice@example.test>;tag={tag}"),
             "Call-ID: cluster-session-1",
-            "CSeq: 2 BYE",
+            "CSeq: 3 BYE",
             "Content-Length: 0",
         ],
         b"",

@@ -27,7 +27,7 @@ pub mod proto {
 
 use crate::config::{Config, Host, HostPort};
 use crate::gateway::envelope::Envelope;
-use crate::gateway::hub::{Handled, SipPeers, Waited};
+use crate::gateway::hub::{Handled, RelayFuture, SipPeers, SipRelay, Waited};
 use crate::gateway::Hub;
 use crate::net::LogSafe;
 use crate::xmpp::link::placement::{HandFuture, Handed, Holder, Placement};
@@ -163,6 +163,8 @@ struct LinkInner {
     me: String,
     tls: PeerTls,
     clients: DashMap<String, PeerClient<Channel>>,
+    /// This node's SIP edge, once started: where requests other nodes relay go.
+    sip: std::sync::OnceLock<crate::sip::edge::RelayInbox>,
 }
 
 impl PeerLink {
@@ -207,6 +209,7 @@ impl PeerLink {
                 me,
                 tls: tls.clone(),
                 clients: DashMap::new(),
+                sip: std::sync::OnceLock::new(),
             }),
         };
         let (tx, rx) = mpsc::channel::<Result<PeerStream, std::io::Error>>(ACCEPT_QUEUE);
@@ -217,7 +220,11 @@ impl PeerLink {
             tx,
             shutdown.clone(),
         ));
-        let service = Service { hub, claims };
+        let service = Service {
+            hub,
+            claims,
+            link: link.clone(),
+        };
         let mut stop = shutdown;
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
@@ -243,6 +250,29 @@ impl PeerLink {
 
     /// What a failed call to `peer` says; a broken connection is dropped so that the next
     /// call dials again.
+    /// Serves requests other nodes relay for this node's dialogs through `inbox` (this node's
+    /// SIP edge, which starts after the peer link).
+    pub fn serve_sip(&self, inbox: crate::sip::edge::RelayInbox) {
+        let _ = self.inner.sip.set(inbox);
+    }
+
+    /// Hands a partner's in-dialog request to `peer`'s SIP edge; its answers.
+    pub async fn relay(&self, peer: &str, req: SipRelay) -> Result<Vec<Vec<u8>>, String> {
+        let request = proto::SipRequest {
+            from_node: self.inner.me.clone(),
+            message: req.message,
+            remote: req.remote.to_string(),
+            tls: req.tls,
+            verified: req.verified.iter().map(|d| d.to_string()).collect(),
+        };
+        let mut client = self.client(peer).await?;
+        let answer = client
+            .relay(request)
+            .await
+            .map_err(|s| self.call_failed(peer, &s))?;
+        Ok(answer.into_inner().responses)
+    }
+
     fn call_failed(&self, peer: &str, s: &tonic::Status) -> String {
         if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
             self.inner.clients.remove(peer);
@@ -354,10 +384,12 @@ fn label(h: Handed) -> &'static str {
     }
 }
 
-/// The gRPC service: envelopes from other nodes into the outboxes of links this node holds.
+/// The gRPC service: envelopes from other nodes into the outboxes of links this node holds,
+/// and SIP requests for this node's dialogs into its SIP edge.
 struct Service {
     hub: Arc<Hub>,
     claims: super::claims::Claims,
+    link: PeerLink,
 }
 
 #[tonic::async_trait]
@@ -474,6 +506,41 @@ impl Peer for Service {
         }
         Ok(tonic::Response::new(proto::FanoutAck { accepted }))
     }
+
+    async fn relay(
+        &self,
+        request: tonic::Request<proto::SipRequest>,
+    ) -> Result<tonic::Response<proto::SipAnswers>, tonic::Status> {
+        let r = request.into_inner();
+        let remote: SocketAddr = r
+            .remote
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("remote is not ip:port"))?;
+        let verified = r
+            .verified
+            .iter()
+            .filter_map(|d| crate::config::Domain::parse(d).ok())
+            .collect();
+        let Some(inbox) = self.link.inner.sip.get() else {
+            return Err(tonic::Status::unavailable(
+                "this node's SIP edge is not running",
+            ));
+        };
+        let req = SipRelay {
+            message: r.message,
+            remote,
+            tls: r.tls,
+            verified,
+        };
+        match inbox.relay(req).await {
+            Some(answers) => Ok(tonic::Response::new(proto::SipAnswers {
+                responses: answers.into_iter().map(|b| b.to_vec()).collect(),
+            })),
+            None => Err(tonic::Status::unavailable(
+                "this node's SIP edge has stopped",
+            )),
+        }
+    }
 }
 
 /// Hands home-node deliveries bound for SIP to other nodes' SIP edges (the `Fanout` call):
@@ -517,6 +584,32 @@ impl SipPeers for ClusterSip {
 
     fn session_changed(&self, local: &str, remote: &str, owned: bool) {
         self.sessions.changed(local, remote, owned);
+    }
+
+    fn tag_mark(&self) -> String {
+        crate::sip::dialog::node_mark(&self.fanout.link.inner.me)
+    }
+
+    fn dialog_owner(&self, tag: &str) -> Option<String> {
+        let mark = crate::sip::dialog::mark_of_tag(tag)?;
+        let me = &self.fanout.link.inner.me;
+        if mark == crate::sip::dialog::node_mark(me) {
+            return None;
+        }
+        let creator = self
+            .fanout
+            .cluster
+            .live_members()
+            .into_iter()
+            .find(|m| crate::sip::dialog::node_mark(m) == mark);
+        // A dialog whose creator is gone was taken over by the leader (see `takeover`).
+        let owner = creator.or_else(|| self.fanout.cluster.status()?.leader)?;
+        (owner != *me).then_some(owner)
+    }
+
+    fn relay(&self, owner: String, req: SipRelay) -> RelayFuture {
+        let link = self.fanout.link.clone();
+        Box::pin(async move { link.relay(&owner, req).await })
     }
 }
 

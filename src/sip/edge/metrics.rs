@@ -210,7 +210,22 @@ pub fn refused(reason: &'static str) {
 }
 
 /// Creates this module's families at start (`crate::metrics::register_all`).
+/// In a cluster: partners' in-dialog requests handed between nodes to the node owning the
+/// dialog (its mark is on our tag).
+pub static RELAYED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    metrics::counter_vec(
+        "legate_sip_relayed_requests_total",
+        "In-dialog SIP requests handed between cluster nodes to the node owning the dialog: \
+         out (handed to the owner), in (handled for another node), failed (the owner could not \
+         be reached: answered here), invalid (an unreadable handed request)",
+        &["direction"],
+    )
+});
+
 pub fn register() {
+    for d in ["out", "in", "failed", "invalid"] {
+        RELAYED.with_label_values(&[d]);
+    }
     for c in [
         &BACKPRESSURE_PAUSES,
         &REQUESTS_TOTAL,

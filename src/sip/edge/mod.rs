@@ -66,6 +66,7 @@ use crate::config::{Config, Domain, Host as CfgHost};
 use crate::gateway::hub::Delivery;
 use crate::gateway::{Hub, Link};
 use crate::net::{self, accept_admitted, AcceptPolicy, Admission, DestinationBackoff, Slots};
+use crate::sip::SipMessage;
 use crate::store::{SharedStore, StoreError};
 
 /// Why the edge could not start.
@@ -94,6 +95,7 @@ pub struct SipEdge {
     tls: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     adopt: mpsc::Sender<Adoption>,
+    relay: mpsc::Sender<Relayed>,
 }
 
 /// SIP subscription records another (dead) cluster node owned, already moved to this node's
@@ -105,6 +107,31 @@ pub struct Adoption {
     /// unreadable, and are deleted at the next write).
     pub done: tokio::sync::oneshot::Sender<usize>,
 }
+
+/// A partner's in-dialog request another cluster node received for a dialog this node owns
+/// (see [`crate::gateway::hub::SipPeers::relay`]), and where its answers go.
+pub struct Relayed {
+    pub req: crate::gateway::hub::SipRelay,
+    /// The responses the core sent (provisional ones and the final one; none for an ACK).
+    pub reply: tokio::sync::oneshot::Sender<Vec<Bytes>>,
+}
+
+/// Hands relayed requests to a running SIP edge.
+#[derive(Clone)]
+pub struct RelayInbox(mpsc::Sender<Relayed>);
+
+impl RelayInbox {
+    /// The edge's answers to `req`, or None if the edge has stopped or is not running.
+    pub async fn relay(&self, req: crate::gateway::hub::SipRelay) -> Option<Vec<Bytes>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.0.send(Relayed { req, reply }).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// How long a relayed request waits for the core's final answer (RFC 3261 Timer F's 32 s is
+/// the most a non-INVITE transaction may take; the core answers in-dialog requests at once).
+const RELAYED_ANSWER_WAIT: Duration = Duration::from_secs(32);
 
 /// Hands adopted records to a running SIP edge (see [`Adoption`]).
 #[derive(Clone)]
@@ -208,6 +235,7 @@ impl SipEdge {
                 tasks: Vec::new(),
                 // Nobody restores: an adoption answers None (this node takes over none).
                 adopt: mpsc::channel(1).0,
+                relay: mpsc::channel(1).0,
             });
         }
         // Static routes are resolved before any SIP port is bound: the TCP listener admits
@@ -357,20 +385,30 @@ impl SipEdge {
                 DIAL_BACKOFF_ENTRIES,
             ),
             outbound_opened: HashMap::new(),
+            peers: None,
         };
         let (adopt, adopt_rx) = mpsc::channel::<Adoption>(4);
-        tasks.push(tokio::spawn(driver.run(core_rx, outbox, adopt_rx)));
+        let (relay, relay_rx) = mpsc::channel::<Relayed>(256);
+        tasks.push(tokio::spawn(
+            driver.run(core_rx, outbox, adopt_rx, relay_rx),
+        ));
         Ok(SipEdge {
             tcp,
             tls,
             tasks,
             adopt,
+            relay,
         })
     }
 
     /// A handle that restores records adopted from a dead cluster node.
     pub fn adopter(&self) -> Adopter {
         Adopter(self.adopt.clone())
+    }
+
+    /// A handle through which other cluster nodes hand this edge requests for its dialogs.
+    pub fn relay_inbox(&self) -> RelayInbox {
+        RelayInbox(self.relay.clone())
     }
 
     /// The bound TCP listener address.
@@ -702,6 +740,8 @@ struct Driver {
     dial_backoff: DestinationBackoff<Domain>,
     /// Outbound connections and when they opened (for the backoff's "stable" reset).
     outbound_opened: HashMap<ConnId, (Domain, Instant)>,
+    /// In a cluster, the other nodes' SIP edges.
+    peers: Option<Arc<dyn crate::gateway::hub::SipPeers>>,
 }
 
 /// How the driver reaches a domain: DNS targets (or the static route) and TLS.
@@ -746,8 +786,12 @@ impl Driver {
         mut rx: mpsc::Receiver<Input>,
         mut outbox: mpsc::Receiver<Delivery>,
         mut adoptions: mpsc::Receiver<Adoption>,
+        mut relayed: mpsc::Receiver<Relayed>,
     ) {
-        self.core.publish_sessions(self.hub.sip_peers().is_some());
+        self.peers = self.hub.sip_peers().cloned();
+        self.core.publish_sessions(self.peers.is_some());
+        self.core
+            .set_tag_mark(self.peers.as_ref().map(|p| p.tag_mark()));
         let mut persist = tokio::time::interval(Duration::from_secs(1));
         persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
@@ -808,6 +852,7 @@ impl Driver {
                     let ups = link_ups.borrow_and_update().clone();
                     self.on_link_ups(&ups, &mut seen_ups);
                 }
+                Some(r) = relayed.recv() => self.on_relayed(r),
                 Some(a) = adoptions.recv() => {
                     let (now, wall) = (Instant::now(), SystemTime::now());
                     let mut restored = 0usize;
@@ -929,7 +974,16 @@ impl Driver {
                 self.infos.insert(conn, info);
             }
             Input::Message { conn, msg } => {
+                if let Some(owner) = self.dialog_elsewhere(&msg) {
+                    return self.relay(conn, owner, *msg);
+                }
                 // Borrowed, not cloned: this runs once per message.
+                let Some(info) = self.infos.get(&conn) else {
+                    return;
+                };
+                self.core.handle_message(&*self.hub, info, *msg, now);
+            }
+            Input::Unrelayed { conn, msg } => {
                 let Some(info) = self.infos.get(&conn) else {
                     return;
                 };
@@ -1044,6 +1098,119 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// In a cluster: the node owning the dialog of a partner's in-dialog request, when that is
+    /// another node (told by the mark on our local tag, its To tag; RFC 3261 §12.2.2).
+    fn dialog_elsewhere(&self, msg: &SipMessage) -> Option<String> {
+        let peers = self.peers.as_ref()?;
+        if !msg.is_request() || msg.method() == Some("CANCEL") {
+            return None;
+        }
+        let to = msg.to().ok()?;
+        peers.dialog_owner(to.tag()?)
+    }
+
+    /// Hands `msg` to `owner` and writes its answers on `conn`; if it cannot be handed, the
+    /// request is answered here (an unknown dialog: 481, so the partner starts over).
+    fn relay(&self, conn: ConnId, owner: String, msg: SipMessage) {
+        let (Some(peers), Some(info), Some(c)) = (
+            self.peers.clone(),
+            self.infos.get(&conn),
+            self.conns.get(&conn),
+        ) else {
+            return;
+        };
+        let req = crate::gateway::hub::SipRelay {
+            message: msg.to_bytes().to_vec(),
+            remote: info.remote,
+            tls: info.tls,
+            verified: info.verified.clone(),
+        };
+        let (tx, core_tx) = (c.tx.clone(), self.core_tx.clone());
+        metrics::RELAYED.with_label_values(&["out"]).inc();
+        tokio::spawn(async move {
+            match peers.relay(owner.clone(), req).await {
+                Ok(answers) => {
+                    for a in answers {
+                        if tx.try_send(Bytes::from(a)).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::RELAYED.with_label_values(&["failed"]).inc();
+                    tracing::info!(owner = %owner, error = %e, "in-dialog request not handed to the node owning its dialog; answered here");
+                    let _ = core_tx
+                        .send(Input::Unrelayed {
+                            conn,
+                            msg: Box::new(msg),
+                        })
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// A request another node handed over: the core handles it on a connection of its own
+    /// whose answers go back to that node, then the connection is forgotten.
+    fn on_relayed(&mut self, r: Relayed) {
+        let Relayed { req, reply } = r;
+        let msg = match crate::sip::parse::parse_exact(Bytes::from(req.message)) {
+            Ok(m) if m.is_request() => m,
+            _ => {
+                metrics::RELAYED.with_label_values(&["invalid"]).inc();
+                let _ = reply.send(Vec::new());
+                return;
+            }
+        };
+        metrics::RELAYED.with_label_values(&["in"]).inc();
+        let conn = self.ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = transport::out_queue();
+        self.conns.insert(
+            conn,
+            ConnEntry {
+                tx,
+                authenticated: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            },
+        );
+        self.infos.insert(
+            conn,
+            PeerInfo {
+                conn,
+                remote: req.remote,
+                tls: req.tls,
+                verified: req.verified,
+                outbound_to: None,
+            },
+        );
+        let ack = msg.method() == Some("ACK");
+        let core_tx = self.core_tx.clone();
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            if !ack {
+                let _ = tokio::time::timeout(RELAYED_ANSWER_WAIT, async {
+                    while let Some(b) = rx.recv().await {
+                        let is_final = b
+                            .get(..12)
+                            .and_then(|l| std::str::from_utf8(l.get(8..11)?).ok())
+                            .and_then(|c| c.parse::<u16>().ok())
+                            .is_some_and(|c| c >= 200);
+                        answers.push(b);
+                        if is_final {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+            let _ = reply.send(answers);
+            let _ = core_tx.send(Input::Closed { conn }).await;
+        });
+        if let Some(info) = self.infos.get(&conn) {
+            self.core
+                .handle_message(&*self.hub, info, msg, Instant::now());
         }
     }
 

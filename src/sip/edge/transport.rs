@@ -43,6 +43,12 @@ pub enum Input {
     ConnectFailed {
         domain: crate::config::Domain,
     },
+    /// A request that was to be handed to the cluster node owning its dialog but could not be:
+    /// the core answers it here.
+    Unrelayed {
+        conn: ConnId,
+        msg: Box<SipMessage>,
+    },
 }
 
 /// Bounds applied to each connection.
@@ -204,7 +210,7 @@ impl OutTx {
 }
 
 /// The connection task's end: what it takes leaves the byte count.
-struct OutRx {
+pub(super) struct OutRx {
     rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicUsize>,
 }
@@ -217,7 +223,7 @@ impl OutRx {
         b
     }
 
-    async fn recv(&mut self) -> Option<Bytes> {
+    pub(super) async fn recv(&mut self) -> Option<Bytes> {
         let b = self.rx.recv().await;
         self.took(b)
     }
@@ -233,7 +239,7 @@ impl OutRx {
 }
 
 /// A connection's outbound queue.
-fn out_queue() -> (OutTx, OutRx) {
+pub(super) fn out_queue() -> (OutTx, OutRx) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     (

@@ -292,7 +292,7 @@ impl Core {
         domain: &Domain,
         now: Instant,
     ) {
-        let tag = random_token(12);
+        let tag = self.dialog_tag();
         let is_presence =
             matches!(req.event(), Ok(Some(e)) if e.value.eq_ignore_ascii_case("presence"));
         if !is_presence {

@@ -121,7 +121,7 @@ impl Core {
                 return self.reply(key, req, code, reason, Some(&tag), &[], None, now);
             }
         }
-        let tag = random_token(12);
+        let tag = self.dialog_tag();
         let Ok(dialog) = Dialog::uas(req, &tag) else {
             return self.reply(key, req, 400, "Bad Dialog Headers", None, &[], None, now);
         };
@@ -407,7 +407,7 @@ impl Core {
             state: SessionState::Inviting,
             dialog: None,
             call_id,
-            local_tag: random_token(12),
+            local_tag: self.dialog_tag(),
             invite_cseq: 1,
             queue: VecDeque::from([first]),
             last_activity: now,

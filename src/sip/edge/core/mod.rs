@@ -309,6 +309,8 @@ pub struct Core {
     session_pairs: HashMap<(String, String), u64>,
     /// Emit [`Action::SessionOwner`] (a cluster node).
     publish_sessions: bool,
+    /// This node's mark on the local tags of new dialogs (a cluster node).
+    tag_mark: Option<String>,
     /// Node-wide ceilings.
     caps: NodeCaps,
     /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
@@ -354,6 +356,23 @@ fn count_down(t: &mut HashMap<Domain, usize>, d: &Domain) {
         if *n == 0 {
             t.remove(d);
         }
+    }
+}
+
+impl Core {
+    /// A local tag for a dialog this edge creates: random, plus this node's mark in a cluster
+    /// (see [`crate::sip::dialog::node_mark`]) so another node can hand the partner's
+    /// in-dialog requests to this one.
+    fn dialog_tag(&self) -> String {
+        match &self.tag_mark {
+            Some(mark) => format!("{}-{mark}", random_token(12)),
+            None => random_token(12),
+        }
+    }
+
+    /// Marks the local tags of new dialogs with this node's mark (a cluster node).
+    pub fn set_tag_mark(&mut self, mark: Option<String>) {
+        self.tag_mark = mark;
     }
 }
 
@@ -412,6 +431,7 @@ impl Core {
             session_dialogs: HashMap::new(),
             session_pairs: HashMap::new(),
             publish_sessions: false,
+            tag_mark: None,
             session_domains: HashMap::new(),
             caps: NodeCaps::default(),
             server_domains: HashMap::new(),

@@ -184,7 +184,7 @@ impl Core {
             let tag = random_token(10);
             return self.reply(key, req, code, reason, Some(&tag), &[], None, now);
         }
-        let tag = random_token(12);
+        let tag = self.dialog_tag();
         let dialog = match Dialog::uas(req, &tag) {
             Ok(d) => d,
             Err(_) => return self.reply(key, req, 400, "Bad Dialog Headers", None, &[], None, now),

@@ -255,7 +255,7 @@ impl Core {
             presentity: presentity.bare(),
             domain,
             call_id: format!("{}@{host}", random_token(20)),
-            local_tag: random_token(12),
+            local_tag: self.dialog_tag(),
             cseq: 0,
             state: SubscriberState::Subscribing,
             dialog: None,
