@@ -23,8 +23,8 @@
 //!
 //! - **IM sessions** stay with the node that set them up: their owners are in etcd under the
 //!   owner's lease ([`sessions`]), and the node holding a home node's link hands that pair's
-//!   messages to the owner. A dead node's sessions are not moved: their next message opens a
-//!   new session from a survivor.
+//!   messages to the owner. An established session is also a record in the owner's part of
+//!   etcd, so the leader takes a dead node's sessions over with its subscriptions.
 //!
 //! - **In-dialog SIP requests** reaching a node that does not own their dialog are handed to
 //!   the owner: each node marks the local tags of the dialogs it creates
@@ -32,8 +32,8 @@
 //!   node being dead, the leader that took its dialogs over); the owner's answers are written
 //!   back on the partner's connection.
 //!
-//! What is not built yet (and says so in `legate cluster status`): a dead node's IM sessions
-//! are not moved, and `[cluster]` changes need a restart.
+//! What is not built yet (and says so in `legate cluster status`): `[cluster]` changes need a
+//! restart.
 
 #[cfg(feature = "cluster")]
 pub mod claims;
@@ -306,10 +306,7 @@ impl Cluster {
                 if let Some(o) = v.as_object_mut() {
                     o.insert(
                         "not_built_yet".into(),
-                        serde_json::json!([
-                            "a dead node's IM sessions are not moved (their next message opens a new session from a survivor)",
-                            "changes to [cluster] need a restart of the node",
-                        ]),
+                        serde_json::json!(["changes to [cluster] need a restart of the node",]),
                     );
                 }
                 v

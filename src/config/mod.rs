@@ -385,12 +385,11 @@ impl Config {
         // not believe a node is clustered or peered when it runs alone.
         match self.cluster.store {
             Store::Etcd { .. } => notes.push(
-                "[cluster] is partly in effect: etcd membership, leader election, shared state, \
+                "[cluster] is in effect (etcd membership, leader election, shared state, \
                  configuration replication from the primary, component links held by one node \
                  each, the peer link, IM session owners, SIP requests handed to the node owning \
-                 their dialog and the leader's takeover of a dead node's SIP subscriptions work; \
-                 not yet: a dead node's IM sessions are not moved (their next message opens a \
-                 new session), and [cluster] changes need a restart"
+                 their dialog, the leader's takeover of a dead node's SIP subscriptions and IM \
+                 sessions); changes to [cluster] itself need a restart of the node"
                     .into(),
             ),
             Store::Memory if !self.cluster.peers.is_empty() => notes.push(

@@ -521,7 +521,9 @@ async fn leader(nodes: &[Legate]) -> Option<String> {
 
 /// Issue 12 item 3: a Lync-style watcher subscribed through node A keeps receiving presence
 /// after A is killed, via the leader B, in its old dialog and without subscribing again; its
-/// refresh sent to B is answered in that dialog.
+/// refresh sent to B is answered in that dialog. An IM session set up through A is taken over
+/// the same way: alice's answer goes out in bob's dialog from B, and bob's next message in it,
+/// sent to B, is answered there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the_leader(
 ) -> Result<()> {
@@ -578,10 +580,20 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
         .await
         .with_context(|| why(&nodes))?;
 
-    // The watcher's dialog is in A's part of etcd before the kill.
+    // bob also opens an IM session through A.
+    let im_tag = common::rig::invite_im(&mut bob, "tk-im", "tkim", "before the kill")
+        .await
+        .with_context(|| why(&nodes))?;
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("before the kill"));
+
+    // The watcher's dialog and the IM session are in A's part of etcd before the kill.
     let a_prefix = format!("/legate/{CLUSTER2}/state/node/{a_id}/sip/");
     let deadline = Instant::now() + WAIT;
-    while etcd.count_prefix(&a_prefix)? == 0 {
+    while etcd.count_prefix(&a_prefix)? < 2 || etcd.count_prefix(&format!("{a_prefix}i/"))? != 1 {
         assert!(
             Instant::now() < deadline,
             "A's dialog never reached etcd:\n{}",
@@ -628,6 +640,20 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
     assert_eq!(etcd.count_prefix(&a_prefix)?, 0, "A's records were moved");
     let _ = held;
 
+    // The IM session was taken over too: alice's answer goes out in bob's dialog, from the
+    // leader, over the connection it opened to the partner.
+    alice
+        .send_message("bob@partner.test", "after the kill")
+        .await?;
+    let m = edge
+        .request("MESSAGE")
+        .await
+        .with_context(|| format!("no MESSAGE in the taken-over session:\n{}", why(&nodes)))?;
+    assert_eq!(m.call_id().ok(), Some("tk-im"), "{}", why(&nodes));
+    assert_eq!(sip_ua::from_tag(&m), im_tag, "bob's old dialog");
+    assert_eq!(sip_ua::body_str(&m), "after the kill");
+    edge.respond(&m, 200, "OK", &[], None).await?;
+
     // The watcher's refresh, sent to the leader in the same dialog, is answered there.
     let mut bob = lync_edge(&certs, &partner, nodes[b].addr("sip_tls")).await?;
     let refreshed = subscribe_in(
@@ -644,6 +670,29 @@ async fn a_watcher_subscribed_through_a_killed_node_keeps_its_dialog_through_the
         "refresh through the leader:\n{}",
         why(&nodes)
     );
+    // And bob's next message in the IM session, sent to the leader, is answered there.
+    let b2 = bob.branch();
+    bob.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={b2}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=tkim",
+            &format!("To: <sip:alice@example.test>;tag={im_tag}"),
+            "Call-ID: tk-im",
+            "CSeq: 2 MESSAGE",
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        b"in the old session",
+    )
+    .await?;
+    assert_eq!(bob.response().await?.status(), Some(200), "{}", why(&nodes));
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why(&nodes))?;
+    assert_eq!(m.body.as_deref(), Some("in the old session"));
     drop(etcd);
     Ok(())
 }

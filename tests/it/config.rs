@@ -209,7 +209,7 @@ fn example_file_loads_cleanly_with_every_section() {
     assert_eq!(notes.len(), 2, "notes: {notes:?}");
     assert!(notes
         .iter()
-        .any(|n| n.starts_with("[cluster] is partly in effect")));
+        .any(|n| n.starts_with("[cluster] is in effect")));
     assert!(notes
         .iter()
         .any(|n| n.starts_with("[intercluster] is accepted but not in effect")));

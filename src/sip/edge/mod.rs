@@ -471,23 +471,25 @@ async fn restore(
 ) -> Result<(), EdgeError> {
     let (now, wall) = (Instant::now(), SystemTime::now());
     let listing = store.list(core::SIP_PREFIX).await?;
-    let (mut notifiers, mut subscribers, mut batches, mut dropped) =
-        (0usize, 0usize, 0usize, 0usize);
+    let (mut notifiers, mut subscribers, mut batches, mut sessions, mut dropped) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     for e in &listing.entries {
         match core.restore_record(hub, &e.key, &e.value, now, wall) {
             Restored::Notifier => notifiers += 1,
             Restored::Subscriber => subscribers += 1,
             Restored::Batch => batches += 1,
+            Restored::Session => sessions += 1,
             Restored::Dropped => dropped += 1,
         }
     }
-    if notifiers + subscribers + batches + dropped > 0 {
+    if notifiers + subscribers + batches + sessions + dropped > 0 {
         tracing::info!(
             notifiers,
             subscribers,
             batches,
+            im_sessions = sessions,
             dropped,
-            "SIP subscriptions restored from the state store"
+            "SIP subscriptions and IM sessions restored from the state store"
         );
     }
     let legacy = data_dir.join(STATE_FILE);
@@ -790,6 +792,8 @@ impl Driver {
     ) {
         self.peers = self.hub.sip_peers().cloned();
         self.core.publish_sessions(self.peers.is_some());
+        // Sessions restored before the cluster hook was known: their owner is this node.
+        self.core.announce_sessions();
         self.core
             .set_tag_mark(self.peers.as_ref().map(|p| p.tag_mark()));
         let mut persist = tokio::time::interval(Duration::from_secs(1));

@@ -165,6 +165,7 @@ impl Core {
         self.session_dialogs.insert(did, sid);
         self.session_owned(&pair, true);
         self.session_pairs.insert(pair, sid);
+        self.store_session(sid);
         self.schedule(TimerKey::Session(sid), now + self.im_idle);
         for b in carried {
             self.send_session_message(hub, sid, b, now);
@@ -176,7 +177,7 @@ impl Core {
         self.publish_sessions = on;
     }
 
-    fn session_owned(&mut self, pair: &(String, String), owned: bool) {
+    pub(super) fn session_owned(&mut self, pair: &(String, String), owned: bool) {
         if self.publish_sessions {
             self.actions.push_back(Action::SessionOwner {
                 local: pair.0.clone(),
@@ -191,7 +192,7 @@ impl Core {
         self.session_domains.get(domain).copied().unwrap_or(0)
     }
 
-    fn insert_session(&mut self, s: ImSession) {
+    pub(super) fn insert_session(&mut self, s: ImSession) {
         *self.session_domains.entry(s.domain.clone()).or_default() += 1;
         self.sessions.insert(s.id, s);
     }
@@ -350,6 +351,7 @@ impl Core {
         let s = self.sessions.remove(&sid)?;
         if let Some(d) = &s.dialog {
             self.session_dialogs.remove(&d.id);
+            self.unstore_session(&d.id);
         }
         self.session_calls
             .remove(&(s.call_id.clone(), s.local_tag.clone()));
@@ -584,6 +586,7 @@ impl Core {
         }
         let queue: Vec<MessageBody> = s.queue.drain(..).collect();
         self.session_dialogs.insert(did, sid);
+        self.store_session(sid);
         self.schedule(TimerKey::Session(sid), now + self.im_idle);
         for b in queue {
             self.send_session_message(hub, sid, b, now);

@@ -254,3 +254,123 @@ fn unreadable_addresses_get_400_with_a_reason() {
     }
     assert!(h.got.borrow().is_empty());
 }
+
+/// An established session is one store record (written when its dialog exists, deleted when it
+/// ends); another core restores it — a cluster node taking over a dead one, or a restart — and
+/// sends the local user's next message inside the partner's dialog, with a CSeq above any
+/// the old owner used (RFC 3261 §12.2.1.1), announcing itself as the session's owner.
+#[test]
+fn a_stored_session_is_restored_and_used_by_another_core() {
+    use super::persist::StoreOp;
+    use super::tests::im_invite;
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    let wall = std::time::SystemTime::now();
+    c.handle_message(&h, &peer(), im_invite("st1", "bob", "z9hG4bKst1"), t0);
+    let ok = sent(&mut c).into_iter().find(|m| m.status() == Some(200));
+    let our_tag = ok
+        .as_ref()
+        .and_then(|m| m.to().ok())
+        .and_then(|t| t.tag().map(str::to_owned))
+        .expect("200 with our tag");
+    let ops = c.take_store_ops(t0, wall, true);
+    let (key, value) = ops
+        .iter()
+        .find_map(|o| match o {
+            StoreOp::Put { key, value } if key.starts_with("sip/i/") => Some((key, value)),
+            _ => None,
+        })
+        .expect("a session record");
+    assert_eq!(key, &format!("sip/i/{our_tag}/b/st1"));
+
+    let mut other = core();
+    other.publish_sessions(true);
+    assert_eq!(
+        other.restore_record(&h, key, value, t0, wall),
+        persist::Restored::Session
+    );
+    let owned = std::iter::from_fn(|| other.poll_action()).any(|a| {
+        a == Action::SessionOwner {
+            local: "alice@example.com".into(),
+            remote: "bob@partner.com".into(),
+            owned: true,
+        }
+    });
+    assert!(owned, "the restoring core says it owns the session");
+    other.handle_delivery(
+        &h,
+        &dom(),
+        env(
+            "alice@example.com/desk",
+            "bob@partner.com",
+            Body::Message(MessageBody {
+                text: "still here".into(),
+                ..Default::default()
+            }),
+        ),
+        t0,
+    );
+    let out = sent(&mut other);
+    let m = out
+        .iter()
+        .find(|m| m.method() == Some("MESSAGE"))
+        .expect("a MESSAGE in the restored dialog");
+    assert_eq!(m.call_id().ok(), Some("st1"));
+    assert_eq!(
+        m.from().ok().and_then(|f| f.tag().map(str::to_owned)),
+        Some(our_tag.clone())
+    );
+    assert_eq!(
+        m.to().ok().and_then(|t| t.tag().map(str::to_owned)),
+        Some("b".into())
+    );
+    assert!(
+        m.cseq().map(|c| c.seq).unwrap_or(0) > 10_000,
+        "{:?}",
+        m.cseq()
+    );
+    assert!(
+        !out.iter().any(|m| m.method() == Some("INVITE")),
+        "no second session"
+    );
+
+    // The first core's session ends (the partner's BYE): its record is deleted.
+    c.handle_message(
+        &h,
+        &peer(),
+        msg(&format!(
+            "BYE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bKst2\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=b\n\
+To: <sip:alice@example.com>;tag={our_tag}\n\
+Call-ID: st1\n\
+CSeq: 2 BYE\n\
+Content-Length: 0\n\n"
+        )),
+        t0,
+    );
+    assert_eq!(status(&mut c), Some(200));
+    let ops = c.take_store_ops(t0, wall, true);
+    assert!(
+        ops.contains(&StoreOp::Delete { key: key.clone() }),
+        "{ops:?}"
+    );
+    // A record for a pair that has a live session, or unreadable, is dropped and deleted.
+    assert_eq!(
+        other.restore_record(&h, key, value, t0, wall),
+        persist::Restored::Dropped
+    );
+    assert_eq!(
+        other.restore_record(&h, "sip/i/x/y/z", b"[1,", t0, wall),
+        persist::Restored::Dropped
+    );
+    let ops = other.take_store_ops(t0, wall, true);
+    assert!(
+        ops.contains(&StoreOp::Delete {
+            key: "sip/i/x/y/z".into()
+        }),
+        "{ops:?}"
+    );
+}

@@ -16,6 +16,7 @@
 
 mod batch;
 mod im;
+mod im_persist;
 mod notifier;
 mod notifiers;
 mod pairs;
@@ -311,6 +312,8 @@ pub struct Core {
     publish_sessions: bool,
     /// This node's mark on the local tags of new dialogs (a cluster node).
     tag_mark: Option<String>,
+    /// IM session records to write or delete (see `im_persist`).
+    session_ops: Vec<persist::StoreOp>,
     /// Node-wide ceilings.
     caps: NodeCaps,
     /// Live server transactions per foreign domain (`limits.sip_transactions_per_domain`).
@@ -432,6 +435,7 @@ impl Core {
             session_pairs: HashMap::new(),
             publish_sessions: false,
             tag_mark: None,
+            session_ops: Vec::new(),
             session_domains: HashMap::new(),
             caps: NodeCaps::default(),
             server_domains: HashMap::new(),

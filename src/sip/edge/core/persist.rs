@@ -44,6 +44,8 @@ pub enum Restored {
     Notifier,
     Subscriber,
     Batch,
+    /// An established IM session (`im_persist`).
+    Session,
     /// Expired, for a domain no longer federated, or unreadable (logged); the record is
     /// deleted at the next write.
     Dropped,
@@ -51,7 +53,7 @@ pub enum Restored {
 
 /// A dialog, positionally.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct DialogRec(
+pub(super) struct DialogRec(
     String,      // call id
     String,      // local tag
     String,      // remote tag
@@ -363,7 +365,7 @@ impl Core {
         let base = unix(wall);
         let touched = std::mem::take(&mut self.persisted.touched);
         self.persisted.scan_owed |= self.take_dirty();
-        let mut ops = Vec::new();
+        let mut ops = self.take_session_ops();
         if full && self.persisted.scan_owed {
             self.persisted.scan_owed = false;
             let pass = self.persisted.pass.wrapping_add(1);
@@ -488,7 +490,9 @@ impl Core {
         now: Instant,
         wall: SystemTime,
     ) -> Restored {
-        let r = if key.starts_with(NOTIFIER_PREFIX) {
+        let r = if key.starts_with(im_persist::SESSION_PREFIX) {
+            self.restore_session(hub, key, value, now)
+        } else if key.starts_with(NOTIFIER_PREFIX) {
             match serde_json::from_slice::<NotifierRec>(value) {
                 Ok(NotifierRec(RECORD_VERSION, d, w, p, dom, active, msrtc, exp)) => {
                     let p = PersistedNotifier {

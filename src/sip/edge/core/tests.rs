@@ -706,7 +706,7 @@ fn refresh_storm_does_not_grow_the_timer_heap() {
     assert_eq!(c.counts().0, 0);
 }
 
-fn im_invite(call: &str, from_user: &str, branch: &str) -> SipMessage {
+pub(super) fn im_invite(call: &str, from_user: &str, branch: &str) -> SipMessage {
     let sdp = "v=0\r\nm=message 5061 sip null\r\n";
     let inv = format!(
         "INVITE sip:alice@example.com SIP/2.0\n\
