@@ -5,8 +5,10 @@
 //! node is started again. Then as many rounds kill the node holding the component link of a
 //! home node in this process (one (home node, domain) link, held by one node through the
 //! claims) and measure until a survivor's link is up. A last round stops the leader with
-//! SIGTERM (resign + revoke) and measures the handover. Bounded: `ROUNDS` (default 3) rounds
-//! of each, each at most 30 s.
+//! SIGTERM (resign + revoke) and measures the handover. Before that, configuration
+//! replication: each round adds a SIP federated domain to the primary's (gw1) file, sends it SIGHUP and
+//! measures until both subordinates' `/status` list the domain. Bounded: `ROUNDS` (default 3)
+//! rounds of each, each at most 30 s.
 //!
 //! `cargo bench --features cluster --bench cluster_failover`
 
@@ -47,7 +49,7 @@ fn write_config(
          [xmpp.federation]\ndialback_secret = \"bench-dialback-secret-0123\"\n\
          [[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \"127.0.0.1:9\"\n\
          [[home_node]]\nname = \"hn1\"\naddresses = [\"{home}\"]\ncomponent_secret = \"bench-component-secret-0123\"\n\
-         [cluster]\nname = \"bench.test\"\nstore = \"etcd\"\netcd_endpoints = [{eps}]\nlease_ttl_secs = {ttl}\n{peers}",
+         [cluster]\nname = \"bench.test\"\nprimary = \"gw1\"\nstore = \"etcd\"\netcd_endpoints = [{eps}]\nlease_ttl_secs = {ttl}\n{peers}",
         data = d.join("data").display(),
         eps = eps.join(", "),
     );
@@ -86,6 +88,30 @@ async fn role(l: &Legate) -> Option<(String, String)> {
         doc["cluster"]["role"].as_str()?.to_owned(),
         doc["cluster"]["node"].as_str()?.to_owned(),
     ))
+}
+
+/// Polls every 5 ms (at most 30 s) until every node in `nodes` lists SIP federated domain
+/// `domain` in its `/status`.
+async fn wait_domain(nodes: &[&Legate], domain: &str) -> Result<()> {
+    let t = Instant::now();
+    'poll: while t.elapsed() < Duration::from_secs(30) {
+        for n in nodes {
+            let listed = match support::get(n.addr("admin")?, "/status").await {
+                Ok(resp) => resp
+                    .split_once("\r\n\r\n")
+                    .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(b).ok())
+                    .and_then(|doc| doc["sip_federated_domains"].as_array().cloned())
+                    .is_some_and(|a| a.iter().any(|d| d == domain)),
+                Err(_) => false,
+            };
+            if !listed {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue 'poll;
+            }
+        }
+        return Ok(());
+    }
+    bail!("{domain} not replicated within 30 s")
 }
 
 /// Polls every 10 ms (at most 30 s) until one of `nodes` other than `not` is LEADER.
@@ -152,6 +178,7 @@ async fn main() -> Result<()> {
         nodes.push(Some(Legate::start(c, &["admin"]).await?));
     }
     let (mut leader, _) = wait_leader(&nodes, None).await?;
+
     let mut failovers = Vec::new();
     for _ in 0..rounds {
         let old = NODES[leader];
@@ -198,6 +225,38 @@ async fn main() -> Result<()> {
     );
     let (leader_now, _) = wait_leader(&nodes, None).await?;
     leader = leader_now;
+
+    // Configuration replication from the primary (gw1): a new federated domain per round
+    // (last: the new domains' links would change what the takeover rounds count).
+    let mut replications = Vec::new();
+    for round in 0..rounds {
+        let domain = format!("round{round}.partner.test");
+        let text = std::fs::read_to_string(&configs[0])?.replace(
+            "[[home_node]]",
+            &format!(
+                "[[sip.federated_domain]]\nname = \"{domain}\"\nsystem = \"lync\"\n\
+                 route = \"127.0.0.1:9\"\n[[home_node]]"
+            ),
+        );
+        std::fs::write(&configs[0], text)?;
+        let pid = nodes[0].as_ref().map(Legate::pid).unwrap_or(0);
+        let t = Instant::now();
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()?;
+        let subordinates: Vec<&Legate> = nodes[1..].iter().flatten().collect();
+        wait_domain(&subordinates, &domain).await?;
+        let took = t.elapsed();
+        println!(
+            "replication: {domain} live on gw2 and gw3 {} ms after SIGHUP of gw1",
+            took.as_millis()
+        );
+        replications.push(took);
+    }
+    stats(
+        "configuration replication, SIGHUP on the primary -> live on both subordinates (bound 1 s)",
+        &mut replications,
+    );
 
     let old = NODES[leader];
     let pid = nodes[leader].as_ref().map(Legate::pid).unwrap_or(0);
