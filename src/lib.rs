@@ -29,6 +29,7 @@ pub mod diag;
 pub mod dns;
 pub mod doctor;
 pub mod gateway;
+pub mod intercluster;
 pub mod metrics;
 pub mod net;
 pub mod node;
