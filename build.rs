@@ -9,7 +9,10 @@ fn main() {
     if let Err(e) = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/peer.proto", "proto/intercluster.proto"], &["proto"])
+        .compile_protos(
+            &["proto/peer.proto", "proto/intercluster.proto"],
+            &["proto"],
+        )
     {
         // protoc missing is the usual cause; say which package has it.
         panic!(

@@ -110,11 +110,21 @@ async fn intercluster_force_sync(State(s): State<AdminState>, uri: Uri) -> Respo
         Err(r) => return r,
     };
     let (mut peer, mut full) = (None, false);
-    for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         match pair.split_once('=') {
             Some(("peer", v)) => peer = percent_decode(v),
             Some(("full", v)) => full = v == "true" || v == "1",
-            _ => return bad_request(format!("unknown parameter `{}` (peer, full)", pair.chars().take(40).collect::<String>())),
+            _ => {
+                return bad_request(format!(
+                    "unknown parameter `{}` (peer, full)",
+                    pair.chars().take(40).collect::<String>()
+                ))
+            }
         }
     }
     node_json(ic.force_sync(peer, full).await)
@@ -126,14 +136,19 @@ async fn intercluster_users(State(s): State<AdminState>, uri: Uri) -> Response {
         Ok(ic) => ic,
         Err(r) => return r,
     };
-    let rest = uri.path().strip_prefix("/intercluster/users/").unwrap_or_default();
+    let rest = uri
+        .path()
+        .strip_prefix("/intercluster/users/")
+        .unwrap_or_default();
     let segments: Option<Vec<String>> = rest.split('/').map(percent_decode).collect();
     match segments.as_deref() {
         Some([op, user, home]) if op == "add" => {
             node_json(ic.users(true, user.clone(), Some(home.clone())).await)
         }
         Some([op, user]) if op == "remove" => node_json(ic.users(false, user.clone(), None).await),
-        _ => bad_request("expected /intercluster/users/add/USER/HOME_NODE or /intercluster/users/remove/USER"),
+        _ => bad_request(
+            "expected /intercluster/users/add/USER/HOME_NODE or /intercluster/users/remove/USER",
+        ),
     }
 }
 
@@ -143,7 +158,10 @@ async fn intercluster_lookup(State(s): State<AdminState>, uri: Uri) -> Response 
         Ok(ic) => ic,
         Err(r) => return r,
     };
-    let rest = uri.path().strip_prefix("/intercluster/lookup/").unwrap_or_default();
+    let rest = uri
+        .path()
+        .strip_prefix("/intercluster/lookup/")
+        .unwrap_or_default();
     match percent_decode(rest) {
         Some(user) => node_json(ic.lookup(&user)),
         None => bad_request("broken percent-escape in the path"),

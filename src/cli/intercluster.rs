@@ -135,7 +135,11 @@ pub fn render(ic: &Value, alarms: &[Value]) -> String {
             );
         }
     }
-    for c in ic["unlisted_callers"].as_array().cloned().unwrap_or_default() {
+    for c in ic["unlisted_callers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
         let _ = writeln!(
             out,
             "  {} still lists us but we no longer list it (last call unix {} from {}): remove \
@@ -252,9 +256,15 @@ mod tests {
             "unlisted_callers": [{"name": "c", "last_seen": 5, "from": "10.0.0.3:4000"}],
         });
         let t = render(&ic, &[]);
-        assert!(t.contains("b gw.b:7401: reachable yes, in sync NO, users 2, lists us NO"), "{t}");
+        assert!(
+            t.contains("b gw.b:7401: reachable yes, in sync NO, users 2, lists us NO"),
+            "{t}"
+        );
         assert!(t.contains("no longer lists this cluster"), "{t}");
-        assert!(t.contains("c still lists us but we no longer list it"), "{t}");
+        assert!(
+            t.contains("c still lists us but we no longer list it"),
+            "{t}"
+        );
         assert!(t.contains("certificate: valid"), "{t}");
         assert!(!healthy(&ic));
         assert!(render(&Value::Null, &[]).contains("does not run"));

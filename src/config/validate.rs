@@ -17,9 +17,9 @@ use super::types::{
 };
 use super::{
     ChatNode, ClusterConfig, ClusterPeer, Config, DnsConfig, HomeEndpoint, HomeNode,
-    InterclusterConfig, InterclusterPeer, InterclusterTransport, Limits, Listeners, LocalDomain, MappingsConfig,
-    NodeConfig, SipConfig, SipFederatedDomain, Store, TlsConfig, XmppConfig, XmppFederatedDomain,
-    XmppFederation, MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
+    InterclusterConfig, InterclusterPeer, InterclusterTransport, Limits, Listeners, LocalDomain,
+    MappingsConfig, NodeConfig, SipConfig, SipFederatedDomain, Store, TlsConfig, XmppConfig,
+    XmppFederatedDomain, XmppFederation, MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
 };
 use crate::diag::{line_col, Diagnostic, Diagnostics};
 
@@ -1354,7 +1354,9 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
         let t = &raw.tls;
         let has = |f: fn(&super::schema::RawTls) -> bool| t.as_ref().is_some_and(f);
         if transport == InterclusterTransport::Tls
-            && !(has(|t| t.cert.is_some()) && has(|t| t.key.is_some()) && has(|t| t.trust_bundle.is_some()))
+            && !(has(|t| t.cert.is_some())
+                && has(|t| t.key.is_some())
+                && has(|t| t.trust_bundle.is_some()))
         {
             let at = ic
                 .and_then(|i| i.transport.as_ref())

@@ -59,19 +59,32 @@ pub enum Action {
         full: bool,
     },
     /// Abandon the running attempt with `peer` (its result will be ignored).
-    Cancel { peer: Arc<str>, attempt: u64 },
+    Cancel {
+        peer: Arc<str>,
+        attempt: u64,
+    },
     /// The agent was restarted for `peer` (a `Start` follows).
-    Restarted { peer: Arc<str>, why: RestartReason },
+    Restarted {
+        peer: Arc<str>,
+        why: RestartReason,
+    },
     /// No success with `peer` for `for_secs`: raise the alarm.
-    RaiseAlarm { peer: Arc<str>, for_secs: u64 },
-    ClearAlarm { peer: Arc<str> },
+    RaiseAlarm {
+        peer: Arc<str>,
+        for_secs: u64,
+    },
+    ClearAlarm {
+        peer: Arc<str>,
+    },
 }
 
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The peer answered; its users are stored and `cursor` is where we now stand.
-    Synced { cursor: Cursor },
+    Synced {
+        cursor: Cursor,
+    },
     Failed,
 }
 
@@ -221,9 +234,7 @@ impl Agent {
                         for_secs: now.duration_since(since).as_secs(),
                     });
                 }
-                let may_restart = p
-                    .last_restart
-                    .is_none_or(|t| now >= t + s.stuck_after);
+                let may_restart = p.last_restart.is_none_or(|t| now >= t + s.stuck_after);
                 if s.auto_recovery && may_restart {
                     if let Some((attempt, _)) = p.running.take() {
                         out.push(Action::Cancel {
@@ -311,7 +322,10 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Start {
-                    peer, attempt, full, ..
+                    peer,
+                    attempt,
+                    full,
+                    ..
                 } => Some((peer.to_string(), *attempt, *full)),
                 _ => None,
             })
@@ -373,7 +387,12 @@ mod tests {
         assert_eq!(a.next_deadline(), Some(t0 + MIN * 30));
         let s = starts(&a.poll(t0 + MIN * 30));
         assert_eq!(s.len(), 1);
-        a.finished("b", s[0].1, Outcome::Synced { cursor: cur(2) }, t0 + MIN * 30);
+        a.finished(
+            "b",
+            s[0].1,
+            Outcome::Synced { cursor: cur(2) },
+            t0 + MIN * 30,
+        );
         // ...and the one after it uses the new interval.
         assert_eq!(a.next_deadline(), Some(t0 + MIN * 90));
     }
@@ -443,7 +462,10 @@ mod tests {
         assert!(!again.iter().any(|x| matches!(x, Action::RaiseAlarm { .. })));
         // A success clears the alarm.
         a.finished("b", 3, Outcome::Synced { cursor: cur(1) }, t0 + stuck * 2);
-        assert_eq!(a.poll(t0 + stuck * 2), vec![Action::ClearAlarm { peer: "b".into() }]);
+        assert_eq!(
+            a.poll(t0 + stuck * 2),
+            vec![Action::ClearAlarm { peer: "b".into() }]
+        );
         assert!(!a.alarmed("b"));
     }
 
@@ -461,7 +483,10 @@ mod tests {
                 for_secs: 7200
             }]
         );
-        assert!(a.poll(t0 + stuck * 3).is_empty(), "the attempt keeps running");
+        assert!(
+            a.poll(t0 + stuck * 3).is_empty(),
+            "the attempt keeps running"
+        );
     }
 
     #[test]
@@ -483,9 +508,16 @@ mod tests {
         // The next restart comes one threshold after the last one.
         assert_eq!(a.next_deadline(), Some(t0 + Duration::from_secs(6)));
         let acts = a.poll(t0 + Duration::from_secs(6));
-        assert!(acts.iter().any(|x| matches!(x, Action::Start { attempt: 3, .. })));
+        assert!(acts
+            .iter()
+            .any(|x| matches!(x, Action::Start { attempt: 3, .. })));
         // The peer is back: the alarm clears, what was learned stays (cursor kept).
-        a.finished("b", 3, Outcome::Synced { cursor: cur(4) }, t0 + Duration::from_secs(7));
+        a.finished(
+            "b",
+            3,
+            Outcome::Synced { cursor: cur(4) },
+            t0 + Duration::from_secs(7),
+        );
         assert_eq!(
             a.poll(t0 + Duration::from_secs(7)),
             vec![Action::ClearAlarm { peer: "b".into() }]

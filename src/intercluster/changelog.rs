@@ -197,7 +197,13 @@ mod tests {
         let a = l.answer(None, false);
         assert!(a.complete);
         assert_eq!(users(&a), vec![("a@x", false), ("b@x", false)]);
-        assert_eq!(a.cursor, Cursor { epoch: 7, version: 2 });
+        assert_eq!(
+            a.cursor,
+            Cursor {
+                epoch: 7,
+                version: 2
+            }
+        );
     }
 
     #[test]
@@ -212,7 +218,10 @@ mod tests {
         assert!(!l.add("b@x"), "already there: no change");
         let a = l.answer(Some(c), false);
         assert!(!a.complete);
-        assert_eq!(users(&a), vec![("b@x", false), ("c@x", true), ("a@x", true)]);
+        assert_eq!(
+            users(&a),
+            vec![("b@x", false), ("c@x", true), ("a@x", true)]
+        );
         // Nothing new: an empty incremental answer.
         let again = l.answer(Some(a.cursor), false);
         assert!(!again.complete && again.changes.is_empty());
@@ -231,9 +240,36 @@ mod tests {
         }
         // The log holds 3 changes (versions 2..=4): a cursor at 0 is too old.
         assert!(l.answer(Some(start), false).complete);
-        assert!(!l.answer(Some(Cursor { epoch: 7, version: 1 }), false).complete);
-        assert!(l.answer(Some(Cursor { epoch: 8, version: 4 }), false).complete);
-        assert!(l.answer(Some(Cursor { epoch: 7, version: 9 }), false).complete);
+        assert!(
+            !l.answer(
+                Some(Cursor {
+                    epoch: 7,
+                    version: 1
+                }),
+                false
+            )
+            .complete
+        );
+        assert!(
+            l.answer(
+                Some(Cursor {
+                    epoch: 8,
+                    version: 4
+                }),
+                false
+            )
+            .complete
+        );
+        assert!(
+            l.answer(
+                Some(Cursor {
+                    epoch: 7,
+                    version: 9
+                }),
+                false
+            )
+            .complete
+        );
         assert_eq!(l.len(), 4);
     }
 

@@ -98,7 +98,11 @@ pub struct Service {
 
 impl Service {
     fn me(&self) -> String {
-        (self.config)().intercluster.name.clone().unwrap_or_default()
+        (self.config)()
+            .intercluster
+            .name
+            .clone()
+            .unwrap_or_default()
     }
 
     /// The listed peer `from` claims to be, after checking its certificate; `Ok(None)`: we do
@@ -162,7 +166,11 @@ impl Intercluster for Service {
     ) -> Result<tonic::Response<UserStream>, tonic::Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let req = request.into_inner();
-        if self.identify(&req.from_cluster, caller.as_ref()).await?.is_none() {
+        if self
+            .identify(&req.from_cluster, caller.as_ref())
+            .await?
+            .is_none()
+        {
             super::SERVED.with_label_values(&["refused"]).inc();
             return Err(tonic::Status::permission_denied(format!(
                 "cluster `{}` is not listed in [[intercluster.peer]] of cluster `{}`: add it \
@@ -401,8 +409,7 @@ pub async fn fetch(
         }
     };
     let me = cfg.intercluster.name.clone().unwrap_or_default();
-    let mut client = InterclusterClient::new(channel)
-        .max_decoding_message_size(16 << 20);
+    let mut client = InterclusterClient::new(channel).max_decoding_message_size(16 << 20);
     match client
         .hello(proto::HelloRequest {
             from_cluster: me.clone(),
@@ -453,7 +460,13 @@ async fn receive(
         let batch = match stream.message().await {
             Ok(Some(b)) => b,
             Ok(None) => return Err("the peer's answer was cut (no last batch)".into()),
-            Err(s) => return Err(format!("the peer's answer failed: {}: {}", s.code(), s.message())),
+            Err(s) => {
+                return Err(format!(
+                    "the peer's answer failed: {}: {}",
+                    s.code(),
+                    s.message()
+                ))
+            }
         };
         if first {
             got.complete = batch.complete;
@@ -529,7 +542,9 @@ async fn dial(
             }
             Err(_) => {
                 *certificate = "failed: handshake timed out".into();
-                Err(format!("TLS with {a}: no handshake within {CONNECT_TIMEOUT:?}"))
+                Err(format!(
+                    "TLS with {a}: no handshake within {CONNECT_TIMEOUT:?}"
+                ))
             }
         };
     }

@@ -62,6 +62,8 @@ pub struct PeerStatus {
     pub cursor: Option<Cursor>,
     pub restarts: u64,
     pub alarm: bool,
+    /// Attempts that ended (succeeded or failed) since this peer was first synced.
+    pub syncs: u64,
 }
 
 /// The running peering of this node.
@@ -90,7 +92,9 @@ pub async fn start(
     let tls = match cfg.intercluster.transport {
         InterclusterTransport::Tls => Some(IcTls::from_config(&cfg)?),
         InterclusterTransport::Tcp => {
-            tracing::warn!("intercluster.transport = \"tcp\": the intercluster link is plaintext (labs only)");
+            tracing::warn!(
+                "intercluster.transport = \"tcp\": the intercluster link is plaintext (labs only)"
+            );
             None
         }
     };
@@ -103,7 +107,10 @@ pub async fn start(
         config: {
             let hub = Arc::downgrade(&hub);
             let fallback = cfg.clone();
-            Arc::new(move || hub.upgrade().map_or_else(|| fallback.clone(), |h| h.config()))
+            Arc::new(move || {
+                hub.upgrade()
+                    .map_or_else(|| fallback.clone(), |h| h.config())
+            })
         },
         log: log.clone(),
         store: store.clone(),
@@ -318,7 +325,10 @@ async fn lead(
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     let mut running: HashMap<Arc<str>, tokio::task::AbortHandle> = HashMap::new();
     let mut role = cluster.as_ref().map(|c| c.watch_role());
-    tracing::info!(peers = names.len(), "intercluster sync agent running on this node");
+    tracing::info!(
+        peers = names.len(),
+        "intercluster sync agent running on this node"
+    );
     loop {
         agent.configure(settings(&ic.hub.config()));
         let now = Instant::now();
@@ -337,6 +347,7 @@ async fn lead(
                 let mut st = done.status;
                 if let Some(old) = statuses.get(&done.peer) {
                     st.restarts = old.restarts;
+                    st.syncs = old.syncs + 1;
                 }
                 st.alarm = agent.alarmed(&done.peer);
                 write_status(ic, &done.peer, &st).await;
@@ -742,7 +753,10 @@ impl super::AdminHook for Intercluster {
                         "agent_here": self.leading.load(Ordering::Acquire),
                     }),
                 ),
-                Err(e) => answer(503, serde_json::json!({"error": format!("state store: {e}")})),
+                Err(e) => answer(
+                    503,
+                    serde_json::json!({"error": format!("state store: {e}")}),
+                ),
             }
         })
     }
@@ -776,17 +790,16 @@ impl super::AdminHook for Intercluster {
             };
             match r {
                 Ok(v) => answer(200, v),
-                Err(e) => answer(503, serde_json::json!({"error": format!("state store: {e}")})),
+                Err(e) => answer(
+                    503,
+                    serde_json::json!({"error": format!("state store: {e}")}),
+                ),
             }
         })
     }
 
     fn lookup(&self, user: &str) -> Answer {
-        let ours = self
-            .log
-            .lock()
-            .map(|l| l.contains(user))
-            .unwrap_or(false);
+        let ours = self.log.lock().map(|l| l.contains(user)).unwrap_or(false);
         answer(
             200,
             serde_json::json!({

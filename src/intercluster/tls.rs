@@ -16,9 +16,7 @@ use std::sync::Arc;
 /// Why the link's TLS cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum IcTlsError {
-    #[error(
-        "intercluster.transport = \"tls\" needs tls.cert, tls.key and tls.trust_bundle"
-    )]
+    #[error("intercluster.transport = \"tls\" needs tls.cert, tls.key and tls.trust_bundle")]
     Missing,
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
