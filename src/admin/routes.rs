@@ -90,16 +90,16 @@ async fn force_config_update(State(s): State<AdminState>) -> Response {
 }
 
 /// The intercluster peering's operations, or why there are none here.
-fn intercluster(hub: &Hub) -> Result<Arc<dyn crate::intercluster::AdminHook>, Response> {
+fn intercluster(hub: &Hub) -> Result<Arc<dyn crate::intercluster::AdminHook>, Box<Response>> {
     hub.node_control()
         .and_then(|c| c.intercluster().cloned())
         .ok_or_else(|| {
-            node_json((
+            Box::new(node_json((
                 409,
                 serde_json::json!({"error": "intercluster peering does not run on this node: \
                     intercluster.listen is not set (or this legate was built without the \
                     `cluster` feature)"}),
-            ))
+            )))
         })
 }
 
@@ -107,7 +107,7 @@ fn intercluster(hub: &Hub) -> Result<Arc<dyn crate::intercluster::AdminHook>, Re
 async fn intercluster_force_sync(State(s): State<AdminState>, uri: Uri) -> Response {
     let ic = match intercluster(&s.hub) {
         Ok(ic) => ic,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (mut peer, mut full) = (None, false);
     for pair in uri
@@ -134,7 +134,7 @@ async fn intercluster_force_sync(State(s): State<AdminState>, uri: Uri) -> Respo
 async fn intercluster_users(State(s): State<AdminState>, uri: Uri) -> Response {
     let ic = match intercluster(&s.hub) {
         Ok(ic) => ic,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rest = uri
         .path()
@@ -156,7 +156,7 @@ async fn intercluster_users(State(s): State<AdminState>, uri: Uri) -> Response {
 async fn intercluster_lookup(State(s): State<AdminState>, uri: Uri) -> Response {
     let ic = match intercluster(&s.hub) {
         Ok(ic) => ic,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rest = uri
         .path()

@@ -563,7 +563,7 @@ mod tests {
         let s = starts(&a.poll(t0));
         a.finished("b", s[0].1, Outcome::Synced { cursor: cur(3) }, t0);
         let s = starts(&a.poll(t0 + MIN * 30));
-        assert_eq!(s[0].2, false);
+        assert!(!s[0].2);
         a.finished("b", s[0].1, Outcome::Failed, t0 + MIN * 30);
         assert_eq!(a.cursor("b"), Some(cur(3)));
         let next = a.poll(t0 + MIN * 60);

@@ -89,11 +89,17 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Unlisted callers recorded for the status at most: a name is the caller's word, so a
+/// flood of names must not grow the store.
+const MAX_CALLERS: usize = 64;
+
 /// The answering side: our users' log, and who we list.
 pub struct Service {
     pub config: Arc<dyn Fn() -> Arc<Config> + Send + Sync>,
     pub log: Arc<Mutex<ChangeLog>>,
     pub store: SharedStore,
+    /// What is recorded already (unlisted callers).
+    pub index: Arc<super::index::Index>,
 }
 
 impl Service {
@@ -120,6 +126,10 @@ impl Service {
         }
         let cfg = (self.config)();
         let Some(peer) = cfg.intercluster.peers.iter().find(|p| p.name == from) else {
+            let callers = self.index.callers();
+            if !callers.contains_key(from) && callers.len() >= MAX_CALLERS {
+                return Ok(None);
+            }
             let doc = serde_json::json!({
                 "last_seen": crate::ops::alarms::unix_now(),
                 "from": caller.map(|c| c.from.to_string()),

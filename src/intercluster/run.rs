@@ -104,6 +104,7 @@ pub async fn start(
     let index = Arc::new(Index::default());
     follow_index(&store, &index, shutdown.clone(), tasks).await?;
     let service = link::Service {
+        index: index.clone(),
         config: {
             let hub = Arc::downgrade(&hub);
             let fallback = cfg.clone();
@@ -599,8 +600,7 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
         .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string))
         .collect();
     let mut changes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
-    let users;
-    if r.complete {
+    let users = if r.complete {
         let new: HashSet<&str> = r
             .changes
             .iter()
@@ -617,7 +617,7 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
                 changes.push((keys::user(peer, u), None));
             }
         }
-        users = new.len();
+        new.len()
     } else {
         let mut now = existing.clone();
         for (u, removed) in &r.changes {
@@ -629,8 +629,8 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
                 changes.push((keys::user(peer, u), Some(Vec::new())));
             }
         }
-        users = now.len();
-    }
+        now.len()
+    };
     let mut failed = Vec::new();
     let mut rest = changes;
     while !rest.is_empty() {
