@@ -1283,6 +1283,13 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
             );
         }
         let (name, _) = name_token(ck, &p.name, "intercluster.peer.name");
+        if name == "all" {
+            ck.err(
+                p.name.span(),
+                "intercluster peer name `all` is reserved (the metrics' sum over every peer); \
+                 choose another",
+            );
+        }
         if let Some(first) = names.dup(name.clone(), &p.name.span()) {
             let line = ck.line(&first);
             ck.err(

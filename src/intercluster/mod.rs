@@ -105,7 +105,7 @@ pub(crate) static PEER_USERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     crate::metrics::gauge_vec(
         "legate_intercluster_peer_users",
         "Users each peer cluster contributed at its last good sync (peers from \
-         [[intercluster.peer]], at most 29)",
+         [[intercluster.peer]], at most 29), and their sum (peer=\"all\")",
         &["peer"],
     )
 });
@@ -138,7 +138,7 @@ pub fn register_metrics() {
     for a in ["complete", "incremental", "refused"] {
         SERVED.with_label_values(&[a]);
     }
-    LazyLock::force(&PEER_USERS);
+    PEER_USERS.with_label_values(&["all"]);
 }
 
 /// An admin answer: HTTP status and JSON body.

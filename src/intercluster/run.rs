@@ -305,11 +305,9 @@ async fn lead(
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         agent.set_cursor(n, st.cursor);
-        super::PEER_USERS
-            .with_label_values(&[n])
-            .set(i64::try_from(st.users).unwrap_or(i64::MAX));
         statuses.insert(n.clone(), st);
     }
+    count_users(&statuses);
     // Forced syncs asked while no node led, then those asked from now on.
     let mut forces = match ic.store.list(keys::FORCE).await {
         Ok(l) => {
@@ -353,6 +351,7 @@ async fn lead(
                 st.alarm = agent.alarmed(&done.peer);
                 write_status(ic, &done.peer, &st).await;
                 statuses.insert(done.peer.clone(), st);
+                count_users(&statuses);
             }
             ev = next_force(&mut forces) => {
                 match ev {
@@ -420,6 +419,20 @@ async fn take_force(ic: &Intercluster, agent: &mut Agent, key: &str, value: &[u8
     if let Err(e) = ic.store.delete(key).await {
         tracing::warn!(error = %e, "intercluster: cannot remove a handled forced-sync request");
     }
+}
+
+/// The users gauge of `peer`, and the sum over every peer.
+fn count_users(statuses: &BTreeMap<Arc<str>, PeerStatus>) {
+    let mut all = 0u64;
+    for (peer, st) in statuses {
+        all += st.users;
+        super::PEER_USERS
+            .with_label_values(&[peer])
+            .set(i64::try_from(st.users).unwrap_or(i64::MAX));
+    }
+    super::PEER_USERS
+        .with_label_values(&["all"])
+        .set(i64::try_from(all).unwrap_or(i64::MAX));
 }
 
 fn subject(peer: &str) -> String {
@@ -542,9 +555,6 @@ async fn sync_task(
             super::SYNC_SECONDS
                 .with_label_values(&[kind])
                 .observe(started.elapsed().as_secs_f64());
-            super::PEER_USERS
-                .with_label_values(&[&name])
-                .set(i64::try_from(applied.users).unwrap_or(i64::MAX));
             tracing::info!(peer = %name, kind, users = applied.users, transferred = applied.transferred, "intercluster: synced");
             st.in_sync = true;
             st.users = applied.users;
