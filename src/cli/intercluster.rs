@@ -25,18 +25,7 @@ pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCod
         Err(e) => return unreachable("status", e),
     };
     let ic = &doc["intercluster"];
-    let alarms: Vec<Value> = doc["alarms"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|x| {
-                    x["raised"].as_bool() == Some(true)
-                        && x["name"] == legate::intercluster::ALARM.as_str()
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let alarms = super::cluster::raised(&doc, |n| n == legate::intercluster::ALARM.as_str());
     if json {
         println!(
             "{}",
@@ -149,22 +138,7 @@ pub fn render(ic: &Value, alarms: &[Value]) -> String {
             s(&c["from"]),
         );
     }
-    if alarms.is_empty() {
-        let _ = writeln!(out, "alarms: none");
-    } else {
-        let _ = writeln!(out, "alarms:");
-        for a in alarms {
-            let _ = writeln!(
-                out,
-                "  {} [{}] {}: {}\n    do: {}",
-                s(&a["name"]),
-                s(&a["severity"]),
-                s(&a["subject"]),
-                s(&a["detail"]),
-                s(&a["action"])
-            );
-        }
-    }
+    super::cluster::render_alarms(&mut out, alarms);
     if let Some(n) = ic["not_built_yet"].as_array() {
         let _ = writeln!(
             out,

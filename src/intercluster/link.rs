@@ -17,9 +17,8 @@ use proto::intercluster_server::{Intercluster, InterclusterServer};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
@@ -48,46 +47,7 @@ pub struct Caller {
 }
 
 /// A caller's connection, as the gRPC server takes it.
-struct Conn {
-    io: Box<dyn Io>,
-    caller: Caller,
-}
-
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = Caller;
-
-    fn connect_info(&self) -> Caller {
-        self.caller.clone()
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+type Conn = crate::cluster::peer::Served<Box<dyn Io>, Caller>;
 
 /// Unlisted callers recorded for the status at most: a name is the caller's word, so a
 /// flood of names must not grow the store.
@@ -314,15 +274,15 @@ async fn accept_loop(
             let _ = tcp.set_nodelay(true);
             let conn = match acceptor {
                 None => Conn {
-                    io: Box::new(tcp),
-                    caller: Caller { from, names: None },
+                    inner: Box::new(tcp),
+                    info: Caller { from, names: None },
                 },
                 Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         let names = super::tls::peer_names(s.get_ref().1.peer_certificates());
                         Conn {
-                            io: Box::new(s),
-                            caller: Caller {
+                            inner: Box::new(s),
+                            info: Caller {
                                 from,
                                 names: Some(names),
                             },

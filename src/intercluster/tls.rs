@@ -5,12 +5,12 @@
 //! answering side checks that the caller's names the host of the address it lists for the
 //! cluster the caller says it is (a peer listed by IP address is accepted on its chain alone).
 
+use crate::cluster::peer::tls::OneKey;
 use crate::config::{Config, Host};
 use crate::tls::{load_certified_key, load_trust_bundle, name_matches, provider, PeerCert};
 use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
-use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, ServerConfig};
 use std::sync::Arc;
 
 /// Why the link's TLS cannot be set up.
@@ -110,25 +110,6 @@ pub fn describe(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>, no
             )
         }
         Err(_) => "valid (verified; expiry unreadable)".into(),
-    }
-}
-
-#[derive(Debug)]
-struct OneKey(Arc<CertifiedKey>);
-
-impl rustls::server::ResolvesServerCert for OneKey {
-    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
-impl rustls::client::ResolvesClientCert for OneKey {
-    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
     }
 }
 
