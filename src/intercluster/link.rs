@@ -27,6 +27,9 @@ use tonic::transport::Endpoint;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// TLS handshake of a caller.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the peer's next answer (its hello, or the next batch of users): a peer
+/// that stops answering fails the sync instead of holding it.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Users per streamed batch.
 pub const BATCH: usize = 1_000;
 /// Callers waiting for the gRPC server.
@@ -380,12 +383,14 @@ pub async fn fetch(
     };
     let me = cfg.intercluster.name.clone().unwrap_or_default();
     let mut client = InterclusterClient::new(channel).max_decoding_message_size(16 << 20);
-    match client
-        .hello(proto::HelloRequest {
-            from_cluster: me.clone(),
-        })
-        .await
-    {
+    let hello = client.hello(proto::HelloRequest {
+        from_cluster: me.clone(),
+    });
+    let Ok(hello) = tokio::time::timeout(ANSWER_TIMEOUT, hello).await else {
+        out.answer = Some(Err(format!("no answer to Hello within {ANSWER_TIMEOUT:?}")));
+        return out;
+    };
+    match hello {
         Ok(r) => {
             out.reachable = true;
             let r = r.into_inner();
@@ -419,15 +424,18 @@ async fn receive(
     client: &mut InterclusterClient<tonic::transport::Channel>,
     req: proto::SyncRequest,
 ) -> Result<Received, String> {
-    let mut stream = client
-        .users(req)
+    let mut stream = tokio::time::timeout(ANSWER_TIMEOUT, client.users(req))
         .await
+        .map_err(|_| format!("no answer to Users within {ANSWER_TIMEOUT:?}"))?
         .map_err(|s| format!("Users refused: {}: {}", s.code(), s.message()))?
         .into_inner();
     let mut got = Received::default();
     let mut first = true;
     loop {
-        let batch = match stream.message().await {
+        let next = tokio::time::timeout(ANSWER_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| format!("the peer sent nothing for {ANSWER_TIMEOUT:?}"))?;
+        let batch = match next {
             Ok(Some(b)) => b,
             Ok(None) => return Err("the peer's answer was cut (no last batch)".into()),
             Err(s) => {

@@ -257,10 +257,21 @@ async fn agent_duty(
         if *shutdown.borrow() {
             return;
         }
-        if is_leader(&cluster) && !ic.hub.config().intercluster.peers.is_empty() {
-            ic.leading.store(true, Ordering::Release);
-            lead(&ic, tls.as_ref(), &cluster, shutdown.clone()).await;
-            ic.leading.store(false, Ordering::Release);
+        if is_leader(&cluster) {
+            let listed: Vec<Arc<str>> = ic
+                .hub
+                .config()
+                .intercluster
+                .peers
+                .iter()
+                .map(|p| Arc::from(p.name.as_str()))
+                .collect();
+            forget_unlisted(&ic, &listed).await;
+            if !listed.is_empty() {
+                ic.leading.store(true, Ordering::Release);
+                lead(&ic, tls.as_ref(), &cluster, shutdown.clone()).await;
+                ic.leading.store(false, Ordering::Release);
+            }
         }
         match role.as_mut() {
             Some(r) => tokio::select! {
@@ -393,6 +404,43 @@ async fn lead(
         ic.hub.alarms().clear(ALARM, &subject(n));
     }
     tracing::info!("intercluster sync agent stopped on this node");
+}
+
+/// Removes what peers that are no longer listed contributed (and their status): their users
+/// must not be routed to a cluster we do not talk to.
+async fn forget_unlisted(ic: &Intercluster, names: &[Arc<str>]) {
+    let Ok(listing) = ic.store.list(keys::STATUS).await else {
+        return;
+    };
+    for e in listing.entries {
+        let Some(peer) = e.key.strip_prefix(keys::STATUS) else {
+            continue;
+        };
+        if names.iter().any(|n| &**n == peer) {
+            continue;
+        }
+        let prefix = keys::users_of(peer);
+        let users = match ic.store.list(&prefix).await {
+            Ok(l) => l.entries,
+            Err(_) => continue,
+        };
+        let mut gone: Vec<(String, Option<Vec<u8>>)> =
+            users.into_iter().map(|u| (u.key, None)).collect();
+        let n = gone.len();
+        gone.push((e.key.clone(), None));
+        let mut failed = 0;
+        for chunk in gone.chunks(WRITE_BATCH) {
+            failed += crate::store::write_batch(&ic.store, chunk.to_vec())
+                .await
+                .len();
+        }
+        tracing::info!(
+            peer,
+            users = n,
+            failed,
+            "intercluster: forgot a peer that is no longer listed"
+        );
+    }
 }
 
 async fn next_force(w: &mut Option<crate::store::Watch>) -> Option<crate::store::WatchEvent> {
@@ -596,6 +644,20 @@ struct Applied {
     cursor: Cursor,
 }
 
+/// `changes` in batches of [`WRITE_BATCH`]; what failed.
+async fn write_in_batches(
+    store: &SharedStore,
+    mut changes: Vec<(String, Option<Vec<u8>>)>,
+) -> Vec<(String, StoreError)> {
+    let mut failed = Vec::new();
+    while !changes.is_empty() {
+        let rest = changes.split_off(changes.len().min(WRITE_BATCH));
+        failed.extend(crate::store::write_batch(store, changes).await);
+        changes = rest;
+    }
+    failed
+}
+
 /// Writes a peer's answer to the store: a complete answer replaces its users, an incremental
 /// one is merged. Nothing is removed unless the peer said so (split brain).
 async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, String> {
@@ -641,13 +703,7 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
         }
         now.len()
     };
-    let mut failed = Vec::new();
-    let mut rest = changes;
-    while !rest.is_empty() {
-        let tail = rest.split_off(rest.len().min(WRITE_BATCH));
-        failed.extend(crate::store::write_batch(store, rest).await);
-        rest = tail;
-    }
+    let failed = write_in_batches(store, changes).await;
     if let Some((key, e)) = failed.first() {
         return Err(format!(
             "store: {} writes failed (first: {key}: {e}); the next sync tries again",

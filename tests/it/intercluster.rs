@@ -223,7 +223,7 @@ async fn users_sync_between_clusters_and_a_dead_peer_raises_the_alarm_until_it_i
     let cfg_b = config(dir_b.path(), &b, &[&a], &certs, &leaf_b, Some(&prosody_b))?;
     let cfg_a = config(dir_a.path(), &a, &[&b], &certs, &leaf_a, Some(&prosody_a))?;
     let mut node_b = start(&cfg_b)?;
-    let node_a = start(&cfg_a)?;
+    let mut node_a = start(&cfg_a)?;
     node_b
         .wait_output("B's component link", WAIT, |t| {
             t.contains("component partner.test connected")
@@ -349,6 +349,19 @@ async fn users_sync_between_clusters_and_a_dead_peer_raises_the_alarm_until_it_i
         Some(2.0)
     );
     assert!(m.contains("legate_intercluster_sync_seconds_bucket"), "{m}");
+
+    // A no longer lists B (restarted so): B's users are forgotten, not routed to a cluster A
+    // does not talk to.
+    node_a.kill();
+    let cfg_a = config(dir_a.path(), &a, &[], &certs, &leaf_a, Some(&prosody_a))?;
+    let node_a = start(&cfg_a)?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lookup(&node_a, "carol@example.test").await?["cluster"] != Value::Null {
+        if tokio::time::Instant::now() > deadline {
+            bail!("A still knows carol after dropping B:\n{}", node_a.output());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(node_b);
     Ok(())
 }
