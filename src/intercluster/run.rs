@@ -587,7 +587,7 @@ async fn sync_task(
         st.listed_by_peer = fetched.listed_by_peer;
     }
     let result = match fetched.answer {
-        Some(Ok(r)) => apply(&ic.store, &name, r).await,
+        Some(Ok(r)) => apply(&ic.store, &name, r, st.users).await,
         Some(Err(e)) => Err(e),
         None => Err("no answer".into()),
     };
@@ -660,19 +660,24 @@ async fn write_in_batches(
 
 /// Writes a peer's answer to the store: a complete answer replaces its users, an incremental
 /// one is merged. Nothing is removed unless the peer said so (split brain).
-async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, String> {
+async fn apply(
+    store: &SharedStore,
+    peer: &str,
+    r: Received,
+    users_before: u64,
+) -> Result<Applied, String> {
     let cursor = r.cursor.ok_or("the answer has no cursor")?;
-    let prefix = keys::users_of(peer);
-    let existing: HashSet<String> = store
-        .list(&prefix)
-        .await
-        .map_err(|e| format!("store: {e}"))?
-        .entries
-        .into_iter()
-        .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string))
-        .collect();
     let mut changes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
     let users = if r.complete {
+        let prefix = keys::users_of(peer);
+        let existing: HashSet<String> = store
+            .list(&prefix)
+            .await
+            .map_err(|e| format!("store: {e}"))?
+            .entries
+            .into_iter()
+            .filter_map(|e| e.key.strip_prefix(&prefix).map(str::to_string))
+            .collect();
         let new: HashSet<&str> = r
             .changes
             .iter()
@@ -689,19 +694,31 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
                 changes.push((keys::user(peer, u), None));
             }
         }
-        new.len()
+        new.len() as u64
     } else {
-        let mut now = existing.clone();
+        // Only the users that changed are looked at: an incremental sync costs what changed,
+        // not the size of the peer.
+        let mut last: HashMap<&str, bool> = HashMap::new();
         for (u, removed) in &r.changes {
-            if *removed {
-                if now.remove(u) {
-                    changes.push((keys::user(peer, u), None));
-                }
-            } else if now.insert(u.clone()) {
-                changes.push((keys::user(peer, u), Some(Vec::new())));
+            last.insert(u.as_str(), *removed);
+        }
+        let mut users = users_before;
+        for (u, removed) in last {
+            let key = keys::user(peer, u);
+            let exists = store
+                .get(&key)
+                .await
+                .map_err(|e| format!("store: {e}"))?
+                .is_some();
+            if removed && exists {
+                changes.push((key, None));
+                users = users.saturating_sub(1);
+            } else if !removed && !exists {
+                changes.push((key, Some(Vec::new())));
+                users += 1;
             }
         }
-        now.len()
+        users
     };
     let failed = write_in_batches(store, changes).await;
     if let Some((key, e)) = failed.first() {
@@ -712,7 +729,7 @@ async fn apply(store: &SharedStore, peer: &str, r: Received) -> Result<Applied, 
     }
     Ok(Applied {
         complete: r.complete,
-        users: users as u64,
+        users,
         transferred: r.changes.len() as u64,
         invalid: r.invalid as u64,
         cursor,
