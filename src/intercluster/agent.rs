@@ -292,6 +292,11 @@ impl Agent {
             .min()
     }
 
+    /// The attempt running with `peer`, if any.
+    pub fn running(&self, peer: &str) -> Option<u64> {
+        self.peers.get(peer).and_then(|p| p.running.map(|(a, _)| a))
+    }
+
     /// Whether the alarm is raised for `peer`.
     pub fn alarmed(&self, peer: &str) -> bool {
         self.peers.get(peer).is_some_and(|p| p.alarm)

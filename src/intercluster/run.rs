@@ -320,18 +320,7 @@ async fn lead(
     }
     count_users(&statuses);
     // Forced syncs asked while no node led, then those asked from now on.
-    let mut forces = match ic.store.list(keys::FORCE).await {
-        Ok(l) => {
-            for e in &l.entries {
-                take_force(ic, &mut agent, &e.key, &e.value).await;
-            }
-            ic.store.watch(keys::FORCE, l.revision + 1).await.ok()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "intercluster: cannot read forced syncs");
-            None
-        }
-    };
+    let mut forces = open_forces(ic, &mut agent).await;
     let (tx, mut rx) = mpsc::channel::<Done>(64);
     let mut running: HashMap<Arc<str>, tokio::task::AbortHandle> = HashMap::new();
     let mut role = cluster.as_ref().map(|c| c.watch_role());
@@ -351,6 +340,10 @@ async fn lead(
             .min(now + CONFIG_EVERY);
         tokio::select! {
             Some(done) = rx.recv() => {
+                // A cancelled attempt that ended anyway: its result is not the peer's state.
+                if agent.running(&done.peer) != Some(done.attempt) {
+                    continue;
+                }
                 running.remove(&done.peer);
                 let end = Instant::now();
                 agent.finished(&done.peer, done.attempt, done.outcome, end);
@@ -369,17 +362,7 @@ async fn lead(
                     Some(crate::store::WatchEvent::Put(e)) => take_force(ic, &mut agent, &e.key, &e.value).await,
                     Some(_) => {}
                     // The watch ended (resync): look again from the current state.
-                    None => {
-                        forces = match ic.store.list(keys::FORCE).await {
-                            Ok(l) => {
-                                for e in &l.entries {
-                                    take_force(ic, &mut agent, &e.key, &e.value).await;
-                                }
-                                ic.store.watch(keys::FORCE, l.revision + 1).await.ok()
-                            }
-                            Err(_) => None,
-                        };
-                    }
+                    None => forces = open_forces(ic, &mut agent).await,
                 }
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
@@ -440,6 +423,22 @@ async fn forget_unlisted(ic: &Intercluster, names: &[Arc<str>]) {
             failed,
             "intercluster: forgot a peer that is no longer listed"
         );
+    }
+}
+
+/// Hands the forced syncs waiting in the store to the agent, then watches for more.
+async fn open_forces(ic: &Intercluster, agent: &mut Agent) -> Option<crate::store::Watch> {
+    match ic.store.list(keys::FORCE).await {
+        Ok(l) => {
+            for e in &l.entries {
+                take_force(ic, agent, &e.key, &e.value).await;
+            }
+            ic.store.watch(keys::FORCE, l.revision + 1).await.ok()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "intercluster: cannot read forced syncs");
+            None
+        }
     }
 }
 
