@@ -528,3 +528,30 @@ async fn dial(
     }
     Err(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bare_jids_of_our_local_domains_enter_the_store() {
+        let cfg = crate::config::from_toml(
+            "[[local_domain]]\nname = \"example.com\"\n",
+            std::path::Path::new("t.toml"),
+            crate::config::BUILTIN_SYSTEMS,
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        assert!(local_user(&cfg, "bob@example.com"));
+        for bad in [
+            "bob@example.com/phone",
+            "bob@other.com",
+            "bob@sub.example.com",
+            "example.com",
+            "",
+            "bob@EXAMPLE.com",
+            &format!("{}@example.com", "x".repeat(600)),
+        ] {
+            assert!(!local_user(&cfg, bad), "{bad}");
+        }
+    }
+}

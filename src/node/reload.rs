@@ -489,4 +489,36 @@ default_system = "xmpp"
         let new = cfg("");
         assert!(restart_needed(&old, &new, false).is_empty());
     }
+
+    #[test]
+    fn the_sync_interval_applies_live_the_peers_need_a_restart() {
+        let base =
+            "[intercluster]\nname = \"a\"\nlisten = \"127.0.0.1:7401\"\ntransport = \"tcp\"\n";
+        let old = cfg(&format!(
+            "{base}[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.2:7401\"\n"
+        ));
+        let live = cfg(&format!(
+            "{base}sync_interval_mins = 60\nstuck_after_secs = 60\n[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.2:7401\"\n"
+        ));
+        assert!(restart_needed(&old, &live, false).is_empty());
+        let kept = keep_restart_only(&old, live);
+        assert_eq!(
+            (
+                kept.intercluster.sync_interval_mins,
+                kept.intercluster.stuck_after_secs
+            ),
+            (60, 60)
+        );
+        let moved = cfg(&format!(
+            "{base}[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.3:7401\"\n"
+        ));
+        assert_eq!(
+            restart_needed(&old, &moved, false),
+            vec!["intercluster.name, listen, transport and [[intercluster.peer]]".to_string()]
+        );
+        assert_eq!(
+            keep_restart_only(&old, moved).intercluster.peers,
+            old.intercluster.peers
+        );
+    }
 }
