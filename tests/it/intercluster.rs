@@ -426,8 +426,8 @@ async fn a_peer_that_no_longer_lists_us_and_a_wrong_certificate_show_in_the_stat
         text.contains("b still lists us but we no longer list it"),
         "{text}\n{s:#}"
     );
-    // c refused b's client certificate? No: b's is valid; c answered b as a listed peer would
-    // have, had b's handshake succeeded. c's own sync with b works (b's certificate is right).
+    // The refusal is b's, about c's certificate: c's own sync with b works (b's certificate
+    // names b's address).
     let s = wait_status(&node_c, "c's sync with b", |s| {
         peer(s, "b")["in_sync"] == true
     })
