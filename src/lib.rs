@@ -16,6 +16,8 @@
 //! - `node`: the composition root of `legate run` (everything built once before any port is
 //!   bound, then the edges), reload (SIGHUP, `legate reload`) and drain (`legate drain`, SIGTERM).
 //! - `cluster`: a cluster of nodes on etcd (membership, leader election, the node's stores).
+//! - `intercluster`: peering of clusters of one domain (issue 13): the link, the user sync
+//!   agent on the leader, the index of which peer cluster each of their users lives in.
 //! - `ops`: named alarms (home-node links, certificates, mapping reloads, partners), the
 //!   certificate checks behind them and `legate check`, systemd readiness.
 //! - `doctor`: `legate doctor DOMAIN`, the federation self-test (policy, DNS, TCP, TLS, SIP
@@ -29,6 +31,7 @@ pub mod diag;
 pub mod dns;
 pub mod doctor;
 pub mod gateway;
+pub mod intercluster;
 pub mod metrics;
 pub mod net;
 pub mod node;

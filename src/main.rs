@@ -182,6 +182,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Intercluster peering of a RUNNING node, through its admin endpoint.
+    Intercluster {
+        #[command(subcommand)]
+        cmd: InterclusterCmd,
+        /// The node's admin endpoint (host:port); default: `node.admin_listen` of --config,
+        /// else 127.0.0.1:9090.
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        /// The node's configuration, read for `node.admin_listen` only.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// Print the node's JSON answer as is.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Operations on a RUNNING cluster node, through its admin endpoint.
     Cluster {
         #[command(subcommand)]
@@ -197,6 +212,38 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum InterclusterCmd {
+    /// Each peer cluster: reachable, in sync, users it contributed, last sync start/end and
+    /// outcome, certificate status, whether it lists us; clusters that still list us but that
+    /// we no longer list; the sync alarm. Exit codes: 0 every peer in sync, 1 not, 2 the node
+    /// cannot be reached.
+    Status,
+    /// Sync with PEER (default: every peer) now, on the cluster leader; --full asks for the
+    /// complete user list instead of the changes since the last sync.
+    ForceSync {
+        peer: Option<String>,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Users this cluster contributes besides those its home nodes spoke for.
+    Users {
+        #[command(subcommand)]
+        cmd: InterclusterUsersCmd,
+    },
+    /// The peer cluster USER lives in, as this node knows it.
+    Lookup { user: String },
+}
+
+#[derive(Subcommand)]
+enum InterclusterUsersCmd {
+    /// Pin USER (a bare JID of a local domain) on HOME_NODE: written to the directory, so it
+    /// is routed there locally and announced to the peer clusters at their next sync.
+    Add { user: String, home_node: String },
+    /// Remove USER's directory entry: the peers forget it at their next sync.
+    Remove { user: String },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +356,27 @@ fn main() -> Result<ExitCode> {
         Cmd::Certs {
             cmd: CertsCmd::Dev { domains, out, days },
         } => Ok(cli::certs::run(&out, &domains, days)),
+        Cmd::Intercluster {
+            cmd,
+            admin,
+            config,
+            json,
+        } => {
+            let (a, c) = (admin.as_deref(), config.as_deref());
+            Ok(match cmd {
+                InterclusterCmd::Status => cli::intercluster::status(a, c, json),
+                InterclusterCmd::ForceSync { peer, full } => {
+                    cli::intercluster::force_sync(a, c, peer.as_deref(), full, json)
+                }
+                InterclusterCmd::Users {
+                    cmd: InterclusterUsersCmd::Add { user, home_node },
+                } => cli::intercluster::users(a, c, &user, Some(&home_node), json),
+                InterclusterCmd::Users {
+                    cmd: InterclusterUsersCmd::Remove { user },
+                } => cli::intercluster::users(a, c, &user, None, json),
+                InterclusterCmd::Lookup { user } => cli::intercluster::lookup(a, c, &user, json),
+            })
+        }
         Cmd::Cluster {
             cmd: ClusterCmd::Status,
             admin,

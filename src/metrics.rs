@@ -9,7 +9,10 @@
 //! used. The helpers are idempotent by name, so a family created here first and by its own
 //! module later is one family.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, Once};
 
@@ -20,6 +23,7 @@ enum Made {
     Counters(IntCounterVec),
     Gauges(IntGaugeVec),
     Gauge(IntGauge),
+    Histograms(HistogramVec),
 }
 
 /// Every family created so far, by name.
@@ -233,6 +237,7 @@ fn once(name: &str, make: impl FnOnce() -> Made) -> Made {
         Made::Counters(c) => Box::new(c.clone()),
         Made::Gauges(g) => Box::new(g.clone()),
         Made::Gauge(g) => Box::new(g.clone()),
+        Made::Histograms(h) => Box::new(h.clone()),
     };
     if let Err(e) = REGISTRY.register(boxed) {
         tracing::error!(metric = name, error = %e, "metric registration failed");
@@ -292,6 +297,39 @@ pub fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     }
 }
 
+/// Registers (once) and returns a histogram vector with `buckets` (seconds).
+pub fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let fallback = || {
+        #[allow(clippy::expect_used)]
+        HistogramVec::new(
+            HistogramOpts::new("legate_invalid_histogram", "fallback"),
+            labels,
+        )
+        .expect("static")
+    };
+    let make = || {
+        let h = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .unwrap_or_else(|e| {
+            tracing::error!(metric = name, error = %e, "invalid metric definition");
+            fallback()
+        });
+        for set in zero_sets(name, labels.len()) {
+            h.with_label_values(&set);
+        }
+        Made::Histograms(h)
+    };
+    match once(name, make) {
+        Made::Histograms(h) => h,
+        _ => {
+            tracing::error!(metric = name, "metric defined twice with two kinds");
+            fallback()
+        }
+    }
+}
+
 pub fn gauge(name: &str, help: &str) -> IntGauge {
     let make = || {
         Made::Gauge(IntGauge::new(name, help).unwrap_or_else(|e| {
@@ -323,6 +361,7 @@ pub fn register_all() {
         crate::xmpp::link::register_metrics();
         crate::store::embedded::register_metrics();
         crate::cluster::register_metrics();
+        crate::intercluster::register_metrics();
         // The mapping reloader's counter lives with the composition root, which keeps it in
         // a private static: created here by name (the helpers are idempotent).
         counter_vec(

@@ -9,6 +9,7 @@ use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub(super) fn router(state: AdminState) -> Router {
@@ -25,6 +26,15 @@ pub(super) fn router(state: AdminState) -> Router {
             "/cluster/force-config-update",
             axum::routing::post(force_config_update),
         )
+        .route(
+            "/intercluster/force-sync",
+            axum::routing::post(intercluster_force_sync),
+        )
+        .route(
+            "/intercluster/users/{*rest}",
+            axum::routing::post(intercluster_users),
+        )
+        .route("/intercluster/lookup/{*rest}", get(intercluster_lookup))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
@@ -79,6 +89,85 @@ async fn force_config_update(State(s): State<AdminState>) -> Response {
     node_json(crate::node::api::post_force_config_update(&s.hub).await)
 }
 
+/// The intercluster peering's operations, or why there are none here.
+fn intercluster(hub: &Hub) -> Result<Arc<dyn crate::intercluster::AdminHook>, Box<Response>> {
+    hub.node_control()
+        .and_then(|c| c.intercluster().cloned())
+        .ok_or_else(|| {
+            Box::new(node_json((
+                409,
+                serde_json::json!({"error": "intercluster peering does not run on this node: \
+                    intercluster.listen is not set (or this legate was built without the \
+                    `cluster` feature)"}),
+            )))
+        })
+}
+
+/// `POST /intercluster/force-sync?peer=NAME&full=true` (`legate intercluster force-sync`).
+async fn intercluster_force_sync(State(s): State<AdminState>, uri: Uri) -> Response {
+    let ic = match intercluster(&s.hub) {
+        Ok(ic) => ic,
+        Err(r) => return *r,
+    };
+    let (mut peer, mut full) = (None, false);
+    for pair in uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("peer", v)) => peer = percent_decode(v),
+            Some(("full", v)) => full = v == "true" || v == "1",
+            _ => {
+                return bad_request(format!(
+                    "unknown parameter `{}` (peer, full)",
+                    pair.chars().take(40).collect::<String>()
+                ))
+            }
+        }
+    }
+    node_json(ic.force_sync(peer, full).await)
+}
+
+/// `POST /intercluster/users/add/USER/HOME_NODE`, `POST /intercluster/users/remove/USER`.
+async fn intercluster_users(State(s): State<AdminState>, uri: Uri) -> Response {
+    let ic = match intercluster(&s.hub) {
+        Ok(ic) => ic,
+        Err(r) => return *r,
+    };
+    let rest = uri
+        .path()
+        .strip_prefix("/intercluster/users/")
+        .unwrap_or_default();
+    let segments: Option<Vec<String>> = rest.split('/').map(percent_decode).collect();
+    match segments.as_deref() {
+        Some([op, user, home]) if op == "add" => {
+            node_json(ic.users(true, user.clone(), Some(home.clone())).await)
+        }
+        Some([op, user]) if op == "remove" => node_json(ic.users(false, user.clone(), None).await),
+        _ => bad_request(
+            "expected /intercluster/users/add/USER/HOME_NODE or /intercluster/users/remove/USER",
+        ),
+    }
+}
+
+/// `GET /intercluster/lookup/USER`: the peer cluster USER lives in, as this node knows it.
+async fn intercluster_lookup(State(s): State<AdminState>, uri: Uri) -> Response {
+    let ic = match intercluster(&s.hub) {
+        Ok(ic) => ic,
+        Err(r) => return *r,
+    };
+    let rest = uri
+        .path()
+        .strip_prefix("/intercluster/lookup/")
+        .unwrap_or_default();
+    match percent_decode(rest) {
+        Some(user) => node_json(ic.lookup(&user)),
+        None => bad_request("broken percent-escape in the path"),
+    }
+}
+
 /// `POST /drain` (`legate drain`): starts draining.
 async fn drain(State(s): State<AdminState>) -> Response {
     node_json(crate::node::api::post_drain(&s.hub))
@@ -105,7 +194,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let allowed = match uri.path() {
         p if p.starts_with("/policy/") => "GET, or POST",
         "/drain" => "GET, or POST",
-        "/reload" | "/cluster/force-config-update" => "POST",
+        "/reload" | "/cluster/force-config-update" | "/intercluster/force-sync" => "POST",
+        p if p.starts_with("/intercluster/users/") => "POST",
         _ => "GET",
     };
     text(

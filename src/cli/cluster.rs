@@ -25,18 +25,7 @@ pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCod
         Err(e) => return unreachable(e),
     };
     let cluster = &doc["cluster"];
-    let alarms: Vec<Value> = doc["alarms"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|x| {
-                    x["raised"].as_bool() == Some(true)
-                        && x["name"].as_str().is_some_and(|n| n.starts_with("Cluster"))
-                })
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let alarms = raised(&doc, |n| n.starts_with("Cluster"));
     if json {
         println!(
             "{}",
@@ -50,6 +39,21 @@ pub fn status(admin: Option<&str>, config: Option<&Path>, json: bool) -> ExitCod
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The raised alarms of a `/status` document whose name `wanted` picks.
+pub(super) fn raised(doc: &Value, wanted: impl Fn(&str) -> bool) -> Vec<Value> {
+    doc["alarms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| {
+                    x["raised"].as_bool() == Some(true) && x["name"].as_str().is_some_and(&wanted)
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn healthy(c: &Value) -> bool {
@@ -160,6 +164,13 @@ pub fn render(c: &Value, alarms: &[Value], node: &Value) -> String {
             n.iter().map(s).collect::<Vec<_>>().join("; ")
         );
     }
+    render_alarms(&mut out, alarms);
+    out
+}
+
+/// The raised alarms of a status text, each with what to do (also `legate intercluster
+/// status`'s).
+pub(super) fn render_alarms(out: &mut String, alarms: &[Value]) {
     if alarms.is_empty() {
         let _ = writeln!(out, "alarms: none");
     } else {
@@ -176,7 +187,6 @@ pub fn render(c: &Value, alarms: &[Value], node: &Value) -> String {
             );
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod cluster;
 pub mod doctor;
+pub mod intercluster;
 pub mod node;
 pub mod policy;
 pub mod status;

@@ -81,7 +81,7 @@ pub(super) fn admin_addr(admin: Option<&str>, config: Option<&Path>) -> Result<S
 }
 
 /// Percent-encodes what is not safe in a path segment.
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~@+".contains(&b) {

@@ -278,11 +278,36 @@ pub enum Store {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterclusterConfig {
+    /// This cluster's name as its peers list it (set whenever peers are listed).
+    pub name: Option<String>,
+    /// This node's intercluster address (set whenever peers are listed).
+    pub listen: Option<SocketAddr>,
+    pub transport: InterclusterTransport,
     /// 30–1444 minutes, default 30 (requirements §5).
     pub sync_interval_mins: u32,
+    /// A sync that has not succeeded for this long raises the alarm (seed: 2 h).
+    pub stuck_after_secs: u64,
     /// Restart a stuck sync agent automatically.
     pub auto_recovery: bool,
     pub peers: Vec<InterclusterPeer>,
+}
+
+/// How clusters talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterclusterTransport {
+    /// Mutual TLS verified against `tls.trust_bundle` (the default).
+    Tls,
+    /// Plaintext: for labs only.
+    Tcp,
+}
+
+impl InterclusterTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterclusterTransport::Tls => "tls",
+            InterclusterTransport::Tcp => "tcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -401,10 +426,18 @@ impl Config {
         }
         if !self.intercluster.peers.is_empty() {
             notes.push(
-                "[intercluster] is accepted but not in effect yet: no user sync and no routing \
-                 to peer clusters"
+                "[intercluster]: user sync, peer status and the stuck-sync alarm are in effect \
+                 (with a legate built with the `cluster` feature); routing traffic to users of \
+                 peer clusters is not built yet"
                     .into(),
             );
+            if self.intercluster.transport == InterclusterTransport::Tcp {
+                notes.push(
+                    "intercluster.transport = \"tcp\": the intercluster link is plaintext and \
+                     unauthenticated (labs only; use \"tls\" in production)"
+                        .into(),
+                );
+            }
         }
         if !self.sip.federated_domains.is_empty()
             && self.listeners.sip_tls.is_none()

@@ -199,7 +199,11 @@ pub(crate) struct RawPeer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawIntercluster {
+    pub name: Option<S<String>>,
+    pub listen: Option<S<String>>,
+    pub transport: Option<S<String>>,
     pub sync_interval_mins: Option<S<i64>>,
+    pub stuck_after_secs: Option<S<i64>>,
     pub auto_recovery: Option<bool>,
     #[serde(default)]
     pub peer: Vec<RawClusterPeer>,

@@ -17,9 +17,9 @@ use super::types::{
 };
 use super::{
     ChatNode, ClusterConfig, ClusterPeer, Config, DnsConfig, HomeEndpoint, HomeNode,
-    InterclusterConfig, InterclusterPeer, Limits, Listeners, LocalDomain, MappingsConfig,
-    NodeConfig, SipConfig, SipFederatedDomain, Store, TlsConfig, XmppConfig, XmppFederatedDomain,
-    XmppFederation, MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
+    InterclusterConfig, InterclusterPeer, InterclusterTransport, Limits, Listeners, LocalDomain,
+    MappingsConfig, NodeConfig, SipConfig, SipFederatedDomain, Store, TlsConfig, XmppConfig,
+    XmppFederatedDomain, XmppFederation, MAX_CLUSTER_PEERS, MAX_INTERCLUSTER_PEERS,
 };
 use crate::diag::{line_col, Diagnostic, Diagnostics};
 
@@ -70,6 +70,8 @@ pub const LIMIT_RANGES: &[LimitRange] = &[
     lim("home_link_alarm_grace_secs", 30, 1, 3_600),
     lim("drain_grace_secs", 30, 1, 3_600),
     lim("intercluster.sync_interval_mins", 30, 30, 1_444),
+    // Seed 002: a periodic sync stuck for more than 2 h raises the alarm; tests scale it down.
+    lim("intercluster.stuck_after_secs", 7_200, 1, 86_400),
     // Seconds a dead node holds its leadership and its claims: failover takes about this long.
     lim("cluster.lease_ttl_secs", 5, 2, 60),
 ];
@@ -1281,6 +1283,13 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
             );
         }
         let (name, _) = name_token(ck, &p.name, "intercluster.peer.name");
+        if name == "all" {
+            ck.err(
+                p.name.span(),
+                "intercluster peer name `all` is reserved (the metrics' sum over every peer); \
+                 choose another",
+            );
+        }
         if let Some(first) = names.dup(name.clone(), &p.name.span()) {
             let line = ck.line(&first);
             ck.err(
@@ -1292,9 +1301,88 @@ fn intercluster(ck: &mut Ck<'_>, raw: &RawConfig) -> InterclusterConfig {
             peers.push(InterclusterPeer { name, address });
         }
     }
+    let stuck = ck.limit(
+        ic.and_then(|i| i.stuck_after_secs.as_ref()),
+        "intercluster.stuck_after_secs",
+    );
+    let transport = match ic.and_then(|i| i.transport.as_ref()) {
+        None => InterclusterTransport::Tls,
+        Some(t) => match t.get_ref().as_str() {
+            "tls" => InterclusterTransport::Tls,
+            "tcp" => InterclusterTransport::Tcp,
+            other => {
+                ck.err(
+                    t.span(),
+                    format!(
+                        "intercluster.transport = `{other}` is unknown: \"tls\" (mutual TLS, the \
+                         default) or \"tcp\" (plaintext, for labs only)"
+                    ),
+                );
+                InterclusterTransport::Tls
+            }
+        },
+    };
+    let name = ic
+        .and_then(|i| i.name.as_ref())
+        .map(|n| name_token(ck, n, "intercluster.name").0);
+    let listen = ic
+        .and_then(|i| i.listen.as_ref())
+        .and_then(|l| ck.listen(l, "intercluster.listen", false));
+    // What a listed peer needs to find and trust this cluster: pointed at the first peer.
+    if let Some(first) = ic.and_then(|i| i.peer.first()) {
+        let span = first.name.span();
+        if name.is_none() {
+            ck.err(
+                span.clone(),
+                "[[intercluster.peer]] is listed but intercluster.name is not set: add \
+                 `name = \"...\"` under [intercluster], this cluster's name as its peers list it",
+            );
+        }
+        if ic.is_some_and(|i| i.listen.is_none()) {
+            ck.err(
+                span.clone(),
+                "[[intercluster.peer]] is listed but intercluster.listen is not set: add \
+                 `listen = \"ip:port\"` under [intercluster], the address the peers' \
+                 [[intercluster.peer]] address points at",
+            );
+        }
+        if let Some(n) = &name {
+            if let Some(p) = peers.iter().find(|p| &p.name == n) {
+                ck.err(
+                    span.clone(),
+                    format!(
+                        "intercluster peer `{}` has this cluster's own name (intercluster.name): \
+                         list the other clusters only",
+                        p.name
+                    ),
+                );
+            }
+        }
+        let t = &raw.tls;
+        let has = |f: fn(&super::schema::RawTls) -> bool| t.as_ref().is_some_and(f);
+        if transport == InterclusterTransport::Tls
+            && !(has(|t| t.cert.is_some())
+                && has(|t| t.key.is_some())
+                && has(|t| t.trust_bundle.is_some()))
+        {
+            let at = ic
+                .and_then(|i| i.transport.as_ref())
+                .map_or(span, |t| t.span());
+            ck.err(
+                at,
+                "intercluster.transport = \"tls\" (the default) needs tls.cert and tls.key (this \
+                 node's certificate, presented to the peer clusters) and tls.trust_bundle (the CA \
+                 that signed theirs); or set transport = \"tcp\" in a lab",
+            );
+        }
+    }
     InterclusterConfig {
+        name,
+        listen,
+        transport,
         // In range 30..=1444 after `limit`, so the cast is exact.
         sync_interval_mins: sync as u32,
+        stuck_after_secs: u64::try_from(stuck).unwrap_or(7_200),
         auto_recovery: ic.and_then(|i| i.auto_recovery).unwrap_or(true),
         peers,
     }
@@ -1327,6 +1415,7 @@ mod tests {
             "im_sessions_per_domain",
             "sip_dial_backoff_max_secs",
             "intercluster.sync_interval_mins",
+            "intercluster.stuck_after_secs",
             "cluster.lease_ttl_secs",
         ] {
             assert_eq!(range_of(key).key, key);

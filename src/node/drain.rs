@@ -154,6 +154,7 @@ mod tests {
             last_reload: Mutex::new(None),
             drain_since: Mutex::new(None),
             replication: Default::default(),
+            intercluster: Default::default(),
         }
     }
 

@@ -64,6 +64,8 @@ pub enum NodeError {
     Sip(#[from] crate::sip::edge::EdgeError),
     #[error("s2s edge: {0}")]
     S2s(#[from] crate::xmpp::s2s::S2sError),
+    #[error("intercluster peering: {0}")]
+    Intercluster(String),
     #[error("cannot load the {what}: {source}")]
     Load {
         what: &'static str,
@@ -90,11 +92,19 @@ pub struct Control {
     drain_since: Mutex<Option<drain::Since>>,
     /// The cluster's configuration replication, once started.
     replication: std::sync::OnceLock<Arc<dyn reload::ReplicationHook>>,
+    /// The intercluster peering, once started.
+    intercluster: std::sync::OnceLock<Arc<dyn crate::intercluster::AdminHook>>,
 }
 
 impl std::fmt::Debug for dyn reload::ReplicationHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ReplicationHook")
+    }
+}
+
+impl std::fmt::Debug for dyn crate::intercluster::AdminHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InterclusterHook")
     }
 }
 
@@ -111,6 +121,11 @@ impl Control {
 
     pub fn replication(&self) -> Option<&Arc<dyn reload::ReplicationHook>> {
         self.replication.get()
+    }
+
+    /// The intercluster peering's admin operations, when it runs on this node.
+    pub fn intercluster(&self) -> Option<&Arc<dyn crate::intercluster::AdminHook>> {
+        self.intercluster.get()
     }
 }
 
@@ -173,6 +188,7 @@ impl Node {
             last_reload: Mutex::new(None),
             drain_since: Mutex::new(None),
             replication: std::sync::OnceLock::new(),
+            intercluster: std::sync::OnceLock::new(),
         });
         hub.set_node_control(control.clone());
         reload::register_metrics();
@@ -327,6 +343,7 @@ impl Node {
             what: "learned directory",
             source,
         })?;
+        start_intercluster(&hub, &control, &store, &cluster, &shutdown, &mut tasks).await?;
         tasks.spawn(admin.serve(listener, shutdown.clone()));
         if let (Some(dir), true) = (config.mappings.dir.clone(), config.mappings.reload) {
             tasks.spawn(mappings::watch_mappings(hub.clone(), dir, shutdown.clone()));
@@ -456,4 +473,47 @@ impl Node {
         .await;
         Ok(())
     }
+}
+
+/// The intercluster peering (issue 13), when `intercluster.listen` is set: its link is
+/// announced as `intercluster`, its status is under `intercluster` in `/status`.
+async fn start_intercluster(
+    hub: &Arc<Hub>,
+    control: &Arc<Control>,
+    store: &SharedStore,
+    cluster: &Option<crate::cluster::Cluster>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), NodeError> {
+    #[cfg(feature = "cluster")]
+    {
+        let started = crate::intercluster::start(
+            hub.clone(),
+            store.clone(),
+            cluster.clone(),
+            shutdown.clone(),
+            tasks,
+        )
+        .await
+        .map_err(|e| NodeError::Intercluster(e.to_string()))?;
+        if let Some(ic) = started {
+            announce("intercluster", ic.bound);
+            let status = ic.clone();
+            hub.add_status("intercluster", Arc::new(move || status.status_json()));
+            let _ = control.intercluster.set(ic);
+        }
+    }
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = (control, store, cluster, shutdown, tasks);
+        if hub.config().intercluster.listen.is_some() {
+            return Err(NodeError::Intercluster(
+                "[intercluster] needs a legate built with the `cluster` feature: `cargo build \
+                 --release --features cluster` (it needs protoc: apt-get install \
+                 protobuf-compiler)"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -42,7 +42,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "mappings.reload",
     "dns.nameservers",
     "[cluster]",
-    "[intercluster]",
+    "intercluster.name, listen, transport and [[intercluster.peer]]",
     "limits.sip_max_message_bytes",
     "limits.sip_max_header_bytes",
     "limits.sip_message_timeout_secs",
@@ -327,7 +327,13 @@ pub fn restart_needed(old: &Config, new: &Config, have_server_tls: bool) -> Vec<
     note(old.mappings != new.mappings, "[mappings]");
     note(old.dns != new.dns, "dns.nameservers");
     note(old.cluster != new.cluster, "[cluster]");
-    note(old.intercluster != new.intercluster, "[intercluster]");
+    // The interval, the stuck threshold and auto-recovery are read at each decision of the
+    // sync agent (the interval from the next sync on); the link itself is set up at start.
+    let (a, b) = (&old.intercluster, &new.intercluster);
+    note(
+        (&a.name, &a.listen, a.transport, &a.peers) != (&b.name, &b.listen, b.transport, &b.peers),
+        "intercluster.name, listen, transport and [[intercluster.peer]]",
+    );
     let (a, b) = (&old.limits, &new.limits);
     // The key name is built from the field, so the two can never disagree.
     macro_rules! start_only {
@@ -376,7 +382,10 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.mappings = old.mappings.clone();
     new.dns = old.dns.clone();
     new.cluster = old.cluster.clone();
-    new.intercluster = old.intercluster.clone();
+    new.intercluster.name = old.intercluster.name.clone();
+    new.intercluster.listen = old.intercluster.listen;
+    new.intercluster.transport = old.intercluster.transport;
+    new.intercluster.peers = old.intercluster.peers.clone();
     let (a, b) = (&old.limits, &mut new.limits);
     b.sip_max_message_bytes = a.sip_max_message_bytes;
     b.sip_max_header_bytes = a.sip_max_header_bytes;
@@ -479,5 +488,37 @@ default_system = "xmpp"
         let old = cfg("[[sip.federated_domain]]\nname = \"other.com\"\nsystem = \"lync\"\n");
         let new = cfg("");
         assert!(restart_needed(&old, &new, false).is_empty());
+    }
+
+    #[test]
+    fn the_sync_interval_applies_live_the_peers_need_a_restart() {
+        let base =
+            "[intercluster]\nname = \"a\"\nlisten = \"127.0.0.1:7401\"\ntransport = \"tcp\"\n";
+        let old = cfg(&format!(
+            "{base}[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.2:7401\"\n"
+        ));
+        let live = cfg(&format!(
+            "{base}sync_interval_mins = 60\nstuck_after_secs = 60\n[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.2:7401\"\n"
+        ));
+        assert!(restart_needed(&old, &live, false).is_empty());
+        let kept = keep_restart_only(&old, live);
+        assert_eq!(
+            (
+                kept.intercluster.sync_interval_mins,
+                kept.intercluster.stuck_after_secs
+            ),
+            (60, 60)
+        );
+        let moved = cfg(&format!(
+            "{base}[[intercluster.peer]]\nname = \"b\"\naddress = \"10.0.0.3:7401\"\n"
+        ));
+        assert_eq!(
+            restart_needed(&old, &moved, false),
+            vec!["intercluster.name, listen, transport and [[intercluster.peer]]".to_string()]
+        );
+        assert_eq!(
+            keep_restart_only(&old, moved).intercluster.peers,
+            old.intercluster.peers
+        );
     }
 }

@@ -54,10 +54,11 @@ pub enum AlarmName {
     ClusterConfigConflict,
     ClusterPrimaryMismatch,
     ClusterNodeNotInPeerList,
+    InterClusterSyncAgentPeerPeriodicSyncingFailure,
 }
 
 impl AlarmName {
-    pub const ALL: [AlarmName; 13] = [
+    pub const ALL: [AlarmName; 14] = [
         AlarmName::HomeNodeLinkDown,
         AlarmName::CertificateExpired,
         AlarmName::CertificateExpiring,
@@ -71,6 +72,7 @@ impl AlarmName {
         AlarmName::ClusterConfigConflict,
         AlarmName::ClusterPrimaryMismatch,
         AlarmName::ClusterNodeNotInPeerList,
+        AlarmName::InterClusterSyncAgentPeerPeriodicSyncingFailure,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +90,9 @@ impl AlarmName {
             AlarmName::ClusterConfigConflict => "ClusterConfigConflict",
             AlarmName::ClusterPrimaryMismatch => "ClusterPrimaryMismatch",
             AlarmName::ClusterNodeNotInPeerList => "ClusterNodeNotInPeerList",
+            AlarmName::InterClusterSyncAgentPeerPeriodicSyncingFailure => {
+                "InterClusterSyncAgentPeerPeriodicSyncingFailure"
+            }
         }
     }
 
@@ -99,7 +104,8 @@ impl AlarmName {
             | AlarmName::ClusterStoreUnreachable
             | AlarmName::ClusterReplicationFailed
             | AlarmName::ClusterPrimaryMismatch
-            | AlarmName::ClusterNodeNotInPeerList => Severity::Major,
+            | AlarmName::ClusterNodeNotInPeerList
+            | AlarmName::InterClusterSyncAgentPeerPeriodicSyncingFailure => Severity::Major,
             AlarmName::CertificateExpiring
             | AlarmName::MappingReloadRefused
             | AlarmName::ConfigReloadRefused
@@ -157,6 +163,16 @@ impl AlarmName {
             }
             AlarmName::ClusterPrimaryMismatch => {
                 "cluster.primary is not the same on every node: set the same node id on each                  peer and restart the nodes that were wrong. Until then this node keeps its                  running configuration."
+            }
+            AlarmName::InterClusterSyncAgentPeerPeriodicSyncingFailure => {
+                "The user sync with this peer cluster has not succeeded for \
+                 intercluster.stuck_after_secs; its users stay routable from the last good sync. \
+                 `legate intercluster status` shows why (reachable, certificate, listed by the \
+                 peer, last outcome): check that the peer's intercluster.listen is up and \
+                 reachable, that it lists this cluster under the name in our intercluster.name, \
+                 and that its certificate names its address and chains to tls.trust_bundle. \
+                 Then `legate intercluster force-sync PEER`; the alarm clears at the first good \
+                 sync."
             }
             AlarmName::ClusterNodeNotInPeerList => {
                 "Add this node to [[cluster.peers]] in the primary's file and in this node's                  (every peer lists every peer), then restart."

@@ -90,7 +90,14 @@ fn families_with_samples(metrics: &str) -> BTreeSet<String> {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| l.split(['{', ' ']).next())
-        .map(str::to_string)
+        // A histogram's samples are its family name with a suffix.
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).filter(|_| n.contains("_seconds")))
+                .unwrap_or(n)
+                .to_string()
+        })
         .collect()
 }
 

@@ -190,6 +190,7 @@ fn near_empty_file_gets_every_default() {
     );
     assert_eq!(l.delivery_timeout_secs, 30);
     assert_eq!(cfg.intercluster.sync_interval_mins, 30);
+    assert_eq!(cfg.intercluster.stuck_after_secs, 7_200);
     assert!(cfg.intercluster.auto_recovery);
     assert!(cfg.mappings.reload && cfg.mappings.dir.is_none());
     // No home node is legal but worth a note.
@@ -212,7 +213,7 @@ fn example_file_loads_cleanly_with_every_section() {
         .any(|n| n.starts_with("[cluster] is in effect")));
     assert!(notes
         .iter()
-        .any(|n| n.starts_with("[intercluster] is accepted but not in effect")));
+        .any(|n| n.starts_with("[intercluster]: user sync")));
     // Every optional section is present in the example, so each list has something in it.
     assert!(cfg.local_domains.len() >= 2);
     assert!(!cfg.sip.federated_domains.is_empty());
@@ -321,7 +322,11 @@ fn the_example_shows_every_key_of_the_schema() {
         "federation",
         "[cluster.address_map]",
         "[intercluster]",
+        "name",
+        "listen",
+        "transport",
         "sync_interval_mins",
+        "stuck_after_secs",
         "auto_recovery",
         "[[intercluster.peer]]",
         "[mappings]",
@@ -560,7 +565,10 @@ system = "teams"
 
 #[test]
 fn too_many_peer_clusters_are_refused() {
-    let mut src = String::from("[[local_domain]]\nname = \"example.com\"\n");
+    let mut src = String::from(
+        "[[local_domain]]\nname = \"example.com\"\n[intercluster]\nname = \"c0\"\n\
+         listen = \"127.0.0.1:7401\"\ntransport = \"tcp\"\n",
+    );
     for i in 1..=30 {
         src.push_str(&format!(
             "[[intercluster.peer]]\nname = \"c{i}\"\naddress = \"10.1.0.{i}:7401\"\n"
@@ -568,8 +576,8 @@ fn too_many_peer_clusters_are_refused() {
     }
     let errs = errors(&src);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    // The 30th peer's name: 2 header lines, then 3 lines per peer.
-    assert_eq!((errs[0].0, errs[0].1), (2 + 29 * 3 + 2, 8));
+    // The 30th peer's name: 6 header lines, then 3 lines per peer.
+    assert_eq!((errs[0].0, errs[0].1), (6 + 29 * 3 + 2, 8));
     assert!(errs[0].2.contains("at most 30 clusters"));
 }
 

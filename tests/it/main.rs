@@ -33,6 +33,8 @@ mod gateway_safety;
 mod golden_tables;
 mod group_chat;
 mod harness_prosody;
+#[cfg(feature = "cluster")]
+mod intercluster;
 mod interworking;
 mod lync_batched;
 mod mapping_properties;

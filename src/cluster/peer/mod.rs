@@ -792,30 +792,37 @@ async fn accept_loop(
             }
             CONNECTIONS.with_label_values(&["accepted"]).inc();
             let _ = tx
-                .send(Ok(PeerStream {
+                .send(Ok(Served {
                     inner: stream,
-                    from,
+                    info: from,
                 }))
                 .await;
         });
     }
 }
 
-/// A TLS connection on the clustering port, as the gRPC server takes it.
-struct PeerStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    from: SocketAddr,
+/// An accepted connection as a tonic server takes it: the stream, and what the handlers learn
+/// of its peer (`ConnectInfo`). The clustering port's are TLS streams with the peer's address;
+/// the intercluster link uses it too.
+pub(crate) struct Served<S, I> {
+    pub inner: S,
+    pub info: I,
 }
 
-impl tonic::transport::server::Connected for PeerStream {
-    type ConnectInfo = SocketAddr;
+/// A TLS connection on the clustering port.
+type PeerStream = Served<tokio_rustls::server::TlsStream<TcpStream>, SocketAddr>;
 
-    fn connect_info(&self) -> SocketAddr {
-        self.from
+impl<S: Send + 'static, I: Clone + Send + Sync + 'static> tonic::transport::server::Connected
+    for Served<S, I>
+{
+    type ConnectInfo = I;
+
+    fn connect_info(&self) -> I {
+        self.info.clone()
     }
 }
 
-impl AsyncRead for PeerStream {
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Served<S, I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -825,7 +832,7 @@ impl AsyncRead for PeerStream {
     }
 }
 
-impl AsyncWrite for PeerStream {
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Served<S, I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -168,9 +168,9 @@ fn self_signed_key(node_id: &str) -> Result<Arc<CertifiedKey>, PeerTlsError> {
     )))
 }
 
-/// This node's one certificate, as server and as client.
+/// This node's one certificate, as server and as client (the intercluster link uses it too).
 #[derive(Debug)]
-struct OneKey(Arc<CertifiedKey>);
+pub(crate) struct OneKey(pub Arc<CertifiedKey>);
 
 impl rustls::server::ResolvesServerCert for OneKey {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
