@@ -343,7 +343,8 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
     // configuration stays, ClusterReplicationFailed is raised, the record names the error.
     let key = format!("/legate/{CLUSTER}/config");
     let endpoints = etcd.endpoints().join(",");
-    let got = std::process::Command::new("etcdctl")
+    let etcdctl = crate::common::programs::require_program("etcdctl", "etcd-client");
+    let got = std::process::Command::new(&etcdctl)
         .args(["--endpoints", &endpoints, "get", "--print-value-only", &key])
         .env("ETCDCTL_API", "3")
         .output()
@@ -361,7 +362,7 @@ async fn the_primarys_configuration_is_live_on_every_subordinate_within_a_second
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64);
-    let put = std::process::Command::new("etcdctl")
+    let put = std::process::Command::new(&etcdctl)
         .args([
             "--endpoints",
             &endpoints,
