@@ -91,19 +91,15 @@ mod tests {
     fn notifier(call: &str) -> Box<Notifier> {
         let addr = |a: &str| crate::gateway::Address::parse(a).expect("address");
         Box::new(Notifier {
-            dialog: Dialog {
-                id: DialogId {
-                    call_id: call.into(),
-                    local_tag: "l".into(),
-                    remote_tag: "r".into(),
-                },
-                local_uri: "sip:u@example.com".into(),
-                remote_uri: "sip:w@partner.test".into(),
-                remote_target: "sip:w@192.0.2.1".into(),
-                route_set: Vec::new(),
-                local_cseq: 1,
-                remote_cseq: Some(1),
-            },
+            dialog: Dialog::new(
+                DialogId::new(call, "l", "r"),
+                "sip:u@example.com",
+                "sip:w@partner.test",
+                "sip:w@192.0.2.1",
+                Vec::new(),
+                1,
+                Some(1),
+            ),
             watcher: addr("w@partner.test"),
             presentity: addr("u@example.com"),
             domain: crate::config::Domain::parse("partner.test").expect("domain"),
@@ -124,13 +120,12 @@ mod tests {
         assert!(t.insert(notifier("a")).is_none());
         assert!(t.insert(notifier("b")).is_none());
         let a = notifier("a").dialog.id.clone();
-        let mut other = a.clone();
-        other.remote_tag = "x".into();
+        let other = DialogId::new(a.call_id(), a.local_tag(), "x");
         assert_eq!(t.get(&a).map(|n| n.dialog.id.clone()), Some(a.clone()));
         assert!(t.get(&other).is_none() && t.remove(&other).is_none());
         assert!(t.insert(notifier("a")).is_some(), "same id: replaced");
         assert_eq!(t.len(), 2);
-        let mut ids: Vec<_> = t.iter().map(|(id, _)| id.call_id.to_string()).collect();
+        let mut ids: Vec<_> = t.iter().map(|(id, _)| id.call_id().to_string()).collect();
         ids.sort();
         assert_eq!(ids, ["a", "b"]);
         assert!(t.remove(&a).is_some());
