@@ -1,5 +1,5 @@
-//! The embedded store, the single-node default: every key in memory, every change appended to
-//! a journal under the data directory (see `journal`) before it is acknowledged.
+//! The embedded store, the single-node default: an index of every key in memory, every change
+//! appended to a journal under the data directory (see `journal`) before it is acknowledged.
 //!
 //! Group commit: changes are applied in memory and framed into a shared buffer under one lock
 //! (so the journal order is the revision order); one writer thread takes the whole buffer,
@@ -15,7 +15,8 @@
 //! handed to the writer, from the batch or snapshot being written, else from the file (a
 //! `pread`, served by the page cache). A write that fails leaves its values in memory
 //! instead (see `relocate`), so nothing acknowledged or still applied is ever unreadable.
-//! Nor does it keep the keys: see `index` (found by hash, confirmed by reading the key back).
+//! Nor does it keep the keys: see `index` (found by hash, confirmed by reading the key back;
+//! `list` reads every key back in file order, a window at a time).
 
 use std::collections::VecDeque;
 use std::fs::File;
