@@ -131,11 +131,13 @@ impl Index {
 
     /// Adds a key known to be absent (loading a journal whose keys are already distinct).
     pub fn insert_new(&mut self, key: &str, s: Stored) {
-        let h = self.hash(key);
-        if self.main.contains_key(&h) {
-            self.collided.insert(key.into(), s);
-        } else {
-            self.main.insert(h, s);
+        match self.main.entry(self.hash(key)) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(key.into(), s);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(s);
+            }
         }
     }
 
