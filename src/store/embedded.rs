@@ -163,7 +163,7 @@ impl Source {
 
     /// The value of `s`.
     fn value(&self, s: &Stored) -> Result<Vec<u8>, StoreError> {
-        match &s.place {
+        match s {
             Place::Mem(m) => Ok(m.value.to_vec()),
             Place::Journal { at, len, .. } => self.read(*at, *len as usize),
         }
@@ -171,7 +171,7 @@ impl Source {
 
     /// Whether `s` is the entry of `key` (its key read back when only in the journal).
     fn is(&self, s: &Stored, key: &str) -> Result<bool, StoreError> {
-        match &s.place {
+        match s {
             Place::Mem(m) => Ok(*m.key == *key),
             Place::Journal { at, klen, .. } => {
                 let klen = usize::from(*klen);
@@ -183,29 +183,51 @@ impl Source {
         }
     }
 
-    /// Calls `f(n, key, value)` for every entry of `index`, `n` its position in
-    /// `index.values()`. Journal bytes are read in file order, a window at a time, not with
-    /// a read per key.
+    /// The (create, modified) revisions of `s`.
+    fn revisions(&self, s: &Stored) -> Result<(Revision, Revision), StoreError> {
+        match s {
+            Place::Mem(m) => Ok((m.create, m.modified)),
+            Place::Journal { at, klen, .. } => {
+                let back = journal::put_revisions_back(usize::from(*klen)) as u64;
+                let b = self.read(at - back, 16)?;
+                journal::put_revisions(&b).ok_or_else(|| self.corrupt(at - back))
+            }
+        }
+    }
+
+    fn corrupt(&self, offset: u64) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone().unwrap_or_default(),
+            offset,
+            reason: "put record unreadable",
+        }
+    }
+
+    /// Calls `f(n, key, value, create, modified)` for every entry of `index`, `n` its
+    /// position in `index.values()`. Journal bytes are read in file order, a window at a
+    /// time, not with a read per key.
     fn visit(
         &self,
         index: &Index,
-        mut f: impl FnMut(usize, &Stored, &str, &[u8]),
+        mut f: impl FnMut(usize, &str, &[u8], Revision, Revision),
     ) -> Result<(), StoreError> {
         let mut spans = Vec::new();
         for (n, s) in index.values().enumerate() {
-            match &s.place {
-                Place::Mem(m) => f(n, s, &m.key, &m.value),
+            match s {
+                Place::Mem(m) => f(n, &m.key, &m.value, m.create, m.modified),
                 Place::Journal { at, len, klen } => {
-                    let start = at - u64::from(*klen);
-                    spans.push((start, usize::from(*klen), *len as usize, n, s));
+                    let klen = usize::from(*klen);
+                    let start = at - journal::put_revisions_back(klen) as u64;
+                    spans.push((start, klen, *len as usize, n));
                 }
             }
         }
         spans.sort_unstable_by_key(|sp| sp.0);
         let mut window: Vec<u8> = Vec::new();
         let mut window_at = 0u64;
-        for (start, klen, len, n, s) in spans {
-            let total = klen + len;
+        for (start, klen, len, n) in spans {
+            let head = journal::put_revisions_back(klen);
+            let total = head + len;
             let bytes = match self.in_memory(start, total) {
                 Some(b) => b,
                 None => {
@@ -221,12 +243,13 @@ impl Source {
                         .ok_or_else(|| self.io(std::io::ErrorKind::UnexpectedEof.into()))?
                 }
             };
-            let key = std::str::from_utf8(&bytes[..klen]).map_err(|_| StoreError::Corrupt {
-                path: self.path.clone().unwrap_or_default(),
-                offset: start,
-                reason: "key is not UTF-8",
-            })?;
-            f(n, s, key, &bytes[klen..]);
+            let (create, modified) =
+                journal::put_revisions(bytes).ok_or_else(|| self.corrupt(start))?;
+            let key = bytes
+                .get(head - klen..head)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .ok_or_else(|| self.corrupt(start))?;
+            f(n, key, &bytes[head..], create, modified);
         }
         Ok(())
     }
@@ -264,21 +287,30 @@ impl State {
     fn relocate(&mut self, from: u64, buf: &[u8], file_len: u64) {
         let end = from + buf.len() as u64;
         for s in self.map.values_mut() {
-            if let Place::Journal { at, len, klen } = s.place {
+            if let Place::Journal { at, len, klen } = *s {
                 if at >= from && at < end {
+                    // The whole record is in `buf`: revisions, key, value.
                     let i = (at - from) as usize;
+                    let klen = usize::from(klen);
                     let key = i
-                        .checked_sub(usize::from(klen))
+                        .checked_sub(klen)
                         .and_then(|k| buf.get(k..i))
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .unwrap_or_default();
+                    let (create, modified) = i
+                        .checked_sub(journal::put_revisions_back(klen))
+                        .and_then(|r| buf.get(r..r + 16))
+                        .and_then(journal::put_revisions)
+                        .unwrap_or_default();
                     let value = buf.get(i..i + len as usize).unwrap_or_default();
-                    s.place = Place::Mem(Box::new(MemEntry {
+                    *s = Place::Mem(Box::new(MemEntry {
                         key: key.into(),
                         value: value.into(),
+                        create,
+                        modified,
                     }));
                 } else if at >= end {
-                    s.place = Place::Journal {
+                    *s = Place::Journal {
                         at: at - end + file_len,
                         len,
                         klen,
@@ -293,11 +325,12 @@ impl State {
 
     /// The entry of `s` under `key`, its value read back.
     fn entry(&self, key: &str, s: &Stored) -> Result<Entry, StoreError> {
+        let (create, modified) = self.src.revisions(s)?;
         Ok(Entry {
             key: key.to_string(),
             value: self.src.value(s)?,
-            create_revision: s.create,
-            mod_revision: s.modified,
+            create_revision: create,
+            mod_revision: modified,
         })
     }
 }
@@ -339,16 +372,11 @@ impl Embedded {
                         _ => Place::Mem(Box::new(MemEntry {
                             key: key.as_str().into(),
                             value: value.into(),
-                        })),
-                    };
-                    live.insert(
-                        key,
-                        Stored {
-                            place,
                             create,
                             modified,
-                        },
-                    );
+                        })),
+                    };
+                    live.insert(key, place);
                 }
                 Record::Delete { key, revision: r } => {
                     revision = revision.max(r);
@@ -363,7 +391,7 @@ impl Embedded {
             ..State::default()
         };
         for (k, s) in live {
-            st.live_bytes += framed_put_len(&k, s.place.value_len());
+            st.live_bytes += framed_put_len(&k, s.value_len());
             st.map.insert_new(&k, s);
         }
         st.src.pending_at = file.len;
@@ -461,7 +489,7 @@ impl Embedded {
             return Err(StoreError::Closed);
         }
         let (spot, found) = st.find(key)?;
-        let current = found.map(|s| (s.create, s.modified));
+        let current = found.map(|s| st.src.revisions(s)).transpose()?;
         if let Some(expected) = expected {
             if current.map(|(_, m)| m) != expected {
                 let now = match found {
@@ -487,6 +515,8 @@ impl Embedded {
             _ => Place::Mem(Box::new(MemEntry {
                 key: key.into(),
                 value: value.as_slice().into(),
+                create,
+                modified: rev,
             })),
         };
         let ack = self.enqueue(st, |out| {
@@ -499,13 +529,8 @@ impl Embedded {
             mod_revision: rev,
         };
         st.live_bytes += new_len;
-        let stored = Stored {
-            place,
-            create,
-            modified: rev,
-        };
-        if let Some(old) = st.map.put_at(key, spot, stored) {
-            st.live_bytes -= framed_put_len(key, old.place.value_len());
+        if let Some(old) = st.map.put_at(key, spot, place) {
+            st.live_bytes -= framed_put_len(key, old.value_len());
         }
         publish(st, rev, WatchEvent::Put(entry));
         Ok((Cas::Swapped(rev), ack))
@@ -549,9 +574,9 @@ fn snapshot(st: &mut State) -> Option<Arc<Vec<u8>>> {
     journal::encode_revision(&mut snap, st.revision);
     let mut places: Vec<Option<Place>> =
         std::iter::repeat_with(|| None).take(st.map.len()).collect();
-    let visited = st.src.visit(&st.map, |n, s, key, value| {
+    let visited = st.src.visit(&st.map, |n, key, value, create, modified| {
         let at = journal::HEADER + (snap.len() + journal::put_value_offset(key)) as u64;
-        journal::encode_put(&mut snap, key, value, s.create, s.modified);
+        journal::encode_put(&mut snap, key, value, create, modified);
         if let (Ok(len), Ok(klen), Some(p)) = (
             u32::try_from(value.len()),
             u16::try_from(key.len()),
@@ -566,7 +591,7 @@ fn snapshot(st: &mut State) -> Option<Arc<Vec<u8>>> {
     }
     for (s, p) in st.map.values_mut().zip(places) {
         if let Some(p) = p {
-            s.place = p;
+            *s = p;
         }
     }
     // Everything pending is already in the map: the snapshot subsumes it.
@@ -668,13 +693,13 @@ impl Store for Embedded {
             let st = self.lock();
             // The index keeps no keys (see `index`): every key is read back, in file order.
             let mut entries = Vec::new();
-            st.src.visit(&st.map, |_, s, key, value| {
+            st.src.visit(&st.map, |_, key, value, create, modified| {
                 if key.starts_with(prefix) {
                     entries.push(Entry {
                         key: key.to_string(),
                         value: value.to_vec(),
-                        create_revision: s.create,
-                        mod_revision: s.modified,
+                        create_revision: create,
+                        mod_revision: modified,
                     });
                 }
             })?;
@@ -712,7 +737,7 @@ impl Store for Embedded {
                     (_, None) => return Ok(None),
                 };
                 if let Some(old) = st.map.remove_at(key, spot) {
-                    st.live_bytes -= framed_put_len(key, old.place.value_len());
+                    st.live_bytes -= framed_put_len(key, old.value_len());
                 }
                 let rev = st.revision + 1;
                 st.revision = rev;
@@ -795,35 +820,38 @@ pub fn register_metrics() {
 mod tests {
     use super::*;
 
-    fn journal(at: u64, len: u32) -> Stored {
-        Stored {
-            place: Place::Journal { at, len, klen: 1 },
-            create: 1,
-            modified: 1,
-        }
-    }
-
     #[test]
     fn a_failed_write_keeps_its_entries_in_memory_and_moves_later_ones_back() {
         let mut st = State::default();
-        // A batch of 10 bytes meant for offset 100 failed; the file still ends at 100. Key
-        // `a` was in it, `b` was queued after it (pending starts at 110), `c` was in the file.
-        let batch: Vec<u8> = vec![0, 1, 2, b'a', 4, 5, 6, 7, 8, 9];
-        st.map.insert_new("a", journal(104, 3));
-        st.map.insert_new("b", journal(111, 2));
-        st.map.insert_new("c", journal(50, 4));
-        st.src.pending = vec![b'b', 7, 8];
-        st.src.pending_at = 110;
+        // A batch meant for offset 100 failed; the file still ends at 100. Key `a` was in it,
+        // `b` was queued after it, `c` was in the file (not readable here: no file).
+        let mut batch = Vec::new();
+        journal::encode_put(&mut batch, "a", &[4, 5, 6], 1, 2);
+        let a_at = 100 + journal::put_value_offset("a") as u64;
+        let pending_at = 100 + batch.len() as u64;
+        journal::encode_put(&mut st.src.pending, "b", &[7, 8], 3, 3);
+        let b_at = pending_at + journal::put_value_offset("b") as u64;
+        let place = |at, len| Place::Journal { at, len, klen: 1 };
+        st.map.insert_new("a", place(a_at, 3));
+        st.map.insert_new("b", place(b_at, 2));
+        st.map.insert_new("c", place(50, 4));
+        st.src.pending_at = pending_at;
         st.relocate(100, &batch, 100);
         assert_eq!(st.src.pending_at, 100);
-        let read = |st: &State, k: &str| -> Result<Option<Vec<u8>>, StoreError> {
+        let read = |st: &State, k: &str| -> Result<Option<Entry>, StoreError> {
             match st.find(k)? {
-                (_, Some(s)) => st.src.value(s).map(Some),
+                (_, Some(s)) => st.entry(k, s).map(Some),
                 (_, None) => Ok(None),
             }
         };
-        assert_eq!(read(&st, "a").ok(), Some(Some(vec![4, 5, 6])));
-        assert_eq!(read(&st, "b").ok(), Some(Some(vec![7, 8])));
+        let got = |k| {
+            read(&st, k)
+                .ok()
+                .flatten()
+                .map(|e| (e.value, e.create_revision, e.mod_revision))
+        };
+        assert_eq!(got("a"), Some((vec![4, 5, 6], 1, 2)));
+        assert_eq!(got("b"), Some((vec![7, 8], 3, 3)));
         // Not in memory and no file to read it from: an error, never another key's bytes.
         assert!(matches!(read(&st, "c"), Err(StoreError::Io { .. })));
     }

@@ -2,11 +2,12 @@
 //! key, without the key itself in memory.
 //!
 //! Issue 11 item 10 (a million foreign subscriptions in under 1 GiB): a map from each key as
-//! its own `String` to its place cost ~130 bytes per key (two keys per subscription: the
-//! dialog record and the consent approval). A put record holds the key right before its value
-//! (`journal`), so the index keeps only the hash and the place; whoever asks for a key
-//! confirms a hit by reading the stored key back (`is`: verify on read), so two keys sharing
-//! a hash are never confused. The second key of a hash shared by two is kept with its key in
+//! its own `String` to its place and revisions cost ~130 bytes per key (two keys per
+//! subscription: the dialog record and the consent approval). A put record holds the
+//! revisions and the key right before its value (`journal`), so the index keeps only the hash
+//! and the place (24 bytes a slot); whoever asks for a key confirms a hit by reading the
+//! stored key back (`is`: verify on read), so two keys sharing a hash are never confused, and
+//! reads the revisions back with it. The second key of a hash shared by two is kept with its key in
 //! memory (`collided`, empty but for a collision of 64 keyed bits). Ordered listings read
 //! every key back (`Source::visit` in embedded.rs): `list` is for start-up and resync, not the
 //! hot path, which uses `get`/`put`/`delete`.
@@ -16,26 +17,25 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use super::{Revision, StoreError};
 
-/// One key's entry.
-pub(super) struct Stored {
-    pub place: Place,
-    pub create: Revision,
-    pub modified: Revision,
-}
-
-/// Where a key and its value are.
+/// Where a key, its revisions and its value are.
 pub(super) enum Place {
     /// Memory-only store, or a change whose journal write failed.
     Mem(Box<MemEntry>),
     /// In the journal: the value's `len` bytes at byte `at` (file offset, or past the file's
-    /// end: not written yet), right after the key's `klen` bytes.
+    /// end: not written yet), right after the key's `klen` bytes (and before them the
+    /// revisions, see `journal::put_revisions_back`).
     Journal { at: u64, len: u32, klen: u16 },
 }
 
 pub(super) struct MemEntry {
     pub key: Box<str>,
     pub value: Box<[u8]>,
+    pub create: Revision,
+    pub modified: Revision,
 }
+
+/// What the index holds per key.
+pub(super) type Stored = Place;
 
 impl Place {
     pub fn value_len(&self) -> usize {
@@ -161,18 +161,16 @@ mod tests {
     use super::*;
 
     fn mem(key: &str, v: u8) -> Stored {
-        Stored {
-            place: Place::Mem(Box::new(MemEntry {
-                key: key.into(),
-                value: vec![v].into(),
-            })),
+        Place::Mem(Box::new(MemEntry {
+            key: key.into(),
+            value: vec![v].into(),
             create: 1,
             modified: 1,
-        }
+        }))
     }
 
     fn key_of(s: &Stored) -> &str {
-        match &s.place {
+        match s {
             Place::Mem(m) => &m.key,
             Place::Journal { .. } => "",
         }
@@ -180,7 +178,7 @@ mod tests {
 
     fn value(ix: &Index, key: &str) -> Option<u8> {
         let (_, s) = ix.find(key, |s| Ok(key_of(s) == key)).expect("find");
-        match &s?.place {
+        match s? {
             Place::Mem(m) => m.value.first().copied(),
             Place::Journal { .. } => None,
         }
@@ -194,6 +192,12 @@ mod tests {
     fn remove(ix: &mut Index, key: &str) -> bool {
         let (spot, s) = ix.find(key, |s| Ok(key_of(s) == key)).expect("find");
         s.is_some() && ix.remove_at(key, spot).is_some()
+    }
+
+    /// Two slots per foreign subscription (its record and its consent approval).
+    #[test]
+    fn a_slot_is_a_hash_and_a_place() {
+        assert_eq!(std::mem::size_of::<(u64, Stored)>(), 24);
     }
 
     #[test]
