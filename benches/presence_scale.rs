@@ -5,7 +5,11 @@
 //!
 //! The foreign side is a Lync-like edge in this process over plain TCP from the federated
 //! domain's static route address (`msrtc` bodies): it pipelines SUBSCRIBEs (at most `WINDOW`
-//! unanswered) and answers every NOTIFY 200 at once. The home node is a XEP-0114 server in this
+//! not yet set up) and answers every NOTIFY 200 at once. The window counts subscriptions up
+//! to their active NOTIFY, not to their 200: counted to the 200, the approvals' NOTIFYs were
+//! not bounded by it, and under load a burst of them outran this process's reading by more
+//! than Legate queues for a peer (`OUT_QUEUE_BYTES`, 4 MiB), so Legate closed the connection
+//! as a peer that stopped reading and the run stalled with the window exhausted. The home node is a XEP-0114 server in this
 //! process that behaves as an XMPP server whose users have approved their watchers: it answers
 //! each `subscribe` with `subscribed` and the user's current presence (away), and each probe
 //! with that presence. A subscription counts as set up when its dialog received an active
@@ -131,7 +135,7 @@ sip_transactions_per_domain = {window2}
         match tokio::time::timeout(LIMIT, permits.acquire()).await {
             Ok(p) => p?.forget(),
             Err(_) => bail!(
-                "gave up after {LIMIT:?}: {window} SUBSCRIBEs unanswered after {i} sent, {} set up",
+                "gave up after {LIMIT:?}: {window} subscriptions not set up after {i} sent, {} set up",
                 counters.set_up_n.load(Ordering::Relaxed)
             ),
         }
@@ -224,8 +228,8 @@ async fn writer(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Unbounded
     }
 }
 
-/// Reads Legate's responses and NOTIFYs, answers each NOTIFY 200, frees a window slot per final
-/// SUBSCRIBE response and counts dialogs per phase.
+/// Reads Legate's responses and NOTIFYs, answers each NOTIFY 200, frees a window slot per
+/// subscription set up (or refused) and counts dialogs per phase.
 async fn reader(
     mut rd: tokio::net::tcp::OwnedReadHalf,
     out: mpsc::UnboundedSender<Vec<u8>>,
@@ -239,10 +243,8 @@ async fn reader(
             match framer.next() {
                 Ok(Some(Frame::Message(m))) => {
                     if let Some(status) = m.status() {
-                        if status >= 200 {
-                            if status >= 300 {
-                                eprintln!("SUBSCRIBE refused: {status}");
-                            }
+                        if status >= 300 {
+                            eprintln!("SUBSCRIBE refused: {status}");
                             permits.add_permits(1);
                         }
                         continue;
@@ -264,6 +266,7 @@ async fn reader(
                     if state.starts_with("active") && body.contains(">15500<") {
                         if c.set_up.lock().is_ok_and(|mut s| s.insert(call.clone())) {
                             c.set_up_n.fetch_add(1, Ordering::Relaxed);
+                            permits.add_permits(1);
                         }
                     } else if body.contains(">6500<")
                         && c.stormed.lock().is_ok_and(|mut s| s.insert(call))

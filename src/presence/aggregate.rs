@@ -37,7 +37,9 @@ const OFFLINE: &str = "offline";
 struct Resource {
     /// The resource part; `None` for presence from the bare JID.
     name: Option<String>,
-    body: PresenceBody,
+    /// Shared with every watcher's notifier that shows it: a home node sends the same
+    /// presence once per watcher, and an equal one keeps this allocation (issue 11 item 10).
+    body: Arc<PresenceBody>,
     /// Index of the state's canonical meaning in the canonical model: 0 is most available.
     rank: usize,
     /// Update counter when it was last heard (ties go to the freshest).
@@ -70,7 +72,7 @@ impl ResourceTable {
         presentity: &str,
         resource: Option<&str>,
         body: PresenceBody,
-    ) -> Option<PresenceBody> {
+    ) -> Option<Arc<PresenceBody>> {
         self.clock += 1;
         let rank = rank_of(maps, &body);
         let offline = maps.canonical.get(rank).is_some_and(|c| c == OFFLINE);
@@ -85,7 +87,9 @@ impl ResourceTable {
             let heard = self.clock;
             match list.iter_mut().find(|x| x.name.as_deref() == resource) {
                 Some(x) => {
-                    x.body = body;
+                    if *x.body != body {
+                        x.body = Arc::new(body);
+                    }
                     x.rank = rank;
                     x.heard = heard;
                 }
@@ -107,7 +111,7 @@ impl ResourceTable {
                     }
                     list.push(Resource {
                         name: resource.map(str::to_string),
-                        body,
+                        body: Arc::new(body),
                         rank,
                         heard,
                     });
@@ -122,14 +126,14 @@ impl ResourceTable {
     }
 
     /// The user's aggregate now (`None`: offline or unknown).
-    pub fn aggregate(&self, presentity: &str) -> Option<PresenceBody> {
+    pub fn aggregate(&self, presentity: &str) -> Option<Arc<PresenceBody>> {
         self.users
             .get(presentity)?
             .iter()
             .filter(|r| r.priority() >= 0)
             // Highest priority, then most available (lowest rank), then freshest.
             .max_by_key(|r| (r.priority(), std::cmp::Reverse(r.rank), r.heard))
-            .map(|r| r.body.clone())
+            .map(|r| Arc::clone(&r.body))
     }
 
     /// Forgets a user nobody watches any more (their later broadcasts do not reach the edge,
@@ -194,7 +198,7 @@ mod tests {
         body("lync", state, note, prio)
     }
 
-    fn state(p: &Option<PresenceBody>) -> Option<&str> {
+    fn state(p: &Option<Arc<PresenceBody>>) -> Option<&str> {
         p.as_ref().map(|b| &*b.state)
     }
 
@@ -214,7 +218,7 @@ mod tests {
         let a = t.update(&m, ALICE, Some("phone"), lync("offline", None, None));
         assert_eq!(state(&a), Some("busy"));
         assert_eq!(
-            a.and_then(|b| b.note).as_deref(),
+            a.and_then(|b| b.note.clone()).as_deref(),
             Some("Busy thing"),
             "the desktop's own note stays"
         );
@@ -283,15 +287,29 @@ mod tests {
         }
     }
 
+    /// A home node sends the same presence once per watcher: every watcher's notifier then
+    /// holds one shared body, not a copy each; a different body is a new one.
+    #[test]
+    fn an_equal_update_keeps_the_shared_body() {
+        let m = maps();
+        let mut t = ResourceTable::new();
+        let a = t.update(&m, ALICE, Some("desk"), lync("busy", None, None));
+        let b = t.update(&m, ALICE, Some("desk"), lync("busy", None, None));
+        assert!(matches!((&a, &b), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        let c = t.update(&m, ALICE, Some("desk"), lync("away", None, None));
+        assert_eq!(state(&c), Some("away"));
+        assert!(matches!((&a, &c), (Some(a), Some(c)) if !Arc::ptr_eq(a, c)));
+    }
+
     #[test]
     fn full_tie_goes_to_the_freshest_and_updates_replace() {
         let m = maps();
         let mut t = ResourceTable::new();
         t.update(&m, ALICE, Some("a"), lync("busy", Some("one"), None));
         let a = t.update(&m, ALICE, Some("b"), lync("busy", Some("two"), None));
-        assert_eq!(a.and_then(|b| b.note).as_deref(), Some("two"));
+        assert_eq!(a.and_then(|b| b.note.clone()).as_deref(), Some("two"));
         let a = t.update(&m, ALICE, Some("a"), lync("busy", Some("three"), None));
-        assert_eq!(a.and_then(|b| b.note).as_deref(), Some("three"));
+        assert_eq!(a.and_then(|b| b.note.clone()).as_deref(), Some("three"));
         assert_eq!(t.resources(ALICE), 2);
     }
 

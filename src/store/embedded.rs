@@ -1,5 +1,5 @@
-//! The embedded store, the single-node default: every key in memory, every change appended to
-//! a journal under the data directory (see `journal`) before it is acknowledged.
+//! The embedded store, the single-node default: an index of every key in memory, every change
+//! appended to a journal under the data directory (see `journal`) before it is acknowledged.
 //!
 //! Group commit: changes are applied in memory and framed into a shared buffer under one lock
 //! (so the journal order is the revision order); one writer thread takes the whole buffer,
@@ -15,8 +15,10 @@
 //! handed to the writer, from the batch or snapshot being written, else from the file (a
 //! `pread`, served by the page cache). A write that fails leaves its values in memory
 //! instead (see `relocate`), so nothing acknowledged or still applied is ever unreadable.
+//! Nor does it keep the keys: see `index` (found by hash, confirmed by reading the key back;
+//! `list` reads every key back in file order, a window at a time).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,7 @@ use prometheus::IntCounterVec;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::index::{Index, MemEntry, Place, Spot, Stored};
 use super::journal::{self, JournalFile, Record};
 use super::{
     check_key, check_value, Cas, Entry, Listing, Revision, Store, StoreError, StoreFuture, Watch,
@@ -56,29 +59,6 @@ const WATCH_QUEUE: usize = 8_192;
 /// Journal size below which no compaction is done.
 const COMPACT_MIN: u64 = 8 << 20;
 
-struct Stored {
-    value: Value,
-    create: Revision,
-    modified: Revision,
-}
-
-/// Where a key's value is.
-enum Value {
-    /// Memory-only store, or a value whose journal write failed.
-    Mem(Box<[u8]>),
-    /// In the journal at byte `at` (file offset, or past the file's end: still in `pending`).
-    Journal { at: u64, len: u32 },
-}
-
-impl Value {
-    fn len(&self) -> usize {
-        match self {
-            Value::Mem(b) => b.len(),
-            Value::Journal { len, .. } => *len as usize,
-        }
-    }
-}
-
 struct Watcher {
     prefix: String,
     from: Revision,
@@ -90,26 +70,37 @@ type Ack = oneshot::Sender<Result<(), (std::io::ErrorKind, String)>>;
 
 #[derive(Default)]
 struct State {
-    map: BTreeMap<Box<str>, Stored>,
+    map: Index,
+    src: Source,
     revision: Revision,
     history: VecDeque<(Revision, WatchEvent)>,
     /// The lowest revision from which `history` is complete.
     history_from: Revision,
     watchers: Vec<Watcher>,
-    // Journal side (unused in memory-only mode).
-    pending: Vec<u8>,
-    /// File offset where `pending`'s first byte will land.
-    pending_at: u64,
-    /// What the writer is writing now (a batch appended at this offset, or a compaction
-    /// snapshot): values in it are read from here until it is in the file.
-    inflight: Option<(u64, Arc<Vec<u8>>)>,
-    /// The journal opened for reading values back.
-    reader: Option<File>,
     waiters: Vec<Ack>,
     /// Framed size of the live keys: what a compacted journal would hold.
     live_bytes: u64,
     closed: bool,
 }
+
+/// Where journal bytes are read back from (unused in memory-only mode).
+#[derive(Default)]
+struct Source {
+    /// Framed records not yet handed to the writer.
+    pending: Vec<u8>,
+    /// File offset where `pending`'s first byte will land.
+    pending_at: u64,
+    /// What the writer is writing now (a batch appended at this offset, or a compaction
+    /// snapshot): bytes in it are read from here until it is in the file.
+    inflight: Option<(u64, Arc<Vec<u8>>)>,
+    /// The journal opened for reading values back.
+    reader: Option<File>,
+    /// The journal's path, for errors.
+    path: Option<PathBuf>,
+}
+
+/// Bytes read from the file at once when visiting every entry (`Source::visit`).
+const VISIT_WINDOW: usize = 1 << 20;
 
 struct Shared {
     state: Mutex<State>,
@@ -136,61 +127,211 @@ fn framed_put_len(key: &str, value_len: usize) -> u64 {
     (journal::put_value_offset(key) + value_len) as u64
 }
 
-impl State {
-    /// The bytes of `v` (see the module doc for where they are read from).
-    fn read(&self, v: &Value, path: Option<&Path>) -> Result<Vec<u8>, StoreError> {
-        let (at, len) = match v {
-            Value::Mem(b) => return Ok(b.to_vec()),
-            Value::Journal { at, len } => (*at, *len as usize),
-        };
-        let slice = |buf: &[u8], from: u64| {
-            let i = usize::try_from(at - from).ok()?;
-            buf.get(i..i.checked_add(len)?).map(<[u8]>::to_vec)
-        };
-        if at >= self.pending_at {
-            if let Some(b) = slice(&self.pending, self.pending_at) {
-                return Ok(b);
-            }
-        } else if let Some((from, buf)) = self.inflight.as_ref().filter(|(f, _)| at >= *f) {
-            if let Some(b) = slice(buf, *from) {
-                return Ok(b);
-            }
-        }
-        let io = |source| StoreError::Io {
-            path: path.map(Path::to_path_buf).unwrap_or_default(),
+impl Source {
+    fn io(&self, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone().unwrap_or_default(),
             source,
+        }
+    }
+
+    /// The `len` journal bytes at `at` if they are in memory (not yet in the file).
+    fn in_memory(&self, at: u64, len: usize) -> Option<&[u8]> {
+        let (from, buf): (u64, &[u8]) = if at >= self.pending_at {
+            (self.pending_at, &self.pending)
+        } else {
+            let (from, buf) = self.inflight.as_ref().filter(|(f, _)| at >= *f)?;
+            (*from, buf)
         };
+        let i = usize::try_from(at.checked_sub(from)?).ok()?;
+        buf.get(i..i.checked_add(len)?)
+    }
+
+    /// The `len` journal bytes at `at` (see the module doc for where they are read from).
+    fn read(&self, at: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        if let Some(b) = self.in_memory(at, len) {
+            return Ok(b.to_vec());
+        }
         let f = self
             .reader
             .as_ref()
-            .ok_or_else(|| io(std::io::Error::other("journal not open for reading")))?;
+            .ok_or_else(|| self.io(std::io::Error::other("journal not open for reading")))?;
         let mut out = vec![0; len];
-        f.read_exact_at(&mut out, at).map_err(io)?;
+        f.read_exact_at(&mut out, at).map_err(|e| self.io(e))?;
         Ok(out)
     }
 
+    /// The value of `s`.
+    fn value(&self, s: &Stored) -> Result<Vec<u8>, StoreError> {
+        match s {
+            Place::Mem(m) => Ok(m.value.to_vec()),
+            Place::Journal { at, len, .. } => self.read(*at, *len as usize),
+        }
+    }
+
+    /// Whether `s` is the entry of `key` (its key read back when only in the journal).
+    fn is(&self, s: &Stored, key: &str) -> Result<bool, StoreError> {
+        match s {
+            Place::Mem(m) => Ok(*m.key == *key),
+            Place::Journal { at, klen, .. } => {
+                let klen = usize::from(*klen);
+                if klen != key.len() {
+                    return Ok(false);
+                }
+                Ok(self.read(at - klen as u64, klen)? == key.as_bytes())
+            }
+        }
+    }
+
+    /// The (create, modified) revisions of `s`.
+    fn revisions(&self, s: &Stored) -> Result<(Revision, Revision), StoreError> {
+        match s {
+            Place::Mem(m) => Ok((m.create, m.modified)),
+            Place::Journal { at, klen, .. } => {
+                let back = journal::put_revisions_back(usize::from(*klen)) as u64;
+                let b = self.read(at - back, 16)?;
+                journal::put_revisions(&b).ok_or_else(|| self.corrupt(at - back))
+            }
+        }
+    }
+
+    fn corrupt(&self, offset: u64) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone().unwrap_or_default(),
+            offset,
+            reason: "put record unreadable",
+        }
+    }
+
+    /// Calls `f(n, key, value, create, modified)` for every entry of `index`, `n` its
+    /// position in `index.values()`. Journal bytes are read in file order, a window at a
+    /// time, not with a read per key.
+    fn visit(
+        &self,
+        index: &Index,
+        mut f: impl FnMut(usize, &str, &[u8], Revision, Revision),
+    ) -> Result<(), StoreError> {
+        let mut spans = Vec::new();
+        for (n, s) in index.values().enumerate() {
+            match s {
+                Place::Mem(m) => f(n, &m.key, &m.value, m.create, m.modified),
+                Place::Journal { at, len, klen } => {
+                    let klen = usize::from(*klen);
+                    let start = at - journal::put_revisions_back(klen) as u64;
+                    spans.push((start, klen, *len as usize, n));
+                }
+            }
+        }
+        spans.sort_unstable_by_key(|sp| sp.0);
+        let mut window: Vec<u8> = Vec::new();
+        let mut window_at = 0u64;
+        for (start, klen, len, n) in spans {
+            let head = journal::put_revisions_back(klen);
+            let total = head + len;
+            let bytes = match self.in_memory(start, total) {
+                Some(b) => b,
+                None => {
+                    let inside =
+                        start >= window_at && (start - window_at) as usize + total <= window.len();
+                    if !inside {
+                        window = self.read_window(start, total.max(VISIT_WINDOW))?;
+                        window_at = start;
+                    }
+                    let i = (start - window_at) as usize;
+                    window
+                        .get(i..i + total)
+                        .ok_or_else(|| self.io(std::io::ErrorKind::UnexpectedEof.into()))?
+                }
+            };
+            let (create, modified) =
+                journal::put_revisions(bytes).ok_or_else(|| self.corrupt(start))?;
+            let key = bytes
+                .get(head - klen..head)
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .ok_or_else(|| self.corrupt(start))?;
+            f(n, key, &bytes[head..], create, modified);
+        }
+        Ok(())
+    }
+
+    /// Up to `len` bytes of the file from `at` (fewer at its end).
+    fn read_window(&self, at: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let f = self
+            .reader
+            .as_ref()
+            .ok_or_else(|| self.io(std::io::Error::other("journal not open for reading")))?;
+        let mut out = vec![0; len];
+        let mut got = 0;
+        while got < len {
+            match f.read_at(&mut out[got..], at + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io(e)),
+            }
+        }
+        out.truncate(got);
+        Ok(out)
+    }
+}
+
+impl State {
+    /// Where `key` is or would go, and its entry.
+    fn find(&self, key: &str) -> Result<(Spot, Option<&Stored>), StoreError> {
+        self.map.find(key, |s| self.src.is(s, key))
+    }
+
     /// The bytes in `buf`, meant for the file at offset `from`, did not land there (a failed
-    /// write: the file still ends at `file_len`). Values in them are kept in memory instead,
-    /// and values queued after them move to where they will now land.
+    /// write: the file still ends at `file_len`). Entries in them are kept in memory instead,
+    /// and entries queued after them move to where they will now land.
     fn relocate(&mut self, from: u64, buf: &[u8], file_len: u64) {
         let end = from + buf.len() as u64;
         for s in self.map.values_mut() {
-            if let Value::Journal { at, len } = s.value {
+            if let Place::Journal { at, len, klen } = *s {
                 if at >= from && at < end {
+                    // The whole record is in `buf`: revisions, key, value.
                     let i = (at - from) as usize;
-                    let bytes = buf.get(i..i + len as usize).unwrap_or_default();
-                    s.value = Value::Mem(bytes.into());
+                    let klen = usize::from(klen);
+                    let key = i
+                        .checked_sub(klen)
+                        .and_then(|k| buf.get(k..i))
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .unwrap_or_default();
+                    let (create, modified) = i
+                        .checked_sub(journal::put_revisions_back(klen))
+                        .and_then(|r| buf.get(r..r + 16))
+                        .and_then(journal::put_revisions)
+                        .unwrap_or_default();
+                    let value = buf.get(i..i + len as usize).unwrap_or_default();
+                    *s = Place::Mem(Box::new(MemEntry {
+                        key: key.into(),
+                        value: value.into(),
+                        create,
+                        modified,
+                    }));
                 } else if at >= end {
-                    s.value = Value::Journal {
+                    *s = Place::Journal {
                         at: at - end + file_len,
                         len,
+                        klen,
                     };
                 }
             }
         }
-        if self.pending_at >= end {
-            self.pending_at = self.pending_at - end + file_len;
+        if self.src.pending_at >= end {
+            self.src.pending_at = self.src.pending_at - end + file_len;
         }
+    }
+
+    /// The entry of `s` under `key`, its value read back.
+    fn entry(&self, key: &str, s: &Stored) -> Result<Entry, StoreError> {
+        let (create, modified) = self.src.revisions(s)?;
+        Ok(Entry {
+            key: key.to_string(),
+            value: self.src.value(s)?,
+            create_revision: create,
+            mod_revision: modified,
+        })
     }
 }
 
@@ -213,7 +354,9 @@ impl Embedded {
     /// Opens (or creates) the store in `dir`, loading its journal. Blocking: call at start-up.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let (file, records) = JournalFile::open(dir)?;
-        let mut st = State::default();
+        // The last put of each key, by key (the journal's keys, held only while loading).
+        let mut live: std::collections::HashMap<String, Stored> = Default::default();
+        let mut revision = 0;
         for r in records {
             match r {
                 Record::Put {
@@ -223,35 +366,37 @@ impl Embedded {
                     modified,
                     at,
                 } => {
-                    st.revision = st.revision.max(modified);
-                    let value = match u32::try_from(value.len()) {
-                        Ok(len) => Value::Journal { at, len },
-                        Err(_) => Value::Mem(value.into()),
-                    };
-                    st.map.insert(
-                        key.into_boxed_str(),
-                        Stored {
-                            value,
+                    revision = revision.max(modified);
+                    let place = match (u32::try_from(value.len()), u16::try_from(key.len())) {
+                        (Ok(len), Ok(klen)) => Place::Journal { at, len, klen },
+                        _ => Place::Mem(Box::new(MemEntry {
+                            key: key.as_str().into(),
+                            value: value.into(),
                             create,
                             modified,
-                        },
-                    );
+                        })),
+                    };
+                    live.insert(key, place);
                 }
-                Record::Delete { key, revision } => {
-                    st.revision = st.revision.max(revision);
-                    st.map.remove(key.as_str());
+                Record::Delete { key, revision: r } => {
+                    revision = revision.max(r);
+                    live.remove(key.as_str());
                 }
-                Record::Revision(r) => st.revision = st.revision.max(r),
+                Record::Revision(r) => revision = revision.max(r),
             }
         }
-        st.live_bytes = st
-            .map
-            .iter()
-            .map(|(k, s)| framed_put_len(k, s.value.len()))
-            .sum();
-        st.history_from = st.revision + 1;
-        st.pending_at = file.len;
-        st.reader = Some(file.open_reader()?);
+        let mut st = State {
+            revision,
+            history_from: revision + 1,
+            ..State::default()
+        };
+        for (k, s) in live {
+            st.live_bytes += framed_put_len(&k, s.value_len());
+            st.map.insert_new(&k, s);
+        }
+        st.src.pending_at = file.len;
+        st.src.reader = Some(file.open_reader()?);
+        st.src.path = Some(file.path().to_path_buf());
         let path = file.path().to_path_buf();
         let shared = Arc::new(Shared {
             state: Mutex::new(st),
@@ -305,7 +450,7 @@ impl Embedded {
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Option<oneshot::Receiver<Result<(), (std::io::ErrorKind, String)>>> {
         self.shared.path.as_ref()?;
-        encode(&mut st.pending);
+        encode(&mut st.src.pending);
         let (tx, rx) = oneshot::channel();
         st.waiters.push(tx);
         self.shared.wake.notify_one();
@@ -338,20 +483,17 @@ impl Embedded {
         value.shrink_to_fit();
         check_key(key)?;
         check_value(&value)?;
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.closed {
             return Err(StoreError::Closed);
         }
-        let current = st.map.get(key).map(|s| (s.create, s.modified));
+        let (spot, found) = st.find(key)?;
+        let current = found.map(|s| st.src.revisions(s)).transpose()?;
         if let Some(expected) = expected {
             if current.map(|(_, m)| m) != expected {
-                let now = match st.map.get(key) {
-                    Some(s) => Some(Entry {
-                        key: key.to_string(),
-                        value: st.read(&s.value, self.path())?,
-                        create_revision: s.create,
-                        mod_revision: s.modified,
-                    }),
+                let now = match found {
+                    Some(s) => Some(st.entry(key, s)?),
                     None => None,
                 };
                 return Ok((Cas::Conflict(now), None));
@@ -362,12 +504,22 @@ impl Embedded {
         let create = current.map_or(rev, |(c, _)| c);
         let new_len = framed_put_len(key, value.len());
         // With a journal the map keeps where the value will be, not a copy (module doc).
-        let at = st.pending_at + st.pending.len() as u64 + journal::put_value_offset(key) as u64;
-        let stored = match (self.shared.path.is_some(), u32::try_from(value.len())) {
-            (true, Ok(len)) => Value::Journal { at, len },
-            _ => Value::Mem(value.as_slice().into()),
+        let at =
+            st.src.pending_at + st.src.pending.len() as u64 + journal::put_value_offset(key) as u64;
+        let place = match (
+            self.shared.path.is_some(),
+            u32::try_from(value.len()),
+            u16::try_from(key.len()),
+        ) {
+            (true, Ok(len), Ok(klen)) => Place::Journal { at, len, klen },
+            _ => Place::Mem(Box::new(MemEntry {
+                key: key.into(),
+                value: value.as_slice().into(),
+                create,
+                modified: rev,
+            })),
         };
-        let ack = self.enqueue(&mut st, |out| {
+        let ack = self.enqueue(st, |out| {
             journal::encode_put(out, key, &value, create, rev);
         });
         let entry = Entry {
@@ -377,17 +529,10 @@ impl Embedded {
             mod_revision: rev,
         };
         st.live_bytes += new_len;
-        if let Some(old) = st.map.insert(
-            key.into(),
-            Stored {
-                value: stored,
-                create,
-                modified: rev,
-            },
-        ) {
-            st.live_bytes -= framed_put_len(key, old.value.len());
+        if let Some(old) = st.map.put_at(key, spot, place) {
+            st.live_bytes -= framed_put_len(key, old.value_len());
         }
-        publish(&mut st, rev, WatchEvent::Put(entry));
+        publish(st, rev, WatchEvent::Put(entry));
         Ok((Cas::Swapped(rev), ack))
     }
 }
@@ -424,55 +569,55 @@ fn publish(st: &mut State, rev: Revision, ev: WatchEvent) {
 
 /// The compaction snapshot (records without the magic) of every live key, with the map
 /// pointing into it; None (and nothing changed) if a value could not be read back.
-fn snapshot(st: &mut State, path: Option<&Path>) -> Option<Arc<Vec<u8>>> {
+fn snapshot(st: &mut State) -> Option<Arc<Vec<u8>>> {
     let mut snap = Vec::with_capacity(st.live_bytes as usize + 32);
     journal::encode_revision(&mut snap, st.revision);
-    let mut places = Vec::with_capacity(st.map.len());
-    for (k, s) in &st.map {
-        let value = match st.read(&s.value, path) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "state journal not compacted: a value could not be read back");
-                return None;
-            }
-        };
-        let at = journal::HEADER + (snap.len() + journal::put_value_offset(k)) as u64;
-        journal::encode_put(&mut snap, k, &value, s.create, s.modified);
-        places.push((at, value.len()));
+    let mut places: Vec<Option<Place>> =
+        std::iter::repeat_with(|| None).take(st.map.len()).collect();
+    let visited = st.src.visit(&st.map, |n, key, value, create, modified| {
+        let at = journal::HEADER + (snap.len() + journal::put_value_offset(key)) as u64;
+        journal::encode_put(&mut snap, key, value, create, modified);
+        if let (Ok(len), Ok(klen), Some(p)) = (
+            u32::try_from(value.len()),
+            u16::try_from(key.len()),
+            places.get_mut(n),
+        ) {
+            *p = Some(Place::Journal { at, len, klen });
+        }
+    });
+    if let Err(e) = visited {
+        tracing::error!(error = %e, "state journal not compacted: a value could not be read back");
+        return None;
     }
-    for (s, (at, len)) in st.map.values_mut().zip(places) {
-        if let Ok(len) = u32::try_from(len) {
-            s.value = Value::Journal { at, len };
+    for (s, p) in st.map.values_mut().zip(places) {
+        if let Some(p) = p {
+            *s = p;
         }
     }
     // Everything pending is already in the map: the snapshot subsumes it.
-    st.pending.clear();
+    st.src.pending.clear();
     let snap = Arc::new(snap);
-    st.pending_at = journal::HEADER + snap.len() as u64;
-    st.inflight = Some((journal::HEADER, Arc::clone(&snap)));
+    st.src.pending_at = journal::HEADER + snap.len() as u64;
+    st.src.inflight = Some((journal::HEADER, Arc::clone(&snap)));
     Some(snap)
 }
 
 fn writer_loop(shared: &Shared, mut file: JournalFile) {
     loop {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        while st.pending.is_empty() && !st.closed {
+        while st.src.pending.is_empty() && !st.closed {
             st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        if st.pending.is_empty() && st.closed {
+        if st.src.pending.is_empty() && st.closed {
             return;
         }
         let waiters = std::mem::take(&mut st.waiters);
         let compact =
-            file.len > COMPACT_MIN && file.len + st.pending.len() as u64 > 2 * st.live_bytes;
+            file.len > COMPACT_MIN && file.len + st.src.pending.len() as u64 > 2 * st.live_bytes;
         COMMITS
             .with_label_values(&[if compact { "compaction" } else { "append" }])
             .inc();
-        let snap = if compact {
-            snapshot(&mut st, shared.path.as_deref())
-        } else {
-            None
-        };
+        let snap = if compact { snapshot(&mut st) } else { None };
         let result = if let Some(snap) = snap {
             drop(st);
             let before = file.len;
@@ -482,7 +627,7 @@ fn writer_loop(shared: &Shared, mut file: JournalFile) {
                 Ok(()) => {
                     tracing::info!(before, after = file.len, "state journal compacted");
                     match file.open_reader() {
-                        Ok(f) => st.reader = Some(f),
+                        Ok(f) => st.src.reader = Some(f),
                         Err(e) => {
                             // The file is the snapshot, but cannot be read: keep its values.
                             tracing::error!(error = %e, "state journal not readable after compaction");
@@ -493,20 +638,20 @@ fn writer_loop(shared: &Shared, mut file: JournalFile) {
                 }
                 Err(_) => st.relocate(journal::HEADER, &snap, file.len),
             }
-            st.inflight = None;
+            st.src.inflight = None;
             r
         } else {
-            let batch = Arc::new(std::mem::take(&mut st.pending));
-            let from = st.pending_at;
-            st.pending_at += batch.len() as u64;
-            st.inflight = Some((from, Arc::clone(&batch)));
+            let batch = Arc::new(std::mem::take(&mut st.src.pending));
+            let from = st.src.pending_at;
+            st.src.pending_at += batch.len() as u64;
+            st.src.inflight = Some((from, Arc::clone(&batch)));
             drop(st);
             let r = file.append(&batch);
             let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             if r.is_err() {
                 st.relocate(from, &batch, file.len);
             }
-            st.inflight = None;
+            st.src.inflight = None;
             r
         };
         let result: AckResult = result.map_err(|e| {
@@ -536,14 +681,9 @@ impl Store for Embedded {
     fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Entry>> {
         Box::pin(async move {
             let st = self.lock();
-            match st.map.get(key) {
-                Some(s) => Ok(Some(Entry {
-                    key: key.to_string(),
-                    value: st.read(&s.value, self.path())?,
-                    create_revision: s.create,
-                    mod_revision: s.modified,
-                })),
-                None => Ok(None),
+            match st.find(key)? {
+                (_, Some(s)) => Ok(Some(st.entry(key, s)?)),
+                (_, None) => Ok(None),
             }
         })
     }
@@ -551,22 +691,19 @@ impl Store for Embedded {
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Listing> {
         Box::pin(async move {
             let st = self.lock();
-            let entries = st
-                .map
-                .range::<str, _>((
-                    std::ops::Bound::Included(prefix),
-                    std::ops::Bound::Unbounded,
-                ))
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, s)| {
-                    Ok(Entry {
-                        key: k.to_string(),
-                        value: st.read(&s.value, self.path())?,
-                        create_revision: s.create,
-                        mod_revision: s.modified,
-                    })
-                })
-                .collect::<Result<_, StoreError>>()?;
+            // The index keeps no keys (see `index`): every key is read back, in file order.
+            let mut entries = Vec::new();
+            st.src.visit(&st.map, |_, key, value, create, modified| {
+                if key.starts_with(prefix) {
+                    entries.push(Entry {
+                        key: key.to_string(),
+                        value: value.to_vec(),
+                        create_revision: create,
+                        mod_revision: modified,
+                    });
+                }
+            })?;
+            entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
             Ok(Listing {
                 entries,
                 revision: st.revision,
@@ -590,21 +727,25 @@ impl Store for Embedded {
         Box::pin(async move {
             check_key(key)?;
             let ack = {
-                let mut st = self.lock();
+                let mut guard = self.lock();
+                let st = &mut *guard;
                 if st.closed {
                     return Err(StoreError::Closed);
                 }
-                let Some(old) = st.map.remove(key) else {
-                    return Ok(None);
+                let spot = match st.find(key)? {
+                    (spot, Some(_)) => spot,
+                    (_, None) => return Ok(None),
                 };
-                st.live_bytes -= framed_put_len(key, old.value.len());
+                if let Some(old) = st.map.remove_at(key, spot) {
+                    st.live_bytes -= framed_put_len(key, old.value_len());
+                }
                 let rev = st.revision + 1;
                 st.revision = rev;
-                let ack = self.enqueue(&mut st, |out| {
+                let ack = self.enqueue(st, |out| {
                     journal::encode_delete(out, key, rev);
                 });
                 publish(
-                    &mut st,
+                    st,
                     rev,
                     WatchEvent::Delete {
                         key: key.to_string(),
@@ -679,31 +820,39 @@ pub fn register_metrics() {
 mod tests {
     use super::*;
 
-    fn journal(at: u64, len: u32) -> Stored {
-        Stored {
-            value: Value::Journal { at, len },
-            create: 1,
-            modified: 1,
-        }
-    }
-
     #[test]
-    fn a_failed_write_keeps_its_values_in_memory_and_moves_later_ones_back() {
+    fn a_failed_write_keeps_its_entries_in_memory_and_moves_later_ones_back() {
         let mut st = State::default();
-        // A batch of 10 bytes meant for offset 100 failed; the file still ends at 100. Key
-        // `a` was in it, `b` was queued after it (pending starts at 110), `c` was in the file.
-        let batch: Vec<u8> = (0..10).collect();
-        st.map.insert("a".into(), journal(104, 3));
-        st.map.insert("b".into(), journal(112, 2));
-        st.map.insert("c".into(), journal(50, 4));
-        st.pending = vec![9, 9, 7, 8];
-        st.pending_at = 110;
+        // A batch meant for offset 100 failed; the file still ends at 100. Key `a` was in it,
+        // `b` was queued after it, `c` was in the file (not readable here: no file).
+        let mut batch = Vec::new();
+        journal::encode_put(&mut batch, "a", &[4, 5, 6], 1, 2);
+        let a_at = 100 + journal::put_value_offset("a") as u64;
+        let pending_at = 100 + batch.len() as u64;
+        journal::encode_put(&mut st.src.pending, "b", &[7, 8], 3, 3);
+        let b_at = pending_at + journal::put_value_offset("b") as u64;
+        let place = |at, len| Place::Journal { at, len, klen: 1 };
+        st.map.insert_new("a", place(a_at, 3));
+        st.map.insert_new("b", place(b_at, 2));
+        st.map.insert_new("c", place(50, 4));
+        st.src.pending_at = pending_at;
         st.relocate(100, &batch, 100);
-        assert_eq!(st.pending_at, 100);
-        let read = |st: &State, k: &str| st.map.get(k).map(|s| st.read(&s.value, None));
-        assert_eq!(read(&st, "a").map(Result::ok), Some(Some(vec![4, 5, 6])));
-        assert_eq!(read(&st, "b").map(Result::ok), Some(Some(vec![7, 8])));
-        // Not in memory and no file to read from: an error, never other bytes.
-        assert!(matches!(read(&st, "c"), Some(Err(StoreError::Io { .. }))));
+        assert_eq!(st.src.pending_at, 100);
+        let read = |st: &State, k: &str| -> Result<Option<Entry>, StoreError> {
+            match st.find(k)? {
+                (_, Some(s)) => st.entry(k, s).map(Some),
+                (_, None) => Ok(None),
+            }
+        };
+        let got = |k| {
+            read(&st, k)
+                .ok()
+                .flatten()
+                .map(|e| (e.value, e.create_revision, e.mod_revision))
+        };
+        assert_eq!(got("a"), Some((vec![4, 5, 6], 1, 2)));
+        assert_eq!(got("b"), Some((vec![7, 8], 3, 3)));
+        // Not in memory and no file to read it from: an error, never another key's bytes.
+        assert!(matches!(read(&st, "c"), Err(StoreError::Io { .. })));
     }
 }

@@ -89,6 +89,17 @@ pub(crate) fn put_value_offset(key: &str) -> usize {
     FRAME + 1 + 16 + 2 + key.len()
 }
 
+/// How far before a put record's value its revisions are (modified, then create, each u64
+/// LE), for a key of `klen` bytes.
+pub(crate) const fn put_revisions_back(klen: usize) -> usize {
+    16 + 2 + klen
+}
+
+/// The (create, modified) revisions of a put record from its 16 revision bytes.
+pub(crate) fn put_revisions(b: &[u8]) -> Option<(Revision, Revision)> {
+    Some((u64_at(b, 8)?, u64_at(b, 0)?))
+}
+
 /// Bytes before the first record of a journal file.
 pub(crate) const HEADER: u64 = MAGIC.len() as u64;
 

@@ -17,6 +17,7 @@
 pub mod embedded;
 #[cfg(feature = "cluster")]
 pub mod etcd;
+mod index;
 mod journal;
 pub mod prefixed;
 pub mod sync;

@@ -92,6 +92,14 @@ async fn disk_store_basics_and_reload() {
     let keys: Vec<_> = l.entries.iter().map(|e| e.key.as_str()).collect();
     assert_eq!(keys, ["a/1", "b/1", "c"]);
     assert_eq!(l.entries[0].value, b"uno");
+    // Revisions are read back from the journal with the value: `a/1` was updated after it
+    // was created.
+    let a1 = s.get("a/1").await.expect("get").expect("a/1");
+    assert!(a1.create_revision < a1.mod_revision, "{a1:?}");
+    assert_eq!(
+        (a1.create_revision, a1.mod_revision),
+        (l.entries[0].create_revision, l.entries[0].mod_revision)
+    );
     // The next change continues the revision sequence.
     assert_eq!(s.put("d", vec![]).await.expect("put"), rev + 1);
 }

@@ -178,8 +178,67 @@ pub enum Consent {
 /// One user's lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserLists {
-    jids: HashMap<String, Verdict>,
+    jids: JidList,
     domains: HashMap<Domain, Verdict>,
+}
+
+/// One user's JID entries, sorted by JID: one per approved watcher (issue 11 item 10), so 24
+/// bytes each in a vector (a boxed key and the verdict) rather than a hash table's slot plus
+/// its empty ones. A lookup is a binary search over at most `MAX_ENTRIES_PER_USER`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct JidList(Vec<(Box<str>, Verdict)>);
+
+impl JidList {
+    fn find(&self, jid: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(j, _)| (**j).cmp(jid))
+    }
+
+    fn get(&self, jid: &str) -> Option<&Verdict> {
+        self.find(jid)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .map(|(_, v)| v)
+    }
+
+    fn contains_key(&self, jid: &str) -> bool {
+        self.find(jid).is_ok()
+    }
+
+    fn insert(&mut self, jid: &str, v: Verdict) {
+        match self.find(jid) {
+            Ok(i) => {
+                if let Some(e) = self.0.get_mut(i) {
+                    e.1 = v;
+                }
+            }
+            Err(i) => {
+                // Grown by an eighth, not doubled: the list lives as long as the user's
+                // watchers, and a doubled vector would be up to half empty.
+                if self.0.len() == self.0.capacity() {
+                    self.0.reserve_exact((self.0.len() / 8).max(1));
+                }
+                self.0.insert(i, (jid.into(), v));
+            }
+        }
+    }
+
+    fn remove(&mut self, jid: &str) {
+        if let Ok(i) = self.find(jid) {
+            self.0.remove(i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &Verdict)> {
+        self.0.iter().map(|(j, v)| (&**j, v))
+    }
 }
 
 impl UserLists {
@@ -192,7 +251,7 @@ impl UserLists {
         let mut out: Vec<(Target, Verdict)> = self
             .jids
             .iter()
-            .map(|(j, v)| (Target::Jid(j.clone()), *v))
+            .map(|(j, v)| (Target::Jid(j.to_string()), *v))
             .chain(
                 self.domains
                     .iter()
@@ -278,7 +337,7 @@ impl Policies {
         };
         let v = lists
             .jids
-            .get(&watcher.bare_string())
+            .get(watcher.bare_string().as_str())
             .or_else(|| lists.domains.get(&watcher.domain));
         match v {
             Some(Verdict::Allow) => Consent::Allowed,
@@ -375,15 +434,17 @@ impl Policies {
                 }
                 let mut lists = self.users.entry(user.to_string()).or_default();
                 let present = match target {
-                    Target::Jid(j) => lists.jids.contains_key(j),
+                    Target::Jid(j) => lists.jids.contains_key(j.as_str()),
                     Target::Domain(d) => lists.domains.contains_key(d),
                 };
                 if !present && lists.jids.len() + lists.domains.len() >= MAX_ENTRIES_PER_USER {
                     return Err(Full::Entries);
                 }
                 match target {
-                    Target::Jid(j) => lists.jids.insert(j.clone(), v),
-                    Target::Domain(d) => lists.domains.insert(d.clone(), v),
+                    Target::Jid(j) => lists.jids.insert(j, v),
+                    Target::Domain(d) => {
+                        lists.domains.insert(d.clone(), v);
+                    }
                 };
             }
             None => {
@@ -391,7 +452,9 @@ impl Policies {
                     Some(mut lists) => {
                         match target {
                             Target::Jid(j) => lists.jids.remove(j),
-                            Target::Domain(d) => lists.domains.remove(d),
+                            Target::Domain(d) => {
+                                lists.domains.remove(d);
+                            }
                         };
                         lists.is_empty()
                     }

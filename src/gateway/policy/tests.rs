@@ -589,3 +589,41 @@ fn an_admin_block_holds_against_the_home_nodes_late_approval() {
     let _ = p.screen(&cfg, &maps, &home(), &link, yes);
     assert_eq!(p.consent(&addr(ALICE), &addr(carol)), Consent::Allowed);
 }
+
+#[test]
+fn jid_entries_are_found_replaced_removed_and_listed_in_order() {
+    let p = Policies::new();
+    for w in ["c@x.test", "a@x.test", "b@x.test"] {
+        p.apply(
+            "u@example.com",
+            &Target::Jid(w.into()),
+            Some(Verdict::Allow),
+        )
+        .expect("room");
+    }
+    p.apply(
+        "u@example.com",
+        &Target::Jid("b@x.test".into()),
+        Some(Verdict::Block),
+    )
+    .expect("room");
+    p.apply("u@example.com", &Target::Jid("c@x.test".into()), None)
+        .expect("room");
+    let listed: Vec<_> = p.lists("u@example.com").entries();
+    assert_eq!(
+        listed,
+        vec![
+            (Target::Jid("a@x.test".into()), Verdict::Allow),
+            (Target::Jid("b@x.test".into()), Verdict::Block),
+        ]
+    );
+    let addr = |a: &str| crate::gateway::Address::parse(a).expect("address");
+    assert_eq!(
+        p.consent(&addr("u@example.com"), &addr("b@x.test")),
+        Consent::Blocked
+    );
+    assert_eq!(
+        p.consent(&addr("u@example.com"), &addr("c@x.test")),
+        Consent::Undecided
+    );
+}

@@ -791,7 +791,11 @@ impl Core {
     ) -> Option<PresenceBody> {
         match hub.consent(presentity, watcher) {
             Consent::Blocked => None,
-            _ => self.resources.aggregate(&presentity.bare_string()),
+            _ => self
+                .resources
+                .aggregate(&presentity.bare_string())
+                .as_deref()
+                .cloned(),
         }
     }
 

@@ -154,7 +154,7 @@ impl Core {
             domain: domain.clone(),
             state: SessionState::Established,
             dialog: Some(dialog),
-            call_id: did.call_id.to_string(),
+            call_id: did.call_id().to_owned(),
             local_tag: tag,
             invite_cseq: 0,
             queue: VecDeque::new(),

@@ -32,7 +32,9 @@ const SESSION_RECORD_VERSION: u8 = 1;
 fn session_key(id: &DialogId) -> String {
     format!(
         "{SESSION_PREFIX}{}/{}/{}",
-        id.local_tag, id.remote_tag, id.call_id
+        id.local_tag(),
+        id.remote_tag(),
+        id.call_id()
     )
 }
 
@@ -117,8 +119,8 @@ impl Core {
             remote,
             domain,
             state: SessionState::Established,
-            call_id: did.call_id.to_string(),
-            local_tag: did.local_tag.to_string(),
+            call_id: did.call_id().to_string(),
+            local_tag: did.local_tag().to_string(),
             dialog: Some(dialog),
             invite_cseq: 0,
             queue: VecDeque::new(),

@@ -329,7 +329,7 @@ pub struct Core {
     /// Notifier expiries, apart from `heap` (see `timers`): one per foreign watcher, long
     /// lived, and 32 bytes each (the dialog by its `notifiers` fingerprint) instead of a
     /// `TimerKey` entry's 88.
-    notifier_heap: BinaryHeap<Reverse<(Instant, u128)>>,
+    notifier_heap: BinaryHeap<Reverse<(Instant, notifiers::Fingerprint)>>,
     /// `notifier_heap` length at which it is next compacted.
     notifier_compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).

@@ -493,7 +493,7 @@ impl Core {
         // in `last`, so an unblock shows it at once).
         let shown = match hub.consent(&n.presentity, &n.watcher) {
             Consent::Blocked => None,
-            _ => n.last.as_ref(),
+            _ => n.last.as_deref(),
         };
         let body = match (terminated, n.state) {
             (None, NotifierState::Active) => subscription::encode_body(

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 /// A dialog, by its fingerprint in the notifier table.
-type Dialog = u128;
+type Dialog = super::notifiers::Fingerprint;
 
 enum Dialogs {
     One(Dialog),
@@ -32,14 +32,13 @@ impl Dialogs {
 /// See the module doc.
 #[derive(Default)]
 pub(crate) struct PairIndex {
-    map: HashMap<u128, Dialogs>,
+    map: HashMap<(u64, u64), Dialogs>,
     keys: (std::hash::RandomState, std::hash::RandomState),
 }
 
 impl PairIndex {
-    fn fingerprint(&self, pair: &(String, String)) -> u128 {
-        let (a, b) = (self.keys.0.hash_one(pair), self.keys.1.hash_one(pair));
-        (u128::from(a) << 64) | u128::from(b)
+    fn fingerprint(&self, pair: &(String, String)) -> (u64, u64) {
+        (self.keys.0.hash_one(pair), self.keys.1.hash_one(pair))
     }
 
     /// The pair's dialogs, oldest first.
@@ -96,8 +95,15 @@ impl PairIndex {
 mod tests {
     use super::*;
 
+    /// One slot per (watcher, user) pair: a key and the inline dialog, 40 bytes (a `u128`
+    /// key would align it to 16 and make it 48).
+    #[test]
+    fn a_slot_is_forty_bytes() {
+        assert_eq!(std::mem::size_of::<((u64, u64), Dialogs)>(), 40);
+    }
+
     fn id(n: u32) -> Dialog {
-        u128::from(n)
+        (u64::from(n), 0)
     }
 
     #[test]

@@ -68,12 +68,12 @@ pub(super) struct DialogRec(
 impl From<&Dialog> for DialogRec {
     fn from(d: &Dialog) -> Self {
         DialogRec(
-            d.id.call_id.to_string(),
-            d.id.local_tag.to_string(),
-            d.id.remote_tag.to_string(),
-            d.local_uri.clone(),
-            d.remote_uri.clone(),
-            d.remote_target.clone(),
+            d.id.call_id().to_owned(),
+            d.id.local_tag().to_owned(),
+            d.id.remote_tag().to_owned(),
+            d.local_uri().to_owned(),
+            d.remote_uri().to_owned(),
+            d.remote_target().to_owned(),
             d.route_set.clone(),
             d.local_cseq,
             d.remote_cseq,
@@ -83,19 +83,15 @@ impl From<&Dialog> for DialogRec {
 
 impl From<DialogRec> for Dialog {
     fn from(r: DialogRec) -> Self {
-        Dialog {
-            id: DialogId {
-                call_id: r.0.into(),
-                local_tag: r.1.into(),
-                remote_tag: r.2.into(),
-            },
-            local_uri: r.3,
-            remote_uri: r.4,
-            remote_target: r.5,
-            route_set: r.6,
-            local_cseq: r.7,
-            remote_cseq: r.8,
-        }
+        Dialog::new(
+            DialogId::new(&r.0, &r.1, &r.2),
+            &r.3,
+            &r.4,
+            &r.5,
+            r.6,
+            r.7,
+            r.8,
+        )
     }
 }
 
@@ -122,7 +118,9 @@ struct SubscriberRec(
 fn notifier_key(id: &DialogId) -> String {
     format!(
         "{NOTIFIER_PREFIX}{}/{}/{}",
-        id.local_tag, id.remote_tag, id.call_id
+        id.local_tag(),
+        id.remote_tag(),
+        id.call_id()
     )
 }
 
@@ -133,7 +131,9 @@ fn subscriber_key(pair: &(String, String)) -> String {
 fn batch_key(id: &DialogId) -> String {
     format!(
         "{BATCH_PREFIX}{}/{}/{}",
-        id.local_tag, id.remote_tag, id.call_id
+        id.local_tag(),
+        id.remote_tag(),
+        id.call_id()
     )
 }
 
@@ -150,7 +150,7 @@ fn batch_print(p: &PersistedBatch) -> u64 {
         uri.hash(&mut h);
         (*state as u8).hash(&mut h);
     }
-    p.dialog.remote_target.hash(&mut h);
+    p.dialog.remote_target().hash(&mut h);
     p.dialog.route_set.hash(&mut h);
     (p.expires_unix / 60).hash(&mut h);
     h.finish()
@@ -562,11 +562,7 @@ impl Core {
         if let Some(rest) = key.strip_prefix(NOTIFIER_PREFIX) {
             let mut it = rest.splitn(3, '/');
             if let (Some(l), Some(r), Some(c)) = (it.next(), it.next(), it.next()) {
-                let id = DialogId {
-                    call_id: c.into(),
-                    local_tag: l.into(),
-                    remote_tag: r.into(),
-                };
+                let id = DialogId::new(c, l, r);
                 self.persisted.touched.notifiers.insert(id.clone());
                 match self.notifiers.get_mut(&id) {
                     Some(n) => n.stored = StoreMark::UNKNOWN,
@@ -709,7 +705,7 @@ impl Core {
             .saturating_sub(base)
             .min(u64::from(subscription::MAX_EXPIRES));
         let Some(expires_at) = now.checked_add(Duration::from_secs(remaining)) else {
-            tracing::warn!(dialog = %LogSafe(&id.call_id), "stored subscription with unusable expiry skipped");
+            tracing::warn!(dialog = %LogSafe(id.call_id()), "stored subscription with unusable expiry skipped");
             return None;
         };
         let mut n = Notifier {

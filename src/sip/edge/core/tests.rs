@@ -566,7 +566,11 @@ fn restore_clamps_absurd_expiry_and_drops_past() {
     let _ = sent(&mut c);
     let mut snap = c.snapshot(t0, wall);
     let mut past = snap.notifiers[0].clone();
-    past.dialog.id.call_id = "past".into();
+    past.dialog.id = DialogId::new(
+        "past",
+        past.dialog.id.local_tag(),
+        past.dialog.id.remote_tag(),
+    );
     past.expires_unix = 1;
     snap.notifiers[0].expires_unix = u64::MAX;
     snap.notifiers.push(past);
