@@ -213,6 +213,38 @@ async fn scenario() -> Result<()> {
     ua.respond(&msg, 200, "OK", &[], None).await?;
     assert_eq!(body_str(&msg), "back to that phone");
 
+    // Lync's form of a GRUU ([MS-SIPRE]): `opaque=user:epid:…;gruu` is the resource, and goes
+    // back in the same form, so the Lync edge reaches the endpoint it named.
+    let epid = "user:epid:AbCdEf01gHiJkLmNo_pqRsAA";
+    let code = pager(
+        &mut ua,
+        "sip:alice@example.test",
+        &format!("sip:carol@partner.test;opaque={epid};gruu"),
+        "rfc7247-gruu-lync",
+        &[],
+        "from my Lync desktop",
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let m = alice
+        .expect_message_from("carol@partner.test", WAIT)
+        .await?;
+    let carol = format!("carol@partner.test/{epid}");
+    assert_eq!(m.from.as_deref(), Some(carol.as_str()));
+    alice.send_message(&carol, "back to that desktop").await?;
+    let inv = accept_invite(&mut ua).await.with_context(|| gw.log())?;
+    let ruri = inv
+        .request_uri()
+        .and_then(Result::ok)
+        .map(|u| u.as_str().to_owned());
+    assert_eq!(
+        ruri,
+        Some(format!("sip:carol@partner.test;opaque={epid};gruu"))
+    );
+    let msg = ua.request("MESSAGE").await?;
+    ua.respond(&msg, 200, "OK", &[], None).await?;
+    assert_eq!(body_str(&msg), "back to that desktop");
+
     // --- sips: is never translated. -------------------------------------------------------------
     for (ruri, from) in [
         ("sips:alice@example.test", "sip:bob@partner.test"),

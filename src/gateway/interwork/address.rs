@@ -6,9 +6,12 @@
 //!   unescaped), then every character a JID localpart forbids (RFC 7622 §3.3.1) is escaped as
 //!   XEP-0106 §4 says ([`JID_ESCAPES`]): `sip:o'malley@x` is `o\27malley@x`. The host becomes the
 //!   domainpart as it is. A GRUU (`gr` URI parameter, RFC 5627 §3.2) becomes the resource
-//!   (RFC 7247 §6.3, instance-specific mapping).
+//!   (RFC 7247 §6.3, instance-specific mapping); so does Lync's form of one, `opaque=user:epid:
+//!   <id>;gruu` ([MS-SIPRE]), whose `opaque` value is the resource.
 //! - **XMPP → SIP** (RFC 7247 §6.5): the reverse: XEP-0106 unescaping, then percent-encoding of
-//!   what a SIP user part cannot carry (RFC 3261 §25.1 `user`); a resource becomes `;gr=`.
+//!   what a SIP user part cannot carry (RFC 3261 §25.1 `user`); a resource becomes `;gr=`, or
+//!   `;opaque=…;gruu` when it came from a Lync GRUU ([`is_lync_opaque`]), so the Lync edge
+//!   routes to the endpoint it named.
 //! - **`sips:` is never translated**: RFC 7247 §8 — the gateway cannot promise the end-to-end
 //!   TLS a `sips:` URI demands once the request becomes XMPP; such requests are refused with 416
 //!   ([`SIPS_REFUSED`]).
@@ -180,10 +183,17 @@ pub fn address_of_sip(uri: &SipUri<'_>) -> Result<Address, UriError> {
 
 /// [`address_of_sip`] plus the GRUU: a `gr` parameter with a value becomes the resource
 /// (RFC 7247 §6.3, RFC 5627 §3.2). A `gr` flag without value (a temporary GRUU) names no
-/// instance the XMPP side could address again, so it is ignored.
+/// instance the XMPP side could address again, so it is ignored. Lync and Skype for Business
+/// write their GRUUs as `opaque=user:epid:<id>;gruu` ([MS-SIPRE]): with the `gruu` flag,
+/// the `opaque` value is the instance.
 pub fn instance_of_sip(uri: &SipUri<'_>) -> Result<Address, UriError> {
     let mut a = address_of_sip(uri)?;
-    if let Some(Some(gr)) = uri.param("gr") {
+    let instance = match uri.param("gr") {
+        Some(Some(gr)) => Some(gr),
+        _ if uri.param("gruu").is_some() => uri.param("opaque").flatten(),
+        _ => None,
+    };
+    if let Some(gr) = instance {
         let gr = percent_decode(gr)?;
         if !gr.is_empty() {
             // Checked as a whole JID so the resource meets the same rules as any other.
@@ -191,6 +201,13 @@ pub fn instance_of_sip(uri: &SipUri<'_>) -> Result<Address, UriError> {
         }
     }
     Ok(a)
+}
+
+/// Whether a resource is the `opaque` value of a Lync GRUU (`user:epid:<id>` for a user's
+/// endpoint, `app:…` for a server application, [MS-SIPRE]) rather than an RFC 5627 `gr`
+/// value: such a resource goes back to SIP in the form the Lync edge routes on.
+pub fn is_lync_opaque(resource: &str) -> bool {
+    resource.starts_with("user:epid:") || resource.starts_with("app:")
 }
 
 /// The SIP user part of a core address: XEP-0106 unescaped, then percent-encoded (RFC 7247 §6.5).
@@ -206,6 +223,11 @@ pub fn sip_aor_of(a: &Address) -> String {
 /// `sip:user@domain[;gr=resource]`: the instance when the address names one (RFC 7247 §6.3).
 pub fn sip_uri_of(a: &Address) -> String {
     match &a.resource {
+        Some(r) if is_lync_opaque(r) => format!(
+            "{};opaque={};gruu",
+            sip_aor_of(a),
+            percent_encode(r, SIP_PARAM_KEEP)
+        ),
         Some(r) => format!("{};gr={}", sip_aor_of(a), percent_encode(r, SIP_PARAM_KEEP)),
         None => sip_aor_of(a),
     }
@@ -275,6 +297,34 @@ mod tests {
     fn case_folds_in_the_localpart_but_not_in_the_gruu() {
         let a = sip("sip:O'Malley@Partner.Test;gr=urn:uuid:ABC").expect("ok");
         assert_eq!(a.to_string(), "o\\27malley@partner.test/urn:uuid:ABC");
+    }
+
+    #[test]
+    fn a_lync_opaque_gruu_is_the_resource_both_ways() {
+        let uri = "sip:alice@contoso.test;opaque=user:epid:AbCdEf01gHiJkLmNo_pqRsAA;gruu";
+        let a = sip(uri).expect("lync gruu");
+        assert_eq!(
+            a.resource.as_deref(),
+            Some("user:epid:AbCdEf01gHiJkLmNo_pqRsAA")
+        );
+        assert_eq!(sip_uri_of(&a), uri);
+        assert_eq!(sip(&sip_uri_of(&a)).expect("back"), a);
+        // `opaque` without the `gruu` flag is some other parameter, not an instance.
+        let plain = sip("sip:alice@contoso.test;opaque=user:epid:X").expect("plain");
+        assert_eq!(plain.resource, None);
+        // `gr` wins when both are there (an RFC 5627 GRUU is the standard form).
+        let both =
+            sip("sip:alice@contoso.test;gr=urn:uuid:1;opaque=user:epid:X;gruu").expect("both");
+        assert_eq!(both.resource.as_deref(), Some("urn:uuid:1"));
+        // An application instance keeps Lync's form too; other resources use `gr`.
+        let app = sip("sip:conf@contoso.test;opaque=app:conf:focus:id:K2;gruu").expect("app");
+        assert_eq!(
+            sip_uri_of(&app),
+            "sip:conf@contoso.test;opaque=app:conf:focus:id:K2;gruu"
+        );
+        let mut xmpp = Address::parse("alice@contoso.test").expect("jid");
+        xmpp.resource = Some("laptop".into());
+        assert_eq!(sip_uri_of(&xmpp), "sip:alice@contoso.test;gr=laptop");
     }
 
     #[test]
