@@ -495,21 +495,46 @@ impl Hub {
     /// Routes `env` received on `origin` and hands it to the destination link without
     /// waiting: a full or missing outbox answers the sender with `service-unavailable`.
     pub fn submit(&self, origin: &Origin, env: Envelope) -> Submitted {
+        self.submit_handled(origin, env, Handled::default()).0
+    }
+
+    /// [`submit`](Self::submit) with `handled` put into the delivery when its link tells
+    /// (a component link: see [`Handled`]); `true` with a delivered outcome means it will be
+    /// told. The SIP core answers a MESSAGE only then, so a 200 means the home node's stream
+    /// has the message, not just a queue a crash would lose (issue 12: nothing accepted is
+    /// lost). Otherwise `handled` is dropped and the outcome is final as it is.
+    pub fn submit_handled(
+        &self,
+        origin: &Origin,
+        env: Envelope,
+        handled: Handled,
+    ) -> (Submitted, bool) {
         let kind = env.kind_label();
-        let delivery = match self.route(origin, env, kind) {
+        let mut delivery = match self.route(origin, env, kind) {
             Ok(d) => d,
-            Err(s) => return s,
+            Err(s) => return (s, false),
         };
+        // A component link's own outbox (per foreign domain) tells; the catch-all outbox of
+        // `register_component` is a test's stand-in home node, which does not.
+        let tells = matches!(delivery.link, Link::Component { .. })
+            && self.outboxes.contains_key(&OutboxKey::of(&delivery));
+        if tells {
+            delivery.handled = handled;
+        }
         let link = delivery.link.clone();
         match self.try_deliver(delivery) {
-            Handed::Sent => self.delivered(origin, &link, kind),
-            Handed::Full(_, d) | Handed::Gone(d) => self.unavailable(
-                origin,
-                d,
-                kind,
-                "unavailable",
-                ErrorCondition::ServiceUnavailable,
-            ),
+            Handed::Sent => (self.delivered(origin, &link, kind), tells),
+            Handed::Full(_, d) | Handed::Gone(d) => {
+                // Undelivered: answered here, so nobody waits for the link to tell.
+                let s = self.unavailable(
+                    origin,
+                    d,
+                    kind,
+                    "unavailable",
+                    ErrorCondition::ServiceUnavailable,
+                );
+                (s, false)
+            }
         }
     }
 

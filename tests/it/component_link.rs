@@ -664,3 +664,66 @@ async fn links_come_back_after_the_home_node_restarts() {
     })
     .await;
 }
+
+/// Issue 12 (nothing accepted is lost): a SIP MESSAGE is answered 200 only once the home node's
+/// link has written it. Here the home node (a real Prosody) is down: the hub takes the message
+/// into the link's queue, but the link tells nothing until the restarted Prosody is connected
+/// and the message written; then the user receives it.
+#[tokio::test]
+async fn a_message_is_told_written_only_once_the_restarted_home_node_has_it() {
+    let _component_shared = metrics::moves(Family::Component).await;
+    bounded("written only after the restart", async {
+        let p = home_node(Ipv4Addr::new(127, 0, 0, 13));
+        let prosody_cfg = p.config().clone();
+        let gw = start_gateway(config(&[p.component_addr()], SECRET), true);
+        gw.wait_status("partner.test", "link up", |s| s.up).await;
+        drop(p);
+        gw.wait_status("partner.test", "link down", |s| !s.up).await;
+        let (handled, mut written) = legate::gateway::hub::Handled::pair();
+        let (submitted, tells) = gw.hub.submit_handled(
+            &Origin::Sip {
+                domain: dom("partner.test"),
+            },
+            Envelope {
+                from: addr("bob@partner.test"),
+                to: addr("alice@example.test"),
+                body: Body::Message(MessageBody {
+                    text: "queued while the home node was down".into(),
+                    ..Default::default()
+                }),
+            },
+            handled,
+        );
+        assert!(
+            matches!(submitted, Submitted::Delivered(_)),
+            "{submitted:?}"
+        );
+        assert!(tells, "a component link's own outbox tells when it wrote");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            matches!(
+                written.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "not written while the home node is down"
+        );
+        let p = Prosody::start(prosody_cfg).unwrap_or_else(|e| panic!("restart: {e:#}"));
+        tokio::time::timeout(WAIT, &mut written)
+            .await
+            .expect("told within the wait once the link is back")
+            .expect("written, not lost");
+        let mut alice = login(&p, "alice").await;
+        alice.send_presence(None, None).await.expect("presence");
+        let m = alice
+            .expect_message_from("bob@partner.test", WAIT)
+            .await
+            .expect("the queued message is delivered (offline storage or live)");
+        assert_eq!(
+            m.body.as_deref(),
+            Some("queued while the home node was down")
+        );
+        alice.close().await;
+        gw.shutdown().await;
+    })
+    .await;
+}

@@ -993,6 +993,7 @@ impl Driver {
                 };
                 self.core.handle_message(&*self.hub, info, *msg, now);
             }
+            Input::Handover { token, outcome } => self.core.handle_handover(token, outcome, now),
             Input::Closed { conn } => {
                 if let Some((d, since)) = self.outbound_opened.remove(&conn) {
                     self.dial_backoff.connection_lasted(
@@ -1055,6 +1056,19 @@ impl Driver {
     }
 
     fn flush_actions(&mut self) {
+        // MESSAGEs answered once the home node's link wrote them: one small task each waits
+        // for that (bounded by HANDOVER_WAIT) and tells the core through its input channel.
+        for (token, written) in self.core.take_handovers() {
+            let tx = self.core_tx.clone();
+            tokio::spawn(async move {
+                let outcome = match tokio::time::timeout(core::HANDOVER_WAIT, written).await {
+                    Ok(Ok(())) => core::Handover::Written,
+                    Ok(Err(_)) => core::Handover::Lost,
+                    Err(_) => core::Handover::Queued,
+                };
+                let _ = tx.send(Input::Handover { token, outcome }).await;
+            });
+        }
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Bind { conn, domain } => {

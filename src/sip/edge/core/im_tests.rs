@@ -3,6 +3,7 @@
 use super::tests::{bounced, core, dom, env, hub, hv, msg, peer, sent};
 use super::*;
 use crate::gateway::envelope::{ErrorOf, MessageKind};
+use std::cell::RefCell;
 
 fn pager(ruri: &str, from: &str, extra: &str) -> SipMessage {
     msg(&format!(
@@ -373,4 +374,96 @@ Content-Length: 0\n\n"
         }),
         "{ops:?}"
     );
+}
+
+/// A hub whose component link tells when it wrote (the real hub for `Link::Component`): the
+/// test keeps each `Handled` and fires or drops it itself.
+struct TellingHub {
+    inner: super::tests::FakeHub,
+    handled: RefCell<Vec<Handled>>,
+}
+
+impl HubPort for TellingHub {
+    fn submit(&self, domain: &Domain, env: Envelope) -> Submitted {
+        self.inner.submit(domain, env)
+    }
+    fn submit_handled(
+        &self,
+        domain: &Domain,
+        env: Envelope,
+        handled: Handled,
+    ) -> (Submitted, bool) {
+        self.handled.borrow_mut().push(handled);
+        (self.inner.submit(domain, env), true)
+    }
+    fn config(&self) -> Arc<Config> {
+        self.inner.config()
+    }
+    fn maps(&self) -> Arc<MappingSet> {
+        self.inner.maps()
+    }
+}
+
+/// Issue 12 (nothing accepted is lost): a MESSAGE is answered 200 only once the home node's
+/// link wrote it, 503 when it was lost before (the sender may send it again), 202 when it is
+/// still queued after the wait (accepted for delivery, RFC 3428 §7); nothing before.
+#[test]
+fn a_message_is_answered_when_its_link_wrote_it_not_when_queued() {
+    let h = TellingHub {
+        inner: hub(),
+        handled: RefCell::new(Vec::new()),
+    };
+    let mut c = core();
+    let t0 = Instant::now();
+    let mut receivers = Vec::new();
+    for call in ["written", "lost", "queued"] {
+        let text = format!(
+            "MESSAGE sip:alice@example.com SIP/2.0\n\
+Via: SIP/2.0/TLS sip.partner.com:5061;branch=z9hG4bK{call}\n\
+Max-Forwards: 70\n\
+From: <sip:bob@partner.com>;tag=p\n\
+To: <sip:alice@example.com>\n\
+Call-ID: {call}\n\
+CSeq: 1 MESSAGE\n\
+Content-Type: text/plain\n\
+Content-Length: 2\n\nhi"
+        );
+        c.handle_message(&h, &peer(), msg(&text), t0);
+        assert_eq!(
+            status(&mut c),
+            None,
+            "{call}: no answer while the link has it queued"
+        );
+        let mut taken = c.take_handovers();
+        assert_eq!(taken.len(), 1, "{call}");
+        receivers.push(taken.remove(0));
+    }
+    assert_eq!(
+        h.inner.got.borrow().len(),
+        3,
+        "all three were handed to the hub"
+    );
+    let mut handled = h.handled.take();
+    assert_eq!(handled.len(), 3);
+    let queued = handled.pop();
+    drop(handled.pop()); // lost with its connection: dropped untold
+    if let Some(written) = handled.pop() {
+        written.done();
+    }
+    let mut codes = Vec::new();
+    for (token, rx) in &mut receivers {
+        // What the driver's waiting task concludes (`Queued` is its timer running out).
+        let outcome = match rx.try_recv() {
+            Ok(()) => Handover::Written,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Handover::Lost,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Handover::Queued,
+        };
+        c.handle_handover(*token, outcome, t0);
+        codes.push(status(&mut c));
+    }
+    assert_eq!(codes, [Some(200), Some(503), Some(202)]);
+    drop(queued);
+    // A token answered once is not answered again.
+    c.handle_handover(receivers[0].0, Handover::Written, t0);
+    assert_eq!(status(&mut c), None);
 }

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics as m;
 use crate::config::{Config, Domain, Host as CfgHost};
-use crate::gateway::hub::Submitted;
+use crate::gateway::hub::{Handled, Submitted};
 use crate::gateway::interwork;
 use crate::gateway::policy::Consent;
 use crate::gateway::{
@@ -95,6 +95,17 @@ pub trait HubPort {
     fn draining(&self) -> bool {
         false
     }
+    /// [`submit`](Self::submit) with `handled` told once the destination link has written
+    /// the envelope; the flag says whether it will be told (see `Hub::submit_handled`).
+    fn submit_handled(
+        &self,
+        domain: &Domain,
+        env: Envelope,
+        handled: Handled,
+    ) -> (Submitted, bool) {
+        drop(handled);
+        (self.submit(domain, env), false)
+    }
 }
 
 impl HubPort for Hub {
@@ -106,6 +117,17 @@ impl HubPort for Hub {
             },
             env,
         )
+    }
+    fn submit_handled(
+        &self,
+        domain: &Domain,
+        env: Envelope,
+        handled: Handled,
+    ) -> (Submitted, bool) {
+        let origin = Origin::Sip {
+            domain: domain.clone(),
+        };
+        Hub::submit_handled(self, &origin, env, handled)
     }
     fn config(&self) -> Arc<Config> {
         Hub::config(self)
@@ -344,7 +366,36 @@ pub struct Core {
     dirty: bool,
     /// What the state store holds, and what is owed to the home side after a link came up.
     persisted: persist::Persisted,
+    /// MESSAGEs whose envelope is on its way to the home node: answered when its link has
+    /// written it (see [`Core::handle_handover`]), by token.
+    awaiting: HashMap<u64, Awaiting>,
+    /// What the driver waits on for `awaiting` (taken by [`Core::take_handovers`]).
+    handovers: Vec<(u64, tokio::sync::oneshot::Receiver<()>)>,
 }
+
+/// A MESSAGE answered once its envelope is written to the home node.
+struct Awaiting {
+    key: TxnKey,
+    req: SipMessage,
+    tag: Option<String>,
+}
+
+/// What became of a MESSAGE's envelope after the hub took it (told by the driver).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The home node's link wrote it (or answered its sender with an error, which reaches the
+    /// SIP side as a late-error notice): 200.
+    Written,
+    /// Lost with the link's connection before it was written: 503, the sender may retry.
+    Lost,
+    /// Still queued after [`HANDOVER_WAIT`] (the link is reconnecting or slow): 202, the
+    /// message is accepted for delivery and an error, if any, comes later (RFC 3428 §7).
+    Queued,
+}
+
+/// How long a MESSAGE's answer waits for the home node's link to write it: well under a SIP
+/// client's Timer F (64·T1 = 32 s), long enough for a component link to reconnect.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// The count kept for `d` in a per-domain table.
 fn count_of(t: &HashMap<Domain, usize>, d: &Domain) -> usize {
@@ -453,7 +504,41 @@ impl Core {
             next_id: 1,
             dirty: false,
             persisted: persist::Persisted::default(),
+            awaiting: HashMap::new(),
+            handovers: Vec::new(),
         }
+    }
+
+    /// The MESSAGEs waiting for their envelope to be written, for the driver to watch: each
+    /// receiver resolves when the link wrote it, errs when the envelope was lost; the driver
+    /// calls [`Core::handle_handover`] with the outcome (or `Queued` after [`HANDOVER_WAIT`]).
+    pub fn take_handovers(&mut self) -> Vec<(u64, tokio::sync::oneshot::Receiver<()>)> {
+        std::mem::take(&mut self.handovers)
+    }
+
+    /// Answers the MESSAGE waiting under `token` (see [`Handover`]).
+    pub fn handle_handover(&mut self, token: u64, outcome: Handover, now: Instant) {
+        let Some(a) = self.awaiting.remove(&token) else {
+            return;
+        };
+        let (code, reason) = match outcome {
+            Handover::Written => (200, "OK"),
+            Handover::Queued => (202, "Accepted"),
+            Handover::Lost => {
+                m::refused("handover_lost");
+                (503, "Service Unavailable (Home Node Link Lost)")
+            }
+        };
+        self.reply(
+            &a.key,
+            &a.req,
+            code,
+            reason,
+            a.tag.as_deref(),
+            &[],
+            None,
+            now,
+        );
     }
 
     /// Lowers the node-wide ceilings (machine tests reach them without 100 000 requests).
