@@ -499,6 +499,8 @@ impl Session {
     /// A new lease and registration after a lost one; retries until etcd answers.
     async fn rejoin(&mut self) -> Option<i64> {
         let key = format!("{}{}", self.keys.members, self.member.id);
+        // A member's `since` is when it (re)joined: the status shows the rejoin, not the start.
+        self.member.since = super::unix_now();
         let value = serde_json::to_vec(&self.member).unwrap_or_default();
         let mut pause = Duration::from_millis(250);
         loop {
