@@ -74,8 +74,49 @@ home_node = "hn1""#,
         .await
         .context("alice is in the room")?;
 
-    // bob, on the foreign server, joins through Legate.
+    // bob, on the foreign server, first looks the service up as clients do before joining
+    // (XEP-0045 §6.1): the bare alias answers as a text conference service with the MUC
+    // feature, through Legate's s2s stream (the id kept), and lists no rooms.
     let mut bob = rig.bob().await?;
+    bob.send_raw(
+        "<iq type='get' to='conference.example.test' id='disco-1'>\
+         <query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+    )
+    .await?;
+    let info = bob
+        .next_stanza_matching(
+            |s| s.name == "iq" && s.id.as_deref() == Some("disco-1"),
+            WAIT,
+        )
+        .await
+        .with_context(|| why("bob's disco#info to the alias got no answer"))?;
+    assert_eq!(info.type_.as_deref(), Some("result"), "{}", info.raw);
+    assert_eq!(info.from.as_deref(), Some("conference.example.test"));
+    assert!(
+        info.raw.contains("category='conference'") || info.raw.contains("category=\"conference\""),
+        "{}",
+        info.raw
+    );
+    assert!(
+        info.raw.contains("http://jabber.org/protocol/muc"),
+        "{}",
+        info.raw
+    );
+    bob.send_raw(
+        "<iq type='get' to='conference.example.test' id='disco-2'>\
+         <query xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+    )
+    .await?;
+    let items = bob
+        .next_stanza_matching(
+            |s| s.name == "iq" && s.id.as_deref() == Some("disco-2"),
+            WAIT,
+        )
+        .await
+        .with_context(|| why("bob's disco#items to the alias got no answer"))?;
+    assert_eq!(items.type_.as_deref(), Some("result"), "{}", items.raw);
+
+    // bob joins through Legate.
     bob.send_raw(&join("bob")).await?;
     let bob_nick = format!("{ROOM}/bob");
     // The room's answer (bob's own occupant presence, status 110) crossed the component link

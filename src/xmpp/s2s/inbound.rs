@@ -443,21 +443,35 @@ impl Inbound {
             return false;
         };
         let cfg = self.shared.hub.config();
-        if !cfg
-            .local_domains
-            .iter()
-            .any(|d| d.name.as_str() == local.as_str())
+        let chat_alias = cfg.chat_node(&local).is_some();
+        if !chat_alias
+            && !cfg
+                .local_domains
+                .iter()
+                .any(|d| d.name.as_str() == local.as_str())
         {
             return false;
         }
         let kids = crate::xmpp::stanza::children(stanza);
-        let disco = kids.first().is_some_and(|c| {
-            matches!(
-                c.ns.as_str(),
-                "http://jabber.org/protocol/disco#info" | "http://jabber.org/protocol/disco#items"
-            )
+        let disco = kids.first().and_then(|c| match c.ns.as_str() {
+            DISCO_INFO => Some(DISCO_INFO),
+            DISCO_ITEMS => Some(DISCO_ITEMS),
+            _ => None,
         });
-        let condition = if disco {
+        let get = stanza.stanza_type().as_deref() == Some("get");
+        if let (true, true, Some(ns)) = (chat_alias, get, disco) {
+            // A chat-room alias is a XEP-0045 service: clients look it up (disco#info on the
+            // bare alias) before they join a room, and a foreign server may too. Its rooms
+            // live on the home node; the service itself is answered here, as a MUC service
+            // that lists no rooms (disco#items: room listing stays the home node's business).
+            let reply = disco_answer(stanza, &from, &to, ns);
+            return self
+                .shared
+                .raw_out
+                .try_send((local, peer, reply.into_bytes()))
+                .is_ok();
+        }
+        let condition = if disco.is_some() {
             StanzaErrorCondition::FeatureNotImplemented
         } else {
             StanzaErrorCondition::ServiceUnavailable
@@ -467,4 +481,31 @@ impl Inbound {
         };
         self.shared.raw_out.try_send((local, peer, reply)).is_ok()
     }
+}
+
+const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+const DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+
+/// The result of a service discovery query (`ns`: `disco#info` or `disco#items`) sent to a
+/// chat-room alias: a text conference service with the MUC feature (XEP-0045 §6.1), and no
+/// items. From the alias to the asker, with the query's id.
+fn disco_answer(stanza: &Stanza, from: &Jid, to: &Jid, ns: &str) -> String {
+    use quick_xml::escape::escape;
+    let id = stanza.id().map(|i| i.into_owned()).unwrap_or_default();
+    let query = if ns == DISCO_INFO {
+        format!(
+            "<query xmlns='{DISCO_INFO}'><identity category='conference' type='text' \
+             name='{}'/><feature var='{DISCO_INFO}'/><feature \
+             var='http://jabber.org/protocol/muc'/></query>",
+            escape(to.domain())
+        )
+    } else {
+        format!("<query xmlns='{DISCO_ITEMS}'/>")
+    };
+    format!(
+        "<iq type='result' id='{}' from='{}' to='{}'>{query}</iq>",
+        escape(id.as_str()),
+        escape(to.to_string().as_str()),
+        escape(from.to_string().as_str()),
+    )
 }
