@@ -56,21 +56,61 @@ impl Delivery {
 /// it, and hands it to the next holder when this one dies. Only component links tell; every
 /// other outbox drops it, which the peer link never asks of them.
 #[derive(Clone, Default)]
-pub struct Handled(Option<Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>>);
+pub struct Handled(Option<Arc<Tell>>);
+
+/// Whom a [`Handled`] tells, once.
+enum Tell {
+    /// A waiter on a oneshot: `Ok` when done, `Err` when every copy was dropped untold.
+    Once(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>),
+    /// A channel many deliveries share (the SIP edge's, one token per MESSAGE): `(token, true)`
+    /// when done, `(token, false)` when every copy was dropped untold. Cheaper than a oneshot
+    /// and a task per delivery, and the receiver takes the answers in batches.
+    Channel {
+        tx: tokio::sync::mpsc::UnboundedSender<(u64, bool)>,
+        token: u64,
+        told: std::sync::atomic::AtomicBool,
+    },
+}
+
+impl Drop for Tell {
+    fn drop(&mut self) {
+        if let Tell::Channel { tx, token, told } = self {
+            if !told.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = tx.send((*token, false));
+            }
+        }
+    }
+}
 
 impl Handled {
     /// One to put into a delivery, and what the waiter awaits: `Ok` when done, `Err` when lost.
     pub fn pair() -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Handled(Some(Arc::new(std::sync::Mutex::new(Some(tx))))), rx)
+        let tell = Tell::Once(std::sync::Mutex::new(Some(tx)));
+        (Handled(Some(Arc::new(tell))), rx)
+    }
+
+    /// One that sends `(token, true)` on `tx` when done, `(token, false)` when lost.
+    pub fn channel(tx: tokio::sync::mpsc::UnboundedSender<(u64, bool)>, token: u64) -> Self {
+        let told = std::sync::atomic::AtomicBool::new(false);
+        Handled(Some(Arc::new(Tell::Channel { tx, token, told })))
     }
 
     pub fn done(&self) {
-        let Some(slot) = &self.0 else { return };
-        let taken = slot.lock().map(|mut s| s.take()).unwrap_or_default();
-        if let Some(tx) = taken {
-            // The waiter may have given up (its own deadline): nothing to tell then.
-            let _ = tx.send(());
+        let Some(tell) = &self.0 else { return };
+        match &**tell {
+            Tell::Once(slot) => {
+                let taken = slot.lock().map(|mut s| s.take()).unwrap_or_default();
+                if let Some(tx) = taken {
+                    // The waiter may have given up (its own deadline): nothing to tell then.
+                    let _ = tx.send(());
+                }
+            }
+            Tell::Channel { tx, token, told } => {
+                if !told.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let _ = tx.send((*token, true));
+                }
+            }
         }
     }
 }

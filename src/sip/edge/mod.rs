@@ -764,6 +764,9 @@ const LINK_UP_SLICE: usize = 256;
 /// Most connection inputs the driver handles before flushing the core's actions.
 const INPUT_BATCH: usize = 32;
 
+/// Most MESSAGE answers (links telling they wrote) the driver takes before flushing.
+const HANDOVER_BATCH: usize = 256;
+
 /// Waits until `c` has room again or `limit_secs` passed (then the core's next submit to it
 /// may be refused with 480, which is an answer, not a loss).
 async fn relieved(c: Option<&crate::gateway::hub::Congestion>, limit_secs: u64) {
@@ -813,6 +816,8 @@ impl Driver {
         // there is room (their readers then block and TCP slows the partners). Deliveries to
         // SIP keep flowing meanwhile: the component links may be waiting on them.
         let mut congested: Option<crate::gateway::hub::Congestion> = None;
+        // MESSAGEs are answered once the home node's link wrote them (see `core::Handover`).
+        let mut handovers = self.core.handover_channel();
         loop {
             let deadline = self
                 .core
@@ -855,6 +860,25 @@ impl Driver {
                 Ok(()) = link_ups.changed() => {
                     let ups = link_ups.borrow_and_update().clone();
                     self.on_link_ups(&ups, &mut seen_ups);
+                }
+                Some((token, written)) = handovers.recv() => {
+                    // Links tell in bursts (a write covers many MESSAGEs): the answers are
+                    // taken together, so each connection gets them in one write.
+                    let now = Instant::now();
+                    let mut told = Some((token, written));
+                    let mut n = 0;
+                    while let Some((token, written)) = told.take() {
+                        let outcome = if written {
+                            core::Handover::Written
+                        } else {
+                            core::Handover::Lost
+                        };
+                        self.core.handle_handover(token, outcome, now);
+                        n += 1;
+                        if n < HANDOVER_BATCH {
+                            told = handovers.try_recv().ok();
+                        }
+                    }
                 }
                 Some(r) = relayed.recv() => self.on_relayed(r),
                 Some(a) = adoptions.recv() => {
@@ -993,7 +1017,7 @@ impl Driver {
                 };
                 self.core.handle_message(&*self.hub, info, *msg, now);
             }
-            Input::Handover { token, outcome } => self.core.handle_handover(token, outcome, now),
+
             Input::Closed { conn } => {
                 if let Some((d, since)) = self.outbound_opened.remove(&conn) {
                     self.dial_backoff.connection_lasted(
@@ -1056,19 +1080,6 @@ impl Driver {
     }
 
     fn flush_actions(&mut self) {
-        // MESSAGEs answered once the home node's link wrote them: one small task each waits
-        // for that (bounded by HANDOVER_WAIT) and tells the core through its input channel.
-        for (token, written) in self.core.take_handovers() {
-            let tx = self.core_tx.clone();
-            tokio::spawn(async move {
-                let outcome = match tokio::time::timeout(core::HANDOVER_WAIT, written).await {
-                    Ok(Ok(())) => core::Handover::Written,
-                    Ok(Err(_)) => core::Handover::Lost,
-                    Err(_) => core::Handover::Queued,
-                };
-                let _ = tx.send(Input::Handover { token, outcome }).await;
-            });
-        }
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::Bind { conn, domain } => {

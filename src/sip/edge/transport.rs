@@ -49,11 +49,6 @@ pub enum Input {
         conn: ConnId,
         msg: Box<SipMessage>,
     },
-    /// What became of a MESSAGE's envelope the core waits on (see `core::Handover`).
-    Handover {
-        token: u64,
-        outcome: super::core::Handover,
-    },
 }
 
 /// Bounds applied to each connection.

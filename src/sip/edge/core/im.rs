@@ -317,20 +317,23 @@ impl Core {
             body: Body::Message(message_of(req, kind, text)),
         };
         let tag = (!in_dialog).then(|| random_token(10));
-        let (handled, written) = Handled::pair();
-        let (submitted, tells) = hub.submit_handled(domain, env, handled);
+        let token = self.id();
+        let (submitted, tells) = match &self.handover_tx {
+            Some(tx) => hub.submit_handled(domain, env, Handled::channel(tx.clone(), token)),
+            None => (hub.submit(domain, env), false),
+        };
         match status_for_submit(&submitted) {
             // The 200 waits until the home node's link wrote the message: a node killed
             // before that must not have said 200 for it (see `Handover`).
             None if tells => {
-                let token = self.id();
-                self.handovers.push((token, written));
                 let a = Awaiting {
                     key: key.clone(),
                     req: req.clone(),
                     tag,
                 };
                 self.awaiting.insert(token, a);
+                self.handover_deadlines
+                    .push_back((now + HANDOVER_WAIT, token));
             }
             None => self.reply(key, req, 200, "OK", tag.as_deref(), &[], None, now),
             Some((code, reason)) => {

@@ -369,8 +369,13 @@ pub struct Core {
     /// MESSAGEs whose envelope is on its way to the home node: answered when its link has
     /// written it (see [`Core::handle_handover`]), by token.
     awaiting: HashMap<u64, Awaiting>,
-    /// What the driver waits on for `awaiting` (taken by [`Core::take_handovers`]).
-    handovers: Vec<(u64, tokio::sync::oneshot::Receiver<()>)>,
+    /// Where the home node's links tell what became of an awaited MESSAGE's envelope (the
+    /// driver reads the other end, see [`Core::handover_channel`]); none: MESSAGEs are
+    /// answered when the hub took them.
+    handover_tx: Option<tokio::sync::mpsc::UnboundedSender<(u64, bool)>>,
+    /// When each of `awaiting` is answered 202 if its link has not told by then (in order:
+    /// the wait is the same for all).
+    handover_deadlines: VecDeque<(Instant, u64)>,
 }
 
 /// A MESSAGE answered once its envelope is written to the home node.
@@ -505,15 +510,19 @@ impl Core {
             dirty: false,
             persisted: persist::Persisted::default(),
             awaiting: HashMap::new(),
-            handovers: Vec::new(),
+            handover_tx: None,
+            handover_deadlines: VecDeque::new(),
         }
     }
 
-    /// The MESSAGEs waiting for their envelope to be written, for the driver to watch: each
-    /// receiver resolves when the link wrote it, errs when the envelope was lost; the driver
-    /// calls [`Core::handle_handover`] with the outcome (or `Queued` after [`HANDOVER_WAIT`]).
-    pub fn take_handovers(&mut self) -> Vec<(u64, tokio::sync::oneshot::Receiver<()>)> {
-        std::mem::take(&mut self.handovers)
+    /// From now on a MESSAGE is answered once the home node's link has written its envelope:
+    /// the links send `(token, written)` on the returned channel, and the driver hands each to
+    /// [`Core::handle_handover`] (`true`: `Written`, `false`: `Lost`); one not told within
+    /// [`HANDOVER_WAIT`] is answered 202 by [`Core::handle_timeout`].
+    pub fn handover_channel(&mut self) -> tokio::sync::mpsc::UnboundedReceiver<(u64, bool)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.handover_tx = Some(tx);
+        rx
     }
 
     /// Answers the MESSAGE waiting under `token` (see [`Handover`]).
@@ -521,6 +530,13 @@ impl Core {
         let Some(a) = self.awaiting.remove(&token) else {
             return;
         };
+        // Answers come mostly in order: deadlines of answered MESSAGEs leave from the front.
+        while let Some(&(_, t)) = self.handover_deadlines.front() {
+            if self.awaiting.contains_key(&t) {
+                break;
+            }
+            self.handover_deadlines.pop_front();
+        }
         let (code, reason) = match outcome {
             Handover::Written => (200, "OK"),
             Handover::Queued => (202, "Accepted"),
@@ -569,10 +585,8 @@ impl Core {
         // made stale by a transaction's progress only wakes the driver early.
         let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
         let t = self.heap.peek().map(|Reverse((at, _))| *at);
-        match (t, n) {
-            (Some(t), Some(n)) => Some(t.min(n)),
-            (t, n) => t.or(n),
-        }
+        let h = self.handover_deadlines.front().map(|(at, _)| *at);
+        [t, n, h].into_iter().flatten().min()
     }
 
     /// Queues server transaction `key`'s next deadline unless one at or before it is queued
@@ -1572,6 +1586,14 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, hub: &dyn HubPort, now: Instant) {
+        while let Some(&(at, token)) = self.handover_deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.handover_deadlines.pop_front();
+            // Answered already when its link told (the entry stays until its deadline).
+            self.handle_handover(token, Handover::Queued, now);
+        }
         // A machine that re-armed a deadline at or before `now` would otherwise keep this loop
         // going forever; with a budget the rest waits for the driver's next turn (the deadline
         // is already due, so that turn comes at once) and the driver's other inputs get a turn.
