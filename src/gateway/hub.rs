@@ -106,6 +106,8 @@ enum OutboxKey {
     /// Everything s2s that has no pair outbox (the s2s manager starts the pair).
     S2s,
     Sip,
+    /// The intercluster forwarder of one peer cluster (issue 13 §3).
+    Intercluster(Arc<str>),
 }
 
 impl OutboxKey {
@@ -120,6 +122,7 @@ impl OutboxKey {
                 OutboxKey::S2sPair(d.envelope.from.domain.clone(), domain.clone())
             }
             Link::Sip { .. } => OutboxKey::Sip,
+            Link::Intercluster { cluster } => OutboxKey::Intercluster(cluster.clone()),
         }
     }
 }
@@ -213,6 +216,22 @@ pub struct Hub {
     node: std::sync::OnceLock<Arc<crate::node::Control>>,
     /// In a cluster: the other nodes' SIP edges (see [`SipPeers`]).
     sip_peers: std::sync::OnceLock<Arc<dyn SipPeers>>,
+    /// With intercluster peers: who asks them about users nobody placed (see [`PeerAsker`]).
+    asker: std::sync::OnceLock<Arc<dyn PeerAsker>>,
+}
+
+/// The cluster name a [`Submitted::Delivered`] carries while the peer clusters are asked
+/// about the recipient (see [`PeerAsker`]): accepted, its fate told later (a late error).
+pub const ASKING_PEERS: &str = "*";
+
+/// Asks the peer clusters about a local user neither this cluster nor the intercluster index
+/// places (the router's [`Denied::AskPeers`]). The router is synchronous; the asking is not.
+pub trait PeerAsker: Send + Sync {
+    /// Takes `env` (received on `origin`) while the peers are asked about `user`, and submits
+    /// it again once they answered (the index then places the user, or the router no longer
+    /// asks). `false`: it cannot take more now; it then marks `user` as not to be asked, so
+    /// the caller routes the envelope again at once.
+    fn ask(&self, user: String, origin: Origin, env: Envelope) -> bool;
 }
 
 /// In a cluster, SIP dialogs live on the node that set them up; what a home node sends toward
@@ -303,6 +322,7 @@ impl Hub {
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
             sip_peers: std::sync::OnceLock::new(),
+            asker: std::sync::OnceLock::new(),
             alarms: Default::default(),
             draining: AtomicBool::new(false),
             node: std::sync::OnceLock::new(),
@@ -356,6 +376,11 @@ impl Hub {
     /// In a cluster, the other nodes' SIP edges.
     pub fn sip_peers(&self) -> Option<&Arc<dyn SipPeers>> {
         self.sip_peers.get()
+    }
+
+    /// Installs who asks the peer clusters about unplaced users (once).
+    pub fn set_peer_asker(&self, a: Arc<dyn PeerAsker>) {
+        let _ = self.asker.set(a);
     }
 
     /// Installs the open-federation component opener (once; later calls are ignored).
@@ -486,6 +511,15 @@ impl Hub {
         self.register(OutboxKey::Sip, capacity)
     }
 
+    /// Registers the outbox of the intercluster forwarder toward peer cluster `cluster`.
+    pub fn register_intercluster(
+        &self,
+        cluster: &str,
+        capacity: usize,
+    ) -> mpsc::Receiver<Delivery> {
+        self.register(OutboxKey::Intercluster(Arc::from(cluster)), capacity)
+    }
+
     fn register(&self, key: OutboxKey, capacity: usize) -> mpsc::Receiver<Delivery> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         self.outboxes.insert(key, tx);
@@ -574,19 +608,59 @@ impl Hub {
     ) -> Result<Delivery, Submitted> {
         let config = self.config.load();
         let maps = self.maps.current();
-        let routed = router::route(&config, &maps, &self.directory, origin, env).and_then(|r| {
-            let env = self
-                .policies
-                .screen(&config, &maps, origin, &r.link, r.envelope)?;
-            Ok(Route {
-                link: r.link,
-                envelope: env,
+        let decide = |env: Envelope| {
+            router::route(&config, &maps, &self.directory, origin, env).and_then(|r| {
+                let env = self
+                    .policies
+                    .screen(&config, &maps, origin, &r.link, r.envelope)?;
+                Ok(Route {
+                    link: r.link,
+                    envelope: env,
+                })
             })
-        });
+        };
+        let mut routed = decide(env);
+        // A local user nobody placed, with peer clusters listed: they are asked first (the
+        // asker submits the envelope again once they answered). An asker that cannot take
+        // more marks the user, and the envelope is routed again as without peers.
+        if let Err(router::Refusal {
+            denied: Denied::AskPeers(user),
+            envelope,
+        }) = routed
+        {
+            match self.asker.get() {
+                Some(a) if a.ask(user.clone(), origin.clone(), (*envelope).clone()) => {
+                    let link = Link::Intercluster {
+                        cluster: Arc::from(ASKING_PEERS),
+                    };
+                    return Err(self.delivered(origin, &link, kind));
+                }
+                _ => {
+                    routed = decide(*envelope);
+                    if let Err(router::Refusal {
+                        denied: Denied::AskPeers(u),
+                        envelope,
+                    }) = routed
+                    {
+                        // No asker took it and the router still asks: routed as unplaced.
+                        routed = Err(router::Refusal {
+                            denied: Denied::NoHomeNode(u),
+                            envelope,
+                        });
+                    }
+                }
+            }
+        }
         match routed {
             Ok(route) => {
                 let d = Delivery::new(route.link, route.envelope);
-                if let (Some(p), Origin::Component { .. }) = (self.sip_peers.get(), origin) {
+                // What a peer cluster forwarded from its users goes out as if a home node of
+                // ours had sent it, so it reaches the dialogs any node of ours owns.
+                let from_home = matches!(
+                    origin,
+                    Origin::Component { .. } | Origin::Intercluster { .. }
+                );
+                if let (Some(p), true) = (self.sip_peers.get(), from_home) {
                     if fans_out(&d) {
                         p.copy(&d);
                     } else if for_im_session(&d) && p.hand_to_owner(&d) {
