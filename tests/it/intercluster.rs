@@ -443,3 +443,394 @@ async fn a_peer_that_no_longer_lists_us_and_a_wrong_certificate_show_in_the_stat
     assert_eq!(code, 1);
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routing (issue 13 §3): a foreign XMPP server reaches a user of cluster B through cluster A.
+
+/// The routing rig: cluster A (the s2s edge the foreign server's DNS points at) and cluster B
+/// (no s2s listener, and no DNS that knows the foreign domain: whatever reaches the foreign
+/// server from B's users went through A), each a single node with its own Prosody home node,
+/// peered over mutual TLS; a foreign Prosody `xmpp.test` with user bob.
+struct RouteRig {
+    certs: CertFactory,
+    a: Legate,
+    b: Legate,
+    _home_a: Prosody,
+    home_b: Prosody,
+    foreign: Prosody,
+    _dns: common::dnsmasq::Dnsmasq,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+const FEDERATION: &str = r#"[xmpp.federation]
+mode = "allow_list"
+dialback_allow_private_targets = true
+[[xmpp.federation.domain]]
+name = "xmpp.test"
+system = "fed-xmpp"
+auth = "external_only""#;
+
+#[allow(clippy::too_many_arguments)]
+fn route_config(
+    dir: &Path,
+    me: &Site,
+    peer: &Site,
+    leaf: &Leaf,
+    certs: &CertFactory,
+    home: &Prosody,
+    s2s: Option<(SocketAddr, SocketAddr)>,
+) -> Result<PathBuf> {
+    // (s2s listener, DNS server) for the cluster that has the s2s edge.
+    let (listen, dns) = match s2s {
+        Some((l, d)) => (l.to_string(), format!("[dns]\nnameservers = [\"{d}\"]\n")),
+        None => ("off".to_string(), String::new()),
+    };
+    let path = dir.join("legate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[node]
+id = "{name}1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "off"
+sip_tcp = "off"
+xmpp_s2s = "{listen}"
+xmpp_s2s_direct_tls = "off"
+[tls]
+trust_bundle = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "127.0.0.1:9"
+[[home_node]]
+name = "hn1"
+addresses = ["{home}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+{dns}
+{FEDERATION}
+[intercluster]
+name = "{name}"
+listen = "{addr}"
+transport = "tls"
+sync_interval_mins = 1440
+[[intercluster.peer]]
+name = "{peer}"
+address = "{peer_addr}"
+"#,
+            name = me.name,
+            data = dir.display(),
+            cert = leaf.cert.display(),
+            key = leaf.key.display(),
+            ca = certs.ca_path().display(),
+            home = home.component_addr(),
+            addr = me.addr(),
+            peer = peer.name,
+            peer_addr = peer.addr(),
+        ),
+    )?;
+    Ok(path)
+}
+
+impl RouteRig {
+    async fn start(block: u8) -> Result<RouteRig> {
+        use common::dnsmasq::{DnsRecord, Dnsmasq};
+        use common::prosody::CertPaths;
+        let ip = |n: u8| Ipv4Addr::new(127, 0, block, n);
+        let certs = CertFactory::new();
+        let (a, b) = (Site::new("a", ip(1)), Site::new("b", ip(2)));
+        let a_ip = ip(1).to_string();
+        let b_ip = ip(2).to_string();
+        let leaf_a = certs.leaf("a", &["example.test", &a_ip]);
+        let leaf_b = certs.leaf("b", &["example.test", &b_ip]);
+        let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+        let a_s2s = common::ports::free_port(IpAddr::V4(ip(1)));
+        let foreign_cfg = ProsodyConfig::new(ip(5))
+            .host("xmpp.test")
+            .user("xmpp.test", "bob", "pw")
+            .host_cert(
+                "xmpp.test",
+                CertPaths {
+                    cert: theirs.cert.clone(),
+                    key: theirs.key.clone(),
+                },
+            )
+            .secure_s2s(certs.ca_path());
+        let dns = Dnsmasq::start(&[
+            DnsRecord::a("xmpp.test", ip(5)),
+            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", foreign_cfg.s2s_port),
+            // The foreign server knows one way to example.test: cluster A.
+            DnsRecord::a("example.test", ip(1)),
+            DnsRecord::xmpp_server("example.test", "example.test", a_s2s),
+        ])?;
+        let home_a = Prosody::start(
+            ProsodyConfig::new(ip(3))
+                .host("example.test")
+                .user("example.test", "alice", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let home_b = Prosody::start(
+            ProsodyConfig::new(ip(4))
+                .host("example.test")
+                .user("example.test", "carol", "pw")
+                .user("example.test", "dave", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let foreign = Prosody::start(foreign_cfg.dns(dns.unbound_forward()))?;
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let cfg_a = route_config(
+            dir_a.path(),
+            &a,
+            &b,
+            &leaf_a,
+            &certs,
+            &home_a,
+            Some((SocketAddr::new(IpAddr::V4(ip(1)), a_s2s), dns.addr())),
+        )?;
+        let cfg_b = route_config(dir_b.path(), &b, &a, &leaf_b, &certs, &home_b, None)?;
+        let b_node = start(&cfg_b)?;
+        let a_node = Legate::start(&cfg_a, &["admin", "intercluster", "xmpp_s2s"])?;
+        for (n, what) in [
+            (&a_node, "A's component link"),
+            (&b_node, "B's component link"),
+        ] {
+            n.wait_output(what, WAIT, |t| {
+                t.contains("component xmpp.test connected to home node hn1")
+            })
+            .await?;
+        }
+        wait_status(&a_node, "A's first sync with B", |s| {
+            peer(s, "b")["in_sync"] == true
+        })
+        .await?;
+        Ok(RouteRig {
+            certs,
+            a: a_node,
+            b: b_node,
+            _home_a: home_a,
+            home_b,
+            foreign,
+            _dns: dns,
+            _dirs: (dir_a, dir_b),
+        })
+    }
+
+    /// `user`, logged in on B's home node, available.
+    async fn user_of_b(&self, user: &str) -> Result<XmppClient> {
+        let mut c = XmppClient::connect(ClientConfig::plain(
+            self.home_b.c2s_addr(),
+            "example.test",
+            user,
+            "pw",
+        ))
+        .await?;
+        c.send_presence(None, None).await?;
+        Ok(c)
+    }
+
+    /// bob, logged in on the foreign server over TLS, available.
+    async fn bob(&self) -> Result<XmppClient> {
+        let mut cc = ClientConfig::plain(self.foreign.c2s_addr(), "xmpp.test", "bob", "pw");
+        cc.tls = Some(common::xmpp_client::TlsOptions {
+            ca_pem: self.certs.ca_pem().as_bytes().to_vec(),
+            server_name: "xmpp.test".into(),
+        });
+        let mut b = XmppClient::connect(cc).await.context("bob logs in")?;
+        b.send_presence(None, None).await?;
+        Ok(b)
+    }
+
+    fn why(&self, what: &str) -> String {
+        format!(
+            "{what}\n--- A ---\n{}\n--- B ---\n{}\n--- B's prosody ---\n{}",
+            self.a.output(),
+            self.b.output(),
+            self.home_b.log()
+        )
+    }
+}
+
+/// The sum of the series of `family` whose labels contain every `label="value"` of `labels`.
+fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `a` subscribes to `b` and `b` approves; `a` then sees `b`'s presence.
+async fn subscribe_and_approve(a: &mut XmppClient, b: &mut XmppClient) -> Result<()> {
+    let (a_jid, b_jid) = (a.bare_jid().to_owned(), b.bare_jid().to_owned());
+    a.subscribe(&b_jid).await?;
+    b.expect_presence_from(&a_jid, Some("subscribe"), WAIT)
+        .await
+        .with_context(|| format!("{a_jid}'s subscription request reaches {b_jid}"))?;
+    b.approve(&a_jid).await?;
+    a.expect_presence_from(&b_jid, Some("subscribed"), WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s approval reaches {a_jid}"))?;
+    a.expect_presence_from(&b_jid, None, WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s presence reaches {a_jid}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back_through_a(
+) -> Result<()> {
+    let rig = RouteRig::start(3).await?;
+    // carol lives in B (pinned by B's admin) and A learns it at a forced sync.
+    let (code, out) = cli(&rig.b, &["users", "add", "carol@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        force_sync(&rig.a, "b").await?;
+        if lookup(&rig.a, "carol@example.test").await?["cluster"] == "b" {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{}", rig.why("A never placed carol in B"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut carol = rig.user_of_b("carol").await?;
+    let mut bob = rig.bob().await?;
+
+    // Presence both ways: bob ⇄ carol, each subscribing and approving.
+    let r = subscribe_and_approve(&mut bob, &mut carol).await;
+    r.with_context(|| rig.why("bob subscribes to carol"))?;
+    let r = subscribe_and_approve(&mut carol, &mut bob).await;
+    r.with_context(|| rig.why("carol subscribes to bob"))?;
+
+    // IM both ways.
+    bob.send_message("carol@example.test", "hello carol, from xmpp.test")
+        .await?;
+    let m = carol
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message reaches carol"))?;
+    assert_eq!(m.body.as_deref(), Some("hello carol, from xmpp.test"));
+    carol
+        .send_message("bob@xmpp.test", "hi bob, from B")
+        .await?;
+    let m = bob
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("carol's answer reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("hi bob, from B"));
+
+    // Which way it went: B sent nothing on an s2s link of its own (it could not have: it has
+    // no DNS for xmpp.test); everything of carol's left through A, which forwarded bob's
+    // traffic to B and sent carol's out on its s2s stream.
+    let (ma, mb) = (rig.a.metrics().await?, rig.b.metrics().await?);
+    let f = "legate_envelopes_total";
+    assert_eq!(
+        metric_sum(&mb, f, &["origin=\"component\"", "destination=\"s2s\""]),
+        0.0,
+        "{mb}"
+    );
+    assert!(
+        metric_sum(
+            &mb,
+            f,
+            &[
+                "origin=\"component\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "B's answers (subscribed, presence, subscribe, message) go to A: {mb}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"intercluster\"",
+                "destination=\"s2s\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "A sends them out on its s2s link: {ma}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"s2s\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "{ma}"
+    );
+    let fwd = "legate_intercluster_forwarded_total";
+    assert!(metric_sum(&ma, fwd, &["direction=\"out\"", "outcome=\"delivered\""]) >= 4.0);
+    assert!(metric_sum(&ma, fwd, &["direction=\"in\"", "outcome=\"delivered\""]) >= 4.0);
+    assert_eq!(metric_sum(&ma, fwd, &["outcome=\"failed\""]), 0.0, "{ma}");
+    assert!(
+        ma.contains("legate_intercluster_forward_seconds_bucket"),
+        "{ma}"
+    );
+    let s = status(&rig.b).await?;
+    assert!(
+        s["intercluster"]["return_paths"].as_u64() >= Some(1),
+        "{s:#}"
+    );
+
+    // Ask the peers: dave lives in B, but no sync since (the interval is a day, nothing is
+    // forced): A does not know him, asks B, and delivers.
+    let (code, out) = cli(&rig.b, &["users", "add", "dave@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        lookup(&rig.a, "dave@example.test").await?["cluster"],
+        Value::Null
+    );
+    let mut dave = rig.user_of_b("dave").await?;
+    // B takes dave's pin through its store follower: wait until B would answer yes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lookup(&rig.b, "dave@example.test").await?["in_this_cluster"] != true {
+        if tokio::time::Instant::now() > deadline {
+            bail!("B did not take dave");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bob.send_message("dave@example.test", "are you there, dave?")
+        .await?;
+    let m = dave
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message reaches dave, unknown to A"))?;
+    assert_eq!(m.body.as_deref(), Some("are you there, dave?"));
+    assert_eq!(lookup(&rig.a, "dave@example.test").await?["cluster"], "b");
+    let (code, text) = cli(&rig.a, &["lookup", "dave@example.test"])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains('b'), "{text}");
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(
+            &ma,
+            "legate_intercluster_lookups_total",
+            &["direction=\"out\"", "answer=\"yes\""]
+        ) >= 1.0,
+        "{ma}"
+    );
+    // dave answers: back through A as well.
+    dave.send_message("bob@xmpp.test", "yes").await?;
+    let m = bob
+        .expect_message_from("dave@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("dave's answer reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("yes"));
+    Ok(())
+}
