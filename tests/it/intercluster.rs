@@ -470,21 +470,17 @@ name = "xmpp.test"
 system = "fed-xmpp"
 auth = "external_only""#;
 
-#[allow(clippy::too_many_arguments)]
+/// The configuration of cluster `me` (peered with `peer`) in the routing tests: `edge` is the
+/// `[listeners]` table's entries, `more` the federation sections (and `[dns]`).
 fn route_config(
     dir: &Path,
-    me: &Site,
-    peer: &Site,
+    (me, peer): (&Site, &Site),
     leaf: &Leaf,
     certs: &CertFactory,
     home: &Prosody,
-    s2s: Option<(SocketAddr, SocketAddr)>,
+    edge: &str,
+    more: &str,
 ) -> Result<PathBuf> {
-    // (s2s listener, DNS server) for the cluster that has the s2s edge.
-    let (listen, dns) = match s2s {
-        Some((l, d)) => (l.to_string(), format!("[dns]\nnameservers = [\"{d}\"]\n")),
-        None => ("off".to_string(), String::new()),
-    };
     let path = dir.join("legate.toml");
     std::fs::write(
         &path,
@@ -498,25 +494,19 @@ name = "example.test"
 cert = "{cert}"
 key = "{key}"
 [listeners]
-sip_tls = "off"
 sip_tcp = "off"
-xmpp_s2s = "{listen}"
 xmpp_s2s_direct_tls = "off"
+{edge}
 [tls]
 trust_bundle = "{ca}"
 cert = "{cert}"
 key = "{key}"
-[[sip.federated_domain]]
-name = "partner.test"
-system = "lync"
-route = "127.0.0.1:9"
 [[home_node]]
 name = "hn1"
 addresses = ["{home}"]
 component_secret = "{SECRET}"
 default_system = "xmpp"
-{dns}
-{FEDERATION}
+{more}
 [intercluster]
 name = "{name}"
 listen = "{addr}"
@@ -538,6 +528,24 @@ address = "{peer_addr}"
         ),
     )?;
     Ok(path)
+}
+
+/// What both clusters of the XMPP rig say of SIP: a partner nobody reaches (unused there).
+const NO_SIP: &str = "[[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \"127.0.0.1:9\"\n";
+
+/// Waits until `a` places `user` in cluster `b`, forcing syncs.
+async fn synced_to_a(a: &Legate, user: &str, why: impl Fn(&str) -> String) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        force_sync(a, "b").await?;
+        if lookup(a, user).await?["cluster"] == "b" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{}", why(&format!("A never placed {user} in B")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 impl RouteRig {
@@ -588,14 +596,29 @@ impl RouteRig {
         let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let cfg_a = route_config(
             dir_a.path(),
-            &a,
-            &b,
+            (&a, &b),
             &leaf_a,
             &certs,
             &home_a,
-            Some((SocketAddr::new(IpAddr::V4(ip(1)), a_s2s), dns.addr())),
+            &format!(
+                "sip_tls = \"off\"\nxmpp_s2s = \"{}\"",
+                SocketAddr::new(IpAddr::V4(ip(1)), a_s2s)
+            ),
+            &format!(
+                "{NO_SIP}[dns]\nnameservers = [\"{}\"]\n{FEDERATION}",
+                dns.addr()
+            ),
         )?;
-        let cfg_b = route_config(dir_b.path(), &b, &a, &leaf_b, &certs, &home_b, None)?;
+        // B: no s2s listener, and no DNS that knows xmpp.test.
+        let cfg_b = route_config(
+            dir_b.path(),
+            (&b, &a),
+            &leaf_b,
+            &certs,
+            &home_b,
+            "sip_tls = \"off\"\nxmpp_s2s = \"off\"",
+            &format!("{NO_SIP}{FEDERATION}"),
+        )?;
         let b_node = start(&cfg_b)?;
         let a_node = Legate::start(&cfg_a, &["admin", "intercluster", "xmpp_s2s"])?;
         for (n, what) in [
@@ -691,17 +714,7 @@ async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back
     // carol lives in B (pinned by B's admin) and A learns it at a forced sync.
     let (code, out) = cli(&rig.b, &["users", "add", "carol@example.test", "hn1"])?;
     assert_eq!(code, 0, "{out}");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        force_sync(&rig.a, "b").await?;
-        if lookup(&rig.a, "carol@example.test").await?["cluster"] == "b" {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{}", rig.why("A never placed carol in B"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    synced_to_a(&rig.a, "carol@example.test", |w| rig.why(w)).await?;
     let mut carol = rig.user_of_b("carol").await?;
     let mut bob = rig.bob().await?;
 
@@ -832,5 +845,178 @@ async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back
         .await
         .with_context(|| rig.why("dave's answer reaches bob"))?;
     assert_eq!(m.body.as_deref(), Some("yes"));
+    Ok(())
+}
+
+/// A Lync-like partner edge (`partner.test`, the SIP test UA over mutual TLS) talks to A's SIP
+/// edge only; alice lives in B (whose SIP route leads nowhere). A SUBSCRIBE and an IM session
+/// reach her through A, and what she answers (approval, presence, messages) comes back as
+/// NOTIFYs and in-dialog MESSAGEs on the partner's connection to A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lync_user_reaches_a_user_of_b_through_a_and_answers_come_back_in_as_dialogs(
+) -> Result<()> {
+    use crate::sip_ua::{body_str, hv};
+    use common::rig::{self, lync_edge, notify_until};
+    let block = 4;
+    let ip = |n: u8| Ipv4Addr::new(127, 0, block, n);
+    let certs = CertFactory::new();
+    let (a, b) = (Site::new("a", ip(1)), Site::new("b", ip(2)));
+    let (a_ip, b_ip) = (ip(1).to_string(), ip(2).to_string());
+    let leaf_a = certs.leaf("a", &["example.test", &a_ip]);
+    let leaf_b = certs.leaf("b", &["example.test", &b_ip]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let route = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let home = |n: u8, user: &str| {
+        Prosody::start(
+            ProsodyConfig::new(ip(n))
+                .host("example.test")
+                .user("example.test", user, "pw")
+                .component("partner.test", SECRET),
+        )
+    };
+    let (home_a, home_b) = (home(3, "zoe")?, home(4, "alice")?);
+    let sip = |route: &str| {
+        format!(
+            "[[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \
+             \"{route}\"\npresence_format = \"msrtc\"\n"
+        )
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let cfg_a = route_config(
+        dir_a.path(),
+        (&a, &b),
+        &leaf_a,
+        &certs,
+        &home_a,
+        &format!("sip_tls = \"{}:0\"\nxmpp_s2s = \"off\"", ip(1)),
+        &sip(&route.local_addr()?.to_string()),
+    )?;
+    let cfg_b = route_config(
+        dir_b.path(),
+        (&b, &a),
+        &leaf_b,
+        &certs,
+        &home_b,
+        "sip_tls = \"off\"\nxmpp_s2s = \"off\"",
+        &sip("127.0.0.1:9"),
+    )?;
+    let node_b = start(&cfg_b)?;
+    let node_a = Legate::start(&cfg_a, &["admin", "intercluster", "sip_tls"])?;
+    for n in [&node_a, &node_b] {
+        n.wait_output("the partner.test component link", WAIT, |t| {
+            t.contains("component partner.test connected to home node hn1")
+        })
+        .await?;
+    }
+    let why = |what: &str| {
+        format!(
+            "{what}\n--- A ---\n{}\n--- B ---\n{}\n--- B's prosody ---\n{}",
+            node_a.output(),
+            node_b.output(),
+            home_b.log()
+        )
+    };
+    let (code, out) = cli(&node_b, &["users", "add", "alice@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    synced_to_a(&node_a, "alice@example.test", why).await?;
+
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        home_b.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("in region B")).await?;
+
+    // --- The Lync watcher subscribes to alice on A; alice approves on B. ---------------------
+    let mut bob = lync_edge(&certs, &partner, node_a.addr("sip_tls")).await?;
+    let ok = rig::subscribe(&mut bob, "alice@example.test", "ic-sub-1").await?;
+    assert_eq!(ok.status(), Some(200), "{}", why("SUBSCRIBE"));
+    let n = bob.request("NOTIFY").await?;
+    assert!(
+        hv(&n, "Subscription-State").starts_with("pending"),
+        "{}",
+        hv(&n, "Subscription-State")
+    );
+    bob.respond(&n, 200, "OK", &[], None).await?;
+    alice
+        .expect_presence_from("bob@partner.test", Some("subscribe"), WAIT)
+        .await
+        .with_context(|| why("the SUBSCRIBE reaches alice on B"))?;
+    alice.approve("bob@partner.test").await?;
+    // msrtc 3500: Lync Available, with alice's text, from the dialog A holds.
+    let body = notify_until(&mut bob, "alice available", |b| b.contains(">3500<"))
+        .await
+        .with_context(|| why("alice's presence as a NOTIFY"))?;
+    assert!(body.contains("in region B"), "{body}");
+    alice.send_presence(Some("dnd"), Some("busy in B")).await?;
+    let body = notify_until(&mut bob, "alice busy", |b| b.contains(">6500<"))
+        .await
+        .with_context(|| why("alice's dnd as a NOTIFY"))?;
+    assert!(body.contains("busy in B"), "{body}");
+
+    // --- IM: a session opened on A, answered by alice on B, inside the same dialog. ---------
+    let _tag = rig::invite_im(&mut bob, "ic-im-1", "icim1", "Hello Alice in B")
+        .await
+        .with_context(|| why("INVITE"))?;
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why("the first message reaches alice"))?;
+    assert_eq!(m.body.as_deref(), Some("Hello Alice in B"));
+    alice
+        .send_message("bob@partner.test", "Hi Bob, from B")
+        .await?;
+    let m = bob
+        .request("MESSAGE")
+        .await
+        .with_context(|| why("alice's answer as a MESSAGE"))?;
+    assert_eq!(
+        m.call_id().ok(),
+        Some("ic-im-1"),
+        "in the partner's session"
+    );
+    assert_eq!(body_str(&m), "Hi Bob, from B");
+    bob.respond(&m, 200, "OK", &[], None).await?;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), route.accept())
+            .await
+            .is_err(),
+        "nothing dialled the partner's route: answers went on its own connection"
+    );
+
+    // B sent nothing toward SIP itself; A did, from what B forwarded.
+    let (ma, mb) = (node_a.metrics().await?, node_b.metrics().await?);
+    let f = "legate_envelopes_total";
+    assert_eq!(
+        metric_sum(&mb, f, &["origin=\"component\"", "destination=\"sip\""]),
+        0.0,
+        "{mb}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"intercluster\"",
+                "destination=\"sip\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 3.0,
+        "{ma}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"sip\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 2.0,
+        "{ma}"
+    );
     Ok(())
 }
