@@ -670,7 +670,12 @@ fn from_peer_cluster(
             let home_node = directory
                 .lookup(config, &env.to)
                 .ok_or_else(|| Denied::NoHomeNode(env.to.bare_string()))?;
-            if let Some(m) = directory.mesh() {
+            // An error is not the foreign side writing: it must not keep alive (or create) a
+            // way back, least of all the bounce of an answer the peer could not take.
+            if let Some(m) = directory
+                .mesh()
+                .filter(|_| !matches!(env.body, Body::Error { .. }))
+            {
                 m.remember(&env.to.bare_string(), &env.from.bare_string(), cluster);
             }
             Ok(Link::Component { home_node })
@@ -1527,6 +1532,22 @@ default_system = "xmpp"
                 home_node: "hn1".into()
             }
         );
+        assert_eq!(routing.return_paths(), 1);
+        // An error from bob's side (a bounce) reaches alice but opens no way back.
+        let err = Body::Error {
+            id: None,
+            condition: ErrorCondition::ServiceUnavailable,
+            text: "down".into(),
+            kind: crate::gateway::envelope::ErrorOf::Message,
+        };
+        route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("c"),
+            env("eve@partner.com", "alice@example.com", err),
+        )
+        .expect("routed");
         assert_eq!(routing.return_paths(), 1);
         // alice answers: through b, not on our own SIP link.
         let hn1 = Origin::Component {

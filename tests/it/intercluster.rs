@@ -710,7 +710,7 @@ async fn subscribe_and_approve(a: &mut XmppClient, b: &mut XmppClient) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back_through_a(
 ) -> Result<()> {
-    let rig = RouteRig::start(3).await?;
+    let mut rig = RouteRig::start(3).await?;
     // carol lives in B (pinned by B's admin) and A learns it at a forced sync.
     let (code, out) = cli(&rig.b, &["users", "add", "carol@example.test", "hn1"])?;
     assert_eq!(code, 0, "{out}");
@@ -845,6 +845,36 @@ async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back
         .await
         .with_context(|| rig.why("dave's answer reaches bob"))?;
     assert_eq!(m.body.as_deref(), Some("yes"));
+
+    // B dies: what A forwards to it bounces to the foreign sender, with the reason.
+    rig.b.kill();
+    bob.send_message("carol@example.test", "still there?")
+        .await?;
+    let e = bob
+        .next_stanza_matching(
+            |s| {
+                s.name == "message"
+                    && s.is_type("error")
+                    && s.sender_bare() == Some("carol@example.test")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| rig.why("the bounce of a message for a dead peer"))?;
+    assert!(
+        e.raw.contains("service-unavailable") || e.raw.contains("remote-server-timeout"),
+        "{}",
+        e.raw
+    );
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(
+            &ma,
+            "legate_intercluster_forwarded_total",
+            &["direction=\"out\"", "outcome=\"failed\""]
+        ) >= 1.0,
+        "{ma}"
+    );
     Ok(())
 }
 
