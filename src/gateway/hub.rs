@@ -574,7 +574,7 @@ impl Hub {
         let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
         match tx.send_timeout(delivery, limit).await {
             Ok(()) => {
-                self.note_room(matches!(link, Link::Component { .. }), &tx);
+                self.note_room(Self::paced(&link), &tx);
                 WAITS.with_label_values(&[link.label(), "delivered"]).inc();
                 self.delivered(origin, &link, kind)
             }
@@ -754,7 +754,7 @@ impl Hub {
             let Some(tx) = self.outbox(&d).or_else(|| self.open_on_demand(&d)) else {
                 return Handed::Gone(d);
             };
-            let component = matches!(d.link, Link::Component { .. });
+            let component = Self::paced(&d.link);
             match tx.try_send(d) {
                 Ok(()) => {
                     self.note_room(component, &tx);
@@ -772,7 +772,7 @@ impl Hub {
     /// waiting for room up to `limit` as a local reader would. Routing and policy were
     /// applied by the node that received it.
     pub async fn deliver_wait(&self, d: Delivery, limit: Duration) -> Waited {
-        let component = matches!(d.link, Link::Component { .. });
+        let component = Self::paced(&d.link);
         let Some(tx) = self.outbox(&d) else {
             return Waited::NoOutbox;
         };
@@ -791,7 +791,7 @@ impl Hub {
         matches!(self.try_deliver(d), Handed::Sent)
     }
 
-    /// A component outbox with less than a quarter of its room left, if any. The SIP driver,
+    /// A component (or intercluster) outbox with less than a quarter of its room left, if any. The SIP driver,
     /// whose core submits without waiting, stops reading its connections until it is
     /// [`relieved`](Congestion::relieved), so SIP traffic is slowed instead of refused.
     pub fn congestion(&self) -> Option<Congestion> {
@@ -799,7 +799,10 @@ impl Hub {
             return None;
         }
         let found = self.outboxes.iter().find_map(|e| {
-            let congested = matches!(e.key(), OutboxKey::Component(..)) && Self::crowded(e.value());
+            let congested = matches!(
+                e.key(),
+                OutboxKey::Component(..) | OutboxKey::Intercluster(_)
+            ) && Self::crowded(e.value());
             congested.then(|| Congestion(e.value().clone()))
         });
         if found.is_none() {
@@ -807,6 +810,12 @@ impl Hub {
             self.crowded.store(false, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Outboxes whose crowding pauses the SIP readers (see [`Hub::congestion`]): the home
+    /// nodes' and the peer clusters' (whose forwarders carry SIP traffic for their users).
+    fn paced(link: &Link) -> bool {
+        matches!(link, Link::Component { .. } | Link::Intercluster { .. })
     }
 
     fn crowded(tx: &mpsc::Sender<Delivery>) -> bool {
