@@ -846,6 +846,34 @@ async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back
         .with_context(|| rig.why("dave's answer reaches bob"))?;
     assert_eq!(m.body.as_deref(), Some("yes"));
 
+    // A user nobody has: A asks B, hears no, and routes as without peers (its only home node).
+    bob.send_message("nobody@example.test", "anyone?").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (ma, mb) = (rig.a.metrics().await?, rig.b.metrics().await?);
+        let asked = metric_sum(
+            &ma,
+            "legate_intercluster_lookups_total",
+            &["direction=\"out\"", "answer=\"no\""],
+        );
+        let answered = metric_sum(
+            &mb,
+            "legate_intercluster_lookups_total",
+            &["direction=\"in\"", "answer=\"no\""],
+        );
+        if asked >= 1.0 && answered >= 1.0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{}", rig.why("A did not ask B about nobody"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lookup(&rig.a, "nobody@example.test").await?["cluster"],
+        Value::Null
+    );
+
     // B dies: what A forwards to it bounces to the foreign sender, with the reason.
     rig.b.kill();
     bob.send_message("carol@example.test", "still there?")
