@@ -1044,6 +1044,35 @@ async fn a_lync_user_reaches_a_user_of_b_through_a_and_answers_come_back_in_as_d
         "nothing dialled the partner's route: answers went on its own connection"
     );
 
+    // A pager MESSAGE (outside any dialog) to alice through A.
+    let br = bob.branch();
+    bob.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={br}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=icpager1",
+            "To: <sip:alice@example.test>",
+            "Call-ID: ic-pager-1",
+            "CSeq: 1 MESSAGE",
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        b"a pager message for B",
+    )
+    .await?;
+    assert_eq!(
+        bob.response().await?.status(),
+        Some(200),
+        "{}",
+        why("pager")
+    );
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why("the pager MESSAGE reaches alice"))?;
+    assert_eq!(m.body.as_deref(), Some("a pager message for B"));
+
     // B sent nothing toward SIP itself; A did, from what B forwarded.
     let (ma, mb) = (node_a.metrics().await?, node_b.metrics().await?);
     let f = "legate_envelopes_total";
