@@ -9,7 +9,7 @@
 //! nothing waits behind a dead peer for longer than that.
 
 use super::link::proto::{self, intercluster_client::InterclusterClient};
-use super::routes::Routing;
+use super::routes::{Routing, Way};
 use super::tls::IcTls;
 use super::{keys, FORWARDED, FORWARD_SECONDS, LOOKUPS};
 use crate::cluster::peer::wire;
@@ -125,6 +125,7 @@ fn bounce(hub: &Hub, peer: &Arc<str>, env: &Envelope, condition: ErrorCondition,
 /// Drains `peer`'s outbox into `Forward` calls until shutdown.
 pub async fn run(
     hub: Weak<Hub>,
+    routing: Arc<Routing>,
     peers: Peers,
     peer: Arc<str>,
     mut rx: mpsc::Receiver<Delivery>,
@@ -163,7 +164,8 @@ pub async fn run(
                     .observe(seconds);
                 let outcomes = r.into_inner().outcomes;
                 for (i, d) in batch.into_iter().enumerate() {
-                    settle(&hub, &peer, d, outcomes.get(i));
+                    let delivered = settle(&hub, &peer, d, outcomes.get(i));
+                    routing.count(&peer, Way::Out, delivered);
                 }
                 continue;
             }
@@ -197,13 +199,14 @@ pub async fn run(
             .with_label_values(&["out", "failed"])
             .inc_by(batch.len() as u64);
         for d in batch {
+            routing.count(&peer, Way::Out, false);
             bounce(&hub, &peer, &d.envelope, condition, why.clone());
         }
     }
 }
 
-/// What the peer answered for one envelope.
-fn settle(hub: &Hub, peer: &Arc<str>, d: Delivery, o: Option<&proto::ForwardOutcome>) {
+/// What the peer answered for one envelope; whether it was delivered.
+fn settle(hub: &Hub, peer: &Arc<str>, d: Delivery, o: Option<&proto::ForwardOutcome>) -> bool {
     let Some(o) = o else {
         FORWARDED.with_label_values(&["out", "invalid"]).inc();
         bounce(
@@ -213,14 +216,17 @@ fn settle(hub: &Hub, peer: &Arc<str>, d: Delivery, o: Option<&proto::ForwardOutc
             ErrorCondition::ServiceUnavailable,
             format!("peer cluster `{peer}` gave no outcome for it"),
         );
-        return;
+        return false;
     };
     // A definite answer: the hand-over is done whatever it says.
     d.handled.done();
     let label = result_label(o.result);
     FORWARDED.with_label_values(&["out", label]).inc();
-    if label == "delivered" || !o.answered {
-        return;
+    if label == "delivered" {
+        return true;
+    }
+    if !o.answered {
+        return false;
     }
     let condition =
         ErrorCondition::from_name(&o.condition).unwrap_or(ErrorCondition::ServiceUnavailable);
@@ -232,6 +238,7 @@ fn settle(hub: &Hub, peer: &Arc<str>, d: Delivery, o: Option<&proto::ForwardOutc
         condition,
         format!("{peer}: {reason}"),
     );
+    false
 }
 
 /// Envelopes waiting while the peers are asked about their recipient.

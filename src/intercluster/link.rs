@@ -65,6 +65,8 @@ pub struct Service {
     pub index: Arc<super::index::Index>,
     /// Where forwarded envelopes are routed (weak: the hub owns the tasks that own us).
     pub hub: std::sync::Weak<crate::gateway::Hub>,
+    /// Per-peer counts for the status.
+    pub routing: Arc<super::routes::Routing>,
 }
 
 /// Envelopes one `Forward` call may carry (the sender batches at most
@@ -173,8 +175,9 @@ impl Intercluster for Service {
             .hub
             .upgrade()
             .ok_or_else(|| tonic::Status::unavailable("this node is stopping"))?;
+        let from: Arc<str> = Arc::from(req.from_cluster.as_str());
         let origin = crate::gateway::Origin::Intercluster {
-            cluster: Arc::from(req.from_cluster.as_str()),
+            cluster: from.clone(),
         };
         let mut outcomes = Vec::with_capacity(req.envelopes.len());
         for w in req.envelopes {
@@ -217,9 +220,10 @@ impl Intercluster for Service {
                     },
                 },
             };
-            super::FORWARDED
-                .with_label_values(&["in", super::forward::result_label(o.result)])
-                .inc();
+            let label = super::forward::result_label(o.result);
+            super::FORWARDED.with_label_values(&["in", label]).inc();
+            self.routing
+                .count(&from, super::routes::Way::In, label == "delivered");
             outcomes.push(o);
         }
         Ok(tonic::Response::new(proto::ForwardOutcomes { outcomes }))

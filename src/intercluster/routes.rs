@@ -10,7 +10,7 @@
 use super::index::Index;
 use crate::gateway::router::Mesh;
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,19 @@ pub struct Routing {
     absent: DashMap<Box<str>, Instant>,
     /// Return paths not remembered because the map was full of live ones.
     pub(crate) dropped: std::sync::atomic::AtomicU64,
+    /// Envelopes forwarded per listed peer, for the status (see [`Forwarded`]).
+    forwarded: DashMap<Arc<str>, Forwarded>,
+}
+
+/// Envelopes exchanged with one peer cluster since start: [out, in] × [delivered, not].
+#[derive(Debug, Default)]
+pub struct Forwarded([[AtomicU64; 2]; 2]);
+
+/// Which way an envelope went over the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    Out = 0,
+    In = 1,
 }
 
 fn pair(local: &str, foreign: &str) -> Box<str> {
@@ -49,7 +62,34 @@ impl Routing {
             returns: DashMap::new(),
             absent: DashMap::new(),
             dropped: Default::default(),
+            forwarded: DashMap::new(),
         }
+    }
+
+    /// Counts an envelope forwarded to or from `peer` (a listed peer: the link refuses others).
+    pub fn count(&self, peer: &Arc<str>, way: Way, delivered: bool) {
+        let i = usize::from(!delivered);
+        if let Some(c) = self.forwarded.get(peer) {
+            c.0[way as usize][i].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let c = self.forwarded.entry(peer.clone()).or_default();
+        c.0[way as usize][i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What was forwarded with `peer`, for the status.
+    pub fn forwarded_json(&self, peer: &str) -> serde_json::Value {
+        let get = |w: usize, i: usize| {
+            self.forwarded
+                .get(peer)
+                .map_or(0, |c| c.0[w][i].load(Ordering::Relaxed))
+        };
+        serde_json::json!({
+            "out_delivered": get(0, 0),
+            "out_not_delivered": get(0, 1),
+            "in_delivered": get(1, 0),
+            "in_not_delivered": get(1, 1),
+        })
     }
 
     /// Whether peers are listed (after a reload of the configuration).

@@ -118,6 +118,7 @@ pub async fn start(
         let rx = hub.register_intercluster(&name, forward::QUEUE);
         tasks.spawn(forward::run(
             Arc::downgrade(&hub),
+            routing.clone(),
             peers.clone(),
             name,
             rx,
@@ -133,6 +134,7 @@ pub async fn start(
     )));
     let service = link::Service {
         hub: Arc::downgrade(&hub),
+        routing: routing.clone(),
         index: index.clone(),
         config: {
             let hub = Arc::downgrade(&hub);
@@ -787,6 +789,7 @@ impl Intercluster {
                 if let Some(o) = v.as_object_mut() {
                     o.insert("name".into(), p.name.clone().into());
                     o.insert("address".into(), p.address.to_string().into());
+                    o.insert("forwarded".into(), self.routing.forwarded_json(&p.name));
                 }
                 v
             })

@@ -800,6 +800,10 @@ async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back
         s["intercluster"]["return_paths"].as_u64() >= Some(1),
         "{s:#}"
     );
+    let fwd_a = peer(&status(&rig.a).await?, "b")["forwarded"].clone();
+    assert!(fwd_a["out_delivered"].as_u64() >= Some(4), "{fwd_a:#}");
+    assert!(fwd_a["in_delivered"].as_u64() >= Some(4), "{fwd_a:#}");
+    assert_eq!(fwd_a["out_not_delivered"], 0, "{fwd_a:#}");
 
     // Ask the peers: dave lives in B, but no sync since (the interval is a day, nothing is
     // forced): A does not know him, asks B, and delivers.
