@@ -283,7 +283,18 @@ impl PeerAsker for Asker {
             h.push((origin, env));
             return true;
         }
-        if self.held.len() >= MAX_ASKING {
+        // Peers a reload removed are not asked (nor any, once none is listed).
+        let listed: Vec<Arc<str>> = match self.hub.upgrade() {
+            Some(h) => h
+                .config()
+                .intercluster
+                .peers
+                .iter()
+                .map(|p| Arc::from(p.name.as_str()))
+                .collect(),
+            None => Vec::new(),
+        };
+        if self.held.len() >= MAX_ASKING || listed.is_empty() {
             self.routing.mark_absent(&user);
             return false;
         }
@@ -297,7 +308,7 @@ impl PeerAsker for Asker {
             self.held.clone(),
         );
         tokio::spawn(async move {
-            match ask_peers(&peers, &user).await {
+            match ask_peers(&peers, &listed, &user).await {
                 Some(peer) => {
                     // Known at once here; every node learns it through the store.
                     let key = keys::user(&peer, &user);
@@ -338,10 +349,10 @@ fn resubmit(hub: &Hub, origin: &Origin, env: Envelope) {
 
 /// The first peer that says `user` lives there, asking at most [`LOOKUP_CONCURRENCY`] at once,
 /// each within [`LOOKUP_TIMEOUT`].
-async fn ask_peers(peers: &Peers, user: &str) -> Option<Arc<str>> {
+async fn ask_peers(peers: &Peers, listed: &[Arc<str>], user: &str) -> Option<Arc<str>> {
     let limit = Arc::new(Semaphore::new(LOOKUP_CONCURRENCY));
     let mut asks = tokio::task::JoinSet::new();
-    for peer in peers.names() {
+    for peer in peers.names().into_iter().filter(|p| listed.contains(p)) {
         let Some(mut client) = peers.client(&peer) else {
             continue;
         };

@@ -26,7 +26,8 @@ pub const ABSENT_FOR: Duration = Duration::from_secs(60);
 /// The peering's routing state on one node.
 pub struct Routing {
     index: Arc<Index>,
-    /// Whether peers are listed (asking makes no sense otherwise).
+    /// Whether peers were listed at start (asking makes no sense otherwise; the asker checks
+    /// the current list, so a reload that removes them all stops the asking too).
     peers: AtomicBool,
     /// `local\u{0}foreign` (bare JIDs) → (peer cluster, last use).
     returns: DashMap<Box<str>, (Arc<str>, Instant)>,
@@ -90,11 +91,6 @@ impl Routing {
             "in_delivered": get(1, 0),
             "in_not_delivered": get(1, 1),
         })
-    }
-
-    /// Whether peers are listed (after a reload of the configuration).
-    pub fn set_peers_listed(&self, listed: bool) {
-        self.peers.store(listed, Ordering::Relaxed);
     }
 
     /// The peers answered "nobody" for `user` (or could not be asked): not asked again for
