@@ -1077,6 +1077,64 @@ async fn a_lync_user_reaches_a_user_of_b_through_a_and_answers_come_back_in_as_d
         .with_context(|| why("the pager MESSAGE reaches alice"))?;
     assert_eq!(m.body.as_deref(), Some("a pager message for B"));
 
+    // --- alice (B) subscribes to the Lync user: the SUBSCRIBE leaves A on the partner's own
+    // connection, and the partner's NOTIFY reaches alice on B as presence.
+    alice.subscribe("bob@partner.test").await?;
+    let sub = bob
+        .request("SUBSCRIBE")
+        .await
+        .with_context(|| why("alice's SUBSCRIBE toward the partner"))?;
+    assert_eq!(hv(&sub, "Event"), "presence");
+    bob.respond(&sub, 200, "OK", &[("Expires", "3600")], None)
+        .await?;
+    let from_tag = crate::sip_ua::from_tag(&sub);
+    let our_contact = hv(&sub, "Contact")
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let br = bob.branch();
+    let call_id = sub
+        .call_id()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .to_string();
+    bob.send(
+        &[
+            &format!("NOTIFY {our_contact} SIP/2.0"),
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={br}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=icnotify",
+            &format!("To: <sip:alice@example.test>;tag={from_tag}"),
+            &format!("Call-ID: {call_id}"),
+            "CSeq: 1 NOTIFY",
+            "Event: presence",
+            "Subscription-State: active;expires=3600",
+            "Content-Type: application/msrtc-event-categories+xml",
+            "Content-Length: {CL}",
+        ],
+        rig::msrtc(15500, None).as_bytes(),
+    )
+    .await?;
+    assert_eq!(
+        bob.response().await?.status(),
+        Some(200),
+        "{}",
+        why("NOTIFY")
+    );
+    let p = alice
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("bob@partner.test")
+                    && s.type_.is_none()
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| why("the partner's presence reaches alice on B"))?;
+    assert_eq!(p.show.as_deref(), Some("away"), "{}", p.raw);
+
     // B sent nothing toward SIP itself; A did, from what B forwarded.
     let (ma, mb) = (node_a.metrics().await?, node_b.metrics().await?);
     let f = "legate_envelopes_total";
