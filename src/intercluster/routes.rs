@@ -2,10 +2,12 @@
 //! cluster a user lives in (the [`Index`]), the return paths ("answers come back the same
 //! way"), and which unplaced users the peers answered "nobody" for lately.
 //!
-//! Both maps are in memory, per node, and bounded: a return path is learned by the node whose
-//! link takes the peer's envelope for the user's home node (the node that also routes the
-//! user's answers while it holds that link); after a restart, or on another node, answers go
-//! out on this cluster's own SIP/s2s link until the foreign side writes again.
+//! Both maps are in memory, per node, and bounded (this slice; the store would share them): a
+//! return path is learned by the node that answers the peer's `Forward` (the address the peer
+//! lists) and is found only by that node. In a single-node cluster, or when that node also
+//! holds the user's home-node link, the user's answers find it; when another node of the
+//! cluster holds the link (a multi-node cluster), or after a restart, answers go out on this
+//! cluster's own SIP/s2s link until the foreign side writes again.
 
 use super::index::Index;
 use crate::gateway::router::Mesh;
