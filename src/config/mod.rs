@@ -426,9 +426,10 @@ impl Config {
         }
         if !self.intercluster.peers.is_empty() {
             notes.push(
-                "[intercluster]: user sync, peer status and the stuck-sync alarm are in effect \
-                 (with a legate built with the `cluster` feature); routing traffic to users of \
-                 peer clusters is not built yet"
+                "[intercluster]: user sync, peer status, the stuck-sync alarm and routing to \
+                 users of peer clusters (forwarded over the link, answers back the same way, \
+                 unplaced users asked of the peers) are in effect with a legate built with the \
+                 `cluster` feature; peers added by a reload are forwarded to after a restart"
                     .into(),
             );
             if self.intercluster.transport == InterclusterTransport::Tcp {

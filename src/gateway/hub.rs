@@ -146,6 +146,8 @@ enum OutboxKey {
     /// Everything s2s that has no pair outbox (the s2s manager starts the pair).
     S2s,
     Sip,
+    /// The intercluster forwarder of one peer cluster (issue 13 §3).
+    Intercluster(Arc<str>),
 }
 
 impl OutboxKey {
@@ -160,6 +162,7 @@ impl OutboxKey {
                 OutboxKey::S2sPair(d.envelope.from.domain.clone(), domain.clone())
             }
             Link::Sip { .. } => OutboxKey::Sip,
+            Link::Intercluster { cluster } => OutboxKey::Intercluster(cluster.clone()),
         }
     }
 }
@@ -253,6 +256,22 @@ pub struct Hub {
     node: std::sync::OnceLock<Arc<crate::node::Control>>,
     /// In a cluster: the other nodes' SIP edges (see [`SipPeers`]).
     sip_peers: std::sync::OnceLock<Arc<dyn SipPeers>>,
+    /// With intercluster peers: who asks them about users nobody placed (see [`PeerAsker`]).
+    asker: std::sync::OnceLock<Arc<dyn PeerAsker>>,
+}
+
+/// The cluster name a [`Submitted::Delivered`] carries while the peer clusters are asked
+/// about the recipient (see [`PeerAsker`]): accepted, its fate told later (a late error).
+pub const ASKING_PEERS: &str = "*";
+
+/// Asks the peer clusters about a local user neither this cluster nor the intercluster index
+/// places (the router's [`Denied::AskPeers`]). The router is synchronous; the asking is not.
+pub trait PeerAsker: Send + Sync {
+    /// Takes `env` (received on `origin`) while the peers are asked about `user`, and submits
+    /// it again once they answered (the index then places the user, or the router no longer
+    /// asks). `false`: it cannot take more now; it then marks `user` as not to be asked, so
+    /// the caller routes the envelope again at once.
+    fn ask(&self, user: String, origin: Origin, env: Envelope) -> bool;
 }
 
 /// In a cluster, SIP dialogs live on the node that set them up; what a home node sends toward
@@ -343,6 +362,7 @@ impl Hub {
             link_ups: tokio::sync::watch::channel(HashMap::new()).0,
             opener: std::sync::OnceLock::new(),
             sip_peers: std::sync::OnceLock::new(),
+            asker: std::sync::OnceLock::new(),
             alarms: Default::default(),
             draining: AtomicBool::new(false),
             node: std::sync::OnceLock::new(),
@@ -396,6 +416,11 @@ impl Hub {
     /// In a cluster, the other nodes' SIP edges.
     pub fn sip_peers(&self) -> Option<&Arc<dyn SipPeers>> {
         self.sip_peers.get()
+    }
+
+    /// Installs who asks the peer clusters about unplaced users (once).
+    pub fn set_peer_asker(&self, a: Arc<dyn PeerAsker>) {
+        let _ = self.asker.set(a);
     }
 
     /// Installs the open-federation component opener (once; later calls are ignored).
@@ -526,6 +551,15 @@ impl Hub {
         self.register(OutboxKey::Sip, capacity)
     }
 
+    /// Registers the outbox of the intercluster forwarder toward peer cluster `cluster`.
+    pub fn register_intercluster(
+        &self,
+        cluster: &str,
+        capacity: usize,
+    ) -> mpsc::Receiver<Delivery> {
+        self.register(OutboxKey::Intercluster(Arc::from(cluster)), capacity)
+    }
+
     fn register(&self, key: OutboxKey, capacity: usize) -> mpsc::Receiver<Delivery> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         self.outboxes.insert(key, tx);
@@ -554,10 +588,13 @@ impl Hub {
             Ok(d) => d,
             Err(s) => return (s, false),
         };
-        // A component link's own outbox (per foreign domain) tells; the catch-all outbox of
+        // A component link's own outbox (per foreign domain) tells, and so does a peer
+        // cluster's forwarder (at the peer's answer); the catch-all outbox of
         // `register_component` is a test's stand-in home node, which does not.
-        let tells = matches!(delivery.link, Link::Component { .. })
-            && self.outboxes.contains_key(&OutboxKey::of(&delivery));
+        let tells = matches!(
+            delivery.link,
+            Link::Component { .. } | Link::Intercluster { .. }
+        ) && self.outboxes.contains_key(&OutboxKey::of(&delivery));
         if tells {
             delivery.handled = handled;
         }
@@ -605,7 +642,7 @@ impl Hub {
         let limit = Duration::from_secs(self.config.load().limits.delivery_timeout_secs);
         match tx.send_timeout(delivery, limit).await {
             Ok(()) => {
-                self.note_room(matches!(link, Link::Component { .. }), &tx);
+                self.note_room(Self::paced(&link), &tx);
                 WAITS.with_label_values(&[link.label(), "delivered"]).inc();
                 self.delivered(origin, &link, kind)
             }
@@ -639,19 +676,59 @@ impl Hub {
     ) -> Result<Delivery, Submitted> {
         let config = self.config.load();
         let maps = self.maps.current();
-        let routed = router::route(&config, &maps, &self.directory, origin, env).and_then(|r| {
-            let env = self
-                .policies
-                .screen(&config, &maps, origin, &r.link, r.envelope)?;
-            Ok(Route {
-                link: r.link,
-                envelope: env,
+        let decide = |env: Envelope| {
+            router::route(&config, &maps, &self.directory, origin, env).and_then(|r| {
+                let env = self
+                    .policies
+                    .screen(&config, &maps, origin, &r.link, r.envelope)?;
+                Ok(Route {
+                    link: r.link,
+                    envelope: env,
+                })
             })
-        });
+        };
+        let mut routed = decide(env);
+        // A local user nobody placed, with peer clusters listed: they are asked first (the
+        // asker submits the envelope again once they answered). An asker that cannot take
+        // more marks the user, and the envelope is routed again as without peers.
+        if let Err(router::Refusal {
+            denied: Denied::AskPeers(user),
+            envelope,
+        }) = routed
+        {
+            match self.asker.get() {
+                Some(a) if a.ask(user.clone(), origin.clone(), (*envelope).clone()) => {
+                    let link = Link::Intercluster {
+                        cluster: Arc::from(ASKING_PEERS),
+                    };
+                    return Err(self.delivered(origin, &link, kind));
+                }
+                _ => {
+                    routed = decide(*envelope);
+                    if let Err(router::Refusal {
+                        denied: Denied::AskPeers(u),
+                        envelope,
+                    }) = routed
+                    {
+                        // No asker took it and the router still asks: routed as unplaced.
+                        routed = Err(router::Refusal {
+                            denied: Denied::NoHomeNode(u),
+                            envelope,
+                        });
+                    }
+                }
+            }
+        }
         match routed {
             Ok(route) => {
                 let d = Delivery::new(route.link, route.envelope);
-                if let (Some(p), Origin::Component { .. }) = (self.sip_peers.get(), origin) {
+                // What a peer cluster forwarded from its users goes out as if a home node of
+                // ours had sent it, so it reaches the dialogs any node of ours owns.
+                let from_home = matches!(
+                    origin,
+                    Origin::Component { .. } | Origin::Intercluster { .. }
+                );
+                if let (Some(p), true) = (self.sip_peers.get(), from_home) {
                     if fans_out(&d) {
                         p.copy(&d);
                     } else if for_im_session(&d) && p.hand_to_owner(&d) {
@@ -745,7 +822,7 @@ impl Hub {
             let Some(tx) = self.outbox(&d).or_else(|| self.open_on_demand(&d)) else {
                 return Handed::Gone(d);
             };
-            let component = matches!(d.link, Link::Component { .. });
+            let component = Self::paced(&d.link);
             match tx.try_send(d) {
                 Ok(()) => {
                     self.note_room(component, &tx);
@@ -763,7 +840,7 @@ impl Hub {
     /// waiting for room up to `limit` as a local reader would. Routing and policy were
     /// applied by the node that received it.
     pub async fn deliver_wait(&self, d: Delivery, limit: Duration) -> Waited {
-        let component = matches!(d.link, Link::Component { .. });
+        let component = Self::paced(&d.link);
         let Some(tx) = self.outbox(&d) else {
             return Waited::NoOutbox;
         };
@@ -782,7 +859,7 @@ impl Hub {
         matches!(self.try_deliver(d), Handed::Sent)
     }
 
-    /// A component outbox with less than a quarter of its room left, if any. The SIP driver,
+    /// A component (or intercluster) outbox with less than a quarter of its room left, if any. The SIP driver,
     /// whose core submits without waiting, stops reading its connections until it is
     /// [`relieved`](Congestion::relieved), so SIP traffic is slowed instead of refused.
     pub fn congestion(&self) -> Option<Congestion> {
@@ -790,7 +867,10 @@ impl Hub {
             return None;
         }
         let found = self.outboxes.iter().find_map(|e| {
-            let congested = matches!(e.key(), OutboxKey::Component(..)) && Self::crowded(e.value());
+            let congested = matches!(
+                e.key(),
+                OutboxKey::Component(..) | OutboxKey::Intercluster(_)
+            ) && Self::crowded(e.value());
             congested.then(|| Congestion(e.value().clone()))
         });
         if found.is_none() {
@@ -798,6 +878,12 @@ impl Hub {
             self.crowded.store(false, Ordering::Relaxed);
         }
         found
+    }
+
+    /// Outboxes whose crowding pauses the SIP readers (see [`Hub::congestion`]): the home
+    /// nodes' and the peer clusters' (whose forwarders carry SIP traffic for their users).
+    fn paced(link: &Link) -> bool {
+        matches!(link, Link::Component { .. } | Link::Intercluster { .. })
     }
 
     fn crowded(tx: &mpsc::Sender<Delivery>) -> bool {

@@ -23,14 +23,27 @@ pub enum Origin {
     S2s { domain: Domain },
     /// A SIP connection whose peer was verified as `domain` (certificate or static route).
     Sip { domain: Domain },
+    /// The intercluster link from peer cluster `cluster` (a listed peer, authenticated by its
+    /// certificate): envelopes it routed to this cluster (issue 13 §3).
+    Intercluster { cluster: Arc<str> },
 }
 
 /// Where an envelope leaves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Link {
-    Component { home_node: Arc<str> },
-    S2s { domain: Domain },
-    Sip { domain: Domain },
+    Component {
+        home_node: Arc<str>,
+    },
+    S2s {
+        domain: Domain,
+    },
+    Sip {
+        domain: Domain,
+    },
+    /// The intercluster link to peer cluster `cluster`, which routes the envelope on.
+    Intercluster {
+        cluster: Arc<str>,
+    },
 }
 
 impl Link {
@@ -39,6 +52,7 @@ impl Link {
             Link::Component { .. } => "component",
             Link::S2s { .. } => "s2s",
             Link::Sip { .. } => "sip",
+            Link::Intercluster { .. } => "intercluster",
         }
     }
 }
@@ -49,6 +63,7 @@ impl Origin {
             Origin::Component { .. } => "component",
             Origin::S2s { .. } => "s2s",
             Origin::Sip { .. } => "sip",
+            Origin::Intercluster { .. } => "intercluster",
         }
     }
 
@@ -56,8 +71,10 @@ impl Origin {
     /// Whether a refusal at submit time is told to the sender as an error envelope. The SIP
     /// core is not: it answers each request from the `Submitted` outcome (a SIP status), and an
     /// error envelope would reach the SIP sender a second time, as a late-error notice.
+    /// Nor is the intercluster link: its answerer reports each refusal in the `Forward`
+    /// outcome, and the sending cluster bounces to the sender it knows (one error, not two).
     pub fn wants_bounces(&self) -> bool {
-        !matches!(self, Origin::Sip { .. })
+        !matches!(self, Origin::Sip { .. } | Origin::Intercluster { .. })
     }
 
     pub fn reply_link(&self) -> Link {
@@ -70,6 +87,9 @@ impl Origin {
             },
             Origin::Sip { domain } => Link::Sip {
                 domain: domain.clone(),
+            },
+            Origin::Intercluster { cluster } => Link::Intercluster {
+                cluster: cluster.clone(),
             },
         }
     }
@@ -92,6 +112,15 @@ pub enum Denied {
     LocalToLocal,
     #[error("no home node is known for {0} and no routing node is configured")]
     NoHomeNode(String),
+    /// Not a refusal yet: nobody here or in the intercluster index knows the local user `0`,
+    /// and peer clusters are listed. The hub asks them (`Lookup`) before routing again; only
+    /// when none has the user is the envelope routed as before (routing node, or refused).
+    #[error("{0} is not placed yet: the peer clusters are asked")]
+    AskPeers(String),
+    /// An envelope from a peer cluster speaks for a local user that cluster does not host
+    /// (intercluster anti-spoofing: the index places the user elsewhere, or nowhere).
+    #[error("{from} is not a user of peer cluster {cluster}")]
+    NotPeerUser { from: String, cluster: Arc<str> },
     /// Polite blocking (requirements §3): the local user's lists block this watcher. Never
     /// answered: the watcher must not learn it was blocked.
     #[error("the local user's consent lists block this watcher")]
@@ -123,6 +152,8 @@ impl Denied {
             Denied::NotLocal(_) => "not_local",
             Denied::LocalToLocal => "local_to_local",
             Denied::NoHomeNode(_) => "no_home_node",
+            Denied::AskPeers(_) => "asking_peers",
+            Denied::NotPeerUser { .. } => "not_peer_user",
             Denied::Untranslatable { .. } => "untranslatable",
             Denied::NotForSip(_) => "not_for_sip",
             Denied::NothingToDeliver => "nothing_to_deliver",
@@ -137,8 +168,12 @@ impl Denied {
             // Forbidden, not not-authorized: RFC 6120 §8.3.3.14 keeps `<not-authorized/>` for
             // missing or bad credentials (authentication); the component link did authenticate,
             // it lacks the permission to send as this user (§8.3.3.4, authorisation).
-            Denied::Spoofed { .. } | Denied::NotOwnUser { .. } => ErrorCondition::Forbidden,
-            Denied::NotLocal(_) | Denied::NoHomeNode(_) => ErrorCondition::ItemNotFound,
+            Denied::Spoofed { .. } | Denied::NotOwnUser { .. } | Denied::NotPeerUser { .. } => {
+                ErrorCondition::Forbidden
+            }
+            Denied::NotLocal(_) | Denied::NoHomeNode(_) | Denied::AskPeers(_) => {
+                ErrorCondition::ItemNotFound
+            }
             Denied::LocalToLocal | Denied::Blocked => ErrorCondition::NotAllowed,
             Denied::GroupChatNotForSip(_) => ErrorCondition::NotAllowed,
             Denied::Untranslatable { .. } | Denied::NotForSip(_) | Denied::NothingToDeliver => {
@@ -154,7 +189,10 @@ impl Denied {
     pub fn answered(&self) -> bool {
         !matches!(
             self,
-            Denied::Spoofed { .. } | Denied::NothingToDeliver | Denied::Blocked
+            Denied::Spoofed { .. }
+                | Denied::NothingToDeliver
+                | Denied::Blocked
+                | Denied::NotPeerUser { .. }
         )
     }
 }
@@ -182,6 +220,25 @@ pub struct Directory {
     /// (requirements §5: a user lives on one home node): reported, not resolved, because
     /// which node is right is the operator's call. Bounded by [`MAX_CONFLICTS`].
     conflicts: DashMap<String, (Arc<str>, Arc<str>)>,
+    /// The intercluster peering, when this cluster has peers (see [`Mesh`]).
+    mesh: std::sync::OnceLock<Arc<dyn Mesh>>,
+}
+
+/// What routing knows of the peer clusters of the same local domains (issue 13 §3): which
+/// cluster a user lives in, and which cluster a conversation between one of our users and a
+/// foreign user came through. Installed on the [`Directory`] by the peering; without it the
+/// router behaves as a cluster without peers.
+pub trait Mesh: Send + Sync {
+    /// The peer cluster the local user `bare` lives in (synced, or learned by asking).
+    fn cluster_of(&self, bare: &str) -> Option<Arc<str>>;
+    /// The peer cluster that handed us traffic from `foreign` to our user `local` (both bare):
+    /// the user's answers go back that way ("answers come back the same way"). Refreshes it.
+    fn return_path(&self, local: &str, foreign: &str) -> Option<Arc<str>>;
+    /// Remembers that traffic from `foreign` to our user `local` came from `cluster`.
+    fn remember(&self, local: &str, foreign: &str, cluster: &Arc<str>);
+    /// Whether the peers should be asked about the unplaced local user `bare`: peers are
+    /// listed and no recent ask answered "nobody".
+    fn should_ask(&self, bare: &str) -> bool;
 }
 
 /// Receives each user the directory learns (bare JID, home node).
@@ -192,6 +249,7 @@ impl std::fmt::Debug for Directory {
         f.debug_struct("Directory")
             .field("learned", &self.learned.len())
             .field("conflicts", &self.conflicts.len())
+            .field("mesh", &self.mesh.get().is_some())
             .finish()
     }
 }
@@ -253,6 +311,25 @@ impl Directory {
             sink(&key, home_node);
         }
         self.learned.insert(key, home_node.clone());
+    }
+
+    /// Installs the intercluster peering (once).
+    pub fn set_mesh(&self, mesh: Arc<dyn Mesh>) {
+        let _ = self.mesh.set(mesh);
+    }
+
+    fn mesh(&self) -> Option<&Arc<dyn Mesh>> {
+        self.mesh.get()
+    }
+
+    /// The peer cluster a local user lives in, when no home node of ours is known to host
+    /// them (ours first: a user listed or learned here is routed here).
+    fn peer_cluster_of(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
+        let mesh = self.mesh()?;
+        if self.known_home(config, user).is_some() {
+            return None;
+        }
+        mesh.cluster_of(&user.bare_string())
     }
 
     /// Installs where learned users are written (once).
@@ -385,6 +462,8 @@ pub fn link_system<'c>(config: &'c Config, link: &Link) -> Option<&'c str> {
                 .map_or("fed-xmpp", |d| d.system.as_str()),
         ),
         Link::Sip { domain } => config.sip_federated(domain).map(|d| d.system.as_str()),
+        // The answering cluster translates for its own destination (see `finish`).
+        Link::Intercluster { .. } => None,
     }
 }
 
@@ -477,9 +556,16 @@ pub fn route(
             }
             let d = &env.to.domain;
             if config.serves_xmpp_domain(d) {
+                // The local side of the mesh: a user of ours writing to a user of the same
+                // domain who lives in a peer cluster. Anyone else local stays between users.
+                if room.is_none() && config.is_local_domain(d) {
+                    if let Some(cluster) = directory.peer_cluster_of(config, &env.to) {
+                        return finish(config, maps, Link::Intercluster { cluster }, env);
+                    }
+                }
                 return Err(refuse(Denied::LocalToLocal, env));
             }
-            if config.sip_federated(d).is_some() {
+            let link = if config.sip_federated(d).is_some() {
                 if room.is_some() {
                     let alias = env.from.domain.clone();
                     return Err(refuse(Denied::GroupChatNotForSip(alias), env));
@@ -489,6 +575,24 @@ pub fn route(
                 Link::S2s { domain: d.clone() }
             } else {
                 return Err(refuse(Denied::DomainNotAllowed(d.clone()), env));
+            };
+            // Answers come back the same way: when the foreign user's traffic reached this
+            // user through a peer cluster, that cluster holds the SIP dialog or s2s stream the
+            // foreign side expects, so the answer goes out there (our policy above applied).
+            match directory
+                .mesh()
+                .filter(|_| room.is_none())
+                .and_then(|m| m.return_path(&env.from.bare_string(), &env.to.bare_string()))
+            {
+                Some(cluster) => Link::Intercluster { cluster },
+                None => link,
+            }
+        }
+        Origin::Intercluster { cluster } => {
+            let link = from_peer_cluster(config, directory, cluster, &env);
+            match link {
+                Ok(l) => l,
+                Err(d) => return Err(refuse(d, env)),
             }
         }
         Origin::S2s { domain } | Origin::Sip { domain } => {
@@ -517,13 +621,105 @@ pub fn route(
             if !config.is_local_domain(&env.to.domain) {
                 return Err(refuse(Denied::NotLocal(env.to.domain.clone()), env));
             }
-            match directory.lookup(config, &env.to) {
-                Some(home_node) => Link::Component { home_node },
-                None => return Err(refuse(Denied::NoHomeNode(env.to.bare_string()), env)),
+            // A user a home node of ours hosts first; then one a peer cluster hosts (issue
+            // 13: forwarded there); then, before the routing node or a refusal, the peers
+            // are asked about a user nobody placed yet.
+            if let Some(home_node) = directory.known_home(config, &env.to) {
+                Link::Component { home_node }
+            } else if let Some(cluster) = directory.peer_cluster_of(config, &env.to) {
+                Link::Intercluster { cluster }
+            } else if directory
+                .mesh()
+                .is_some_and(|m| m.should_ask(&env.to.bare_string()))
+            {
+                return Err(refuse(Denied::AskPeers(env.to.bare_string()), env));
+            } else {
+                match directory.lookup(config, &env.to) {
+                    Some(home_node) => Link::Component { home_node },
+                    None => return Err(refuse(Denied::NoHomeNode(env.to.bare_string()), env)),
+                }
             }
         }
     };
     finish(config, maps, link, env)
+}
+
+/// Where an envelope a peer cluster forwarded goes (see [`route`]). A peer is trusted for
+/// what its own edge authenticated (the foreign sender), never for our users or for users of
+/// a third cluster; it never makes us a transit to yet another cluster.
+fn from_peer_cluster(
+    config: &Config,
+    directory: &Directory,
+    cluster: &Arc<str>,
+    env: &Envelope,
+) -> Result<Link, Denied> {
+    let from_local = config.is_local_domain(&env.from.domain);
+    let to_local = config.is_local_domain(&env.to.domain);
+    let not_peer_user = || Denied::NotPeerUser {
+        from: env.from.bare_string(),
+        cluster: cluster.clone(),
+    };
+    match (from_local, to_local) {
+        // A foreign user writing to one of ours through the peer's edge: our federation policy
+        // applies too (the policies live where the user lives), then our directory.
+        (false, true) => {
+            let d = &env.from.domain;
+            if config.sip_federated(d).is_none() && !config.xmpp_federation_allowed(d) {
+                return Err(Denied::DomainNotAllowed(d.clone()));
+            }
+            let home_node = directory
+                .lookup(config, &env.to)
+                .ok_or_else(|| Denied::NoHomeNode(env.to.bare_string()))?;
+            // An error is not the foreign side writing: it must not keep alive (or create) a
+            // way back, least of all the bounce of an answer the peer could not take.
+            if let Some(m) = directory
+                .mesh()
+                .filter(|_| !matches!(env.body, Body::Error { .. }))
+            {
+                m.remember(&env.to.bare_string(), &env.from.bare_string(), cluster);
+            }
+            Ok(Link::Component { home_node })
+        }
+        // A user of the peer answering a foreign user whose dialog this cluster holds: sent
+        // out as if a home node of ours had written it, provided the index places the user in
+        // that very peer.
+        (true, false) => {
+            let placed = directory
+                .mesh()
+                .and_then(|m| m.cluster_of(&env.from.bare_string()));
+            if placed.as_deref() != Some(&**cluster) {
+                return Err(not_peer_user());
+            }
+            let d = &env.to.domain;
+            if config.chat_node(d).is_some() {
+                // Rooms are reached on the cluster that hosts them, not through a peer.
+                return Err(Denied::NotLocal(d.clone()));
+            }
+            if config.sip_federated(d).is_some() {
+                Ok(Link::Sip { domain: d.clone() })
+            } else if config.xmpp_federation_allowed(d) {
+                Ok(Link::S2s { domain: d.clone() })
+            } else {
+                Err(Denied::DomainNotAllowed(d.clone()))
+            }
+        }
+        // Between users of the two clusters: the sender may not be one of ours, nor a user the
+        // index places in a third cluster (a user not synced yet is taken on the peer's word).
+        (true, true) => {
+            let elsewhere = directory
+                .mesh()
+                .and_then(|m| m.cluster_of(&env.from.bare_string()))
+                .is_some_and(|c| *c != **cluster);
+            if elsewhere || directory.known_home(config, &env.from).is_some() {
+                return Err(not_peer_user());
+            }
+            directory
+                .lookup(config, &env.to)
+                .map(|home_node| Link::Component { home_node })
+                .ok_or_else(|| Denied::NoHomeNode(env.to.bare_string()))
+        }
+        (false, false) => Err(Denied::NotLocal(env.to.domain.clone())),
+    }
 }
 
 /// The last stage of [`route`] once the link is chosen: presence translated into the
@@ -534,6 +730,15 @@ fn finish(
     link: Link,
     mut env: Envelope,
 ) -> Result<Route, Refusal> {
+    if matches!(link, Link::Intercluster { .. }) {
+        // The answering cluster routes it again and translates for the link it chooses (its
+        // home node's system, or the foreign peer's): one translation, where the target is
+        // known.
+        return Ok(Route {
+            link,
+            envelope: env,
+        });
+    }
     if let Body::Presence(p) = &env.body {
         let target = match link_system(config, &link) {
             Some(t) => t,
@@ -1160,5 +1365,330 @@ home_node = "hn2"
         assert!(dir.is_empty(), "a listed user was stored as learned");
         dir.learn(&cfg, &addr("dave@example.com"), &hn1);
         assert_eq!(dir.lookup(&cfg, &addr("dave@example.com")), Some(hn1));
+    }
+}
+
+#[cfg(test)]
+mod intercluster_tests {
+    use super::*;
+    use crate::config::{self, BUILTIN_SYSTEMS};
+    use crate::gateway::envelope::{MessageBody, Subscription};
+    use crate::intercluster::{index::Index, keys, routes::Routing};
+    use crate::presence::map;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[[local_domain]]
+name = "example.com"
+[[sip.federated_domain]]
+name = "partner.com"
+system = "lync"
+[xmpp.federation]
+mode = "allow_list"
+[[xmpp.federation.domain]]
+name = "webex.test"
+[[home_node]]
+name = "hn1"
+addresses = ["127.0.0.1:5347"]
+component_secret = "a-long-enough-secret-1"
+users = ["alice@example.com"]
+default_system = "xmpp"
+"#;
+
+    /// Cluster "here" with one home node (alice listed), and the index placing carol in "b".
+    fn setup() -> (Config, map::MappingSet, Directory, Arc<Routing>) {
+        let cfg = config::from_toml(CONFIG, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("cfg");
+        let index = Arc::new(Index::default());
+        index.apply(&keys::user("b", "carol@example.com"), Some(b""));
+        let routing = Arc::new(Routing::new(index, true));
+        let dir = Directory::default();
+        dir.set_mesh(routing.clone());
+        (cfg, map::embedded().expect("maps"), dir, routing)
+    }
+
+    fn env(from: &str, to: &str, body: Body) -> Envelope {
+        Envelope {
+            from: Address::parse(from).expect("from"),
+            to: Address::parse(to).expect("to"),
+            body,
+        }
+    }
+
+    fn msg() -> Body {
+        Body::Message(MessageBody {
+            id: Some("m1".into()),
+            text: "hi".into(),
+            ..Default::default()
+        })
+    }
+
+    fn dom(s: &str) -> Domain {
+        Domain::parse(s).expect("domain")
+    }
+
+    fn peer(name: &str) -> Origin {
+        Origin::Intercluster {
+            cluster: Arc::from(name),
+        }
+    }
+
+    fn ic(name: &str) -> Link {
+        Link::Intercluster {
+            cluster: Arc::from(name),
+        }
+    }
+
+    #[test]
+    fn foreign_traffic_for_a_user_of_a_peer_goes_to_that_peer_untranslated() {
+        let (cfg, maps, dir, _) = setup();
+        let sip = Origin::Sip {
+            domain: dom("partner.com"),
+        };
+        let busy = Body::Presence(PresenceBody {
+            system: "lync".into(),
+            state: "busy".into(),
+            note: None,
+            priority: None,
+        });
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &sip,
+            env("bob@partner.com", "carol@example.com", busy.clone()),
+        )
+        .expect("routed");
+        assert_eq!(r.link, ic("b"));
+        assert_eq!(r.envelope.body, busy, "the peer translates, not us");
+        // Our own user stays ours; the domain policy still applies on the receiving edge.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &sip,
+            env("bob@partner.com", "alice@example.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(r.link.label(), "component");
+        let s2s = Origin::S2s {
+            domain: dom("jabber.test"),
+        };
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &s2s,
+            env("x@jabber.test", "carol@example.com", msg()),
+        )
+        .expect_err("not federated")
+        .denied;
+        assert_eq!(d.label(), "domain_not_allowed");
+    }
+
+    #[test]
+    fn unplaced_users_are_asked_about_then_routed_as_before() {
+        let (cfg, maps, dir, routing) = setup();
+        let sip = Origin::Sip {
+            domain: dom("partner.com"),
+        };
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &sip,
+            env("bob@partner.com", "zed@example.com", msg()),
+        )
+        .expect_err("asked first")
+        .denied;
+        assert_eq!(d, Denied::AskPeers("zed@example.com".into()));
+        // Nobody has zed: the single home node takes it, as without peers.
+        routing.mark_absent("zed@example.com");
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &sip,
+            env("bob@partner.com", "zed@example.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(r.link.label(), "component");
+    }
+
+    #[test]
+    fn a_peer_delivers_to_our_users_and_our_answers_go_back_through_it() {
+        let (cfg, maps, dir, routing) = setup();
+        // b forwards bob's message to alice (ours): our directory, and b is remembered.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env("bob@partner.com/pc", "alice@example.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Component {
+                home_node: "hn1".into()
+            }
+        );
+        assert_eq!(routing.return_paths(), 1);
+        // An error from bob's side (a bounce) reaches alice but opens no way back.
+        let err = Body::Error {
+            id: None,
+            condition: ErrorCondition::ServiceUnavailable,
+            text: "down".into(),
+            kind: crate::gateway::envelope::ErrorOf::Message,
+        };
+        route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("c"),
+            env("eve@partner.com", "alice@example.com", err),
+        )
+        .expect("routed");
+        assert_eq!(routing.return_paths(), 1);
+        // alice answers: through b, not on our own SIP link.
+        let hn1 = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "bob@partner.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(r.link, ic("b"));
+        // To someone else she still writes on our own link.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "eve@partner.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Sip {
+                domain: dom("partner.com")
+            }
+        );
+        // A foreign domain our policy does not allow is refused even through a peer.
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env("x@jabber.test", "alice@example.com", msg()),
+        )
+        .expect_err("our policy")
+        .denied;
+        assert_eq!(d.label(), "domain_not_allowed");
+    }
+
+    #[test]
+    fn a_peer_speaks_only_for_its_own_users_toward_foreign_domains() {
+        let (cfg, maps, dir, _) = setup();
+        // carol lives in b: b may send her answer out through our SIP edge.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env(
+                "carol@example.com/pc",
+                "bob@partner.com",
+                Body::Subscription(Subscription::Subscribed),
+            ),
+        )
+        .expect("routed");
+        assert_eq!(
+            r.link,
+            Link::Sip {
+                domain: dom("partner.com")
+            }
+        );
+        // Not as alice (ours), not as a user the index places elsewhere or nowhere.
+        for (cluster, from) in [
+            ("b", "alice@example.com"),
+            ("c", "carol@example.com"),
+            ("b", "nobody@example.com"),
+        ] {
+            let d = route(
+                &cfg,
+                &maps,
+                &dir,
+                &peer(cluster),
+                env(from, "bob@partner.com", msg()),
+            )
+            .expect_err("spoofed")
+            .denied;
+            assert_eq!(d.label(), "not_peer_user", "{cluster} {from}");
+            assert!(!d.answered());
+        }
+    }
+
+    #[test]
+    fn users_of_two_clusters_reach_each_other_through_the_link() {
+        let (cfg, maps, dir, _) = setup();
+        let hn1 = Origin::Component {
+            home_node: "hn1".into(),
+        };
+        // alice (ours) to carol (b's): the link, not LocalToLocal.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "carol@example.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(r.link, ic("b"));
+        // To a local user nobody places elsewhere: still between users.
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "dan@example.com", msg()),
+        )
+        .expect_err("local")
+        .denied;
+        assert_eq!(d, Denied::LocalToLocal);
+        // carol answers from b: to alice's home node. b may not write as alice.
+        let r = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env("carol@example.com/pc", "alice@example.com", msg()),
+        )
+        .expect("routed");
+        assert_eq!(r.link.label(), "component");
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env("alice@example.com", "alice@example.com", msg()),
+        )
+        .expect_err("ours")
+        .denied;
+        assert_eq!(d.label(), "not_peer_user");
+        // Never a transit between two foreign ends.
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &peer("b"),
+            env("bob@partner.com", "x@webex.test", msg()),
+        )
+        .expect_err("transit")
+        .denied;
+        assert_eq!(d.label(), "not_local");
     }
 }

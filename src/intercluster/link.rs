@@ -63,9 +63,25 @@ pub struct Service {
     pub store: SharedStore,
     /// What is recorded already (unlisted callers).
     pub index: Arc<super::index::Index>,
+    /// Where forwarded envelopes are routed (weak: the hub owns the tasks that own us).
+    pub hub: std::sync::Weak<crate::gateway::Hub>,
+    /// Per-peer counts for the status.
+    pub routing: Arc<super::routes::Routing>,
 }
 
+/// Envelopes one `Forward` call may carry (the sender batches at most
+/// [`super::forward::BATCH`]).
+pub const MAX_FORWARD: usize = 1_000;
+
 impl Service {
+    fn not_listed(&self, from: &str) -> tonic::Status {
+        tonic::Status::permission_denied(format!(
+            "cluster `{from}` is not listed in [[intercluster.peer]] of cluster `{}`: add it \
+             there (a peer is removed on both sides, or listed on both)",
+            self.me()
+        ))
+    }
+
     fn me(&self) -> String {
         (self.config)()
             .intercluster
@@ -133,6 +149,117 @@ impl Intercluster for Service {
 
     type UsersStream = UserStream;
 
+    async fn forward(
+        &self,
+        request: tonic::Request<proto::ForwardBatch>,
+    ) -> Result<tonic::Response<proto::ForwardOutcomes>, tonic::Status> {
+        use crate::gateway::hub::Submitted;
+        let caller = request.extensions().get::<Caller>().cloned();
+        let req = request.into_inner();
+        if self
+            .identify(&req.from_cluster, caller.as_ref())
+            .await?
+            .is_none()
+        {
+            super::FORWARDED
+                .with_label_values(&["in", "refused_caller"])
+                .inc_by(req.envelopes.len() as u64);
+            return Err(self.not_listed(&req.from_cluster));
+        }
+        if req.envelopes.len() > MAX_FORWARD {
+            return Err(tonic::Status::invalid_argument(format!(
+                "at most {MAX_FORWARD} envelopes per call"
+            )));
+        }
+        let hub = self
+            .hub
+            .upgrade()
+            .ok_or_else(|| tonic::Status::unavailable("this node is stopping"))?;
+        let from: Arc<str> = Arc::from(req.from_cluster.as_str());
+        let origin = crate::gateway::Origin::Intercluster {
+            cluster: from.clone(),
+        };
+        let mut outcomes = Vec::with_capacity(req.envelopes.len());
+        for w in req.envelopes {
+            let o = match crate::cluster::peer::wire::from_wire(w) {
+                Err(e) => {
+                    tracing::warn!(peer = %req.from_cluster, error = %e, "intercluster: forwarded envelope refused");
+                    proto::ForwardOutcome {
+                        result: proto::ForwardResult::Invalid as i32,
+                        condition: crate::gateway::envelope::ErrorCondition::BadRequest
+                            .as_str()
+                            .into(),
+                        reason: format!("unreadable envelope: {e}"),
+                        answered: true,
+                    }
+                }
+                // Routed as if it had arrived on our edge; a reader's wait for room, so a
+                // peer that floods us is slowed by its own call, not by dropped stanzas.
+                Ok(env) => match hub.submit_wait(&origin, env).await {
+                    Submitted::Delivered(_) => proto::ForwardOutcome {
+                        result: proto::ForwardResult::Delivered as i32,
+                        ..Default::default()
+                    },
+                    Submitted::Denied(d) => proto::ForwardOutcome {
+                        result: proto::ForwardResult::Refused as i32,
+                        condition: d.condition().as_str().into(),
+                        reason: d.to_string(),
+                        answered: d.answered(),
+                    },
+                    Submitted::Unavailable(l) => proto::ForwardOutcome {
+                        result: proto::ForwardResult::Unavailable as i32,
+                        condition: crate::gateway::envelope::ErrorCondition::ServiceUnavailable
+                            .as_str()
+                            .into(),
+                        reason: format!(
+                            "the {} link of cluster `{}` is unavailable",
+                            l.label(),
+                            self.me()
+                        ),
+                        answered: true,
+                    },
+                },
+            };
+            let label = super::forward::result_label(o.result);
+            super::FORWARDED.with_label_values(&["in", label]).inc();
+            self.routing
+                .count(&from, super::routes::Way::In, label == "delivered");
+            outcomes.push(o);
+        }
+        Ok(tonic::Response::new(proto::ForwardOutcomes { outcomes }))
+    }
+
+    async fn lookup(
+        &self,
+        request: tonic::Request<proto::LookupRequest>,
+    ) -> Result<tonic::Response<proto::LookupReply>, tonic::Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let req = request.into_inner();
+        if self
+            .identify(&req.from_cluster, caller.as_ref())
+            .await?
+            .is_none()
+        {
+            return Err(self.not_listed(&req.from_cluster));
+        }
+        let cfg = (self.config)();
+        if !local_user(&cfg, &req.user) {
+            return Err(tonic::Status::invalid_argument(
+                "not a bare JID of a local domain",
+            ));
+        }
+        // Our users as we contribute them to syncs: configured, learned, pinned.
+        let lives_here = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&req.user);
+        super::LOOKUPS
+            .with_label_values(&["in", if lives_here { "yes" } else { "no" }])
+            .inc();
+        Ok(tonic::Response::new(proto::LookupReply { lives_here }))
+    }
+
     async fn users(
         &self,
         request: tonic::Request<proto::SyncRequest>,
@@ -145,12 +272,7 @@ impl Intercluster for Service {
             .is_none()
         {
             super::SERVED.with_label_values(&["refused"]).inc();
-            return Err(tonic::Status::permission_denied(format!(
-                "cluster `{}` is not listed in [[intercluster.peer]] of cluster `{}`: add it \
-                 there (a peer is removed on both sides, or listed on both)",
-                req.from_cluster,
-                self.me()
-            )));
+            return Err(self.not_listed(&req.from_cluster));
         }
         let since = (req.since_epoch != 0).then_some(Cursor {
             epoch: req.since_epoch,
@@ -481,7 +603,7 @@ pub fn local_user(cfg: &Config, user: &str) -> bool {
         })
 }
 
-async fn dial(
+pub(super) async fn dial(
     peer: &HostPort,
     tls: Option<&IcTls>,
     certificate: &mut String,

@@ -3,7 +3,7 @@
 //!
 //! This part owns the **link** (gRPC over mutual TLS, or plaintext TCP in a lab, on
 //! `intercluster.listen`; `proto/intercluster.proto`), the **user sync** and its status and
-//! alarm. It does not route traffic yet.
+//! alarm, and the **routing** over the link ([`routes`], `forward`; issue 13 §3).
 //!
 //! - **What we contribute** ([`changelog`]): the users this cluster's home nodes have spoken
 //!   for (the learned directory, `directory/<user>` in the shared store), the users
@@ -19,14 +19,21 @@
 //!   routable); a complete answer replaces them; the next good sync reconciles.
 //! - **Alarm** `InterClusterSyncAgentPeerPeriodicSyncingFailure` when a peer has not been
 //!   synced for `stuck_after_secs`; with `auto_recovery` the agent restarts for that peer.
+//! - **Routing**: foreign traffic for a user a peer hosts is forwarded there (`Forward`); the
+//!   peer remembers which cluster the conversation came through and sends its user's answers
+//!   back that way, so the foreign side sees them on the dialog or stream it opened. A local
+//!   user nobody placed is asked about (`Lookup`) before being refused.
 //! - **Force sync**: `legate intercluster force-sync [PEER] [--full]` on any node writes
 //!   `intercluster/force/<peer>`; the leader's agent picks it up.
 
 pub mod agent;
 pub mod changelog;
+#[cfg(feature = "cluster")]
+mod forward;
 pub mod index;
 #[cfg(feature = "cluster")]
 mod link;
+pub mod routes;
 #[cfg(feature = "cluster")]
 mod run;
 #[cfg(feature = "cluster")]
@@ -126,8 +133,51 @@ pub(crate) static SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub(crate) static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_intercluster_forwarded_total",
+        "Envelopes forwarded over the intercluster link, by direction (out: to a peer cluster, \
+         in: from one) and outcome (delivered, refused, unavailable, invalid; out only: failed, \
+         the peer could not be reached; in only: refused_caller, a cluster we do not list)",
+        &["direction", "outcome"],
+    )
+});
+pub(crate) static FORWARD_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    crate::metrics::histogram_vec(
+        "legate_intercluster_forward_seconds",
+        "Round trip of a Forward call to a peer cluster (one batch), by outcome (answered, \
+         failed)",
+        &["outcome"],
+        &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0,
+        ],
+    )
+});
+pub(crate) static LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_intercluster_lookups_total",
+        "Questions about unplaced users between peer clusters, by direction (out: asked by \
+         this node, in: answered) and answer (yes, no; out only: failed)",
+        &["direction", "answer"],
+    )
+});
+
 /// Creates the families at start (at zero).
 pub fn register_metrics() {
+    for d in ["out", "in"] {
+        for o in ["delivered", "refused", "unavailable", "invalid"] {
+            FORWARDED.with_label_values(&[d, o]);
+        }
+        for a in ["yes", "no"] {
+            LOOKUPS.with_label_values(&[d, a]);
+        }
+    }
+    FORWARDED.with_label_values(&["out", "failed"]);
+    FORWARDED.with_label_values(&["in", "refused_caller"]);
+    LOOKUPS.with_label_values(&["out", "failed"]);
+    for o in ["answered", "failed"] {
+        FORWARD_SECONDS.with_label_values(&[o]);
+    }
     for o in ["complete", "incremental", "failed"] {
         SYNC_SECONDS.with_label_values(&[o]);
         SYNCS.with_label_values(&[o]);

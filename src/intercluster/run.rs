@@ -6,8 +6,10 @@
 
 use super::agent::{Action, Agent, Outcome, Settings};
 use super::changelog::{ChangeLog, Cursor, DEFAULT_CAPACITY};
+use super::forward;
 use super::index::Index;
 use super::link::{self, Received};
+use super::routes::Routing;
 use super::tls::IcTls;
 use super::{keys, Answer, HookFuture, ALARM};
 use crate::cluster::{Cluster, Role};
@@ -73,6 +75,7 @@ pub struct Intercluster {
     index: Arc<Index>,
     log: Arc<Mutex<ChangeLog>>,
     leading: Arc<AtomicBool>,
+    routing: Arc<Routing>,
     pub bound: SocketAddr,
 }
 
@@ -103,7 +106,35 @@ pub async fn start(
     follow_our_users(&hub, &store, &log, shutdown.clone(), tasks).await?;
     let index = Arc::new(Index::default());
     follow_index(&store, &index, shutdown.clone(), tasks).await?;
+    // Routing (issue 13 §3): the router reads the index and the return paths; one forwarder
+    // per listed peer (peers added by a reload get one at the next start).
+    let routing = Arc::new(Routing::new(
+        index.clone(),
+        !cfg.intercluster.peers.is_empty(),
+    ));
+    hub.directory().set_mesh(routing.clone());
+    let peers = forward::Peers::new(&cfg, tls.as_ref());
+    for name in peers.names() {
+        let rx = hub.register_intercluster(&name, forward::QUEUE);
+        tasks.spawn(forward::run(
+            Arc::downgrade(&hub),
+            routing.clone(),
+            peers.clone(),
+            name,
+            rx,
+            shutdown.clone(),
+        ));
+    }
+    hub.set_peer_asker(Arc::new(forward::Asker::new(
+        Arc::downgrade(&hub),
+        peers,
+        routing.clone(),
+        store.clone(),
+        index.clone(),
+    )));
     let service = link::Service {
+        hub: Arc::downgrade(&hub),
+        routing: routing.clone(),
         index: index.clone(),
         config: {
             let hub = Arc::downgrade(&hub);
@@ -123,6 +154,7 @@ pub async fn start(
         index,
         log,
         leading: Arc::new(AtomicBool::new(false)),
+        routing,
         bound,
     });
     tasks.spawn(agent_duty(ic.clone(), tls, cluster, shutdown));
@@ -757,6 +789,7 @@ impl Intercluster {
                 if let Some(o) = v.as_object_mut() {
                     o.insert("name".into(), p.name.clone().into());
                     o.insert("address".into(), p.address.to_string().into());
+                    o.insert("forwarded".into(), self.routing.forwarded_json(&p.name));
                 }
                 v
             })
@@ -786,7 +819,7 @@ impl Intercluster {
             "users_known": self.index.len(),
             "peers": peers,
             "unlisted_callers": unlisted,
-            "not_built_yet": ["routing of traffic to users of peer clusters"],
+            "return_paths": self.routing.return_paths(),
         })
     }
 

@@ -443,3 +443,729 @@ async fn a_peer_that_no_longer_lists_us_and_a_wrong_certificate_show_in_the_stat
     assert_eq!(code, 1);
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routing (issue 13 §3): a foreign XMPP server reaches a user of cluster B through cluster A.
+
+/// The routing rig: cluster A (the s2s edge the foreign server's DNS points at) and cluster B
+/// (no s2s listener, and no DNS that knows the foreign domain: whatever reaches the foreign
+/// server from B's users went through A), each a single node with its own Prosody home node,
+/// peered over mutual TLS; a foreign Prosody `xmpp.test` with user bob.
+struct RouteRig {
+    certs: CertFactory,
+    a: Legate,
+    b: Legate,
+    _home_a: Prosody,
+    home_b: Prosody,
+    foreign: Prosody,
+    _dns: common::dnsmasq::Dnsmasq,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+const FEDERATION: &str = r#"[xmpp.federation]
+mode = "allow_list"
+dialback_allow_private_targets = true
+[[xmpp.federation.domain]]
+name = "xmpp.test"
+system = "fed-xmpp"
+auth = "external_only""#;
+
+/// The configuration of cluster `me` (peered with `peer`) in the routing tests: `edge` is the
+/// `[listeners]` table's entries, `more` the federation sections (and `[dns]`).
+fn route_config(
+    dir: &Path,
+    (me, peer): (&Site, &Site),
+    leaf: &Leaf,
+    certs: &CertFactory,
+    home: &Prosody,
+    edge: &str,
+    more: &str,
+) -> Result<PathBuf> {
+    let path = dir.join("legate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[node]
+id = "{name}1"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tcp = "off"
+xmpp_s2s_direct_tls = "off"
+{edge}
+[tls]
+trust_bundle = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[[home_node]]
+name = "hn1"
+addresses = ["{home}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+{more}
+[intercluster]
+name = "{name}"
+listen = "{addr}"
+transport = "tls"
+sync_interval_mins = 1440
+[[intercluster.peer]]
+name = "{peer}"
+address = "{peer_addr}"
+"#,
+            name = me.name,
+            data = dir.display(),
+            cert = leaf.cert.display(),
+            key = leaf.key.display(),
+            ca = certs.ca_path().display(),
+            home = home.component_addr(),
+            addr = me.addr(),
+            peer = peer.name,
+            peer_addr = peer.addr(),
+        ),
+    )?;
+    Ok(path)
+}
+
+/// What both clusters of the XMPP rig say of SIP: a partner nobody reaches (unused there).
+const NO_SIP: &str = "[[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \"127.0.0.1:9\"\n";
+
+/// Waits until `a` places `user` in cluster `b`, forcing syncs.
+async fn synced_to_a(a: &Legate, user: &str, why: impl Fn(&str) -> String) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        force_sync(a, "b").await?;
+        if lookup(a, user).await?["cluster"] == "b" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{}", why(&format!("A never placed {user} in B")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl RouteRig {
+    async fn start(block: u8) -> Result<RouteRig> {
+        use common::dnsmasq::{DnsRecord, Dnsmasq};
+        use common::prosody::CertPaths;
+        let ip = |n: u8| Ipv4Addr::new(127, 0, block, n);
+        let certs = CertFactory::new();
+        let (a, b) = (Site::new("a", ip(1)), Site::new("b", ip(2)));
+        let a_ip = ip(1).to_string();
+        let b_ip = ip(2).to_string();
+        let leaf_a = certs.leaf("a", &["example.test", &a_ip]);
+        let leaf_b = certs.leaf("b", &["example.test", &b_ip]);
+        let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+        let a_s2s = common::ports::free_port(IpAddr::V4(ip(1)));
+        let foreign_cfg = ProsodyConfig::new(ip(5))
+            .host("xmpp.test")
+            .user("xmpp.test", "bob", "pw")
+            .host_cert(
+                "xmpp.test",
+                CertPaths {
+                    cert: theirs.cert.clone(),
+                    key: theirs.key.clone(),
+                },
+            )
+            .secure_s2s(certs.ca_path());
+        let dns = Dnsmasq::start(&[
+            DnsRecord::a("xmpp.test", ip(5)),
+            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", foreign_cfg.s2s_port),
+            // The foreign server knows one way to example.test: cluster A.
+            DnsRecord::a("example.test", ip(1)),
+            DnsRecord::xmpp_server("example.test", "example.test", a_s2s),
+        ])?;
+        let home_a = Prosody::start(
+            ProsodyConfig::new(ip(3))
+                .host("example.test")
+                .user("example.test", "alice", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let home_b = Prosody::start(
+            ProsodyConfig::new(ip(4))
+                .host("example.test")
+                .user("example.test", "carol", "pw")
+                .user("example.test", "dave", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let foreign = Prosody::start(foreign_cfg.dns(dns.unbound_forward()))?;
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let cfg_a = route_config(
+            dir_a.path(),
+            (&a, &b),
+            &leaf_a,
+            &certs,
+            &home_a,
+            &format!(
+                "sip_tls = \"off\"\nxmpp_s2s = \"{}\"",
+                SocketAddr::new(IpAddr::V4(ip(1)), a_s2s)
+            ),
+            &format!(
+                "{NO_SIP}[dns]\nnameservers = [\"{}\"]\n{FEDERATION}",
+                dns.addr()
+            ),
+        )?;
+        // B: no s2s listener, and no DNS that knows xmpp.test.
+        let cfg_b = route_config(
+            dir_b.path(),
+            (&b, &a),
+            &leaf_b,
+            &certs,
+            &home_b,
+            "sip_tls = \"off\"\nxmpp_s2s = \"off\"",
+            &format!("{NO_SIP}{FEDERATION}"),
+        )?;
+        let b_node = start(&cfg_b)?;
+        let a_node = Legate::start(&cfg_a, &["admin", "intercluster", "xmpp_s2s"])?;
+        for (n, what) in [
+            (&a_node, "A's component link"),
+            (&b_node, "B's component link"),
+        ] {
+            n.wait_output(what, WAIT, |t| {
+                t.contains("component xmpp.test connected to home node hn1")
+            })
+            .await?;
+        }
+        wait_status(&a_node, "A's first sync with B", |s| {
+            peer(s, "b")["in_sync"] == true
+        })
+        .await?;
+        Ok(RouteRig {
+            certs,
+            a: a_node,
+            b: b_node,
+            _home_a: home_a,
+            home_b,
+            foreign,
+            _dns: dns,
+            _dirs: (dir_a, dir_b),
+        })
+    }
+
+    /// `user`, logged in on B's home node, available.
+    async fn user_of_b(&self, user: &str) -> Result<XmppClient> {
+        let mut c = XmppClient::connect(ClientConfig::plain(
+            self.home_b.c2s_addr(),
+            "example.test",
+            user,
+            "pw",
+        ))
+        .await?;
+        c.send_presence(None, None).await?;
+        Ok(c)
+    }
+
+    /// bob, logged in on the foreign server over TLS, available.
+    async fn bob(&self) -> Result<XmppClient> {
+        let mut cc = ClientConfig::plain(self.foreign.c2s_addr(), "xmpp.test", "bob", "pw");
+        cc.tls = Some(common::xmpp_client::TlsOptions {
+            ca_pem: self.certs.ca_pem().as_bytes().to_vec(),
+            server_name: "xmpp.test".into(),
+        });
+        let mut b = XmppClient::connect(cc).await.context("bob logs in")?;
+        b.send_presence(None, None).await?;
+        Ok(b)
+    }
+
+    fn why(&self, what: &str) -> String {
+        format!(
+            "{what}\n--- A ---\n{}\n--- B ---\n{}\n--- B's prosody ---\n{}",
+            self.a.output(),
+            self.b.output(),
+            self.home_b.log()
+        )
+    }
+}
+
+/// The sum of the series of `family` whose labels contain every `label="value"` of `labels`.
+fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `a` subscribes to `b` and `b` approves; `a` then sees `b`'s presence.
+async fn subscribe_and_approve(a: &mut XmppClient, b: &mut XmppClient) -> Result<()> {
+    let (a_jid, b_jid) = (a.bare_jid().to_owned(), b.bare_jid().to_owned());
+    a.subscribe(&b_jid).await?;
+    b.expect_presence_from(&a_jid, Some("subscribe"), WAIT)
+        .await
+        .with_context(|| format!("{a_jid}'s subscription request reaches {b_jid}"))?;
+    b.approve(&a_jid).await?;
+    a.expect_presence_from(&b_jid, Some("subscribed"), WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s approval reaches {a_jid}"))?;
+    a.expect_presence_from(&b_jid, None, WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s presence reaches {a_jid}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_xmpp_user_reaches_a_user_of_b_through_a_and_answers_come_back_through_a(
+) -> Result<()> {
+    let mut rig = RouteRig::start(3).await?;
+    // carol lives in B (pinned by B's admin) and A learns it at a forced sync.
+    let (code, out) = cli(&rig.b, &["users", "add", "carol@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    synced_to_a(&rig.a, "carol@example.test", |w| rig.why(w)).await?;
+    let mut carol = rig.user_of_b("carol").await?;
+    let mut bob = rig.bob().await?;
+
+    // Presence both ways: bob ⇄ carol, each subscribing and approving.
+    let r = subscribe_and_approve(&mut bob, &mut carol).await;
+    r.with_context(|| rig.why("bob subscribes to carol"))?;
+    let r = subscribe_and_approve(&mut carol, &mut bob).await;
+    r.with_context(|| rig.why("carol subscribes to bob"))?;
+
+    // IM both ways.
+    bob.send_message("carol@example.test", "hello carol, from xmpp.test")
+        .await?;
+    let m = carol
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message reaches carol"))?;
+    assert_eq!(m.body.as_deref(), Some("hello carol, from xmpp.test"));
+    carol
+        .send_message("bob@xmpp.test", "hi bob, from B")
+        .await?;
+    let m = bob
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("carol's answer reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("hi bob, from B"));
+
+    // Which way it went: B sent nothing on an s2s link of its own (it could not have: it has
+    // no DNS for xmpp.test); everything of carol's left through A, which forwarded bob's
+    // traffic to B and sent carol's out on its s2s stream.
+    let (ma, mb) = (rig.a.metrics().await?, rig.b.metrics().await?);
+    let f = "legate_envelopes_total";
+    assert_eq!(
+        metric_sum(&mb, f, &["origin=\"component\"", "destination=\"s2s\""]),
+        0.0,
+        "{mb}"
+    );
+    assert!(
+        metric_sum(
+            &mb,
+            f,
+            &[
+                "origin=\"component\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "B's answers (subscribed, presence, subscribe, message) go to A: {mb}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"intercluster\"",
+                "destination=\"s2s\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "A sends them out on its s2s link: {ma}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"s2s\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 4.0,
+        "{ma}"
+    );
+    let fwd = "legate_intercluster_forwarded_total";
+    assert!(metric_sum(&ma, fwd, &["direction=\"out\"", "outcome=\"delivered\""]) >= 4.0);
+    assert!(metric_sum(&ma, fwd, &["direction=\"in\"", "outcome=\"delivered\""]) >= 4.0);
+    assert_eq!(metric_sum(&ma, fwd, &["outcome=\"failed\""]), 0.0, "{ma}");
+    assert!(
+        ma.contains("legate_intercluster_forward_seconds_bucket"),
+        "{ma}"
+    );
+    let s = status(&rig.b).await?;
+    assert!(
+        s["intercluster"]["return_paths"].as_u64() >= Some(1),
+        "{s:#}"
+    );
+    let fwd_a = peer(&status(&rig.a).await?, "b")["forwarded"].clone();
+    assert!(fwd_a["out_delivered"].as_u64() >= Some(4), "{fwd_a:#}");
+    assert!(fwd_a["in_delivered"].as_u64() >= Some(4), "{fwd_a:#}");
+    assert_eq!(fwd_a["out_not_delivered"], 0, "{fwd_a:#}");
+
+    // Ask the peers: dave lives in B, but no sync since (the interval is a day, nothing is
+    // forced): A does not know him, asks B, and delivers.
+    let (code, out) = cli(&rig.b, &["users", "add", "dave@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        lookup(&rig.a, "dave@example.test").await?["cluster"],
+        Value::Null
+    );
+    let mut dave = rig.user_of_b("dave").await?;
+    // B takes dave's pin through its store follower: wait until B would answer yes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lookup(&rig.b, "dave@example.test").await?["in_this_cluster"] != true {
+        if tokio::time::Instant::now() > deadline {
+            bail!("B did not take dave");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bob.send_message("dave@example.test", "are you there, dave?")
+        .await?;
+    let m = dave
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message reaches dave, unknown to A"))?;
+    assert_eq!(m.body.as_deref(), Some("are you there, dave?"));
+    assert_eq!(lookup(&rig.a, "dave@example.test").await?["cluster"], "b");
+    let (code, text) = cli(&rig.a, &["lookup", "dave@example.test"])?;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains('b'), "{text}");
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(
+            &ma,
+            "legate_intercluster_lookups_total",
+            &["direction=\"out\"", "answer=\"yes\""]
+        ) >= 1.0,
+        "{ma}"
+    );
+    // dave answers: back through A as well.
+    dave.send_message("bob@xmpp.test", "yes").await?;
+    let m = bob
+        .expect_message_from("dave@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("dave's answer reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("yes"));
+
+    // A user nobody has: A asks B, hears no, and routes as without peers (its only home node).
+    bob.send_message("nobody@example.test", "anyone?").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (ma, mb) = (rig.a.metrics().await?, rig.b.metrics().await?);
+        let asked = metric_sum(
+            &ma,
+            "legate_intercluster_lookups_total",
+            &["direction=\"out\"", "answer=\"no\""],
+        );
+        let answered = metric_sum(
+            &mb,
+            "legate_intercluster_lookups_total",
+            &["direction=\"in\"", "answer=\"no\""],
+        );
+        if asked >= 1.0 && answered >= 1.0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{}", rig.why("A did not ask B about nobody"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lookup(&rig.a, "nobody@example.test").await?["cluster"],
+        Value::Null
+    );
+
+    // B dies: what A forwards to it bounces to the foreign sender, with the reason.
+    rig.b.kill();
+    bob.send_message("carol@example.test", "still there?")
+        .await?;
+    let e = bob
+        .next_stanza_matching(
+            |s| {
+                s.name == "message"
+                    && s.is_type("error")
+                    && s.sender_bare() == Some("carol@example.test")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| rig.why("the bounce of a message for a dead peer"))?;
+    assert!(
+        e.raw.contains("service-unavailable") || e.raw.contains("remote-server-timeout"),
+        "{}",
+        e.raw
+    );
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(
+            &ma,
+            "legate_intercluster_forwarded_total",
+            &["direction=\"out\"", "outcome=\"failed\""]
+        ) >= 1.0,
+        "{ma}"
+    );
+    Ok(())
+}
+
+/// A Lync-like partner edge (`partner.test`, the SIP test UA over mutual TLS) talks to A's SIP
+/// edge only; alice lives in B (whose SIP route leads nowhere). A SUBSCRIBE and an IM session
+/// reach her through A, and what she answers (approval, presence, messages) comes back as
+/// NOTIFYs and in-dialog MESSAGEs on the partner's connection to A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lync_user_reaches_a_user_of_b_through_a_and_answers_come_back_in_as_dialogs(
+) -> Result<()> {
+    use crate::sip_ua::{body_str, hv};
+    use common::rig::{self, lync_edge, notify_until};
+    let block = 4;
+    let ip = |n: u8| Ipv4Addr::new(127, 0, block, n);
+    let certs = CertFactory::new();
+    let (a, b) = (Site::new("a", ip(1)), Site::new("b", ip(2)));
+    let (a_ip, b_ip) = (ip(1).to_string(), ip(2).to_string());
+    let leaf_a = certs.leaf("a", &["example.test", &a_ip]);
+    let leaf_b = certs.leaf("b", &["example.test", &b_ip]);
+    let partner = certs.leaf("partner", &["partner.test", "sip.partner.test"]);
+    let route = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let home = |n: u8, user: &str| {
+        Prosody::start(
+            ProsodyConfig::new(ip(n))
+                .host("example.test")
+                .user("example.test", user, "pw")
+                .component("partner.test", SECRET),
+        )
+    };
+    let (home_a, home_b) = (home(3, "zoe")?, home(4, "alice")?);
+    let sip = |route: &str| {
+        format!(
+            "[[sip.federated_domain]]\nname = \"partner.test\"\nsystem = \"lync\"\nroute = \
+             \"{route}\"\npresence_format = \"msrtc\"\n"
+        )
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let cfg_a = route_config(
+        dir_a.path(),
+        (&a, &b),
+        &leaf_a,
+        &certs,
+        &home_a,
+        &format!("sip_tls = \"{}:0\"\nxmpp_s2s = \"off\"", ip(1)),
+        &sip(&route.local_addr()?.to_string()),
+    )?;
+    let cfg_b = route_config(
+        dir_b.path(),
+        (&b, &a),
+        &leaf_b,
+        &certs,
+        &home_b,
+        "sip_tls = \"off\"\nxmpp_s2s = \"off\"",
+        &sip("127.0.0.1:9"),
+    )?;
+    let node_b = start(&cfg_b)?;
+    let node_a = Legate::start(&cfg_a, &["admin", "intercluster", "sip_tls"])?;
+    for n in [&node_a, &node_b] {
+        n.wait_output("the partner.test component link", WAIT, |t| {
+            t.contains("component partner.test connected to home node hn1")
+        })
+        .await?;
+    }
+    let why = |what: &str| {
+        format!(
+            "{what}\n--- A ---\n{}\n--- B ---\n{}\n--- B's prosody ---\n{}",
+            node_a.output(),
+            node_b.output(),
+            home_b.log()
+        )
+    };
+    let (code, out) = cli(&node_b, &["users", "add", "alice@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    synced_to_a(&node_a, "alice@example.test", why).await?;
+
+    let mut alice = XmppClient::connect(ClientConfig::plain(
+        home_b.c2s_addr(),
+        "example.test",
+        "alice",
+        "pw",
+    ))
+    .await?;
+    alice.send_presence(None, Some("in region B")).await?;
+
+    // --- The Lync watcher subscribes to alice on A; alice approves on B. ---------------------
+    let mut bob = lync_edge(&certs, &partner, node_a.addr("sip_tls")).await?;
+    let ok = rig::subscribe(&mut bob, "alice@example.test", "ic-sub-1").await?;
+    assert_eq!(ok.status(), Some(200), "{}", why("SUBSCRIBE"));
+    let n = bob.request("NOTIFY").await?;
+    assert!(
+        hv(&n, "Subscription-State").starts_with("pending"),
+        "{}",
+        hv(&n, "Subscription-State")
+    );
+    bob.respond(&n, 200, "OK", &[], None).await?;
+    alice
+        .expect_presence_from("bob@partner.test", Some("subscribe"), WAIT)
+        .await
+        .with_context(|| why("the SUBSCRIBE reaches alice on B"))?;
+    alice.approve("bob@partner.test").await?;
+    // msrtc 3500: Lync Available, with alice's text, from the dialog A holds.
+    let body = notify_until(&mut bob, "alice available", |b| b.contains(">3500<"))
+        .await
+        .with_context(|| why("alice's presence as a NOTIFY"))?;
+    assert!(body.contains("in region B"), "{body}");
+    alice.send_presence(Some("dnd"), Some("busy in B")).await?;
+    let body = notify_until(&mut bob, "alice busy", |b| b.contains(">6500<"))
+        .await
+        .with_context(|| why("alice's dnd as a NOTIFY"))?;
+    assert!(body.contains("busy in B"), "{body}");
+
+    // --- IM: a session opened on A, answered by alice on B, inside the same dialog. ---------
+    let _tag = rig::invite_im(&mut bob, "ic-im-1", "icim1", "Hello Alice in B")
+        .await
+        .with_context(|| why("INVITE"))?;
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why("the first message reaches alice"))?;
+    assert_eq!(m.body.as_deref(), Some("Hello Alice in B"));
+    alice
+        .send_message("bob@partner.test", "Hi Bob, from B")
+        .await?;
+    let m = bob
+        .request("MESSAGE")
+        .await
+        .with_context(|| why("alice's answer as a MESSAGE"))?;
+    assert_eq!(
+        m.call_id().ok(),
+        Some("ic-im-1"),
+        "in the partner's session"
+    );
+    assert_eq!(body_str(&m), "Hi Bob, from B");
+    bob.respond(&m, 200, "OK", &[], None).await?;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), route.accept())
+            .await
+            .is_err(),
+        "nothing dialled the partner's route: answers went on its own connection"
+    );
+
+    // A pager MESSAGE (outside any dialog) to alice through A.
+    let br = bob.branch();
+    bob.send(
+        &[
+            "MESSAGE sip:alice@example.test SIP/2.0",
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={br}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=icpager1",
+            "To: <sip:alice@example.test>",
+            "Call-ID: ic-pager-1",
+            "CSeq: 1 MESSAGE",
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Length: {CL}",
+        ],
+        b"a pager message for B",
+    )
+    .await?;
+    assert_eq!(
+        bob.response().await?.status(),
+        Some(200),
+        "{}",
+        why("pager")
+    );
+    let m = alice
+        .expect_message_from("bob@partner.test", WAIT)
+        .await
+        .with_context(|| why("the pager MESSAGE reaches alice"))?;
+    assert_eq!(m.body.as_deref(), Some("a pager message for B"));
+
+    // --- alice (B) subscribes to the Lync user: the SUBSCRIBE leaves A on the partner's own
+    // connection, and the partner's NOTIFY reaches alice on B as presence.
+    alice.subscribe("bob@partner.test").await?;
+    let sub = bob
+        .request("SUBSCRIBE")
+        .await
+        .with_context(|| why("alice's SUBSCRIBE toward the partner"))?;
+    assert_eq!(hv(&sub, "Event"), "presence");
+    bob.respond(&sub, 200, "OK", &[("Expires", "3600")], None)
+        .await?;
+    let from_tag = crate::sip_ua::from_tag(&sub);
+    let our_contact = hv(&sub, "Contact")
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let br = bob.branch();
+    let call_id = sub
+        .call_id()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .to_string();
+    bob.send(
+        &[
+            &format!("NOTIFY {our_contact} SIP/2.0"),
+            &format!("Via: SIP/2.0/TLS sip.partner.test:5061;branch={br}"),
+            "Max-Forwards: 70",
+            "From: <sip:bob@partner.test>;tag=icnotify",
+            &format!("To: <sip:alice@example.test>;tag={from_tag}"),
+            &format!("Call-ID: {call_id}"),
+            "CSeq: 1 NOTIFY",
+            "Event: presence",
+            "Subscription-State: active;expires=3600",
+            "Content-Type: application/msrtc-event-categories+xml",
+            "Content-Length: {CL}",
+        ],
+        rig::msrtc(15500, None).as_bytes(),
+    )
+    .await?;
+    assert_eq!(
+        bob.response().await?.status(),
+        Some(200),
+        "{}",
+        why("NOTIFY")
+    );
+    let p = alice
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("bob@partner.test")
+                    && s.type_.is_none()
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| why("the partner's presence reaches alice on B"))?;
+    assert_eq!(p.show.as_deref(), Some("away"), "{}", p.raw);
+
+    // B sent nothing toward SIP itself; A did, from what B forwarded.
+    let (ma, mb) = (node_a.metrics().await?, node_b.metrics().await?);
+    let f = "legate_envelopes_total";
+    assert_eq!(
+        metric_sum(&mb, f, &["origin=\"component\"", "destination=\"sip\""]),
+        0.0,
+        "{mb}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"intercluster\"",
+                "destination=\"sip\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 3.0,
+        "{ma}"
+    );
+    assert!(
+        metric_sum(
+            &ma,
+            f,
+            &[
+                "origin=\"sip\"",
+                "destination=\"intercluster\"",
+                "outcome=\"delivered\""
+            ]
+        ) >= 2.0,
+        "{ma}"
+    );
+    Ok(())
+}

@@ -565,10 +565,21 @@ impl Policies {
         link: &Link,
         env: Envelope,
     ) -> Result<Envelope, Refusal> {
-        let inbound = matches!(origin, Origin::S2s { .. } | Origin::Sip { .. })
-            && matches!(link, Link::Component { .. });
+        // A peer cluster's forwarded foreign traffic is screened here, where the user lives
+        // (issue 13: the policies live with the user); the peer screens nothing of it.
+        let foreign_in = match origin {
+            Origin::S2s { .. } | Origin::Sip { .. } => true,
+            Origin::Intercluster { .. } => !config.is_local_domain(&env.from.domain),
+            Origin::Component { .. } => false,
+        };
+        let inbound = foreign_in && matches!(link, Link::Component { .. });
         let outbound =
             matches!(origin, Origin::Component { .. }) && !matches!(link, Link::Component { .. });
+        // A peer's user answering a foreign watcher through us: its cluster recorded the
+        // answer; here a refusal only has to leave over XMPP as offline presence.
+        let relayed_out = matches!(origin, Origin::Intercluster { .. })
+            && config.is_local_domain(&env.from.domain)
+            && matches!(link, Link::S2s { .. });
         let blocked = |env: Envelope| Refusal {
             denied: Denied::Blocked,
             envelope: Box::new(env),
@@ -599,9 +610,13 @@ impl Policies {
                 self.record_answer(&env.from, &env.to, false);
                 // The SIP core reads a refusal as a consent change: the subscription stays and
                 // shows offline. Over XMPP it would be the refusal itself: offline instead.
-                if !matches!(link, Link::Sip { .. }) {
+                // Toward a peer cluster it goes as is: that cluster's edge does the same.
+                if !matches!(link, Link::Sip { .. } | Link::Intercluster { .. }) {
                     return offline(env);
                 }
+            }
+            Body::Subscription(Subscription::Unsubscribed) if relayed_out => {
+                return offline(env);
             }
             Body::Presence(_)
                 if outbound
@@ -609,6 +624,23 @@ impl Policies {
                     && self.consent(&env.from, &env.to) == Consent::Blocked =>
             {
                 return offline(env);
+            }
+            Body::Presence(p)
+                if outbound
+                    && matches!(link, Link::Intercluster { .. })
+                    && self.consent(&env.from, &env.to) == Consent::Blocked =>
+            {
+                // The peer cluster does not know this user's lists: offline in the presence's
+                // own system (the peer translates it for its link).
+                let system = p.system.clone();
+                let mut env = env;
+                env.body = Body::Presence(PresenceBody {
+                    system,
+                    state: Arc::from(OFFLINE),
+                    note: None,
+                    priority: None,
+                });
+                return Ok(env);
             }
             _ => {}
         }
