@@ -38,6 +38,15 @@ fn apply(hub: &Hub, key: &str, value: &[u8]) {
     }
 }
 
+fn forget(hub: &Hub, key: &str) {
+    let user = key
+        .strip_prefix(PREFIX)
+        .and_then(|u| Address::parse(u).ok());
+    if let Some(user) = user {
+        hub.directory().forget(&user);
+    }
+}
+
 /// Loads every entry; the revision to watch from.
 pub async fn load(hub: &Hub, store: &SharedStore) -> Result<Revision, StoreError> {
     let listing = store.list(PREFIX).await?;
@@ -78,12 +87,11 @@ pub async fn start(
         revision + 1,
         shutdown,
         "learned directory",
-        // Entries are only ever replaced; a delete (an operator's cleanup through the store)
-        // takes effect at the next start.
-        move |k, v| {
-            if let Some(v) = v {
-                apply(&hub, k, v);
-            }
+        // A delete (`legate intercluster users remove`, or an operator's cleanup through
+        // the store) is forgotten on every node at once.
+        move |k, v| match v {
+            Some(v) => apply(&hub, k, v),
+            None => forget(&hub, k),
         },
         move || {
             let (h, s) = (h.clone(), s.clone());
@@ -179,6 +187,17 @@ users = ["frank@example.com"]
                 assert!(std::time::Instant::now() < deadline, "watch not applied");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
+            // An entry deleted from the store (an admin's `intercluster users remove`) is
+            // forgotten at once.
+            let before = h.directory().len();
+            store
+                .delete(&key("erin@example.com"))
+                .await
+                .expect("delete");
+            while h.directory().len() + 1 != before {
+                assert!(std::time::Instant::now() < deadline, "delete not applied");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             // Entries the configuration now contradicts or cannot use are not restored.
             store
                 .put(&key("carol@example.com"), b"hn2".to_vec())
@@ -196,12 +215,8 @@ users = ["frank@example.com"]
         load(&h, &store).await.expect("load");
         let cfg = h.config();
         assert_eq!(h.directory().lookup(&cfg, &dave).as_deref(), Some("hn2"));
-        assert_eq!(
-            h.directory()
-                .lookup(&cfg, &addr("erin@example.com"))
-                .as_deref(),
-            Some("hn1")
-        );
+        // erin's entry was deleted: she is unknown after the restart too.
+        assert_eq!(h.directory().lookup(&cfg, &addr("erin@example.com")), None);
         // carol is listed on hn1: the list wins over a stored entry.
         assert_eq!(
             h.directory()
@@ -211,6 +226,6 @@ users = ["frank@example.com"]
         );
         // hn9 is not configured: zed stays unknown (no routing node: nowhere to go).
         assert_eq!(h.directory().lookup(&cfg, &addr("zed@example.com")), None);
-        assert_eq!(h.directory().len(), 2);
+        assert_eq!(h.directory().len(), 1);
     }
 }

@@ -355,6 +355,12 @@ impl Directory {
         true
     }
 
+    /// Forgets a learned user (an admin removed the entry from the store, `legate
+    /// intercluster users remove`): routed again as an unknown user. A listed user stays.
+    pub fn forget(&self, user: &Address) -> bool {
+        self.learned.remove(&user.bare_string()).is_some()
+    }
+
     /// The home node `user` lives on, if it is known (configured or learned).
     fn known_home(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
         if let Some(h) = configured_home(config, user) {
