@@ -39,7 +39,14 @@ pub struct Routing {
     pub(crate) dropped: std::sync::atomic::AtomicU64,
     /// Envelopes forwarded per listed peer, for the status (see [`Forwarded`]).
     forwarded: DashMap<Arc<str>, Forwarded>,
+    /// When a full map was last swept of stale entries (ms since `born`): at most once a
+    /// second, so a flood of new pairs into a map full of live ones costs no scan each.
+    swept: AtomicU64,
+    born: Instant,
 }
+
+/// Least time between two sweeps of a full map.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Envelopes exchanged with one peer cluster since start: [out, in] × [delivered, not].
 #[derive(Debug, Default)]
@@ -66,7 +73,22 @@ impl Routing {
             absent: DashMap::new(),
             dropped: Default::default(),
             forwarded: DashMap::new(),
+            swept: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    /// Whether a full map may be swept now (and notes that it is).
+    fn may_sweep(&self, now: Instant) -> bool {
+        let at = u64::try_from(now.saturating_duration_since(self.born).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.swept.load(Ordering::Relaxed);
+        let due = last == 0 || at.saturating_sub(last) >= SWEEP_EVERY.as_millis() as u64;
+        due && self
+            .swept
+            .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Counts an envelope forwarded to or from `peer` (a listed peer: the link refuses others).
@@ -99,7 +121,7 @@ impl Routing {
     /// [`ABSENT_FOR`].
     pub fn mark_absent(&self, user: &str) {
         let now = Instant::now();
-        if self.absent.len() >= MAX_ABSENT {
+        if self.absent.len() >= MAX_ABSENT && self.may_sweep(now) {
             self.absent
                 .retain(|_, t| now.duration_since(*t) < ABSENT_FOR);
         }
@@ -119,7 +141,7 @@ impl Routing {
             *e = (cluster.clone(), now);
             return;
         }
-        if self.returns.len() >= MAX_RETURN_PATHS {
+        if self.returns.len() >= MAX_RETURN_PATHS && self.may_sweep(now) {
             self.returns
                 .retain(|_, (_, t)| now.duration_since(*t) < RETURN_IDLE);
         }
@@ -220,6 +242,17 @@ mod tests {
             .return_path_at("late@example.com", "f@x.test", t0)
             .is_none());
         assert_eq!(r.dropped.load(Ordering::Relaxed), 1);
+        // A flood of new pairs into a map full of live ones is refused without a sweep each.
+        let swept = r.swept.load(Ordering::Relaxed);
+        for i in 0..1_000 {
+            r.remember_at(&format!("flood{i}@example.com"), "f@x.test", &a, t0);
+        }
+        assert_eq!(
+            r.swept.load(Ordering::Relaxed),
+            swept,
+            "no sweep within a second"
+        );
+        assert_eq!(r.dropped.load(Ordering::Relaxed), 1_001);
         // Once the old ones are idle, a new one takes their room.
         let t1 = t0 + RETURN_IDLE;
         r.remember_at("late@example.com", "f@x.test", &a, t1);
