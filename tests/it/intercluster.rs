@@ -309,8 +309,12 @@ async fn users_sync_between_clusters_and_a_dead_peer_raises_the_alarm_until_it_i
     node_b.kill();
     let (code, _) = cli(&node_a, &["force-sync", "b"])?;
     assert_eq!(code, 0);
-    let s = wait_status(&node_a, "the alarm on A", alarm_raised).await?;
-    assert_eq!(peer(&s, "b")["alarm"], true, "{s:#}");
+    // The alarm table and the peer's status record are written one after the other: both
+    // are waited for.
+    wait_status(&node_a, "the alarm on A", |s| {
+        alarm_raised(s) && peer(s, "b")["alarm"] == true
+    })
+    .await?;
     let s = wait_status(&node_a, "an auto-recovery restart", |s| {
         peer(s, "b")["restarts"].as_u64().unwrap_or(0) >= 1
     })
