@@ -74,7 +74,7 @@ impl From<&Dialog> for DialogRec {
             d.local_uri().to_owned(),
             d.remote_uri().to_owned(),
             d.remote_target().to_owned(),
-            d.route_set.clone(),
+            d.route_set.iter().map(|r| r.to_string()).collect(),
             d.local_cseq,
             d.remote_cseq,
         )
@@ -249,12 +249,16 @@ fn notifier_op(n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>
     let rec = NotifierRec(
         RECORD_VERSION,
         DialogRec::from(&n.dialog),
-        n.watcher.bare_string(),
-        n.presentity.bare_string(),
-        n.domain.to_string(),
+        n.parties.watcher_bare(),
+        n.parties.presentity_bare(),
+        n.domain().to_string(),
         n.state == NotifierState::Active,
         n.format == SipBodyKind::Msrtc,
-        base + n.expires_at.saturating_duration_since(now).as_secs(),
+        base + n
+            .expires_at
+            .instant()
+            .saturating_duration_since(now)
+            .as_secs(),
     );
     match serde_json::to_vec(&rec) {
         Ok(value) => ops.push(StoreOp::Put {
@@ -689,6 +693,13 @@ impl Core {
             tracing::warn!("stored subscription with unparsable addresses skipped");
             return None;
         };
+        // A notifier's domain is its watcher's (the core takes a SUBSCRIBE only from the
+        // domain of its From URI) and is not kept apart any more: every build wrote them equal,
+        // so a record saying otherwise was edited by hand and is not trusted.
+        if watcher.domain != domain {
+            tracing::warn!("stored subscription whose domain is not its watcher's skipped");
+            return None;
+        }
         let cfg = hub.config();
         let domain = cfg.sip_federated(&domain).map(|f| f.name.clone())?;
         if !cfg.is_local_domain(&presentity.domain) {
@@ -708,28 +719,23 @@ impl Core {
             tracing::warn!(dialog = %LogSafe(id.call_id()), "stored subscription with unusable expiry skipped");
             return None;
         };
-        let mut n = Notifier {
+        let mut n = Notifier::new(
             dialog,
-            watcher: watcher.clone(),
-            presentity: presentity.clone(),
-            domain,
-            state: if p.active {
+            Parties::new(&watcher, &presentity),
+            if p.active {
                 NotifierState::Active
             } else {
                 NotifierState::Pending
             },
-            format: if p.msrtc {
+            if p.msrtc {
                 SipBodyKind::Msrtc
             } else {
                 SipBodyKind::Pidf
             },
             expires_at,
-            last: None,
-            conn: None,
-            armed: None,
-            last_sent: None,
-            stored: StoreMark::ABSENT,
-        };
+            None,
+            None,
+        );
         n.stored = StoreMark::written(notifier_print(&n));
         self.pair_add(
             (watcher.bare_string(), presentity.bare_string()),
@@ -761,10 +767,10 @@ impl Core {
         let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut kicks = Vec::new();
         for n in self.notifiers.values() {
-            if n.watcher.domain != *domain && n.domain != *domain {
+            if n.domain() != domain {
                 continue;
             }
-            if !seen.insert((n.watcher.bare_string(), n.presentity.bare_string())) {
+            if !seen.insert(n.parties.pair()) {
                 continue;
             }
             let ask = match n.state {
@@ -772,10 +778,10 @@ impl Core {
                 NotifierState::Pending => Subscription::Subscribe,
             };
             kicks.push((
-                n.domain.clone(),
+                n.domain().clone(),
                 Envelope {
-                    from: n.watcher.clone(),
-                    to: n.presentity.clone(),
+                    from: n.parties.watcher(),
+                    to: n.parties.presentity(),
                     body: Body::Subscription(ask),
                 },
             ));
@@ -825,12 +831,16 @@ impl Core {
             .values()
             .map(|n| PersistedNotifier {
                 dialog: n.dialog.clone(),
-                watcher: n.watcher.bare_string(),
-                presentity: n.presentity.bare_string(),
-                domain: n.domain.to_string(),
+                watcher: n.parties.watcher_bare(),
+                presentity: n.parties.presentity_bare(),
+                domain: n.domain().to_string(),
                 active: n.state == NotifierState::Active,
                 msrtc: n.format == SipBodyKind::Msrtc,
-                expires_unix: base + n.expires_at.saturating_duration_since(now).as_secs(),
+                expires_unix: base
+                    + n.expires_at
+                        .instant()
+                        .saturating_duration_since(now)
+                        .as_secs(),
             })
             .collect();
         notifiers.sort_by(|a, b| a.dialog.id.cmp(&b.dialog.id));
