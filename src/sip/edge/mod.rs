@@ -917,6 +917,26 @@ impl Driver {
                 _ = tokio::task::yield_now(), if congested.is_none() && self.core.has_link_up_work() => {
                     self.core.pump_link_up(&*self.hub, LINK_UP_SLICE);
                 }
+                // Touched notifiers a pass left for later (`Core::take_store_ops_upto`): the
+                // next chunk as soon as the previous one is written (awaited here, so the
+                // backlog drains while the node is otherwise idle too).
+                failed = async {
+                    match writing.as_mut() {
+                        Some(h) => h.await.ok(),
+                        None => None,
+                    }
+                }, if self.core.has_store_backlog() => {
+                    // The finished handle (never polled again) is replaced below.
+                    if let Some(failed) = failed {
+                        self.core.store_failed(&failed);
+                    }
+                    let ops = self.core.take_store_backlog(
+                        Instant::now(),
+                        SystemTime::now(),
+                        STORE_IN_FLIGHT,
+                    );
+                    writing = self.write(ops);
+                }
                 _ = persist.tick() => {
                     self.core.update_gauges();
                     let (n, s, x) = self.core.counts();
@@ -959,17 +979,28 @@ impl Driver {
                 self.core.store_failed(&failed);
             }
         }
-        if let Some(h) = self.persist(true) {
+        // Everything, backlog included, before the task ends.
+        let ops = self
+            .core
+            .take_store_ops(Instant::now(), SystemTime::now(), true);
+        if let Some(h) = self.write(ops) {
             let _ = h.await;
         }
     }
 
     /// Hands the records that changed to a task that writes them to the store (`full`: compare
     /// every subscription, see `Core::take_store_ops`).
+    /// A pass encodes at most `STORE_IN_FLIGHT` touched notifiers (one group commit's worth);
+    /// the loop hands the rest to the store a chunk at a time (`take_store_backlog`).
     fn persist(&mut self, full: bool) -> Option<tokio::task::JoinHandle<Vec<String>>> {
-        let ops = self
-            .core
-            .take_store_ops(Instant::now(), SystemTime::now(), full);
+        let ops =
+            self.core
+                .take_store_ops_upto(Instant::now(), SystemTime::now(), full, STORE_IN_FLIGHT);
+        self.write(ops)
+    }
+
+    /// Hands `ops` to a task that writes them to the store.
+    fn write(&mut self, ops: Vec<StoreOp>) -> Option<tokio::task::JoinHandle<Vec<String>>> {
         if ops.is_empty() {
             return None;
         }

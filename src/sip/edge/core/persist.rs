@@ -221,6 +221,9 @@ pub(crate) struct Persisted {
     scan_owed: bool,
     /// What changed since the last `take_store_ops`, for the cheap pass.
     pub(super) touched: Touched,
+    /// Touched notifiers a cheap pass left for later (`take_store_ops_upto`), oldest first;
+    /// one may be listed twice (encoded once: the second finds its record written).
+    backlog: Vec<DialogId>,
     /// Envelopes owed to the home side after a link came up, sent a slice at a time.
     kicks: VecDeque<(Domain, Envelope)>,
     /// Restored subscribers waiting for their domain's link to refresh.
@@ -366,8 +369,24 @@ impl Core {
     /// without a touch; it runs only when something was flagged (`Core::dirty`) since the
     /// last one.
     pub fn take_store_ops(&mut self, now: Instant, wall: SystemTime, full: bool) -> Vec<StoreOp> {
+        self.take_store_ops_upto(now, wall, full, usize::MAX)
+    }
+
+    /// [`Core::take_store_ops`], encoding at most `chunk` of the touched notifiers (the cheap
+    /// pass); the others wait in a backlog that [`Core::take_store_backlog`] encodes, a chunk
+    /// at a time, as the driver writes the previous one. While 100 000 subscriptions are set
+    /// up, a second's touched notifiers are ~20 000 records: encoded at once they were ~10 MB
+    /// built and freed each second, room the allocator keeps (issue 11 item 10). A notifier
+    /// touched again while it waits is encoded once, as it is then.
+    pub fn take_store_ops_upto(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        full: bool,
+        chunk: usize,
+    ) -> Vec<StoreOp> {
         let base = unix(wall);
-        let touched = std::mem::take(&mut self.persisted.touched);
+        let mut touched = std::mem::take(&mut self.persisted.touched);
         self.persisted.scan_owed |= self.take_dirty();
         let mut ops = self.take_session_ops();
         if full && self.persisted.scan_owed {
@@ -399,21 +418,20 @@ impl Core {
                 live
             });
             self.batch_ops(now, base, true, &mut ops);
+            // Every notifier was compared: nothing waits.
+            self.persisted.backlog = Vec::new();
             return storable(ops);
         }
         let pass = self.persisted.pass;
-        for id in &touched.notifiers {
-            match self.notifiers.get_mut(id) {
-                Some(n) => notifier_op(n, now, base, &mut ops),
-                None => {
-                    if self.persisted.dead_notifiers.remove(id) {
-                        ops.push(StoreOp::Delete {
-                            key: notifier_key(id),
-                        });
-                    }
-                }
-            }
+        // Oldest first: what waited since an earlier pass, then what was touched since.
+        let backlog = &mut self.persisted.backlog;
+        backlog.extend(touched.notifiers.drain());
+        let now_ids: Vec<DialogId> = backlog.drain(..chunk.min(backlog.len())).collect();
+        if backlog.is_empty() {
+            // The room of a burst is not kept.
+            *backlog = Vec::new();
         }
+        self.notifier_ops(&now_ids, now, base, &mut ops);
         // The room of a burst of ends (a mass expiry) is not kept.
         let dead = &mut self.persisted.dead_notifiers;
         if dead.capacity() > 4 * dead.len() + 64 {
@@ -439,6 +457,45 @@ impl Core {
         }
         self.batch_ops(now, base, false, &mut ops);
         storable(ops)
+    }
+
+    /// Whether touched notifiers wait to be encoded (see [`Core::take_store_ops_upto`]).
+    pub fn has_store_backlog(&self) -> bool {
+        !self.persisted.backlog.is_empty()
+    }
+
+    /// The next `chunk` of the notifiers waiting to be encoded, oldest first.
+    pub fn take_store_backlog(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        chunk: usize,
+    ) -> Vec<StoreOp> {
+        let base = unix(wall);
+        let backlog = &mut self.persisted.backlog;
+        let ids: Vec<DialogId> = backlog.drain(..chunk.min(backlog.len())).collect();
+        if backlog.is_empty() {
+            *backlog = Vec::new();
+        }
+        let mut ops = Vec::new();
+        self.notifier_ops(&ids, now, base, &mut ops);
+        storable(ops)
+    }
+
+    /// Puts for `ids` created or changed since they were last written, deletes for those gone.
+    fn notifier_ops(&mut self, ids: &[DialogId], now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
+        for id in ids {
+            match self.notifiers.get_mut(id) {
+                Some(n) => notifier_op(n, now, base, ops),
+                None => {
+                    if self.persisted.dead_notifiers.remove(id) {
+                        ops.push(StoreOp::Delete {
+                            key: notifier_key(id),
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Puts for the batches created or changed since they were last written, deletes for
