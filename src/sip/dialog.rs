@@ -163,8 +163,10 @@ pub struct Dialog {
     /// Our URI (From of our requests), their URI (To of our requests), and where in-dialog
     /// requests go (their Contact, §12.1.1), in one allocation (see `Three`).
     uris: Three<Box<str>>,
-    /// Route set as URIs (without brackets), in the order our requests carry them.
-    pub route_set: Vec<String>,
+    /// Route set as URIs (without brackets), in the order our requests carry them. A boxed
+    /// slice of boxed strings, not a `Vec<String>`: 16 bytes, not 24, in every dialog, and 16
+    /// per URI, not 24 (a million foreign watchers each hold a dialog, issue 11 item 10).
+    pub route_set: Box<[Box<str>]>,
     /// Last CSeq we used.
     pub local_cseq: u32,
     /// Last CSeq we accepted from the peer (`None` until they send one, §12.1.2).
@@ -199,7 +201,7 @@ impl From<Dialog> for DialogWire {
             remote_uri: d.remote_uri().to_owned(),
             remote_target: d.remote_target().to_owned(),
             id: d.id,
-            route_set: d.route_set,
+            route_set: d.route_set.iter().map(|r| r.to_string()).collect(),
             local_cseq: d.local_cseq,
             remote_cseq: d.remote_cseq,
         }
@@ -243,7 +245,7 @@ impl Dialog {
         Dialog {
             id,
             uris: Three::new(local_uri, remote_uri, remote_target),
-            route_set,
+            route_set: route_set.into_iter().map(String::into_boxed_str).collect(),
             local_cseq,
             remote_cseq,
         }
@@ -370,11 +372,19 @@ impl Dialog {
             .and_then(|u| u.as_sip().map(|s| s.param("lr").is_some()))
             .unwrap_or(true);
         if loose {
-            (self.remote_target().to_owned(), self.route_set.clone())
+            (
+                self.remote_target().to_owned(),
+                self.route_set.iter().map(|r| r.to_string()).collect(),
+            )
         } else {
-            let mut rest: Vec<String> = self.route_set.iter().skip(1).cloned().collect();
+            let mut rest: Vec<String> = self
+                .route_set
+                .iter()
+                .skip(1)
+                .map(|r| r.to_string())
+                .collect();
             rest.push(self.remote_target().to_owned());
-            (first.clone(), rest)
+            (first.to_string(), rest)
         }
     }
 
@@ -612,7 +622,13 @@ Content-Length: 0\r\n\r\n";
         assert!(d.route_set[0].contains("ms-route-sig=aa"));
         let (ruri, routes) = d.request_target();
         assert_eq!(ruri, d.remote_target());
-        assert_eq!(routes, d.route_set);
+        assert_eq!(
+            routes,
+            d.route_set
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+        );
         assert!(!d.accept_remote_cseq(5));
         assert!(d.accept_remote_cseq(6));
         let n = d
@@ -668,10 +684,10 @@ Content-Length: 0\r\n\r\n";
     fn strict_router_goes_in_the_request_uri() {
         let req = parse_datagram(SUB).expect("parses");
         let mut d = Dialog::uas(&req, "lt").expect("dialog");
-        d.route_set = vec![
+        d.route_set = Box::new([
             "sip:strict.partner.com".into(),
             "sip:p2.partner.com;lr".into(),
-        ];
+        ]);
         let (ruri, routes) = d.request_target();
         assert_eq!(ruri, "sip:strict.partner.com");
         assert_eq!(
@@ -703,7 +719,7 @@ CSeq: 1 SUBSCRIBE\r\nContact: <sip:bob@10.0.0.1>\r\nContent-Length: 0\r\n\r\n",
         )
         .expect("dialog");
         assert_eq!(
-            d.route_set,
+            d.route_set.iter().map(|r| &**r).collect::<Vec<_>>(),
             ["sip:b.partner.com;lr", "sip:a.partner.com;lr"]
         );
         assert_eq!(d.remote_target(), "sip:bob@10.0.0.1");

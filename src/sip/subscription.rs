@@ -91,32 +91,171 @@ pub enum NotifierState {
     Active,
 }
 
+/// A point in time as nanoseconds since a process-wide epoch: 8 bytes where an `Instant` is
+/// 16 and an `Option<Instant>` 16 again. A `Notifier` holds two of them, one per foreign
+/// watcher (issue 11 item 10); the conversions are exact (an `Instant` counts nanoseconds),
+/// so a deadline kept as a `Mono` fires at the very instant it was set for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mono(u64);
+
+impl Mono {
+    /// "No time": later than any time converted (see [`Mono::of`]).
+    pub const NEVER: Mono = Mono(u64::MAX);
+
+    /// The epoch: the first conversion, less a year where the platform's clock can go back
+    /// that far (on Linux it always can), so that instants taken a little before the first
+    /// conversion (a caller's `now`) still convert exactly. 584 years of nanoseconds fit.
+    fn epoch() -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(|| {
+            let now = Instant::now();
+            now.checked_sub(Duration::from_secs(365 * 86_400))
+                .unwrap_or(now)
+        })
+    }
+
+    /// `t` as a `Mono`; an instant before the epoch (none on Linux) is the epoch, and one
+    /// past 584 years of it the last time before `NEVER`.
+    pub fn of(t: Instant) -> Mono {
+        let ns = t.saturating_duration_since(Self::epoch()).as_nanos();
+        Mono(u64::try_from(ns).unwrap_or(u64::MAX).min(u64::MAX - 1))
+    }
+
+    /// The instant this stands for (`NEVER`: 584 years on, never reached).
+    pub fn instant(self) -> Instant {
+        let e = Self::epoch();
+        e.checked_add(Duration::from_nanos(self.0)).unwrap_or(e)
+    }
+}
+
+/// A foreign watcher and the local user it watches, both bare (a SIP address of record has
+/// no resource; a GRUU is not kept for a watcher): the two localparts in one allocation,
+/// cut at an offset, and the two shared domains. 56 bytes and one allocation, where two
+/// `Address`es are 128 bytes and two allocations (issue 11 item 10: one per foreign watcher).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Parties {
+    locals: Box<str>,
+    cut: u32,
+    watcher_domain: Domain,
+    presentity_domain: Domain,
+}
+
+impl Parties {
+    /// The bare forms of `watcher` and `presentity` (resources are dropped: a notifier's
+    /// addresses come from SIP URIs without GRUU, and records keep bare addresses).
+    pub fn new(watcher: &Address, presentity: &Address) -> Self {
+        let mut locals = String::with_capacity(watcher.local.len() + presentity.local.len());
+        locals.push_str(&watcher.local);
+        locals.push_str(&presentity.local);
+        Parties {
+            locals: locals.into_boxed_str(),
+            // A localpart is at most 1023 bytes (`Address::parse`).
+            cut: u32::try_from(watcher.local.len()).unwrap_or(u32::MAX),
+            watcher_domain: watcher.domain.clone(),
+            presentity_domain: presentity.domain.clone(),
+        }
+    }
+
+    fn cut(&self) -> usize {
+        (self.cut as usize).min(self.locals.len())
+    }
+
+    pub fn watcher_local(&self) -> &str {
+        self.locals.get(..self.cut()).unwrap_or_default()
+    }
+
+    pub fn presentity_local(&self) -> &str {
+        self.locals.get(self.cut()..).unwrap_or_default()
+    }
+
+    /// The watcher's domain: the foreign domain the subscription came from (the SIP core
+    /// accepts a SUBSCRIBE only from the domain of its From URI, see `Core::permit`).
+    pub fn watcher_domain(&self) -> &Domain {
+        &self.watcher_domain
+    }
+
+    pub fn presentity_domain(&self) -> &Domain {
+        &self.presentity_domain
+    }
+
+    /// The watcher as an `Address` (allocates its localpart).
+    pub fn watcher(&self) -> Address {
+        Address {
+            local: self.watcher_local().to_owned(),
+            domain: self.watcher_domain.clone(),
+            resource: None,
+        }
+    }
+
+    /// The local user as an `Address` (allocates its localpart).
+    pub fn presentity(&self) -> Address {
+        Address {
+            local: self.presentity_local().to_owned(),
+            domain: self.presentity_domain.clone(),
+            resource: None,
+        }
+    }
+
+    /// `local@domain` of the watcher.
+    pub fn watcher_bare(&self) -> String {
+        format!("{}@{}", self.watcher_local(), self.watcher_domain)
+    }
+
+    /// `local@domain` of the local user.
+    pub fn presentity_bare(&self) -> String {
+        format!("{}@{}", self.presentity_local(), self.presentity_domain)
+    }
+
+    /// (watcher, user) as bare strings: the key of the pair index.
+    pub fn pair(&self) -> (String, String) {
+        (self.watcher_bare(), self.presentity_bare())
+    }
+}
+
+impl std::fmt::Debug for Parties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parties")
+            .field("watcher", &self.watcher_bare())
+            .field("presentity", &self.presentity_bare())
+            .finish()
+    }
+}
+
 /// A foreign watcher's subscription to a local user.
+///
+/// One is boxed per foreign watcher (a million at most, issue 11 item 10), so it is kept
+/// within 192 bytes, an allocator size class: times as [`Mono`], the connection and the last
+/// NOTIFY's fingerprint as plain words with a reserved "none" value, the two addresses as
+/// [`Parties`], and no domain of its own (the watcher's domain is the peer's).
 #[derive(Debug, Clone)]
 pub struct Notifier {
     pub dialog: Dialog,
-    pub watcher: Address,
-    pub presentity: Address,
-    pub domain: Domain,
+    /// The watcher and the watched local user.
+    pub parties: Parties,
     pub state: NotifierState,
     pub format: SipBodyKind,
-    pub expires_at: Instant,
+    pub expires_at: Mono,
     /// Last presence the core delivered for this pair (already in the domain's system);
     /// shared with the user's other watchers (see `presence::aggregate`).
     pub last: Option<Arc<PresenceBody>>,
-    /// The connection the SUBSCRIBE came on (reused for NOTIFYs while it is open).
-    pub conn: Option<u64>,
-    /// Fingerprint of the state and body of the last NOTIFY sent on the dialog: a presence
-    /// update that would send the same content again is not sent (not persisted: after a
-    /// restart the first update is always sent).
-    pub last_sent: Option<u64>,
-    /// The earliest expiry timer queued for it, if any: a refresh that moves the expiry
-    /// later queues nothing (the queued timer re-arms itself when it fires early).
-    pub armed: Option<Instant>,
+    /// The connection the SUBSCRIBE came on (reused for NOTIFYs while it is open); see
+    /// [`Notifier::conn`].
+    conn: u64,
+    /// Fingerprint of the state and body of the last NOTIFY sent on the dialog, 0 for none:
+    /// a presence update that would send the same content again is not sent (not persisted:
+    /// after a restart the first update is always sent).
+    last_sent: u64,
+    /// The earliest expiry timer queued for it (`Mono::NEVER`: none): a refresh that moves
+    /// the expiry later queues nothing (the queued timer re-arms itself when it fires early).
+    pub armed: Mono,
     /// What the state store holds for this dialog (the SIP core's persistence bookkeeping:
     /// kept here, not in a table beside `notifiers`, to cost no map entry per dialog).
     pub stored: StoreMark,
 }
+
+/// `Notifier::conn` when there is no connection: connection numbers count up from 0 and
+/// never reach it.
+const NO_CONN: u64 = u64::MAX;
 
 /// What the state store holds for one subscription: no record, a record whose content is
 /// not known to match (restored but unreadable, or a write the store refused: written again
@@ -138,9 +277,70 @@ impl StoreMark {
 }
 
 impl Notifier {
+    /// A new subscription of `parties` in `dialog`, on connection `conn`, nothing sent yet,
+    /// no timer queued, no record stored.
+    pub fn new(
+        dialog: Dialog,
+        parties: Parties,
+        state: NotifierState,
+        format: SipBodyKind,
+        expires_at: Instant,
+        last: Option<Arc<PresenceBody>>,
+        conn: Option<u64>,
+    ) -> Self {
+        Notifier {
+            dialog,
+            parties,
+            state,
+            format,
+            expires_at: Mono::of(expires_at),
+            last,
+            conn: conn.unwrap_or(NO_CONN),
+            last_sent: 0,
+            armed: Mono::NEVER,
+            stored: StoreMark::ABSENT,
+        }
+    }
+
+    /// The foreign domain the subscription came from (always the watcher's: see
+    /// [`Parties::watcher_domain`]).
+    pub fn domain(&self) -> &Domain {
+        self.parties.watcher_domain()
+    }
+
+    /// The connection the SUBSCRIBE (or its last refresh) came on, if any.
+    pub fn conn(&self) -> Option<u64> {
+        (self.conn != NO_CONN).then_some(self.conn)
+    }
+
+    pub fn set_conn(&mut self, conn: Option<u64>) {
+        self.conn = conn.unwrap_or(NO_CONN);
+    }
+
+    /// Whether the last NOTIFY sent had fingerprint `print`.
+    pub fn last_sent_is(&self, print: u64) -> bool {
+        self.last_sent != 0 && self.last_sent == Self::sent_mark(print)
+    }
+
+    /// Records the fingerprint of the NOTIFY being sent.
+    pub fn set_last_sent(&mut self, print: u64) {
+        self.last_sent = Self::sent_mark(print);
+    }
+
+    /// A fingerprint with 0 (the "none" value) folded onto 1.
+    fn sent_mark(print: u64) -> u64 {
+        print.max(1)
+    }
+
     /// Seconds left, for `Subscription-State: active;expires=N`.
     pub fn remaining(&self, now: Instant) -> u32 {
-        u32::try_from(self.expires_at.saturating_duration_since(now).as_secs()).unwrap_or(u32::MAX)
+        u32::try_from(
+            self.expires_at
+                .instant()
+                .saturating_duration_since(now)
+                .as_secs(),
+        )
+        .unwrap_or(u32::MAX)
     }
 
     /// The `Subscription-State` value for a NOTIFY sent now (RFC 6665 §4.1.3).
@@ -325,15 +525,80 @@ pub fn encode_body(
 mod tests {
     use super::*;
 
-    /// One `Notifier` is boxed per foreign watcher: past 320 bytes the allocator gives it 384
+    /// One `Notifier` is boxed per foreign watcher: past 192 bytes the allocator gives it 224
     /// (issue 11 item 10 counts every byte of a million of them).
     #[test]
-    fn a_notifier_fits_the_320_byte_size_class() {
+    fn a_notifier_fits_the_192_byte_size_class() {
         assert!(
-            std::mem::size_of::<Notifier>() <= 320,
+            std::mem::size_of::<Notifier>() <= 192,
             "{}",
             std::mem::size_of::<Notifier>()
         );
+        assert_eq!(std::mem::size_of::<Parties>(), 56);
+        assert_eq!(std::mem::size_of::<Mono>(), 8);
+    }
+
+    #[test]
+    fn mono_times_convert_exactly_and_keep_their_order() {
+        let t0 = Instant::now();
+        for d in [0, 1, 999_999_999, 3_600_000_000_123] {
+            let t = t0 + Duration::from_nanos(d);
+            assert_eq!(Mono::of(t).instant(), t, "{d} ns");
+        }
+        assert!(Mono::of(t0) < Mono::of(t0 + Duration::from_nanos(1)));
+        assert!(Mono::of(t0 + Duration::from_secs(86_400 * 365 * 100)) < Mono::NEVER);
+    }
+
+    #[test]
+    fn parties_keep_both_bare_addresses() {
+        let w = Address::parse("o\\27malley@partner.test/ignored").expect("watcher");
+        let u = Address::parse("alice@example.com").expect("user");
+        let p = Parties::new(&w, &u);
+        assert_eq!(p.watcher_local(), w.local);
+        assert_eq!(p.presentity_local(), "alice");
+        assert_eq!(
+            p.watcher(),
+            Address {
+                resource: None,
+                ..w.clone()
+            }
+        );
+        assert_eq!(p.presentity(), u);
+        assert_eq!(p.pair(), (w.bare_string(), u.bare_string()));
+        assert_eq!(p.watcher_domain().as_str(), "partner.test");
+    }
+
+    #[test]
+    fn a_notifier_keeps_none_apart_from_every_connection_and_fingerprint() {
+        let d = Dialog::new(
+            super::super::dialog::DialogId::new("c", "l", "r"),
+            "sip:u@example.com",
+            "sip:w@partner.test",
+            "sip:w@192.0.2.1",
+            Vec::new(),
+            1,
+            None,
+        );
+        let a = |s: &str| Address::parse(s).expect("address");
+        let mut n = Notifier::new(
+            d,
+            Parties::new(&a("w@partner.test"), &a("u@example.com")),
+            NotifierState::Pending,
+            SipBodyKind::Pidf,
+            Instant::now(),
+            None,
+            Some(0),
+        );
+        assert_eq!(n.conn(), Some(0));
+        n.set_conn(None);
+        assert_eq!(n.conn(), None);
+        assert!(!n.last_sent_is(0) && !n.last_sent_is(7));
+        n.set_last_sent(0);
+        assert!(n.last_sent_is(0));
+        n.set_last_sent(7);
+        assert!(n.last_sent_is(7) && !n.last_sent_is(0));
+        assert_eq!(n.armed, Mono::NEVER);
+        assert_eq!(n.domain().as_str(), "partner.test");
     }
     use crate::presence::map;
     use crate::sip::header::parse_accept;

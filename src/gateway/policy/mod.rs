@@ -182,62 +182,149 @@ pub struct UserLists {
     domains: HashMap<Domain, Verdict>,
 }
 
-/// One user's JID entries, sorted by JID: one per approved watcher (issue 11 item 10), so 24
-/// bytes each in a vector (a boxed key and the verdict) rather than a hash table's slot plus
-/// its empty ones. A lookup is a binary search over at most `MAX_ENTRIES_PER_USER`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct JidList(Vec<(Box<str>, Verdict)>);
+/// One user's JID entries, sorted by JID: one per approved watcher (issue 11 item 10). All
+/// of a user's entries share one byte buffer — each a verdict byte, the JID's length (two
+/// bytes) and the JID — and a sorted vector of where each starts (4 bytes): ~26 bytes for a
+/// 20-byte JID, where a vector of boxed keys cost 24 bytes per entry plus the key's own
+/// allocation, and a hash table more. A lookup is a binary search over at most
+/// `MAX_ENTRIES_PER_USER`. A removed entry leaves its bytes behind until they are half the
+/// buffer, which is then rebuilt.
+#[derive(Debug, Clone, Default)]
+struct JidList {
+    bytes: Vec<u8>,
+    /// Where each entry starts in `bytes`, in JID order.
+    starts: Vec<u32>,
+    /// Bytes of removed entries still in `bytes`.
+    dead: usize,
+}
+
+/// Bytes before an entry's JID: the verdict, then the JID's length.
+const ENTRY_HEAD: usize = 3;
+
+impl PartialEq for JidList {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for JidList {}
 
 impl JidList {
+    /// The entry starting at `at`: its verdict and JID (None only for a corrupt start, which
+    /// this type never makes).
+    fn entry(&self, at: u32) -> Option<(Verdict, &str)> {
+        let at = at as usize;
+        let head = self.bytes.get(at..at + ENTRY_HEAD)?;
+        let verdict = if head.first() == Some(&1) {
+            Verdict::Block
+        } else {
+            Verdict::Allow
+        };
+        let len = usize::from(u16::from_le_bytes([*head.get(1)?, *head.get(2)?]));
+        let jid = self.bytes.get(at + ENTRY_HEAD..at + ENTRY_HEAD + len)?;
+        Some((verdict, std::str::from_utf8(jid).ok()?))
+    }
+
     fn find(&self, jid: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(j, _)| (**j).cmp(jid))
+        self.starts
+            .binary_search_by(|&at| self.entry(at).map_or("", |(_, j)| j).cmp(jid))
     }
 
     fn get(&self, jid: &str) -> Option<&Verdict> {
-        self.find(jid)
-            .ok()
-            .and_then(|i| self.0.get(i))
-            .map(|(_, v)| v)
+        let at = *self.starts.get(self.find(jid).ok()?)?;
+        match self.entry(at)?.0 {
+            Verdict::Allow => Some(&Verdict::Allow),
+            Verdict::Block => Some(&Verdict::Block),
+        }
     }
 
     fn contains_key(&self, jid: &str) -> bool {
         self.find(jid).is_ok()
     }
 
+    fn verdict_byte(v: Verdict) -> u8 {
+        match v {
+            Verdict::Allow => 0,
+            Verdict::Block => 1,
+        }
+    }
+
     fn insert(&mut self, jid: &str, v: Verdict) {
         match self.find(jid) {
             Ok(i) => {
-                if let Some(e) = self.0.get_mut(i) {
-                    e.1 = v;
+                if let Some(b) = self
+                    .starts
+                    .get(i)
+                    .and_then(|&at| self.bytes.get_mut(at as usize))
+                {
+                    *b = Self::verdict_byte(v);
                 }
             }
             Err(i) => {
+                // Callers pass JIDs of at most 3 071 bytes (RFC 7622 §3.1); a longer one
+                // could not be stored and is not.
+                let (Ok(len), Ok(at)) = (u16::try_from(jid.len()), u32::try_from(self.bytes.len()))
+                else {
+                    return;
+                };
                 // Grown by an eighth, not doubled: the list lives as long as the user's
-                // watchers, and a doubled vector would be up to half empty.
-                if self.0.len() == self.0.capacity() {
-                    self.0.reserve_exact((self.0.len() / 8).max(1));
+                // watchers, and a doubled buffer would be up to half empty.
+                let need = ENTRY_HEAD + jid.len();
+                if self.bytes.capacity() - self.bytes.len() < need {
+                    self.bytes.reserve_exact(need.max(self.bytes.len() / 8));
                 }
-                self.0.insert(i, (jid.into(), v));
+                if self.starts.len() == self.starts.capacity() {
+                    self.starts.reserve_exact((self.starts.len() / 8).max(1));
+                }
+                self.bytes.push(Self::verdict_byte(v));
+                self.bytes.extend_from_slice(&len.to_le_bytes());
+                self.bytes.extend_from_slice(jid.as_bytes());
+                self.starts.insert(i, at);
             }
         }
     }
 
     fn remove(&mut self, jid: &str) {
-        if let Ok(i) = self.find(jid) {
-            self.0.remove(i);
+        let Ok(i) = self.find(jid) else { return };
+        self.starts.remove(i);
+        self.dead += ENTRY_HEAD + jid.len();
+        if self.starts.is_empty() {
+            *self = JidList::default();
+        } else if self.dead * 2 > self.bytes.len() {
+            self.rebuild();
         }
     }
 
+    /// Copies the live entries into a new buffer, dropping the removed ones' bytes.
+    fn rebuild(&mut self) {
+        let mut fresh = JidList {
+            bytes: Vec::with_capacity(self.bytes.len() - self.dead),
+            starts: Vec::with_capacity(self.starts.len()),
+            dead: 0,
+        };
+        for (jid, v) in self.iter() {
+            fresh.insert(jid, *v);
+        }
+        *self = fresh;
+    }
+
     fn len(&self) -> usize {
-        self.0.len()
+        self.starts.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.starts.is_empty()
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, &Verdict)> {
-        self.0.iter().map(|(j, v)| (&**j, v))
+        self.starts.iter().filter_map(|&at| {
+            let (v, j) = self.entry(at)?;
+            let v = match v {
+                Verdict::Allow => &Verdict::Allow,
+                Verdict::Block => &Verdict::Block,
+            };
+            Some((j, v))
+        })
     }
 }
 

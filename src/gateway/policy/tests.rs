@@ -627,3 +627,53 @@ fn jid_entries_are_found_replaced_removed_and_listed_in_order() {
         Consent::Undecided
     );
 }
+
+/// A user's JID entries in one buffer (issue 11 item 10): found, updated, listed in order,
+/// and the bytes of removed ones given back once they are half the buffer.
+#[test]
+fn jid_entries_share_one_buffer_and_give_back_removed_ones() {
+    let mut l = JidList::default();
+    let jid = |i: usize| format!("w{i:03}@partner.test");
+    for i in (0..40).rev() {
+        let v = if i % 3 == 0 {
+            Verdict::Block
+        } else {
+            Verdict::Allow
+        };
+        l.insert(&jid(i), v);
+    }
+    assert_eq!(l.len(), 40);
+    assert_eq!(l.get(&jid(3)), Some(&Verdict::Block));
+    assert_eq!(l.get(&jid(4)), Some(&Verdict::Allow));
+    assert_eq!(l.get("w999@partner.test"), None);
+    l.insert(&jid(4), Verdict::Block);
+    assert_eq!(l.get(&jid(4)), Some(&Verdict::Block));
+    assert_eq!(l.len(), 40, "an update adds nothing");
+    let listed: Vec<String> = l.iter().map(|(j, _)| j.to_string()).collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted);
+    let full = l.bytes.len();
+    for i in 0..30 {
+        l.remove(&jid(i));
+        assert!(!l.contains_key(&jid(i)));
+    }
+    assert_eq!(l.len(), 10);
+    assert!(
+        l.bytes.len() < full / 2,
+        "{} of {full} bytes",
+        l.bytes.len()
+    );
+    for i in 30..40 {
+        assert!(l.contains_key(&jid(i)), "{i}");
+    }
+    let mut other = JidList::default();
+    for (j, v) in l.iter() {
+        other.insert(j, *v);
+    }
+    assert_eq!(l, other, "equal by content, not by buffer");
+    for i in 30..40 {
+        l.remove(&jid(i));
+    }
+    assert!(l.is_empty() && l.bytes.capacity() == 0);
+}

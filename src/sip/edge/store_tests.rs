@@ -84,6 +84,43 @@ async fn the_old_state_file_moves_into_the_store_once() {
         .is_empty());
 }
 
+/// A notifier keeps no domain of its own: its watcher's is the domain it came from, as every
+/// build wrote it. A record saying otherwise was edited by hand: skipped, the others restored.
+#[tokio::test]
+async fn a_record_whose_domain_is_not_its_watchers_is_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let in_an_hour = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    let good = legacy_file(in_an_hour);
+    let odd = good
+        .replace(
+            "\"watcher\":\"bob@partner.com\"",
+            "\"watcher\":\"bob@elsewhere.com\"",
+        )
+        .replace("old-1", "old-2");
+    assert_ne!(good, odd);
+    let both = good.replacen(
+        "}]}",
+        &format!("}},{}", odd.split_once("[").map_or("", |(_, r)| r)),
+        1,
+    );
+    std::fs::write(dir.path().join(STATE_FILE), both).expect("write");
+    let hub = hub(dir.path());
+    let store: SharedStore = Arc::new(Embedded::memory());
+    let mut c = core();
+    restore(&mut c, &hub, &store, dir.path())
+        .await
+        .expect("restore");
+    assert_eq!(
+        c.counts().0,
+        1,
+        "only the record whose domain is its watcher's"
+    );
+}
+
 #[tokio::test]
 async fn an_unreadable_state_file_does_not_stop_the_start() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -56,8 +56,8 @@ use crate::sip::im_session::{self, Content, ImSession, SessionState};
 use crate::sip::message::SipMessage;
 use crate::sip::routing::Routing;
 use crate::sip::subscription::{
-    self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Notifier, NotifierState,
-    NotifyState, StoreMark, Subscriber, SubscriberState, TerminationReason,
+    self, clamp_expires, negotiate, refresh_delay, ExpiresDecision, Mono, Notifier, NotifierState,
+    NotifyState, Parties, StoreMark, Subscriber, SubscriberState, TerminationReason,
 };
 use crate::sip::txn::{ClientTransaction, Event, ServerTransaction, Timers, TuEvent, TxnKey};
 use crate::sip::validate::{refusal_of, Reject};
@@ -349,9 +349,9 @@ pub struct Core {
     /// Heap length at which `timers` next drops its no-op entries.
     compact_at: usize,
     /// Notifier expiries, apart from `heap` (see `timers`): one per foreign watcher, long
-    /// lived, and 32 bytes each (the dialog by its `notifiers` fingerprint) instead of a
-    /// `TimerKey` entry's 88.
-    notifier_heap: BinaryHeap<Reverse<(Instant, notifiers::Fingerprint)>>,
+    /// lived, and 24 bytes each (a `Mono` time and the dialog by its `notifiers`
+    /// fingerprint) instead of a `TimerKey` entry's 88.
+    notifier_heap: BinaryHeap<Reverse<(Mono, notifiers::Fingerprint)>>,
     /// `notifier_heap` length at which it is next compacted.
     notifier_compact_at: usize,
     /// Final responses of recent non-INVITE server transactions (see `recent`).
@@ -583,7 +583,10 @@ impl Core {
     pub fn poll_timeout(&self) -> Option<Instant> {
         // Transaction deadlines are in the heap too (`arm_server`/`arm_client`); an entry
         // made stale by a transaction's progress only wakes the driver early.
-        let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+        let n = self
+            .notifier_heap
+            .peek()
+            .map(|Reverse((at, _))| at.instant());
         let t = self.heap.peek().map(|Reverse((at, _))| *at);
         let h = self.handover_deadlines.front().map(|(at, _)| *at);
         [t, n, h].into_iter().flatten().min()
@@ -684,11 +687,13 @@ impl Core {
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };
-        if n.armed.is_some_and(|a| a <= at) {
+        // `armed` is NEVER (later than any time) when nothing is queued.
+        let at = Mono::of(at);
+        if n.armed <= at {
             return;
         }
-        n.armed = Some(at);
-        self.schedule(TimerKey::Notifier(id.clone()), at);
+        n.armed = at;
+        self.schedule_notifier(id, at);
     }
 
     /// Adds dialog `id` to its (watcher, presentity) pair.
@@ -1411,7 +1416,7 @@ impl Core {
                 // ends the subscription; we keep it on 408/5xx so a peer restart loses nothing.
                 if code == 481 || code == 403 || code == 603 {
                     if let Some(n) = self.notifier_remove(dialog) {
-                        let pair = (n.watcher.bare_string(), n.presentity.bare_string());
+                        let pair = n.parties.pair();
                         self.pair_remove(&pair, dialog);
                         self.dirty = true;
                     }
@@ -1637,12 +1642,12 @@ impl Core {
                     let Some(n) = self.notifiers.get_mut(&id) else {
                         continue;
                     };
-                    if n.expires_at <= now {
+                    if n.expires_at.instant() <= now {
                         self.end_notifier(hub, &id, TerminationReason::Timeout, true, now);
-                    } else if n.armed == Some(at) {
+                    } else if n.armed == Mono::of(at) {
                         // Refreshed since: the one queued timer moves to the new expiry.
-                        n.armed = None;
-                        let e = n.expires_at;
+                        n.armed = Mono::NEVER;
+                        let e = n.expires_at.instant();
                         self.arm_notifier(&id, e);
                     }
                 }

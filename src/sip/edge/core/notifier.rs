@@ -220,20 +220,15 @@ impl Core {
             None,
             now,
         );
-        let n = Notifier {
+        let n = Notifier::new(
             dialog,
-            watcher,
-            presentity,
-            domain: domain.clone(),
+            Parties::new(&watcher, &presentity),
             state,
-            format: kind,
-            expires_at: now + Duration::from_secs(u64::from(grant)),
+            kind,
+            now + Duration::from_secs(u64::from(grant)),
             last,
-            conn: Some(peer.conn),
-            armed: None,
-            last_sent: None,
-            stored: StoreMark::ABSENT,
-        };
+            Some(peer.conn),
+        );
         self.notifier_insert(id.clone(), n);
         if grant == 0 {
             // A fetch: the terminated NOTIFY is all it gets; the notifier ends with it (the
@@ -287,7 +282,10 @@ impl Core {
         };
         let seq = req.cseq().map(|c| c.seq).unwrap_or(0);
         let contact = match self.notifiers.get(&id) {
-            Some(n) => format!("<{}>", self.contact_for(&n.presentity, Some(peer.conn))),
+            Some(n) => format!(
+                "<{}>",
+                self.contact_for(&n.parties.presentity(), Some(peer.conn))
+            ),
             None => return,
         };
         let Some(n) = self.notifiers.get_mut(&id) else {
@@ -297,10 +295,10 @@ impl Core {
             return self.reply(key, req, 500, "CSeq Out Of Order", None, &[], None, now);
         }
         n.dialog.refresh_target(req);
-        n.conn = Some(peer.conn);
+        n.set_conn(Some(peer.conn));
         match decision {
             ExpiresDecision::Grant(g) => {
-                n.expires_at = now + Duration::from_secs(u64::from(g));
+                n.expires_at = Mono::of(now + Duration::from_secs(u64::from(g)));
                 let gs = g.to_string();
                 self.reply(
                     key,
@@ -345,25 +343,26 @@ impl Core {
     ) {
         self.send_notify(hub, id, Some(reason), now);
         if let Some(n) = self.notifier_remove(id) {
-            let pair = (n.watcher.bare_string(), n.presentity.bare_string());
+            let pair = n.parties.pair();
             self.pair_remove(&pair, id);
             // A batched dialog of the same pair still watching keeps the home side's consent.
             let others = self.notifier_pairs.contains_key(&pair) || self.batches.watches(&pair);
             // RFC 8048 §5.3.3: the end of a SIP subscription is unavailable presence of the
             // watcher, not `unsubscribe`, which would revoke the user's approval and make them
             // answer again at the next sign-in. A blocked watcher's end is not told at all.
-            let blocked = hub.consent(&n.presentity, &n.watcher) == Consent::Blocked;
+            let (watcher, user) = (n.parties.watcher(), n.parties.presentity());
+            let blocked = hub.consent(&user, &watcher) == Consent::Blocked;
             if tell_home && !others && !blocked {
                 let cfg = hub.config();
                 let link = Link::Sip {
-                    domain: n.domain.clone(),
+                    domain: n.domain().clone(),
                 };
                 if let Some(p) = policy::offline_in(&cfg, &hub.maps(), &link) {
                     hub.submit(
-                        &n.domain,
+                        n.domain(),
                         Envelope {
-                            from: n.watcher,
-                            to: n.presentity,
+                            from: watcher,
+                            to: user,
                             body: Body::Presence(p),
                         },
                     );
@@ -387,9 +386,10 @@ impl Core {
             self.notifiers
                 .iter()
                 .filter(|(_, n)| {
-                    n.presentity.local == user.local
-                        && n.presentity.domain == user.domain
-                        && policy::covers(target, &n.watcher)
+                    n.parties.presentity_local() == user.local
+                        && *n.parties.presentity_domain() == user.domain
+                        && *n.parties.watcher_domain() == target.domain
+                        && (target.local.is_empty() || target.local == n.parties.watcher_local())
                 })
                 .map(|(id, _)| id.clone())
                 .collect()
@@ -427,9 +427,9 @@ impl Core {
                 n.stored = old.stored;
             }
         }
-        *self.notifier_domains.entry(n.domain.clone()).or_default() += 1;
+        *self.notifier_domains.entry(n.domain().clone()).or_default() += 1;
         if let Some(old) = self.notifiers.insert(Box::new(n)) {
-            count_down(&mut self.notifier_domains, &old.domain);
+            count_down(&mut self.notifier_domains, old.domain());
         }
     }
 
@@ -441,7 +441,7 @@ impl Core {
             // Its record is deleted by the next `take_store_ops`.
             self.persisted.dead_notifiers.insert(id.clone());
         }
-        count_down(&mut self.notifier_domains, &n.domain);
+        count_down(&mut self.notifier_domains, n.domain());
         Some(*n)
     }
 
@@ -474,24 +474,25 @@ impl Core {
     ) {
         // Every NOTIFY may follow a state change (pending → active, polite blocking).
         self.touch_notifier(id);
-        let on = self.notifiers.get(id).and_then(|n| n.conn);
+        let on = self.notifiers.get(id).and_then(Notifier::conn);
         let via = self.via_on(on);
         let maps = hub.maps();
         let cfg = hub.config();
         let Some(n) = self.notifiers.get(id) else {
             return;
         };
-        let contact = self.contact_for(&n.presentity, on);
+        let (watcher, user) = (n.parties.watcher(), n.parties.presentity());
+        let contact = self.contact_for(&user, on);
         let state = match terminated {
             Some(r) => format!("terminated;reason={}", r.token()),
             None => n.state_header(now),
         };
         let system = cfg
-            .sip_federated(&n.domain)
+            .sip_federated(n.domain())
             .map_or("lync", |f| f.system.as_str());
         // Polite blocking: a blocked watcher's view is offline whatever the user's state (kept
         // in `last`, so an unblock shows it at once).
-        let shown = match hub.consent(&n.presentity, &n.watcher) {
+        let shown = match hub.consent(&user, &watcher) {
             Consent::Blocked => None,
             _ => n.last.as_deref(),
         };
@@ -501,12 +502,12 @@ impl Core {
                 system,
                 shown,
                 n.format,
-                &interwork::address::sip_aor_of(&n.presentity),
+                &interwork::address::sip_aor_of(&user),
             ),
             _ => None,
         };
         let ct = n.format.content_type();
-        let (conn, domain) = (n.conn, n.domain.clone());
+        let (conn, domain) = (n.conn(), n.domain().clone());
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut h = std::hash::DefaultHasher::new();
@@ -519,12 +520,12 @@ impl Core {
         let Some(n) = self.notifiers.get_mut(id) else {
             return;
         };
-        if skip_unchanged && n.last_sent == Some(fingerprint) {
+        if skip_unchanged && n.last_sent_is(fingerprint) {
             m::NOTIFY_UNCHANGED.with_label_values(&["unchanged"]).inc();
             tracing::debug!("NOTIFY content unchanged; not sent again");
             return;
         }
-        n.last_sent = Some(fingerprint);
+        n.set_last_sent(fingerprint);
         let req = n.dialog.request(&InDialog {
             method: "NOTIFY",
             via: &via,

@@ -17,7 +17,7 @@ use crate::sip::subscription::Notifier;
 pub(crate) type Fingerprint = (u64, u64);
 
 /// See the module doc. Boxed values: a hash table keeps up to half its slots empty after
-/// growing, and an empty slot costs the size of the value (a `Notifier` is 384 bytes).
+/// growing, and an empty slot costs the size of the value (a `Notifier` is 192 bytes).
 #[derive(Default)]
 pub(crate) struct NotifierTable {
     map: HashMap<Fingerprint, Box<Notifier>>,
@@ -93,8 +93,8 @@ mod tests {
 
     fn notifier(call: &str) -> Box<Notifier> {
         let addr = |a: &str| crate::gateway::Address::parse(a).expect("address");
-        Box::new(Notifier {
-            dialog: Dialog::new(
+        Box::new(Notifier::new(
+            Dialog::new(
                 DialogId::new(call, "l", "r"),
                 "sip:u@example.com",
                 "sip:w@partner.test",
@@ -103,18 +103,13 @@ mod tests {
                 1,
                 Some(1),
             ),
-            watcher: addr("w@partner.test"),
-            presentity: addr("u@example.com"),
-            domain: crate::config::Domain::parse("partner.test").expect("domain"),
-            state: crate::sip::subscription::NotifierState::Pending,
-            format: crate::presence::convert::SipBodyKind::Pidf,
-            expires_at: std::time::Instant::now(),
-            last: None,
-            conn: None,
-            last_sent: None,
-            armed: None,
-            stored: crate::sip::subscription::StoreMark::ABSENT,
-        })
+            crate::sip::subscription::Parties::new(&addr("w@partner.test"), &addr("u@example.com")),
+            crate::sip::subscription::NotifierState::Pending,
+            crate::presence::convert::SipBodyKind::Pidf,
+            std::time::Instant::now(),
+            None,
+            None,
+        ))
     }
 
     #[test]

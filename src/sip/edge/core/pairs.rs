@@ -5,8 +5,9 @@
 //! Sized for a million foreign watchers (issue 11 item 10): a pair is keyed by a 128-bit
 //! fingerprint of its two bare addresses (two independently keyed hashes, as
 //! `TxnKey::fingerprint` keys the recent answers), not by two owned strings; its dialogs are
-//! held by their `notifiers` fingerprints (16 bytes, not a 48-byte `DialogId`), and its one
-//! dialog — nearly every pair has exactly one — inline, not in a vector of its own. Two pairs
+//! held by their `notifiers` fingerprints (16 bytes, not a 48-byte `DialogId`), and its first
+//! dialog — nearly every pair has exactly one — is its slot's value (a slot of 32 bytes, the
+//! others in a second, nearly empty map), not in a vector of its own. Two pairs
 //! sharing a fingerprint would need a collision of 128 keyed bits.
 
 use std::collections::HashMap;
@@ -15,24 +16,25 @@ use std::hash::BuildHasher;
 /// A dialog, by its fingerprint in the notifier table.
 type Dialog = super::notifiers::Fingerprint;
 
-enum Dialogs {
-    One(Dialog),
-    Many(Vec<Dialog>),
+/// A pair's dialogs, oldest first (see [`PairIndex::get`]).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct PairDialogs<'a> {
+    first: Option<&'a Dialog>,
+    more: &'a [Dialog],
 }
 
-impl Dialogs {
-    fn as_slice(&self) -> &[Dialog] {
-        match self {
-            Dialogs::One(d) => std::slice::from_ref(d),
-            Dialogs::Many(v) => v,
-        }
+impl<'a> PairDialogs<'a> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &'a Dialog> + 'a {
+        self.first.into_iter().chain(self.more.iter())
     }
 }
 
-/// See the module doc.
+/// See the module doc. A pair's first dialog is the value of its slot in `first` (32 bytes:
+/// two fingerprints); the others, when a pair has more than one, wait in `more`.
 #[derive(Default)]
 pub(crate) struct PairIndex {
-    map: HashMap<(u64, u64), Dialogs>,
+    first: HashMap<(u64, u64), Dialog>,
+    more: HashMap<(u64, u64), Vec<Dialog>>,
     keys: (std::hash::RandomState, std::hash::RandomState),
 }
 
@@ -42,52 +44,66 @@ impl PairIndex {
     }
 
     /// The pair's dialogs, oldest first.
-    pub(crate) fn get(&self, pair: &(String, String)) -> Option<&[Dialog]> {
-        self.map.get(&self.fingerprint(pair)).map(Dialogs::as_slice)
+    pub(crate) fn get(&self, pair: &(String, String)) -> Option<PairDialogs<'_>> {
+        let fp = self.fingerprint(pair);
+        let first = self.first.get(&fp)?;
+        Some(PairDialogs {
+            first: Some(first),
+            more: self.more.get(&fp).map_or(&[], Vec::as_slice),
+        })
     }
 
     pub(crate) fn contains_key(&self, pair: &(String, String)) -> bool {
-        self.map.contains_key(&self.fingerprint(pair))
+        self.first.contains_key(&self.fingerprint(pair))
     }
 
     /// Adds `id` to the pair; true when it is the pair's first dialog.
     pub(crate) fn add(&mut self, pair: &(String, String), id: Dialog) -> bool {
         let fp = self.fingerprint(pair);
-        match self.map.remove(&fp) {
-            None => {
-                self.map.insert(fp, Dialogs::One(id));
-                true
-            }
-            Some(Dialogs::One(first)) => {
-                self.map.insert(fp, Dialogs::Many(vec![first, id]));
-                false
-            }
-            Some(Dialogs::Many(mut v)) => {
-                v.push(id);
-                self.map.insert(fp, Dialogs::Many(v));
-                false
-            }
+        if let std::collections::hash_map::Entry::Vacant(v) = self.first.entry(fp) {
+            v.insert(id);
+            return true;
         }
+        self.more.entry(fp).or_default().push(id);
+        false
     }
 
     /// Removes `id` from the pair: None when the pair has no dialog at all, else whether it
     /// has none left (the pair is then forgotten).
     pub(crate) fn remove(&mut self, pair: &(String, String), id: Dialog) -> Option<bool> {
         let fp = self.fingerprint(pair);
-        let left = match self.map.remove(&fp)? {
-            Dialogs::One(d) if d == id => return Some(true),
-            one @ Dialogs::One(_) => one,
-            Dialogs::Many(mut v) => {
+        let first = *self.first.get(&fp)?;
+        if first != id {
+            if let Some(v) = self.more.get_mut(&fp) {
                 v.retain(|d| *d != id);
-                match v.len() {
-                    0 => return Some(true),
-                    1 => Dialogs::One(v.remove(0)),
-                    _ => Dialogs::Many(v),
+                if v.is_empty() {
+                    self.more.remove(&fp);
                 }
             }
+            return Some(false);
+        }
+        // The oldest of the others, if any, becomes the first.
+        let next = match self.more.get_mut(&fp) {
+            Some(v) if !v.is_empty() => {
+                let n = v.remove(0);
+                if v.is_empty() {
+                    self.more.remove(&fp);
+                }
+                Some(n)
+            }
+            _ => None,
         };
-        self.map.insert(fp, left);
-        Some(false)
+        match next {
+            Some(n) => {
+                self.first.insert(fp, n);
+                Some(false)
+            }
+            None => {
+                self.first.remove(&fp);
+                self.more.remove(&fp);
+                Some(true)
+            }
+        }
     }
 }
 
@@ -95,11 +111,15 @@ impl PairIndex {
 mod tests {
     use super::*;
 
-    /// One slot per (watcher, user) pair: a key and the inline dialog, 40 bytes (a `u128`
-    /// key would align it to 16 and make it 48).
+    /// One slot per (watcher, user) pair: a key and its first dialog, 32 bytes (a `u128`
+    /// key would align it to 16; an enum of one dialog or a vector made it 40).
     #[test]
-    fn a_slot_is_forty_bytes() {
-        assert_eq!(std::mem::size_of::<((u64, u64), Dialogs)>(), 40);
+    fn a_slot_is_thirty_two_bytes() {
+        assert_eq!(std::mem::size_of::<((u64, u64), Dialog)>(), 32);
+    }
+
+    fn ids_of(p: &PairIndex, pair: &(String, String)) -> Option<Vec<Dialog>> {
+        p.get(pair).map(|d| d.iter().copied().collect())
     }
 
     fn id(n: u32) -> Dialog {
@@ -115,14 +135,14 @@ mod tests {
         assert!(!p.add(&ab, id(2)));
         assert!(!p.add(&ab, id(3)));
         assert!(p.add(&ba, id(4)), "the reverse pair is another pair");
-        assert_eq!(p.get(&ab), Some(&[id(1), id(2), id(3)][..]));
+        assert_eq!(ids_of(&p, &ab), Some(vec![id(1), id(2), id(3)]));
         assert_eq!(p.remove(&ab, id(2)), Some(false));
-        assert_eq!(p.get(&ab), Some(&[id(1), id(3)][..]));
+        assert_eq!(ids_of(&p, &ab), Some(vec![id(1), id(3)]));
         assert_eq!(p.remove(&ab, id(9)), Some(false), "not one of its dialogs");
         assert_eq!(p.remove(&ab, id(1)), Some(false));
         assert_eq!(p.remove(&ab, id(3)), Some(true));
         assert!(!p.contains_key(&ab));
         assert_eq!(p.remove(&ab, id(3)), None);
-        assert_eq!(p.get(&ba), Some(&[id(4)][..]));
+        assert_eq!(ids_of(&p, &ba), Some(vec![id(4)]));
     }
 }

@@ -74,7 +74,7 @@ impl From<&Dialog> for DialogRec {
             d.local_uri().to_owned(),
             d.remote_uri().to_owned(),
             d.remote_target().to_owned(),
-            d.route_set.clone(),
+            d.route_set.iter().map(|r| r.to_string()).collect(),
             d.local_cseq,
             d.remote_cseq,
         )
@@ -221,6 +221,9 @@ pub(crate) struct Persisted {
     scan_owed: bool,
     /// What changed since the last `take_store_ops`, for the cheap pass.
     pub(super) touched: Touched,
+    /// Touched notifiers a cheap pass left for later (`take_store_ops_upto`), oldest first;
+    /// one may be listed twice (encoded once: the second finds its record written).
+    backlog: Vec<DialogId>,
     /// Envelopes owed to the home side after a link came up, sent a slice at a time.
     kicks: VecDeque<(Domain, Envelope)>,
     /// Restored subscribers waiting for their domain's link to refresh.
@@ -249,12 +252,16 @@ fn notifier_op(n: &mut Notifier, now: Instant, base: u64, ops: &mut Vec<StoreOp>
     let rec = NotifierRec(
         RECORD_VERSION,
         DialogRec::from(&n.dialog),
-        n.watcher.bare_string(),
-        n.presentity.bare_string(),
-        n.domain.to_string(),
+        n.parties.watcher_bare(),
+        n.parties.presentity_bare(),
+        n.domain().to_string(),
         n.state == NotifierState::Active,
         n.format == SipBodyKind::Msrtc,
-        base + n.expires_at.saturating_duration_since(now).as_secs(),
+        base + n
+            .expires_at
+            .instant()
+            .saturating_duration_since(now)
+            .as_secs(),
     );
     match serde_json::to_vec(&rec) {
         Ok(value) => ops.push(StoreOp::Put {
@@ -362,8 +369,24 @@ impl Core {
     /// without a touch; it runs only when something was flagged (`Core::dirty`) since the
     /// last one.
     pub fn take_store_ops(&mut self, now: Instant, wall: SystemTime, full: bool) -> Vec<StoreOp> {
+        self.take_store_ops_upto(now, wall, full, usize::MAX)
+    }
+
+    /// [`Core::take_store_ops`], encoding at most `chunk` of the touched notifiers (the cheap
+    /// pass); the others wait in a backlog that [`Core::take_store_backlog`] encodes, a chunk
+    /// at a time, as the driver writes the previous one. While 100 000 subscriptions are set
+    /// up, a second's touched notifiers are ~20 000 records: encoded at once they were ~10 MB
+    /// built and freed each second, room the allocator keeps (issue 11 item 10). A notifier
+    /// touched again while it waits is encoded once, as it is then.
+    pub fn take_store_ops_upto(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        full: bool,
+        chunk: usize,
+    ) -> Vec<StoreOp> {
         let base = unix(wall);
-        let touched = std::mem::take(&mut self.persisted.touched);
+        let mut touched = std::mem::take(&mut self.persisted.touched);
         self.persisted.scan_owed |= self.take_dirty();
         let mut ops = self.take_session_ops();
         if full && self.persisted.scan_owed {
@@ -395,21 +418,20 @@ impl Core {
                 live
             });
             self.batch_ops(now, base, true, &mut ops);
+            // Every notifier was compared: nothing waits.
+            self.persisted.backlog = Vec::new();
             return storable(ops);
         }
         let pass = self.persisted.pass;
-        for id in &touched.notifiers {
-            match self.notifiers.get_mut(id) {
-                Some(n) => notifier_op(n, now, base, &mut ops),
-                None => {
-                    if self.persisted.dead_notifiers.remove(id) {
-                        ops.push(StoreOp::Delete {
-                            key: notifier_key(id),
-                        });
-                    }
-                }
-            }
+        // Oldest first: what waited since an earlier pass, then what was touched since.
+        let backlog = &mut self.persisted.backlog;
+        backlog.extend(touched.notifiers.drain());
+        let now_ids: Vec<DialogId> = backlog.drain(..chunk.min(backlog.len())).collect();
+        if backlog.is_empty() {
+            // The room of a burst is not kept.
+            *backlog = Vec::new();
         }
+        self.notifier_ops(&now_ids, now, base, &mut ops);
         // The room of a burst of ends (a mass expiry) is not kept.
         let dead = &mut self.persisted.dead_notifiers;
         if dead.capacity() > 4 * dead.len() + 64 {
@@ -435,6 +457,45 @@ impl Core {
         }
         self.batch_ops(now, base, false, &mut ops);
         storable(ops)
+    }
+
+    /// Whether touched notifiers wait to be encoded (see [`Core::take_store_ops_upto`]).
+    pub fn has_store_backlog(&self) -> bool {
+        !self.persisted.backlog.is_empty()
+    }
+
+    /// The next `chunk` of the notifiers waiting to be encoded, oldest first.
+    pub fn take_store_backlog(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        chunk: usize,
+    ) -> Vec<StoreOp> {
+        let base = unix(wall);
+        let backlog = &mut self.persisted.backlog;
+        let ids: Vec<DialogId> = backlog.drain(..chunk.min(backlog.len())).collect();
+        if backlog.is_empty() {
+            *backlog = Vec::new();
+        }
+        let mut ops = Vec::new();
+        self.notifier_ops(&ids, now, base, &mut ops);
+        storable(ops)
+    }
+
+    /// Puts for `ids` created or changed since they were last written, deletes for those gone.
+    fn notifier_ops(&mut self, ids: &[DialogId], now: Instant, base: u64, ops: &mut Vec<StoreOp>) {
+        for id in ids {
+            match self.notifiers.get_mut(id) {
+                Some(n) => notifier_op(n, now, base, ops),
+                None => {
+                    if self.persisted.dead_notifiers.remove(id) {
+                        ops.push(StoreOp::Delete {
+                            key: notifier_key(id),
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Puts for the batches created or changed since they were last written, deletes for
@@ -689,6 +750,13 @@ impl Core {
             tracing::warn!("stored subscription with unparsable addresses skipped");
             return None;
         };
+        // A notifier's domain is its watcher's (the core takes a SUBSCRIBE only from the
+        // domain of its From URI) and is not kept apart any more: every build wrote them equal,
+        // so a record saying otherwise was edited by hand and is not trusted.
+        if watcher.domain != domain {
+            tracing::warn!("stored subscription whose domain is not its watcher's skipped");
+            return None;
+        }
         let cfg = hub.config();
         let domain = cfg.sip_federated(&domain).map(|f| f.name.clone())?;
         if !cfg.is_local_domain(&presentity.domain) {
@@ -708,28 +776,23 @@ impl Core {
             tracing::warn!(dialog = %LogSafe(id.call_id()), "stored subscription with unusable expiry skipped");
             return None;
         };
-        let mut n = Notifier {
+        let mut n = Notifier::new(
             dialog,
-            watcher: watcher.clone(),
-            presentity: presentity.clone(),
-            domain,
-            state: if p.active {
+            Parties::new(&watcher, &presentity),
+            if p.active {
                 NotifierState::Active
             } else {
                 NotifierState::Pending
             },
-            format: if p.msrtc {
+            if p.msrtc {
                 SipBodyKind::Msrtc
             } else {
                 SipBodyKind::Pidf
             },
             expires_at,
-            last: None,
-            conn: None,
-            armed: None,
-            last_sent: None,
-            stored: StoreMark::ABSENT,
-        };
+            None,
+            None,
+        );
         n.stored = StoreMark::written(notifier_print(&n));
         self.pair_add(
             (watcher.bare_string(), presentity.bare_string()),
@@ -761,10 +824,10 @@ impl Core {
         let mut seen: HashSet<(String, String)> = HashSet::new();
         let mut kicks = Vec::new();
         for n in self.notifiers.values() {
-            if n.watcher.domain != *domain && n.domain != *domain {
+            if n.domain() != domain {
                 continue;
             }
-            if !seen.insert((n.watcher.bare_string(), n.presentity.bare_string())) {
+            if !seen.insert(n.parties.pair()) {
                 continue;
             }
             let ask = match n.state {
@@ -772,10 +835,10 @@ impl Core {
                 NotifierState::Pending => Subscription::Subscribe,
             };
             kicks.push((
-                n.domain.clone(),
+                n.domain().clone(),
                 Envelope {
-                    from: n.watcher.clone(),
-                    to: n.presentity.clone(),
+                    from: n.parties.watcher(),
+                    to: n.parties.presentity(),
                     body: Body::Subscription(ask),
                 },
             ));
@@ -825,12 +888,16 @@ impl Core {
             .values()
             .map(|n| PersistedNotifier {
                 dialog: n.dialog.clone(),
-                watcher: n.watcher.bare_string(),
-                presentity: n.presentity.bare_string(),
-                domain: n.domain.to_string(),
+                watcher: n.parties.watcher_bare(),
+                presentity: n.parties.presentity_bare(),
+                domain: n.domain().to_string(),
                 active: n.state == NotifierState::Active,
                 msrtc: n.format == SipBodyKind::Msrtc,
-                expires_unix: base + n.expires_at.saturating_duration_since(now).as_secs(),
+                expires_unix: base
+                    + n.expires_at
+                        .instant()
+                        .saturating_duration_since(now)
+                        .as_secs(),
             })
             .collect();
         notifiers.sort_by(|a, b| a.dialog.id.cmp(&b.dialog.id));

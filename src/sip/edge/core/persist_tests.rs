@@ -371,3 +371,37 @@ fn a_dialog_whose_key_the_store_would_refuse_is_not_written_nor_retried() {
     c.dirty = true;
     assert!(c.take_store_ops(t0, wall, true).is_empty());
 }
+
+/// A cheap pass encodes a chunk of the touched notifiers; the rest wait and come a chunk at a
+/// time, each record once, and a notifier touched again while it waits is not written twice.
+#[test]
+fn touched_notifiers_are_written_a_chunk_at_a_time_and_once_each() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    for i in 0..5 {
+        let text = subscribe_text(3600)
+            .replace("bob@partner.com", &format!("bob{i}@partner.com"))
+            .replace("Call-ID: c1", &format!("Call-ID: c{i}"))
+            .replace("z9hG4bKs1", &format!("z9hG4bKs{i}x"));
+        c.handle_message(&h, &peer(), msg(&text), t0);
+    }
+    let _ = sent(&mut c);
+    let wall = SystemTime::now();
+    let first = c.take_store_ops_upto(t0, wall, false, 2);
+    assert_eq!(puts(&first).len(), 2);
+    assert!(c.has_store_backlog());
+    let mut keys: Vec<String> = puts(&first).iter().map(|(k, _)| k.to_string()).collect();
+    while c.has_store_backlog() {
+        let ops = c.take_store_backlog(t0, wall, 2);
+        assert!(puts(&ops).len() <= 2);
+        keys.extend(puts(&ops).iter().map(|(k, _)| k.to_string()));
+    }
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(
+        c.take_store_ops(t0, wall, false).is_empty(),
+        "nothing twice"
+    );
+}

@@ -17,7 +17,7 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
-use super::{Core, TimerKey};
+use super::{Core, DialogId, Mono, TimerKey};
 
 /// Below this many entries the heap is never compacted.
 const COMPACT_FLOOR: usize = 1024;
@@ -26,13 +26,7 @@ impl Core {
     /// Queues `key` at `at`, compacting the heap first when it doubled since the last time.
     pub(super) fn schedule(&mut self, key: TimerKey, at: Instant) {
         if let TimerKey::Notifier(id) = key {
-            if self.notifier_heap.len() >= self.notifier_compact_at.max(COMPACT_FLOOR) {
-                self.compact_notifier_timers();
-                self.notifier_compact_at = self.notifier_heap.len().saturating_mul(2);
-            }
-            let fp = self.notifiers.fingerprint(&id);
-            self.notifier_heap.push(Reverse((at, fp)));
-            return;
+            return self.schedule_notifier(&id, Mono::of(at));
         }
         if self.heap.len() >= self.compact_at.max(COMPACT_FLOOR) {
             self.compact_timers();
@@ -41,12 +35,25 @@ impl Core {
         self.heap.push(Reverse((at, key)));
     }
 
+    /// Queues notifier `id`'s expiry timer at `at` in the notifier heap.
+    pub(super) fn schedule_notifier(&mut self, id: &DialogId, at: Mono) {
+        if self.notifier_heap.len() >= self.notifier_compact_at.max(COMPACT_FLOOR) {
+            self.compact_notifier_timers();
+            self.notifier_compact_at = self.notifier_heap.len().saturating_mul(2);
+        }
+        let fp = self.notifiers.fingerprint(id);
+        self.notifier_heap.push(Reverse((at, fp)));
+    }
+
     /// The earliest entry of either heap if it is due at `now` (a notifier entry whose
     /// notifier is gone is dropped on the way: it could only fire as a no-op).
     pub(super) fn pop_due(&mut self, now: Instant) -> Option<(Instant, TimerKey)> {
         loop {
             let t = self.heap.peek().map(|Reverse((at, _))| *at);
-            let n = self.notifier_heap.peek().map(|Reverse((at, _))| *at);
+            let n = self
+                .notifier_heap
+                .peek()
+                .map(|Reverse((at, _))| at.instant());
             match (t, n) {
                 (Some(t), n) if t <= now && n.is_none_or(|n| t <= n) => {
                     return self.heap.pop().map(|Reverse(e)| e);
@@ -54,7 +61,7 @@ impl Core {
                 (_, Some(n)) if n <= now => {
                     let Reverse((at, fp)) = self.notifier_heap.pop()?;
                     if let Some(n) = self.notifiers.by_fingerprint(fp) {
-                        return Some((at, TimerKey::Notifier(n.dialog.id.clone())));
+                        return Some((at.instant(), TimerKey::Notifier(n.dialog.id.clone())));
                     }
                 }
                 _ => return None,
@@ -68,7 +75,7 @@ impl Core {
         heap.retain(|Reverse((at, fp))| {
             self.notifiers
                 .by_fingerprint(*fp)
-                .is_some_and(|n| n.armed.is_none_or(|a| a == *at))
+                .is_some_and(|n| n.armed == Mono::NEVER || n.armed == *at)
         });
         heap.shrink_to_fit();
         self.notifier_heap = heap.into();
@@ -84,7 +91,10 @@ impl Core {
         heap.retain(|Reverse((at, key))| match key {
             TimerKey::Server(k) => self.server.get(k).is_some_and(|e| live(e.armed, *at)),
             TimerKey::Client(k) => self.client.get(k).is_some_and(|e| live(e.armed, *at)),
-            TimerKey::Notifier(id) => self.notifiers.get(id).is_some_and(|n| live(n.armed, *at)),
+            TimerKey::Notifier(id) => self
+                .notifiers
+                .get(id)
+                .is_some_and(|n| n.armed == Mono::NEVER || n.armed == Mono::of(*at)),
             TimerKey::Batch(_) => true,
             TimerKey::Subscriber(id) => self.subscribers.contains_key(id),
             TimerKey::Session(id) => self.sessions.contains_key(id),
