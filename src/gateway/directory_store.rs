@@ -165,6 +165,7 @@ users = ["frank@example.com"]
                         text: "hi".into(),
                         ..MessageBody::default()
                     }),
+                    stanza_id: None,
                 },
             );
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

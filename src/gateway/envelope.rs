@@ -273,6 +273,10 @@ pub struct Envelope {
     pub from: Address,
     pub to: Address,
     pub body: Body,
+    /// The `id` of the XMPP presence stanza a presence or subscription body came from, so a
+    /// bounce (RFC 6120 §8.1.3: an error carries the id of what it answers) and a relay to
+    /// another XMPP link keep it. Messages keep theirs in [`MessageBody`]; iqs in their bytes.
+    pub stanza_id: Option<Box<str>>,
 }
 
 impl Envelope {
@@ -285,7 +289,10 @@ impl Envelope {
         let (id, kind) = match &self.body {
             Body::Error { .. } => return None,
             Body::Message(m) => (m.id.clone(), ErrorOf::Message),
-            Body::Presence(_) | Body::Subscription(_) => (None, ErrorOf::Presence),
+            Body::Presence(_) | Body::Subscription(_) => (
+                self.stanza_id.as_deref().map(str::to_owned),
+                ErrorOf::Presence,
+            ),
             Body::Xmpp(x) => {
                 let facts = x.facts();
                 if facts.is_reply(x.name) {
@@ -309,6 +316,7 @@ impl Envelope {
                 text: text.into(),
                 kind,
             },
+            stanza_id: None,
         })
     }
 
@@ -380,6 +388,7 @@ mod tests {
                 thread: None,
                 ..Default::default()
             }),
+            stanza_id: None,
         };
         let b = env
             .bounce(ErrorCondition::NotAllowed, "policy")
@@ -399,6 +408,7 @@ mod tests {
                 name,
                 bytes::Bytes::copy_from_slice(xml.as_bytes()),
             )),
+            stanza_id: None,
         }
     }
 

@@ -951,6 +951,7 @@ default_system = "xmpp"
                 text: "hi".into(),
                 ..Default::default()
             }),
+            stanza_id: None,
         };
         let sip_origin = Origin::Sip {
             domain: Domain::parse("partner.com").expect("domain"),

@@ -846,6 +846,7 @@ home_node = "hn2"
             from: addr(from),
             to: addr(to),
             body,
+            stanza_id: None,
         }
     }
 
@@ -1417,6 +1418,7 @@ default_system = "xmpp"
             from: Address::parse(from).expect("from"),
             to: Address::parse(to).expect("to"),
             body,
+            stanza_id: None,
         }
     }
 

@@ -111,7 +111,17 @@ pub fn stanza_to_envelope(
         "iq" => raw("iq"),
         other => return Err(ConvertError::Unsupported(other.chars().take(64).collect())),
     };
-    Ok(Envelope { from, to, body })
+    // A presence or subscription body has no room for the stanza's id: it travels beside it.
+    let stanza_id = match body {
+        Body::Presence(_) | Body::Subscription(_) => stanza.id().map(|i| i.into()),
+        _ => None,
+    };
+    Ok(Envelope {
+        from,
+        to,
+        body,
+        stanza_id,
+    })
 }
 
 /// The XEP-0045 namespaces (`…/muc` on a join, `…/muc#user` from a room) and their prefix.
@@ -225,7 +235,7 @@ pub fn envelope_to_stanza(
     let attrs = || PresenceAttrs {
         from: Some(env.from.to_string()),
         to: Some(env.to.to_string()),
-        id: None,
+        id: env.stanza_id.as_deref().map(str::to_owned),
         type_: None,
     };
     match &env.body {
@@ -386,7 +396,7 @@ mod tests {
         let maps = map::embedded().expect("maps");
         let s = stanzas(
             "jabber:server",
-            "<presence type='subscribe' from='a@x.test' to='b@y.test'/>\
+            "<presence type='subscribe' from='a@x.test' to='b@y.test' id='s&amp;1'/>\
              <message from='a@x.test/r' to='b@y.test' id='m1' type='chat'><body>hi &amp; bye</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>\
              <message from='a@x.test' to='b@y.test' id='m2' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/><text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>down</text></error></message>\
              <iq from='a@x.test/r' to='b@y.test' id='i1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>",
@@ -396,6 +406,27 @@ mod tests {
             .map(|s| stanza_to_envelope(s, "fed-xmpp", &maps).expect("ok"))
             .collect();
         assert_eq!(envs[0].body, Body::Subscription(Subscription::Subscribe));
+        // RFC 6120 §8.1.3: the subscription's id is kept for its bounce and its relay.
+        assert_eq!(envs[0].stanza_id.as_deref(), Some("s&1"));
+        let bounced = envs[0]
+            .bounce(ErrorCondition::ItemNotFound, "no such user")
+            .expect("a subscription bounces");
+        assert!(
+            matches!(&bounced.body, Body::Error { id: Some(i), kind: ErrorOf::Presence, .. } if i == "s&1"),
+            "{bounced:?}"
+        );
+        let mut out = Vec::new();
+        envelope_to_stanza(&envs[0], &maps, &mut out).expect("encoded");
+        let xml = std::str::from_utf8(&out).expect("utf-8");
+        assert!(
+            xml.contains("id='s&amp;1'") || xml.contains("id=\"s&amp;1\""),
+            "{xml}"
+        );
+        let mut out = Vec::new();
+        envelope_to_stanza(&bounced, &maps, &mut out).expect("encoded");
+        let xml = std::str::from_utf8(&out).expect("utf-8");
+        assert!(xml.starts_with("<presence type='error'"), "{xml}");
+        assert!(xml.contains("s&amp;1"), "{xml}");
         let Body::Xmpp(raw) = &envs[1].body else {
             panic!("raw message")
         };
@@ -438,6 +469,7 @@ mod tests {
                 thread: Some(hostile.into()),
                 ..Default::default()
             }),
+            stanza_id: None,
         };
         let error = Envelope {
             from,
@@ -448,6 +480,7 @@ mod tests {
                 text: hostile.into(),
                 kind: ErrorOf::Message,
             },
+            stanza_id: None,
         };
         for env in [message, error] {
             let mut out = Vec::new();
@@ -490,6 +523,7 @@ mod tests {
                 "message",
                 bytes::Bytes::copy_from_slice(raw.as_bytes()),
             )),
+            stanza_id: None,
         };
         let mut out = b"<presence/>".to_vec();
         envelope_to_stanza(&env, &maps, &mut out).expect("encoded");

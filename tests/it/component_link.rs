@@ -295,6 +295,7 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                     thread: None,
                     ..Default::default()
                 }),
+                stanza_id: None,
             },
         );
         assert!(matches!(sub, Submitted::Delivered(_)), "{sub:?}");
@@ -318,6 +319,7 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                     note: None,
                     priority: None,
                 }),
+                stanza_id: None,
             },
         );
         assert!(matches!(sub, Submitted::Delivered(_)), "{sub:?}");
@@ -506,6 +508,7 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
                     thread: None,
                     ..Default::default()
                 }),
+                stanza_id: None,
             },
         );
         gw.wait_status("partner.test", "delivery queued", |s| s.queued == 1)
@@ -652,6 +655,7 @@ async fn links_come_back_after_the_home_node_restarts() {
                     thread: None,
                     ..Default::default()
                 }),
+                stanza_id: None,
             },
         );
         let m = alice
@@ -691,6 +695,7 @@ async fn a_message_is_told_written_only_once_the_restarted_home_node_has_it() {
                     text: "queued while the home node was down".into(),
                     ..Default::default()
                 }),
+                stanza_id: None,
             },
             handled,
         );

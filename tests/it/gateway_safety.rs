@@ -148,7 +148,12 @@ fn envelope() -> impl Strategy<Value = Envelope> {
         address("alice", "example.com"),
         body(),
     )
-        .prop_map(|(from, to, body)| Envelope { from, to, body })
+        .prop_map(|(from, to, body)| Envelope {
+            from,
+            to,
+            body,
+            stanza_id: None,
+        })
 }
 
 /// One stanza as a conforming XML parser reports it.
@@ -333,6 +338,7 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
             thread: None,
             ..Default::default()
         }),
+        stanza_id: None,
     };
     let mut out = Vec::new();
     envelope_to_stanza(&env, &MAPS, &mut out).unwrap_or_else(|e| panic!("{e}"));
@@ -411,6 +417,7 @@ default_system = "xmpp"
             "message",
             bytes::Bytes::from_static(xml.as_bytes()),
         )),
+        stanza_id: None,
     };
     let origin = Origin::Component {
         home_node: "hn1".into(),

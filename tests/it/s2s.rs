@@ -197,6 +197,7 @@ fn chat(from: &str, to: &str, text: &str) -> Envelope {
             "message",
             format!("<message type='chat' from='{from}' to='{to}' id='m1'><body>{text}</body></message>").into(),
         )),
+        stanza_id: None,
     }
 }
 
@@ -258,6 +259,7 @@ async fn both_ways(a: &mut Side, b: &mut Side) {
                 note: Some("lunch".into()),
                 priority: None,
             }),
+            stanza_id: None,
         },
     );
     let d = recv(&mut a.home).await;

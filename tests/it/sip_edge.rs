@@ -136,6 +136,7 @@ impl Env {
             from: Address::parse(from)?,
             to: Address::parse(to)?,
             body,
+            stanza_id: None,
         };
         let r = self.hub.submit(
             &Origin::Component {
@@ -1045,6 +1046,7 @@ async fn sipp_as_foreign_notifier() -> Result<()> {
                 from: Address::parse("alice@example.com")?,
                 to: Address::parse("bob@partner.com")?,
                 body,
+                stanza_id: None,
             },
         );
         anyhow::Ok(())
@@ -1355,6 +1357,7 @@ async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
                     thread: None,
                     ..Default::default()
                 }),
+                stanza_id: None,
             },
         );
         Ok(())

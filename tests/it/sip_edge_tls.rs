@@ -145,6 +145,7 @@ impl Env {
             from: Address::parse(from)?,
             to: Address::parse(to)?,
             body,
+            stanza_id: None,
         };
         match self.hub.submit(
             &Origin::Component {
@@ -558,6 +559,7 @@ default_system = "xmpp"
                 thread: None,
                 ..Default::default()
             }),
+            stanza_id: None,
         },
     );
     assert!(matches!(r, Submitted::Delivered(Link::Sip { .. })), "{r:?}");

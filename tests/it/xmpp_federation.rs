@@ -302,6 +302,7 @@ fn from_home(s: &Setup, body: Body, to: &str) {
             from: addr("alice@example.test/desk"),
             to: addr(to),
             body,
+            stanza_id: None,
         },
     );
     assert!(

@@ -78,6 +78,7 @@ pub fn to_wire(env: &Envelope) -> proto::Envelope {
         from: env.from.to_string(),
         to: env.to.to_string(),
         body: Some(body),
+        stanza_id: env.stanza_id.as_deref().map(str::to_owned),
     }
 }
 
@@ -137,8 +138,21 @@ pub fn from_wire(w: proto::Envelope) -> Result<Envelope, WireError> {
             },
         },
     };
-    Ok(Envelope { from, to, body })
+    // Bounded like the rest of a stanza's attributes: a longer one is not ours to relay.
+    let stanza_id = w
+        .stanza_id
+        .filter(|i| i.len() <= MAX_STANZA_ID)
+        .map(String::into_boxed_str);
+    Ok(Envelope {
+        from,
+        to,
+        body,
+        stanza_id,
+    })
 }
+
+/// Longest stanza id carried across the peer link.
+const MAX_STANZA_ID: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -205,10 +219,13 @@ mod tests {
     #[test]
     fn every_body_survives_the_wire() {
         for body in every_body() {
+            let stanza_id =
+                matches!(body, Body::Presence(_) | Body::Subscription(_)).then(|| "p&1".into());
             let env = Envelope {
                 from: addr("bob@partner.example/desk"),
                 to: addr("alice@example.com"),
                 body,
+                stanza_id,
             };
             let back = from_wire(to_wire(&env)).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(back, env);
@@ -224,6 +241,7 @@ mod tests {
             from: addr("bob@partner.example"),
             to: addr("alice@example.com"),
             body: Body::Subscription(Subscription::Probe),
+            stanza_id: None,
         });
         let mut w = good.clone();
         w.from = "no-at-sign".into();

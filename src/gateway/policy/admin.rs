@@ -92,6 +92,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                     from: user.clone(),
                     to,
                     body: Body::Subscription(s),
+                    stanza_id: None,
                 },
             ));
         }
@@ -111,6 +112,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                         from: user.clone(),
                         to: watcher,
                         body: Body::Presence(p),
+                        stanza_id: None,
                     },
                 ));
             }
@@ -125,6 +127,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                     from: watcher,
                     to: user.clone(),
                     body: Body::Subscription(Subscription::Probe),
+                    stanza_id: None,
                 },
             ));
         }

@@ -43,6 +43,7 @@ fn env(from: &str, to: &str, body: Body) -> Envelope {
         from: addr(from),
         to: addr(to),
         body,
+        stanza_id: None,
     }
 }
 

@@ -143,6 +143,7 @@ fn message(from: &str, to: &str, text: &str) -> Envelope {
             thread: None,
             ..Default::default()
         }),
+        stanza_id: None,
     }
 }
 

@@ -501,6 +501,7 @@ impl Core {
                             from: watcher.clone(),
                             to: p.clone(),
                             body: Body::Subscription(ask),
+                            stanza_id: None,
                         },
                     );
                     match &sub {
@@ -752,6 +753,7 @@ impl Core {
                     from: watcher.clone(),
                     to: presentity,
                     body: Body::Presence(p),
+                    stanza_id: None,
                 },
             );
         }
@@ -1161,6 +1163,7 @@ impl Core {
                             from: b.watcher.clone(),
                             to: p.clone(),
                             body: Body::Subscription(ask),
+                            stanza_id: None,
                         },
                     ));
                 }

@@ -115,6 +115,7 @@ impl Core {
                 from: remote.clone(),
                 to: local.clone(),
                 body: Body::Message(message_of(req, MessageKind::Chat, text)),
+                stanza_id: None,
             };
             if let Some((code, reason)) = status_for_submit(&hub.submit(domain, env)) {
                 let tag = random_token(10);
@@ -315,6 +316,7 @@ impl Core {
             from,
             to,
             body: Body::Message(message_of(req, kind, text)),
+            stanza_id: None,
         };
         let tag = (!in_dialog).then(|| random_token(10));
         let token = self.id();
@@ -537,6 +539,7 @@ impl Core {
                 // RFC 7247 §7.2 via `condition_for_status`.
                 kind: crate::gateway::envelope::ErrorOf::Message,
             },
+            stanza_id: None,
         };
         hub.submit(domain, env);
     }

@@ -176,6 +176,7 @@ impl Core {
                 from: watcher.clone(),
                 to: presentity.clone(),
                 body: Body::Subscription(ask),
+                stanza_id: None,
             },
         );
         // A block is accepted like any subscription and shown offline (see `notify`).
@@ -364,6 +365,7 @@ impl Core {
                             from: watcher,
                             to: user,
                             body: Body::Presence(p),
+                            stanza_id: None,
                         },
                     );
                 }

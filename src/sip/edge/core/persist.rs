@@ -840,6 +840,7 @@ impl Core {
                     from: n.parties.watcher(),
                     to: n.parties.presentity(),
                     body: Body::Subscription(ask),
+                    stanza_id: None,
                 },
             ));
         }
@@ -855,6 +856,7 @@ impl Core {
                         from: s.presentity.clone(),
                         to: s.watcher.clone(),
                         body: Body::Presence(p.clone()),
+                        stanza_id: None,
                     },
                 ));
             }

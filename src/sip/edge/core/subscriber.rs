@@ -107,6 +107,7 @@ impl Core {
             from: presentity.clone(),
             to: watcher.clone(),
             body,
+            stanza_id: None,
         };
         let presence = if req.body().is_empty() {
             None
@@ -226,6 +227,7 @@ impl Core {
                         from: env.to,
                         to: env.from,
                         body: Body::Presence(p.clone()),
+                        stanza_id: None,
                     },
                 );
             }
@@ -390,6 +392,7 @@ impl Core {
                     from: s.presentity.clone(),
                     to: s.watcher.clone(),
                     body,
+                    stanza_id: None,
                 },
             )
         };

@@ -135,6 +135,7 @@ pub(super) fn env(from: &str, to: &str, body: Body) -> Envelope {
         from: Address::parse(from).expect("addr"),
         to: Address::parse(to).expect("addr"),
         body,
+        stanza_id: None,
     }
 }
 
