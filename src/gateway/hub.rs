@@ -96,6 +96,14 @@ impl Handled {
         Handled(Some(Arc::new(Tell::Channel { tx, token, told })))
     }
 
+    /// Nobody will wait on it (the submitter answers at once): dropping it then tells nothing,
+    /// where a dropped `Handled` otherwise says "lost".
+    pub fn discard(&self) {
+        if let Some(Tell::Channel { told, .. }) = self.0.as_deref() {
+            told.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     pub fn done(&self) {
         let Some(tell) = &self.0 else { return };
         match &**tell {
@@ -586,7 +594,10 @@ impl Hub {
         let kind = env.kind_label();
         let mut delivery = match self.route(origin, env, kind) {
             Ok(d) => d,
-            Err(s) => return (s, false),
+            Err(s) => {
+                handled.discard();
+                return (s, false);
+            }
         };
         // A component link's own outbox (per foreign domain) tells, and so does a peer
         // cluster's forwarder (at the peer's answer); the catch-all outbox of
@@ -597,12 +608,15 @@ impl Hub {
         ) && self.outboxes.contains_key(&OutboxKey::of(&delivery));
         if tells {
             delivery.handled = handled;
+        } else {
+            handled.discard();
         }
         let link = delivery.link.clone();
         match self.try_deliver(delivery) {
             Handed::Sent => (self.delivered(origin, &link, kind), tells),
             Handed::Full(_, d) | Handed::Gone(d) => {
                 // Undelivered: answered here, so nobody waits for the link to tell.
+                d.handled.discard();
                 let s = self.unavailable(
                     origin,
                     d,
@@ -973,5 +987,29 @@ default_system = "xmpp"
             matches!(&b.envelope.body, Body::Error { id: Some(i), .. } if i == "m1"),
             "{b:?}"
         );
+    }
+
+    /// A channel `Handled` tells once: done → (token, true); every copy dropped untold →
+    /// (token, false); discarded (its submitter answered at once) → nothing.
+    #[test]
+    fn a_channel_handled_tells_once_and_a_discarded_one_never() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let h = Handled::channel(tx.clone(), 1);
+        let copy = h.clone();
+        h.done();
+        copy.done();
+        drop((h, copy));
+        assert_eq!(rx.try_recv().ok(), Some((1, true)));
+        assert!(rx.try_recv().is_err(), "told once");
+        let lost = Handled::channel(tx.clone(), 2);
+        let copy = lost.clone();
+        drop(lost);
+        assert!(rx.try_recv().is_err(), "a copy still holds it");
+        drop(copy);
+        assert_eq!(rx.try_recv().ok(), Some((2, false)));
+        let answered = Handled::channel(tx, 3);
+        answered.discard();
+        drop(answered);
+        assert!(rx.try_recv().is_err(), "a discarded one tells nothing");
     }
 }

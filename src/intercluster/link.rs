@@ -351,19 +351,12 @@ pub async fn serve(
     let bound = listener.local_addr().unwrap_or(addr);
     let (tx, rx) = mpsc::channel::<Result<Conn, std::io::Error>>(ACCEPT_QUEUE);
     tokio::spawn(accept_loop(listener, tls, tx, shutdown.clone()));
-    let mut stop = shutdown;
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(InterclusterServer::new(service))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
-                async move {
-                    while !*stop.borrow() {
-                        if stop.changed().await.is_err() {
-                            break;
-                        }
-                    }
-                },
+                crate::net::stopped(shutdown),
             )
             .await;
         if let Err(e) = r {

@@ -23,3 +23,13 @@ pub use backoff::{Backoff, DestinationBackoff};
 pub use dial::{connect_bounded, ConnectError};
 pub use logsafe::LogSafe;
 pub use write::{write_bounded, WriteError};
+
+/// Resolves once `shutdown` says stop (or its sender is gone): the future a server's graceful
+/// shutdown and the node's main wait are given.
+pub async fn stopped(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+}

@@ -452,12 +452,7 @@ impl Node {
 
         // Every listener is bound and announced: systemd (Type=notify) may call us started.
         crate::ops::notify::ready();
-        let mut shutdown = shutdown;
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                break;
-            }
-        }
+        crate::net::stopped(shutdown).await;
         crate::ops::notify::stopping();
         tracing::info!("shutting down");
         if let Some(cluster) = &cluster {

@@ -225,20 +225,13 @@ impl PeerLink {
             claims,
             link: link.clone(),
         };
-        let mut stop = shutdown;
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(5)))
                 .add_service(PeerServer::new(service))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::ReceiverStream::new(rx),
-                    async move {
-                        while !*stop.borrow() {
-                            if stop.changed().await.is_err() {
-                                break;
-                            }
-                        }
-                    },
+                    crate::net::stopped(shutdown),
                 )
                 .await;
             if let Err(e) = r {
