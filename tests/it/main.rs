@@ -35,6 +35,8 @@ mod group_chat;
 mod harness_prosody;
 #[cfg(feature = "cluster")]
 mod intercluster;
+#[cfg(feature = "cluster")]
+mod intercluster_cluster;
 mod interworking;
 mod lync_batched;
 mod mapping_properties;

@@ -1,0 +1,618 @@
+//! Intercluster routing with a multi-node cluster (issue 13 §3 on top of issue 12): cluster A
+//! is one node (embedded store) with its own Prosody home node and the s2s edge the foreign
+//! server's DNS points at; cluster B is **two** nodes on a real three-member etcd with one
+//! Prosody home node. Both serve `example.test` and list each other over mutual TLS.
+//!
+//! A lists as B's address the B node that does **not** hold B's home-node component link
+//! (read from B's `/status` before A's configuration is written). So what a foreign XMPP user
+//! writes to a user of B goes A → B2 (`Forward`) → B1 (B's peer link) → the home node, and the
+//! user's answers come out of B1's component link. They must leave through A, on the s2s
+//! stream the foreign server opened, never on B's own s2s link (which works here: B has DNS
+//! for the foreign domain, so a wrong route shows as traffic on it, not as a loss). The same
+//! after the link holder is killed (`kill -9`) and the other node takes the link over.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::common;
+use common::certs::{CertFactory, Leaf};
+use common::dnsmasq::{DnsRecord, Dnsmasq};
+use common::etcd::Etcd;
+use common::legate::Legate;
+use common::prosody::{CertPaths, Prosody, ProsodyConfig};
+use common::xmpp_client::{ClientConfig, TlsOptions, XmppClient};
+
+const SECRET: &str = "intercluster-multi-component-secret-1";
+const WAIT: Duration = Duration::from_secs(20);
+/// B's etcd cluster name (its store keys and peer ports).
+const CLUSTER_B: &str = "icmulti-b.test";
+/// B's component link for the foreign domain on its home node.
+const LINK: &str = "hn1/xmpp.test";
+const CONNECTED: &str = "component xmpp.test connected to home node hn1";
+const TTL_SECS: u64 = 3;
+
+const FEDERATION: &str = r#"[xmpp.federation]
+mode = "allow_list"
+dialback_allow_private_targets = true
+[[xmpp.federation.domain]]
+name = "xmpp.test"
+system = "fed-xmpp"
+auth = "external_only"
+[[sip.federated_domain]]
+name = "partner.test"
+system = "lync"
+route = "127.0.0.1:9"
+"#;
+
+/// One node's configuration. `cluster` is B's `[cluster]` section (empty for A, which keeps
+/// the embedded store); `peer` is the address this cluster lists for the other one.
+#[allow(clippy::too_many_arguments)]
+fn node_config(
+    dir: &Path,
+    (cluster_name, node_id): (&str, &str),
+    leaf: &Leaf,
+    certs: &CertFactory,
+    home: &Prosody,
+    listeners: &str,
+    (listen, peer_name, peer): (SocketAddr, &str, SocketAddr),
+    more: &str,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("legate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[node]
+id = "{node_id}"
+sip_host = "{node_id}.example.test"
+data_dir = "{data}"
+admin_listen = "127.0.0.1:0"
+[[local_domain]]
+name = "example.test"
+cert = "{cert}"
+key = "{key}"
+[listeners]
+sip_tls = "off"
+sip_tcp = "off"
+xmpp_s2s_direct_tls = "off"
+{listeners}
+[tls]
+trust_bundle = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[[home_node]]
+name = "hn1"
+addresses = ["{home}"]
+component_secret = "{SECRET}"
+default_system = "xmpp"
+{more}
+[intercluster]
+name = "{cluster_name}"
+listen = "{listen}"
+transport = "tls"
+sync_interval_mins = 1440
+[[intercluster.peer]]
+name = "{peer_name}"
+address = "{peer}"
+"#,
+            data = dir.display(),
+            cert = leaf.cert.display(),
+            key = leaf.key.display(),
+            ca = certs.ca_path().display(),
+            home = home.component_addr(),
+        ),
+    )?;
+    Ok(path)
+}
+
+/// The JSON body of `GET path` on `node`'s admin endpoint.
+async fn get_json(node: &Legate, path: &str) -> Result<Value> {
+    let r = node.http_get(path).await?;
+    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).with_context(|| format!("GET {path}: {r}"))
+}
+
+fn peer<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["intercluster"]["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Who `node` says holds B's component link ("" while not settled).
+async fn holder(node: &Legate) -> String {
+    let Ok(s) = get_json(node, "/status").await else {
+        return String::new();
+    };
+    s["cluster"]["links"]
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["link"] == LINK))
+        .and_then(|l| l["holder"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `legate intercluster ARGS --admin ADDR`: exit code and stdout.
+fn cli(node: &Legate, args: &[&str]) -> Result<(i32, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_legate"))
+        .arg("intercluster")
+        .args(args)
+        .arg("--admin")
+        .arg(node.addr("admin").to_string())
+        .output()
+        .context("running legate intercluster")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// The sum of the series of `family` whose labels contain every `label="value"` of `labels`.
+fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const ENVELOPES: &str = "legate_envelopes_total";
+/// What a node sent from its home node toward the foreign server on its own s2s link.
+const OWN_S2S: [&str; 2] = ["origin=\"component\"", "destination=\"s2s\""];
+/// What A sent out on its s2s link from what a peer cluster forwarded (B's answers).
+const A_OUT: [&str; 3] = [
+    "origin=\"intercluster\"",
+    "destination=\"s2s\"",
+    "outcome=\"delivered\"",
+];
+
+/// The rig: etcd, the three Prosodys, dnsmasq, A and B's two nodes.
+struct Rig {
+    certs: CertFactory,
+    a: Legate,
+    /// B's nodes, `[holder of the link, the node A lists]` at start.
+    b: Vec<Option<Legate>>,
+    b_ids: [&'static str; 2],
+    _home_a: Prosody,
+    home_b: Prosody,
+    foreign: Prosody,
+    _dns: Dnsmasq,
+    _etcd: Etcd,
+    _dirs: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start(block: u8) -> Result<Rig> {
+        let ip = |n: u8| Ipv4Addr::new(127, 0, block, n);
+        let free = |n: u8| {
+            SocketAddr::new(
+                IpAddr::V4(ip(n)),
+                common::ports::free_port(IpAddr::V4(ip(n))),
+            )
+        };
+        let etcd = Etcd::start(3).context("B's three-member etcd")?;
+        let certs = CertFactory::new();
+        // A on .1, B's nodes on .2 and .6; one certificate for B's nodes naming both.
+        let (a_ic, b_ic) = (free(1), [free(2), free(6)]);
+        let leaf_a = certs.leaf("a", &["example.test", &ip(1).to_string()]);
+        let leaf_b = certs.leaf(
+            "b",
+            &["example.test", &ip(2).to_string(), &ip(6).to_string()],
+        );
+        let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+        let a_s2s = free(1);
+        let foreign_cfg = ProsodyConfig::new(ip(5))
+            .host("xmpp.test")
+            .user("xmpp.test", "bob", "pw")
+            .host_cert(
+                "xmpp.test",
+                CertPaths {
+                    cert: theirs.cert.clone(),
+                    key: theirs.key.clone(),
+                },
+            )
+            .secure_s2s(certs.ca_path());
+        let dns = Dnsmasq::start(&[
+            DnsRecord::a("xmpp.test", ip(5)),
+            DnsRecord::xmpp_server("xmpp.test", "xmpp.test", foreign_cfg.s2s_port),
+            // The foreign server knows one way to example.test: cluster A.
+            DnsRecord::a("example.test", ip(1)),
+            DnsRecord::xmpp_server("example.test", "example.test", a_s2s.port()),
+        ])?;
+        let home_a = Prosody::start(
+            ProsodyConfig::new(ip(3))
+                .host("example.test")
+                .user("example.test", "alice", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let home_b = Prosody::start(
+            ProsodyConfig::new(ip(4))
+                .host("example.test")
+                .user("example.test", "carol", "pw")
+                .component("xmpp.test", SECRET),
+        )?;
+        let foreign = Prosody::start(foreign_cfg.dns(dns.unbound_forward()))?;
+        let dirs = tempfile::tempdir()?;
+        // B: no s2s listener, but DNS for xmpp.test, so its own outbound s2s link works and
+        // an answer routed there would be seen (and counted), not lost.
+        let b_ids = ["b1", "b2"];
+        let cluster = format!(
+            "[dns]\nnameservers = [\"{}\"]\n{FEDERATION}[cluster]\nname = \"{CLUSTER_B}\"\nstore = \
+             \"etcd\"\netcd_endpoints = {}\nlease_ttl_secs = {TTL_SECS}\n{}",
+            dns.addr(),
+            etcd.endpoints_toml(),
+            common::ports::cluster_peers_toml(CLUSTER_B, &b_ids),
+        );
+        let mut b = Vec::new();
+        for (i, id) in b_ids.iter().enumerate() {
+            let cfg = node_config(
+                &dirs.path().join(id),
+                ("b", id),
+                &leaf_b,
+                &certs,
+                &home_b,
+                "xmpp_s2s = \"off\"",
+                (b_ic[i], "a", a_ic),
+                &cluster,
+            )?;
+            b.push(Legate::start(&cfg, &["admin", "intercluster", "cluster"])?);
+        }
+        // Which B node holds the link, as both say.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let held = loop {
+            let (h0, h1) = (holder(&b[0]).await, holder(&b[1]).await);
+            if !h0.is_empty() && h0 == h1 {
+                break h0;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "B's nodes agree on no holder of {LINK} (b1 says {h0:?}, b2 {h1:?})\n--- b1 \
+                     ---\n{}\n--- b2 ---\n{}",
+                    b[0].output(),
+                    b[1].output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let h = b_ids
+            .iter()
+            .position(|id| *id == held)
+            .with_context(|| format!("holder {held:?} is not a node of B"))?;
+        let other = 1 - h;
+        b[h].wait_output("the holder's component link", WAIT, |t| {
+            t.contains(CONNECTED)
+        })
+        .await?;
+        // A lists, as B's address, the node that does not hold the link.
+        let cfg_a = node_config(
+            &dirs.path().join("a"),
+            ("a", "a1"),
+            &leaf_a,
+            &certs,
+            &home_a,
+            &format!("xmpp_s2s = \"{a_s2s}\""),
+            (a_ic, "b", b_ic[other]),
+            &format!("[dns]\nnameservers = [\"{}\"]\n{FEDERATION}", dns.addr()),
+        )?;
+        let a = Legate::start(&cfg_a, &["admin", "intercluster", "xmpp_s2s"])?;
+        a.wait_output("A's component link", WAIT, |t| t.contains(CONNECTED))
+            .await?;
+        let mut b: Vec<Option<Legate>> = b.into_iter().map(Some).collect();
+        if h == 1 {
+            b.swap(0, 1);
+        }
+        let rig = Rig {
+            certs,
+            a,
+            b,
+            b_ids: [b_ids[h], b_ids[other]],
+            _home_a: home_a,
+            home_b,
+            foreign,
+            _dns: dns,
+            _etcd: etcd,
+            _dirs: dirs,
+        };
+        rig.wait_a("A's first sync with B (through the node it lists)", |s| {
+            peer(s, "b")["in_sync"] == true
+        })
+        .await?;
+        Ok(rig)
+    }
+
+    /// The node A lists for B (it never holds the link before the kill).
+    fn listed(&self) -> &Legate {
+        self.b[1].as_ref().expect("the listed node of B runs")
+    }
+
+    /// Polls A's `/status` until `pred` holds (bounded).
+    async fn wait_a(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = get_json(&self.a, "/status").await?;
+            if pred(&s) {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{}",
+                    self.why(&format!(
+                        "{what}: not seen within {WAIT:?}\nA's intercluster: {:#}",
+                        s["intercluster"]
+                    ))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Forces syncs on A until A places `user` in B.
+    async fn synced_to_a(&self, user: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let before = peer(&get_json(&self.a, "/status").await?, "b")["syncs"]
+                .as_u64()
+                .unwrap_or(0);
+            let (code, out) = cli(&self.a, &["force-sync", "b"])?;
+            anyhow::ensure!(code == 0, "force-sync exited {code}: {out}");
+            self.wait_a("the forced sync's end", |s| {
+                let p = peer(s, "b");
+                p["syncs"].as_u64().unwrap_or(0) > before && p["last_outcome"] != "running"
+            })
+            .await?;
+            let l = get_json(&self.a, &format!("/intercluster/lookup/{user}")).await?;
+            if l["cluster"] == "b" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{}", self.why(&format!("A never placed {user} in B")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Sum of `labels` in `family` over B's running nodes.
+    async fn b_sum(&self, family: &str, labels: &[&str]) -> Result<f64> {
+        let mut sum = 0.0;
+        for n in self.b.iter().flatten() {
+            sum += metric_sum(&n.metrics().await?, family, labels);
+        }
+        Ok(sum)
+    }
+
+    /// B sent nothing on its own s2s link: everything of carol's went to A.
+    async fn nothing_on_bs_own_link(&self, step: &str) -> Result<()> {
+        let own = self.b_sum(ENVELOPES, &OWN_S2S).await?;
+        if own != 0.0 {
+            let mut m = String::new();
+            for (id, n) in self.b_ids.iter().zip(&self.b) {
+                if let Some(n) = n {
+                    let text = n.metrics().await?;
+                    let lines: Vec<&str> = text
+                        .lines()
+                        .filter(|l| l.starts_with(ENVELOPES) && l.contains("origin=\"component\""))
+                        .collect();
+                    let paths =
+                        get_json(n, "/status").await?["intercluster"]["return_paths"].clone();
+                    m.push_str(&format!(
+                        "--- {id} (return paths it keeps: {paths}) ---\n{}\n",
+                        lines.join("\n")
+                    ));
+                }
+            }
+            bail!(
+                "{}",
+                self.why(&format!(
+                    "{step}: B sent {own} of carol's answers on its own s2s link instead of back \
+                     through A (the node holding the component link did not find the return \
+                     path A's Forward left on the node A lists)\n{m}"
+                ))
+            );
+        }
+        Ok(())
+    }
+
+    /// carol, logged in on B's home node, available.
+    async fn carol(&self) -> Result<XmppClient> {
+        let mut c = XmppClient::connect(ClientConfig::plain(
+            self.home_b.c2s_addr(),
+            "example.test",
+            "carol",
+            "pw",
+        ))
+        .await?;
+        c.send_presence(None, None).await?;
+        Ok(c)
+    }
+
+    /// bob, logged in on the foreign server over TLS, available.
+    async fn bob(&self) -> Result<XmppClient> {
+        let mut cc = ClientConfig::plain(self.foreign.c2s_addr(), "xmpp.test", "bob", "pw");
+        cc.tls = Some(TlsOptions {
+            ca_pem: self.certs.ca_pem().as_bytes().to_vec(),
+            server_name: "xmpp.test".into(),
+        });
+        let mut b = XmppClient::connect(cc).await.context("bob logs in")?;
+        b.send_presence(None, None).await?;
+        Ok(b)
+    }
+
+    fn why(&self, what: &str) -> String {
+        let mut s = format!("{what}\n--- A ---\n{}\n", self.a.output());
+        for (id, n) in self.b_ids.iter().zip(&self.b) {
+            match n {
+                Some(n) => s.push_str(&format!("--- {id} ---\n{}\n", n.output())),
+                None => s.push_str(&format!("--- {id} (killed) ---\n")),
+            }
+        }
+        s.push_str(&format!("--- B's prosody ---\n{}", self.home_b.log()));
+        s
+    }
+}
+
+/// `a` subscribes to `b` and `b` approves; `a` then sees `b`'s presence.
+async fn subscribe_and_approve(a: &mut XmppClient, b: &mut XmppClient) -> Result<()> {
+    let (a_jid, b_jid) = (a.bare_jid().to_owned(), b.bare_jid().to_owned());
+    a.subscribe(&b_jid).await?;
+    b.expect_presence_from(&a_jid, Some("subscribe"), WAIT)
+        .await
+        .with_context(|| format!("{a_jid}'s subscription request reaches {b_jid}"))?;
+    b.approve(&a_jid).await?;
+    a.expect_presence_from(&b_jid, Some("subscribed"), WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s approval reaches {a_jid}"))?;
+    a.expect_presence_from(&b_jid, None, WAIT)
+        .await
+        .with_context(|| format!("{b_jid}'s presence reaches {a_jid}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_of_a_user_of_a_two_node_cluster_go_back_through_a_also_after_a_link_takeover(
+) -> Result<()> {
+    let mut rig = Rig::start(11).await?;
+    let (holder_id, listed_id) = (rig.b_ids[0], rig.b_ids[1]);
+    // carol lives in B (pinned by B's admin on the node A does not list) and A learns it.
+    let holder_node = rig.b[0].as_ref().context("B's holder")?;
+    let (code, out) = cli(holder_node, &["users", "add", "carol@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    rig.synced_to_a("carol@example.test").await?;
+    let mut carol = rig.carol().await?;
+    let mut bob = rig.bob().await?;
+
+    // Presence both ways: bob ⇄ carol, each subscribing and approving.
+    let r = subscribe_and_approve(&mut bob, &mut carol).await;
+    r.with_context(|| rig.why("bob subscribes to carol"))?;
+    rig.nothing_on_bs_own_link("carol's approval and presence")
+        .await?;
+    let r = subscribe_and_approve(&mut carol, &mut bob).await;
+    r.with_context(|| rig.why("carol subscribes to bob"))?;
+    rig.nothing_on_bs_own_link("carol's subscription").await?;
+
+    // IM both ways.
+    bob.send_message("carol@example.test", "hello carol, from xmpp.test")
+        .await?;
+    let m = carol
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message reaches carol"))?;
+    assert_eq!(m.body.as_deref(), Some("hello carol, from xmpp.test"));
+    carol
+        .send_message("bob@xmpp.test", "hi bob, from B")
+        .await?;
+    let m = bob
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("carol's answer reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("hi bob, from B"));
+    rig.nothing_on_bs_own_link("carol's message").await?;
+
+    // Which way it went: bob's traffic entered B on the node A lists and was handed to the
+    // holder; carol's came out of the holder's component link and went to A, which sent it out
+    // on its s2s stream.
+    let ma = rig.a.metrics().await?;
+    let mh = holder_node.metrics().await?;
+    let ml = rig.listed().metrics().await?;
+    let to_a = [
+        "origin=\"component\"",
+        "destination=\"intercluster\"",
+        "outcome=\"delivered\"",
+    ];
+    assert!(
+        metric_sum(&mh, ENVELOPES, &to_a) >= 4.0,
+        "the holder {holder_id} sends carol's answers (subscribed, presence, subscribe, message) \
+         to A: {mh}"
+    );
+    assert!(
+        metric_sum(
+            &ml,
+            ENVELOPES,
+            &["origin=\"intercluster\"", "outcome=\"delivered\""]
+        ) >= 4.0,
+        "{listed_id} takes what A forwards: {ml}"
+    );
+    let a_out = metric_sum(&ma, ENVELOPES, &A_OUT);
+    assert!(
+        a_out >= 4.0,
+        "A sends carol's answers out on its s2s link: {ma}"
+    );
+    let fwd = "legate_intercluster_forwarded_total";
+    assert!(metric_sum(&ma, fwd, &["direction=\"out\"", "outcome=\"delivered\""]) >= 4.0);
+    assert!(metric_sum(&ma, fwd, &["direction=\"in\"", "outcome=\"delivered\""]) >= 4.0);
+    assert_eq!(metric_sum(&ma, fwd, &["outcome=\"failed\""]), 0.0, "{ma}");
+
+    // --- The holder dies (kill -9); the node A lists takes the link over. -------------------
+    let connected_before = rig.listed().output().matches(CONNECTED).count();
+    if let Some(mut h) = rig.b[0].take() {
+        h.kill();
+    }
+    rig.listed()
+        .wait_output("the survivor's component link", WAIT, |t| {
+            t.matches(CONNECTED).count() > connected_before
+        })
+        .await
+        .with_context(|| rig.why("the link moves to the survivor"))?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while holder(rig.listed()).await != listed_id {
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{}",
+                rig.why(&format!("{listed_id} does not say it holds {LINK}"))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // carol speaks first after the takeover (bob wrote nothing since): her presence and a
+    // message still leave through A.
+    carol
+        .send_presence(Some("dnd"), Some("after the takeover"))
+        .await?;
+    let p = bob
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("carol@example.test")
+                    && s.type_.is_none()
+                    && s.show.as_deref() == Some("dnd")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| rig.why("carol's presence after the takeover reaches bob"))?;
+    assert!(p.raw.contains("after the takeover"), "{}", p.raw);
+    carol
+        .send_message("bob@xmpp.test", "still here, after the takeover")
+        .await?;
+    let m = bob
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("carol's message after the takeover reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("still here, after the takeover"));
+    // And bob's answer reaches her through A and the survivor's own link.
+    bob.send_message("carol@example.test", "good to hear")
+        .await?;
+    let m = carol
+        .expect_message_from("bob@xmpp.test", WAIT)
+        .await
+        .with_context(|| rig.why("bob's message after the takeover reaches carol"))?;
+    assert_eq!(m.body.as_deref(), Some("good to hear"));
+    rig.nothing_on_bs_own_link("carol's answers after the takeover")
+        .await?;
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(&ma, ENVELOPES, &A_OUT) >= a_out + 2.0,
+        "A sent carol's presence and message out after the takeover: {ma}"
+    );
+    let ml = rig.listed().metrics().await?;
+    assert!(
+        metric_sum(&ml, ENVELOPES, &to_a) >= 2.0,
+        "the survivor {listed_id} sends carol's answers to A: {ml}"
+    );
+    Ok(())
+}
