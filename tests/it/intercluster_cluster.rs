@@ -9,7 +9,9 @@
 //! user's answers come out of B1's component link. They must leave through A, on the s2s
 //! stream the foreign server opened, never on B's own s2s link (which works here: B has DNS
 //! for the foreign domain, so a wrong route shows as traffic on it, not as a loss). The same
-//! after the link holder is killed (`kill -9`) and the other node takes the link over.
+//! after the link holder is killed (`kill -9`) and the other node takes the link over, and
+//! again once the killed node is back (a fresh process, nothing in memory) and, ranked first
+//! for the link, takes it back.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ const CLUSTER_B: &str = "icmulti-b.test";
 const LINK: &str = "hn1/xmpp.test";
 const CONNECTED: &str = "component xmpp.test connected to home node hn1";
 const TTL_SECS: u64 = 3;
+const B_LISTENERS: [&str; 3] = ["admin", "intercluster", "cluster"];
 
 const FEDERATION: &str = r#"[xmpp.federation]
 mode = "allow_list"
@@ -178,6 +181,8 @@ struct Rig {
     /// B's nodes, `[holder of the link, the node A lists]` at start.
     b: Vec<Option<Legate>>,
     b_ids: [&'static str; 2],
+    /// Their configuration files, in the same order.
+    b_cfgs: [PathBuf; 2],
     _home_a: Prosody,
     home_b: Prosody,
     foreign: Prosody,
@@ -249,6 +254,7 @@ impl Rig {
             common::ports::cluster_peers_toml(CLUSTER_B, &b_ids),
         );
         let mut b = Vec::new();
+        let mut cfgs = Vec::new();
         for (i, id) in b_ids.iter().enumerate() {
             let cfg = node_config(
                 &dirs.path().join(id),
@@ -260,34 +266,40 @@ impl Rig {
                 (b_ic[i], "a", a_ic),
                 &cluster,
             )?;
-            b.push(Legate::start(&cfg, &["admin", "intercluster", "cluster"])?);
+            b.push(Legate::start(&cfg, &B_LISTENERS)?);
+            cfgs.push(cfg);
         }
-        // Which B node holds the link, as both say.
+        // Which B node holds the link, as both say, once settled: the node ranked first for
+        // it (a node that claimed it alone hands it over when that one joins), with its
+        // component connection up and the other's down.
+        let members: Vec<String> = b_ids.iter().map(|s| s.to_string()).collect();
+        let first = members
+            .iter()
+            .find(|m| legate::cluster::claims::rank_of(m, LINK, &members) == 0)
+            .cloned()
+            .context("a first-ranked node of B")?;
+        let up = |m: &str| common::legate::metric_value(m, "legate_component_links_up");
         let deadline = tokio::time::Instant::now() + WAIT;
-        let held = loop {
+        let h = loop {
             let (h0, h1) = (holder(&b[0]).await, holder(&b[1]).await);
-            if !h0.is_empty() && h0 == h1 {
-                break h0;
+            let i = b_ids.iter().position(|id| *id == h0);
+            if let Some(i) = i.filter(|_| h0 == h1 && h0 == first) {
+                let (on_h, on_o) = (up(&b[i].metrics().await?), up(&b[1 - i].metrics().await?));
+                if on_h == Some(1.0) && on_o == Some(0.0) {
+                    break i;
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
-                    "B's nodes agree on no holder of {LINK} (b1 says {h0:?}, b2 {h1:?})\n--- b1 \
-                     ---\n{}\n--- b2 ---\n{}",
+                    "B's nodes do not settle on {first} holding {LINK} (b1 says {h0:?}, b2 \
+                     {h1:?})\n--- b1 ---\n{}\n--- b2 ---\n{}",
                     b[0].output(),
                     b[1].output()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let h = b_ids
-            .iter()
-            .position(|id| *id == held)
-            .with_context(|| format!("holder {held:?} is not a node of B"))?;
         let other = 1 - h;
-        b[h].wait_output("the holder's component link", WAIT, |t| {
-            t.contains(CONNECTED)
-        })
-        .await?;
         // A lists, as B's address, the node that does not hold the link.
         let cfg_a = node_config(
             &dirs.path().join("a"),
@@ -311,6 +323,7 @@ impl Rig {
             a,
             b,
             b_ids: [b_ids[h], b_ids[other]],
+            b_cfgs: [cfgs[h].clone(), cfgs[other].clone()],
             _home_a: home_a,
             home_b,
             foreign,
@@ -328,6 +341,33 @@ impl Rig {
     /// The node A lists for B (it never holds the link before the kill).
     fn listed(&self) -> &Legate {
         self.b[1].as_ref().expect("the listed node of B runs")
+    }
+
+    /// Waits until every running node of B says `id` holds the link and `id`'s component
+    /// connection made after `connected_before` of them is up.
+    async fn wait_holder(&self, id: &str, node: &Legate, connected_before: usize) -> Result<()> {
+        node.wait_output(&format!("{id}'s component link"), WAIT, |t| {
+            t.matches(CONNECTED).count() > connected_before
+        })
+        .await
+        .with_context(|| self.why(&format!("the link moves to {id}")))?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut said = Vec::new();
+            for n in self.b.iter().flatten() {
+                said.push(holder(n).await);
+            }
+            if said.iter().all(|h| h == id) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{}",
+                    self.why(&format!("B's nodes say {said:?} hold {LINK}, not {id}"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Polls A's `/status` until `pred` holds (bounded).
@@ -551,22 +591,8 @@ async fn answers_of_a_user_of_a_two_node_cluster_go_back_through_a_also_after_a_
     if let Some(mut h) = rig.b[0].take() {
         h.kill();
     }
-    rig.listed()
-        .wait_output("the survivor's component link", WAIT, |t| {
-            t.matches(CONNECTED).count() > connected_before
-        })
-        .await
-        .with_context(|| rig.why("the link moves to the survivor"))?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while holder(rig.listed()).await != listed_id {
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "{}",
-                rig.why(&format!("{listed_id} does not say it holds {LINK}"))
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rig.wait_holder(listed_id, rig.listed(), connected_before)
+        .await?;
 
     // carol speaks first after the takeover (bob wrote nothing since): her presence and a
     // message still leave through A.
@@ -613,6 +639,46 @@ async fn answers_of_a_user_of_a_two_node_cluster_go_back_through_a_also_after_a_
     assert!(
         metric_sum(&ml, ENVELOPES, &to_a) >= 2.0,
         "the survivor {listed_id} sends carol's answers to A: {ml}"
+    );
+
+    // --- The killed node comes back (same configuration and data directory) and, ranked
+    // first for the link, takes it back: a fresh process, with nothing in memory. carol's
+    // answers still leave through A.
+    let restarted = Legate::start(&rig.b_cfgs[0], &B_LISTENERS)?;
+    rig.b[0] = Some(restarted);
+    let back = rig.b[0].as_ref().context("the restarted node")?;
+    rig.wait_holder(holder_id, back, 0).await?;
+    let a_before = metric_sum(&rig.a.metrics().await?, ENVELOPES, &A_OUT);
+    carol
+        .send_presence(None, Some("back on the first node"))
+        .await?;
+    let p = bob
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("carol@example.test")
+                    && s.type_.is_none()
+                    && s.raw.contains("back on the first node")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| rig.why("carol's presence after the hand-back reaches bob"))?;
+    assert_eq!(p.show, None, "{}", p.raw);
+    carol
+        .send_message("bob@xmpp.test", "from the restarted holder")
+        .await?;
+    let m = bob
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| rig.why("carol's message after the hand-back reaches bob"))?;
+    assert_eq!(m.body.as_deref(), Some("from the restarted holder"));
+    rig.nothing_on_bs_own_link("carol's answers through the restarted holder")
+        .await?;
+    let ma = rig.a.metrics().await?;
+    assert!(
+        metric_sum(&ma, ENVELOPES, &A_OUT) >= a_before + 2.0,
+        "A sent carol's presence and message out after the hand-back: {ma}"
     );
     Ok(())
 }
