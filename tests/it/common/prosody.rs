@@ -495,13 +495,16 @@ pub struct GuardedChild {
     stdin: Option<std::process::ChildStdin>,
 }
 
+// The watchdog's own stdout and stderr go to /dev/null: holding the program's pipes open, it
+// would hide the program's exit from a reader waiting for end of output (a `legate run` that
+// failed at start was reported only after the whole start timeout, as "did not announce").
 // `setsid` gives the program its own process group (it does not fork here: a background job of
 // a non-interactive shell is never a group leader), so the watchdog also kills anything the
 // program forked (dnsmasq forks a child per TCP connection, which holds the listening socket).
 const GUARD_SCRIPT: &str = r#"exec 3<&0 0</dev/null
 setsid "$@" &
 p=$!
-( cat <&3 >/dev/null; kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null ) &
+( cat <&3 >/dev/null; kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null ) >/dev/null 2>&1 &
 exec 3<&-
 wait "$p""#;
 
