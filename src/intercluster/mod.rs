@@ -58,6 +58,9 @@ pub mod keys {
     /// `intercluster/force/<peer>` (`*`: every peer): a forced sync the leader has not
     /// started yet.
     pub const FORCE: &str = "intercluster/force/";
+    /// `intercluster/returns/<user>/<foreign>` = `<peer> <unix seconds>`: answers of our `user`
+    /// to the foreign JID go back through `peer` (see `routes`).
+    pub const RETURNS: &str = "intercluster/returns/";
     /// Everything above.
     pub const ROOT: &str = "intercluster/";
 
