@@ -76,6 +76,7 @@ pub struct Intercluster {
     log: Arc<Mutex<ChangeLog>>,
     leading: Arc<AtomicBool>,
     routing: Arc<Routing>,
+    refusals: Arc<link::Refusals>,
     pub bound: SocketAddr,
 }
 
@@ -135,6 +136,7 @@ pub async fn start(
         store.clone(),
         index.clone(),
     )));
+    let refusals = Arc::new(link::Refusals::default());
     let service = link::Service {
         hub: Arc::downgrade(&hub),
         routing: routing.clone(),
@@ -149,6 +151,7 @@ pub async fn start(
         },
         log: log.clone(),
         store: store.clone(),
+        refusals: refusals.clone(),
     };
     let bound = link::serve(listen, tls.clone(), service, shutdown.clone()).await?;
     let ic = Arc::new(Intercluster {
@@ -158,6 +161,7 @@ pub async fn start(
         log,
         leading: Arc::new(AtomicBool::new(false)),
         routing,
+        refusals,
         bound,
     });
     tasks.spawn(agent_duty(ic.clone(), tls, cluster, shutdown));
@@ -857,6 +861,8 @@ impl Intercluster {
             "users_known": self.index.len(),
             "peers": peers,
             "unlisted_callers": unlisted,
+            // Callers this node's listener refused lately (newest last).
+            "refused_callers": self.refusals.json(),
             "return_paths": self.routing.return_paths(),
             // Paths not kept (the map was full of live ones) or not written to the store (its
             // writer was a full queue behind): their answers may leave on our own link.
