@@ -429,6 +429,7 @@ mod tests {
             dns_ids: names.iter().map(|s| s.to_string()).collect(),
             srv_ids: Vec::new(),
             xmpp_addrs: Vec::new(),
+            ip_addrs: Vec::new(),
             client_auth_eku: client,
             server_auth_eku: true,
             leaf_der: Vec::new(),

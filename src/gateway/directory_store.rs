@@ -166,6 +166,7 @@ users = ["frank@example.com"]
                         ..MessageBody::default()
                     }),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             );
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -277,6 +277,12 @@ pub struct Envelope {
     /// bounce (RFC 6120 §8.1.3: an error carries the id of what it answers) and a relay to
     /// another XMPP link keep it. Messages keep theirs in [`MessageBody`]; iqs in their bytes.
     pub stanza_id: Option<Box<str>>,
+    /// The peer cluster (issue 13) that forwarded this foreign user's envelope to one of our
+    /// users: the node that hands it to the user's home node remembers the way back from it,
+    /// so the user's answers leave through that cluster even when another node of ours
+    /// answered the peer (see `intercluster::routes`). Set by the router only; what a peer
+    /// cluster sends in this field is never trusted.
+    pub via_cluster: Option<Arc<str>>,
 }
 
 impl Envelope {
@@ -317,6 +323,7 @@ impl Envelope {
                 kind,
             },
             stanza_id: None,
+            via_cluster: None,
         })
     }
 
@@ -389,6 +396,7 @@ mod tests {
                 ..Default::default()
             }),
             stanza_id: None,
+            via_cluster: None,
         };
         let b = env
             .bounce(ErrorCondition::NotAllowed, "policy")
@@ -409,6 +417,7 @@ mod tests {
                 bytes::Bytes::copy_from_slice(xml.as_bytes()),
             )),
             stanza_id: None,
+            via_cluster: None,
         }
     }
 

@@ -966,6 +966,7 @@ default_system = "xmpp"
                 ..Default::default()
             }),
             stanza_id: None,
+            via_cluster: None,
         };
         let sip_origin = Origin::Sip {
             domain: Domain::parse("partner.com").expect("domain"),

@@ -322,6 +322,15 @@ impl Directory {
         self.mesh.get()
     }
 
+    /// Remembers the way back of an envelope another node of this cluster routed from a peer
+    /// cluster (its `via_cluster`), before it reaches the user's home node through our link:
+    /// the user's answers come out of that link, on this node.
+    pub fn remember_via(&self, env: &Envelope) {
+        if let (Some(m), Some(cluster)) = (self.mesh(), env.via_cluster.as_ref()) {
+            m.remember(&env.to.bare_string(), &env.from.bare_string(), cluster);
+        }
+    }
+
     /// The peer cluster a local user lives in, when no home node of ours is known to host
     /// them (ours first: a user listed or learned here is routed here).
     fn peer_cluster_of(&self, config: &Config, user: &Address) -> Option<Arc<str>> {
@@ -523,8 +532,10 @@ pub fn route(
     maps: &MappingSet,
     directory: &Directory,
     origin: &Origin,
-    env: Envelope,
+    mut env: Envelope,
 ) -> Result<Route, Refusal> {
+    // Only the routing of a peer cluster's envelope says which cluster it came through.
+    env.via_cluster = None;
     let link = match origin {
         Origin::Component { home_node } => {
             // A room (or an occupant's room JID) of a chat-room alias speaks through the home
@@ -595,11 +606,19 @@ pub fn route(
             }
         }
         Origin::Intercluster { cluster } => {
-            let link = from_peer_cluster(config, directory, cluster, &env);
-            match link {
+            let link = match from_peer_cluster(config, directory, cluster, &env) {
                 Ok(l) => l,
                 Err(d) => return Err(refuse(d, env)),
+            };
+            // A foreign user's envelope for one of ours: the node holding the user's link
+            // (maybe another node of ours) remembers the way back too (see `Mesh`).
+            if matches!(link, Link::Component { .. })
+                && !config.is_local_domain(&env.from.domain)
+                && !matches!(env.body, Body::Error { .. })
+            {
+                env.via_cluster = Some(cluster.clone());
             }
+            link
         }
         Origin::S2s { domain } | Origin::Sip { domain } => {
             if env.from.domain != *domain {
@@ -847,6 +866,7 @@ home_node = "hn2"
             to: addr(to),
             body,
             stanza_id: None,
+            via_cluster: None,
         }
     }
 
@@ -1407,7 +1427,7 @@ default_system = "xmpp"
         let cfg = config::from_toml(CONFIG, Path::new("t.toml"), BUILTIN_SYSTEMS).expect("cfg");
         let index = Arc::new(Index::default());
         index.apply(&keys::user("b", "carol@example.com"), Some(b""));
-        let routing = Arc::new(Routing::new(index, true));
+        let routing = Arc::new(Routing::new(index, &[Arc::from("b"), Arc::from("c")]));
         let dir = Directory::default();
         dir.set_mesh(routing.clone());
         (cfg, map::embedded().expect("maps"), dir, routing)
@@ -1419,6 +1439,7 @@ default_system = "xmpp"
             to: Address::parse(to).expect("to"),
             body,
             stanza_id: None,
+            via_cluster: None,
         }
     }
 
@@ -1541,6 +1562,25 @@ default_system = "xmpp"
             }
         );
         assert_eq!(routing.return_paths(), 1);
+        // The envelope says where it came from, for the node of ours holding hn1's link.
+        assert_eq!(r.envelope.via_cluster.as_deref(), Some("b"));
+        let (_, _, other_node, other) = setup();
+        other_node.remember_via(&r.envelope);
+        assert_eq!(
+            other
+                .return_path("alice@example.com", "bob@partner.com")
+                .as_deref(),
+            Some("b"),
+            "the link holder learns the way back from the envelope"
+        );
+        // What a peer cluster claims in that field is not taken.
+        let mut claimed = env("bob@partner.com/pc", "alice@example.com", msg());
+        claimed.via_cluster = Some("c".into());
+        let sip = Origin::Sip {
+            domain: dom("partner.com"),
+        };
+        let r = route(&cfg, &maps, &dir, &sip, claimed).expect("routed");
+        assert_eq!(r.envelope.via_cluster, None);
         // An error from bob's side (a bounce) reaches alice but opens no way back.
         let err = Body::Error {
             id: None,

@@ -45,8 +45,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub from: SocketAddr,
-    /// DNS-IDs of its certificate; `None` over plaintext TCP.
-    pub names: Option<Vec<String>>,
+    /// What its certificate names; `None` over plaintext TCP.
+    pub names: Option<super::tls::Presented>,
 }
 
 /// A caller's connection, as the gRPC server takes it.
@@ -55,6 +55,48 @@ type Conn = crate::cluster::peer::Served<Box<dyn Io>, Caller>;
 /// Unlisted callers recorded for the status at most: a name is the caller's word, so a
 /// flood of names must not grow the store.
 const MAX_CALLERS: usize = 64;
+
+/// Refusals of callers kept for the status, per node (the newest last).
+const MAX_REFUSALS: usize = 16;
+
+/// The callers this node's listener refused lately (a failed TLS handshake, a certificate
+/// that does not name the address we list, a cluster we do not list), for the status: the
+/// dialling side sees its own failure, and this is where the answering side's admin sees it.
+#[derive(Debug, Default)]
+pub struct Refusals(Mutex<std::collections::VecDeque<serde_json::Value>>);
+
+impl Refusals {
+    /// Records one (`peer`: the listed peer it is, when known) and counts it by `reason`.
+    pub fn record(&self, from: SocketAddr, peer: Option<&str>, reason: &'static str, detail: &str) {
+        super::CALLERS_REFUSED.with_label_values(&[reason]).inc();
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_REFUSALS {
+            q.pop_front();
+        }
+        q.push_back(serde_json::json!({
+            "at": crate::ops::alarms::unix_now(),
+            "from": from.to_string(),
+            "peer": peer,
+            "reason": reason,
+            "detail": detail.chars().take(300).collect::<String>(),
+        }));
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::Value::Array(q.iter().cloned().collect())
+    }
+}
+
+/// The listed peer whose address is `ip` (peers listed by name are not resolved for this:
+/// a flood of failed handshakes must not become a flood of DNS queries).
+fn peer_at(cfg: &Config, ip: std::net::IpAddr) -> Option<String> {
+    cfg.intercluster
+        .peers
+        .iter()
+        .find(|p| p.address.host == Host::Ip(ip))
+        .map(|p| p.name.clone())
+}
 
 /// The answering side: our users' log, and who we list.
 pub struct Service {
@@ -67,6 +109,8 @@ pub struct Service {
     pub hub: std::sync::Weak<crate::gateway::Hub>,
     /// Per-peer counts for the status.
     pub routing: Arc<super::routes::Routing>,
+    /// Callers refused lately, for the status.
+    pub refusals: Arc<Refusals>,
 }
 
 /// Envelopes one `Forward` call may carry (the sender batches at most
@@ -113,6 +157,10 @@ impl Service {
                 "last_seen": crate::ops::alarms::unix_now(),
                 "from": caller.map(|c| c.from.to_string()),
             });
+            if let Some(c) = caller {
+                self.refusals
+                    .record(c.from, None, "not_listed", &format!("says it is `{from}`"));
+            }
             let key = format!("{}{from}", super::keys::CALLERS);
             if let Err(e) = self.store.put(&key, doc.to_string().into_bytes()).await {
                 tracing::warn!(error = %e, "intercluster: cannot record an unlisted caller");
@@ -122,6 +170,10 @@ impl Service {
         if let Some(names) = caller.and_then(|c| c.names.as_ref()) {
             super::tls::caller_allowed(&peer.address.host, names).map_err(|why| {
                 tracing::warn!(peer = %from, reason = %why, "intercluster: caller refused");
+                if let Some(c) = caller {
+                    self.refusals
+                        .record(c.from, Some(from), "certificate_names", &why);
+                }
                 tonic::Status::permission_denied(why)
             })?;
         }
@@ -350,7 +402,11 @@ pub async fn serve(
         .map_err(|source| LinkError::Bind { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let (tx, rx) = mpsc::channel::<Result<Conn, std::io::Error>>(ACCEPT_QUEUE);
-    tokio::spawn(accept_loop(listener, tls, tx, shutdown.clone()));
+    let refused = Refused {
+        config: service.config.clone(),
+        refusals: service.refusals.clone(),
+    };
+    tokio::spawn(accept_loop(listener, tls, refused, tx, shutdown.clone()));
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(InterclusterServer::new(service))
@@ -366,9 +422,24 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// What the accept loop needs to record a refused handshake.
+#[derive(Clone)]
+struct Refused {
+    config: Arc<dyn Fn() -> Arc<Config> + Send + Sync>,
+    refusals: Arc<Refusals>,
+}
+
+impl Refused {
+    fn record(&self, from: SocketAddr, reason: &'static str, detail: &str) {
+        let peer = peer_at(&(self.config)(), from.ip());
+        self.refusals.record(from, peer.as_deref(), reason, detail);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<IcTls>,
+    refused: Refused,
     tx: mpsc::Sender<Result<Conn, std::io::Error>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -387,7 +458,7 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => if *shutdown.borrow() { return } else { continue },
         };
-        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        let (acceptor, tx, refused) = (acceptor.clone(), tx.clone(), refused.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let conn = match acceptor {
@@ -397,7 +468,7 @@ async fn accept_loop(
                 },
                 Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        let names = super::tls::peer_names(s.get_ref().1.peer_certificates());
+                        let names = super::tls::presented(s.get_ref().1.peer_certificates());
                         Conn {
                             inner: Box::new(s),
                             info: Caller {
@@ -408,10 +479,12 @@ async fn accept_loop(
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(%from, error = %e, "intercluster: TLS handshake with a caller failed");
+                        refused.record(from, "tls_handshake", &e.to_string());
                         return;
                     }
                     Err(_) => {
                         tracing::warn!(%from, "intercluster: TLS handshake with a caller timed out");
+                        refused.record(from, "tls_timeout", "no TLS handshake within 5 s");
                         return;
                     }
                 },

@@ -58,6 +58,9 @@ pub mod keys {
     /// `intercluster/force/<peer>` (`*`: every peer): a forced sync the leader has not
     /// started yet.
     pub const FORCE: &str = "intercluster/force/";
+    /// `intercluster/returns/<user>/<foreign>` = `<peer> <unix seconds>`: answers of our `user`
+    /// to the foreign JID go back through `peer` (see `routes`).
+    pub const RETURNS: &str = "intercluster/returns/";
     /// Everything above.
     pub const ROOT: &str = "intercluster/";
 
@@ -133,6 +136,15 @@ pub(crate) static SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub(crate) static CALLERS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    crate::metrics::counter_vec(
+        "legate_intercluster_callers_refused_total",
+        "Callers this node's intercluster listener refused, by reason (tls_handshake, \
+         tls_timeout, certificate_names: the certificate does not name the address we list for \
+         the cluster it says it is, not_listed: a cluster we do not list)",
+        &["reason"],
+    )
+});
 pub(crate) static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     crate::metrics::counter_vec(
         "legate_intercluster_forwarded_total",
@@ -174,6 +186,14 @@ pub fn register_metrics() {
     }
     FORWARDED.with_label_values(&["out", "failed"]);
     FORWARDED.with_label_values(&["in", "refused_caller"]);
+    for r in [
+        "tls_handshake",
+        "tls_timeout",
+        "certificate_names",
+        "not_listed",
+    ] {
+        CALLERS_REFUSED.with_label_values(&[r]);
+    }
     LOOKUPS.with_label_values(&["out", "failed"]);
     for o in ["answered", "failed"] {
         FORWARD_SECONDS.with_label_values(&[o]);

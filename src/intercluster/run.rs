@@ -76,6 +76,7 @@ pub struct Intercluster {
     log: Arc<Mutex<ChangeLog>>,
     leading: Arc<AtomicBool>,
     routing: Arc<Routing>,
+    refusals: Arc<link::Refusals>,
     pub bound: SocketAddr,
 }
 
@@ -105,13 +106,16 @@ pub async fn start(
     let log = Arc::new(Mutex::new(ChangeLog::new(epoch, DEFAULT_CAPACITY)));
     follow_our_users(&hub, &store, &log, shutdown.clone(), tasks).await?;
     let index = Arc::new(Index::default());
-    follow_index(&store, &index, shutdown.clone(), tasks).await?;
-    // Routing (issue 13 §3): the router reads the index and the return paths; one forwarder
-    // per listed peer (peers added by a reload get one at the next start).
-    let routing = Arc::new(Routing::new(
-        index.clone(),
-        !cfg.intercluster.peers.is_empty(),
-    ));
+    // Routing (issue 13 §3): the router reads the index and the return paths (both followed
+    // from the store); one forwarder per listed peer (peers added by a reload get one at the
+    // next start).
+    let listed = peer_names(&cfg);
+    let routing = Arc::new(Routing::new(index.clone(), &listed));
+    follow_index(&store, &routing, shutdown.clone(), tasks).await?;
+    let (tx, rx) = mpsc::channel(RETURN_WRITES);
+    routing.write_to(tx);
+    tasks.spawn(write_returns(store.clone(), rx));
+    tasks.spawn(sweep_returns(routing.clone(), shutdown.clone()));
     hub.directory().set_mesh(routing.clone());
     let peers = forward::Peers::new(&cfg, tls.as_ref());
     for name in peers.names() {
@@ -132,6 +136,7 @@ pub async fn start(
         store.clone(),
         index.clone(),
     )));
+    let refusals = Arc::new(link::Refusals::default());
     let service = link::Service {
         hub: Arc::downgrade(&hub),
         routing: routing.clone(),
@@ -146,6 +151,7 @@ pub async fn start(
         },
         log: log.clone(),
         store: store.clone(),
+        refusals: refusals.clone(),
     };
     let bound = link::serve(listen, tls.clone(), service, shutdown.clone()).await?;
     let ic = Arc::new(Intercluster {
@@ -155,6 +161,7 @@ pub async fn start(
         log,
         leading: Arc::new(AtomicBool::new(false)),
         routing,
+        refusals,
         bound,
     });
     tasks.spawn(agent_duty(ic.clone(), tls, cluster, shutdown));
@@ -228,22 +235,22 @@ async fn follow_our_users(
     Ok(())
 }
 
-/// `intercluster/` into the index, on every node.
+/// `intercluster/` into the index and the return paths, on every node.
 async fn follow_index(
     store: &SharedStore,
-    index: &Arc<Index>,
+    routing: &Arc<Routing>,
     shutdown: watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), StoreError> {
     let load = {
-        let (store, index) = (store.clone(), index.clone());
+        let (store, routing) = (store.clone(), routing.clone());
         move || {
-            let (store, index) = (store.clone(), index.clone());
+            let (store, routing) = (store.clone(), routing.clone());
             async move {
                 let listing = store.list(keys::ROOT).await?;
-                index.clear();
+                routing.clear();
                 for e in &listing.entries {
-                    index.apply(&e.key, Some(&e.value));
+                    routing.apply(&e.key, Some(&e.value));
                 }
                 Ok(listing.revision)
             }
@@ -251,17 +258,64 @@ async fn follow_index(
     };
     let first = load.clone();
     let revision = first().await?;
-    let index = index.clone();
+    let routing = routing.clone();
     tasks.spawn(crate::store::sync::follow(
         store.clone(),
         keys::ROOT,
         revision + 1,
         shutdown,
-        "intercluster users and status",
-        move |k, v| index.apply(k, v),
+        "intercluster users, status and return paths",
+        move |k, v| routing.apply(k, v),
         load,
     ));
     Ok(())
+}
+
+/// Return-path writes waiting for the store (beyond it they are counted, not queued: the
+/// paths stay in this node's memory).
+const RETURN_WRITES: usize = 4_096;
+
+/// Writes the return-path changes `Routing` sends, in batches. It ends when the routing
+/// (the sender) is dropped, so what was sent before a shutdown is still written.
+async fn write_returns(
+    store: SharedStore,
+    mut rx: mpsc::Receiver<crate::intercluster::routes::Write>,
+) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let n = batch.len();
+        let failed = crate::store::write_batch(&store, std::mem::take(&mut batch)).await;
+        if let Some((key, e)) = failed.first() {
+            tracing::warn!(failed = failed.len(), of = n, key, error = %e,
+                "intercluster: return paths not written to the store (kept on this node)");
+        }
+    }
+}
+
+/// How often each node forgets the return paths nobody used for `routes::RETURN_IDLE`.
+const SWEEP_RETURNS: Duration = Duration::from_secs(60);
+
+async fn sweep_returns(routing: Arc<Routing>, shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_RETURNS) => {
+                let n = routing.sweep();
+                if n > 0 {
+                    tracing::debug!(paths = n, "intercluster: idle return paths forgotten");
+                }
+            }
+            _ = crate::net::stopped(shutdown.clone()) => return,
+        }
+    }
+}
+
+/// The names of the listed peers.
+fn peer_names(cfg: &Config) -> Vec<Arc<str>> {
+    cfg.intercluster
+        .peers
+        .iter()
+        .map(|p| Arc::from(p.name.as_str()))
+        .collect()
 }
 
 fn settings(cfg: &Config) -> Settings {
@@ -290,14 +344,7 @@ async fn agent_duty(
             return;
         }
         if is_leader(&cluster) {
-            let listed: Vec<Arc<str>> = ic
-                .hub
-                .config()
-                .intercluster
-                .peers
-                .iter()
-                .map(|p| Arc::from(p.name.as_str()))
-                .collect();
+            let listed = peer_names(&ic.hub.config());
             forget_unlisted(&ic, &listed).await;
             if !listed.is_empty() {
                 ic.leading.store(true, Ordering::Release);
@@ -333,12 +380,7 @@ async fn lead(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let cfg = ic.hub.config();
-    let names: Vec<Arc<str>> = cfg
-        .intercluster
-        .peers
-        .iter()
-        .map(|p| Arc::from(p.name.as_str()))
-        .collect();
+    let names = peer_names(&cfg);
     let mut agent = Agent::new(settings(&cfg), &names, Instant::now());
     let mut statuses: BTreeMap<Arc<str>, PeerStatus> = BTreeMap::new();
     for n in &names {
@@ -819,7 +861,13 @@ impl Intercluster {
             "users_known": self.index.len(),
             "peers": peers,
             "unlisted_callers": unlisted,
+            // Callers this node's listener refused lately (newest last).
+            "refused_callers": self.refusals.json(),
             "return_paths": self.routing.return_paths(),
+            // Paths not kept (the map was full of live ones) or not written to the store (its
+            // writer was a full queue behind): their answers may leave on our own link.
+            "return_paths_dropped": self.routing.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "return_paths_unwritten": self.routing.unwritten.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 

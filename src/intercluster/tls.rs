@@ -3,7 +3,7 @@
 //! `tls.trust_bundle` (webpki). The dialling side checks that the answering certificate names
 //! the host of the peer's listed address (a DNS-ID for a name, an IP SAN for an address); the
 //! answering side checks that the caller's names the host of the address it lists for the
-//! cluster the caller says it is (a peer listed by IP address is accepted on its chain alone).
+//! cluster the caller says it is, the same way.
 
 use crate::cluster::peer::tls::OneKey;
 use crate::config::{Config, Host};
@@ -67,32 +67,47 @@ impl IcTls {
     }
 }
 
-/// The DNS-IDs of the certificate a TLS peer presented (chain already verified).
-pub fn peer_names(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Vec<String> {
+/// What a TLS caller's certificate (chain already verified) names: its DNS-IDs and its
+/// iPAddress SANs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presented {
+    pub names: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// What the leaf certificate a TLS peer presented names.
+pub fn presented(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Presented {
     certs
         .and_then(|c| c.first())
         .and_then(|leaf| PeerCert::from_der(leaf).ok())
-        .map(|c| c.dns_ids)
+        .map(|c| Presented {
+            names: c.dns_ids,
+            ips: c.ip_addrs,
+        })
         .unwrap_or_default()
 }
 
-/// Whether a caller whose certificate names `names` may speak for a peer listed at `host`.
-pub fn caller_allowed(host: &Host, names: &[String]) -> Result<(), String> {
-    match host {
-        // webpki verified the chain; an IP SAN check would need the raw SANs: the chain
-        // alone decides for peers listed by address.
-        Host::Ip(_) => Ok(()),
-        Host::Name(d) => {
-            if names.iter().any(|n| name_matches(n, d.as_str())) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "the caller's certificate names {names:?}, not {d} (the host of the address \
-                     this cluster lists for it)"
-                ))
-            }
-        }
+/// Whether a caller whose certificate names `p` may speak for a peer listed at `host`: the
+/// certificate must name that host, as a DNS-ID for a name, as an iPAddress SAN for an
+/// address (the check the dialling side makes of the answering certificate, RFC 6125 and
+/// RFC 5280 §4.2.1.6), so a cluster can only speak for the address it is listed at.
+pub fn caller_allowed(host: &Host, p: &Presented) -> Result<(), String> {
+    let ok = match host {
+        Host::Ip(ip) => p.ips.contains(ip),
+        Host::Name(d) => p.names.iter().any(|n| name_matches(n, d.as_str())),
+    };
+    if ok {
+        return Ok(());
     }
+    let kind = match host {
+        Host::Ip(_) => "an iPAddress SAN",
+        Host::Name(_) => "a DNS name",
+    };
+    Err(format!(
+        "the caller's certificate names {:?} and addresses {:?}, not {host} as {kind} (the host \
+         of the address this cluster lists for it)",
+        p.names, p.ips
+    ))
 }
 
 /// What the status shows of a verified server certificate: when it expires.
@@ -121,9 +136,48 @@ mod tests {
     #[test]
     fn a_caller_must_be_named_by_its_certificate() {
         let host = Host::Name(Domain::parse("gw.b.example.com").unwrap_or_else(|e| panic!("{e}")));
-        assert!(caller_allowed(&host, &["gw.b.example.com".into()]).is_ok());
-        let e = caller_allowed(&host, &["gw.c.example.com".into()]).err();
+        let named = |n: &str| Presented {
+            names: vec![n.into()],
+            ips: vec![[127, 0, 0, 1].into()],
+        };
+        assert!(caller_allowed(&host, &named("gw.b.example.com")).is_ok());
+        assert!(caller_allowed(&host, &named("*.b.example.com")).is_ok());
+        let e = caller_allowed(&host, &named("gw.c.example.com")).err();
         assert!(e.is_some_and(|e| e.contains("gw.b.example.com")));
-        assert!(caller_allowed(&Host::Ip([127, 0, 0, 1].into()), &[]).is_ok());
+        // Listed by address: an iPAddress SAN of that address, and nothing else, speaks for it.
+        let ip = Host::Ip([127, 0, 0, 1].into());
+        assert!(caller_allowed(&ip, &named("gw.c.example.com")).is_ok());
+        let other = Host::Ip([127, 0, 0, 2].into());
+        let e = caller_allowed(&other, &named("127.0.0.2")).err();
+        assert!(e.is_some_and(|e| e.contains("127.0.0.2 as an iPAddress SAN")));
+        let v6 = Host::Ip("::1".parse().unwrap_or_else(|e| panic!("{e}")));
+        assert!(caller_allowed(&v6, &Presented::default()).is_err());
+    }
+
+    #[test]
+    fn ip_sans_are_read_from_a_real_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["gw.b.example.com".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([192, 0, 2, 7].into()));
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(
+            "2001:db8::7".parse().unwrap_or_else(|e| panic!("{e}")),
+        ));
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let der = rustls::pki_types::CertificateDer::from(cert.der().to_vec());
+        let p = presented(Some(&[der]));
+        assert_eq!(p.names, vec!["gw.b.example.com".to_string()]);
+        assert_eq!(
+            p.ips,
+            vec![
+                std::net::IpAddr::from([192, 0, 2, 7]),
+                "2001:db8::7"
+                    .parse::<std::net::IpAddr>()
+                    .unwrap_or_else(|e| panic!("{e}"))
+            ]
+        );
+        assert!(caller_allowed(&Host::Ip([192, 0, 2, 7].into()), &p).is_ok());
     }
 }

@@ -27,6 +27,9 @@ pub struct PeerCert {
     /// SAN `id-on-xmppAddr` values that are bare domains (RFC 6120 §13.7.1.4), normalised.
     /// An xmppAddr with a localpart or resource names a user, never a server.
     pub xmpp_addrs: Vec<String>,
+    /// SAN `iPAddress` entries (RFC 5280 §4.2.1.6: 4 or 16 octets; others are skipped). Not
+    /// identifiers of a domain; for peers listed by address (intercluster).
+    pub ip_addrs: Vec<std::net::IpAddr>,
     /// True when the leaf may be used for TLS client authentication: it has no EKU extension,
     /// or its EKU lists `id-kp-clientAuth` or `anyExtendedKeyUsage` (RFC 5280 §4.2.1.12).
     pub client_auth_eku: bool,
@@ -57,6 +60,7 @@ impl PeerCert {
         let mut dns_ids = Vec::new();
         let mut srv_ids = Vec::new();
         let mut xmpp_addrs = Vec::new();
+        let mut ip_addrs = Vec::new();
         // Any identifier of these types, usable or not, rules the CN out (RFC 6125 §6.4.4).
         let mut san_has_ids = false;
         let san = cert
@@ -69,6 +73,13 @@ impl PeerCert {
                     dns_ids.push(normalise_name(d));
                 }
                 GeneralName::URI(_) => san_has_ids = true,
+                GeneralName::IPAddress(b) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*b) {
+                        ip_addrs.push(std::net::IpAddr::from(v4));
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                        ip_addrs.push(std::net::IpAddr::from(v6));
+                    }
+                }
                 GeneralName::OtherName(oid, value) => {
                     let oid = oid.to_id_string();
                     if oid == OID_XMPP_ADDR {
@@ -101,6 +112,7 @@ impl PeerCert {
             dns_ids,
             srv_ids,
             xmpp_addrs,
+            ip_addrs,
             client_auth_eku,
             server_auth_eku,
             leaf_der: der.to_vec(),

@@ -805,6 +805,7 @@ mod tests {
             dns_ids: vec!["partner.test".into()],
             srv_ids: Vec::new(),
             xmpp_addrs: Vec::new(),
+            ip_addrs: Vec::new(),
             client_auth_eku: false,
             server_auth_eku: true,
             leaf_der: vec![],

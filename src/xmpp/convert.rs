@@ -121,6 +121,7 @@ pub fn stanza_to_envelope(
         to,
         body,
         stanza_id,
+        via_cluster: None,
     })
 }
 
@@ -470,6 +471,7 @@ mod tests {
                 ..Default::default()
             }),
             stanza_id: None,
+            via_cluster: None,
         };
         let error = Envelope {
             from,
@@ -481,6 +483,7 @@ mod tests {
                 kind: ErrorOf::Message,
             },
             stanza_id: None,
+            via_cluster: None,
         };
         for env in [message, error] {
             let mut out = Vec::new();
@@ -524,6 +527,7 @@ mod tests {
                 bytes::Bytes::copy_from_slice(raw.as_bytes()),
             )),
             stanza_id: None,
+            via_cluster: None,
         };
         let mut out = b"<presence/>".to_vec();
         envelope_to_stanza(&env, &maps, &mut out).expect("encoded");

@@ -296,6 +296,7 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                     ..Default::default()
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         assert!(matches!(sub, Submitted::Delivered(_)), "{sub:?}");
@@ -320,6 +321,7 @@ async fn local_user_and_foreign_users_talk_through_the_component_links() {
                     priority: None,
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         assert!(matches!(sub, Submitted::Delivered(_)), "{sub:?}");
@@ -509,6 +511,7 @@ async fn wrong_secret_is_reported_and_retried_with_backoff() {
                     ..Default::default()
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         gw.wait_status("partner.test", "delivery queued", |s| s.queued == 1)
@@ -656,6 +659,7 @@ async fn links_come_back_after_the_home_node_restarts() {
                     ..Default::default()
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         let m = alice
@@ -696,6 +700,7 @@ async fn a_message_is_told_written_only_once_the_restarted_home_node_has_it() {
                     ..Default::default()
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
             handled,
         );

@@ -153,6 +153,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
             to,
             body,
             stanza_id: None,
+            via_cluster: None,
         })
 }
 
@@ -339,6 +340,7 @@ fn a_pager_body_with_forbidden_characters_reaches_xmpp_with_u_fffd() {
             ..Default::default()
         }),
         stanza_id: None,
+        via_cluster: None,
     };
     let mut out = Vec::new();
     envelope_to_stanza(&env, &MAPS, &mut out).unwrap_or_else(|e| panic!("{e}"));
@@ -418,6 +420,7 @@ default_system = "xmpp"
             bytes::Bytes::from_static(xml.as_bytes()),
         )),
         stanza_id: None,
+        via_cluster: None,
     };
     let origin = Origin::Component {
         home_node: "hn1".into(),

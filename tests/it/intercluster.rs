@@ -430,17 +430,60 @@ async fn a_peer_that_no_longer_lists_us_and_a_wrong_certificate_show_in_the_stat
         text.contains("b still lists us but we no longer list it"),
         "{text}\n{s:#}"
     );
-    // The refusal is b's, about c's certificate: c's own sync with b works (b's certificate
-    // names b's address).
-    let s = wait_status(&node_c, "c's sync with b", |s| {
-        peer(s, "b")["in_sync"] == true
+    // c's calls to b are refused by b the same way: b lists c at 127.0.0.46 and c's
+    // certificate does not name that address, so c cannot speak for it (b's certificate is
+    // valid for c: the refusal is b's answer, not a handshake failure).
+    let s = wait_status(&node_c, "c's sync with b refused by b", |s| {
+        peer(s, "b")["last_outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("iPAddress SAN"))
     })
     .await?;
+    let pb = peer(&s, "b");
+    assert_eq!(pb["in_sync"], false, "{s:#}");
     assert!(
-        peer(&s, "b")["certificate"]
+        pb["certificate"]
             .as_str()
             .is_some_and(|c| c.starts_with("valid")),
         "{s:#}"
+    );
+    // Each answering side shows whom it refused and why: b refused c's certificate for the
+    // address it lists; c's listener saw b's handshake fail (b refused c's certificate).
+    let refused = |s: &Value, reason: &str, peer: Option<&str>| {
+        s["intercluster"]["refused_callers"]
+            .as_array()
+            .is_some_and(|r| {
+                r.iter().any(|r| {
+                    r["reason"] == reason
+                        && peer.is_none_or(|p| r["peer"] == p)
+                        && r["from"].as_str().is_some_and(|f| f.starts_with("127."))
+                })
+            })
+    };
+    let s = wait_status(&node_b, "b's refusal of c", |s| {
+        refused(s, "certificate_names", Some("c"))
+    })
+    .await?;
+    assert!(
+        s["intercluster"]["refused_callers"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("127.0.0.99")))),
+        "{s:#}"
+    );
+    wait_status(&node_c, "c's listener saw b's handshake fail", |s| {
+        refused(s, "tls_handshake", None)
+    })
+    .await?;
+    let m = node_b.http_get("/metrics").await?;
+    assert!(
+        metric_sum(
+            &m,
+            "legate_intercluster_callers_refused_total",
+            &["reason=\"certificate_names\""]
+        ) >= 1.0,
+        "{m}"
     );
     // Forcing a peer that is not listed is refused with a reason.
     let (code, _) = cli(&node_b, &["force-sync", "zz"])?;

@@ -353,6 +353,7 @@ async fn sip_dials_failing_in_a_row_raise_partner_unreachable_and_a_success_clea
                         ..Default::default()
                     }),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             );
         };

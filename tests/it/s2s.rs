@@ -198,6 +198,7 @@ fn chat(from: &str, to: &str, text: &str) -> Envelope {
             format!("<message type='chat' from='{from}' to='{to}' id='m1'><body>{text}</body></message>").into(),
         )),
         stanza_id: None,
+        via_cluster: None,
     }
 }
 
@@ -260,6 +261,7 @@ async fn both_ways(a: &mut Side, b: &mut Side) {
                 priority: None,
             }),
             stanza_id: None,
+            via_cluster: None,
         },
     );
     let d = recv(&mut a.home).await;

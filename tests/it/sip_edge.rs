@@ -137,6 +137,7 @@ impl Env {
             to: Address::parse(to)?,
             body,
             stanza_id: None,
+            via_cluster: None,
         };
         let r = self.hub.submit(
             &Origin::Component {
@@ -1047,6 +1048,7 @@ async fn sipp_as_foreign_notifier() -> Result<()> {
                 to: Address::parse("bob@partner.com")?,
                 body,
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         anyhow::Ok(())
@@ -1358,6 +1360,7 @@ async fn a_dead_domain_is_not_dialed_again_while_in_backoff() -> Result<()> {
                     ..Default::default()
                 }),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         Ok(())

@@ -146,6 +146,7 @@ impl Env {
             to: Address::parse(to)?,
             body,
             stanza_id: None,
+            via_cluster: None,
         };
         match self.hub.submit(
             &Origin::Component {
@@ -560,6 +561,7 @@ default_system = "xmpp"
                 ..Default::default()
             }),
             stanza_id: None,
+            via_cluster: None,
         },
     );
     assert!(matches!(r, Submitted::Delivered(Link::Sip { .. })), "{r:?}");

@@ -303,6 +303,7 @@ fn from_home(s: &Setup, body: Body, to: &str) {
             to: addr(to),
             body,
             stanza_id: None,
+            via_cluster: None,
         },
     );
     assert!(

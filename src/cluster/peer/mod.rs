@@ -414,6 +414,7 @@ impl Peer for Service {
                         Handed::NotHolder
                     }
                     Ok(envelope) => {
+                        self.hub.directory().remember_via(&envelope);
                         let (h, done) = Handled::pair();
                         let d = crate::gateway::hub::Delivery {
                             link: crate::gateway::Link::Component {

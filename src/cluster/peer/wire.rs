@@ -79,6 +79,7 @@ pub fn to_wire(env: &Envelope) -> proto::Envelope {
         to: env.to.to_string(),
         body: Some(body),
         stanza_id: env.stanza_id.as_deref().map(str::to_owned),
+        via_cluster: env.via_cluster.as_deref().map(str::to_owned),
     }
 }
 
@@ -143,11 +144,17 @@ pub fn from_wire(w: proto::Envelope) -> Result<Envelope, WireError> {
         .stanza_id
         .filter(|i| i.len() <= MAX_STANZA_ID)
         .map(String::into_boxed_str);
+    // A cluster name (`intercluster::valid_name`); anything else is not one we could list.
+    let via_cluster = w
+        .via_cluster
+        .filter(|c| crate::intercluster::valid_name(c))
+        .map(|c| Arc::from(c.as_str()));
     Ok(Envelope {
         from,
         to,
         body,
         stanza_id,
+        via_cluster,
     })
 }
 
@@ -226,6 +233,7 @@ mod tests {
                 to: addr("alice@example.com"),
                 body,
                 stanza_id,
+                via_cluster: Some(Arc::from("west-1")),
             };
             let back = from_wire(to_wire(&env)).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(back, env);
@@ -242,6 +250,7 @@ mod tests {
             to: addr("alice@example.com"),
             body: Body::Subscription(Subscription::Probe),
             stanza_id: None,
+            via_cluster: None,
         });
         let mut w = good.clone();
         w.from = "no-at-sign".into();

@@ -93,6 +93,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                     to,
                     body: Body::Subscription(s),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             ));
         }
@@ -113,6 +114,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                         to: watcher,
                         body: Body::Presence(p),
                         stanza_id: None,
+                        via_cluster: None,
                     },
                 ));
             }
@@ -128,6 +130,7 @@ pub fn change(hub: &Hub, user: &Address, target: &Target, op: Op) -> Result<(), 
                     to: user.clone(),
                     body: Body::Subscription(Subscription::Probe),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             ));
         }

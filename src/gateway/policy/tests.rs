@@ -44,6 +44,7 @@ fn env(from: &str, to: &str, body: Body) -> Envelope {
         to: addr(to),
         body,
         stanza_id: None,
+        via_cluster: None,
     }
 }
 

@@ -144,6 +144,7 @@ fn message(from: &str, to: &str, text: &str) -> Envelope {
             ..Default::default()
         }),
         stanza_id: None,
+        via_cluster: None,
     }
 }
 

@@ -502,6 +502,7 @@ impl Core {
                             to: p.clone(),
                             body: Body::Subscription(ask),
                             stanza_id: None,
+                            via_cluster: None,
                         },
                     );
                     match &sub {
@@ -754,6 +755,7 @@ impl Core {
                     to: presentity,
                     body: Body::Presence(p),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             );
         }
@@ -1164,6 +1166,7 @@ impl Core {
                             to: p.clone(),
                             body: Body::Subscription(ask),
                             stanza_id: None,
+                            via_cluster: None,
                         },
                     ));
                 }

@@ -116,6 +116,7 @@ impl Core {
                 to: local.clone(),
                 body: Body::Message(message_of(req, MessageKind::Chat, text)),
                 stanza_id: None,
+                via_cluster: None,
             };
             if let Some((code, reason)) = status_for_submit(&hub.submit(domain, env)) {
                 let tag = random_token(10);
@@ -317,6 +318,7 @@ impl Core {
             to,
             body: Body::Message(message_of(req, kind, text)),
             stanza_id: None,
+            via_cluster: None,
         };
         let tag = (!in_dialog).then(|| random_token(10));
         let token = self.id();
@@ -540,6 +542,7 @@ impl Core {
                 kind: crate::gateway::envelope::ErrorOf::Message,
             },
             stanza_id: None,
+            via_cluster: None,
         };
         hub.submit(domain, env);
     }

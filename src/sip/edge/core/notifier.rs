@@ -177,6 +177,7 @@ impl Core {
                 to: presentity.clone(),
                 body: Body::Subscription(ask),
                 stanza_id: None,
+                via_cluster: None,
             },
         );
         // A block is accepted like any subscription and shown offline (see `notify`).
@@ -366,6 +367,7 @@ impl Core {
                             to: user,
                             body: Body::Presence(p),
                             stanza_id: None,
+                            via_cluster: None,
                         },
                     );
                 }

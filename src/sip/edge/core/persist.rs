@@ -841,6 +841,7 @@ impl Core {
                     to: n.parties.presentity(),
                     body: Body::Subscription(ask),
                     stanza_id: None,
+                    via_cluster: None,
                 },
             ));
         }
@@ -857,6 +858,7 @@ impl Core {
                         to: s.watcher.clone(),
                         body: Body::Presence(p.clone()),
                         stanza_id: None,
+                        via_cluster: None,
                     },
                 ));
             }

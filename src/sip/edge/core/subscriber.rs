@@ -108,6 +108,7 @@ impl Core {
             to: watcher.clone(),
             body,
             stanza_id: None,
+            via_cluster: None,
         };
         let presence = if req.body().is_empty() {
             None
@@ -228,6 +229,7 @@ impl Core {
                         to: env.from,
                         body: Body::Presence(p.clone()),
                         stanza_id: None,
+                        via_cluster: None,
                     },
                 );
             }
@@ -393,6 +395,7 @@ impl Core {
                     to: s.watcher.clone(),
                     body,
                     stanza_id: None,
+                    via_cluster: None,
                 },
             )
         };

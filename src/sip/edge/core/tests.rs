@@ -136,6 +136,7 @@ pub(super) fn env(from: &str, to: &str, body: Body) -> Envelope {
         to: Address::parse(to).expect("addr"),
         body,
         stanza_id: None,
+        via_cluster: None,
     }
 }
 

@@ -132,6 +132,7 @@ fn a_blocked_watcher_is_accepted_shown_offline_and_the_user_never_asked() {
         to: domain_wide(&dom()),
         body: Body::Subscription(Subscription::Unsubscribed),
         stanza_id: None,
+        via_cluster: None,
     };
     c.handle_delivery(&h, &dom(), kick, t0);
     assert_offline_but_alive(the_notify(&sent(&mut c)));
