@@ -4,9 +4,10 @@
 //! Prosody home node. Both serve `example.test` and list each other over mutual TLS.
 //!
 //! A lists as B's address the B node that does **not** hold B's home-node component link
-//! (read from B's `/status` before A's configuration is written). So what a foreign XMPP user
-//! writes to a user of B goes A → B2 (`Forward`) → B1 (B's peer link) → the home node, and the
-//! user's answers come out of B1's component link. They must leave through A, on the s2s
+//! (read from B's `/status` before A's configuration is written; which of b1 and b2 it is
+//! follows from their ranks for the link). So what a foreign XMPP user writes to a user of B
+//! goes A → the listed node (`Forward`) → the holder (B's peer link) → the home node, and the
+//! user's answers come out of the holder's component link. They must leave through A, on the s2s
 //! stream the foreign server opened, never on B's own s2s link (which works here: B has DNS
 //! for the foreign domain, so a wrong route shows as traffic on it, not as a loss). The same
 //! after the link holder is killed (`kill -9`) and the other node takes the link over, and
