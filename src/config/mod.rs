@@ -101,6 +101,11 @@ pub struct LocalDomain {
     /// Per-domain certificate (SNI); both or neither of `cert`/`key`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The component (on every home node) through which users of this domain who live in a
+    /// peer cluster are reached (issue 13, the local side of the mesh): the home node hands
+    /// it what its users send to users it does not host, and takes from it what those users
+    /// send to its own (`contrib/prosody/mod_legate_mesh.lua`).
+    pub mesh_component: Option<Domain>,
 }
 
 /// Listening sockets; `None` means the listener is off. Two enabled listeners never share a

@@ -62,6 +62,7 @@ pub(crate) struct RawLocalDomain {
     pub name: S<String>,
     pub cert: Option<S<String>>,
     pub key: Option<S<String>>,
+    pub mesh_component: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

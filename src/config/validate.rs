@@ -575,6 +575,7 @@ fn check_listener_overlap(ck: &mut Ck<'_>, spans: &ListenSpans) {
 fn local_domains(ck: &mut Ck<'_>, raw: &RawConfig) -> (Vec<LocalDomain>, Seen<Domain>) {
     let mut seen = Seen::new();
     let mut out = Vec::new();
+    let mut meshes = Vec::new();
     if raw.local_domain.is_empty() {
         ck.err_file(
             "no [[local_domain]] is declared; add at least one: [[local_domain]] with name = \"<your domain>\"",
@@ -598,7 +599,29 @@ fn local_domains(ck: &mut Ck<'_>, raw: &RawConfig) -> (Vec<LocalDomain>, Seen<Do
             );
             continue;
         }
-        out.push(LocalDomain { name, cert, key });
+        let mesh_component = d.mesh_component.as_ref().and_then(|m| {
+            let domain = ck.domain(m)?;
+            meshes.push((domain.clone(), m.span(), name.clone()));
+            Some(domain)
+        });
+        out.push(LocalDomain {
+            name,
+            cert,
+            key,
+            mesh_component,
+        });
+    }
+    // A mesh component is a name of its own at the home node: not a domain users live in.
+    for (m, span, name) in meshes {
+        if seen.get(&m).is_some() {
+            ck.err(
+                span,
+                format!(
+                    "mesh_component `{m}` is a local domain; name a component of its own (e.g. \
+                     `mesh.{name}`), declared on every home node"
+                ),
+            );
+        }
     }
     (out, seen)
 }

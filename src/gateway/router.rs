@@ -579,6 +579,19 @@ pub fn route(
                     if let Some(cluster) = directory.peer_cluster_of(config, &env.to) {
                         return finish(config, maps, Link::Intercluster { cluster }, env);
                     }
+                    // Nobody placed them: the peers are asked first (the home node handed
+                    // it on because it has no such account); when none has them, nobody does.
+                    if let (None, Some(m)) =
+                        (directory.known_home(config, &env.to), directory.mesh())
+                    {
+                        let bare = env.to.bare_string();
+                        let d = if m.should_ask(&bare) {
+                            Denied::AskPeers(bare)
+                        } else {
+                            Denied::NoHomeNode(bare)
+                        };
+                        return Err(refuse(d, env));
+                    }
                 }
                 return Err(refuse(Denied::LocalToLocal, env));
             }
@@ -1682,7 +1695,7 @@ default_system = "xmpp"
 
     #[test]
     fn users_of_two_clusters_reach_each_other_through_the_link() {
-        let (cfg, maps, dir, _) = setup();
+        let (cfg, maps, dir, routing) = setup();
         let hn1 = Origin::Component {
             home_node: "hn1".into(),
         };
@@ -1696,13 +1709,36 @@ default_system = "xmpp"
         )
         .expect("routed");
         assert_eq!(r.link, ic("b"));
-        // To a local user nobody places elsewhere: still between users.
+        // To a local user nobody places: the peers are asked first; once they said nobody
+        // has dan, nobody does.
         let d = route(
             &cfg,
             &maps,
             &dir,
             &hn1,
             env("alice@example.com/pc", "dan@example.com", msg()),
+        )
+        .expect_err("ask")
+        .denied;
+        assert_eq!(d, Denied::AskPeers("dan@example.com".into()));
+        routing.mark_absent("dan@example.com");
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "dan@example.com", msg()),
+        )
+        .expect_err("nobody")
+        .denied;
+        assert_eq!(d, Denied::NoHomeNode("dan@example.com".into()));
+        // A user our home node hosts is never asked about.
+        let d = route(
+            &cfg,
+            &maps,
+            &dir,
+            &hn1,
+            env("alice@example.com/pc", "alice@example.com", msg()),
         )
         .expect_err("local")
         .denied;

@@ -630,3 +630,32 @@ fn good_fixtures_load() {
     }
     assert!(n > 0, "no fixtures in {}", dir.display());
 }
+
+#[test]
+fn a_mesh_component_is_a_name_of_its_own() {
+    let src = r#"[[local_domain]]
+name = "example.com"
+mesh_component = "mesh.example.com"
+[[local_domain]]
+name = "other.example"
+mesh_component = "example.com"
+"#;
+    let errs = errors(src);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let (line, col, msg) = &errs[0];
+    assert_eq!((*line, *col), (6, 18));
+    assert!(
+        msg.contains("`example.com` is a local domain") && msg.contains("mesh.other.example"),
+        "{msg}"
+    );
+    let ok =
+        parse("[[local_domain]]\nname = \"example.com\"\nmesh_component = \"Mesh.Example.com.\"\n")
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(
+        ok.local_domains[0].mesh_component,
+        Some(dom("mesh.example.com"))
+    );
+    let errs =
+        errors("[[local_domain]]\nname = \"example.com\"\nmesh_component = \"not a domain\"\n");
+    assert_eq!(errs[0].0, 3, "{errs:?}");
+}

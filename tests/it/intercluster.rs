@@ -1216,3 +1216,167 @@ async fn a_lync_user_reaches_a_user_of_b_through_a_and_answers_come_back_in_as_d
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The local side of the mesh (issue 13 §3): users of the same domain homed in two clusters.
+
+/// The mesh component of `example.test` on both home nodes, and the module that hands it
+/// what a user writes to a colleague the home node has no account for.
+const MESH: &str = "mesh.example.test";
+
+fn mesh_home(ip: Ipv4Addr, user: &str) -> ProsodyConfig {
+    let mut cfg = ProsodyConfig::new(ip)
+        .host("example.test")
+        .user("example.test", user, "pw")
+        .host_lua(
+            "example.test",
+            &format!("\tlegate_mesh_component = \"{MESH}\""),
+        )
+        .component("partner.test", SECRET)
+        .component_lua(MESH, SECRET, "\tvalidate_from_addresses = false");
+    cfg.extra_modules.push("legate_mesh".into());
+    cfg.extra_global_lua = format!(
+        "plugin_paths = {{ {} }}",
+        common::prosody::lua_str(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prosody"))
+    );
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_one_domain_in_two_clusters_chat_and_see_each_other_through_the_mesh() -> Result<()>
+{
+    let ip = |n: u8| Ipv4Addr::new(127, 0, 13, n);
+    let certs = CertFactory::new();
+    let (a, b) = (Site::new("a", ip(1)), Site::new("b", ip(2)));
+    let leaf_a = certs.leaf("a", &["example.test", &ip(1).to_string()]);
+    let leaf_b = certs.leaf("b", &["example.test", &ip(2).to_string()]);
+    let home_a = Prosody::start(mesh_home(ip(3), "alice"))?;
+    let home_b = Prosody::start(mesh_home(ip(4), "carol"))?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let write =
+        |dir: &Path, me: &Site, peer: &Site, leaf: &Leaf, home: &Prosody| -> Result<PathBuf> {
+            let path = route_config(
+                dir,
+                (me, peer),
+                leaf,
+                &certs,
+                home,
+                "sip_tls = \"off\"\nxmpp_s2s = \"off\"",
+                NO_SIP,
+            )?;
+            let text = std::fs::read_to_string(&path)?.replacen(
+                "name = \"example.test\"\n",
+                &format!("name = \"example.test\"\nmesh_component = \"{MESH}\"\n"),
+                1,
+            );
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+    let node_b = start(&write(dir_b.path(), &b, &a, &leaf_b, &home_b)?)?;
+    let node_a = start(&write(dir_a.path(), &a, &b, &leaf_a, &home_a)?)?;
+    for (n, what) in [
+        (&node_a, "A's mesh component"),
+        (&node_b, "B's mesh component"),
+    ] {
+        n.wait_output(what, WAIT, |t| {
+            t.contains(&format!("component {MESH} connected to home node hn1"))
+        })
+        .await?;
+    }
+    let why = |what: &str| {
+        format!(
+            "{what}\n--- A ---\n{}\n--- B ---\n{}\n--- A's prosody ---\n{}\n--- B's prosody ---\n{}",
+            node_a.output(),
+            node_b.output(),
+            home_a.log(),
+            home_b.log()
+        )
+    };
+    let login = |home: &Prosody, user: &str| {
+        XmppClient::connect(ClientConfig::plain(
+            home.c2s_addr(),
+            "example.test",
+            user,
+            "pw",
+        ))
+    };
+    let mut alice = login(&home_a, "alice").await?;
+    alice.send_presence(None, None).await?;
+    let mut carol = login(&home_b, "carol").await?;
+    carol.send_presence(None, None).await?;
+
+    // B's admin pins carol on B's home node; nobody told A. A asks B (and B will ask A about
+    // alice, whom A learned from her first message).
+    let (code, out) = cli(&node_b, &["users", "add", "carol@example.test", "hn1"])?;
+    assert_eq!(code, 0, "{out}");
+    alice
+        .send_message("carol@example.test", "hello carol, from cluster A")
+        .await?;
+    let m = carol
+        .expect_message_from("alice@example.test", WAIT)
+        .await
+        .with_context(|| why("alice's message reaches carol in B"))?;
+    assert_eq!(m.body.as_deref(), Some("hello carol, from cluster A"));
+    carol
+        .send_message("alice@example.test", "hi alice, from cluster B")
+        .await?;
+    let m = alice
+        .expect_message_from("carol@example.test", WAIT)
+        .await
+        .with_context(|| why("carol's answer reaches alice in A"))?;
+    assert_eq!(m.body.as_deref(), Some("hi alice, from cluster B"));
+
+    // Presence both ways: each subscribes, the other approves, each sees the other.
+    subscribe_and_approve(&mut alice, &mut carol)
+        .await
+        .with_context(|| why("alice subscribes to carol"))?;
+    subscribe_and_approve(&mut carol, &mut alice)
+        .await
+        .with_context(|| why("carol subscribes to alice"))?;
+    carol
+        .send_presence(Some("dnd"), Some("In a meeting"))
+        .await?;
+    let p = alice
+        .next_stanza_matching(
+            |s| {
+                s.name == "presence"
+                    && s.sender_bare() == Some("carol@example.test")
+                    && s.show.as_deref() == Some("dnd")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| why("carol's new state reaches alice"))?;
+    assert!(p.raw.contains("In a meeting"), "{}", p.raw);
+
+    // Both ways went over the link, placed by the peers' answers.
+    assert_eq!(lookup(&node_a, "carol@example.test").await?["cluster"], "b");
+    assert_eq!(lookup(&node_b, "alice@example.test").await?["cluster"], "a");
+    let ma = node_a.metrics().await?;
+    assert!(
+        metric_sum(
+            &ma,
+            "legate_intercluster_forwarded_total",
+            &["direction=\"out\"", "outcome=\"delivered\""]
+        ) >= 4.0,
+        "{ma}"
+    );
+
+    // A colleague nobody has: alice gets an error, not silence, and nothing loops.
+    alice
+        .send_message("zed@example.test", "anyone there?")
+        .await?;
+    let e = alice
+        .next_stanza_matching(
+            |s| {
+                s.name == "message"
+                    && s.is_type("error")
+                    && s.sender_bare() == Some("zed@example.test")
+            },
+            WAIT,
+        )
+        .await
+        .with_context(|| why("a message to nobody is answered with an error"))?;
+    assert!(e.raw.contains("item-not-found"), "{}", e.raw);
+    Ok(())
+}

@@ -432,6 +432,16 @@ impl Spawner {
         &self,
         domain: &Domain,
     ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
+        self.links_named(domain, domain)
+    }
+
+    /// [`Self::links`] for a component named `name` at the home nodes that carries the traffic
+    /// of sender domain `domain`.
+    fn links_named(
+        &self,
+        domain: &Domain,
+        component: &Domain,
+    ) -> Vec<impl std::future::Future<Output = ()> + Send + 'static> {
         let cfg = self.hub.config();
         let mut out = Vec::new();
         for node in &cfg.home_nodes {
@@ -447,6 +457,7 @@ impl Spawner {
                 home_node: name.clone(),
                 node: node.clone(),
                 domain: domain.clone(),
+                name: component.clone(),
                 settings: self.settings.clone(),
                 resolver: self.resolver.clone(),
                 status: self.status.clone(),
@@ -513,6 +524,17 @@ pub fn spawn_with(
     for domain in &domains {
         for task in spawner.links(domain) {
             tasks.spawn(task);
+        }
+    }
+    // The local side of the intercluster mesh: users of a local domain who live in a peer
+    // cluster write to ours through the domain's mesh component (only with peers to route to).
+    if !cfg.intercluster.peers.is_empty() {
+        for d in &cfg.local_domains {
+            if let Some(name) = &d.mesh_component {
+                for task in spawner.links_named(&d.name, name) {
+                    tasks.spawn(task);
+                }
+            }
         }
     }
     if open {

@@ -41,7 +41,12 @@ pub(crate) struct Component {
     pub hub: Arc<Hub>,
     pub home_node: Arc<str>,
     pub node: HomeNode,
+    /// The sender domain whose traffic this link carries (its outbox key).
     pub domain: Domain,
+    /// The component's name at the home node: `domain` itself, or a local domain's
+    /// `mesh_component` (the home node serves the local domain and cannot also be a component
+    /// of it).
+    pub name: Domain,
     pub settings: LinkSettings,
     pub resolver: Option<Resolver>,
     pub status: LinkStatus,
@@ -458,7 +463,7 @@ impl Component {
         };
         let (mut rd, mut wr) = stream.into_split();
         let mut machine = ComponentHandshake::new(ComponentConfig {
-            domain: self.domain.to_string(),
+            domain: self.name.to_string(),
             secret: secret.to_string(),
             handshake_timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
         });
@@ -623,7 +628,7 @@ impl Component {
     fn mark_up(&self, addr: SocketAddr) {
         LINKS_UP.inc();
         CONNECTS.with_label_values(&["connected"]).inc();
-        tracing::info!(peer = %addr, "component {} connected to home node {}", self.domain, self.home_node);
+        tracing::info!(peer = %addr, "component {} connected to home node {}", self.name, self.home_node);
         self.status.update(&self.home_node, &self.domain, |s| {
             s.up = true;
             s.connects += 1;
@@ -683,7 +688,7 @@ impl Component {
         }
         // Addressed to the component itself (no localpart): nothing behind it answers.
         if s.to()
-            .is_some_and(|t| t.eq_ignore_ascii_case(self.domain.as_str()))
+            .is_some_and(|t| t.eq_ignore_ascii_case(self.name.as_str()))
         {
             STANZAS.with_label_values(&["in", "to_component"]).inc();
             if s.name() != "presence" {

@@ -49,6 +49,8 @@ pub struct HostConfig {
 pub struct ComponentConfig {
     pub domain: String,
     pub secret: String,
+    /// Raw Lua inside this `Component` section.
+    pub extra_lua: String,
 }
 
 /// Everything that varies between test Prosodies. Start from [`ProsodyConfig::new`].
@@ -141,11 +143,28 @@ impl ProsodyConfig {
     }
 
     /// Adds a `Component` with its secret.
-    pub fn component(mut self, domain: &str, secret: &str) -> Self {
+    pub fn component(self, domain: &str, secret: &str) -> Self {
+        self.component_lua(domain, secret, "")
+    }
+
+    /// Adds a `Component` with its secret and more options (raw Lua).
+    pub fn component_lua(mut self, domain: &str, secret: &str, extra_lua: &str) -> Self {
         self.components.push(ComponentConfig {
             domain: domain.to_owned(),
             secret: secret.to_owned(),
+            extra_lua: extra_lua.to_owned(),
         });
+        self
+    }
+
+    /// Sets raw Lua inside an already added host's section.
+    pub fn host_lua(mut self, domain: &str, lua: &str) -> Self {
+        let h = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.domain == domain)
+            .unwrap_or_else(|| panic!("options for {domain}: add the host first"));
+        h.extra_lua = lua.to_owned();
         self
     }
 
@@ -227,6 +246,9 @@ impl ProsodyConfig {
                 lua_str(&c.domain),
                 lua_str(&c.secret)
             );
+            if !c.extra_lua.is_empty() {
+                let _ = writeln!(components, "{}", c.extra_lua);
+            }
         }
         for m in &self.mucs {
             let _ = writeln!(
