@@ -43,6 +43,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "dns.nameservers",
     "[cluster]",
     "intercluster.name, listen, transport and [[intercluster.peer]]",
+    "[[local_domain]] mesh_component",
     "limits.sip_max_message_bytes",
     "limits.sip_max_header_bytes",
     "limits.sip_message_timeout_secs",
@@ -334,6 +335,14 @@ pub fn restart_needed(old: &Config, new: &Config, have_server_tls: bool) -> Vec<
         (&a.name, &a.listen, a.transport, &a.peers) != (&b.name, &b.listen, b.transport, &b.peers),
         "intercluster.name, listen, transport and [[intercluster.peer]]",
     );
+    // Mesh components are component links, opened at start.
+    let mesh = |c: &Config| -> Vec<(Domain, Option<Domain>)> {
+        c.local_domains
+            .iter()
+            .map(|d| (d.name.clone(), d.mesh_component.clone()))
+            .collect()
+    };
+    note(mesh(old) != mesh(new), "[[local_domain]] mesh_component");
     let (a, b) = (&old.limits, &new.limits);
     // The key name is built from the field, so the two can never disagree.
     macro_rules! start_only {
@@ -386,6 +395,13 @@ fn keep_restart_only(old: &Config, mut new: Config) -> Config {
     new.intercluster.listen = old.intercluster.listen;
     new.intercluster.transport = old.intercluster.transport;
     new.intercluster.peers = old.intercluster.peers.clone();
+    for d in &mut new.local_domains {
+        d.mesh_component = old
+            .local_domains
+            .iter()
+            .find(|o| o.name == d.name)
+            .and_then(|o| o.mesh_component.clone());
+    }
     let (a, b) = (&old.limits, &mut new.limits);
     b.sip_max_message_bytes = a.sip_max_message_bytes;
     b.sip_max_header_bytes = a.sip_max_header_bytes;
@@ -481,6 +497,25 @@ default_system = "xmpp"
             changed_sections(&old, &keep_restart_only(&old, new)),
             vec!["sip"]
         );
+    }
+
+    #[test]
+    fn a_mesh_component_needs_a_restart_and_keeps_running_as_started() {
+        let old = cfg("[[local_domain]]\nname = \"other.example\"\n");
+        let new = cfg(
+            "[[local_domain]]\nname = \"other.example\"\nmesh_component = \"mesh.other.example\"\n",
+        );
+        let needed = restart_needed(&old, &new, false);
+        assert!(
+            needed.contains(&"[[local_domain]] mesh_component".to_string()),
+            "{needed:?}"
+        );
+        let kept = keep_restart_only(&old, new);
+        assert!(kept
+            .local_domains
+            .iter()
+            .all(|d| d.mesh_component.is_none()));
+        assert!(restart_needed(&old, &kept, false).is_empty());
     }
 
     #[test]
