@@ -198,7 +198,7 @@ fuzz_target!(|data: &[u8]| {
             None => return,
         },
     };
-    let env = Envelope { from, to, body, stanza_id: None };
+    let env = Envelope { from, to, body, stanza_id: None, via_cluster: None };
 
     let mut out = Vec::new();
     if let Err(e) = envelope_to_stanza(&env, &MAPS, &mut out) {
