@@ -474,9 +474,16 @@ impl Core {
         now: Instant,
         skip_unchanged: bool,
     ) {
-        // Every NOTIFY may follow a state change (pending → active, polite blocking).
-        self.touch_notifier(id);
-        let on = self.notifiers.get(id).and_then(Notifier::conn);
+        let Some(n) = self.notifiers.get(id) else {
+            return;
+        };
+        let on = n.conn();
+        // A NOTIFY may follow a state change (pending → active), which changes the stored
+        // record; the NOTIFY itself does not (its CSeq is covered by `RESTORE_CSEQ_MARGIN`), so
+        // a presence storm queues no id per NOTIFY for the next pass to find unchanged.
+        if n.stored != StoreMark::written(super::persist::notifier_print(n)) {
+            self.touch_notifier(id);
+        }
         let via = self.via_on(on);
         let maps = hub.maps();
         let cfg = hub.config();
