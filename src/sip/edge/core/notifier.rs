@@ -456,6 +456,29 @@ impl Core {
         self.notify(hub, id, None, now, true);
     }
 
+    /// A NOTIFY transaction on connection `c` ended (answered, timed out or failed): the
+    /// oldest presence update waiting for room there goes out, with the state it has now.
+    pub(super) fn notify_ended(&mut self, hub: &dyn HubPort, c: ConnId, now: Instant) {
+        let left = match self.notifies_in_flight.get_mut(&c) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        let next = self.deferred.get_mut(&c).and_then(VecDeque::pop_front);
+        if let Some(id) = next {
+            self.deferred_ids.remove(&id);
+            self.notify_change(hub, &id, now);
+        }
+        if self.deferred.get(&c).is_some_and(VecDeque::is_empty) {
+            self.deferred.remove(&c);
+        }
+        if left == 0 && !self.deferred.contains_key(&c) {
+            self.notifies_in_flight.remove(&c);
+        }
+    }
+
     pub(super) fn send_notify(
         &mut self,
         hub: &dyn HubPort,
@@ -478,6 +501,16 @@ impl Core {
             return;
         };
         let on = n.conn();
+        // A presence update to a connection with a full window waits its turn (RFC 6665
+        // §4.2.2); what RFC 6665 requires at once (`send_notify`) never waits.
+        if let (true, None, Some(c)) = (skip_unchanged, terminated, on) {
+            if self.notifies_in_flight.get(&c).copied().unwrap_or(0) >= NOTIFY_WINDOW {
+                if self.deferred_ids.insert(id.clone()) {
+                    self.deferred.entry(c).or_default().push_back(id.clone());
+                }
+                return;
+            }
+        }
         // A NOTIFY may follow a state change (pending → active), which changes the stored
         // record; the NOTIFY itself does not (its CSeq is covered by `RESTORE_CSEQ_MARGIN`), so
         // a presence storm queues no id per NOTIFY for the next pass to find unchanged.
