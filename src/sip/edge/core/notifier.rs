@@ -457,24 +457,26 @@ impl Core {
     }
 
     /// A NOTIFY transaction on connection `c` ended (answered, timed out or failed): the
-    /// oldest presence update waiting for room there goes out, with the state it has now.
+    /// presence updates waiting for room there go out, oldest first, with the state they have
+    /// now, until the window is full again. One that turns out unchanged (or whose dialog is
+    /// gone, or moved to another connection) sends nothing and the next one is taken, so the
+    /// queue never waits for an answer no NOTIFY will bring.
     pub(super) fn notify_ended(&mut self, hub: &dyn HubPort, c: ConnId, now: Instant) {
-        let left = match self.notifies_in_flight.get_mut(&c) {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n
-            }
-            None => 0,
-        };
-        let next = self.deferred.get_mut(&c).and_then(VecDeque::pop_front);
-        if let Some(id) = next {
+        if let Some(n) = self.notifies_in_flight.get_mut(&c) {
+            *n = n.saturating_sub(1);
+        }
+        let in_flight = |core: &Self| core.notifies_in_flight.get(&c).copied().unwrap_or(0);
+        while in_flight(self) < NOTIFY_WINDOW {
+            let Some(id) = self.deferred.get_mut(&c).and_then(VecDeque::pop_front) else {
+                break;
+            };
             self.deferred_ids.remove(&id);
             self.notify_change(hub, &id, now);
         }
         if self.deferred.get(&c).is_some_and(VecDeque::is_empty) {
             self.deferred.remove(&c);
         }
-        if left == 0 && !self.deferred.contains_key(&c) {
+        if in_flight(self) == 0 && !self.deferred.contains_key(&c) {
             self.notifies_in_flight.remove(&c);
         }
     }

@@ -1220,4 +1220,23 @@ fn a_full_notify_window_holds_presence_updates_until_answers_come() {
     // Nothing else waits.
     assert!(answer(&mut c, &unanswered[1]).is_empty());
     assert!(c.deferred.is_empty() && c.deferred_ids.is_empty());
+    // Fill the window again; an update that waits and is then undone merges into nothing.
+    let mut more = Vec::new();
+    let mut state = other;
+    loop {
+        let out = deliver(&mut c, state);
+        if out.is_empty() {
+            break;
+        }
+        more.extend(out);
+        state = if state == "away" { "busy" } else { "away" };
+    }
+    let undo = if state == "away" { "busy" } else { "away" };
+    assert!(deliver(&mut c, undo).is_empty());
+    assert!(
+        answer(&mut c, &unanswered[2]).is_empty(),
+        "unchanged: nothing sent"
+    );
+    assert!(c.deferred.is_empty() && c.deferred_ids.is_empty());
+    assert!(!more.is_empty());
 }
