@@ -431,11 +431,39 @@ impl SipMessage {
         out.put_slice(self.body());
     }
 
-    /// Serializes into a new buffer.
+    /// Serializes: the buffer itself (shared, not copied) when nothing was edited, else a new
+    /// one. Every request Legate sends is first parsed or built into its own buffer and then
+    /// serialized for the transaction, so a presence storm copied each NOTIFY once more
+    /// (issue 11 item 10).
     pub fn to_bytes(&self) -> Bytes {
+        if self.is_its_buffer() {
+            return self.buf.clone();
+        }
         let mut v = Vec::with_capacity(self.encoded_len());
         self.write_to(&mut v);
         Bytes::from(v)
+    }
+
+    /// Whether [`SipMessage::write_to`] would write `buf` back byte for byte: the start line,
+    /// then every header line in `buf`, each right after the one before (none added,
+    /// replaced, removed or moved), the blank line, and the body up to `buf`'s end.
+    fn is_its_buffer(&self) -> bool {
+        if self.body_own.is_some() || self.start_span.start != 0 {
+            return false;
+        }
+        let mut at = self.start_span.range().end;
+        if self.buf.get(at..at + 2) != Some(b"\r\n") {
+            return false;
+        }
+        at += 2;
+        for h in &self.headers {
+            let r = h.line_span.range();
+            if h.own.is_some() || r.start != at {
+                return false;
+            }
+            at = r.end;
+        }
+        self.buf.get(at..at + 2) == Some(b"\r\n") && self.body.range() == (at + 2..self.buf.len())
     }
 
     // ---- edits (whole lines; the rest stays byte-exact) ----
@@ -696,6 +724,48 @@ Content-Length: 3\r\n\r\nv=0";
             Ok(m) => m,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// Unedited, a message serializes to its own buffer, shared; edited, to what `write_to`
+    /// writes, which is then a new buffer.
+    #[test]
+    fn to_bytes_shares_the_buffer_only_while_nothing_was_edited() {
+        let m = parsed();
+        let b = m.to_bytes();
+        assert_eq!(&b[..], REQ);
+        assert_eq!(b.as_ptr(), m.original_bytes().as_ptr());
+        let edits: [fn(&mut SipMessage); 4] = [
+            |m| {
+                m.remove_header(1);
+            },
+            |m| m.push_header("X-A", "1").expect("push"),
+            |m| m.replace_header(4, "d").expect("replace"),
+            |m| m.set_body(Bytes::from_static(b"v=1")).expect("body"),
+        ];
+        for edit in edits {
+            let mut m = parsed();
+            edit(&mut m);
+            let mut want = Vec::new();
+            m.write_to(&mut want);
+            let b = m.to_bytes();
+            assert_eq!(&b[..], &want[..]);
+            assert_ne!(&b[..], REQ);
+            assert_ne!(b.as_ptr(), m.original_bytes().as_ptr());
+        }
+        // Removing a header and adding one of the same length is still not the buffer.
+        let mut m = parsed();
+        m.remove_header(3);
+        m.push_header("Call-ID", "c").expect("push");
+        assert_eq!(m.encoded_len(), REQ.len());
+        let mut want = Vec::new();
+        m.write_to(&mut want);
+        assert_eq!(&m.to_bytes()[..], &want[..]);
+        assert_ne!(&m.to_bytes()[..], REQ);
+        // A message with trailing datagram bytes: its buffer stops at its body.
+        let mut padded = REQ.to_vec();
+        padded.extend_from_slice(b"junk");
+        let m = parse_datagram(&padded).expect("parse");
+        assert_eq!(&m.to_bytes()[..], REQ);
     }
 
     #[test]

@@ -137,6 +137,71 @@ async fn watch_replays_from_a_revision_then_follows_live_changes() {
     assert_eq!(e.mod_revision, r6);
 }
 
+/// With a journal the history keeps where each put's record is, not its key and value: a
+/// replay reads them back, whether the record is still queued or already in the file, and
+/// hands out superseded values too (revision order, as before).
+#[tokio::test]
+async fn a_journal_watch_replays_puts_read_back_from_their_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Embedded::open(dir.path()).expect("open");
+    let r1 = s.put("p/1", b"first".to_vec()).await.expect("put");
+    s.put("q/1", b"x".to_vec()).await.expect("put");
+    let r3 = s.put("p/1", b"second".to_vec()).await.expect("put");
+    let r4 = s.delete("p/1").await.expect("delete").expect("existed");
+    let r5 = s.put("p/2", vec![9; 700]).await.expect("put");
+    let mut w = s.watch("p/", r1).await.expect("watch");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        match w.next().await {
+            Some(WatchEvent::Put(e)) => {
+                got.push((e.key, Some(e.value), e.create_revision, e.mod_revision))
+            }
+            Some(WatchEvent::Delete { key, revision }) => got.push((key, None, 0, revision)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("p/1".to_string(), Some(b"first".to_vec()), r1, r1),
+            ("p/1".to_string(), Some(b"second".to_vec()), r1, r3),
+            ("p/1".to_string(), None, 0, r4),
+            ("p/2".to_string(), Some(vec![9; 700]), r5, r5),
+        ]
+    );
+}
+
+/// A compaction moves every record: the history pointing at them is forgotten, and a watch
+/// from before it answers `Resync` (its reader lists again); one from after it replays.
+#[tokio::test]
+async fn a_compaction_forgets_the_watch_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Arc::new(Embedded::open(dir.path()).expect("open"));
+    let value = vec![1u8; 1000];
+    let r1 = s.put("k/0", value.clone()).await.expect("put");
+    // Rewriting one key makes the journal mostly garbage: past 8 MiB it is compacted.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10_000 {
+        let (s, v) = (Arc::clone(&s), value.clone());
+        set.spawn(async move { s.put("k/0", v).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("task").expect("put");
+    }
+    let size = std::fs::metadata(dir.path().join(journal::FILE_NAME))
+        .expect("meta")
+        .len();
+    assert!(size < 8 << 20, "compacted: {size}");
+    let mut w = s.watch("k/", r1).await.expect("watch");
+    assert_eq!(w.next().await, Some(WatchEvent::Resync));
+    let r = s.put("k/1", b"after".to_vec()).await.expect("put");
+    let mut w = s.watch("k/", r).await.expect("watch");
+    let Some(WatchEvent::Put(e)) = w.next().await else {
+        panic!("replayed put expected");
+    };
+    assert_eq!((e.key.as_str(), e.value.as_slice()), ("k/1", &b"after"[..]));
+}
+
 #[tokio::test]
 async fn watch_from_forgotten_history_says_resync() {
     let s = Embedded::memory();

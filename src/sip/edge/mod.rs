@@ -804,6 +804,10 @@ const INPUT_BATCH: usize = 32;
 /// Most MESSAGE answers (links telling they wrote) the driver takes before flushing.
 const HANDOVER_BATCH: usize = 256;
 
+/// Most deliveries from the home side (presence, consent, messages) the driver handles before
+/// flushing: a storm's NOTIFYs then leave in batches (issue 11 item 10).
+const DELIVERY_BATCH: usize = 32;
+
 /// Waits until `c` has room again or `limit_secs` passed (then the core's next submit to it
 /// may be refused with 480, which is an answer, not a loss).
 async fn relieved(c: Option<&crate::gateway::hub::Congestion>, limit_secs: u64) {
@@ -885,10 +889,24 @@ impl Driver {
                     congested = None;
                 }
                 d = outbox.recv() => match d {
-                    Some(Delivery { link: Link::Sip { domain }, envelope, .. }) => {
-                        self.core.handle_delivery(&*self.hub, &domain, envelope, Instant::now());
+                    Some(first) => {
+                        // A presence storm arrives as one delivery per watcher: what is already
+                        // queued is handled in the same turn, so the turn's fixed cost (timer,
+                        // select, flush) is paid once per batch and each connection gets the
+                        // batch's NOTIFYs in one wake-up and one coalesced write. Bounded, like
+                        // the inputs, so connections and timers wait at most one batch.
+                        let mut next = Some(first);
+                        let mut n = 0;
+                        while let Some(d) = next.take() {
+                            if let Delivery { link: Link::Sip { domain }, envelope, .. } = d {
+                                self.core.handle_delivery(&*self.hub, &domain, envelope, Instant::now());
+                            }
+                            n += 1;
+                            if n < DELIVERY_BATCH {
+                                next = outbox.try_recv().ok();
+                            }
+                        }
                     }
-                    Some(_) => {}
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => {

@@ -30,7 +30,7 @@ pub use persist::{
 };
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -286,6 +286,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// reused after a restart (RFC 3261 §12.2.1.1: CSeq strictly increases).
 const RESTORE_CSEQ_MARGIN: u32 = 1000;
 
+/// Unanswered NOTIFYs on one connection beyond which a presence update's NOTIFY waits for an
+/// answer (RFC 6665 §4.2.2 lets a notifier hold and merge NOTIFYs): a storm of 100 000 to one
+/// edge otherwise outran its reading by more than a connection queues
+/// (`transport::OUT_QUEUE_BYTES`, 4 MiB, ~4 000 NOTIFYs) and the edge was disconnected as a
+/// peer that stopped reading (issue 11 item 10). 1 024 of ~1 KB stay well under it.
+pub(crate) const NOTIFY_WINDOW: u32 = 1024;
+
 /// The persisted form of a notifier subscription (requirements §1: a restart loses none).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedNotifier {
@@ -324,6 +331,12 @@ pub struct Core {
     resources: ResourceTable,
     /// Lync batched subscriptions (`batch`) with their indexes.
     batches: batch::Batches,
+    /// NOTIFY transactions not yet ended, per connection (see [`NOTIFY_WINDOW`]).
+    notifies_in_flight: HashMap<ConnId, u32>,
+    /// Dialogs whose presence NOTIFY waits for room on their connection, oldest first; each
+    /// at most once (`deferred_ids`): sent when its turn comes, with the state then.
+    deferred: HashMap<ConnId, VecDeque<DialogId>>,
+    deferred_ids: HashSet<DialogId>,
     subscribers: HashMap<u64, Subscriber>,
     subscriber_pairs: HashMap<(String, String), u64>,
     subscriber_calls: HashMap<(String, String), u64>,
@@ -483,6 +496,9 @@ impl Core {
             notifier_watchers: HashMap::new(),
             resources: ResourceTable::new(),
             batches: batch::Batches::default(),
+            notifies_in_flight: HashMap::new(),
+            deferred: HashMap::new(),
+            deferred_ids: HashSet::new(),
             subscribers: HashMap::new(),
             subscriber_pairs: HashMap::new(),
             subscriber_calls: HashMap::new(),
@@ -771,6 +787,9 @@ impl Core {
         match ClientTransaction::new(req, self.timers, now) {
             Ok(txn) => {
                 m::request("out", &method);
+                if let (Purpose::Notify { .. }, Some(c)) = (&purpose, conn) {
+                    *self.notifies_in_flight.entry(c).or_default() += 1;
+                }
                 let key = txn.key().clone();
                 self.client.insert(
                     key.clone(),
@@ -970,7 +989,15 @@ impl Core {
                 TuEvent::Timeout => self.on_client_failure(hub, &purpose, &domain, 408, now),
                 TuEvent::TransportError => self.on_client_failure(hub, &purpose, &domain, 503, now),
                 TuEvent::Terminated => {
-                    self.client.remove(key);
+                    let ended = self.client.remove(key);
+                    if let Some(ClientEntry {
+                        purpose: Purpose::Notify { .. },
+                        conn: Some(c),
+                        ..
+                    }) = ended
+                    {
+                        self.notify_ended(hub, c, now);
+                    }
                 }
                 TuEvent::Request(_) => {}
             }

@@ -458,6 +458,31 @@ impl Core {
         self.notify(hub, id, None, now, true);
     }
 
+    /// A NOTIFY transaction on connection `c` ended (answered, timed out or failed): the
+    /// presence updates waiting for room there go out, oldest first, with the state they have
+    /// now, until the window is full again. One that turns out unchanged (or whose dialog is
+    /// gone, or moved to another connection) sends nothing and the next one is taken, so the
+    /// queue never waits for an answer no NOTIFY will bring.
+    pub(super) fn notify_ended(&mut self, hub: &dyn HubPort, c: ConnId, now: Instant) {
+        if let Some(n) = self.notifies_in_flight.get_mut(&c) {
+            *n = n.saturating_sub(1);
+        }
+        let in_flight = |core: &Self| core.notifies_in_flight.get(&c).copied().unwrap_or(0);
+        while in_flight(self) < NOTIFY_WINDOW {
+            let Some(id) = self.deferred.get_mut(&c).and_then(VecDeque::pop_front) else {
+                break;
+            };
+            self.deferred_ids.remove(&id);
+            self.notify_change(hub, &id, now);
+        }
+        if self.deferred.get(&c).is_some_and(VecDeque::is_empty) {
+            self.deferred.remove(&c);
+        }
+        if in_flight(self) == 0 && !self.deferred.contains_key(&c) {
+            self.notifies_in_flight.remove(&c);
+        }
+    }
+
     pub(super) fn send_notify(
         &mut self,
         hub: &dyn HubPort,
@@ -476,9 +501,26 @@ impl Core {
         now: Instant,
         skip_unchanged: bool,
     ) {
-        // Every NOTIFY may follow a state change (pending → active, polite blocking).
-        self.touch_notifier(id);
-        let on = self.notifiers.get(id).and_then(Notifier::conn);
+        let Some(n) = self.notifiers.get(id) else {
+            return;
+        };
+        let on = n.conn();
+        // A presence update to a connection with a full window waits its turn (RFC 6665
+        // §4.2.2); what RFC 6665 requires at once (`send_notify`) never waits.
+        if let (true, None, Some(c)) = (skip_unchanged, terminated, on) {
+            if self.notifies_in_flight.get(&c).copied().unwrap_or(0) >= NOTIFY_WINDOW {
+                if self.deferred_ids.insert(id.clone()) {
+                    self.deferred.entry(c).or_default().push_back(id.clone());
+                }
+                return;
+            }
+        }
+        // A NOTIFY may follow a state change (pending → active), which changes the stored
+        // record; the NOTIFY itself does not (its CSeq is covered by `RESTORE_CSEQ_MARGIN`), so
+        // a presence storm queues no id per NOTIFY for the next pass to find unchanged.
+        if n.stored != StoreMark::written(super::persist::notifier_print(n)) {
+            self.touch_notifier(id);
+        }
         let via = self.via_on(on);
         let maps = hub.maps();
         let cfg = hub.config();

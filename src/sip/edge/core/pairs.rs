@@ -10,8 +10,9 @@
 //! others in a second, nearly empty map), not in a vector of its own. Two pairs
 //! sharing a fingerprint would need a collision of 128 keyed bits.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
+
+use super::notifiers::ByFingerprint;
 
 /// A dialog, by its fingerprint in the notifier table.
 type Dialog = super::notifiers::Fingerprint;
@@ -33,8 +34,8 @@ impl<'a> PairDialogs<'a> {
 /// two fingerprints); the others, when a pair has more than one, wait in `more`.
 #[derive(Default)]
 pub(crate) struct PairIndex {
-    first: HashMap<(u64, u64), Dialog>,
-    more: HashMap<(u64, u64), Vec<Dialog>>,
+    first: ByFingerprint<Dialog>,
+    more: ByFingerprint<Vec<Dialog>>,
     keys: (std::hash::RandomState, std::hash::RandomState),
 }
 

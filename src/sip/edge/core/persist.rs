@@ -166,7 +166,7 @@ fn unix(wall: SystemTime) -> u64 {
 /// CSeq (a refresh moves both; its new target comes with it), hashed into the 8 bytes kept
 /// in the notifier ([`StoreMark::written`]). NOTIFYs alone (our CSeq) are left out: restored
 /// dialogs add `RESTORE_CSEQ_MARGIN` instead.
-fn notifier_print(n: &Notifier) -> u64 {
+pub(super) fn notifier_print(n: &Notifier) -> u64 {
     use std::hash::BuildHasher;
     std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(
         (

@@ -1156,3 +1156,88 @@ fn node_wide_ceilings_hold_across_partners() {
     assert_eq!(sent(&mut c).last().and_then(SipMessage::status), Some(503));
     assert_eq!(c.counts().2, 1);
 }
+
+/// Presence updates to a connection with `NOTIFY_WINDOW` NOTIFYs unanswered wait (RFC 6665
+/// §4.2.2), merged per dialog; each answer lets the oldest waiting one out with the state it
+/// has then. A storm to one edge no longer outruns its reading until it is disconnected.
+#[test]
+fn a_full_notify_window_holds_presence_updates_until_answers_come() {
+    let h = hub();
+    let mut c = core();
+    let t0 = Instant::now();
+    c.handle_message(&h, &peer(), msg(&subscribe_text(3600)), t0);
+    let mut unanswered: Vec<SipMessage> = sent(&mut c)
+        .into_iter()
+        .filter(|m| m.method() == Some("NOTIFY"))
+        .collect();
+    let deliver = |c: &mut Core, state: &str| {
+        c.handle_delivery(
+            &h,
+            &dom(),
+            env("alice@example.com", "bob@partner.com", lync_presence(state)),
+            t0,
+        );
+        sent(c)
+            .into_iter()
+            .filter(|m| m.method() == Some("NOTIFY"))
+            .collect::<Vec<_>>()
+    };
+    let mut away_body = None;
+    let mut i = 0;
+    loop {
+        let state = if i % 2 == 0 { "busy" } else { "away" };
+        let out = deliver(&mut c, state);
+        if out.is_empty() {
+            break;
+        }
+        assert_eq!(out.len(), 1);
+        if state == "away" {
+            away_body = Some(out[0].body().to_vec());
+        }
+        unanswered.extend(out);
+        i += 1;
+        assert!(i <= 2 * NOTIFY_WINDOW as usize, "the window never filled");
+    }
+    assert_eq!(unanswered.len(), NOTIFY_WINDOW as usize);
+    // Two more changes while the window is full: one NOTIFY owed, with the last state (the
+    // one that found the window full, not the one the watcher has).
+    let last = if i % 2 == 0 { "busy" } else { "away" };
+    let other = if last == "away" { "busy" } else { "away" };
+    assert!(deliver(&mut c, other).is_empty());
+    assert!(deliver(&mut c, last).is_empty());
+    let answer = |c: &mut Core, n: &SipMessage| {
+        let ok = n.build_response(200, "OK", None).expect("200");
+        c.handle_message(&h, &peer(), ok, t0);
+        sent(c)
+            .into_iter()
+            .filter(|m| m.method() == Some("NOTIFY"))
+            .collect::<Vec<_>>()
+    };
+    let out = answer(&mut c, &unanswered[0]);
+    assert_eq!(out.len(), 1, "the answer lets the waiting update out");
+    if last == "away" {
+        assert_eq!(Some(out[0].body().to_vec()), away_body);
+    }
+    // Nothing else waits.
+    assert!(answer(&mut c, &unanswered[1]).is_empty());
+    assert!(c.deferred.is_empty() && c.deferred_ids.is_empty());
+    // Fill the window again; an update that waits and is then undone merges into nothing.
+    let mut more = Vec::new();
+    let mut state = other;
+    loop {
+        let out = deliver(&mut c, state);
+        if out.is_empty() {
+            break;
+        }
+        more.extend(out);
+        state = if state == "away" { "busy" } else { "away" };
+    }
+    let undo = if state == "away" { "busy" } else { "away" };
+    assert!(deliver(&mut c, undo).is_empty());
+    assert!(
+        answer(&mut c, &unanswered[2]).is_empty(),
+        "unchanged: nothing sent"
+    );
+    assert!(c.deferred.is_empty() && c.deferred_ids.is_empty());
+    assert!(!more.is_empty());
+}
