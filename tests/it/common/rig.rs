@@ -321,3 +321,48 @@ pub async fn invite_im(ua: &mut Ua, call_id: &str, from_tag: &str, first: &str) 
     .await?;
     Ok(tag)
 }
+
+/// The `[xmpp.federation]` of a gateway federating with [`foreign_xmpp`]'s `xmpp.test`
+/// (certificates only, on loopback).
+pub const XMPP_TEST_FEDERATION: &str = r#"[xmpp.federation]
+mode = "allow_list"
+dialback_allow_private_targets = true
+[[xmpp.federation.domain]]
+name = "xmpp.test"
+system = "fed-xmpp"
+auth = "external_only"
+"#;
+
+/// A foreign XMPP server, `xmpp.test` on `ip` with user bob (password `pw`), s2s by
+/// certificate only (SASL EXTERNAL), and the DNS it resolves with: it knows one way to
+/// `example.test`, the s2s listener `edge` of the gateway under test.
+pub fn foreign_xmpp(
+    certs: &CertFactory,
+    ip: Ipv4Addr,
+    edge: SocketAddr,
+) -> Result<(Prosody, super::dnsmasq::Dnsmasq)> {
+    use super::dnsmasq::{DnsRecord, Dnsmasq};
+    let theirs = certs.leaf("xmpp.test", &["xmpp.test"]);
+    let cfg = ProsodyConfig::new(ip)
+        .host("xmpp.test")
+        .user("xmpp.test", "bob", "pw")
+        .host_cert(
+            "xmpp.test",
+            super::prosody::CertPaths {
+                cert: theirs.cert.clone(),
+                key: theirs.key.clone(),
+            },
+        )
+        .secure_s2s(certs.ca_path());
+    let std::net::IpAddr::V4(edge_ip) = edge.ip() else {
+        bail!("the gateway's s2s edge must be on an IPv4 loopback address: {edge}");
+    };
+    let dns = Dnsmasq::start(&[
+        DnsRecord::a("xmpp.test", ip),
+        DnsRecord::xmpp_server("xmpp.test", "xmpp.test", cfg.s2s_port),
+        DnsRecord::a("example.test", edge_ip),
+        DnsRecord::xmpp_server("example.test", "example.test", edge.port()),
+    ])?;
+    let foreign = Prosody::start(cfg.dns(dns.unbound_forward()))?;
+    Ok((foreign, dns))
+}
